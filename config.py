@@ -1,0 +1,191 @@
+"""Every default of the toolkit in one dataclass, overridable from a config file and the CLI.
+
+Precedence, lowest to highest: the dataclass defaults, a named preset (``--preset demo``),
+a config file (``--config my.json`` or ``--config my.py`` defining a dict ``config``), then
+individual flags (``--lr 0.05``). Every script builds its parser with :func:`build_parser`
+and gets its settings from :func:`parse_config`, then prints and saves what it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import runpy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence, get_args, get_origin, get_type_hints
+
+
+@dataclass
+class Config:
+    # --- paths (everything large lives under data/ and runs/, both ignored by git)
+    data_dir: str = "data"
+    rec: str = "data/faces_emore/train.rec"  # InsightFace RecordIO training set
+    image_folder: str = ""  # alternative training source: aligned tree identity/image.jpg
+    output: str = "runs/default"  # checkpoints, TensorBoard logs, config.json
+    val_bins: list[str] = field(default_factory=list)  # InsightFace .bin sets checked in training
+    lfw_dir: str = "data/lfw"
+    pairs: str = "data/lfw/pairs.txt"
+
+    # --- network
+    network: str = "ir50"
+    embedding_size: int = 512
+    dropout: float = 0.0
+
+    # --- margin head (ArcFace by default: s * cos(theta + m) on the target logit)
+    head: str = "arcface"  # arcface | cosface | combined
+    margin_m: float = 0.5  # ArcFace additive angle; CosFace uses 0.35
+    scale_s: float = 64.0
+    margin_m1: float = 1.0  # combined margin: cos(m1 * theta + m2) - m3, m2 = margin_m
+    margin_m3: float = 0.0
+    easy_margin: bool = False
+    margin_warmup: float = 0.0  # fraction of all steps over which m ramps up from 0
+    focal_gamma: float = 0.0  # 0 = plain cross-entropy
+    sample_rate: float = 1.0  # Partial FC: fraction of negative class centres per step
+
+    # --- optimisation
+    batch_size: int = 128  # per device
+    lr: float = 0.1  # for a global batch of base_batch_size, scaled linearly
+    base_batch_size: int = 512
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4  # not applied to BatchNorm weights or biases
+    scheduler: str = "poly"  # poly | cosine
+    warmup_epochs: float = 0.0
+    epochs: int = 20
+    grad_clip: float = 5.0  # max gradient norm; 0 disables
+
+    # --- runtime
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:1
+    amp: str = "bf16"  # bf16 | fp16 | none; only used on CUDA unless cpu_amp
+    cpu_amp: bool = False  # bf16 autocast on the CPU too
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 4
+    seed: int = 42
+    save_every: int = 2000  # steps between checkpoints (and one at each epoch end)
+    verify_every: int = 2000  # steps between verification on val_bins
+    log_every: int = 50
+    max_steps: int = 0  # stop after this many steps in total (0 = run all epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as JSON (atomically, so a crash never leaves half a file)."""
+        from utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def pretty(self) -> str:
+        width = max(len(f.name) for f in fields(self))
+        return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in self.to_dict().items())
+
+
+# Named configs, each overriding the base like arcface_torch's configs/*.py.
+PRESETS: dict[str, dict[str, Any]] = {
+    # MS1MV2 (faces_emore) with IR-50, as in the ArcFace paper's main setting.
+    "ms1mv2_ir50": dict(rec="data/faces_emore/train.rec", network="ir50", epochs=20,
+                        batch_size=128, lr=0.1, margin_m=0.5, scale_s=64.0,
+                        val_bins=["data/faces_emore/lfw.bin", "data/faces_emore/cfp_fp.bin",
+                                  "data/faces_emore/agedb_30.bin"]),
+    "ms1mv2_ir100": dict(rec="data/faces_emore/train.rec", network="ir100", epochs=20,
+                         batch_size=128, lr=0.1,
+                         val_bins=["data/faces_emore/lfw.bin", "data/faces_emore/cfp_fp.bin",
+                                   "data/faces_emore/agedb_30.bin"]),
+    # The CPU demo of `make demo` (see README): a narrow IR net on synthetic identities.
+    "demo": dict(rec="data/demo/train/train.rec", output="runs/demo", network="ir_narrow",
+                 embedding_size=128, scale_s=32.0, margin_m=0.3, margin_warmup=0.3,
+                 optimizer="sgd", nesterov=True, lr=0.1, base_batch_size=64, batch_size=64,
+                 scheduler="cosine", warmup_epochs=0.0, epochs=8, grad_clip=5.0,
+                 weight_decay=5e-4, cpu_amp=True, num_workers=1, save_every=200,
+                 verify_every=0, log_every=10),
+}
+
+
+def _arg_type(tp: Any) -> Any:
+    return {int: int, float: float, str: str}.get(tp, str)
+
+
+def build_parser(description: str = "", add_help: bool = True) -> argparse.ArgumentParser:
+    """A parser with --preset, --config and one flag per Config field (defaults left unset,
+    so only what the user typed overrides the preset and the file)."""
+    parser = argparse.ArgumentParser(
+        description=description, add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("configuration (defaults in config.py)")
+    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="named config applied over the defaults")
+    group.add_argument("--config", default=None,
+                       help="JSON file, or Python file defining a dict `config`")
+    hints = get_type_hints(Config)
+    for f in fields(Config):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if tp is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=f"(default {default})")
+        elif get_origin(tp) is list:
+            (item,) = get_args(tp)
+            group.add_argument(flag, dest=f.name, nargs="*", type=_arg_type(item),
+                               default=None, help=f"(default {default})")
+        else:
+            group.add_argument(flag, dest=f.name, type=_arg_type(tp), default=None,
+                               help=f"(default {default!r})")
+    return parser
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read overrides from a JSON file or a Python file that defines ``config = dict(...)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix == ".py":
+        values = runpy.run_path(str(path)).get("config")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a Python config file must define a dict named `config`")
+        return values
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of config fields")
+    return values
+
+
+def make_config(overrides: dict[str, Any] | None = None, preset: str | None = None,
+                config_file: str | Path | None = None) -> Config:
+    """Defaults, then preset, then file, then explicit overrides; unknown keys are an error."""
+    known = {f.name for f in fields(Config)}
+    values: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        layers.append((f"preset {preset}", PRESETS[preset]))
+    if config_file:
+        layers.append((str(config_file), load_config_file(config_file)))
+    layers.append(("overrides", overrides or {}))
+    for source, layer in layers:
+        unknown = set(layer) - known
+        if unknown:
+            raise ValueError(f"{source}: unknown config field(s) {sorted(unknown)}")
+        values.update(layer)
+    return Config(**values)
+
+
+def parse_config(argv: Sequence[str] | None = None, description: str = "",
+                 parser: argparse.ArgumentParser | None = None
+                 ) -> tuple[Config, argparse.Namespace]:
+    """Parse the command line; return the Config and the whole namespace (for script-only
+    flags a script added to ``parser`` itself)."""
+    parser = parser or build_parser(description)
+    args = parser.parse_args(argv)
+    field_names = {f.name for f in fields(Config)}
+    overrides = {k: v for k, v in vars(args).items() if k in field_names and v is not None}
+    cfg = make_config(overrides, preset=args.preset, config_file=args.config)
+    return cfg, args

@@ -1,0 +1,198 @@
+"""Helpers every script needs: logging, seeding, device choice, atomic checkpoints, images.
+
+Colour contract: every in-memory image in this repo is RGB, uint8, HxWx3. OpenCV's BGR
+order never leaves :func:`decode_image` / :func:`encode_image`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+try:  # OpenCV's thread pool must not start before a DataLoader forks its workers
+    import cv2
+
+    cv2.setNumThreads(1)
+except ImportError:  # pragma: no cover - opencv is in requirements.txt
+    cv2 = None
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ImageReadError(ValueError):
+    """An image file or buffer that cannot be decoded; the message names the source."""
+
+
+# ----------------------------------------------------------------------------- logging
+
+def get_logger(name: str = "face", level: int = logging.INFO) -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                               "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+    return logger
+
+
+# ----------------------------------------------------------------------------- runtime
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_device(name: str = "auto") -> "torch.device":  # noqa: F821 - lazy torch import
+    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def _atomic_write(path: str | Path, write) -> None:
+    """Write through ``write(file_object)`` into a temp file beside ``path``, fsync, rename.
+
+    A crash at any point leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
+    """Atomically save a dict of state dicts / tensors / plain values with ``torch.save``."""
+    import torch
+
+    _atomic_write(path, lambda f: torch.save(dict(state), f))
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint saved by :func:`save_checkpoint`; never unpickles arbitrary objects."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt file, or one holding pickled objects
+        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) key prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_backbone_state(path: str | Path) -> dict[str, Any]:
+    """The backbone weights from either ``backbone.pt`` (a bare state dict) or a full
+    training checkpoint (key ``backbone``), prefixes stripped."""
+    state = load_checkpoint(path)
+    if isinstance(state, dict) and "backbone" in state and isinstance(state["backbone"], dict):
+        state = state["backbone"]
+    return strip_module_prefix(state)
+
+
+# ----------------------------------------------------------------------------- images
+
+def _to_rgb(decoded: np.ndarray) -> np.ndarray:
+    """OpenCV's decoded array (gray, BGR or BGRA; 8 or 16 bit) to RGB uint8 HxWx3."""
+    if decoded.dtype == np.uint16:
+        decoded = (decoded >> 8).astype(np.uint8)
+    if decoded.ndim == 2:
+        return cv2.cvtColor(decoded, cv2.COLOR_GRAY2RGB)
+    if decoded.shape[2] == 4:
+        return cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+
+
+def decode_image(data: bytes | np.ndarray, source: str = "<buffer>") -> np.ndarray:
+    """Encoded bytes (JPEG, PNG, ...) to RGB uint8 HxWx3; ImageReadError naming ``source``."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) \
+        else np.asarray(data, dtype=np.uint8).reshape(-1)
+    if buf.size == 0:
+        raise ImageReadError(f"{source}: empty image data")
+    decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if decoded is None:
+        raise ImageReadError(f"{source}: not a decodable image ({buf.size} bytes)")
+    return _to_rgb(decoded)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8 HxWx3 (the repo's colour contract)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read file ({e.strerror or e})") from None
+    return decode_image(data, source=str(path))
+
+
+def encode_image(image: np.ndarray, ext: str = ".jpg", quality: int = 95) -> bytes:
+    """RGB uint8 HxWx3 to encoded bytes in the format named by ``ext``."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected RGB uint8 HxWx3, got {image.dtype} {image.shape}")
+    ext = ext if ext.startswith(".") else "." + ext
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if ext.lower() in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError(f"cannot encode image as {ext}")
+    return buf.tobytes()
+
+
+def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:
+    """Write RGB uint8 HxWx3 to ``path`` (format from its suffix), atomically."""
+    atomic_write_bytes(path, encode_image(image, Path(path).suffix or ".jpg", quality))
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Image files under ``root`` (recursive), sorted, by extension."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
