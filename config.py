@@ -12,9 +12,10 @@ import argparse
 import dataclasses
 import json
 import runpy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 
 @dataclass
