@@ -123,9 +123,12 @@ def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Remove the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) key prefixes."""
     out = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        stripped = True
+        while stripped:  # the wrappers nest in either order (DDP of compiled, or reverse)
+            stripped = False
+            for prefix in ("module.", "_orig_mod."):
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
         out[key] = value
     return out
 

@@ -1,0 +1,124 @@
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+
+def _rgb_test_image() -> np.ndarray:
+    """Left third pure red, middle pure green, right pure blue (RGB)."""
+    img = np.zeros((24, 36, 3), np.uint8)
+    img[:, :12, 0] = 255
+    img[:, 12:24, 1] = 255
+    img[:, 24:, 2] = 255
+    return img
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".jpg"])
+def test_colour_contract_read_write(tmp_path, ext):
+    img = _rgb_test_image()
+    path = tmp_path / f"c{ext}"
+    utils.write_image(path, img)
+    # Independent check of what landed on disk: OpenCV reads BGR, so blue is channel 0.
+    on_disk = cv2.imread(str(path))
+    assert on_disk[5, 30, 0] > 200 and on_disk[5, 30, 2] < 50  # blue region stored as blue
+    back = utils.read_image(path)
+    assert back.dtype == np.uint8 and back.shape == img.shape
+    assert back[5, 5, 0] > 200 and back[5, 5, 2] < 50  # red stays red
+    assert back[5, 30, 2] > 200 and back[5, 30, 0] < 50  # blue stays blue
+    if ext != ".jpg":
+        np.testing.assert_array_equal(back, img)
+
+
+def test_file_written_by_opencv_reads_as_rgb(tmp_path):
+    bgr = np.zeros((8, 8, 3), np.uint8)
+    bgr[..., 2] = 255  # red in OpenCV's BGR order
+    cv2.imwrite(str(tmp_path / "red.png"), bgr)
+    rgb = utils.read_image(tmp_path / "red.png")
+    assert rgb[0, 0].tolist() == [255, 0, 0]
+
+
+def test_grayscale_and_alpha_become_rgb(tmp_path):
+    cv2.imwrite(str(tmp_path / "g.png"), np.full((5, 6), 77, np.uint8))
+    gray = utils.read_image(tmp_path / "g.png")
+    assert gray.shape == (5, 6, 3) and (gray == 77).all()
+    bgra = np.zeros((4, 4, 4), np.uint8)
+    bgra[..., 0] = 255  # blue
+    bgra[..., 3] = 128
+    cv2.imwrite(str(tmp_path / "a.png"), bgra)
+    rgba = utils.read_image(tmp_path / "a.png")
+    assert rgba.shape == (4, 4, 3) and rgba[0, 0].tolist() == [0, 0, 255]
+
+
+def test_unreadable_image_error_names_file(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    with pytest.raises(utils.ImageReadError, match="broken.jpg"):
+        utils.read_image(bad)
+    with pytest.raises(utils.ImageReadError, match="missing.jpg"):
+        utils.read_image(tmp_path / "missing.jpg")
+
+
+def test_atomic_checkpoint_interrupted_before_rename_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    utils.save_checkpoint({"w": torch.ones(3), "step": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed before rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_checkpoint({"w": torch.zeros(3), "step": 2}, path)
+    monkeypatch.undo()
+
+    state = utils.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp file left
+
+
+def test_atomic_checkpoint_interrupted_mid_write_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    utils.save_checkpoint({"step": 1}, path)
+    real_save = torch.save
+
+    def half_write(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_write)
+    with pytest.raises(OSError):
+        utils.save_checkpoint({"step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert utils.load_checkpoint(path)["step"] == 1
+
+
+class WholeObject:  # a pickled whole object, not a state dict
+    pass
+
+
+def test_load_checkpoint_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "obj.pt"
+    torch.save({"model": WholeObject()}, path)
+    with pytest.raises(RuntimeError, match="obj.pt"):
+        utils.load_checkpoint(path)
+
+
+def test_strip_module_prefix_and_backbone_state(tmp_path):
+    sd = {"module.conv.weight": torch.ones(1), "_orig_mod.module.fc.bias": torch.zeros(1)}
+    assert sorted(utils.strip_module_prefix(sd)) == ["conv.weight", "fc.bias"]
+    utils.save_checkpoint({"backbone": sd, "step": 3}, tmp_path / "full.pt")
+    assert sorted(utils.load_backbone_state(tmp_path / "full.pt")) == ["conv.weight", "fc.bias"]
+
+
+def test_seed_and_device():
+    utils.seed_everything(7)
+    a = (torch.rand(3), np.random.rand(3))
+    utils.seed_everything(7)
+    b = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert utils.get_device("auto").type == expected
+    assert utils.get_device("cpu").type == "cpu"
