@@ -1,0 +1,259 @@
+"""align_faces: similarity estimation, warping, face choice, MTCNN on a real photo, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+from skimage.transform import SimilarityTransform
+
+import align_faces as af
+from utils import write_image
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                     [41.5493, 92.3655], [70.7299, 92.2041]])  # the issue's values
+
+
+def similarity(scale: float, degrees: float, tx: float, ty: float) -> np.ndarray:
+    """3x3 homogeneous similarity x -> s R x + t, written out."""
+    a = np.deg2rad(degrees)
+    return np.array([[scale * np.cos(a), -scale * np.sin(a), tx],
+                     [scale * np.sin(a), scale * np.cos(a), ty],
+                     [0.0, 0.0, 1.0]])
+
+
+def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def test_reference_landmarks_are_the_arcface_template():
+    assert af.REFERENCE_LANDMARKS.dtype == np.float32 and af.REFERENCE_LANDMARKS.shape == (5, 2)
+    np.testing.assert_allclose(af.REFERENCE_LANDMARKS, TEMPLATE, atol=1e-4)
+
+
+def test_estimate_similarity_matches_skimage_on_noisy_points():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        truth = similarity(rng.uniform(0.2, 3), rng.uniform(-180, 180), *rng.uniform(-200, 200, 2))
+        src = apply(np.linalg.inv(truth), TEMPLATE) + rng.normal(0, 3, (5, 2))
+        ours = af.estimate_similarity(src)
+        # the default reference is the float32 template: give skimage the same numbers
+        ref = SimilarityTransform.from_estimate(src, af.REFERENCE_LANDMARKS.astype(np.float64))
+        assert ours.shape == (2, 3) and ours.dtype == np.float64
+        np.testing.assert_allclose(ours, ref.params[:2], atol=1e-6, err_msg=f"trial {trial}")
+
+
+def test_estimate_similarity_recovers_a_known_similarity_exactly():
+    truth = similarity(0.43, 23.0, -31.0, 12.5)  # source image -> template frame
+    landmarks = apply(np.linalg.inv(truth), TEMPLATE)
+    matrix = af.estimate_similarity(landmarks)
+    np.testing.assert_allclose(matrix, truth[:2], atol=1e-9)
+    assert np.abs(apply(matrix, landmarks) - TEMPLATE).max() < 0.1
+    # a crop of another size uses the template scaled by size / 112
+    big = af.estimate_similarity(landmarks, af.template_for_size(224))
+    assert np.abs(apply(big, landmarks) - 2 * TEMPLATE).max() < 0.1
+
+
+def test_estimate_similarity_rejects_degenerate_input():
+    with pytest.raises(ValueError, match="degenerate"):
+        af.estimate_similarity(np.ones((5, 2)))
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        af.estimate_similarity(np.ones((4, 2)))
+
+
+def test_warp_face_puts_dots_on_the_template():
+    """A source image rendered analytically as the template-frame pattern (Gaussian dots at
+    the template points) seen through a known similarity; warping it back must put the
+    dots' centroids on the template within 0.1 px."""
+    truth = similarity(0.45, -17.0, -60.0, 10.0)  # source -> template frame
+    landmarks = apply(np.linalg.inv(truth), TEMPLATE)
+    h, w = 320, 300
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    u = truth[0, 0] * xs + truth[0, 1] * ys + truth[0, 2]  # template-frame coordinates
+    v = truth[1, 0] * xs + truth[1, 1] * ys + truth[1, 2]
+    sigma = 1.6  # template pixels
+    pattern = sum(np.exp(-((u - px) ** 2 + (v - py) ** 2) / (2 * sigma ** 2))
+                  for px, py in TEMPLATE)
+    gray = np.round(255 * pattern).clip(0, 255).astype(np.uint8)
+    image = np.stack([gray, gray // 2, 255 - gray], axis=2)  # distinct channels: RGB kept
+    crop = af.warp_face(image, landmarks)
+    assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
+    # channel order unchanged: the warp is linear, so each channel keeps its relation
+    # (only where the crop samples inside the source; outside is the black border)
+    back = np.linalg.inv(truth)
+    cy, cx = np.mgrid[0:112, 0:112].astype(np.float64)
+    sx = back[0, 0] * cx + back[0, 1] * cy + back[0, 2]
+    sy = back[1, 0] * cx + back[1, 1] * cy + back[1, 2]
+    inside = (sx >= 1) & (sx <= w - 2) & (sy >= 1) & (sy <= h - 2)
+    assert inside.mean() > 0.5
+    red = crop[..., 0].astype(int)
+    assert red.max() > 200
+    assert np.abs(crop[..., 1].astype(int) - red / 2)[inside].max() <= 1
+    assert np.abs(crop[..., 2].astype(int) - (255 - red))[inside].max() <= 1
+    dots = crop[..., 0].astype(np.float64)
+    radius = 5
+    for px, py in TEMPLATE:
+        x0, y0 = int(round(px)), int(round(py))
+        win = dots[y0 - radius:y0 + radius + 1, x0 - radius:x0 + radius + 1]
+        gy, gx = np.mgrid[y0 - radius:y0 + radius + 1, x0 - radius:x0 + radius + 1]
+        cx, cy = (win * gx).sum() / win.sum(), (win * gy).sum() / win.sum()
+        assert abs(cx - px) < 0.1 and abs(cy - py) < 0.1, (cx, cy, px, py)
+
+
+def test_warp_face_border_is_black():
+    landmarks = TEMPLATE  # identity warp: the crop reaches past the 40x40 image
+    image = np.full((40, 40, 3), 200, np.uint8)
+    crop = af.warp_face(image, landmarks)
+    assert (crop[-1, -1] == 0).all() and (crop[0, 0] == 200).all()
+
+
+def test_select_central_face_follows_the_rule():
+    shape = (200, 300, 3)  # H, W
+    boxes = np.array([
+        [0, 0, 120, 120, 0.99],  # biggest, but in the corner
+        [110, 60, 190, 140, 0.98],  # smaller, centred
+        [140, 90, 160, 110, 0.97],  # tiny, exactly centred
+    ])
+
+    def rule(b):  # area - 2 * squared distance of the box centre from (W/2, H/2)
+        area = (b[2] - b[0]) * (b[3] - b[1])
+        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+        return area - 2 * ((cx - 150) ** 2 + (cy - 100) ** 2)
+
+    scores = [rule(b) for b in boxes]
+    assert af.select_central_face(boxes, shape) == int(np.argmax(scores)) == 1
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        xy = rng.uniform(0, 250, (6, 2))
+        wh = rng.uniform(5, 120, (6, 2))
+        b = np.hstack([xy, xy + wh])
+        assert af.select_central_face(b, shape) == int(np.argmax([rule(r) for r in b]))
+    assert af.select_central_face(boxes[:1], shape) == 0
+    with pytest.raises(ValueError):
+        af.select_central_face(np.zeros((0, 4)), shape)
+
+
+def test_center_crop_takes_the_middle():
+    image = np.zeros((250, 250, 3), np.uint8)
+    image[63:188, 63:188] = 255  # the central half of the shorter side
+    crop = af.center_crop(image)
+    assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
+    assert crop[2:-2, 2:-2].min() == 255
+
+
+@pytest.fixture(scope="module")
+def aligner():
+    return af.FaceAligner(device="cpu")
+
+
+def eye_error(face: af.AlignedFace) -> float:
+    """Where the detected eyes land in the crop, against the template (px)."""
+    matrix = af.estimate_similarity(face.landmarks)
+    return float(np.abs(apply(matrix, face.landmarks)[:2] - TEMPLATE[:2]).max())
+
+
+def test_mtcnn_aligns_the_astronaut(aligner):
+    image = data.astronaut()
+    face = aligner.align(image)
+    assert face is not None and face.score > 0.95
+    assert face.crop.shape == (112, 112, 3) and face.crop.dtype == np.uint8
+    x1, y1, x2, y2 = face.box
+    assert 150 < (x1 + x2) / 2 < 300 and 60 < (y1 + y2) / 2 < 200  # her face, not the flag
+    assert face.landmarks[0, 0] < face.landmarks[1, 0]  # "left eye" is on the image's left
+    assert eye_error(face) < 3.0
+    # warp_face reproduces the crop from the same landmarks
+    np.testing.assert_array_equal(af.warp_face(image, face.landmarks), face.crop)
+    # RGB kept: skin between the eyes and the mouth is redder than it is blue
+    skin = face.crop[60:75, 35:50].reshape(-1, 3).mean(axis=0)
+    assert skin[0] > skin[2] + 30
+
+
+def test_align_batch_mixes_sizes_and_faceless_images(aligner):
+    photo = data.astronaut()
+    small = cv2.resize(photo, (250, 250), interpolation=cv2.INTER_AREA)
+    blank = np.full((250, 250, 3), 128, np.uint8)
+    tiny = np.zeros((20, 20, 3), np.uint8)  # smaller than min_face_size: no scale to search
+    results = aligner.align_batch([small, blank, photo, small[:, ::-1].copy(), tiny])
+    assert results[1] is None and results[4] is None
+    assert all(results[i] is not None for i in (0, 2, 3))
+    single = aligner.align(small)
+    np.testing.assert_allclose(results[0].landmarks, single.landmarks, atol=1e-3)
+    # the mirrored photo's face is mirrored: its box centre reflects about the middle
+    cx, cx_m = results[0].box[[0, 2]].mean(), results[3].box[[0, 2]].mean()
+    assert abs((cx + cx_m) - 249) < 6
+    boxes, probs, points = aligner.detect(blank)
+    assert boxes.shape == (0, 4) and probs.shape == (0,) and points.shape == (0, 5, 2)
+
+
+def test_hint_box_picks_the_overlapping_face(aligner):
+    face = cv2.resize(data.astronaut()[40:296, 100:356], (128, 128), interpolation=cv2.INTER_AREA)
+    canvas = np.full((200, 420, 3), 90, np.uint8)
+    canvas[36:164, 10:138] = face  # left face, at the edge
+    canvas[36:164, 230:358] = face  # right face, nearer the centre
+    boxes, probs, _ = aligner.detect(canvas)
+    assert len(boxes) == 2 and boxes.dtype == np.float64 and probs.dtype == np.float64
+    central = aligner.align(canvas)
+    assert central.box[0] == boxes[af.select_central_face(boxes, canvas.shape)][0]
+    assert central.box[0] > 200
+    left = aligner.align(canvas, hint_box=[0, 30, 150, 170])
+    assert left is not None and left.box[2] < 150
+    assert aligner.align(canvas, hint_box=[370, 0, 420, 30]) is None  # overlaps nothing
+    both = aligner.align_batch([canvas, canvas], hint_box=[[0, 30, 150, 170], None])
+    assert both[0].box[2] < 150 and both[1].box[0] > 200
+
+
+def make_tree(root: Path) -> None:
+    photo = cv2.resize(data.astronaut(), (250, 250), interpolation=cv2.INTER_AREA)
+    write_image(root / "alice" / "a.jpg", photo)
+    write_image(root / "alice" / "blank.png", np.full((250, 250, 3), 128, np.uint8))
+    (root / "bob").mkdir()
+    (root / "bob" / "broken.jpg").write_bytes(b"not a jpeg at all")
+
+
+def test_cli_reports_faceless_and_unreadable_and_resumes(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "align_faces.py"), str(src), str(dst),
+                           "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "aligned           1" in out and "unreadable        1" in out
+    assert "no face found     1 (1 centre-cropped" in out
+    aligned = cv2.imread(str(dst / "alice" / "a.jpg"))
+    assert aligned.shape == (112, 112, 3)
+    assert cv2.imread(str(dst / "alice" / "blank.png")).shape == (112, 112, 3)
+    assert not (dst / "bob" / "broken.jpg").exists()
+    report = (dst / "align_report.tsv").read_text().splitlines()
+    assert sorted(line.split("\t")[:2] for line in report) == [
+        ["no_face", "alice/blank.png"], ["unreadable", "bob/broken.jpg"]]
+    assert "not a decodable image" in report[-1]
+
+    mtime = (dst / "alice" / "a.jpg").stat().st_mtime_ns
+    again = af.align_tree(src, dst, progress=False)  # resumes: both outputs exist
+    assert again["skipped_existing"] == 2 and again["aligned"] == 0
+    assert again["unreadable"] == 1 and again["no_face"] == 0
+    assert (dst / "alice" / "a.jpg").stat().st_mtime_ns == mtime
+    assert len((dst / "align_report.tsv").read_text().splitlines()) == 2  # still both listed
+
+
+def test_skip_missing_writes_no_crop_but_lists_it(tmp_path, aligner):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    report = tmp_path / "report.tsv"
+    summary = af.align_tree(src, dst, skip_missing=True, report_path=report, progress=False,
+                            aligner=aligner)
+    assert (summary["aligned"], summary["no_face"], summary["unreadable"]) == (1, 1, 1)
+    assert summary["centre_cropped"] == 0
+    assert not (dst / "alice" / "blank.png").exists()
+    assert "no_face\talice/blank.png\tskipped" in report.read_text()
+    with pytest.raises(ValueError, match="inside the source"):
+        af.align_tree(src, src / "out", progress=False, aligner=aligner)
