@@ -1,0 +1,177 @@
+"""An independent, minimal RecordIO writer and reader for the tests (struct written out here,
+nothing shared with recordio.py), and a builder of small InsightFace-style test sets."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+MAGIC = 0xCED7230A
+MAGIC_LE = struct.pack("<I", MAGIC)
+SIDE = 112
+
+
+def ir_payload(label, image: bytes = b"", id_: int = 0, id2: int = 0) -> bytes:
+    """IRHeader <IfQQ; a list label becomes flag=len(label) float32 values after it."""
+    if isinstance(label, (list, tuple)):
+        return (struct.pack("<IfQQ", len(label), 0.0, id_, id2)
+                + struct.pack(f"<{len(label)}f", *label) + image)
+    return struct.pack("<IfQQ", 0, float(label), id_, id2) + image
+
+
+def encode_record(payload: bytes) -> bytes:
+    """One record as dmlc writes it: cut at every 4-aligned magic (dropping it), parts with
+    cflag 0 (whole) or 1/2/3 (first/middle/last), each padded with zeros to 4 bytes."""
+    pieces, start = [], 0
+    for pos in range(0, len(payload) - 3, 4):
+        if payload[pos:pos + 4] == MAGIC_LE and pos >= start:
+            pieces.append(payload[start:pos])
+            start = pos + 4
+    pieces.append(payload[start:])
+    out = b""
+    for n, piece in enumerate(pieces):
+        if len(pieces) == 1:
+            cflag = 0
+        elif n == 0:
+            cflag = 1
+        elif n == len(pieces) - 1:
+            cflag = 3
+        else:
+            cflag = 2
+        out += struct.pack("<II", MAGIC, (cflag << 29) | len(piece)) + piece
+        out += b"\x00" * (-len(piece) % 4)
+    return out
+
+
+def write_rec(rec_path: Path, records: list[tuple[int, bytes]], idx: bool = True,
+              garbage_after: dict[int, bytes] | None = None) -> dict[int, int]:
+    """Write ``(key, payload)`` records (+ ``.idx``); returns key -> byte offset.
+    ``garbage_after[key]`` bytes are written right after that record (damage)."""
+    offsets = {}
+    with open(rec_path, "wb") as f:
+        for key, payload in records:
+            offsets[key] = f.tell()
+            f.write(encode_record(payload))
+            if garbage_after and key in garbage_after:
+                f.write(garbage_after[key])
+    if idx:
+        Path(rec_path).with_suffix(".idx").write_text(
+            "".join(f"{k}\t{o}\n" for k, o in offsets.items()))
+    return offsets
+
+
+def read_all_records(rec_path: Path) -> list[tuple[int, list[int], bytes]]:
+    """Minimal independent reader: ``(offset, [cflags of its parts], joined payload)``."""
+    data = Path(rec_path).read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        start, flags, parts = pos, [], []
+        while True:
+            magic, lrec = struct.unpack_from("<II", data, pos)
+            assert magic == MAGIC, f"bad magic at {pos}"
+            cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+            parts.append(data[pos + 8:pos + 8 + length])
+            flags.append(cflag)
+            pos += 8 + length + (-length % 4)
+            if cflag in (0, 3):
+                break
+        out.append((start, flags, MAGIC_LE.join(parts)))
+    return out
+
+
+def parse_payload(payload: bytes) -> tuple[int, object, bytes]:
+    """``(flag, label or list of labels, image bytes)``."""
+    flag, label, _, _ = struct.unpack_from("<IfQQ", payload)
+    rest = payload[24:]
+    if flag > 0:
+        label = list(struct.unpack_from(f"<{flag}f", rest))
+        rest = rest[4 * flag:]
+    return flag, label, rest
+
+
+# ----------------------------------------------------------------------------- images
+
+def textured_image(seed: int, side: int = SIDE) -> np.ndarray:
+    """A smooth random RGB uint8 image (compresses like a photo, differs per seed)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(side // 8, side // 8, 3), dtype=np.uint8)
+    img = cv2.resize(small, (side, side), interpolation=cv2.INTER_CUBIC)
+    noise = rng.integers(-12, 13, size=img.shape)
+    return np.clip(img.astype(np.int64) + noise, 0, 255).astype(np.uint8)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    assert ok
+    return buf.tobytes()
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.tobytes()
+
+
+def rgb_of(encoded: bytes) -> np.ndarray:
+    """Decode with OpenCV and flip BGR to RGB here (independently of utils)."""
+    bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+    assert bgr is not None
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def with_magic_comment(jpeg: bytes, payload_offset: int) -> bytes:
+    """Insert a JPEG COM segment holding the RecordIO magic twice at 4-aligned payload
+    positions (forcing a first/middle/last split) and once unaligned (no split). Decoders
+    ignore COM segments, so the pixels stay those of ``jpeg``. ``payload_offset`` is where
+    the JPEG starts inside the record payload."""
+    body_start = payload_offset + 2 + 4  # after SOI, COM marker and its length field
+    lead = b"a" * (-body_start % 4)
+    comment = lead + MAGIC_LE + MAGIC_LE + b"c" + MAGIC_LE + b"xyz"
+    segment = b"\xff\xfe" + struct.pack(">H", 2 + len(comment)) + comment
+    return jpeg[:2] + segment + jpeg[2:]
+
+
+def build_insightface_set(root: Path, counts=(3, 5, 2, 6), idx: bool = True,
+                          corrupt_jpeg_at: int | None = None):
+    """Header record 0, images 1..N, identity records; class c has counts[c] images.
+    Even images are PNG (flag 0 label), odd JPEG, every third uses a label array
+    [class, 7.5]; image 2 carries magic bytes (split record). Returns (rec path, offsets,
+    list of (key, label, expected RGB or None if corrupt))."""
+    root.mkdir(parents=True, exist_ok=True)
+    records, expected = [], []
+    key = 1
+    ranges = []
+    for cls, n in enumerate(counts):
+        start = key
+        for _ in range(n):
+            rgb = textured_image(1000 + key)
+            if key % 2 == 0:
+                enc = png_bytes(rgb)
+                want = rgb
+            else:
+                enc = jpeg_bytes(rgb)
+                want = rgb_of(enc)
+            label = [float(cls), 7.5] if key % 3 == 0 else float(cls)
+            header_len = 24 + (8 if isinstance(label, list) else 0)
+            if key == 2:
+                enc = with_magic_comment(jpeg_bytes(rgb), header_len)
+                want = rgb_of(enc)
+            if key == corrupt_jpeg_at:
+                enc = b"\x00garbage, not an image" * 4
+                want = None
+            records.append((key, ir_payload(label, enc, id_=key)))
+            expected.append((key, cls, want))
+            key += 1
+        ranges.append((start, key))
+    id_start = key
+    for start, end in ranges:
+        records.append((key, ir_payload([float(start), float(end)])))
+        key += 1
+    records.insert(0, (0, ir_payload([float(id_start), float(key)])))
+    rec = root / "train.rec"
+    offsets = write_rec(rec, records, idx=idx)
+    return rec, offsets, expected
