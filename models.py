@@ -1,0 +1,311 @@
+"""Face-recognition backbones: IR-ResNet (ArcFace's "improved residual" nets), IR-SE and
+MobileFaceNet, all mapping a normalised (N, 3, 112, 112) RGB batch to (N, E) embeddings.
+
+The IR-ResNet module and parameter names follow InsightFace's arcface_torch ``iresnet``
+(``conv1``, ``layer1.0.bn1``, ..., ``fc``, ``features``), so its released backbone state dicts
+load into ``ir18`` .. ``ir200`` directly. Usage::
+
+    python models.py --network ir50            # parameters and forward GFLOPs at 112x112
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+IMAGE_SIZE = 112  # aligned face crops are 112x112 throughout the repo
+BN_EPS = 1e-5
+SE_REDUCTION = 16  # squeeze-excitation bottleneck ratio (SENet's default)
+IR_WIDTHS = (64, 128, 256, 512)  # channels of the four IR-ResNet stages
+IR_DEPTHS: dict[str, tuple[int, int, int, int]] = {
+    "ir18": (2, 2, 2, 2),
+    "ir34": (3, 4, 6, 3),
+    "ir50": (3, 4, 14, 3),
+    "ir100": (3, 13, 30, 3),
+    "ir200": (6, 26, 60, 6),
+}
+SE_DEPTHS = {"ir_se50": IR_DEPTHS["ir50"], "ir_se100": IR_DEPTHS["ir100"]}
+# The CPU demo's light IR net (issue 6): stride-2 stem, one block per stage; its first stage
+# keeps the resolution so the last map is 7x7 like the full nets (about 1.1M params at E=128).
+NARROW_WIDTHS = (16, 32, 64, 128)
+NARROW_STRIDES = (1, 2, 2, 2)
+MODEL_NAMES: tuple[str, ...] = (*IR_DEPTHS, *SE_DEPTHS, "mobilefacenet", "ir_narrow")
+CONFIG_FILE = "config.json"  # written by train.py beside its checkpoints
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def _out_size(size: int, stride: int) -> int:
+    """Spatial size after a 3x3, padding-1 convolution with ``stride``."""
+    return (size - 1) // stride + 1
+
+
+class SEModule(nn.Module):
+    """Squeeze-excitation: rescale channels by a gate computed from their global means."""
+
+    def __init__(self, channels: int, reduction: int = SE_REDUCTION) -> None:
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc2(self.relu(self.fc1(self.pool(x)))))
+
+
+class IBasicBlock(nn.Module):
+    """IR block: BN-conv3x3-BN-PReLU-conv3x3(stride)-BN (+ optional SE), plus a shortcut
+    that is the identity, or a strided 1x1 conv + BN when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, use_se: bool = False) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin, eps=BN_EPS)
+        self.conv1 = _conv3x3(cin, cout)
+        self.bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.prelu = nn.PReLU(cout)
+        self.conv2 = _conv3x3(cout, cout, stride)
+        self.bn3 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.se = SEModule(cout) if use_se else nn.Identity()
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(cout, eps=BN_EPS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.bn1(x))
+        out = self.conv2(self.prelu(self.bn2(out)))
+        out = self.se(self.bn3(out))
+        return out + self.downsample(x)
+
+
+class IResNet(nn.Module):
+    """IR-ResNet: stem conv3x3-BN-PReLU, four stages of IBasicBlocks, then the output layer
+    BN2d, dropout, flatten, Linear(C*h*w, E), BN1d (its scale frozen at 1, as InsightFace)."""
+
+    def __init__(self, depths: Sequence[int], widths: Sequence[int] = IR_WIDTHS,
+                 strides: Sequence[int] = (2, 2, 2, 2), stem_stride: int = 1,
+                 embedding_size: int = 512, dropout: float = 0.0, use_se: bool = False,
+                 image_size: int = IMAGE_SIZE) -> None:
+        super().__init__()
+        if not len(depths) == len(widths) == len(strides):
+            raise ValueError("depths, widths and strides need one entry per stage")
+        self.conv1 = _conv3x3(3, widths[0], stem_stride)
+        self.bn1 = nn.BatchNorm2d(widths[0], eps=BN_EPS)
+        self.prelu = nn.PReLU(widths[0])
+        size = _out_size(image_size, stem_stride)
+        cin = widths[0]
+        for i, (depth, cout, stride) in enumerate(zip(depths, widths, strides, strict=True)):
+            blocks = [IBasicBlock(cin, cout, stride, use_se)]
+            blocks += [IBasicBlock(cout, cout, 1, use_se) for _ in range(depth - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            size = _out_size(size, stride)
+            cin = cout
+        self.num_stages = len(depths)
+        self.bn2 = nn.BatchNorm2d(cin, eps=BN_EPS)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(cin * size * size, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS)
+        _init_weights(self)
+        nn.init.ones_(self.features.weight)
+        self.features.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prelu(self.bn1(self.conv1(x)))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        x = self.dropout(self.bn2(x))
+        return self.features(self.fc(torch.flatten(x, 1)))
+
+
+# ----------------------------------------------------------------------------- MobileFaceNet
+
+class ConvBlock(nn.Sequential):
+    """Conv-BN, followed by PReLU unless ``linear``."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1,
+                 linear: bool = False, padding: int | None = None) -> None:
+        padding = kernel // 2 if padding is None else padding
+        layers: list[nn.Module] = [
+            nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups,
+                      bias=False),
+            nn.BatchNorm2d(cout, eps=BN_EPS)]
+        if not linear:
+            layers.append(nn.PReLU(cout))
+        super().__init__(*layers)
+
+
+class Bottleneck(nn.Module):
+    """MobileNetV2 inverted bottleneck: 1x1 expand, 3x3 depthwise, linear 1x1 project;
+    a residual connection when the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        hidden = cin * expansion
+        self.body = nn.Sequential(
+            ConvBlock(cin, hidden),
+            ConvBlock(hidden, hidden, 3, stride, groups=hidden),
+            ConvBlock(hidden, cout, linear=True))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return x + out if self.residual else out
+
+
+# (expansion, output channels, repeats, stride of the first repeat), from the MobileFaceNet
+# paper (Chen et al. 2018, table 1).
+MOBILEFACENET_STAGES = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2),
+                        (2, 128, 2, 1))
+MOBILEFACENET_WIDTH = 512  # channels of the last 1x1 conv and of the global depthwise conv
+
+
+class MobileFaceNet(nn.Module):
+    """MobileFaceNet: conv3x3/2, depthwise conv3x3, inverted bottlenecks, conv1x1 to 512,
+    a global depthwise 7x7 conv (GDConv), then dropout, Linear(512, E), BN1d."""
+
+    def __init__(self, embedding_size: int = 512, dropout: float = 0.0,
+                 image_size: int = IMAGE_SIZE) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [ConvBlock(3, 64, 3, 2), ConvBlock(64, 64, 3, 1, groups=64)]
+        size = _out_size(image_size, 2)
+        cin = 64
+        for expansion, cout, repeats, stride in MOBILEFACENET_STAGES:
+            for r in range(repeats):
+                layers.append(Bottleneck(cin, cout, stride if r == 0 else 1, expansion))
+                cin = cout
+            size = _out_size(size, stride)
+        layers.append(ConvBlock(cin, MOBILEFACENET_WIDTH))
+        layers.append(ConvBlock(MOBILEFACENET_WIDTH, MOBILEFACENET_WIDTH, size,
+                                groups=MOBILEFACENET_WIDTH, linear=True, padding=0))
+        self.body = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(MOBILEFACENET_WIDTH, embedding_size, bias=False)
+        self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The GDConv's kernel covers the whole last map, so its output is (N, 512, 1, 1).
+        x = torch.flatten(self.body(x), 1)
+        return self.features(self.fc(self.dropout(x)))
+
+
+def _init_weights(model: nn.Module) -> None:
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def build_model(name: str, embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
+    """The backbone called ``name`` (one of MODEL_NAMES): (N, 3, 112, 112) normalised RGB to
+    (N, embedding_size) embeddings, not L2-normalised."""
+    if name in IR_DEPTHS:
+        return IResNet(IR_DEPTHS[name], embedding_size=embedding_size, dropout=dropout)
+    if name in SE_DEPTHS:
+        return IResNet(SE_DEPTHS[name], embedding_size=embedding_size, dropout=dropout,
+                       use_se=True)
+    if name == "ir_narrow":
+        return IResNet((1, 1, 1, 1), NARROW_WIDTHS, NARROW_STRIDES, stem_stride=2,
+                       embedding_size=embedding_size, dropout=dropout)
+    if name == "mobilefacenet":
+        return MobileFaceNet(embedding_size, dropout)
+    raise ValueError(f"unknown network {name!r}; choose from {', '.join(MODEL_NAMES)}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or frozen (as InsightFace counts them)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_flops(model: nn.Module, image_size: int = IMAGE_SIZE) -> int:
+    """Forward FLOPs of one image, counting a multiply-accumulate as 2 FLOPs (so GMACs are
+    half of this), over convolutions and matrix products only (torch's FlopCounterMode).
+
+    Runs on a copy moved to the meta device, so it costs no compute and leaves ``model``
+    untouched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(model).to("meta").eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        meta(torch.empty(1, 3, image_size, image_size, device="meta"))
+    return int(counter.get_total_flops())
+
+
+def _read_run_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the run's config ({e})") from None
+    return values if isinstance(values, dict) else {}
+
+
+def load_backbone(path: str | Path, network: str | None = None,
+                  embedding_size: int | None = None, map_location: Any = "cpu") -> nn.Module:
+    """A backbone in eval mode with the weights of ``path`` (``backbone.pt``, a bare state
+    dict, or a training checkpoint holding ``backbone``; ``module.`` prefixes stripped).
+
+    ``network`` / ``embedding_size`` left as None are read from ``config.json`` beside the
+    file (train.py writes it); the embedding size otherwise from the weights themselves."""
+    from utils import load_backbone_state
+
+    path = Path(path)
+    run_config = _read_run_config(path.parent)
+    network = network or run_config.get("network")
+    if network is None:
+        raise ValueError(f"{path}: cannot tell which network it holds: pass network=... "
+                         f"(--network) or keep the run's {CONFIG_FILE} beside it")
+    state = load_backbone_state(path)
+    if embedding_size is None:
+        embedding_size = run_config.get("embedding_size")
+    if embedding_size is None:
+        fc = state.get("fc.weight")
+        if not isinstance(fc, torch.Tensor) or fc.ndim != 2:
+            raise ValueError(f"{path}: no embedding size given and no fc.weight to read it from")
+        embedding_size = int(fc.shape[0])
+    model = build_model(network, int(embedding_size))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first_lines = "\n".join(str(e).splitlines()[:6])
+        raise ValueError(f"{path}: weights do not match network {network!r} with "
+                         f"embedding size {embedding_size}:\n{first_lines}") from None
+    return model.to(map_location).eval()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Parameters and forward FLOPs of a backbone.")
+    parser.add_argument("--network", choices=MODEL_NAMES, default="ir50")
+    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    args = parser.parse_args(argv)
+    with torch.device("meta"):  # only shapes are needed: build without allocating weights
+        model = build_model(args.network, args.embedding_size)
+    flops = model_flops(model, args.image_size)
+    print(f"{args.network}: {count_parameters(model) / 1e6:.2f}M parameters, "
+          f"{flops / 1e9:.2f} GFLOPs ({flops / 2e9:.2f} GMACs) per "
+          f"{args.image_size}x{args.image_size} image, E={args.embedding_size}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Backbones: parameter counts against InsightFace's, shapes, FLOPs against a hand count,
+and loading saved weights."""
+
+import json
+
+import pytest
+import torch
+
+import models
+from models import build_model, count_parameters, load_backbone, model_flops
+
+# InsightFace arcface_torch's iresnet parameter counts at E=512, in millions.
+INSIGHTFACE_PARAMS_M = {"ir18": 24.0, "ir34": 34.1, "ir50": 43.6, "ir100": 65.2, "ir200": 118.8}
+
+
+@pytest.mark.parametrize("name", sorted(INSIGHTFACE_PARAMS_M))
+def test_parameter_counts_match_insightface(name):
+    with torch.device("meta"):  # construction only: no memory, no forward
+        model = build_model(name, 512)
+    params_m = count_parameters(model) / 1e6
+    assert abs(params_m - INSIGHTFACE_PARAMS_M[name]) / INSIGHTFACE_PARAMS_M[name] < 0.01
+
+
+def test_light_models_parameter_counts():
+    with torch.device("meta"):
+        narrow = build_model("ir_narrow", 128)
+        mobile = build_model("mobilefacenet", 128)
+        ir50 = build_model("ir50", 512)
+        se50 = build_model("ir_se50", 512)
+    assert abs(count_parameters(narrow) / 1e6 - 1.1) < 0.05  # issue 6: ~1.1M at E=128
+    assert abs(count_parameters(mobile) / 1e6 - 0.99) < 0.02  # MobileFaceNet paper: 0.99M
+    assert count_parameters(se50) > count_parameters(ir50)  # SE units add weights
+
+
+@pytest.mark.parametrize("name", ["ir_narrow", "ir18", "mobilefacenet", "ir_se50"])
+def test_forward_shape(name):
+    torch.manual_seed(0)
+    model = build_model(name, embedding_size=64, dropout=0.1).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 112, 112))
+    assert out.shape == (2, 64) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_every_name_builds_and_unknown_name_is_refused():
+    with torch.device("meta"):
+        for name in models.MODEL_NAMES:
+            assert isinstance(build_model(name, 32), torch.nn.Module)
+    with pytest.raises(ValueError, match="unknown network"):
+        build_model("ir51")
+
+
+def test_channels_last_and_training_step():
+    torch.manual_seed(0)
+    model = build_model("ir_narrow", 32).eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        ref = model(x)
+        model_cl = model.to(memory_format=torch.channels_last)
+        out = model_cl(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    model.train()
+    model(torch.randn(4, 3, 112, 112)).square().mean().backward()
+    assert model.conv1.weight.grad is not None
+    assert model.features.weight.grad is None  # BN1d scale frozen at 1, as InsightFace
+
+
+def _conv_macs(cin, cout, k, out_hw, groups=1):
+    return cin // groups * cout * k * k * out_hw * out_hw
+
+
+def test_flops_against_hand_count():
+    # ir_narrow, E=32, counted by hand from its layout: stem 3->16 stride 2 (56x56), stage 1
+    # 16->16 stride 1 (identity shortcut), stages 2-4 stride 2 with 1x1 projection shortcuts.
+    e = 32
+    macs = _conv_macs(3, 16, 3, 56)
+    macs += 2 * _conv_macs(16, 16, 3, 56)
+    for cin, cout, in_hw in [(16, 32, 56), (32, 64, 28), (64, 128, 14)]:
+        out_hw = in_hw // 2
+        macs += _conv_macs(cin, cout, 3, in_hw)  # conv1 keeps the resolution
+        macs += _conv_macs(cout, cout, 3, out_hw)  # conv2 strides
+        macs += _conv_macs(cin, cout, 1, out_hw)  # projection shortcut
+    macs += 128 * 7 * 7 * e
+    assert model_flops(build_model("ir_narrow", e)) == 2 * macs
+
+
+def test_cli_prints_params_and_flops(capsys):
+    models.main(["--network", "ir18"])
+    out = capsys.readouterr().out
+    assert "24.03M parameters" in out and "GFLOPs" in out
+
+
+def _save_state(path, model, wrap=False, prefix=""):
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    torch.save({"backbone": state, "epoch": 3} if wrap else state, path)
+
+
+@pytest.mark.parametrize("wrap,prefix", [(False, ""), (True, "module.")])
+def test_load_backbone_round_trip(tmp_path, wrap, prefix):
+    torch.manual_seed(0)
+    model = build_model("ir_narrow", 16)
+    model.train()
+    model(torch.randn(4, 3, 112, 112))  # move the BN running statistics off their defaults
+    model.eval()
+    path = tmp_path / "run" / "backbone.pt"
+    path.parent.mkdir()
+    _save_state(path, model, wrap, prefix)
+    (path.parent / "config.json").write_text(json.dumps({"network": "ir_narrow",
+                                                         "embedding_size": 16}))
+    loaded = load_backbone(path)
+    assert not loaded.training
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_load_backbone_reads_embedding_size_from_weights(tmp_path):
+    model = build_model("ir_narrow", 24)
+    path = tmp_path / "weights.pt"
+    _save_state(path, model)
+    loaded = load_backbone(path, network="ir_narrow")
+    assert loaded.fc.out_features == 24
+
+
+def test_load_backbone_errors_name_the_file(tmp_path):
+    path = tmp_path / "weights.pt"
+    _save_state(path, build_model("ir_narrow", 16))
+    with pytest.raises(ValueError, match="weights.pt.*network"):
+        load_backbone(path)  # no network given, no config.json
+    with pytest.raises(ValueError, match="weights.pt.*do not match"):
+        load_backbone(path, network="mobilefacenet")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_backbone(tmp_path / "missing.pt", network="ir_narrow", embedding_size=16)
