@@ -1,0 +1,550 @@
+"""Face verification the way the papers report it: LFW's 10-fold protocol, InsightFace's .bin
+verification sets, and a two-photo comparison.
+
+    python lfw_eval.py --checkpoint runs/x/backbone.pt --lfw-dir data/lfw --pairs data/lfw/pairs.txt
+    python lfw_eval.py --checkpoint runs/x/backbone.pt --bin data/faces_emore/lfw.bin --bin ...
+    python lfw_eval.py --checkpoint runs/x/backbone.pt --compare a.jpg b.jpg
+
+Protocol (``ten_fold_accuracy``): the folds are contiguous blocks of the pair list (LFW's
+official folds); every fold is scored with the threshold that maximises accuracy on the other
+nine, searched over every distinct decision point; a pair is called "same" when its cosine
+similarity is strictly greater than the threshold. The reported threshold is the mean of the
+ten. Embeddings use flip test-time augmentation (image + mirror, then L2-normalised).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bin_loader import load_bin
+from utils import atomic_write_bytes, atomic_write_text, get_device, get_logger, read_image
+from verification_metrics import (
+    DEFAULT_FOLDS,
+    FARS,
+    THRESHOLD_RULE,
+    pair_similarities,
+    roc_curve,
+    roc_metrics,
+    tar_at_far,
+    ten_fold_accuracy,
+    ten_fold_details,
+)
+
+__all__ = [
+    "Pair", "parse_pairs", "check_pairs_exist", "pair_folds", "embed", "ten_fold_accuracy",
+    "ten_fold_details", "roc_curve", "roc_metrics", "evaluate_verification", "load_bin",
+    "evaluate_bin", "load_lfw_pairs_images", "compare_images", "pair_similarities",
+    "tar_at_far", "main",
+]
+
+IMAGE_SIZE = 112  # aligned crops are 112x112 (ArcFace template)
+PIXEL_MEAN = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1], as in training
+PIXEL_STD = 127.5
+DEFAULT_BATCH_SIZE = 64
+ALIGN_CHUNK = 32  # images read and aligned at a time (MTCNN batch)
+LFW_RESULTS_NAME = "lfw"  # <out>/lfw_results.json holds the threshold `--compare` uses
+EXIT_BAD_INPUT = 2
+EXIT_NO_FACE = 3
+EXIT_NO_THRESHOLD = 4
+
+log = get_logger("lfw_eval")
+
+
+# ----------------------------------------------------------------------------- pairs.txt
+
+@dataclass(frozen=True)
+class Pair:
+    """One LFW pair: image paths relative to the LFW root (``name/name_0001.jpg``)."""
+
+    path1: str
+    path2: str
+    same: bool
+    fold: int = 0  # index of the fold (block of the file) this pair belongs to
+
+
+def _lfw_image(name: str, number: str, path: Path, lineno: int) -> str:
+    if not number.isdigit() or int(number) < 1:
+        raise ValueError(f"{path}:{lineno}: image number {number!r} is not a positive integer")
+    return f"{name}/{name}_{int(number):04d}.jpg"
+
+
+def parse_pairs(path: str | Path) -> list[Pair]:
+    """Parse LFW's ``pairs.txt``: a header ``<folds>\\t<n>`` (or just ``<n>``: one fold), then
+    per fold n same-person lines ``name i j`` followed by n different-person lines
+    ``name1 i name2 j``. Any deviation is a ValueError naming the file and line number."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read pairs file {path}: {e.strerror or e}") from None
+    while lines and not lines[-1].strip():  # trailing blank lines are harmless
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{path}: empty pairs file")
+    header = lines[0].split()
+    if not header or len(header) > 2 or not all(h.isdigit() for h in header):
+        raise ValueError(f"{path}:1: header must be '<folds>\\t<pairs per kind>', got {lines[0]!r}")
+    nfolds, per_kind = (int(header[0]), int(header[1])) if len(header) == 2 else (1, int(header[0]))
+    expected = nfolds * 2 * per_kind
+    if len(lines) - 1 != expected:
+        raise ValueError(f"{path}: header promises {nfolds} folds x 2 x {per_kind} = {expected} "
+                         f"pairs but the file has {len(lines) - 1} pair lines")
+    pairs = []
+    for offset, line in enumerate(lines[1:]):
+        lineno = offset + 2
+        fold, position = divmod(offset, 2 * per_kind)
+        same = position < per_kind
+        fields = line.split()
+        if same:
+            if len(fields) != 3:
+                raise ValueError(f"{path}:{lineno}: expected a same-person line 'name i j' "
+                                 f"(fold {fold + 1}), got {line!r}")
+            name, i, j = fields
+            pairs.append(Pair(_lfw_image(name, i, path, lineno),
+                              _lfw_image(name, j, path, lineno), True, fold))
+        else:
+            if len(fields) != 4:
+                raise ValueError(f"{path}:{lineno}: expected a different-person line "
+                                 f"'name1 i name2 j' (fold {fold + 1}), got {line!r}")
+            name1, i, name2, j = fields
+            pairs.append(Pair(_lfw_image(name1, i, path, lineno),
+                              _lfw_image(name2, j, path, lineno), False, fold))
+    return pairs
+
+
+def check_pairs_exist(pairs: Sequence[Pair], lfw_dir: str | Path) -> None:
+    """Raise FileNotFoundError listing every missing image at once (before any work)."""
+    lfw_dir = Path(lfw_dir)
+    if not lfw_dir.is_dir():
+        raise FileNotFoundError(f"LFW directory not found: {lfw_dir}")
+    wanted = dict.fromkeys(p for pair in pairs for p in (pair.path1, pair.path2))
+    missing = [p for p in wanted if not (lfw_dir / p).is_file()]
+    if missing:
+        listing = "\n  ".join(missing)
+        raise FileNotFoundError(f"{len(missing)} of {len(wanted)} pair images missing under "
+                                f"{lfw_dir}:\n  {listing}")
+
+
+def pair_folds(pairs: Sequence[Pair]) -> list[np.ndarray]:
+    """Indices of the pairs of each fold; folds must be contiguous blocks, as in pairs.txt."""
+    folds = np.array([p.fold for p in pairs], dtype=np.int64)
+    if folds.size and np.any(np.diff(folds) < 0):
+        raise ValueError("pair folds are not contiguous blocks in increasing order")
+    return [np.flatnonzero(folds == f) for f in np.unique(folds)]
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def _uses_channels_last(model) -> bool:
+    import torch
+
+    for p in model.parameters():
+        if p.dim() == 4:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
+          flip: bool = True, progress: bool = True) -> np.ndarray:
+    """L2-normalised float32 embeddings (N, E) of RGB uint8 crops (N, 112, 112, 3).
+
+    With ``flip`` the embedding is that of the image plus that of its mirror, then
+    normalised. Runs in eval mode under ``torch.inference_mode`` (the model's previous mode is
+    restored), batched, on ``device`` (default: CUDA when present; the model is moved there
+    in place). Inputs follow the model's memory format (channels_last if its convs are)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"embed expects RGB uint8 (N, H, W, 3), got {images.dtype} "
+                         f"{images.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = get_device("auto") if device is None else torch.device(device)
+    model.to(device)
+    memory_format = torch.channels_last if _uses_channels_last(model) else torch.contiguous_format
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        with torch.inference_mode(), tqdm(total=len(images), unit="img", desc="embed",
+                                          disable=not progress, leave=False) as bar:
+            for start in range(0, len(images), batch_size):
+                batch = torch.from_numpy(images[start:start + batch_size]).to(device)
+                x = batch.permute(0, 3, 1, 2).float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
+                n = x.shape[0]
+                if flip:  # one forward pass over the images and their mirrors
+                    x = torch.cat([x, x.flip(3)])
+                feats = model(x.contiguous(memory_format=memory_format)).float()
+                if flip:
+                    feats = feats[:n] + feats[n:]
+                outputs.append(F.normalize(feats, dim=1).cpu())
+                bar.update(n)
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(outputs).numpy().astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
+                          batch_size: int = DEFAULT_BATCH_SIZE, device=None,
+                          out_dir: str | Path | None = None, name: str = "lfw",
+                          nfolds: int = DEFAULT_FOLDS, pair_labels: list[str] | None = None,
+                          extra: dict[str, Any] | None = None,
+                          progress: bool = True) -> dict[str, Any]:
+    """Verify pairs of consecutive images (2i, 2i+1) with ``model``: 10-fold accuracy, std and
+    threshold, ROC AUC, TAR@FAR. With ``out_dir``: ``<name>_roc.png``, ``<name>_hist.png``,
+    ``<name>_errors.png`` and ``<name>_results.json`` (plus ``extra`` fields) are written."""
+    images = np.asarray(images)
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    if images.shape[0] != 2 * same.size:
+        raise ValueError(f"{name}: {images.shape[0]} images for {same.size} pairs "
+                         f"(need two per pair)")
+    feats = embed(model, images, batch_size=batch_size, device=device, progress=progress)
+    sims = pair_similarities(feats)
+    results: dict[str, Any] = {"name": name, "n_pairs": int(same.size), "nfolds": nfolds}
+    results.update(ten_fold_details(sims, same, nfolds))
+    results.update(roc_metrics(sims, same))
+    results["threshold_rule"] = THRESHOLD_RULE
+    if out_dir is not None:
+        import verification_plots as plots
+
+        out_dir = Path(out_dir)
+        points = {far: results[f"tar@far={far:.0e}"] for far in FARS
+                  if f"tar@far={far:.0e}" in results}
+        far_curve, tar_curve, _ = roc_curve(sims, same)
+        files = {
+            "roc": plots.plot_roc(far_curve, tar_curve, out_dir / f"{name}_roc.png",
+                                  auc=results["auc"], operating_points=points,
+                                  title=f"{name} ROC"),
+            "histogram": plots.plot_histogram(sims, same, out_dir / f"{name}_hist.png",
+                                              threshold=results["threshold"],
+                                              title=f"{name} similarities"),
+            "errors": plots.plot_error_gallery(images, sims, same, results["threshold"],
+                                               out_dir / f"{name}_errors.png",
+                                               labels=pair_labels),
+        }
+        results["files"] = {k: str(v) for k, v in files.items()}
+        results.update(extra or {})
+        results_path = out_dir / f"{name}_results.json"
+        results["files"]["results"] = str(results_path)
+        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def evaluate_bin(model, path: str | Path, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
+                 out_dir: str | Path | None = None, name: str | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """``load_bin`` then ``evaluate_verification`` (name defaults to the file's stem)."""
+    images, issame = load_bin(path, progress=progress)
+    return evaluate_verification(model, images, issame, batch_size=batch_size, device=device,
+                                 out_dir=out_dir, name=name or Path(path).stem,
+                                 extra={"bin": str(path)}, progress=progress)
+
+
+# ----------------------------------------------------------------------------- raw LFW
+
+def _cache_key(lfw_dir: Path, paths: Sequence[str]) -> str:
+    digest = hashlib.sha1(str(lfw_dir.resolve()).encode())
+    for p in paths:  # size and mtime too: a replaced image invalidates the cache
+        st = (lfw_dir / p).stat()
+        digest.update(f"\n{p}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Align each image once: (crops (M,112,112,3), paths of faceless images centre-cropped).
+    Unreadable images are an error listing all of them."""
+    from tqdm import tqdm
+
+    from align_faces import FaceAligner, center_crop
+    from utils import ImageReadError
+
+    if aligner is None:
+        aligner = FaceAligner()
+    crops = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    faceless, unreadable = [], []
+    with tqdm(total=len(paths), unit="img", desc="align") as bar:
+        for start in range(0, len(paths), ALIGN_CHUNK):
+            chunk = paths[start:start + ALIGN_CHUNK]
+            loaded = []
+            for p in chunk:
+                try:
+                    loaded.append(read_image(lfw_dir / p))
+                except ImageReadError as e:
+                    unreadable.append(str(e))
+                    loaded.append(None)
+            readable = [im for im in loaded if im is not None]
+            faces = iter(aligner.align_batch(readable) if readable else [])
+            for offset, image in enumerate(loaded):
+                if image is None:
+                    continue
+                face = next(faces)
+                if face is None:
+                    faceless.append(chunk[offset])
+                    crops[start + offset] = center_crop(image)
+                else:
+                    crops[start + offset] = _as_crop(face.crop, chunk[offset])
+            bar.update(len(chunk))
+    if unreadable:
+        raise ValueError(f"{len(unreadable)} pair images cannot be read:\n  "
+                         + "\n  ".join(unreadable))
+    return crops, faceless
+
+
+def _as_crop(crop: np.ndarray, source: str) -> np.ndarray:
+    crop = np.asarray(crop)
+    if crop.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and crop.dtype == np.uint8:
+        return crop
+    if crop.ndim == 3 and crop.shape[2] == 3:
+        import cv2
+
+        return cv2.resize(crop.astype(np.uint8), (IMAGE_SIZE, IMAGE_SIZE))
+    raise ValueError(f"{source}: aligner returned a crop of shape {crop.shape}")
+
+
+def _read_cache(cache: Path, paths: list[str]) -> tuple[np.ndarray, list[str]] | None:
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            crops, faceless = data["crops"], [str(p) for p in data["faceless"]]
+            cached_paths = [str(p) for p in data["paths"]]
+    except (OSError, ValueError, KeyError) as e:  # truncated or foreign file: realign
+        log.warning("ignoring unreadable alignment cache %s (%s)", cache, e)
+        return None
+    if cached_paths != paths or crops.shape[0] != len(paths):
+        return None
+    log.info("aligned crops of %d images from cache %s", len(paths), cache)
+    return crops, faceless
+
+
+def _write_cache(cache: Path, paths: list[str], crops: np.ndarray, faceless: list[str]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, crops=crops, paths=np.array(paths, dtype=str),
+             faceless=np.array(faceless, dtype=str))
+    atomic_write_bytes(cache, buf.getvalue())
+
+
+def _load_lfw(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
+              cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    lfw_dir = Path(lfw_dir)
+    check_pairs_exist(pairs, lfw_dir)
+    paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
+    cache = None if cache_dir is None else \
+        Path(cache_dir) / f"aligned_{_cache_key(lfw_dir, paths)}.npz"
+    cached = None if cache is None else _read_cache(cache, paths)
+    if cached is not None:
+        crops, faceless = cached
+    else:
+        crops, faceless = align_images(lfw_dir, paths, aligner)
+        if cache is not None:
+            _write_cache(cache, paths, crops, faceless)
+    if faceless:
+        shown = ", ".join(faceless[:10]) + (" ..." if len(faceless) > 10 else "")
+        log.warning("no face found in %d of %d images (centre-cropped instead): %s",
+                    len(faceless), len(paths), shown)
+    index = {p: i for i, p in enumerate(paths)}
+    order = [index[p] for pair in pairs for p in (pair.path1, pair.path2)]
+    issame = np.array([pair.same for pair in pairs], dtype=bool)
+    return crops[order], issame, faceless
+
+
+def load_lfw_pairs_images(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
+                          cache_dir: str | Path | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned crops (2N, 112, 112, 3) for ``pairs`` and their labels (N,). Every distinct
+    image is aligned once (``align_faces.FaceAligner`` unless ``aligner`` is given) and the
+    crops are cached in ``cache_dir`` (keyed by the file list, sizes and mtimes); images
+    without a detected face are centre-cropped and reported."""
+    images, issame, _ = _load_lfw(lfw_dir, pairs, aligner, cache_dir)
+    return images, issame
+
+
+# ----------------------------------------------------------------------------- compare
+
+def compare_images(model, image_a: np.ndarray, image_b: np.ndarray, aligner=None,
+                   device=None) -> tuple[float | None, list[int]]:
+    """Cosine similarity of the faces in two RGB photos (flip TTA), or (None, indices of the
+    photos without a face)."""
+    if aligner is None:
+        from align_faces import FaceAligner
+
+        aligner = FaceAligner(device=device)
+    faces = [aligner.align(image_a), aligner.align(image_b)]
+    faceless = [i for i, face in enumerate(faces) if face is None]
+    if faceless:
+        return None, faceless
+    crops = np.stack([_as_crop(f.crop, f"photo {i + 1}") for i, f in enumerate(faces)])
+    feats = embed(model, crops, device=device, progress=False)
+    return float(pair_similarities(feats)[0]), []
+
+
+def _saved_threshold(out_dir: Path) -> tuple[float, Path] | None:
+    path = out_dir / f"{LFW_RESULTS_NAME}_results.json"
+    if not path.is_file():
+        return None
+    try:
+        return float(json.loads(path.read_text())["threshold"]), path
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: no usable 'threshold' in this results file ({e})") from None
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    from config import build_parser
+
+    parser = build_parser(__doc__.split("\n\n")[0])
+    group = parser.add_argument_group("lfw_eval")
+    group.add_argument("--checkpoint", required=True,
+                       help="backbone.pt or a training checkpoint (config.json beside it "
+                            "names the network unless --network is given)")
+    group.add_argument("--bin", action="append", default=[], metavar="PATH",
+                       help="InsightFace verification .bin set; repeat for several")
+    group.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                       help="compare the faces in two photos")
+    group.add_argument("--threshold", type=float, default=None,
+                       help="decision threshold for --compare (default: the one saved by "
+                            "the last LFW evaluation in the output folder)")
+    group.add_argument("--out", default=None,
+                       help="output folder (default: <checkpoint folder>/eval)")
+    group.add_argument("--cache-dir", default=None,
+                       help="aligned-crop cache for raw LFW (default: <lfw-dir>_aligned_cache)")
+    group.add_argument("--eval-batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    return parser
+
+
+def _load_model(args, device):
+    from models import load_backbone
+
+    model = load_backbone(args.checkpoint, network=args.network,
+                          embedding_size=args.embedding_size)
+    return model.to(device).eval()
+
+
+def _print_results(r: dict[str, Any]) -> None:
+    print(f"{r['name']}: 10-fold accuracy {100 * r['accuracy']:.2f} +- "
+          f"{100 * r['accuracy_std']:.2f}%  (threshold {r['threshold']:.4f}, "
+          f"{r['n_pairs']} pairs, AUC {r['auc']:.4f})")
+    for far in FARS:
+        key = f"tar@far={far:.0e}"
+        if key in r:
+            print(f"  TAR@FAR={far:.0e}: {100 * r[key]:.2f}%")
+        else:
+            print(f"  TAR@FAR={far:.0e}: not reported ({r['n_impostor']} impostor pairs, "
+                  f"{math.ceil(1 / far)} needed)")
+
+
+def _run_compare(args, model, device, out_dir: Path) -> int:
+    from utils import ImageReadError
+
+    try:
+        photos = [read_image(p) for p in args.compare]
+    except ImageReadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NO_FACE
+    sim, faceless = compare_images(model, photos[0], photos[1], device=device)
+    if faceless:
+        for i in faceless:
+            print(f"no face found in {args.compare[i]}", file=sys.stderr)
+        return EXIT_NO_FACE
+    print(f"cosine similarity: {sim:.4f}")
+    if args.threshold is not None:
+        threshold, source = args.threshold, "--threshold"
+    else:
+        saved = _saved_threshold(out_dir)
+        if saved is None:
+            print(f"no threshold: {out_dir / (LFW_RESULTS_NAME + '_results.json')} does not "
+                  "exist; run the LFW evaluation first or pass --threshold", file=sys.stderr)
+            return EXIT_NO_THRESHOLD
+        threshold, source = saved[0], str(saved[1])
+    verdict = "same person" if sim > threshold else "different people"
+    print(f"threshold: {threshold:.4f} (from {source})")
+    print(f"verdict: {verdict}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (0 ok, 2 bad input, 3 no face, 4 no
+    threshold for --compare)."""
+    from bin_loader import UnsafePickleError
+    from config import parse_config
+
+    parser = build_arg_parser()
+    cfg, args = parse_config(argv, parser=parser)
+    try:
+        return _run(parser, cfg, args)
+    except (FileNotFoundError, ValueError, UnsafePickleError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run(parser: argparse.ArgumentParser, cfg, args: argparse.Namespace) -> int:
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        parser.error(f"checkpoint not found: {checkpoint}")
+    out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
+    device = get_device(cfg.device)
+    model = _load_model(args, device)
+    if args.compare:
+        return _run_compare(args, model, device, out_dir)
+    meta = {"checkpoint": str(checkpoint)}
+    if args.bin:
+        missing = [b for b in args.bin if not Path(b).is_file()]
+        if missing:
+            parser.error("verification set(s) not found: " + ", ".join(missing))
+        rows = []
+        for path in args.bin:
+            r = evaluate_bin(model, path, batch_size=args.eval_batch_size, device=device,
+                             out_dir=out_dir)
+            _print_results(r)
+            rows.append(r)
+        width = max(len(r["name"]) for r in rows)
+        print(f"\n{'set':<{width}}  {'pairs':>6}  {'accuracy':>16}  {'TAR@FAR=1e-3':>12}")
+        for r in rows:
+            tar = r.get("tar@far=1e-03")
+            tar_text = f"{100 * tar:.2f}%" if tar is not None else "-"
+            acc = f"{100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f}%"
+            print(f"{r['name']:<{width}}  {r['n_pairs']:>6}  {acc:>16}  {tar_text:>12}")
+        print(f"results and figures in {out_dir}")
+        return 0
+    pairs = parse_pairs(cfg.pairs)
+    lfw_dir = Path(cfg.lfw_dir)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else \
+        lfw_dir.parent / f"{lfw_dir.name}_aligned_cache"
+    images, issame, faceless = _load_lfw(lfw_dir, pairs, cache_dir=cache_dir)
+    nfolds = len(pair_folds(pairs))  # the file's own folds (10 in LFW's pairs.txt)
+    nfolds = nfolds if nfolds >= 2 else DEFAULT_FOLDS  # a one-fold file: the usual ten blocks
+    labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]
+    meta.update(lfw_dir=str(lfw_dir), pairs=str(cfg.pairs), faceless_images=faceless)
+    r = evaluate_verification(model, images, issame, batch_size=args.eval_batch_size,
+                              device=device, out_dir=out_dir, name=LFW_RESULTS_NAME,
+                              nfolds=nfolds, pair_labels=labels, extra=meta)
+    _print_results(r)
+    if faceless:
+        print(f"  {len(faceless)} images had no detected face and were centre-cropped")
+    print(f"results: {r['files']['results']}")
+    print("figures: " + ", ".join(r["files"][k] for k in ("roc", "histogram", "errors")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

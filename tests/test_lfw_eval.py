@@ -1,0 +1,344 @@
+"""lfw_eval.py: pairs.txt parsing, the 10-fold protocol against a brute-force reference, ROC
+metrics, safe .bin loading, flip-TTA embeddings, and the CLI on a tiny synthetic LFW."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import lfw_eval
+from bin_loader import UnsafePickleError
+
+# ----------------------------------------------------------------------------- pairs.txt
+
+NAMES = ["Aaron_Peirsol", "Abel_Pacheco", "Akhmed_Zakayev", "Amber_Tamblyn", "Anders_Fogh"]
+
+
+def _write_pairs(path, nfolds=10, per_kind=3):
+    """pairs.txt in LFW's own format, plus the (path1, path2, same) triples it encodes."""
+    lines, expected = [f"{nfolds}\t{per_kind}"], []
+    for fold in range(nfolds):
+        for k in range(per_kind):
+            name = NAMES[(fold + k) % len(NAMES)]
+            i, j = k + 1, fold + k + 2
+            lines.append(f"{name}\t{i}\t{j}")
+            expected.append((f"{name}/{name}_{i:04d}.jpg", f"{name}/{name}_{j:04d}.jpg", True))
+        for k in range(per_kind):
+            a, b = NAMES[k % len(NAMES)], NAMES[(k + 1 + fold) % len(NAMES)]
+            i, j = fold + 1, 10 * k + 1
+            lines.append(f"{a}\t{i}\t{b}\t{j}")
+            expected.append((f"{a}/{a}_{i:04d}.jpg", f"{b}/{b}_{j:04d}.jpg", False))
+    path.write_text("\n".join(lines) + "\n")
+    return expected
+
+
+def test_parse_pairs_lfw_format(tmp_path):
+    path = tmp_path / "pairs.txt"
+    expected = _write_pairs(path)
+    pairs = lfw_eval.parse_pairs(path)
+    assert [(p.path1, p.path2, p.same) for p in pairs] == expected
+    assert pairs[0].path1 == "Aaron_Peirsol/Aaron_Peirsol_0001.jpg"
+    assert path.read_text().splitlines()[11] == "Abel_Pacheco\t2\tAmber_Tamblyn\t11"
+    assert pairs[10] == lfw_eval.Pair("Abel_Pacheco/Abel_Pacheco_0002.jpg",
+                                      "Amber_Tamblyn/Amber_Tamblyn_0011.jpg", False, fold=1)
+    folds = lfw_eval.pair_folds(pairs)
+    assert len(folds) == 10
+    assert [f.tolist() for f in folds] == [list(range(6 * k, 6 * k + 6)) for k in range(10)]
+
+
+def test_parse_pairs_errors_name_the_line(tmp_path):
+    path = tmp_path / "pairs.txt"
+    _write_pairs(path, nfolds=2, per_kind=2)
+    lines = path.read_text().splitlines()
+    lines[4] = "Abel_Pacheco\t1"  # line 5 of the file: a different-person line cut short
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"pairs\.txt:5:"):
+        lfw_eval.parse_pairs(path)
+    lines[4] = "Abel_Pacheco\t1\tAmber_Tamblyn\tx"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"pairs\.txt:5: image number 'x'"):
+        lfw_eval.parse_pairs(path)
+    path.write_text("\n".join(lines[:-1]) + "\n")  # one pair missing
+    with pytest.raises(ValueError, match="promises"):
+        lfw_eval.parse_pairs(path)
+
+
+def test_check_pairs_exist_lists_every_missing_image(tmp_path):
+    pairs = [lfw_eval.Pair("A/A_0001.jpg", "A/A_0002.jpg", True),
+             lfw_eval.Pair("A/A_0001.jpg", "B/B_0001.jpg", False)]
+    (tmp_path / "A").mkdir()
+    (tmp_path / "A" / "A_0001.jpg").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError) as info:
+        lfw_eval.check_pairs_exist(pairs, tmp_path)
+    assert "A/A_0002.jpg" in str(info.value) and "B/B_0001.jpg" in str(info.value)
+    assert "2 of 3" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- 10-fold protocol
+
+def _brute_force_ten_fold(sims, same, nfolds):
+    """The protocol written out with plain loops: contiguous folds; for each, every
+    candidate threshold (below the minimum, each midpoint of consecutive distinct training
+    scores, the maximum) is tried on the other folds; the first best one (lowest) is used."""
+    n = len(sims)
+    sizes = [n // nfolds + (1 if f < n % nfolds else 0) for f in range(nfolds)]
+    starts = [sum(sizes[:f]) for f in range(nfolds)]
+    accs, thresholds = [], []
+    for f in range(nfolds):
+        test = set(range(starts[f], starts[f] + sizes[f]))
+        train = [i for i in range(n) if i not in test]
+        values = sorted({float(sims[i]) for i in train})
+        candidates = [math.nextafter(values[0], -math.inf)]
+        candidates += [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)]
+        candidates.append(values[-1])
+        best_t, best_correct = None, -1
+        for t in candidates:
+            correct = sum((float(sims[i]) > t) == bool(same[i]) for i in train)
+            if correct > best_correct:
+                best_t, best_correct = t, correct
+        # no decision is missed: trying every score value too never does better
+        for t in values:
+            assert sum((float(sims[i]) > t) == bool(same[i]) for i in train) <= best_correct
+        accs.append(sum((float(sims[i]) > best_t) == bool(same[i]) for i in test) / len(test))
+        thresholds.append(best_t)
+    mean = sum(accs) / nfolds
+    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / nfolds)
+    return mean, std, sum(thresholds) / nfolds
+
+
+@pytest.mark.parametrize("seed,n,nfolds", [(0, 200, 10), (1, 203, 10), (2, 60, 5)])
+def test_ten_fold_matches_brute_force_with_ties(seed, n, nfolds):
+    rng = np.random.default_rng(seed)
+    same = rng.random(n) < 0.5
+    # overlapping classes on a coarse grid: many ties, including ties across the classes
+    sims = np.round(np.where(same, rng.normal(0.4, 0.25, n), rng.normal(0.1, 0.25, n)), 1)
+    mean, std, threshold = lfw_eval.ten_fold_accuracy(sims, same, nfolds)
+    ref = _brute_force_ten_fold(sims, same, nfolds)
+    assert mean == pytest.approx(ref[0], abs=1e-12)
+    assert std == pytest.approx(ref[1], abs=1e-12)
+    assert threshold == pytest.approx(ref[2], abs=1e-12)
+    assert 0.5 < mean < 1.0  # neither trivial nor broken
+
+
+def test_ten_fold_edge_cases():
+    same = np.array([True, False] * 50)
+    mean, std, _ = lfw_eval.ten_fold_accuracy(np.where(same, 0.8, 0.2), same)
+    assert (mean, std) == (1.0, 0.0)
+    flat = np.full(100, 0.3)  # no decision possible: every threshold calls all pairs one way
+    mean, _, _ = lfw_eval.ten_fold_accuracy(flat, same)
+    assert mean == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        lfw_eval.ten_fold_accuracy(np.array([np.nan] + [0.1] * 19), same[:20])
+
+
+# ----------------------------------------------------------------------------- ROC
+
+def test_roc_metrics_against_pairwise_definitions():
+    rng = np.random.default_rng(3)
+    n_imp, n_gen = 1500, 400
+    same = np.concatenate([np.zeros(n_imp, bool), np.ones(n_gen, bool)])
+    sims = np.round(np.where(same, rng.normal(0.5, 0.2, same.size),
+                             rng.normal(0.0, 0.2, same.size)), 2)
+    out = lfw_eval.roc_metrics(sims, same)
+    gen, imp = sims[same], sims[~same]
+    # AUC = P(genuine > impostor) + 0.5 P(tie), over all genuine x impostor pairs
+    auc = ((gen[:, None] > imp[None, :]).sum() + 0.5 * (gen[:, None] == imp[None, :]).sum()) \
+        / (n_gen * n_imp)
+    assert out["auc"] == pytest.approx(auc, abs=1e-12)
+    # TAR@FAR: the lowest threshold among all scores (and below them) with FAR <= 1e-3
+    feasible = [t for t in np.unique(sims) if np.mean(imp > t) <= 1e-3]
+    t = min(feasible)
+    assert out["threshold@far=1e-03"] == pytest.approx(t)
+    assert out["tar@far=1e-03"] == pytest.approx(np.mean(gen > t))
+    assert "tar@far=1e-04" not in out  # 1,500 impostor pairs cannot measure FAR 1e-4
+
+
+# ----------------------------------------------------------------------------- load_bin
+
+def _png(rgb):
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(rgb):
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _test_images(n, size=112, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    images[:, :8, :8] = (255, 0, 0)  # a red corner: catches a BGR mix-up
+    return images
+
+
+def test_load_bin_py3_protocol2_jpeg_and_png(tmp_path):
+    images = _test_images(4)
+    bins = [_png(images[0]), _jpeg(images[1]), _png(images[2]), _jpeg(images[3])]
+    path = tmp_path / "set.bin"
+    path.write_bytes(pickle.dumps((bins, [True, False]), protocol=2))  # bytes via _codecs
+    assert b"_codecs" in path.read_bytes()
+    loaded, issame = lfw_eval.load_bin(path, progress=False)
+    assert loaded.shape == (4, 112, 112, 3) and loaded.dtype == np.uint8
+    assert issame.tolist() == [True, False]
+    np.testing.assert_array_equal(loaded[0], images[0])  # PNG: lossless and RGB
+    np.testing.assert_array_equal(loaded[2], images[2])
+    for k in (1, 3):  # JPEG: the same pixels as PIL decodes them
+        np.testing.assert_array_equal(loaded[k], np.asarray(Image.open(io.BytesIO(bins[k]))))
+    assert tuple(loaded[0, 0, 0]) == (255, 0, 0)
+
+
+def _py2_pickle(bins, issame):
+    """What Python 2's cPickle (protocol 2) writes for (list of str, numpy bool array),
+    assembled opcode by opcode: binary data as BINSTRING, numpy from numpy.core."""
+
+    def binstring(data):
+        return b"T" + struct.pack("<I", len(data)) + data
+
+    def glob(module, name):
+        return b"c" + module + b"\n" + name + b"\n"
+
+    out = b"\x80\x02("  # PROTO 2, MARK for the outer tuple
+    out += b"](" + b"".join(binstring(b) for b in bins) + b"e"  # EMPTY_LIST MARK ... APPENDS
+    arr = np.asarray(issame, dtype=np.bool_)
+    out += glob(b"numpy.core.multiarray", b"_reconstruct") + glob(b"numpy", b"ndarray")
+    out += b"K\x00\x85" + binstring(b"b") + b"\x87R"  # _reconstruct(ndarray, (0,), 'b')
+    out += b"(K\x01K" + bytes([arr.size]) + b"\x85"  # state: (1, (n,), dtype, False, data)
+    out += glob(b"numpy", b"dtype") + binstring(b"b1") + b"K\x00K\x01\x87R"
+    out += b"(K\x03" + binstring(b"|") + b"NNNJ" + struct.pack("<i", -1) + b"J"
+    out += struct.pack("<i", -1) + b"K\x00tb"  # dtype state, BUILD
+    out += b"\x89" + binstring(arr.tobytes()) + b"tb"  # NEWFALSE (not Fortran), data; BUILD
+    out += b"t."  # TUPLE, STOP
+    return out
+
+
+def test_load_bin_python2_pickle_with_numpy_labels(tmp_path):
+    images = _test_images(4, size=100, seed=1)  # not 112: resized on load
+    bins = [_png(im) for im in images]
+    path = tmp_path / "py2.bin"
+    path.write_bytes(_py2_pickle(bins, [False, True]))
+    with pytest.raises(UnicodeDecodeError):  # what a plain Python 3 load does with it
+        pickle.loads(path.read_bytes())
+    loaded, issame = lfw_eval.load_bin(path, progress=False)
+    assert issame.dtype == bool and issame.tolist() == [False, True]
+    assert loaded.shape == (4, 112, 112, 3)
+    big = np.asarray(Image.fromarray(images[2]).resize((112, 112), Image.BILINEAR))
+    assert np.abs(loaded[2].astype(int) - big.astype(int)).mean() < 8  # same picture, resized
+
+
+def test_load_bin_protocol5_numpy_entries(tmp_path):
+    images = _test_images(2, seed=2)
+    bins = [np.frombuffer(_png(im), dtype=np.uint8) for im in images]
+    path = tmp_path / "p5.bin"
+    path.write_bytes(pickle.dumps((bins, np.array([True])), protocol=5))
+    loaded, issame = lfw_eval.load_bin(path, progress=False)
+    np.testing.assert_array_equal(loaded, images)
+    assert issame.tolist() == [True]
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_load_bin_refuses_code_in_the_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.bin"
+    path.write_bytes(pickle.dumps(([_Evil(marker), b"x"], [True]), protocol=2))
+    assert b"system" in path.read_bytes()
+    with pytest.raises(UnsafePickleError, match=r"evil\.bin.*system"):
+        lfw_eval.load_bin(path, progress=False)
+    assert not marker.exists()
+    path.write_bytes(pickle.dumps(([_Evil(marker), b"x"], [True]), protocol=5))
+    with pytest.raises(UnsafePickleError):
+        lfw_eval.load_bin(path, progress=False)
+    assert not marker.exists()
+
+
+def test_load_bin_rejects_wrong_structure(tmp_path):
+    path = tmp_path / "odd.bin"
+    path.write_bytes(pickle.dumps(([_png(_test_images(1)[0])] * 3, [True]), protocol=4))
+    with pytest.raises(ValueError, match=r"odd\.bin: 3 images for 1 pairs"):
+        lfw_eval.load_bin(path, progress=False)
+    path.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"odd\.bin: not a readable pickle"):
+        lfw_eval.load_bin(path, progress=False)
+
+
+# ----------------------------------------------------------------------------- embed
+
+class _TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 28 * 28, 8)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _manual_embeddings(model, images, flip):
+    model.eval()
+    x = (images.astype(np.float64) - 127.5) / 127.5  # (N, H, W, 3)
+    views = [x, x[:, :, ::-1]] if flip else [x]
+    total = 0
+    with torch.no_grad():
+        for v in views:
+            t = torch.tensor(np.ascontiguousarray(v.transpose(0, 3, 1, 2)), dtype=torch.float32)
+            total = total + model(t).double().numpy()
+    return total / np.linalg.norm(total, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_embed_flip_tta_matches_manual(channels_last):
+    torch.manual_seed(0)
+    model = _TinyNet()
+    model.bn.running_mean.uniform_(-0.5, 0.5)  # eval-mode statistics differ from a batch's
+    model.bn.running_var.uniform_(0.5, 2.0)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    images = _test_images(7, seed=4)
+    model.train()
+    got = lfw_eval.embed(model, images, batch_size=3, device="cpu", progress=False)
+    assert model.training  # mode restored
+    assert got.dtype == np.float32 and got.shape == (7, 8)
+    ref = _manual_embeddings(model, images, flip=True)
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+    plain = lfw_eval.embed(model, images, batch_size=4, device="cpu", flip=False,
+                           progress=False)
+    np.testing.assert_allclose(plain, _manual_embeddings(model, images, flip=False), atol=2e-5)
+    assert np.abs(plain - got).max() > 1e-3  # the mirror really contributes
+
+
+def test_evaluate_verification_writes_json_and_pngs(tmp_path):
+    torch.manual_seed(0)
+    model = _TinyNet()
+    images = _test_images(40, seed=5)
+    images[1::4] = images[0::4]  # pairs 0, 2, 4, ...: the same image twice
+    issame = np.arange(20) % 2 == 0
+    r = lfw_eval.evaluate_verification(model, images, issame, batch_size=16, device="cpu",
+                                       out_dir=tmp_path, name="toy", progress=False)
+    assert r["accuracy"] == 1.0  # identical images score 1, distinct random ones lower
+    saved = json.loads((tmp_path / "toy_results.json").read_text())
+    assert saved["accuracy"] == 1.0 and saved["n_pairs"] == 20
+    assert len(saved["fold_thresholds"]) == 10 and "auc" in saved
+    for suffix in ("roc", "hist", "errors"):
+        png = tmp_path / f"toy_{suffix}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert min(Image.open(png).size) > 100

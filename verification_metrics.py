@@ -1,0 +1,138 @@
+"""Scoring face-verification pairs from their similarities: LFW's 10-fold protocol and ROC.
+
+Pure NumPy (float64), vectorised: 6,000 pairs score in milliseconds. The decision rule
+throughout is "same iff cosine similarity > threshold".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+FARS = (1e-3, 1e-4)  # TAR is reported at these false accept rates when there are enough pairs
+DEFAULT_FOLDS = 10
+THRESHOLD_RULE = "same iff cosine similarity > threshold"
+
+
+def pair_similarities(embeddings: np.ndarray) -> np.ndarray:
+    """Cosine similarity of consecutive rows (2i, 2i+1) of L2-normalised embeddings."""
+    return np.einsum("ij,ij->i", embeddings[0::2].astype(np.float64),
+                     embeddings[1::2].astype(np.float64))
+
+
+# ----------------------------------------------------------------------------- 10-fold protocol
+
+def _best_threshold(sims: np.ndarray, same: np.ndarray) -> float:
+    """The threshold with the highest accuracy on (sims, same) under "same iff sim > t",
+    over every distinct decision: below the lowest value (all same), midway between each two
+    consecutive distinct values, and the highest value (all different). Ties in accuracy go
+    to the lowest threshold."""
+    order = np.argsort(sims, kind="stable")
+    s, y = sims[order], same[order]
+    n = s.size
+    # A decision is "the k lowest scores are called different"; only k at the end of a run
+    # of equal scores is realisable with a threshold.
+    cuts = np.concatenate(([0], np.flatnonzero(np.diff(s) > 0) + 1, [n]))
+    diff_below = np.concatenate(([0], np.cumsum(~y)))
+    same_below = np.concatenate(([0], np.cumsum(y)))
+    correct = diff_below[cuts] + (same_below[-1] - same_below[cuts])
+    k = int(cuts[int(np.argmax(correct))])
+    if k == 0:
+        return float(np.nextafter(s[0], -np.inf))
+    if k == n:
+        return float(s[-1])
+    low, high = float(s[k - 1]), float(s[k])
+    mid = (low + high) / 2
+    return mid if low <= mid < high else low  # adjacent floats: the midpoint rounds to one end
+
+
+def ten_fold_details(similarities: np.ndarray, issame: np.ndarray,
+                     nfolds: int = DEFAULT_FOLDS) -> dict[str, Any]:
+    """Per-fold thresholds (tuned on the other folds) and accuracies; see ten_fold_accuracy."""
+    sims = np.asarray(similarities, dtype=np.float64).reshape(-1)
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    if sims.shape != same.shape:
+        raise ValueError(f"{sims.size} similarities but {same.size} labels")
+    if nfolds < 2 or sims.size < nfolds:
+        raise ValueError(f"need at least 2 folds and one pair per fold: {sims.size} pairs, "
+                         f"{nfolds} folds")
+    if not np.all(np.isfinite(sims)):
+        raise ValueError(f"{int((~np.isfinite(sims)).sum())} similarities are NaN or infinite")
+    folds = np.array_split(np.arange(sims.size), nfolds)  # contiguous blocks
+    accuracies, thresholds = [], []
+    for test in folds:
+        train = np.ones(sims.size, dtype=bool)
+        train[test] = False  # never tune on the fold being scored
+        t = _best_threshold(sims[train], same[train])
+        accuracies.append(float(np.mean((sims[test] > t) == same[test])))
+        thresholds.append(t)
+    return {"fold_accuracies": accuracies, "fold_thresholds": thresholds,
+            "accuracy": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
+            "threshold": float(np.mean(thresholds))}
+
+
+def ten_fold_accuracy(similarities: np.ndarray, issame: np.ndarray,
+                      nfolds: int = DEFAULT_FOLDS) -> tuple[float, float, float]:
+    """LFW's protocol: (mean accuracy, std over folds (population), mean threshold).
+
+    Folds are ``nfolds`` contiguous blocks of the pair list. Each is scored with the
+    threshold maximising accuracy on the other folds, searched over every distinct decision
+    point (midpoints between consecutive distinct scores, plus both ends; accuracy ties go
+    to the lowest threshold). A pair is predicted "same" when its similarity is > threshold."""
+    d = ten_fold_details(similarities, issame, nfolds)
+    return d["accuracy"], d["accuracy_std"], d["threshold"]
+
+
+# ----------------------------------------------------------------------------- ROC
+
+def roc_curve(similarities: np.ndarray, issame: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(FAR, TAR, thresholds) at every distinct score, from (0, 0): accepting scores >= t."""
+    sims = np.asarray(similarities, dtype=np.float64).reshape(-1)
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    n_gen, n_imp = int(same.sum()), int((~same).sum())
+    if n_gen == 0 or n_imp == 0:
+        raise ValueError(f"ROC needs genuine and impostor pairs ({n_gen} and {n_imp} given)")
+    order = np.argsort(-sims, kind="stable")
+    s, y = sims[order], same[order]
+    ends = np.concatenate((np.flatnonzero(np.diff(s) < 0), [s.size - 1]))  # last of each run
+    tar = np.concatenate(([0.0], np.cumsum(y)[ends] / n_gen))
+    far = np.concatenate(([0.0], np.cumsum(~y)[ends] / n_imp))
+    thresholds = np.concatenate(([np.inf], s[ends]))
+    return far, tar, thresholds
+
+
+def tar_at_far(similarities: np.ndarray, issame: np.ndarray, far: float) -> tuple[float, float]:
+    """(TAR, threshold) at the lowest threshold whose FAR (impostors > threshold) <= ``far``."""
+    sims = np.asarray(similarities, dtype=np.float64).reshape(-1)
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    impostors = np.sort(sims[~same])[::-1]
+    allowed = int(math.floor(far * impostors.size + 1e-9))  # false accepts allowed
+    if allowed >= impostors.size:
+        threshold = float(np.nextafter(impostors[-1], -np.inf))
+    else:
+        threshold = float(impostors[allowed])  # at most `allowed` impostors lie above it
+    return float(np.mean(sims[same] > threshold)), threshold
+
+
+def roc_metrics(similarities: np.ndarray, issame: np.ndarray,
+                fars: Sequence[float] = FARS) -> dict[str, Any]:
+    """AUC and TAR@FAR for each FAR with at least 1/FAR impostor pairs (else not reported).
+
+    Keys: ``auc``, ``tar@far=1e-03`` and ``threshold@far=1e-03`` (etc.), ``n_genuine``,
+    ``n_impostor``. AUC counts score ties as half (the trapezoidal ROC area)."""
+    sims = np.asarray(similarities, dtype=np.float64).reshape(-1)
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    far_curve, tar_curve, _ = roc_curve(sims, same)
+    n_imp = int((~same).sum())
+    out: dict[str, Any] = {"auc": float(np.trapezoid(tar_curve, far_curve)),
+                           "n_genuine": int(same.sum()), "n_impostor": n_imp}
+    for far in fars:
+        if n_imp * far >= 1 - 1e-9:
+            tar, threshold = tar_at_far(sims, same, far)
+            out[f"tar@far={far:.0e}"] = tar
+            out[f"threshold@far={far:.0e}"] = threshold
+    return out
