@@ -1,0 +1,573 @@
+"""Validate and index RecordIO training sets, or pack an aligned image tree into one.
+
+Two modes::
+
+    python pre_process.py --rec data/faces_emore/train.rec     # validate + write the index
+    python pre_process.py --pack data/mine_aligned --out data/mine/train.rec
+
+Supported files. InsightFace sets (faces_emore / MS1MV2, MS1MV3, Glint360K): record 0 is a
+header whose label is ``[id_start, id_end)``; records ``1 .. id_start-1`` are images (label =
+class, or the first value of a label array); records ``id_start .. id_end-1`` describe the
+identities with label ``[img_start, img_end)``. Plain im2rec files have no header record: every
+record is an image. Without a ``.idx`` the file is scanned record by record (keys are then the
+record's position in the file).
+
+The compact index (``train.index.npz`` beside ``train.rec``; NumPy ``.npz``) holds, for the
+usable image records only:
+
+* ``keys``, ``offsets``, ``labels``: int64 arrays, one entry per image (byte offset of its
+  record in the ``.rec``; label in ``0 .. num_classes-1``);
+* ``class_counts``: int64 images per class; ``num_classes``; ``has_header``;
+* ``corrupt_offsets``: byte offsets of the records that were skipped;
+* ``rec_size`` / ``rec_mtime_ns`` (and the same for the ``.idx``): the index is used only
+  while these still match, so a replaced ``.rec`` is never read through a stale index.
+
+``data_gen.FaceRecordDataset`` loads this index when it is fresh and otherwise builds the same
+index in memory (slower for MS1M-sized sets: run this script once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import recordio
+from utils import (
+    ImageReadError,
+    atomic_write_text,
+    decode_image,
+    encode_image,
+    get_logger,
+    list_images,
+)
+
+INDEX_SUFFIX = ".index.npz"
+INDEX_VERSION = 1
+HEADER_LABELS = 2  # the header record's label array: [id_start, id_end)
+IMAGE_SIZE = 112  # the aligned ArcFace crop
+JPEG_QUALITY = 95
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+MAX_LISTED = 10  # problems listed by name in a summary; the rest are counted
+
+log = get_logger("face.pre_process")
+
+
+# ----------------------------------------------------------------------------- the index
+
+@dataclass
+class RecordIndex:
+    """The usable image records of a ``.rec`` file and what was wrong with the others."""
+
+    rec_path: Path
+    keys: np.ndarray  # int64, record key of each image
+    offsets: np.ndarray  # int64, byte offset of each image record
+    labels: np.ndarray  # int64, class of each image, 0 .. num_classes-1
+    num_classes: int
+    has_header: bool = False
+    corrupt: list[str] = field(default_factory=list)  # one message per skipped record
+    corrupt_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    non_image_records: int = 0  # headerless files: records with no image bytes
+    identity_mismatches: int = 0  # header sets: image label != the identity listing it
+    idx_path: Path | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    @property
+    def corrupt_count(self) -> int:
+        return len(self.corrupt)
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+    def summary(self) -> dict:
+        counts = self.class_counts
+        return {
+            "file": str(self.rec_path),
+            "format": "InsightFace (header record)" if self.has_header else "im2rec (no header)",
+            "images": len(self),
+            "identities": self.num_classes,
+            "empty identities": int((counts == 0).sum()),
+            "images per identity min": int(counts.min()) if counts.size else 0,
+            "images per identity median": float(np.median(counts)) if counts.size else 0.0,
+            "images per identity max": int(counts.max()) if counts.size else 0,
+            "corrupt records": self.corrupt_count,
+            "records without image": self.non_image_records,
+            "identity/label disagreements": self.identity_mismatches,
+        }
+
+    def format_summary(self) -> str:
+        items = self.summary()
+        width = max(map(len, items))
+        lines = [f"  {k:<{width}} : {v}" for k, v in items.items()]
+        lines += [f"  corrupt: {msg}" for msg in self.corrupt[:MAX_LISTED]]
+        if self.corrupt_count > MAX_LISTED:
+            lines.append(f"  ... and {self.corrupt_count - MAX_LISTED} more corrupt records")
+        return "\n".join(lines)
+
+
+def index_path_for(rec_path: str | Path) -> Path:
+    """``data/x/train.rec`` -> ``data/x/train.index.npz``."""
+    rec_path = Path(rec_path)
+    return rec_path.with_name(rec_path.stem + INDEX_SUFFIX)
+
+
+def _file_stamp(path: Path | None) -> tuple[int, int]:
+    if path is None or not path.is_file():
+        return -1, -1
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
+    """Write ``index`` as ``.npz`` (atomically); returns the path."""
+    import io
+
+    from utils import atomic_write_bytes
+
+    path = Path(path) if path else index_path_for(index.rec_path)
+    rec_size, rec_mtime = _file_stamp(index.rec_path)
+    idx_size, idx_mtime = _file_stamp(index.idx_path)
+    buf = io.BytesIO()
+    np.savez(buf, version=INDEX_VERSION, keys=index.keys, offsets=index.offsets,
+             labels=index.labels, class_counts=index.class_counts,
+             num_classes=index.num_classes, has_header=index.has_header,
+             corrupt_offsets=index.corrupt_offsets, corrupt_count=index.corrupt_count,
+             non_image_records=index.non_image_records,
+             identity_mismatches=index.identity_mismatches,
+             rec_size=rec_size, rec_mtime_ns=rec_mtime,
+             idx_size=idx_size, idx_mtime_ns=idx_mtime)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_index(rec_path: str | Path, idx_path: str | Path | None = None,
+               index_path: str | Path | None = None) -> RecordIndex | None:
+    """The saved index of ``rec_path`` if it exists and still matches the ``.rec`` and
+    ``.idx`` on disk (size and mtime), else None."""
+    rec_path = Path(rec_path)
+    index_path = Path(index_path) if index_path else index_path_for(rec_path)
+    idx = _resolve_idx(rec_path, idx_path)
+    if not index_path.is_file():
+        return None
+    try:
+        with np.load(index_path, allow_pickle=False) as z:
+            fresh = (int(z["version"]) == INDEX_VERSION
+                     and (int(z["rec_size"]), int(z["rec_mtime_ns"])) == _file_stamp(rec_path)
+                     and (int(z["idx_size"]), int(z["idx_mtime_ns"])) == _file_stamp(idx))
+            if not fresh:
+                log.warning("%s is stale (the .rec or .idx changed); ignoring it", index_path)
+                return None
+            corrupt_count = int(z["corrupt_count"])
+            return RecordIndex(
+                rec_path=rec_path, keys=z["keys"].astype(np.int64),
+                offsets=z["offsets"].astype(np.int64), labels=z["labels"].astype(np.int64),
+                num_classes=int(z["num_classes"]), has_header=bool(z["has_header"]),
+                corrupt=[f"(from {index_path.name})"] * corrupt_count,
+                corrupt_offsets=z["corrupt_offsets"].astype(np.int64),
+                non_image_records=int(z["non_image_records"]),
+                identity_mismatches=int(z["identity_mismatches"]), idx_path=idx)
+    except (OSError, KeyError, ValueError) as e:
+        log.warning("cannot use index %s (%s); rebuilding", index_path, e)
+        return None
+
+
+def _resolve_idx(rec_path: Path, idx_path: str | Path | None) -> Path | None:
+    if idx_path is not None:
+        idx_path = Path(idx_path)
+        if not idx_path.is_file():
+            raise FileNotFoundError(f"index file not found: {idx_path}")
+        return idx_path
+    default = recordio.default_idx_path(rec_path)
+    return default if default.is_file() else None
+
+
+def _parse_header_record(payload: bytes | None) -> tuple[int, int] | None:
+    """``(id_start, id_end)`` when ``payload`` is an InsightFace header record, else None."""
+    if payload is None:
+        return None
+    try:
+        header, image = recordio.unpack_payload(payload)
+    except recordio.RecordIOError:
+        return None
+    if header.flag < HEADER_LABELS or image:
+        return None
+    id_start, id_end = float(header.label[0]), float(header.label[1])
+    if not (1 <= id_start <= id_end) or id_start != int(id_start) or id_end != int(id_end):
+        return None
+    return int(id_start), int(id_end)
+
+
+class _Collector:
+    """Accumulates image records while walking a file."""
+
+    def __init__(self, reader: recordio.RecordReader, check_images: bool):
+        self.reader = reader
+        self.check_images = check_images
+        self.keys: list[int] = []
+        self.offsets: list[int] = []
+        self.labels: list[int] = []
+        self.corrupt: list[str] = []
+        self.corrupt_offsets: list[int] = []
+        self.non_image = 0
+
+    def bad(self, offset: int, message: str) -> None:
+        self.corrupt.append(message)
+        self.corrupt_offsets.append(offset)
+
+    def add(self, key: int, offset: int, payload: bytes | None, error: str | None,
+            image_required: bool) -> None:
+        where = f"{self.reader.path}: record {key} at byte offset {offset}"
+        if error is not None:
+            self.bad(offset, error)
+            return
+        try:
+            header, image = recordio.unpack_payload(payload, where)
+        except recordio.RecordIOError as e:
+            self.bad(offset, str(e))
+            return
+        if not image:
+            if image_required:
+                self.bad(offset, f"{where}: no image bytes")
+            else:
+                self.non_image += 1
+            return
+        label = recordio.first_label(header)
+        if not np.isfinite(label) or label < 0 or label != int(label):
+            self.bad(offset, f"{where}: invalid class label {label!r}")
+            return
+        if self.check_images:
+            try:
+                decode_image(image, where)
+            except ImageReadError as e:
+                self.bad(offset, str(e))
+                return
+        self.keys.append(key)
+        self.offsets.append(offset)
+        self.labels.append(int(label))
+
+
+def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
+                      check_images: bool = False, progress: bool = True) -> RecordIndex:
+    """Read every record of ``rec_path`` and index the usable images.
+
+    Uses ``idx_path`` (default: the ``.idx`` beside the ``.rec``, when present) or else scans
+    the file. Damaged records (bad magic, truncated, malformed header, invalid label, and with
+    ``check_images`` undecodable image bytes) are skipped and listed in ``.corrupt``."""
+    rec_path = Path(rec_path)
+    idx = _resolve_idx(rec_path, idx_path)
+    reader = recordio.RecordReader(rec_path)
+    col = _Collector(reader, check_images)
+    header_range: tuple[int, int] | None = None
+    identity_ranges: list[tuple[int, int, int]] = []  # (class, img_start, img_end)
+
+    def read(offset: int) -> tuple[bytes | None, str | None]:
+        try:
+            return reader.read_at(offset), None
+        except recordio.RecordIOError as e:
+            return None, str(e)
+
+    if idx is not None:
+        keys, offsets = recordio.read_idx(idx)
+        offset_of = dict(zip(keys.tolist(), offsets.tolist(), strict=True))
+        first = 0 if 0 in offset_of else (int(keys[0]) if keys.size else None)
+        header_range = _parse_header_record(read(offset_of[first])[0]) \
+            if first is not None else None
+        if header_range is None:
+            image_keys = keys.tolist()
+        else:
+            image_keys = list(range(1, header_range[0]))
+        for key in tqdm(image_keys, desc=f"indexing {rec_path.name}", unit="rec",
+                        disable=not progress, mininterval=1.0):
+            if key not in offset_of:
+                col.bad(-1, f"{idx}: image record {key} is missing from the index")
+                continue
+            offset = offset_of[key]
+            payload, error = read(offset)
+            col.add(key, offset, payload, error, image_required=header_range is not None)
+        if header_range is not None:
+            for cls, key in enumerate(range(*header_range)):
+                payload = read(offset_of[key])[0] if key in offset_of else None
+                rng = _parse_identity(payload)
+                if rng is None:
+                    col.bad(offset_of.get(key, -1),
+                            f"{rec_path}: identity record {key} is missing or malformed")
+                else:
+                    identity_ranges.append((cls, *rng))
+    else:
+        log.info("%s: no .idx beside it; scanning the file", rec_path)
+        bar = tqdm(total=reader.size, desc=f"scanning {rec_path.name}", unit="B",
+                   unit_scale=True, disable=not progress, mininterval=1.0)
+        position = 0
+        for ordinal, (offset, payload, error) in enumerate(reader.scan()):
+            bar.update(offset - position)
+            position = offset
+            if ordinal == 0:
+                header_range = _parse_header_record(payload)
+                if header_range is not None:
+                    continue
+            if header_range is not None:
+                # without keys, identity records are told apart by their content
+                rng = _parse_identity(payload)
+                if rng is not None:
+                    identity_ranges.append((len(identity_ranges), *rng))
+                    continue
+            col.add(ordinal, offset, payload, error, image_required=header_range is not None)
+        bar.update(reader.size - position)
+        bar.close()
+    reader.close()
+
+    keys_arr = np.asarray(col.keys, dtype=np.int64)
+    labels = np.asarray(col.labels, dtype=np.int64)
+    offsets_arr = np.asarray(col.offsets, dtype=np.int64)
+    mismatches = 0
+    if header_range is not None:
+        num_classes = header_range[1] - header_range[0]
+        in_range = labels < num_classes
+        for pos in np.flatnonzero(~in_range):
+            col.bad(int(offsets_arr[pos]), f"{rec_path}: record {keys_arr[pos]} has label "
+                                           f"{labels[pos]} >= {num_classes} identities")
+        keys_arr, labels, offsets_arr = keys_arr[in_range], labels[in_range], \
+            offsets_arr[in_range]
+        mismatches = _count_identity_mismatches(keys_arr, labels, identity_ranges)
+    else:
+        num_classes = int(labels.max()) + 1 if labels.size else 0
+    return RecordIndex(rec_path=rec_path, keys=keys_arr, offsets=offsets_arr, labels=labels,
+                       num_classes=num_classes, has_header=header_range is not None,
+                       corrupt=col.corrupt,
+                       corrupt_offsets=np.asarray(col.corrupt_offsets, dtype=np.int64),
+                       non_image_records=col.non_image, identity_mismatches=mismatches,
+                       idx_path=idx)
+
+
+def _parse_identity(payload: bytes | None) -> tuple[int, int] | None:
+    """``(img_start, img_end)`` of an identity record (label pair, no image), else None."""
+    if payload is None:
+        return None
+    try:
+        header, image = recordio.unpack_payload(payload)
+    except recordio.RecordIOError:
+        return None
+    if header.flag < HEADER_LABELS or image:
+        return None
+    start, end = float(header.label[0]), float(header.label[1])
+    if not 0 <= start <= end:
+        return None
+    return int(start), int(end)
+
+
+def _count_identity_mismatches(keys: np.ndarray, labels: np.ndarray,
+                               ranges: list[tuple[int, int, int]]) -> int:
+    """Images whose label differs from the identity record whose key range lists them."""
+    if not ranges or not keys.size:
+        return 0
+    expected = np.full(int(keys.max()) + 1, -1, dtype=np.int64)
+    for cls, start, end in ranges:
+        expected[max(start, 0):min(end, expected.size)] = cls
+    listed = expected[keys]
+    return int(((listed >= 0) & (listed != labels)).sum())
+
+
+def load_or_build_index(rec_path: str | Path, idx_path: str | Path | None = None,
+                        progress: bool = False) -> RecordIndex:
+    """The saved index when fresh, else :func:`index_record_file` (kept in memory only)."""
+    index = load_index(rec_path, idx_path)
+    if index is not None:
+        return index
+    index = index_record_file(rec_path, idx_path, progress=progress)
+    if len(index) > 100_000:
+        log.info("tip: `python pre_process.py --rec %s` saves this index for next time",
+                 rec_path)
+    return index
+
+
+# ----------------------------------------------------------------------------- packing
+
+def list_identity_images(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """``(image paths, labels, identity names)`` for a tree ``root/identity/.../image``.
+
+    Identities are the immediate subfolders holding at least one image file, sorted by name;
+    their position in that order is the label (0 .. C-1). Images directly in ``root`` and
+    folders without images are ignored (with a warning)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"image folder not found: {root}")
+    paths: list[Path] = []
+    labels: list[int] = []
+    names: list[str] = []
+    empty = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = list_images(folder)
+        if not images:
+            empty.append(folder.name)
+            continue
+        paths.extend(images)
+        labels.extend([len(names)] * len(images))
+        names.append(folder.name)
+    loose = [p for p in root.iterdir() if p.is_file()]
+    if empty:
+        log.warning("%s: %d folder(s) without images ignored, e.g. %s", root, len(empty),
+                    empty[:3])
+    if loose:
+        log.warning("%s: %d file(s) directly in the root ignored (expected identity/image)",
+                    root, len(loose))
+    if not paths:
+        raise ValueError(f"{root}: no images found in identity subfolders")
+    return paths, np.asarray(labels, dtype=np.int64), names
+
+
+@dataclass
+class PackSummary:
+    """What :func:`pack_folder` wrote."""
+
+    rec_path: Path
+    idx_path: Path
+    images: int = 0
+    identities: int = 0
+    passed_through: int = 0  # JPEG bytes copied unchanged
+    reencoded: int = 0
+    wrong_size: list[str] = field(default_factory=list)  # resized to image_size
+    unreadable: list[str] = field(default_factory=list)  # skipped
+
+    def format_summary(self) -> str:
+        lines = [f"  written          : {self.rec_path} (+ {self.idx_path.name})",
+                 f"  images           : {self.images}",
+                 f"  identities       : {self.identities}",
+                 f"  JPEG kept as-is  : {self.passed_through}",
+                 f"  re-encoded       : {self.reencoded}",
+                 f"  wrong size       : {len(self.wrong_size)} (resized; align them first)",
+                 f"  unreadable       : {len(self.unreadable)} (skipped)"]
+        for what, items in (("wrong size", self.wrong_size), ("unreadable", self.unreadable)):
+            lines += [f"  {what}: {item}" for item in items[:MAX_LISTED]]
+            if len(items) > MAX_LISTED:
+                lines.append(f"  ... and {len(items) - MAX_LISTED} more {what}")
+        return "\n".join(lines)
+
+
+def _header_payload(id_start: int, id_end: int) -> bytes:
+    return recordio.pack_payload([float(id_start), float(id_end)])
+
+
+def pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path | None = None,
+                image_size: int = IMAGE_SIZE, quality: int = JPEG_QUALITY,
+                progress: bool = True) -> PackSummary:
+    """Pack ``src_dir/identity/image`` into an InsightFace-layout ``.rec`` + ``.idx``.
+
+    Record 0 is the header ``[id_start, id_end)``, then one record per image (label = the
+    identity's position in sorted order), then one record per identity ``[img_start,
+    img_end)``. JPEGs already ``image_size`` square are copied byte for byte; anything else is
+    decoded, resized if needed (reported) and re-encoded as JPEG. Unreadable files are skipped
+    and listed. A ``property`` file (``classes,size,size``) is written beside the ``.rec``."""
+    import cv2
+
+    paths, labels, names = list_identity_images(src_dir)
+    out_rec = Path(out_rec)
+    summary = PackSummary(rec_path=out_rec,
+                          idx_path=Path(idx_path) if idx_path else
+                          recordio.default_idx_path(out_rec),
+                          identities=len(names))
+    firsts: dict[int, int] = {}  # class -> key of its first image
+    lasts: dict[int, int] = {}
+    with recordio.RecordWriter(out_rec, summary.idx_path) as writer:
+        # the header's values are known only at the end; a same-size placeholder keeps it
+        # physically first so a reader scanning without the .idx sees it first
+        header_offset = writer.write(_header_payload(1, 1), key=0)
+        key = 1
+        for path, label in tqdm(list(zip(paths, labels.tolist(), strict=True)),
+                                desc=f"packing {out_rec.name}", unit="img",
+                                disable=not progress, mininterval=1.0):
+            try:
+                data = path.read_bytes()
+                rgb = decode_image(data, str(path))
+            except (OSError, ImageReadError) as e:
+                summary.unreadable.append(str(e))
+                continue
+            if rgb.shape[:2] != (image_size, image_size):
+                summary.wrong_size.append(f"{path} ({rgb.shape[1]}x{rgb.shape[0]})")
+                shrink = rgb.shape[0] > image_size or rgb.shape[1] > image_size
+                rgb = cv2.resize(rgb, (image_size, image_size),
+                                 interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+                data = encode_image(rgb, ".jpg", quality)
+                summary.reencoded += 1
+            elif data.startswith(JPEG_SIGNATURE):
+                summary.passed_through += 1
+            else:
+                data = encode_image(rgb, ".jpg", quality)
+                summary.reencoded += 1
+            writer.write(recordio.pack_payload(float(label), data, id=key), key=key)
+            firsts.setdefault(label, key)
+            lasts[label] = key
+            key += 1
+        summary.images = key - 1
+        id_start = key
+        for cls in range(len(names)):
+            # an identity whose images were all unreadable gets an empty range
+            start = firsts.get(cls, key)
+            end = lasts[cls] + 1 if cls in lasts else start
+            writer.write(recordio.pack_payload([float(start), float(end)], id=key), key=key)
+            key += 1
+        writer.overwrite(header_offset, _header_payload(id_start, key))
+    atomic_write_text(out_rec.parent / "property", f"{len(names)},{image_size},{image_size}\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    from config import build_parser
+
+    parser = build_parser(__doc__.split("\n\n")[0])
+    group = parser.add_argument_group("pre_process.py")
+    group.add_argument("--pack", metavar="SRC_DIR", default=None,
+                       help="pack an aligned tree SRC_DIR/identity/image into --out")
+    group.add_argument("--out", default=None, help="output .rec for --pack")
+    group.add_argument("--idx", default=None,
+                       help="the .idx to use; None: the one beside the .rec, or scan the file")
+    group.add_argument("--index-out", default=None,
+                       help=f"where to write the index; None: <rec stem>{INDEX_SUFFIX}")
+    group.add_argument("--check-images", action="store_true",
+                       help="also decode every image (slow; finds corrupt JPEGs)")
+    group.add_argument("--quality", type=int, default=JPEG_QUALITY,
+                       help="JPEG quality for images --pack must re-encode")
+    group.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                       help="side of the square images --pack writes")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from config import parse_config
+
+    cfg, args = parse_config(argv, parser=build_arg_parser())
+    progress = not args.no_progress
+    try:
+        if args.pack:
+            if not args.out:
+                raise ValueError("--pack needs --out path/to/train.rec")
+            packed = pack_folder(args.pack, args.out, quality=args.quality,
+                                 image_size=args.image_size, progress=progress)
+            print(f"packed {args.pack}:\n{packed.format_summary()}")
+            rec = Path(args.out)
+        else:
+            rec = Path(cfg.rec)
+            if not rec.is_file():
+                raise FileNotFoundError(f"record file not found: {rec}")
+        index = index_record_file(rec, args.idx if not args.pack else None,
+                                  check_images=args.check_images, progress=progress)
+        out = save_index(index, args.index_out)
+        print(f"index of {rec} -> {out}\n{index.format_summary()}")
+    except (OSError, ValueError) as e:  # RecordIOError and ImageReadError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""pre_process.py: indexing InsightFace / im2rec files, the CLI summary, and --pack."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+
+import numpy as np
+import recordio_testlib as lib
+
+import pre_process
+import recordio
+
+COUNTS = (3, 5, 2, 6)
+
+
+def _expected_labels(expected):
+    return [cls for _, cls, _ in expected]
+
+
+def test_index_insightface_set_with_and_without_idx(tmp_path):
+    rec, offsets, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    index = pre_process.index_record_file(rec, progress=False)
+    assert index.has_header and index.num_classes == len(COUNTS)
+    assert index.labels.dtype == np.int64
+    assert index.labels.tolist() == _expected_labels(expected)
+    assert index.keys.tolist() == [k for k, _, _ in expected]
+    assert index.offsets.tolist() == [offsets[k] for k, _, _ in expected]
+    assert index.class_counts.tolist() == list(COUNTS)
+    assert index.corrupt_count == 0 and index.identity_mismatches == 0
+
+    rec.with_suffix(".idx").unlink()  # now the file must be scanned
+    scanned = pre_process.index_record_file(rec, progress=False)
+    assert scanned.has_header and scanned.labels.tolist() == index.labels.tolist()
+    assert scanned.offsets.tolist() == index.offsets.tolist()
+
+
+def test_index_im2rec_file_without_header(tmp_path):
+    labels = [2, 0, 1, 2, 2, 0]
+    records = []
+    for n, label in enumerate(labels):
+        enc = lib.jpeg_bytes(lib.textured_image(n))
+        lab = float(label) if n % 2 else [float(label), 0.25]  # both label layouts
+        records.append((100 + 7 * n, lib.ir_payload(lab, enc)))  # arbitrary keys
+    rec = tmp_path / "plain.rec"
+    offsets = lib.write_rec(rec, records)
+    for use_idx in (True, False):
+        if not use_idx:
+            rec.with_suffix(".idx").unlink()
+        index = pre_process.index_record_file(rec, progress=False)
+        assert not index.has_header and index.num_classes == 3
+        assert index.labels.tolist() == labels
+        assert index.offsets.tolist() == list(offsets.values())
+        assert index.class_counts.tolist() == [2, 1, 3]
+    assert index.keys.tolist() == list(range(len(labels)))  # scanned: position in the file
+
+
+def test_corrupt_records_are_skipped_and_counted(tmp_path):
+    rec, offsets, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    # damage two image records in place: a payload too short for its header, and a magic
+    data = bytearray(rec.read_bytes())
+    struct.pack_into("<II", data, offsets[4], lib.MAGIC, 5)  # length 5 < 24-byte IRHeader
+    struct.pack_into("<I", data, offsets[9], 0xDEADBEEF)
+    rec.write_bytes(bytes(data))
+    index = pre_process.index_record_file(rec, progress=False)
+    assert index.corrupt_count == 2
+    assert any("bad magic" in m and f"byte offset {offsets[9]}" in m for m in index.corrupt)
+    want = [(k, c) for k, c, _ in expected if k not in (4, 9)]
+    assert list(zip(index.keys.tolist(), index.labels.tolist(), strict=True)) == want
+
+
+def test_check_images_finds_undecodable_jpeg(tmp_path):
+    rec, _, expected = lib.build_insightface_set(tmp_path, COUNTS, corrupt_jpeg_at=5)
+    assert pre_process.index_record_file(rec, progress=False).corrupt_count == 0
+    index = pre_process.index_record_file(rec, check_images=True, progress=False)
+    assert index.corrupt_count == 1 and 5 not in index.keys.tolist()
+    assert len(index) == len(expected) - 1
+
+
+def test_cli_summary_and_saved_index(tmp_path, capsys):
+    rec, offsets, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    assert pre_process.main(["--rec", str(rec), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    counts = sorted(COUNTS)
+    assert f"images                       : {sum(COUNTS)}" in out
+    assert f"identities                   : {len(COUNTS)}" in out
+    assert f"images per identity min      : {counts[0]}" in out
+    assert f"images per identity median   : {np.median(counts)}" in out
+    assert f"images per identity max      : {counts[-1]}" in out
+    assert "corrupt records              : 0" in out
+
+    saved = tmp_path / "train.index.npz"
+    assert saved.is_file()
+    with np.load(saved) as z:
+        assert z["labels"].tolist() == _expected_labels(expected)
+        assert z["offsets"].tolist() == [offsets[k] for k, _, _ in expected]
+        assert z["class_counts"].tolist() == list(COUNTS)
+    loaded = pre_process.load_index(rec)
+    assert loaded is not None and loaded.labels.tolist() == _expected_labels(expected)
+    # a changed .rec makes the saved index stale
+    st = rec.stat()
+    os.utime(rec, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert pre_process.load_index(rec) is None
+
+
+def test_cli_reports_missing_file(tmp_path, capsys):
+    assert pre_process.main(["--rec", str(tmp_path / "nope.rec"), "--no-progress"]) == 1
+    assert "nope.rec" in capsys.readouterr().err
+
+
+def _make_tree(root):
+    """identity folders (deliberately not created in sorted order) with 112x112 JPEGs and
+    PNGs, one 90x100 image, one unreadable file and an empty folder."""
+    tree = {}
+    for name, n in (("zed", 2), ("amy", 3), ("bob", 2)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for j in range(n):
+            rgb = lib.textured_image(100 * ord(name[0]) + j)
+            if j == 0:
+                path = folder / f"{j}.png"
+                path.write_bytes(lib.png_bytes(rgb))
+            else:
+                path = folder / f"{j}.jpg"
+                path.write_bytes(lib.jpeg_bytes(rgb))
+            tree[path] = name
+    (root / "bob" / "small.jpg").write_bytes(lib.jpeg_bytes(lib.textured_image(5, 96)[:90]))
+    (root / "amy" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (root / "empty").mkdir()
+    return tree
+
+
+def test_pack_round_trip(tmp_path, capsys):
+    src = tmp_path / "aligned"
+    tree = _make_tree(src)
+    out = tmp_path / "mine" / "train.rec"
+    assert pre_process.main(["--pack", str(src), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "unreadable       : 1" in printed and "broken.jpg" in printed
+    assert "wrong size       : 1" in printed and "small.jpg (96x90)" in printed
+    assert (out.parent / "property").read_text().strip() == "3,112,112"
+
+    # parse the result with the test's own reader: header, images, identity records
+    records = lib.read_all_records(out)
+    idx = [line.split("\t") for line in out.with_suffix(".idx").read_text().splitlines()]
+    assert [int(o) for _, o in idx] == [o for o, _, _ in records]
+    payloads = [p for _, _, p in records]
+    flag, (id_start, id_end), image = lib.parse_payload(payloads[0])
+    assert flag == 2 and image == b""
+    id_start, id_end = int(id_start), int(id_end)
+    names = ["amy", "bob", "zed"]  # sorted identity order = labels 0..2
+    n_images = len(tree) + 1  # + the resized small.jpg; broken.jpg skipped
+    assert (id_start, id_end) == (n_images + 1, n_images + 1 + len(names))
+    sources = sorted(tree) + [src / "bob" / "small.jpg"]
+    by_label: dict[int, list[bytes]] = {}
+    for payload in payloads[1:id_start]:
+        _, label, image = lib.parse_payload(payload)
+        by_label.setdefault(int(label), []).append(image)
+    for cls, name in enumerate(names):
+        originals = [p for p in sources if p.parent.name == name]
+        assert len(by_label[cls]) == len(originals)
+        _, (start, end), _ = lib.parse_payload(payloads[id_start + cls])
+        assert end - start == len(originals)
+        for path in originals:
+            if path.name == "small.jpg":
+                continue
+            data = path.read_bytes()
+            if path.suffix == ".jpg":  # 112x112 JPEG: passed through byte for byte
+                assert data in by_label[cls]
+            else:  # PNG re-encoded as RGB-correct JPEG of the default quality 95
+                want = lib.rgb_of(lib.jpeg_bytes(lib.rgb_of(data), quality=95))
+                assert any(np.array_equal(lib.rgb_of(img), want) for img in by_label[cls])
+    # and the packed file indexes as an InsightFace set
+    index = pre_process.index_record_file(out, progress=False)
+    assert index.has_header and index.num_classes == 3 and index.corrupt_count == 0
+    assert index.class_counts.tolist() == [3, 3, 2]
+
+
+def test_pack_is_readable_without_idx(tmp_path):
+    src = tmp_path / "aligned"
+    _make_tree(src)
+    out = tmp_path / "o" / "train.rec"
+    summary = pre_process.pack_folder(src, out, progress=False)
+    copy = tmp_path / "copy.rec"
+    shutil.copy(out, copy)  # no .idx beside the copy: the scan must find the same images
+    a = pre_process.index_record_file(out, progress=False)
+    b = pre_process.index_record_file(copy, progress=False)
+    assert summary.images == len(a) == len(b)
+    assert a.labels.tolist() == b.labels.tolist() and a.offsets.tolist() == b.offsets.tolist()
+    independent = {off: payload for off, _, payload in lib.read_all_records(out)}
+    with recordio.RecordReader(out) as reader:
+        for off in a.offsets.tolist():
+            assert reader.read_at(off) == independent[off]
