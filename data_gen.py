@@ -1,0 +1,237 @@
+"""Training data: RecordIO and image-folder datasets and the DataLoader builder.
+
+Every dataset here has the same interface:
+
+* ``len(ds)``, ``ds.num_classes``, ``ds.labels`` (int64 array, one label per sample, so a
+  trainer can check the label range before its first step), ``ds.corrupt_count``;
+* ``ds.read(i) -> (RGB uint8 HxWx3, int label)``: the raw image, errors raised;
+* ``ds[i] -> (float32 tensor 3x112x112 = (x - 127.5) / 127.5, int label)``; the loader's
+  collate turns the labels into an int64 tensor. With ``train=True`` a random horizontal flip
+  is applied. An undecodable image is counted, warned about (RuntimeWarning naming the
+  record) and replaced by another sample of the same class, so an epoch never dies on one bad
+  JPEG. A bad magic number (the index does not match the file) is an error naming file and
+  byte offset.
+
+``build_loader`` wraps a dataset; with ``distributed=True`` the caller must call
+``loader.sampler.set_epoch(epoch)`` (or :func:`set_epoch`) before each epoch, otherwise every
+epoch repeats the same order.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+import recordio
+from pre_process import IMAGE_SIZE, list_identity_images, load_or_build_index
+from utils import ImageReadError, decode_image, read_image
+
+PIXEL_CENTRE = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1]
+FLIP_PROBABILITY = 0.5
+MAX_REPLACEMENT_TRIES = 20  # corrupt samples tried before giving up on a replacement
+
+
+class _FaceDataset(Dataset):
+    """Shared behaviour: normalisation, flip, and replacement of unreadable samples."""
+
+    labels: np.ndarray
+    num_classes: int
+
+    def __init__(self, train: bool, image_size: int = IMAGE_SIZE):
+        self.train = train
+        self.image_size = image_size
+        # shared across DataLoader worker processes so the parent sees the workers' count
+        self._corrupt = multiprocessing.Value("q", 0)
+        self._bad: set[int] = set()  # per process: indices known to be unreadable
+        self._rng: np.random.Generator | None = None
+        self._rng_pid: int | None = None
+        self._by_class: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    @property
+    def corrupt_count(self) -> int:
+        """Unreadable samples met so far, summed over all worker processes."""
+        return int(self._corrupt.value)
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _generator(self) -> np.random.Generator:
+        # one generator per process, seeded from torch's per-worker seed, so forked workers
+        # never share a random stream
+        pid = os.getpid()
+        if self._rng is None or self._rng_pid != pid:
+            self._rng = np.random.default_rng(torch.initial_seed())
+            self._rng_pid = pid
+        return self._rng
+
+    def _class_members(self, label: int) -> np.ndarray:
+        if self._by_class is None:
+            order = np.argsort(self.labels, kind="stable")
+            starts = np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))
+            self._by_class = (order, starts)
+        order, starts = self._by_class
+        return order[starts[label]:starts[label + 1]]
+
+    def read_or_replace(self, i: int) -> tuple[np.ndarray, int]:
+        """``read(i)``; if that image is unreadable, count it, warn, and read another sample of
+        the same class (any class once the whole class turned out unreadable)."""
+        try:
+            return self._checked_read(i)
+        except ImageReadError as e:
+            self._record_bad(i, e)
+        label = int(self.labels[i])
+        rng = self._generator()
+        members = self._class_members(label)
+        candidates = [int(j) for j in rng.permutation(members) if int(j) not in self._bad]
+        for j in candidates[:MAX_REPLACEMENT_TRIES]:
+            try:
+                return self._checked_read(j)
+            except ImageReadError as e:
+                self._record_bad(j, e)
+        for _ in range(MAX_REPLACEMENT_TRIES):
+            j = int(rng.integers(len(self)))
+            if j in self._bad:
+                continue
+            try:
+                return self._checked_read(j)
+            except ImageReadError as e:
+                self._record_bad(j, e)
+        raise RuntimeError(f"{self.describe(i)}: unreadable, and no readable replacement "
+                           f"found in {MAX_REPLACEMENT_TRIES} tries; is the data corrupt?")
+
+    def _checked_read(self, i: int) -> tuple[np.ndarray, int]:
+        image, label = self.read(i)
+        if image.shape[:2] != (self.image_size, self.image_size):
+            import cv2
+
+            image = cv2.resize(image, (self.image_size, self.image_size),
+                               interpolation=cv2.INTER_AREA)
+        return image, label
+
+    def _record_bad(self, i: int, error: Exception) -> None:
+        self._bad.add(i)
+        with self._corrupt.get_lock():
+            self._corrupt.value += 1
+        warnings.warn(f"{error}; replacing it with another sample of class "
+                      f"{int(self.labels[i])}", RuntimeWarning, stacklevel=3)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.read_or_replace(int(i))
+        if self.train and self._generator().random() < FLIP_PROBABILITY:
+            image = image[:, ::-1]
+        # one pass: HWC -> CHW, uint8 -> float32, x / 127.5 - 1 (== (x - 127.5) / 127.5)
+        chw = np.multiply(image.transpose(2, 0, 1), np.float32(1.0 / PIXEL_CENTRE),
+                          dtype=np.float32)
+        chw -= np.float32(1.0)
+        return torch.from_numpy(chw), label
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_rng"] = state["_rng_pid"] = None
+        return state
+
+
+class FaceRecordDataset(_FaceDataset):
+    """Aligned faces from an InsightFace / im2rec ``.rec`` (with or without ``.idx``).
+
+    The record index comes from ``pre_process.py``'s saved ``<stem>.index.npz`` when it is
+    fresh, else it is built in memory (records that are damaged are skipped and counted in
+    ``index_corrupt_count``)."""
+
+    def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None,
+                 train: bool = True, image_size: int = IMAGE_SIZE):
+        super().__init__(train, image_size)
+        self.rec_path = Path(rec_path)
+        index = load_or_build_index(self.rec_path, idx_path)
+        if len(index) == 0:
+            raise ValueError(f"{self.rec_path}: no usable image records")
+        self.offsets = index.offsets
+        self.keys = index.keys
+        self.labels = index.labels
+        self.num_classes = index.num_classes
+        self.index_corrupt_count = index.corrupt_count
+        self.reader = recordio.RecordReader(self.rec_path)
+
+    def describe(self, i: int) -> str:
+        return f"{self.rec_path}: record {self.keys[i]} at byte offset {self.offsets[i]}"
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:
+        """The decoded RGB image and label of sample ``i``. ImageReadError for bad image
+        bytes; RecordIOError (file and offset named) for a broken record."""
+        payload = self.reader.read_at(int(self.offsets[i]))
+        _, image = recordio.unpack_payload(payload, self.describe(i))
+        return decode_image(image, self.describe(i)), int(self.labels[i])
+
+
+class ImageFolderDataset(_FaceDataset):
+    """Aligned faces in ``root/identity/.../image``: identities sorted by name are labels
+    0 .. C-1 (folders without images are ignored), as ``pre_process.py --pack`` numbers them.
+    Images that are not ``image_size`` square are resized."""
+
+    def __init__(self, root: str | Path, train: bool = True, image_size: int = IMAGE_SIZE):
+        super().__init__(train, image_size)
+        self.root = Path(root)
+        paths, labels, names = list_identity_images(self.root)
+        # relative paths in one NumPy bytes array: no per-item Python objects for forked
+        # workers to touch (and copy) through reference counting
+        self.paths = np.array([os.fsencode(p.relative_to(self.root)) for p in paths])
+        self.labels = labels
+        self.classes = names
+        self.num_classes = len(names)
+
+    def describe(self, i: int) -> str:
+        return str(self.root / os.fsdecode(self.paths[i]))
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:
+        return read_image(self.describe(i)), int(self.labels[i])
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed NumPy and ``random`` in each worker from torch's per-worker seed."""
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
+                 shuffle: bool = True, drop_last: bool = True, distributed: bool = False,
+                 seed: int = 0, *, num_replicas: int | None = None,
+                 rank: int | None = None) -> DataLoader:
+    """A DataLoader with pinned memory (when CUDA is present), persistent workers (when
+    ``num_workers > 0``), seeded shuffling and worker seeds, and a ``DistributedSampler`` when
+    ``distributed`` (world size / rank from the process group unless given). With
+    ``distributed`` the caller calls ``loader.sampler.set_epoch(epoch)`` every epoch."""
+    sampler = None
+    if distributed:
+        if num_replicas is None and not torch.distributed.is_initialized():
+            raise RuntimeError("distributed=True needs an initialised process group "
+                               "(or explicit num_replicas and rank)")
+        sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
+                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+        sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        worker_init_fn=_seed_worker, generator=generator)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell a distributed sampler the epoch (a no-op for the other samplers)."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
