@@ -207,17 +207,25 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
                           out_dir: str | Path | None = None, name: str = "lfw",
                           nfolds: int = DEFAULT_FOLDS, pair_labels: list[str] | None = None,
                           extra: dict[str, Any] | None = None,
-                          progress: bool = True) -> dict[str, Any]:
+                          progress: bool = True,
+                          pair_index: np.ndarray | None = None) -> dict[str, Any]:
     """Verify pairs of consecutive images (2i, 2i+1) with ``model``: 10-fold accuracy, std and
     threshold, ROC AUC, TAR@FAR. With ``out_dir``: ``<name>_roc.png``, ``<name>_hist.png``,
-    ``<name>_errors.png`` and ``<name>_results.json`` (plus ``extra`` fields) are written."""
+    ``<name>_errors.png`` and ``<name>_results.json`` (plus ``extra`` fields) are written.
+
+    ``pair_index`` (2N,) lets ``images`` hold each distinct image once: pair i is then
+    images ``pair_index[2i]`` and ``pair_index[2i+1]`` (each image is embedded once)."""
     images = np.asarray(images)
     same = np.asarray(issame, dtype=bool).reshape(-1)
-    if images.shape[0] != 2 * same.size:
-        raise ValueError(f"{name}: {images.shape[0]} images for {same.size} pairs "
+    index = np.arange(images.shape[0]) if pair_index is None \
+        else np.asarray(pair_index, dtype=np.int64).reshape(-1)
+    if index.size != 2 * same.size:
+        raise ValueError(f"{name}: {index.size} images for {same.size} pairs "
                          f"(need two per pair)")
+    if index.size and (index.min() < 0 or index.max() >= images.shape[0]):
+        raise ValueError(f"{name}: pair_index points outside the {images.shape[0]} images")
     feats = embed(model, images, batch_size=batch_size, device=device, progress=progress)
-    sims = pair_similarities(feats)
+    sims = pair_similarities(feats[index])
     results: dict[str, Any] = {"name": name, "n_pairs": int(same.size), "nfolds": nfolds}
     results.update(ten_fold_details(sims, same, nfolds))
     results.update(roc_metrics(sims, same))
@@ -238,7 +246,7 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
                                               title=f"{name} similarities"),
             "errors": plots.plot_error_gallery(images, sims, same, results["threshold"],
                                                out_dir / f"{name}_errors.png",
-                                               labels=pair_labels),
+                                               labels=pair_labels, pair_index=index),
         }
         results["files"] = {k: str(v) for k, v in files.items()}
         results.update(extra or {})
@@ -344,7 +352,9 @@ def _write_cache(cache: Path, paths: list[str], crops: np.ndarray, faceless: lis
 
 
 def _load_lfw(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
-              cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+              cache_dir: str | Path | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(distinct crops (M,112,112,3), pair_index (2N,), issame (N,), faceless paths)."""
     lfw_dir = Path(lfw_dir)
     check_pairs_exist(pairs, lfw_dir)
     paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
@@ -361,10 +371,11 @@ def _load_lfw(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
         shown = ", ".join(faceless[:10]) + (" ..." if len(faceless) > 10 else "")
         log.warning("no face found in %d of %d images (centre-cropped instead): %s",
                     len(faceless), len(paths), shown)
-    index = {p: i for i, p in enumerate(paths)}
-    order = [index[p] for pair in pairs for p in (pair.path1, pair.path2)]
+    position = {p: i for i, p in enumerate(paths)}
+    index = np.array([position[p] for pair in pairs for p in (pair.path1, pair.path2)],
+                     dtype=np.int64)
     issame = np.array([pair.same for pair in pairs], dtype=bool)
-    return crops[order], issame, faceless
+    return crops, index, issame, faceless
 
 
 def load_lfw_pairs_images(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
@@ -374,8 +385,8 @@ def load_lfw_pairs_images(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=No
     image is aligned once (``align_faces.FaceAligner`` unless ``aligner`` is given) and the
     crops are cached in ``cache_dir`` (keyed by the file list, sizes and mtimes); images
     without a detected face are centre-cropped and reported."""
-    images, issame, _ = _load_lfw(lfw_dir, pairs, aligner, cache_dir)
-    return images, issame
+    crops, index, issame, _ = _load_lfw(lfw_dir, pairs, aligner, cache_dir)
+    return crops[index], issame
 
 
 # ----------------------------------------------------------------------------- compare
@@ -428,7 +439,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="output folder (default: <checkpoint folder>/eval)")
     group.add_argument("--cache-dir", default=None,
                        help="aligned-crop cache for raw LFW (default: <lfw-dir>_aligned_cache)")
-    group.add_argument("--eval-batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     return parser
 
 
@@ -456,15 +466,19 @@ def _print_results(r: dict[str, Any]) -> None:
 def _run_compare(args, model, device, out_dir: Path) -> int:
     from utils import ImageReadError
 
-    try:
-        photos = [read_image(p) for p in args.compare]
-    except ImageReadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NO_FACE
+    photos, errors = [], []
+    for p in args.compare:
+        try:
+            photos.append(read_image(p))
+        except ImageReadError as e:
+            errors.append(str(e))
+    if errors:  # both named at once
+        print("error: " + "\n       ".join(errors), file=sys.stderr)
+        return EXIT_BAD_INPUT
     sim, faceless = compare_images(model, photos[0], photos[1], device=device)
     if faceless:
         for i in faceless:
-            print(f"no face found in {args.compare[i]}", file=sys.stderr)
+            print(f"no face found in {args.compare[i]} (photo {i + 1})", file=sys.stderr)
         return EXIT_NO_FACE
     print(f"cosine similarity: {sim:.4f}")
     if args.threshold is not None:
@@ -491,56 +505,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_arg_parser()
     cfg, args = parse_config(argv, parser=parser)
     try:
-        return _run(parser, cfg, args)
+        return _run(cfg, args)
     except (FileNotFoundError, ValueError, UnsafePickleError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
-def _run(parser: argparse.ArgumentParser, cfg, args: argparse.Namespace) -> int:
+def _run(cfg, args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
-        parser.error(f"checkpoint not found: {checkpoint}")
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if args.bin and args.compare:
+        raise ValueError("--bin and --compare are separate commands; give one of them")
     out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
     device = get_device(cfg.device)
-    model = _load_model(args, device)
     if args.compare:
-        return _run_compare(args, model, device, out_dir)
-    meta = {"checkpoint": str(checkpoint)}
+        return _run_compare(args, _load_model(args, device), device, out_dir)
     if args.bin:
-        missing = [b for b in args.bin if not Path(b).is_file()]
-        if missing:
-            parser.error("verification set(s) not found: " + ", ".join(missing))
-        rows = []
-        for path in args.bin:
-            r = evaluate_bin(model, path, batch_size=args.eval_batch_size, device=device,
-                             out_dir=out_dir)
-            _print_results(r)
-            rows.append(r)
-        width = max(len(r["name"]) for r in rows)
-        print(f"\n{'set':<{width}}  {'pairs':>6}  {'accuracy':>16}  {'TAR@FAR=1e-3':>12}")
-        for r in rows:
-            tar = r.get("tar@far=1e-03")
-            tar_text = f"{100 * tar:.2f}%" if tar is not None else "-"
-            acc = f"{100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f}%"
-            print(f"{r['name']:<{width}}  {r['n_pairs']:>6}  {acc:>16}  {tar_text:>12}")
-        print(f"results and figures in {out_dir}")
-        return 0
+        return _run_bins(cfg, args, device, out_dir)
+    return _run_lfw(cfg, args, device, out_dir)
+
+
+def _run_bins(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
+    missing = [b for b in args.bin if not Path(b).is_file()]
+    if missing:
+        raise FileNotFoundError("verification set(s) not found: " + ", ".join(missing))
+    model = _load_model(args, device)
+    rows = []
+    for path in args.bin:
+        r = evaluate_bin(model, path, batch_size=cfg.batch_size, device=device, out_dir=out_dir)
+        _print_results(r)
+        rows.append(r)
+    width = max(len("set"), *(len(r["name"]) for r in rows))
+    print(f"\n{'set':<{width}}  {'pairs':>6}  {'accuracy':>16}  {'TAR@FAR=1e-3':>12}")
+    for r in rows:
+        tar = r.get("tar@far=1e-03")
+        tar_text = f"{100 * tar:.2f}%" if tar is not None else "-"
+        acc = f"{100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f}%"
+        print(f"{r['name']:<{width}}  {r['n_pairs']:>6}  {acc:>16}  {tar_text:>12}")
+    print(f"results and figures in {out_dir}")
+    return 0
+
+
+def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     pairs = parse_pairs(cfg.pairs)
     lfw_dir = Path(cfg.lfw_dir)
+    check_pairs_exist(pairs, lfw_dir)  # before any work
+    model = _load_model(args, device)
     cache_dir = Path(args.cache_dir) if args.cache_dir else \
         lfw_dir.parent / f"{lfw_dir.name}_aligned_cache"
-    images, issame, faceless = _load_lfw(lfw_dir, pairs, cache_dir=cache_dir)
+    crops, index, issame, faceless = _load_lfw(lfw_dir, pairs, cache_dir=cache_dir)
     nfolds = len(pair_folds(pairs))  # the file's own folds (10 in LFW's pairs.txt)
     nfolds = nfolds if nfolds >= 2 else DEFAULT_FOLDS  # a one-fold file: the usual ten blocks
     labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]
-    meta.update(lfw_dir=str(lfw_dir), pairs=str(cfg.pairs), faceless_images=faceless)
-    r = evaluate_verification(model, images, issame, batch_size=args.eval_batch_size,
+    meta = {"checkpoint": str(args.checkpoint), "lfw_dir": str(lfw_dir), "pairs": str(cfg.pairs),
+            "faceless_images": faceless}
+    r = evaluate_verification(model, crops, issame, batch_size=cfg.batch_size,
                               device=device, out_dir=out_dir, name=LFW_RESULTS_NAME,
-                              nfolds=nfolds, pair_labels=labels, extra=meta)
+                              nfolds=nfolds, pair_labels=labels, extra=meta, pair_index=index)
     _print_results(r)
     if faceless:
-        print(f"  {len(faceless)} images had no detected face and were centre-cropped")
+        print(f"  {len(faceless)} of {len(crops)} images had no detected face and were "
+              "centre-cropped")
     print(f"results: {r['files']['results']}")
     print("figures: " + ", ".join(r["files"][k] for k in ("roc", "histogram", "errors")))
     return 0

@@ -15,6 +15,7 @@ import numpy as np
 from utils import atomic_write_bytes
 
 GALLERY_PAIRS_PER_KIND = 8  # worst false accepts shown, and as many worst false rejects
+MIN_GALLERY_COLUMNS = 4  # room for the title when there are few pairs
 HISTOGRAM_BINS = 60
 FIGURE_DPI = 100
 
@@ -45,6 +46,8 @@ def plot_roc(far: np.ndarray, tar: np.ndarray, path: str | Path, auc: float | No
     for far_target, tar_value in (operating_points or {}).items():
         ax.plot([far_target], [tar_value], "o", label=f"TAR@FAR={far_target:.0e}: {tar_value:.4f}")
     ax.set_xscale("log")
+    if positive.any():  # start one step left of the smallest measurable FAR
+        ax.set_xlim(far[positive].min() / 2, 1.0)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
     ax.set_ylim(0.0, 1.01)
@@ -80,46 +83,52 @@ def plot_histogram(similarities: np.ndarray, issame: np.ndarray, path: str | Pat
     return _save(fig, path)
 
 
-def worst_errors(similarities: np.ndarray, issame: np.ndarray, threshold: float,
-                 k: int = GALLERY_PAIRS_PER_KIND) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the k worst false accepts (impostors scoring highest above the threshold)
-    and the k worst false rejects (genuine pairs scoring lowest at or below it)."""
+def hardest_pairs(similarities: np.ndarray, issame: np.ndarray,
+                  k: int = GALLERY_PAIRS_PER_KIND) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the k highest-scoring impostor pairs and the k lowest-scoring genuine pairs.
+    At any threshold the false accepts are a prefix of the first list (worst first) and the
+    false rejects a prefix of the second."""
     sims = np.asarray(similarities, dtype=np.float64)
     same = np.asarray(issame, dtype=bool)
-    false_accepts = np.flatnonzero(~same & (sims > threshold))
-    false_rejects = np.flatnonzero(same & (sims <= threshold))
-    false_accepts = false_accepts[np.argsort(-sims[false_accepts], kind="stable")][:k]
-    false_rejects = false_rejects[np.argsort(sims[false_rejects], kind="stable")][:k]
-    return false_accepts, false_rejects
+    impostors, genuine = np.flatnonzero(~same), np.flatnonzero(same)
+    impostors = impostors[np.argsort(-sims[impostors], kind="stable")][:k]
+    genuine = genuine[np.argsort(sims[genuine], kind="stable")][:k]
+    return impostors, genuine
 
 
 def plot_error_gallery(images: np.ndarray, similarities: np.ndarray, issame: np.ndarray,
                        threshold: float, path: str | Path,
                        k: int = GALLERY_PAIRS_PER_KIND,
-                       labels: list[str] | None = None) -> Path:
-    """A gallery of the worst false accepts and false rejects: each pair's two aligned crops
-    side by side with its score. ``images`` are the 2N crops, pair i = images 2i and 2i+1;
-    ``labels`` (optional, one per pair) are printed under each pair."""
+                       labels: list[str] | None = None,
+                       pair_index: np.ndarray | None = None) -> Path:
+    """The worst false accepts and false rejects: each pair's two aligned crops side by side
+    with its score. Row 1 holds the highest-scoring impostor pairs, row 2 the lowest-scoring
+    genuine pairs, worst first; errors at ``threshold`` are titled in red, the nearest
+    correct decisions (shown when there are fewer than k errors) in black. Pair i is images
+    2i and 2i+1 (or ``images[pair_index[2i]]``, ``images[pair_index[2i+1]]``); ``labels``
+    (optional, one per pair) are printed under each pair."""
     from matplotlib.figure import Figure
 
-    false_accepts, false_rejects = worst_errors(similarities, issame, threshold, k)
-    rows = [("false accept", false_accepts), ("false reject", false_rejects)]
-    cols = max(1, len(false_accepts), len(false_rejects))
-    fig = Figure(figsize=(2.2 * cols, 5.4))
-    fig.suptitle(f"worst errors at threshold {threshold:.4f}")
-    for r, (kind, indices) in enumerate(rows):
+    impostors, genuine = hardest_pairs(similarities, issame, k)
+    rows = [(impostors, "false accept", "impostor", lambda s: s > threshold),
+            (genuine, "false reject", "genuine", lambda s: s <= threshold)]
+    cols = max(MIN_GALLERY_COLUMNS, len(impostors), len(genuine))
+    fig = Figure(figsize=(2.2 * cols, 5.6))
+    fig.suptitle(f"hardest pairs at threshold {threshold:.4f} (errors in red)")
+    index = np.arange(2 * len(similarities)) if pair_index is None else np.asarray(pair_index)
+    for r, (indices, error_name, ok_name, is_error) in enumerate(rows):
         for c in range(cols):
             ax = fig.add_subplot(2, cols, r * cols + c + 1)
             ax.set_axis_off()
             if c >= len(indices):
-                if c == 0:
-                    ax.text(0.5, 0.5, f"no {kind}s", ha="center", va="center")
                 continue
             i = int(indices[c])
-            ax.imshow(np.concatenate([images[2 * i], images[2 * i + 1]], axis=1))
-            text = f"{kind}\npair {i}: {similarities[i]:.3f}"
+            sim = float(similarities[i])
+            ax.imshow(np.concatenate([images[index[2 * i]], images[index[2 * i + 1]]], axis=1))
+            error = bool(is_error(sim))
+            text = f"{error_name if error else ok_name}\npair {i}: {sim:.3f}"
             if labels is not None:
                 text += "\n" + labels[i]
-            ax.set_title(text, fontsize=7)
+            ax.set_title(text, fontsize=7, color="red" if error else "black")
     fig.tight_layout()
     return _save(fig, path)
