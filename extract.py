@@ -1,0 +1,388 @@
+"""Unpack the archives a researcher downloads into ``data/``, safely and only once.
+
+    python extract.py faces_emore.zip lfw.tgz pairs.txt [--dest data]
+
+Where each archive goes (DEST is ``data`` unless ``--dest``):
+
+* MegaFace and FaceScrub archives (name contains "megaface" or "facescrub") go under
+  DEST/megaface; everything else (faces_emore / MS1M zips, lfw.tgz, lfw-funneled.tgz, ...)
+  under DEST itself.
+* Members keep their stored paths, and the usual archives hold one top-level folder:
+  faces_emore.zip -> data/faces_emore/, lfw.tgz -> data/lfw/, lfw-funneled.tgz ->
+  data/lfw_funneled/. A zip whose members are not all inside one folder gets a folder named
+  after the archive (data/<name without extension>/), so nothing spills into DEST; tar
+  archives are unpacked as they are (knowing their layout would take an extra pass).
+* ``pairs.txt`` given on the command line is copied to DEST/lfw/pairs.txt (the config's
+  default); a ``pairs.txt`` lying beside an LFW archive is copied into its extracted folder.
+
+Idempotent: after a complete extraction a marker ``.extracted-<archive name>.json`` is written
+in the destination (archive size and mtime, member count, top-level entries); a second run
+with the same archive and its top-level entries still present does nothing. An interrupted
+run leaves no marker, so the next run extracts again (overwriting).
+
+Safety: a member with an absolute path, a ``..`` component, a link pointing outside the
+destination, or a device/FIFO entry is refused with an error naming the archive and the
+member. Zip archives are checked completely before anything is written; tar archives are
+streamed (one pass over a possibly huge .tar.gz), so members before a refused one have
+already been written, all inside the destination.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import lzma
+import os
+import shutil
+import stat
+import sys
+import tarfile
+import time
+import zipfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from utils import atomic_write_text, get_logger
+
+DEFAULT_DATA_ROOT = Path("data")
+MEGAFACE_SUBDIR = "megaface"
+MEGAFACE_KEYWORDS = ("megaface", "facescrub")
+LFW_KEYWORD = "lfw"
+PAIRS_NAME = "pairs.txt"
+LFW_PAIRS_SUBDIR = "lfw"  # config.pairs defaults to data/lfw/pairs.txt
+MARKER_PREFIX = ".extracted-"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
+COPY_CHUNK = 1 << 20  # bytes per read when copying a member out of a zip
+
+log = get_logger("extract")
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member that would land outside the destination (or is a device file)."""
+
+
+class ArchiveError(ValueError):
+    """An archive that cannot be read (unknown format, corrupt, truncated)."""
+
+
+# ----------------------------------------------------------------------------- naming
+
+def archive_stem(archive: str | Path) -> str:
+    """The archive's name without its archive extension (``lfw.tgz`` -> ``lfw``)."""
+    name = Path(archive).name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def default_destination(archive: str | Path, data_root: str | Path = DEFAULT_DATA_ROOT) -> Path:
+    """DEST/megaface for MegaFace and FaceScrub archives, DEST otherwise."""
+    name = Path(archive).name.lower()
+    if any(key in name for key in MEGAFACE_KEYWORDS):
+        return Path(data_root) / MEGAFACE_SUBDIR
+    return Path(data_root)
+
+
+# ----------------------------------------------------------------------------- safety
+
+def _safe_relative(name: str, archive: Path, member_kind: str = "member") -> PurePosixPath:
+    """The member path as a relative POSIX path, or UnsafeArchiveError."""
+    clean = name.replace("\\", "/")
+    path = PurePosixPath(clean)
+    if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":"):
+        raise UnsafeArchiveError(f"{archive}: refusing {member_kind} {name!r}: absolute path")
+    if ".." in path.parts:
+        raise UnsafeArchiveError(
+            f"{archive}: refusing {member_kind} {name!r}: '..' would leave the destination")
+    return path
+
+
+def _check_link(name: str, target: str, archive: Path, hard: bool) -> None:
+    """A link member's target must stay inside the destination."""
+    clean = target.replace("\\", "/")
+    if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":"):
+        raise UnsafeArchiveError(
+            f"{archive}: refusing member {name!r}: link to absolute path {target!r}")
+    # symlink targets are relative to the link's folder, hard link targets to the root
+    base = [] if hard else list(PurePosixPath(name.replace("\\", "/")).parent.parts)
+    depth = 0
+    for part in base + list(PurePosixPath(clean).parts):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise UnsafeArchiveError(
+                    f"{archive}: refusing member {name!r}: link to {target!r} points "
+                    "outside the destination")
+        elif part not in (".", ""):
+            depth += 1
+
+
+def _check_tar_member(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
+    rel = _safe_relative(member.name, archive)
+    if member.issym() or member.islnk():
+        _check_link(member.name, member.linkname, archive, hard=member.islnk())
+    elif not (member.isfile() or member.isdir()):
+        raise UnsafeArchiveError(
+            f"{archive}: refusing member {member.name!r}: device, FIFO or other special file")
+    return rel
+
+
+def _zip_symlink_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | None:
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return zf.read(info).decode("utf-8", "replace")
+    return None
+
+
+# ----------------------------------------------------------------------------- progress
+
+class _CountingReader(io.RawIOBase):
+    """A file wrapper that advances a tqdm bar by the bytes read (compressed bytes)."""
+
+    def __init__(self, raw, bar) -> None:
+        self._raw, self._bar = raw, bar
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._raw.readinto(buffer)
+        if n:
+            self._bar.update(n)
+        return n
+
+
+# ----------------------------------------------------------------------------- extraction
+
+def _top_level(names: Sequence[PurePosixPath]) -> list[str]:
+    return sorted({p.parts[0] for p in names if p.parts})
+
+
+def _marker_path(archive: Path, dest: Path) -> Path:
+    return dest / f"{MARKER_PREFIX}{archive.name}.json"
+
+
+def _archive_identity(archive: Path) -> dict[str, int]:
+    st = archive.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def already_extracted(archive: str | Path, dest: str | Path) -> bool:
+    """True when a complete extraction of this very archive (same size and mtime) into
+    ``dest`` left its marker and its top-level entries are still there."""
+    archive, dest = Path(archive), Path(dest)
+    marker = _marker_path(archive, dest)
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if info.get("archive") != _archive_identity(archive):
+        return False
+    return all((dest / top).exists() for top in info.get("top_level", []))
+
+
+def _extract_zip(archive: Path, dest: Path, progress: bool) -> tuple[int, int, list[str]]:
+    from tqdm import tqdm
+
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as e:
+        raise ArchiveError(f"{archive}: not a readable zip file ({e})") from None
+    with zf:
+        infos = zf.infolist()
+        rels = []
+        links: dict[str, str] = {}
+        for info in infos:  # check every member before writing anything
+            rels.append(_safe_relative(info.filename, archive))
+            target = _zip_symlink_target(zf, info)
+            if target is not None:
+                _check_link(info.filename, target, archive, hard=False)
+                links[info.filename] = target
+        total = sum(i.file_size for i in infos)
+        files = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc=archive.name,
+                  disable=not progress) as bar:
+            for info, rel in zip(infos, rels, strict=True):
+                out = dest.joinpath(*rel.parts) if rel.parts else dest
+                if info.is_dir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if info.filename in links:
+                    if out.is_symlink() or out.exists():
+                        out.unlink()
+                    os.symlink(links[info.filename], out)
+                else:
+                    try:
+                        with zf.open(info) as src, open(out, "wb") as dst:
+                            while chunk := src.read(COPY_CHUNK):
+                                dst.write(chunk)
+                                bar.update(len(chunk))
+                    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                        raise ArchiveError(
+                            f"{archive}: member {info.filename!r} is corrupt ({e})") from None
+                files += 1
+    return files, total, _top_level(rels)
+
+
+def _extract_tar(archive: Path, dest: Path, progress: bool) -> tuple[int, int, list[str]]:
+    from tqdm import tqdm
+
+    rels: list[PurePosixPath] = []
+    files = size = 0
+    with open(archive, "rb", buffering=0) as raw, tqdm(
+            total=archive.stat().st_size, unit="B", unit_scale=True, desc=archive.name,
+            disable=not progress) as bar:
+        reader = io.BufferedReader(_CountingReader(raw, bar), buffer_size=COPY_CHUNK)
+        try:
+            # stream mode: one sequential pass, whatever the compression
+            with tarfile.open(fileobj=reader, mode="r|*") as tar:
+                for member in tar:
+                    rels.append(_check_tar_member(member, archive))
+                    # the 'data' filter re-checks paths and links and drops odd permissions
+                    tar.extract(member, dest, filter="data")
+                    if member.isfile():
+                        files += 1
+                        size += member.size
+        except tarfile.FilterError as e:
+            raise UnsafeArchiveError(f"{archive}: refusing member: {e}") from None
+        except (tarfile.ReadError, tarfile.CompressionError, EOFError, gzip.BadGzipFile,
+                zlib.error, lzma.LZMAError) as e:
+            raise ArchiveError(f"{archive}: not a readable tar archive ({e})") from None
+    return files, size, _top_level(rels)
+
+
+def _archive_kind(archive: Path) -> str:
+    if zipfile.is_zipfile(archive):
+        return "zip"
+    try:
+        if tarfile.is_tarfile(archive):
+            return "tar"
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # damaged compression
+        raise ArchiveError(f"{archive}: not a readable archive ({e})") from None
+    raise ArchiveError(f"{archive}: not a zip or tar archive")
+
+
+def _members_share_one_folder(archive: Path, kind: str) -> bool | None:
+    """For a zip: whether every member sits inside one top-level folder. None for a tar
+    (unknown without a full pass over it, so tar archives are unpacked as they are)."""
+    if kind != "zip":
+        return None
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+    parts = [i.filename.replace("\\", "/").strip("/").split("/") for i in infos]
+    tops = {p[0] for p in parts if p[0]}
+    loose = any(len(p) == 1 and not i.is_dir() for p, i in zip(parts, infos, strict=True))
+    return len(tops) == 1 and not loose
+
+
+def extract_archive(archive: str | Path, dest: str | Path, progress: bool = True,
+                    force: bool = False) -> dict[str, Any]:
+    """Unpack ``archive`` (zip, tar, tar.gz/bz2/xz) into ``dest``, members at their stored
+    relative paths. Does nothing when :func:`already_extracted` (unless ``force``).
+
+    Raises UnsafeArchiveError for a member that would land outside ``dest`` and
+    ArchiveError for an unreadable archive, both naming the archive (and member).
+    Returns a summary: archive, dest, skipped, files, bytes, top_level, seconds.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise FileNotFoundError(f"archive not found: {archive}")
+    start = time.perf_counter()
+    summary: dict[str, Any] = {"archive": str(archive), "dest": str(dest), "skipped": False}
+    if not force and already_extracted(archive, dest):
+        info = json.loads(_marker_path(archive, dest).read_text(encoding="utf-8"))
+        summary.update(skipped=True, files=info["files"], bytes=info["bytes"],
+                       top_level=info["top_level"], seconds=0.0)
+        return summary
+    kind = _archive_kind(archive)
+    dest.mkdir(parents=True, exist_ok=True)
+    extract = _extract_zip if kind == "zip" else _extract_tar
+    files, size, top = extract(archive, dest, progress)
+    record = {"archive": _archive_identity(archive), "files": files, "bytes": size,
+              "top_level": top, "format": kind}
+    atomic_write_text(_marker_path(archive, dest), json.dumps(record, indent=1))
+    summary.update(files=files, bytes=size, top_level=top,
+                   seconds=round(time.perf_counter() - start, 2))
+    return summary
+
+
+def destination_for(archive: str | Path, data_root: str | Path = DEFAULT_DATA_ROOT) -> Path:
+    """Where the CLI unpacks ``archive``: :func:`default_destination`, plus a folder named
+    after the archive when a zip's members are not all inside one top-level folder."""
+    archive = Path(archive)
+    dest = default_destination(archive, data_root)
+    try:
+        shared = _members_share_one_folder(archive, _archive_kind(archive))
+    except (ArchiveError, zipfile.BadZipFile, OSError):
+        return dest  # extract_archive reports the problem
+    if shared is False:
+        return dest / archive_stem(archive)
+    return dest
+
+
+def copy_if_changed(src: Path, dst: Path) -> bool:
+    """Copy ``src`` to ``dst`` unless an identical file is there; True when copied."""
+    if dst.is_file() and dst.read_bytes() == src.read_bytes():
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return True
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Unpack downloaded face datasets (faces_emore zip, lfw / lfw-funneled tgz, "
+                    "MegaFace and FaceScrub tars) into DEST, once, refusing unsafe members. "
+                    "pairs.txt arguments are copied to DEST/lfw/pairs.txt.")
+    parser.add_argument("archives", nargs="+", type=Path, metavar="ARCHIVE")
+    parser.add_argument("--dest", type=Path, default=DEFAULT_DATA_ROOT,
+                        help="data root (default: data)")
+    parser.add_argument("--force", action="store_true", help="extract even if done before")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+
+    failures = 0
+    lines = []
+    for archive in args.archives:
+        if archive.name.lower() == PAIRS_NAME:
+            target = args.dest / LFW_PAIRS_SUBDIR / PAIRS_NAME
+            if not archive.is_file():
+                lines.append(f"FAILED   {archive}: file not found")
+                failures += 1
+                continue
+            copied = copy_if_changed(archive, target)
+            lines.append(f"{'copied ' if copied else 'present'}  {archive} -> {target}")
+            continue
+        dest = destination_for(archive, args.dest)
+        try:
+            s = extract_archive(archive, dest, progress=not args.no_progress, force=args.force)
+        except (FileNotFoundError, ArchiveError, UnsafeArchiveError) as e:
+            lines.append(f"FAILED   {e}")
+            failures += 1
+            continue
+        where = ", ".join(str(dest / t) for t in s["top_level"]) or str(dest)
+        state = "done   " if s["skipped"] else "unpacked"
+        lines.append(f"{state} {archive.name}: {s['files']} files, "
+                     f"{s['bytes'] / 1e6:.1f} MB -> {where}"
+                     + (" (already extracted)" if s["skipped"] else f" in {s['seconds']} s"))
+        beside = archive.parent / PAIRS_NAME
+        if LFW_KEYWORD in archive.name.lower() and beside.is_file() and len(s["top_level"]) == 1:
+            target = dest / s["top_level"][0] / PAIRS_NAME
+            if copy_if_changed(beside, target):
+                lines.append(f"copied   {beside} -> {target}")
+    print("\n".join(lines))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
