@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -342,3 +343,103 @@ def test_evaluate_verification_writes_json_and_pngs(tmp_path):
         png = tmp_path / f"toy_{suffix}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert min(Image.open(png).size) > 100
+
+
+# ----------------------------------------------------------------------------- CLI end to end
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny synthetic LFW (4 identities x 3 images, 10 folds of 1 + 1 pairs), a freshly
+    built ir_narrow checkpoint with its config.json, and one run of the LFW CLI."""
+    import models
+    import synthetic_faces
+
+    root = tmp_path_factory.mktemp("cli")
+    data = synthetic_faces.generate_dataset(root / "synth", train_identities=0,
+                                            eval_identities=4, eval_images=3, folds=10,
+                                            pairs_per_fold=1, progress=False)
+    run = root / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    torch.save(models.build_model("ir_narrow", 128).state_dict(), run / "backbone.pt")
+    (run / "config.json").write_text(json.dumps({"network": "ir_narrow", "embedding_size": 128}))
+    argv = ["--checkpoint", str(run / "backbone.pt"), "--lfw-dir", data["lfw_dir"],
+            "--pairs", data["pairs"], "--device", "cpu"]
+    rc = lfw_eval.main(argv)
+    return {"root": root, "run": run, "lfw_dir": data["lfw_dir"], "rc": rc, "argv": argv}
+
+
+def test_lfw_cli_writes_results_and_figures(tiny_run, capsys):
+    assert tiny_run["rc"] == 0
+    out = tiny_run["run"] / "eval"
+    r = json.loads((out / "lfw_results.json").read_text())
+    assert r["n_pairs"] == 20 and r["nfolds"] == 10 and len(r["fold_accuracies"]) == 10
+    # every fold holds one genuine and one impostor pair: its accuracy is 0, 1/2 or 1
+    assert all(a in (0.0, 0.5, 1.0) for a in r["fold_accuracies"])
+    assert r["accuracy"] == pytest.approx(np.mean(r["fold_accuracies"]))
+    assert r["threshold"] == pytest.approx(np.mean(r["fold_thresholds"]))
+    assert r["checkpoint"].endswith("backbone.pt") and r["faceless_images"] == []
+    for name in ("lfw_roc.png", "lfw_hist.png", "lfw_errors.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    caches = list((tiny_run["root"] / "synth" / "lfw_aligned_cache").glob("aligned_*.npz"))
+    assert len(caches) == 1
+    with np.load(caches[0]) as cached:
+        assert cached["crops"].shape == (12, 112, 112, 3)  # each distinct image aligned once
+    # a second run reads the cache and reproduces the numbers
+    capsys.readouterr()
+    assert lfw_eval.main(tiny_run["argv"]) == 0
+    assert f"10-fold accuracy {100 * r['accuracy']:.2f} +- " in capsys.readouterr().out
+    again = json.loads((out / "lfw_results.json").read_text())
+    assert again["fold_thresholds"] == pytest.approx(r["fold_thresholds"], abs=1e-6)
+
+
+def _compare(tiny_run, capsys, a, b, *extra):
+    capsys.readouterr()
+    rc = lfw_eval.main(["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
+                        "--compare", str(a), str(b), *extra])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _printed_similarity(text):
+    line = next(x for x in text.splitlines() if x.startswith("cosine similarity:"))
+    return float(line.split(":")[1])
+
+
+def test_compare_two_photos(tiny_run, capsys):
+    import models
+    from align_faces import FaceAligner
+    from utils import read_image, write_image
+
+    assert tiny_run["rc"] == 0
+    lfw = tiny_run["lfw_dir"]
+    names = sorted(p.name for p in Path(lfw).iterdir() if p.is_dir())
+    a1, a2 = (Path(lfw) / names[0] / f"{names[0]}_{k:04d}.jpg" for k in (1, 2))
+    b1 = Path(lfw) / names[1] / f"{names[1]}_0001.jpg"
+    threshold = json.loads((tiny_run["run"] / "eval" / "lfw_results.json").read_text())["threshold"]
+    model = models.load_backbone(tiny_run["run"] / "backbone.pt")
+    aligner = FaceAligner(device="cpu")
+    for x, y in ((a1, a2), (a1, b1)):  # one identity, then two
+        rc, out, err = _compare(tiny_run, capsys, x, y)
+        assert rc == 0, err
+        sim = _printed_similarity(out)
+        crops = np.stack([aligner.align(read_image(p)).crop for p in (x, y)])
+        e = _manual_embeddings(model, crops, flip=True)
+        assert sim == pytest.approx(float(e[0] @ e[1]), abs=2e-4)
+        verdict = "same person" if sim > threshold else "different people"
+        assert f"verdict: {verdict}" in out and f"{threshold:.4f}" in out
+    # an explicit threshold decides the verdict
+    rc, out, _ = _compare(tiny_run, capsys, a1, b1, "--threshold", "-1")
+    assert rc == 0 and "verdict: same person" in out
+    rc, out, _ = _compare(tiny_run, capsys, a1, b1, "--threshold", "1")
+    assert rc == 0 and "verdict: different people" in out
+    # a photo without a face is named, and the command fails
+    gray = tiny_run["root"] / "gray.png"
+    write_image(gray, np.full((250, 250, 3), 128, np.uint8))
+    rc, out, err = _compare(tiny_run, capsys, a1, gray)
+    assert rc == lfw_eval.EXIT_NO_FACE
+    assert f"no face found in {gray}" in err and str(a1) not in err
+    assert "verdict" not in out
+    # no saved LFW threshold and none given: said clearly, non-zero exit
+    rc, out, err = _compare(tiny_run, capsys, a1, a2, "--out", str(tiny_run["root"] / "none"))
+    assert rc == lfw_eval.EXIT_NO_THRESHOLD and "--threshold" in err
