@@ -238,11 +238,18 @@ def model_flops(model: nn.Module, image_size: int = IMAGE_SIZE) -> int:
     """Forward FLOPs of one image, counting a multiply-accumulate as 2 FLOPs (so GMACs are
     half of this), over convolutions and matrix products only (torch's FlopCounterMode).
 
-    Runs on a copy moved to the meta device, so it costs no compute and leaves ``model``
-    untouched."""
+    Runs on a copy whose tensors live on the meta device (shapes only), so it costs no
+    compute or memory and leaves ``model`` untouched."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    meta = copy.deepcopy(model).to("meta").eval()
+    # Pre-seeding deepcopy's memo with meta stand-ins keeps it from copying the weights
+    # (which may be large and on a GPU).
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    meta = copy.deepcopy(model, memo).eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         meta(torch.empty(1, 3, image_size, image_size, device="meta"))

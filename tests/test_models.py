@@ -32,7 +32,7 @@ def test_light_models_parameter_counts():
     assert count_parameters(se50) > count_parameters(ir50)  # SE units add weights
 
 
-@pytest.mark.parametrize("name", ["ir_narrow", "ir18", "mobilefacenet", "ir_se50"])
+@pytest.mark.parametrize("name", ["ir_narrow", "ir18", "mobilefacenet"])
 def test_forward_shape(name):
     torch.manual_seed(0)
     model = build_model(name, embedding_size=64, dropout=0.1).eval()
@@ -40,6 +40,16 @@ def test_forward_shape(name):
         out = model(torch.randn(2, 3, 112, 112))
     assert out.shape == (2, 64) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
+
+
+def test_squeeze_excitation_forward():
+    torch.manual_seed(0)
+    model = models.IResNet((1, 1, 1, 1), models.NARROW_WIDTHS, models.NARROW_STRIDES,
+                           stem_stride=2, embedding_size=16, use_se=True).eval()
+    assert isinstance(model.layer1[0].se, models.SEModule)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 112, 112))
+    assert out.shape == (2, 16) and torch.isfinite(out).all()
 
 
 def test_every_name_builds_and_unknown_name_is_refused():
@@ -60,7 +70,7 @@ def test_channels_last_and_training_step():
         out = model_cl(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     model.train()
-    model(torch.randn(4, 3, 112, 112)).square().mean().backward()
+    model(torch.randn(2, 3, 112, 112)).square().mean().backward()
     assert model.conv1.weight.grad is not None
     assert model.features.weight.grad is None  # BN1d scale frozen at 1, as InsightFace
 
