@@ -161,8 +161,9 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
 
     With ``flip`` the embedding is that of the image plus that of its mirror, then
     normalised. Runs in eval mode under ``torch.inference_mode`` (the model's previous mode is
-    restored), batched, on ``device`` (default: CUDA when present; the model is moved there
-    in place). Inputs follow the model's memory format (channels_last if its convs are)."""
+    restored), batched, on ``device`` (default: the model's GPU if it is on one, else CUDA
+    when present; the model is moved there in place). Inputs follow the model's memory
+    format (channels_last if its convs are)."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -173,7 +174,11 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
                          f"{images.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    device = get_device("auto") if device is None else torch.device(device)
+    if device is None:  # a model already on a GPU stays there (e.g. one DDP rank's)
+        param = next(model.parameters(), None)
+        on_gpu = param is not None and param.device.type == "cuda"
+        device = param.device if on_gpu else get_device("auto")
+    device = torch.device(device)
     model.to(device)
     memory_format = torch.channels_last if _uses_channels_last(model) else torch.contiguous_format
     was_training = model.training
@@ -183,7 +188,10 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
         with torch.inference_mode(), tqdm(total=len(images), unit="img", desc="embed",
                                           disable=not progress, leave=False) as bar:
             for start in range(0, len(images), batch_size):
-                batch = torch.from_numpy(images[start:start + batch_size]).to(device)
+                chunk = images[start:start + batch_size]
+                if not chunk.flags.writeable:  # torch.from_numpy warns on read-only arrays
+                    chunk = chunk.copy()
+                batch = torch.from_numpy(chunk).to(device, non_blocking=True)
                 x = batch.permute(0, 3, 1, 2).float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
                 n = x.shape[0]
                 if flip:  # one forward pass over the images and their mirrors
