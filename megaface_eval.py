@@ -1,0 +1,364 @@
+"""MegaFace Challenge 1 scoring from features: identification (CMC) and verification (TAR@FAR).
+
+The protocol, as the devkit defines it: for every FaceScrub identity and every ordered pair
+(probe p, gallery g) of two different images of it, g is hidden among N MegaFace distractors
+and p searches that gallery. p is right at rank k when fewer than k distractors score above
+score(p, g). Ties: a distractor scoring exactly score(p, g) does NOT count against p (strict
+``>``). Verification: genuine pairs are the unordered pairs of images within each FaceScrub
+identity, impostor pairs are every FaceScrub image against every distractor.
+
+Score: ``score(a, b) = 1 - |a - b|^2 / 2``, which is exactly the cosine similarity for unit
+vectors (every feature gen_features writes), but, unlike a plain dot product, it keeps the
+noise-removal convention working: a distractor flagged with 100 in its extra dimension lies
+~100 away from every probe and can never outrank anything.
+
+Memory stays bounded: distractors stream through in chunks, each chunk's (probes x chunk)
+score block is reduced at once, and the full probe x distractor matrix never exists:
+ * identification keeps, per probe, the ``max_rank`` best distractor scores seen so far
+   (fewer than k distractors above s  <=>  the k-th best distractor score is <= s);
+ * verification keeps the top ``floor(max_far * #impostors) + 1`` impostor scores overall
+   (a running threshold discards everything below them), which is exactly what the
+   thresholds for every FAR need.
+Distractor subsets of size N are the first N distractors of ``order`` (nested prefixes, so
+every size comes out of one pass); pass a seeded permutation as ``order`` for random subsets.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
+DEFAULT_FARS = (1e-6, 1e-5, 1e-4)
+DEFAULT_MAX_RANK = 10
+SCORE_BLOCK_ELEMENTS = 8 * 2**20  # probes x chunk scores held at once (32 MiB of float32)
+MIN_CHUNK = 256
+TILE = 64  # columns per tile whose maximum screens the verification buffer's candidates
+VERIFY_BLOCK_ELEMENTS = 2**20  # scores appended to the impostor buffer per step
+ROC_POINTS = 60
+FAR_EPS = 1e-9  # guards floor(far * n) against 1e-6 * 1e6 = 0.99999...
+FIGURE_DPI = 100
+
+
+# ----------------------------------------------------------------------------- scores
+
+def pair_scores(a, b):
+    """``1 - |a_i - b_j|^2 / 2`` for every row i of ``a`` and j of ``b`` (torch tensors)."""
+    import torch
+
+    out = torch.addmm((-0.5 * (b * b).sum(1)).unsqueeze(0), a, b.t())
+    return out.add_((1.0 - 0.5 * (a * a).sum(1)).unsqueeze(1))
+
+
+def auto_chunk_size(num_probes: int) -> int:
+    """Distractors per chunk so that one score block holds ~SCORE_BLOCK_ELEMENTS scores
+    (a multiple of TILE)."""
+    return max(MIN_CHUNK, SCORE_BLOCK_ELEMENTS // max(1, num_probes) // TILE * TILE)
+
+
+class _TopScores:
+    """The ``k`` largest of a stream of scores, kept with a running threshold ``tau``:
+    everything seen above ``tau`` is in the buffer, which holds at least ``k`` values once
+    ``k`` have been seen (so values and counts above any of its top-k entries are exact)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.tau: float | None = None
+        self.parts: list = []
+        self.size = 0
+
+    def add(self, values) -> None:
+        values = values.reshape(-1)
+        if self.tau is not None:  # nonzero + index_select: boolean indexing is slower on CPU
+            values = values.index_select(0, (values > self.tau).nonzero().squeeze(1))
+        if values.numel() == 0:
+            return
+        self.parts.append(values)
+        self.size += values.numel()
+        if self.size > max(2 * self.k, VERIFY_BLOCK_ELEMENTS):
+            self._reduce()
+
+    def _reduce(self) -> None:
+        import torch
+
+        values = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
+        if values.numel() > self.k:
+            values = torch.topk(values, self.k, sorted=False).values
+            self.tau = float(values.min())
+        self.parts, self.size = [values], values.numel()
+
+    def sorted_desc(self):
+        """All buffered scores, largest first (float64 numpy)."""
+        import torch
+
+        if not self.parts:
+            return np.zeros(0)
+        self._reduce()
+        return torch.sort(self.parts[0], descending=True).values.double().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- the pass
+
+def _as_tensor(x, name: str):
+    import torch
+
+    t = torch.as_tensor(x)
+    if t.ndim != 2 or t.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty 2-D array of features, got shape "
+                         f"{tuple(t.shape)}")
+    return t.float()
+
+
+def _stream(probes, distractors, order, sizes: Sequence[int], max_rank: int, k_impostor: int,
+            chunk_size: int, device, progress: bool) -> dict[int, tuple]:
+    """One pass over the distractors (in ``order``); at each size N in ``sizes`` a snapshot of
+    (per-probe top-``max_rank`` scores (P, K) or None, sorted impostor top scores or None)."""
+    import torch
+    from tqdm import tqdm
+
+    num_probes = probes.shape[0]
+    best = torch.full((num_probes, max_rank), -math.inf, device=device) if max_rank else None
+    impostors = _TopScores(k_impostor) if k_impostor else None
+    rows_per_block = max(1, VERIFY_BLOCK_ELEMENTS // chunk_size)
+    snapshots: dict[int, tuple] = {}
+    pos = 0
+    with tqdm(total=max(sizes), unit="distractor", desc="megaface", disable=not progress,
+              leave=False) as bar:
+        for size in sorted(sizes):
+            while pos < size:
+                end = min(pos + chunk_size, size)
+                idx = slice(pos, end) if order is None else order[pos:end]
+                chunk = torch.as_tensor(distractors[idx]).to(device, torch.float32)
+                scores = pair_scores(probes, chunk)
+                width = TILE if scores.shape[1] % TILE == 0 else scores.shape[1]
+                tiles = scores.view(num_probes, -1, width)
+                tile_max = tiles.amax(dim=2)  # (P, tiles): screens both reductions below
+                row_max = tile_max.amax(dim=1)
+                if best is not None:  # only probes with a score above their K-th best change
+                    rows = (row_max > best[:, -1]).nonzero().squeeze(1)
+                    if rows.numel() == num_probes:  # early chunks: no copy of the block
+                        top = torch.topk(scores, min(max_rank, scores.shape[1]), dim=1).values
+                        best = torch.topk(torch.cat([best, top], dim=1), max_rank, dim=1).values
+                    elif rows.numel():
+                        sub = scores.index_select(0, rows)
+                        top = torch.topk(sub, min(max_rank, sub.shape[1]), dim=1).values
+                        merged = torch.cat([best.index_select(0, rows), top], dim=1)
+                        best.index_copy_(0, rows, torch.topk(merged, max_rank, dim=1).values)
+                if impostors is not None and impostors.tau is None:  # buffer still filling
+                    for start in range(0, num_probes, rows_per_block):
+                        impostors.add(scores[start:start + rows_per_block])
+                elif impostors is not None:  # only tiles holding a score above the threshold
+                    hit = (tile_max.reshape(-1) > impostors.tau).nonzero().squeeze(1)
+                    if hit.numel():  # index_select: advanced indexing is far slower on the CPU
+                        impostors.add(tiles.reshape(-1, width).index_select(0, hit))
+                bar.update(end - pos)
+                pos = end
+            snapshots[size] = (None if best is None else best.cpu().clone(),
+                               None if impostors is None else impostors.sorted_desc())
+    return snapshots
+
+
+def _identity_groups(labels: Sequence[Any]) -> list[np.ndarray]:
+    """Indices of each identity's images, for identities with at least two."""
+    _, inverse = np.unique(np.asarray(labels), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    splits = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+    return [g for g in splits if len(g) >= 2]
+
+
+def _genuine_pairs(probes, groups: list[np.ndarray]) -> tuple:
+    """Every ordered genuine pair (probe p, gallery g != p, same identity): p and g indices
+    and score(p, g), as CPU tensors."""
+    import torch
+
+    p_idx, g_idx, scores = [], [], []
+    for g in groups:
+        members = probes.index_select(0, torch.as_tensor(g, device=probes.device))
+        s = pair_scores(members, members).cpu()
+        ii, jj = (~torch.eye(len(g), dtype=torch.bool)).nonzero(as_tuple=True)
+        gt = torch.as_tensor(g)
+        p_idx.append(gt.index_select(0, ii))
+        g_idx.append(gt.index_select(0, jj))
+        scores.append(s.reshape(-1).index_select(0, ii * len(g) + jj))
+    if not groups:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, torch.zeros(0)
+    return torch.cat(p_idx), torch.cat(g_idx), torch.cat(scores)
+
+
+def _cmc(p_idx, scores, best) -> np.ndarray:
+    """Correct counts at ranks 1..K over the ordered genuine pairs: p is right at rank k
+    exactly when its k-th best distractor score is <= score(p, g)."""
+    hit = scores.unsqueeze(1) >= best.index_select(0, p_idx)
+    return hit.sum(dim=0).double().numpy()
+
+
+def tar_at_far(genuine: np.ndarray, impostor_desc: np.ndarray, num_impostors: int,
+               far: float) -> dict[str, float | bool | None]:
+    """TAR at FAR ``far`` given the largest impostor scores (descending; at least
+    floor(far * num_impostors) + 1 of them, or all). Threshold = the (a+1)-th largest impostor
+    score with a = floor(far * num_impostors); a pair is accepted when its score is strictly
+    above it, so at most a impostors are accepted (exactly a without ties)."""
+    allowed = int(math.floor(far * num_impostors + FAR_EPS))
+    if allowed >= num_impostors:
+        threshold = -math.inf
+    elif allowed >= len(impostor_desc):
+        raise ValueError(f"need the top {allowed + 1} impostor scores, got {len(impostor_desc)}")
+    else:
+        threshold = float(impostor_desc[allowed])
+    false_accepts = int(np.count_nonzero(impostor_desc > threshold)) if allowed < num_impostors \
+        else num_impostors
+    tar = float(np.count_nonzero(genuine > threshold) / len(genuine)) if len(genuine) else None
+    return {"tar": tar, "threshold": threshold if math.isfinite(threshold) else None,
+            "far_achieved": false_accepts / num_impostors,
+            "resolvable": far * num_impostors >= 1.0}
+
+
+def megaface_evaluate(probe_feats, probe_labels: Sequence[Any], distractor_feats,
+                      sizes: Sequence[int] | None = None, max_rank: int = DEFAULT_MAX_RANK,
+                      fars: Sequence[float] = DEFAULT_FARS, chunk_size: int | None = None,
+                      device=None, order: Sequence[int] | None = None,
+                      progress: bool = True) -> dict[int, dict[str, Any]]:
+    """CMC (ranks 1..max_rank) and TAR at each FAR for every distractor count N in ``sizes``
+    (those <= the distractors available; all of them when none is), in one streamed pass.
+
+    ``distractor_feats`` may be a numpy array (memory-mapped is fine) or a tensor; it is read
+    chunk by chunk in ``order`` (default: as stored). Returns ``{N: {"num_distractors",
+    "cmc": [rate at rank 1..K], "num_pairs", "verification": {far: {...}}, "roc": {...}}}``."""
+    import torch
+
+    from utils import get_device
+
+    device = get_device("auto") if device is None else torch.device(device)
+    probes = _as_tensor(probe_feats, "probe_feats")
+    if len(probe_labels) != probes.shape[0]:
+        raise ValueError(f"{len(probe_labels)} probe labels for {probes.shape[0]} probe features")
+    num_distractors = len(distractor_feats) if order is None else len(order)
+    dim = distractor_feats.shape[1] if getattr(distractor_feats, "ndim", 0) == 2 else None
+    if num_distractors == 0 or dim != probes.shape[1]:
+        raise ValueError(f"distractor_feats: expected a non-empty (N, {probes.shape[1]}) array, "
+                         f"got shape {tuple(getattr(distractor_feats, 'shape', ()))}")
+    if max_rank < 0 or any(not 0 < f <= 1 for f in fars):
+        raise ValueError(f"max_rank must be >= 0 and FARs in (0, 1]; got {max_rank}, {fars}")
+    sizes = sorted({int(n) for n in (sizes or ()) if 0 < int(n) <= num_distractors}) \
+        or [num_distractors]
+    groups = _identity_groups(probe_labels)
+    num_probes = probes.shape[0]
+    k_impostor = (int(math.floor(max(fars) * num_probes * sizes[-1] + FAR_EPS)) + 1) if fars else 0
+    chunk = int(chunk_size) if chunk_size else auto_chunk_size(num_probes)
+    if order is not None:
+        order = np.asarray(order, dtype=np.int64)
+    with torch.inference_mode():
+        probes = probes.to(device)
+        snapshots = _stream(probes, distractor_feats, order, sizes, max_rank, k_impostor,
+                            chunk, device, progress)
+        p_idx, g_idx, pair_score = _genuine_pairs(probes, groups)
+        genuine = pair_score[p_idx < g_idx].double().numpy()  # unordered pairs
+        results: dict[int, dict[str, Any]] = {}
+        for size, (best, impostor_desc) in snapshots.items():
+            entry: dict[str, Any] = {"num_distractors": size}
+            if best is not None:
+                pairs = len(pair_score)
+                entry["cmc"] = (_cmc(p_idx, pair_score, best) / pairs).tolist() if pairs \
+                    else [None] * max_rank
+                entry["num_pairs"] = pairs
+            if impostor_desc is not None:
+                n_imp = num_probes * size
+                entry["verification"] = {f: tar_at_far(genuine, impostor_desc, n_imp, f)
+                                         for f in fars}
+                grid = np.logspace(math.log10(1.0 / n_imp), math.log10(max(fars)), ROC_POINTS)
+                grid = grid[grid <= max(fars)]
+                entry["roc"] = {"far": grid.tolist(), "tar": [
+                    tar_at_far(genuine, impostor_desc, n_imp, f)["tar"] for f in grid]}
+                entry["num_genuine"], entry["num_impostor"] = len(genuine), n_imp
+            results[size] = entry
+    return results
+
+
+def megaface_identification(probe_feats, probe_labels: Sequence[Any], distractor_feats,
+                            ranks: Sequence[int] = (1,), chunk_size: int | None = None,
+                            device=None, progress: bool = False) -> dict[int, float]:
+    """Identification rate at each rank in ``ranks`` against all the distractors given."""
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"ranks must be positive integers, got {ranks}")
+    res = megaface_evaluate(probe_feats, probe_labels, distractor_feats, sizes=None,
+                            max_rank=max(ranks), fars=(), chunk_size=chunk_size, device=device,
+                            progress=progress)
+    cmc = next(iter(res.values()))["cmc"]
+    return {int(r): cmc[r - 1] for r in ranks}
+
+
+def megaface_verification(probe_feats, probe_labels: Sequence[Any], distractor_feats,
+                          fars: Sequence[float] = DEFAULT_FARS, chunk_size: int | None = None,
+                          device=None, progress: bool = False) -> dict[float, float]:
+    """TAR at each FAR: genuine pairs within probe identities, impostors probe x distractor."""
+    res = megaface_evaluate(probe_feats, probe_labels, distractor_feats, sizes=None, max_rank=0,
+                            fars=fars, chunk_size=chunk_size, device=device, progress=progress)
+    ver = next(iter(res.values()))["verification"]
+    return {f: ver[f]["tar"] for f in fars}
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _save_figure(fig, path: str | Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from utils import atomic_write_bytes
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=FIGURE_DPI)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def plot_cmc(results: Mapping[int, Mapping[str, Any]], path: str | Path) -> Path:
+    """Identification rate against rank, one curve per distractor count."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5))
+    ax = fig.add_subplot()
+    for size, r in sorted(results.items()):
+        cmc = [np.nan if v is None else 100 * v for v in r.get("cmc", [])]
+        ax.plot(range(1, len(cmc) + 1), cmc, marker="o", label=f"{size:,} distractors")
+    ax.set(xlabel="rank", ylabel="identification rate (%)", title="MegaFace CMC")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+def plot_rank1_vs_distractors(results: Mapping[int, Mapping[str, Any]],
+                              path: str | Path) -> Path:
+    """Rank-1 identification rate against the number of distractors (log axis)."""
+    from matplotlib.figure import Figure
+
+    sizes = sorted(s for s, r in results.items() if r.get("cmc") and r["cmc"][0] is not None)
+    fig = Figure(figsize=(6, 5))
+    ax = fig.add_subplot()
+    ax.semilogx(sizes, [100 * results[s]["cmc"][0] for s in sizes], marker="o")
+    ax.set(xlabel="number of distractors", ylabel="rank-1 identification rate (%)",
+           title="MegaFace identification")
+    ax.grid(True, which="both", alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def plot_roc_curves(results: Mapping[int, Mapping[str, Any]], path: str | Path) -> Path:
+    """TAR against FAR (log axis), one curve per distractor count."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5))
+    ax = fig.add_subplot()
+    for size, r in sorted(results.items()):
+        roc = r.get("roc")
+        if roc and roc["far"]:
+            tar = [np.nan if v is None else v for v in roc["tar"]]
+            ax.semilogx(roc["far"], tar, label=f"{size:,} distractors")
+    ax.set(xlabel="false accept rate", ylabel="true accept rate", title="MegaFace verification")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path)

@@ -1,0 +1,368 @@
+"""MegaFace: the devkit feature format, the evaluator against brute force, noise removal, CLI.
+
+Reference computations here are written independently of megaface_eval: float64 loops over
+every (probe, gallery, distractor) triple and every impostor pair. Features are random but
+quantised to multiples of 1/16, so every score is exact in float32 too and the exact
+comparisons (ties included) must agree to the last pair.
+"""
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import megaface
+import megaface_eval as me
+
+QUANT = 16  # feature entries are k / QUANT: exact float32 scores, and plenty of ties
+
+
+def quantised(rng, n, dim=6, levels=8):
+    return (rng.integers(-levels, levels + 1, size=(n, dim)) / QUANT).astype(np.float32)
+
+
+def ref_score(a, b):
+    """1 - |a - b|^2 / 2 in float64 (the score the module documents)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return 1.0 - 0.5 * float(d @ d)
+
+
+def brute_cmc(probes, labels, distractors, max_rank):
+    """For each ordered (p, g) of one identity, p != g: count distractors scoring strictly
+    above score(p, g); right at rank k when that count is < k."""
+    correct, pairs = np.zeros(max_rank), 0
+    dscore = [[ref_score(p, d) for d in distractors] for p in probes]
+    for i in range(len(probes)):
+        for j in range(len(probes)):
+            if i == j or labels[i] != labels[j]:
+                continue
+            genuine = ref_score(probes[i], probes[j])
+            above = sum(s > genuine for s in dscore[i])
+            correct += [above < k for k in range(1, max_rank + 1)]
+            pairs += 1
+    return correct / pairs
+
+
+def brute_tar(probes, labels, distractors, far):
+    genuine = [ref_score(probes[i], probes[j]) for i in range(len(probes))
+               for j in range(i + 1, len(probes)) if labels[i] == labels[j]]
+    impostor = sorted((ref_score(p, d) for p in probes for d in distractors), reverse=True)
+    allowed = int(np.floor(far * len(impostor) + 1e-9))
+    threshold = impostor[allowed]
+    return np.mean([g > threshold for g in genuine]), threshold
+
+
+@pytest.fixture
+def features():
+    """90 probes of 12 identities (a centre plus small quantised noise), 260 distractors."""
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 12, size=90)
+    centres = quantised(rng, 12)
+    probes = centres[labels] + quantised(rng, 90, levels=5)
+    return probes.astype(np.float32), labels, quantised(rng, 260)
+
+
+# ----------------------------------------------------------------------------- feature files
+
+def test_write_feature_bytes_match_struct(tmp_path):
+    vec = [0.5, -1.25, 3.0, 1e-3]
+    path = tmp_path / "a" / "x.jpg_0.bin"
+    megaface.write_feature(path, vec)
+    expected = struct.pack("<iiii", 4, 1, 4, 5) + struct.pack("<ffff", *vec)
+    assert path.read_bytes() == expected
+
+
+def test_read_feature_round_trip_and_struct_written_file(tmp_path):
+    vec = np.random.default_rng(0).standard_normal(513).astype(np.float32)
+    megaface.write_feature(tmp_path / "f.bin", vec)
+    np.testing.assert_array_equal(megaface.read_feature(tmp_path / "f.bin"), vec)
+    (tmp_path / "g.bin").write_bytes(struct.pack("<4i", 3, 1, 4, 5) + struct.pack("<3f", 1, 2, 3))
+    out = megaface.read_feature(tmp_path / "g.bin")
+    assert out.dtype == np.float32 and out.tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("data, message", [
+    (struct.pack("<4i", 3, 1, 4, 6) + bytes(12), "type=6"),  # CV_64F header
+    (struct.pack("<4i", 3, 2, 4, 5) + bytes(24), "cols=2"),
+    (struct.pack("<4i", 3, 1, 4, 5) + bytes(8), "header says 3 floats"),  # truncated
+    (b"\x00" * 7, "shorter than the 16-byte header"),
+])
+def test_read_feature_rejects_bad_files_naming_them(tmp_path, data, message):
+    path = tmp_path / "bad_0.bin"
+    path.write_bytes(data)
+    with pytest.raises(megaface.FeatureFormatError, match=message) as info:
+        megaface.read_feature(path)
+    assert str(path) in str(info.value)
+
+
+# ----------------------------------------------------------------------------- identification
+
+@pytest.mark.parametrize("chunk_size", [None, 37, 64])  # one chunk; ragged chunks; tiled chunks
+def test_identification_matches_brute_force(features, chunk_size):
+    probes, labels, distractors = features
+    expected = brute_cmc(probes, labels, distractors, 10)
+    got = me.megaface_identification(probes, labels, distractors, ranks=(1, 2, 5, 10),
+                                     chunk_size=chunk_size, device="cpu")
+    for r, rate in got.items():
+        assert rate == pytest.approx(expected[r - 1], abs=1e-12)
+    assert 0.05 < got[1] < got[10] < 1  # a regime where ranks differ
+
+
+def test_cmc_per_size_and_random_order_match_brute_force(features):
+    probes, labels, distractors = features
+    perm = np.random.default_rng(3).permutation(len(distractors))
+    res = me.megaface_evaluate(probes, labels, distractors, sizes=(10, 100, 260, 10**6),
+                               fars=(), chunk_size=48, device="cpu", order=perm,
+                               progress=False)
+    assert sorted(res) == [10, 100, 260]  # sizes above the available count are dropped
+    for n, r in res.items():
+        np.testing.assert_allclose(r["cmc"], brute_cmc(probes, labels, distractors[perm[:n]],
+                                                       10), atol=1e-12)
+
+
+def test_ties_do_not_count_against_the_probe():
+    # unit vectors with entries +-1/2: every score is exact; d0 ties score(p0, p1) = 1/2
+    p = np.array([[.5, .5, .5, .5], [.5, .5, .5, -.5]], np.float32)
+    d_tie = np.array([[.5, .5, -.5, .5]], np.float32)
+    assert ref_score(p[0], d_tie[0]) == ref_score(p[0], p[1]) == 0.5
+    assert me.megaface_identification(p, [0, 0], d_tie, ranks=(1,), device="cpu") == {1: 1.0}
+    d_above = np.array([[.5, .5, .5, .5]], np.float32)  # scores 1 > 1/2 against p0 only
+    assert me.megaface_identification(p, [0, 0], np.vstack([d_tie, d_above]), ranks=(1, 2),
+                                      device="cpu") == {1: 0.5, 2: 1.0}
+
+
+def test_more_ranks_than_distractors_are_all_right(features):
+    probes, labels, distractors = features
+    assert me.megaface_identification(probes, labels, distractors[:3], ranks=(4,),
+                                      device="cpu") == {4: 1.0}
+
+
+# ----------------------------------------------------------------------------- verification
+
+@pytest.mark.parametrize("block", [None, 256])  # buffer never trimmed / trimmed with tiles
+def test_verification_tar_matches_brute_force(features, monkeypatch, block):
+    probes, labels, distractors = features
+    if block:
+        monkeypatch.setattr(me, "VERIFY_BLOCK_ELEMENTS", block)
+    fars = (1e-4, 1e-3, 1e-2)
+    res = me.megaface_evaluate(probes, labels, distractors, max_rank=1, fars=fars,
+                               chunk_size=64, device="cpu", progress=False)[len(distractors)]
+    for far in fars:
+        tar, threshold = brute_tar(probes, labels, distractors, far)
+        got = res["verification"][far]
+        assert got["tar"] == pytest.approx(tar, abs=1e-12)
+        assert got["threshold"] == pytest.approx(threshold, abs=1e-6)
+        assert got["far_achieved"] <= far
+    assert me.megaface_verification(probes, labels, distractors, fars=(1e-2,), device="cpu") \
+        == {1e-2: pytest.approx(brute_tar(probes, labels, distractors, 1e-2)[0], abs=1e-12)}
+
+
+def test_bad_inputs_are_clear_errors(features):
+    probes, labels, distractors = features
+    with pytest.raises(ValueError, match="probe labels"):
+        me.megaface_evaluate(probes, labels[:5], distractors)
+    with pytest.raises(ValueError, match="distractor_feats"):
+        me.megaface_evaluate(probes, labels, distractors[:, :3])
+
+
+# ----------------------------------------------------------------------------- noise removal
+
+def _write_tree(root, features_by_rel, suffix="_0.bin"):
+    for rel, vec in features_by_rel.items():
+        megaface.write_feature(root / (rel + suffix), vec)
+
+
+def test_remove_noises_on_tiny_tree(tmp_path):
+    rng = np.random.default_rng(1)
+    unit = lambda v: (v / np.linalg.norm(v)).astype(np.float32)  # noqa: E731
+    probes = {f"{who}/{who}_{i}.png": unit(rng.standard_normal(8))
+              for who, n in (("Aaron_Eckhart", 3), ("Ben_Stiller", 2)) for i in range(n)}
+    distractors = {f"375/3753@N00/41_{i}.jpg": unit(rng.standard_normal(8)) for i in range(3)}
+    src, out = tmp_path / "feat", tmp_path / "clean"
+    _write_tree(src / "facescrub", probes)
+    _write_tree(src / "megaface", distractors)
+    (tmp_path / "fs.txt").write_text("#comment line\nAaron_Eckhart_1.png\nNobody_9.png\n")
+    (tmp_path / "mf.txt").write_text("#comment\n375/3753@N00/41_2.jpg\n999/x@N00/1_0.jpg\n")
+    before = sorted(p.name for p in src.rglob("*.bin"))
+    summary = megaface.remove_noises(src, out, tmp_path / "mf.txt", tmp_path / "fs.txt",
+                                     progress=False)
+    assert sorted(p.name for p in src.rglob("*.bin")) == before  # nothing deleted
+    assert sorted(p.name for p in out.rglob("*.bin")) == before  # nothing dropped
+    assert summary["probes_replaced"] == 1 and summary["distractors_flagged"] == 1
+    for rel, vec in distractors.items():
+        got = megaface.read_feature(out / "megaface" / (rel + "_0.bin"))
+        np.testing.assert_array_equal(got[:8], vec)
+        assert got[8] == (100.0 if rel.endswith("41_2.jpg") else 0.0)
+    mean = (probes["Aaron_Eckhart/Aaron_Eckhart_0.png"]
+            + probes["Aaron_Eckhart/Aaron_Eckhart_2.png"]) / 2
+    for rel, vec in probes.items():
+        got = megaface.read_feature(out / "facescrub" / (rel + "_0.bin"))
+        assert got.shape == (9,) and got[8] == 0.0
+        if rel.endswith("Aaron_Eckhart_1.png"):
+            np.testing.assert_allclose(got[:8], mean / np.linalg.norm(mean), atol=5e-3)
+            assert np.linalg.norm(got) == pytest.approx(1.0, abs=1e-6)
+            assert np.abs(got[:8] - vec).max() > 0.05  # really replaced
+        else:
+            np.testing.assert_array_equal(got[:8], vec)
+
+
+def test_flagged_distractor_cannot_outrank_anything(features):
+    probes, labels, distractors = features
+    ext = lambda x, v: np.hstack([x, np.full((len(x), 1), v, np.float32)])  # noqa: E731
+    flagged = ext(probes[:20], 100.0)  # copies of probes: without the flag they would win
+    assert me.megaface_identification(ext(probes, 0.0), labels, flagged, ranks=(1,),
+                                      device="cpu") == {1: 1.0}
+
+
+def test_parse_noise_list_formats(tmp_path):
+    (tmp_path / "mf.txt").write_text("#c\n\n3/1@N0/7_0.jpg\nx\t/abs/root/4/2@N0/8_1.jpg\n")
+    assert megaface.parse_noise_list(tmp_path / "mf.txt", "megaface") == \
+        {"3/1@N0/7_0.jpg", "4/2@N0/8_1.jpg"}
+    (tmp_path / "fs.txt").write_text("#c\nAdam McKay_468.png\n")
+    assert megaface.parse_noise_list(tmp_path / "fs.txt", "facescrub") == {"Adam_McKay_468.png"}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _evaluate_tree(tmp_path, features):
+    probes, labels, distractors = features
+    root = tmp_path / "feat"
+    _write_tree(root / "facescrub", {f"id{labels[i]}/id{labels[i]}_{i}.png": v
+                                     for i, v in enumerate(probes)})
+    _write_tree(root / "megaface", {f"{i % 7}/u{i % 3}@N00/{i:04d}_0.jpg": v
+                                    for i, v in enumerate(distractors)})
+    order = sorted(range(len(distractors)), key=lambda i: f"{i % 7}/u{i % 3}@N00/{i:04d}_0.jpg")
+    return root, order
+
+
+def test_evaluate_cli_writes_json_and_pngs(tmp_path, features):
+    probes, labels, distractors = features
+    root, order = _evaluate_tree(tmp_path, features)
+    out = tmp_path / "results"
+    assert megaface.main(["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+                          str(out), "--sizes", "10", "100", "--fars", "1e-3", "--device",
+                          "cpu", "--chunk-size", "40"]) == 0
+    report = json.loads((out / "megaface_results.json").read_text())
+    assert report["num_probes"] == len(probes) and report["protocol"]["subset"] == "first"
+    walked = distractors[order]  # the tree walk's (sorted) order: the first N of it
+    for n in (10, 100):
+        np.testing.assert_allclose(report["sizes"][str(n)]["cmc"],
+                                   brute_cmc(probes, labels, walked[:n], 10), atol=1e-12)
+    assert report["sizes"]["100"]["verification"]["0.001"]["tar"] == pytest.approx(
+        brute_tar(probes, labels, walked[:100], 1e-3)[0], abs=1e-12)
+    for png in ("cmc.png", "rank1_vs_distractors.png", "roc.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_evaluate_cli_uses_devkit_lists(tmp_path, features):
+    probes, labels, distractors = features
+    root, order = _evaluate_tree(tmp_path, features)
+    lists = tmp_path / "templatelists"
+    lists.mkdir()
+    probe_paths = [f"id{lab}/id{lab}_{i}.png" for i, lab in enumerate(labels)]
+    (lists / "facescrub_features_list.json").write_text(json.dumps(
+        {"path": probe_paths, "id": [f"person{lab}" for lab in labels]}))
+    chosen = [5, 17, 3, 99, 250, 42, 8, 77, 120, 64]
+    (lists / "megaface_features_list.json_10_1").write_text(json.dumps(
+        {"path": [f"{i % 7}/u{i % 3}@N00/{i:04d}_0.jpg" for i in chosen]}))
+    out = tmp_path / "results"
+    megaface.main(["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+                   str(out), "--templatelists", str(lists), "--fars", "--device", "cpu"])
+    report = json.loads((out / "megaface_results.json").read_text())
+    assert report["protocol"]["subset"] == "devkit" and list(report["sizes"]) == ["10"]
+    np.testing.assert_allclose(report["sizes"]["10"]["cmc"],
+                               brute_cmc(probes, labels, distractors[chosen], 10), atol=1e-12)
+
+
+def test_devkit_action_prints_and_runs_the_command(tmp_path, capsys):
+    devkit = tmp_path / "devkit"
+    (devkit / "experiments").mkdir(parents=True)
+    (devkit / "experiments" / "run_experiment.py").write_text(
+        "import json, os, sys\n"
+        "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd()}, open('called.json', 'w'))\n")
+    argv = ["--action", "devkit", "--devkit-dir", str(devkit), "--features-dir",
+            str(tmp_path / "feat"), "--results-dir", str(tmp_path / "res"), "--sizes", "10",
+            "1000000", "--devkit-python", sys.executable]
+    assert megaface.main(argv + ["--run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"cd {devkit.resolve() / 'experiments'} && " in printed
+    called = json.loads((devkit / "experiments" / "called.json").read_text())
+    assert called["argv"] == [
+        str((tmp_path / "feat" / "megaface").resolve()),
+        str((tmp_path / "feat" / "facescrub").resolve()), "_0.bin",
+        str((tmp_path / "res").resolve()), "-s", "10", "1000000", "-p",
+        str(devkit.resolve() / "templatelists" / "facescrub_features_list.json")]
+
+
+# ----------------------------------------------------------------------------- crop / features
+
+class _FakeAligner:
+    """Stands in for MTCNN: no face in images whose top-left pixel is 0; records hints."""
+    batch_size = 4
+
+    def __init__(self):
+        self.hints = []
+
+    def align_batch(self, images, hint_box=None):
+        from align_faces import AlignedFace
+
+        self.hints += list(hint_box)
+        return [None if im[0, 0, 0] == 0 else AlignedFace(
+            crop=np.full((112, 112, 3), 200, np.uint8), box=np.zeros(4),
+            landmarks=np.zeros((5, 2)), score=0.99) for im in images]
+
+
+def test_crop_tree_uses_json_box_lists_faceless_and_resumes(tmp_path):
+    from utils import write_image
+
+    src, dst = tmp_path / "raw", tmp_path / "aligned"
+    write_image(src / "1/a@N00/1_0.jpg", np.full((60, 80, 3), 90, np.uint8))
+    write_image(src / "1/a@N00/2_0.jpg", np.zeros((60, 80, 3), np.uint8))
+    (src / "1/a@N00/1_0.jpg.json").write_text(json.dumps(
+        {"bounding_box": {"x": 10, "y": 5, "width": 30, "height": 40}}))
+    (src / "1/a@N00/3_0.jpg").write_bytes(b"not an image")
+    aligner = _FakeAligner()
+    summary = megaface.crop_tree(aligner, src, dst, progress=False)
+    assert summary == {"images": 3, "skipped_existing": 0, "aligned": 1, "faceless": 1,
+                       "unreadable": 1, "with_box": 1}
+    assert (10.0, 5.0, 40.0, 45.0) in aligner.hints
+    assert (dst / "faceless.txt").read_text().split() == ["1/a@N00/2_0.jpg"]
+    assert "3_0.jpg" in (dst / "unreadable.txt").read_text()
+    again = megaface.crop_tree(_FakeAligner(), src, dst, progress=False)
+    assert again["skipped_existing"] == 2 and again["aligned"] == 0
+    assert (dst / "faceless.txt").read_text().count("2_0.jpg") == 1
+
+
+def test_gen_features_writes_unit_devkit_files_and_resumes(tmp_path):
+    from utils import write_image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_image(tmp_path / "al" / f"p/x{i}.png", rng.integers(0, 255, (112, 112, 3),
+                                                                   dtype=np.uint8))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.AvgPool2d(16), torch.nn.Flatten(),
+                                torch.nn.Linear(3 * 49, 8))
+    summary = megaface.gen_features(model, tmp_path / "al", tmp_path / "f", batch_size=2,
+                                    device="cpu", progress=False)
+    assert summary["written"] == 3
+    for i in range(3):
+        vec = megaface.read_feature(tmp_path / "f" / f"p/x{i}.png_0.bin")
+        assert vec.shape == (8,) and np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-5)
+    assert megaface.gen_features(model, tmp_path / "al", tmp_path / "f", progress=False,
+                                 device="cpu")["skipped_existing"] == 3
+
+
+def test_read_bbox_json_missing_and_malformed(tmp_path):
+    img = tmp_path / "x.jpg"
+    assert megaface.read_bbox_json(img) is None
+    (tmp_path / "x.jpg.json").write_text("{broken")
+    assert megaface.read_bbox_json(img) is None
+    Path(tmp_path / "x.jpg.json").write_text(json.dumps(
+        {"bounding_box": {"x": 1, "y": 2, "width": 3, "height": 4}}))
+    assert megaface.read_bbox_json(img) == (1.0, 2.0, 4.0, 6.0)
