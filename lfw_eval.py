@@ -441,12 +441,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     group.add_argument("--compare", nargs=2, metavar=("A", "B"),
                        help="compare the faces in two photos")
     group.add_argument("--threshold", type=float, default=None,
-                       help="decision threshold for --compare (default: the one saved by "
-                            "the last LFW evaluation in the output folder)")
+                       help="decision threshold for --compare; if omitted, the one saved "
+                            "by the last LFW evaluation in the output folder")
     group.add_argument("--out", default=None,
-                       help="output folder (default: <checkpoint folder>/eval)")
+                       help="output folder; if omitted, <checkpoint folder>/eval")
     group.add_argument("--cache-dir", default=None,
-                       help="aligned-crop cache for raw LFW (default: <lfw-dir>_aligned_cache)")
+                       help="aligned-crop cache for raw LFW; if omitted, <lfw-dir>_aligned_cache")
     return parser
 
 
