@@ -113,9 +113,9 @@ def _arg_type(tp: Any) -> Any:
 def build_parser(description: str = "", add_help: bool = True) -> argparse.ArgumentParser:
     """A parser with --preset, --config and one flag per Config field (defaults left unset,
     so only what the user typed overrides the preset and the file)."""
-    parser = argparse.ArgumentParser(
-        description=description, add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Each flag's help names its default itself: the parser's own defaults are None so that
+    # only what the user typed overrides the preset and the config file.
+    parser = argparse.ArgumentParser(description=description, add_help=add_help)
     group = parser.add_argument_group("configuration (defaults in config.py)")
     group.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="named config applied over the defaults")
