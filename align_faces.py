@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              batch_size=args.batch_size, min_face_size=args.min_face_size,
                              report_path=args.report, progress=not args.no_progress,
                              device=None if args.device == "auto" else args.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad folders, bad --device
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
