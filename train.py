@@ -1,0 +1,566 @@
+"""Train an ArcFace (or CosFace / combined-margin) face model on an IR-ResNet backbone.
+
+One device::
+
+    python train.py --rec data/faces_emore/train.rec --output runs/ms1mv2_ir50
+    python train.py --preset demo                      # the CPU demo of `make demo`
+
+Many devices, one process each (NCCL on CUDA, gloo on the CPU); several nodes through
+torchrun's own flags (``--nnodes 2 --node_rank 0 --rdzv_endpoint host:29500``)::
+
+    torchrun --nproc_per_node=8 train.py --preset ms1mv2_ir50
+
+With more than one process the backbone is wrapped in DistributedDataParallel and the class
+centres are sharded across ranks (``cfg.sample_rate < 1`` samples negatives: Partial FC). The
+lr is ``cfg.lr * global_batch / cfg.base_batch_size``.
+
+Files in ``cfg.output``:
+
+- ``config.json``: the config used (``models.load_backbone`` reads it beside backbone.pt);
+- ``backbone.pt``: the bare backbone state dict for evaluation, rewritten at each checkpoint;
+- ``checkpoint.pt`` (rank 0): backbone, its optimiser and scheduler, grad scaler, epoch,
+  step, world size, number of classes and config. It is written last and is the commit
+  record of a checkpoint;
+- ``checkpoint_rank{r}_step{S}.pt`` (one per rank): that rank's head (its shard of the class
+  centres), the head's optimiser and scheduler, and the rank's RNG states (Python, NumPy,
+  torch, CUDA). The step in the name ties it to the ``checkpoint.pt`` of that step; older
+  ones are deleted once a newer checkpoint is committed;
+- ``tensorboard/``: loss, batch accuracy, lr, images/s, gradient norm, margin m and the
+  verification accuracies.
+
+``--resume`` continues from ``checkpoint.pt`` exactly, mid-epoch too: the data order is a
+function of (seed, epoch), so the resumed run skips the batches already done (resuming
+needs the same world size and batch size). A NaN or infinite loss stops training before
+the weights are updated (exit status 2) and names the last good checkpoint, which is never
+overwritten. Test-only fault injection: ``FACE_TRAIN_FAULT=nan@STEP`` or ``kill@STEP``
+(see train_utils.injected_fault).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from arcface_loss import clip_grad_norm_sharded
+from config import Config, build_parser, parse_config
+from distributed import (
+    DistInfo,
+    all_ranks_true,
+    all_reduce_sum_,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+)
+from train_utils import (
+    BACKBONE_NAME,
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    LabelRangeError,
+    NonFiniteLossError,
+    ResumableBatchSampler,
+    all_finite,
+    build_optimizer,
+    check_labels,
+    head_checkpoint_path,
+    injected_fault,
+    kill_self,
+    lr_factor,
+    margin_at,
+    param_groups,
+    rng_state,
+    set_rng_state,
+    stale_head_files,
+)
+from utils import get_logger, load_backbone_state, load_checkpoint, save_checkpoint, seed_everything
+
+LOG = get_logger("train")
+EXIT_BAD_INPUT = 1
+EXIT_NON_FINITE = 2
+# Fields that must match between a checkpoint and the run resuming it (the data order, the
+# shapes of the weights and the meaning of a step depend on them).
+RESUME_FIXED_FIELDS = ("network", "embedding_size", "head", "sample_rate", "batch_size",
+                       "seed", "rec", "image_folder")
+FLIP_PROBABILITY = 0.5
+STATS = ("loss", "accuracy", "grad_norm")  # per-step values gathered in one sync
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed by this run (missing, or a different setup)."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build_dataset(cfg: Config) -> tuple[torch.utils.data.Dataset, str]:
+    """The training set (RecordIO, or an image folder when cfg.image_folder is set) and the
+    file or folder it came from, for error messages."""
+    import data_gen
+
+    # train=False: no flip in the loader; the step flips on the device from the checkpointed
+    # RNG instead (see random_flip), so augmentation resumes exactly with any num_workers.
+    if cfg.image_folder:
+        return data_gen.ImageFolderDataset(cfg.image_folder, train=False), cfg.image_folder
+    return data_gen.FaceRecordDataset(cfg.rec, train=False), cfg.rec
+
+
+def build_loader(dataset: torch.utils.data.Dataset, sampler: ResumableBatchSampler,
+                 cfg: Config, info: DistInfo) -> torch.utils.data.DataLoader:
+    # The loader's own generator draws the worker base seed, so creating an iterator does
+    # not advance the global RNG whose state a checkpoint records.
+    generator = torch.Generator().manual_seed(cfg.seed + info.rank)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        pin_memory=info.device.type == "cuda", drop_last=True, generator=generator,
+        persistent_workers=cfg.num_workers > 0)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class Trainer:
+    """Everything one training step touches."""
+    backbone: nn.Module  # the bare module (state dicts are saved from it)
+    model: nn.Module  # the module called in the step: DDP- and/or compile-wrapped backbone
+    head: nn.Module
+    criterion: nn.Module | None  # None for the sharded head, which returns its loss
+    opt_backbone: torch.optim.Optimizer
+    opt_head: torch.optim.Optimizer
+    sched_backbone: torch.optim.lr_scheduler.LambdaLR
+    sched_head: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    grad_clip: float
+    info: DistInfo
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 (default) or fp16 autocast on CUDA; on the CPU bf16 only when cfg.cpu_amp."""
+    if device.type != "cuda":
+        return torch.bfloat16 if cfg.cpu_amp else None
+    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+    if cfg.amp not in choices:
+        raise ValueError(f"unknown amp {cfg.amp!r}; choose bf16, fp16 or none")
+    return choices[cfg.amp]
+
+
+def build_head(cfg: Config, num_classes: int, info: DistInfo) -> tuple[nn.Module, Any]:
+    """The margin head and its criterion: the sharded head (its loss built in, criterion
+    None) with several ranks or with Partial FC sampling, else a single-device head."""
+    import arcface_loss
+
+    if info.distributed or cfg.sample_rate < 1.0:
+        margin = arcface_loss.build_margin(cfg.head, s=cfg.scale_s, m=cfg.margin_m,
+                                           m1=cfg.margin_m1, m3=cfg.margin_m3,
+                                           easy_margin=cfg.easy_margin)
+        # DDP averages the backbone gradients over ranks, while each rank already holds its
+        # full share of the global-batch loss's gradient: scale by the world size to undo it.
+        head = arcface_loss.ShardedMarginSoftmax(
+            margin, cfg.embedding_size, num_classes, sample_rate=cfg.sample_rate,
+            focal_gamma=cfg.focal_gamma, embedding_grad_scale=float(info.world_size))
+        return head, None
+    head = arcface_loss.build_head(cfg.head, cfg.embedding_size, num_classes, s=cfg.scale_s,
+                                   m=cfg.margin_m, m1=cfg.margin_m1, m3=cfg.margin_m3,
+                                   easy_margin=cfg.easy_margin)
+    return head, arcface_loss.build_criterion(cfg.focal_gamma)
+
+
+def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: int,
+                  steps_per_epoch: int) -> Trainer:
+    """Backbone, head, optimisers, lr schedules and grad scaler on ``info.device``."""
+    import models
+
+    device = info.device
+    seed_everything(cfg.seed)  # the same backbone on every rank (DDP also broadcasts it)
+    backbone = models.build_model(cfg.network, cfg.embedding_size, cfg.dropout).to(device)
+    channels_last = cfg.channels_last
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    seed_everything(cfg.seed + info.rank)  # distinct head shards and augmentation per rank
+    head, criterion = build_head(cfg, num_classes, info)
+    head = head.to(device)
+
+    model: nn.Module = backbone
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            backbone, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, gradient_as_bucket_view=True)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    global_batch = cfg.batch_size * info.world_size
+    lr = cfg.lr * global_batch / cfg.base_batch_size
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, warmup_steps, cfg.scheduler)
+
+    opt_b = build_optimizer(param_groups([backbone], cfg.weight_decay), cfg.optimizer, lr,
+                            cfg.momentum, cfg.nesterov)
+    opt_h = build_optimizer(param_groups([head], cfg.weight_decay), cfg.optimizer, lr,
+                            cfg.momentum, cfg.nesterov)
+    amp_dtype = amp_dtype_for(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Trainer(backbone=backbone, model=model, head=head, criterion=criterion,
+                   opt_backbone=opt_b, opt_head=opt_h,
+                   sched_backbone=torch.optim.lr_scheduler.LambdaLR(opt_b, factor),
+                   sched_head=torch.optim.lr_scheduler.LambdaLR(opt_h, factor),
+                   scaler=scaler, device=device, amp_dtype=amp_dtype,
+                   channels_last=channels_last, grad_clip=cfg.grad_clip, info=info)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def random_flip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror each image with probability FLIP_PROBABILITY. The coin flips come from the
+    global torch RNG of the main process, whose state every checkpoint records."""
+    flip = (torch.rand(images.shape[0]) < FLIP_PROBABILITY).to(images.device)
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+
+
+def forward_backward(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
+                     inject_nan: bool = False) -> torch.Tensor:
+    """Forward, backward and gradient clipping; returns [loss, batch accuracy, gradient
+    norm], averaged over ranks (one all-reduce; NaN anywhere reaches every rank).
+    The weights are not updated yet: the caller checks these values first."""
+    memory_format = torch.channels_last if tr.channels_last else torch.contiguous_format
+    images = images.to(tr.device, non_blocking=True, memory_format=memory_format)
+    labels = labels.to(tr.device, non_blocking=True)
+    images = random_flip(images)
+    with tr.autocast():
+        embeddings = tr.model(images)
+    embeddings = embeddings.float()  # the head and the loss run in float32
+    if tr.criterion is None:
+        loss, accuracy = tr.head(embeddings, labels)
+    else:
+        logits = tr.head(embeddings, labels)
+        loss = tr.criterion(logits, labels)
+        # on the margin logits, so a little stricter than plain nearest-centre accuracy
+        accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+    if inject_nan:
+        loss = loss * float("nan")
+    tr.scaler.scale(loss).backward()
+    tr.scaler.unscale_(tr.opt_backbone)
+    tr.scaler.unscale_(tr.opt_head)
+    # One global norm over the backbone (equal on all ranks after DDP) and every rank's
+    # shard of centres; with max_norm inf it only measures the norm.
+    max_norm = tr.grad_clip if tr.grad_clip > 0 else float("inf")
+    grad_norm = clip_grad_norm_sharded(tr.backbone.parameters(), tr.head.parameters(),
+                                       max_norm)
+    stats = torch.stack([loss.detach().float(), accuracy.detach().float(),
+                         grad_norm.detach().float().to(loss.device)])
+    return all_reduce_sum_(stats, tr.info) / tr.info.world_size
+
+
+def optimizer_step(tr: Trainer) -> None:
+    """Update the weights and the lr schedules (the grad scaler skips inf fp16 steps)."""
+    tr.scaler.step(tr.opt_backbone)
+    tr.scaler.step(tr.opt_head)
+    tr.scaler.update()
+    tr.opt_backbone.zero_grad(set_to_none=True)
+    tr.opt_head.zero_grad(set_to_none=True)
+    tr.sched_backbone.step()
+    tr.sched_head.step()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
+                             num_classes: int) -> Path:
+    """Per-rank files first, then ``checkpoint.pt`` (the commit), then ``backbone.pt``; all
+    atomic. Refuses to save non-finite weights, so a good checkpoint is never replaced by a
+    bad one. Returns the path of ``checkpoint.pt``."""
+    output, info = Path(cfg.output), tr.info
+    if not all_ranks_true(all_finite([tr.backbone, tr.head]), info):
+        raise NonFiniteLossError(f"non-finite weights at step {step}; checkpoint not written")
+    save_checkpoint({"head": tr.head.state_dict(), "optimizer": tr.opt_head.state_dict(),
+                     "scheduler": tr.sched_head.state_dict(), "rng": rng_state(),
+                     "step": step, "rank": info.rank, "world_size": info.world_size},
+                    head_checkpoint_path(output, info.rank, step))
+    barrier(info)
+    path = output / CHECKPOINT_NAME
+    if info.is_main:
+        backbone_state = tr.backbone.state_dict()
+        save_checkpoint({"backbone": backbone_state,
+                         "optimizer": tr.opt_backbone.state_dict(),
+                         "scheduler": tr.sched_backbone.state_dict(),
+                         "scaler": tr.scaler.state_dict(), "step": step, "epoch": epoch,
+                         "world_size": info.world_size, "num_classes": num_classes,
+                         "config": cfg.to_dict()}, path)
+        save_checkpoint(backbone_state, output / BACKBONE_NAME)
+    barrier(info)
+    for stale in stale_head_files(output, info.rank, keep_step=step):
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def resume_training(tr: Trainer, cfg: Config, num_classes: int) -> int:
+    """Load ``checkpoint.pt`` and this rank's file into ``tr``, restore the RNG states, and
+    return the step to continue from."""
+    output, info = Path(cfg.output), tr.info
+    path = output / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ResumeError(f"--resume: no checkpoint to resume at {path}")
+    ckpt = load_checkpoint(path)
+    saved = ckpt["config"]
+    changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED_FIELDS
+               if saved.get(k) != getattr(cfg, k)]
+    if ckpt["world_size"] != info.world_size:
+        changed.append(f"world size: {ckpt['world_size']} -> {info.world_size}")
+    if ckpt["num_classes"] != num_classes:
+        changed.append(f"classes: {ckpt['num_classes']} -> {num_classes}")
+    if changed:
+        raise ResumeError(f"{path}: cannot resume exactly with a different setup ("
+                          + "; ".join(changed) + ")")
+    step = int(ckpt["step"])
+    rank_path = head_checkpoint_path(output, info.rank, step)
+    if not rank_path.is_file():
+        raise ResumeError(f"{path} (step {step}) needs {rank_path}, which is missing")
+    rank_state = load_checkpoint(rank_path)
+    tr.backbone.load_state_dict(ckpt["backbone"])
+    tr.opt_backbone.load_state_dict(ckpt["optimizer"])
+    tr.sched_backbone.load_state_dict(ckpt["scheduler"])
+    tr.scaler.load_state_dict(ckpt["scaler"])
+    tr.head.load_state_dict(rank_state["head"])
+    tr.opt_head.load_state_dict(rank_state["optimizer"])
+    tr.sched_head.load_state_dict(rank_state["scheduler"])
+    set_rng_state(rank_state["rng"])
+    return step
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class Monitor:
+    """TensorBoard scalars, the tqdm bar and the images/s meter (rank 0 only)."""
+
+    def __init__(self, cfg: Config, info: DistInfo, start_step: int, last_step: int) -> None:
+        self.enabled = info.is_main
+        self.global_batch = cfg.batch_size * info.world_size
+        self.writer = self.bar = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm import tqdm
+
+            self.writer = SummaryWriter(str(Path(cfg.output) / "tensorboard"))
+            self.bar = tqdm(total=last_step, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.images_per_second = 0.0
+
+    def step(self, step: int, values: dict[str, float], lr: float, margin: float,
+             log: bool) -> None:
+        self.window_steps += 1
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        if not log:
+            return
+        now = time.perf_counter()
+        self.images_per_second = (self.window_steps * self.global_batch
+                                  / max(now - self.window_start, 1e-9))
+        self.window_start, self.window_steps = now, 0
+        scalars = {**values, "lr": lr, "margin_m": margin,
+                   "images_per_second": self.images_per_second}
+        for name, value in scalars.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}",
+                             img_s=f"{self.images_per_second:.0f}")
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.enabled:
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+
+
+def verify(tr: Trainer, cfg: Config, step: int, monitor: Monitor) -> dict[str, float]:
+    """Verification accuracy on each of cfg.val_bins (rank 0; the others wait)."""
+    results: dict[str, float] = {}
+    if tr.info.is_main:
+        import lfw_eval
+
+        tr.backbone.eval()
+        for path in cfg.val_bins:
+            name = Path(path).stem
+            res = lfw_eval.evaluate_bin(tr.backbone, path)
+            results[name] = float(res["accuracy"])
+            monitor.scalar(f"verification/{name}_accuracy", results[name], step)
+            monitor.scalar(f"verification/{name}_accuracy_std", float(res["accuracy_std"]),
+                           step)
+            LOG.info("step %d: %s accuracy %.4f +- %.4f", step, name, res["accuracy"],
+                     res["accuracy_std"])
+        tr.backbone.train()
+    barrier(tr.info)
+    return results
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, resume: bool = False, init_checkpoint: str | None = None
+          ) -> dict[str, Any]:
+    """Train as ``cfg`` says (one process, or one rank of a torchrun job); returns a
+    summary: steps, final loss and accuracy, checkpoint paths, seconds, images/s."""
+    info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, info, resume, init_checkpoint)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | None
+           ) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    output = Path(cfg.output)
+    if info.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        LOG.info("config (world size %d, device %s):\n%s", info.world_size, info.device,
+                 cfg.pretty())
+        cfg.save(output / CONFIG_NAME)
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    dataset, source = build_dataset(cfg)
+    num_classes = int(dataset.num_classes)
+    check_labels(dataset.labels, num_classes, source)
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, info.world_size, info.rank,
+                                    seed=cfg.seed)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    tr = build_trainer(cfg, num_classes, info, total_steps, steps_per_epoch)
+    loader = build_loader(dataset, sampler, cfg, info)
+
+    step, last_ckpt = 0, None
+    if resume:
+        step = resume_training(tr, cfg, num_classes)
+        last_ckpt = output / CHECKPOINT_NAME
+    elif init_checkpoint:
+        tr.backbone.load_state_dict(load_backbone_state(init_checkpoint))
+    if info.is_main:
+        LOG.info("%s: %d images of %d identities; %d steps per epoch of %d images, %d steps"
+                 " in all%s", source, len(dataset), num_classes, steps_per_epoch,
+                 sampler.global_batch, total_steps,
+                 f", resuming after step {step}" if step else "")
+
+    monitor = Monitor(cfg, info, step, last_step)
+    values = dict.fromkeys(STATS, float("nan"))
+    verification: dict[str, float] = {}
+    history: list[dict[str, float]] = []  # the logged values, also returned in the summary
+    saved_step = step if resume else -1
+    steps_run = 0
+    t_loop = time.perf_counter()
+    try:
+        epoch, start_batch = divmod(step, steps_per_epoch)
+        while step < last_step:
+            sampler.set_epoch(epoch, start_batch)
+            for images, labels in loader:
+                margin = margin_at(step, total_steps, cfg.margin_m, cfg.margin_warmup)
+                tr.head.m = margin  # read at forward time
+                lr = tr.opt_backbone.param_groups[0]["lr"]
+                step += 1
+                fault = injected_fault(step)
+                stats = forward_backward(tr, images, labels, inject_nan=fault == "nan")
+                values = dict(zip(STATS, stats.tolist(), strict=True))
+                fp16_skip = tr.scaler.is_enabled()  # the scaler itself skips inf fp16 grads
+                if not (math.isfinite(values["loss"])
+                        and (fp16_skip or math.isfinite(values["grad_norm"]))):
+                    where = (f"last good checkpoint: {last_ckpt} (step {saved_step})"
+                             if last_ckpt else "no checkpoint had been written yet")
+                    raise NonFiniteLossError(
+                        f"non-finite training loss {values['loss']} (gradient norm "
+                        f"{values['grad_norm']}) at step {step}, epoch {epoch + 1}; stopped "
+                        f"before updating the weights; {where}")
+                optimizer_step(tr)
+                steps_run += 1
+                log = step % cfg.log_every == 0 or step == last_step or steps_run == 1
+                monitor.step(step, values, lr, margin, log)
+                if log:
+                    history.append({"step": step, **values, "lr": lr, "margin_m": margin})
+                if step % cfg.save_every == 0 or step % steps_per_epoch == 0 \
+                        or step == last_step:
+                    last_ckpt = save_training_checkpoint(tr, cfg, step,
+                                                         step // steps_per_epoch, num_classes)
+                    saved_step = step
+                if cfg.val_bins and cfg.verify_every > 0 and (
+                        step % cfg.verify_every == 0 or step == last_step):
+                    verification = verify(tr, cfg, step, monitor)
+                if fault == "kill":
+                    kill_self()
+                if step >= last_step:
+                    break
+            epoch, start_batch = epoch + 1, 0
+    finally:
+        monitor.close()
+
+    loop_seconds = time.perf_counter() - t_loop
+    summary = {
+        "steps": step, "steps_run": steps_run, "epochs": step / steps_per_epoch,
+        "final_loss": values["loss"], "final_accuracy": values["accuracy"],
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "backbone": str(output / BACKBONE_NAME), "config": str(output / CONFIG_NAME),
+        "seconds": time.perf_counter() - t_start,
+        "images_per_second": steps_run * sampler.global_batch / max(loop_seconds, 1e-9),
+        "verification": verification, "world_size": info.world_size, "history": history,
+    }
+    if info.is_main:
+        LOG.info("done: %d steps (%.2f epochs) in %.1f s, %.1f images/s; final loss %.4f, "
+                 "batch accuracy %.3f\n  checkpoint: %s\n  backbone:   %s\n  config:     %s"
+                 "\n  tensorboard: %s", step, summary["epochs"], summary["seconds"],
+                 summary["images_per_second"], summary["final_loss"],
+                 summary["final_accuracy"], summary["checkpoint"], summary["backbone"],
+                 summary["config"], output / "tensorboard")
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_arg_parser():
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--resume", action="store_true",
+                        help="continue exactly from <output>/checkpoint.pt")
+    parser.add_argument("--init-checkpoint", default=None,
+                        help="start from these backbone weights (backbone.pt or a checkpoint)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, args = parse_config(argv, parser=build_arg_parser())
+    try:
+        train(cfg, resume=args.resume, init_checkpoint=args.init_checkpoint)
+    except NonFiniteLossError as e:
+        LOG.error("%s", e)
+        return EXIT_NON_FINITE
+    except (LabelRangeError, ResumeError, FileNotFoundError) as e:
+        LOG.error("%s", e)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

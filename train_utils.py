@@ -1,0 +1,220 @@
+"""Pieces of `train.py` that are not the loop itself: the resumable sampler, the lr schedule,
+optimiser parameter groups, RNG state capture, label checks, checkpoint file names and the
+test-only fault injection."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import signal
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------- errors
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN/inf loss, gradient norm or weight and stopped before using it."""
+
+
+class LabelRangeError(ValueError):
+    """A training label lies outside [0, num_classes); the message names the data file."""
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler[int]):
+    """Sample indices for one rank, deterministic in (seed, epoch), resumable mid-epoch.
+
+    Epoch e shuffles all samples with a generator seeded by ``seed + e``; global batch b is
+    ``perm[b*G:(b+1)*G]`` with G = batch_size * world_size, and rank r takes the r-th slice
+    of it. The incomplete last global batch is dropped. ``set_epoch(e, start_batch=k)`` starts
+    the epoch at batch k, so a resumed run reads exactly the batches the interrupted one had
+    left, without loading the skipped ones. The order depends only on the seed, epoch and
+    global batch, never on the RNG state of the process."""
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True) -> None:
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.world_size, self.rank = world_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = num_samples // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{num_samples} samples are fewer than one global batch of "
+                             f"{self.global_batch} ({batch_size} x {world_size} ranks)")
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        for b in range(self.start_batch, self.batches_per_epoch):
+            start = b * self.global_batch + self.rank * self.batch_size
+            yield from order[start:start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+# ----------------------------------------------------------------------------- schedules
+
+POLY_POWER = 2  # arcface_torch's PolyScheduler
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the base lr for 0-based ``step``: linear warm-up to 1 over
+    ``warmup_steps``, then ``poly`` ((1 - progress)^2, as arcface_torch) or ``cosine``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if kind == "poly":
+        return (1.0 - progress) ** POLY_POWER
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown scheduler {kind!r}; choose poly or cosine")
+
+
+
+def margin_at(step: int, total_steps: int, margin: float, warmup_fraction: float) -> float:
+    """The margin m ramped linearly from 0 over the first ``warmup_fraction`` of the steps."""
+    ramp = warmup_fraction * total_steps
+    if ramp <= 0:
+        return margin
+    return margin * min(1.0, step / ramp)
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: weight decay for weights, none for BatchNorm scales/shifts and biases."""
+    decay, no_decay, seen = [], [], set()
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    for module in modules:
+        for sub in module.modules():
+            for name, p in sub.named_parameters(recurse=False):
+                if not p.requires_grad or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                (no_decay if isinstance(sub, norm_types) or name.endswith("bias")
+                 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(groups: list[dict[str, Any]], name: str, lr: float, momentum: float,
+                    nesterov: bool) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; choose sgd or adamw")
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch and CUDA generator states in a form torch.load(weights_only)
+    accepts (NumPy's key array becomes a tensor)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos),
+                       int(np_has_gauss), float(np_gauss)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss_value = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_value))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- data checks
+
+
+def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
+    """Refuse labels outside [0, num_classes) before training starts, naming the file."""
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise LabelRangeError(
+            f"{source}: {bad.size} of {labels.size} labels lie outside [0, {num_classes}) "
+            f"(first: sample {i} has label {int(labels[i])}); the data set declares "
+            f"{num_classes} identities")
+
+
+# ----------------------------------------------------------------------------- files
+
+CHECKPOINT_NAME = "checkpoint.pt"
+BACKBONE_NAME = "backbone.pt"
+CONFIG_NAME = "config.json"
+_HEAD_RE = re.compile(r"checkpoint_rank(\d+)_step(\d+)\.pt$")
+
+
+def head_checkpoint_path(output: Path, rank: int, step: int) -> Path:
+    """Per-rank head shard file; the step in its name ties it to one ``checkpoint.pt``."""
+    return output / f"checkpoint_rank{rank}_step{step}.pt"
+
+
+def stale_head_files(output: Path, rank: int, keep_step: int) -> list[Path]:
+    """This rank's head files of steps other than ``keep_step``."""
+    out = []
+    for p in output.glob(f"checkpoint_rank{rank}_step*.pt"):
+        m = _HEAD_RE.search(p.name)
+        if m and int(m.group(2)) != keep_step:
+            out.append(p)
+    return out
+
+
+def all_finite(modules: Sequence[nn.Module]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+FAULT_ENV = "FACE_TRAIN_FAULT"
+
+
+def injected_fault(step: int) -> str | None:
+    """Test-only fault injection: ``FACE_TRAIN_FAULT=nan@7`` turns the loss of step 7 into
+    NaN; ``kill@7`` kills the process (SIGKILL, no clean-up) once step 7 and any checkpoint
+    due at it are done. Steps count from 1. Unset in normal use."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    kind, _, at = spec.partition("@")
+    if kind not in ("nan", "kill") or not at.isdigit():
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected nan@STEP or kill@STEP")
+    return kind if int(at) == step else None
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
