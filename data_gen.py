@@ -12,7 +12,8 @@ Every dataset here has the same interface:
   JPEG. A bad magic number (the index does not match the file) is an error naming file and
   byte offset.
 
-``build_loader`` wraps a dataset; with ``distributed=True`` the caller must call
+``build_loader`` wraps a dataset (``raw_uint8=True``: uint8 batches, normalised by the caller
+with :func:`normalize_batch`, the faster way); with ``distributed=True`` the caller must call
 ``loader.sampler.set_epoch(epoch)`` (or :func:`set_epoch`) before each epoch, otherwise every
 epoch repeats the same order.
 """
@@ -24,6 +25,7 @@ import os
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -114,8 +116,6 @@ class _FaceDataset(Dataset):
     def _checked_read(self, i: int) -> tuple[np.ndarray, int]:
         image, label = self.read(i)
         if image.shape[:2] != (self.image_size, self.image_size):
-            import cv2
-
             image = cv2.resize(image, (self.image_size, self.image_size),
                                interpolation=cv2.INTER_AREA)
         return image, label
@@ -127,15 +127,25 @@ class _FaceDataset(Dataset):
         warnings.warn(f"{error}; replacing it with another sample of class "
                       f"{int(self.labels[i])}", RuntimeWarning, stacklevel=3)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def _augmented(self, i: int) -> tuple[np.ndarray, int]:
         image, label = self.read_or_replace(int(i))
         if self.train and self._generator().random() < FLIP_PROBABILITY:
-            image = image[:, ::-1]
+            image = cv2.flip(image, 1)  # a contiguous copy: the pass below reads it fast
+        return image, label
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self._augmented(i)
         # one pass: HWC -> CHW, uint8 -> float32, x / 127.5 - 1 (== (x - 127.5) / 127.5)
         chw = np.multiply(image.transpose(2, 0, 1), np.float32(1.0 / PIXEL_CENTRE),
                           dtype=np.float32)
         chw -= np.float32(1.0)
         return torch.from_numpy(chw), label
+
+    def raw_item(self, i: int) -> tuple[torch.Tensor, int]:
+        """Like ``ds[i]`` but the image stays as decoded: uint8 HxWx3 RGB (flipped when
+        training); :func:`normalize_batch` finishes the job on the consumer's side."""
+        image, label = self._augmented(i)
+        return torch.from_numpy(image), label
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -171,8 +181,9 @@ class FaceRecordDataset(_FaceDataset):
         """The decoded RGB image and label of sample ``i``. ImageReadError for bad image
         bytes; RecordIOError (file and offset named) for a broken record."""
         payload = self.reader.read_at(int(self.offsets[i]))
-        _, image = recordio.unpack_payload(payload, self.describe(i))
-        return decode_image(image, self.describe(i)), int(self.labels[i])
+        source = self.describe(i)
+        _, image = recordio.unpack_payload(payload, source)
+        return decode_image(image, source), int(self.labels[i])
 
 
 class ImageFolderDataset(_FaceDataset):
@@ -198,6 +209,39 @@ class ImageFolderDataset(_FaceDataset):
         return read_image(self.describe(i)), int(self.labels[i])
 
 
+class RawUint8View(Dataset):
+    """A face dataset seen through ``raw_item``: uint8 HxWx3 images (4x less to move between
+    processes than float32). Other attributes (labels, num_classes, ...) pass through."""
+
+    def __init__(self, dataset: _FaceDataset):
+        if not hasattr(dataset, "raw_item"):
+            raise TypeError(f"{type(dataset).__name__} has no raw_item(); raw_uint8 needs one "
+                            f"of data_gen's datasets")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.dataset.raw_item(i)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (unpickling): avoid recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NxHxWx3 from a ``raw_uint8`` loader to float32 Nx3xHxW ``(x - 127.5) / 127.5``
+    on the tensor's own device (move it to the GPU first: 4x less to transfer). The result
+    is in channels_last memory format (what a channels_last model wants); call
+    ``.contiguous()`` for the classic layout."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise TypeError(f"normalize_batch expects uint8 NxHxWx3 images, got {images.dtype} "
+                        f"{tuple(images.shape)}")
+    return images.permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / PIXEL_CENTRE).sub_(1.0)
+
+
 def _seed_worker(worker_id: int) -> None:
     """Seed NumPy and ``random`` in each worker from torch's per-worker seed."""
     import random
@@ -210,11 +254,19 @@ def _seed_worker(worker_id: int) -> None:
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, distributed: bool = False,
                  seed: int = 0, *, num_replicas: int | None = None,
-                 rank: int | None = None) -> DataLoader:
+                 rank: int | None = None, raw_uint8: bool = False) -> DataLoader:
     """A DataLoader with pinned memory (when CUDA is present), persistent workers (when
     ``num_workers > 0``), seeded shuffling and worker seeds, and a ``DistributedSampler`` when
     ``distributed`` (world size / rank from the process group unless given). With
-    ``distributed`` the caller calls ``loader.sampler.set_epoch(epoch)`` every epoch."""
+    ``distributed`` the caller calls ``loader.sampler.set_epoch(epoch)`` every epoch.
+
+    Batches are ``(float32 Nx3x112x112 normalised, int64 N)``. With ``raw_uint8=True`` the
+    images come as uint8 NxHxWx3 instead and the caller applies :func:`normalize_batch` (best after
+    moving them to the GPU): worker processes then pass 4x fewer bytes through shared memory,
+    which on small CPUs costs more than the JPEG decode itself (see bench/data_throughput.py).
+    """
+    if raw_uint8:
+        dataset = RawUint8View(dataset)
     sampler = None
     if distributed:
         if num_replicas is None and not torch.distributed.is_initialized():

@@ -161,3 +161,19 @@ def test_image_folder_dataset(tmp_path):
         assert got == label
         np.testing.assert_array_equal(image, rgb)
         np.testing.assert_allclose(ds[i][0].numpy(), _normalised(rgb), atol=1e-6)
+
+
+def test_raw_uint8_loader_and_normalize_batch(tmp_path):
+    rec, _, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    ds = data_gen.FaceRecordDataset(rec, train=False)
+    loader = data_gen.build_loader(ds, batch_size=5, shuffle=False, drop_last=True,
+                                   raw_uint8=True)
+    assert loader.dataset.num_classes == len(COUNTS)  # attributes pass through the view
+    images, labels = next(iter(loader))
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (5, 112, 112, 3)
+    assert labels.tolist() == [c for _, c, _ in expected[:5]]
+    floats = data_gen.normalize_batch(images)
+    assert floats.dtype == torch.float32 and tuple(floats.shape) == (5, 3, 112, 112)
+    for i in range(5):
+        np.testing.assert_array_equal(images[i].numpy(), expected[i][2])
+        np.testing.assert_allclose(floats[i].numpy(), _normalised(expected[i][2]), atol=1e-6)
