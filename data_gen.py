@@ -20,6 +20,7 @@ epoch repeats the same order.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import warnings
@@ -37,6 +38,7 @@ from utils import ImageReadError, decode_image, read_image
 PIXEL_CENTRE = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1]
 FLIP_PROBABILITY = 0.5
 MAX_REPLACEMENT_TRIES = 20  # corrupt samples tried before giving up on a replacement
+COUNTER_SLOTS = 256  # per-process corrupt counters: the main process + up to 255 workers
 
 
 class _FaceDataset(Dataset):
@@ -48,8 +50,10 @@ class _FaceDataset(Dataset):
     def __init__(self, train: bool, image_size: int = IMAGE_SIZE):
         self.train = train
         self.image_size = image_size
-        # shared across DataLoader worker processes so the parent sees the workers' count
-        self._corrupt = multiprocessing.Value("q", 0)
+        # Shared memory, one slot per process (main = 0, worker k = k + 1), so the parent
+        # sees the workers' counts without a lock; a lock would tie the dataset to one
+        # multiprocessing start method.
+        self._corrupt = multiprocessing.RawArray(ctypes.c_int64, COUNTER_SLOTS)
         self._bad: set[int] = set()  # per process: indices known to be unreadable
         self._rng: np.random.Generator | None = None
         self._rng_pid: int | None = None
@@ -61,7 +65,7 @@ class _FaceDataset(Dataset):
     @property
     def corrupt_count(self) -> int:
         """Unreadable samples met so far, summed over all worker processes."""
-        return int(self._corrupt.value)
+        return int(sum(self._corrupt))
 
     def read(self, i: int) -> tuple[np.ndarray, int]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -122,8 +126,8 @@ class _FaceDataset(Dataset):
 
     def _record_bad(self, i: int, error: Exception) -> None:
         self._bad.add(i)
-        with self._corrupt.get_lock():
-            self._corrupt.value += 1
+        info = torch.utils.data.get_worker_info()
+        self._corrupt[0 if info is None else 1 + info.id % (COUNTER_SLOTS - 1)] += 1
         warnings.warn(f"{error}; replacing it with another sample of class "
                       f"{int(self.labels[i])}", RuntimeWarning, stacklevel=3)
 
@@ -254,7 +258,8 @@ def _seed_worker(worker_id: int) -> None:
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, distributed: bool = False,
                  seed: int = 0, *, num_replicas: int | None = None,
-                 rank: int | None = None, raw_uint8: bool = False) -> DataLoader:
+                 rank: int | None = None, raw_uint8: bool = False,
+                 mp_context: str | None = None) -> DataLoader:
     """A DataLoader with pinned memory (when CUDA is present), persistent workers (when
     ``num_workers > 0``), seeded shuffling and worker seeds, and a ``DistributedSampler`` when
     ``distributed`` (world size / rank from the process group unless given). With
@@ -264,6 +269,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
     images come as uint8 NxHxWx3 instead and the caller applies :func:`normalize_batch` (best after
     moving them to the GPU): worker processes then pass 4x fewer bytes through shared memory,
     which on small CPUs costs more than the JPEG decode itself (see bench/data_throughput.py).
+    ``mp_context`` ("fork", "spawn", "forkserver") overrides the workers' start method.
     """
     if raw_uint8:
         dataset = RawUint8View(dataset)
@@ -280,7 +286,8 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
         sampler=sampler, num_workers=num_workers, drop_last=drop_last,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        worker_init_fn=_seed_worker, generator=generator)
+        worker_init_fn=_seed_worker, generator=generator,
+        multiprocessing_context=mp_context if num_workers > 0 else None)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -177,3 +177,16 @@ def test_raw_uint8_loader_and_normalize_batch(tmp_path):
     for i in range(5):
         np.testing.assert_array_equal(images[i].numpy(), expected[i][2])
         np.testing.assert_allclose(floats[i].numpy(), _normalised(expected[i][2]), atol=1e-6)
+
+
+def test_spawned_worker_reads_and_reports_corrupt(tmp_path):
+    rec, _, expected = lib.build_insightface_set(tmp_path, (2, 2), corrupt_jpeg_at=2)
+    ds = data_gen.FaceRecordDataset(rec, train=False)
+    loader = data_gen.build_loader(ds, batch_size=4, num_workers=1, shuffle=False,
+                                   mp_context="spawn")
+    images, labels = next(iter(loader))
+    assert labels.tolist() == [0, 0, 1, 1]
+    np.testing.assert_allclose(images[0].numpy(), _normalised(expected[0][2]), atol=1e-6)
+    # sample 1 (key 2) is corrupt: its only classmate (sample 0) stands in for it
+    np.testing.assert_allclose(images[1].numpy(), _normalised(expected[0][2]), atol=1e-6)
+    assert ds.corrupt_count == 1
