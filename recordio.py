@@ -361,3 +361,39 @@ class RecordWriter:
         from utils import atomic_write_text
 
         atomic_write_text(self.idx_path, "".join(f"{k}\t{o}\n" for k, o in self._index))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """List the first records of a .rec file: offset, payload size, IRHeader, image bytes."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="List the records of a RecordIO file.")
+    parser.add_argument("rec", help="the .rec file")
+    parser.add_argument("--limit", type=int, default=10, help="records to list")
+    args = parser.parse_args(argv)
+    try:
+        reader = RecordReader(args.rec)
+        for n, (offset, payload, error) in enumerate(reader.scan()):
+            if n >= args.limit:
+                break
+            if error is not None:
+                print(f"{offset:>12}  damaged: {error}")
+                continue
+            try:
+                header, image = unpack_payload(payload, f"{args.rec}@{offset}")
+                label = np.round(header.label, 4).tolist() if header.flag else header.label
+                print(f"{offset:>12}  {len(payload):>8} B  flag={header.flag} label={label} "
+                      f"id={header.id} image={len(image)} B")
+            except RecordIOError:
+                print(f"{offset:>12}  {len(payload):>8} B  (no image header)")
+    except (OSError, RecordIOError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -190,3 +190,13 @@ def test_spawned_worker_reads_and_reports_corrupt(tmp_path):
     # sample 1 (key 2) is corrupt: its only classmate (sample 0) stands in for it
     np.testing.assert_allclose(images[1].numpy(), _normalised(expected[0][2]), atol=1e-6)
     assert ds.corrupt_count == 1
+
+
+def test_cli_reports_set_and_batch(tmp_path, capsys):
+    rec, _, _ = lib.build_insightface_set(tmp_path, COUNTS)
+    assert data_gen.main(["--rec", str(rec), "--batch-size", "4", "--num-workers", "0",
+                          "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{sum(COUNTS)} images, {len(COUNTS)} identities, labels 0..{len(COUNTS) - 1}" in out
+    assert "images (4, 3, 112, 112) torch.float32" in out and "8 images in" in out
+    assert data_gen.main(["--rec", str(tmp_path / "missing.rec")]) == 1
