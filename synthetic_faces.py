@@ -18,9 +18,21 @@ head, colour and blur changes, sensor noise and JPEG compression (quality 30-95)
 250x250 canvas like LFW's.
 
 :func:`generate_dataset` writes training identities to ``train/<name>/<name>_0001.jpg`` and
-disjoint held-out identities to ``lfw/<name>/...`` with ``lfw/pairs.txt`` in LFW's format.
-Each image is seeded by (identity seed, image number) alone, so its bytes do not depend on
-what an earlier run already wrote, and a rerun only fills in missing files.
+held-out identities to ``lfw/<name>/...`` with ``lfw/pairs.txt`` in LFW's format. The two
+splits never share an identity seed (:func:`identity_seed`) or a name (:func:`identity_name`).
+Like LFW's view 2, pairs.txt puts each held-out identity in one fold when there are at least
+two identities per fold (else all folds draw distinct pairs from all identities; the summary
+says which); pairs per fold default to LFW's 300 or as many as the set allows.
+
+Determinism: each image is seeded by (identity seed, image number) alone, so its bytes do not
+depend on what an earlier run already wrote (a rerun only fills in missing files) nor on
+``workers``; OpenCV runs on one thread (utils) and no BLAS call touches pixels, so one seed
+gives the same bytes on one machine every time (other CPUs or library builds may differ in
+the last bits of float arithmetic).
+
+The base photos' landmarks are a table measured once with facenet-pytorch's MTCNN (the tests
+re-measure them), so generation needs neither torch nor MTCNN. Cost: about 8 ms of one core
+per image (identity construction included); 200x15 + 100x10 images take ~33 s CPU.
 
     python synthetic_faces.py --identities 200 --images-per-identity 15 --out data/synth
 """
@@ -116,6 +128,17 @@ def _stamp_dot(canvas: np.ndarray, cx: float, cy: float, radius: float, value: f
     np.maximum(canvas[y0:y1, x0:x1], disk, out=canvas[y0:y1, x0:x1])
 
 
+def _weighted_sum(coefs: np.ndarray, arrays: np.ndarray) -> np.ndarray:
+    """``out[i] = sum_k coefs[i, k] * arrays[k]`` by plain element-wise float32 arithmetic,
+    in a fixed order: a BLAS product could split the work across threads differently from
+    one machine or thread count to the next and change the last bits (and the JPEG bytes)."""
+    out = np.zeros((len(coefs),) + arrays.shape[1:], np.float32)
+    for i, row in enumerate(np.asarray(coefs, np.float32)):
+        for k, c in enumerate(row):
+            out[i] += c * arrays[k]
+    return out
+
+
 def make_identity(seed: int) -> Identity:
     """The identity fixed by ``seed`` (non-negative int); a few milliseconds, deterministic."""
     if int(seed) < 0:
@@ -130,8 +153,7 @@ def make_identity(seed: int) -> Identity:
     for r, region in enumerate(a.region_names):
         traits.update({f"blend_{region}_{a.names[b]}": float(region_w[r, b])
                        for b in range(n_bases)})
-    flat_regions = a.regions.reshape(len(a.region_names), -1)
-    weights = (region_w.T.astype(np.float32) @ flat_regions).reshape(a.silhouettes.shape)
+    weights = _weighted_sum(region_w.T, a.regions)  # B x H x W
     skin = a.regions[a.region_names.index("skin")]
     detail_weights = skin * detail_w[:, None, None].astype(np.float32) + (1.0 - skin) * weights
     texture = sum(weights[b, ..., None] * a.bases_low[b]
@@ -189,7 +211,7 @@ def make_identity(seed: int) -> Identity:
     # Face shape: one smooth backward displacement field moves every feature at once.
     coefs = rng.uniform(-1.0, 1.0, len(a.shape_names)).astype(np.float32)
     traits.update({f"shape_{n}": float(c) for n, c in zip(a.shape_names, coefs, strict=True)})
-    disp = (coefs @ a.shape_basis.reshape(len(coefs), -1)).reshape(a.shape_basis.shape[1:])
+    disp = _weighted_sum(coefs[None], a.shape_basis)[0]
     rgba = np.ascontiguousarray(
         np.concatenate([np.clip(texture, 0, 1), silhouette[..., None]], axis=2), np.float32)
     rgba = cv2.remap(rgba, a.grid_x + disp[0], a.grid_y + disp[1], cv2.INTER_LINEAR,
@@ -286,7 +308,8 @@ def render_jpeg(identity: Identity, rng: np.random.Generator) -> bytes:
 
 
 def render_image(identity: Identity, rng: np.random.Generator) -> np.ndarray:
-    """One image of ``identity``: RGB uint8 250x250x3, exactly what its JPEG file decodes to."""
+    """One image of ``identity``: RGB uint8 250x250x3, exactly what its JPEG file decodes to
+    (JPEG compression included). ``image_rng(identity.seed, k)`` gives dataset image k."""
     return decode_image(render_jpeg(identity, rng), source=f"identity {identity.seed}")
 
 
@@ -415,20 +438,32 @@ def format_pairs(folds: list[tuple[list, list]], n: int) -> str:
 
 # ----------------------------------------------------------------------------- dataset
 
+def _render_identity(job: tuple[Path, str, int, list[int]]) -> int:
+    """Write the listed images of one identity; returns how many (a pool worker's task)."""
+    root, name, seed_of_identity, numbers = job
+    identity = make_identity(seed_of_identity)
+    for k in numbers:
+        atomic_write_bytes(image_path(root, name, k),
+                           render_jpeg(identity, image_rng(seed_of_identity, k)))
+    return len(numbers)
+
+
 def generate_dataset(out_dir: str | Path, train_identities: int = 200, train_images: int = 15,
                      eval_identities: int = 100, eval_images: int = 10, folds: int = LFW_FOLDS,
                      pairs_per_fold: int | None = None, seed: int = 0,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, workers: int = 1) -> dict[str, Any]:
     """Write ``out_dir/train/<name>/<name>_0001.jpg`` (training identities) and
     ``out_dir/lfw/<name>/...`` plus ``out_dir/lfw/pairs.txt`` (held-out identities, disjoint
     seeds and names). Images that already exist are kept (a rerun resumes); pairs.txt is
-    rewritten (it is deterministic). Returns a summary dict."""
+    rewritten (it is deterministic). ``workers`` > 1 renders identities in that many
+    processes: the bytes are the same for any number. Returns a summary dict."""
     from tqdm import tqdm
 
     for label, value, low in (("train_identities", train_identities, 0),
                               ("train_images", train_images, 1),
                               ("eval_identities", eval_identities, 2),
-                              ("eval_images", eval_images, 2), ("seed", seed, 0)):
+                              ("eval_images", eval_images, 2), ("seed", seed, 0),
+                              ("workers", workers, 1)):
         if int(value) < low:
             raise ValueError(f"{label} must be >= {low}, got {value}")
     start = time.perf_counter()
@@ -443,21 +478,24 @@ def generate_dataset(out_dir: str | Path, train_identities: int = 200, train_ima
     pair_folds, n_pairs, disjoint = make_pairs(
         eval_counts, folds, pairs_per_fold, np.random.default_rng([seed, PAIRS_SALT]))
 
-    written = skipped = 0
+    pending = []
+    for root, name, id_seed, n_images in jobs:
+        missing = [k for k in range(1, n_images + 1) if not image_path(root, name, k).is_file()]
+        if missing:
+            pending.append((root, name, id_seed, missing))
     total = sum(job[3] for job in jobs)
+    written = sum(len(job[3]) for job in pending)
     with tqdm(total=total, desc="synthetic faces", unit="img", disable=not progress) as bar:
-        for root, name, id_seed, n_images in jobs:
-            missing = [k for k in range(1, n_images + 1)
-                       if not image_path(root, name, k).is_file()]
-            skipped += n_images - len(missing)
-            if missing:
-                identity = make_identity(id_seed)
-                for k in missing:
-                    atomic_write_bytes(image_path(root, name, k),
-                                       render_jpeg(identity, image_rng(id_seed, k)))
-                    written += 1
-                    bar.update(1)
-            bar.update(n_images - len(missing))
+        bar.update(total - written)
+        if workers == 1 or len(pending) < 2:
+            for job in pending:
+                bar.update(_render_identity(job))
+        else:  # spawn: fresh workers, no state forked from a parent that may run threads
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(pending))) as pool:
+                for count in pool.imap_unordered(_render_identity, pending):
+                    bar.update(count)
     pairs_path = lfw_dir / "pairs.txt"
     atomic_write_text(pairs_path, format_pairs(pair_folds, n_pairs))
     return {
@@ -466,7 +504,8 @@ def generate_dataset(out_dir: str | Path, train_identities: int = 200, train_ima
         "train_images": train_identities * train_images, "eval_identities": eval_identities,
         "eval_images": eval_identities * eval_images, "folds": folds,
         "pairs_per_fold": n_pairs, "folds_identity_disjoint": disjoint, "written": written,
-        "skipped": skipped, "seed": seed, "seconds": round(time.perf_counter() - start, 2),
+        "skipped": total - written, "seed": seed,
+        "seconds": round(time.perf_counter() - start, 2),
     }
 
 
@@ -487,6 +526,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              f"{LFW_PAIRS_PER_FOLD} or as many as the held-out set allows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="data/synth", help="output folder")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes rendering identities (same bytes for any number)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     log = get_logger("synthetic_faces")
@@ -495,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.out, train_identities=args.identities, train_images=args.images_per_identity,
             eval_identities=args.eval_identities, eval_images=args.eval_images,
             folds=args.folds, pairs_per_fold=args.pairs_per_fold, seed=args.seed,
-            progress=not args.no_progress)
+            progress=not args.no_progress, workers=args.workers)
     except ValueError as e:
         parser.error(str(e))
     log.info("wrote %d images (%d already there) in %.1f s", summary["written"],

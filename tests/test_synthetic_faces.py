@@ -130,11 +130,11 @@ def test_determinism():
     assert jpeg != sf.render_jpeg(b, sf.image_rng(11, 1))  # another person, same image seed
 
 
-def test_different_seed_gives_different_dataset(tmp_path):
+def test_same_bytes_with_workers_and_different_with_another_seed(tmp_path):
     kwargs = dict(train_identities=1, train_images=2, eval_identities=2, eval_images=2,
                   folds=1, progress=False)
     sf.generate_dataset(tmp_path / "s0", seed=0, **kwargs)
-    sf.generate_dataset(tmp_path / "s0b", seed=0, **kwargs)
+    sf.generate_dataset(tmp_path / "s0b", seed=0, workers=2, **kwargs)  # two processes
     sf.generate_dataset(tmp_path / "s1", seed=1, **kwargs)
     files = sorted(p.relative_to(tmp_path / "s0") for p in (tmp_path / "s0").rglob("*.jpg"))
     assert len(files) == 2 + 4
