@@ -438,6 +438,11 @@ def format_pairs(folds: list[tuple[list, list]], n: int) -> str:
 
 # ----------------------------------------------------------------------------- dataset
 
+def _exists(path: Path) -> bool:
+    """A finished image: writes are atomic, but an empty file (a full disk) is redone."""
+    return path.is_file() and path.stat().st_size > 0
+
+
 def _render_identity(job: tuple[Path, str, int, list[int]]) -> int:
     """Write the listed images of one identity; returns how many (a pool worker's task)."""
     root, name, seed_of_identity, numbers = job
@@ -480,7 +485,7 @@ def generate_dataset(out_dir: str | Path, train_identities: int = 200, train_ima
 
     pending = []
     for root, name, id_seed, n_images in jobs:
-        missing = [k for k in range(1, n_images + 1) if not image_path(root, name, k).is_file()]
+        missing = [k for k in range(1, n_images + 1) if not _exists(image_path(root, name, k))]
         if missing:
             pending.append((root, name, id_seed, missing))
     total = sum(job[3] for job in jobs)

@@ -86,10 +86,13 @@ def test_rerun_skips_and_restores_identical_bytes(small_set):
     original = victim.read_bytes()
     pairs_before = (out / "lfw" / "pairs.txt").read_bytes()
     victim.unlink()
+    empty = sorted((out / "lfw").glob("*/*_0001.jpg"))[0]
+    original_empty = empty.read_bytes()
+    empty.write_bytes(b"")  # an empty file counts as missing
     summary = sf.generate_dataset(out, train_identities=3, train_images=2, eval_identities=4,
                                   eval_images=3, folds=2, seed=0, progress=False)
-    assert summary["written"] == 1 and summary["skipped"] == 3 * 2 + 4 * 3 - 1
-    assert victim.read_bytes() == original
+    assert summary["written"] == 2 and summary["skipped"] == 3 * 2 + 4 * 3 - 2
+    assert victim.read_bytes() == original and empty.read_bytes() == original_empty
     assert (out / "lfw" / "pairs.txt").read_bytes() == pairs_before
 
 
