@@ -1,0 +1,46 @@
+"""A miniature `make demo`: every stage end to end on a few identities and a few steps."""
+
+import json
+
+import numpy as np
+import torch
+
+import demo
+from models import load_backbone
+
+
+def test_miniature_demo_end_to_end(tmp_path):
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    argv = ["--data-dir", str(data), "--run-dir", str(runs), "--train-identities", "6",
+            "--train-images", "4", "--eval-identities", "10", "--eval-images", "3",
+            "--pairs-per-fold", "1", "--max-steps", "6", "--batch-size", "8"]
+    assert demo.main(argv) == 0
+
+    report = json.loads((runs / "report.json").read_text())
+    for key in ("accuracy", "accuracy_std", "untrained_accuracy", "seconds"):
+        assert key in report
+    assert 0.0 <= report["accuracy"] <= 1.0 and 0.0 <= report["untrained_accuracy"] <= 1.0
+    assert report["pairs"] == 20  # 10 folds x (1 same + 1 different)
+    assert report["train_steps"] == 6
+
+    # every stage left its output in the real formats
+    assert len(list((data / "train").rglob("*.jpg"))) == 24
+    assert len(list((data / "train_aligned").rglob("*.jpg"))) == 24
+    assert (data / "train.rec").stat().st_size > 0 and (data / "train.idx").is_file()
+    for name in ("lfw_roc.png", "lfw_hist.png", "lfw_errors.png", "lfw_results.json"):
+        assert (runs / "eval" / name).is_file()
+    assert list(runs.rglob("events.out.tfevents.*")), "no TensorBoard log"
+
+    # the trained backbone differs from the untrained one and loads for evaluation
+    trained = load_backbone(runs / "backbone.pt")
+    untrained = load_backbone(runs / "untrained" / "backbone.pt")
+    x = torch.zeros(1, 3, 112, 112)
+    with torch.no_grad():
+        assert not np.allclose(trained(x).numpy(), untrained(x).numpy())
+
+    # a second run reuses every finished stage and reports the same trained accuracy
+    before = (runs / "backbone.pt").stat().st_mtime_ns
+    assert demo.main(argv) == 0
+    again = json.loads((runs / "report.json").read_text())
+    assert again["accuracy"] == report["accuracy"]
+    assert (runs / "backbone.pt").stat().st_mtime_ns == before
