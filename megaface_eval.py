@@ -36,10 +36,10 @@ import numpy as np
 DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4)
 DEFAULT_MAX_RANK = 10
-SCORE_BLOCK_ELEMENTS = 8 * 2**20  # probes x chunk scores held at once (32 MiB of float32)
+SCORE_BLOCK_ELEMENTS = 4 * 2**20  # probes x chunk scores held at once (16 MiB of float32)
 MIN_CHUNK = 256
 TILE = 64  # columns per tile whose maximum screens the verification buffer's candidates
-VERIFY_BLOCK_ELEMENTS = 2**20  # scores appended to the impostor buffer per step
+VERIFY_BLOCK_ELEMENTS = 2**19  # scores appended to the impostor buffer per step
 ROC_POINTS = 60
 FAR_EPS = 1e-9  # guards floor(far * n) against 1e-6 * 1e6 = 0.99999...
 FIGURE_DPI = 100
@@ -47,12 +47,39 @@ FIGURE_DPI = 100
 
 # ----------------------------------------------------------------------------- scores
 
-def pair_scores(a, b):
-    """``1 - |a_i - b_j|^2 / 2`` for every row i of ``a`` and j of ``b`` (torch tensors)."""
+def _left(a):
+    """[a, 1 - |a|^2/2, 1]: with :func:`_right`, one matrix product gives the whole score
+    (no extra passes over the score block for the norm terms)."""
     import torch
 
-    out = torch.addmm((-0.5 * (b * b).sum(1)).unsqueeze(0), a, b.t())
-    return out.add_((1.0 - 0.5 * (a * a).sum(1)).unsqueeze(1))
+    half_sq = 0.5 * (a * a).sum(dim=1, keepdim=True)  # not norm()**2: exact when it can be
+    return torch.cat([a, 1.0 - half_sq, torch.ones_like(half_sq)], dim=1)
+
+
+def _right(b):
+    """[b, 1, -|b|^2/2] (see :func:`_left`)."""
+    import torch
+
+    half_sq = 0.5 * (b * b).sum(dim=1, keepdim=True)
+    return torch.cat([b, torch.ones_like(half_sq), -half_sq], dim=1)
+
+
+def pair_scores(a, b, out=None):
+    """``1 - |a_i - b_j|^2 / 2`` for every row i of ``a`` and j of ``b`` (torch tensors),
+    optionally into ``out`` (len(a), len(b))."""
+    import torch
+
+    return torch.mm(_left(a), _right(b).t(), out=out)
+
+
+def _nonzero(mask):
+    """Indices of the true entries of a 1-D mask; numpy on the CPU, where torch's parallel
+    nonzero costs milliseconds even for a few thousand entries."""
+    import torch
+
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.nonzero().squeeze(1)
 
 
 def auto_chunk_size(num_probes: int) -> int:
@@ -74,8 +101,10 @@ class _TopScores:
 
     def add(self, values) -> None:
         values = values.reshape(-1)
-        if self.tau is not None:  # nonzero + index_select: boolean indexing is slower on CPU
-            values = values.index_select(0, (values > self.tau).nonzero().squeeze(1))
+        if self.tau is None:  # a copy: the caller reuses the memory of ``values``
+            values = values.clone()
+        else:  # nonzero + index_select: boolean indexing is slower on the CPU
+            values = values.index_select(0, _nonzero(values > self.tau))
         if values.numel() == 0:
             return
         self.parts.append(values)
@@ -125,6 +154,8 @@ def _stream(probes, distractors, order, sizes: Sequence[int], max_rank: int, k_i
     best = torch.full((num_probes, max_rank), -math.inf, device=device) if max_rank else None
     impostors = _TopScores(k_impostor) if k_impostor else None
     rows_per_block = max(1, VERIFY_BLOCK_ELEMENTS // chunk_size)
+    block = torch.empty(num_probes * chunk_size, device=device)  # every chunk's scores, reused
+    left = _left(probes)
     snapshots: dict[int, tuple] = {}
     pos = 0
     with tqdm(total=max(sizes), unit="distractor", desc="megaface", disable=not progress,
@@ -134,26 +165,29 @@ def _stream(probes, distractors, order, sizes: Sequence[int], max_rank: int, k_i
                 end = min(pos + chunk_size, size)
                 idx = slice(pos, end) if order is None else order[pos:end]
                 chunk = torch.as_tensor(distractors[idx]).to(device, torch.float32)
-                scores = pair_scores(probes, chunk)
+                scores = torch.mm(left, _right(chunk).t(),
+                                  out=block[:num_probes * (end - pos)].view(num_probes, -1))
                 width = TILE if scores.shape[1] % TILE == 0 else scores.shape[1]
                 tiles = scores.view(num_probes, -1, width)
-                tile_max = tiles.amax(dim=2)  # (P, tiles): screens both reductions below
+                tile_max = tiles.amax(dim=2)  # (P, tiles): screens the work below
                 row_max = tile_max.amax(dim=1)
                 if best is not None:  # only probes with a score above their K-th best change
-                    rows = (row_max > best[:, -1]).nonzero().squeeze(1)
-                    if rows.numel() == num_probes:  # early chunks: no copy of the block
-                        top = torch.topk(scores, min(max_rank, scores.shape[1]), dim=1).values
-                        best = torch.topk(torch.cat([best, top], dim=1), max_rank, dim=1).values
-                    elif rows.numel():
-                        sub = scores.index_select(0, rows)
-                        top = torch.topk(sub, min(max_rank, sub.shape[1]), dim=1).values
-                        merged = torch.cat([best.index_select(0, rows), top], dim=1)
+                    rows = _nonzero(row_max > best[:, -1])
+                    if rows.numel():
+                        # a row's K best scores lie in its K tiles of highest maximum
+                        num_tiles = tile_max.shape[1]
+                        pick = torch.topk(tile_max.index_select(0, rows),
+                                          min(max_rank, num_tiles), dim=1).indices
+                        flat = (rows.unsqueeze(1) * num_tiles + pick).reshape(-1)
+                        cand = tiles.reshape(-1, width).index_select(0, flat)
+                        merged = torch.cat([best.index_select(0, rows),
+                                            cand.reshape(rows.numel(), -1)], dim=1)
                         best.index_copy_(0, rows, torch.topk(merged, max_rank, dim=1).values)
                 if impostors is not None and impostors.tau is None:  # buffer still filling
                     for start in range(0, num_probes, rows_per_block):
                         impostors.add(scores[start:start + rows_per_block])
                 elif impostors is not None:  # only tiles holding a score above the threshold
-                    hit = (tile_max.reshape(-1) > impostors.tau).nonzero().squeeze(1)
+                    hit = _nonzero(tile_max.reshape(-1) > impostors.tau)
                     if hit.numel():  # index_select: advanced indexing is far slower on the CPU
                         impostors.add(tiles.reshape(-1, width).index_select(0, hit))
                 bar.update(end - pos)

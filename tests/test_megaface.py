@@ -19,6 +19,7 @@ import megaface
 import megaface_eval as me
 
 QUANT = 16  # feature entries are k / QUANT: exact float32 scores, and plenty of ties
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU where present
 
 
 def quantised(rng, n, dim=6, levels=8):
@@ -54,6 +55,11 @@ def brute_tar(probes, labels, distractors, far):
     allowed = int(np.floor(far * len(impostor) + 1e-9))
     threshold = impostor[allowed]
     return np.mean([g > threshold for g in genuine]), threshold
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
 
 
 @pytest.fixture
@@ -101,22 +107,28 @@ def test_read_feature_rejects_bad_files_naming_them(tmp_path, data, message):
 
 # ----------------------------------------------------------------------------- identification
 
-@pytest.mark.parametrize("chunk_size", [None, 37, 64])  # one chunk; ragged chunks; tiled chunks
-def test_identification_matches_brute_force(features, chunk_size):
+@pytest.mark.parametrize("chunk_size, ranks", [
+    (None, (1, 2, 5, 10)),  # one chunk
+    (37, (1, 2, 5, 10)),  # ragged chunks (one tile a row)
+    (256, (1, 2, 5, 10)),  # 4 tiles a chunk, all of them candidates
+    (192, (1, 2)),  # 3 tiles a chunk, the best 2 of them candidates
+])
+def test_identification_matches_brute_force(features, chunk_size, ranks, device):
     probes, labels, distractors = features
     expected = brute_cmc(probes, labels, distractors, 10)
-    got = me.megaface_identification(probes, labels, distractors, ranks=(1, 2, 5, 10),
-                                     chunk_size=chunk_size, device="cpu")
+    got = me.megaface_identification(probes, labels, distractors, ranks=ranks,
+                                     chunk_size=chunk_size, device=device)
+    assert list(got) == list(ranks)
     for r, rate in got.items():
         assert rate == pytest.approx(expected[r - 1], abs=1e-12)
-    assert 0.05 < got[1] < got[10] < 1  # a regime where ranks differ
+    assert 0.05 < got[1] < got[ranks[-1]] < 1  # a regime where ranks differ
 
 
-def test_cmc_per_size_and_random_order_match_brute_force(features):
+def test_cmc_per_size_and_random_order_match_brute_force(features, device):
     probes, labels, distractors = features
     perm = np.random.default_rng(3).permutation(len(distractors))
     res = me.megaface_evaluate(probes, labels, distractors, sizes=(10, 100, 260, 10**6),
-                               fars=(), chunk_size=48, device="cpu", order=perm,
+                               fars=(), chunk_size=48, device=device, order=perm,
                                progress=False)
     assert sorted(res) == [10, 100, 260]  # sizes above the available count are dropped
     for n, r in res.items():
@@ -124,15 +136,15 @@ def test_cmc_per_size_and_random_order_match_brute_force(features):
                                                        10), atol=1e-12)
 
 
-def test_ties_do_not_count_against_the_probe():
+def test_ties_do_not_count_against_the_probe(device):
     # unit vectors with entries +-1/2: every score is exact; d0 ties score(p0, p1) = 1/2
     p = np.array([[.5, .5, .5, .5], [.5, .5, .5, -.5]], np.float32)
     d_tie = np.array([[.5, .5, -.5, .5]], np.float32)
     assert ref_score(p[0], d_tie[0]) == ref_score(p[0], p[1]) == 0.5
-    assert me.megaface_identification(p, [0, 0], d_tie, ranks=(1,), device="cpu") == {1: 1.0}
+    assert me.megaface_identification(p, [0, 0], d_tie, ranks=(1,), device=device) == {1: 1.0}
     d_above = np.array([[.5, .5, .5, .5]], np.float32)  # scores 1 > 1/2 against p0 only
     assert me.megaface_identification(p, [0, 0], np.vstack([d_tie, d_above]), ranks=(1, 2),
-                                      device="cpu") == {1: 0.5, 2: 1.0}
+                                      device=device) == {1: 0.5, 2: 1.0}
 
 
 def test_more_ranks_than_distractors_are_all_right(features):
@@ -144,20 +156,20 @@ def test_more_ranks_than_distractors_are_all_right(features):
 # ----------------------------------------------------------------------------- verification
 
 @pytest.mark.parametrize("block", [None, 256])  # buffer never trimmed / trimmed with tiles
-def test_verification_tar_matches_brute_force(features, monkeypatch, block):
+def test_verification_tar_matches_brute_force(features, monkeypatch, block, device):
     probes, labels, distractors = features
     if block:
         monkeypatch.setattr(me, "VERIFY_BLOCK_ELEMENTS", block)
     fars = (1e-4, 1e-3, 1e-2)
     res = me.megaface_evaluate(probes, labels, distractors, max_rank=1, fars=fars,
-                               chunk_size=64, device="cpu", progress=False)[len(distractors)]
+                               chunk_size=64, device=device, progress=False)[len(distractors)]
     for far in fars:
         tar, threshold = brute_tar(probes, labels, distractors, far)
         got = res["verification"][far]
         assert got["tar"] == pytest.approx(tar, abs=1e-12)
         assert got["threshold"] == pytest.approx(threshold, abs=1e-6)
         assert got["far_achieved"] <= far
-    assert me.megaface_verification(probes, labels, distractors, fars=(1e-2,), device="cpu") \
+    assert me.megaface_verification(probes, labels, distractors, fars=(1e-2,), device=device) \
         == {1e-2: pytest.approx(brute_tar(probes, labels, distractors, 1e-2)[0], abs=1e-12)}
 
 
@@ -239,13 +251,13 @@ def _evaluate_tree(tmp_path, features):
     return root, order
 
 
-def test_evaluate_cli_writes_json_and_pngs(tmp_path, features):
+def test_evaluate_cli_writes_json_and_pngs(tmp_path, features, device):
     probes, labels, distractors = features
     root, order = _evaluate_tree(tmp_path, features)
     out = tmp_path / "results"
     assert megaface.main(["--action", "evaluate", "--features-dir", str(root), "--results-dir",
                           str(out), "--sizes", "10", "100", "--fars", "1e-3", "--device",
-                          "cpu", "--chunk-size", "40"]) == 0
+                          device, "--chunk-size", "40"]) == 0
     report = json.loads((out / "megaface_results.json").read_text())
     assert report["num_probes"] == len(probes) and report["protocol"]["subset"] == "first"
     walked = distractors[order]  # the tree walk's (sorted) order: the first N of it
