@@ -36,10 +36,13 @@ import numpy as np
 DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4)
 DEFAULT_MAX_RANK = 10
-SCORE_BLOCK_ELEMENTS = 4 * 2**20  # probes x chunk scores held at once (16 MiB of float32)
+SCORE_BLOCK_ELEMENTS = 4 * 2**20  # CPU: probes x chunk scores held at once (16 MiB of float32)
+# CUDA: fewer, larger chunks (each costs kernel launches and syncs), the score block at most
+# half the distractor array (so peak memory stays under 1.5x it) and at most 1 GiB
+GPU_MAX_BLOCK_ELEMENTS = 2**28
 MIN_CHUNK = 256
 TILE = 64  # columns per tile whose maximum screens the verification buffer's candidates
-VERIFY_BLOCK_ELEMENTS = 2**19  # scores appended to the impostor buffer per step
+BUFFER_MIN_ELEMENTS = 2**19  # the impostor buffer grows to max(2k, this) before a trim
 ROC_POINTS = 60
 FAR_EPS = 1e-9  # guards floor(far * n) against 1e-6 * 1e6 = 0.99999...
 FIGURE_DPI = 100
@@ -82,10 +85,14 @@ def _nonzero(mask):
     return mask.nonzero().squeeze(1)
 
 
-def auto_chunk_size(num_probes: int) -> int:
-    """Distractors per chunk so that one score block holds ~SCORE_BLOCK_ELEMENTS scores
-    (a multiple of TILE)."""
-    return max(MIN_CHUNK, SCORE_BLOCK_ELEMENTS // max(1, num_probes) // TILE * TILE)
+def auto_chunk_size(num_probes: int, num_distractors: int = 0, dim: int = 0,
+                    device_type: str = "cpu") -> int:
+    """Distractors per chunk (a multiple of TILE): a score block of SCORE_BLOCK_ELEMENTS on
+    the CPU (cache-friendly); on a GPU up to half the distractor array, at most 1 GiB."""
+    elements = SCORE_BLOCK_ELEMENTS
+    if device_type == "cuda":
+        elements = min(GPU_MAX_BLOCK_ELEMENTS, max(elements, num_distractors * dim // 2))
+    return max(MIN_CHUNK, elements // max(1, num_probes) // TILE * TILE)
 
 
 class _TopScores:
@@ -95,6 +102,7 @@ class _TopScores:
 
     def __init__(self, k: int) -> None:
         self.k = k
+        self.cap = max(2 * k, BUFFER_MIN_ELEMENTS)
         self.tau: float | None = None
         self.parts: list = []
         self.size = 0
@@ -109,8 +117,30 @@ class _TopScores:
             return
         self.parts.append(values)
         self.size += values.numel()
-        if self.size > max(2 * self.k, VERIFY_BLOCK_ELEMENTS):
+        if self.size > self.cap:
             self._reduce()
+
+    def add_block(self, scores, tiles, tile_max) -> None:
+        """All scores of one chunk (P, C), with its tiles (P*T, W) and tile maxima (P, T)."""
+        import torch
+
+        if self.tau is None and self.size + scores.numel() <= self.cap:
+            self.add(scores)
+            return
+        if self.tau is None:  # start the threshold at a value that >= k scores reach
+            per_row = min(scores.shape[1], -(-self.k // scores.shape[0]))
+            pool = torch.topk(scores, per_row, dim=1, sorted=False).values.reshape(-1)
+            pool = torch.cat([pool, *self.parts])  # >= k values, all seen
+            kth = torch.topk(pool, self.k, sorted=False).values.min()
+            # just below it: scores equal to the k-th stay in, so the buffer keeps >= k
+            self.tau = float(torch.nextafter(kth, kth.new_tensor(-math.inf)))
+            if self.parts:
+                kept = torch.cat(self.parts)
+                self.parts = [kept.index_select(0, _nonzero(kept > self.tau))]
+                self.size = self.parts[0].numel()
+        hit = _nonzero(tile_max.reshape(-1) > self.tau)  # only tiles holding such a score
+        if hit.numel():
+            self.add(tiles.index_select(0, hit))
 
     def _reduce(self) -> None:
         import torch
@@ -153,7 +183,6 @@ def _stream(probes, distractors, order, sizes: Sequence[int], max_rank: int, k_i
     num_probes = probes.shape[0]
     best = torch.full((num_probes, max_rank), -math.inf, device=device) if max_rank else None
     impostors = _TopScores(k_impostor) if k_impostor else None
-    rows_per_block = max(1, VERIFY_BLOCK_ELEMENTS // chunk_size)
     block = torch.empty(num_probes * chunk_size, device=device)  # every chunk's scores, reused
     left = _left(probes)
     snapshots: dict[int, tuple] = {}
@@ -183,13 +212,8 @@ def _stream(probes, distractors, order, sizes: Sequence[int], max_rank: int, k_i
                         merged = torch.cat([best.index_select(0, rows),
                                             cand.reshape(rows.numel(), -1)], dim=1)
                         best.index_copy_(0, rows, torch.topk(merged, max_rank, dim=1).values)
-                if impostors is not None and impostors.tau is None:  # buffer still filling
-                    for start in range(0, num_probes, rows_per_block):
-                        impostors.add(scores[start:start + rows_per_block])
-                elif impostors is not None:  # only tiles holding a score above the threshold
-                    hit = _nonzero(tile_max.reshape(-1) > impostors.tau)
-                    if hit.numel():  # index_select: advanced indexing is far slower on the CPU
-                        impostors.add(tiles.reshape(-1, width).index_select(0, hit))
+                if impostors is not None:
+                    impostors.add_block(scores, tiles.reshape(-1, width), tile_max)
                 bar.update(end - pos)
                 pos = end
             snapshots[size] = (None if best is None else best.cpu().clone(),
@@ -284,7 +308,8 @@ def megaface_evaluate(probe_feats, probe_labels: Sequence[Any], distractor_feats
     groups = _identity_groups(probe_labels)
     num_probes = probes.shape[0]
     k_impostor = (int(math.floor(max(fars) * num_probes * sizes[-1] + FAR_EPS)) + 1) if fars else 0
-    chunk = int(chunk_size) if chunk_size else auto_chunk_size(num_probes)
+    chunk = int(chunk_size) if chunk_size else auto_chunk_size(
+        num_probes, num_distractors, probes.shape[1], device.type)
     if order is not None:
         order = np.asarray(order, dtype=np.int64)
     with torch.inference_mode():

@@ -155,14 +155,19 @@ def test_more_ranks_than_distractors_are_all_right(features):
 
 # ----------------------------------------------------------------------------- verification
 
-@pytest.mark.parametrize("block", [None, 256])  # buffer never trimmed / trimmed with tiles
-def test_verification_tar_matches_brute_force(features, monkeypatch, block, device):
+@pytest.mark.parametrize("block, chunk_size", [
+    (None, 64),  # the impostor buffer keeps every score
+    (256, 64),  # a running threshold, later chunks screened by tiles
+    (256, None),  # threshold started and applied within one chunk (ties at it kept)
+])
+def test_verification_tar_matches_brute_force(features, monkeypatch, block, chunk_size, device):
     probes, labels, distractors = features
     if block:
-        monkeypatch.setattr(me, "VERIFY_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(me, "BUFFER_MIN_ELEMENTS", block)
     fars = (1e-4, 1e-3, 1e-2)
     res = me.megaface_evaluate(probes, labels, distractors, max_rank=1, fars=fars,
-                               chunk_size=64, device=device, progress=False)[len(distractors)]
+                               chunk_size=chunk_size, device=device,
+                               progress=False)[len(distractors)]
     for far in fars:
         tar, threshold = brute_tar(probes, labels, distractors, far)
         got = res["verification"][far]
@@ -171,6 +176,19 @@ def test_verification_tar_matches_brute_force(features, monkeypatch, block, devi
         assert got["far_achieved"] <= far
     assert me.megaface_verification(probes, labels, distractors, fars=(1e-2,), device=device) \
         == {1e-2: pytest.approx(brute_tar(probes, labels, distractors, 1e-2)[0], abs=1e-12)}
+
+
+def test_verification_with_every_impostor_score_tied(monkeypatch, device):
+    # unit probes with entries +-1/2 against zero distractors: every impostor scores 1/2
+    monkeypatch.setattr(me, "BUFFER_MIN_ELEMENTS", 64)  # the threshold starts in chunk one
+    probes = np.array([[.5, .5, .5, .5], [.5, .5, .5, -.5], [-.5, .5, .5, .5],
+                       [-.5, -.5, .5, .5], [.5, -.5, -.5, .5], [.5, -.5, -.5, -.5]], np.float32)
+    labels, distractors = [0, 0, 1, 1, 2, 2], np.zeros((100, 4), np.float32)
+    got = me.megaface_evaluate(probes, labels, distractors, max_rank=1, fars=(0.05,),
+                               device=device, progress=False)[100]["verification"][0.05]
+    tar, threshold = brute_tar(probes, labels, distractors, 0.05)
+    assert threshold == 0.5 and got["threshold"] == 0.5 and got["tar"] == tar == 0.0
+    assert got["far_achieved"] == 0.0  # a tie at the threshold is never accepted
 
 
 def test_bad_inputs_are_clear_errors(features):
