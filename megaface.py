@@ -17,7 +17,6 @@ template lists (``megaface_features_list.json_<N>_1``, ``facescrub_features_list
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import struct
@@ -474,26 +473,9 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
     me.plot_rank1_vs_distractors(results, out / "rank1_vs_distractors.png")
     if args.fars:
         me.plot_roc_curves(results, out / "roc.png")
-    print(format_results(results, args.fars))
+    print(me.format_results(results, args.fars))
     log.info("results in %s", out)
     return report
-
-
-def format_results(results: dict[int, dict[str, Any]], fars: Sequence[float]) -> str:
-    """A table: distractors, rank-1, rank-10 (or the last rank), TAR at each FAR."""
-    def pct(v):
-        return "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) \
-            else f"{100 * v:6.2f}"
-
-    head = f"{'distractors':>12} {'rank-1':>7} {'rank-K':>7}" + "".join(
-        f" {'TAR@' + format(f, 'g'):>11}" for f in fars)
-    rows = [head]
-    for n, r in sorted(results.items()):
-        cmc = r.get("cmc") or [None]
-        ver = r.get("verification", {})
-        rows.append(f"{n:>12,} {pct(cmc[0]):>7} {pct(cmc[-1]):>7}" + "".join(
-            f" {pct(ver[f]['tar']) if f in ver else 'n/a':>11}" for f in fars))
-    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------- devkit
@@ -541,13 +523,14 @@ def build_arg_parser():
     me.add_argument("--distractor-features", help="override <features-dir>/megaface")
     me.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
                     help="distractor counts N (those up to the number available)")
-    me.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK)
-    me.add_argument("--fars", type=float, nargs="*", default=list(DEFAULT_FARS))
+    me.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK, help="CMC ranks 1..this")
+    me.add_argument("--fars", type=float, nargs="*", default=list(DEFAULT_FARS),
+                    help="TAR at these FARs (none: identification only)")
     me.add_argument("--subset", default="auto", choices=["auto", "first", "random", "devkit"],
                     help="distractors of size N: the devkit's lists (auto when --templatelists "
                          "has them), the first N, or a --seed permutation's first N")
     me.add_argument("--chunk-size", type=int, default=None, help="distractors per score block")
-    me.add_argument("--results-dir", default="runs/megaface")
+    me.add_argument("--results-dir", default="runs/megaface", help="JSON and PNGs (evaluate)")
     me.add_argument("--devkit-dir", help="the MegaFace devkit (devkit action)")
     me.add_argument("--devkit-python", default=sys.executable, help="python for the devkit")
     me.add_argument("--run", action="store_true", help="devkit: run the command, not just print")

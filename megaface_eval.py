@@ -362,6 +362,25 @@ def megaface_verification(probe_feats, probe_labels: Sequence[Any], distractor_f
     return {f: ver[f]["tar"] for f in fars}
 
 
+def format_results(results: Mapping[int, Mapping[str, Any]],
+                   fars: Sequence[float] = DEFAULT_FARS) -> str:
+    """A table: distractors, rank-1, the last rank (10 by default), TAR at each FAR."""
+    def pct(v):
+        return "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) \
+            else f"{100 * v:6.2f}"
+
+    last = max((len(r.get("cmc") or [None]) for r in results.values()), default=1)
+    head = f"{'distractors':>12} {'rank-1':>7} {'rank-' + str(last):>7}" + "".join(
+        f" {'TAR@' + format(f, 'g'):>11}" for f in fars)
+    rows = [head]
+    for n, r in sorted(results.items()):
+        cmc = r.get("cmc") or [None]
+        ver = r.get("verification", {})
+        rows.append(f"{n:>12,} {pct(cmc[0]):>7} {pct(cmc[-1]):>7}" + "".join(
+            f" {pct(ver[f]['tar']) if f in ver else 'n/a':>11}" for f in fars))
+    return "\n".join(rows)
+
+
 # ----------------------------------------------------------------------------- figures
 
 def _save_figure(fig, path: str | Path) -> Path:

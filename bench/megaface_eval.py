@@ -159,17 +159,7 @@ def main() -> None:
     print(f"{'(array + extra) / array (target < 1.5)':<44} "
           f"{(distractor_bytes + extra) / distractor_bytes:>12.2f}")
     print()
-    print(results_table(results))
-
-
-def results_table(results) -> str:
-    lines = [f"{'distractors':>12} {'rank-1 %':>9} {'rank-10 %':>10} {'TAR@1e-6':>9} "
-             f"{'TAR@1e-5':>9} {'TAR@1e-4':>9}"]
-    for size, r in sorted(results.items()):
-        ver = r["verification"]
-        lines.append(f"{size:>12,} {100 * r['cmc'][0]:>9.2f} {100 * r['cmc'][-1]:>10.2f} "
-                     + " ".join(f"{100 * ver[f]['tar']:>9.2f}" for f in me.DEFAULT_FARS))
-    return "\n".join(lines)
+    print(me.format_results(results))
 
 
 if __name__ == "__main__":

@@ -220,6 +220,11 @@ def test_remove_noises_on_tiny_tree(tmp_path):
     before = sorted(p.name for p in src.rglob("*.bin"))
     summary = megaface.remove_noises(src, out, tmp_path / "mf.txt", tmp_path / "fs.txt",
                                      progress=False)
+    assert megaface.main(["--action", "remove_noises", "--features-dir", str(src),
+                          "--clean-features-dir", str(tmp_path / "clean2"), "--megaface-noises",
+                          str(tmp_path / "mf.txt"), "--facescrub-noises",
+                          str(tmp_path / "fs.txt")]) == 0  # the CLI writes the same tree
+    assert sorted(p.name for p in (tmp_path / "clean2").rglob("*.bin")) == before
     assert sorted(p.name for p in src.rglob("*.bin")) == before  # nothing deleted
     assert sorted(p.name for p in out.rglob("*.bin")) == before  # nothing dropped
     assert summary["probes_replaced"] == 1 and summary["distractors_flagged"] == 1
@@ -307,6 +312,13 @@ def test_evaluate_cli_uses_devkit_lists(tmp_path, features):
     assert report["protocol"]["subset"] == "devkit" and list(report["sizes"]) == ["10"]
     np.testing.assert_allclose(report["sizes"]["10"]["cmc"],
                                brute_cmc(probes, labels, distractors[chosen], 10), atol=1e-12)
+
+
+def test_cli_names_missing_arguments():
+    with pytest.raises(SystemExit, match="--devkit-dir"):
+        megaface.main(["--action", "devkit"])
+    with pytest.raises(SystemExit, match="--megaface-noises, --facescrub-noises"):
+        megaface.main(["--action", "remove_noises"])
 
 
 def test_devkit_action_prints_and_runs_the_command(tmp_path, capsys):
