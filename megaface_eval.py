@@ -38,7 +38,7 @@ DEFAULT_FARS = (1e-6, 1e-5, 1e-4)
 DEFAULT_MAX_RANK = 10
 SCORE_BLOCK_ELEMENTS = 4 * 2**20  # CPU: probes x chunk scores held at once (16 MiB of float32)
 # CUDA: fewer, larger chunks (each costs kernel launches and syncs), the score block at most
-# half the distractor array (so peak memory stays under 1.5x it) and at most 1 GiB
+# a third of the distractor array (so peak memory stays under 1.5x it) and at most 1 GiB
 GPU_MAX_BLOCK_ELEMENTS = 2**28
 MIN_CHUNK = 256
 TILE = 64  # columns per tile whose maximum screens the verification buffer's candidates
@@ -88,10 +88,10 @@ def _nonzero(mask):
 def auto_chunk_size(num_probes: int, num_distractors: int = 0, dim: int = 0,
                     device_type: str = "cpu") -> int:
     """Distractors per chunk (a multiple of TILE): a score block of SCORE_BLOCK_ELEMENTS on
-    the CPU (cache-friendly); on a GPU up to half the distractor array, at most 1 GiB."""
+    the CPU (cache-friendly); on a GPU up to a third of the distractor array, at most 1 GiB."""
     elements = SCORE_BLOCK_ELEMENTS
     if device_type == "cuda":
-        elements = min(GPU_MAX_BLOCK_ELEMENTS, max(elements, num_distractors * dim // 2))
+        elements = min(GPU_MAX_BLOCK_ELEMENTS, max(elements, num_distractors * dim // 3))
     return max(MIN_CHUNK, elements // max(1, num_probes) // TILE * TILE)
 
 
@@ -435,7 +435,7 @@ def plot_roc_curves(results: Mapping[int, Mapping[str, Any]], path: str | Path) 
         roc = r.get("roc")
         if roc and roc["far"]:
             tar = [np.nan if v is None else v for v in roc["tar"]]
-            ax.semilogx(roc["far"], tar, label=f"{size:,} distractors")
+            ax.semilogx(roc["far"], tar, marker=".", label=f"{size:,} distractors")
     ax.set(xlabel="false accept rate", ylabel="true accept rate", title="MegaFace verification")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
