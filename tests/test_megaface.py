@@ -191,6 +191,16 @@ def test_verification_with_every_impostor_score_tied(monkeypatch, device):
     assert got["far_achieved"] == 0.0  # a tie at the threshold is never accepted
 
 
+def test_auto_chunk_keeps_the_score_block_bounded():
+    for probes, n, device_type in [(3500, 10**5, "cpu"), (3500, 10**5, "cuda"),
+                                   (3500, 10**6, "cuda"), (10, 10**6, "cuda")]:
+        chunk = me.auto_chunk_size(probes, n, 512, device_type)
+        assert chunk % me.TILE == 0 and chunk >= me.MIN_CHUNK
+        block_bytes, array_bytes = probes * chunk * 4, n * 512 * 4
+        assert block_bytes <= max(array_bytes / 3, 4 * me.SCORE_BLOCK_ELEMENTS) \
+            and block_bytes <= 2**30 + probes * me.TILE * 4
+
+
 def test_bad_inputs_are_clear_errors(features):
     probes, labels, distractors = features
     with pytest.raises(ValueError, match="probe labels"):
