@@ -42,6 +42,7 @@ import contextlib
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from arcface_loss import clip_grad_norm_sharded
 from config import Config, build_parser, parse_config
 from distributed import (
     DistInfo,
@@ -70,6 +70,7 @@ from train_utils import (
     all_finite,
     build_optimizer,
     check_labels,
+    clip_grad_norm_,
     head_checkpoint_path,
     injected_fault,
     kill_self,
@@ -144,6 +145,9 @@ class Trainer:
     grad_clip: float
     info: DistInfo
 
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum_(tensor, self.info)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -211,12 +215,15 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, warmup_steps, cfg.scheduler)
 
+    fused = device.type == "cuda"
     opt_b = build_optimizer(param_groups([backbone], cfg.weight_decay), cfg.optimizer, lr,
-                            cfg.momentum, cfg.nesterov)
+                            cfg.momentum, cfg.nesterov, fused)
     opt_h = build_optimizer(param_groups([head], cfg.weight_decay), cfg.optimizer, lr,
-                            cfg.momentum, cfg.nesterov)
+                            cfg.momentum, cfg.nesterov, fused)
     amp_dtype = amp_dtype_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if scaler.is_enabled():  # skipped overflow steps still advance the schedule, on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
     return Trainer(backbone=backbone, model=model, head=head, criterion=criterion,
                    opt_backbone=opt_b, opt_head=opt_h,
                    sched_backbone=torch.optim.lr_scheduler.LambdaLR(opt_b, factor),
@@ -262,8 +269,8 @@ def forward_backward(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
     # One global norm over the backbone (equal on all ranks after DDP) and every rank's
     # shard of centres; with max_norm inf it only measures the norm.
     max_norm = tr.grad_clip if tr.grad_clip > 0 else float("inf")
-    grad_norm = clip_grad_norm_sharded(tr.backbone.parameters(), tr.head.parameters(),
-                                       max_norm)
+    grad_norm = clip_grad_norm_(list(tr.backbone.parameters()), list(tr.head.parameters()),
+                                max_norm, tr.reduce_sum if tr.info.distributed else None)
     stats = torch.stack([loss.detach().float(), accuracy.detach().float(),
                          grad_norm.detach().float().to(loss.device)])
     return all_reduce_sum_(stats, tr.info) / tr.info.world_size
@@ -395,8 +402,10 @@ class Monitor:
             self.writer.close()
 
 
-def verify(tr: Trainer, cfg: Config, step: int, monitor: Monitor) -> dict[str, float]:
-    """Verification accuracy on each of cfg.val_bins (rank 0; the others wait)."""
+def verify(tr: Trainer, cfg: Config, step: int, monitor: Monitor,
+           bins: dict[str, Any]) -> dict[str, float]:
+    """10-fold verification accuracy on each of cfg.val_bins (rank 0; the others wait).
+    ``bins`` caches the decoded pairs between calls."""
     results: dict[str, float] = {}
     if tr.info.is_main:
         import lfw_eval
@@ -404,7 +413,11 @@ def verify(tr: Trainer, cfg: Config, step: int, monitor: Monitor) -> dict[str, f
         tr.backbone.eval()
         for path in cfg.val_bins:
             name = Path(path).stem
-            res = lfw_eval.evaluate_bin(tr.backbone, path)
+            if path not in bins:
+                bins[path] = lfw_eval.load_bin(path, progress=False)
+            images, issame = bins[path]
+            res = lfw_eval.evaluate_verification(tr.backbone, images, issame,
+                                                 device=tr.device, name=name, progress=False)
             results[name] = float(res["accuracy"])
             monitor.scalar(f"verification/{name}_accuracy", results[name], step)
             monitor.scalar(f"verification/{name}_accuracy_std", float(res["accuracy_std"]),
@@ -470,6 +483,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     monitor = Monitor(cfg, info, step, last_step)
     values = dict.fromkeys(STATS, float("nan"))
     verification: dict[str, float] = {}
+    val_bins: dict[str, Any] = {}  # decoded verification pairs, loaded once
     history: list[dict[str, float]] = []  # the logged values, also returned in the summary
     saved_step = step if resume else -1
     steps_run = 0
@@ -508,7 +522,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
                     saved_step = step
                 if cfg.val_bins and cfg.verify_every > 0 and (
                         step % cfg.verify_every == 0 or step == last_step):
-                    verification = verify(tr, cfg, step, monitor)
+                    verification = verify(tr, cfg, step, monitor, val_bins)
                 if fault == "kill":
                     kill_self()
                 if step >= last_step:

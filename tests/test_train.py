@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 import signal
 import socket
@@ -29,6 +30,7 @@ from train_utils import (
     NonFiniteLossError,
     ResumableBatchSampler,
     check_labels,
+    clip_grad_norm_,
     lr_factor,
     param_groups,
 )
@@ -39,10 +41,25 @@ RECORD_MAGIC = 0xCED7230A
 IMAGE_SIDE = 112
 FACE_CROP = 150  # pixels of the 250x250 synthetic canvas kept around the head centre
 FACE_SEED_BASE = 500
-LOSS_STEPS = 150
+VAL_PAIRS = 40
+LOSS_STEPS = 150  # 8 images a step: 50 epochs of the 24 images
 TINY = dict(network="ir_narrow", embedding_size=32, batch_size=4, base_batch_size=4,
             lr=0.05, scale_s=16.0, margin_m=0.2, device="cpu", num_workers=0,
             channels_last=False, cpu_amp=False, log_every=1, seed=3)
+
+
+# One thread: on this shared 2-core machine a second OpenMP thread, spinning while the
+# other is descheduled, made the steps up to 10x slower. Subprocesses get the same setting,
+# so the killed run and the in-process runs compute identically.
+THREADS = 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- data
@@ -123,7 +140,7 @@ def free_port() -> int:
 
 def run_script(args: list[str], env_extra: dict[str, str] | None = None,
                timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -186,6 +203,18 @@ def test_lr_schedule_and_weight_decay_groups():
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
 
 
+def test_global_gradient_clipping_counts_every_shard():
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 4, 5))
+    a.grad, b.grad, c.grad = torch.full((3,), 2.0), torch.full((4,), -1.0), torch.ones(5)
+    # c is a head shard; a second rank holds a shard with the same squared norm (5)
+    norm = clip_grad_norm_([a, b], [c], max_norm=1.0, all_reduce_sum_=lambda t: 2 * t)
+    expected = math.sqrt(3 * 4.0 + 4 * 1.0 + 2 * 5 * 1.0)
+    assert norm.item() == pytest.approx(expected)
+    scale = 1.0 / (expected + 1e-6)
+    torch.testing.assert_close(a.grad, torch.full((3,), 2.0 * scale))
+    torch.testing.assert_close(c.grad, torch.full((5,), scale))
+
+
 # ----------------------------------------------------------------------------- whole runs
 
 
@@ -193,8 +222,7 @@ def test_torchrun_two_processes_trains_and_checkpoints(tiny_rec, tmp_path):
     cfg = tiny_cfg(tiny_rec, tmp_path / "ddp", max_steps=3, save_every=2)
     port = free_port()
     proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2",
-                       f"--master_port={port}", "train.py", *cli_args(cfg)],
-                      env_extra={"OMP_NUM_THREADS": "1"})
+                       f"--master_port={port}", "train.py", *cli_args(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = Path(cfg.output)
     ckpt = load_checkpoint(out / "checkpoint.pt")
@@ -274,15 +302,34 @@ def test_labels_outside_the_class_range_are_refused(tiny_rec, tmp_path, monkeypa
     assert train.main(cli_args(cfg)) == train.EXIT_BAD_INPUT
 
 
+def write_bin(path: Path, images: list[np.ndarray], labels: list[int], pairs: int) -> None:
+    """An InsightFace verification .bin: pickle of (JPEG bytes of both images of each pair
+    in turn, is-same flags); pairs alternate same / different identity."""
+    rng = np.random.default_rng(1)
+    by_id = {c: [i for i, lab in enumerate(labels) if lab == c] for c in set(labels)}
+    blobs, issame = [], []
+    for k in range(pairs):
+        a, b = rng.choice(sorted(by_id), size=2, replace=False)
+        i, j = (rng.choice(by_id[a], size=2, replace=False) if k % 2 == 0
+                else (rng.choice(by_id[a]), rng.choice(by_id[b])))
+        blobs += [encode_image(images[i]), encode_image(images[j])]
+        issame.append(k % 2 == 0)
+    path.write_bytes(pickle.dumps((blobs, issame), protocol=2))
+
+
 def test_loss_goes_down_on_synthetic_identities(tmp_path):
     num_ids, per_id = 6, 4
     rec = tmp_path / "faces.rec"
     images, labels = face_images(num_ids, per_id)
     write_rec(rec, images, labels)
+    write_bin(tmp_path / "val.bin", images, labels, VAL_PAIRS)
     cfg = tiny_cfg(rec, tmp_path / "faces", batch_size=8, base_batch_size=8, lr=0.1,
                    epochs=LOSS_STEPS // (num_ids * per_id // 8), save_every=10_000,
-                   log_every=10, margin_warmup=0.3, cpu_amp=True, channels_last=True)
+                   log_every=10, margin_warmup=0.3, cpu_amp=True, channels_last=True,
+                   val_bins=[str(tmp_path / "val.bin")], verify_every=LOSS_STEPS)
     summary = train.train(cfg)
+    # the periodic verification ran on the .bin (pairs of training identities here)
+    assert 0.5 < summary["verification"]["val"] <= 1.0
     history = summary["history"]
     first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-3:]])
     assert summary["steps"] == LOSS_STEPS and last < 0.25 * first, history
