@@ -337,3 +337,20 @@ def test_sharded_world_size_one_without_process_group():
     assert abs(loss.item() - ref_loss) < 1e-5
     torch.testing.assert_close(xr.grad.double(), ref_x, rtol=0, atol=1e-5)
     torch.testing.assert_close(head.weight.grad.double(), ref_w, rtol=0, atol=1e-5)
+
+
+def test_cosine_matrix_matches_normalised_product_and_its_gradients():
+    from arcface_loss import cosine_similarity_matrix
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(7, 8, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    g = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    # written out: cos_ij = <x_i, w_j> / (|x_i| |w_j|)
+    expected = (x @ w.T) / (x.norm(dim=1, keepdim=True) * w.norm(dim=1)[None, :])
+    got = cosine_similarity_matrix(x, w)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    gx, gw = torch.autograd.grad((got * g).sum(), (x, w))
+    ex, ew = torch.autograd.grad((expected * g).sum(), (x, w))
+    torch.testing.assert_close(gx, ex, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gw, ew, rtol=0, atol=1e-12)
