@@ -26,7 +26,13 @@ Files in ``cfg.output``:
   torch, CUDA). The step in the name ties it to the ``checkpoint.pt`` of that step; older
   ones are deleted once a newer checkpoint is committed;
 - ``tensorboard/``: loss, batch accuracy, lr, images/s, gradient norm, margin m and the
-  verification accuracies.
+  verification accuracies;
+- ``training_curves.png`` (rank 0): the same curves as a PNG, rewritten at checkpoints (at
+  most once a minute) and at the end; the logged history travels in ``checkpoint.pt``, so
+  the curves survive resumes.
+
+With ``cfg.num_workers > 0`` the workers send uint8 batches (4x less shared memory to fill
+than float32) and the step normalises them on the training device.
 
 ``--resume`` continues from ``checkpoint.pt`` exactly, mid-epoch too: the data order is a
 function of (seed, epoch), so the resumed run skips the batches already done (resuming
@@ -81,6 +87,7 @@ from train_utils import (
     set_rng_state,
     stale_head_files,
 )
+from training_monitor import CURVES_NAME, CurvesWriter, Monitor
 from utils import get_logger, load_backbone_state, load_checkpoint, save_checkpoint, seed_everything
 
 LOG = get_logger("train")
@@ -115,6 +122,13 @@ def build_dataset(cfg: Config) -> tuple[torch.utils.data.Dataset, str]:
 
 def build_loader(dataset: torch.utils.data.Dataset, sampler: ResumableBatchSampler,
                  cfg: Config, info: DistInfo) -> torch.utils.data.DataLoader:
+    """Batches of ``sampler``'s indices: float32 Nx3xHxW normalised, or with worker
+    processes uint8 NxHxWx3 (see prepare_batch), whose trip through shared memory costs a
+    quarter of float32's."""
+    import data_gen
+
+    if cfg.num_workers > 0:
+        dataset = data_gen.RawUint8View(dataset)
     # The loader's own generator draws the worker base seed, so creating an iterator does
     # not advance the global RNG whose state a checkpoint records.
     generator = torch.Generator().manual_seed(cfg.seed + info.rank)
@@ -235,6 +249,20 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
 # ----------------------------------------------------------------------------- one step
 
 
+def prepare_batch(images: torch.Tensor, device: torch.device, channels_last: bool
+                  ) -> torch.Tensor:
+    """A loader batch as float32 Nx3xHxW ``(x - 127.5) / 127.5`` on ``device``: a float
+    batch is moved as it is; a uint8 NxHxWx3 one is moved first (4x fewer bytes) and
+    normalised there, to the same values."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if images.dtype == torch.uint8:
+        import data_gen
+
+        images = data_gen.normalize_batch(images.to(device, non_blocking=True))
+        return images.contiguous(memory_format=memory_format)
+    return images.to(device, non_blocking=True, memory_format=memory_format)
+
+
 def random_flip(images: torch.Tensor) -> torch.Tensor:
     """Mirror each image with probability FLIP_PROBABILITY. The coin flips come from the
     global torch RNG of the main process, whose state every checkpoint records."""
@@ -247,8 +275,7 @@ def forward_backward(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
     """Forward, backward and gradient clipping; returns [loss, batch accuracy, gradient
     norm], averaged over ranks (one all-reduce; NaN anywhere reaches every rank).
     The weights are not updated yet: the caller checks these values first."""
-    memory_format = torch.channels_last if tr.channels_last else torch.contiguous_format
-    images = images.to(tr.device, non_blocking=True, memory_format=memory_format)
+    images = prepare_batch(images, tr.device, tr.channels_last)
     labels = labels.to(tr.device, non_blocking=True)
     images = random_flip(images)
     with tr.autocast():
@@ -291,10 +318,11 @@ def optimizer_step(tr: Trainer) -> None:
 
 
 def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
-                             num_classes: int) -> Path:
-    """Per-rank files first, then ``checkpoint.pt`` (the commit), then ``backbone.pt``; all
-    atomic. Refuses to save non-finite weights, so a good checkpoint is never replaced by a
-    bad one. Returns the path of ``checkpoint.pt``."""
+                             num_classes: int, logs: dict[str, list] | None = None) -> Path:
+    """Per-rank files first, then ``checkpoint.pt`` (the commit, with ``logs``: the logged
+    history so far), then ``backbone.pt``; all atomic. Refuses to save non-finite weights,
+    so a good checkpoint is never replaced by a bad one. Returns the path of
+    ``checkpoint.pt``."""
     output, info = Path(cfg.output), tr.info
     if not all_ranks_true(all_finite([tr.backbone, tr.head]), info):
         raise NonFiniteLossError(f"non-finite weights at step {step}; checkpoint not written")
@@ -311,7 +339,7 @@ def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
                          "scheduler": tr.sched_backbone.state_dict(),
                          "scaler": tr.scaler.state_dict(), "step": step, "epoch": epoch,
                          "world_size": info.world_size, "num_classes": num_classes,
-                         "config": cfg.to_dict()}, path)
+                         "config": cfg.to_dict(), "logs": logs or {}}, path)
         save_checkpoint(backbone_state, output / BACKBONE_NAME)
     barrier(info)
     for stale in stale_head_files(output, info.rank, keep_step=step):
@@ -319,9 +347,10 @@ def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
     return path
 
 
-def resume_training(tr: Trainer, cfg: Config, num_classes: int) -> int:
+def resume_training(tr: Trainer, cfg: Config, num_classes: int
+                    ) -> tuple[int, dict[str, list]]:
     """Load ``checkpoint.pt`` and this rank's file into ``tr``, restore the RNG states, and
-    return the step to continue from."""
+    return the step to continue from and the logs saved with it."""
     output, info = Path(cfg.output), tr.info
     path = output / CHECKPOINT_NAME
     if not path.is_file():
@@ -350,72 +379,32 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int) -> int:
     tr.opt_head.load_state_dict(rank_state["optimizer"])
     tr.sched_head.load_state_dict(rank_state["scheduler"])
     set_rng_state(rank_state["rng"])
-    return step
+    return step, ckpt.get("logs", {})
 
 
 # ----------------------------------------------------------------------------- logging
 
 
-class Monitor:
-    """TensorBoard scalars, the tqdm bar and the images/s meter (rank 0 only)."""
+def load_val_bins(cfg: Config, info: DistInfo) -> dict[str, tuple[Any, Any]]:
+    """The pairs of each of cfg.val_bins, decoded once before training (rank 0 only; a bad
+    file fails now rather than at the first check), keyed by set name."""
+    if not (info.is_main and cfg.val_bins and cfg.verify_every > 0):
+        return {}
+    import lfw_eval
 
-    def __init__(self, cfg: Config, info: DistInfo, start_step: int, last_step: int) -> None:
-        self.enabled = info.is_main
-        self.global_batch = cfg.batch_size * info.world_size
-        self.writer = self.bar = None
-        if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            from tqdm import tqdm
-
-            self.writer = SummaryWriter(str(Path(cfg.output) / "tensorboard"))
-            self.bar = tqdm(total=last_step, initial=start_step, desc="train", unit="step",
-                            dynamic_ncols=True, file=sys.stderr)
-        self.window_start, self.window_steps = time.perf_counter(), 0
-        self.images_per_second = 0.0
-
-    def step(self, step: int, values: dict[str, float], lr: float, margin: float,
-             log: bool) -> None:
-        self.window_steps += 1
-        if not self.enabled:
-            return
-        self.bar.update(1)
-        if not log:
-            return
-        now = time.perf_counter()
-        self.images_per_second = (self.window_steps * self.global_batch
-                                  / max(now - self.window_start, 1e-9))
-        self.window_start, self.window_steps = now, 0
-        scalars = {**values, "lr": lr, "margin_m": margin,
-                   "images_per_second": self.images_per_second}
-        for name, value in scalars.items():
-            self.writer.add_scalar(f"train/{name}", value, step)
-        self.bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}",
-                             img_s=f"{self.images_per_second:.0f}")
-
-    def scalar(self, name: str, value: float, step: int) -> None:
-        if self.enabled:
-            self.writer.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.close()
-            self.writer.close()
+    return {Path(path).stem: lfw_eval.load_bin(path, progress=False) for path in cfg.val_bins}
 
 
-def verify(tr: Trainer, cfg: Config, step: int, monitor: Monitor,
-           bins: dict[str, Any]) -> dict[str, float]:
-    """10-fold verification accuracy on each of cfg.val_bins (rank 0; the others wait).
-    ``bins`` caches the decoded pairs between calls."""
+def verify(tr: Trainer, step: int, monitor: Monitor,
+           val_sets: dict[str, tuple[Any, Any]]) -> dict[str, float]:
+    """10-fold verification accuracy on each decoded set of ``val_sets`` (rank 0; the
+    others wait)."""
     results: dict[str, float] = {}
     if tr.info.is_main:
         import lfw_eval
 
         tr.backbone.eval()
-        for path in cfg.val_bins:
-            name = Path(path).stem
-            if path not in bins:
-                bins[path] = lfw_eval.load_bin(path, progress=False)
-            images, issame = bins[path]
+        for name, (images, issame) in val_sets.items():
             res = lfw_eval.evaluate_verification(tr.backbone, images, issame,
                                                  device=tr.device, name=name, progress=False)
             results[name] = float(res["accuracy"])
@@ -469,8 +458,12 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     loader = build_loader(dataset, sampler, cfg, info)
 
     step, last_ckpt = 0, None
+    # the logged values (returned in the summary, saved with each checkpoint, plotted):
+    # one dict per logged step, and one per verification check
+    logs: dict[str, list[dict[str, float]]] = {"history": [], "verification": []}
     if resume:
-        step = resume_training(tr, cfg, num_classes)
+        step, saved_logs = resume_training(tr, cfg, num_classes)
+        logs.update(saved_logs)
         last_ckpt = output / CHECKPOINT_NAME
     elif init_checkpoint:
         tr.backbone.load_state_dict(load_backbone_state(init_checkpoint))
@@ -483,9 +476,9 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     monitor = Monitor(cfg, info, step, last_step)
     values = dict.fromkeys(STATS, float("nan"))
     verification: dict[str, float] = {}
-    val_bins: dict[str, Any] = {}  # decoded verification pairs, loaded once
-    history: list[dict[str, float]] = []  # the logged values, also returned in the summary
+    val_sets = load_val_bins(cfg, info)
     saved_step = step if resume else -1
+    curves = CurvesWriter(output / CURVES_NAME) if info.is_main else None
     steps_run = 0
     t_loop = time.perf_counter()
     try:
@@ -514,15 +507,22 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
                 log = step % cfg.log_every == 0 or step == last_step or steps_run == 1
                 monitor.step(step, values, lr, margin, log)
                 if log:
-                    history.append({"step": step, **values, "lr": lr, "margin_m": margin})
-                if step % cfg.save_every == 0 or step % steps_per_epoch == 0 \
-                        or step == last_step:
-                    last_ckpt = save_training_checkpoint(tr, cfg, step,
-                                                         step // steps_per_epoch, num_classes)
-                    saved_step = step
+                    logs["history"].append({"step": step, **values, "lr": lr,
+                                            "margin_m": margin,
+                                            "images_per_second": monitor.images_per_second})
+                # verification before the checkpoint, so its result is saved with it
                 if cfg.val_bins and cfg.verify_every > 0 and (
                         step % cfg.verify_every == 0 or step == last_step):
-                    verification = verify(tr, cfg, step, monitor, val_bins)
+                    verification = verify(tr, step, monitor, val_sets)
+                    if verification:  # rank 0
+                        logs["verification"].append({"step": step, **verification})
+                if step % cfg.save_every == 0 or step % steps_per_epoch == 0 \
+                        or step == last_step:
+                    last_ckpt = save_training_checkpoint(tr, cfg, step, step // steps_per_epoch,
+                                                         num_classes, logs)
+                    saved_step = step
+                    if curves:
+                        curves.update(logs["history"], logs["verification"])
                 if fault == "kill":
                     kill_self()
                 if step >= last_step:
@@ -530,6 +530,8 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
             epoch, start_batch = epoch + 1, 0
     finally:
         monitor.close()
+        if curves:  # also after a failure: the curves up to it
+            curves.update(logs["history"], logs["verification"], force=True)
 
     loop_seconds = time.perf_counter() - t_loop
     summary = {
@@ -539,15 +541,16 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
         "backbone": str(output / BACKBONE_NAME), "config": str(output / CONFIG_NAME),
         "seconds": time.perf_counter() - t_start,
         "images_per_second": steps_run * sampler.global_batch / max(loop_seconds, 1e-9),
-        "verification": verification, "world_size": info.world_size, "history": history,
+        "verification": verification, "world_size": info.world_size,
+        "history": logs["history"], "verification_history": logs["verification"],
     }
     if info.is_main:
         LOG.info("done: %d steps (%.2f epochs) in %.1f s, %.1f images/s; final loss %.4f, "
                  "batch accuracy %.3f\n  checkpoint: %s\n  backbone:   %s\n  config:     %s"
-                 "\n  tensorboard: %s", step, summary["epochs"], summary["seconds"],
-                 summary["images_per_second"], summary["final_loss"],
+                 "\n  tensorboard: %s\n  curves:     %s", step, summary["epochs"],
+                 summary["seconds"], summary["images_per_second"], summary["final_loss"],
                  summary["final_accuracy"], summary["checkpoint"], summary["backbone"],
-                 summary["config"], output / "tensorboard")
+                 summary["config"], output / "tensorboard", output / CURVES_NAME)
     return summary
 
 

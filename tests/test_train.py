@@ -1,5 +1,6 @@
 """train.py on the CPU with a tiny network: torchrun with 2 processes, exact resume after a
-kill, NaN handling, label checks and a loss that goes down on synthetic identities.
+kill, NaN handling, label checks, a loss that goes down on synthetic identities, uint8 worker
+batches normalised in the step, and the training-curves PNG.
 
 The RecordIO files are written here by a small independent writer of the InsightFace /
 dmlc layout (not recordio.py), so the trainer is checked against the format itself."""
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 import train
 from config import make_config
+from distributed import DistInfo
 from train_utils import (
     FAULT_ENV,
     LabelRangeError,
@@ -34,6 +36,14 @@ from train_utils import (
     lr_factor,
     param_groups,
 )
+from training_monitor import (
+    FIGURE_DPI,
+    FIGURE_SIZE,
+    VERIFICATION_TITLE,
+    CurvesWriter,
+    plot_training_curves,
+    training_curves_figure,
+)
 from utils import encode_image, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +52,8 @@ IMAGE_SIDE = 112
 FACE_CROP = 150  # pixels of the 250x250 synthetic canvas kept around the head centre
 FACE_SEED_BASE = 500
 VAL_PAIRS = 40
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MIN_PNG_BYTES = 10_000  # a 2 x 3 grid of drawn panels, not an empty canvas
 LOSS_STEPS = 150  # 8 images a step: 50 epochs of the 24 images
 TINY = dict(network="ir_narrow", embedding_size=32, batch_size=4, base_batch_size=4,
             lr=0.05, scale_s=16.0, margin_m=0.2, device="cpu", num_workers=0,
@@ -166,6 +178,14 @@ def face_images(num_identities: int, per_identity: int) -> tuple[list[np.ndarray
     return images, labels
 
 
+def assert_png(path: Path) -> tuple[int, int]:
+    """``path`` is a PNG of some substance; returns its (width, height) from the IHDR chunk."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", path
+    assert len(data) > MIN_PNG_BYTES, len(data)
+    return struct.unpack(">II", data[16:24])
+
+
 # ----------------------------------------------------------------------------- helpers alone
 
 
@@ -215,6 +235,68 @@ def test_global_gradient_clipping_counts_every_shard():
     torch.testing.assert_close(c.grad, torch.full((5,), scale))
 
 
+def test_training_curves_plot_the_given_history(tmp_path):
+    n = 7
+    history = [{"step": 10 * (k + 1), "loss": 30.0 - 3 * k, "accuracy": 0.1 * k,
+                "grad_norm": 1.0, "lr": 0.1 / (k + 1), "margin_m": min(0.5, 0.1 * k),
+                "images_per_second": 100.0 + k} for k in range(n)]
+    verification = [{"step": 30, "lfw": 0.61, "cfp_fp": 0.55},
+                    {"step": 70, "lfw": 0.83, "cfp_fp": 0.72}]
+    fig = training_curves_figure(history, verification)
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    steps = [10.0 * (k + 1) for k in range(n)]
+    for title, key in (("loss", "loss"), ("batch accuracy", "accuracy"),
+                       ("learning rate", "lr"), ("margin m", "margin_m"),
+                       ("throughput", "images_per_second")):
+        (line,) = panels[title].get_lines()
+        np.testing.assert_array_equal(line.get_xdata(), steps, err_msg=title)
+        np.testing.assert_array_equal(line.get_ydata(), [h[key] for h in history],
+                                      err_msg=title)
+    lines = {line.get_label(): line for line in panels[VERIFICATION_TITLE].get_lines()}
+    assert sorted(lines) == ["cfp_fp", "lfw"]
+    np.testing.assert_array_equal(lines["lfw"].get_xdata(), [30, 70])
+    np.testing.assert_array_equal(lines["cfp_fp"].get_ydata(), [0.55, 0.72])
+
+    path = plot_training_curves(history, tmp_path / "curves.png", verification)
+    assert assert_png(path) == (FIGURE_SIZE[0] * FIGURE_DPI, FIGURE_SIZE[1] * FIGURE_DPI)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+    # the writer renders new logs, but not more often than asked unless forced
+    writer = CurvesWriter(tmp_path / "w.png", min_interval=3600)
+    assert writer.update(history[:3]) and assert_png(tmp_path / "w.png")
+    assert not writer.update(history[:3], force=True)  # nothing new
+    assert not writer.update(history)  # new rows, but too soon
+    assert writer.update(history, verification, force=True)
+
+
+def test_uint8_worker_batches_normalise_to_the_float_values(tiny_rec, tmp_path):
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    batches, indices = {}, None
+    for workers in (0, 1):
+        cfg = tiny_cfg(tiny_rec, tmp_path, num_workers=workers)
+        dataset, _ = train.build_dataset(cfg)
+        sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
+        indices = list(sampler)[:cfg.batch_size]
+        loader = train.build_loader(dataset, sampler, cfg, info)
+        batches[workers] = next(iter(loader))
+        del loader  # shuts the worker down
+    (floats, labels0), (raw, labels1) = batches[0], batches[1]
+    assert floats.dtype == torch.float32 and raw.dtype == torch.uint8  # workers send uint8
+    assert raw.shape == (len(indices), IMAGE_SIDE, IMAGE_SIDE, 3)
+    assert labels0.tolist() == labels1.tolist() == [int(dataset.labels[i]) for i in indices]
+    # independent reference: the decoded RGB images, (x - 127.5) / 127.5 in float64
+    x = np.stack([dataset.read(i)[0] for i in indices]).transpose(0, 3, 1, 2)
+    reference = (x.astype(np.float64) - 127.5) / 127.5
+    for channels_last in (False, True):
+        a = train.prepare_batch(floats, info.device, channels_last)
+        b = train.prepare_batch(raw, info.device, channels_last)
+        assert b.dtype == torch.float32 and b.shape == a.shape == reference.shape
+        assert torch.equal(a, b)  # the same float32 values whichever way they came
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt)
+        np.testing.assert_allclose(b.double().numpy(), reference, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- whole runs
 
 
@@ -240,9 +322,12 @@ def test_torchrun_two_processes_trains_and_checkpoints(tiny_rec, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_weights(tiny_rec, tmp_path):
-    # 6 steps per epoch, 12 in all; checkpoints at 4, 6 (epoch end), 8, 12.
-    straight = tiny_cfg(tiny_rec, tmp_path / "straight", epochs=2, save_every=4)
-    train.train(straight)
+    # 6 steps per epoch, 12 in all; checkpoints at 4, 6 (epoch end), 8, 12. The straight
+    # run reads through a worker process (uint8 batches normalised in the step), the broken
+    # one in-process (float32 batches): the weights must agree all the same.
+    straight = tiny_cfg(tiny_rec, tmp_path / "straight", epochs=2, save_every=4,
+                        num_workers=1)
+    reference = train.train(straight)
 
     broken = tiny_cfg(tiny_rec, tmp_path / "broken", epochs=2, save_every=4)
     proc = run_script(["train.py", *cli_args(broken)], env_extra={FAULT_ENV: "kill@9"})
@@ -256,6 +341,17 @@ def test_killed_run_resumes_to_the_same_weights(tiny_rec, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    # the history logged before the kill came back from checkpoint.pt (steps 1-8), so the
+    # resumed run's curves cover every step, with the straight run's values
+    resumed = summary["history"]
+    assert [h["step"] for h in resumed] == [h["step"] for h in reference["history"]] \
+        == list(range(1, 13))
+    for key in ("loss", "accuracy", "lr", "margin_m"):
+        np.testing.assert_allclose([h[key] for h in resumed],
+                                   [h[key] for h in reference["history"]], rtol=1e-5,
+                                   err_msg=key)
+    for run in ("straight", "broken"):
+        assert_png(tmp_path / run / "training_curves.png")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_rec, tmp_path, monkeypatch):
@@ -317,7 +413,7 @@ def write_bin(path: Path, images: list[np.ndarray], labels: list[int], pairs: in
     path.write_bytes(pickle.dumps((blobs, issame), protocol=2))
 
 
-def test_loss_goes_down_on_synthetic_identities(tmp_path):
+def test_loss_goes_down_on_synthetic_identities(tmp_path, monkeypatch):
     num_ids, per_id = 6, 4
     rec = tmp_path / "faces.rec"
     images, labels = face_images(num_ids, per_id)
@@ -326,11 +422,24 @@ def test_loss_goes_down_on_synthetic_identities(tmp_path):
     cfg = tiny_cfg(rec, tmp_path / "faces", batch_size=8, base_batch_size=8, lr=0.1,
                    epochs=LOSS_STEPS // (num_ids * per_id // 8), save_every=10_000,
                    log_every=10, margin_warmup=0.3, cpu_amp=True, channels_last=True,
-                   val_bins=[str(tmp_path / "val.bin")], verify_every=LOSS_STEPS)
+                   val_bins=[str(tmp_path / "val.bin")], verify_every=LOSS_STEPS // 2)
+    import lfw_eval
+
+    loads = []
+    real_load_bin = lfw_eval.load_bin
+    monkeypatch.setattr(lfw_eval, "load_bin",
+                        lambda *a, **k: loads.append(a) or real_load_bin(*a, **k))
     summary = train.train(cfg)
-    # the periodic verification ran on the .bin (pairs of training identities here)
-    assert 0.5 < summary["verification"]["val"] <= 1.0
+    # the periodic verification ran twice on the .bin (pairs of training identities here),
+    # which was decoded once
+    assert len(loads) == 1
+    checks = summary["verification_history"]
+    assert [c["step"] for c in checks] == [LOSS_STEPS // 2, LOSS_STEPS]
+    assert 0.5 < summary["verification"]["val"] == checks[-1]["val"] <= 1.0
     history = summary["history"]
+    assert [h["step"] for h in history] == [1, *range(10, LOSS_STEPS + 1, 10)]
+    assert all(h["images_per_second"] > 0 for h in history)
+    assert_png(tmp_path / "faces" / "training_curves.png")
     first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-3:]])
     assert summary["steps"] == LOSS_STEPS and last < 0.25 * first, history
 
