@@ -183,6 +183,7 @@ def run_demo(data_dir: str | Path = "data/demo", run_dir: str | Path = "runs/dem
         "data": {"train": generated["train_dir"], "aligned": str(aligned_dir),
                  "rec": str(rec_path), "lfw": str(lfw_dir), "pairs": generated["pairs"]},
         "outputs": {"backbone": str(run_dir / "backbone.pt"), "eval": str(eval_dir),
+                    "curves": str(run_dir / "training_curves.png"),
                     "tensorboard": str(run_dir)},
     }
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
@@ -205,6 +206,7 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
     print(f"report                    : {run_dir / 'report.json'}")
     print(f"backbone                  : {out['backbone']}")
     print(f"ROC / histogram / errors  : {out['eval']}/lfw_*.png")
+    print(f"training curves           : {out['curves']}")
     print(f"TensorBoard               : tensorboard --logdir {out['tensorboard']}")
     print(f"training data             : {report['data']['rec']}")
     print("=" * 72)

@@ -30,6 +30,7 @@ def test_miniature_demo_end_to_end(tmp_path):
     for name in ("lfw_roc.png", "lfw_hist.png", "lfw_errors.png", "lfw_results.json"):
         assert (runs / "eval" / name).is_file()
     assert list(runs.rglob("events.out.tfevents.*")), "no TensorBoard log"
+    assert (runs / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the trained backbone differs from the untrained one and loads for evaluation
     trained = load_backbone(runs / "backbone.pt")
