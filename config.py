@@ -190,3 +190,8 @@ def parse_config(argv: Sequence[str] | None = None, description: str = "",
     overrides = {k: v for k, v in vars(args).items() if k in field_names and v is not None}
     cfg = make_config(overrides, preset=args.preset, config_file=args.config)
     return cfg, args
+
+
+if __name__ == "__main__":  # `python config.py --preset demo --lr 0.05` shows the result
+    resolved, _ = parse_config(description="Print the config that these flags resolve to.")
+    print(resolved.pretty())
