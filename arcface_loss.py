@@ -141,18 +141,12 @@ def build_margin(name: str, s: float = 64.0, m: float = 0.5, m1: float = 1.0, m3
 
 # ----------------------------------------------------------------------------- single device
 
-class MarginHead(nn.Module):
-    """Class centres ``weight`` (out_features, in_features) and a margin: ``forward(x,
-    label)`` gives (N, out_features) logits, float32 even under autocast."""
+class _MarginParameters:
+    """``head.s`` and ``head.m`` forward to ``head.margin``, so a training loop can ramp the
+    margin on any head (single-device or sharded) by writing ``head.m = ...``."""
 
-    def __init__(self, in_features: int, out_features: int, margin) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.margin = margin
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.normal_(self.weight, std=DEFAULT_CENTRE_STD)
+    margin: ArcFaceMargin | CosFaceMargin | CombinedMargin
 
-    # s and m live on the margin; these forward to it so a loop can write head.m = ...
     @property
     def s(self) -> float:
         return self.margin.s
@@ -168,6 +162,18 @@ class MarginHead(nn.Module):
     @m.setter
     def m(self, value: float) -> None:
         self.margin.m = value
+
+
+class MarginHead(_MarginParameters, nn.Module):
+    """Class centres ``weight`` (out_features, in_features) and a margin: ``forward(x,
+    label)`` gives (N, out_features) logits, float32 even under autocast."""
+
+    def __init__(self, in_features: int, out_features: int, margin) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.margin = margin
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.normal_(self.weight, std=DEFAULT_CENTRE_STD)
 
     def cosine(self, x: torch.Tensor) -> torch.Tensor:
         """Cosines (N, out_features) between the embeddings and the centres, in float32."""
@@ -345,7 +351,7 @@ class _ShardedSoftmaxLoss(torch.autograd.Function):
         return grad, None, None, None
 
 
-class ShardedMarginSoftmax(nn.Module):
+class ShardedMarginSoftmax(_MarginParameters, nn.Module):
     """Margin softmax loss with the class centres sharded over the ranks of ``group`` (model
     parallel, as InsightFace's Partial FC): rank r holds the contiguous classes
     ``shard_range(num_classes, world, r)`` as ``weight`` (C_r, E), so its state dict is its
@@ -385,22 +391,6 @@ class ShardedMarginSoftmax(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.end - self.start, embedding_size))
         nn.init.normal_(self.weight, std=DEFAULT_CENTRE_STD)
         self.last_index: torch.Tensor | None = None
-
-    @property
-    def s(self) -> float:
-        return self.margin.s
-
-    @s.setter
-    def s(self, value: float) -> None:
-        self.margin.s = value
-
-    @property
-    def m(self) -> float:
-        return self.margin.m
-
-    @m.setter
-    def m(self, value: float) -> None:
-        self.margin.m = value
 
     def _gather(self, embeddings: torch.Tensor, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

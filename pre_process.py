@@ -189,8 +189,9 @@ def _resolve_idx(rec_path: Path, idx_path: str | Path | None) -> Path | None:
     return default if default.is_file() else None
 
 
-def _parse_header_record(payload: bytes | None) -> tuple[int, int] | None:
-    """``(id_start, id_end)`` when ``payload`` is an InsightFace header record, else None."""
+def _label_pair(payload: bytes | None) -> tuple[float, float] | None:
+    """The first two labels of a record with a label array and no image (the header and
+    identity records of InsightFace sets), else None."""
     if payload is None:
         return None
     try:
@@ -199,7 +200,15 @@ def _parse_header_record(payload: bytes | None) -> tuple[int, int] | None:
         return None
     if header.flag < HEADER_LABELS or image:
         return None
-    id_start, id_end = float(header.label[0]), float(header.label[1])
+    return float(header.label[0]), float(header.label[1])
+
+
+def _parse_header_record(payload: bytes | None) -> tuple[int, int] | None:
+    """``(id_start, id_end)`` when ``payload`` is an InsightFace header record, else None."""
+    pair = _label_pair(payload)
+    if pair is None:
+        return None
+    id_start, id_end = pair
     if not (1 <= id_start <= id_end) or id_start != int(id_start) or id_end != int(id_end):
         return None
     return int(id_start), int(id_end)
@@ -349,15 +358,10 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
 
 def _parse_identity(payload: bytes | None) -> tuple[int, int] | None:
     """``(img_start, img_end)`` of an identity record (label pair, no image), else None."""
-    if payload is None:
+    pair = _label_pair(payload)
+    if pair is None:
         return None
-    try:
-        header, image = recordio.unpack_payload(payload)
-    except recordio.RecordIOError:
-        return None
-    if header.flag < HEADER_LABELS or image:
-        return None
-    start, end = float(header.label[0]), float(header.label[1])
+    start, end = pair
     if not 0 <= start <= end:
         return None
     return int(start), int(end)
