@@ -40,6 +40,15 @@ FLIP_PROBABILITY = 0.5
 MAX_REPLACEMENT_TRIES = 20  # corrupt samples tried before giving up on a replacement
 COUNTER_SLOTS = 256  # per-process corrupt counters: the main process + up to 255 workers
 
+_counter_slot = 0  # this process's corrupt counter when torch reports no DataLoader worker
+
+
+def set_counter_slot(worker_id: int) -> None:
+    """Make this process count unreadable samples in worker ``worker_id``'s own counter
+    (for worker processes that are not DataLoader's, e.g. fast_loader's)."""
+    global _counter_slot
+    _counter_slot = 1 + worker_id % (COUNTER_SLOTS - 1)
+
 
 class _FaceDataset(Dataset):
     """Shared behaviour: normalisation, flip, and replacement of unreadable samples."""
@@ -127,7 +136,8 @@ class _FaceDataset(Dataset):
     def _record_bad(self, i: int, error: Exception) -> None:
         self._bad.add(i)
         info = torch.utils.data.get_worker_info()
-        self._corrupt[0 if info is None else 1 + info.id % (COUNTER_SLOTS - 1)] += 1
+        self._corrupt[_counter_slot if info is None
+                      else 1 + info.id % (COUNTER_SLOTS - 1)] += 1
         warnings.warn(f"{error}; replacing it with another sample of class "
                       f"{int(self.labels[i])}", RuntimeWarning, stacklevel=3)
 
@@ -150,6 +160,25 @@ class _FaceDataset(Dataset):
         training); :func:`normalize_batch` finishes the job on the consumer's side."""
         image, label = self._augmented(i)
         return torch.from_numpy(image), label
+
+    def raw_item_into(self, i: int, out: np.ndarray) -> int:
+        """``raw_item(i)`` written into ``out`` (uint8 HxWx3 of the dataset's size, e.g. a
+        slot of a shared batch buffer); returns the label. The same pixels and the same
+        replacement of unreadable images, but the common case decodes straight into ``out``
+        (no image allocated, no copy)."""
+        i = int(i)
+        label = self._read_into(i, out)
+        if label is None:  # unreadable or unusual: the ordinary path counts and replaces
+            image, label = self._augmented(i)
+            out[...] = image
+        elif self.train and self._generator().random() < FLIP_PROBABILITY:
+            cv2.flip(out, 1, dst=out)
+        return label
+
+    def _read_into(self, i: int, out: np.ndarray) -> int | None:
+        """Decode sample ``i`` into ``out`` when it is plain 8-bit colour of ``out``'s size
+        and return its label; None (nothing counted) otherwise."""
+        return None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -188,6 +217,19 @@ class FaceRecordDataset(_FaceDataset):
         source = self.describe(i)
         _, image = recordio.unpack_payload(payload, source)
         return decode_image(image, source), int(self.labels[i])
+
+    def _read_into(self, i: int, out: np.ndarray) -> int | None:
+        payload = self.reader.read_at(int(self.offsets[i]))  # RecordIOError as in read()
+        _, data = recordio.unpack_payload(payload, self.describe(i))
+        if not data:
+            return None
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if decoded is None or decoded.dtype != np.uint8 or decoded.shape != out.shape:
+            return None  # read() decodes it (or reports it) the general way
+        rgb = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB, dst=out)  # as utils.decode_image
+        if rgb is not out:
+            out[...] = rgb
+        return int(self.labels[i])
 
 
 class ImageFolderDataset(_FaceDataset):

@@ -31,8 +31,10 @@ Files in ``cfg.output``:
   most once a minute) and at the end; the logged history travels in ``checkpoint.pt``, so
   the curves survive resumes.
 
-With ``cfg.num_workers > 0`` the workers send uint8 batches (4x less shared memory to fill
-than float32) and the step normalises them on the training device.
+With ``cfg.num_workers > 0`` the workers decode uint8 batches into a fixed ring of shared
+memory (``fast_loader.RingBufferLoader``; ``RING_LOADER = False`` below goes back to torch's
+DataLoader, which allocates shared memory for every batch) and the step normalises them on
+the training device.
 
 ``--resume`` continues from ``checkpoint.pt`` exactly, mid-epoch too: the data order is a
 function of (seed, epoch), so the resumed run skips the batches already done (resuming
@@ -49,7 +51,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,8 @@ from utils import get_logger, load_backbone_state, load_checkpoint, save_checkpo
 LOG = get_logger("train")
 EXIT_BAD_INPUT = 1
 EXIT_NON_FINITE = 2
+# worker batches through fast_loader's ring of shared-memory slots (False: torch's DataLoader)
+RING_LOADER = True
 # Fields that must match between a checkpoint and the run resuming it (the data order, the
 # shapes of the weights and the meaning of a step depend on them).
 RESUME_FIXED_FIELDS = ("network", "embedding_size", "head", "sample_rate", "batch_size",
@@ -121,17 +125,25 @@ def build_dataset(cfg: Config) -> tuple[torch.utils.data.Dataset, str]:
 
 
 def build_loader(dataset: torch.utils.data.Dataset, sampler: ResumableBatchSampler,
-                 cfg: Config, info: DistInfo) -> torch.utils.data.DataLoader:
+                 cfg: Config, info: DistInfo, ring: bool = RING_LOADER) -> Iterable:
     """Batches of ``sampler``'s indices: float32 Nx3xHxW normalised, or with worker
     processes uint8 NxHxWx3 (see prepare_batch), whose trip through shared memory costs a
-    quarter of float32's."""
+    quarter of float32's. With workers and ``ring`` a ``fast_loader.RingBufferLoader``
+    (persistent workers; each uint8 batch is valid until the next one is requested, and the
+    step copies it to the device first thing), else a DataLoader."""
     import data_gen
 
-    if cfg.num_workers > 0:
-        dataset = data_gen.RawUint8View(dataset)
     # The loader's own generator draws the worker base seed, so creating an iterator does
     # not advance the global RNG whose state a checkpoint records.
     generator = torch.Generator().manual_seed(cfg.seed + info.rank)
+    if cfg.num_workers > 0 and ring:
+        from fast_loader import RingBufferLoader
+
+        batches = torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=True)
+        return RingBufferLoader(dataset, batches, num_workers=cfg.num_workers,
+                                persistent_workers=True, generator=generator)
+    if cfg.num_workers > 0:
+        dataset = data_gen.RawUint8View(dataset)
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
         pin_memory=info.device.type == "cuda", drop_last=True, generator=generator,
@@ -530,6 +542,8 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
             epoch, start_batch = epoch + 1, 0
     finally:
         monitor.close()
+        if hasattr(loader, "close"):  # a RingBufferLoader's workers stop now, not at exit
+            loader.close()
         if curves:  # also after a failure: the curves up to it
             curves.update(logs["history"], logs["verification"], force=True)
 

@@ -1,7 +1,8 @@
 """Images/s of the training input pipeline, next to a bare JPEG-decode loop in the same run.
 
     python bench/data_throughput.py [--images 4000] [--batch-size 128] [--workers 0 1 2]
-                                    [--raw-workers 1] [--align] [--align-images 16]
+                                    [--raw-workers 1] [--ring-workers 1 2] [--align]
+                                    [--align-images 16]
 
 Builds a synthetic ``.rec`` in a temporary folder (textured 112x112 JPEGs of quality 95, in
 the InsightFace layout), then times
@@ -10,7 +11,10 @@ the InsightFace layout), then times
 * ``FaceRecordDataset`` (read from the file, decode, RGB, flip, normalise) through
   ``build_loader`` with 0, 1, 2 workers (collate and worker transfer included);
 * the same with ``build_loader(raw_uint8=True)`` and ``normalize_batch`` in this process
-  (uint8 batches: 4x less shared memory between processes).
+  (uint8 batches: 4x less shared memory between processes);
+* ``fast_loader.RingBufferLoader`` (uint8 batches decoded by the workers straight into a
+  fixed ring of shared-memory slots, no shared memory allocated per batch) and
+  ``normalize_batch`` in this process.
 
 Besides wall-clock images/s the table gives CPU microseconds per image (this process plus its
 workers, read from /proc), which a loaded machine disturbs far less than wall time.
@@ -83,10 +87,13 @@ def bare_decode_seconds(jpegs: list[bytes]) -> float:
 
 def _worker_cpu_seconds(loader) -> float:
     """CPU seconds used so far by the loader's worker processes (Linux /proc; 0 if none)."""
-    workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+    pids = getattr(loader, "worker_pids", None)  # RingBufferLoader
+    if pids is None:
+        workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+        pids = [worker.pid for worker in workers]
     total = 0.0
-    for worker in workers:
-        fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
     return total
 
@@ -126,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--raw-workers", type=int, nargs="*", default=[1],
                         help="also time build_loader(raw_uint8=True) with these workers")
+    parser.add_argument("--ring-workers", type=int, nargs="*", default=[1, 2],
+                        help="also time fast_loader.RingBufferLoader with these workers")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch threads of this process (collate runs here with 0 "
@@ -148,17 +157,28 @@ def main(argv: list[str] | None = None) -> int:
               f"{mean_kb:.1f} KiB); batch {args.batch_size}; torch threads "
               f"{torch.get_num_threads()}; CPUs {os.cpu_count()}; load average "
               f"{os.getloadavg()[0]:.1f}")
+        from torch.utils.data import BatchSampler, RandomSampler
+
         from data_gen import FaceRecordDataset, build_loader
+        from fast_loader import RingBufferLoader
 
         configs = [(f"FaceRecordDataset + loader, {w} worker(s)", w, False)
                    for w in args.workers]
         configs += [(f"  raw_uint8 + normalize_batch, {w} worker(s)", w, True)
                     for w in args.raw_workers]
+        ring = {f"  RingBufferLoader + normalize_batch, {w} worker(s)": w
+                for w in args.ring_workers}
+        configs += [(name, w, True) for name, w in ring.items()]
         loaders = []
         for name, workers, raw in configs:
             ds = FaceRecordDataset(rec, train=True)
-            loader = build_loader(ds, batch_size=args.batch_size, num_workers=workers,
-                                  shuffle=True, drop_last=False, raw_uint8=raw)
+            if name in ring:
+                sampler = BatchSampler(RandomSampler(ds), args.batch_size, drop_last=False)
+                loader = RingBufferLoader(ds, sampler, num_workers=workers,
+                                          persistent_workers=True)
+            else:
+                loader = build_loader(ds, batch_size=args.batch_size, num_workers=workers,
+                                      shuffle=True, drop_last=False, raw_uint8=raw)
             epoch_seconds(loader, raw)  # warm-up: workers start, page cache filled
             loaders.append((name, loader, raw))
         # interleaved rounds, so a burst of load from elsewhere hits every row alike
