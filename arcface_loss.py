@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 # cos is clamped this far inside [-1, 1] before acos: d/dx acos(x) is infinite at +-1.
 ACOS_EPS = 1e-6
@@ -450,26 +451,26 @@ class ShardedMarginSoftmax(_MarginParameters, nn.Module):
                 f"sample_rate={self.sample_rate}, margin={self.margin!r}")
 
 
-def clip_grad_norm_sharded(replicated, sharded, max_norm: float, group=None) -> torch.Tensor:
-    """Clip gradients to a global norm ``max_norm`` when ``sharded`` parameters (a sharded
-    head) differ across ranks while ``replicated`` ones (a DDP backbone, after its
-    all-reduce) are equal everywhere; returns the total norm before clipping. Without
-    synchronising with the device."""
-    replicated = [p for p in replicated if p.grad is not None]
-    sharded = [p for p in sharded if p.grad is not None]
-    grads = [p.grad for p in replicated + sharded]
-    if not grads:
+def clip_grad_norm_sharded(replicated, sharded, max_norm: float, group=None,
+                           all_reduce_sum_=None) -> torch.Tensor:
+    """Clip all gradients to one global L2 norm ``max_norm`` (inf: only measure it) and return
+    that norm before clipping, without a host sync. ``replicated`` gradients are equal on
+    every rank (a DDP backbone after its all-reduce); ``sharded`` ones (a head's shard of
+    centres) differ, so their squared norm is summed over ranks: with ``all_reduce_sum_``
+    when given, else an all-reduce over ``group``. Multi-tensor kernels, not one per tensor."""
+    rep = [p for p in replicated if p.grad is not None]
+    shard = [p for p in sharded if p.grad is not None]
+    if not rep and not shard:
         return torch.tensor(0.0)
-    device = grads[0].device
+    zero = torch.zeros((), device=(rep or shard)[0].grad.device)
 
-    def sum_sq(params) -> torch.Tensor:
-        total = torch.zeros((), device=device, dtype=torch.float32)
-        for p in params:
-            total = total + p.grad.detach().float().pow(2).sum()
-        return total
+    def squared_norm(params: list[nn.Parameter]) -> torch.Tensor:
+        return get_total_norm([p.grad for p in params]).float() ** 2 if params else zero
 
-    shard_sq = _all_reduce(sum_sq(sharded), dist.ReduceOp.SUM, group)
-    norm = (sum_sq(replicated) + shard_sq).sqrt()
-    coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coef)
+    shard_sq = squared_norm(shard).clone()  # reduced in place
+    shard_sq = all_reduce_sum_(shard_sq) if all_reduce_sum_ is not None \
+        else _all_reduce(shard_sq, dist.ReduceOp.SUM, group)
+    norm = (squared_norm(rep) + shard_sq).sqrt()
+    if math.isfinite(max_norm):
+        clip_grads_with_norm_(rep + shard, max_norm, norm)  # takes the parameters
     return norm

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from arcface_loss import clip_grad_norm_sharded
 from config import Config, build_parser, parse_config
 from distributed import (
     DistInfo,
@@ -78,7 +79,6 @@ from train_utils import (
     all_finite,
     build_optimizer,
     check_labels,
-    clip_grad_norm_,
     head_checkpoint_path,
     injected_fault,
     kill_self,
@@ -308,8 +308,9 @@ def forward_backward(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
     # One global norm over the backbone (equal on all ranks after DDP) and every rank's
     # shard of centres; with max_norm inf it only measures the norm.
     max_norm = tr.grad_clip if tr.grad_clip > 0 else float("inf")
-    grad_norm = clip_grad_norm_(list(tr.backbone.parameters()), list(tr.head.parameters()),
-                                max_norm, tr.reduce_sum if tr.info.distributed else None)
+    grad_norm = clip_grad_norm_sharded(list(tr.backbone.parameters()),
+                                       list(tr.head.parameters()), max_norm,
+                                       all_reduce_sum_=tr.reduce_sum)
     stats = torch.stack([loss.detach().float(), accuracy.detach().float(),
                          grad_norm.detach().float().to(loss.device)])
     return all_reduce_sum_(stats, tr.info) / tr.info.world_size

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 # ----------------------------------------------------------------------------- errors
 
@@ -132,29 +131,6 @@ def build_optimizer(groups: list[dict[str, Any]], name: str, lr: float, momentum
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     raise ValueError(f"unknown optimizer {name!r}; choose sgd or adamw")
-
-
-def clip_grad_norm_(replicated: Sequence[nn.Parameter], sharded: Sequence[nn.Parameter],
-                    max_norm: float, all_reduce_sum_=None) -> torch.Tensor:
-    """Clip all gradients to one global L2 norm and return that norm (before clipping),
-    without a host sync. ``replicated`` gradients are equal on every rank (a DDP backbone);
-    ``sharded`` ones (a head's shard of centres) differ, so their squared norm is summed over
-    ranks with ``all_reduce_sum_`` (None alone). Multi-tensor kernels, not one per tensor."""
-    rep = [p for p in replicated if p.grad is not None]
-    shard = [p for p in sharded if p.grad is not None]
-    device = (rep or shard)[0].grad.device
-    zero = torch.zeros((), device=device)
-
-    def squared_norm(params: list[nn.Parameter]) -> torch.Tensor:
-        return get_total_norm([p.grad for p in params]).float() ** 2 if params else zero
-
-    shard_sq = squared_norm(shard)
-    if all_reduce_sum_ is not None:
-        shard_sq = all_reduce_sum_(shard_sq.clone())
-    norm = (squared_norm(rep) + shard_sq).sqrt()
-    if math.isfinite(max_norm):
-        clip_grads_with_norm_(rep + shard, max_norm, norm)  # takes the parameters
-    return norm
 
 
 # ----------------------------------------------------------------------------- RNG state

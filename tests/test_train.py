@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from arcface_loss import clip_grad_norm_sharded
 from config import make_config
 from distributed import DistInfo
 from train_utils import (
@@ -32,7 +33,6 @@ from train_utils import (
     NonFiniteLossError,
     ResumableBatchSampler,
     check_labels,
-    clip_grad_norm_,
     lr_factor,
     param_groups,
 )
@@ -227,7 +227,7 @@ def test_global_gradient_clipping_counts_every_shard():
     a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 4, 5))
     a.grad, b.grad, c.grad = torch.full((3,), 2.0), torch.full((4,), -1.0), torch.ones(5)
     # c is a head shard; a second rank holds a shard with the same squared norm (5)
-    norm = clip_grad_norm_([a, b], [c], max_norm=1.0, all_reduce_sum_=lambda t: 2 * t)
+    norm = clip_grad_norm_sharded([a, b], [c], max_norm=1.0, all_reduce_sum_=lambda t: 2 * t)
     expected = math.sqrt(3 * 4.0 + 4 * 1.0 + 2 * 5 * 1.0)
     assert norm.item() == pytest.approx(expected)
     scale = 1.0 / (expected + 1e-6)
