@@ -68,8 +68,7 @@ def pack_if_needed(aligned_dir: Path, rec_path: Path) -> dict[str, Any]:
             return done
     summary = pack_folder(aligned_dir, rec_path)
     print(summary.format_summary())
-    result = {"images": n_images, "rec": str(rec_path), "packed": summary.images
-              if hasattr(summary, "images") else n_images}
+    result = {"images": n_images, "rec": str(rec_path), "packed": summary.images}
     atomic_write_text(stamp, json.dumps(result) + "\n")
     return result
 
@@ -107,7 +106,6 @@ def run_demo(data_dir: str | Path = "data/demo", run_dir: str | Path = "runs/dem
              pairs_per_fold: int | None = None, seed: int = 0,
              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every stage; return (and write to ``run_dir/report.json``) the report."""
-    import torch
 
     import align_faces
     import synthetic_faces
@@ -145,7 +143,6 @@ def run_demo(data_dir: str | Path = "data/demo", run_dir: str | Path = "runs/dem
 
     cfg = make_config({"rec": str(rec_path), "output": str(run_dir), "seed": seed,
                        "device": "cpu", **(overrides or {})}, preset=PRESET)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cache_dir = data_dir / "lfw_aligned_cache"
 
     _stage("4/6 baseline: the untrained network on the held-out pairs")
