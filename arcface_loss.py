@@ -142,27 +142,26 @@ def build_margin(name: str, s: float = 64.0, m: float = 0.5, m1: float = 1.0, m3
 
 # ----------------------------------------------------------------------------- single device
 
+class _OnMargin:
+    """A head attribute that lives on ``head.margin`` (read and written there)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, head, owner: type | None = None):
+        return self if head is None else getattr(head.margin, self.name)
+
+    def __set__(self, head, value: float) -> None:
+        setattr(head.margin, self.name, value)
+
+
 class _MarginParameters:
     """``head.s`` and ``head.m`` forward to ``head.margin``, so a training loop can ramp the
     margin on any head (single-device or sharded) by writing ``head.m = ...``."""
 
     margin: ArcFaceMargin | CosFaceMargin | CombinedMargin
-
-    @property
-    def s(self) -> float:
-        return self.margin.s
-
-    @s.setter
-    def s(self, value: float) -> None:
-        self.margin.s = value
-
-    @property
-    def m(self) -> float:
-        return self.margin.m
-
-    @m.setter
-    def m(self, value: float) -> None:
-        self.margin.m = value
+    s = _OnMargin()
+    m = _OnMargin()
 
 
 class MarginHead(_MarginParameters, nn.Module):
