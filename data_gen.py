@@ -219,16 +219,15 @@ class FaceRecordDataset(_FaceDataset):
         return decode_image(image, source), int(self.labels[i])
 
     def _read_into(self, i: int, out: np.ndarray) -> int | None:
+        source = self.describe(i)
         payload = self.reader.read_at(int(self.offsets[i]))  # RecordIOError as in read()
-        _, data = recordio.unpack_payload(payload, self.describe(i))
-        if not data:
-            return None
-        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if decoded is None or decoded.dtype != np.uint8 or decoded.shape != out.shape:
-            return None  # read() decodes it (or reports it) the general way
-        rgb = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB, dst=out)  # as utils.decode_image
-        if rgb is not out:
-            out[...] = rgb
+        _, data = recordio.unpack_payload(payload, source)
+        try:
+            decoded = decode_image(data, source, out=out)
+        except ImageReadError:
+            return None  # read() reports it the general way (counted, replaced)
+        if decoded is not out:
+            return None  # not plain colour of out's size: read() resizes it
         return int(self.labels[i])
 
 

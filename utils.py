@@ -144,8 +144,14 @@ def load_backbone_state(path: str | Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- images
 
-def _to_rgb(decoded: np.ndarray) -> np.ndarray:
-    """OpenCV's decoded array (gray, BGR or BGRA; 8 or 16 bit) to RGB uint8 HxWx3."""
+def _to_rgb(decoded: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """OpenCV's decoded array (gray, BGR or BGRA; 8 or 16 bit) to RGB uint8 HxWx3, written
+    into ``out`` when that is a uint8 array of the result's shape (a hot path's buffer)."""
+    if out is not None and decoded.dtype == np.uint8 and decoded.shape == out.shape:
+        rgb = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB, dst=out)
+        if rgb is not out:
+            out[...] = rgb
+        return out
     if decoded.dtype == np.uint16:
         decoded = (decoded >> 8).astype(np.uint8)
     if decoded.ndim == 2:
@@ -155,8 +161,11 @@ def _to_rgb(decoded: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
-def decode_image(data: bytes | np.ndarray, source: str = "<buffer>") -> np.ndarray:
-    """Encoded bytes (JPEG, PNG, ...) to RGB uint8 HxWx3; ImageReadError naming ``source``."""
+def decode_image(data: bytes | np.ndarray, source: str = "<buffer>",
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Encoded bytes (JPEG, PNG, ...) to RGB uint8 HxWx3; ImageReadError naming ``source``.
+    With ``out`` (uint8 HxWx3), a colour image of exactly that shape is decoded into it and
+    ``out`` is returned; anything else comes back as a new array."""
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) \
         else np.asarray(data, dtype=np.uint8).reshape(-1)
     if buf.size == 0:
@@ -164,7 +173,7 @@ def decode_image(data: bytes | np.ndarray, source: str = "<buffer>") -> np.ndarr
     decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if decoded is None:
         raise ImageReadError(f"{source}: not a decodable image ({buf.size} bytes)")
-    return _to_rgb(decoded)
+    return _to_rgb(decoded, out)
 
 
 def read_image(path: str | Path) -> np.ndarray:

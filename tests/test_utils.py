@@ -122,3 +122,15 @@ def test_seed_and_device():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert utils.get_device("auto").type == expected
     assert utils.get_device("cpu").type == "cpu"
+
+
+def test_decode_into_buffer_matches_plain_decode():
+    img = _rgb_test_image()
+    data = utils.encode_image(img, ".png")
+    out = np.zeros_like(img)
+    assert utils.decode_image(data, out=out) is out
+    np.testing.assert_array_equal(out, img)
+    wrong = np.zeros((5, 5, 3), np.uint8)  # another size: a new array, buffer untouched
+    other = utils.decode_image(data, out=wrong)
+    assert other is not wrong and (wrong == 0).all()
+    np.testing.assert_array_equal(other, img)
