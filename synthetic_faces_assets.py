@@ -15,6 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 import utils
+from align_faces import estimate_similarity
 
 cv2 = utils.cv2
 
@@ -100,26 +101,6 @@ class BaseAssets:
     noise_bank: np.ndarray  # N x N x 3 standard normal, cropped per image
 
 
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation; no reflection)
-    mapping points ``src`` onto ``dst`` (Umeyama's closed form), as a 2x3 matrix."""
-    src = np.asarray(src, np.float64)
-    dst = np.asarray(dst, np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s, d = src - mu_s, dst - mu_d
-    cov = d.T @ s / len(src)
-    u, sig, vt = np.linalg.svd(cov)
-    sign = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[1, 1] = -1.0
-    rot = u @ sign @ vt
-    scale = np.trace(np.diag(sig) @ sign) / s.var(0).sum()
-    matrix = np.zeros((2, 3))
-    matrix[:, :2] = scale * rot
-    matrix[:, 2] = mu_d - scale * rot @ mu_s
-    return matrix
-
-
 def load_base_photos() -> dict[str, np.ndarray]:
     """The two base photographs as RGB uint8 HxWx3."""
     import matplotlib.cbook
@@ -132,7 +113,7 @@ def load_base_photos() -> dict[str, np.ndarray]:
 
 def _to_canonical(photo: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """Warp a photo so its landmarks land on CANONICAL_LANDMARKS (float32 RGB in [0, 1])."""
-    matrix = similarity_transform(landmarks, CANONICAL_LANDMARKS)
+    matrix = estimate_similarity(landmarks, CANONICAL_LANDMARKS)
     scale = float(np.hypot(*matrix[:, 0]))
     image = photo.astype(np.float32) / 255.0
     if scale < 1.0:  # shrink with area averaging first so the warp does not alias
@@ -140,7 +121,7 @@ def _to_canonical(photo: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         image = cv2.resize(image, (round(w * scale), round(h * scale)),
                            interpolation=cv2.INTER_AREA)
         landmarks = landmarks * [image.shape[1] / w, image.shape[0] / h]
-        matrix = similarity_transform(landmarks, CANONICAL_LANDMARKS)
+        matrix = estimate_similarity(landmarks, CANONICAL_LANDMARKS)
     return cv2.warpAffine(image, matrix, (CANVAS, CANVAS), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REFLECT)
 
