@@ -30,6 +30,7 @@ already been written, all inside the destination.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import gzip
 import io
 import json
@@ -172,20 +173,27 @@ def _archive_identity(archive: Path) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def already_extracted(archive: str | Path, dest: str | Path) -> bool:
-    """True when a complete extraction of this very archive (same size and mtime) into
-    ``dest`` left its marker and its top-level entries are still there."""
-    archive, dest = Path(archive), Path(dest)
+def _completed_marker(archive: Path, dest: Path) -> dict[str, Any] | None:
+    """The marker of a complete extraction of this very archive (same size and mtime) into
+    ``dest`` whose top-level entries are still there, else None."""
     marker = _marker_path(archive, dest)
     if not marker.is_file():
-        return False
+        return None
     try:
         info = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
     if info.get("archive") != _archive_identity(archive):
-        return False
-    return all((dest / top).exists() for top in info.get("top_level", []))
+        return None
+    if not all((dest / top).exists() for top in info.get("top_level", [])):
+        return None
+    return info
+
+
+def already_extracted(archive: str | Path, dest: str | Path) -> bool:
+    """True when a complete extraction of this very archive (same size and mtime) into
+    ``dest`` left its marker and its top-level entries are still there."""
+    return _completed_marker(Path(archive), Path(dest)) is not None
 
 
 def _extract_zip(archive: Path, dest: Path, progress: bool) -> tuple[int, int, list[str]]:
@@ -297,8 +305,8 @@ def extract_archive(archive: str | Path, dest: str | Path, progress: bool = True
         raise FileNotFoundError(f"archive not found: {archive}")
     start = time.perf_counter()
     summary: dict[str, Any] = {"archive": str(archive), "dest": str(dest), "skipped": False}
-    if not force and already_extracted(archive, dest):
-        info = json.loads(_marker_path(archive, dest).read_text(encoding="utf-8"))
+    info = None if force else _completed_marker(archive, dest)
+    if info is not None:
         summary.update(skipped=True, files=info["files"], bytes=info["bytes"],
                        top_level=info["top_level"], seconds=0.0)
         return summary
@@ -330,7 +338,7 @@ def destination_for(archive: str | Path, data_root: str | Path = DEFAULT_DATA_RO
 
 def copy_if_changed(src: Path, dst: Path) -> bool:
     """Copy ``src`` to ``dst`` unless an identical file is there; True when copied."""
-    if dst.is_file() and dst.read_bytes() == src.read_bytes():
+    if dst.is_file() and filecmp.cmp(src, dst, shallow=False):  # sizes first, then chunks
         return False
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
