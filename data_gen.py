@@ -43,11 +43,15 @@ COUNTER_SLOTS = 256  # per-process corrupt counters: the main process + up to 25
 _counter_slot = 0  # this process's corrupt counter when torch reports no DataLoader worker
 
 
+def _worker_counter_slot(worker_id: int) -> int:
+    return 1 + worker_id % (COUNTER_SLOTS - 1)  # slot 0 is the main process's
+
+
 def set_counter_slot(worker_id: int) -> None:
     """Make this process count unreadable samples in worker ``worker_id``'s own counter
     (for worker processes that are not DataLoader's, e.g. fast_loader's)."""
     global _counter_slot
-    _counter_slot = 1 + worker_id % (COUNTER_SLOTS - 1)
+    _counter_slot = _worker_counter_slot(worker_id)
 
 
 class _FaceDataset(Dataset):
@@ -136,8 +140,7 @@ class _FaceDataset(Dataset):
     def _record_bad(self, i: int, error: Exception) -> None:
         self._bad.add(i)
         info = torch.utils.data.get_worker_info()
-        self._corrupt[_counter_slot if info is None
-                      else 1 + info.id % (COUNTER_SLOTS - 1)] += 1
+        self._corrupt[_counter_slot if info is None else _worker_counter_slot(info.id)] += 1
         warnings.warn(f"{error}; replacing it with another sample of class "
                       f"{int(self.labels[i])}", RuntimeWarning, stacklevel=3)
 
@@ -213,15 +216,18 @@ class FaceRecordDataset(_FaceDataset):
     def read(self, i: int) -> tuple[np.ndarray, int]:
         """The decoded RGB image and label of sample ``i``. ImageReadError for bad image
         bytes; RecordIOError (file and offset named) for a broken record."""
-        payload = self.reader.read_at(int(self.offsets[i]))
+        data, source = self._image_bytes(i)
+        return decode_image(data, source), int(self.labels[i])
+
+    def _image_bytes(self, i: int) -> tuple[bytes, str]:
+        """Sample ``i``'s encoded image and its description (RecordIOError naming the file
+        and offset for a broken record)."""
         source = self.describe(i)
-        _, image = recordio.unpack_payload(payload, source)
-        return decode_image(image, source), int(self.labels[i])
+        _, data = recordio.unpack_payload(self.reader.read_at(int(self.offsets[i])), source)
+        return data, source
 
     def _read_into(self, i: int, out: np.ndarray) -> int | None:
-        source = self.describe(i)
-        payload = self.reader.read_at(int(self.offsets[i]))  # RecordIOError as in read()
-        _, data = recordio.unpack_payload(payload, source)
+        data, source = self._image_bytes(i)
         try:
             decoded = decode_image(data, source, out=out)
         except ImageReadError:

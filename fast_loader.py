@@ -293,11 +293,10 @@ class RingBufferLoader:
             self._active = False
             for slot, _, _ in ready.values():
                 self._free.append(slot)
-            if not (finished and self.persistent_workers):
-                if self.persistent_workers:
-                    self._generation.value += 1  # workers skip what is still queued
-                else:
-                    self._shutdown_workers()
+            if not self.persistent_workers:
+                self._shutdown_workers()
+            elif not finished:
+                self._generation.value += 1  # workers skip what is still queued
 
     def _checked(self, indices: Any) -> list[int]:
         try:
