@@ -25,13 +25,14 @@ every size comes out of one pass); pass a seeded permutation as ``order`` for ra
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from verification_plots import save_figure
 
 DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4)
@@ -45,7 +46,6 @@ TILE = 64  # columns per tile whose maximum screens the verification buffer's ca
 BUFFER_MIN_ELEMENTS = 2**19  # the impostor buffer grows to max(2k, this) before a trim
 ROC_POINTS = 60
 FAR_EPS = 1e-9  # guards floor(far * n) against 1e-6 * 1e6 = 0.99999...
-FIGURE_DPI = 100
 
 
 # ----------------------------------------------------------------------------- scores
@@ -383,18 +383,6 @@ def format_results(results: Mapping[int, Mapping[str, Any]],
 
 # ----------------------------------------------------------------------------- figures
 
-def _save_figure(fig, path: str | Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from utils import atomic_write_bytes
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=FIGURE_DPI)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
-
-
 def plot_cmc(results: Mapping[int, Mapping[str, Any]], path: str | Path) -> Path:
     """Identification rate against rank, one curve per distractor count."""
     from matplotlib.figure import Figure
@@ -407,7 +395,7 @@ def plot_cmc(results: Mapping[int, Mapping[str, Any]], path: str | Path) -> Path
     ax.set(xlabel="rank", ylabel="identification rate (%)", title="MegaFace CMC")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rank1_vs_distractors(results: Mapping[int, Mapping[str, Any]],
@@ -422,7 +410,7 @@ def plot_rank1_vs_distractors(results: Mapping[int, Mapping[str, Any]],
     ax.set(xlabel="number of distractors", ylabel="rank-1 identification rate (%)",
            title="MegaFace identification")
     ax.grid(True, which="both", alpha=0.3)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc_curves(results: Mapping[int, Mapping[str, Any]], path: str | Path) -> Path:
@@ -439,4 +427,4 @@ def plot_roc_curves(results: Mapping[int, Mapping[str, Any]], path: str | Path) 
     ax.set(xlabel="false accept rate", ylabel="true accept rate", title="MegaFace verification")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -9,7 +9,6 @@ switch) and written atomically, so a reader never sees half a PNG while training
 
 from __future__ import annotations
 
-import io
 import math
 import sys
 import time
@@ -19,14 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from utils import atomic_write_bytes
-
 if TYPE_CHECKING:
     from config import Config
     from distributed import DistInfo
 
 CURVES_NAME = "training_curves.png"
-FIGURE_DPI = 100
 FIGURE_SIZE = (15, 8)  # inches: a 2 x 3 grid of panels
 # (history key, panel title, y-axis label), one panel each, in grid order
 PANELS = (
@@ -138,14 +134,9 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]],
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
                          verification: Sequence[Mapping[str, Any]] = ()) -> Path:
     """Write :func:`training_curves_figure` to ``path`` as a PNG (atomically)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from verification_plots import save_figure
 
-    fig = training_curves_figure(history, verification)
-    FigureCanvasAgg(fig)  # attaches the Agg canvas to the figure
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=FIGURE_DPI)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return save_figure(training_curves_figure(history, verification), path)
 
 
 class CurvesWriter:

@@ -20,7 +20,8 @@ HISTOGRAM_BINS = 60
 FIGURE_DPI = 100
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Render a matplotlib Figure (no pyplot) with Agg and write it as a PNG, atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)  # attaches the Agg canvas to the figure
@@ -56,7 +57,7 @@ def plot_roc(far: np.ndarray, tar: np.ndarray, path: str | Path, auc: float | No
     if label or operating_points:
         ax.legend(loc="lower right")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_histogram(similarities: np.ndarray, issame: np.ndarray, path: str | Path,
@@ -80,7 +81,7 @@ def plot_histogram(similarities: np.ndarray, issame: np.ndarray, path: str | Pat
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def hardest_pairs(similarities: np.ndarray, issame: np.ndarray,
@@ -131,4 +132,4 @@ def plot_error_gallery(images: np.ndarray, similarities: np.ndarray, issame: np.
                 text += "\n" + labels[i]
             ax.set_title(text, fontsize=7, color="red" if error else "black")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

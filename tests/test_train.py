@@ -37,7 +37,6 @@ from train_utils import (
     param_groups,
 )
 from training_monitor import (
-    FIGURE_DPI,
     FIGURE_SIZE,
     VERIFICATION_TITLE,
     CurvesWriter,
@@ -45,6 +44,7 @@ from training_monitor import (
     training_curves_figure,
 )
 from utils import encode_image, load_checkpoint
+from verification_plots import FIGURE_DPI
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_MAGIC = 0xCED7230A
