@@ -360,11 +360,13 @@ def _write_cache(cache: Path, paths: list[str], crops: np.ndarray, faceless: lis
 
 
 def _load_lfw(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
-              cache_dir: str | Path | None = None
+              cache_dir: str | Path | None = None, checked: bool = False
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(distinct crops (M,112,112,3), pair_index (2N,), issame (N,), faceless paths)."""
+    """(distinct crops (M,112,112,3), pair_index (2N,), issame (N,), faceless paths);
+    ``checked``: the caller already ran check_pairs_exist."""
     lfw_dir = Path(lfw_dir)
-    check_pairs_exist(pairs, lfw_dir)
+    if not checked:
+        check_pairs_exist(pairs, lfw_dir)
     paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
     cache = None if cache_dir is None else \
         Path(cache_dir) / f"aligned_{_cache_key(lfw_dir, paths)}.npz"
@@ -562,7 +564,8 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     model = _load_model(args, device)
     cache_dir = Path(args.cache_dir) if args.cache_dir else \
         lfw_dir.parent / f"{lfw_dir.name}_aligned_cache"
-    crops, index, issame, faceless = _load_lfw(lfw_dir, pairs, cache_dir=cache_dir)
+    crops, index, issame, faceless = _load_lfw(lfw_dir, pairs, cache_dir=cache_dir,
+                                               checked=True)
     nfolds = len(pair_folds(pairs))  # the file's own folds (10 in LFW's pairs.txt)
     nfolds = nfolds if nfolds >= 2 else DEFAULT_FOLDS  # a one-fold file: the usual ten blocks
     labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]

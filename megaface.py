@@ -223,12 +223,20 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
     _report_problems(problems, "FaceScrub features")
     noisy = np.array([_probe_key(paths[i]) in fs_noise for i in kept], dtype=bool)
     kept_labels = np.asarray([labels[i] for i in kept])
+    clean_means: dict[Any, np.ndarray | None] = {}  # per identity, computed once
+
+    def clean_mean(label) -> np.ndarray | None:
+        if label not in clean_means:
+            clean = feats[(kept_labels == label) & ~noisy]
+            clean_means[label] = clean.mean(0) if len(clean) else None
+        return clean_means[label]
+
     for row, i in enumerate(kept):
         vec = feats[row]
         if noisy[row]:
-            clean = feats[(kept_labels == kept_labels[row]) & ~noisy]
-            if len(clean):
-                vec = clean.mean(0) + rng.uniform(-PROBE_NOISE_AMPLITUDE, PROBE_NOISE_AMPLITUDE,
+            mean = clean_mean(kept_labels[row])
+            if mean is not None:
+                vec = mean + rng.uniform(-PROBE_NOISE_AMPLITUDE, PROBE_NOISE_AMPLITUDE,
                                                   vec.size)
                 vec = vec / np.linalg.norm(vec)
                 summary["probes_replaced"] += 1
