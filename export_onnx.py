@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import IMAGE_SIZE
 from utils import get_logger
 
-IMAGE_SIZE = 112
 PARITY_TOLERANCE = 1e-4  # max |difference| of L2-normalised embeddings
 PARITY_BATCH = 3  # differs from the export batch, so the dynamic batch axis is exercised
 EXPORT_BATCH = 2

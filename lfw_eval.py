@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bin_loader import load_bin
+from bin_loader import IMAGE_SIZE, load_bin  # aligned crops are 112x112
 from utils import atomic_write_bytes, atomic_write_text, get_device, get_logger, read_image
 from verification_metrics import (
     DEFAULT_FOLDS,
@@ -48,7 +48,6 @@ __all__ = [
     "tar_at_far", "main",
 ]
 
-IMAGE_SIZE = 112  # aligned crops are 112x112 (ArcFace template)
 PIXEL_MEAN = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1], as in training
 PIXEL_STD = 127.5
 DEFAULT_BATCH_SIZE = 64
