@@ -90,7 +90,14 @@ from train_utils import (
     stale_head_files,
 )
 from training_monitor import CURVES_NAME, CurvesWriter, Monitor
-from utils import get_logger, load_backbone_state, load_checkpoint, save_checkpoint, seed_everything
+from utils import (
+    get_logger,
+    load_backbone_state,
+    load_checkpoint,
+    reuse_freed_memory,
+    save_checkpoint,
+    seed_everything,
+)
 
 LOG = get_logger("train")
 EXIT_BAD_INPUT = 1
@@ -241,11 +248,12 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, warmup_steps, cfg.scheduler)
 
-    fused = device.type == "cuda"
+    if device.type == "cpu":
+        reuse_freed_memory()  # the head's large gradients would page-fault every step
     opt_b = build_optimizer(param_groups([backbone], cfg.weight_decay), cfg.optimizer, lr,
-                            cfg.momentum, cfg.nesterov, fused)
+                            cfg.momentum, cfg.nesterov, fused=True)
     opt_h = build_optimizer(param_groups([head], cfg.weight_decay), cfg.optimizer, lr,
-                            cfg.momentum, cfg.nesterov, fused)
+                            cfg.momentum, cfg.nesterov, fused=True)
     amp_dtype = amp_dtype_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if scaler.is_enabled():  # skipped overflow steps still advance the schedule, on purpose

@@ -68,6 +68,33 @@ def get_device(name: str = "auto") -> "torch.device":  # noqa: F821 - lazy torch
     return device
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_KEEP_FREED_BYTES = 2**31 - 1  # the largest value mallopt takes: keep everything freed
+
+
+def reuse_freed_memory() -> bool:
+    """Linux/glibc only: serve large allocations from the process heap and keep freed
+    memory for reuse instead of handing it back to the kernel. Returns whether it applied.
+
+    Why: glibc gives every block over 32 MB its own mmap and unmaps it on free, so a CPU
+    training step that allocates the head's gradient (85k x 512 floats = 175 MB) afresh
+    page-faults through it every step. Measured on 2 cores: the ArcFace head's
+    forward+backward+SGD drops from ~580 ms to ~290 ms. The cost is that the process keeps
+    its peak heap (what jemalloc/tcmalloc, which PyTorch's CPU tuning guide suggests, do too)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc without mallopt
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+
+
 # ----------------------------------------------------------------------------- atomic files
 
 def _atomic_write(path: str | Path, write) -> None:

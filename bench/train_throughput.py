@@ -42,7 +42,9 @@ DEFAULTS = {  # per device type: networks, batch, timed iterations per round, wa
     "cpu": (("ir18", "ir50"), 32, 1, 1),
     "cuda": (("ir50", "ir100"), 128, 20, 5),
 }
-ROUNDS = 3
+# Alternating bare/step rounds; the median of 5 keeps one disturbed CPU round (another
+# process, a page-cache flush) from moving the ratio by several points as 3 rounds did.
+ROUNDS = 5
 COMPILE_WARMUP = 3  # extra untimed steps while torch.compile builds its graphs
 
 

@@ -354,3 +354,23 @@ def test_cosine_matrix_matches_normalised_product_and_its_gradients():
     ex, ew = torch.autograd.grad((expected * g).sum(), (x, w))
     torch.testing.assert_close(gx, ex, rtol=0, atol=1e-12)
     torch.testing.assert_close(gw, ew, rtol=0, atol=1e-12)
+
+
+def test_cosine_matrix_gradients_with_a_zero_centre_and_frozen_centres():
+    """A centre of norm 0 is clamped as F.normalize clamps it (the hand-written backward must
+    drop the radial term there), and frozen centres get no gradient computed."""
+    from arcface_loss import cosine_similarity_matrix
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    w[2] = 0.0
+    w.requires_grad_()
+    g = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    expected = F.linear(F.normalize(x, eps=1e-12), F.normalize(w, eps=1e-12))
+    gx, gw = torch.autograd.grad((cosine_similarity_matrix(x, w) * g).sum(), (x, w))
+    ex, ew = torch.autograd.grad((expected * g).sum(), (x, w))
+    torch.testing.assert_close(gx, ex, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, ew, rtol=1e-12, atol=1e-12)
+    (only_x,) = torch.autograd.grad((cosine_similarity_matrix(x, w.detach()) * g).sum(), (x,))
+    torch.testing.assert_close(only_x, ex, rtol=1e-12, atol=1e-12)
