@@ -63,7 +63,10 @@ class Config:
     amp: str = "bf16"  # bf16 | fp16 | none; only used on CUDA unless cpu_amp
     cpu_amp: bool = False  # bf16 autocast on the CPU too
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile the backbone
+    # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune |
+    # max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     num_workers: int = 4
     seed: int = 42
     save_every: int = 2000  # steps between checkpoints (and one at each epoch end)

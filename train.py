@@ -106,6 +106,7 @@ EXIT_NON_FINITE = 2
 RING_LOADER = True
 # Fields that must match between a checkpoint and the run resuming it (the data order, the
 # shapes of the weights and the meaning of a step depend on them).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RESUME_FIXED_FIELDS = ("network", "embedding_size", "head", "sample_rate", "batch_size",
                        "seed", "rec", "image_folder")
 FLIP_PROBABILITY = 0.5
@@ -239,7 +240,10 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
             backbone, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False, gradient_as_bucket_view=True)
     if cfg.compile:
-        model = torch.compile(model)
+        if cfg.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile_mode {cfg.compile_mode!r}; choose from "
+                             f"{', '.join(COMPILE_MODES)}")
+        model = torch.compile(model, mode=cfg.compile_mode)
 
     global_batch = cfg.batch_size * info.world_size
     lr = cfg.lr * global_batch / cfg.base_batch_size

@@ -11,6 +11,7 @@ change in machine load hits both alike.
     python bench/train_throughput.py                     # CPU: ir18, ir50 at batch 32
     python bench/train_throughput.py --device cuda       # ir50, ir100 at 128, bf16, NHWC
     python bench/train_throughput.py --device cuda --compile
+    python bench/train_throughput.py --device cuda --compile --compile-mode max-autotune
 
 Model FLOP utilisation = forward FLOPs per image x 3 (forward + backward) x images/s / peak;
 the peak is ``--peak-tflops`` (989 = H100 SXM bf16 dense); printed on CUDA or with a peak given.
@@ -68,7 +69,8 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> dic
     cfg = make_config({"network": network, "batch_size": args.batch_size,
                        "device": str(device), "amp": "none" if amp == "none" else amp,
                        "cpu_amp": device.type == "cpu" and amp == "bf16",
-                       "channels_last": args.channels_last, "compile": args.compile})
+                       "channels_last": args.channels_last, "compile": args.compile,
+                       "compile_mode": args.compile_mode})
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     tr = train.build_trainer(cfg, args.num_classes, info, total_steps=10**6,
                              steps_per_epoch=10**4)
@@ -116,6 +118,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="default: bf16 on CUDA, none (float32) on the CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--compile-mode", default="default", choices=train.COMPILE_MODES,
+                   help="torch.compile mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"for MFU (default {H100_BF16_DENSE_TFLOPS:g} on CUDA: H100 bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -141,8 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         where = f"CPU, {torch.get_num_threads()} threads"
     print(f"# {where}; batch {args.batch_size}, {args.num_classes} classes, channels_last "
-          f"{args.channels_last}, compile {args.compile}; {ROUNDS} rounds x {args.iters} "
-          f"steps after {args.warmup} warm-up; medians")
+          f"{args.channels_last}, compile {args.compile and args.compile_mode}; {ROUNDS} rounds x "
+          f"{args.iters} steps after {args.warmup} warm-up; medians")
     header = f"{'network':<8} {'prec':<5} {'GFLOPs':>7} {'bare img/s':>11} " \
              f"{'step img/s':>11} {'step/bare':>9}"
     if peak:

@@ -456,3 +456,25 @@ def test_loss_goes_down_on_synthetic_identities(tmp_path, monkeypatch):
     cos = F.normalize(emb) @ F.normalize(centres).T
     accuracy = (cos.argmax(1).numpy() == np.array(labels)).mean()
     assert accuracy >= 0.8, accuracy
+
+
+def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(monkeypatch):
+    """The backbone is compiled with the configured mode; a misspelt mode fails at build
+    time, before any data is read (not deep inside torch.compile on the first step)."""
+    calls = []
+
+    def fake_compile(model, mode=None):
+        calls.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    overrides = {"network": "ir_narrow", "embedding_size": 16, "device": "cpu",
+                 "compile": True, "compile_mode": "max-autotune"}
+    tr = train.build_trainer(make_config(overrides), 5, info, total_steps=10,
+                             steps_per_epoch=5)
+    assert calls == ["max-autotune"] and tr.model is tr.backbone
+    with pytest.raises(ValueError, match="compile_mode 'max-autotun'"):
+        train.build_trainer(make_config({**overrides, "compile_mode": "max-autotun"}), 5, info,
+                            total_steps=10, steps_per_epoch=5)
+    assert calls == ["max-autotune"]
