@@ -40,51 +40,55 @@ the training device.
 function of (seed, epoch), so the resumed run skips the batches already done (resuming
 needs the same world size and batch size). A NaN or infinite loss stops training before
 the weights are updated (exit status 2) and names the last good checkpoint, which is never
-overwritten. Test-only fault injection: ``FACE_TRAIN_FAULT=nan@STEP`` or ``kill@STEP``
-(see train_utils.injected_fault).
+overwritten. The step itself (Trainer, forward/backward, update) is in train_step.py; its
+update is skipped on the device once a step is non-finite, so on CUDA the host reads each
+step's loss one step late and never stalls the GPU between steps. Test-only fault
+injection: ``FACE_TRAIN_FAULT=nan@STEP`` or ``kill@STEP`` (see train_utils.injected_fault).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from arcface_loss import clip_grad_norm_sharded
 from config import Config, build_parser, parse_config
 from distributed import (
     DistInfo,
     all_ranks_true,
-    all_reduce_sum_,
     barrier,
     cleanup_distributed,
     init_distributed,
+)
+from train_step import (  # noqa: F401 - the step's API, also used as train.X
+    COMPILE_MODES,
+    Trainer,
+    build_trainer,
+    defer_loss_check,
+    forward_backward,
+    optimizer_step,
+    prepare_batch,
 )
 from train_utils import (
     BACKBONE_NAME,
     CHECKPOINT_NAME,
     CONFIG_NAME,
+    STATS,
     LabelRangeError,
     NonFiniteLossError,
+    QueuedStep,
     ResumableBatchSampler,
     all_finite,
-    build_optimizer,
     check_labels,
     head_checkpoint_path,
     injected_fault,
     kill_self,
-    lr_factor,
     margin_at,
-    param_groups,
     rng_state,
     set_rng_state,
     stale_head_files,
@@ -94,9 +98,7 @@ from utils import (
     get_logger,
     load_backbone_state,
     load_checkpoint,
-    reuse_freed_memory,
     save_checkpoint,
-    seed_everything,
 )
 
 LOG = get_logger("train")
@@ -106,11 +108,8 @@ EXIT_NON_FINITE = 2
 RING_LOADER = True
 # Fields that must match between a checkpoint and the run resuming it (the data order, the
 # shapes of the weights and the meaning of a step depend on them).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RESUME_FIXED_FIELDS = ("network", "embedding_size", "head", "sample_rate", "batch_size",
                        "seed", "rec", "image_folder")
-FLIP_PROBABILITY = 0.5
-STATS = ("loss", "accuracy", "grad_norm")  # per-step values gathered in one sync
 
 
 class ResumeError(ValueError):
@@ -156,187 +155,6 @@ def build_loader(dataset: torch.utils.data.Dataset, sampler: ResumableBatchSampl
         dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
         pin_memory=info.device.type == "cuda", drop_last=True, generator=generator,
         persistent_workers=cfg.num_workers > 0)
-
-
-# ----------------------------------------------------------------------------- model
-
-
-@dataclass
-class Trainer:
-    """Everything one training step touches."""
-    backbone: nn.Module  # the bare module (state dicts are saved from it)
-    model: nn.Module  # the module called in the step: DDP- and/or compile-wrapped backbone
-    head: nn.Module
-    criterion: nn.Module | None  # None for the sharded head, which returns its loss
-    opt_backbone: torch.optim.Optimizer
-    opt_head: torch.optim.Optimizer
-    sched_backbone: torch.optim.lr_scheduler.LambdaLR
-    sched_head: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-    grad_clip: float
-    info: DistInfo
-
-    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum_(tensor, self.info)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-
-def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 (default) or fp16 autocast on CUDA; on the CPU bf16 only when cfg.cpu_amp."""
-    if device.type != "cuda":
-        return torch.bfloat16 if cfg.cpu_amp else None
-    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-    if cfg.amp not in choices:
-        raise ValueError(f"unknown amp {cfg.amp!r}; choose bf16, fp16 or none")
-    return choices[cfg.amp]
-
-
-def build_head(cfg: Config, num_classes: int, info: DistInfo) -> tuple[nn.Module, Any]:
-    """The margin head and its criterion: the sharded head (its loss built in, criterion
-    None) with several ranks or with Partial FC sampling, else a single-device head."""
-    import arcface_loss
-
-    if info.distributed or cfg.sample_rate < 1.0:
-        margin = arcface_loss.build_margin(cfg.head, s=cfg.scale_s, m=cfg.margin_m,
-                                           m1=cfg.margin_m1, m3=cfg.margin_m3,
-                                           easy_margin=cfg.easy_margin)
-        # DDP averages the backbone gradients over ranks, while each rank already holds its
-        # full share of the global-batch loss's gradient: scale by the world size to undo it.
-        head = arcface_loss.ShardedMarginSoftmax(
-            margin, cfg.embedding_size, num_classes, sample_rate=cfg.sample_rate,
-            focal_gamma=cfg.focal_gamma, embedding_grad_scale=float(info.world_size))
-        return head, None
-    head = arcface_loss.build_head(cfg.head, cfg.embedding_size, num_classes, s=cfg.scale_s,
-                                   m=cfg.margin_m, m1=cfg.margin_m1, m3=cfg.margin_m3,
-                                   easy_margin=cfg.easy_margin)
-    return head, arcface_loss.build_criterion(cfg.focal_gamma)
-
-
-def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: int,
-                  steps_per_epoch: int) -> Trainer:
-    """Backbone, head, optimisers, lr schedules and grad scaler on ``info.device``."""
-    import models
-
-    device = info.device
-    seed_everything(cfg.seed)  # the same backbone on every rank (DDP also broadcasts it)
-    backbone = models.build_model(cfg.network, cfg.embedding_size, cfg.dropout).to(device)
-    channels_last = cfg.channels_last
-    if channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    seed_everything(cfg.seed + info.rank)  # distinct head shards and augmentation per rank
-    head, criterion = build_head(cfg, num_classes, info)
-    head = head.to(device)
-
-    model: nn.Module = backbone
-    if info.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            backbone, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, gradient_as_bucket_view=True)
-    if cfg.compile:
-        if cfg.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"unknown compile_mode {cfg.compile_mode!r}; choose from "
-                             f"{', '.join(COMPILE_MODES)}")
-        model = torch.compile(model, mode=cfg.compile_mode)
-
-    global_batch = cfg.batch_size * info.world_size
-    lr = cfg.lr * global_batch / cfg.base_batch_size
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        return lr_factor(step, total_steps, warmup_steps, cfg.scheduler)
-
-    if device.type == "cpu":
-        reuse_freed_memory()  # the head's large gradients would page-fault every step
-    opt_b = build_optimizer(param_groups([backbone], cfg.weight_decay), cfg.optimizer, lr,
-                            cfg.momentum, cfg.nesterov, fused=True)
-    opt_h = build_optimizer(param_groups([head], cfg.weight_decay), cfg.optimizer, lr,
-                            cfg.momentum, cfg.nesterov, fused=True)
-    amp_dtype = amp_dtype_for(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    if scaler.is_enabled():  # skipped overflow steps still advance the schedule, on purpose
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
-    return Trainer(backbone=backbone, model=model, head=head, criterion=criterion,
-                   opt_backbone=opt_b, opt_head=opt_h,
-                   sched_backbone=torch.optim.lr_scheduler.LambdaLR(opt_b, factor),
-                   sched_head=torch.optim.lr_scheduler.LambdaLR(opt_h, factor),
-                   scaler=scaler, device=device, amp_dtype=amp_dtype,
-                   channels_last=channels_last, grad_clip=cfg.grad_clip, info=info)
-
-
-# ----------------------------------------------------------------------------- one step
-
-
-def prepare_batch(images: torch.Tensor, device: torch.device, channels_last: bool
-                  ) -> torch.Tensor:
-    """A loader batch as float32 Nx3xHxW ``(x - 127.5) / 127.5`` on ``device``: a float
-    batch is moved as it is; a uint8 NxHxWx3 one is moved first (4x fewer bytes) and
-    normalised there, to the same values."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if images.dtype == torch.uint8:
-        import data_gen
-
-        images = data_gen.normalize_batch(images.to(device, non_blocking=True))
-        return images.contiguous(memory_format=memory_format)
-    return images.to(device, non_blocking=True, memory_format=memory_format)
-
-
-def random_flip(images: torch.Tensor) -> torch.Tensor:
-    """Mirror each image with probability FLIP_PROBABILITY. The coin flips come from the
-    global torch RNG of the main process, whose state every checkpoint records."""
-    flip = (torch.rand(images.shape[0]) < FLIP_PROBABILITY).to(images.device)
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
-
-
-def forward_backward(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
-                     inject_nan: bool = False) -> torch.Tensor:
-    """Forward, backward and gradient clipping; returns [loss, batch accuracy, gradient
-    norm], averaged over ranks (one all-reduce; NaN anywhere reaches every rank).
-    The weights are not updated yet: the caller checks these values first."""
-    images = prepare_batch(images, tr.device, tr.channels_last)
-    labels = labels.to(tr.device, non_blocking=True)
-    images = random_flip(images)
-    with tr.autocast():
-        embeddings = tr.model(images)
-    embeddings = embeddings.float()  # the head and the loss run in float32
-    if tr.criterion is None:
-        loss, accuracy = tr.head(embeddings, labels)
-    else:
-        logits = tr.head(embeddings, labels)
-        loss = tr.criterion(logits, labels)
-        # on the margin logits, so a little stricter than plain nearest-centre accuracy
-        accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
-    if inject_nan:
-        loss = loss * float("nan")
-    tr.scaler.scale(loss).backward()
-    tr.scaler.unscale_(tr.opt_backbone)
-    tr.scaler.unscale_(tr.opt_head)
-    # One global norm over the backbone (equal on all ranks after DDP) and every rank's
-    # shard of centres; with max_norm inf it only measures the norm.
-    max_norm = tr.grad_clip if tr.grad_clip > 0 else float("inf")
-    grad_norm = clip_grad_norm_sharded(list(tr.backbone.parameters()),
-                                       list(tr.head.parameters()), max_norm,
-                                       all_reduce_sum_=tr.reduce_sum)
-    stats = torch.stack([loss.detach().float(), accuracy.detach().float(),
-                         grad_norm.detach().float().to(loss.device)])
-    return all_reduce_sum_(stats, tr.info) / tr.info.world_size
-
-
-def optimizer_step(tr: Trainer) -> None:
-    """Update the weights and the lr schedules (the grad scaler skips inf fp16 steps)."""
-    tr.scaler.step(tr.opt_backbone)
-    tr.scaler.step(tr.opt_head)
-    tr.scaler.update()
-    tr.opt_backbone.zero_grad(set_to_none=True)
-    tr.opt_head.zero_grad(set_to_none=True)
-    tr.sched_backbone.step()
-    tr.sched_head.step()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -504,7 +322,33 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     val_sets = load_val_bins(cfg, info)
     saved_step = step if resume else -1
     curves = CurvesWriter(output / CURVES_NAME) if info.is_main else None
+    first_step = step + 1
     steps_run = 0
+    # queued steps whose values the host has not read yet: none on the CPU, at most one on
+    # CUDA (see defer_loss_check)
+    pending: list[QueuedStep] = []
+    lag = 1 if defer_loss_check(tr) else 0
+
+    def read(queued: QueuedStep) -> dict[str, float]:
+        """The step's values; a non-finite one stops training here (its update, and every
+        later one, was skipped on the device)."""
+        got = queued.values()
+        if not (math.isfinite(got["loss"])
+                and (tr.scaler.is_enabled() or math.isfinite(got["grad_norm"]))):
+            where = (f"last good checkpoint: {last_ckpt} (step {saved_step})"
+                     if last_ckpt else "no checkpoint had been written yet")
+            raise NonFiniteLossError(
+                f"non-finite training loss {got['loss']} (gradient norm {got['grad_norm']}) "
+                f"at step {queued.step}, epoch {queued.epoch + 1}; stopped before updating "
+                f"the weights; {where}")
+        log = queued.step % cfg.log_every == 0 or queued.step in (last_step, first_step)
+        monitor.step(queued.step, got, queued.lr, queued.margin, log)
+        if log:
+            logs["history"].append({"step": queued.step, **got, "lr": queued.lr,
+                                    "margin_m": queued.margin,
+                                    "images_per_second": monitor.images_per_second})
+        return got
+
     t_loop = time.perf_counter()
     try:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -517,32 +361,23 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
                 step += 1
                 fault = injected_fault(step)
                 stats = forward_backward(tr, images, labels, inject_nan=fault == "nan")
-                values = dict(zip(STATS, stats.tolist(), strict=True))
-                fp16_skip = tr.scaler.is_enabled()  # the scaler itself skips inf fp16 grads
-                if not (math.isfinite(values["loss"])
-                        and (fp16_skip or math.isfinite(values["grad_norm"]))):
-                    where = (f"last good checkpoint: {last_ckpt} (step {saved_step})"
-                             if last_ckpt else "no checkpoint had been written yet")
-                    raise NonFiniteLossError(
-                        f"non-finite training loss {values['loss']} (gradient norm "
-                        f"{values['grad_norm']}) at step {step}, epoch {epoch + 1}; stopped "
-                        f"before updating the weights; {where}")
-                optimizer_step(tr)
+                optimizer_step(tr, stats)
                 steps_run += 1
-                log = step % cfg.log_every == 0 or step == last_step or steps_run == 1
-                monitor.step(step, values, lr, margin, log)
-                if log:
-                    logs["history"].append({"step": step, **values, "lr": lr,
-                                            "margin_m": margin,
-                                            "images_per_second": monitor.images_per_second})
+                pending.append(QueuedStep(stats, step, epoch, lr, margin))
+                verify_now = bool(cfg.val_bins) and cfg.verify_every > 0 and (
+                    step % cfg.verify_every == 0 or step == last_step)
+                save_now = step % cfg.save_every == 0 or step % steps_per_epoch == 0 \
+                    or step == last_step
+                # every queued step is read before anything is verified or written
+                keep = 0 if verify_now or save_now or fault == "kill" else lag
+                while len(pending) > keep:
+                    values = read(pending.pop(0))
                 # verification before the checkpoint, so its result is saved with it
-                if cfg.val_bins and cfg.verify_every > 0 and (
-                        step % cfg.verify_every == 0 or step == last_step):
+                if verify_now:
                     verification = verify(tr, step, monitor, val_sets)
                     if verification:  # rank 0
                         logs["verification"].append({"step": step, **verification})
-                if step % cfg.save_every == 0 or step % steps_per_epoch == 0 \
-                        or step == last_step:
+                if save_now:
                     last_ckpt = save_training_checkpoint(tr, cfg, step, step // steps_per_epoch,
                                                          num_classes, logs)
                     saved_step = step

@@ -28,6 +28,34 @@ class LabelRangeError(ValueError):
     """A training label lies outside [0, num_classes); the message names the data file."""
 
 
+# ----------------------------------------------------------------------------- step values
+
+STATS = ("loss", "accuracy", "grad_norm")  # each step's values, copied to the host together
+
+
+class QueuedStep:
+    """A training step's values tensor ([loss, accuracy, gradient norm]) and its place in
+    the run. On CUDA the values are copied to pinned host memory at once, behind the step's
+    own kernels, and an event marks the copy's end: ``values()`` then waits for that step
+    only, not for the steps queued after it."""
+
+    def __init__(self, stats: torch.Tensor, step: int, epoch: int, lr: float, margin: float
+                 ) -> None:
+        self.step, self.epoch, self.lr, self.margin = step, epoch, lr, margin
+        self.ready = None
+        if stats.device.type == "cuda":
+            self.host = stats.detach().to("cpu", non_blocking=True)  # pinned, asynchronous
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = stats.detach()
+
+    def values(self) -> dict[str, float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return dict(zip(STATS, self.host.tolist(), strict=True))
+
+
 # ----------------------------------------------------------------------------- sampler
 
 

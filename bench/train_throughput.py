@@ -1,8 +1,9 @@
 """Images/s of a whole training step next to the bare backbone forward+backward.
 
-The step is train.py's own (`forward_backward`, the one sync that checks the loss, then
-`optimizer_step`): backbone forward and backward, the ArcFace head over ``--num-classes``
-centres (MS1MV2 has 85,742), gradient clipping and SGD on backbone and head. The bare
+The step is train.py's own (`forward_backward`, `optimizer_step`, and the host reading the
+step's loss: at once on the CPU, one step late on CUDA): backbone forward and backward, the
+ArcFace head over ``--num-classes`` centres (MS1MV2 has 85,742), gradient clipping and SGD
+on backbone and head. The bare
 measurement is the same backbone, same precision and memory format, forward plus backward
 from a fixed gradient, no head and no optimiser. Inputs are random tensors already in memory,
 so data loading is not measured. The two are timed in alternating rounds (medians), so a
@@ -34,6 +35,7 @@ import models  # noqa: E402
 import train  # noqa: E402
 from config import make_config  # noqa: E402
 from distributed import DistInfo  # noqa: E402
+from train_utils import QueuedStep  # noqa: E402
 from utils import get_device  # noqa: E402
 
 MS1MV2_CLASSES = 85742
@@ -86,10 +88,15 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> dic
         emb.float().backward(grad)
         tr.opt_backbone.zero_grad(set_to_none=True)
 
-    def step() -> None:
+    lag = 1 if train.defer_loss_check(tr) else 0
+    queued: list[QueuedStep] = []
+
+    def step() -> None:  # as train.py's loop: the host reads each step's values `lag` late
         stats = train.forward_backward(tr, images, labels)
-        stats.tolist()  # the loop's one sync per step (NaN check)
-        train.optimizer_step(tr)
+        train.optimizer_step(tr, stats)
+        queued.append(QueuedStep(stats, 0, 0, 0.0, 0.0))
+        while len(queued) > lag:
+            queued.pop(0).values()
 
     warmup = args.warmup + (COMPILE_WARMUP if args.compile else 0)
     for fn in (bare, step):

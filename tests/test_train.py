@@ -376,6 +376,65 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_rec, tmp_path, m
     assert train.main(cli_args(tiny_cfg(tiny_rec, tmp_path / "cli"))) == train.EXIT_NON_FINITE
 
 
+def test_a_non_finite_step_halts_every_later_update_on_the_device():
+    """optimizer_step(tr, stats) decides on the device: a finite step updates, a NaN loss
+    or an infinite gradient norm leaves weights and momentum exactly as they were, and so
+    does every step after it (the host may read the bad step's values only later)."""
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    tr = train.build_trainer(make_config({**TINY, "lr": 0.1}), 5, info, total_steps=10,
+                             steps_per_epoch=5)
+    params = [p for p in (*tr.backbone.parameters(), *tr.head.parameters()) if p.requires_grad]
+
+    def step(loss: float, grad_norm: float) -> None:
+        for p in params:
+            p.grad = torch.full_like(p, float("nan") if math.isnan(loss) else 0.01)
+        train.optimizer_step(tr, torch.tensor([loss, 0.5, grad_norm]))
+
+    def snapshot() -> list[torch.Tensor]:
+        momenta = [state["momentum_buffer"] for opt in (tr.opt_backbone, tr.opt_head)
+                   for state in opt.state.values()]
+        return [t.detach().clone() for t in [*params, *momenta]]
+
+    step(1.0, 2.0)
+    before = snapshot()
+    step(1.0, 2.0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
+    for bad in ((float("nan"), float("nan")), (1.0, float("inf")), (1.0, 2.0)):
+        before = snapshot()
+        step(*bad)
+        for a, b in zip(before, snapshot(), strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """The CUDA loop's order on the CPU: each step's values read one step late."""
+    monkeypatch.setattr(train, "defer_loss_check", lambda tr: True)
+
+
+def test_reading_the_loss_one_step_late_changes_nothing_but_when(tiny_rec, tmp_path,
+                                                                  monkeypatch, deferred):
+    now = train.train(tiny_cfg(tiny_rec, tmp_path / "now", max_steps=5, save_every=100))
+    monkeypatch.undo()  # the reference run reads at once
+    late_cfg = tiny_cfg(tiny_rec, tmp_path / "late", max_steps=5, save_every=100)
+    monkeypatch.setattr(train, "defer_loss_check", lambda tr: True)
+    late = train.train(late_cfg)
+    assert [h["step"] for h in late["history"]] == [1, 2, 3, 4, 5]
+    for key in ("loss", "accuracy", "grad_norm", "lr"):
+        assert [h[key] for h in late["history"]] == [h[key] for h in now["history"]], key
+    a, b = weights(tmp_path / "now"), weights(tmp_path / "late")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    # a NaN at step 7 is read while step 8 is queued; step 8 is not applied, and nothing
+    # is saved over the step-6 checkpoint
+    cfg = tiny_cfg(tiny_rec, tmp_path / "nan", epochs=2, save_every=3)
+    monkeypatch.setenv(FAULT_ENV, "nan@7")
+    with pytest.raises(NonFiniteLossError, match=r"at step 7, .*\(step 6\)"):
+        train.train(cfg)
+    assert load_checkpoint(tmp_path / "nan" / "checkpoint.pt")["step"] == 6
+
+
 def test_labels_outside_the_class_range_are_refused(tiny_rec, tmp_path, monkeypatch):
     with pytest.raises(LabelRangeError, match=r"bad\.rec.*sample 1 has label -1"):
         check_labels(np.array([0, -1, 2]), 3, "bad.rec")

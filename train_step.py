@@ -1,0 +1,227 @@
+"""One training step and what it touches: the ``Trainer`` (backbone, head, optimisers,
+schedules, grad scaler), its construction from a Config, the forward/backward with global
+gradient clipping, and the weight update that a non-finite step halts on the device.
+
+train.py runs the loop around these; bench/train_throughput.py times them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from arcface_loss import clip_grad_norm_sharded
+from config import Config
+from distributed import DistInfo, all_reduce_sum_
+from train_utils import STATS, build_optimizer, lr_factor, param_groups
+from utils import reuse_freed_memory, seed_everything
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FLIP_PROBABILITY = 0.5
+
+
+
+@dataclass
+class Trainer:
+    """Everything one training step touches."""
+    backbone: nn.Module  # the bare module (state dicts are saved from it)
+    model: nn.Module  # the module called in the step: DDP- and/or compile-wrapped backbone
+    head: nn.Module
+    criterion: nn.Module | None  # None for the sharded head, which returns its loss
+    opt_backbone: torch.optim.Optimizer
+    opt_head: torch.optim.Optimizer
+    sched_backbone: torch.optim.lr_scheduler.LambdaLR
+    sched_head: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    grad_clip: float
+    info: DistInfo
+    # 1.0 on the device once a step had a non-finite loss or gradient norm: every later
+    # update is skipped there, without the host having to look at the step first
+    halted: torch.Tensor
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum_(tensor, self.info)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 (default) or fp16 autocast on CUDA; on the CPU bf16 only when cfg.cpu_amp."""
+    if device.type != "cuda":
+        return torch.bfloat16 if cfg.cpu_amp else None
+    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+    if cfg.amp not in choices:
+        raise ValueError(f"unknown amp {cfg.amp!r}; choose bf16, fp16 or none")
+    return choices[cfg.amp]
+
+
+def build_head(cfg: Config, num_classes: int, info: DistInfo) -> tuple[nn.Module, Any]:
+    """The margin head and its criterion: the sharded head (its loss built in, criterion
+    None) with several ranks or with Partial FC sampling, else a single-device head."""
+    import arcface_loss
+
+    if info.distributed or cfg.sample_rate < 1.0:
+        margin = arcface_loss.build_margin(cfg.head, s=cfg.scale_s, m=cfg.margin_m,
+                                           m1=cfg.margin_m1, m3=cfg.margin_m3,
+                                           easy_margin=cfg.easy_margin)
+        # DDP averages the backbone gradients over ranks, while each rank already holds its
+        # full share of the global-batch loss's gradient: scale by the world size to undo it.
+        head = arcface_loss.ShardedMarginSoftmax(
+            margin, cfg.embedding_size, num_classes, sample_rate=cfg.sample_rate,
+            focal_gamma=cfg.focal_gamma, embedding_grad_scale=float(info.world_size))
+        return head, None
+    head = arcface_loss.build_head(cfg.head, cfg.embedding_size, num_classes, s=cfg.scale_s,
+                                   m=cfg.margin_m, m1=cfg.margin_m1, m3=cfg.margin_m3,
+                                   easy_margin=cfg.easy_margin)
+    return head, arcface_loss.build_criterion(cfg.focal_gamma)
+
+
+def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: int,
+                  steps_per_epoch: int) -> Trainer:
+    """Backbone, head, optimisers, lr schedules and grad scaler on ``info.device``."""
+    import models
+
+    device = info.device
+    seed_everything(cfg.seed)  # the same backbone on every rank (DDP also broadcasts it)
+    backbone = models.build_model(cfg.network, cfg.embedding_size, cfg.dropout).to(device)
+    channels_last = cfg.channels_last
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    seed_everything(cfg.seed + info.rank)  # distinct head shards and augmentation per rank
+    head, criterion = build_head(cfg, num_classes, info)
+    head = head.to(device)
+
+    model: nn.Module = backbone
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            backbone, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, gradient_as_bucket_view=True)
+    if cfg.compile:
+        if cfg.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile_mode {cfg.compile_mode!r}; choose from "
+                             f"{', '.join(COMPILE_MODES)}")
+        model = torch.compile(model, mode=cfg.compile_mode)
+
+    global_batch = cfg.batch_size * info.world_size
+    lr = cfg.lr * global_batch / cfg.base_batch_size
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, warmup_steps, cfg.scheduler)
+
+    if device.type == "cpu":
+        reuse_freed_memory()  # the head's large gradients would page-fault every step
+    opt_b = build_optimizer(param_groups([backbone], cfg.weight_decay), cfg.optimizer, lr,
+                            cfg.momentum, cfg.nesterov, fused=True)
+    opt_h = build_optimizer(param_groups([head], cfg.weight_decay), cfg.optimizer, lr,
+                            cfg.momentum, cfg.nesterov, fused=True)
+    amp_dtype = amp_dtype_for(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if scaler.is_enabled():  # skipped overflow steps still advance the schedule, on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
+    return Trainer(backbone=backbone, model=model, head=head, criterion=criterion,
+                   opt_backbone=opt_b, opt_head=opt_h,
+                   sched_backbone=torch.optim.lr_scheduler.LambdaLR(opt_b, factor),
+                   sched_head=torch.optim.lr_scheduler.LambdaLR(opt_h, factor),
+                   scaler=scaler, device=device, amp_dtype=amp_dtype,
+                   channels_last=channels_last, grad_clip=cfg.grad_clip, info=info,
+                   halted=torch.zeros((), device=device))
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def prepare_batch(images: torch.Tensor, device: torch.device, channels_last: bool
+                  ) -> torch.Tensor:
+    """A loader batch as float32 Nx3xHxW ``(x - 127.5) / 127.5`` on ``device``: a float
+    batch is moved as it is; a uint8 NxHxWx3 one is moved first (4x fewer bytes) and
+    normalised there, to the same values."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if images.dtype == torch.uint8:
+        import data_gen
+
+        images = data_gen.normalize_batch(images.to(device, non_blocking=True))
+        return images.contiguous(memory_format=memory_format)
+    return images.to(device, non_blocking=True, memory_format=memory_format)
+
+
+def random_flip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror each image with probability FLIP_PROBABILITY. The coin flips come from the
+    global torch RNG of the main process, whose state every checkpoint records."""
+    flip = (torch.rand(images.shape[0]) < FLIP_PROBABILITY).to(images.device)
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+
+
+def forward_backward(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
+                     inject_nan: bool = False) -> torch.Tensor:
+    """Forward, backward and gradient clipping; returns [loss, batch accuracy, gradient
+    norm], averaged over ranks (one all-reduce; NaN anywhere reaches every rank).
+    The weights are not updated yet: the caller checks these values first."""
+    images = prepare_batch(images, tr.device, tr.channels_last)
+    labels = labels.to(tr.device, non_blocking=True)
+    images = random_flip(images)
+    with tr.autocast():
+        embeddings = tr.model(images)
+    embeddings = embeddings.float()  # the head and the loss run in float32
+    if tr.criterion is None:
+        loss, accuracy = tr.head(embeddings, labels)
+    else:
+        logits = tr.head(embeddings, labels)
+        loss = tr.criterion(logits, labels)
+        # on the margin logits, so a little stricter than plain nearest-centre accuracy
+        accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+    if inject_nan:
+        loss = loss * float("nan")
+    tr.scaler.scale(loss).backward()
+    tr.scaler.unscale_(tr.opt_backbone)
+    tr.scaler.unscale_(tr.opt_head)
+    # One global norm over the backbone (equal on all ranks after DDP) and every rank's
+    # shard of centres; with max_norm inf it only measures the norm.
+    max_norm = tr.grad_clip if tr.grad_clip > 0 else float("inf")
+    grad_norm = clip_grad_norm_sharded(list(tr.backbone.parameters()),
+                                       list(tr.head.parameters()), max_norm,
+                                       all_reduce_sum_=tr.reduce_sum)
+    stats = torch.stack([loss.detach().float(), accuracy.detach().float(),
+                         grad_norm.detach().float().to(loss.device)])
+    return all_reduce_sum_(stats, tr.info) / tr.info.world_size
+
+
+def optimizer_step(tr: Trainer, stats: torch.Tensor | None = None) -> None:
+    """Update the weights and the lr schedules. With ``stats`` (forward_backward's), a step
+    whose loss or gradient norm is not finite halts all updates from then on, decided on
+    the device (the fused optimisers' ``found_inf``), so no update ever waits for the host
+    to read the loss. Under fp16 the grad scaler does this itself (and skips inf steps)."""
+    if stats is not None and not tr.scaler.is_enabled():
+        finite = torch.isfinite(stats[STATS.index("loss")]) \
+            & torch.isfinite(stats[STATS.index("grad_norm")])
+        torch.maximum(tr.halted, (~finite).to(tr.halted.dtype), out=tr.halted)
+    for opt in (tr.opt_backbone, tr.opt_head):
+        if tr.scaler.is_enabled():
+            tr.scaler.step(opt)
+        else:
+            opt.found_inf = tr.halted  # read by fused SGD/AdamW: skip the update when 1
+            opt.step()
+            del opt.found_inf
+    tr.scaler.update()
+    tr.opt_backbone.zero_grad(set_to_none=True)
+    tr.opt_head.zero_grad(set_to_none=True)
+    tr.sched_backbone.step()
+    tr.sched_head.step()
+
+
+def defer_loss_check(tr: Trainer) -> bool:
+    """Read each step's loss one step late (CUDA, no fp16 scaler): the host then queues step
+    t+1 before waiting for step t, so the GPU never idles between steps. Safe because a
+    non-finite step halts the updates on the device (see optimizer_step)."""
+    return tr.device.type == "cuda" and not tr.scaler.is_enabled()
