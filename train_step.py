@@ -159,7 +159,8 @@ def prepare_batch(images: torch.Tensor, device: torch.device, channels_last: boo
 def random_flip(images: torch.Tensor) -> torch.Tensor:
     """Mirror each image with probability FLIP_PROBABILITY. The coin flips come from the
     global torch RNG of the main process, whose state every checkpoint records."""
-    flip = (torch.rand(images.shape[0]) < FLIP_PROBABILITY).to(images.device)
+    # non_blocking: a blocking host-to-GPU copy would wait for the whole queue every step
+    flip = (torch.rand(images.shape[0]) < FLIP_PROBABILITY).to(images.device, non_blocking=True)
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
 
 
