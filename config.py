@@ -30,14 +30,14 @@ class Config:
     pairs: str = "data/lfw/pairs.txt"
 
     # --- network
-    network: str = "ir50"
-    embedding_size: int = 512
+    network: str = "ir50"  # ir18/34/50/100/200, ir_se50/100, mobilefacenet (models.py)
+    embedding_size: int = 512  # the face embedding's dimension
     dropout: float = 0.0
 
     # --- margin head (ArcFace by default: s * cos(theta + m) on the target logit)
     head: str = "arcface"  # arcface | cosface | combined
     margin_m: float = 0.5  # ArcFace additive angle; CosFace uses 0.35
-    scale_s: float = 64.0
+    scale_s: float = 64.0  # s: every logit is s * cos(...)
     margin_m1: float = 1.0  # combined margin: cos(m1 * theta + m2) - m3, m2 = margin_m
     margin_m3: float = 0.0
     easy_margin: bool = False
@@ -48,7 +48,7 @@ class Config:
     # --- optimisation
     batch_size: int = 128  # per device
     lr: float = 0.1  # for a global batch of base_batch_size, scaled linearly
-    base_batch_size: int = 512
+    base_batch_size: int = 512  # the global batch that lr is given for
     optimizer: str = "sgd"  # sgd | adamw
     momentum: float = 0.9
     nesterov: bool = False
@@ -64,14 +64,12 @@ class Config:
     cpu_amp: bool = False  # bf16 autocast on the CPU too
     channels_last: bool = True
     compile: bool = False  # torch.compile the backbone
-    # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune |
-    # max-autotune-no-cudagraphs
-    compile_mode: str = "default"
-    num_workers: int = 4
+    compile_mode: str = "default"  # reduce-overhead (CUDA graphs) | max-autotune | ...
+    num_workers: int = 4  # loader processes (0: decode in the training process)
     seed: int = 42
     save_every: int = 2000  # steps between checkpoints (and one at each epoch end)
     verify_every: int = 2000  # steps between verification on val_bins
-    log_every: int = 50
+    log_every: int = 50  # steps between logged values (TensorBoard, curves)
     max_steps: int = 0  # stop after this many steps in total (0 = run all epochs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +111,17 @@ def _arg_type(tp: Any) -> Any:
     return {int: int, float: float, str: str}.get(tp, str)
 
 
+def _field_comments() -> dict[str, str]:
+    """Each Config field's trailing comment in this file: the flags' help text, so the
+    explanation lives in one place."""
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+):[^=]+=.*\s#\s*(.+)$")
+    return {m.group(1): m.group(2).strip() for line in inspect.getsource(Config).splitlines()
+            if (m := pattern.match(line))}
+
+
 def build_parser(description: str = "", add_help: bool = True) -> argparse.ArgumentParser:
     """A parser with --preset, --config and one flag per Config field (defaults left unset,
     so only what the user typed overrides the preset and the file)."""
@@ -125,20 +134,23 @@ def build_parser(description: str = "", add_help: bool = True) -> argparse.Argum
     group.add_argument("--config", default=None,
                        help="JSON file, or Python file defining a dict `config`")
     hints = get_type_hints(Config)
+    comments = _field_comments()
     for f in fields(Config):
         tp = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        about = comments.get(f.name, "")
+        about = about + " " if about else ""
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=f"(default {default})")
+                               default=None, help=f"{about}(default {default})")
         elif get_origin(tp) is list:
             (item,) = get_args(tp)
             group.add_argument(flag, dest=f.name, nargs="*", type=_arg_type(item),
-                               default=None, help=f"(default {default})")
+                               default=None, help=f"{about}(default {default})")
         else:
             group.add_argument(flag, dest=f.name, type=_arg_type(tp), default=None,
-                               help=f"(default {default!r})")
+                               help=f"{about}(default {default!r})")
     return parser
 
 
