@@ -18,16 +18,18 @@ stage() {  # stage NAME SECONDS CMD...: run CMD with a time limit, tee its outpu
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/$name.txt"
 }
 
-stage env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; \
+stage env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; \
   nproc; $PY -c 'import torch, numpy, cv2; print(torch.__version__, torch.version.cuda, \
   numpy.__version__, cv2.__version__)'"
+# the whole loop on the GPU: loss read one step late, NaN halting the update on the device
+stage train_smoke 90 "$PY" bench/train_smoke.py --device cuda --output runs/train_smoke
 # ir50 and ir100 at batch 128, bf16, channels_last, eager: the issue's reference figure
 stage train_eager 120 "$PY" bench/train_throughput.py --device cuda
 # torch.compile fuses BatchNorm/PReLU with their neighbours; CUDA graphs remove launch gaps
-stage train_compile 180 "$PY" bench/train_throughput.py --device cuda --networks ir50 --compile
-stage train_cudagraphs 120 "$PY" bench/train_throughput.py --device cuda --networks ir50 \
+stage train_compile 150 "$PY" bench/train_throughput.py --device cuda --networks ir50 --compile
+stage train_cudagraphs 100 "$PY" bench/train_throughput.py --device cuda --networks ir50 \
   --compile --compile-mode reduce-overhead
-stage megaface_eval 60 "$PY" bench/megaface_eval.py --device cuda --full
+stage megaface_eval 50 "$PY" bench/megaface_eval.py --device cuda --full
 stage data_loader 50 "$PY" bench/data_throughput.py --workers 4 8 --raw-workers 4 8 \
   --ring-workers 4 8
 echo "results: $OUT"
