@@ -24,7 +24,8 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,68 @@ def _per_image_hints(hint_box: Any, count: int) -> list[Sequence[float] | None]:
     if len(hint_box) != count:
         raise ValueError(f"hint_box: expected one box per image ({count}), got {len(hint_box)}")
     return list(hint_box)
+
+
+# ----------------------------------------------------------------------------- files
+
+def read_image_or_error(path: Path) -> np.ndarray | ImageReadError:
+    """The RGB image at ``path``, or the ImageReadError saying why it cannot be read."""
+    try:
+        return read_image(path)
+    except ImageReadError as e:
+        return e
+
+
+@dataclass
+class FileCrop:
+    """One image file as :func:`align_files` leaves it."""
+
+    path: Path
+    crop: np.ndarray | None  # the aligned face, its centre crop when faceless; None: unreadable
+    face: AlignedFace | None  # None when no face was found or the file is unreadable
+    hint: Sequence[float] | None = None  # the face box hint_for gave
+    error: ImageReadError | None = None  # why the file could not be read
+
+
+def align_files(aligner: FaceAligner, paths: Sequence[Path], batch_size: int,
+                hint_for: Callable[[Path], Sequence[float] | None] | None = None,
+                size: int = TEMPLATE_SIZE, num_workers: int = 1, desc: str = "align",
+                progress: bool = True, leave: bool = True) -> Iterator[FileCrop]:
+    """Read and align image files ``batch_size`` at a time: one FileCrop per path, in order.
+
+    A faceless image gets its :func:`center_crop`; an unreadable file is no error here (its
+    FileCrop carries the ImageReadError). ``hint_for(path)``, asked for readable files only,
+    gives ``align_batch``'s per-image ``hint_box``. ``num_workers`` threads read the files;
+    a tqdm bar counts them."""
+    from tqdm import tqdm
+
+    batch_size = max(1, batch_size)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool, \
+            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress,
+                 leave=leave) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            loaded = list(pool.map(read_image_or_error, chunk))
+            readable = [(p, im) for p, im in zip(chunk, loaded, strict=True)
+                        if isinstance(im, np.ndarray)]
+            images = [im for _, im in readable]
+            hints = [None] * len(readable) if hint_for is None else \
+                [hint_for(p) for p, _ in readable]
+            if not images:
+                faces = []
+            elif hint_for is None:  # an aligner need not take hints when none are given
+                faces = aligner.align_batch(images)
+            else:
+                faces = aligner.align_batch(images, hint_box=hints)
+            done = iter(zip(images, faces, hints, strict=True))
+            for path, image in zip(chunk, loaded, strict=True):
+                if not isinstance(image, np.ndarray):
+                    yield FileCrop(path, None, None, error=image)
+                    continue
+                image, face, hint = next(done)
+                crop = center_crop(image, size) if face is None else face.crop
+                yield FileCrop(path, crop, face, hint)
+            bar.update(len(chunk))
 
 
 # ----------------------------------------------------------------------------- tree

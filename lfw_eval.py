@@ -287,37 +287,20 @@ def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
                  ) -> tuple[np.ndarray, list[str]]:
     """Align each image once: (crops (M,112,112,3), paths of faceless images centre-cropped).
     Unreadable images are an error listing all of them."""
-    from tqdm import tqdm
-
-    from align_faces import FaceAligner, center_crop
-    from utils import ImageReadError
+    from align_faces import FaceAligner, align_files
 
     if aligner is None:
         aligner = FaceAligner()
     crops = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     faceless, unreadable = [], []
-    with tqdm(total=len(paths), unit="img", desc="align") as bar:
-        for start in range(0, len(paths), ALIGN_CHUNK):
-            chunk = paths[start:start + ALIGN_CHUNK]
-            loaded = []
-            for p in chunk:
-                try:
-                    loaded.append(read_image(lfw_dir / p))
-                except ImageReadError as e:
-                    unreadable.append(str(e))
-                    loaded.append(None)
-            readable = [im for im in loaded if im is not None]
-            faces = iter(aligner.align_batch(readable) if readable else [])
-            for offset, image in enumerate(loaded):
-                if image is None:
-                    continue
-                face = next(faces)
-                if face is None:
-                    faceless.append(chunk[offset])
-                    crops[start + offset] = center_crop(image)
-                else:
-                    crops[start + offset] = _as_crop(face.crop, chunk[offset])
-            bar.update(len(chunk))
+    files = align_files(aligner, [lfw_dir / p for p in paths], ALIGN_CHUNK)
+    for i, (path, done) in enumerate(zip(paths, files, strict=True)):
+        if done.error is not None:
+            unreadable.append(str(done.error))
+            continue
+        if done.face is None:
+            faceless.append(path)
+        crops[i] = _as_crop(done.crop, path)  # the centre crop is already 112x112
     if unreadable:
         raise ValueError(f"{len(unreadable)} pair images cannot be read:\n  "
                          + "\n  ".join(unreadable))

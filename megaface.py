@@ -282,24 +282,13 @@ def read_bbox_json(image_path: str | Path) -> tuple[float, float, float, float] 
     return None
 
 
-def _read_or_none(path: Path):
-    from utils import ImageReadError, read_image
-
-    try:
-        return read_image(path)
-    except ImageReadError as e:
-        return e
-
-
 def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: int = 2,
               progress: bool = True) -> dict[str, int]:
     """Align every image under ``src_root`` into the same relative path under ``dst_root``.
 
     Images already done are skipped (resumable). No face: the centre crop is written and the
     image listed in ``dst_root/faceless.txt``; undecodable ones go to ``unreadable.txt``."""
-    from tqdm import tqdm
-
-    from align_faces import center_crop
+    from align_faces import align_files
     from utils import list_images, write_image
 
     src_root, dst_root = Path(src_root), Path(dst_root)
@@ -309,33 +298,21 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
     todo = [p for p in images if not (dst_root / p.relative_to(src_root)).exists()]
     summary["skipped_existing"] = len(images) - len(todo)
     listed = {name: _ListFile(dst_root / f"{name}.txt") for name in ("faceless", "unreadable")}
-    batch = max(1, getattr(aligner, "batch_size", 1))
-    with ThreadPoolExecutor(max(1, num_workers)) as pool, \
-            tqdm(total=len(todo), desc=f"crop {src_root.name}", unit="img",
-                 disable=not progress, leave=False) as bar:
-        for start in range(0, len(todo), batch):
-            paths = todo[start:start + batch]
-            loaded = list(pool.map(_read_or_none, paths))
-            ok = [(p, im) for p, im in zip(paths, loaded, strict=True)
-                  if isinstance(im, np.ndarray)]
-            for p, im in zip(paths, loaded, strict=True):
-                if not isinstance(im, np.ndarray):
-                    summary["unreadable"] += 1
-                    listed["unreadable"].add(str(p.relative_to(src_root)), str(im))
-            hints = [read_bbox_json(p) for p, _ in ok]
-            summary["with_box"] += sum(h is not None for h in hints)
-            faces = aligner.align_batch([im for _, im in ok], hint_box=hints) if ok else []
-            for (p, im), face in zip(ok, faces, strict=True):
-                rel = p.relative_to(src_root)
-                if face is None:
-                    crop = center_crop(im, CROP_SIZE)
-                    summary["faceless"] += 1
-                    listed["faceless"].add(str(rel))
-                else:
-                    crop = face.crop
-                    summary["aligned"] += 1
-                write_image(dst_root / rel, crop)
-            bar.update(len(paths))
+    for done in align_files(aligner, todo, getattr(aligner, "batch_size", 1),
+                            hint_for=read_bbox_json, size=CROP_SIZE, num_workers=num_workers,
+                            desc=f"crop {src_root.name}", progress=progress, leave=False):
+        rel = done.path.relative_to(src_root)
+        if done.error is not None:
+            summary["unreadable"] += 1
+            listed["unreadable"].add(str(rel), str(done.error))
+            continue
+        summary["with_box"] += done.hint is not None
+        if done.face is None:
+            summary["faceless"] += 1
+            listed["faceless"].add(str(rel))
+        else:
+            summary["aligned"] += 1
+        write_image(dst_root / rel, done.crop)
     return summary
 
 
@@ -366,6 +343,7 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
     import cv2
     from tqdm import tqdm
 
+    from align_faces import read_image_or_error
     from lfw_eval import embed
     from utils import list_images
 
@@ -381,7 +359,7 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
         for start in range(0, len(todo), batch_size):
             paths = todo[start:start + batch_size]
             crops, kept = [], []
-            for p, im in zip(paths, pool.map(_read_or_none, paths), strict=True):
+            for p, im in zip(paths, pool.map(read_image_or_error, paths), strict=True):
                 if not isinstance(im, np.ndarray):
                     summary["unreadable"] += 1
                     log.warning("skipped: %s", im)

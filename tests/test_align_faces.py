@@ -144,6 +144,58 @@ def test_center_crop_takes_the_middle():
     assert crop[2:-2, 2:-2].min() == 255
 
 
+class _TopLeftAligner:
+    """Stands in for MTCNN: a face (a crop of 7s) unless the top-left pixel is 0; records calls."""
+
+    def __init__(self):
+        self.calls = []  # (number of images, hint_box as passed)
+
+    def align_batch(self, images, hint_box="not passed"):
+        self.calls.append((len(images), hint_box))
+        return [None if im[0, 0, 0] == 0 else af.AlignedFace(
+            crop=np.full((112, 112, 3), 7, np.uint8), box=np.zeros(4),
+            landmarks=np.zeros((5, 2)), score=0.9) for im in images]
+
+
+def test_align_files_keeps_order_centre_crops_faceless_and_reports_unreadable(tmp_path):
+    rng = np.random.default_rng(0)
+    faceless = rng.integers(1, 255, (60, 80, 3), dtype=np.uint8)
+    faceless[0, 0] = 0
+    write_image(tmp_path / "a.png", np.full((50, 50, 3), 9, np.uint8))
+    write_image(tmp_path / "b.png", faceless)
+    (tmp_path / "c.jpg").write_bytes(b"not an image")
+    write_image(tmp_path / "d.png", np.full((30, 40, 3), 5, np.uint8))
+    paths = [tmp_path / n for n in ("a.png", "b.png", "c.jpg", "d.png")]
+    boxes = {"a.png": (1.0, 2.0, 3.0, 4.0), "b.png": None, "d.png": (5.0, 6.0, 7.0, 8.0)}
+    asked = []
+
+    def hint_for(path):
+        asked.append(path.name)
+        return boxes[path.name]
+
+    fake = _TopLeftAligner()
+    out = list(af.align_files(fake, paths, batch_size=2, hint_for=hint_for, progress=False))
+    assert [r.path for r in out] == paths
+    assert asked == ["a.png", "b.png", "d.png"]  # never for the unreadable file
+    assert fake.calls == [(2, [(1.0, 2.0, 3.0, 4.0), None]), (1, [(5.0, 6.0, 7.0, 8.0)])]
+    a, b, c, d = out
+    assert a.face is not None and (a.crop == 7).all() and a.hint == boxes["a.png"]
+    assert b.face is None and b.error is None and b.hint is None
+    # centre crop written out: the central 30x30 square (half the shorter side) of 60x80
+    expected = cv2.resize(faceless[15:45, 25:55], (112, 112), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(b.crop, expected)
+    assert c.crop is None and c.face is None and "c.jpg" in str(c.error)
+    assert d.face is not None and d.hint == boxes["d.png"]
+
+
+def test_align_files_without_hints_calls_align_batch_without_them(tmp_path):
+    write_image(tmp_path / "x.png", np.zeros((20, 20, 3), np.uint8))  # faceless
+    fake = _TopLeftAligner()
+    [done] = af.align_files(fake, [tmp_path / "x.png"], batch_size=8, size=64, progress=False)
+    assert fake.calls == [(1, "not passed")] and done.hint is None and done.face is None
+    assert done.crop.shape == (64, 64, 3)  # the centre crop at the size asked for
+
+
 @pytest.fixture(scope="module")
 def aligner():
     return af.FaceAligner(device="cpu")
