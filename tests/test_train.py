@@ -376,13 +376,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_rec, tmp_path, m
     assert train.main(cli_args(tiny_cfg(tiny_rec, tmp_path / "cli"))) == train.EXIT_NON_FINITE
 
 
-def test_a_non_finite_step_halts_every_later_update_on_the_device():
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_non_finite_step_halts_every_later_update_on_the_device(optimizer):
     """optimizer_step(tr, stats) decides on the device: a finite step updates, a NaN loss
     or an infinite gradient norm leaves weights and momentum exactly as they were, and so
     does every step after it (the host may read the bad step's values only later)."""
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    tr = train.build_trainer(make_config({**TINY, "lr": 0.1}), 5, info, total_steps=10,
-                             steps_per_epoch=5)
+    tr = train.build_trainer(make_config({**TINY, "lr": 0.1, "optimizer": optimizer}), 5, info,
+                             total_steps=10, steps_per_epoch=5)
     params = [p for p in (*tr.backbone.parameters(), *tr.head.parameters()) if p.requires_grad]
 
     def step(loss: float, grad_norm: float) -> None:
@@ -391,9 +392,9 @@ def test_a_non_finite_step_halts_every_later_update_on_the_device():
         train.optimizer_step(tr, torch.tensor([loss, 0.5, grad_norm]))
 
     def snapshot() -> list[torch.Tensor]:
-        momenta = [state["momentum_buffer"] for opt in (tr.opt_backbone, tr.opt_head)
-                   for state in opt.state.values()]
-        return [t.detach().clone() for t in [*params, *momenta]]
+        moments = [t for opt in (tr.opt_backbone, tr.opt_head) for state in opt.state.values()
+                   for t in state.values() if isinstance(t, torch.Tensor)]
+        return [t.detach().clone() for t in [*params, *moments]]
 
     step(1.0, 2.0)
     before = snapshot()
