@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from verification_metrics import FAR_EPS, tar_at_far_from_top
 from verification_plots import save_figure
 
 DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
@@ -45,7 +46,6 @@ MIN_CHUNK = 256
 TILE = 64  # columns per tile whose maximum screens the verification buffer's candidates
 BUFFER_MIN_ELEMENTS = 2**19  # the impostor buffer grows to max(2k, this) before a trim
 ROC_POINTS = 60
-FAR_EPS = 1e-9  # guards floor(far * n) against 1e-6 * 1e6 = 0.99999...
 
 
 # ----------------------------------------------------------------------------- scores
@@ -258,20 +258,12 @@ def _cmc(p_idx, scores, best) -> np.ndarray:
 
 def tar_at_far(genuine: np.ndarray, impostor_desc: np.ndarray, num_impostors: int,
                far: float) -> dict[str, float | bool | None]:
-    """TAR at FAR ``far`` given the largest impostor scores (descending; at least
-    floor(far * num_impostors) + 1 of them, or all). Threshold = the (a+1)-th largest impostor
-    score with a = floor(far * num_impostors); a pair is accepted when its score is strictly
-    above it, so at most a impostors are accepted (exactly a without ties)."""
-    allowed = int(math.floor(far * num_impostors + FAR_EPS))
-    if allowed >= num_impostors:
-        threshold = -math.inf
-    elif allowed >= len(impostor_desc):
-        raise ValueError(f"need the top {allowed + 1} impostor scores, got {len(impostor_desc)}")
-    else:
-        threshold = float(impostor_desc[allowed])
-    false_accepts = int(np.count_nonzero(impostor_desc > threshold)) if allowed < num_impostors \
-        else num_impostors
-    tar = float(np.count_nonzero(genuine > threshold) / len(genuine)) if len(genuine) else None
+    """:func:`verification_metrics.tar_at_far_from_top` as a dict, with the FAR achieved
+    and whether ``far`` is resolvable (at least 1/far impostors); threshold None when every
+    pair is accepted."""
+    tar, threshold = tar_at_far_from_top(genuine, impostor_desc, num_impostors, far)
+    false_accepts = num_impostors if threshold == -math.inf \
+        else int(np.count_nonzero(impostor_desc > threshold))
     return {"tar": tar, "threshold": threshold if math.isfinite(threshold) else None,
             "far_achieved": false_accepts / num_impostors,
             "resolvable": far * num_impostors >= 1.0}

@@ -15,6 +15,7 @@ import numpy as np
 FARS = (1e-3, 1e-4)  # TAR is reported at these false accept rates when there are enough pairs
 DEFAULT_FOLDS = 10
 THRESHOLD_RULE = "same iff cosine similarity > threshold"
+FAR_EPS = 1e-9  # guards floor(far * n) against 1e-6 * 1e6 = 0.99999...
 
 
 def pair_similarities(embeddings: np.ndarray) -> np.ndarray:
@@ -105,17 +106,38 @@ def roc_curve(similarities: np.ndarray, issame: np.ndarray
     return far, tar, thresholds
 
 
+def tar_at_far_from_top(genuine: np.ndarray, impostor_desc: np.ndarray, num_impostors: int,
+                        far: float) -> tuple[float | None, float]:
+    """(TAR, threshold) at FAR ``far`` from the genuine scores and the largest impostor scores
+    in descending order (at least floor(far * num_impostors) + 1 of them, or all).
+
+    Threshold = the (a+1)-th largest impostor score with a = floor(far * num_impostors); a pair
+    is accepted when its score is strictly above it, so at most a impostors are accepted
+    (exactly a without ties). -inf when a >= num_impostors: every pair is accepted. TAR is
+    None without genuine scores."""
+    allowed = int(math.floor(far * num_impostors + FAR_EPS))  # false accepts allowed
+    if allowed >= num_impostors:
+        threshold = -math.inf
+    elif allowed >= len(impostor_desc):
+        raise ValueError(f"need the top {allowed + 1} impostor scores, got {len(impostor_desc)}")
+    else:
+        threshold = float(impostor_desc[allowed])
+    genuine = np.asarray(genuine)
+    tar = float(np.count_nonzero(genuine > threshold) / genuine.size) if genuine.size else None
+    return tar, threshold
+
+
 def tar_at_far(similarities: np.ndarray, issame: np.ndarray, far: float) -> tuple[float, float]:
-    """(TAR, threshold) at the lowest threshold whose FAR (impostors > threshold) <= ``far``."""
+    """(TAR, threshold) at the lowest threshold whose FAR (impostors > threshold) <= ``far``;
+    when ``far`` allows every impostor, the threshold stays finite: just below the lowest."""
     sims = np.asarray(similarities, dtype=np.float64).reshape(-1)
     same = np.asarray(issame, dtype=bool).reshape(-1)
-    impostors = np.sort(sims[~same])[::-1]
-    allowed = int(math.floor(far * impostors.size + 1e-9))  # false accepts allowed
-    if allowed >= impostors.size:
+    genuine, impostors = sims[same], np.sort(sims[~same])[::-1]
+    tar, threshold = tar_at_far_from_top(genuine, impostors, impostors.size, far)
+    if threshold == -math.inf:
         threshold = float(np.nextafter(impostors[-1], -np.inf))
-    else:
-        threshold = float(impostors[allowed])  # at most `allowed` impostors lie above it
-    return float(np.mean(sims[same] > threshold)), threshold
+        tar = float(np.mean(genuine > threshold))
+    return (math.nan if tar is None else tar), threshold
 
 
 def roc_metrics(similarities: np.ndarray, issame: np.ndarray,
