@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from utils import (
+    FACE_CROP_SIZE,
     ImageReadError,
     atomic_write_text,
     get_logger,
@@ -53,7 +54,7 @@ REFERENCE_LANDMARKS = np.array(
     ],
     dtype=np.float32,
 )
-TEMPLATE_SIZE = 112  # side of the square the template's coordinates refer to
+TEMPLATE_SIZE = FACE_CROP_SIZE  # side of the square the template's coordinates refer to
 
 DEFAULT_MIN_FACE_SIZE = 40  # pixels; MTCNN's smallest searched face (its own default is 20)
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)  # P-, R- and O-net score thresholds (MTCNN's defaults)

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from utils import ImageReadError, decode_image
+from utils import FACE_CROP_SIZE, ImageReadError, decode_image
 
-IMAGE_SIZE = 112
 LATIN1_NAMES = frozenset({"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"})
 
 
@@ -102,7 +101,7 @@ def _as_issame(issame: Any, source: str) -> np.ndarray:
     raise ValueError(f"{source}: issame_list must hold booleans, got dtype {values.dtype}")
 
 
-def load_bin(path: str | Path, image_size: int = IMAGE_SIZE,
+def load_bin(path: str | Path, image_size: int = FACE_CROP_SIZE,
              progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Images (2N, 112, 112, 3) RGB uint8 and labels (N,) bool of an InsightFace .bin set.
 

@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import recordio
-from pre_process import IMAGE_SIZE, list_identity_images, load_or_build_index
+from pre_process import list_identity_images, load_or_build_index
+from utils import FACE_CROP_SIZE as IMAGE_SIZE
 from utils import ImageReadError, decode_image, read_image
 
 PIXEL_CENTRE = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1]

@@ -27,8 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from bin_loader import IMAGE_SIZE, load_bin  # aligned crops are 112x112
-from utils import atomic_write_bytes, atomic_write_text, get_device, get_logger, read_image
+from bin_loader import load_bin
+from utils import (
+    FACE_CROP_SIZE,
+    atomic_write_bytes,
+    atomic_write_text,
+    get_device,
+    get_logger,
+    read_image,
+)
 from verification_metrics import (
     DEFAULT_FOLDS,
     FARS,
@@ -291,7 +298,7 @@ def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
 
     if aligner is None:
         aligner = FaceAligner()
-    crops = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    crops = np.zeros((len(paths), FACE_CROP_SIZE, FACE_CROP_SIZE, 3), dtype=np.uint8)
     faceless, unreadable = [], []
     files = align_files(aligner, [lfw_dir / p for p in paths], ALIGN_CHUNK)
     for i, (path, done) in enumerate(zip(paths, files, strict=True)):
@@ -309,12 +316,12 @@ def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
 
 def _as_crop(crop: np.ndarray, source: str) -> np.ndarray:
     crop = np.asarray(crop)
-    if crop.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and crop.dtype == np.uint8:
+    if crop.shape == (FACE_CROP_SIZE, FACE_CROP_SIZE, 3) and crop.dtype == np.uint8:
         return crop
     if crop.ndim == 3 and crop.shape[2] == 3:
         import cv2
 
-        return cv2.resize(crop.astype(np.uint8), (IMAGE_SIZE, IMAGE_SIZE))
+        return cv2.resize(crop.astype(np.uint8), (FACE_CROP_SIZE, FACE_CROP_SIZE))
     raise ValueError(f"{source}: aligner returned a crop of shape {crop.shape}")
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES
-from utils import atomic_write_text, get_logger
+from utils import FACE_CROP_SIZE, atomic_write_text, get_logger
 
 log = get_logger("megaface")
 
@@ -41,7 +41,6 @@ FEATURE_ELEMENT_BYTES = 4
 CV_32F = 5
 DEFAULT_SUFFIX = "_0.bin"
 MEGAFACE, FACESCRUB = "megaface", "facescrub"
-CROP_SIZE = 112
 DISTRACTOR_NOISE_FLAG = 100.0  # InsightFace's value in the extra dimension of a noisy distractor
 PROBE_NOISE_AMPLITUDE = 1e-3  # uniform noise added to a noisy probe's identity mean
 MEGAFACE_NOISE_PATH_PARTS = 3  # noise entries are "<a>/<flickr user>/<image>"
@@ -299,7 +298,7 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
     summary["skipped_existing"] = len(images) - len(todo)
     listed = {name: _ListFile(dst_root / f"{name}.txt") for name in ("faceless", "unreadable")}
     for done in align_files(aligner, todo, getattr(aligner, "batch_size", 1),
-                            hint_for=read_bbox_json, size=CROP_SIZE, num_workers=num_workers,
+                            hint_for=read_bbox_json, num_workers=num_workers,
                             desc=f"crop {src_root.name}", progress=progress, leave=False):
         rel = done.path.relative_to(src_root)
         if done.error is not None:
@@ -364,8 +363,9 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
                     summary["unreadable"] += 1
                     log.warning("skipped: %s", im)
                     continue
-                if im.shape[:2] != (CROP_SIZE, CROP_SIZE):  # not one of our aligned crops
-                    im = cv2.resize(im, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
+                if im.shape[:2] != (FACE_CROP_SIZE, FACE_CROP_SIZE):  # not one of our aligned crops
+                    im = cv2.resize(im, (FACE_CROP_SIZE, FACE_CROP_SIZE),
+                                    interpolation=cv2.INTER_AREA)
                     summary["resized"] += 1
                 crops.append(im)
                 kept.append(p)

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-IMAGE_SIZE = 112  # aligned face crops are 112x112 throughout the repo
+from utils import FACE_CROP_SIZE
+
+IMAGE_SIZE = FACE_CROP_SIZE  # aligned face crops, the models' input side
 BN_EPS = 1e-5
 SE_REDUCTION = 16  # squeeze-excitation bottleneck ratio (SENet's default)
 IR_WIDTHS = (64, 128, 256, 512)  # channels of the four IR-ResNet stages

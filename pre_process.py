@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import recordio
 from utils import (
+    FACE_CROP_SIZE,
     ImageReadError,
     atomic_write_text,
     decode_image,
@@ -50,7 +51,6 @@ from utils import (
 INDEX_SUFFIX = ".index.npz"
 INDEX_VERSION = 1
 HEADER_LABELS = 2  # the header record's label array: [id_start, id_end)
-IMAGE_SIZE = 112  # the aligned ArcFace crop
 JPEG_QUALITY = 95
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 MAX_LISTED = 10  # problems listed by name in a summary; the rest are counted
@@ -460,7 +460,7 @@ def _header_payload(id_start: int, id_end: int) -> bytes:
 
 
 def pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path | None = None,
-                image_size: int = IMAGE_SIZE, quality: int = JPEG_QUALITY,
+                image_size: int = FACE_CROP_SIZE, quality: int = JPEG_QUALITY,
                 progress: bool = True) -> PackSummary:
     """Pack ``src_dir/identity/image`` into an InsightFace-layout ``.rec`` + ``.idx``.
 
@@ -540,7 +540,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="also decode every image (slow; finds corrupt JPEGs)")
     group.add_argument("--quality", type=int, default=JPEG_QUALITY,
                        help="JPEG quality for images --pack must re-encode")
-    group.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+    group.add_argument("--image-size", type=int, default=FACE_CROP_SIZE,
                        help="side of the square images --pack writes")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser

@@ -24,6 +24,7 @@ try:  # OpenCV's thread pool must not start before a DataLoader forks its worker
 except ImportError:  # pragma: no cover - opencv is in requirements.txt
     cv2 = None
 
+FACE_CROP_SIZE = 112  # side of the aligned face crops (ArcFace's 112x112 template) everywhere
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
