@@ -396,7 +396,6 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
     ``status<TAB>relative path<TAB>detail``, as is every unreadable file. The report keeps
     what earlier runs found. Returns the summary printed at the end.
     """
-    from tqdm import tqdm
 
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
     if not src.is_dir():
@@ -413,7 +412,6 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
     if todo and aligner is None:
         aligner = FaceAligner(device=device, min_face_size=min_face_size, batch_size=batch_size)
     report.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), desc="align", unit="img", disable=not progress)
     # Report lines are appended as they happen so a crash loses none of them.
     with report.open("a", encoding="utf-8") as rep:
         def note(rel: str, status: str, detail: str) -> None:
@@ -421,36 +419,25 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
             rep.write(f"{status}\t{rel}\t{detail}\n")
             rep.flush()
 
-        for start_i in range(0, len(todo), batch_size):
-            chunk, images = [], []
-            for path in todo[start_i:start_i + batch_size]:
-                rel = path.relative_to(src).as_posix()
-                try:
-                    images.append(read_image(path))
-                    chunk.append(rel)
-                except ImageReadError as e:
-                    counts["unreadable"] += 1
-                    note(rel, STATUS_UNREADABLE, str(e).replace("\t", " "))
-                    bar.update(1)
-            faces = aligner.align_batch(images) if images else []
-            for rel, image, face in zip(chunk, images, faces, strict=True):
-                out = dst / rel
-                if face is not None:
-                    write_image(out, face.crop)
-                    counts["aligned"] += 1
-                    if entries.pop(rel, None) is not None:  # listed by an earlier run
-                        rep.write(f"{STATUS_ALIGNED}\t{rel}\t\n")
+        size = aligner.size if aligner is not None else TEMPLATE_SIZE
+        for item in align_files(aligner, todo, batch_size, size=size, progress=progress):
+            rel = item.path.relative_to(src).as_posix()
+            if item.error is not None:
+                counts["unreadable"] += 1
+                note(rel, STATUS_UNREADABLE, str(item.error).replace("\t", " "))
+            elif item.face is not None:
+                write_image(dst / rel, item.crop)
+                counts["aligned"] += 1
+                if entries.pop(rel, None) is not None:  # listed by an earlier run
+                    rep.write(f"{STATUS_ALIGNED}\t{rel}\t\n")
+            else:
+                counts["no_face"] += 1
+                if skip_missing:
+                    note(rel, STATUS_NO_FACE, "skipped")
                 else:
-                    counts["no_face"] += 1
-                    if skip_missing:
-                        note(rel, STATUS_NO_FACE, "skipped")
-                    else:
-                        write_image(out, center_crop(image, aligner.size))
-                        counts["centre_cropped"] += 1
-                        note(rel, STATUS_NO_FACE, "centre-cropped")
-                bar.update(1)
-                bar.set_postfix(no_face=counts["no_face"], unreadable=counts["unreadable"])
-    bar.close()
+                    write_image(dst / rel, item.crop)  # align_files' centre crop
+                    counts["centre_cropped"] += 1
+                    note(rel, STATUS_NO_FACE, "centre-cropped")
     # Compact the appended report: one line per file, only files still in the source.
     present = {p.relative_to(src).as_posix() for p in files}
     lines = [f"{s}\t{rel}\t{d}\n" for rel, (s, d) in sorted(entries.items()) if rel in present]
