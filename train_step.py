@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +188,8 @@ def forward_backward(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
     tr.scaler.scale(loss).backward()
     tr.scaler.unscale_(tr.opt_backbone)
     tr.scaler.unscale_(tr.opt_head)
+    if tr.scaler.is_enabled():
+        agree_on_overflow(tr.scaler, (tr.opt_backbone, tr.opt_head), tr.reduce_sum)
     # One global norm over the backbone (equal on all ranks after DDP) and every rank's
     # shard of centres; with max_norm inf it only measures the norm.
     max_norm = tr.grad_clip if tr.grad_clip > 0 else float("inf")
@@ -196,6 +199,27 @@ def forward_backward(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
     stats = torch.stack([loss.detach().float(), accuracy.detach().float(),
                          grad_norm.detach().float().to(loss.device)])
     return all_reduce_sum_(stats, tr.info) / tr.info.world_size
+
+
+def agree_on_overflow(scaler: torch.amp.GradScaler, optimizers: Sequence[torch.optim.Optimizer],
+                      all_reduce_sum_: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """fp16: make every optimiser on every rank skip the step when any of them found an
+    inf/NaN gradient, and back the scale off alike. GradScaler decides per optimiser from
+    local gradients; with the head sharded, one rank's centres can overflow while another's
+    do not, and a backbone updated on some ranks only would leave DDP's replicas apart.
+    Call after ``unscale_`` on each optimiser; no host sync.
+
+    Uses GradScaler's per-optimiser ``found_inf_per_device`` record (a private field, stable
+    in the pinned torch)."""
+    records = [scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+               for opt in optimizers]
+    flags = [flag for record in records for flag in record.values()]
+    if not flags:
+        return
+    anywhere = all_reduce_sum_(torch.stack([f.to(flags[0].device) for f in flags]).sum())
+    agreed = (anywhere > 0).float()  # exactly 1.0: what the fused optimisers test for
+    for flag in flags:
+        flag.copy_(agreed)
 
 
 def optimizer_step(tr: Trainer, stats: torch.Tensor | None = None) -> None:

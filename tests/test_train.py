@@ -407,6 +407,37 @@ def test_a_non_finite_step_halts_every_later_update_on_the_device(optimizer):
             assert torch.equal(a, b)
 
 
+def test_fp16_overflow_anywhere_skips_every_update_on_every_rank():
+    """GradScaler alone decides per optimiser on local gradients: an inf in this rank's
+    head shard would still let the backbone step, and another rank's overflow would go
+    unseen here. After agree_on_overflow neither optimiser steps and the scale backs off."""
+    from train_step import agree_on_overflow
+
+    init_scale = 16.0
+
+    def run(head_grad: float, other_ranks_overflowed: bool) -> tuple[bool, bool, float]:
+        backbone, head = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+        opts = [torch.optim.SGD([p], lr=0.1, fused=True) for p in (backbone, head)]
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        scaler.scale(torch.ones(()))  # as scaling a loss does: creates the scale tensor
+        backbone.grad = torch.full((3,), init_scale)  # gradients of the scaled loss
+        head.grad = torch.full((2,), head_grad)
+        for opt in opts:
+            scaler.unscale_(opt)
+        agree_on_overflow(scaler, opts,
+                          lambda t: t + 1.0 if other_ranks_overflowed else t)  # fake all-reduce
+        for opt in opts:
+            scaler.step(opt)
+        scaler.update()
+        moved = [not torch.equal(p.detach(), torch.ones_like(p)) for p in (backbone, head)]
+        return moved[0], moved[1], scaler.get_scale()
+
+    backoff = init_scale * 0.5  # GradScaler's default backoff factor
+    assert run(1.0, other_ranks_overflowed=False) == (True, True, init_scale)
+    assert run(float("inf"), other_ranks_overflowed=False) == (False, False, backoff)
+    assert run(1.0, other_ranks_overflowed=True) == (False, False, backoff)
+
+
 @pytest.fixture
 def deferred(monkeypatch):
     """The CUDA loop's order on the CPU: each step's values read one step late."""
