@@ -90,7 +90,9 @@ def build_head(cfg: Config, num_classes: int, info: DistInfo) -> tuple[nn.Module
 
 def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: int,
                   steps_per_epoch: int) -> Trainer:
-    """Backbone, head, optimisers, lr schedules and grad scaler on ``info.device``."""
+    """Backbone, head, optimisers, lr schedules and grad scaler on ``info.device``. On the
+    CPU this also switches the process's malloc to keep freed memory
+    (utils.reuse_freed_memory, process-wide), which the head's large gradients need."""
     import models
 
     device = info.device
