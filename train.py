@@ -37,13 +37,15 @@ DataLoader, which allocates shared memory for every batch) and the step normalis
 the training device.
 
 ``--resume`` continues from ``checkpoint.pt`` exactly, mid-epoch too: the data order is a
-function of (seed, epoch), so the resumed run skips the batches already done (resuming
-needs the same world size and batch size). A NaN or infinite loss stops training before
-the weights are updated (exit status 2) and names the last good checkpoint, which is never
-overwritten. The step itself (Trainer, forward/backward, update) is in train_step.py; its
-update is skipped on the device once a step is non-finite, so on CUDA the host reads each
-step's loss one step late and never stalls the GPU between steps. Test-only fault
-injection: ``FACE_TRAIN_FAULT=nan@STEP`` or ``kill@STEP`` (see train_utils.injected_fault).
+function of (seed, epoch), so the resumed run skips the batches already done (resuming needs
+the same global batch; with another world size, e.g. 8 x 64 -> 4 x 128, the head's shards
+are re-cut and the run continues, no longer bit-exact). A NaN or infinite loss stops
+training before the weights are updated (exit status 2) and names the last good checkpoint,
+which is never overwritten. The step itself (Trainer, forward/backward, update) is in
+train_step.py; its update is skipped on the device once a step is non-finite, so on CUDA the
+host reads each step's loss one step late and never stalls the GPU between steps. Test-only
+fault injection: ``FACE_TRAIN_FAULT=nan@STEP`` or ``kill@STEP`` (see
+train_utils.injected_fault).
 """
 
 from __future__ import annotations
@@ -86,9 +88,11 @@ from train_utils import (
     all_finite,
     check_labels,
     head_checkpoint_path,
+    head_files_beyond,
     injected_fault,
     kill_self,
     margin_at,
+    reshard_head_state,
     rng_state,
     set_rng_state,
     stale_head_files,
@@ -99,6 +103,7 @@ from utils import (
     load_backbone_state,
     load_checkpoint,
     save_checkpoint,
+    seed_everything,
 )
 
 LOG = get_logger("train")
@@ -108,8 +113,10 @@ EXIT_NON_FINITE = 2
 RING_LOADER = True
 # Fields that must match between a checkpoint and the run resuming it (the data order, the
 # shapes of the weights and the meaning of a step depend on them).
-RESUME_FIXED_FIELDS = ("network", "embedding_size", "head", "sample_rate", "batch_size",
-                       "seed", "rec", "image_folder")
+# The global batch (batch_size x world size) must match too; the world size may change
+# with it (8 x 64 -> 4 x 128): the head's shards are then re-cut from the saved ones.
+RESUME_FIXED_FIELDS = ("network", "embedding_size", "head", "sample_rate", "seed", "rec",
+                       "image_folder")
 
 
 class ResumeError(ValueError):
@@ -187,6 +194,9 @@ def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
     barrier(info)
     for stale in stale_head_files(output, info.rank, keep_step=step):
         stale.unlink(missing_ok=True)
+    if info.is_main:  # a resumed run with fewer ranks leaves the extra ranks' files behind
+        for stale in head_files_beyond(output, info.world_size):
+            stale.unlink(missing_ok=True)
     return path
 
 
@@ -202,18 +212,33 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int
     saved = ckpt["config"]
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED_FIELDS
                if saved.get(k) != getattr(cfg, k)]
-    if ckpt["world_size"] != info.world_size:
-        changed.append(f"world size: {ckpt['world_size']} -> {info.world_size}")
+    saved_world = int(ckpt["world_size"])
+    if saved["batch_size"] * saved_world != cfg.batch_size * info.world_size:
+        changed.append(f"global batch: {saved['batch_size']} x {saved_world} ranks -> "
+                       f"{cfg.batch_size} x {info.world_size}")
     if ckpt["num_classes"] != num_classes:
         changed.append(f"classes: {ckpt['num_classes']} -> {num_classes}")
     if changed:
         raise ResumeError(f"{path}: cannot resume exactly with a different setup ("
                           + "; ".join(changed) + ")")
     step = int(ckpt["step"])
-    rank_path = head_checkpoint_path(output, info.rank, step)
-    if not rank_path.is_file():
-        raise ResumeError(f"{path} (step {step}) needs {rank_path}, which is missing")
-    rank_state = load_checkpoint(rank_path)
+
+    def load_rank(rank: int) -> dict[str, Any]:
+        rank_path = head_checkpoint_path(output, rank, step)
+        if not rank_path.is_file():
+            raise ResumeError(f"{path} (step {step}) needs {rank_path}, which is missing")
+        return load_checkpoint(rank_path)
+
+    if saved_world == info.world_size:
+        rank_state = load_rank(info.rank)
+    else:
+        rank_state = reshard_head_state(load_rank, num_classes, saved_world, info.world_size,
+                                        info.rank)
+        if info.is_main:
+            LOG.info("resuming %d ranks' run on %d: head shards re-cut from the saved ones; "
+                     "data order and lr schedule continue as before, augmentation draws and "
+                     "BatchNorm batches differ from an uninterrupted run", saved_world,
+                     info.world_size)
     tr.backbone.load_state_dict(ckpt["backbone"])
     tr.opt_backbone.load_state_dict(ckpt["optimizer"])
     tr.sched_backbone.load_state_dict(ckpt["scheduler"])
@@ -221,7 +246,10 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int
     tr.head.load_state_dict(rank_state["head"])
     tr.opt_head.load_state_dict(rank_state["optimizer"])
     tr.sched_head.load_state_dict(rank_state["scheduler"])
-    set_rng_state(rank_state["rng"])
+    if saved_world == info.world_size:
+        set_rng_state(rank_state["rng"])
+    else:  # no saved stream belongs to this rank: a fresh one per (rank, step)
+        seed_everything(cfg.seed + info.rank + step * info.world_size)
     return step, ckpt.get("logs", {})
 
 

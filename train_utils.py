@@ -9,7 +9,7 @@ import os
 import random
 import re
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,42 @@ CONFIG_NAME = "config.json"
 _HEAD_RE = re.compile(r"checkpoint_rank(\d+)_step(\d+)\.pt$")
 
 
+def reshard_head_state(load_rank: Callable[[int], dict[str, Any]], num_classes: int,
+                       old_world: int, new_world: int, new_rank: int) -> dict[str, Any]:
+    """``new_rank``'s head file contents for a world of ``new_world`` ranks, cut from the files
+    of a run with ``old_world`` ranks (``load_rank(r)`` reads old rank r's file; only the
+    ones whose classes overlap are read, one at a time). Per-centre tensors (the centres and
+    their optimiser moments: the rows of a shard) are sliced and joined; everything else
+    (param groups, scheduler, scalar optimiser state) comes from the first file read."""
+    from arcface_loss import shard_range
+
+    start, end = shard_range(num_classes, new_world, new_rank)
+    first: dict[str, Any] | None = None
+    centres: list[torch.Tensor] = []
+    rows: dict[tuple[int, str], list[torch.Tensor]] = {}  # (param index, key) -> slices
+    for rank in range(old_world):
+        lo, hi = shard_range(num_classes, old_world, rank)
+        take_lo, take_hi = max(lo, start), min(hi, end)
+        if take_lo >= take_hi:
+            continue
+        state = load_rank(rank)
+        first = first or state
+        centres.append(state["head"]["weight"][take_lo - lo:take_hi - lo])
+        for index, param_state in state["optimizer"]["state"].items():
+            for key, value in param_state.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == hi - lo:
+                    rows.setdefault((index, key), []).append(value[take_lo - lo:take_hi - lo])
+    if first is None:  # pragma: no cover - every range overlaps some old shard
+        raise ValueError(f"no saved shard covers classes [{start}, {end})")
+    optimizer_state = {index: dict(param_state)
+                       for index, param_state in first["optimizer"]["state"].items()}
+    for (index, key), parts in rows.items():
+        optimizer_state[index][key] = torch.cat(parts)
+    return {**first, "head": {**first["head"], "weight": torch.cat(centres)},
+            "optimizer": {**first["optimizer"], "state": optimizer_state},
+            "rank": new_rank, "world_size": new_world}
+
+
 def head_checkpoint_path(output: Path, rank: int, step: int) -> Path:
     """Per-rank head shard file; the step in its name ties it to one ``checkpoint.pt``."""
     return output / f"checkpoint_rank{rank}_step{step}.pt"
@@ -224,6 +260,12 @@ def stale_head_files(output: Path, rank: int, keep_step: int) -> list[Path]:
         if m and int(m.group(2)) != keep_step:
             out.append(p)
     return out
+
+
+def head_files_beyond(output: Path, world_size: int) -> list[Path]:
+    """Head files of ranks >= ``world_size`` (left by an earlier run with more ranks)."""
+    return [p for p in output.glob("checkpoint_rank*_step*.pt")
+            if (m := _HEAD_RE.search(p.name)) and int(m.group(1)) >= world_size]
 
 
 def all_finite(modules: Sequence[nn.Module]) -> bool:

@@ -35,6 +35,7 @@ from train_utils import (
     check_labels,
     lr_factor,
     param_groups,
+    reshard_head_state,
 )
 from training_monitor import (
     FIGURE_SIZE,
@@ -352,6 +353,75 @@ def test_killed_run_resumes_to_the_same_weights(tiny_rec, tmp_path):
                                    err_msg=key)
     for run in ("straight", "broken"):
         assert_png(tmp_path / run / "training_curves.png")
+
+
+def test_head_shards_are_recut_for_another_world_size():
+    """11 classes saved by 3 ranks (4, 4, 3 rows), re-cut for 1, 2 and 4 ranks: each new
+    shard is its class range of the full matrix (ranges written out: C // W classes each,
+    the first C % W ranks one more); per-centre optimiser rows follow, scalars are kept."""
+    classes, width = 11, 5
+    full = torch.arange(classes * width, dtype=torch.float64).reshape(classes, width)
+    moment = -full
+    old_ranges = [(0, 4), (4, 8), (8, 11)]
+    read = []
+
+    def load_rank(rank: int) -> dict:
+        read.append(rank)
+        lo, hi = old_ranges[rank]
+        return {"head": {"weight": full[lo:hi].clone()},
+                "optimizer": {"state": {0: {"exp_avg": moment[lo:hi].clone(),
+                                            "step": torch.tensor(7.0)}},
+                              "param_groups": [{"params": [0], "lr": 0.1}]},
+                "scheduler": {"last_epoch": 7}, "rng": f"rank{rank}"}
+
+    expected = {1: [(0, 11)], 2: [(0, 6), (6, 11)], 4: [(0, 3), (3, 6), (6, 9), (9, 11)]}
+    for world, ranges in expected.items():
+        for rank, (lo, hi) in enumerate(ranges):
+            read.clear()
+            got = reshard_head_state(load_rank, classes, 3, world, rank)
+            assert torch.equal(got["head"]["weight"], full[lo:hi])
+            state = got["optimizer"]["state"][0]
+            assert torch.equal(state["exp_avg"], moment[lo:hi])
+            assert state["step"].item() == 7.0 and got["scheduler"] == {"last_epoch": 7}
+            assert got["optimizer"]["param_groups"] == [{"params": [0], "lr": 0.1}]
+            # only the old shards that hold some of these classes were read
+            assert read == [r for r, (a, b) in enumerate(old_ranges) if a < hi and lo < b]
+            assert (got["rank"], got["world_size"]) == (rank, world)
+
+
+def test_two_rank_run_resumes_on_one_rank_with_the_same_global_batch(tiny_rec, tmp_path):
+    """2 ranks x 2 images -> 1 rank x 4: the head is rebuilt whole from the two shards (with
+    its momentum), training continues to the end, and the second rank's files go. A changed
+    global batch or network is refused by name."""
+    cfg = tiny_cfg(tiny_rec, tmp_path / "moved", max_steps=3, save_every=3)
+    proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2",
+                       f"--master_port={free_port()}", "train.py", *cli_args(cfg),
+                       "--batch-size", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(cfg.output)
+    shards = [load_checkpoint(out / f"checkpoint_rank{r}_step3.pt") for r in range(2)]
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    tr = train.build_trainer(cfg, 6, info, total_steps=12, steps_per_epoch=6)
+    step, _ = train.resume_training(tr, cfg, 6)
+    assert step == 3
+    torch.testing.assert_close(tr.head.weight.detach(),
+                               torch.cat([s["head"]["weight"] for s in shards]), rtol=0, atol=0)
+    momentum = tr.opt_head.state[tr.head.weight]["momentum_buffer"]
+    torch.testing.assert_close(
+        momentum, torch.cat([s["optimizer"]["state"][0]["momentum_buffer"] for s in shards]),
+        rtol=0, atol=0)
+
+    summary = train.train(tiny_cfg(tiny_rec, out, max_steps=6, save_every=3), resume=True)
+    assert summary["steps"] == 6 and summary["steps_run"] == 3
+    assert math.isfinite(summary["final_loss"])
+    assert sorted(p.name for p in out.glob("checkpoint_rank*.pt")) == \
+        ["checkpoint_rank0_step6.pt"]
+
+    with pytest.raises(train.ResumeError, match=r"global batch: 4 x 1 ranks -> 2 x 1"):
+        train.train(tiny_cfg(tiny_rec, out, max_steps=9, batch_size=2), resume=True)
+    with pytest.raises(train.ResumeError, match=r"network: 'ir_narrow' -> 'ir18'"):
+        train.train(tiny_cfg(tiny_rec, out, max_steps=9, network="ir18"), resume=True)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_rec, tmp_path, monkeypatch):
