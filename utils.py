@@ -71,7 +71,7 @@ def get_device(name: str = "auto") -> "torch.device":  # noqa: F821 - lazy torch
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_KEEP_FREED_BYTES = 2**31 - 1  # the largest value mallopt takes: keep everything freed
+_NEVER_TRIM = -1  # M_TRIM_THRESHOLD -1: never give the heap's free top back (mallopt(3))
 
 
 def reuse_freed_memory() -> bool:
@@ -93,7 +93,7 @@ def reuse_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
 
 
 # ----------------------------------------------------------------------------- atomic files
