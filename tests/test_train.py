@@ -508,19 +508,30 @@ def test_fp16_overflow_anywhere_skips_every_update_on_every_rank():
     assert run(1.0, other_ranks_overflowed=True) == (False, False, backoff)
 
 
-@pytest.fixture
-def deferred(monkeypatch):
-    """The CUDA loop's order on the CPU: each step's values read one step late."""
-    monkeypatch.setattr(train, "defer_loss_check", lambda tr: True)
-
-
 def test_reading_the_loss_one_step_late_changes_nothing_but_when(tiny_rec, tmp_path,
-                                                                  monkeypatch, deferred):
+                                                                  monkeypatch):
+    """The CUDA loop's order, forced on the CPU: each step's values read one step late."""
+    reads: list[tuple[int, int]] = []  # (step read, steps queued by then)
+    queued = [0]
+
+    class SpyQueuedStep(train.QueuedStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            queued[0] += 1
+
+        def values(self):
+            reads.append((self.step, queued[0]))
+            return super().values()
+
+    monkeypatch.setattr(train, "QueuedStep", SpyQueuedStep)
     now = train.train(tiny_cfg(tiny_rec, tmp_path / "now", max_steps=5, save_every=100))
-    monkeypatch.undo()  # the reference run reads at once
-    late_cfg = tiny_cfg(tiny_rec, tmp_path / "late", max_steps=5, save_every=100)
+    assert reads == [(k, k) for k in range(1, 6)]  # the reference run reads at once
+    reads.clear()
+    queued[0] = 0
     monkeypatch.setattr(train, "defer_loss_check", lambda tr: True)
-    late = train.train(late_cfg)
+    late = train.train(tiny_cfg(tiny_rec, tmp_path / "late", max_steps=5, save_every=100))
+    # step k is read once step k+1 is queued; the last step is read before its save
+    assert reads == [(1, 2), (2, 3), (3, 4), (4, 5), (5, 5)]
     assert [h["step"] for h in late["history"]] == [1, 2, 3, 4, 5]
     for key in ("loss", "accuracy", "grad_norm", "lr"):
         assert [h[key] for h in late["history"]] == [h[key] for h in now["history"]], key
