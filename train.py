@@ -50,7 +50,6 @@ train_utils.injected_fault).
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -361,8 +360,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
         """The step's values; a non-finite one stops training here (its update, and every
         later one, was skipped on the device)."""
         got = queued.values()
-        if not (math.isfinite(got["loss"])
-                and (tr.scaler.is_enabled() or math.isfinite(got["grad_norm"]))):
+        if not queued.finite(loss_only=tr.scaler.is_enabled()):
             where = (f"last good checkpoint: {last_ckpt} (step {saved_step})"
                      if last_ckpt else "no checkpoint had been written yet")
             raise NonFiniteLossError(

@@ -19,12 +19,11 @@ from torch import nn
 from arcface_loss import clip_grad_norm_sharded
 from config import Config
 from distributed import DistInfo, all_reduce_sum_
-from train_utils import STATS, build_optimizer, lr_factor, param_groups
+from train_utils import build_optimizer, lr_factor, param_groups, step_is_finite
 from utils import reuse_freed_memory, seed_everything
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FLIP_PROBABILITY = 0.5
-
 
 
 @dataclass
@@ -224,14 +223,13 @@ def agree_on_overflow(scaler: torch.amp.GradScaler, optimizers: Sequence[torch.o
         flag.copy_(agreed)
 
 
-def optimizer_step(tr: Trainer, stats: torch.Tensor | None = None) -> None:
-    """Update the weights and the lr schedules. With ``stats`` (forward_backward's), a step
-    whose loss or gradient norm is not finite halts all updates from then on, decided on
-    the device (the fused optimisers' ``found_inf``), so no update ever waits for the host
-    to read the loss. Under fp16 the grad scaler does this itself (and skips inf steps)."""
-    if stats is not None and not tr.scaler.is_enabled():
-        finite = torch.isfinite(stats[STATS.index("loss")]) \
-            & torch.isfinite(stats[STATS.index("grad_norm")])
+def optimizer_step(tr: Trainer, stats: torch.Tensor) -> None:
+    """Update the weights and the lr schedules. A step whose ``stats`` (forward_backward's)
+    fail step_is_finite halts all updates from then on, decided on the device (the fused
+    optimisers' ``found_inf``), so no update ever waits for the host to read the loss.
+    Under fp16 the grad scaler does this itself (and skips inf steps)."""
+    if not tr.scaler.is_enabled():
+        finite = step_is_finite(stats)
         torch.maximum(tr.halted, (~finite).to(tr.halted.dtype), out=tr.halted)
     for opt in (tr.opt_backbone, tr.opt_head):
         if tr.scaler.is_enabled():

@@ -33,6 +33,14 @@ class LabelRangeError(ValueError):
 STATS = ("loss", "accuracy", "grad_norm")  # each step's values, copied to the host together
 
 
+def step_is_finite(stats: torch.Tensor, loss_only: bool = False) -> torch.Tensor:
+    """The one rule for a usable step, on the device or on a host copy: a finite loss and,
+    unless ``loss_only`` (fp16, where the grad scaler itself skips inf gradients), a finite
+    gradient norm. A bool tensor on ``stats``' device."""
+    finite = torch.isfinite(stats[STATS.index("loss")])
+    return finite if loss_only else finite & torch.isfinite(stats[STATS.index("grad_norm")])
+
+
 class QueuedStep:
     """A training step's values tensor ([loss, accuracy, gradient norm]) and its place in
     the run. On CUDA the values are copied to pinned host memory at once, behind the step's
@@ -54,6 +62,10 @@ class QueuedStep:
         if self.ready is not None:
             self.ready.synchronize()
         return dict(zip(STATS, self.host.tolist(), strict=True))
+
+    def finite(self, loss_only: bool = False) -> bool:
+        """step_is_finite on the copied values (after ``values()``)."""
+        return bool(step_is_finite(self.host, loss_only))
 
 
 # ----------------------------------------------------------------------------- sampler
