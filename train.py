@@ -87,7 +87,6 @@ from train_utils import (
     all_finite,
     check_labels,
     head_checkpoint_path,
-    head_files_beyond,
     injected_fault,
     kill_self,
     margin_at,
@@ -111,9 +110,9 @@ EXIT_NON_FINITE = 2
 # worker batches through fast_loader's ring of shared-memory slots (False: torch's DataLoader)
 RING_LOADER = True
 # Fields that must match between a checkpoint and the run resuming it (the data order, the
-# shapes of the weights and the meaning of a step depend on them).
-# The global batch (batch_size x world size) must match too; the world size may change
-# with it (8 x 64 -> 4 x 128): the head's shards are then re-cut from the saved ones.
+# shapes of the weights and the meaning of a step depend on them), as must the global batch
+# (batch_size x world size); the world size may change with it (8 x 64 -> 4 x 128): the
+# head's shards are then re-cut from the saved ones.
 RESUME_FIXED_FIELDS = ("network", "embedding_size", "head", "sample_rate", "seed", "rec",
                        "image_folder")
 
@@ -191,11 +190,8 @@ def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
                          "config": cfg.to_dict(), "logs": logs or {}}, path)
         save_checkpoint(backbone_state, output / BACKBONE_NAME)
     barrier(info)
-    for stale in stale_head_files(output, info.rank, keep_step=step):
+    for stale in stale_head_files(output, info.rank, info.world_size, keep_step=step):
         stale.unlink(missing_ok=True)
-    if info.is_main:  # a resumed run with fewer ranks leaves the extra ranks' files behind
-        for stale in head_files_beyond(output, info.world_size):
-            stale.unlink(missing_ok=True)
     return path
 
 
@@ -230,9 +226,12 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int
 
     if saved_world == info.world_size:
         rank_state = load_rank(info.rank)
+        set_rng_state(rank_state["rng"])
     else:
         rank_state = reshard_head_state(load_rank, num_classes, saved_world, info.world_size,
                                         info.rank)
+        # no saved stream belongs to this rank: a fresh one per (rank, step)
+        seed_everything(cfg.seed + info.rank + step * info.world_size)
         if info.is_main:
             LOG.info("resuming %d ranks' run on %d: head shards re-cut from the saved ones; "
                      "data order and lr schedule continue as before, augmentation draws and "
@@ -245,10 +244,6 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int
     tr.head.load_state_dict(rank_state["head"])
     tr.opt_head.load_state_dict(rank_state["optimizer"])
     tr.sched_head.load_state_dict(rank_state["scheduler"])
-    if saved_world == info.world_size:
-        set_rng_state(rank_state["rng"])
-    else:  # no saved stream belongs to this rank: a fresh one per (rank, step)
-        seed_everything(cfg.seed + info.rank + step * info.world_size)
     return step, ckpt.get("logs", {})
 
 

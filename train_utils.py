@@ -264,20 +264,18 @@ def head_checkpoint_path(output: Path, rank: int, step: int) -> Path:
     return output / f"checkpoint_rank{rank}_step{step}.pt"
 
 
-def stale_head_files(output: Path, rank: int, keep_step: int) -> list[Path]:
-    """This rank's head files of steps other than ``keep_step``."""
-    out = []
-    for p in output.glob(f"checkpoint_rank{rank}_step*.pt"):
-        m = _HEAD_RE.search(p.name)
-        if m and int(m.group(2)) != keep_step:
-            out.append(p)
-    return out
-
-
-def head_files_beyond(output: Path, world_size: int) -> list[Path]:
-    """Head files of ranks >= ``world_size`` (left by an earlier run with more ranks)."""
-    return [p for p in output.glob("checkpoint_rank*_step*.pt")
-            if (m := _HEAD_RE.search(p.name)) and int(m.group(1)) >= world_size]
+def stale_head_files(output: Path, rank: int, world_size: int, keep_step: int) -> list[Path]:
+    """The head files ``rank`` removes once ``keep_step`` is saved: its own of other steps
+    and, on rank 0, those of ranks >= ``world_size`` (left by a run with more ranks)."""
+    stale = []
+    for path in output.glob("checkpoint_rank*_step*.pt"):
+        m = _HEAD_RE.search(path.name)
+        if not m:
+            continue
+        owner, saved_step = int(m.group(1)), int(m.group(2))
+        if (owner == rank and saved_step != keep_step) or (rank == 0 and owner >= world_size):
+            stale.append(path)
+    return stale
 
 
 def all_finite(modules: Sequence[nn.Module]) -> bool:
