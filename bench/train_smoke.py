@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -96,8 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         del os.environ[FAULT_ENV]
     kept = load_checkpoint(out / "nan" / train.CHECKPOINT_NAME)
     check(kept["step"] == save_every, f"checkpoint.pt still holds step {save_every}")
-    import torch
-
     check(all(bool(torch.isfinite(v).all()) for v in kept["backbone"].values()
               if v.is_floating_point()), "its weights are finite")
     print(f"{'all checks passed' if not failures else f'{failures} check(s) failed'}")
