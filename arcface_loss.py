@@ -27,7 +27,6 @@ NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 # sin^2 = 1 - cos^2 is floored here before sqrt: d/dx sqrt(x) is infinite at 0.
 SIN2_MIN = 1e-12
 LOG_MIN = 1e-30  # floor of (1 - p) in the focal factor, whose power may be negative
-CLIP_EPS = 1e-6  # added to the norm before dividing, as torch.nn.utils.clip_grad_norm_
 DEFAULT_CENTRE_STD = 0.01  # class centres start small and random (only their direction counts)
 HEAD_NAMES = ("arcface", "cosface", "combined")
 
