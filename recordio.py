@@ -289,10 +289,6 @@ def _aligned_magics(payload: bytes) -> list[int]:
     return cuts
 
 
-def _has_aligned_magic(payload: bytes) -> bool:
-    return bool(_aligned_magics(payload))
-
-
 class RecordWriter:
     """Write records in the dmlc layout (splitting at aligned magics) plus a ``.idx``.
 
@@ -347,7 +343,7 @@ class RecordWriter:
         self._f.seek(offset)
         head = self._f.read(RECORD_HEAD_SIZE)
         magic, lrec = _RECORD_HEAD.unpack(head)
-        if magic != MAGIC or lrec != len(payload) or _has_aligned_magic(payload):
+        if magic != MAGIC or lrec != len(payload) or _aligned_magics(payload):
             self._f.seek(end)
             raise ValueError(f"{self.rec_path}: cannot overwrite the record at byte offset "
                              f"{offset} with a {len(payload)}-byte payload")
