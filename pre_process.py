@@ -29,6 +29,7 @@ index in memory (slower for MS1M-sized sets: run this script once).
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import recordio
 from utils import (
     FACE_CROP_SIZE,
     ImageReadError,
+    atomic_write_bytes,
     atomic_write_text,
     decode_image,
     encode_image,
@@ -54,6 +56,7 @@ HEADER_LABELS = 2  # the header record's label array: [id_start, id_end)
 JPEG_QUALITY = 95
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 MAX_LISTED = 10  # problems listed by name in a summary; the rest are counted
+SAVE_INDEX_TIP_IMAGES = 100_000  # an in-memory index this large suggests saving it
 
 log = get_logger("face.pre_process")
 
@@ -128,10 +131,6 @@ def _file_stamp(path: Path | None) -> tuple[int, int]:
 
 def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
     """Write ``index`` as ``.npz`` (atomically); returns the path."""
-    import io
-
-    from utils import atomic_write_bytes
-
     path = Path(path) if path else index_path_for(index.rec_path)
     rec_size, rec_mtime = _file_stamp(index.rec_path)
     idx_size, idx_mtime = _file_stamp(index.idx_path)
@@ -386,7 +385,7 @@ def load_or_build_index(rec_path: str | Path, idx_path: str | Path | None = None
     if index is not None:
         return index
     index = index_record_file(rec_path, idx_path, progress=progress)
-    if len(index) > 100_000:
+    if len(index) > SAVE_INDEX_TIP_IMAGES:
         log.info("tip: `python pre_process.py --rec %s` saves this index for next time",
                  rec_path)
     return index
