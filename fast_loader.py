@@ -20,7 +20,7 @@ Contract of the yielded batches ``(images, labels)``:
 Batches come in the batch sampler's order whatever the number of workers, the last one may
 be shorter than the others, and each sample is ``dataset.raw_item(i)`` (so unreadable images
 are replaced and counted by the dataset, exactly as with the DataLoader), decoded straight
-into its slot by ``dataset.raw_item_into`` where the dataset has it.
+into its slot by ``dataset.raw_item_into``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import random
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
-from functools import partial
 from typing import Any
 
 import cv2
@@ -66,13 +65,6 @@ def _pack_error(error: BaseException, worker_id: int) -> bytes:
         return pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}\n{where}"))
 
 
-def _copy_raw_item(dataset: Any, i: int, out: np.ndarray) -> int:
-    """``raw_item_into`` for a dataset that only has ``raw_item``."""
-    image, label = dataset.raw_item(i)
-    out[...] = np.asarray(image)
-    return int(label)
-
-
 def _worker_loop(worker_id: int, dataset: Any, images: torch.Tensor, labels: torch.Tensor,
                  tasks: Any, results: Any, generation: Any, base_seed: int) -> None:
     """Decode ``(generation, batch, slot, indices)`` tasks into the ring until a None task."""
@@ -84,7 +76,6 @@ def _worker_loop(worker_id: int, dataset: Any, images: torch.Tensor, labels: tor
     random.seed(seed)
     data_gen.set_counter_slot(worker_id)  # corrupt counts land in this worker's own cell
     images_np, labels_np = images.numpy(), labels.numpy()
-    decode_into = getattr(dataset, "raw_item_into", None) or partial(_copy_raw_item, dataset)
     try:
         while True:
             task = tasks.get()
@@ -96,7 +87,7 @@ def _worker_loop(worker_id: int, dataset: Any, images: torch.Tensor, labels: tor
                 continue
             try:
                 for k, i in enumerate(indices):
-                    labels_np[slot, k] = decode_into(i, images_np[slot, k])
+                    labels_np[slot, k] = dataset.raw_item_into(i, images_np[slot, k])
             except Exception as e:
                 results.put((gen, batch, slot, 0, _pack_error(e, worker_id)))
                 continue
@@ -132,8 +123,8 @@ class RingBufferLoader:
                  generator: torch.Generator | None = None, mp_context: str | None = None):
         if num_workers < 1:
             raise ValueError(f"RingBufferLoader needs num_workers >= 1, got {num_workers}")
-        if not hasattr(dataset, "raw_item"):
-            raise TypeError(f"{type(dataset).__name__} has no raw_item(); RingBufferLoader "
+        if not hasattr(dataset, "raw_item_into"):
+            raise TypeError(f"{type(dataset).__name__} has no raw_item_into(); RingBufferLoader "
                             f"needs one of data_gen's datasets")
         batch_size = batch_size or getattr(batch_sampler, "batch_size", None)
         if not batch_size or batch_size < 1:
