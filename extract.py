@@ -91,22 +91,28 @@ def default_destination(archive: str | Path, data_root: str | Path = DEFAULT_DAT
 
 # ----------------------------------------------------------------------------- safety
 
-def _safe_relative(name: str, archive: Path, member_kind: str = "member") -> PurePosixPath:
+def _is_absolute(clean: str) -> bool:
+    """A POSIX-style path (backslashes already turned into slashes) that is absolute on
+    POSIX or carries a Windows drive letter."""
+    return clean.startswith("/") or (len(clean) > 1 and clean[1] == ":")
+
+
+def _safe_relative(name: str, archive: Path) -> PurePosixPath:
     """The member path as a relative POSIX path, or UnsafeArchiveError."""
     clean = name.replace("\\", "/")
     path = PurePosixPath(clean)
-    if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":"):
-        raise UnsafeArchiveError(f"{archive}: refusing {member_kind} {name!r}: absolute path")
+    if _is_absolute(clean):
+        raise UnsafeArchiveError(f"{archive}: refusing member {name!r}: absolute path")
     if ".." in path.parts:
         raise UnsafeArchiveError(
-            f"{archive}: refusing {member_kind} {name!r}: '..' would leave the destination")
+            f"{archive}: refusing member {name!r}: '..' would leave the destination")
     return path
 
 
 def _check_link(name: str, target: str, archive: Path, hard: bool) -> None:
     """A link member's target must stay inside the destination."""
     clean = target.replace("\\", "/")
-    if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":"):
+    if _is_absolute(clean):
         raise UnsafeArchiveError(
             f"{archive}: refusing member {name!r}: link to absolute path {target!r}")
     # symlink targets are relative to the link's folder, hard link targets to the root
