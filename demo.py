@@ -42,7 +42,6 @@ TRAIN_IMAGES = 15
 EVAL_IDENTITIES = 100
 EVAL_IMAGES = 10
 PRESET = "demo"
-LFW_RESULTS = "lfw_results.json"
 
 
 def _stage(name: str) -> None:
@@ -82,7 +81,7 @@ def evaluate(checkpoint: Path, lfw_dir: Path, out_dir: Path, cache_dir: Path) ->
                             "--cache-dir", str(cache_dir), "--device", "cpu"])
     if status != 0:
         raise RuntimeError(f"lfw_eval failed on {checkpoint} (exit status {status})")
-    return json.loads((out_dir / LFW_RESULTS).read_text())
+    return json.loads((out_dir / f"{lfw_eval.LFW_RESULTS_NAME}_results.json").read_text())
 
 
 def save_untrained(cfg: Any, out_dir: Path) -> Path:
