@@ -31,7 +31,7 @@ from typing import Any
 # made MTCNN alignment several times slower (measured with align_faces.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from utils import atomic_write_text, get_logger
+from utils import atomic_write_text, get_logger, list_images, save_checkpoint, seed_everything
 
 log = get_logger("demo")
 
@@ -49,8 +49,6 @@ def _stage(name: str) -> None:
 
 
 def _count_images(root: Path) -> int:
-    from utils import list_images
-
     return len(list_images(root)) if root.is_dir() else 0
 
 
@@ -87,7 +85,6 @@ def evaluate(checkpoint: Path, lfw_dir: Path, out_dir: Path, cache_dir: Path) ->
 def save_untrained(cfg: Any, out_dir: Path) -> Path:
     """The demo network at its initialisation (same seed as training), as backbone.pt."""
     from models import build_model
-    from utils import save_checkpoint, seed_everything
 
     path = out_dir / "backbone.pt"
     if path.is_file():
