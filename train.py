@@ -131,9 +131,8 @@ def build_dataset(cfg: Config) -> tuple[torch.utils.data.Dataset, str]:
 
     # train=False: no flip in the loader; the step flips on the device from the checkpointed
     # RNG instead (see random_flip), so augmentation resumes exactly with any num_workers.
-    if cfg.image_folder:
-        return data_gen.ImageFolderDataset(cfg.image_folder, train=False), cfg.image_folder
-    return data_gen.FaceRecordDataset(cfg.rec, train=False), cfg.rec
+    dataset = data_gen.build_dataset(cfg.rec, cfg.image_folder, train=False)
+    return dataset, cfg.image_folder or cfg.rec
 
 
 def build_loader(dataset: torch.utils.data.Dataset, sampler: ResumableBatchSampler,
