@@ -153,7 +153,7 @@ def roc_metrics(similarities: np.ndarray, issame: np.ndarray,
     out: dict[str, Any] = {"auc": float(np.trapezoid(tar_curve, far_curve)),
                            "n_genuine": int(same.sum()), "n_impostor": n_imp}
     for far in fars:
-        if n_imp * far >= 1 - 1e-9:
+        if n_imp * far >= 1 - FAR_EPS:  # the same float guard as floor(far * n)
             tar, threshold = tar_at_far(sims, same, far)
             out[f"tar@far={far:.0e}"] = tar
             out[f"threshold@far={far:.0e}"] = threshold
