@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from bin_loader import load_bin
+from bin_loader import UnsafePickleError, load_bin
 from utils import (
     FACE_CROP_SIZE,
+    ImageReadError,
     atomic_write_bytes,
     atomic_write_text,
     get_device,
@@ -463,8 +464,6 @@ def _print_results(r: dict[str, Any]) -> None:
 
 
 def _run_compare(args, model, device, out_dir: Path) -> int:
-    from utils import ImageReadError
-
     photos, errors = [], []
     for p in args.compare:
         try:
@@ -498,7 +497,6 @@ def _run_compare(args, model, device, out_dir: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 2 bad input, 3 no face, 4 no
     threshold for --compare)."""
-    from bin_loader import UnsafePickleError
     from config import parse_config
 
     parser = build_arg_parser()
