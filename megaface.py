@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES
-from utils import FACE_CROP_SIZE, atomic_write_text, get_logger
+from utils import FACE_CROP_SIZE, atomic_write_text, get_logger, list_images, write_image
 
 log = get_logger("megaface")
 
@@ -288,7 +288,6 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
     Images already done are skipped (resumable). No face: the centre crop is written and the
     image listed in ``dst_root/faceless.txt``; undecodable ones go to ``unreadable.txt``."""
     from align_faces import align_files
-    from utils import list_images, write_image
 
     src_root, dst_root = Path(src_root), Path(dst_root)
     images = list_images(src_root)
@@ -344,7 +343,6 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
 
     from align_faces import read_image_or_error
     from lfw_eval import embed
-    from utils import list_images
 
     image_root, feature_root = Path(image_root), Path(feature_root)
     images = list_images(image_root)
