@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import IMAGE_SIZE
+from models import IMAGE_SIZE, load_backbone
 from utils import get_logger
 
 PARITY_TOLERANCE = 1e-4  # max |difference| of L2-normalised embeddings
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedding-size", type=int, default=None)
     parser.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE)
     args = parser.parse_args(argv)
-
-    from models import load_backbone
 
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
