@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from utils import get_device
 from verification_metrics import FAR_EPS, tar_at_far_from_top
 from verification_plots import save_figure
 
@@ -281,8 +282,6 @@ def megaface_evaluate(probe_feats, probe_labels: Sequence[Any], distractor_feats
     chunk by chunk in ``order`` (default: as stored). Returns ``{N: {"num_distractors",
     "cmc": [rate at rank 1..K], "num_pairs", "verification": {far: {...}}, "roc": {...}}}``."""
     import torch
-
-    from utils import get_device
 
     device = get_device("auto") if device is None else torch.device(device)
     probes = _as_tensor(probe_feats, "probe_feats")
