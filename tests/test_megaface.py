@@ -394,17 +394,29 @@ def test_gen_features_writes_unit_devkit_files_and_resumes(tmp_path):
     from utils import write_image
 
     rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 112, 112, 3), dtype=np.uint8)
     for i in range(3):
-        write_image(tmp_path / "al" / f"p/x{i}.png", rng.integers(0, 255, (112, 112, 3),
-                                                                   dtype=np.uint8))
+        write_image(tmp_path / "al" / f"p/x{i}.png", images[i])  # PNG: read back exactly
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.AvgPool2d(16), torch.nn.Flatten(),
                                 torch.nn.Linear(3 * 49, 8))
     summary = megaface.gen_features(model, tmp_path / "al", tmp_path / "f", batch_size=2,
                                     device="cpu", progress=False)
     assert summary["written"] == 3
+    # the same net written out in float64 numpy: 16x16 means (C, H, W order), then the
+    # linear layer, on the image and its mirror; summed and L2-normalised
+    weight = model[2].weight.detach().double().numpy()
+    bias = model[2].bias.detach().double().numpy()
+
+    def net(x):
+        pooled = x.reshape(7, 16, 7, 16, 3).mean(axis=(1, 3)).transpose(2, 0, 1).reshape(-1)
+        return weight @ pooled + bias
+
     for i in range(3):
         vec = megaface.read_feature(tmp_path / "f" / f"p/x{i}.png_0.bin")
+        x = (images[i].astype(np.float64) - 127.5) / 127.5
+        want = net(x) + net(x[:, ::-1])
+        np.testing.assert_allclose(vec, want / np.linalg.norm(want), atol=1e-5)
         assert vec.shape == (8,) and np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-5)
     assert megaface.gen_features(model, tmp_path / "al", tmp_path / "f", progress=False,
                                  device="cpu")["skipped_existing"] == 3
