@@ -67,4 +67,10 @@ def test_mismatch_is_refused_and_file_removed(tmp_path):
 
 
 def test_cli_missing_checkpoint_is_a_clear_error(tmp_path, caplog):
-    assert export_onnx.main(["--checkpoint", str(tmp_path / "none.pt")]) == 1
+    export_onnx.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        assert export_onnx.main(["--checkpoint", str(tmp_path / "none.pt")]) == 1
+    finally:
+        export_onnx.log.removeHandler(caplog.handler)
+    assert str(tmp_path / "none.pt") in caplog.text  # the error names the file
+    assert not list(tmp_path.iterdir())  # and no ONNX file was written
