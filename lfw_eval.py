@@ -45,6 +45,7 @@ from verification_metrics import (
     roc_curve,
     roc_metrics,
     tar_at_far,
+    tar_key,
     ten_fold_accuracy,
     ten_fold_details,
 )
@@ -249,8 +250,7 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
         import verification_plots as plots
 
         out_dir = Path(out_dir)
-        points = {far: results[f"tar@far={far:.0e}"] for far in FARS
-                  if f"tar@far={far:.0e}" in results}
+        points = {far: results[tar_key(far)] for far in FARS if tar_key(far) in results}
         far_curve, tar_curve, _ = roc_curve(sims, same)
         files = {
             "roc": plots.plot_roc(far_curve, tar_curve, out_dir / f"{name}_roc.png",
@@ -455,9 +455,8 @@ def _print_results(r: dict[str, Any]) -> None:
           f"{100 * r['accuracy_std']:.2f}%  (threshold {r['threshold']:.4f}, "
           f"{r['n_pairs']} pairs, AUC {r['auc']:.4f})")
     for far in FARS:
-        key = f"tar@far={far:.0e}"
-        if key in r:
-            print(f"  TAR@FAR={far:.0e}: {100 * r[key]:.2f}%")
+        if tar_key(far) in r:
+            print(f"  TAR@FAR={far:.0e}: {100 * r[tar_key(far)]:.2f}%")
         else:
             print(f"  TAR@FAR={far:.0e}: not reported ({r['n_impostor']} impostor pairs, "
                   f"{math.ceil(1 / far)} needed)")
@@ -536,7 +535,7 @@ def _run_bins(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     width = max(len("set"), *(len(r["name"]) for r in rows))
     print(f"\n{'set':<{width}}  {'pairs':>6}  {'accuracy':>16}  {'TAR@FAR=1e-3':>12}")
     for r in rows:
-        tar = r.get("tar@far=1e-03")
+        tar = r.get(tar_key(1e-3))
         tar_text = f"{100 * tar:.2f}%" if tar is not None else "-"
         acc = f"{100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f}%"
         print(f"{r['name']:<{width}}  {r['n_pairs']:>6}  {acc:>16}  {tar_text:>12}")

@@ -89,6 +89,11 @@ def ten_fold_accuracy(similarities: np.ndarray, issame: np.ndarray,
 
 # ----------------------------------------------------------------------------- ROC
 
+def tar_key(far: float, what: str = "tar") -> str:
+    """The results key of ``what`` (TAR, or its threshold) at ``far``: ``tar@far=1e-03``."""
+    return f"{what}@far={far:.0e}"
+
+
 def roc_curve(similarities: np.ndarray, issame: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FAR, TAR, thresholds) at every distinct score, from (0, 0): accepting scores >= t."""
@@ -155,6 +160,6 @@ def roc_metrics(similarities: np.ndarray, issame: np.ndarray,
     for far in fars:
         if n_imp * far >= 1 - FAR_EPS:  # the same float guard as floor(far * n)
             tar, threshold = tar_at_far(sims, same, far)
-            out[f"tar@far={far:.0e}"] = tar
-            out[f"threshold@far={far:.0e}"] = threshold
+            out[tar_key(far)] = tar
+            out[tar_key(far, "threshold")] = threshold
     return out
