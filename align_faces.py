@@ -36,10 +36,12 @@ import numpy as np
 from utils import (
     FACE_CROP_SIZE,
     ImageReadError,
+    add_debug_flag,
     atomic_write_text,
     get_logger,
     list_images,
     read_image,
+    run_cli,
     write_image,
 )
 
@@ -474,6 +476,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Align a tree SRC_DIR/identity/image.jpg into 112x112 ArcFace crops "
                     "mirrored under DST_DIR (MTCNN + 5-point similarity). Resumable.")
+    add_debug_flag(p)
     p.add_argument("src_dir", type=Path, help="folder of identity sub-folders of photos")
     p.add_argument("dst_dir", type=Path, help="output folder (same relative paths)")
     p.add_argument("--skip-missing", action="store_true",
@@ -509,4 +512,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -17,6 +17,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from utils import ToolkitError, add_debug_flag, atomic_write_text
+
+
+class ConfigError(ToolkitError, ValueError):
+    """A config value, file or field name that cannot be used; the message names it."""
+
 
 @dataclass
 class Config:
@@ -24,6 +30,7 @@ class Config:
     data_dir: str = "data"
     rec: str = "data/faces_emore/train.rec"  # InsightFace RecordIO training set
     image_folder: str = ""  # alternative training source: aligned tree identity/image.jpg
+    allow_lost_records: bool = False  # train on a RecordIO set whose index counts damaged records
     output: str = "runs/default"  # checkpoints, TensorBoard logs, config.json
     val_bins: list[str] = field(default_factory=list)  # InsightFace .bin sets checked in training
     lfw_dir: str = "data/lfw"
@@ -77,8 +84,6 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the config as JSON (atomically, so a crash never leaves half a file)."""
-        from utils import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def pretty(self) -> str:
@@ -128,6 +133,7 @@ def build_parser(description: str = "", add_help: bool = True) -> argparse.Argum
     # Each flag's help names its default itself: the parser's own defaults are None so that
     # only what the user typed overrides the preset and the config file.
     parser = argparse.ArgumentParser(description=description, add_help=add_help)
+    add_debug_flag(parser)
     group = parser.add_argument_group("configuration (defaults in config.py)")
     group.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="named config applied over the defaults")
@@ -162,14 +168,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".py":
         values = runpy.run_path(str(path)).get("config")
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: a Python config file must define a dict named `config`")
+            raise ConfigError(f"{path}: a Python config file must define a dict named `config`")
         return values
     try:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object of config fields")
+        raise ConfigError(f"{path}: expected a JSON object of config fields")
     return values
 
 
@@ -181,7 +187,7 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
     layers: list[tuple[str, dict[str, Any]]] = []
     if preset:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         layers.append((f"preset {preset}", PRESETS[preset]))
     if config_file:
         layers.append((str(config_file), load_config_file(config_file)))
@@ -189,7 +195,7 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
     for source, layer in layers:
         unknown = set(layer) - known
         if unknown:
-            raise ValueError(f"{source}: unknown config field(s) {sorted(unknown)}")
+            raise ConfigError(f"{source}: unknown config field(s) {sorted(unknown)}")
         values.update(layer)
     return Config(**values)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import recordio
 from pre_process import list_identity_images, load_or_build_index
 from utils import FACE_CROP_SIZE as IMAGE_SIZE
-from utils import ImageReadError, decode_image, read_image
+from utils import ImageReadError, decode_image, read_image, run_cli
 
 PIXEL_CENTRE = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1]
 FLIP_PROBABILITY = 0.5
@@ -387,4 +388,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_cli(main))

@@ -31,7 +31,15 @@ from typing import Any
 # made MTCNN alignment several times slower (measured with align_faces.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from utils import atomic_write_text, get_logger, list_images, save_checkpoint, seed_everything
+from utils import (
+    add_debug_flag,
+    atomic_write_text,
+    get_logger,
+    list_images,
+    run_cli,
+    save_checkpoint,
+    seed_everything,
+)
 
 log = get_logger("demo")
 
@@ -208,6 +216,7 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(parser)
     parser.add_argument("--data-dir", default="data/demo")
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--train-identities", type=int, default=TRAIN_IDENTITIES)
@@ -233,4 +242,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from models import IMAGE_SIZE, load_backbone
-from utils import get_logger
+from utils import add_debug_flag, get_logger, run_cli
 
 PARITY_TOLERANCE = 1e-4  # max |difference| of L2-normalised embeddings
 PARITY_BATCH = 3  # differs from the export batch, so the dynamic batch axis is exercised
@@ -82,6 +82,7 @@ def export_and_verify(model: nn.Module, out_path: str | Path,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(parser)
     parser.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
     parser.add_argument("--out", default=None, help="ONNX path (default: beside the checkpoint)")
     parser.add_argument("--network", default=None, help="else read from config.json beside it")
@@ -103,4 +104,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from utils import atomic_write_text, get_logger
+from utils import add_debug_flag, atomic_write_text, get_logger, run_cli
 
 DEFAULT_DATA_ROOT = Path("data")
 MEGAFACE_SUBDIR = "megaface"
@@ -358,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Unpack downloaded face datasets (faces_emore zip, lfw / lfw-funneled tgz, "
                     "MegaFace and FaceScrub tars) into DEST, once, refusing unsafe members. "
                     "pairs.txt arguments are copied to DEST/lfw/pairs.txt.")
+    add_debug_flag(parser)
     parser.add_argument("archives", nargs="+", type=Path, metavar="ARCHIVE")
     parser.add_argument("--dest", type=Path, default=DEFAULT_DATA_ROOT,
                         help="data root (default: data)")
@@ -399,4 +400,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -36,6 +36,7 @@ from utils import (
     get_device,
     get_logger,
     read_image,
+    run_cli,
 )
 from verification_metrics import (
     DEFAULT_FOLDS,
@@ -570,4 +571,4 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

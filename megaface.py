@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES
-from utils import FACE_CROP_SIZE, atomic_write_text, get_logger, list_images, write_image
+from utils import FACE_CROP_SIZE, atomic_write_text, get_logger, list_images, run_cli, write_image
 
 log = get_logger("megaface")
 
@@ -581,4 +581,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils import FACE_CROP_SIZE
+from utils import FACE_CROP_SIZE, add_debug_flag, run_cli
 
 IMAGE_SIZE = FACE_CROP_SIZE  # aligned face crops, the models' input side
 BN_EPS = 1e-5
@@ -304,6 +305,7 @@ def load_backbone(path: str | Path, network: str | None = None,
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Parameters and forward FLOPs of a backbone.")
+    add_debug_flag(parser)
     parser.add_argument("--network", choices=MODEL_NAMES, default="ir50")
     parser.add_argument("--embedding-size", type=int, default=512)
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
@@ -317,4 +319,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -48,6 +48,7 @@ from utils import (
     encode_image,
     get_logger,
     list_images,
+    run_cli,
 )
 
 INDEX_SUFFIX = ".index.npz"
@@ -573,4 +574,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

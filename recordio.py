@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from utils import add_debug_flag, run_cli
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -364,9 +367,9 @@ class RecordWriter:
 def main(argv: Sequence[str] | None = None) -> int:
     """List the first records of a .rec file: offset, payload size, IRHeader, image bytes."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(description="List the records of a RecordIO file.")
+    add_debug_flag(parser)
     parser.add_argument("rec", help="the .rec file")
     parser.add_argument("--limit", type=int, default=10, help="records to list")
     args = parser.parse_args(argv)
@@ -392,4 +395,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_cli(main))

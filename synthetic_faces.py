@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,15 @@ import numpy as np
 
 import utils  # imported first: sets cv2.setNumThreads(1) for deterministic, fork-safe OpenCV
 from synthetic_faces_assets import CANVAS, CENTRE_X, HEAD_CENTRE, load_base_assets
-from utils import atomic_write_bytes, atomic_write_text, decode_image, encode_image, get_logger
+from utils import (
+    add_debug_flag,
+    atomic_write_bytes,
+    atomic_write_text,
+    decode_image,
+    encode_image,
+    get_logger,
+    run_cli,
+)
 
 cv2 = utils.cv2
 
@@ -518,6 +527,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description="Generate synthetic LFW-style face identities (training tree, held-out "
                     "LFW tree and pairs.txt) from two public photographs.")
+    add_debug_flag(parser)
     parser.add_argument("--identities", type=int, default=200, help="training identities")
     parser.add_argument("--images-per-identity", type=int, default=15,
                         help="images per training identity")
@@ -557,4 +567,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -100,6 +100,7 @@ from utils import (
     get_logger,
     load_backbone_state,
     load_checkpoint,
+    run_cli,
     save_checkpoint,
     seed_everything,
 )
@@ -462,4 +463,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -6,12 +6,13 @@ order never leaves :func:`decode_image` / :func:`encode_image`.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,59 @@ FACE_CROP_SIZE = 112  # side of the aligned face crops (ArcFace's 112x112 templa
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class ImageReadError(ValueError):
+class ToolkitError(Exception):
+    """A problem with the user's input or environment, not a bug: the message names the file
+    and what is wrong. Every script prints it as one line ``error: ...`` and exits non-zero
+    (:func:`run_cli`); ``--debug`` shows the traceback instead. The project's own error types
+    derive from it (and from the builtin they used to be, so ``except ValueError`` still works).
+    ``exit_code`` lets a script tell kinds of failure apart (train.py: 3 = non-finite loss)."""
+
+    exit_code = 1
+
+
+class ImageReadError(ToolkitError, ValueError):
     """An image file or buffer that cannot be decoded; the message names the source."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+DEBUG_FLAG = "--debug"
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """Every script's parser accepts ``--debug`` (read by :func:`run_cli`)."""
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="on an error, show the full traceback instead of one line")
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for the user: OSErrors as ``path: reason`` (disk full said plainly)."""
+    if isinstance(e, OSError) and not isinstance(e, ToolkitError):
+        import errno
+
+        reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{where}: {reason}" if where else reason
+    return str(e) or type(e).__name__
+
+
+def run_cli(main: Callable[[Sequence[str]], int | None],
+            argv: Sequence[str] | None = None) -> int:
+    """Run a script's ``main(argv)``: the project's errors (:class:`ToolkitError`) and OS
+    errors (missing file, permission, disk full) become ``error: <message>`` on stderr and a
+    non-zero exit code, without a traceback unless ``--debug`` is given. Anything else is a
+    bug and keeps its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(main(argv) or 0)
+    except (ToolkitError, OSError) as e:
+        if DEBUG_FLAG in argv:
+            raise
+        print(f"error: {describe_error(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 # ----------------------------------------------------------------------------- logging
@@ -98,24 +150,75 @@ def reuse_freed_memory() -> bool:
 
 # ----------------------------------------------------------------------------- atomic files
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else by the
+    classic set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0o666 less the umask. Temporaries
+    from ``tempfile.mkstemp`` are 0o600; files renamed from them get this mode instead, so a
+    group can read what a tool writes, as with any other tool's output."""
+    return 0o666 & ~current_umask()
+
+
+TEMP_SUFFIX = ".tmp"  # temporaries are ".<name>.<random>.tmp" beside their final file
+
+
+def temp_path_for(path: str | Path) -> Path:
+    """A fresh, empty temporary file beside ``path`` with the umask's mode, for a writer that
+    opens files by name (torch.onnx, numpy); rename it over ``path`` when it is whole."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.fchmod(fd, new_file_mode())
+    os.close(fd)
+    return Path(tmp)
+
+
+def remove_stale_temporaries(folder: str | Path, name: str) -> list[Path]:
+    """Delete temporaries that a killed writer left for the file ``name`` in ``folder``
+    (``.<name>.*.tmp``). Call it only where no other writer of that file can be running."""
+    removed = []
+    for p in Path(folder).glob(f".{name}.*{TEMP_SUFFIX}"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def _atomic_write(path: str | Path, write) -> None:
     """Write through ``write(file_object)`` into a temp file beside ``path``, fsync, rename.
 
-    A crash at any point leaves either the old file or the new one, never half of one."""
+    A crash at any point leaves either the old file or the new one, never half of one. The
+    new file gets the umask's mode (:func:`new_file_mode`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 

@@ -171,3 +171,75 @@ def test_reuse_freed_memory_keeps_large_blocks_in_the_process():
     mib = 2**20
     assert released(False) > 60 * mib
     assert released(True) < 4 * mib
+
+
+# ----------------------------------------------------------------------------- bad days
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_atomic_writes_follow_the_umask(tmp_path, umask):
+    """A file written through a temporary gets the mode a plain open() would give it
+    (0o666 less the umask), not mkstemp's 0o600."""
+    old = os.umask(umask)
+    try:
+        utils.atomic_write_text(tmp_path / "report.txt", "x")
+        utils.save_checkpoint({"w": torch.zeros(2)}, tmp_path / "c.pt")
+        with open(tmp_path / "plain.txt", "w") as f:  # the reference: what open() does
+            f.write("x")
+    finally:
+        os.umask(old)
+    expected = os.stat(tmp_path / "plain.txt").st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("report.txt", "c.pt"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == expected, name
+
+
+def test_failed_write_names_the_file_and_keeps_the_old_one(tmp_path):
+    import errno
+
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"good")
+
+    def disk_full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as info:
+        utils._atomic_write(target, disk_full)
+    assert info.value.filename == str(target)
+    assert utils.describe_error(info.value) == f"{target}: no space left on device"
+    assert target.read_bytes() == b"good"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]  # no temporary left
+
+
+def test_remove_stale_temporaries_only_touches_that_files_temporaries(tmp_path):
+    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"half")
+    (tmp_path / ".other.pt.abc.tmp").write_bytes(b"keep")
+    (tmp_path / "checkpoint.pt").write_bytes(b"good")
+    removed = utils.remove_stale_temporaries(tmp_path, "checkpoint.pt")
+    assert [p.name for p in removed] == [".checkpoint.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.abc.tmp", "checkpoint.pt"]
+
+
+def test_run_cli_prints_one_line_for_user_errors_and_keeps_bugs_loud(capsys):
+    def bad_input(argv):
+        raise utils.ImageReadError("photos/a.jpg: not a decodable image (3 bytes)")
+
+    assert utils.run_cli(bad_input, []) == 1
+    err = capsys.readouterr().err
+    assert err == "error: photos/a.jpg: not a decodable image (3 bytes)\n"
+
+    def missing(argv):
+        open("/nonexistent/dir/x.txt")
+
+    assert utils.run_cli(missing, []) == 1
+    assert capsys.readouterr().err == \
+        "error: /nonexistent/dir/x.txt: No such file or directory\n"
+
+    with pytest.raises(utils.ImageReadError):  # --debug: the traceback
+        utils.run_cli(bad_input, ["--debug"])
+
+    def bug(argv):
+        raise KeyError("a bug, not the user's fault")
+
+    with pytest.raises(KeyError):
+        utils.run_cli(bug, [])
