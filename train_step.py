@@ -11,7 +11,6 @@ import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +31,6 @@ class Trainer:
     backbone: nn.Module  # the bare module (state dicts are saved from it)
     model: nn.Module  # the module called in the step: DDP- and/or compile-wrapped backbone
     head: nn.Module
-    criterion: nn.Module | None  # None for the sharded head, which returns its loss
     opt_backbone: torch.optim.Optimizer
     opt_head: torch.optim.Optimizer
     sched_backbone: torch.optim.lr_scheduler.LambdaLR
@@ -66,25 +64,18 @@ def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
     return choices[cfg.amp]
 
 
-def build_head(cfg: Config, num_classes: int, info: DistInfo) -> tuple[nn.Module, Any]:
-    """The margin head and its criterion: the sharded head (its loss built in, criterion
-    None) with several ranks or with Partial FC sampling, else a single-device head."""
+def build_head(cfg: Config, num_classes: int, info: DistInfo) -> nn.Module:
+    """The margin head with its softmax loss, its centres split over the ranks (all of them
+    on this rank with one process)."""
     import arcface_loss
 
-    if info.distributed or cfg.sample_rate < 1.0:
-        margin = arcface_loss.build_margin(cfg.head, s=cfg.scale_s, m=cfg.margin_m,
-                                           m1=cfg.margin_m1, m3=cfg.margin_m3,
-                                           easy_margin=cfg.easy_margin)
-        # DDP averages the backbone gradients over ranks, while each rank already holds its
-        # full share of the global-batch loss's gradient: scale by the world size to undo it.
-        head = arcface_loss.ShardedMarginSoftmax(
-            margin, cfg.embedding_size, num_classes, sample_rate=cfg.sample_rate,
-            focal_gamma=cfg.focal_gamma, embedding_grad_scale=float(info.world_size))
-        return head, None
-    head = arcface_loss.build_head(cfg.head, cfg.embedding_size, num_classes, s=cfg.scale_s,
-                                   m=cfg.margin_m, m1=cfg.margin_m1, m3=cfg.margin_m3,
-                                   easy_margin=cfg.easy_margin)
-    return head, arcface_loss.build_criterion(cfg.focal_gamma)
+    # DDP averages the backbone gradients over ranks, while each rank already holds its
+    # full share of the global-batch loss's gradient: scale by the world size to undo it.
+    return arcface_loss.build_head(
+        cfg.head, cfg.embedding_size, num_classes, s=cfg.scale_s, m=cfg.margin_m,
+        m1=cfg.margin_m1, m3=cfg.margin_m3, easy_margin=cfg.easy_margin,
+        sample_rate=cfg.sample_rate, focal_gamma=cfg.focal_gamma,
+        embedding_grad_scale=float(info.world_size))
 
 
 def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: int,
@@ -101,8 +92,7 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     seed_everything(cfg.seed + info.rank)  # distinct head shards and augmentation per rank
-    head, criterion = build_head(cfg, num_classes, info)
-    head = head.to(device)
+    head = build_head(cfg, num_classes, info).to(device)
 
     model: nn.Module = backbone
     if info.distributed:
@@ -132,7 +122,7 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if scaler.is_enabled():  # skipped overflow steps still advance the schedule, on purpose
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
-    return Trainer(backbone=backbone, model=model, head=head, criterion=criterion,
+    return Trainer(backbone=backbone, model=model, head=head,
                    opt_backbone=opt_b, opt_head=opt_h,
                    sched_backbone=torch.optim.lr_scheduler.LambdaLR(opt_b, factor),
                    sched_head=torch.optim.lr_scheduler.LambdaLR(opt_h, factor),
@@ -177,13 +167,7 @@ def forward_backward(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
     with tr.autocast():
         embeddings = tr.model(images)
     embeddings = embeddings.float()  # the head and the loss run in float32
-    if tr.criterion is None:
-        loss, accuracy = tr.head(embeddings, labels)
-    else:
-        logits = tr.head(embeddings, labels)
-        loss = tr.criterion(logits, labels)
-        # on the margin logits, so a little stricter than plain nearest-centre accuracy
-        accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+    loss, accuracy = tr.head(embeddings, labels)
     if inject_nan:
         loss = loss * float("nan")
     tr.scaler.scale(loss).backward()

@@ -19,7 +19,6 @@ from arcface_loss import (
     CombinedMarginProduct,
     CosFaceMargin,
     ShardedMarginSoftmax,
-    build_criterion,
     build_head,
     clip_grad_norm_sharded,
     shard_range,
@@ -115,10 +114,10 @@ def test_margin_is_read_at_forward_time():
     head = build_head("arcface", E, C, s=16.0, m=0.5)
     head.weight.data.copy_(weight)
     head.m = 0.0  # warm-up start: plain scaled cosine
-    np.testing.assert_allclose(head(x, labels).detach().double().numpy(),
+    np.testing.assert_allclose(head.logits(x, labels).detach().double().numpy(),
                                16.0 * _cos64(x, weight), rtol=1e-5, atol=1e-4)
     head.m, head.s = 0.2, 8.0
-    _check(head, x, labels, _expected(x, weight, labels, _arcface(0.2), 8.0), False)
+    _check(head.logits, x, labels, _expected(x, weight, labels, _arcface(0.2), 8.0), False)
     combined = build_head("combined", E, C, s=8.0, m=0.3, m1=1.0, m3=0.0)
     combined.m = 0.1  # ramps m2
     assert combined.margin.m2 == 0.1
@@ -133,28 +132,44 @@ def test_gradients_finite_at_cos_plus_minus_one(name):
     x = torch.stack([weight[0], -weight[1], 2 * weight[2], -weight[3]]).requires_grad_()
     head = build_head(name, E, C, s=64.0, m=0.5)
     head.weight.data.copy_(weight)
-    loss = build_criterion()(head(x, labels), labels)
+    loss, _ = head(x, labels)
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
 
 
-def test_criterion_cross_entropy_and_focal():
-    g = torch.Generator().manual_seed(3)
-    logits = 5 * torch.randn(5, 6, generator=g)
-    labels = torch.randint(0, 6, (5,), generator=g)
-    z = logits.double().numpy()
-    logp = z - z.max(1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
-    target_logp = logp[np.arange(5), labels.numpy()]
-    ce = build_criterion(0.0)(logits, labels)
-    np.testing.assert_allclose(ce.item(), -target_logp.mean(), rtol=1e-6)
-    gamma = 2.0
-    focal = build_criterion(gamma)(logits, labels)
-    expected = ((1 - np.exp(target_logp)) ** gamma * -target_logp).mean()
-    np.testing.assert_allclose(focal.item(), expected, rtol=1e-5)
+def test_head_loss_is_cross_entropy_or_focal_of_its_logits():
+    """The head's loss on one process: mean cross-entropy (or focal loss) of the margin
+    logits, written out in float64."""
+    x, weight, labels = _batch(3)
+    for gamma in (0.0, 2.0):
+        head = build_head("cosface", E, C, s=5.0, m=0.2, focal_gamma=gamma)
+        head.weight.data.copy_(weight)
+        z = _expected(x, weight, labels, lambda c: c - 0.2, 5.0)
+        logp = z - z.max(1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+        target_logp = logp[np.arange(len(labels)), labels.numpy()]
+        expected = ((1 - np.exp(target_logp)) ** gamma * -target_logp).mean()
+        loss, accuracy = head(x, labels)
+        np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
+        cos = _cos64(x, weight)
+        assert accuracy.item() == pytest.approx((cos.argmax(1) == labels.numpy()).mean())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert build_criterion()(logits.bfloat16(), labels).dtype == torch.float32
+        assert head(x.bfloat16(), labels)[0].dtype == torch.float32
+    assert head(x, labels, accuracy=False)[1] is None
+
+
+def test_partial_fc_accuracy_counts_every_centre():
+    """With Partial FC the logged accuracy still asks whether the row's own centre is the
+    nearest of all centres, not only of the sampled ones."""
+    x, weight, labels = _batch(5, n=3)
+    head = build_head("arcface", E, C, s=8.0, m=0.3, sample_rate=0.01)
+    head.weight.data.copy_(weight)
+    torch.manual_seed(0)
+    _, accuracy = head(x, labels)
+    assert head.last_index is not None and len(head.last_index) < C  # it did sample
+    expected = (_cos64(x, weight).argmax(1) == labels.numpy()).mean()
+    assert accuracy.item() == pytest.approx(expected)
 
 
 def test_shard_range_covers_classes():
