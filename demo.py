@@ -43,6 +43,10 @@ from utils import (
 
 log = get_logger("demo")
 
+DEFAULT_DATA_DIR = "data/demo"
+DEFAULT_RUN_DIR = "runs/demo"
+REC_NAME = "train.rec"  # the packed training set, inside the data folder
+
 # The demo data set, sized so that the whole demo fits ~10 minutes on 2 CPU cores
 # (see README): 200 training identities x 15 images, 100 held-out identities x 10.
 TRAIN_IDENTITIES = 200
@@ -141,7 +145,7 @@ def run_demo(data_dir: str | Path = "data/demo", run_dir: str | Path = "runs/dem
 
     _stage("3/6 pack into RecordIO")
     t0 = time.perf_counter()
-    rec_path = data_dir / "train.rec"
+    rec_path = data_dir / REC_NAME
     pack_if_needed(aligned_dir, rec_path)
     timed("pack", t0)
 
@@ -217,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_debug_flag(parser)
-    parser.add_argument("--data-dir", default="data/demo")
-    parser.add_argument("--run-dir", default="runs/demo")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
     parser.add_argument("--train-identities", type=int, default=TRAIN_IDENTITIES)
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
     parser.add_argument("--eval-identities", type=int, default=EVAL_IDENTITIES)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,13 @@ def test_help_explains_the_flags_from_the_dataclass_comments():
         in text
     assert "Partial FC: fraction of negative class centres per step (default 1.0)" in text
     assert "--seed SEED (default 42)" in text  # no comment: the default alone
+
+
+def test_demo_preset_names_what_the_demo_builds():
+    """`python train.py --preset demo` after `make demo` trains on the set the demo packed
+    and writes where the demo's run lives."""
+    import demo
+
+    cfg = make_config(preset="demo")
+    assert Path(cfg.rec) == Path(demo.DEFAULT_DATA_DIR) / demo.REC_NAME
+    assert Path(cfg.output) == Path(demo.DEFAULT_RUN_DIR)
