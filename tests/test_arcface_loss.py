@@ -287,6 +287,7 @@ def _check_against_reference(results, case, ref):
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # two spawned gloo processes
 def test_sharded_arcface_equals_single_process(two_rank_results):
     x, weight, labels = _sharded_data()
     assert [(r["arc"]["start"], r["arc"]["end"]) for r in two_rank_results] == [(0, 6), (6, 11)]
@@ -299,12 +300,14 @@ def test_sharded_arcface_equals_single_process(two_rank_results):
     assert all(abs(r["arc"]["acc"] - expected_acc) < 1e-6 for r in two_rank_results)
 
 
+@pytest.mark.slow  # two spawned gloo processes
 def test_sharded_focal_cosface_equals_single_process(two_rank_results):
     x, weight, labels = _sharded_data()
     ref = _reference(x, weight, labels, lambda c: c - 0.35, S, gamma=2.0)
     _check_against_reference(two_rank_results, "cos_focal", ref)
 
 
+@pytest.mark.slow  # two spawned gloo processes
 def test_partial_fc_keeps_positives_and_matches_sampled_softmax(two_rank_results):
     x, weight, labels = _sharded_data()
     sampled = []
@@ -325,6 +328,7 @@ def test_partial_fc_keeps_positives_and_matches_sampled_softmax(two_rank_results
     _check_against_reference(two_rank_results, "partial", ref)
 
 
+@pytest.mark.slow  # two spawned gloo processes
 def test_sharded_clip_uses_global_norm(two_rank_results):
     x, weight, labels = _sharded_data()
     _, _, w_grad = _reference(x, weight, labels, _arc_target64(M), S)

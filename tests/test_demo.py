@@ -3,12 +3,14 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import demo
 from models import load_backbone
 
 
+@pytest.mark.slow  # the whole pipeline: generate, MTCNN, pack, train, evaluate
 def test_miniature_demo_end_to_end(tmp_path):
     data, runs = tmp_path / "data", tmp_path / "runs"
     argv = ["--data-dir", str(data), "--run-dir", str(runs), "--train-identities", "6",
