@@ -27,7 +27,6 @@ class ConfigError(ToolkitError, ValueError):
 @dataclass
 class Config:
     # --- paths (everything large lives under data/ and runs/, both ignored by git)
-    data_dir: str = "data"
     rec: str = "data/faces_emore/train.rec"  # InsightFace RecordIO training set
     image_folder: str = ""  # alternative training source: aligned tree identity/image.jpg
     allow_lost_records: bool = False  # train on a RecordIO set whose index counts damaged records
@@ -127,9 +126,14 @@ def _field_comments() -> dict[str, str]:
             if (m := pattern.match(line))}
 
 
-def build_parser(description: str = "", add_help: bool = True) -> argparse.ArgumentParser:
-    """A parser with --preset, --config and one flag per Config field (defaults left unset,
-    so only what the user typed overrides the preset and the file)."""
+def build_parser(description: str = "", add_help: bool = True,
+                 only: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """A parser with --preset, --config and one flag per Config field, or per field named in
+    ``only`` (a script's --help then lists just what it uses). Defaults are left unset, so
+    only what the user typed overrides the preset and the file."""
+    unknown = set(only or ()) - {f.name for f in fields(Config)}
+    if unknown:
+        raise ValueError(f"not Config fields: {sorted(unknown)}")
     # Each flag's help names its default itself: the parser's own defaults are None so that
     # only what the user typed overrides the preset and the config file.
     parser = argparse.ArgumentParser(description=description, add_help=add_help)
@@ -142,6 +146,8 @@ def build_parser(description: str = "", add_help: bool = True) -> argparse.Argum
     hints = get_type_hints(Config)
     comments = _field_comments()
     for f in fields(Config):
+        if only is not None and f.name not in only:
+            continue
         tp = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
