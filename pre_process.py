@@ -19,11 +19,18 @@ usable image records only:
   record in the ``.rec``; label in ``0 .. num_classes-1``);
 * ``class_counts``: int64 images per class; ``num_classes``; ``has_header``;
 * ``corrupt_offsets``: byte offsets of the records that were skipped;
+* ``lost``: records of the file that cannot be used (damaged, cut off, or not listed in the
+  ``.idx``), ``unlisted_offsets``, ``expected_images`` (header sets: what the header
+  announces, else -1);
 * ``rec_size`` / ``rec_mtime_ns`` (and the same for the ``.idx``): the index is used only
   while these still match, so a replaced ``.rec`` is never read through a stale index.
 
 ``data_gen.FaceRecordDataset`` loads this index when it is fresh and otherwise builds the same
 index in memory (slower for MS1M-sized sets: run this script once).
+
+A set that lost records (a truncated download, garbage bytes, a ``.idx`` that does not match
+the ``.rec``) is an error here and in training, naming the file, the count and the first
+byte offsets, unless ``--allow-lost-records`` accepts what remains (then a warning).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +50,7 @@ import recordio
 from utils import (
     FACE_CROP_SIZE,
     ImageReadError,
+    ToolkitError,
     atomic_write_bytes,
     atomic_write_text,
     decode_image,
@@ -52,14 +61,23 @@ from utils import (
 )
 
 INDEX_SUFFIX = ".index.npz"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: lost / unlisted_offsets / expected_images
 HEADER_LABELS = 2  # the header record's label array: [id_start, id_end)
 JPEG_QUALITY = 95
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 MAX_LISTED = 10  # problems listed by name in a summary; the rest are counted
 SAVE_INDEX_TIP_IMAGES = 100_000  # an in-memory index this large suggests saving it
+LOST_OFFSETS_SHOWN = 5  # byte offsets of lost records an error message lists
 
 log = get_logger("face.pre_process")
+
+
+class DatasetError(ToolkitError, ValueError):
+    """A training set that cannot be used as it is; the message names the file or folder."""
+
+
+class LostRecordsError(DatasetError):
+    """A RecordIO set that lost records (see :func:`require_complete`)."""
 
 
 # ----------------------------------------------------------------------------- the index
@@ -79,6 +97,10 @@ class RecordIndex:
     non_image_records: int = 0  # headerless files: records with no image bytes
     identity_mismatches: int = 0  # header sets: image label != the identity listing it
     idx_path: Path | None = None
+    # records of the file that cannot be used: damaged, cut off, or not in the .idx
+    lost: int = 0
+    unlisted_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    expected_images: int = -1  # what a header record announces; -1 without one
 
     def __len__(self) -> int:
         return int(self.labels.size)
@@ -86,6 +108,12 @@ class RecordIndex:
     @property
     def corrupt_count(self) -> int:
         return len(self.corrupt)
+
+    @property
+    def lost_offsets(self) -> np.ndarray:
+        """Byte offsets of the lost records and damaged stretches that are known, sorted."""
+        both = np.concatenate([self.corrupt_offsets, self.unlisted_offsets])
+        return np.unique(both[both >= 0])
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -103,6 +131,8 @@ class RecordIndex:
             "images per identity median": float(np.median(counts)) if counts.size else 0.0,
             "images per identity max": int(counts.max()) if counts.size else 0,
             "corrupt records": self.corrupt_count,
+            "records not in the .idx": int(self.unlisted_offsets.size),
+            "records lost or damaged": self.lost,
             "records without image": self.non_image_records,
             "identity/label disagreements": self.identity_mismatches,
         }
@@ -142,6 +172,8 @@ def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
              corrupt_offsets=index.corrupt_offsets, corrupt_count=index.corrupt_count,
              non_image_records=index.non_image_records,
              identity_mismatches=index.identity_mismatches,
+             lost=index.lost, unlisted_offsets=index.unlisted_offsets,
+             expected_images=index.expected_images,
              rec_size=rec_size, rec_mtime_ns=rec_mtime,
              idx_size=idx_size, idx_mtime_ns=idx_mtime)
     atomic_write_bytes(path, buf.getvalue())
@@ -159,8 +191,10 @@ def load_index(rec_path: str | Path, idx_path: str | Path | None = None,
         return None
     try:
         with np.load(index_path, allow_pickle=False) as z:
-            fresh = (int(z["version"]) == INDEX_VERSION
-                     and (int(z["rec_size"]), int(z["rec_mtime_ns"])) == _file_stamp(rec_path)
+            if int(z["version"]) != INDEX_VERSION:
+                log.warning("%s was written by another version; rebuilding it", index_path)
+                return None
+            fresh = ((int(z["rec_size"]), int(z["rec_mtime_ns"])) == _file_stamp(rec_path)
                      and (int(z["idx_size"]), int(z["idx_mtime_ns"])) == _file_stamp(idx))
             if not fresh:
                 log.warning("%s is stale (the .rec or .idx changed); ignoring it", index_path)
@@ -173,9 +207,14 @@ def load_index(rec_path: str | Path, idx_path: str | Path | None = None,
                 corrupt=[f"(from {index_path.name})"] * corrupt_count,
                 corrupt_offsets=z["corrupt_offsets"].astype(np.int64),
                 non_image_records=int(z["non_image_records"]),
-                identity_mismatches=int(z["identity_mismatches"]), idx_path=idx)
-    except (OSError, KeyError, ValueError) as e:
-        log.warning("cannot use index %s (%s); rebuilding", index_path, e)
+                identity_mismatches=int(z["identity_mismatches"]), idx_path=idx,
+                lost=int(z["lost"]), unlisted_offsets=z["unlisted_offsets"].astype(np.int64),
+                expected_images=int(z["expected_images"]))
+    # a cut-off or overwritten .npz fails in zipfile, in NumPy's header parser or at EOF: it
+    # is only a cache, so it is rebuilt from the .rec
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("cannot use index %s (%s); rebuilding it from %s", index_path, e,
+                    rec_path)
         return None
 
 
@@ -269,19 +308,25 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
 
     Uses ``idx_path`` (default: the ``.idx`` beside the ``.rec``, when present) or else scans
     the file. Damaged records (bad magic, truncated, malformed header, invalid label, and with
-    ``check_images`` undecodable image bytes) are skipped and listed in ``.corrupt``."""
+    ``check_images`` undecodable image bytes) are skipped and listed in ``.corrupt``. Bytes
+    of the ``.rec`` that no ``.idx`` entry led to are scanned: records found there are
+    ``unlisted_offsets``. ``lost`` counts what cannot be used (see :func:`require_complete`)."""
     rec_path = Path(rec_path)
     idx = _resolve_idx(rec_path, idx_path)
     reader = recordio.RecordReader(rec_path)
     col = _Collector(reader, check_images)
     header_range: tuple[int, int] | None = None
     identity_ranges: list[tuple[int, int, int]] = []  # (class, img_start, img_end)
+    spans: list[tuple[int, int]] = []  # [start, end) of every record read through the .idx
+    unlisted: list[int] = []
 
     def read(offset: int) -> tuple[bytes | None, str | None]:
         try:
-            return reader.read_at(offset), None
+            payload, end = reader.read_with_next(offset)
         except recordio.RecordIOError as e:
             return None, str(e)
+        spans.append((offset, end))
+        return payload, None
 
     if idx is not None:
         keys, offsets = recordio.read_idx(idx)
@@ -310,6 +355,15 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                             f"{rec_path}: identity record {key} is missing or malformed")
                 else:
                     identity_ranges.append((cls, *rng))
+        # Records the .idx does not lead to are lost just the same (a .idx cut short, or
+        # one of another file). Damaged bytes between the listed records hide none of them:
+        # only whole records found there count.
+        for start, end in _uncovered(spans, reader.size):
+            for offset, _, error in reader.scan(start):
+                if offset >= end:
+                    break
+                if error is None:
+                    unlisted.append(offset)
     else:
         log.info("%s: no .idx beside it; scanning the file", rec_path)
         bar = tqdm(total=reader.size, desc=f"scanning {rec_path.name}", unit="B",
@@ -337,7 +391,9 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
     labels = np.asarray(col.labels, dtype=np.int64)
     offsets_arr = np.asarray(col.offsets, dtype=np.int64)
     mismatches = 0
+    expected_images = -1
     if header_range is not None:
+        expected_images = header_range[0] - 1
         num_classes = header_range[1] - header_range[0]
         in_range = labels < num_classes
         for pos in np.flatnonzero(~in_range):
@@ -348,12 +404,36 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
         mismatches = _count_identity_mismatches(keys_arr, labels, identity_ranges)
     else:
         num_classes = int(labels.max()) + 1 if labels.size else 0
+    # Each count below misses some losses and sees others twice (a damaged stretch may hide
+    # several records; a shifted .idx entry and the record it missed are one loss), so the
+    # largest is the number that is certainly lost. Header sets know what they should hold.
+    lost = max(len(col.corrupt), len(unlisted))
+    if header_range is not None:
+        missing = (expected_images - labels.size) + (num_classes - len(identity_ranges))
+        lost = max(lost, missing)
     return RecordIndex(rec_path=rec_path, keys=keys_arr, offsets=offsets_arr, labels=labels,
                        num_classes=num_classes, has_header=header_range is not None,
                        corrupt=col.corrupt,
                        corrupt_offsets=np.asarray(col.corrupt_offsets, dtype=np.int64),
                        non_image_records=col.non_image, identity_mismatches=mismatches,
-                       idx_path=idx)
+                       idx_path=idx, lost=lost,
+                       unlisted_offsets=np.asarray(unlisted, dtype=np.int64),
+                       expected_images=expected_images)
+
+
+def _uncovered(spans: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` stretches of a ``size``-byte file that no span covers."""
+    if not spans:
+        return [(0, size)] if size else []
+    arr = np.asarray(spans, dtype=np.int64)
+    arr = arr[np.argsort(arr[:, 0], kind="stable")]
+    starts, ends = arr[:, 0], np.maximum.accumulate(arr[:, 1])
+    reached = np.concatenate([[0], ends[:-1]])  # how far the spans before each one reach
+    gaps = [(int(a), int(b)) for a, b in zip(reached[starts > reached],
+                                             starts[starts > reached], strict=True)]
+    if ends[-1] < size:
+        gaps.append((int(ends[-1]), size))
+    return gaps
 
 
 def _parse_identity(payload: bytes | None) -> tuple[int, int] | None:
@@ -377,6 +457,39 @@ def _count_identity_mismatches(keys: np.ndarray, labels: np.ndarray,
         expected[max(start, 0):min(end, expected.size)] = cls
     listed = expected[keys]
     return int(((listed >= 0) & (listed != labels)).sum())
+
+
+def require_complete(index: RecordIndex, allow_lost_records: bool = False) -> None:
+    """Refuse a set with no usable image, and one that lost records unless
+    ``allow_lost_records`` (then a warning with the count): training on half a set without
+    a word would be silently wrong."""
+    rec = index.rec_path
+    if len(index) == 0:
+        raise DatasetError(f"{rec}: no usable image records"
+                           + (f" ({index.lost} record(s) lost or damaged)" if index.lost else ""))
+    if index.lost == 0:
+        return
+    shown = index.lost_offsets[:LOST_OFFSETS_SHOWN].tolist()
+    where = f"; first at byte offset(s) {', '.join(map(str, shown))}" if shown else ""
+    if index.lost_offsets.size > len(shown):
+        where += ", ..."
+    alive = int((index.class_counts > 0).sum())
+    if index.has_header:
+        remain = (f"{len(index)} of {index.expected_images} images and {alive} of "
+                  f"{index.num_classes} identities remain")
+    else:
+        remain = f"{len(index)} images of {alive} identities remain"
+    unlisted = ""
+    if index.unlisted_offsets.size:
+        unlisted = (f"; {index.unlisted_offsets.size} record(s) are not listed in "
+                    f"{index.idx_path} (a .idx of another file? without it the .rec is "
+                    f"scanned)")
+    summary = f"{rec}: {index.lost} record(s) lost or damaged{where}; {remain}{unlisted}"
+    if allow_lost_records:
+        log.warning("%s; using what remains (--allow-lost-records)", summary)
+        return
+    raise LostRecordsError(f"{summary}. Re-download or re-pack the set, or pass "
+                           f"--allow-lost-records to use what remains")
 
 
 def load_or_build_index(rec_path: str | Path, idx_path: str | Path | None = None,
@@ -551,27 +664,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg, args = parse_config(argv, parser=build_arg_parser())
     progress = not args.no_progress
-    try:
-        if args.pack:
-            if not args.out:
-                raise ValueError("--pack needs --out path/to/train.rec")
-            packed = pack_folder(args.pack, args.out, quality=args.quality,
-                                 image_size=args.image_size, progress=progress)
-            print(f"packed {args.pack}:\n{packed.format_summary()}")
-            rec = Path(args.out)
-        else:
-            rec = Path(cfg.rec)
-            if not rec.is_file():
-                raise FileNotFoundError(f"record file not found: {rec}")
-        index = index_record_file(rec, args.idx if not args.pack else None,
-                                  check_images=args.check_images, progress=progress)
-        out = save_index(index, args.index_out)
-        print(f"index of {rec} -> {out}\n{index.format_summary()}")
-    except (OSError, ValueError) as e:  # RecordIOError and ImageReadError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.pack:
+        if not args.out:
+            raise DatasetError("--pack needs --out path/to/train.rec")
+        packed = pack_folder(args.pack, args.out, quality=args.quality,
+                             image_size=args.image_size, progress=progress)
+        print(f"packed {args.pack}:\n{packed.format_summary()}")
+        rec = Path(args.out)
+    else:
+        rec = Path(cfg.rec)
+    index = index_record_file(rec, args.idx if not args.pack else None,
+                              check_images=args.check_images, progress=progress)
+    out = save_index(index, args.index_out)
+    print(f"index of {rec} -> {out}\n{index.format_summary()}")
+    # after the summary, so the damage is listed; the saved index lets training start fast
+    # when the user then accepts the loss
+    require_complete(index, cfg.allow_lost_records)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -7,10 +7,12 @@ import shutil
 import struct
 
 import numpy as np
+import pytest
 import recordio_testlib as lib
 
 import pre_process
 import recordio
+from utils import run_cli
 
 COUNTS = (3, 5, 2, 6)
 
@@ -105,7 +107,7 @@ def test_cli_summary_and_saved_index(tmp_path, capsys):
 
 
 def test_cli_reports_missing_file(tmp_path, capsys):
-    assert pre_process.main(["--rec", str(tmp_path / "nope.rec"), "--no-progress"]) == 1
+    assert run_cli(pre_process.main, ["--rec", str(tmp_path / "nope.rec"), "--no-progress"]) == 1
     assert "nope.rec" in capsys.readouterr().err
 
 
@@ -192,3 +194,39 @@ def test_pack_is_readable_without_idx(tmp_path):
     with recordio.RecordReader(out) as reader:
         for off in a.offsets.tolist():
             assert reader.read_at(off) == independent[off]
+
+
+DAMAGE_CASES = [(how, True) for how in lib.DAMAGES] + [("truncated", False), ("garbage", False)]
+
+
+@pytest.mark.parametrize("how,idx", DAMAGE_CASES)
+def test_cli_refuses_a_set_that_lost_records(tmp_path, capsys, how, idx):
+    rec, at, lost, surviving = lib.damaged_insightface_set(tmp_path, how, COUNTS, idx=idx)
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(rec) in err and f"{lost} record(s) lost or damaged" in err
+    assert f"byte offset(s) {at}" in err  # the first damaged offset leads the list
+    identities = len({c for _, c in surviving})
+    assert f"{len(surviving)} of {sum(COUNTS)} images" in err
+    assert f"{identities} of {len(COUNTS)} identities" in err
+    # accepted with the flag; the saved index holds exactly the surviving records
+    assert pre_process.main(["--rec", str(rec), "--no-progress", "--allow-lost-records"]) == 0
+    index = pre_process.load_index(rec)
+    assert index is not None and index.lost == lost
+    assert list(zip(index.offsets.tolist(), index.labels.tolist(), strict=True)) == surviving
+
+
+def test_idx_that_misses_records_of_a_headerless_file_is_refused(tmp_path, capsys):
+    labels = [0, 1, 2, 0, 1, 2]
+    records = [(n, lib.ir_payload(float(c), lib.jpeg_bytes(lib.textured_image(n))))
+               for n, c in enumerate(labels)]
+    rec = tmp_path / "plain.rec"
+    offsets = lib.write_rec(rec, records)
+    idx = rec.with_suffix(".idx")
+    idx.write_text("".join(f"{k}\t{offsets[k]}\n" for k in range(4)))  # last two left out
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(rec) in err and "2 record(s) lost or damaged" in err
+    assert f"byte offset(s) {offsets[4]}, {offsets[5]}" in err and str(idx) in err
+    index = pre_process.index_record_file(rec, progress=False)
+    assert index.lost == 2 and index.labels.tolist() == labels[:4]
