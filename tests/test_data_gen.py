@@ -11,7 +11,9 @@ import recordio_testlib as lib
 import torch
 
 import data_gen
+import pre_process
 import recordio
+from utils import run_cli
 
 COUNTS = (3, 5, 2, 6)
 
@@ -199,4 +201,35 @@ def test_cli_reports_set_and_batch(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{sum(COUNTS)} images, {len(COUNTS)} identities, labels 0..{len(COUNTS) - 1}" in out
     assert "images (4, 3, 112, 112) torch.float32" in out and "8 images in" in out
-    assert data_gen.main(["--rec", str(tmp_path / "missing.rec")]) == 1
+    assert run_cli(data_gen.main, ["--rec", str(tmp_path / "missing.rec")]) == 1
+
+
+@pytest.mark.parametrize("how", lib.DAMAGES)
+def test_record_dataset_refuses_lost_records_unless_allowed(tmp_path, caplog, how):
+    rec, at, lost, surviving = lib.damaged_insightface_set(tmp_path, how, COUNTS)
+    with pytest.raises(pre_process.LostRecordsError) as err:
+        data_gen.build_dataset(str(rec), train=False)
+    assert str(rec) in str(err.value) and f"{lost} record(s) lost or damaged" in str(err.value)
+    assert f"byte offset(s) {at}" in str(err.value)
+    pre_process.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        ds = data_gen.build_dataset(str(rec), train=False, allow_lost_records=True)
+    finally:
+        pre_process.log.removeHandler(caplog.handler)
+    assert f"{rec}: {lost} record(s) lost or damaged" in caplog.text  # the warning
+    assert list(zip(ds.offsets.tolist(), ds.labels.tolist(), strict=True)) == surviving
+    assert ds.num_classes == len(COUNTS) and ds.lost_records == lost
+    # every surviving record reads back with its label
+    for i, (_, cls) in enumerate(surviving):
+        assert ds.read(i)[1] == cls
+
+
+def test_train_build_dataset_passes_allow_lost_records(tmp_path):
+    import train
+    from config import make_config
+
+    rec, _, lost, surviving = lib.damaged_insightface_set(tmp_path, "truncated", COUNTS)
+    with pytest.raises(pre_process.LostRecordsError, match=f"{lost} record"):
+        train.build_dataset(make_config({"rec": str(rec)}))
+    ds, source = train.build_dataset(make_config({"rec": str(rec), "allow_lost_records": True}))
+    assert source == str(rec) and ds.offsets.tolist() == [o for o, _ in surviving]
