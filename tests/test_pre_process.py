@@ -230,3 +230,23 @@ def test_idx_that_misses_records_of_a_headerless_file_is_refused(tmp_path, capsy
     assert f"byte offset(s) {offsets[4]}, {offsets[5]}" in err and str(idx) in err
     index = pre_process.index_record_file(rec, progress=False)
     assert index.lost == 2 and index.labels.tolist() == labels[:4]
+
+
+@pytest.mark.parametrize("keep", [0, 100, "half"])
+def test_truncated_saved_index_is_rebuilt_with_a_warning(tmp_path, caplog, keep):
+    rec, offsets, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    saved = pre_process.save_index(pre_process.index_record_file(rec, progress=False))
+    data = saved.read_bytes()
+    saved.write_bytes(data[:len(data) // 2 if keep == "half" else keep])
+    pre_process.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        assert pre_process.load_index(rec) is None
+        index = pre_process.load_or_build_index(rec)
+    finally:
+        pre_process.log.removeHandler(caplog.handler)
+    assert f"cannot use index {saved}" in caplog.text and "rebuilding" in caplog.text
+    assert index.offsets.tolist() == [offsets[k] for k, _, _ in expected]
+    assert index.labels.tolist() == _expected_labels(expected)
+    # the CLI writes a whole one again
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 0
+    assert pre_process.load_index(rec).labels.tolist() == _expected_labels(expected)
