@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -57,7 +58,9 @@ from utils import (
     encode_image,
     get_logger,
     list_images,
+    remove_stale_temporaries,
     run_cli,
+    temp_path_for,
 )
 
 INDEX_SUFFIX = ".index.npz"
@@ -552,6 +555,8 @@ class PackSummary:
     reencoded: int = 0
     wrong_size: list[str] = field(default_factory=list)  # resized to image_size
     unreadable: list[str] = field(default_factory=list)  # skipped
+    index: RecordIndex | None = None  # the packed set's index, saved at index_path
+    index_path: Path | None = None
 
     def format_summary(self) -> str:
         lines = [f"  written          : {self.rec_path} (+ {self.idx_path.name})",
@@ -572,33 +577,124 @@ def _header_payload(id_start: int, id_end: int) -> bytes:
     return recordio.pack_payload([float(id_start), float(id_end)])
 
 
+PROPERTY_NAME = "property"  # InsightFace's per-folder "classes,size,size" file
+
+
+def check_pack_paths(src_dir: str | Path, out_rec: str | Path) -> None:
+    """Refuse an ``--out`` that --pack must not write: not a ``.rec`` name, an existing
+    folder, a path inside the source tree (it could overwrite a source image, and a re-pack
+    would read its own output), or a folder that already holds another set (its
+    ``property`` file would then describe only one of them)."""
+    src, out = Path(src_dir), Path(out_rec)
+    if out.is_dir():
+        raise DatasetError(f"--out {out}: is a directory; name the .rec file to write, e.g. "
+                           f"{out / 'train.rec'}")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise DatasetError(f"--out {out} is inside the folder being packed ({src}); write the "
+                           f"set somewhere else")
+    if out.suffix != ".rec":
+        raise DatasetError(f"--out {out}: expected a .rec file name, e.g. "
+                           f"{out.with_suffix('.rec')}")
+    # InsightFace's layout: a set's folder holds train.rec, train.idx and one property file
+    others = sorted(p.name for p in out.parent.glob("*.rec") if p.name != out.name) \
+        if out.parent.is_dir() else []
+    if others:
+        raise DatasetError(f"--out {out}: {out.parent} already holds another set "
+                           f"({', '.join(others)}); its {PROPERTY_NAME} file would be "
+                           f"overwritten. Pack into a folder of its own")
+
+
 def pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path | None = None,
                 image_size: int = FACE_CROP_SIZE, quality: int = JPEG_QUALITY,
-                progress: bool = True) -> PackSummary:
-    """Pack ``src_dir/identity/image`` into an InsightFace-layout ``.rec`` + ``.idx``.
+                progress: bool = True, index_path: str | Path | None = None) -> PackSummary:
+    """Pack ``src_dir/identity/image`` into an InsightFace-layout ``.rec`` + ``.idx``, its
+    index (``index_path``, default ``<stem>.index.npz``) and ``property``.
 
     Record 0 is the header ``[id_start, id_end)``, then one record per image (label = the
     identity's position in sorted order), then one record per identity ``[img_start,
     img_end)``. JPEGs already ``image_size`` square are copied byte for byte; anything else is
     decoded, resized if needed (reported) and re-encoded as JPEG. Unreadable files are skipped
-    and listed. A ``property`` file (``classes,size,size``) is written beside the ``.rec``."""
-    import cv2
+    and listed. A ``property`` file (``classes,size,size``) is written beside the ``.rec``.
 
+    Every file is written to a temporary beside it and renamed into place only once the new
+    set reads back whole (:func:`_replace_set` for the order), so a failure or a kill at any
+    point leaves a complete, readable set: the old one or the new one."""
+    check_pack_paths(src_dir, out_rec)
     paths, labels, names = list_identity_images(src_dir)
     out_rec = Path(out_rec)
-    summary = PackSummary(rec_path=out_rec,
-                          idx_path=Path(idx_path) if idx_path else
-                          recordio.default_idx_path(out_rec),
-                          identities=len(names))
+    idx_path = Path(idx_path) if idx_path else recordio.default_idx_path(out_rec)
+    index_path = Path(index_path) if index_path else index_path_for(out_rec)
+    property_path = out_rec.parent / PROPERTY_NAME
+    targets = [out_rec, idx_path, index_path, property_path]
+    out_rec.parent.mkdir(parents=True, exist_ok=True)
+    for target in targets:  # left by a killed pack; one pack writes a set at a time
+        remove_stale_temporaries(target.parent, target.name)
+    temps = {target: temp_path_for(target) for target in targets}
+    try:
+        summary = _write_records(paths, labels, names, temps[out_rec], temps[idx_path],
+                                 image_size, quality, progress)
+        index = index_record_file(temps[out_rec], temps[idx_path], progress=progress)
+        if index.lost or len(index) != summary.images:
+            raise DatasetError(f"{temps[out_rec]}: the packed set does not read back "
+                               f"({len(index)} of {summary.images} images, {index.lost} "
+                               f"lost); {out_rec} is left as it was")
+        save_index(index, temps[index_path])  # stamps the temporaries: renames keep them
+        atomic_write_text(temps[property_path],
+                          f"{len(names)},{image_size},{image_size}\n")
+        _replace_set(temps, out_rec, idx_path, index_path, property_path)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)  # renamed ones are gone already
+    summary.rec_path, summary.idx_path = out_rec, idx_path
+    index.rec_path, index.idx_path = out_rec, idx_path
+    summary.index, summary.index_path = index, index_path
+    return summary
+
+
+def _replace_set(temps: dict[Path, Path], rec: Path, idx: Path, index_path: Path,
+                 property_path: Path) -> None:
+    """Rename the new set's files over the old ones in an order that leaves a readable,
+    consistent set after a crash between any two steps: the old ``.idx`` goes first, so
+    until the new one arrives, last, the ``.rec`` on disk (old or new) is read by scanning
+    it rather than through the other set's offsets; the ``.index.npz`` records the sizes and
+    mtimes of the new ``.rec`` and ``.idx`` and is ignored (rebuilt) next to anything else."""
+    idx.unlink(missing_ok=True)
+    os.replace(temps[index_path], index_path)
+    os.replace(temps[rec], rec)
+    os.replace(temps[property_path], property_path)
+    os.replace(temps[idx], idx)
+    _fsync_folder(rec.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (where the platform allows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_records(paths: list[Path], labels: np.ndarray, names: list[str], rec: Path,
+                   idx: Path, image_size: int, quality: int, progress: bool) -> PackSummary:
+    """The records of :func:`pack_folder`, written to ``rec`` and ``idx``."""
+    import cv2
+
+    summary = PackSummary(rec_path=rec, idx_path=idx, identities=len(names))
     firsts: dict[int, int] = {}  # class -> key of its first image
     lasts: dict[int, int] = {}
-    with recordio.RecordWriter(out_rec, summary.idx_path) as writer:
+    with recordio.RecordWriter(rec, idx) as writer:
         # the header's values are known only at the end; a same-size placeholder keeps it
         # physically first so a reader scanning without the .idx sees it first
         header_offset = writer.write(_header_payload(1, 1), key=0)
         key = 1
         for path, label in tqdm(list(zip(paths, labels.tolist(), strict=True)),
-                                desc=f"packing {out_rec.name}", unit="img",
+                                desc=f"packing {len(paths)} images", unit="img",
                                 disable=not progress, mininterval=1.0):
             try:
                 data = path.read_bytes()
@@ -631,7 +727,6 @@ def pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path |
             writer.write(recordio.pack_payload([float(start), float(end)], id=key), key=key)
             key += 1
         writer.overwrite(header_offset, _header_payload(id_start, key))
-    atomic_write_text(out_rec.parent / "property", f"{len(names)},{image_size},{image_size}\n")
     return summary
 
 
@@ -668,14 +763,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.out:
             raise DatasetError("--pack needs --out path/to/train.rec")
         packed = pack_folder(args.pack, args.out, quality=args.quality,
-                             image_size=args.image_size, progress=progress)
+                             image_size=args.image_size, progress=progress,
+                             index_path=args.index_out)
         print(f"packed {args.pack}:\n{packed.format_summary()}")
-        rec = Path(args.out)
+        rec, index, out = Path(args.out), packed.index, packed.index_path
     else:
         rec = Path(cfg.rec)
-    index = index_record_file(rec, args.idx if not args.pack else None,
-                              check_images=args.check_images, progress=progress)
-    out = save_index(index, args.index_out)
+        index = index_record_file(rec, args.idx, check_images=args.check_images,
+                                  progress=progress)
+        out = save_index(index, args.index_out)
     print(f"index of {rec} -> {out}\n{index.format_summary()}")
     # after the summary, so the damage is listed; the saved index lets training start fast
     # when the user then accepts the loss

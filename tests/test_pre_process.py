@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ import recordio_testlib as lib
 import pre_process
 import recordio
 from utils import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 COUNTS = (3, 5, 2, 6)
 
@@ -250,3 +256,157 @@ def test_truncated_saved_index_is_rebuilt_with_a_warning(tmp_path, caplog, keep)
     # the CLI writes a whole one again
     assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 0
     assert pre_process.load_index(rec).labels.tolist() == _expected_labels(expected)
+
+
+# ----------------------------------------------------------------------------- safe --pack
+
+def _small_tree(root, names=("amy", "bob"), per=2, seed=0):
+    for n, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for j in range(per):
+            rgb = lib.textured_image(seed + 10 * n + j)
+            (root / name / f"{j}.jpg").write_bytes(lib.jpeg_bytes(rgb))
+    return root
+
+
+def _set_files(rec):
+    return {p.name: p.read_bytes() for p in sorted(rec.parent.iterdir())}
+
+
+def _contents(rec):
+    """What a trainer reads from the set at ``rec``: labels and record payloads (the test's
+    own reader finds the same payloads at those offsets)."""
+    import data_gen
+
+    ds = data_gen.FaceRecordDataset(rec, train=False)
+    by_offset = {o: p for o, _, p in lib.read_all_records(rec)}
+    payloads = [by_offset[o] for o in ds.offsets.tolist()]
+    assert payloads == [ds.reader.read_at(o) for o in ds.offsets.tolist()]
+    return ds.labels.tolist(), payloads
+
+
+def test_pack_killed_midway_leaves_the_previous_set_byte_identical(tmp_path):
+    out = tmp_path / "set" / "train.rec"
+    pre_process.pack_folder(_small_tree(tmp_path / "old"), out, progress=False)
+    before = _set_files(out)
+    assert set(before) == {"train.rec", "train.idx", "train.index.npz", "property"}
+    new_src = _small_tree(tmp_path / "new", ("cat", "dan", "eve"), per=3, seed=50)
+    # the child kills itself with SIGKILL while decoding its 4th source image
+    child = ("import os, signal, sys\n"
+             "import pre_process\n"
+             "real, calls = pre_process.decode_image, []\n"
+             "def dying(data, source='<buffer>', out=None):\n"
+             "    calls.append(source)\n"
+             "    if len(calls) == 4:\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    return real(data, source, out)\n"
+             "pre_process.decode_image = dying\n"
+             "sys.exit(pre_process.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", child, "--pack", str(new_src), "--out",
+                           str(out), "--no-progress"], cwd=ROOT, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    after = _set_files(out)
+    leftovers = [name for name in after if name.endswith(".tmp")]
+    assert leftovers  # it was killed in the middle of writing
+    assert {k: v for k, v in after.items() if k not in leftovers} == before
+    # the next pack clears what the killed one left and replaces the set
+    pre_process.pack_folder(new_src, out, progress=False)
+    assert sorted(_set_files(out)) == sorted(before)
+    labels, _ = _contents(out)
+    assert labels == [0] * 3 + [1] * 3 + [2] * 3
+    assert (out.parent / "property").read_text() == "3,112,112\n"
+
+
+def test_pack_failing_midway_leaves_the_previous_set_and_no_temporaries(tmp_path,
+                                                                        monkeypatch):
+    out = tmp_path / "set" / "train.rec"
+    pre_process.pack_folder(_small_tree(tmp_path / "old"), out, progress=False)
+    before = _set_files(out)
+    write = recordio.RecordWriter.write
+
+    def failing(self, payload, key=None):
+        if key == 3:
+            raise OSError(28, "No space left on device")  # the disk filled up
+        return write(self, payload, key)
+
+    monkeypatch.setattr(recordio.RecordWriter, "write", failing)
+    with pytest.raises(OSError, match="No space"):
+        pre_process.pack_folder(_small_tree(tmp_path / "new", seed=7), out, progress=False)
+    assert _set_files(out) == before
+
+
+@pytest.mark.parametrize("crash_at", range(5))
+def test_pack_interrupted_while_renaming_leaves_a_whole_set(tmp_path, monkeypatch, crash_at):
+    """Between any two of the final renames the folder holds a set that reads back whole:
+    the old one or the new one, never the new .rec through the old .idx."""
+    old_src = _small_tree(tmp_path / "old", ("amy", "bob"), per=2)
+    new_src = _small_tree(tmp_path / "new", ("cat", "dan", "eve"), per=3, seed=50)
+    want = []
+    for name, src in (("a", old_src), ("b", new_src)):
+        pre_process.pack_folder(src, tmp_path / name / "train.rec", progress=False)
+        want.append(_contents(tmp_path / name / "train.rec"))
+    out = tmp_path / "set" / "train.rec"
+    pre_process.pack_folder(old_src, out, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    replace_set = pre_process._replace_set
+
+    def crashing(*args):
+        steps = []
+
+        def step(real):
+            def call(*a, **k):
+                steps.append(a)
+                if len(steps) == crash_at + 1:
+                    raise Crash
+                return real(*a, **k)
+            return call
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", step(os.replace))
+            m.setattr(os, "unlink", step(os.unlink))
+            replace_set(*args)
+
+    monkeypatch.setattr(pre_process, "_replace_set", crashing)
+    with pytest.raises(Crash):
+        pre_process.pack_folder(new_src, out, progress=False)
+    monkeypatch.undo()
+    got = _contents(out)
+    assert got in want
+    index = pre_process.load_or_build_index(out)
+    assert index.lost == 0
+
+
+def test_pack_refuses_out_inside_the_source_and_leaves_the_photo(tmp_path, capsys):
+    src = _small_tree(tmp_path / "aligned")
+    photo = src / "amy" / "0.jpg"
+    original = photo.read_bytes()
+    for out in (photo, src / "train.rec", src / "amy" / "x" / "train.rec"):
+        assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(out),
+                                          "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert f"--out {out} is inside the folder being packed ({src})" in err
+    assert photo.read_bytes() == original
+    assert sorted(p.name for p in src.rglob("*")) == ["0.jpg", "0.jpg", "1.jpg", "1.jpg",
+                                                       "amy", "bob"]
+
+
+def test_pack_refuses_a_second_set_in_the_same_folder_but_repacks_the_same(tmp_path,
+                                                                           capsys):
+    out = tmp_path / "set" / "train.rec"
+    src = _small_tree(tmp_path / "aligned")
+    pre_process.pack_folder(src, out, progress=False)
+    before = _set_files(out)
+    other = out.with_name("val.rec")
+    assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(other),
+                                      "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out.parent} already holds another set (train.rec)" in err and "property" in err
+    assert _set_files(out) == before
+    # re-packing the same set in place is what --out is for
+    assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(out),
+                                      "--no-progress"]) == 0
+    assert _set_files(out)["train.rec"] == before["train.rec"]
