@@ -139,14 +139,14 @@ def test_image_folder_dataset(tmp_path):
     root = tmp_path / "faces"
     want = {}
     for name, seeds in (("b_second", (3, 4)), ("a_first", (1,)), ("c_third", (5, 6, 7))):
-        (root / name / "sub").mkdir(parents=True)
+        (root / name).mkdir(parents=True)
         for seed in seeds:
             rgb = lib.textured_image(seed)
-            where = root / name / ("sub" if seed == 7 else "")
-            path = where / f"{seed}.png"
+            path = root / name / f"{seed}.png"
             path.write_bytes(lib.png_bytes(rgb))
             want[str(path)] = (rgb, sorted(["a_first", "b_second", "c_third"]).index(name))
     (root / "b_second" / "9.jpg").write_bytes(b"broken")
+    (root / "no_images").mkdir()  # ignored
     ds = data_gen.ImageFolderDataset(root, train=False)
     assert ds.num_classes == 3 and len(ds) == len(want) + 1
     assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [0, 1, 1, 1, 2, 2, 2]
@@ -163,6 +163,18 @@ def test_image_folder_dataset(tmp_path):
         assert got == label
         np.testing.assert_array_equal(image, rgb)
         np.testing.assert_allclose(ds[i][0].numpy(), _normalised(rgb), atol=1e-6)
+
+
+def test_image_folder_dataset_refuses_images_in_sub_folders(tmp_path):
+    """The labels pre_process.py --pack would refuse to give are refused for training too:
+    images in a sub-folder of an identity are not silently merged into it."""
+    root = tmp_path / "faces"
+    for rel in ("a/1.png", "b/2.png", "b/sub/3.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(lib.png_bytes(lib.textured_image(len(rel))))
+    with pytest.raises(pre_process.DatasetError, match="1 image.s. at depth 3") as err:
+        data_gen.build_dataset(image_folder=str(root))
+    assert str(root / "b" / "sub" / "3.png") in str(err.value)
 
 
 def test_raw_uint8_loader_and_normalize_batch(tmp_path):

@@ -410,3 +410,52 @@ def test_pack_refuses_a_second_set_in_the_same_folder_but_repacks_the_same(tmp_p
     assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(out),
                                       "--no-progress"]) == 0
     assert _set_files(out)["train.rec"] == before["train.rec"]
+
+
+# ----------------------------------------------------------------------------- tree depth
+
+def _jpeg(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lib.jpeg_bytes(lib.textured_image(seed)))
+    return path
+
+
+def _refused_pack(tmp_path, capsys, src):
+    out = tmp_path / "out" / "train.rec"
+    assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(out),
+                                      "--no-progress"]) == 1
+    assert not out.parent.exists()  # nothing written
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    return err
+
+
+def test_pack_refuses_images_in_sub_folders_of_an_identity(tmp_path, capsys):
+    src = tmp_path / "aligned"
+    _jpeg(src / "amy" / "0.jpg", 1)
+    _jpeg(src / "bob" / "0.jpg", 2)
+    deep = _jpeg(src / "bob" / "holiday" / "1.jpg", 3)  # was merged into bob silently
+    err = _refused_pack(tmp_path, capsys, src)
+    assert "2 image(s) at depth 2" in err and f"1 image(s) at depth 3 (e.g. {deep})" in err
+    assert f"sub-folders such as {deep.parent} would be merged into identity 'bob'" in err
+
+
+def test_pack_refuses_a_folder_one_level_too_high(tmp_path, capsys):
+    src = tmp_path / "datasets"
+    for n, (part, person) in enumerate((("setA", "amy"), ("setA", "bob"), ("setB", "cat"))):
+        _jpeg(src / part / person / "0.jpg", n)  # was: setA = amy + bob as one label
+    err = _refused_pack(tmp_path, capsys, src)
+    assert f"3 image(s) at depth 3 (e.g. {src / 'setA' / 'amy' / '0.jpg'})" in err
+    assert f"pack {src / 'setA'} instead?" in err
+
+
+def test_pack_refuses_images_directly_in_the_root(tmp_path, capsys):
+    src = tmp_path / "aligned"
+    _jpeg(src / "amy" / "0.jpg", 1)
+    loose = _jpeg(src / "stray.jpg", 2)  # was ignored with a warning
+    err = _refused_pack(tmp_path, capsys, src)
+    assert f"1 image(s) at depth 1 (e.g. {loose})" in err and "belong to no identity" in err
+    only_loose = tmp_path / "amy_only"
+    _jpeg(only_loose / "0.jpg", 3)
+    err = _refused_pack(tmp_path, capsys, only_loose)
+    assert f"is {only_loose} itself one identity's folder?" in err
