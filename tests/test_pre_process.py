@@ -459,3 +459,31 @@ def test_pack_refuses_images_directly_in_the_root(tmp_path, capsys):
     _jpeg(only_loose / "0.jpg", 3)
     err = _refused_pack(tmp_path, capsys, only_loose)
     assert f"is {only_loose} itself one identity's folder?" in err
+
+
+# ----------------------------------------------------------------------------- bad paths
+
+def test_cli_bad_paths_are_one_line_errors_naming_the_path(tmp_path):
+    empty, folder, src = tmp_path / "empty.rec", tmp_path / "dir", tmp_path / "src"
+    empty.write_bytes(b"")
+    folder.mkdir()
+    _jpeg(src / "amy" / "0.jpg", 1)
+    garbage = tmp_path / "garbage.rec"
+    garbage.write_bytes(b"not a RecordIO file at all" * 10)
+    missing = tmp_path / "missing"
+    cases = [(["--rec", str(tmp_path / "missing.rec")], tmp_path / "missing.rec"),
+             (["--rec", str(empty)], empty),
+             (["--rec", str(folder)], folder),
+             (["--rec", str(garbage)], garbage),
+             (["--pack", str(missing), "--out", str(tmp_path / "p" / "train.rec")], missing),
+             (["--pack", str(empty), "--out", str(tmp_path / "p" / "train.rec")], empty),
+             (["--pack", str(src), "--out", str(folder)], folder)]
+    for args, path in cases:
+        proc = subprocess.run([sys.executable, "pre_process.py", *args, "--no-progress"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.splitlines()
+        errors = [ln for ln in lines if ln.startswith("error: ")]
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(errors) == 1, (args, proc.stderr)
+        assert str(path) in errors[0], (args, errors)
+    assert not (tmp_path / "p").exists() and sorted(folder.iterdir()) == []
