@@ -40,6 +40,7 @@ import io
 import os
 import sys
 import zipfile
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,7 +322,9 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
     col = _Collector(reader, check_images)
     header_range: tuple[int, int] | None = None
     identity_ranges: list[tuple[int, int, int]] = []  # (class, img_start, img_end)
-    spans: list[tuple[int, int]] = []  # [start, end) of every record read through the .idx
+    # [start, end) of every record read through the .idx; int64 arrays, not a list of
+    # tuples: ~16 bytes a record instead of ~110 (MS1M has 5.8 million)
+    span_starts, span_ends = array("q"), array("q")
     unlisted: list[int] = []
 
     def read(offset: int) -> tuple[bytes | None, str | None]:
@@ -329,7 +332,8 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
             payload, end = reader.read_with_next(offset)
         except recordio.RecordIOError as e:
             return None, str(e)
-        spans.append((offset, end))
+        span_starts.append(offset)
+        span_ends.append(end)
         return payload, None
 
     if idx is not None:
@@ -362,7 +366,8 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
         # Records the .idx does not lead to are lost just the same (a .idx cut short, or
         # one of another file). Damaged bytes between the listed records hide none of them:
         # only whole records found there count.
-        for start, end in _uncovered(spans, reader.size):
+        for start, end in _uncovered(np.frombuffer(span_starts, np.int64),
+                                     np.frombuffer(span_ends, np.int64), reader.size):
             for offset, _, error in reader.scan(start):
                 if offset >= end:
                     break
@@ -425,13 +430,13 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                        expected_images=expected_images)
 
 
-def _uncovered(spans: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    """The ``[start, end)`` stretches of a ``size``-byte file that no span covers."""
-    if not spans:
+def _uncovered(starts: np.ndarray, ends: np.ndarray, size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` stretches of a ``size``-byte file that no span
+    ``[starts[i], ends[i])`` covers."""
+    if not starts.size:
         return [(0, size)] if size else []
-    arr = np.asarray(spans, dtype=np.int64)
-    arr = arr[np.argsort(arr[:, 0], kind="stable")]
-    starts, ends = arr[:, 0], np.maximum.accumulate(arr[:, 1])
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])
     reached = np.concatenate([[0], ends[:-1]])  # how far the spans before each one reach
     gaps = [(int(a), int(b)) for a, b in zip(reached[starts > reached],
                                              starts[starts > reached], strict=True)]

@@ -220,6 +220,19 @@ def test_cli_refuses_a_set_that_lost_records(tmp_path, capsys, how, idx):
     index = pre_process.load_index(rec)
     assert index is not None and index.lost == lost
     assert list(zip(index.offsets.tolist(), index.labels.tolist(), strict=True)) == surviving
+    # training through the saved index refuses it the same way
+    import data_gen
+
+    with pytest.raises(pre_process.LostRecordsError, match=f"{lost} record"):
+        data_gen.FaceRecordDataset(rec)
+
+
+def test_uncovered_stretches():
+    starts = np.array([40, 0, 10, 10, 12], np.int64)  # unsorted, a duplicate, one nested
+    ends = np.array([50, 8, 20, 20, 16], np.int64)
+    assert pre_process._uncovered(starts, ends, 60) == [(8, 10), (20, 40), (50, 60)]
+    assert pre_process._uncovered(starts[:0], ends[:0], 60) == [(0, 60)]
+    assert pre_process._uncovered(np.array([0]), np.array([60]), 60) == []
 
 
 def test_idx_that_misses_records_of_a_headerless_file_is_refused(tmp_path, capsys):
