@@ -31,6 +31,12 @@ index in memory (slower for MS1M-sized sets: run this script once).
 A set that lost records (a truncated download, garbage bytes, a ``.idx`` that does not match
 the ``.rec``) is an error here and in training, naming the file, the count and the first
 byte offsets, unless ``--allow-lost-records`` accepts what remains (then a warning).
+
+``--pack`` takes ``SRC/<identity>/<image>`` exactly (images at other depths are refused: they
+would merge people into one label or belong to none), writes the ``.rec``, ``.idx``, index and
+``property`` to temporaries and renames them into place at the end, so an interrupted pack
+leaves the previous set readable. ``--out`` may not lie inside ``SRC``, and a folder holds one
+set (InsightFace's ``property`` file describes the folder's set).
 """
 
 from __future__ import annotations
