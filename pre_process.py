@@ -21,7 +21,7 @@ usable image records only:
 * ``corrupt_offsets``: byte offsets of the records that were skipped;
 * ``lost``: records of the file that cannot be used (damaged, cut off, or not listed in the
   ``.idx``), ``unlisted_offsets``, ``expected_images`` (header sets: what the header
-  announces, else -1);
+  announces, else -1), ``unreadable_bytes`` (bytes in no readable record);
 * ``rec_size`` / ``rec_mtime_ns`` (and the same for the ``.idx``): the index is used only
   while these still match, so a replaced ``.rec`` is never read through a stale index.
 
@@ -72,7 +72,7 @@ from utils import (
 )
 
 INDEX_SUFFIX = ".index.npz"
-INDEX_VERSION = 2  # 2: lost / unlisted_offsets / expected_images
+INDEX_VERSION = 2  # 2: lost / unlisted_offsets / expected_images / unreadable_bytes
 HEADER_LABELS = 2  # the header record's label array: [id_start, id_end)
 JPEG_QUALITY = 95
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -112,6 +112,8 @@ class RecordIndex:
     lost: int = 0
     unlisted_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     expected_images: int = -1  # what a header record announces; -1 without one
+    # bytes of the .rec in no readable record (a damaged stretch may hide several records)
+    unreadable_bytes: int = 0
 
     def __len__(self) -> int:
         return int(self.labels.size)
@@ -144,6 +146,7 @@ class RecordIndex:
             "corrupt records": self.corrupt_count,
             "records not in the .idx": int(self.unlisted_offsets.size),
             "records lost or damaged": self.lost,
+            "bytes in no readable record": self.unreadable_bytes,
             "records without image": self.non_image_records,
             "identity/label disagreements": self.identity_mismatches,
         }
@@ -184,7 +187,7 @@ def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
              non_image_records=index.non_image_records,
              identity_mismatches=index.identity_mismatches,
              lost=index.lost, unlisted_offsets=index.unlisted_offsets,
-             expected_images=index.expected_images,
+             expected_images=index.expected_images, unreadable_bytes=index.unreadable_bytes,
              rec_size=rec_size, rec_mtime_ns=rec_mtime,
              idx_size=idx_size, idx_mtime_ns=idx_mtime)
     atomic_write_bytes(path, buf.getvalue())
@@ -220,7 +223,8 @@ def load_index(rec_path: str | Path, idx_path: str | Path | None = None,
                 non_image_records=int(z["non_image_records"]),
                 identity_mismatches=int(z["identity_mismatches"]), idx_path=idx,
                 lost=int(z["lost"]), unlisted_offsets=z["unlisted_offsets"].astype(np.int64),
-                expected_images=int(z["expected_images"]))
+                expected_images=int(z["expected_images"]),
+                unreadable_bytes=int(z["unreadable_bytes"]))
     # a cut-off or overwritten .npz fails in zipfile, in NumPy's header parser or at EOF: it
     # is only a cache, so it is rebuilt from the .rec
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -332,6 +336,7 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
     # tuples: ~16 bytes a record instead of ~110 (MS1M has 5.8 million)
     span_starts, span_ends = array("q"), array("q")
     unlisted: list[int] = []
+    unreadable = 0  # bytes in no readable record: what a lost-record count cannot measure
 
     def read(offset: int) -> tuple[bytes | None, str | None]:
         try:
@@ -374,19 +379,31 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
         # only whole records found there count.
         for start, end in _uncovered(np.frombuffer(span_starts, np.int64),
                                      np.frombuffer(span_ends, np.int64), reader.size):
+            error_at = None
             for offset, _, error in reader.scan(start):
+                if error_at is not None:
+                    unreadable += min(offset, end) - error_at
+                    error_at = None
                 if offset >= end:
                     break
                 if error is None:
                     unlisted.append(offset)
+                else:
+                    error_at = offset
+            if error_at is not None:
+                unreadable += end - error_at
     else:
         log.info("%s: no .idx beside it; scanning the file", rec_path)
         bar = tqdm(total=reader.size, desc=f"scanning {rec_path.name}", unit="B",
                    unit_scale=True, disable=not progress, mininterval=1.0)
         position = 0
+        error_at = None
         for ordinal, (offset, payload, error) in enumerate(reader.scan()):
             bar.update(offset - position)
             position = offset
+            if error_at is not None:  # a damaged stretch reaches up to the next record
+                unreadable += offset - error_at
+            error_at = offset if error is not None else None
             if ordinal == 0:
                 header_range = _parse_header_record(payload)
                 if header_range is not None:
@@ -398,6 +415,8 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                     identity_ranges.append((len(identity_ranges), *rng))
                     continue
             col.add(ordinal, offset, payload, error, image_required=header_range is not None)
+        if error_at is not None:
+            unreadable += reader.size - error_at
         bar.update(reader.size - position)
         bar.close()
     reader.close()
@@ -433,7 +452,7 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                        non_image_records=col.non_image, identity_mismatches=mismatches,
                        idx_path=idx, lost=lost,
                        unlisted_offsets=np.asarray(unlisted, dtype=np.int64),
-                       expected_images=expected_images)
+                       expected_images=expected_images, unreadable_bytes=unreadable)
 
 
 def _uncovered(starts: np.ndarray, ends: np.ndarray, size: int) -> list[tuple[int, int]]:
@@ -483,6 +502,9 @@ def require_complete(index: RecordIndex, allow_lost_records: bool = False) -> No
         raise DatasetError(f"{rec}: no usable image records"
                            + (f" ({index.lost} record(s) lost or damaged)" if index.lost else ""))
     if index.lost == 0:
+        if index.unreadable_bytes:  # garbage between records the .idx lists correctly
+            log.warning("%s: %d byte(s) between records belong to no record; every record "
+                        "is readable", rec, index.unreadable_bytes)
         return
     shown = index.lost_offsets[:LOST_OFFSETS_SHOWN].tolist()
     where = f"; first at byte offset(s) {', '.join(map(str, shown))}" if shown else ""
@@ -499,7 +521,10 @@ def require_complete(index: RecordIndex, allow_lost_records: bool = False) -> No
         unlisted = (f"; {index.unlisted_offsets.size} record(s) are not listed in "
                     f"{index.idx_path} (a .idx of another file? without it the .rec is "
                     f"scanned)")
-    summary = f"{rec}: {index.lost} record(s) lost or damaged{where}; {remain}{unlisted}"
+    unreadable = f", {index.unreadable_bytes} byte(s) unreadable" \
+        if index.unreadable_bytes else ""
+    summary = (f"{rec}: {index.lost} record(s) lost or damaged{unreadable}{where}; {remain}"
+               f"{unlisted}")
     if allow_lost_records:
         log.warning("%s; using what remains (--allow-lost-records)", summary)
         return

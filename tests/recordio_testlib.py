@@ -183,6 +183,7 @@ DAMAGE_KEY = 9  # the first record a damaged set loses (an image of class 1 with
 GARBAGE = b"junk" * 3  # 4-aligned: a scan without .idx resynchronises on the next record
 DAMAGES = ("truncated", "garbage", "idx lines dropped")
 DROPPED_IDX_KEYS = (9, 10, 11, 12)
+TRUNCATE_AFTER = 10  # bytes of record DAMAGE_KEY that a truncated set keeps
 
 
 def damaged_insightface_set(root: Path, how: str, counts=(3, 5, 2, 6), idx: bool = True):
@@ -197,7 +198,7 @@ def damaged_insightface_set(root: Path, how: str, counts=(3, 5, 2, 6), idx: bool
     starts = sorted(offsets.values())
     end_of = dict(zip(starts, starts[1:] + [len(data)], strict=True))
     if how == "truncated":
-        cut = at + 10
+        cut = at + TRUNCATE_AFTER
         rec.write_bytes(data[:cut])
         lost = {k for k, o in offsets.items() if end_of[o] > cut}
         count = len(lost)

@@ -212,13 +212,16 @@ def test_cli_refuses_a_set_that_lost_records(tmp_path, capsys, how, idx):
     err = capsys.readouterr().err
     assert str(rec) in err and f"{lost} record(s) lost or damaged" in err
     assert f"byte offset(s) {at}" in err  # the first damaged offset leads the list
+    # bytes that belong to no readable record: the cut-off record's head, or the garbage
+    unreadable = {"truncated": lib.TRUNCATE_AFTER, "garbage": len(lib.GARBAGE)}.get(how, 0)
+    assert (f"{unreadable} byte(s) unreadable" in err) == bool(unreadable)
     identities = len({c for _, c in surviving})
     assert f"{len(surviving)} of {sum(COUNTS)} images" in err
     assert f"{identities} of {len(COUNTS)} identities" in err
     # accepted with the flag; the saved index holds exactly the surviving records
     assert pre_process.main(["--rec", str(rec), "--no-progress", "--allow-lost-records"]) == 0
     index = pre_process.load_index(rec)
-    assert index is not None and index.lost == lost
+    assert index is not None and index.lost == lost and index.unreadable_bytes == unreadable
     assert list(zip(index.offsets.tolist(), index.labels.tolist(), strict=True)) == surviving
     # training through the saved index refuses it the same way
     import data_gen
@@ -246,6 +249,7 @@ def test_idx_that_misses_records_of_a_headerless_file_is_refused(tmp_path, capsy
     assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert str(rec) in err and "2 record(s) lost or damaged" in err
+    assert "unreadable" not in err  # every byte is in a readable record, listed or not
     assert f"byte offset(s) {offsets[4]}, {offsets[5]}" in err and str(idx) in err
     index = pre_process.index_record_file(rec, progress=False)
     assert index.lost == 2 and index.labels.tolist() == labels[:4]
@@ -500,3 +504,37 @@ def test_cli_bad_paths_are_one_line_errors_naming_the_path(tmp_path):
         assert "Traceback" not in proc.stderr and len(errors) == 1, (args, proc.stderr)
         assert str(path) in errors[0], (args, errors)
     assert not (tmp_path / "p").exists() and sorted(folder.iterdir()) == []
+
+
+def _headerless(tmp_path, garbage_after=None, idx=True):
+    records = [(n, lib.ir_payload(float(n % 3), lib.jpeg_bytes(lib.textured_image(n))))
+               for n in range(6)]
+    rec = tmp_path / "plain.rec"
+    return rec, lib.write_rec(rec, records, idx=idx, garbage_after=garbage_after)
+
+
+def test_unaligned_garbage_without_idx_reports_the_unreadable_bytes(tmp_path, capsys):
+    """A scan resynchronises only on 4-aligned magics, so after 5 stray bytes every later
+    record is out of reach; the count of damaged stretches (1) understates that, the bytes
+    do not."""
+    rec, offsets = _headerless(tmp_path, garbage_after={1: b"12345"}, idx=False)
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    garbage_at = offsets[2] - 5  # write_rec's offsets are those of the file it wrote
+    unreadable = rec.stat().st_size - garbage_at
+    assert f"{rec}: 1 record(s) lost or damaged, {unreadable} byte(s) unreadable" in err
+    assert f"byte offset(s) {garbage_at};" in err and "2 images of 2 identities remain" in err
+
+
+def test_garbage_between_listed_records_loses_nothing_and_is_warned_about(tmp_path, caplog):
+    rec, offsets = _headerless(tmp_path, garbage_after={1: lib.GARBAGE})
+    index = pre_process.index_record_file(rec, progress=False)
+    assert index.lost == 0 and index.unreadable_bytes == len(lib.GARBAGE)
+    assert index.offsets.tolist() == list(offsets.values())
+    pre_process.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        pre_process.require_complete(index)
+    finally:
+        pre_process.log.removeHandler(caplog.handler)
+    assert f"{rec}: {len(lib.GARBAGE)} byte(s) between records belong to no record" \
+        in caplog.text
