@@ -243,8 +243,9 @@ class FaceRecordDataset(_FaceDataset):
 
 
 class ImageFolderDataset(_FaceDataset):
-    """Aligned faces in ``root/identity/.../image``: identities sorted by name are labels
-    0 .. C-1 (folders without images are ignored), as ``pre_process.py --pack`` numbers them.
+    """Aligned faces in ``root/identity/image``: identities sorted by name are labels
+    0 .. C-1 (folders without images are ignored), as ``pre_process.py --pack`` numbers them;
+    images at any other depth are refused, as --pack refuses them.
     Images that are not ``image_size`` square are resized."""
 
     def __init__(self, root: str | Path, train: bool = True, image_size: int = IMAGE_SIZE):
