@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import recordio
-from pre_process import list_identity_images, load_or_build_index
+from pre_process import list_identity_images, load_or_build_index, require_complete
 from utils import FACE_CROP_SIZE as IMAGE_SIZE
 from utils import ImageReadError, decode_image, read_image, run_cli
 
@@ -195,16 +195,19 @@ class FaceRecordDataset(_FaceDataset):
     """Aligned faces from an InsightFace / im2rec ``.rec`` (with or without ``.idx``).
 
     The record index comes from ``pre_process.py``'s saved ``<stem>.index.npz`` when it is
-    fresh, else it is built in memory (records that are damaged are skipped and counted in
-    ``index_corrupt_count``)."""
+    fresh, else it is built in memory. A set that lost records (damaged, cut off, missing
+    from the ``.idx``) is refused with ``pre_process.LostRecordsError`` unless
+    ``allow_lost_records`` (then a warning with the count, and the dataset holds exactly the
+    usable records; ``index_corrupt_count`` / ``lost_records`` say how many were not)."""
 
     def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None,
-                 train: bool = True, image_size: int = IMAGE_SIZE):
+                 train: bool = True, image_size: int = IMAGE_SIZE,
+                 allow_lost_records: bool = False):
         super().__init__(train, image_size)
         self.rec_path = Path(rec_path)
         index = load_or_build_index(self.rec_path, idx_path)
-        if len(index) == 0:
-            raise ValueError(f"{self.rec_path}: no usable image records")
+        require_complete(index, allow_lost_records)
+        self.lost_records = index.lost
         self.offsets = index.offsets
         self.keys = index.keys
         self.labels = index.labels
@@ -240,8 +243,9 @@ class FaceRecordDataset(_FaceDataset):
 
 
 class ImageFolderDataset(_FaceDataset):
-    """Aligned faces in ``root/identity/.../image``: identities sorted by name are labels
-    0 .. C-1 (folders without images are ignored), as ``pre_process.py --pack`` numbers them.
+    """Aligned faces in ``root/identity/image``: identities sorted by name are labels
+    0 .. C-1 (folders without images are ignored), as ``pre_process.py --pack`` numbers them;
+    images at any other depth are refused, as --pack refuses them.
     Images that are not ``image_size`` square are resized."""
 
     def __init__(self, root: str | Path, train: bool = True, image_size: int = IMAGE_SIZE):
@@ -345,16 +349,17 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
 
 
-def build_dataset(rec: str = "", image_folder: str = "", train: bool = True) -> _FaceDataset:
-    """The training dataset a config names: ``image_folder`` when set, else ``rec``."""
+def build_dataset(rec: str = "", image_folder: str = "", train: bool = True,
+                  allow_lost_records: bool = False) -> _FaceDataset:
+    """The training dataset a config names: ``image_folder`` when set, else ``rec``
+    (refused when it lost records, unless ``allow_lost_records``)."""
     if image_folder:
         return ImageFolderDataset(image_folder, train=train)
-    return FaceRecordDataset(rec, train=train)
+    return FaceRecordDataset(rec, train=train, allow_lost_records=allow_lost_records)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Open the configured training set, print its size, and time a few loader batches."""
-    import sys
     import time
 
     from config import build_parser, parse_config
@@ -363,11 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=5, help="batches to read")
     parser.add_argument("--raw-uint8", action="store_true", help="uint8 batches")
     cfg, args = parse_config(argv, parser=parser)
-    try:
-        ds = build_dataset(cfg.rec, cfg.image_folder)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    ds = build_dataset(cfg.rec, cfg.image_folder, allow_lost_records=cfg.allow_lost_records)
     source = cfg.image_folder or cfg.rec
     print(f"{source}: {len(ds)} images, {ds.num_classes} identities, labels "
           f"{int(ds.labels.min())}..{int(ds.labels.max())}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import add_debug_flag, run_cli
+from utils import ToolkitError, add_debug_flag, run_cli
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -47,7 +47,7 @@ LABEL_DTYPE = np.dtype("<f4")
 _SCAN_CHUNK = 1 << 20  # bytes read at a time while searching for the next magic
 
 
-class RecordIOError(ValueError):
+class RecordIOError(ToolkitError, ValueError):
     """A malformed RecordIO file; the message names the file and the byte offset."""
 
 
@@ -141,8 +141,12 @@ class RecordReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{self.path}: is a directory, expected a .rec file")
         if not self.path.is_file():
             raise FileNotFoundError(f"record file not found: {self.path}")
+        if self.path.stat().st_size == 0:
+            raise RecordIOError(f"{self.path}: empty file (0 bytes), not a RecordIO file")
         self._fd: int | None = None
         self._pid: int | None = None
 
@@ -356,6 +360,9 @@ class RecordWriter:
     def close(self) -> None:
         if self._f.closed:
             return
+        # on disk before anyone renames it into place (pre_process.pack_folder does)
+        self._f.flush()
+        os.fsync(self._f.fileno())
         self._f.close()
         from utils import atomic_write_text
 
@@ -373,24 +380,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("rec", help="the .rec file")
     parser.add_argument("--limit", type=int, default=10, help="records to list")
     args = parser.parse_args(argv)
-    try:
-        reader = RecordReader(args.rec)
-        for n, (offset, payload, error) in enumerate(reader.scan()):
-            if n >= args.limit:
-                break
-            if error is not None:
-                print(f"{offset:>12}  damaged: {error}")
-                continue
-            try:
-                header, image = unpack_payload(payload, f"{args.rec}@{offset}")
-                label = np.round(header.label, 4).tolist() if header.flag else header.label
-                print(f"{offset:>12}  {len(payload):>8} B  flag={header.flag} label={label} "
-                      f"id={header.id} image={len(image)} B")
-            except RecordIOError:
-                print(f"{offset:>12}  {len(payload):>8} B  (no image header)")
-    except (OSError, RecordIOError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    reader = RecordReader(args.rec)
+    for n, (offset, payload, error) in enumerate(reader.scan()):
+        if n >= args.limit:
+            break
+        if error is not None:
+            print(f"{offset:>12}  damaged: {error}")
+            continue
+        try:
+            header, image = unpack_payload(payload, f"{args.rec}@{offset}")
+            label = np.round(header.label, 4).tolist() if header.flag else header.label
+            print(f"{offset:>12}  {len(payload):>8} B  flag={header.flag} label={label} "
+                  f"id={header.id} image={len(image)} B")
+        except RecordIOError:
+            print(f"{offset:>12}  {len(payload):>8} B  (no image header)")
     return 0
 
 

@@ -132,7 +132,8 @@ def build_dataset(cfg: Config) -> tuple[torch.utils.data.Dataset, str]:
 
     # train=False: no flip in the loader; the step flips on the device from the checkpointed
     # RNG instead (see random_flip), so augmentation resumes exactly with any num_workers.
-    dataset = data_gen.build_dataset(cfg.rec, cfg.image_folder, train=False)
+    dataset = data_gen.build_dataset(cfg.rec, cfg.image_folder, train=False,
+                                     allow_lost_records=cfg.allow_lost_records)
     return dataset, cfg.image_folder or cfg.rec
 
 

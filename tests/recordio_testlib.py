@@ -175,3 +175,50 @@ def build_insightface_set(root: Path, counts=(3, 5, 2, 6), idx: bool = True,
     rec = root / "train.rec"
     offsets = write_rec(rec, records, idx=idx)
     return rec, offsets, expected
+
+
+# ----------------------------------------------------------------------------- damage
+
+DAMAGE_KEY = 9  # the first record a damaged set loses (an image of class 1 with COUNTS below)
+GARBAGE = b"junk" * 3  # 4-aligned: a scan without .idx resynchronises on the next record
+DAMAGES = ("truncated", "garbage", "idx lines dropped")
+DROPPED_IDX_KEYS = (9, 10, 11, 12)
+TRUNCATE_AFTER = 10  # bytes of record DAMAGE_KEY that a truncated set keeps
+
+
+def damaged_insightface_set(root: Path, how: str, counts=(3, 5, 2, 6), idx: bool = True):
+    """An InsightFace set damaged after writing: ``truncated`` in the middle of record
+    DAMAGE_KEY, ``garbage`` bytes inserted before it, or its ``.idx`` missing the lines of
+    DROPPED_IDX_KEYS. Returns (rec, byte offset of the damage, lost record count, surviving
+    (byte offset in the damaged file, class) image pairs), all computed here from the bytes
+    written."""
+    rec, offsets, expected = build_insightface_set(root, counts, idx=idx)
+    data = rec.read_bytes()
+    at = offsets[DAMAGE_KEY]
+    starts = sorted(offsets.values())
+    end_of = dict(zip(starts, starts[1:] + [len(data)], strict=True))
+    if how == "truncated":
+        cut = at + TRUNCATE_AFTER
+        rec.write_bytes(data[:cut])
+        lost = {k for k, o in offsets.items() if end_of[o] > cut}
+        count = len(lost)
+    elif how == "garbage":
+        rec.write_bytes(data[:at] + GARBAGE + data[at:])
+        # through the .idx every later offset is off; a scan loses no record, but the
+        # garbage itself is one damaged stretch
+        lost = {k for k, o in offsets.items() if o >= at} if idx else set()
+        count = len(lost) or 1
+    elif how == "idx lines dropped":
+        assert idx
+        idx_path = rec.with_suffix(".idx")
+        lines = [ln for ln in idx_path.read_text().splitlines()
+                 if int(ln.split("\t")[0]) not in DROPPED_IDX_KEYS]
+        idx_path.write_text("".join(ln + "\n" for ln in lines))
+        lost = set(DROPPED_IDX_KEYS)
+        count = len(lost)
+    else:
+        raise ValueError(how)
+    shift = len(GARBAGE) if how == "garbage" else 0
+    surviving = [(offsets[k] + (shift if offsets[k] >= at else 0), c)
+                 for k, c, _ in expected if k not in lost]
+    return rec, at, count, surviving

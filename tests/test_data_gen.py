@@ -11,7 +11,9 @@ import recordio_testlib as lib
 import torch
 
 import data_gen
+import pre_process
 import recordio
+from utils import run_cli
 
 COUNTS = (3, 5, 2, 6)
 
@@ -137,14 +139,14 @@ def test_image_folder_dataset(tmp_path):
     root = tmp_path / "faces"
     want = {}
     for name, seeds in (("b_second", (3, 4)), ("a_first", (1,)), ("c_third", (5, 6, 7))):
-        (root / name / "sub").mkdir(parents=True)
+        (root / name).mkdir(parents=True)
         for seed in seeds:
             rgb = lib.textured_image(seed)
-            where = root / name / ("sub" if seed == 7 else "")
-            path = where / f"{seed}.png"
+            path = root / name / f"{seed}.png"
             path.write_bytes(lib.png_bytes(rgb))
             want[str(path)] = (rgb, sorted(["a_first", "b_second", "c_third"]).index(name))
     (root / "b_second" / "9.jpg").write_bytes(b"broken")
+    (root / "no_images").mkdir()  # ignored
     ds = data_gen.ImageFolderDataset(root, train=False)
     assert ds.num_classes == 3 and len(ds) == len(want) + 1
     assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [0, 1, 1, 1, 2, 2, 2]
@@ -161,6 +163,18 @@ def test_image_folder_dataset(tmp_path):
         assert got == label
         np.testing.assert_array_equal(image, rgb)
         np.testing.assert_allclose(ds[i][0].numpy(), _normalised(rgb), atol=1e-6)
+
+
+def test_image_folder_dataset_refuses_images_in_sub_folders(tmp_path):
+    """The labels pre_process.py --pack would refuse to give are refused for training too:
+    images in a sub-folder of an identity are not silently merged into it."""
+    root = tmp_path / "faces"
+    for rel in ("a/1.png", "b/2.png", "b/sub/3.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(lib.png_bytes(lib.textured_image(len(rel))))
+    with pytest.raises(pre_process.DatasetError, match="1 image.s. at depth 3") as err:
+        data_gen.build_dataset(image_folder=str(root))
+    assert str(root / "b" / "sub" / "3.png") in str(err.value)
 
 
 def test_raw_uint8_loader_and_normalize_batch(tmp_path):
@@ -199,4 +213,35 @@ def test_cli_reports_set_and_batch(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{sum(COUNTS)} images, {len(COUNTS)} identities, labels 0..{len(COUNTS) - 1}" in out
     assert "images (4, 3, 112, 112) torch.float32" in out and "8 images in" in out
-    assert data_gen.main(["--rec", str(tmp_path / "missing.rec")]) == 1
+    assert run_cli(data_gen.main, ["--rec", str(tmp_path / "missing.rec")]) == 1
+
+
+@pytest.mark.parametrize("how", lib.DAMAGES)
+def test_record_dataset_refuses_lost_records_unless_allowed(tmp_path, caplog, how):
+    rec, at, lost, surviving = lib.damaged_insightface_set(tmp_path, how, COUNTS)
+    with pytest.raises(pre_process.LostRecordsError) as err:
+        data_gen.build_dataset(str(rec), train=False)
+    assert str(rec) in str(err.value) and f"{lost} record(s) lost or damaged" in str(err.value)
+    assert f"byte offset(s) {at}" in str(err.value)
+    pre_process.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        ds = data_gen.build_dataset(str(rec), train=False, allow_lost_records=True)
+    finally:
+        pre_process.log.removeHandler(caplog.handler)
+    assert f"{rec}: {lost} record(s) lost or damaged" in caplog.text  # the warning
+    assert list(zip(ds.offsets.tolist(), ds.labels.tolist(), strict=True)) == surviving
+    assert ds.num_classes == len(COUNTS) and ds.lost_records == lost
+    # every surviving record reads back with its label
+    for i, (_, cls) in enumerate(surviving):
+        assert ds.read(i)[1] == cls
+
+
+def test_train_build_dataset_passes_allow_lost_records(tmp_path):
+    import train
+    from config import make_config
+
+    rec, _, lost, surviving = lib.damaged_insightface_set(tmp_path, "truncated", COUNTS)
+    with pytest.raises(pre_process.LostRecordsError, match=f"{lost} record"):
+        train.build_dataset(make_config({"rec": str(rec)}))
+    ds, source = train.build_dataset(make_config({"rec": str(rec), "allow_lost_records": True}))
+    assert source == str(rec) and ds.offsets.tolist() == [o for o, _ in surviving]

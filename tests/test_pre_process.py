@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import recordio_testlib as lib
 
 import pre_process
 import recordio
+from utils import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 COUNTS = (3, 5, 2, 6)
 
@@ -105,7 +113,7 @@ def test_cli_summary_and_saved_index(tmp_path, capsys):
 
 
 def test_cli_reports_missing_file(tmp_path, capsys):
-    assert pre_process.main(["--rec", str(tmp_path / "nope.rec"), "--no-progress"]) == 1
+    assert run_cli(pre_process.main, ["--rec", str(tmp_path / "nope.rec"), "--no-progress"]) == 1
     assert "nope.rec" in capsys.readouterr().err
 
 
@@ -192,3 +200,341 @@ def test_pack_is_readable_without_idx(tmp_path):
     with recordio.RecordReader(out) as reader:
         for off in a.offsets.tolist():
             assert reader.read_at(off) == independent[off]
+
+
+DAMAGE_CASES = [(how, True) for how in lib.DAMAGES] + [("truncated", False), ("garbage", False)]
+
+
+@pytest.mark.parametrize("how,idx", DAMAGE_CASES)
+def test_cli_refuses_a_set_that_lost_records(tmp_path, capsys, how, idx):
+    rec, at, lost, surviving = lib.damaged_insightface_set(tmp_path, how, COUNTS, idx=idx)
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(rec) in err and f"{lost} record(s) lost or damaged" in err
+    assert f"byte offset(s) {at}" in err  # the first damaged offset leads the list
+    # bytes that belong to no readable record: the cut-off record's head, or the garbage
+    unreadable = {"truncated": lib.TRUNCATE_AFTER, "garbage": len(lib.GARBAGE)}.get(how, 0)
+    assert (f"{unreadable} byte(s) unreadable" in err) == bool(unreadable)
+    identities = len({c for _, c in surviving})
+    assert f"{len(surviving)} of {sum(COUNTS)} images" in err
+    assert f"{identities} of {len(COUNTS)} identities" in err
+    # accepted with the flag; the saved index holds exactly the surviving records
+    assert pre_process.main(["--rec", str(rec), "--no-progress", "--allow-lost-records"]) == 0
+    index = pre_process.load_index(rec)
+    assert index is not None and index.lost == lost and index.unreadable_bytes == unreadable
+    assert list(zip(index.offsets.tolist(), index.labels.tolist(), strict=True)) == surviving
+    # training through the saved index refuses it the same way
+    import data_gen
+
+    with pytest.raises(pre_process.LostRecordsError, match=f"{lost} record"):
+        data_gen.FaceRecordDataset(rec)
+
+
+def test_uncovered_stretches():
+    starts = np.array([40, 0, 10, 10, 12], np.int64)  # unsorted, a duplicate, one nested
+    ends = np.array([50, 8, 20, 20, 16], np.int64)
+    assert pre_process._uncovered(starts, ends, 60) == [(8, 10), (20, 40), (50, 60)]
+    assert pre_process._uncovered(starts[:0], ends[:0], 60) == [(0, 60)]
+    assert pre_process._uncovered(np.array([0]), np.array([60]), 60) == []
+
+
+def test_idx_that_misses_records_of_a_headerless_file_is_refused(tmp_path, capsys):
+    labels = [0, 1, 2, 0, 1, 2]
+    records = [(n, lib.ir_payload(float(c), lib.jpeg_bytes(lib.textured_image(n))))
+               for n, c in enumerate(labels)]
+    rec = tmp_path / "plain.rec"
+    offsets = lib.write_rec(rec, records)
+    idx = rec.with_suffix(".idx")
+    idx.write_text("".join(f"{k}\t{offsets[k]}\n" for k in range(4)))  # last two left out
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(rec) in err and "2 record(s) lost or damaged" in err
+    assert "unreadable" not in err  # every byte is in a readable record, listed or not
+    assert f"byte offset(s) {offsets[4]}, {offsets[5]}" in err and str(idx) in err
+    index = pre_process.index_record_file(rec, progress=False)
+    assert index.lost == 2 and index.labels.tolist() == labels[:4]
+
+
+@pytest.mark.parametrize("keep", [0, 100, "half"])
+def test_truncated_saved_index_is_rebuilt_with_a_warning(tmp_path, caplog, keep):
+    rec, offsets, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    saved = pre_process.save_index(pre_process.index_record_file(rec, progress=False))
+    data = saved.read_bytes()
+    saved.write_bytes(data[:len(data) // 2 if keep == "half" else keep])
+    pre_process.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        assert pre_process.load_index(rec) is None
+        index = pre_process.load_or_build_index(rec)
+    finally:
+        pre_process.log.removeHandler(caplog.handler)
+    assert f"cannot use index {saved}" in caplog.text and "rebuilding" in caplog.text
+    assert index.offsets.tolist() == [offsets[k] for k, _, _ in expected]
+    assert index.labels.tolist() == _expected_labels(expected)
+    # the CLI writes a whole one again
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 0
+    assert pre_process.load_index(rec).labels.tolist() == _expected_labels(expected)
+
+
+# ----------------------------------------------------------------------------- safe --pack
+
+def _small_tree(root, names=("amy", "bob"), per=2, seed=0):
+    for n, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for j in range(per):
+            rgb = lib.textured_image(seed + 10 * n + j)
+            (root / name / f"{j}.jpg").write_bytes(lib.jpeg_bytes(rgb))
+    return root
+
+
+def _set_files(rec):
+    return {p.name: p.read_bytes() for p in sorted(rec.parent.iterdir())}
+
+
+def _contents(rec):
+    """What a trainer reads from the set at ``rec``: labels and record payloads (the test's
+    own reader finds the same payloads at those offsets)."""
+    import data_gen
+
+    ds = data_gen.FaceRecordDataset(rec, train=False)
+    by_offset = {o: p for o, _, p in lib.read_all_records(rec)}
+    payloads = [by_offset[o] for o in ds.offsets.tolist()]
+    assert payloads == [ds.reader.read_at(o) for o in ds.offsets.tolist()]
+    return ds.labels.tolist(), payloads
+
+
+def test_pack_killed_midway_leaves_the_previous_set_byte_identical(tmp_path):
+    out = tmp_path / "set" / "train.rec"
+    pre_process.pack_folder(_small_tree(tmp_path / "old"), out, progress=False)
+    before = _set_files(out)
+    assert set(before) == {"train.rec", "train.idx", "train.index.npz", "property"}
+    new_src = _small_tree(tmp_path / "new", ("cat", "dan", "eve"), per=3, seed=50)
+    # the child kills itself with SIGKILL while decoding its 4th source image
+    child = ("import os, signal, sys\n"
+             "import pre_process\n"
+             "real, calls = pre_process.decode_image, []\n"
+             "def dying(data, source='<buffer>', out=None):\n"
+             "    calls.append(source)\n"
+             "    if len(calls) == 4:\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    return real(data, source, out)\n"
+             "pre_process.decode_image = dying\n"
+             "sys.exit(pre_process.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", child, "--pack", str(new_src), "--out",
+                           str(out), "--no-progress"], cwd=ROOT, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    after = _set_files(out)
+    leftovers = [name for name in after if name.endswith(".tmp")]
+    assert leftovers  # it was killed in the middle of writing
+    assert {k: v for k, v in after.items() if k not in leftovers} == before
+    # the next pack clears what the killed one left and replaces the set
+    pre_process.pack_folder(new_src, out, progress=False)
+    assert sorted(_set_files(out)) == sorted(before)
+    labels, _ = _contents(out)
+    assert labels == [0] * 3 + [1] * 3 + [2] * 3
+    assert (out.parent / "property").read_text() == "3,112,112\n"
+
+
+def test_pack_failing_midway_leaves_the_previous_set_and_no_temporaries(tmp_path,
+                                                                        monkeypatch):
+    out = tmp_path / "set" / "train.rec"
+    pre_process.pack_folder(_small_tree(tmp_path / "old"), out, progress=False)
+    before = _set_files(out)
+    write = recordio.RecordWriter.write
+
+    def failing(self, payload, key=None):
+        if key == 3:
+            raise OSError(28, "No space left on device")  # the disk filled up
+        return write(self, payload, key)
+
+    monkeypatch.setattr(recordio.RecordWriter, "write", failing)
+    with pytest.raises(OSError, match="No space"):
+        pre_process.pack_folder(_small_tree(tmp_path / "new", seed=7), out, progress=False)
+    assert _set_files(out) == before
+
+
+@pytest.mark.parametrize("crash_at", range(5))
+def test_pack_interrupted_while_renaming_leaves_a_whole_set(tmp_path, monkeypatch, crash_at):
+    """Between any two of the final renames the folder holds a set that reads back whole:
+    the old one or the new one, never the new .rec through the old .idx."""
+    old_src = _small_tree(tmp_path / "old", ("amy", "bob"), per=2)
+    new_src = _small_tree(tmp_path / "new", ("cat", "dan", "eve"), per=3, seed=50)
+    want = []
+    for name, src in (("a", old_src), ("b", new_src)):
+        pre_process.pack_folder(src, tmp_path / name / "train.rec", progress=False)
+        want.append(_contents(tmp_path / name / "train.rec"))
+    out = tmp_path / "set" / "train.rec"
+    pre_process.pack_folder(old_src, out, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    replace_set = pre_process._replace_set
+
+    def crashing(*args):
+        steps = []
+
+        def step(real):
+            def call(*a, **k):
+                steps.append(a)
+                if len(steps) == crash_at + 1:
+                    raise Crash
+                return real(*a, **k)
+            return call
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", step(os.replace))
+            m.setattr(os, "unlink", step(os.unlink))
+            replace_set(*args)
+
+    monkeypatch.setattr(pre_process, "_replace_set", crashing)
+    with pytest.raises(Crash):
+        pre_process.pack_folder(new_src, out, progress=False)
+    monkeypatch.undo()
+    got = _contents(out)
+    assert got in want
+    index = pre_process.load_or_build_index(out)
+    assert index.lost == 0
+
+
+def test_pack_refuses_out_inside_the_source_and_leaves_the_photo(tmp_path, capsys):
+    src = _small_tree(tmp_path / "aligned")
+    photo = src / "amy" / "0.jpg"
+    original = photo.read_bytes()
+    for out in (photo, src / "train.rec", src / "amy" / "x" / "train.rec"):
+        assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(out),
+                                          "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert f"--out {out} is inside the folder being packed ({src})" in err
+    assert photo.read_bytes() == original
+    assert sorted(p.name for p in src.rglob("*")) == ["0.jpg", "0.jpg", "1.jpg", "1.jpg",
+                                                       "amy", "bob"]
+
+
+def test_pack_refuses_a_second_set_in_the_same_folder_but_repacks_the_same(tmp_path,
+                                                                           capsys):
+    out = tmp_path / "set" / "train.rec"
+    src = _small_tree(tmp_path / "aligned")
+    pre_process.pack_folder(src, out, progress=False)
+    before = _set_files(out)
+    other = out.with_name("val.rec")
+    assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(other),
+                                      "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out.parent} already holds another set (train.rec)" in err and "property" in err
+    assert _set_files(out) == before
+    # re-packing the same set in place is what --out is for
+    assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(out),
+                                      "--no-progress"]) == 0
+    assert _set_files(out)["train.rec"] == before["train.rec"]
+
+
+# ----------------------------------------------------------------------------- tree depth
+
+def _jpeg(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lib.jpeg_bytes(lib.textured_image(seed)))
+    return path
+
+
+def _refused_pack(tmp_path, capsys, src):
+    out = tmp_path / "out" / "train.rec"
+    assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(out),
+                                      "--no-progress"]) == 1
+    assert not out.parent.exists()  # nothing written
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    return err
+
+
+def test_pack_refuses_images_in_sub_folders_of_an_identity(tmp_path, capsys):
+    src = tmp_path / "aligned"
+    _jpeg(src / "amy" / "0.jpg", 1)
+    _jpeg(src / "bob" / "0.jpg", 2)
+    deep = _jpeg(src / "bob" / "holiday" / "1.jpg", 3)  # was merged into bob silently
+    err = _refused_pack(tmp_path, capsys, src)
+    assert "2 image(s) at depth 2" in err and f"1 image(s) at depth 3 (e.g. {deep})" in err
+    assert f"sub-folders such as {deep.parent} would be merged into identity 'bob'" in err
+
+
+def test_pack_refuses_a_folder_one_level_too_high(tmp_path, capsys):
+    src = tmp_path / "datasets"
+    for n, (part, person) in enumerate((("setA", "amy"), ("setA", "bob"), ("setB", "cat"))):
+        _jpeg(src / part / person / "0.jpg", n)  # was: setA = amy + bob as one label
+    err = _refused_pack(tmp_path, capsys, src)
+    assert f"3 image(s) at depth 3 (e.g. {src / 'setA' / 'amy' / '0.jpg'})" in err
+    assert f"pack {src / 'setA'} instead?" in err
+
+
+def test_pack_refuses_images_directly_in_the_root(tmp_path, capsys):
+    src = tmp_path / "aligned"
+    _jpeg(src / "amy" / "0.jpg", 1)
+    loose = _jpeg(src / "stray.jpg", 2)  # was ignored with a warning
+    err = _refused_pack(tmp_path, capsys, src)
+    assert f"1 image(s) at depth 1 (e.g. {loose})" in err and "belong to no identity" in err
+    only_loose = tmp_path / "amy_only"
+    _jpeg(only_loose / "0.jpg", 3)
+    err = _refused_pack(tmp_path, capsys, only_loose)
+    assert f"is {only_loose} itself one identity's folder?" in err
+
+
+# ----------------------------------------------------------------------------- bad paths
+
+def test_cli_bad_paths_are_one_line_errors_naming_the_path(tmp_path):
+    empty, folder, src = tmp_path / "empty.rec", tmp_path / "dir", tmp_path / "src"
+    empty.write_bytes(b"")
+    folder.mkdir()
+    _jpeg(src / "amy" / "0.jpg", 1)
+    garbage = tmp_path / "garbage.rec"
+    garbage.write_bytes(b"not a RecordIO file at all" * 10)
+    missing = tmp_path / "missing"
+    cases = [(["--rec", str(tmp_path / "missing.rec")], tmp_path / "missing.rec"),
+             (["--rec", str(empty)], empty),
+             (["--rec", str(folder)], folder),
+             (["--rec", str(garbage)], garbage),
+             (["--pack", str(missing), "--out", str(tmp_path / "p" / "train.rec")], missing),
+             (["--pack", str(empty), "--out", str(tmp_path / "p" / "train.rec")], empty),
+             (["--pack", str(src), "--out", str(folder)], folder)]
+    for args, path in cases:
+        proc = subprocess.run([sys.executable, "pre_process.py", *args, "--no-progress"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.splitlines()
+        errors = [ln for ln in lines if ln.startswith("error: ")]
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(errors) == 1, (args, proc.stderr)
+        assert str(path) in errors[0], (args, errors)
+    assert not (tmp_path / "p").exists() and sorted(folder.iterdir()) == []
+
+
+def _headerless(tmp_path, garbage_after=None, idx=True):
+    records = [(n, lib.ir_payload(float(n % 3), lib.jpeg_bytes(lib.textured_image(n))))
+               for n in range(6)]
+    rec = tmp_path / "plain.rec"
+    return rec, lib.write_rec(rec, records, idx=idx, garbage_after=garbage_after)
+
+
+def test_unaligned_garbage_without_idx_reports_the_unreadable_bytes(tmp_path, capsys):
+    """A scan resynchronises only on 4-aligned magics, so after 5 stray bytes every later
+    record is out of reach; the count of damaged stretches (1) understates that, the bytes
+    do not."""
+    rec, offsets = _headerless(tmp_path, garbage_after={1: b"12345"}, idx=False)
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    garbage_at = offsets[2] - 5  # write_rec's offsets are those of the file it wrote
+    unreadable = rec.stat().st_size - garbage_at
+    assert f"{rec}: 1 record(s) lost or damaged, {unreadable} byte(s) unreadable" in err
+    assert f"byte offset(s) {garbage_at};" in err and "2 images of 2 identities remain" in err
+
+
+def test_garbage_between_listed_records_loses_nothing_and_is_warned_about(tmp_path, caplog):
+    rec, offsets = _headerless(tmp_path, garbage_after={1: lib.GARBAGE})
+    index = pre_process.index_record_file(rec, progress=False)
+    assert index.lost == 0 and index.unreadable_bytes == len(lib.GARBAGE)
+    assert index.offsets.tolist() == list(offsets.values())
+    pre_process.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        pre_process.require_complete(index)
+    finally:
+        pre_process.log.removeHandler(caplog.handler)
+    assert f"{rec}: {len(lib.GARBAGE)} byte(s) between records belong to no record" \
+        in caplog.text

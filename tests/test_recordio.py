@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import multiprocessing
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import recordio_testlib as lib
 
 import recordio
+import utils
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _payloads():
@@ -121,3 +127,24 @@ def test_reader_reopens_after_fork(tmp_path):
         assert child.exitcode == 0 and got == payloads[2]
     # the parent's descriptor survived the children
     assert reader._fd == parent_fd and reader.read_at(offsets[3]) == payloads[3]
+
+
+def test_reader_refuses_directory_and_empty_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match=str(tmp_path)):
+        recordio.RecordReader(tmp_path)
+    empty = tmp_path / "empty.rec"
+    empty.write_bytes(b"")
+    with pytest.raises(recordio.RecordIOError, match="empty file") as err:
+        recordio.RecordReader(empty)
+    assert str(empty) in str(err.value)
+    assert isinstance(err.value, utils.ToolkitError)  # run_cli prints it as one line
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    empty = tmp_path / "empty.rec"
+    empty.write_bytes(b"")
+    for path in (empty, tmp_path, tmp_path / "missing.rec"):
+        proc = subprocess.run([sys.executable, str(ROOT / "recordio.py"), str(path)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.startswith("error: ") and str(path) in proc.stderr
