@@ -33,7 +33,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import recordio
-from pre_process import list_identity_images, load_or_build_index, require_complete
+from pre_process import list_identity_images
+from record_index import load_or_build_index, require_complete
 from utils import FACE_CROP_SIZE as IMAGE_SIZE
 from utils import ImageReadError, decode_image, read_image, run_cli
 

@@ -12,6 +12,7 @@ import torch
 
 import data_gen
 import pre_process
+import record_index
 import recordio
 from utils import run_cli
 
@@ -219,15 +220,15 @@ def test_cli_reports_set_and_batch(tmp_path, capsys):
 @pytest.mark.parametrize("how", lib.DAMAGES)
 def test_record_dataset_refuses_lost_records_unless_allowed(tmp_path, caplog, how):
     rec, at, lost, surviving = lib.damaged_insightface_set(tmp_path, how, COUNTS)
-    with pytest.raises(pre_process.LostRecordsError) as err:
+    with pytest.raises(record_index.LostRecordsError) as err:
         data_gen.build_dataset(str(rec), train=False)
     assert str(rec) in str(err.value) and f"{lost} record(s) lost or damaged" in str(err.value)
     assert f"byte offset(s) {at}" in str(err.value)
-    pre_process.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    record_index.log.addHandler(caplog.handler)  # the module's logger does not propagate
     try:
         ds = data_gen.build_dataset(str(rec), train=False, allow_lost_records=True)
     finally:
-        pre_process.log.removeHandler(caplog.handler)
+        record_index.log.removeHandler(caplog.handler)
     assert f"{rec}: {lost} record(s) lost or damaged" in caplog.text  # the warning
     assert list(zip(ds.offsets.tolist(), ds.labels.tolist(), strict=True)) == surviving
     assert ds.num_classes == len(COUNTS) and ds.lost_records == lost
@@ -241,7 +242,7 @@ def test_train_build_dataset_passes_allow_lost_records(tmp_path):
     from config import make_config
 
     rec, _, lost, surviving = lib.damaged_insightface_set(tmp_path, "truncated", COUNTS)
-    with pytest.raises(pre_process.LostRecordsError, match=f"{lost} record"):
+    with pytest.raises(record_index.LostRecordsError, match=f"{lost} record"):
         train.build_dataset(make_config({"rec": str(rec)}))
     ds, source = train.build_dataset(make_config({"rec": str(rec), "allow_lost_records": True}))
     assert source == str(rec) and ds.offsets.tolist() == [o for o, _ in surviving]

@@ -15,6 +15,7 @@ import pytest
 import recordio_testlib as lib
 
 import pre_process
+import record_index
 import recordio
 from utils import run_cli
 
@@ -29,7 +30,7 @@ def _expected_labels(expected):
 
 def test_index_insightface_set_with_and_without_idx(tmp_path):
     rec, offsets, expected = lib.build_insightface_set(tmp_path, COUNTS)
-    index = pre_process.index_record_file(rec, progress=False)
+    index = record_index.index_record_file(rec, progress=False)
     assert index.has_header and index.num_classes == len(COUNTS)
     assert index.labels.dtype == np.int64
     assert index.labels.tolist() == _expected_labels(expected)
@@ -39,7 +40,7 @@ def test_index_insightface_set_with_and_without_idx(tmp_path):
     assert index.corrupt_count == 0 and index.identity_mismatches == 0
 
     rec.with_suffix(".idx").unlink()  # now the file must be scanned
-    scanned = pre_process.index_record_file(rec, progress=False)
+    scanned = record_index.index_record_file(rec, progress=False)
     assert scanned.has_header and scanned.labels.tolist() == index.labels.tolist()
     assert scanned.offsets.tolist() == index.offsets.tolist()
 
@@ -56,7 +57,7 @@ def test_index_im2rec_file_without_header(tmp_path):
     for use_idx in (True, False):
         if not use_idx:
             rec.with_suffix(".idx").unlink()
-        index = pre_process.index_record_file(rec, progress=False)
+        index = record_index.index_record_file(rec, progress=False)
         assert not index.has_header and index.num_classes == 3
         assert index.labels.tolist() == labels
         assert index.offsets.tolist() == list(offsets.values())
@@ -71,7 +72,7 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path):
     struct.pack_into("<II", data, offsets[4], lib.MAGIC, 5)  # length 5 < 24-byte IRHeader
     struct.pack_into("<I", data, offsets[9], 0xDEADBEEF)
     rec.write_bytes(bytes(data))
-    index = pre_process.index_record_file(rec, progress=False)
+    index = record_index.index_record_file(rec, progress=False)
     assert index.corrupt_count == 2
     assert any("bad magic" in m and f"byte offset {offsets[9]}" in m for m in index.corrupt)
     want = [(k, c) for k, c, _ in expected if k not in (4, 9)]
@@ -80,8 +81,8 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path):
 
 def test_check_images_finds_undecodable_jpeg(tmp_path):
     rec, _, expected = lib.build_insightface_set(tmp_path, COUNTS, corrupt_jpeg_at=5)
-    assert pre_process.index_record_file(rec, progress=False).corrupt_count == 0
-    index = pre_process.index_record_file(rec, check_images=True, progress=False)
+    assert record_index.index_record_file(rec, progress=False).corrupt_count == 0
+    index = record_index.index_record_file(rec, check_images=True, progress=False)
     assert index.corrupt_count == 1 and 5 not in index.keys.tolist()
     assert len(index) == len(expected) - 1
 
@@ -104,12 +105,12 @@ def test_cli_summary_and_saved_index(tmp_path, capsys):
         assert z["labels"].tolist() == _expected_labels(expected)
         assert z["offsets"].tolist() == [offsets[k] for k, _, _ in expected]
         assert z["class_counts"].tolist() == list(COUNTS)
-    loaded = pre_process.load_index(rec)
+    loaded = record_index.load_index(rec)
     assert loaded is not None and loaded.labels.tolist() == _expected_labels(expected)
     # a changed .rec makes the saved index stale
     st = rec.stat()
     os.utime(rec, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert pre_process.load_index(rec) is None
+    assert record_index.load_index(rec) is None
 
 
 def test_cli_reports_missing_file(tmp_path, capsys):
@@ -180,7 +181,7 @@ def test_pack_round_trip(tmp_path, capsys):
                 want = lib.rgb_of(lib.jpeg_bytes(lib.rgb_of(data), quality=95))
                 assert any(np.array_equal(lib.rgb_of(img), want) for img in by_label[cls])
     # and the packed file indexes as an InsightFace set
-    index = pre_process.index_record_file(out, progress=False)
+    index = record_index.index_record_file(out, progress=False)
     assert index.has_header and index.num_classes == 3 and index.corrupt_count == 0
     assert index.class_counts.tolist() == [3, 3, 2]
 
@@ -192,8 +193,8 @@ def test_pack_is_readable_without_idx(tmp_path):
     summary = pre_process.pack_folder(src, out, progress=False)
     copy = tmp_path / "copy.rec"
     shutil.copy(out, copy)  # no .idx beside the copy: the scan must find the same images
-    a = pre_process.index_record_file(out, progress=False)
-    b = pre_process.index_record_file(copy, progress=False)
+    a = record_index.index_record_file(out, progress=False)
+    b = record_index.index_record_file(copy, progress=False)
     assert summary.images == len(a) == len(b)
     assert a.labels.tolist() == b.labels.tolist() and a.offsets.tolist() == b.offsets.tolist()
     independent = {off: payload for off, _, payload in lib.read_all_records(out)}
@@ -220,22 +221,22 @@ def test_cli_refuses_a_set_that_lost_records(tmp_path, capsys, how, idx):
     assert f"{identities} of {len(COUNTS)} identities" in err
     # accepted with the flag; the saved index holds exactly the surviving records
     assert pre_process.main(["--rec", str(rec), "--no-progress", "--allow-lost-records"]) == 0
-    index = pre_process.load_index(rec)
+    index = record_index.load_index(rec)
     assert index is not None and index.lost == lost and index.unreadable_bytes == unreadable
     assert list(zip(index.offsets.tolist(), index.labels.tolist(), strict=True)) == surviving
     # training through the saved index refuses it the same way
     import data_gen
 
-    with pytest.raises(pre_process.LostRecordsError, match=f"{lost} record"):
+    with pytest.raises(record_index.LostRecordsError, match=f"{lost} record"):
         data_gen.FaceRecordDataset(rec)
 
 
 def test_uncovered_stretches():
     starts = np.array([40, 0, 10, 10, 12], np.int64)  # unsorted, a duplicate, one nested
     ends = np.array([50, 8, 20, 20, 16], np.int64)
-    assert pre_process._uncovered(starts, ends, 60) == [(8, 10), (20, 40), (50, 60)]
-    assert pre_process._uncovered(starts[:0], ends[:0], 60) == [(0, 60)]
-    assert pre_process._uncovered(np.array([0]), np.array([60]), 60) == []
+    assert record_index._uncovered(starts, ends, 60) == [(8, 10), (20, 40), (50, 60)]
+    assert record_index._uncovered(starts[:0], ends[:0], 60) == [(0, 60)]
+    assert record_index._uncovered(np.array([0]), np.array([60]), 60) == []
 
 
 def test_idx_that_misses_records_of_a_headerless_file_is_refused(tmp_path, capsys):
@@ -251,28 +252,28 @@ def test_idx_that_misses_records_of_a_headerless_file_is_refused(tmp_path, capsy
     assert str(rec) in err and "2 record(s) lost or damaged" in err
     assert "unreadable" not in err  # every byte is in a readable record, listed or not
     assert f"byte offset(s) {offsets[4]}, {offsets[5]}" in err and str(idx) in err
-    index = pre_process.index_record_file(rec, progress=False)
+    index = record_index.index_record_file(rec, progress=False)
     assert index.lost == 2 and index.labels.tolist() == labels[:4]
 
 
 @pytest.mark.parametrize("keep", [0, 100, "half"])
 def test_truncated_saved_index_is_rebuilt_with_a_warning(tmp_path, caplog, keep):
     rec, offsets, expected = lib.build_insightface_set(tmp_path, COUNTS)
-    saved = pre_process.save_index(pre_process.index_record_file(rec, progress=False))
+    saved = record_index.save_index(record_index.index_record_file(rec, progress=False))
     data = saved.read_bytes()
     saved.write_bytes(data[:len(data) // 2 if keep == "half" else keep])
-    pre_process.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    record_index.log.addHandler(caplog.handler)  # the module's logger does not propagate
     try:
-        assert pre_process.load_index(rec) is None
-        index = pre_process.load_or_build_index(rec)
+        assert record_index.load_index(rec) is None
+        index = record_index.load_or_build_index(rec)
     finally:
-        pre_process.log.removeHandler(caplog.handler)
+        record_index.log.removeHandler(caplog.handler)
     assert f"cannot use index {saved}" in caplog.text and "rebuilding" in caplog.text
     assert index.offsets.tolist() == [offsets[k] for k, _, _ in expected]
     assert index.labels.tolist() == _expected_labels(expected)
     # the CLI writes a whole one again
     assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 0
-    assert pre_process.load_index(rec).labels.tolist() == _expected_labels(expected)
+    assert record_index.load_index(rec).labels.tolist() == _expected_labels(expected)
 
 
 # ----------------------------------------------------------------------------- safe --pack
@@ -393,7 +394,7 @@ def test_pack_interrupted_while_renaming_leaves_a_whole_set(tmp_path, monkeypatc
     monkeypatch.undo()
     got = _contents(out)
     assert got in want
-    index = pre_process.load_or_build_index(out)
+    index = record_index.load_or_build_index(out)
     assert index.lost == 0
 
 
@@ -528,13 +529,13 @@ def test_unaligned_garbage_without_idx_reports_the_unreadable_bytes(tmp_path, ca
 
 def test_garbage_between_listed_records_loses_nothing_and_is_warned_about(tmp_path, caplog):
     rec, offsets = _headerless(tmp_path, garbage_after={1: lib.GARBAGE})
-    index = pre_process.index_record_file(rec, progress=False)
+    index = record_index.index_record_file(rec, progress=False)
     assert index.lost == 0 and index.unreadable_bytes == len(lib.GARBAGE)
     assert index.offsets.tolist() == list(offsets.values())
-    pre_process.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    record_index.log.addHandler(caplog.handler)  # the module's logger does not propagate
     try:
-        pre_process.require_complete(index)
+        record_index.require_complete(index)
     finally:
-        pre_process.log.removeHandler(caplog.handler)
+        record_index.log.removeHandler(caplog.handler)
     assert f"{rec}: {len(lib.GARBAGE)} byte(s) between records belong to no record" \
         in caplog.text
