@@ -196,11 +196,11 @@ def _is_inside(root_real: str, path: str) -> bool:
     return os.path.commonpath([root_real, path]) == root_real
 
 
-def _check_resolved(dest: Path, rel: PurePosixPath, name: str, archive: Path) -> None:
+def _check_resolved(root: str, dest: Path, rel: PurePosixPath, name: str,
+                    archive: Path) -> None:
     """The member's path with every symbolic link on disk followed (links made by earlier
-    members, or already in the destination) must stay inside the destination: checking the
-    names as text misses a chain of links."""
-    root = os.path.realpath(dest)
+    members, or already in the destination) must stay inside the destination (``root``, its
+    real path): checking the names as text misses a chain of links."""
     resolved = os.path.realpath(os.path.join(root, *rel.parts))
     if not _is_inside(root, resolved):
         raise UnsafeArchiveError(
@@ -307,6 +307,7 @@ def _extract_zip(archive: Path, dest: Path, progress: bool,
     with zf:
         infos = zf.infolist()
         rels = []
+        root = os.path.realpath(dest)
         for info in infos:  # check every member before writing anything
             rel = _safe_relative(info.filename, archive)
             if _is_zip_symlink(info):
@@ -314,7 +315,7 @@ def _extract_zip(archive: Path, dest: Path, progress: bool,
                     f"{archive}: refusing member {info.filename!r}: symbolic links in zip "
                     "archives are not extracted (a chain of them can redirect later members "
                     "outside the destination)")
-            _check_resolved(dest, rel, info.filename, archive)
+            _check_resolved(root, dest, rel, info.filename, archive)
             rels.append(rel)
         total = sum(_declared_size(i) for i in infos)
         budget = _Budget(archive, limits)
@@ -353,6 +354,7 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
     links: list[tuple[str, Path]] = []
     files = 0
     budget = _Budget(archive, limits)
+    root = os.path.realpath(dest)
     with open(archive, "rb", buffering=0) as raw, tqdm(
             total=archive.stat().st_size, unit="B", unit_scale=True, desc=archive.name,
             disable=not progress) as bar:
@@ -362,7 +364,7 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
             with tarfile.open(fileobj=reader, mode="r|*") as tar:
                 for member in tar:
                     rel = _check_tar_member(member, archive)
-                    _check_resolved(dest, rel, member.name, archive)
+                    _check_resolved(root, dest, rel, member.name, archive)
                     if member.isfile():  # tarfile writes exactly member.size bytes
                         budget.take(member.size, member.name)
                     rels.append(rel)
