@@ -288,9 +288,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             "Use a checkpoint written by this toolkit (train.py) or re-save the weights as a "
             "plain state dict") from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
+        # torch's first sentence says what broke; the rest is generic advice
+        reason = " ".join(str(e).split()).split(". ")[0].rstrip(".") or type(e).__name__
+        if len(reason) > CORRUPT_REASON_CHARS:
+            reason = reason[:CORRUPT_REASON_CHARS - 3] + "..."
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or "
-                              f"corrupt: {reason[:CORRUPT_REASON_CHARS]})") from None
+                              f"corrupt: {reason})") from None
 
 
 def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -320,3 +320,13 @@ def test_backbone_state_that_is_not_a_dict_is_named(tmp_path):
     torch.save([torch.ones(2)], tmp_path / "list.pt")
     with pytest.raises(utils.CheckpointError, match="list.pt: holds a list, not a state dict"):
         utils.load_backbone_state(tmp_path / "list.pt")
+
+
+def test_corrupt_checkpoint_reason_is_torchs_first_sentence(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "good.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:50])
+    with pytest.raises(utils.CheckpointError) as info:
+        utils.load_checkpoint(tmp_path / "cut.pt")
+    # torch says: "PytorchStreamReader failed ...: failed finding central directory. This is
+    # an internal miniz error. If you are seeing this error, ..." - only the fact is kept
+    assert str(info.value).endswith("failed finding central directory)"), str(info.value)
