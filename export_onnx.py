@@ -4,14 +4,25 @@
 
 The exported graph is run with onnxruntime on random inputs next to PyTorch; if the largest
 absolute difference between the two sets of L2-normalised embeddings is not below the
-tolerance, the ONNX file is deleted and the command fails: a model that silently disagrees
-with its checkpoint is worse than no export.
+tolerance, nothing is written (an earlier export at --out is kept) and the command fails: a
+model that silently disagrees with its checkpoint is worse than no export.
+
+The .onnx file is self-contained (weights inside) up to SINGLE_FILE_MAX_BYTES of weights;
+past that (protobuf cannot hold 2 GB) the weights go to ``<out>.data`` beside it, and the
+two must be moved together. The export is written and checked in a staging folder beside
+--out and renamed into place only when whole, so a failed or killed export leaves no
+half-written file and no orphaned weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +30,22 @@ import torch
 from torch import nn
 
 from models import IMAGE_SIZE, load_backbone
-from utils import add_debug_flag, get_logger, run_cli
+from utils import ToolkitError, add_debug_flag, get_logger, run_cli
 
 PARITY_TOLERANCE = 1e-4  # max |difference| of L2-normalised embeddings
 PARITY_BATCH = 3  # differs from the export batch, so the dynamic batch axis is exercised
 EXPORT_BATCH = 2
 ONNX_OPSET = 18
+# Weights above this go to an external-data file: torch's own switch-over point
+# (_LARGE_MODEL_THRESHOLD, 1.5 GiB), which leaves room for the graph under protobuf's 2 GiB.
+SINGLE_FILE_MAX_BYTES = 1536 * 2**20
+EXTERNAL_DATA_SUFFIX = ".data"  # onnxscript names the weights file <model file name>.data
+STAGING_SUFFIX = ".onnx-staging"  # folder ".<out name>.<random>.onnx-staging" beside --out
 
 log = get_logger("export_onnx")
 
 
-class ParityError(RuntimeError):
+class ParityError(ToolkitError, RuntimeError):
     """The ONNX model's embeddings differ from PyTorch's beyond the tolerance."""
 
 
@@ -37,19 +53,60 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def export_onnx(model: nn.Module, out_path: str | Path, opset: int = ONNX_OPSET) -> Path:
-    """Write ``model`` (eval mode, CPU, float32) as ONNX with a dynamic batch axis."""
+def external_data_path(out_path: str | Path) -> Path:
+    """Where the weights of a model too large for one file go: ``<out>.data``."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + EXTERNAL_DATA_SUFFIX)
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
+
+
+def remove_stale_staging(out_path: str | Path) -> list[Path]:
+    """Delete staging folders that a killed export left beside ``out_path``. Call it only
+    where no other export to that file can be running."""
+    out_path = Path(out_path)
+    stale = list(out_path.parent.glob(f".{out_path.name}.*{STAGING_SUFFIX}"))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
+def export_onnx(model: nn.Module, out_path: str | Path, opset: int = ONNX_OPSET,
+                single_file_max_bytes: int = SINGLE_FILE_MAX_BYTES,
+                check: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` (eval mode, CPU, float32) as ONNX with a dynamic batch axis: one
+    self-contained file, or with ``<out>.data`` when its weights exceed
+    ``single_file_max_bytes``. ``check(staged_path)`` may inspect the finished export
+    before it replaces ``out_path``; if it (or anything else) raises, nothing is left."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().float().to("cpu").to(memory_format=torch.contiguous_format)
     dummy = torch.zeros(EXPORT_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():  # the torch.export-based exporter (needs onnxscript)
-        torch.onnx.export(model, (dummy,), str(tmp), input_names=["images"],
-                          output_names=["embeddings"], opset_version=opset,
-                          dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
-    tmp.replace(out_path)
+        program = torch.onnx.export(model, (dummy,), None, input_names=["images"],
+                                    output_names=["embeddings"], opset_version=opset,
+                                    dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    # staged under the final names: the .onnx refers to its weights file by name
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=STAGING_SUFFIX,
+                                    dir=out_path.parent))
+    try:
+        staged = staging / out_path.name
+        program.save(staged, external_data=_weight_bytes(model) > single_file_max_bytes)
+        if check is not None:
+            check(staged)
+        staged_data = external_data_path(staged)
+        if staged_data.exists():  # weights first: the new .onnx must never lack them
+            os.replace(staged_data, external_data_path(out_path))
+            os.replace(staged, out_path)
+        else:
+            os.replace(staged, out_path)
+            # one file now: weights left by an earlier, external-data export are orphans
+            external_data_path(out_path).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_path
 
 
@@ -69,14 +126,19 @@ def check_parity(model: nn.Module, onnx_path: str | Path, batch: int = PARITY_BA
 
 def export_and_verify(model: nn.Module, out_path: str | Path,
                       tolerance: float = PARITY_TOLERANCE) -> float:
-    """Export, then check parity; on failure delete the file and raise ParityError."""
-    path = export_onnx(model, out_path)
-    diff = check_parity(model, path)
-    if not diff < tolerance:
-        path.unlink(missing_ok=True)
-        raise ParityError(f"{path}: ONNX embeddings differ from PyTorch by {diff:.3g} "
-                          f"(tolerance {tolerance:g}); the export was deleted")
-    return diff
+    """Export and check parity before the file takes its place; on a mismatch nothing is
+    written and ParityError is raised. Returns the max abs difference."""
+    diffs = []
+
+    def parity(staged: Path) -> None:
+        diff = check_parity(model, staged)
+        if not diff < tolerance:
+            raise ParityError(f"{out_path}: ONNX embeddings differ from PyTorch by {diff:.3g} "
+                              f"(tolerance {tolerance:g}); nothing was written")
+        diffs.append(diff)
+
+    export_onnx(model, out_path, check=parity)
+    return diffs[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,13 +154,10 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
-    try:
-        model = load_backbone(checkpoint, network=args.network,
-                              embedding_size=args.embedding_size)
-        diff = export_and_verify(model, out, args.tolerance)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        log.error("%s", e)
-        return 1
+    # errors (missing or untrusted checkpoint, parity) are printed by run_cli, one line
+    model = load_backbone(checkpoint, network=args.network, embedding_size=args.embedding_size)
+    remove_stale_staging(out)
+    diff = export_and_verify(model, out, args.tolerance)
     log.info("wrote %s (max |diff| of normalised embeddings vs PyTorch: %.2e)", out, diff)
     return 0
 

@@ -21,10 +21,19 @@ with the same archive and its top-level entries still present does nothing. An i
 run leaves no marker, so the next run extracts again (overwriting).
 
 Safety: a member with an absolute path, a ``..`` component, a link pointing outside the
-destination, or a device/FIFO entry is refused with an error naming the archive and the
-member. Zip archives are checked completely before anything is written; tar archives are
-streamed (one pass over a possibly huge .tar.gz), so members before a refused one have
-already been written, all inside the destination.
+destination, a path that resolves outside it through a symbolic link (one from the archive
+or one already in the destination), or a device/FIFO entry is refused with an error naming
+the archive and the member. Symbolic links inside zip archives are refused outright (a chain
+of harmless-looking links can redirect later members anywhere); tar archives get tarfile's
+``data`` filter, the same checks on resolved paths, and a final pass that removes any link a
+later member made point outside. Zip archives are checked completely before anything is
+written; tar archives are streamed (one pass over a possibly huge .tar.gz), so members
+before a refused one have already been written, all inside the destination.
+
+Size: an archive whose contents would exceed MAX_COMPRESSION_RATIO times its own size (past
+the first RATIO_FREE_BYTES) or MAX_EXTRACTED_BYTES in all is refused as a likely zip bomb:
+for a zip from its declared sizes before anything is written, and for every archive again
+from the bytes actually written (headers can lie). ``--allow-large`` lifts the limits.
 """
 
 from __future__ import annotations
@@ -44,10 +53,11 @@ import time
 import zipfile
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from utils import add_debug_flag, atomic_write_text, get_logger, run_cli
+from utils import ToolkitError, add_debug_flag, atomic_write_text, get_logger, run_cli
 
 DEFAULT_DATA_ROOT = Path("data")
 MEGAFACE_SUBDIR = "megaface"
@@ -58,16 +68,69 @@ LFW_PAIRS_SUBDIR = "lfw"  # config.pairs defaults to data/lfw/pairs.txt
 MARKER_PREFIX = ".extracted-"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
 COPY_CHUNK = 1 << 20  # bytes per read when copying a member out of a zip
+# Zip-bomb guard. Face data (JPEG crops, .rec records) barely compresses (ratio ~1); text
+# lists compress ~10x; a run of zeros ~1000x. Below RATIO_FREE_BYTES of output the ratio is
+# not checked (small archives of text), and nothing may expand past MAX_EXTRACTED_BYTES,
+# several times the largest face dataset (MegaFace + FaceScrub, a few hundred GB).
+MAX_COMPRESSION_RATIO = 100
+RATIO_FREE_BYTES = 10 * 2**20
+MAX_EXTRACTED_BYTES = 2 * 2**40
+ALLOW_LARGE_FLAG = "--allow-large"
 
 log = get_logger("extract")
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(ToolkitError, ValueError):
     """An archive member that would land outside the destination (or is a device file)."""
 
 
-class ArchiveError(ValueError):
+class ArchiveError(ToolkitError, ValueError):
     """An archive that cannot be read (unknown format, corrupt, truncated)."""
+
+
+class ArchiveTooLargeError(ToolkitError, ValueError):
+    """An archive that would expand past the size limits (a likely zip bomb)."""
+
+
+class DestinationError(ToolkitError, NotADirectoryError):
+    """A destination that is (or lies under) a file instead of a folder."""
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """How much an archive may expand: at most ``max_ratio`` times its own size (the first
+    ``ratio_free_bytes`` free) and never more than ``max_bytes``."""
+
+    max_ratio: float = MAX_COMPRESSION_RATIO
+    ratio_free_bytes: int = RATIO_FREE_BYTES
+    max_bytes: int = MAX_EXTRACTED_BYTES
+
+    def allowed(self, archive_size: int) -> int:
+        """The most bytes an archive of ``archive_size`` bytes may extract to."""
+        by_ratio = max(self.ratio_free_bytes, int(self.max_ratio * archive_size))
+        return min(self.max_bytes, by_ratio)
+
+
+def _too_large(archive: Path, what: str, size: int, allowed: int) -> ArchiveTooLargeError:
+    return ArchiveTooLargeError(
+        f"{archive}: refusing to extract: {what} would be {size:,} bytes from a "
+        f"{archive.stat().st_size:,}-byte archive, past the limit of {allowed:,} bytes "
+        f"(a zip bomb?); if you trust this archive, pass {ALLOW_LARGE_FLAG}")
+
+
+class _Budget:
+    """Counts the bytes actually written against the size limit (None: unlimited)."""
+
+    def __init__(self, archive: Path, limits: SizeLimits | None) -> None:
+        self.archive = archive
+        self.allowed = None if limits is None else limits.allowed(archive.stat().st_size)
+        self.used = 0
+
+    def take(self, n: int, member: str) -> None:
+        self.used += n
+        if self.allowed is not None and self.used > self.allowed:
+            raise _too_large(self.archive, f"the output up to member {member!r}", self.used,
+                             self.allowed)
 
 
 # ----------------------------------------------------------------------------- naming
@@ -129,6 +192,34 @@ def _check_link(name: str, target: str, archive: Path, hard: bool) -> None:
             depth += 1
 
 
+def _is_inside(root_real: str, path: str) -> bool:
+    return os.path.commonpath([root_real, path]) == root_real
+
+
+def _check_resolved(root: str, dest: Path, rel: PurePosixPath, name: str,
+                    archive: Path) -> None:
+    """The member's path with every symbolic link on disk followed (links made by earlier
+    members, or already in the destination) must stay inside the destination (``root``, its
+    real path): checking the names as text misses a chain of links."""
+    resolved = os.path.realpath(os.path.join(root, *rel.parts))
+    if not _is_inside(root, resolved):
+        raise UnsafeArchiveError(
+            f"{archive}: refusing member {name!r}: through a symbolic link it would be "
+            f"written to {resolved}, outside the destination {dest}")
+
+
+def _remove_escaping_links(dest: Path, links: list[tuple[str, Path]]) -> list[str]:
+    """Delete the links extracted from a tar that now resolve outside ``dest`` (a link can be
+    made to escape by a later one changing a folder on its path); their member names."""
+    root = os.path.realpath(dest)
+    escaped = []
+    for name, path in links:
+        if path.is_symlink() and not _is_inside(root, os.path.realpath(path)):
+            path.unlink()
+            escaped.append(name)
+    return escaped
+
+
 def _check_tar_member(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
     rel = _safe_relative(member.name, archive)
     if member.issym() or member.islnk():
@@ -139,11 +230,14 @@ def _check_tar_member(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
     return rel
 
 
-def _zip_symlink_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | None:
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
-        return zf.read(info).decode("utf-8", "replace")
-    return None
+def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
+    """Info-ZIP keeps the Unix mode in external_attr's high 16 bits; S_IFLNK is a link."""
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _declared_size(info: zipfile.ZipInfo) -> int:
+    """The uncompressed size a zip member's header claims (not to be trusted alone)."""
+    return info.file_size
 
 
 # ----------------------------------------------------------------------------- progress
@@ -202,7 +296,8 @@ def already_extracted(archive: str | Path, dest: str | Path) -> bool:
     return _completed_marker(Path(archive), Path(dest)) is not None
 
 
-def _extract_zip(archive: Path, dest: Path, progress: bool) -> tuple[int, int, list[str]]:
+def _extract_zip(archive: Path, dest: Path, progress: bool,
+                 limits: SizeLimits | None) -> tuple[int, int, list[str]]:
     from tqdm import tqdm
 
     try:
@@ -212,14 +307,20 @@ def _extract_zip(archive: Path, dest: Path, progress: bool) -> tuple[int, int, l
     with zf:
         infos = zf.infolist()
         rels = []
-        links: dict[str, str] = {}
+        root = os.path.realpath(dest)
         for info in infos:  # check every member before writing anything
-            rels.append(_safe_relative(info.filename, archive))
-            target = _zip_symlink_target(zf, info)
-            if target is not None:
-                _check_link(info.filename, target, archive, hard=False)
-                links[info.filename] = target
-        total = sum(i.file_size for i in infos)
+            rel = _safe_relative(info.filename, archive)
+            if _is_zip_symlink(info):
+                raise UnsafeArchiveError(
+                    f"{archive}: refusing member {info.filename!r}: symbolic links in zip "
+                    "archives are not extracted (a chain of them can redirect later members "
+                    "outside the destination)")
+            _check_resolved(root, dest, rel, info.filename, archive)
+            rels.append(rel)
+        total = sum(_declared_size(i) for i in infos)
+        budget = _Budget(archive, limits)
+        if budget.allowed is not None and total > budget.allowed:
+            raise _too_large(archive, "its declared contents", total, budget.allowed)
         files = 0
         with tqdm(total=total, unit="B", unit_scale=True, desc=archive.name,
                   disable=not progress) as bar:
@@ -229,28 +330,31 @@ def _extract_zip(archive: Path, dest: Path, progress: bool) -> tuple[int, int, l
                     out.mkdir(parents=True, exist_ok=True)
                     continue
                 out.parent.mkdir(parents=True, exist_ok=True)
-                if info.filename in links:
-                    if out.is_symlink() or out.exists():
-                        out.unlink()
-                    os.symlink(links[info.filename], out)
-                else:
-                    try:
-                        with zf.open(info) as src, open(out, "wb") as dst:
-                            while chunk := src.read(COPY_CHUNK):
-                                dst.write(chunk)
-                                bar.update(len(chunk))
-                    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-                        raise ArchiveError(
-                            f"{archive}: member {info.filename!r} is corrupt ({e})") from None
+                try:
+                    with zf.open(info) as src, open(out, "wb") as dst:
+                        while chunk := src.read(COPY_CHUNK):
+                            budget.take(len(chunk), info.filename)  # headers can lie
+                            dst.write(chunk)
+                            bar.update(len(chunk))
+                except ArchiveTooLargeError:
+                    out.unlink(missing_ok=True)  # the bomb's partial output
+                    raise
+                except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                    raise ArchiveError(
+                        f"{archive}: member {info.filename!r} is corrupt ({e})") from None
                 files += 1
-    return files, total, _top_level(rels)
+    return files, budget.used, _top_level(rels)
 
 
-def _extract_tar(archive: Path, dest: Path, progress: bool) -> tuple[int, int, list[str]]:
+def _extract_tar(archive: Path, dest: Path, progress: bool,
+                 limits: SizeLimits | None) -> tuple[int, int, list[str]]:
     from tqdm import tqdm
 
     rels: list[PurePosixPath] = []
-    files = size = 0
+    links: list[tuple[str, Path]] = []
+    files = 0
+    budget = _Budget(archive, limits)
+    root = os.path.realpath(dest)
     with open(archive, "rb", buffering=0) as raw, tqdm(
             total=archive.stat().st_size, unit="B", unit_scale=True, desc=archive.name,
             disable=not progress) as bar:
@@ -259,18 +363,29 @@ def _extract_tar(archive: Path, dest: Path, progress: bool) -> tuple[int, int, l
             # stream mode: one sequential pass, whatever the compression
             with tarfile.open(fileobj=reader, mode="r|*") as tar:
                 for member in tar:
-                    rels.append(_check_tar_member(member, archive))
+                    rel = _check_tar_member(member, archive)
+                    _check_resolved(root, dest, rel, member.name, archive)
+                    if member.isfile():  # tarfile writes exactly member.size bytes
+                        budget.take(member.size, member.name)
+                    rels.append(rel)
                     # the 'data' filter re-checks paths and links and drops odd permissions
                     tar.extract(member, dest, filter="data")
+                    if member.issym():
+                        links.append((member.name, dest.joinpath(*rel.parts)))
                     if member.isfile():
                         files += 1
-                        size += member.size
         except tarfile.FilterError as e:
             raise UnsafeArchiveError(f"{archive}: refusing member: {e}") from None
         except (tarfile.ReadError, tarfile.CompressionError, EOFError, gzip.BadGzipFile,
                 zlib.error, lzma.LZMAError) as e:
             raise ArchiveError(f"{archive}: not a readable tar archive ({e})") from None
-    return files, size, _top_level(rels)
+        finally:  # also after a refusal: no link may be left pointing outside
+            escaped = _remove_escaping_links(dest, links)
+    if escaped:
+        raise UnsafeArchiveError(
+            f"{archive}: refusing member {escaped[0]!r}: a later member made its link point "
+            f"outside the destination (removed {len(escaped)} such link(s))")
+    return files, budget.used, _top_level(rels)
 
 
 def _archive_kind(archive: Path) -> str:
@@ -297,18 +412,35 @@ def _members_share_one_folder(archive: Path, kind: str) -> bool | None:
     return len(tops) == 1 and not loose
 
 
+def _check_destination(dest: Path, archive: Path | None = None) -> None:
+    """``dest`` and every existing folder above it must be folders, not files."""
+    for path in (dest, *dest.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = f"{archive}: " if archive is not None else ""
+                raise DestinationError(f"{where}destination {path} is a file, not a folder")
+            return
+
+
 def extract_archive(archive: str | Path, dest: str | Path, progress: bool = True,
-                    force: bool = False) -> dict[str, Any]:
+                    force: bool = False,
+                    limits: SizeLimits | None = SizeLimits()) -> dict[str, Any]:
     """Unpack ``archive`` (zip, tar, tar.gz/bz2/xz) into ``dest``, members at their stored
     relative paths. Does nothing when :func:`already_extracted` (unless ``force``).
 
-    Raises UnsafeArchiveError for a member that would land outside ``dest`` and
-    ArchiveError for an unreadable archive, both naming the archive (and member).
+    Raises UnsafeArchiveError for a member that would land outside ``dest``,
+    ArchiveTooLargeError past ``limits`` (None: no limit), ArchiveError for an unreadable
+    archive, all naming the archive (and member); DestinationError when ``dest`` is a file.
     Returns a summary: archive, dest, skipped, files, bytes, top_level, seconds.
     """
     archive, dest = Path(archive), Path(dest)
+    if archive.is_dir():
+        raise ArchiveError(f"{archive}: is a folder, not an archive file")
     if not archive.is_file():
         raise FileNotFoundError(f"archive not found: {archive}")
+    if archive.stat().st_size == 0:
+        raise ArchiveError(f"{archive}: empty file (0 bytes), not an archive")
+    _check_destination(dest, archive)
     start = time.perf_counter()
     summary: dict[str, Any] = {"archive": str(archive), "dest": str(dest), "skipped": False}
     info = None if force else _completed_marker(archive, dest)
@@ -319,7 +451,7 @@ def extract_archive(archive: str | Path, dest: str | Path, progress: bool = True
     kind = _archive_kind(archive)
     dest.mkdir(parents=True, exist_ok=True)
     extract = _extract_zip if kind == "zip" else _extract_tar
-    files, size, top = extract(archive, dest, progress)
+    files, size, top = extract(archive, dest, progress, limits)
     record = {"archive": _archive_identity(archive), "files": files, "bytes": size,
               "top_level": top, "format": kind}
     atomic_write_text(_marker_path(archive, dest), json.dumps(record, indent=1))
@@ -364,7 +496,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="data root (default: data)")
     parser.add_argument("--force", action="store_true", help="extract even if done before")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        ALLOW_LARGE_FLAG, action="store_true",
+        help=f"extract archives that expand more than {MAX_COMPRESSION_RATIO}x their size "
+             f"(past the first {RATIO_FREE_BYTES // 2**20} MiB) or past "
+             f"{MAX_EXTRACTED_BYTES // 2**40} TiB in all; without it such archives are "
+             "refused as likely zip bombs")
     args = parser.parse_args(argv)
+    _check_destination(args.dest)  # one error, not one per archive
+    limits = None if args.allow_large else SizeLimits()
 
     failures = 0
     lines = []
@@ -380,8 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         dest = destination_for(archive, args.dest)
         try:
-            s = extract_archive(archive, dest, progress=not args.no_progress, force=args.force)
-        except (FileNotFoundError, ArchiveError, UnsafeArchiveError) as e:
+            s = extract_archive(archive, dest, progress=not args.no_progress, force=args.force,
+                                limits=limits)
+        except (FileNotFoundError, ToolkitError) as e:  # this archive fails, the rest go on
             lines.append(f"FAILED   {e}")
             failures += 1
             continue

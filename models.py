@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils import FACE_CROP_SIZE, add_debug_flag, run_cli
+from utils import FACE_CROP_SIZE, CheckpointError, add_debug_flag, run_cli
 
 IMAGE_SIZE = FACE_CROP_SIZE  # aligned face crops, the models' input side
 BN_EPS = 1e-5
@@ -259,6 +259,11 @@ def model_flops(model: nn.Module, image_size: int = IMAGE_SIZE) -> int:
     return int(counter.get_total_flops())
 
 
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """Weights that do not fit the network named for them (or no network named): the message
+    names the file. A ValueError, as load_backbone raised before."""
+
+
 def _read_run_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
@@ -266,7 +271,7 @@ def _read_run_config(folder: Path) -> dict[str, Any]:
     try:
         values = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the run's config ({e})") from None
+        raise CheckpointMismatchError(f"{path}: cannot read the run's config ({e})") from None
     return values if isinstance(values, dict) else {}
 
 
@@ -280,26 +285,34 @@ def load_backbone(path: str | Path, network: str | None = None,
     from utils import load_backbone_state
 
     path = Path(path)
+    # the file first: a missing or damaged checkpoint is the problem to report, not the
+    # network that cannot be read from beside it
+    state = load_backbone_state(path)
     run_config = _read_run_config(path.parent)
     network = network or run_config.get("network")
     if network is None:
-        raise ValueError(f"{path}: cannot tell which network it holds: pass network=... "
-                         f"(--network) or keep the run's {CONFIG_FILE} beside it")
-    state = load_backbone_state(path)
+        raise CheckpointMismatchError(
+            f"{path}: cannot tell which network it holds: pass network=... (--network) or "
+            f"keep the run's {CONFIG_FILE} beside it")
     if embedding_size is None:
         embedding_size = run_config.get("embedding_size")
     if embedding_size is None:
         fc = state.get("fc.weight")
         if not isinstance(fc, torch.Tensor) or fc.ndim != 2:
-            raise ValueError(f"{path}: no embedding size given and no fc.weight to read it from")
+            raise CheckpointMismatchError(
+                f"{path}: no embedding size given and no fc.weight to read it from")
         embedding_size = int(fc.shape[0])
-    model = build_model(network, int(embedding_size))
+    try:
+        model = build_model(network, int(embedding_size))
+    except ValueError as e:  # an unknown name from --network or config.json
+        raise CheckpointMismatchError(f"{path}: {e}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first_lines = "\n".join(str(e).splitlines()[:6])
-        raise ValueError(f"{path}: weights do not match network {network!r} with "
-                         f"embedding size {embedding_size}:\n{first_lines}") from None
+        raise CheckpointMismatchError(f"{path}: weights do not match network {network!r} "
+                                      f"with embedding size {embedding_size}:\n"
+                                      f"{first_lines}") from None
     return model.to(map_location).eval()
 
 

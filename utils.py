@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import random
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ except ImportError:  # pragma: no cover - opencv is in requirements.txt
     cv2 = None
 
 FACE_CROP_SIZE = 112  # side of the aligned face crops (ArcFace's 112x112 template) everywhere
+CORRUPT_REASON_CHARS = 120  # enough of torch's reason for a corrupt file to keep one line
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -237,17 +239,61 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     _atomic_write(path, lambda f: torch.save(dict(state), f))
 
 
+class CheckpointError(ToolkitError, RuntimeError):
+    """A checkpoint that cannot be loaded: missing, truncated, corrupt, or not trusted
+    because it holds pickled Python objects. The message is one line naming the file."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No file at the checkpoint path (still a FileNotFoundError for existing callers)."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint holding arbitrary Python objects, which unpickling could run as code."""
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # names the refused class in torch's message
+_CORRUPT_PICKLE = "Unsupported operand"  # torch's safe unpickler on a byte it cannot parse
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint saved by :func:`save_checkpoint`; never unpickles arbitrary objects."""
+    """Load a checkpoint saved by :func:`save_checkpoint`; never unpickles arbitrary objects.
+
+    Raises CheckpointNotFoundError (a FileNotFoundError), UntrustedCheckpointError for a file
+    holding pickled Python objects, CheckpointError for an empty, truncated or corrupt one."""
+    import pickle
+
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupt file, or one holding pickled objects
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False, i.e. running the file's code: never
+        # repeat that; name the offending class instead
+        if _CORRUPT_PICKLE in str(e):  # a damaged pickle stream, not a foreign object
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt: "
+                                  "invalid pickle data)") from None
+        found = _UNSAFE_GLOBAL.search(str(e))
+        what = f" (e.g. {found.group(1)})" if found else ""
+        raise UntrustedCheckpointError(
+            f"{path}: not trusted: it holds arbitrary Python objects{what}, not only tensors "
+            "and plain values, and loading those could run code; refusing to load it. "
+            "Use a checkpoint written by this toolkit (train.py) or re-save the weights as a "
+            "plain state dict") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as e:
+        # torch's first sentence says what broke; the rest is generic advice
+        reason = " ".join(str(e).split()).split(". ")[0].rstrip(".") or type(e).__name__
+        if len(reason) > CORRUPT_REASON_CHARS:
+            reason = reason[:CORRUPT_REASON_CHARS - 3] + "..."
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or "
+                              f"corrupt: {reason})") from None
 
 
 def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -270,6 +316,9 @@ def load_backbone_state(path: str | Path) -> dict[str, Any]:
     state = load_checkpoint(path)
     if isinstance(state, dict) and "backbone" in state and isinstance(state["backbone"], dict):
         state = state["backbone"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of "
+                              "backbone weights")
     return strip_module_prefix(state)
 
 

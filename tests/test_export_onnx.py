@@ -1,3 +1,6 @@
+import os
+import shutil
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -66,11 +69,107 @@ def test_mismatch_is_refused_and_file_removed(tmp_path):
     assert not (tmp_path / "bad.onnx").exists()
 
 
-def test_cli_missing_checkpoint_is_a_clear_error(tmp_path, caplog):
-    export_onnx.log.addHandler(caplog.handler)  # the module's logger does not propagate
-    try:
-        assert export_onnx.main(["--checkpoint", str(tmp_path / "none.pt")]) == 1
-    finally:
-        export_onnx.log.removeHandler(caplog.handler)
-    assert str(tmp_path / "none.pt") in caplog.text  # the error names the file
+def test_cli_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from utils import run_cli
+
+    assert run_cli(export_onnx.main, ["--checkpoint", str(tmp_path / "none.pt")]) == 1
+    # one line naming the file (printed by run_cli, as every script's errors)
+    assert capsys.readouterr().err == f"error: checkpoint not found: {tmp_path / 'none.pt'}\n"
     assert not list(tmp_path.iterdir())  # and no ONNX file was written
+
+
+# ----------------------------------------------------------------------------- the written file
+
+def _run_alone(onnx_file, x):
+    sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"images": x.numpy()})
+    return got
+
+
+def test_small_model_is_one_self_contained_file(tmp_path):
+    """The weights live inside the .onnx: copied alone to another folder it loads and
+    computes what eager PyTorch does; nothing else is left beside it; umask mode."""
+    from models import build_model
+
+    model = _trained_like(build_model("ir_narrow", embedding_size=16))
+    umask = 0o027  # not the usual 0o022, so following it is seen
+    old = os.umask(umask)
+    try:
+        export_onnx.export_and_verify(model, tmp_path / "out" / "b.onnx")
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.onnx"]
+    assert (tmp_path / "out" / "b.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(tmp_path / "out" / "b.onnx", elsewhere / "copy.onnx")
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(_run_alone(elsewhere / "copy.onnx", x), want,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_external_data_is_named_after_the_final_file(tmp_path):
+    """Past the single-file limit (forced low here) the weights go to <out>.data, renamed
+    together with the .onnx; the pair moved elsewhere still loads."""
+    model = _trained_like(TinyEmbedder())
+    out = tmp_path / "out" / "m.onnx"
+    export_onnx.export_onnx(model, out, single_file_max_bytes=0)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx", "m.onnx.data"]
+    moved = tmp_path / "moved"
+    shutil.move(out.parent, moved)
+    x = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(_run_alone(moved / "m.onnx", x), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["single", "external"])
+def test_failed_export_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeypatch, external):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"the previous export")
+    real_save = torch.onnx.ONNXProgram.save
+
+    def save_then_fail(self, destination, **kwargs):
+        real_save(self, destination, **kwargs)  # the files are written, then it breaks
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", save_then_fail)
+    with pytest.raises(OSError):
+        export_onnx.export_onnx(_trained_like(TinyEmbedder()), out,
+                                single_file_max_bytes=0 if external else 2**40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert out.read_bytes() == b"the previous export"
+
+
+def test_parity_failure_writes_nothing(tmp_path):
+    out = tmp_path / "bad.onnx"
+    out.write_bytes(b"the previous export")
+    with pytest.raises(export_onnx.ParityError) as info:
+        export_onnx.export_and_verify(_trained_like(ExportDivergentModel()), out)
+    assert str(out) in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+    assert out.read_bytes() == b"the previous export"
+
+
+def test_cli_empty_checkpoint_is_one_line(tmp_path, capsys):
+    from utils import run_cli
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    argv = ["--checkpoint", str(tmp_path / "empty.pt"), "--out", str(tmp_path / "m.onnx")]
+    assert run_cli(export_onnx.main, argv) == 1
+    expected = f"error: {tmp_path / 'empty.pt'}: empty file, not a checkpoint\n"
+    assert capsys.readouterr().err == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.pt"]
+
+
+def test_remove_stale_staging_only_touches_that_exports_folders(tmp_path):
+    stale = tmp_path / ".m.onnx.k2j4.onnx-staging"
+    stale.mkdir()
+    (stale / "m.onnx.data").write_bytes(b"half")
+    (tmp_path / ".other.onnx.x1.onnx-staging").mkdir()
+    (tmp_path / "m.onnx").write_bytes(b"good")
+    assert export_onnx.remove_stale_staging(tmp_path / "m.onnx") == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.onnx.x1.onnx-staging",
+                                                          "m.onnx"]

@@ -7,6 +7,7 @@ import random
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,3 +165,222 @@ def test_cli_places_archives_and_pairs(tmp_path, capsys):
     other_pairs.write_text("1\t2\n")
     assert extract.main([str(other_pairs), "--dest", str(data)]) == 0
     assert (data / "lfw" / "pairs.txt").read_text() == "1\t2\n"
+
+
+# ----------------------------------------------------------------------------- hostile archives
+
+def _zip_symlink(zf: zipfile.ZipFile, name: str, target: str) -> None:
+    """A symlink member as Info-ZIP stores one: S_IFLNK in external_attr's high 16 bits."""
+    import stat
+
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # Unix, so the mode bits count
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    zf.writestr(info, target)
+
+
+def _snapshot(root: Path, skip: Path) -> dict[str, bytes | str]:
+    """Every file and link under ``root`` outside ``skip``: content or link target."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(root.rglob("*")):
+        if skip == p or skip in p.parents:
+            continue
+        if p.is_symlink():
+            out[str(p)] = "-> " + str(p.readlink())
+        elif p.is_file():
+            out[str(p)] = p.read_bytes()
+    return out
+
+
+def test_zip_symlink_chain_cannot_write_outside_dest(tmp_path, capsys):
+    """faces_emore/x -> .., faces_emore/x/y -> .. (each fine as text), then a file under
+    x/y/: written naively it lands in dest's parent and overwrites what is there."""
+    victim = tmp_path / "outside" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_bytes(b"original")
+    archive = tmp_path / "dl" / "faces_emore.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("faces_emore/ok.txt", b"fine")
+        _zip_symlink(zf, "faces_emore/x", "..")
+        _zip_symlink(zf, "faces_emore/x/y", "..")
+        zf.writestr("faces_emore/x/y/outside/victim.txt", b"pwned")
+    dest = tmp_path / "data"
+    before = _snapshot(tmp_path, dest)
+    with pytest.raises(extract.UnsafeArchiveError) as err:
+        extract.extract_archive(archive, dest, progress=False)
+    assert "faces_emore.zip" in str(err.value) and "'faces_emore/x'" in str(err.value)
+    assert isinstance(err.value, ValueError)  # what callers caught before
+    assert _snapshot(tmp_path, dest) == before  # nothing outside dest written or changed
+    assert victim.read_bytes() == b"original"
+    assert not dest.exists() or not any(dest.rglob("*"))  # checked before writing anything
+    assert extract.main([str(archive), "--dest", str(dest), "--no-progress"]) == 1
+    assert "'faces_emore/x'" in capsys.readouterr().out
+    assert victim.read_bytes() == b"original" and _snapshot(tmp_path, dest) == before
+
+
+def test_zip_member_through_a_symlink_already_in_dest_is_refused(tmp_path):
+    """A link left in dest (by an earlier archive or by hand) that leads outside: a member
+    written through it would land outside, so its resolved path is checked too."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "data"
+    dest.mkdir()
+    (dest / "faces_emore").symlink_to(outside)
+    archive = write_zip(tmp_path / "faces_emore.zip", FILES)
+    with pytest.raises(extract.UnsafeArchiveError, match="faces_emore/train.rec"):
+        extract.extract_archive(archive, dest, progress=False)
+    assert list(outside.iterdir()) == []
+
+
+def _write_tar_entries(path: Path, entries: list[tuple[str, str, Any]]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, kind, value in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(value)
+                tf.addfile(info, io.BytesIO(value))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE,
+                         "chr": tarfile.CHRTYPE, "fifo": tarfile.FIFOTYPE}[kind]
+            info.linkname = value or ""
+            tf.addfile(info)
+    return path
+
+
+HOSTILE_TARS = {
+    "symlink chain": [("faces_emore/x", "sym", ".."), ("faces_emore/x/y", "sym", ".."),
+                      ("faces_emore/x/y/outside/victim.txt", "file", b"pwned")],
+    # each link points inside when it is made; the second turns the first into an escape
+    "link made to escape later": [("s/z", "sym", "c/b/../.."), ("s/c", "dir", None),
+                                  ("s/c/b", "sym", "..")],
+    "hard link out": [("s/h", "hard", "../outside/victim.txt")],
+    "absolute symlink": [("s/l", "sym", "/etc")],
+    "character device": [("s/null", "chr", None)],
+    "fifo": [("s/pipe", "fifo", None)],
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_TARS))
+def test_hostile_tar_leaves_nothing_escaping(tmp_path, case):
+    victim = tmp_path / "outside" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_bytes(b"original")
+    archive = _write_tar_entries(tmp_path / "evil.tar", HOSTILE_TARS[case])
+    dest = tmp_path / "data"
+    before = _snapshot(tmp_path, dest)
+    with pytest.raises(extract.UnsafeArchiveError, match="evil.tar"):
+        extract.extract_archive(archive, dest, progress=False)
+    assert _snapshot(tmp_path, dest) == before
+    real_dest = dest.resolve()
+    for p in dest.rglob("*"):  # whatever was written stays inside, links included
+        assert real_dest == p.resolve() or real_dest in p.resolve().parents, p
+        assert p.is_symlink() or p.is_file() or p.is_dir(), p
+    assert not list(dest.glob(".extracted-*"))
+
+
+# ----------------------------------------------------------------------------- size limits
+
+ZEROS = 3 * 2**20  # compresses to a few KB: a bomb in miniature
+
+
+def write_deflated_zip(path: Path, members: dict[str, bytes]) -> Path:
+    """Like write_zip, but compressed (a ZipInfo passed to writestr keeps ZIP_STORED)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _small_limits() -> "extract.SizeLimits":
+    return extract.SizeLimits(max_ratio=50, ratio_free_bytes=2**20, max_bytes=2**30)
+
+
+def test_zip_bomb_is_refused_before_writing(tmp_path):
+    archive = write_deflated_zip(tmp_path / "bomb.zip",
+                                 {"set/a.txt": b"fine", "set/zeros": bytes(ZEROS)})
+    assert archive.stat().st_size * 50 < ZEROS  # independent: the ratio really is that high
+    dest = tmp_path / "data"
+    with pytest.raises(extract.ArchiveTooLargeError) as err:
+        extract.extract_archive(archive, dest, progress=False, limits=_small_limits())
+    assert "bomb.zip" in str(err.value) and "--allow-large" in str(err.value)
+    assert not dest.exists() or not any(dest.rglob("*"))
+    done = extract.extract_archive(archive, dest, progress=False, limits=None)  # allowed
+    assert (dest / "set" / "zeros").stat().st_size == ZEROS and done["bytes"] == ZEROS + 4
+
+
+def test_zip_total_size_limit_applies_whatever_the_ratio(tmp_path):
+    import random
+
+    data = random.Random(1).randbytes(200_000)  # incompressible
+    archive = write_zip(tmp_path / "big.zip", {"set/r.bin": data})
+    limits = extract.SizeLimits(max_ratio=100, ratio_free_bytes=0, max_bytes=100_000)
+    with pytest.raises(extract.ArchiveTooLargeError, match="big.zip"):
+        extract.extract_archive(archive, tmp_path / "data", progress=False, limits=limits)
+    assert extract.extract_archive(archive, tmp_path / "data", progress=False,
+                                   limits=extract.SizeLimits())["bytes"] == len(data)
+
+
+def test_zip_lying_about_sizes_is_stopped_while_streaming(tmp_path, monkeypatch):
+    """Declared sizes can lie; the bytes actually written are counted too."""
+    archive = write_deflated_zip(tmp_path / "liar.zip", {"set/zeros": bytes(ZEROS)})
+    monkeypatch.setattr(extract, "_declared_size", lambda info: 10)  # what the headers claim
+    dest = tmp_path / "data"
+    with pytest.raises(extract.ArchiveTooLargeError, match="'set/zeros'"):
+        extract.extract_archive(archive, dest, progress=False, limits=_small_limits())
+    assert not (dest / "set" / "zeros").exists()  # the partial output is removed
+
+
+def test_tar_bomb_is_stopped_while_streaming(tmp_path):
+    archive = write_tar(tmp_path / "bomb.tar.gz",
+                        {"set/a.txt": b"fine", "set/zeros": bytes(ZEROS), "set/z.txt": b"late"})
+    assert archive.stat().st_size * 50 < ZEROS
+    dest = tmp_path / "data"
+    with pytest.raises(extract.ArchiveTooLargeError, match="bomb.tar.gz.*'set/zeros'"):
+        extract.extract_archive(archive, dest, progress=False, limits=_small_limits())
+    assert not (dest / "set" / "zeros").exists() and not (dest / "set" / "z.txt").exists()
+    assert not list(dest.glob(".extracted-*"))
+    extract.extract_archive(archive, dest, progress=False, limits=None)
+    assert (dest / "set" / "zeros").read_bytes() == bytes(ZEROS)
+
+
+def test_default_limits_let_real_archives_through_and_cli_documents_the_flag(capsys):
+    limits = extract.SizeLimits()
+    assert limits.allowed(20 * 2**30) >= 20 * 2**30  # a 20 GB faces_emore.zip: ratio ~1
+    assert limits.allowed(1000) >= 2**20  # a small text archive compressing 10x or more
+    assert limits.allowed(2**20) < 1000 * 2**20  # a 1 MB archive cannot expand 1000x
+    with pytest.raises(SystemExit):
+        extract.main(["--help"])
+    assert "--allow-large" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_cli_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    from utils import run_cli
+
+    good = write_zip(tmp_path / "faces_emore.zip", FILES)
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    assert run_cli(extract.main, [str(good), "--dest", str(a_file), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and str(a_file) in captured.err
+    assert "not a folder" in captured.err and a_file.read_text() == "x"
+    # a file where the archive's destination folder (data/megaface) should be
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "megaface").write_text("x")
+    mega = write_zip(tmp_path / "megaface.zip", {"m/a.txt": b"a"})
+    empty = tmp_path / "empty.zip"
+    empty.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(good.read_bytes()[:-30])  # central directory cut short
+    for archive, expected in ((tmp_path / "missing.zip", "not found"),
+                              (empty, "empty file"), (corrupt, "corrupt.zip"),
+                              (tmp_path, "folder"),
+                              (mega, str(tmp_path / "data" / "megaface"))):
+        rc = run_cli(extract.main, [str(archive), "--dest", str(tmp_path / "data"),
+                                    "--no-progress"])
+        out = capsys.readouterr()
+        text = out.out + out.err
+        assert rc == 1 and str(archive) in text and expected in text, text
+        assert "Traceback" not in text

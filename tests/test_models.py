@@ -141,3 +141,40 @@ def test_load_backbone_errors_name_the_file(tmp_path):
         load_backbone(path, network="mobilefacenet")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_backbone(tmp_path / "missing.pt", network="ir_narrow", embedding_size=16)
+
+
+def test_load_backbone_reports_the_file_before_the_network(tmp_path):
+    """A missing or empty checkpoint, with no network known, is reported as what it is, not
+    as 'cannot tell which network it holds'."""
+    import utils
+
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(FileNotFoundError) as info:
+        load_backbone(missing)
+    assert str(info.value) == f"checkpoint not found: {missing}"
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(utils.CheckpointError) as info:
+        load_backbone(tmp_path / "empty.pt")
+    assert "empty" in str(info.value) and "network" not in str(info.value)
+    with pytest.raises(utils.ToolkitError, match="unknown network"):  # one line via run_cli
+        load_backbone(_save_state_file(tmp_path), network="resnet9000")
+
+
+def _save_state_file(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(build_model("ir_narrow", 8).state_dict(), path)
+    return path
+
+
+def test_lfw_eval_cli_names_a_missing_or_empty_checkpoint(tmp_path, capsys):
+    import lfw_eval
+
+    (tmp_path / "empty.bin").write_bytes(b"")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, expected in (("missing.pt", "checkpoint not found: {}"),
+                           ("empty.pt", "{}: empty file, not a checkpoint")):
+        ckpt = tmp_path / name
+        rc = lfw_eval.main(["--checkpoint", str(ckpt), "--bin", str(tmp_path / "empty.bin"),
+                            "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc != 0 and err == f"error: {expected.format(ckpt)}\n", err

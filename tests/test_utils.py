@@ -243,3 +243,90 @@ def test_run_cli_prints_one_line_for_user_errors_and_keeps_bugs_loud(capsys):
 
     with pytest.raises(KeyError):
         utils.run_cli(bug, [])
+
+
+# ------------------------------------------------------------------ untrusted checkpoints
+
+class RunsCommand:  # what a malicious checkpoint holds: unpickling it calls os.system
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+@pytest.mark.parametrize("payload", [WholeObject, RunsCommand], ids=["object", "os.system"])
+def test_checkpoint_with_python_objects_is_refused_without_the_unsafe_advice(
+        tmp_path, monkeypatch, payload):
+    monkeypatch.chdir(tmp_path)  # where the payload would write
+    path = tmp_path / "evil.pt"
+    torch.save({"backbone": {"w": torch.ones(2)}, "extra": payload()}, path)
+    with pytest.raises(utils.CheckpointError) as info:
+        utils.load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "not trusted" in message
+    assert "arbitrary Python objects" in message
+    assert "weights_only" not in message and "add_safe_globals" not in message
+    assert "\n" not in message  # one line for run_cli
+    assert isinstance(info.value, RuntimeError)  # what callers caught before
+    assert not (tmp_path / "pwned.txt").exists()
+    with pytest.raises(utils.CheckpointError, match="not trusted"):
+        utils.load_backbone_state(path)
+
+
+def test_corrupt_checkpoints_get_one_line_errors_naming_the_file(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.arange(4000.0)}, good)
+    data = good.read_bytes()
+    cases = {"empty.pt": b"", "head.pt": data[:50], "tail.pt": data[:-300],
+             "text.pt": b"not a checkpoint\n" * 8}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(utils.CheckpointError) as info:
+            utils.load_checkpoint(tmp_path / name)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / name}: "), message
+        assert "\n" not in message and "weights_only" not in message, message
+        assert utils.run_cli(lambda argv, p=tmp_path / name: utils.load_checkpoint(p), []) == 1
+    assert "empty" in str(pytest.raises(utils.CheckpointError, utils.load_checkpoint,
+                                        tmp_path / "empty.pt").value)
+    assert torch.equal(utils.load_checkpoint(good)["w"], torch.arange(4000.0))
+
+
+def test_missing_checkpoint_is_file_not_found_and_says_so(tmp_path, capsys):
+    missing = tmp_path / "none.pt"
+    with pytest.raises(FileNotFoundError) as info:
+        utils.load_checkpoint(missing)
+    assert isinstance(info.value, utils.CheckpointError)
+    assert utils.run_cli(lambda argv: utils.load_checkpoint(missing), []) == 1
+    assert capsys.readouterr().err == f"error: checkpoint not found: {missing}\n"
+    with pytest.raises(utils.CheckpointError, match="folder"):
+        utils.load_checkpoint(tmp_path)
+
+
+def test_checkpoint_with_a_damaged_pickle_is_corrupt_not_untrusted(tmp_path):
+    import zipfile
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(3)}, good)
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for name in src.namelist():  # the same archive with garbage opcodes in data.pkl
+            data = b"\x80\x02\xfe\xfe" if name.endswith("data.pkl") else src.read(name)
+            dst.writestr(zipfile.ZipInfo(name), data)
+    with pytest.raises(utils.CheckpointError, match="bad.pt.*corrupt") as info:
+        utils.load_checkpoint(bad)
+    assert not isinstance(info.value, utils.UntrustedCheckpointError)
+
+
+def test_backbone_state_that_is_not_a_dict_is_named(tmp_path):
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    with pytest.raises(utils.CheckpointError, match="list.pt: holds a list, not a state dict"):
+        utils.load_backbone_state(tmp_path / "list.pt")
+
+
+def test_corrupt_checkpoint_reason_is_torchs_first_sentence(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "good.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:50])
+    with pytest.raises(utils.CheckpointError) as info:
+        utils.load_checkpoint(tmp_path / "cut.pt")
+    # torch says: "PytorchStreamReader failed ...: failed finding central directory. This is
+    # an internal miniz error. If you are seeing this error, ..." - only the fact is kept
+    assert str(info.value).endswith("failed finding central directory)"), str(info.value)
