@@ -96,6 +96,8 @@ def test_read_feature_round_trip_and_struct_written_file(tmp_path):
     (struct.pack("<4i", 3, 2, 4, 5) + bytes(24), "cols=2"),
     (struct.pack("<4i", 3, 1, 4, 5) + bytes(8), "header says 3 floats"),  # truncated
     (b"\x00" * 7, "shorter than the 16-byte header"),
+    (struct.pack("<4i", 2, 1, 4, 5) + struct.pack("<2f", 1, float("nan")), "1 of 2 values are "
+     "non-finite"),
 ])
 def test_read_feature_rejects_bad_files_naming_them(tmp_path, data, message):
     path = tmp_path / "bad_0.bin"
@@ -430,3 +432,110 @@ def test_read_bbox_json_missing_and_malformed(tmp_path):
     Path(tmp_path / "x.jpg.json").write_text(json.dumps(
         {"bounding_box": {"x": 1, "y": 2, "width": 3, "height": 4}}))
     assert megaface.read_bbox_json(img) == (1.0, 2.0, 4.0, 6.0)
+
+
+# ----------------------------------------------------------------------------- bad features
+
+def _raw_feature(path, values, header=None):
+    """A devkit-format file written byte by byte (write_feature refuses non-finite values)."""
+    values = np.asarray(values, dtype="<f4")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<4i", *(header or (values.size, 1, 4, 5))) + values.tobytes())
+
+
+def test_evaluate_skips_and_counts_bad_distractors(tmp_path, features, capsys):
+    """A NaN distractor, one of another dimension and one in float64 format sort first in the
+    walk; the result must be brute force on the finite, right-sized distractors alone."""
+    probes, labels, distractors = features
+    root, order = _evaluate_tree(tmp_path, features)
+    bad = {"0/a0@N00/nan_0.jpg": "non-finite", "0/a1@N00/dim_0.jpg": "dims",
+           "0/a2@N00/f64_0.jpg": "type=6"}
+    _raw_feature(root / "megaface" / "0/a0@N00/nan_0.jpg_0.bin", [np.nan] + [0.0] * 5)
+    _raw_feature(root / "megaface" / "0/a1@N00/dim_0.jpg_0.bin", np.zeros(7))
+    _raw_feature(root / "megaface" / "0/a2@N00/f64_0.jpg_0.bin", np.zeros(12), (6, 1, 8, 6))
+    out = tmp_path / "results"
+    assert megaface.main(["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+                          str(out), "--sizes", "10", "100", "--fars", "1e-2", "--device",
+                          "cpu"]) == 0
+    report = json.loads((out / "megaface_results.json").read_text())
+    walked = distractors[order]
+    for n in (10, 100):
+        np.testing.assert_allclose(report["sizes"][str(n)]["cmc"],
+                                   brute_cmc(probes, labels, walked[:n], 10), atol=1e-12)
+    assert report["sizes"]["100"]["verification"]["0.01"]["tar"] == pytest.approx(
+        brute_tar(probes, labels, walked[:100], 1e-2)[0], abs=1e-12)
+    assert report["num_distractors_loaded"] == len(distractors)
+    assert report["skipped"]["distractors"] == 3 and report["skipped"]["probes"] == 0
+    listed = report["skipped"]["distractor_files"]
+    for rel, reason in bad.items():
+        assert any(rel in line and reason in line for line in listed), (rel, listed)
+    captured = capsys.readouterr()
+    assert "3 distractor features skipped" in captured.out + captured.err
+
+
+def test_evaluate_refuses_a_bad_probe(tmp_path, features):
+    """A probe is never dropped quietly: its pairs define the protocol."""
+    from utils import ToolkitError
+
+    root, _ = _evaluate_tree(tmp_path, features)
+    probe = root / "facescrub" / "id0/id0_zz.png_0.bin"
+    _raw_feature(probe, [0.0, np.inf, 0, 0, 0, 0])
+    argv = ["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+            str(tmp_path / "r"), "--sizes", "10", "--fars", "--device", "cpu"]
+    with pytest.raises(ToolkitError, match="non-finite") as info:
+        megaface.main(argv)
+    assert str(probe) in str(info.value) and isinstance(info.value, ValueError)
+    _raw_feature(probe, np.zeros(5))
+    with pytest.raises(ToolkitError, match="5 dims, expected 6"):
+        megaface.main(argv)
+    assert not (tmp_path / "r" / "megaface_results.json").exists()
+
+
+def test_evaluate_skips_and_counts_probes_missing_from_the_devkit_list(tmp_path, features):
+    probes, labels, distractors = features
+    root, order = _evaluate_tree(tmp_path, features)
+    paths = [f"id{lab}/id{lab}_{i}.png" for i, lab in enumerate(labels)]
+    listed = tmp_path / "facescrub_features_list.json"
+    listed.write_text(json.dumps({"path": paths + ["id0/never_downloaded.png"],
+                                  "id": [str(lab) for lab in labels] + ["0"]}))
+    out = tmp_path / "results"
+    assert megaface.main(["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+                          str(out), "--facescrub-list", str(listed), "--sizes", "10", "--fars",
+                          "--device", "cpu"]) == 0
+    report = json.loads((out / "megaface_results.json").read_text())
+    assert report["skipped"]["probes"] == 1 and report["num_probes"] == len(probes)
+    assert "never_downloaded.png" in report["skipped"]["probe_files"][0]
+    np.testing.assert_allclose(report["sizes"]["10"]["cmc"],
+                               brute_cmc(probes, labels, distractors[order][:10], 10),
+                               atol=1e-12)
+
+
+def test_megaface_evaluate_refuses_non_finite_features(features):
+    probes, labels, distractors = features
+    bad = distractors.copy()
+    bad[200, 3] = np.nan
+    with pytest.raises(ValueError, match="distractor 200"):
+        me.megaface_evaluate(probes, labels, bad, sizes=[260], fars=(), device="cpu",
+                             chunk_size=64)
+    bad_probes = probes.copy()
+    bad_probes[4, 0] = np.inf
+    with pytest.raises(ValueError, match="probe 4"):
+        me.megaface_evaluate(bad_probes, labels, distractors, device="cpu")
+
+
+def test_remove_noises_skips_and_counts_bad_distractors(tmp_path):
+    rng = np.random.default_rng(2)
+    probes = {f"A/A_{i}.png": rng.standard_normal(4).astype(np.float32) for i in range(2)}
+    good = {f"1/u@N00/{i}_0.jpg": rng.standard_normal(4).astype(np.float32) for i in range(3)}
+    src = tmp_path / "feat"
+    _write_tree(src / "facescrub", probes)
+    _write_tree(src / "megaface", good)
+    _raw_feature(src / "megaface" / "1/u@N00/nan_0.jpg_0.bin", [1, np.nan, 0, 0])
+    _raw_feature(src / "megaface" / "1/u@N00/wide_0.jpg_0.bin", np.zeros(5))
+    (tmp_path / "fs.txt").write_text("A_1.png\n")
+    (tmp_path / "mf.txt").write_text("1/u@N00/2_0.jpg\n")
+    summary = megaface.remove_noises(src, tmp_path / "clean", tmp_path / "mf.txt",
+                                     tmp_path / "fs.txt", progress=False)
+    assert summary["distractors"] == 3 and summary["distractors_skipped"] == 2
+    written = sorted(p.name for p in (tmp_path / "clean" / "megaface").rglob("*.bin"))
+    assert written == sorted(rel.split("/")[-1] + "_0.bin" for rel in good)
