@@ -34,6 +34,7 @@ import numpy as np
 from megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES, MegaFaceError
 from utils import (
     FACE_CROP_SIZE,
+    IMAGE_EXTENSIONS,
     ToolkitError,
     atomic_write_text,
     get_logger,
@@ -401,6 +402,24 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
 
 # ----------------------------------------------------------------------------- cropping
 
+def require_images(root: str | Path, what: str) -> None:
+    """MissingInputError unless ``root`` is a folder holding at least one image (found
+    lazily: the first one ends the search, not a walk over a million files)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingInputError(f"{root}: {what} folder not found")
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in root.rglob("*")):
+        raise MissingInputError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this "
+                                f"{what} folder")
+
+
+def _input_images(root: Path, what: str) -> list[Path]:
+    images = list_images(root)
+    if not images:  # a typo'd or empty folder must not "succeed" with nothing done
+        require_images(root, what)
+    return images
+
+
 def read_bbox_json(image_path: str | Path) -> tuple[float, float, float, float] | None:
     """The face box (x1, y1, x2, y2) from the devkit's per-image JSON (``<image>.json``, or
     ``<stem>.json``): ``{"bounding_box": {"x", "y", "width", "height"}, ...}``; None if absent."""
@@ -428,7 +447,7 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
     from align_faces import align_files
 
     src_root, dst_root = Path(src_root), Path(dst_root)
-    images = list_images(src_root)
+    images = _input_images(src_root, "image")
     summary = {"images": len(images), "skipped_existing": 0, "aligned": 0, "faceless": 0,
                "unreadable": 0, "with_box": 0}
     todo = [p for p in images if not (dst_root / p.relative_to(src_root)).exists()]
@@ -483,7 +502,7 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
     from lfw_eval import embed
 
     image_root, feature_root = Path(image_root), Path(feature_root)
-    images = list_images(image_root)
+    images = _input_images(image_root, "aligned image")
     todo = [p for p in images
             if not (feature_root / (str(p.relative_to(image_root)) + suffix)).exists()]
     summary = {"images": len(images), "skipped_existing": len(images) - len(todo),
@@ -693,6 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.action == "crop_megaface":
         if not any(src for _, src in sets):
             raise SystemExit("crop_megaface needs --megaface-images and/or --facescrub-images")
+        for name, src in sets:  # every input checked before hours of work on the first
+            if src:
+                require_images(src, f"--{name}-images")
         from align_faces import FaceAligner
 
         aligner = FaceAligner(device=device)
@@ -704,14 +726,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         _require(args, "checkpoint")
         from models import load_backbone
 
+        sources = [Path(args.aligned_dir) / name for name in (MEGAFACE, FACESCRUB)]
+        present = [src for src in sources if src.is_dir()]
+        if not present:
+            raise MissingInputError(f"{args.aligned_dir}: neither {MEGAFACE}/ nor {FACESCRUB}/ "
+                                    "found in this --aligned-dir (run --action crop_megaface)")
+        for src in sources:
+            if src in present:
+                require_images(src, "aligned image")
+            else:  # one set may be made on its own; say which one is not
+                log.warning("%s: not found; no %s features made", src, src.name)
         model = load_backbone(args.checkpoint, network=args.network,
                               embedding_size=args.embedding_size)
-        for name in (MEGAFACE, FACESCRUB):
-            src = Path(args.aligned_dir) / name
-            if src.is_dir():
-                _print_summary(f"features {name}", gen_features(
-                    model, src, Path(args.features_dir) / name, args.suffix, cfg.batch_size,
-                    device, cfg.num_workers))
+        for src in present:
+            _print_summary(f"features {src.name}", gen_features(
+                model, src, Path(args.features_dir) / src.name, args.suffix, cfg.batch_size,
+                device, cfg.num_workers))
     elif args.action == "remove_noises":
         _require(args, "megaface_noises", "facescrub_noises")
         _print_summary("remove_noises", remove_noises(
@@ -721,6 +751,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_evaluate(args, cfg)
     else:
         _require(args, "devkit_dir")
+        for name in (MEGAFACE, FACESCRUB):
+            if not (Path(args.features_dir) / name).is_dir():
+                raise MissingInputError(f"{Path(args.features_dir) / name}: feature directory "
+                                        "not found (--features-dir: the cleaned features, "
+                                        "see --action remove_noises)")
         cmd, cwd = devkit_command(args.devkit_dir, args.features_dir, args.suffix,
                                   args.results_dir, args.sizes, args.facescrub_list,
                                   args.devkit_python)

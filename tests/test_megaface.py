@@ -339,6 +339,8 @@ def test_devkit_action_prints_and_runs_the_command(tmp_path, capsys):
     (devkit / "experiments" / "run_experiment.py").write_text(
         "import json, os, sys\n"
         "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd()}, open('called.json', 'w'))\n")
+    for name in ("megaface", "facescrub"):
+        (tmp_path / "feat" / name).mkdir(parents=True)
     argv = ["--action", "devkit", "--devkit-dir", str(devkit), "--features-dir",
             str(tmp_path / "feat"), "--results-dir", str(tmp_path / "res"), "--sizes", "10",
             "1000000", "--devkit-python", sys.executable]
@@ -539,3 +541,87 @@ def test_remove_noises_skips_and_counts_bad_distractors(tmp_path):
     assert summary["distractors"] == 3 and summary["distractors_skipped"] == 2
     written = sorted(p.name for p in (tmp_path / "clean" / "megaface").rglob("*.bin"))
     assert written == sorted(rel.split("/")[-1] + "_0.bin" for rel in good)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def _noise_tree(tmp_path, n_probes=4, n_distractors=6):
+    rng = np.random.default_rng(3)
+    src = tmp_path / "feat"
+    _write_tree(src / "facescrub", {f"A/A_{i}.png": rng.standard_normal(4)
+                                    for i in range(n_probes)})
+    _write_tree(src / "megaface", {f"1/u@N00/{i}_0.jpg": rng.standard_normal(4)
+                                   for i in range(n_distractors)})
+    return src
+
+
+@pytest.mark.parametrize("which", ["facescrub", "megaface"])
+def test_remove_noises_refuses_a_noise_list_that_names_nothing(tmp_path, monkeypatch, which):
+    """Names in another convention (here: another root) must not give a 'clean' tree."""
+    from utils import ToolkitError
+
+    src = _noise_tree(tmp_path)
+    monkeypatch.setattr(megaface, "FACESCRUB_PROBES", 8)  # 4 entries x 4 probes / 8: 2 due
+    monkeypatch.setattr(megaface, "MEGAFACE_DISTRACTORS", 12)  # 4 x 6 / 12: 2 due
+    fs, mf = tmp_path / "fs.txt", tmp_path / "mf.txt"
+    fs.write_text("# names\n" + "".join(f"A_{i}.png\n" for i in range(4)))
+    mf.write_text("".join(f"1/u@N00/{i}_0.jpg\n" for i in range(4)))
+    wrong = fs if which == "facescrub" else mf
+    wrong.write_text("".join(f"Zed/x@N00/Z_{i}.png\n" for i in range(4)))
+    with pytest.raises(ToolkitError, match="none of its 4 entries") as info:
+        megaface.remove_noises(src, tmp_path / "clean", mf, fs, progress=False)
+    assert str(wrong) in str(info.value) and "Z_" in str(info.value)
+    assert not (tmp_path / "clean").exists()  # checked before anything is written
+    # a tree too small for the list to be expected to name any of it: only a warning
+    monkeypatch.setattr(megaface, "FACESCRUB_PROBES", 3530)
+    monkeypatch.setattr(megaface, "MEGAFACE_DISTRACTORS", 10**6)
+    assert megaface.remove_noises(src, tmp_path / "clean", mf, fs, progress=False)["probes"] == 4
+
+
+def test_remove_noises_refuses_an_empty_noise_list(tmp_path):
+    from utils import ToolkitError
+
+    src = _noise_tree(tmp_path)
+    (tmp_path / "fs.txt").write_text("# only a comment\n\n")
+    (tmp_path / "mf.txt").write_text("1/u@N00/1_0.jpg\n")
+    with pytest.raises(ToolkitError, match=r"fs\.txt: the facescrub noise list holds no entries"):
+        megaface.remove_noises(src, tmp_path / "c", tmp_path / "mf.txt", tmp_path / "fs.txt",
+                               progress=False)
+
+
+def _cli_error(capsys, argv):
+    """What a user sees: run_cli's exit code and its one line on stderr."""
+    from utils import run_cli
+
+    capsys.readouterr()
+    rc = run_cli(megaface.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_missing_and_empty_inputs_are_errors_naming_the_folder(tmp_path, capsys):
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("no images here")
+    for flag in ("--megaface-images", "--facescrub-images"):
+        err = _cli_error(capsys, ["--action", "crop_megaface", flag, str(missing)])
+        assert str(missing) in err and "not found" in err
+        err = _cli_error(capsys, ["--action", "crop_megaface", flag, str(empty)])
+        assert str(empty) in err and "no images" in err
+    ckpt = ["--checkpoint", str(tmp_path / "backbone.pt")]
+    err = _cli_error(capsys, ["--action", "gen_features", "--aligned-dir", str(missing), *ckpt])
+    assert str(missing) in err
+    aligned = tmp_path / "aligned"
+    (aligned / "megaface").mkdir(parents=True)  # there but empty; facescrub/ absent
+    err = _cli_error(capsys, ["--action", "gen_features", "--aligned-dir", str(aligned), *ckpt])
+    assert str(aligned / "megaface") in err and "no images" in err
+    err = _cli_error(capsys, ["--action", "evaluate", "--features-dir", str(missing)])
+    assert str(missing) in err and "not found" in err
+    (tmp_path / "feat" / "facescrub").mkdir(parents=True)
+    (tmp_path / "feat" / "megaface").mkdir(parents=True)
+    err = _cli_error(capsys, ["--action", "evaluate", "--features-dir", str(tmp_path / "feat")])
+    assert str(tmp_path / "feat" / "facescrub") in err and "no feature files" in err
+    err = _cli_error(capsys, ["--action", "devkit", "--devkit-dir", str(tmp_path),
+                              "--features-dir", str(missing)])
+    assert str(missing) in err
