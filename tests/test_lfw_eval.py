@@ -3,6 +3,7 @@ metrics, safe .bin loading, flip-TTA embeddings, and the CLI on a tiny synthetic
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
@@ -279,6 +280,32 @@ def test_load_bin_rejects_wrong_structure(tmp_path):
     path.write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match=r"odd\.bin: not a readable pickle"):
         lfw_eval.load_bin(path, progress=False)
+
+
+def _valid_bin_bytes():
+    images = _test_images(4, seed=6)
+    return pickle.dumps(([_png(im) for im in images], [True, False]), protocol=4)
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda: b"", "not a readable pickle"),  # empty
+    (lambda: _valid_bin_bytes()[:len(_valid_bin_bytes()) // 2], "not a readable pickle"),
+    (lambda: _valid_bin_bytes()[:-1], "not a readable pickle"),  # the STOP opcode cut off
+    (lambda: np.random.default_rng(0).bytes(5000), "not a readable pickle"),
+    (lambda: gzip.compress(_valid_bin_bytes()), "not a readable pickle"),
+    (lambda: pickle.dumps((5, [True])), "images"),  # bins is not a sequence
+    (lambda: pickle.dumps(([b"x", b"y"], "yes")), "issame_list"),
+    (lambda: pickle.dumps(([b"\xff\xd8 not a jpeg", b"\x89PNG?"], [True])), "2 undecodable"),
+])
+def test_load_bin_garbage_is_one_line_naming_the_file(tmp_path, make, what):
+    from utils import ToolkitError
+
+    path = tmp_path / "broken.bin"
+    path.write_bytes(make())
+    with pytest.raises(ToolkitError, match=what) as info:
+        lfw_eval.load_bin(path, progress=False)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)
 
 
 # ----------------------------------------------------------------------------- embed
