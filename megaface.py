@@ -5,9 +5,21 @@ Actions (``--action``), each resumable or side-effect free, in pipeline order:
                  (where the devkit's per-image ``<image>.json`` gives a bounding box, the
                  detection overlapping it most); faceless images get a centre crop and are listed
   gen_features   one devkit-format feature file ``<image file name><suffix>`` per aligned image
-  remove_noises  apply InsightFace's noise lists (every feature gains one extra dimension)
+  remove_noises  apply InsightFace's noise lists (every feature gains one extra dimension),
+                 writing a new tree (--clean-features-dir, default data/megaface_features_clean)
+                 with a record of what was done, remove_noises.json
   evaluate       our own evaluator (megaface_eval.py): CMC and TAR@FAR, JSON and PNG curves
   devkit         print (``--run``: run) the official devkit's run_experiment.py command
+evaluate and devkit read --features-dir: pass the cleaned tree for the published protocol
+(both warn when it has no remove_noises.json).
+
+Nothing is lost silently: distractor features that are missing, unreadable, not float32
+column vectors, non-finite or of another dimension than the probes are skipped, counted and
+named (log, printout, results JSON); a probe is never skipped for being broken (an error: its
+genuine pairs are the protocol), only when the devkit's list names a file that does not
+exist (FaceScrub downloads are often incomplete), and then counted and named too. A missing
+or image-less input folder, an empty noise list, or one that names none of a tree large
+enough to expect matches, is an error naming the file or folder.
 
 Layout: ``<aligned-dir>/{megaface,facescrub}/<relative image path>`` and
 ``<features-dir>/{megaface,facescrub}/<relative image path><suffix>``, the paths the devkit's
@@ -55,6 +67,7 @@ MEGAFACE, FACESCRUB = "megaface", "facescrub"
 DISTRACTOR_NOISE_FLAG = 100.0  # InsightFace's value in the extra dimension of a noisy distractor
 PROBE_NOISE_AMPLITUDE = 1e-3  # uniform noise added to a noisy probe's identity mean
 MEGAFACE_NOISE_PATH_PARTS = 3  # noise entries are "<a>/<flickr user>/<image>"
+NOISE_REMOVAL_RECORD = "remove_noises.json"  # written into the clean tree: what was done to it
 MAX_LISTED_PROBLEMS = 10  # files named in the log and the results file; the count is complete
 MAX_PROBLEMS_IN_ERROR = 3  # files named in a one-line error
 # The devkit's largest sets, to tell "this noise list names nothing here" (wrong list or paths)
@@ -397,7 +410,23 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
         summary["distractors_flagged"] += int(flagged)
     summary["distractors_skipped"] = len(skipped)
     _report_problems(skipped, "distractor features (not written to the clean tree)")
+    record = {"source": str(features_dir), "megaface_noises": str(megaface_noises),
+              "facescrub_noises": str(facescrub_noises), "seed": seed, "summary": summary,
+              "skipped_distractor_files": skipped[:MAX_LISTED_PROBLEMS],
+              "missing_probe_files": probes.missing[:MAX_LISTED_PROBLEMS]}
+    atomic_write_text(out_dir / NOISE_REMOVAL_RECORD, json.dumps(record, indent=2) + "\n")
     return summary
+
+
+def warn_unless_cleaned(features_dir: str | Path) -> bool:
+    """Whether ``features_dir`` is a tree remove_noises wrote; a warning when not, since the
+    published MegaFace numbers (and the devkit comparison) use the cleaned features."""
+    cleaned = (Path(features_dir) / NOISE_REMOVAL_RECORD).is_file()
+    if not cleaned:
+        log.warning("%s has no %s: these are not the noise-removed features (run --action "
+                    "remove_noises and pass its --clean-features-dir), so the numbers are not "
+                    "comparable with published ones", features_dir, NOISE_REMOVAL_RECORD)
+    return cleaned
 
 
 # ----------------------------------------------------------------------------- cropping
@@ -551,6 +580,10 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
     import megaface_eval as me
 
     features_dir = Path(args.features_dir)
+    if not (args.probe_features and args.distractor_features):
+        if not features_dir.is_dir():
+            raise MissingInputError(f"{features_dir}: --features-dir not found")
+        warn_unless_cleaned(features_dir)
     probe_root = Path(args.probe_features or features_dir / FACESCRUB)
     distractor_root = Path(args.distractor_features or features_dir / MEGAFACE)
     templatelists = Path(args.templatelists) if args.templatelists else None
@@ -756,6 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise MissingInputError(f"{Path(args.features_dir) / name}: feature directory "
                                         "not found (--features-dir: the cleaned features, "
                                         "see --action remove_noises)")
+        warn_unless_cleaned(args.features_dir)
         cmd, cwd = devkit_command(args.devkit_dir, args.features_dir, args.suffix,
                                   args.results_dir, args.sizes, args.facescrub_list,
                                   args.devkit_python)

@@ -240,6 +240,8 @@ def test_remove_noises_on_tiny_tree(tmp_path):
     assert sorted(p.name for p in src.rglob("*.bin")) == before  # nothing deleted
     assert sorted(p.name for p in out.rglob("*.bin")) == before  # nothing dropped
     assert summary["probes_replaced"] == 1 and summary["distractors_flagged"] == 1
+    record = json.loads((out / "remove_noises.json").read_text())
+    assert record["summary"] == summary and record["megaface_noises"] == str(tmp_path / "mf.txt")
     for rel, vec in distractors.items():
         got = megaface.read_feature(out / "megaface" / (rel + "_0.bin"))
         np.testing.assert_array_equal(got[:8], vec)
@@ -625,3 +627,31 @@ def test_cli_missing_and_empty_inputs_are_errors_naming_the_folder(tmp_path, cap
     err = _cli_error(capsys, ["--action", "devkit", "--devkit-dir", str(tmp_path),
                               "--features-dir", str(missing)])
     assert str(missing) in err
+
+
+@pytest.fixture
+def megaface_log():
+    """The messages megaface's logger emits (it does not propagate to caplog)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    megaface.log.addHandler(handler)
+    yield records
+    megaface.log.removeHandler(handler)
+
+
+def test_evaluate_and_devkit_warn_on_features_that_are_not_cleaned(tmp_path, features,
+                                                                   megaface_log):
+    root, _ = _evaluate_tree(tmp_path, features)
+    argv = ["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+            str(tmp_path / "r"), "--sizes", "10", "--fars", "--device", "cpu"]
+    warned = lambda: any("not the noise-removed features" in m for m in megaface_log)  # noqa: E731
+    assert megaface.main(argv) == 0 and warned()
+    megaface_log.clear()
+    (root / "remove_noises.json").write_text("{}")
+    assert megaface.main(argv) == 0 and not warned()
+    (root / "remove_noises.json").unlink()
+    assert megaface.main(["--action", "devkit", "--devkit-dir", str(tmp_path), "--features-dir",
+                          str(root)]) == 0 and warned()
