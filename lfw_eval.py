@@ -624,6 +624,9 @@ def _run_compare(args, model, device, out_dir: Path) -> int:
         for i in faceless:
             print(f"no face found in {args.compare[i]} (photo {i + 1})", file=sys.stderr)
         return EXIT_NO_FACE
+    if not math.isfinite(sim):  # NaN > threshold is False: it would read "different people"
+        raise LfwEvalError(f"{args.checkpoint}: the model gives non-finite (NaN/inf) embeddings "
+                           "for these photos; is the checkpoint diverged?")
     print(f"cosine similarity: {sim:.4f}")
     if args.threshold is not None:
         threshold, source = args.threshold, "--threshold"

@@ -556,6 +556,12 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
             if crops:
                 feats = embed(model, np.stack(crops), batch_size=batch_size, device=device,
                               flip=True, progress=False)
+                broken = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+                if broken.size:  # every later score would be NaN: stop before writing any
+                    raise MegaFaceError(
+                        f"{kept[broken[0]]}: the model gives a non-finite (NaN/inf) embedding "
+                        f"for {broken.size} of {len(kept)} images in this batch; is the "
+                        "checkpoint diverged?")
                 for p, vec in zip(kept, feats, strict=True):
                     write_feature(feature_root / (str(p.relative_to(image_root)) + suffix), vec)
                 summary["written"] += len(kept)

@@ -657,3 +657,21 @@ def test_bin_set_ordered_same_then_different_gets_stratified_folds(tmp_path):
     assert r["nfolds"] == 10 and "stratified" in r["folds"]
     assert r["fold_accuracies"] == pytest.approx(_brute_force_folds(sims, issame, fold_of),
                                                  abs=1e-12)
+
+
+def test_compare_refuses_non_finite_embeddings(tiny_run, capsys, monkeypatch):
+    """A NaN similarity is never turned into the verdict 'different people'."""
+    class NaNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x.flatten(1)[:, :4] * self.w * float("nan")
+
+    monkeypatch.setattr(lfw_eval, "_load_model", lambda args, device: NaNNet())
+    names = sorted(p.name for p in Path(tiny_run["lfw_dir"]).iterdir() if p.is_dir())
+    a, b = (Path(tiny_run["lfw_dir"]) / names[0] / f"{names[0]}_{k:04d}.jpg" for k in (1, 2))
+    err = _cli_error(["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
+                      "--compare", str(a), str(b), "--threshold", "0.3"], capsys)
+    assert "non-finite" in err and "backbone.pt" in err

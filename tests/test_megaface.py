@@ -655,3 +655,22 @@ def test_evaluate_and_devkit_warn_on_features_that_are_not_cleaned(tmp_path, fea
     (root / "remove_noises.json").unlink()
     assert megaface.main(["--action", "devkit", "--devkit-dir", str(tmp_path), "--features-dir",
                           str(root)]) == 0 and warned()
+
+
+def test_gen_features_refuses_non_finite_embeddings(tmp_path):
+    from utils import ToolkitError, write_image
+
+    write_image(tmp_path / "al" / "p/x0.png", np.full((112, 112, 3), 9, np.uint8))
+
+    class NaNNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x.flatten(1)[:, :4] * self.w * float("nan")
+
+    with pytest.raises(ToolkitError, match=r"p/x0\.png: the model gives a non-finite"):
+        megaface.gen_features(NaNNet(), tmp_path / "al", tmp_path / "f", device="cpu",
+                              progress=False)
+    assert not list((tmp_path / "f").rglob("*.bin"))  # nothing written
