@@ -436,7 +436,8 @@ def require_images(root: str | Path, what: str) -> None:
     lazily: the first one ends the search, not a walk over a million files)."""
     root = Path(root)
     if not root.is_dir():
-        raise MissingInputError(f"{root}: {what} folder not found")
+        raise MissingInputError(f"{root}: {what} folder " + ("is a file, not a folder"
+                                                            if root.exists() else "not found"))
     if not any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in root.rglob("*")):
         raise MissingInputError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this "
                                 f"{what} folder")
