@@ -16,13 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from utils import FACE_CROP_SIZE, ImageReadError, decode_image
+from utils import FACE_CROP_SIZE, ImageReadError, ToolkitError, decode_image
 
 LATIN1_NAMES = frozenset({"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"})
+MAX_LISTED_IMAGES = 3  # undecodable images named in the one-line error (the count is complete)
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(ToolkitError, pickle.UnpicklingError):
     """The pickle references a global that a verification set never needs."""
+
+
+class BinFormatError(ToolkitError, ValueError):
+    """A file that is not a readable verification set (truncated, not a pickle, another
+    structure, undecodable images); the message names it."""
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
@@ -89,16 +95,20 @@ def _as_bytes(item: Any, source: str, index: int) -> bytes:
         return item.tobytes()
     if isinstance(item, str):  # a Python 2 str read as latin-1 text
         return item.encode("latin-1")
-    raise ValueError(f"{source}: image {index} is a {type(item).__name__}, not encoded bytes")
+    raise BinFormatError(f"{source}: image {index} is a {type(item).__name__}, not encoded "
+                         "bytes")
 
 
 def _as_issame(issame: Any, source: str) -> np.ndarray:
+    if not isinstance(issame, (list, tuple, np.ndarray)):
+        raise BinFormatError(f"{source}: issame_list must be a sequence of booleans, got a "
+                             f"{type(issame).__name__}")
     values = np.asarray(issame).reshape(-1)
     if values.dtype == bool:
         return values
     if values.dtype.kind in "iu" and np.isin(values, (0, 1)).all():
         return values.astype(bool)
-    raise ValueError(f"{source}: issame_list must hold booleans, got dtype {values.dtype}")
+    raise BinFormatError(f"{source}: issame_list must hold booleans, got dtype {values.dtype}")
 
 
 def load_bin(path: str | Path, image_size: int = FACE_CROP_SIZE,
@@ -123,16 +133,21 @@ def load_bin(path: str | Path, image_size: int = FACE_CROP_SIZE,
         obj = safe_load_pickle(data, source)
     except UnsafePickleError:
         raise
-    except Exception as e:  # truncated or not a pickle at all
-        raise ValueError(f"{source}: not a readable pickle ({type(e).__name__}: {e})") from None
+    except Exception as e:  # truncated, compressed, or not a pickle at all
+        detail = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise BinFormatError(f"{source}: not a readable pickle ({len(data)} bytes; {detail}); "
+                             "truncated or not an InsightFace .bin set") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise ValueError(f"{source}: expected a pickled (bins, issame_list) pair, got "
-                         f"{type(obj).__name__}")
+        raise BinFormatError(f"{source}: expected a pickled (bins, issame_list) pair, got "
+                             f"{type(obj).__name__}")
     bins, issame = obj
+    if not isinstance(bins, (list, tuple)):
+        raise BinFormatError(f"{source}: the images must be a list of encoded images, got a "
+                             f"{type(bins).__name__}")
     issame = _as_issame(issame, source)
     if len(bins) != 2 * issame.size:
-        raise ValueError(f"{source}: {len(bins)} images for {issame.size} pairs "
-                         f"(need exactly two per pair)")
+        raise BinFormatError(f"{source}: {len(bins)} images for {issame.size} pairs "
+                             f"(need exactly two per pair)")
     images = np.empty((len(bins), image_size, image_size, 3), dtype=np.uint8)
     bad = []
     for i, item in enumerate(tqdm(bins, desc=f"decode {path.name}", unit="img",
@@ -145,6 +160,8 @@ def load_bin(path: str | Path, image_size: int = FACE_CROP_SIZE,
         if image.shape[:2] != (image_size, image_size):
             image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
         images[i] = image
-    if bad:
-        raise ValueError(f"{source}: {len(bad)} undecodable images:\n  " + "\n  ".join(bad))
+    if bad:  # one line: the count and the first few
+        raise BinFormatError(f"{source}: {len(bad)} undecodable images (first: "
+                             + "; ".join(bad[:MAX_LISTED_IMAGES])
+                             + ("; ..." if len(bad) > MAX_LISTED_IMAGES else "") + ")")
     return images, issame

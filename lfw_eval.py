@@ -5,11 +5,28 @@ verification sets, and a two-photo comparison.
     python lfw_eval.py --checkpoint runs/x/backbone.pt --bin data/faces_emore/lfw.bin --bin ...
     python lfw_eval.py --checkpoint runs/x/backbone.pt --compare a.jpg b.jpg
 
-Protocol (``ten_fold_accuracy``): the folds are contiguous blocks of the pair list (LFW's
-official folds); every fold is scored with the threshold that maximises accuracy on the other
-nine, searched over every distinct decision point; a pair is called "same" when its cosine
-similarity is strictly greater than the threshold. The reported threshold is the mean of the
-ten. Embeddings use flip test-time augmentation (image + mirror, then L2-normalised).
+Protocol (``ten_fold_accuracy``): every fold is scored with the threshold that maximises
+accuracy on the OTHER folds (never on the pairs being scored), searched over every distinct
+decision point; a pair is called "same" when its cosine similarity is strictly greater than
+the threshold. The reported threshold is the mean of the folds'. Embeddings use flip
+test-time augmentation (image + mirror, then L2-normalised). The folds:
+
+* ``pairs.txt`` with a header ``<folds> <n>`` (LFW's view 2: ``10 300``): the file's own
+  folds, each n same + n different pairs; the printout and results say how many
+  (a ``2 300`` file is scored and reported as 2-fold).
+* a single set of pairs, header ``<n>`` (LFW's view 1 ``pairsDevTrain.txt`` /
+  ``pairsDevTest.txt``: n same then n different pairs) or ``1 <n>``: it has no folds, and
+  cutting it into blocks would give all-same and all-different folds. It is scored by
+  stratified 10-fold cross-validation (the i-th same and the i-th different pair go to fold
+  i mod 10, so every fold holds both kinds; fewer folds when a kind has fewer than 10 pairs),
+  labelled as such; ROC AUC and TAR@FAR need no threshold at all.
+* ``.bin`` sets: 10 contiguous blocks (InsightFace's layout, each block holding both kinds);
+  a set whose blocks do not hold both kinds gets stratified folds instead, with a warning.
+
+Bad input (a missing or binary pairs file, a header that promises more or fewer pairs than
+the file holds, a line with the wrong number of fields, a truncated or foreign ``.bin``, a
+non-finite ``--threshold`` or one outside cosine's [-1, 1]) is a one-line ``error: ...``
+naming the file (and line) with a non-zero exit.
 """
 
 from __future__ import annotations
@@ -27,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from bin_loader import UnsafePickleError, load_bin
+from bin_loader import load_bin
 from utils import (
     FACE_CROP_SIZE,
-    ImageReadError,
+    ToolkitError,
     atomic_write_bytes,
     atomic_write_text,
     get_device,
@@ -42,9 +59,12 @@ from verification_metrics import (
     DEFAULT_FOLDS,
     FARS,
     THRESHOLD_RULE,
+    contiguous_folds,
+    folds_have_both_kinds,
     pair_similarities,
     roc_curve,
     roc_metrics,
+    stratified_folds,
     tar_at_far,
     tar_key,
     ten_fold_accuracy,
@@ -63,11 +83,30 @@ PIXEL_STD = 127.5
 DEFAULT_BATCH_SIZE = 64
 ALIGN_CHUNK = 32  # images read and aligned at a time (MTCNN batch)
 LFW_RESULTS_NAME = "lfw"  # <out>/lfw_results.json holds the threshold `--compare` uses
-EXIT_BAD_INPUT = 2
 EXIT_NO_FACE = 3
 EXIT_NO_THRESHOLD = 4
+COSINE_RANGE = (-1.0, 1.0)  # a threshold outside it gives the same verdict for every pair
+MAX_NAMED = 5  # missing or unreadable files named in a one-line error (the count is complete)
+GZIP_MAGIC = b"\x1f\x8b"
 
 log = get_logger("lfw_eval")
+
+
+class PairsFileError(ToolkitError, ValueError):
+    """A pairs file that does not follow LFW's format; the message names file and line."""
+
+
+class LfwEvalError(ToolkitError, ValueError):
+    """Arguments or saved results that cannot be used as given; the message says which."""
+
+
+class MissingInputError(ToolkitError, FileNotFoundError):
+    """A pairs file, LFW folder or pair images that do not exist."""
+
+
+def _named(items: Sequence[str]) -> str:
+    """The first few of ``items`` for a one-line message."""
+    return ", ".join(items[:MAX_NAMED]) + (", ..." if len(items) > MAX_NAMED else "")
 
 
 # ----------------------------------------------------------------------------- pairs.txt
@@ -84,31 +123,67 @@ class Pair:
 
 def _lfw_image(name: str, number: str, path: Path, lineno: int) -> str:
     if not number.isdigit() or int(number) < 1:
-        raise ValueError(f"{path}:{lineno}: image number {number!r} is not a positive integer")
+        raise PairsFileError(f"{path}:{lineno}: image number {number!r} is not a positive "
+                             "integer")
     return f"{name}/{name}_{int(number):04d}.jpg"
 
 
-def parse_pairs(path: str | Path) -> list[Pair]:
-    """Parse LFW's ``pairs.txt``: a header ``<folds>\\t<n>`` (or just ``<n>``: one fold), then
-    per fold n same-person lines ``name i j`` followed by n different-person lines
-    ``name1 i name2 j``. Any deviation is a ValueError naming the file and line number."""
-    path = Path(path)
+def _read_text_lines(path: Path) -> list[str]:
+    """The file's lines; PairsFileError naming the file and the line of the first byte that
+    is not text (a gzip file, a binary download saved under the name)."""
     try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise FileNotFoundError(f"cannot read pairs file {path}: {e.strerror or e}") from None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MissingInputError(f"{path}: pairs file not found") from None
+    if data.startswith(GZIP_MAGIC):
+        raise PairsFileError(f"{path}:1: this is a gzip-compressed file, not LFW's text pairs "
+                             "file: decompress it first (gunzip)")
+    nul = data.find(b"\0")  # valid UTF-8, but never text
+    try:
+        text = data.decode("utf-8")
+        bad = None
+    except UnicodeDecodeError as e:
+        bad = e.start
+    if nul >= 0 and (bad is None or nul < bad):  # whichever comes first is reported
+        lineno = data.count(b"\n", 0, nul) + 1
+        raise PairsFileError(f"{path}:{lineno}: NUL byte at offset {nul}: a binary file, not "
+                             "LFW's text pairs file")
+    if bad is not None:
+        lineno = data.count(b"\n", 0, bad) + 1
+        raise PairsFileError(f"{path}:{lineno}: not UTF-8 text (byte 0x{data[bad]:02x} at "
+                             f"offset {bad}): is this LFW's pairs.txt?")
+    return text.splitlines()
+
+
+def parse_pairs(path: str | Path) -> list[Pair]:
+    """Parse LFW's ``pairs.txt``: a header ``<folds>\\t<n>`` (or just ``<n>``: one set), then
+    per fold n same-person lines ``name i j`` followed by n different-person lines
+    ``name1 i name2 j``. Any deviation (binary content, a header promising more or fewer
+    pairs than the file holds, a wrong field count) is a PairsFileError naming the file and
+    the line."""
+    path = Path(path)
+    lines = _read_text_lines(path)
     while lines and not lines[-1].strip():  # trailing blank lines are harmless
         lines.pop()
     if not lines:
-        raise ValueError(f"{path}: empty pairs file")
+        raise PairsFileError(f"{path}: empty pairs file")
     header = lines[0].split()
     if not header or len(header) > 2 or not all(h.isdigit() for h in header):
-        raise ValueError(f"{path}:1: header must be '<folds>\\t<pairs per kind>', got {lines[0]!r}")
-    nfolds, per_kind = (int(header[0]), int(header[1])) if len(header) == 2 else (1, int(header[0]))
+        raise PairsFileError(f"{path}:1: header must be '<folds>\\t<pairs per kind>' or "
+                             f"'<pairs per kind>', got {lines[0][:80]!r}")
+    nfolds, per_kind = (int(header[0]), int(header[1])) if len(header) == 2 \
+        else (1, int(header[0]))
     expected = nfolds * 2 * per_kind
-    if len(lines) - 1 != expected:
-        raise ValueError(f"{path}: header promises {nfolds} folds x 2 x {per_kind} = {expected} "
-                         f"pairs but the file has {len(lines) - 1} pair lines")
+    promise = (f"its header (line 1) promises {nfolds} fold(s) x 2 x {per_kind} = {expected} "
+               "pairs")
+    if expected == 0:
+        raise PairsFileError(f"{path}:1: {promise}")
+    if len(lines) - 1 < expected:
+        raise PairsFileError(f"{path}:{len(lines) + 1}: the file ends after {len(lines) - 1} "
+                             f"pair lines, but {promise}")
+    if len(lines) - 1 > expected:
+        raise PairsFileError(f"{path}:{expected + 2}: {len(lines) - 1 - expected} line(s) more "
+                             f"than {promise}")
     pairs = []
     for offset, line in enumerate(lines[1:]):
         lineno = offset + 2
@@ -117,15 +192,15 @@ def parse_pairs(path: str | Path) -> list[Pair]:
         fields = line.split()
         if same:
             if len(fields) != 3:
-                raise ValueError(f"{path}:{lineno}: expected a same-person line 'name i j' "
-                                 f"(fold {fold + 1}), got {line!r}")
+                raise PairsFileError(f"{path}:{lineno}: expected a same-person line 'name i j' "
+                                     f"(fold {fold + 1}), got {line[:80]!r}")
             name, i, j = fields
             pairs.append(Pair(_lfw_image(name, i, path, lineno),
                               _lfw_image(name, j, path, lineno), True, fold))
         else:
             if len(fields) != 4:
-                raise ValueError(f"{path}:{lineno}: expected a different-person line "
-                                 f"'name1 i name2 j' (fold {fold + 1}), got {line!r}")
+                raise PairsFileError(f"{path}:{lineno}: expected a different-person line "
+                                     f"'name1 i name2 j' (fold {fold + 1}), got {line[:80]!r}")
             name1, i, name2, j = fields
             pairs.append(Pair(_lfw_image(name1, i, path, lineno),
                               _lfw_image(name2, j, path, lineno), False, fold))
@@ -133,24 +208,43 @@ def parse_pairs(path: str | Path) -> list[Pair]:
 
 
 def check_pairs_exist(pairs: Sequence[Pair], lfw_dir: str | Path) -> None:
-    """Raise FileNotFoundError listing every missing image at once (before any work)."""
+    """MissingInputError counting every missing image and naming the first few (before
+    any work)."""
     lfw_dir = Path(lfw_dir)
     if not lfw_dir.is_dir():
-        raise FileNotFoundError(f"LFW directory not found: {lfw_dir}")
+        raise MissingInputError(f"{lfw_dir}: LFW directory not found")
     wanted = dict.fromkeys(p for pair in pairs for p in (pair.path1, pair.path2))
     missing = [p for p in wanted if not (lfw_dir / p).is_file()]
     if missing:
-        listing = "\n  ".join(missing)
-        raise FileNotFoundError(f"{len(missing)} of {len(wanted)} pair images missing under "
-                                f"{lfw_dir}:\n  {listing}")
+        raise MissingInputError(f"{len(missing)} of {len(wanted)} pair images missing under "
+                                 f"{lfw_dir}: {_named(missing)}")
 
 
 def pair_folds(pairs: Sequence[Pair]) -> list[np.ndarray]:
     """Indices of the pairs of each fold; folds must be contiguous blocks, as in pairs.txt."""
     folds = np.array([p.fold for p in pairs], dtype=np.int64)
     if folds.size and np.any(np.diff(folds) < 0):
-        raise ValueError("pair folds are not contiguous blocks in increasing order")
+        raise PairsFileError("pair folds are not contiguous blocks in increasing order")
     return [np.flatnonzero(folds == f) for f in np.unique(folds)]
+
+
+def pairs_file_folds(pairs: Sequence[Pair], path: str | Path) -> tuple[np.ndarray, str]:
+    """Fold index per pair and what the folds are: the file's own folds when its header
+    declares two or more; for a single set (header ``<n>`` or ``1 <n>``, e.g. LFW's
+    pairsDevTest.txt: n same then n different pairs) stratified folds (see
+    :func:`verification_metrics.stratified_folds`), since blocks of it would be all-same or
+    all-different."""
+    same = np.array([p.same for p in pairs], dtype=bool)
+    blocks = pair_folds(pairs)
+    per_kind = int(same[blocks[0]].sum()) if blocks else 0
+    if len(blocks) >= 2:
+        return np.array([p.fold for p in pairs], dtype=np.int64), (
+            f"the {len(blocks)} folds of {path} (its header: {len(blocks)} folds of "
+            f"{per_kind} same + {per_kind} different pairs)")
+    k = _stratified_fold_count(same, DEFAULT_FOLDS, str(path))
+    return stratified_folds(same, k), (
+        f"{path} is a single set of {per_kind} same + {per_kind} different pairs (no folds of "
+        f"its own): stratified {k}-fold cross-validation ({STRATIFIED_RULE})")
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -219,16 +313,37 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
 
 # ----------------------------------------------------------------------------- evaluation
 
+STRATIFIED_RULE = ("the i-th same pair and the i-th different pair in file order go to fold "
+                   "i mod k; each fold's threshold is tuned on the other folds")
+
+
+def _stratified_fold_count(issame: np.ndarray, nfolds: int, name: str) -> int:
+    """``nfolds``, or fewer when a kind has fewer pairs; LfwEvalError below 2."""
+    same = np.asarray(issame, dtype=bool)
+    k = min(nfolds, int(same.sum()), int((~same).sum()))
+    if k < 2:
+        raise LfwEvalError(f"{name}: {int(same.sum())} same and {int((~same).sum())} different "
+                           "pairs: cross-validating a threshold needs at least 2 of each")
+    return k
+
+
 def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
                           batch_size: int = DEFAULT_BATCH_SIZE, device=None,
                           out_dir: str | Path | None = None, name: str = "lfw",
                           nfolds: int = DEFAULT_FOLDS, pair_labels: list[str] | None = None,
                           extra: dict[str, Any] | None = None,
                           progress: bool = True,
-                          pair_index: np.ndarray | None = None) -> dict[str, Any]:
-    """Verify pairs of consecutive images (2i, 2i+1) with ``model``: 10-fold accuracy, std and
+                          pair_index: np.ndarray | None = None,
+                          folds: np.ndarray | None = None,
+                          fold_rule: str | None = None) -> dict[str, Any]:
+    """Verify pairs of consecutive images (2i, 2i+1) with ``model``: k-fold accuracy, std and
     threshold, ROC AUC, TAR@FAR. With ``out_dir``: ``<name>_roc.png``, ``<name>_hist.png``,
     ``<name>_errors.png`` and ``<name>_results.json`` (plus ``extra`` fields) are written.
+
+    Folds: ``folds`` (fold index per pair, described by ``fold_rule``), else ``nfolds``
+    contiguous blocks; blocks that do not all hold both kinds of pair (a set ordered all
+    same, then all different) are replaced by stratified folds, with a warning. The results
+    say which (``nfolds``, ``folds``).
 
     ``pair_index`` (2N,) lets ``images`` hold each distinct image once: pair i is then
     images ``pair_index[2i]`` and ``pair_index[2i+1]`` (each image is embedded once)."""
@@ -237,14 +352,24 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
     index = np.arange(images.shape[0]) if pair_index is None \
         else np.asarray(pair_index, dtype=np.int64).reshape(-1)
     if index.size != 2 * same.size:
-        raise ValueError(f"{name}: {index.size} images for {same.size} pairs "
-                         f"(need two per pair)")
+        raise LfwEvalError(f"{name}: {index.size} images for {same.size} pairs "
+                           f"(need two per pair)")
     if index.size and (index.min() < 0 or index.max() >= images.shape[0]):
-        raise ValueError(f"{name}: pair_index points outside the {images.shape[0]} images")
+        raise LfwEvalError(f"{name}: pair_index points outside the {images.shape[0]} images")
+    if folds is None:
+        folds = contiguous_folds(same.size, nfolds)
+        fold_rule = fold_rule or f"{nfolds} contiguous blocks of the pair list"
+        if not folds_have_both_kinds(same, folds):
+            k = _stratified_fold_count(same, nfolds, name)
+            log.warning("%s: %d contiguous blocks of its pairs do not all hold both same and "
+                        "different pairs; scoring %d stratified folds instead", name, nfolds, k)
+            folds = stratified_folds(same, k)
+            fold_rule = f"{k} stratified folds ({STRATIFIED_RULE}): its blocks are one-kind"
     feats = embed(model, images, batch_size=batch_size, device=device, progress=progress)
     sims = pair_similarities(feats[index])
-    results: dict[str, Any] = {"name": name, "n_pairs": int(same.size), "nfolds": nfolds}
-    results.update(ten_fold_details(sims, same, nfolds))
+    results: dict[str, Any] = {"name": name, "n_pairs": int(same.size)}
+    results.update(ten_fold_details(sims, same, folds=folds))
+    results["folds"] = fold_rule or "given per pair"
     results.update(roc_metrics(sims, same))
     results["threshold_rule"] = THRESHOLD_RULE
     if out_dir is not None:
@@ -311,8 +436,9 @@ def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
             faceless.append(path)
         crops[i] = _as_crop(done.crop, path)  # the centre crop is already 112x112
     if unreadable:
-        raise ValueError(f"{len(unreadable)} pair images cannot be read:\n  "
-                         + "\n  ".join(unreadable))
+        raise LfwEvalError(f"{len(unreadable)} of {len(paths)} pair images cannot be read: "
+                           + "; ".join(unreadable[:MAX_NAMED])
+                           + ("; ..." if len(unreadable) > MAX_NAMED else ""))
     return crops, faceless
 
 
@@ -409,14 +535,26 @@ def compare_images(model, image_a: np.ndarray, image_b: np.ndarray, aligner=None
     return float(pair_similarities(feats)[0]), []
 
 
+def check_threshold(value: float, source: str) -> float:
+    """A cosine-similarity threshold: LfwEvalError unless finite and within [-1, 1] (NaN
+    would call every pair "different", anything outside the range every pair one way)."""
+    low, high = COSINE_RANGE
+    if not (math.isfinite(value) and low <= value <= high):
+        raise LfwEvalError(f"{source}: threshold {value} is not a cosine similarity: give a "
+                           f"finite number in [{low:g}, {high:g}]")
+    return value
+
+
 def _saved_threshold(out_dir: Path) -> tuple[float, Path] | None:
     path = out_dir / f"{LFW_RESULTS_NAME}_results.json"
     if not path.is_file():
         return None
     try:
-        return float(json.loads(path.read_text())["threshold"]), path
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: no usable 'threshold' in this results file ({e})") from None
+        value = float(json.loads(path.read_text())["threshold"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise LfwEvalError(f"{path}: no usable 'threshold' in this results file ({e})") \
+            from None
+    return check_threshold(value, str(path)), path
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -425,6 +563,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     from config import build_parser
 
     parser = build_parser(__doc__.split("\n\n")[0])
+    parser.epilog = (
+        "Folds: a pairs.txt with header '<folds> <n>' (LFW's '10 300') is scored on its own "
+        "folds and reported as <folds>-fold; a single set (header '<n>', e.g. "
+        "pairsDevTest.txt) by stratified 10-fold cross-validation (each fold holds both "
+        "kinds; thresholds are always tuned on the other folds, never on the pairs scored), "
+        "said in the printout and in the results' 'folds' field; .bin sets: 10 contiguous "
+        "blocks.")
     group = parser.add_argument_group("lfw_eval")
     group.add_argument("--checkpoint", required=True,
                        help="backbone.pt or a training checkpoint (config.json beside it "
@@ -434,8 +579,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     group.add_argument("--compare", nargs=2, metavar=("A", "B"),
                        help="compare the faces in two photos")
     group.add_argument("--threshold", type=float, default=None,
-                       help="decision threshold for --compare; if omitted, the one saved "
-                            "by the last LFW evaluation in the output folder")
+                       help="decision threshold for --compare, a cosine similarity in "
+                            "[-1, 1]; if omitted, the one saved by the last LFW evaluation "
+                            "in the output folder")
     group.add_argument("--out", default=None,
                        help="output folder; if omitted, <checkpoint folder>/eval")
     group.add_argument("--cache-dir", default=None,
@@ -452,9 +598,10 @@ def _load_model(args, device):
 
 
 def _print_results(r: dict[str, Any]) -> None:
-    print(f"{r['name']}: 10-fold accuracy {100 * r['accuracy']:.2f} +- "
+    print(f"{r['name']}: {r['nfolds']}-fold accuracy {100 * r['accuracy']:.2f} +- "
           f"{100 * r['accuracy_std']:.2f}%  (threshold {r['threshold']:.4f}, "
           f"{r['n_pairs']} pairs, AUC {r['auc']:.4f})")
+    print(f"  folds: {r['folds']}")
     for far in FARS:
         if tar_key(far) in r:
             print(f"  TAR@FAR={far:.0e}: {100 * r[tar_key(far)]:.2f}%")
@@ -468,16 +615,18 @@ def _run_compare(args, model, device, out_dir: Path) -> int:
     for p in args.compare:
         try:
             photos.append(read_image(p))
-        except ImageReadError as e:
+        except ToolkitError as e:  # ImageReadError
             errors.append(str(e))
-    if errors:  # both named at once
-        print("error: " + "\n       ".join(errors), file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if errors:  # both named at once, on one line
+        raise LfwEvalError("; ".join(errors))
     sim, faceless = compare_images(model, photos[0], photos[1], device=device)
     if faceless:
         for i in faceless:
             print(f"no face found in {args.compare[i]} (photo {i + 1})", file=sys.stderr)
         return EXIT_NO_FACE
+    if not math.isfinite(sim):  # NaN > threshold is False: it would read "different people"
+        raise LfwEvalError(f"{args.checkpoint}: the model gives non-finite (NaN/inf) embeddings "
+                           "for these photos; is the checkpoint diverged?")
     print(f"cosine similarity: {sim:.4f}")
     if args.threshold is not None:
         threshold, source = args.threshold, "--threshold"
@@ -495,17 +644,14 @@ def _run_compare(args, model, device, out_dir: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (0 ok, 2 bad input, 3 no face, 4 no
-    threshold for --compare)."""
+    """The command line; returns the exit status (0 ok, 3 no face, 4 no threshold for
+    --compare). Bad input raises (ToolkitError, OSError): run_cli prints it as one line and
+    exits 1."""
     from config import parse_config
 
     parser = build_arg_parser()
     cfg, args = parse_config(argv, parser=parser)
-    try:
-        return _run(cfg, args)
-    except (FileNotFoundError, ValueError, UnsafePickleError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return _run(cfg, args)
 
 
 def _run(cfg, args: argparse.Namespace) -> int:
@@ -513,7 +659,12 @@ def _run(cfg, args: argparse.Namespace) -> int:
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if args.bin and args.compare:
-        raise ValueError("--bin and --compare are separate commands; give one of them")
+        raise LfwEvalError("--bin and --compare are separate commands; give one of them")
+    if args.threshold is not None:  # checked before any model is loaded
+        if not args.compare:
+            raise LfwEvalError("--threshold is the decision threshold of --compare; the LFW "
+                               "and .bin evaluations choose theirs by cross-validation")
+        check_threshold(args.threshold, "--threshold")
     out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
     device = get_device(cfg.device)
     if args.compare:
@@ -546,6 +697,7 @@ def _run_bins(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
 
 def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     pairs = parse_pairs(cfg.pairs)
+    folds, fold_rule = pairs_file_folds(pairs, cfg.pairs)  # before any work, as below
     lfw_dir = Path(cfg.lfw_dir)
     check_pairs_exist(pairs, lfw_dir)  # before any work
     model = _load_model(args, device)
@@ -553,14 +705,13 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
         lfw_dir.parent / f"{lfw_dir.name}_aligned_cache"
     crops, index, issame, faceless = _load_lfw(lfw_dir, pairs, cache_dir=cache_dir,
                                                checked=True)
-    nfolds = len(pair_folds(pairs))  # the file's own folds (10 in LFW's pairs.txt)
-    nfolds = nfolds if nfolds >= 2 else DEFAULT_FOLDS  # a one-fold file: the usual ten blocks
     labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]
     meta = {"checkpoint": str(args.checkpoint), "lfw_dir": str(lfw_dir), "pairs": str(cfg.pairs),
             "faceless_images": faceless}
     r = evaluate_verification(model, crops, issame, batch_size=cfg.batch_size,
                               device=device, out_dir=out_dir, name=LFW_RESULTS_NAME,
-                              nfolds=nfolds, pair_labels=labels, extra=meta, pair_index=index)
+                              folds=folds, fold_rule=fold_rule, pair_labels=labels, extra=meta,
+                              pair_index=index)
     _print_results(r)
     if faceless:
         print(f"  {len(faceless)} of {len(crops)} images had no detected face and were "

@@ -5,9 +5,21 @@ Actions (``--action``), each resumable or side-effect free, in pipeline order:
                  (where the devkit's per-image ``<image>.json`` gives a bounding box, the
                  detection overlapping it most); faceless images get a centre crop and are listed
   gen_features   one devkit-format feature file ``<image file name><suffix>`` per aligned image
-  remove_noises  apply InsightFace's noise lists (every feature gains one extra dimension)
+  remove_noises  apply InsightFace's noise lists (every feature gains one extra dimension),
+                 writing a new tree (--clean-features-dir, default data/megaface_features_clean)
+                 with a record of what was done, remove_noises.json
   evaluate       our own evaluator (megaface_eval.py): CMC and TAR@FAR, JSON and PNG curves
   devkit         print (``--run``: run) the official devkit's run_experiment.py command
+evaluate and devkit read --features-dir: pass the cleaned tree for the published protocol
+(both warn when it has no remove_noises.json).
+
+Nothing is lost silently: distractor features that are missing, unreadable, not float32
+column vectors, non-finite or of another dimension than the probes are skipped, counted and
+named (log, printout, results JSON); a probe is never skipped for being broken (an error: its
+genuine pairs are the protocol), only when the devkit's list names a file that does not
+exist (FaceScrub downloads are often incomplete), and then counted and named too. A missing
+or image-less input folder, an empty noise list, or one that names none of a tree large
+enough to expect matches, is an error naming the file or folder.
 
 Layout: ``<aligned-dir>/{megaface,facescrub}/<relative image path>`` and
 ``<features-dir>/{megaface,facescrub}/<relative image path><suffix>``, the paths the devkit's
@@ -22,15 +34,26 @@ import shlex
 import struct
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES
-from utils import FACE_CROP_SIZE, atomic_write_text, get_logger, list_images, run_cli, write_image
+from megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES, MegaFaceError
+from utils import (
+    FACE_CROP_SIZE,
+    IMAGE_EXTENSIONS,
+    ToolkitError,
+    atomic_write_text,
+    get_logger,
+    list_images,
+    run_cli,
+    write_image,
+)
 
 log = get_logger("megaface")
 
@@ -44,11 +67,26 @@ MEGAFACE, FACESCRUB = "megaface", "facescrub"
 DISTRACTOR_NOISE_FLAG = 100.0  # InsightFace's value in the extra dimension of a noisy distractor
 PROBE_NOISE_AMPLITUDE = 1e-3  # uniform noise added to a noisy probe's identity mean
 MEGAFACE_NOISE_PATH_PARTS = 3  # noise entries are "<a>/<flickr user>/<image>"
-MAX_LISTED_PROBLEMS = 10
+NOISE_REMOVAL_RECORD = "remove_noises.json"  # written into the clean tree: what was done to it
+MAX_LISTED_PROBLEMS = 10  # files named in the log and the results file; the count is complete
+MAX_PROBLEMS_IN_ERROR = 3  # files named in a one-line error
+# The devkit's largest sets, to tell "this noise list names nothing here" (wrong list or paths)
+# from "a small tree that happens to hold none of the listed images"
+MEGAFACE_DISTRACTORS = 1_000_000
+FACESCRUB_PROBES = 3530
 
 
-class FeatureFormatError(ValueError):
-    """A feature file that is not a devkit float32 column vector; the message names it."""
+class FeatureFormatError(MegaFaceError):
+    """A feature file that is not a devkit float32 column vector of finite values; the
+    message names it."""
+
+
+class MissingFeatureError(FeatureFormatError):
+    """A feature file that does not exist (e.g. an image the devkit lists was never aligned)."""
+
+
+class MissingInputError(ToolkitError, FileNotFoundError):
+    """An input folder or file that does not exist or holds nothing to work on."""
 
 
 # ----------------------------------------------------------------------------- feature files
@@ -58,8 +96,12 @@ def write_feature(path: str | Path, vec: Sequence[float] | np.ndarray) -> None:
 
     Written to a temp file and renamed (no fsync: a million of them would take hours)."""
     vec = np.asarray(vec, dtype=np.float32)
-    if vec.ndim != 1 or vec.size == 0 or not np.all(np.isfinite(vec)):
-        raise ValueError(f"{path}: expected a finite non-empty 1-D feature, got shape {vec.shape}")
+    if vec.ndim != 1 or vec.size == 0:
+        raise FeatureFormatError(f"{path}: expected a non-empty 1-D feature, got shape "
+                                 f"{vec.shape}")
+    if not np.all(np.isfinite(vec)):  # the model or the noise arithmetic broke: never write it
+        raise FeatureFormatError(f"{path}: refusing to write a feature with non-finite values "
+                                 "(NaN or inf)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = FEATURE_HEADER.pack(vec.size, FEATURE_COLS, FEATURE_ELEMENT_BYTES, CV_32F) \
@@ -70,9 +112,12 @@ def write_feature(path: str | Path, vec: Sequence[float] | np.ndarray) -> None:
 
 
 def read_feature(path: str | Path) -> np.ndarray:
-    """Read a devkit feature file as float32 (D,); FeatureFormatError naming the file."""
+    """Read a devkit feature file as float32 (D,); FeatureFormatError naming the file when it
+    is missing, unreadable, not a float32 column vector, or holds NaN or inf."""
     try:
         data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MissingFeatureError(f"{path}: feature file not found") from None
     except OSError as e:
         raise FeatureFormatError(f"{path}: cannot read feature file ({e.strerror or e})") from None
     if len(data) < FEATURE_HEADER.size:
@@ -84,14 +129,18 @@ def read_feature(path: str | Path) -> np.ndarray:
     if len(data) != FEATURE_HEADER.size + rows * FEATURE_ELEMENT_BYTES:
         raise FeatureFormatError(f"{path}: header says {rows} floats but the file holds "
                                  f"{len(data) - FEATURE_HEADER.size} bytes of data")
-    return np.frombuffer(data, dtype="<f4", offset=FEATURE_HEADER.size).astype(np.float32)
+    vec = np.frombuffer(data, dtype="<f4", offset=FEATURE_HEADER.size).astype(np.float32)
+    if not np.all(np.isfinite(vec)):  # scores NaN against everything: no rank means anything
+        raise FeatureFormatError(f"{path}: {int(np.count_nonzero(~np.isfinite(vec)))} of "
+                                 f"{vec.size} values are non-finite (NaN or inf)")
+    return vec
 
 
 def list_feature_files(root: str | Path, suffix: str = DEFAULT_SUFFIX) -> list[str]:
     """Relative image paths (``a/b.jpg``) of every ``<image><suffix>`` under ``root``, sorted."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"feature directory not found: {root}")
+        raise MissingInputError(f"{root}: feature directory not found")
     out = []
     for dirpath, _, files in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
@@ -106,50 +155,111 @@ def read_devkit_list(path: str | Path, need_ids: bool = False) -> dict[str, list
     """A devkit template list: JSON with "path" (relative image paths) and, for probes, "id"."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read devkit list ({e})") from None
+    except FileNotFoundError:
+        raise MissingInputError(f"{path}: devkit list not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MegaFaceError(f"{path}: cannot read devkit list ({e})") from None
     keys = ("path", "id") if need_ids else ("path",)
     if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in keys):
-        raise ValueError(f"{path}: expected a JSON object with list(s) {keys}")
+        raise MegaFaceError(f"{path}: expected a JSON object with list(s) {keys}")
     if need_ids and len(data["id"]) != len(data["path"]):
-        raise ValueError(f"{path}: {len(data['id'])} ids for {len(data['path'])} paths")
+        raise MegaFaceError(f"{path}: {len(data['id'])} ids for {len(data['path'])} paths")
     return data
 
 
+@dataclass
+class LoadedFeatures:
+    """What :func:`load_features` read: the usable features and, by name, what it could not
+    use (each message names the file and the reason)."""
+
+    feats: np.ndarray  # (len(kept), D) float32
+    kept: np.ndarray  # indices into the requested paths of the rows of ``feats``
+    missing: list[str]  # files that do not exist
+    bad: list[str]  # unreadable, not the devkit format, non-finite, or of another dimension
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.missing + self.bad
+
+
 def load_features(root: str | Path, rel_paths: Sequence[str], suffix: str = DEFAULT_SUFFIX,
-                  desc: str = "features", progress: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Features of ``root/<rel><suffix>`` as float32 (N, D), the indices of ``rel_paths`` that
-    loaded, and a message for each file that is missing, corrupt or of another dimension."""
+                  desc: str = "features", progress: bool = True, dim: int | None = None,
+                  dim_from: str = "") -> LoadedFeatures:
+    """Features of ``root/<rel><suffix>``. Files that are missing, unreadable, not float32
+    column vectors, hold NaN/inf, or whose dimension is not ``dim`` (default: the most common
+    one among them; ``dim_from`` says where ``dim`` comes from) are left out and named.
+    MegaFaceError when none is usable."""
     from tqdm import tqdm
 
     root = Path(root)
-    feats: np.ndarray | None = None
-    kept, problems = [], []
+    if not rel_paths:
+        raise MissingInputError(f"{root}: no feature files (*{suffix}) to load")
+    # with a known dimension the array is filled in place (a million distractors: no copy)
+    feats = None if dim is None else np.empty((len(rel_paths), dim), dtype=np.float32)
+    vectors: list[np.ndarray] = []
+    kept: list[int] = []
+    missing: list[str] = []
+    bad: list[str] = []
     for i, rel in enumerate(tqdm(rel_paths, desc=desc, unit="file", disable=not progress,
                                  leave=False)):
         try:
             vec = read_feature(root / (rel + suffix))
+        except MissingFeatureError as e:
+            missing.append(str(e))
+            continue
         except FeatureFormatError as e:
-            problems.append(str(e))
+            bad.append(str(e))
             continue
         if feats is None:
-            feats = np.empty((len(rel_paths), vec.size), dtype=np.float32)
-        if vec.size != feats.shape[1]:
-            problems.append(f"{root / (rel + suffix)}: {vec.size} dims, expected {feats.shape[1]}")
+            vectors.append(vec)
+        elif vec.size != dim:
+            bad.append(f"{root / (rel + suffix)}: {vec.size} dims, expected {dim}{dim_from}")
             continue
-        feats[len(kept)] = vec
+        else:
+            feats[len(kept)] = vec
         kept.append(i)
     if feats is None:
-        raise ValueError(f"{root}: none of {len(rel_paths)} feature files could be read"
-                         + (f" (first: {problems[0]})" if problems else ""))
-    return feats[:len(kept)], np.asarray(kept, dtype=np.int64), problems
+        if vectors:
+            dim = Counter(v.size for v in vectors).most_common(1)[0][0]
+        right = [j for j, v in enumerate(vectors) if v.size == dim]
+        bad += [f"{root / (rel_paths[kept[j]] + suffix)}: {v.size} dims, expected {dim} "
+                "(the dimension of most of them)" for j, v in enumerate(vectors) if v.size != dim]
+        feats = np.stack([vectors[j] for j in right]) if right \
+            else np.empty((0, 0), dtype=np.float32)
+        kept = [kept[j] for j in right]
+    if not kept:
+        problems = missing + bad
+        raise MegaFaceError(f"{root}: none of {len(rel_paths)} feature files could be used"
+                            + (f" (first: {problems[0]})" if problems else ""))
+    return LoadedFeatures(feats[:len(kept)], np.asarray(kept, dtype=np.int64), missing, bad)
 
 
 def _report_problems(problems: list[str], what: str) -> None:
     if problems:
         log.warning("%d %s skipped, e.g.:\n  %s", len(problems), what,
                     "\n  ".join(problems[:MAX_LISTED_PROBLEMS]))
+
+
+def _refuse_bad_probes(loaded: LoadedFeatures, root: Path) -> None:
+    """A probe is never dropped for being broken: its genuine pairs are the protocol (the
+    devkit scores every listed probe), and a NaN or odd-sized probe means the features were
+    made wrongly. Missing files are another matter (see :func:`load_probes`)."""
+    if loaded.bad:
+        raise MegaFaceError(
+            f"{root}: {len(loaded.bad)} probe feature file(s) cannot be used (probes are never "
+            "skipped; regenerate them): " + "; ".join(loaded.bad[:MAX_PROBLEMS_IN_ERROR])
+            + ("; ..." if len(loaded.bad) > MAX_PROBLEMS_IN_ERROR else ""))
+
+
+def load_probes(root: Path, paths: Sequence[str], suffix: str, progress: bool = True
+                ) -> LoadedFeatures:
+    """The probe features: any broken one is an error (:func:`_refuse_bad_probes`); files the
+    devkit's list names but that do not exist are skipped, counted and named, since FaceScrub
+    is downloaded from URLs and many copies lack some images."""
+    loaded = load_features(root, paths, suffix, FACESCRUB, progress)
+    _refuse_bad_probes(loaded, root)
+    _report_problems(loaded.missing, "probe features (listed but missing)")
+    return loaded
 
 
 def probe_paths_and_labels(root: str | Path, list_path: str | Path | None = None,
@@ -161,7 +271,7 @@ def probe_paths_and_labels(root: str | Path, list_path: str | Path | None = None
         return [str(p) for p in data["path"]], [str(i) for i in data["id"]]
     paths = list_feature_files(root, suffix)
     if any("/" not in p for p in paths):
-        raise ValueError(f"{root}: probe features must lie in one directory per identity")
+        raise MegaFaceError(f"{root}: probe features must lie in one directory per identity")
     return paths, [p.split("/", 1)[0] for p in paths]
 
 
@@ -183,9 +293,12 @@ def parse_noise_list(path: str | Path, kind: str) -> set[str]:
     if kind not in (MEGAFACE, FACESCRUB):
         raise ValueError(f"kind must be {MEGAFACE!r} or {FACESCRUB!r}, got {kind!r}")
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read noise list ({e.strerror or e})") from None
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MissingInputError(f"{path}: noise list not found") from None
+    except UnicodeDecodeError as e:
+        raise MegaFaceError(f"{path}: not a text noise list (byte {e.start} is not UTF-8)") \
+            from None
     keys = set()
     for line in lines:
         line = line.strip()
@@ -193,7 +306,30 @@ def parse_noise_list(path: str | Path, kind: str) -> set[str]:
             continue
         entry = line.split("\t")[-1]
         keys.add(_probe_key(entry) if kind == FACESCRUB else _distractor_key(entry))
+    if not keys:
+        raise MegaFaceError(f"{path}: the {kind} noise list holds no entries (only comments "
+                            "or blank lines)")
     return keys
+
+
+def check_noise_list_matches(list_path: str | Path, noise: set[str], tree_keys: Iterable[str],
+                             tree_root: str | Path, full_size: int) -> int:
+    """How many of ``tree_keys`` the noise list names. None at all, in a tree big enough that
+    some should be (the list's share of the devkit's ``full_size`` images), means the list or
+    the tree's relative paths are not the expected ones: an error naming both, with a sample,
+    instead of a "cleaned" tree that is not. Smaller trees only get a warning."""
+    tree_keys = list(tree_keys)
+    matched = sum(k in noise for k in tree_keys)
+    expected = len(noise) * len(tree_keys) / full_size
+    if matched == 0 and tree_keys:
+        message = (f"{list_path}: none of its {len(noise)} entries (e.g. {min(noise)!r}) names a "
+                   f"feature under {tree_root} (e.g. {tree_keys[0]!r}); about {expected:.0f} "
+                   "should: is it the right list, and do the features keep the devkit's "
+                   "relative paths?")
+        if expected >= 1:
+            raise MegaFaceError(message)
+        log.warning("%s (with %d features here, none may be expected)", message, len(tree_keys))
+    return matched
 
 
 def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises: str | Path,
@@ -208,18 +344,28 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
 
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     if out_dir.resolve() == features_dir.resolve():
-        raise ValueError("remove_noises writes a new tree: --clean-features-dir must differ")
+        raise MegaFaceError("remove_noises writes a new tree: --clean-features-dir must differ "
+                            f"from --features-dir ({features_dir})")
     rng = np.random.default_rng(seed)
     fs_noise = parse_noise_list(facescrub_noises, FACESCRUB)
     mf_noise = parse_noise_list(megaface_noises, MEGAFACE)
     summary = {"probes": 0, "probes_replaced": 0, "probes_kept_no_clean_mate": 0,
-               "distractors": 0, "distractors_flagged": 0, "unreadable": 0}
+               "probes_missing": 0, "distractors": 0, "distractors_flagged": 0,
+               "distractors_skipped": 0}
 
-    paths, labels = probe_paths_and_labels(features_dir / FACESCRUB, facescrub_list, suffix)
-    feats, kept, problems = load_features(features_dir / FACESCRUB, paths, suffix, "facescrub",
-                                          progress)
-    summary["unreadable"] += len(problems)
-    _report_problems(problems, "FaceScrub features")
+    probe_root, distractor_root = features_dir / FACESCRUB, features_dir / MEGAFACE
+    paths, labels = probe_paths_and_labels(probe_root, facescrub_list, suffix)
+    probes = load_probes(probe_root, paths, suffix, progress)
+    feats, kept = probes.feats, probes.kept
+    summary["probes_missing"] = len(probes.missing)
+    distractor_paths = list_feature_files(distractor_root, suffix)
+    if not distractor_paths:
+        raise MissingInputError(f"{distractor_root}: no feature files (*{suffix})")
+    # both lists are checked before anything is written (a million files take hours)
+    check_noise_list_matches(facescrub_noises, fs_noise, (_probe_key(paths[i]) for i in kept),
+                             probe_root, FACESCRUB_PROBES)
+    check_noise_list_matches(megaface_noises, mf_noise, map(_distractor_key, distractor_paths),
+                             distractor_root, MEGAFACE_DISTRACTORS)
     noisy = np.array([_probe_key(paths[i]) in fs_noise for i in kept], dtype=bool)
     kept_labels = np.asarray([labels[i] for i in kept])
     clean_means: dict[Any, np.ndarray | None] = {}  # per identity, computed once
@@ -244,24 +390,65 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
         write_feature(out_dir / FACESCRUB / (paths[i] + suffix), np.append(vec, 0.0))
         summary["probes"] += 1
 
-    distractor_root = features_dir / MEGAFACE
-    for rel in tqdm(list_feature_files(distractor_root, suffix), desc="megaface", unit="file",
-                    disable=not progress, leave=False):
+    dim = feats.shape[1]
+    skipped: list[str] = []
+    for rel in tqdm(distractor_paths, desc="megaface", unit="file", disable=not progress,
+                    leave=False):
+        path = distractor_root / (rel + suffix)
         try:
-            vec = read_feature(distractor_root / (rel + suffix))
-        except FeatureFormatError as e:
-            summary["unreadable"] += 1
-            log.warning("skipped: %s", e)
+            vec = read_feature(path)
+            if vec.size != dim:
+                raise FeatureFormatError(f"{path}: {vec.size} dims, expected {dim} (the probe "
+                                         "features')")
+        except FeatureFormatError as e:  # left out of the clean tree, named and counted
+            skipped.append(str(e))
             continue
         flagged = _distractor_key(rel) in mf_noise
         extra = DISTRACTOR_NOISE_FLAG if flagged else 0.0
         write_feature(out_dir / MEGAFACE / (rel + suffix), np.append(vec, extra))
         summary["distractors"] += 1
         summary["distractors_flagged"] += int(flagged)
+    summary["distractors_skipped"] = len(skipped)
+    _report_problems(skipped, "distractor features (not written to the clean tree)")
+    record = {"source": str(features_dir), "megaface_noises": str(megaface_noises),
+              "facescrub_noises": str(facescrub_noises), "seed": seed, "summary": summary,
+              "skipped_distractor_files": skipped[:MAX_LISTED_PROBLEMS],
+              "missing_probe_files": probes.missing[:MAX_LISTED_PROBLEMS]}
+    atomic_write_text(out_dir / NOISE_REMOVAL_RECORD, json.dumps(record, indent=2) + "\n")
     return summary
 
 
+def warn_unless_cleaned(features_dir: str | Path) -> bool:
+    """Whether ``features_dir`` is a tree remove_noises wrote; a warning when not, since the
+    published MegaFace numbers (and the devkit comparison) use the cleaned features."""
+    cleaned = (Path(features_dir) / NOISE_REMOVAL_RECORD).is_file()
+    if not cleaned:
+        log.warning("%s has no %s: these are not the noise-removed features (run --action "
+                    "remove_noises and pass its --clean-features-dir), so the numbers are not "
+                    "comparable with published ones", features_dir, NOISE_REMOVAL_RECORD)
+    return cleaned
+
+
 # ----------------------------------------------------------------------------- cropping
+
+def require_images(root: str | Path, what: str) -> None:
+    """MissingInputError unless ``root`` is a folder holding at least one image (found
+    lazily: the first one ends the search, not a walk over a million files)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingInputError(f"{root}: {what} folder " + ("is a file, not a folder"
+                                                            if root.exists() else "not found"))
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in root.rglob("*")):
+        raise MissingInputError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this "
+                                f"{what} folder")
+
+
+def _input_images(root: Path, what: str) -> list[Path]:
+    images = list_images(root)
+    if not images:  # a typo'd or empty folder must not "succeed" with nothing done
+        require_images(root, what)
+    return images
+
 
 def read_bbox_json(image_path: str | Path) -> tuple[float, float, float, float] | None:
     """The face box (x1, y1, x2, y2) from the devkit's per-image JSON (``<image>.json``, or
@@ -290,7 +477,7 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
     from align_faces import align_files
 
     src_root, dst_root = Path(src_root), Path(dst_root)
-    images = list_images(src_root)
+    images = _input_images(src_root, "image")
     summary = {"images": len(images), "skipped_existing": 0, "aligned": 0, "faceless": 0,
                "unreadable": 0, "with_box": 0}
     todo = [p for p in images if not (dst_root / p.relative_to(src_root)).exists()]
@@ -345,7 +532,7 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
     from lfw_eval import embed
 
     image_root, feature_root = Path(image_root), Path(feature_root)
-    images = list_images(image_root)
+    images = _input_images(image_root, "aligned image")
     todo = [p for p in images
             if not (feature_root / (str(p.relative_to(image_root)) + suffix)).exists()]
     summary = {"images": len(images), "skipped_existing": len(images) - len(todo),
@@ -370,6 +557,12 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
             if crops:
                 feats = embed(model, np.stack(crops), batch_size=batch_size, device=device,
                               flip=True, progress=False)
+                broken = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+                if broken.size:  # every later score would be NaN: stop before writing any
+                    raise MegaFaceError(
+                        f"{kept[broken[0]]}: the model gives a non-finite (NaN/inf) embedding "
+                        f"for {broken.size} of {len(kept)} images in this batch; is the "
+                        "checkpoint diverged?")
                 for p, vec in zip(kept, feats, strict=True):
                     write_feature(feature_root / (str(p.relative_to(image_root)) + suffix), vec)
                 summary["written"] += len(kept)
@@ -394,6 +587,10 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
     import megaface_eval as me
 
     features_dir = Path(args.features_dir)
+    if not (args.probe_features and args.distractor_features):
+        if not features_dir.is_dir():
+            raise MissingInputError(f"{features_dir}: --features-dir not found")
+        warn_unless_cleaned(features_dir)
     probe_root = Path(args.probe_features or features_dir / FACESCRUB)
     distractor_root = Path(args.distractor_features or features_dir / MEGAFACE)
     templatelists = Path(args.templatelists) if args.templatelists else None
@@ -403,13 +600,13 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
     size_lists = _megaface_size_lists(templatelists, args.sizes) if templatelists else {}
     subset = args.subset if args.subset != "auto" else ("devkit" if size_lists else "first")
     if subset == "devkit" and not size_lists:
-        raise ValueError("--subset devkit needs --templatelists with megaface_features_list.json_"
-                         "<N>_1 files for the requested --sizes")
+        raise MegaFaceError("--subset devkit needs --templatelists with megaface_features_list"
+                            ".json_<N>_1 files for the requested --sizes")
 
     paths, labels = probe_paths_and_labels(probe_root, facescrub_list, args.suffix)
-    probes, kept, probe_problems = load_features(probe_root, paths, args.suffix, "facescrub")
-    labels = [labels[i] for i in kept]
-    _report_problems(probe_problems, "probe features")
+    loaded_probes = load_probes(probe_root, paths, args.suffix)
+    probes = loaded_probes.feats
+    labels = [labels[i] for i in loaded_probes.kept]
     if subset == "devkit":  # every listed path, the largest list first
         distractor_paths = list(dict.fromkeys(p for n in sorted(size_lists, reverse=True)
                                               for p in size_lists[n]))
@@ -417,8 +614,11 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
         distractor_paths = [str(p) for p in read_devkit_list(args.megaface_list)["path"]]
     else:
         distractor_paths = list_feature_files(distractor_root, args.suffix)
-    distractors, dkept, distractor_problems = load_features(distractor_root, distractor_paths,
-                                                            args.suffix, "megaface")
+    # the probes fix the dimension: a distractor of another one is skipped, never the reverse
+    loaded = load_features(distractor_root, distractor_paths, args.suffix, MEGAFACE,
+                           dim=probes.shape[1], dim_from=" (the probe features')")
+    distractors, dkept = loaded.feats, loaded.kept
+    distractor_problems = loaded.skipped
     _report_problems(distractor_problems, "distractor features")
 
     common = dict(max_rank=args.max_rank, fars=tuple(args.fars), chunk_size=args.chunk_size,
@@ -447,7 +647,14 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
         "probe_features": str(probe_root), "distractor_features": str(distractor_root),
         "num_probes": len(labels), "num_identities": len(set(labels)),
         "num_distractors_loaded": len(distractors),
-        "skipped": {"probes": len(probe_problems), "distractors": len(distractor_problems)},
+        "skipped": {"probes": len(loaded_probes.missing),
+                    "distractors": len(distractor_problems),
+                    "probe_files": loaded_probes.missing[:MAX_LISTED_PROBLEMS],
+                    "distractor_files": distractor_problems[:MAX_LISTED_PROBLEMS],
+                    "rule": "distractor features that are missing, unreadable, not float32 "
+                            "column vectors, non-finite or of another dimension than the "
+                            "probes are skipped; probes only when listed but missing (any "
+                            "other bad probe is an error)"},
         "sizes": {str(n): {**r, "verification": {f"{f:g}": v for f, v in
                                                  r.get("verification", {}).items()}}
                   for n, r in sorted(results.items())},
@@ -458,6 +665,10 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
     if args.fars:
         me.plot_roc_curves(results, out / "roc.png")
     print(me.format_results(results, args.fars))
+    for what, problems in (("probe", loaded_probes.missing), ("distractor", distractor_problems)):
+        if problems:  # the table holds fewer features than the user has: say so beside it
+            print(f"{len(problems)} {what} features skipped (first {MAX_LISTED_PROBLEMS} "
+                  f"named in the log and in {out / 'megaface_results.json'})")
     log.info("results in %s", out)
     return report
 
@@ -541,6 +752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.action == "crop_megaface":
         if not any(src for _, src in sets):
             raise SystemExit("crop_megaface needs --megaface-images and/or --facescrub-images")
+        for name, src in sets:  # every input checked before hours of work on the first
+            if src:
+                require_images(src, f"--{name}-images")
         from align_faces import FaceAligner
 
         aligner = FaceAligner(device=device)
@@ -552,14 +766,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         _require(args, "checkpoint")
         from models import load_backbone
 
+        sources = [Path(args.aligned_dir) / name for name in (MEGAFACE, FACESCRUB)]
+        present = [src for src in sources if src.is_dir()]
+        if not present:
+            raise MissingInputError(f"{args.aligned_dir}: neither {MEGAFACE}/ nor {FACESCRUB}/ "
+                                    "found in this --aligned-dir (run --action crop_megaface)")
+        for src in sources:
+            if src in present:
+                require_images(src, "aligned image")
+            else:  # one set may be made on its own; say which one is not
+                log.warning("%s: not found; no %s features made", src, src.name)
         model = load_backbone(args.checkpoint, network=args.network,
                               embedding_size=args.embedding_size)
-        for name in (MEGAFACE, FACESCRUB):
-            src = Path(args.aligned_dir) / name
-            if src.is_dir():
-                _print_summary(f"features {name}", gen_features(
-                    model, src, Path(args.features_dir) / name, args.suffix, cfg.batch_size,
-                    device, cfg.num_workers))
+        for src in present:
+            _print_summary(f"features {src.name}", gen_features(
+                model, src, Path(args.features_dir) / src.name, args.suffix, cfg.batch_size,
+                device, cfg.num_workers))
     elif args.action == "remove_noises":
         _require(args, "megaface_noises", "facescrub_noises")
         _print_summary("remove_noises", remove_noises(
@@ -569,6 +791,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_evaluate(args, cfg)
     else:
         _require(args, "devkit_dir")
+        for name in (MEGAFACE, FACESCRUB):
+            if not (Path(args.features_dir) / name).is_dir():
+                raise MissingInputError(f"{Path(args.features_dir) / name}: feature directory "
+                                        "not found (--features-dir: the cleaned features, "
+                                        "see --action remove_noises)")
+        warn_unless_cleaned(args.features_dir)
         cmd, cwd = devkit_command(args.devkit_dir, args.features_dir, args.suffix,
                                   args.results_dir, args.sizes, args.facescrub_list,
                                   args.devkit_python)

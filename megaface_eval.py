@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from utils import get_device
+from utils import ToolkitError, get_device
 from verification_metrics import FAR_EPS, tar_at_far_from_top
 from verification_plots import save_figure
 
@@ -47,6 +47,10 @@ MIN_CHUNK = 256
 TILE = 64  # columns per tile whose maximum screens the verification buffer's candidates
 BUFFER_MIN_ELEMENTS = 2**19  # the impostor buffer grows to max(2k, this) before a trim
 ROC_POINTS = 60
+
+
+class MegaFaceError(ToolkitError, ValueError):
+    """Features or lists that cannot be scored as given; the message names what is wrong."""
 
 
 # ----------------------------------------------------------------------------- scores
@@ -169,9 +173,21 @@ def _as_tensor(x, name: str):
 
     t = torch.as_tensor(x)
     if t.ndim != 2 or t.shape[0] == 0:
-        raise ValueError(f"{name}: expected a non-empty 2-D array of features, got shape "
-                         f"{tuple(t.shape)}")
+        raise MegaFaceError(f"{name}: expected a non-empty 2-D array of features, got shape "
+                            f"{tuple(t.shape)}")
     return t.float()
+
+
+def _check_finite(chunk, what: str, first: int = 0, rows=None) -> None:
+    """A NaN or infinite feature scores NaN against everything, and NaN comparisons make a
+    probe right (or wrong) at every rank: refuse it, naming its row."""
+    import torch
+
+    finite = torch.isfinite(chunk).all(dim=1)
+    if not bool(finite.all()):
+        bad = int(_nonzero(~finite.cpu())[0])
+        row = first + bad if rows is None else int(rows[bad])
+        raise MegaFaceError(f"{what} {row} has non-finite values (NaN or inf)")
 
 
 def _stream(probes, distractors, order, sizes: Sequence[int], max_rank: int, k_impostor: int,
@@ -195,6 +211,7 @@ def _stream(probes, distractors, order, sizes: Sequence[int], max_rank: int, k_i
                 end = min(pos + chunk_size, size)
                 idx = slice(pos, end) if order is None else order[pos:end]
                 chunk = torch.as_tensor(distractors[idx]).to(device, torch.float32)
+                _check_finite(chunk, "distractor", pos, None if order is None else idx)
                 scores = torch.mm(left, _right(chunk).t(),
                                   out=block[:num_probes * (end - pos)].view(num_probes, -1))
                 width = TILE if scores.shape[1] % TILE == 0 else scores.shape[1]
@@ -285,15 +302,17 @@ def megaface_evaluate(probe_feats, probe_labels: Sequence[Any], distractor_feats
 
     device = get_device("auto") if device is None else torch.device(device)
     probes = _as_tensor(probe_feats, "probe_feats")
+    _check_finite(probes, "probe")
     if len(probe_labels) != probes.shape[0]:
-        raise ValueError(f"{len(probe_labels)} probe labels for {probes.shape[0]} probe features")
+        raise MegaFaceError(f"{len(probe_labels)} probe labels for {probes.shape[0]} probe "
+                            "features")
     num_distractors = len(distractor_feats) if order is None else len(order)
     dim = distractor_feats.shape[1] if getattr(distractor_feats, "ndim", 0) == 2 else None
     if num_distractors == 0 or dim != probes.shape[1]:
-        raise ValueError(f"distractor_feats: expected a non-empty (N, {probes.shape[1]}) array, "
-                         f"got shape {tuple(getattr(distractor_feats, 'shape', ()))}")
+        raise MegaFaceError(f"distractor_feats: expected a non-empty (N, {probes.shape[1]}) "
+                            f"array, got shape {tuple(getattr(distractor_feats, 'shape', ()))}")
     if max_rank < 0 or any(not 0 < f <= 1 for f in fars):
-        raise ValueError(f"max_rank must be >= 0 and FARs in (0, 1]; got {max_rank}, {fars}")
+        raise MegaFaceError(f"max_rank must be >= 0 and FARs in (0, 1]; got {max_rank}, {fars}")
     sizes = sorted({int(n) for n in (sizes or ()) if 0 < int(n) <= num_distractors}) \
         or [num_distractors]
     groups = _identity_groups(probe_labels)
@@ -335,7 +354,7 @@ def megaface_identification(probe_feats, probe_labels: Sequence[Any], distractor
                             device=None, progress: bool = False) -> dict[int, float]:
     """Identification rate at each rank in ``ranks`` against all the distractors given."""
     if not ranks or min(ranks) < 1:
-        raise ValueError(f"ranks must be positive integers, got {ranks}")
+        raise MegaFaceError(f"ranks must be positive integers, got {ranks}")
     res = megaface_evaluate(probe_feats, probe_labels, distractor_feats, sizes=None,
                             max_rank=max(ranks), fars=(), chunk_size=chunk_size, device=device,
                             progress=progress)

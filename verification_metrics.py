@@ -1,7 +1,10 @@
 """Scoring face-verification pairs from their similarities: LFW's 10-fold protocol and ROC.
 
 Pure NumPy (float64), vectorised: 6,000 pairs score in milliseconds. The decision rule
-throughout is "same iff cosine similarity > threshold".
+throughout is "same iff cosine similarity > threshold". Folds are LFW's contiguous blocks by
+default, or any assignment of pairs to folds (``folds=``, e.g. a pairs file's own or
+:func:`stratified_folds` for a single set of pairs); every fold must hold both kinds of pair,
+and its threshold is always tuned on the other folds only.
 """
 
 from __future__ import annotations
@@ -12,10 +15,17 @@ from typing import Any
 
 import numpy as np
 
+from utils import ToolkitError
+
 FARS = (1e-3, 1e-4)  # TAR is reported at these false accept rates when there are enough pairs
 DEFAULT_FOLDS = 10
 THRESHOLD_RULE = "same iff cosine similarity > threshold"
 FAR_EPS = 1e-9  # guards floor(far * n) against 1e-6 * 1e6 = 0.99999...
+
+
+class VerificationError(ToolkitError, ValueError):
+    """Similarities and labels that cannot be scored as asked (NaN scores, a fold or a set
+    without both kinds of pair); the message says which."""
 
 
 def pair_similarities(embeddings: np.ndarray) -> np.ndarray:
@@ -50,29 +60,78 @@ def _best_threshold(sims: np.ndarray, same: np.ndarray) -> float:
     return mid if low <= mid < high else low  # adjacent floats: the midpoint rounds to one end
 
 
+def stratified_folds(issame: np.ndarray, nfolds: int = DEFAULT_FOLDS) -> np.ndarray:
+    """Fold index per pair for a single set of pairs (no folds of its own): the i-th same
+    pair and the i-th different pair go to fold ``i mod nfolds``, so every fold holds both
+    kinds in the set's proportions, in file order (deterministic, no shuffling)."""
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    n_same, n_diff = int(same.sum()), int((~same).sum())
+    if min(n_same, n_diff) < nfolds:
+        raise VerificationError(f"{nfolds} stratified folds need at least {nfolds} pairs of "
+                                f"each kind; there are {n_same} same and {n_diff} different")
+    folds = np.empty(same.size, dtype=np.int64)
+    folds[same] = np.arange(n_same) % nfolds
+    folds[~same] = np.arange(n_diff) % nfolds
+    return folds
+
+
+def _check_folds(same: np.ndarray, folds: np.ndarray) -> list[np.ndarray]:
+    """The pairs of each fold, refusing a fold without both kinds: its accuracy would not
+    measure a threshold, and a one-kind training set cannot place one."""
+    members = [np.flatnonzero(folds == f) for f in np.unique(folds)]
+    if len(members) < 2:
+        raise VerificationError(f"need at least 2 folds, got {len(members)}")
+    for k, m in enumerate(members):
+        n_same = int(same[m].sum())
+        if n_same in (0, m.size):
+            kind = "same" if n_same else "different"
+            raise VerificationError(f"fold {k + 1} holds only {kind}-person pairs ({m.size}): "
+                                    "each fold needs both kinds (a single set of pairs needs "
+                                    "stratified folds)")
+    return members
+
+
+def contiguous_folds(n_pairs: int, nfolds: int = DEFAULT_FOLDS) -> np.ndarray:
+    """Fold index per pair for ``nfolds`` contiguous blocks (LFW's and the .bin sets' order)."""
+    if nfolds < 2 or n_pairs < nfolds:
+        raise VerificationError(f"need at least 2 folds and one pair per fold: {n_pairs} pairs, "
+                                f"{nfolds} folds")
+    return np.repeat(np.arange(nfolds), [len(b) for b in np.array_split(np.arange(n_pairs),
+                                                                         nfolds)])
+
+
+def folds_have_both_kinds(issame: np.ndarray, folds: np.ndarray) -> bool:
+    """Whether every fold holds at least one same and one different pair."""
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    return all(0 < same[folds == f].sum() < (folds == f).sum() for f in np.unique(folds))
+
+
 def ten_fold_details(similarities: np.ndarray, issame: np.ndarray,
-                     nfolds: int = DEFAULT_FOLDS) -> dict[str, Any]:
-    """Per-fold thresholds (tuned on the other folds) and accuracies; see ten_fold_accuracy."""
+                     nfolds: int = DEFAULT_FOLDS,
+                     folds: np.ndarray | None = None) -> dict[str, Any]:
+    """Per-fold thresholds (tuned on the other folds) and accuracies; see ten_fold_accuracy.
+    ``folds`` (fold index per pair) replaces the ``nfolds`` contiguous blocks."""
     sims = np.asarray(similarities, dtype=np.float64).reshape(-1)
     same = np.asarray(issame, dtype=bool).reshape(-1)
     if sims.shape != same.shape:
-        raise ValueError(f"{sims.size} similarities but {same.size} labels")
-    if nfolds < 2 or sims.size < nfolds:
-        raise ValueError(f"need at least 2 folds and one pair per fold: {sims.size} pairs, "
-                         f"{nfolds} folds")
+        raise VerificationError(f"{sims.size} similarities but {same.size} labels")
     if not np.all(np.isfinite(sims)):
-        raise ValueError(f"{int((~np.isfinite(sims)).sum())} similarities are NaN or infinite")
-    folds = np.array_split(np.arange(sims.size), nfolds)  # contiguous blocks
+        raise VerificationError(f"{int((~np.isfinite(sims)).sum())} similarities are NaN or "
+                                "infinite (non-finite embeddings: is the checkpoint diverged?)")
+    fold_of = contiguous_folds(sims.size, nfolds) if folds is None \
+        else np.asarray(folds).reshape(-1)
+    if fold_of.shape != sims.shape:
+        raise VerificationError(f"{fold_of.size} fold indices for {sims.size} pairs")
     accuracies, thresholds = [], []
-    for test in folds:
+    for test in _check_folds(same, fold_of):
         train = np.ones(sims.size, dtype=bool)
         train[test] = False  # never tune on the fold being scored
         t = _best_threshold(sims[train], same[train])
         accuracies.append(float(np.mean((sims[test] > t) == same[test])))
         thresholds.append(t)
-    return {"fold_accuracies": accuracies, "fold_thresholds": thresholds,
-            "accuracy": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
-            "threshold": float(np.mean(thresholds))}
+    return {"nfolds": len(accuracies), "fold_accuracies": accuracies,
+            "fold_thresholds": thresholds, "accuracy": float(np.mean(accuracies)),
+            "accuracy_std": float(np.std(accuracies)), "threshold": float(np.mean(thresholds))}
 
 
 def ten_fold_accuracy(similarities: np.ndarray, issame: np.ndarray,
@@ -101,7 +160,7 @@ def roc_curve(similarities: np.ndarray, issame: np.ndarray
     same = np.asarray(issame, dtype=bool).reshape(-1)
     n_gen, n_imp = int(same.sum()), int((~same).sum())
     if n_gen == 0 or n_imp == 0:
-        raise ValueError(f"ROC needs genuine and impostor pairs ({n_gen} and {n_imp} given)")
+        raise VerificationError(f"ROC needs genuine and impostor pairs ({n_gen} and {n_imp} given)")
     order = np.argsort(-sims, kind="stable")
     s, y = sims[order], same[order]
     ends = np.concatenate((np.flatnonzero(np.diff(s) < 0), [s.size - 1]))  # last of each run

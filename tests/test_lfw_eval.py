@@ -3,6 +3,7 @@ metrics, safe .bin loading, flip-TTA embeddings, and the CLI on a tiny synthetic
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
@@ -72,6 +73,39 @@ def test_parse_pairs_errors_name_the_line(tmp_path):
     path.write_text("\n".join(lines[:-1]) + "\n")  # one pair missing
     with pytest.raises(ValueError, match="promises"):
         lfw_eval.parse_pairs(path)
+
+
+def test_parse_pairs_header_and_line_count_errors_name_the_line(tmp_path):
+    path = tmp_path / "pairs.txt"
+    _write_pairs(path, nfolds=2, per_kind=2)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:7]) + "\n")  # header promises 8 pairs, the file holds 6
+    promises = r"header \(line 1\) promises 2 fold\(s\) x 2 x 2 = 8 pairs"
+    with pytest.raises(lfw_eval.PairsFileError,
+                       match=r"pairs\.txt:8: .*ends after 6 pair lines.*" + promises):
+        lfw_eval.parse_pairs(path)
+    path.write_text("\n".join(lines + ["Abel_Pacheco\t1\t2"]) + "\n")  # one line too many
+    with pytest.raises(lfw_eval.PairsFileError, match=r"pairs\.txt:10: 1 line.*" + promises):
+        lfw_eval.parse_pairs(path)
+    lines[2] = "Abel_Pacheco 1 2 3 4 5"  # line 3: a same-person line with six fields
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(lfw_eval.PairsFileError, match=r"pairs\.txt:3: expected a same-person"):
+        lfw_eval.parse_pairs(path)
+
+
+@pytest.mark.parametrize("data, line, what", [
+    (gzip.compress(b"10\t300\nA\t1\t2\n"), 1, "gzip"),
+    (bytes(range(128, 256)) * 4, 1, "not UTF-8 text"),
+    (b"\x00\x01\x80" * 100, 1, "NUL byte"),
+    (b"2\t1\nA\t1\t2\nA\t1\tB\t\xff\n", 3, "not UTF-8 text"),
+    (b"10\t300\x00\x00\n", 1, "NUL"),
+])
+def test_parse_pairs_binary_file_is_one_line_naming_file_and_line(tmp_path, data, line, what):
+    path = tmp_path / "pairs.txt"
+    path.write_bytes(data)
+    with pytest.raises(lfw_eval.PairsFileError, match=rf"pairs\.txt:{line}: .*{what}") as info:
+        lfw_eval.parse_pairs(path)
+    assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
 
 
 def test_check_pairs_exist_lists_every_missing_image(tmp_path):
@@ -281,6 +315,32 @@ def test_load_bin_rejects_wrong_structure(tmp_path):
         lfw_eval.load_bin(path, progress=False)
 
 
+def _valid_bin_bytes():
+    images = _test_images(4, seed=6)
+    return pickle.dumps(([_png(im) for im in images], [True, False]), protocol=4)
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda: b"", "not a readable pickle"),  # empty
+    (lambda: _valid_bin_bytes()[:len(_valid_bin_bytes()) // 2], "not a readable pickle"),
+    (lambda: _valid_bin_bytes()[:-1], "not a readable pickle"),  # the STOP opcode cut off
+    (lambda: np.random.default_rng(0).bytes(5000), "not a readable pickle"),
+    (lambda: gzip.compress(_valid_bin_bytes()), "not a readable pickle"),
+    (lambda: pickle.dumps((5, [True])), "images"),  # bins is not a sequence
+    (lambda: pickle.dumps(([b"x", b"y"], "yes")), "issame_list"),
+    (lambda: pickle.dumps(([b"\xff\xd8 not a jpeg", b"\x89PNG?"], [True])), "2 undecodable"),
+])
+def test_load_bin_garbage_is_one_line_naming_the_file(tmp_path, make, what):
+    from utils import ToolkitError
+
+    path = tmp_path / "broken.bin"
+    path.write_bytes(make())
+    with pytest.raises(ToolkitError, match=what) as info:
+        lfw_eval.load_bin(path, progress=False)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
 # ----------------------------------------------------------------------------- embed
 
 class _TinyNet(nn.Module):
@@ -443,3 +503,175 @@ def test_compare_two_photos(tiny_run, capsys):
     # no saved LFW threshold and none given: said clearly, non-zero exit
     rc, out, err = _compare(tiny_run, capsys, a1, a2, "--out", str(tiny_run["root"] / "none"))
     assert rc == lfw_eval.EXIT_NO_THRESHOLD and "--threshold" in err
+
+
+def _cli_error(argv, capsys):
+    """What a user sees: run_cli's exit code and the one line on stderr."""
+    from utils import run_cli
+
+    capsys.readouterr()
+    rc = run_cli(lfw_eval.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1.5", "-1.01"])
+def test_compare_refuses_a_threshold_outside_cosine_range(tiny_run, capsys, value):
+    lfw = Path(tiny_run["lfw_dir"])
+    photo = next(lfw.rglob("*.jpg"))
+    err = _cli_error(["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
+                      "--compare", str(photo), str(photo), f"--threshold={value}"], capsys)
+    assert "--threshold" in err and "[-1, 1]" in err
+
+
+def test_compare_refuses_a_non_finite_saved_threshold(tiny_run, capsys, tmp_path):
+    (tmp_path / "lfw_results.json").write_text('{"threshold": NaN}')
+    photo = next(Path(tiny_run["lfw_dir"]).rglob("*.jpg"))
+    err = _cli_error(["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
+                      "--compare", str(photo), str(photo), "--out", str(tmp_path)], capsys)
+    assert str(tmp_path / "lfw_results.json") in err and "threshold" in err
+
+
+def test_threshold_without_compare_is_refused(tiny_run, capsys):
+    err = _cli_error(tiny_run["argv"] + ["--threshold", "0.3"], capsys)
+    assert "--threshold" in err and "--compare" in err
+
+
+def test_cli_errors_are_one_line(tiny_run, capsys, tmp_path):
+    ckpt = str(tiny_run["run"] / "backbone.pt")
+    err = _cli_error(["--checkpoint", str(tmp_path / "missing.pt"), "--bin",
+                      str(tmp_path / "x.bin"), "--device", "cpu"], capsys)
+    assert str(tmp_path / "missing.pt") in err
+    (tmp_path / "empty.bin").write_bytes(b"")
+    err = _cli_error(["--checkpoint", ckpt, "--bin", str(tmp_path / "empty.bin"), "--device",
+                      "cpu"], capsys)
+    assert str(tmp_path / "empty.bin") in err
+    (tmp_path / "pairs.txt").write_bytes(gzip.compress(b"10\t300\n"))
+    err = _cli_error(["--checkpoint", ckpt, "--lfw-dir", tiny_run["lfw_dir"], "--pairs",
+                      str(tmp_path / "pairs.txt"), "--device", "cpu"], capsys)
+    assert f"{tmp_path / 'pairs.txt'}:1:" in err
+    pairs = tmp_path / "few.txt"
+    pairs.write_text("2\t1\nNobody\t1\t2\nNobody\t1\tNoone\t1\n"
+                     "Nobody\t1\t3\nNobody\t1\tNoone\t1\n")
+    err = _cli_error(["--checkpoint", ckpt, "--lfw-dir", tiny_run["lfw_dir"], "--pairs",
+                      str(pairs), "--device", "cpu"], capsys)
+    assert "4 of 4 pair images missing" in err and "Nobody/Nobody_0001.jpg" in err
+
+
+# ----------------------------------------------------------------------------- fold layouts
+
+def _pairs_from_lfw(lfw_dir, header, nfolds, per_kind):
+    """A pairs file over the tiny LFW's images: ``nfolds`` blocks (one when ``header`` is a
+    single number) of ``per_kind`` same then ``per_kind`` different pairs."""
+    names = sorted(p.name for p in Path(lfw_dir).iterdir() if p.is_dir())
+    same = [(n, i, j) for n in names for i, j in ((1, 2), (1, 3), (2, 3))]
+    diff = [(a, i, b, j) for k, a in enumerate(names) for b in names[k + 1:]
+            for i, j in ((1, 1), (2, 3))]
+    lines, labels = [header], []
+    for f in range(nfolds):
+        lines += ["\t".join(map(str, p)) for p in same[f * per_kind:(f + 1) * per_kind]]
+        lines += ["\t".join(map(str, p)) for p in diff[f * per_kind:(f + 1) * per_kind]]
+        labels += [True] * per_kind + [False] * per_kind
+    return "\n".join(lines) + "\n", np.array(labels)
+
+
+def _pair_similarities(tiny_run, pairs_path):
+    """Each pair's cosine similarity from the cached aligned crops (embedded as the CLI does)."""
+    import models
+
+    pairs = lfw_eval.parse_pairs(pairs_path)
+    caches = list((Path(tiny_run["lfw_dir"]).parent / "lfw_aligned_cache").glob("*.npz"))
+    crops = {}
+    for cache in caches:
+        with np.load(cache) as data:
+            crops.update(zip((str(p) for p in data["paths"]), data["crops"], strict=True))
+    model = models.load_backbone(tiny_run["run"] / "backbone.pt")
+    images = np.stack([crops[p] for pair in pairs for p in (pair.path1, pair.path2)])
+    feats = lfw_eval.embed(model, images, device="cpu", progress=False).astype(np.float64)
+    return np.einsum("ij,ij->i", feats[0::2], feats[1::2])
+
+
+def _brute_force_folds(sims, same, fold_of):
+    """The k-fold protocol with plain loops: each fold scored at the first best threshold
+    (candidates: below the lowest, midpoints, the highest) over the OTHER folds' pairs."""
+    accs = []
+    for f in sorted(set(fold_of)):
+        train = [i for i in range(len(sims)) if fold_of[i] != f]
+        values = sorted({float(sims[i]) for i in train})
+        candidates = [math.nextafter(values[0], -math.inf)]
+        candidates += [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)]
+        candidates.append(values[-1])
+        best_t = max(candidates, key=lambda t: (sum((float(sims[i]) > t) == bool(same[i])
+                                                    for i in train), -t))
+        test = [i for i in range(len(sims)) if fold_of[i] == f]
+        accs.append(sum((float(sims[i]) > best_t) == bool(same[i]) for i in test) / len(test))
+    return accs
+
+
+@pytest.mark.parametrize("layout", ["two_folds", "single_set"])
+def test_lfw_cli_scores_the_files_own_folds(tiny_run, capsys, tmp_path, layout):
+    """A 2-fold file is scored and reported as 2 folds; a single-set file (header: one
+    number, like pairsDevTest.txt) with stratified folds that each hold both kinds."""
+    if layout == "two_folds":
+        text, same = _pairs_from_lfw(tiny_run["lfw_dir"], "2\t4", 2, 4)
+        fold_of = [0] * 8 + [1] * 8
+    else:
+        text, same = _pairs_from_lfw(tiny_run["lfw_dir"], "10", 1, 10)
+        fold_of = [i % 10 for i in range(10)] * 2  # i-th same and i-th different: fold i % 10
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(text)
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert lfw_eval.main(["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--lfw-dir",
+                          tiny_run["lfw_dir"], "--pairs", str(pairs), "--device", "cpu",
+                          "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((out / "lfw_results.json").read_text())
+    sims = _pair_similarities(tiny_run, pairs)
+    expected = _brute_force_folds(sims, same, fold_of)
+    assert r["nfolds"] == len(expected) == len(r["fold_accuracies"])
+    assert r["fold_accuracies"] == pytest.approx(expected, abs=1e-12)
+    if layout == "two_folds":
+        assert "2-fold accuracy" in printed and "10-fold" not in printed
+        assert "2 folds of 4 same + 4 different pairs" in r["folds"]
+    else:
+        assert "10-fold accuracy" in printed and "stratified" in printed
+        assert "single set of 10 same + 10 different pairs" in r["folds"]
+        assert "stratified" in r["folds"]
+
+
+def test_bin_set_ordered_same_then_different_gets_stratified_folds(tmp_path):
+    """A .bin whose contiguous blocks are all-same or all-different (not InsightFace's
+    layout) is scored on stratified folds, said in the results, matching brute force."""
+    torch.manual_seed(0)
+    model = _TinyNet()
+    images = _test_images(40, seed=7)
+    images[1:20:2] = images[0:20:2] + 8  # the first 10 pairs: near-identical images
+    issame = np.arange(20) < 10
+    r = lfw_eval.evaluate_verification(model, images, issame, device="cpu", progress=False,
+                                       name="ordered")
+    feats = _manual_embeddings(model, images, flip=True)
+    sims = np.einsum("ij,ij->i", feats[0::2], feats[1::2])
+    fold_of = [i % 10 for i in range(10)] * 2
+    assert r["nfolds"] == 10 and "stratified" in r["folds"]
+    assert r["fold_accuracies"] == pytest.approx(_brute_force_folds(sims, issame, fold_of),
+                                                 abs=1e-12)
+
+
+def test_compare_refuses_non_finite_embeddings(tiny_run, capsys, monkeypatch):
+    """A NaN similarity is never turned into the verdict 'different people'."""
+    class NaNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x.flatten(1)[:, :4] * self.w * float("nan")
+
+    monkeypatch.setattr(lfw_eval, "_load_model", lambda args, device: NaNNet())
+    names = sorted(p.name for p in Path(tiny_run["lfw_dir"]).iterdir() if p.is_dir())
+    a, b = (Path(tiny_run["lfw_dir"]) / names[0] / f"{names[0]}_{k:04d}.jpg" for k in (1, 2))
+    err = _cli_error(["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
+                      "--compare", str(a), str(b), "--threshold", "0.3"], capsys)
+    assert "non-finite" in err and "backbone.pt" in err

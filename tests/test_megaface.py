@@ -96,6 +96,8 @@ def test_read_feature_round_trip_and_struct_written_file(tmp_path):
     (struct.pack("<4i", 3, 2, 4, 5) + bytes(24), "cols=2"),
     (struct.pack("<4i", 3, 1, 4, 5) + bytes(8), "header says 3 floats"),  # truncated
     (b"\x00" * 7, "shorter than the 16-byte header"),
+    (struct.pack("<4i", 2, 1, 4, 5) + struct.pack("<2f", 1, float("nan")), "1 of 2 values are "
+     "non-finite"),
 ])
 def test_read_feature_rejects_bad_files_naming_them(tmp_path, data, message):
     path = tmp_path / "bad_0.bin"
@@ -238,6 +240,8 @@ def test_remove_noises_on_tiny_tree(tmp_path):
     assert sorted(p.name for p in src.rglob("*.bin")) == before  # nothing deleted
     assert sorted(p.name for p in out.rglob("*.bin")) == before  # nothing dropped
     assert summary["probes_replaced"] == 1 and summary["distractors_flagged"] == 1
+    record = json.loads((out / "remove_noises.json").read_text())
+    assert record["summary"] == summary and record["megaface_noises"] == str(tmp_path / "mf.txt")
     for rel, vec in distractors.items():
         got = megaface.read_feature(out / "megaface" / (rel + "_0.bin"))
         np.testing.assert_array_equal(got[:8], vec)
@@ -337,6 +341,8 @@ def test_devkit_action_prints_and_runs_the_command(tmp_path, capsys):
     (devkit / "experiments" / "run_experiment.py").write_text(
         "import json, os, sys\n"
         "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd()}, open('called.json', 'w'))\n")
+    for name in ("megaface", "facescrub"):
+        (tmp_path / "feat" / name).mkdir(parents=True)
     argv = ["--action", "devkit", "--devkit-dir", str(devkit), "--features-dir",
             str(tmp_path / "feat"), "--results-dir", str(tmp_path / "res"), "--sizes", "10",
             "1000000", "--devkit-python", sys.executable]
@@ -430,3 +436,241 @@ def test_read_bbox_json_missing_and_malformed(tmp_path):
     Path(tmp_path / "x.jpg.json").write_text(json.dumps(
         {"bounding_box": {"x": 1, "y": 2, "width": 3, "height": 4}}))
     assert megaface.read_bbox_json(img) == (1.0, 2.0, 4.0, 6.0)
+
+
+# ----------------------------------------------------------------------------- bad features
+
+def _raw_feature(path, values, header=None):
+    """A devkit-format file written byte by byte (write_feature refuses non-finite values)."""
+    values = np.asarray(values, dtype="<f4")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<4i", *(header or (values.size, 1, 4, 5))) + values.tobytes())
+
+
+def test_evaluate_skips_and_counts_bad_distractors(tmp_path, features, capsys):
+    """A NaN distractor, one of another dimension and one in float64 format sort first in the
+    walk; the result must be brute force on the finite, right-sized distractors alone."""
+    probes, labels, distractors = features
+    root, order = _evaluate_tree(tmp_path, features)
+    bad = {"0/a0@N00/nan_0.jpg": "non-finite", "0/a1@N00/dim_0.jpg": "dims",
+           "0/a2@N00/f64_0.jpg": "type=6"}
+    _raw_feature(root / "megaface" / "0/a0@N00/nan_0.jpg_0.bin", [np.nan] + [0.0] * 5)
+    _raw_feature(root / "megaface" / "0/a1@N00/dim_0.jpg_0.bin", np.zeros(7))
+    _raw_feature(root / "megaface" / "0/a2@N00/f64_0.jpg_0.bin", np.zeros(12), (6, 1, 8, 6))
+    out = tmp_path / "results"
+    assert megaface.main(["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+                          str(out), "--sizes", "10", "100", "--fars", "1e-2", "--device",
+                          "cpu"]) == 0
+    report = json.loads((out / "megaface_results.json").read_text())
+    walked = distractors[order]
+    for n in (10, 100):
+        np.testing.assert_allclose(report["sizes"][str(n)]["cmc"],
+                                   brute_cmc(probes, labels, walked[:n], 10), atol=1e-12)
+    assert report["sizes"]["100"]["verification"]["0.01"]["tar"] == pytest.approx(
+        brute_tar(probes, labels, walked[:100], 1e-2)[0], abs=1e-12)
+    assert report["num_distractors_loaded"] == len(distractors)
+    assert report["skipped"]["distractors"] == 3 and report["skipped"]["probes"] == 0
+    listed = report["skipped"]["distractor_files"]
+    for rel, reason in bad.items():
+        assert any(rel in line and reason in line for line in listed), (rel, listed)
+    captured = capsys.readouterr()
+    assert "3 distractor features skipped" in captured.out + captured.err
+
+
+def test_evaluate_refuses_a_bad_probe(tmp_path, features):
+    """A probe is never dropped quietly: its pairs define the protocol."""
+    from utils import ToolkitError
+
+    root, _ = _evaluate_tree(tmp_path, features)
+    probe = root / "facescrub" / "id0/id0_zz.png_0.bin"
+    _raw_feature(probe, [0.0, np.inf, 0, 0, 0, 0])
+    argv = ["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+            str(tmp_path / "r"), "--sizes", "10", "--fars", "--device", "cpu"]
+    with pytest.raises(ToolkitError, match="non-finite") as info:
+        megaface.main(argv)
+    assert str(probe) in str(info.value) and isinstance(info.value, ValueError)
+    _raw_feature(probe, np.zeros(5))
+    with pytest.raises(ToolkitError, match="5 dims, expected 6"):
+        megaface.main(argv)
+    assert not (tmp_path / "r" / "megaface_results.json").exists()
+
+
+def test_evaluate_skips_and_counts_probes_missing_from_the_devkit_list(tmp_path, features):
+    probes, labels, distractors = features
+    root, order = _evaluate_tree(tmp_path, features)
+    paths = [f"id{lab}/id{lab}_{i}.png" for i, lab in enumerate(labels)]
+    listed = tmp_path / "facescrub_features_list.json"
+    listed.write_text(json.dumps({"path": paths + ["id0/never_downloaded.png"],
+                                  "id": [str(lab) for lab in labels] + ["0"]}))
+    out = tmp_path / "results"
+    assert megaface.main(["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+                          str(out), "--facescrub-list", str(listed), "--sizes", "10", "--fars",
+                          "--device", "cpu"]) == 0
+    report = json.loads((out / "megaface_results.json").read_text())
+    assert report["skipped"]["probes"] == 1 and report["num_probes"] == len(probes)
+    assert "never_downloaded.png" in report["skipped"]["probe_files"][0]
+    np.testing.assert_allclose(report["sizes"]["10"]["cmc"],
+                               brute_cmc(probes, labels, distractors[order][:10], 10),
+                               atol=1e-12)
+
+
+def test_megaface_evaluate_refuses_non_finite_features(features):
+    probes, labels, distractors = features
+    bad = distractors.copy()
+    bad[200, 3] = np.nan
+    with pytest.raises(ValueError, match="distractor 200"):
+        me.megaface_evaluate(probes, labels, bad, sizes=[260], fars=(), device="cpu",
+                             chunk_size=64)
+    bad_probes = probes.copy()
+    bad_probes[4, 0] = np.inf
+    with pytest.raises(ValueError, match="probe 4"):
+        me.megaface_evaluate(bad_probes, labels, distractors, device="cpu")
+
+
+def test_remove_noises_skips_and_counts_bad_distractors(tmp_path):
+    rng = np.random.default_rng(2)
+    probes = {f"A/A_{i}.png": rng.standard_normal(4).astype(np.float32) for i in range(2)}
+    good = {f"1/u@N00/{i}_0.jpg": rng.standard_normal(4).astype(np.float32) for i in range(3)}
+    src = tmp_path / "feat"
+    _write_tree(src / "facescrub", probes)
+    _write_tree(src / "megaface", good)
+    _raw_feature(src / "megaface" / "1/u@N00/nan_0.jpg_0.bin", [1, np.nan, 0, 0])
+    _raw_feature(src / "megaface" / "1/u@N00/wide_0.jpg_0.bin", np.zeros(5))
+    (tmp_path / "fs.txt").write_text("A_1.png\n")
+    (tmp_path / "mf.txt").write_text("1/u@N00/2_0.jpg\n")
+    summary = megaface.remove_noises(src, tmp_path / "clean", tmp_path / "mf.txt",
+                                     tmp_path / "fs.txt", progress=False)
+    assert summary["distractors"] == 3 and summary["distractors_skipped"] == 2
+    written = sorted(p.name for p in (tmp_path / "clean" / "megaface").rglob("*.bin"))
+    assert written == sorted(rel.split("/")[-1] + "_0.bin" for rel in good)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def _noise_tree(tmp_path, n_probes=4, n_distractors=6):
+    rng = np.random.default_rng(3)
+    src = tmp_path / "feat"
+    _write_tree(src / "facescrub", {f"A/A_{i}.png": rng.standard_normal(4)
+                                    for i in range(n_probes)})
+    _write_tree(src / "megaface", {f"1/u@N00/{i}_0.jpg": rng.standard_normal(4)
+                                   for i in range(n_distractors)})
+    return src
+
+
+@pytest.mark.parametrize("which", ["facescrub", "megaface"])
+def test_remove_noises_refuses_a_noise_list_that_names_nothing(tmp_path, monkeypatch, which):
+    """Names in another convention (here: another root) must not give a 'clean' tree."""
+    from utils import ToolkitError
+
+    src = _noise_tree(tmp_path)
+    monkeypatch.setattr(megaface, "FACESCRUB_PROBES", 8)  # 4 entries x 4 probes / 8: 2 due
+    monkeypatch.setattr(megaface, "MEGAFACE_DISTRACTORS", 12)  # 4 x 6 / 12: 2 due
+    fs, mf = tmp_path / "fs.txt", tmp_path / "mf.txt"
+    fs.write_text("# names\n" + "".join(f"A_{i}.png\n" for i in range(4)))
+    mf.write_text("".join(f"1/u@N00/{i}_0.jpg\n" for i in range(4)))
+    wrong = fs if which == "facescrub" else mf
+    wrong.write_text("".join(f"Zed/x@N00/Z_{i}.png\n" for i in range(4)))
+    with pytest.raises(ToolkitError, match="none of its 4 entries") as info:
+        megaface.remove_noises(src, tmp_path / "clean", mf, fs, progress=False)
+    assert str(wrong) in str(info.value) and "Z_" in str(info.value)
+    assert not (tmp_path / "clean").exists()  # checked before anything is written
+    # a tree too small for the list to be expected to name any of it: only a warning
+    monkeypatch.setattr(megaface, "FACESCRUB_PROBES", 3530)
+    monkeypatch.setattr(megaface, "MEGAFACE_DISTRACTORS", 10**6)
+    assert megaface.remove_noises(src, tmp_path / "clean", mf, fs, progress=False)["probes"] == 4
+
+
+def test_remove_noises_refuses_an_empty_noise_list(tmp_path):
+    from utils import ToolkitError
+
+    src = _noise_tree(tmp_path)
+    (tmp_path / "fs.txt").write_text("# only a comment\n\n")
+    (tmp_path / "mf.txt").write_text("1/u@N00/1_0.jpg\n")
+    with pytest.raises(ToolkitError, match=r"fs\.txt: the facescrub noise list holds no entries"):
+        megaface.remove_noises(src, tmp_path / "c", tmp_path / "mf.txt", tmp_path / "fs.txt",
+                               progress=False)
+
+
+def _cli_error(capsys, argv):
+    """What a user sees: run_cli's exit code and its one line on stderr."""
+    from utils import run_cli
+
+    capsys.readouterr()
+    rc = run_cli(megaface.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_missing_and_empty_inputs_are_errors_naming_the_folder(tmp_path, capsys):
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("no images here")
+    for flag in ("--megaface-images", "--facescrub-images"):
+        err = _cli_error(capsys, ["--action", "crop_megaface", flag, str(missing)])
+        assert str(missing) in err and "not found" in err
+        err = _cli_error(capsys, ["--action", "crop_megaface", flag, str(empty)])
+        assert str(empty) in err and "no images" in err
+    ckpt = ["--checkpoint", str(tmp_path / "backbone.pt")]
+    err = _cli_error(capsys, ["--action", "gen_features", "--aligned-dir", str(missing), *ckpt])
+    assert str(missing) in err
+    aligned = tmp_path / "aligned"
+    (aligned / "megaface").mkdir(parents=True)  # there but empty; facescrub/ absent
+    err = _cli_error(capsys, ["--action", "gen_features", "--aligned-dir", str(aligned), *ckpt])
+    assert str(aligned / "megaface") in err and "no images" in err
+    err = _cli_error(capsys, ["--action", "evaluate", "--features-dir", str(missing)])
+    assert str(missing) in err and "not found" in err
+    (tmp_path / "feat" / "facescrub").mkdir(parents=True)
+    (tmp_path / "feat" / "megaface").mkdir(parents=True)
+    err = _cli_error(capsys, ["--action", "evaluate", "--features-dir", str(tmp_path / "feat")])
+    assert str(tmp_path / "feat" / "facescrub") in err and "no feature files" in err
+    err = _cli_error(capsys, ["--action", "devkit", "--devkit-dir", str(tmp_path),
+                              "--features-dir", str(missing)])
+    assert str(missing) in err
+
+
+@pytest.fixture
+def megaface_log():
+    """The messages megaface's logger emits (it does not propagate to caplog)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    megaface.log.addHandler(handler)
+    yield records
+    megaface.log.removeHandler(handler)
+
+
+def test_evaluate_and_devkit_warn_on_features_that_are_not_cleaned(tmp_path, features,
+                                                                   megaface_log):
+    root, _ = _evaluate_tree(tmp_path, features)
+    argv = ["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+            str(tmp_path / "r"), "--sizes", "10", "--fars", "--device", "cpu"]
+    warned = lambda: any("not the noise-removed features" in m for m in megaface_log)  # noqa: E731
+    assert megaface.main(argv) == 0 and warned()
+    megaface_log.clear()
+    (root / "remove_noises.json").write_text("{}")
+    assert megaface.main(argv) == 0 and not warned()
+    (root / "remove_noises.json").unlink()
+    assert megaface.main(["--action", "devkit", "--devkit-dir", str(tmp_path), "--features-dir",
+                          str(root)]) == 0 and warned()
+
+
+def test_gen_features_refuses_non_finite_embeddings(tmp_path):
+    from utils import ToolkitError, write_image
+
+    write_image(tmp_path / "al" / "p/x0.png", np.full((112, 112, 3), 9, np.uint8))
+
+    class NaNNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x.flatten(1)[:, :4] * self.w * float("nan")
+
+    with pytest.raises(ToolkitError, match=r"p/x0\.png: the model gives a non-finite"):
+        megaface.gen_features(NaNNet(), tmp_path / "al", tmp_path / "f", device="cpu",
+                              progress=False)
+    assert not list((tmp_path / "f").rglob("*.bin"))  # nothing written

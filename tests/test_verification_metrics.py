@@ -57,3 +57,64 @@ def test_far_allowing_every_impostor():
 
 def test_no_genuine_scores_gives_no_tar():
     assert vm.tar_at_far_from_top(np.zeros(0), np.array([0.3, 0.1]), 2, 0.5) == (None, 0.1)
+
+
+# ----------------------------------------------------------------------------- folds
+
+def brute_force_folds(sims, same, fold_of):
+    """k-fold protocol written out: for each fold, try every candidate threshold (below the
+    lowest training score, every midpoint of consecutive distinct training scores, the
+    highest) on the OTHER folds only; the first best one scores the fold."""
+    accs, thresholds = [], []
+    for f in sorted(set(fold_of)):
+        train = [i for i in range(len(sims)) if fold_of[i] != f]
+        test = [i for i in range(len(sims)) if fold_of[i] == f]
+        values = sorted({float(sims[i]) for i in train})
+        candidates = [math.nextafter(values[0], -math.inf)]
+        candidates += [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)]
+        candidates.append(values[-1])
+        best_t, best = None, -1
+        for t in candidates:
+            correct = sum((float(sims[i]) > t) == bool(same[i]) for i in train)
+            if correct > best:
+                best_t, best = t, correct
+        accs.append(sum((float(sims[i]) > best_t) == bool(same[i]) for i in test) / len(test))
+        thresholds.append(best_t)
+    return accs, thresholds
+
+
+def test_explicit_folds_match_brute_force():
+    rng = np.random.default_rng(5)
+    same = rng.random(90) < 0.5
+    sims = np.round(np.where(same, rng.normal(0.4, 0.3, 90), rng.normal(0.1, 0.3, 90)), 1)
+    fold_of = rng.integers(0, 4, 90)  # interleaved, uneven folds
+    got = vm.ten_fold_details(sims, same, folds=fold_of)
+    accs, thresholds = brute_force_folds(sims, same, fold_of.tolist())
+    assert got["fold_accuracies"] == pytest.approx(accs, abs=1e-12)
+    assert got["fold_thresholds"] == pytest.approx(thresholds, abs=1e-12)
+    assert got["nfolds"] == 4 and got["accuracy"] == pytest.approx(np.mean(accs), abs=1e-12)
+
+
+def test_stratified_folds_put_both_kinds_in_every_fold():
+    same = np.array([True] * 23 + [False] * 17)  # a single-set file: all same, then all different
+    fold_of = vm.stratified_folds(same, 10)
+    for f in range(10):
+        members = fold_of == f
+        # the i-th same pair and the i-th different pair go to fold i mod 10
+        assert same[members].sum() == len(range(f, 23, 10))
+        assert (~same[members]).sum() == len(range(f, 17, 10))
+    assert [fold_of[i] for i in range(23)] == [i % 10 for i in range(23)]
+    assert [fold_of[23 + i] for i in range(17)] == [i % 10 for i in range(17)]
+    with pytest.raises(vm.VerificationError, match="1 different"):
+        vm.stratified_folds(np.array([True] * 5 + [False]), 10)
+
+
+def test_data_errors_are_toolkit_errors():
+    from utils import ToolkitError
+
+    with pytest.raises(ToolkitError, match="NaN"):
+        vm.ten_fold_details(np.array([np.nan] + [0.1] * 19), np.arange(20) % 2 == 0)
+    with pytest.raises(ToolkitError, match="genuine and impostor"):
+        vm.roc_metrics(np.zeros(4), np.ones(4, bool))
+    with pytest.raises(ToolkitError, match="fold 1 holds only"):  # contiguous one-kind folds
+        vm.ten_fold_details(np.zeros(20), np.arange(20) < 10, nfolds=2)
