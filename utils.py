@@ -41,6 +41,10 @@ class ToolkitError(Exception):
     exit_code = 1
 
 
+class DeviceError(ToolkitError, RuntimeError):
+    """A ``--device`` that this machine does not have."""
+
+
 class ImageReadError(ToolkitError, ValueError):
     """An image file or buffer that cannot be decoded; the message names the source."""
 
@@ -117,9 +121,17 @@ def get_device(name: str = "auto") -> "torch.device":  # noqa: F821 - lazy torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N"
+                          ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise DeviceError(f"--device {name!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name!r}: this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s)")
     return device
 
 

@@ -168,13 +168,14 @@ def _save_state_file(tmp_path):
 
 def test_lfw_eval_cli_names_a_missing_or_empty_checkpoint(tmp_path, capsys):
     import lfw_eval
+    from utils import run_cli
 
     (tmp_path / "empty.bin").write_bytes(b"")
     (tmp_path / "empty.pt").write_bytes(b"")
     for name, expected in (("missing.pt", "checkpoint not found: {}"),
                            ("empty.pt", "{}: empty file, not a checkpoint")):
         ckpt = tmp_path / name
-        rc = lfw_eval.main(["--checkpoint", str(ckpt), "--bin", str(tmp_path / "empty.bin"),
-                            "--device", "cpu"])
+        rc = run_cli(lfw_eval.main, ["--checkpoint", str(ckpt), "--bin",
+                                     str(tmp_path / "empty.bin"), "--device", "cpu"])
         err = capsys.readouterr().err
         assert rc != 0 and err == f"error: {expected.format(ckpt)}\n", err

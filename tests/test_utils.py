@@ -330,3 +330,11 @@ def test_corrupt_checkpoint_reason_is_torchs_first_sentence(tmp_path):
     # torch says: "PytorchStreamReader failed ...: failed finding central directory. This is
     # an internal miniz error. If you are seeing this error, ..." - only the fact is kept
     assert str(info.value).endswith("failed finding central directory)"), str(info.value)
+
+
+def test_unusable_device_is_a_one_line_toolkit_error(capsys):
+    for name, expected in (("gpu", "not a device"), ("cuda:99", "CUDA")):
+        with pytest.raises(utils.DeviceError, match=expected):
+            utils.get_device(name)
+        assert utils.run_cli(lambda argv, n=name: utils.get_device(n), []) == 1
+        assert capsys.readouterr().err.startswith(f"error: --device {name!r}: ")
