@@ -301,3 +301,30 @@ def test_skip_missing_writes_no_crop_but_lists_it(tmp_path, aligner):
     assert "no_face\talice/blank.png\tskipped" in report.read_text()
     with pytest.raises(ValueError, match="inside the source"):
         af.align_tree(src, src / "out", progress=False, aligner=aligner)
+
+
+def _grace_hopper() -> np.ndarray:
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        return cv2.cvtColor(cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_COLOR),
+                            cv2.COLOR_BGR2RGB)
+
+
+def test_phone_photo_stored_sideways_is_aligned_upright(tmp_path, aligner):
+    """A JPEG stored rotated with EXIF Orientation=6 (as phones write it): the face is found
+    where it is in the upright photo, and the crop equals the upright photo's crop."""
+    from PIL import Image
+
+    upright = _grace_hopper()  # 600x512, one face
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)).save(
+        path, exif=exif, quality=95)
+    reference = aligner.align(upright)
+    [done] = af.align_files(aligner, [path], batch_size=1, progress=False)
+    assert reference is not None and done.face is not None
+    eye_distance = np.linalg.norm(reference.landmarks[1] - reference.landmarks[0])
+    assert np.abs(done.face.landmarks - reference.landmarks).max() < 0.05 * eye_distance
+    assert np.abs(done.crop.astype(int) - reference.crop).mean() < 8
