@@ -328,3 +328,71 @@ def test_phone_photo_stored_sideways_is_aligned_upright(tmp_path, aligner):
     eye_distance = np.linalg.norm(reference.landmarks[1] - reference.landmarks[0])
     assert np.abs(done.face.landmarks - reference.landmarks).max() < 0.05 * eye_distance
     assert np.abs(done.crop.astype(int) - reference.crop).mean() < 8
+
+
+def _big_photo_with_a_small_face() -> np.ndarray:
+    """2048x2048: the astronaut upscaled 2x (her face ~170 px wide) and, far right, her head
+    shrunk to 128 px (face ~45 px: found at full size, too small on a 640 px copy)."""
+    photo = data.astronaut()
+    canvas = np.full((2048, 2048, 3), 110, np.uint8)
+    canvas[200:1224, 100:1124] = cv2.resize(photo, (1024, 1024), interpolation=cv2.INTER_CUBIC)
+    canvas[1500:1628, 1600:1728] = cv2.resize(photo[40:296, 100:356], (128, 128),
+                                              interpolation=cv2.INTER_AREA)
+    return canvas
+
+
+def test_big_photo_is_searched_on_a_bounded_copy_and_warped_at_full_size(aligner, monkeypatch):
+    big = _big_photo_with_a_small_face()
+    full = af.FaceAligner(device="cpu", detect_size=0)  # the reference: MTCNN at full size
+    full_boxes, _, full_points = full.detect(big)
+    assert len(full_boxes) == 2  # both faces at full size
+    seen = []  # the sizes of the images MTCNN is given
+    detect = aligner._mtcnn.detect
+    monkeypatch.setattr(aligner._mtcnn, "detect",
+                        lambda stack, **kw: seen.append(stack.shape) or detect(stack, **kw))
+    face = aligner.align(big)
+    assert seen == [(1, 640, 640, 3)] and aligner.detect_size == af.DEFAULT_DETECT_SIZE
+    # the big face, in full-size pixels: the landmarks of the full-size search within MTCNN's
+    # own repeatability (it moves them by up to ~7% of the eye distance on a 2 px shift)
+    k = int(np.argmin(full_boxes[:, 0]))
+    eye_distance = np.linalg.norm(full_points[k, 1] - full_points[k, 0])
+    assert eye_distance > 60
+    assert np.linalg.norm(face.landmarks - full_points[k], axis=1).max() < 0.05 * eye_distance
+    assert box_iou_one(face.box, full_boxes[k]) > 0.85
+    # the crop is cut from the full-size photo with the mapped landmarks
+    np.testing.assert_array_equal(face.crop, af.warp_face(big, face.landmarks))
+    # the trade-off: the 45 px face is below min_face_size on the 640 px copy
+    assert len(aligner.detect(big)[0]) == 1
+
+
+def box_iou_one(a: np.ndarray, b: np.ndarray) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_map_to_full_follows_cv2_resize_pixel_centres():
+    """A bright pixel at (u, v) of a copy made by cv2.resize came from the block of the
+    original whose centre _map_to_full names (an exact 4x shrink of a 4x4 bright block),
+    both in MTCNN's 1-based coordinates (pixel u is u + 1)."""
+    full = np.zeros((400, 600, 3), np.uint8)
+    full[100:104, 200:204] = 255  # the block's centre: x = 201.5, y = 101.5 (0-based)
+    copy = cv2.resize(full, (150, 100), interpolation=cv2.INTER_AREA)
+    v, u = np.argwhere(copy[..., 0] == 255)[0] + af.MTCNN_COORDINATE_OFFSET
+    boxes = np.array([[u, v, u, v]], float)
+    points = np.array([[[u, v]] * 5], float)
+    mapped_boxes, _, mapped_points = af._map_to_full((boxes, np.ones(1), points),
+                                                     full.shape, copy.shape)
+    x, y = np.array([201.5, 101.5]) + af.MTCNN_COORDINATE_OFFSET
+    np.testing.assert_allclose(mapped_boxes[0], [x, y, x, y])
+    np.testing.assert_allclose(mapped_points[0], [[x, y]] * 5)
+
+
+def test_detection_scale_bounds_the_longer_side():
+    assert af.detection_scale((3000, 2000, 3), 640) == pytest.approx(640 / 3000)
+    assert af.detection_scale((2000, 3000), 640) == pytest.approx(640 / 3000)
+    assert af.detection_scale((600, 500, 3), 640) == 1.0  # small photos as they are
+    assert af.detection_scale((8000, 8000, 3), 0) == 1.0  # 0: full size
+    with pytest.raises(ValueError, match="detect_size"):
+        af.FaceAligner(device="cpu", detect_size=-1)
