@@ -35,7 +35,9 @@ import numpy as np
 
 from utils import (
     FACE_CROP_SIZE,
+    IMAGE_EXTENSIONS,
     ImageReadError,
+    ToolkitError,
     add_debug_flag,
     atomic_write_text,
     get_logger,
@@ -82,6 +84,12 @@ STATUS_UNREADABLE = "unreadable"
 STATUS_ALIGNED = "aligned"  # only written to clear an earlier entry of the same file
 
 log = get_logger("align")
+
+
+class AlignInputError(ToolkitError, ValueError):
+    """A source or destination folder align_tree cannot use; the message names it."""
+
+    exit_code = 2
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -434,10 +442,21 @@ def align_files(aligner: FaceAligner, paths: Sequence[Path], batch_size: int,
 # ----------------------------------------------------------------------------- tree
 
 def _read_report(path: Path) -> dict[str, tuple[str, str]]:
-    """relative path -> (status, detail); later lines win (the file is appended to)."""
+    """relative path -> (status, detail); later lines win (the file is appended to).
+
+    A run killed while appending can cut a line inside a multi-byte UTF-8 name: such bytes
+    are replaced (with a warning naming the file), and the garbled entry, whose path is in
+    no source, is dropped when align_tree rewrites the report."""
     entries: dict[str, tuple[str, str]] = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            log.warning("%s: not valid UTF-8 at byte %d (cut by a killed run?); the "
+                        "unreadable entry is dropped", path, e.start)
+            text = raw.decode("utf-8", errors="replace")
+        for line in text.splitlines():
             parts = line.split("\t")
             if len(parts) < 2:
                 continue
@@ -464,14 +483,20 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
     """
 
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
+    if not src.exists():
+        raise AlignInputError(f"source folder not found: {src}")
     if not src.is_dir():
-        raise FileNotFoundError(f"source folder not found: {src}")
+        raise AlignInputError(f"source is a file, not a folder: {src}")
+    if dst.exists() and not dst.is_dir():
+        raise AlignInputError(f"destination is a file, not a folder: {dst}")
     if dst == src or src in dst.parents:
-        raise ValueError(f"destination {dst} must not be inside the source {src}")
+        raise AlignInputError(f"destination {dst} must not be inside the source {src}")
+    files = list_images(src)
+    if not files:  # a wrong folder, not a finished job: say so before creating DST_DIR
+        raise AlignInputError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) under {src}")
     report = Path(report_path) if report_path is not None else dst / REPORT_NAME
     dst.mkdir(parents=True, exist_ok=True)
     entries = _read_report(report)
-    files = list_images(src)
     todo = [p for p in files if not (dst / p.relative_to(src)).exists()]
     counts = {"aligned": 0, "no_face": 0, "centre_cropped": 0, "unreadable": 0}
     start = time.perf_counter()
@@ -537,6 +562,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     ])
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (argparse prints the refusal in one line)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Align a tree SRC_DIR/identity/image.jpg into 112x112 ArcFace crops "
@@ -547,12 +585,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-missing", action="store_true",
                    help="do not write images without a detected face (default: centre-crop "
                         "them); both ways they are listed in the report")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULT_BATCH_SIZE,
                    help="equal-size images per MTCNN batch")
-    p.add_argument("--min-face-size", type=int, default=DEFAULT_MIN_FACE_SIZE,
+    p.add_argument("--min-face-size", type=_int_at_least(1), default=DEFAULT_MIN_FACE_SIZE,
                    help="smallest face searched, in pixels of the image MTCNN sees (larger "
                         "is faster)")
-    p.add_argument("--detect-size", type=int, default=DEFAULT_DETECT_SIZE,
+    p.add_argument("--detect-size", type=_int_at_least(0), default=DEFAULT_DETECT_SIZE,
                    help="MTCNN searches a copy whose longer side is at most this many pixels "
                         "(the crop is still cut from the full photo); a photo scaled down by "
                         "s finds faces from min-face-size / s pixels up. 0: full size (slow "
@@ -570,13 +608,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # work made 2 threads 3-10x slower (and burn 4-6x the CPU); sleeping waits do not.
     # Effective only before torch is imported, as in a plain `python align_faces.py` run.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
+    try:  # folder errors are AlignInputErrors: run_cli prints them
         summary = align_tree(args.src_dir, args.dst_dir, skip_missing=args.skip_missing,
                              batch_size=args.batch_size, min_face_size=args.min_face_size,
                              report_path=args.report, progress=not args.no_progress,
                              device=None if args.device == "auto" else args.device,
                              detect_size=args.detect_size)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad folders, bad --device
+    except RuntimeError as e:  # --device cuda without CUDA
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

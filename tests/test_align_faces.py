@@ -396,3 +396,102 @@ def test_detection_scale_bounds_the_longer_side():
     assert af.detection_scale((8000, 8000, 3), 0) == 1.0  # 0: full size
     with pytest.raises(ValueError, match="detect_size"):
         af.FaceAligner(device="cpu", detect_size=-1)
+
+
+@pytest.mark.parametrize("case", ["missing source", "source is a file", "no images",
+                                  "destination is a file", "destination inside source"])
+def test_cli_refuses_unusable_folders_in_one_line(tmp_path, capsys, case):
+    from utils import run_cli
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    if case == "missing source":
+        named, words = src, "source folder not found"
+    elif case == "source is a file":
+        src.write_bytes(b"x")
+        named, words = src, "source is a file"
+    elif case == "no images":
+        (src / "alice").mkdir(parents=True)
+        (src / "alice" / "notes.txt").write_text("no photo here")
+        named, words = src, "no images"
+    elif case == "destination is a file":
+        make_tree(src)
+        dst.write_bytes(b"x")
+        named, words = dst, "destination is a file"
+    else:
+        make_tree(src)
+        dst = src / "out"
+        named, words = dst, "must not be inside the source"
+    code = run_cli(af.main, [str(src), str(dst), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == af.AlignInputError.exit_code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert words in err and str(named.resolve()) in err
+    if case in ("missing source", "no images"):
+        assert not dst.exists()  # nothing created for a mistyped source
+
+
+def test_script_exit_status_for_a_missing_source(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(af.__file__)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "nope"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr == f"error: source folder not found: {tmp_path / 'nope'}\n"
+
+
+def test_bad_numbers_are_refused_by_the_parser(capsys):
+    for flag, value in (("--detect-size", "-1"), ("--batch-size", "0"),
+                        ("--min-face-size", "many")):
+        with pytest.raises(SystemExit) as stop:
+            af.main(["src", "dst", flag, value])
+        assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_detect_size_option_reaches_the_aligner(tmp_path, monkeypatch):
+    made = []
+
+    class Recorder(_TopLeftAligner):
+        size = af.TEMPLATE_SIZE
+
+        def __init__(self, **kwargs):
+            super().__init__()
+            made.append(kwargs)
+
+    monkeypatch.setattr(af, "FaceAligner", Recorder)
+    make_tree(tmp_path / "src")
+    assert af.main([str(tmp_path / "src"), str(tmp_path / "dst"), "--detect-size", "0",
+                    "--no-progress"]) == 0
+    assert made[0]["detect_size"] == 0
+    af.align_tree(tmp_path / "src", tmp_path / "dst2", progress=False)
+    assert made[1]["detect_size"] == af.DEFAULT_DETECT_SIZE
+
+
+def test_report_cut_inside_a_utf8_name_is_read_with_a_warning(tmp_path):
+    """A killed run left half of a multi-byte character at the end of the report: the run
+    resumes, warns naming the file, keeps the other entries and drops the garbled one."""
+    import logging
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    dst.mkdir()
+    report = dst / af.REPORT_NAME
+    cut = "no_face\talice/caf\u00e9.jpg\tskipped\n".encode()
+    cut = cut[:cut.index(b"\xc3") + 1]  # the first of the two bytes of the e-acute
+    report.write_bytes(b"unreadable\tbob/broken.jpg\tnot a decodable image\n" + cut)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("align").addHandler(handler)
+    fake = _TopLeftAligner()  # a "face" in every readable image
+    fake.size = af.TEMPLATE_SIZE
+    try:
+        summary = af.align_tree(src, dst, progress=False, aligner=fake)
+    finally:
+        logging.getLogger("align").removeHandler(handler)
+    assert summary["images"] == 3
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(report) in warnings[0] and "UTF-8" in warnings[0]
+    lines = report.read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["unreadable", "bob/broken.jpg"]]
