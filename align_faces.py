@@ -4,6 +4,11 @@ Usage as a script mirrors a tree of photos ``SRC_DIR/identity/image.jpg`` into a
 112x112 crops ``DST_DIR/identity/image.jpg``::
 
     python align_faces.py data/casia_raw data/casia_aligned [--skip-missing]
+                          [--detect-size 640]
+
+MTCNN searches each photo on a copy whose longer side is at most ``--detect-size`` pixels
+(0: full size) and the crop is warped from the full-size photo (DEFAULT_DETECT_SIZE says
+what that costs and saves). Photos are read upright by their EXIF orientation.
 
 As a library::
 
