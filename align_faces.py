@@ -4,6 +4,11 @@ Usage as a script mirrors a tree of photos ``SRC_DIR/identity/image.jpg`` into a
 112x112 crops ``DST_DIR/identity/image.jpg``::
 
     python align_faces.py data/casia_raw data/casia_aligned [--skip-missing]
+                          [--detect-size 640]
+
+MTCNN searches each photo on a copy whose longer side is at most ``--detect-size`` pixels
+(0: full size) and the crop is warped from the full-size photo (DEFAULT_DETECT_SIZE says
+what that costs and saves). Photos are read upright by their EXIF orientation.
 
 As a library::
 
@@ -35,7 +40,9 @@ import numpy as np
 
 from utils import (
     FACE_CROP_SIZE,
+    IMAGE_EXTENSIONS,
     ImageReadError,
+    ToolkitError,
     add_debug_flag,
     atomic_write_text,
     get_logger,
@@ -59,6 +66,17 @@ REFERENCE_LANDMARKS = np.array(
 TEMPLATE_SIZE = FACE_CROP_SIZE  # side of the square the template's coordinates refer to
 
 DEFAULT_MIN_FACE_SIZE = 40  # pixels; MTCNN's smallest searched face (its own default is 20)
+# MTCNN sees a copy of each photo scaled so its longer side is at most this (0: full size);
+# boxes and landmarks are mapped back and the crop is warped from the full-size photo. MTCNN's
+# cost grows with the pixels it searches (its pyramid starts at 12 / min_face_size of the
+# image): on 1.4-4.6k px photos it took 620 ms a photo at full size, 69 ms at 640 (2-core
+# CPU, one thread; bench/align_throughput.py). min_face_size counts pixels of the copy, so a
+# photo scaled by s finds faces down to min_face_size / s pixels: 1/16 of the longer side
+# at the defaults (125 px in a 2000 px photo, 190 px in 3000 px), far below the face of a
+# portrait (370-740 px in those photos). Small faces in big group photos need a larger
+# --detect-size or 0. Searching below ~20 px on the copy instead would spend what the
+# downscale saves (99 ms a photo for 20 px at 640).
+DEFAULT_DETECT_SIZE = 640
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)  # P-, R- and O-net score thresholds (MTCNN's defaults)
 DEFAULT_BATCH_SIZE = 32
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset
@@ -71,6 +89,12 @@ STATUS_UNREADABLE = "unreadable"
 STATUS_ALIGNED = "aligned"  # only written to clear an earlier entry of the same file
 
 log = get_logger("align")
+
+
+class AlignInputError(ToolkitError, ValueError):
+    """A source or destination folder align_tree cannot use; the message names it."""
+
+    exit_code = 2
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -191,17 +215,53 @@ def _no_detections() -> Detections:
     return np.zeros((0, 4)), np.zeros((0,)), np.zeros((0, 5, 2))
 
 
+def detection_scale(shape: Sequence[int], detect_size: int) -> float:
+    """The factor (<= 1) that brings an image of ``shape`` (H, W[, C]) to a longer side of at
+    most ``detect_size`` pixels; 1 when it is already that small or ``detect_size`` is 0."""
+    longest = max(shape[0], shape[1])
+    return 1.0 if detect_size <= 0 or longest <= detect_size else detect_size / longest
+
+
+# facenet-pytorch's MTCNN keeps the Matlab original's 1-based pixel indices: its boxes and
+# landmarks sit this much right of and below 0-based pixel centres. Measured, detecting 25
+# photos at two sizes (2x and 4x apart): landmarks +1.06 / +1.15 px (x / y, +-0.1), boxes
+# +0.9 / +1.6 px. Left in, it would grow with the downscale (3.4 px at full size for a 2000
+# px photo searched at 640) and shift every landmark by ~5% of the eye distance.
+MTCNN_COORDINATE_OFFSET = 1.0
+
+
+def _map_to_full(detections: Detections, full_shape: Sequence[int],
+                 copy_shape: Sequence[int]) -> Detections:
+    """Boxes and landmarks found on a resized copy, in the full-size image's pixels (and
+    MTCNN's coordinate convention, as a full-size search gives them).
+
+    cv2.resize aligns pixel centres: copy pixel u covers the original at (u + 0.5) * f - 0.5,
+    f = full size / copy size along that axis; MTCNN calls pixel u u + MTCNN_COORDINATE_OFFSET.
+    """
+    boxes, probs, points = detections
+    factor = np.array([full_shape[1] / copy_shape[1], full_shape[0] / copy_shape[0]])
+    offset = MTCNN_COORDINATE_OFFSET
+
+    def to_full(xy: np.ndarray) -> np.ndarray:
+        return (xy - offset) * factor + (factor - 1) / 2 + offset
+
+    return to_full(boxes.reshape(-1, 2, 2)).reshape(-1, 4), probs, to_full(points)
+
+
 class FaceAligner:
     """MTCNN detection + similarity alignment, batched over images of one size.
 
-    ``device=None`` picks CUDA when present. ``min_face_size`` (pixels) bounds the smallest
-    face searched: larger is faster. ``batch_size`` images of equal size go through MTCNN
-    together.
+    ``device=None`` picks CUDA when present. ``min_face_size`` (pixels of the image MTCNN
+    sees) bounds the smallest face searched: larger is faster. ``detect_size``: MTCNN sees a
+    copy with the longer side at most this many pixels (0: the full image); results are in
+    the full image's pixels and the crop is warped from it (see DEFAULT_DETECT_SIZE for the
+    trade-off). ``batch_size`` images of equal size go through MTCNN together.
     """
 
     def __init__(self, device: Any = None, min_face_size: int = DEFAULT_MIN_FACE_SIZE,
                  thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                 batch_size: int = DEFAULT_BATCH_SIZE, size: int = TEMPLATE_SIZE) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE, size: int = TEMPLATE_SIZE,
+                 detect_size: int = DEFAULT_DETECT_SIZE) -> None:
         import torch
         from facenet_pytorch import MTCNN
 
@@ -209,6 +269,9 @@ class FaceAligner:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if detect_size < 0:
+            raise ValueError(f"detect_size must be >= 0 (0: full size), got {detect_size}")
+        self.detect_size = int(detect_size)
         self.device = get_device("auto" if device is None else str(device))
         self.min_face_size = int(min_face_size)
         self.batch_size = int(batch_size)
@@ -245,11 +308,24 @@ class FaceAligner:
                             np.asarray(lm).astype(float).reshape(-1, 5, 2)))
         return out
 
+    def _detect_scaled(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """MTCNN on equal-size images, through copies bounded by ``detect_size``; the results
+        in the given images' pixels."""
+        shape = images[0].shape
+        scale = detection_scale(shape, self.detect_size)
+        if scale == 1.0:
+            return self._detect_stack(np.stack(images))
+        copy_wh = (max(1, round(shape[1] * scale)), max(1, round(shape[0] * scale)))
+        # INTER_AREA averages the pixels each copy pixel covers: no aliasing on big shrinks.
+        stack = np.stack([cv2.resize(im, copy_wh, interpolation=cv2.INTER_AREA)
+                          for im in images])
+        return [_map_to_full(d, shape, stack.shape[1:]) for d in self._detect_stack(stack)]
+
     def detect(self, image: np.ndarray) -> Detections:
         """All faces in an RGB image: boxes (N, 4) x1 y1 x2 y2, probabilities (N,),
-        landmarks (N, 5, 2); N may be 0."""
+        landmarks (N, 5, 2), in the image's pixels; N may be 0."""
         image = _check_rgb(image)
-        return self._detect_stack(image[None])[0]
+        return self._detect_scaled([image])[0]
 
     # -- alignment
     def _choose(self, detections: Detections, image: np.ndarray,
@@ -290,8 +366,8 @@ class FaceAligner:
         for indices in by_shape.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                stack = np.stack([images[i] for i in chunk])
-                for i, det in zip(chunk, self._detect_stack(stack), strict=True):
+                found = self._detect_scaled([images[i] for i in chunk])
+                for i, det in zip(chunk, found, strict=True):
                     results[i] = self._choose(det, images[i], hints[i])
         return results
 
@@ -371,10 +447,21 @@ def align_files(aligner: FaceAligner, paths: Sequence[Path], batch_size: int,
 # ----------------------------------------------------------------------------- tree
 
 def _read_report(path: Path) -> dict[str, tuple[str, str]]:
-    """relative path -> (status, detail); later lines win (the file is appended to)."""
+    """relative path -> (status, detail); later lines win (the file is appended to).
+
+    A run killed while appending can cut a line inside a multi-byte UTF-8 name: such bytes
+    are replaced (with a warning naming the file), and the garbled entry, whose path is in
+    no source, is dropped when align_tree rewrites the report."""
     entries: dict[str, tuple[str, str]] = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            log.warning("%s: not valid UTF-8 at byte %d (cut by a killed run?); the "
+                        "unreadable entry is dropped", path, e.start)
+            text = raw.decode("utf-8", errors="replace")
+        for line in text.splitlines():
             parts = line.split("\t")
             if len(parts) < 2:
                 continue
@@ -389,7 +476,8 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
                batch_size: int = DEFAULT_BATCH_SIZE,
                min_face_size: int = DEFAULT_MIN_FACE_SIZE,
                report_path: str | Path | None = None, progress: bool = True,
-               device: Any = None, aligner: FaceAligner | None = None) -> dict[str, Any]:
+               device: Any = None, aligner: FaceAligner | None = None,
+               detect_size: int = DEFAULT_DETECT_SIZE) -> dict[str, Any]:
     """Align every image under ``src_dir`` into the same relative path under ``dst_dir``.
 
     Resumable: an output that exists is skipped. A faceless image is centre-cropped
@@ -400,19 +488,26 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
     """
 
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
+    if not src.exists():
+        raise AlignInputError(f"source folder not found: {src}")
     if not src.is_dir():
-        raise FileNotFoundError(f"source folder not found: {src}")
+        raise AlignInputError(f"source is a file, not a folder: {src}")
+    if dst.exists() and not dst.is_dir():
+        raise AlignInputError(f"destination is a file, not a folder: {dst}")
     if dst == src or src in dst.parents:
-        raise ValueError(f"destination {dst} must not be inside the source {src}")
+        raise AlignInputError(f"destination {dst} must not be inside the source {src}")
+    files = list_images(src)
+    if not files:  # a wrong folder, not a finished job: say so before creating DST_DIR
+        raise AlignInputError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) under {src}")
     report = Path(report_path) if report_path is not None else dst / REPORT_NAME
     dst.mkdir(parents=True, exist_ok=True)
     entries = _read_report(report)
-    files = list_images(src)
     todo = [p for p in files if not (dst / p.relative_to(src)).exists()]
     counts = {"aligned": 0, "no_face": 0, "centre_cropped": 0, "unreadable": 0}
     start = time.perf_counter()
     if todo and aligner is None:
-        aligner = FaceAligner(device=device, min_face_size=min_face_size, batch_size=batch_size)
+        aligner = FaceAligner(device=device, min_face_size=min_face_size, batch_size=batch_size,
+                              detect_size=detect_size)
     report.parent.mkdir(parents=True, exist_ok=True)
     # Report lines are appended as they happen so a crash loses none of them.
     with report.open("a", encoding="utf-8") as rep:
@@ -472,6 +567,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     ])
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (argparse prints the refusal in one line)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Align a tree SRC_DIR/identity/image.jpg into 112x112 ArcFace crops "
@@ -482,10 +590,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-missing", action="store_true",
                    help="do not write images without a detected face (default: centre-crop "
                         "them); both ways they are listed in the report")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULT_BATCH_SIZE,
                    help="equal-size images per MTCNN batch")
-    p.add_argument("--min-face-size", type=int, default=DEFAULT_MIN_FACE_SIZE,
-                   help="smallest face searched, in pixels (larger is faster)")
+    p.add_argument("--min-face-size", type=_int_at_least(1), default=DEFAULT_MIN_FACE_SIZE,
+                   help="smallest face searched, in pixels of the image MTCNN sees (larger "
+                        "is faster)")
+    p.add_argument("--detect-size", type=_int_at_least(0), default=DEFAULT_DETECT_SIZE,
+                   help="MTCNN searches a copy whose longer side is at most this many pixels "
+                        "(the crop is still cut from the full photo); a photo scaled down by "
+                        "s finds faces from min-face-size / s pixels up. 0: full size (slow "
+                        "on big photos; for small faces in big group photos)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     p.add_argument("--report", type=Path, default=None,
                    help=f"report file (default DST_DIR/{REPORT_NAME})")
@@ -499,12 +613,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # work made 2 threads 3-10x slower (and burn 4-6x the CPU); sleeping waits do not.
     # Effective only before torch is imported, as in a plain `python align_faces.py` run.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
+    try:  # folder errors are AlignInputErrors: run_cli prints them
         summary = align_tree(args.src_dir, args.dst_dir, skip_missing=args.skip_missing,
                              batch_size=args.batch_size, min_face_size=args.min_face_size,
                              report_path=args.report, progress=not args.no_progress,
-                             device=None if args.device == "auto" else args.device)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad folders, bad --device
+                             device=None if args.device == "auto" else args.device,
+                             detect_size=args.detect_size)
+    except RuntimeError as e:  # --device cuda without CUDA
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import struct
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -336,6 +337,120 @@ def load_backbone_state(path: str | Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- images
 
+# EXIF orientation (TIFF/EXIF 2.3 tag 274): how the stored pixels must be turned for display.
+# Phones store photos sideways and set this tag; OpenCV's IMREAD_UNCHANGED ignores it.
+EXIF_ORIENTATION_TAG = 0x0112
+ORIENTATION_UPRIGHT = 1
+_TIFF_SHORT = 3  # the TIFF field type of the orientation value
+_EXIF_PREFIX = b"Exif\x00\x00"  # starts a JPEG APP1 EXIF segment (and some WebP EXIF chunks)
+_JPEG_SOI, _JPEG_APP1, _JPEG_SOS, _JPEG_EOI = 0xD8, 0xE1, 0xDA, 0xD9
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _tiff_orientation(tiff: memoryview) -> int:
+    """The orientation tag in IFD0 of an EXIF payload (a TIFF structure)."""
+    if len(tiff) < 8 or bytes(tiff[:2]) not in (b"II", b"MM"):
+        return ORIENTATION_UPRIGHT
+    order = "<" if bytes(tiff[:2]) == b"II" else ">"
+    ifd = struct.unpack_from(order + "I", tiff, 4)[0]
+    if ifd + 2 > len(tiff):
+        return ORIENTATION_UPRIGHT
+    count = struct.unpack_from(order + "H", tiff, ifd)[0]
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        tag, kind = struct.unpack_from(order + "HH", tiff, entry)
+        if tag == EXIF_ORIENTATION_TAG:
+            value = struct.unpack_from(order + "H", tiff, entry + 8)[0]
+            return value if kind == _TIFF_SHORT and 1 <= value <= 8 else ORIENTATION_UPRIGHT
+    return ORIENTATION_UPRIGHT
+
+
+def _jpeg_exif(buf: memoryview) -> memoryview | None:
+    """The TIFF payload of a JPEG's APP1 EXIF segment. Walks the marker segments before
+    the scan data only (a handful for a JPEG without EXIF: microseconds)."""
+    pos = 2
+    while pos + 4 <= len(buf):
+        if buf[pos] != 0xFF:
+            return None  # not at a marker: a malformed header, leave it to the decoder
+        marker = buf[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (_JPEG_SOS, _JPEG_EOI):
+            return None
+        length = (buf[pos + 2] << 8) | buf[pos + 3]
+        if marker == _JPEG_APP1 and bytes(buf[pos + 4:pos + 10]) == _EXIF_PREFIX:
+            return buf[pos + 10:pos + 2 + length]
+        pos += 2 + length
+    return None
+
+
+def _png_exif(buf: memoryview) -> memoryview | None:
+    """The payload of a PNG's eXIf chunk (PNG 1.5 extension), searched up to IEND."""
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(buf):
+        length = struct.unpack_from(">I", buf, pos)[0]
+        kind = bytes(buf[pos + 4:pos + 8])
+        if kind == b"eXIf":
+            return buf[pos + 8:pos + 8 + length]
+        if kind == b"IEND":
+            return None
+        pos += 12 + length
+    return None
+
+
+def _webp_exif(buf: memoryview) -> memoryview | None:
+    """The payload of a WebP's EXIF chunk (RIFF), less the EXIF header some writers put first."""
+    pos = 12
+    while pos + 8 <= len(buf):
+        kind = bytes(buf[pos:pos + 4])
+        length = struct.unpack_from("<I", buf, pos + 4)[0]
+        if kind == b"EXIF":
+            payload = buf[pos + 8:pos + 8 + length]
+            return payload[6:] if bytes(payload[:6]) == _EXIF_PREFIX else payload
+        pos += 8 + length + (length & 1)  # chunks are padded to an even size
+    return None
+
+
+def exif_orientation(data: bytes | memoryview | np.ndarray) -> int:
+    """The EXIF orientation (1-8, 1 = upright) of an encoded JPEG, PNG or WebP image; 1 when
+    it has none, the metadata is unreadable (the pixels are still usable) or the format is
+    another (OpenCV already turns TIFFs upright)."""
+    buf = memoryview(data).cast("B") if not isinstance(data, np.ndarray) \
+        else memoryview(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1))
+    try:
+        if len(buf) >= 4 and buf[0] == 0xFF and buf[1] == _JPEG_SOI:
+            payload = _jpeg_exif(buf)
+        elif bytes(buf[:8]) == _PNG_SIGNATURE:
+            payload = _png_exif(buf)
+        elif bytes(buf[:4]) == b"RIFF" and bytes(buf[8:12]) == b"WEBP":
+            payload = _webp_exif(buf)
+        else:  # TIFF too: OpenCV's TIFF decoder turns it upright itself
+            payload = None
+        return ORIENTATION_UPRIGHT if payload is None else _tiff_orientation(payload)
+    except struct.error:  # a truncated or corrupt header
+        return ORIENTATION_UPRIGHT
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn stored pixels upright as EXIF ``orientation`` (1-8) says: what a photo viewer
+    (and PIL's ImageOps.exif_transpose) shows. Any number of channels and any dtype."""
+    if orientation == 2:
+        return cv2.flip(image, 1)  # mirrored left-right
+    if orientation == 3:
+        return cv2.rotate(image, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(image, 0)  # mirrored top-bottom
+    if orientation == 5:
+        return np.ascontiguousarray(image.swapaxes(0, 1))  # transposed
+    if orientation == 6:
+        return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:  # transversed: transposed about the anti-diagonal
+        return np.ascontiguousarray(image.swapaxes(0, 1)[::-1, ::-1])
+    if orientation == 8:
+        return cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return image
+
+
 def _to_rgb(decoded: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """OpenCV's decoded array (gray, BGR or BGRA; 8 or 16 bit) to RGB uint8 HxWx3, written
     into ``out`` when that is a uint8 array of the result's shape (a hot path's buffer)."""
@@ -355,9 +470,10 @@ def _to_rgb(decoded: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 def decode_image(data: bytes | np.ndarray, source: str = "<buffer>",
                  out: np.ndarray | None = None) -> np.ndarray:
-    """Encoded bytes (JPEG, PNG, ...) to RGB uint8 HxWx3; ImageReadError naming ``source``.
-    With ``out`` (uint8 HxWx3), a colour image of exactly that shape is decoded into it and
-    ``out`` is returned; anything else comes back as a new array."""
+    """Encoded bytes (JPEG, PNG, ...) to RGB uint8 HxWx3, upright as the EXIF orientation
+    says (:func:`exif_orientation`); ImageReadError naming ``source``.
+    With ``out`` (uint8 HxWx3), a colour image of exactly that (upright) shape is decoded
+    into it and ``out`` is returned; anything else comes back as a new array."""
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) \
         else np.asarray(data, dtype=np.uint8).reshape(-1)
     if buf.size == 0:
@@ -365,6 +481,11 @@ def decode_image(data: bytes | np.ndarray, source: str = "<buffer>",
     decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if decoded is None:
         raise ImageReadError(f"{source}: not a decodable image ({buf.size} bytes)")
+    # IMREAD_UNCHANGED keeps alpha and 16 bits but ignores EXIF; IMREAD_COLOR would apply the
+    # orientation but only for some formats: the tag is read here instead.
+    orientation = exif_orientation(buf)
+    if orientation != ORIENTATION_UPRIGHT:
+        decoded = apply_orientation(decoded, orientation)
     return _to_rgb(decoded, out)
 
 

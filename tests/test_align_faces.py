@@ -301,3 +301,197 @@ def test_skip_missing_writes_no_crop_but_lists_it(tmp_path, aligner):
     assert "no_face\talice/blank.png\tskipped" in report.read_text()
     with pytest.raises(ValueError, match="inside the source"):
         af.align_tree(src, src / "out", progress=False, aligner=aligner)
+
+
+def _grace_hopper() -> np.ndarray:
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        return cv2.cvtColor(cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_COLOR),
+                            cv2.COLOR_BGR2RGB)
+
+
+def test_phone_photo_stored_sideways_is_aligned_upright(tmp_path, aligner):
+    """A JPEG stored rotated with EXIF Orientation=6 (as phones write it): the face is found
+    where it is in the upright photo, and the crop equals the upright photo's crop."""
+    from PIL import Image
+
+    upright = _grace_hopper()  # 600x512, one face
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)).save(
+        path, exif=exif, quality=95)
+    reference = aligner.align(upright)
+    [done] = af.align_files(aligner, [path], batch_size=1, progress=False)
+    assert reference is not None and done.face is not None
+    eye_distance = np.linalg.norm(reference.landmarks[1] - reference.landmarks[0])
+    assert np.abs(done.face.landmarks - reference.landmarks).max() < 0.05 * eye_distance
+    assert np.abs(done.crop.astype(int) - reference.crop).mean() < 8
+
+
+def _big_photo_with_a_small_face() -> np.ndarray:
+    """2048x2048: the astronaut upscaled 2x (her face ~170 px wide) and, far right, her head
+    shrunk to 128 px (face ~45 px: found at full size, too small on a 640 px copy)."""
+    photo = data.astronaut()
+    canvas = np.full((2048, 2048, 3), 110, np.uint8)
+    canvas[200:1224, 100:1124] = cv2.resize(photo, (1024, 1024), interpolation=cv2.INTER_CUBIC)
+    canvas[1500:1628, 1600:1728] = cv2.resize(photo[40:296, 100:356], (128, 128),
+                                              interpolation=cv2.INTER_AREA)
+    return canvas
+
+
+def test_big_photo_is_searched_on_a_bounded_copy_and_warped_at_full_size(aligner, monkeypatch):
+    big = _big_photo_with_a_small_face()
+    full = af.FaceAligner(device="cpu", detect_size=0)  # the reference: MTCNN at full size
+    full_boxes, _, full_points = full.detect(big)
+    assert len(full_boxes) == 2  # both faces at full size
+    seen = []  # the sizes of the images MTCNN is given
+    detect = aligner._mtcnn.detect
+    monkeypatch.setattr(aligner._mtcnn, "detect",
+                        lambda stack, **kw: seen.append(stack.shape) or detect(stack, **kw))
+    face = aligner.align(big)
+    assert seen == [(1, 640, 640, 3)] and aligner.detect_size == af.DEFAULT_DETECT_SIZE
+    # the big face, in full-size pixels: the landmarks of the full-size search within MTCNN's
+    # own repeatability (it moves them by up to ~7% of the eye distance on a 2 px shift)
+    k = int(np.argmin(full_boxes[:, 0]))
+    eye_distance = np.linalg.norm(full_points[k, 1] - full_points[k, 0])
+    assert eye_distance > 60
+    assert np.linalg.norm(face.landmarks - full_points[k], axis=1).max() < 0.05 * eye_distance
+    assert box_iou_one(face.box, full_boxes[k]) > 0.85
+    # the crop is cut from the full-size photo with the mapped landmarks
+    np.testing.assert_array_equal(face.crop, af.warp_face(big, face.landmarks))
+    # the trade-off: the 45 px face is below min_face_size on the 640 px copy
+    assert len(aligner.detect(big)[0]) == 1
+
+
+def box_iou_one(a: np.ndarray, b: np.ndarray) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_map_to_full_follows_cv2_resize_pixel_centres():
+    """A bright pixel at (u, v) of a copy made by cv2.resize came from the block of the
+    original whose centre _map_to_full names (an exact 4x shrink of a 4x4 bright block),
+    both in MTCNN's 1-based coordinates (pixel u is u + 1)."""
+    full = np.zeros((400, 600, 3), np.uint8)
+    full[100:104, 200:204] = 255  # the block's centre: x = 201.5, y = 101.5 (0-based)
+    copy = cv2.resize(full, (150, 100), interpolation=cv2.INTER_AREA)
+    v, u = np.argwhere(copy[..., 0] == 255)[0] + af.MTCNN_COORDINATE_OFFSET
+    boxes = np.array([[u, v, u, v]], float)
+    points = np.array([[[u, v]] * 5], float)
+    mapped_boxes, _, mapped_points = af._map_to_full((boxes, np.ones(1), points),
+                                                     full.shape, copy.shape)
+    x, y = np.array([201.5, 101.5]) + af.MTCNN_COORDINATE_OFFSET
+    np.testing.assert_allclose(mapped_boxes[0], [x, y, x, y])
+    np.testing.assert_allclose(mapped_points[0], [[x, y]] * 5)
+
+
+def test_detection_scale_bounds_the_longer_side():
+    assert af.detection_scale((3000, 2000, 3), 640) == pytest.approx(640 / 3000)
+    assert af.detection_scale((2000, 3000), 640) == pytest.approx(640 / 3000)
+    assert af.detection_scale((600, 500, 3), 640) == 1.0  # small photos as they are
+    assert af.detection_scale((8000, 8000, 3), 0) == 1.0  # 0: full size
+    with pytest.raises(ValueError, match="detect_size"):
+        af.FaceAligner(device="cpu", detect_size=-1)
+
+
+@pytest.mark.parametrize("case", ["missing source", "source is a file", "no images",
+                                  "destination is a file", "destination inside source"])
+def test_cli_refuses_unusable_folders_in_one_line(tmp_path, capsys, case):
+    from utils import run_cli
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    if case == "missing source":
+        named, words = src, "source folder not found"
+    elif case == "source is a file":
+        src.write_bytes(b"x")
+        named, words = src, "source is a file"
+    elif case == "no images":
+        (src / "alice").mkdir(parents=True)
+        (src / "alice" / "notes.txt").write_text("no photo here")
+        named, words = src, "no images"
+    elif case == "destination is a file":
+        make_tree(src)
+        dst.write_bytes(b"x")
+        named, words = dst, "destination is a file"
+    else:
+        make_tree(src)
+        dst = src / "out"
+        named, words = dst, "must not be inside the source"
+    code = run_cli(af.main, [str(src), str(dst), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == af.AlignInputError.exit_code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert words in err and str(named.resolve()) in err
+    if case in ("missing source", "no images"):
+        assert not dst.exists()  # nothing created for a mistyped source
+
+
+def test_script_exit_status_for_a_missing_source(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(af.__file__)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "nope"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr == f"error: source folder not found: {tmp_path / 'nope'}\n"
+
+
+def test_bad_numbers_are_refused_by_the_parser(capsys):
+    for flag, value in (("--detect-size", "-1"), ("--batch-size", "0"),
+                        ("--min-face-size", "many")):
+        with pytest.raises(SystemExit) as stop:
+            af.main(["src", "dst", flag, value])
+        assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_detect_size_option_reaches_the_aligner(tmp_path, monkeypatch):
+    made = []
+
+    class Recorder(_TopLeftAligner):
+        size = af.TEMPLATE_SIZE
+
+        def __init__(self, **kwargs):
+            super().__init__()
+            made.append(kwargs)
+
+    monkeypatch.setattr(af, "FaceAligner", Recorder)
+    make_tree(tmp_path / "src")
+    assert af.main([str(tmp_path / "src"), str(tmp_path / "dst"), "--detect-size", "0",
+                    "--no-progress"]) == 0
+    assert made[0]["detect_size"] == 0
+    af.align_tree(tmp_path / "src", tmp_path / "dst2", progress=False)
+    assert made[1]["detect_size"] == af.DEFAULT_DETECT_SIZE
+
+
+def test_report_cut_inside_a_utf8_name_is_read_with_a_warning(tmp_path):
+    """A killed run left half of a multi-byte character at the end of the report: the run
+    resumes, warns naming the file, keeps the other entries and drops the garbled one."""
+    import logging
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    dst.mkdir()
+    report = dst / af.REPORT_NAME
+    cut = "no_face\talice/caf\u00e9.jpg\tskipped\n".encode()
+    cut = cut[:cut.index(b"\xc3") + 1]  # the first of the two bytes of the e-acute
+    report.write_bytes(b"unreadable\tbob/broken.jpg\tnot a decodable image\n" + cut)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("align").addHandler(handler)
+    fake = _TopLeftAligner()  # a "face" in every readable image
+    fake.size = af.TEMPLATE_SIZE
+    try:
+        summary = af.align_tree(src, dst, progress=False, aligner=fake)
+    finally:
+        logging.getLogger("align").removeHandler(handler)
+    assert summary["images"] == 3
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(report) in warnings[0] and "UTF-8" in warnings[0]
+    lines = report.read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["unreadable", "bob/broken.jpg"]]

@@ -338,3 +338,69 @@ def test_unusable_device_is_a_one_line_toolkit_error(capsys):
             utils.get_device(name)
         assert utils.run_cli(lambda argv, n=name: utils.get_device(n), []) == 1
         assert capsys.readouterr().err.startswith(f"error: --device {name!r}: ")
+
+
+# ----------------------------------------------------------------------------- EXIF orientation
+
+def _save_with_orientation(path, stored: np.ndarray, orientation: int, fmt: str) -> None:
+    """Write ``stored`` pixels with an EXIF Orientation tag, through PIL (not our code)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    extra = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}.get(fmt, {})
+    Image.fromarray(stored).save(path, format=fmt, exif=exif, **extra)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_every_exif_orientation_reads_as_pil_shows_it(tmp_path, fmt):
+    """The upright image of all eight orientations, against PIL's ImageOps.exif_transpose."""
+    from PIL import Image, ImageOps
+
+    stored = np.random.default_rng(3).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    stored = cv2.GaussianBlur(stored, (5, 5), 0)  # smooth: JPEG keeps it within a few levels
+    for orientation in range(1, 9):
+        path = tmp_path / f"o{orientation}.{fmt.lower()}"
+        _save_with_orientation(path, stored, orientation, fmt)
+        with Image.open(path) as im:
+            expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        assert utils.exif_orientation(path.read_bytes()) == orientation
+        got = utils.read_image(path)
+        assert got.shape == expected.shape, (fmt, orientation)
+        tolerance = 12 if fmt == "JPEG" else 0  # two JPEG decoders differ by a few levels
+        assert np.abs(got.astype(int) - expected).max() <= tolerance, (fmt, orientation)
+
+
+@pytest.mark.parametrize("orientation,turn_stored", [
+    (6, cv2.ROTATE_90_COUNTERCLOCKWISE),  # phone held upright, camera sensor sideways
+    (3, cv2.ROTATE_180),
+    (8, cv2.ROTATE_90_CLOCKWISE),
+])
+def test_sideways_photo_with_exif_orientation_reads_upright(tmp_path, orientation, turn_stored):
+    from skimage import data
+
+    upright = data.astronaut()[:, 64:]  # 512x448: not square, so a sideways read shows
+    path = tmp_path / "phone.jpg"
+    _save_with_orientation(path, cv2.rotate(upright, turn_stored), orientation, "JPEG")
+    got = utils.read_image(path)
+    assert got.shape == upright.shape
+    diff = np.abs(got.astype(int) - upright)
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) < 16  # JPEG quality 95's error
+    # the training loader's buffer path: a buffer of the upright shape is filled
+    out = np.zeros_like(upright)
+    assert utils.decode_image(path.read_bytes(), out=out) is out
+    np.testing.assert_array_equal(out, got)
+
+
+def test_broken_exif_header_still_decodes(tmp_path):
+    """A corrupt EXIF block is no reason to lose the photo: read as stored (upright)."""
+    img = _rgb_test_image()
+    jpeg = utils.encode_image(img, ".jpg")
+    # an APP1 EXIF segment whose TIFF header points its first directory past the end
+    payload = b"Exif\x00\x00" + b"II*\x00" + (10_000).to_bytes(4, "little")
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    data = jpeg[:2] + app1 + jpeg[2:]
+    assert utils.exif_orientation(data) == 1
+    np.testing.assert_array_equal(utils.decode_image(data), utils.decode_image(jpeg))
+    truncated = jpeg[:2] + app1[:9]  # header cut inside the EXIF segment
+    assert utils.exif_orientation(truncated) == 1
