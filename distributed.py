@@ -15,10 +15,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils import get_device
+from utils import ToolkitError, get_device
 
 # A slow verification pass on rank 0 must not trip the collective timeout of the others.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class DeviceError(ToolkitError, RuntimeError):
+    """A --device that torch does not know or this machine does not have."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,14 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = get_device(device_name)
-    if device.type == "cuda":
-        index = local_rank if device.index is None or world > 1 else device.index
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
+    try:  # an unknown device name, no CUDA, or no GPU of that index
+        device = get_device(device_name)
+        if device.type == "cuda":
+            index = local_rank if device.index is None or world > 1 else device.index
+            device = torch.device("cuda", index)
+            torch.cuda.set_device(device)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {device_name}: {e}") from e
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
