@@ -536,6 +536,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     elif init_checkpoint:
         load_init_weights(tr, init_checkpoint, cfg.network)
     val_sets = load_val_bins(cfg, info)
+    barrier(info)  # every rank has checked the folder before rank 0 changes it
     if info.is_main:
         prepare_output(output, cfg, overwrite)
         LOG.info("%s: %d images of %d identities; %d steps per epoch of %d images, %d steps"

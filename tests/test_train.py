@@ -871,3 +871,23 @@ def test_an_unknown_or_absent_device_is_named():
         init_distributed("bogus")
     with pytest.raises(DeviceError, match=r"--device cuda:999: "):
         init_distributed("cuda:999")  # no CUDA here, or no GPU of that index
+
+
+def test_a_bad_init_checkpoint_or_val_bin_is_found_before_writing(tiny_rec, tmp_path):
+    out = tmp_path / "run"
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(train.CheckpointFileError, match=re.escape(str(damaged))):
+        train.train(tiny_cfg(tiny_rec, out, max_steps=1), init_checkpoint=str(damaged))
+    with pytest.raises(OSError, match="missing.bin"):
+        train.train(tiny_cfg(tiny_rec, out, max_steps=1, verify_every=1,
+                             val_bins=[str(tmp_path / "missing.bin")]))
+    assert not out.exists()
+    # weights of another network: named, with the network they do not fit
+    other = tmp_path / "other"
+    train.train(tiny_cfg(tiny_rec, other, max_steps=1, embedding_size=16))
+    with pytest.raises(train.CheckpointFileError,
+                       match=re.escape(str(other / "backbone.pt")) + ".*'ir_narrow'"):
+        train.train(tiny_cfg(tiny_rec, out, max_steps=1),
+                    init_checkpoint=str(other / "backbone.pt"))
+    assert not out.exists()
