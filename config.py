@@ -251,7 +251,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".py":
-        values = runpy.run_path(str(path)).get("config")
+        try:
+            values = runpy.run_path(str(path)).get("config")
+        except Exception as e:  # the file's own error (syntax, a name): one line naming it
+            raise ConfigError(f"{path}: {type(e).__name__}: {e}") from e
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a Python config file must define a dict named `config`")
         return values

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -182,3 +183,13 @@ def test_a_misspelt_field_is_named_with_a_suggestion(tmp_path):
 def test_a_bad_flag_value_names_the_flag():
     with pytest.raises(config.ConfigError, match=r"--batch-size: must be >= 1, got 0"):
         parse_config(["--batch-size", "0"])
+
+
+def test_a_python_config_file_that_fails_is_named(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text("config = dict(lr=0.1,\n")
+    with pytest.raises(config.ConfigError, match=re.escape(str(path)) + r".*SyntaxError"):
+        make_config(config_file=path)
+    path.write_text("config = dict(lr=undefined_name)\n")
+    with pytest.raises(config.ConfigError, match=r"NameError.*undefined_name"):
+        make_config(config_file=path)
