@@ -841,26 +841,33 @@ def test_zero_intervals_mean_off(tiny_rec, tmp_path):
     assert not (tmp_path / "run" / "checkpoint.prev.pt").exists()
 
 
-def test_bad_setups_fail_in_one_line_before_writing_anything(tiny_rec, tmp_path):
+def test_bad_setups_fail_in_one_line_before_writing_anything(tiny_rec, tmp_path, capsys):
     empty = tmp_path / "empty.rec"
     empty.write_bytes(b"")
     empty.with_suffix(".idx").write_text("")
     bad_file = tmp_path / "bad.json"
     bad_file.write_text('{"momentum": "big"}')
     out = tmp_path / "out"
-    base = ["train.py", "--device", "cpu", "--num-workers", "0", "--output", str(out)]
-    cases = [
-        (["--rec", str(tmp_path / "missing.rec")], "missing.rec"),
-        (["--rec", str(empty)], "empty.rec"),
-        (["--rec", str(tiny_rec), "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
-        (["--rec", str(tiny_rec), "--config", str(bad_file)],
-         f"{bad_file}: momentum: must be a number, got 'big'"),
-    ]
-    for args, named in cases:
-        proc = run_script([*base, *args], timeout=120)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-        assert lines[-1].startswith("error: ") and named in lines[-1], proc.stderr
+    base = ["--device", "cpu", "--num-workers", "0", "--output", str(out)]
+    # the command itself, twice (what the user sees: one line, no traceback)
+    for args, named in (
+            (["--rec", str(tiny_rec), "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+            (["--rec", str(tiny_rec), "--config", str(bad_file)],
+             f"{bad_file}: momentum: must be a number, got 'big'")):
+        proc = run_script(["train.py", *base, *args], timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"error: {named}"], proc.stderr
+        assert not out.exists(), args
+    # the same path in-process (run_cli, as train.py's __main__), for the data sets
+    for args, named in ((["--rec", str(tmp_path / "missing.rec")], "missing.rec"),
+                        (["--rec", str(empty)], f"{empty}: "),
+                        (["--rec", str(tiny_rec), "--batch-size", "25"],
+                         "24 images, fewer than one global batch of 25")):
+        capsys.readouterr()
+        assert run_cli(train.main, [*base, *args]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("error: ") and named in lines[-1], lines
+        assert "Traceback" not in "".join(lines)
         assert not out.exists(), args
 
 
