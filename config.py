@@ -174,6 +174,8 @@ def _check_values(cfg: Config) -> None:
         value = getattr(cfg, name)
         if not test(value):
             raise ConfigError(f"must be {rule}, got {value!r}", name)
+    if cfg.nesterov and cfg.optimizer == "sgd" and cfg.momentum == 0:  # torch's SGD refuses it
+        raise ConfigError("needs momentum > 0 (momentum is 0)", "nesterov")
 
 
 # Named configs, each overriding the base like arcface_torch's configs/*.py.

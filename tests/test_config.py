@@ -129,6 +129,12 @@ def test_unknown_choices_are_refused_with_the_choices(field, value, choices):
     assert field in message and repr(value) in message and choices in message, message
 
 
+def test_nesterov_without_momentum_is_refused():
+    with pytest.raises(config.ConfigError, match=r"nesterov: needs momentum > 0"):
+        make_config({"nesterov": True, "momentum": 0.0})
+    assert make_config({"nesterov": True, "momentum": 0.0, "optimizer": "adamw"}).nesterov
+
+
 def test_every_named_choice_is_accepted():
     import arcface_loss
     import models
