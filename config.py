@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import math
 import runpy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -21,7 +23,20 @@ from utils import ToolkitError, add_debug_flag, atomic_write_text
 
 
 class ConfigError(ToolkitError, ValueError):
-    """A config value, file or field name that cannot be used; the message names it."""
+    """A config value, file or field name that cannot be used; the message names it.
+    ``field``: the Config field whose value is wrong, when one is (make_config adds where
+    that value came from)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# Allowed values of the fields that name a choice (network and head: see _choices).
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("poly", "cosine")
+AMP_MODES = ("bf16", "fp16", "none")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -73,10 +88,16 @@ class Config:
     compile_mode: str = "default"  # reduce-overhead (CUDA graphs) | max-autotune | ...
     num_workers: int = 4  # loader processes (0: decode in the training process)
     seed: int = 42
-    save_every: int = 2000  # steps between checkpoints (and one at each epoch end)
-    verify_every: int = 2000  # steps between verification on val_bins
-    log_every: int = 50  # steps between logged values (TensorBoard, curves)
+    save_every: int = 2000  # steps between checkpoints (0: only at epoch ends and the end)
+    verify_every: int = 2000  # steps between verification on val_bins (0: none)
+    log_every: int = 50  # steps between logged values (0: only the first and last step)
     max_steps: int = 0  # stop after this many steps in total (0 = run all epochs)
+
+    def __post_init__(self) -> None:
+        """Refuse a value of the wrong type or out of range, naming the field, before any
+        script uses it (JSON and Python config files reach here unchecked)."""
+        _check_types(self)
+        _check_values(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,6 +109,72 @@ class Config:
     def pretty(self) -> str:
         width = max(len(f.name) for f in fields(self))
         return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in self.to_dict().items())
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"
+            }.get(tp, "a list of strings")
+
+
+def _check_types(cfg: Config) -> None:
+    """Each field's value has its declared type: int (not bool), float (an int is taken and
+    converted), str, bool, or list[str] (a tuple is taken). Non-finite floats are refused."""
+    hints = get_type_hints(Config)
+    for f in fields(cfg):
+        tp, value = hints[f.name], getattr(cfg, f.name)
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif get_origin(tp) is list and isinstance(value, tuple):
+            value = list(value)
+        if tp is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif get_origin(tp) is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, tp)
+        if not ok:
+            raise ConfigError(f"must be {_type_name(tp)}, got {value!r}", f.name)
+        if tp is float and not math.isfinite(value):
+            raise ConfigError(f"must be a finite number, got {value!r}", f.name)
+        setattr(cfg, f.name, value)
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    # imported here, not at the top: config.py stays importable without torch, and neither
+    # module imports config, so there is no cycle
+    from arcface_loss import HEAD_NAMES
+    from models import MODEL_NAMES
+
+    return {"network": MODEL_NAMES, "head": HEAD_NAMES, "optimizer": OPTIMIZERS,
+            "scheduler": SCHEDULERS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES}
+
+
+# (field, test, what the test says): the range every numeric field must lie in
+_RANGES: tuple[tuple[str, Any, str], ...] = (
+    *((name, lambda v: v >= 1, ">= 1") for name in ("batch_size", "base_batch_size", "epochs")),
+    *((name, lambda v: v > 0, "> 0") for name in ("lr", "scale_s")),
+    ("sample_rate", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    # 0 means off for the intervals and max_steps, and "none" for the rest
+    *((name, lambda v: v >= 0, ">= 0") for name in (
+        "save_every", "verify_every", "log_every", "max_steps", "num_workers", "margin_m",
+        "momentum", "weight_decay", "grad_clip", "warmup_epochs", "margin_warmup",
+        "focal_gamma")),
+)
+
+
+def _check_values(cfg: Config) -> None:
+    for name, allowed in _choices().items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ConfigError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}",
+                              name)
+    for name, test, rule in _RANGES:
+        value = getattr(cfg, name)
+        if not test(value):
+            raise ConfigError(f"must be {rule}, got {value!r}", name)
+    if cfg.nesterov and cfg.optimizer == "sgd" and cfg.momentum == 0:  # torch's SGD refuses it
+        raise ConfigError("needs momentum > 0 (momentum is 0)", "nesterov")
 
 
 # Named configs, each overriding the base like arcface_torch's configs/*.py.
@@ -172,7 +259,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".py":
-        values = runpy.run_path(str(path)).get("config")
+        try:
+            values = runpy.run_path(str(path)).get("config")
+        except Exception as e:  # the file's own error (syntax, a name): one line naming it
+            raise ConfigError(f"{path}: {type(e).__name__}: {e}") from e
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a Python config file must define a dict named `config`")
         return values
@@ -185,11 +275,27 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+COMMAND_LINE = "command line"  # the overrides' source when they are flags
+
+
+def _describe_unknown(names: set[str], known: set[str]) -> str:
+    """Unknown field names, each with the closest known one when there is one."""
+    described = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, known, n=1)
+        described.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return ", ".join(described)
+
+
 def make_config(overrides: dict[str, Any] | None = None, preset: str | None = None,
-                config_file: str | Path | None = None) -> Config:
-    """Defaults, then preset, then file, then explicit overrides; unknown keys are an error."""
+                config_file: str | Path | None = None,
+                overrides_source: str = "overrides") -> Config:
+    """Defaults, then preset, then file, then explicit overrides; unknown keys and bad
+    values are a ConfigError naming the layer they came from (``overrides_source``: what
+    to call the overrides, e.g. COMMAND_LINE)."""
     known = {f.name for f in fields(Config)}
     values: dict[str, Any] = {}
+    source_of: dict[str, str] = {}
     layers: list[tuple[str, dict[str, Any]]] = []
     if preset:
         if preset not in PRESETS:
@@ -197,13 +303,23 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
         layers.append((f"preset {preset}", PRESETS[preset]))
     if config_file:
         layers.append((str(config_file), load_config_file(config_file)))
-    layers.append(("overrides", overrides or {}))
+    layers.append((overrides_source, overrides or {}))
     for source, layer in layers:
         unknown = set(layer) - known
         if unknown:
-            raise ConfigError(f"{source}: unknown config field(s) {sorted(unknown)}")
+            raise ConfigError(f"{source}: unknown config field(s) "
+                              f"{_describe_unknown(unknown, known)}")
         values.update(layer)
-    return Config(**values)
+        source_of.update(dict.fromkeys(layer, source))
+    try:
+        return Config(**values)
+    except ConfigError as e:
+        if e.field is None:
+            raise
+        source = source_of.get(e.field, "default")
+        where = ("--" + e.field.replace("_", "-") if source == COMMAND_LINE
+                 else f"{source}: {e.field}")
+        raise ConfigError(f"{where}: {e}", e.field) from None
 
 
 def parse_config(argv: Sequence[str] | None = None, description: str = "",
@@ -215,7 +331,8 @@ def parse_config(argv: Sequence[str] | None = None, description: str = "",
     args = parser.parse_args(argv)
     field_names = {f.name for f in fields(Config)}
     overrides = {k: v for k, v in vars(args).items() if k in field_names and v is not None}
-    cfg = make_config(overrides, preset=args.preset, config_file=args.config)
+    cfg = make_config(overrides, preset=args.preset, config_file=args.config,
+                      overrides_source=COMMAND_LINE)
     return cfg, args
 
 

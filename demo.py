@@ -108,7 +108,7 @@ def save_untrained(cfg: Any, out_dir: Path) -> Path:
     return path
 
 
-def run_demo(data_dir: str | Path = "data/demo", run_dir: str | Path = "runs/demo",
+def run_demo(data_dir: str | Path = DEFAULT_DATA_DIR, run_dir: str | Path = DEFAULT_RUN_DIR,
              train_identities: int = TRAIN_IDENTITIES, train_images: int = TRAIN_IMAGES,
              eval_identities: int = EVAL_IDENTITIES, eval_images: int = EVAL_IMAGES,
              pairs_per_fold: int | None = None, seed: int = 0,
@@ -161,8 +161,9 @@ def run_demo(data_dir: str | Path = "data/demo", run_dir: str | Path = "runs/dem
 
     _stage(f"5/6 train {cfg.network} with ArcFace (preset {PRESET!r})")
     t0 = time.perf_counter()
+    # the demo continues its own run; one killed before its first checkpoint left only logs
     resume = (run_dir / "checkpoint.pt").is_file()
-    summary = train_script.train(cfg, resume=resume)
+    summary = train_script.train(cfg, resume=resume, overwrite=not resume)
     timed("train", t0)
 
     _stage("6/6 evaluate the trained backbone on the held-out pairs")

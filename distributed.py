@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils import get_device
+from utils import DeviceError, get_device
 
 # A slow verification pass on rank 0 must not trip the collective timeout of the others.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
@@ -43,9 +43,12 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = get_device(device_name)
+    device = get_device(device_name)  # DeviceError: an unknown name, no CUDA, no such GPU
     if device.type == "cuda":
         index = local_rank if device.index is None or world > 1 else device.index
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {device_name}: LOCAL_RANK {local_rank} has no GPU "
+                              f"(this machine has {torch.cuda.device_count()})")
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from arcface_loss import clip_grad_norm_sharded
-from config import Config
+from config import COMPILE_MODES, Config  # noqa: F401 - COMPILE_MODES re-exported (train.py)
 from distributed import DistInfo, all_reduce_sum_
 from train_utils import build_optimizer, lr_factor, param_groups, step_is_finite
 from utils import reuse_freed_memory, seed_everything
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FLIP_PROBABILITY = 0.5
 
 
@@ -58,10 +57,8 @@ def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
     """bf16 (default) or fp16 autocast on CUDA; on the CPU bf16 only when cfg.cpu_amp."""
     if device.type != "cuda":
         return torch.bfloat16 if cfg.cpu_amp else None
-    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-    if cfg.amp not in choices:
-        raise ValueError(f"unknown amp {cfg.amp!r}; choose bf16, fp16 or none")
-    return choices[cfg.amp]
+    # cfg.amp is one of config.AMP_MODES (checked by Config)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
 
 
 def build_head(cfg: Config, num_classes: int, info: DistInfo) -> nn.Module:
@@ -99,10 +96,7 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
         model = nn.parallel.DistributedDataParallel(
             backbone, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False, gradient_as_bucket_view=True)
-    if cfg.compile:
-        if cfg.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"unknown compile_mode {cfg.compile_mode!r}; choose from "
-                             f"{', '.join(COMPILE_MODES)}")
+    if cfg.compile:  # cfg.compile_mode is one of COMPILE_MODES (checked by Config)
         model = torch.compile(model, mode=cfg.compile_mode)
 
     global_batch = cfg.batch_size * info.world_size

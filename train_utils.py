@@ -1,6 +1,6 @@
 """Pieces of `train.py` that are not the loop itself: the resumable sampler, the lr schedule,
-optimiser parameter groups, RNG state capture, label checks, checkpoint file names and the
-test-only fault injection."""
+optimiser parameter groups, RNG state capture, label checks, checkpoint file names and
+writing, what a resumed run may change, and the test-only fault injection."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import random
 import re
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +17,45 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils import ToolkitError, save_checkpoint
+
 # ----------------------------------------------------------------------------- errors
 
+EXIT_NON_FINITE = 2  # train.py's exit status when it stopped on a NaN/inf loss
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(ToolkitError, RuntimeError):
     """Training met a NaN/inf loss, gradient norm or weight and stopped before using it."""
 
+    exit_code = EXIT_NON_FINITE
 
-class LabelRangeError(ValueError):
+
+class LabelRangeError(ToolkitError, ValueError):
     """A training label lies outside [0, num_classes); the message names the data file."""
+
+
+class ResumeError(ToolkitError, ValueError):
+    """A checkpoint that cannot be resumed by this run (missing, damaged, or a different
+    setup); the message names the file or the field."""
+
+
+class CheckpointFileError(ToolkitError, RuntimeError):
+    """A checkpoint file that cannot be read (damaged, truncated, missing a part) or whose
+    weights do not fit this run's network; the message names the file."""
+
+
+class DataSetError(ToolkitError, ValueError):
+    """A training set that cannot be trained on (empty, too small for one batch); the
+    message names the file or folder."""
+
+
+class OutputFolderError(ToolkitError, ValueError):
+    """An --output that cannot take this run (a file, or a folder holding another run)."""
+
+
+class CheckpointWriteError(ToolkitError, OSError):
+    """A checkpoint could not be written (disk full, permissions); the message names the
+    file and the last complete checkpoint, which is kept."""
 
 
 # ----------------------------------------------------------------------------- step values
@@ -218,9 +248,54 @@ def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
 # ----------------------------------------------------------------------------- files
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# the checkpoint before the latest, kept until the next one is whole: a damaged
+# checkpoint.pt falls back to it
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
 BACKBONE_NAME = "backbone.pt"
 CONFIG_NAME = "config.json"
+HEAD_FILE_PATTERN = "checkpoint_rank*_step*.pt"
 _HEAD_RE = re.compile(r"checkpoint_rank(\d+)_step(\d+)\.pt$")
+
+
+def write_checkpoint(state: Mapping[str, Any], path: Path) -> None:
+    """utils.save_checkpoint (atomic), with a failed write reported as the OSError it is:
+    torch's zip writer turns it into ``RuntimeError('unexpected pos ...')`` and keeps the
+    OSError (e.g. ENOSPC, disk full) only as that error's context."""
+    try:
+        save_checkpoint(state, path)
+    except RuntimeError as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
+        raise
+
+
+def keep_as_previous(path: Path, previous: Path) -> None:
+    """Make ``previous`` hold the complete checkpoint now at ``path`` before a new one is
+    renamed over ``path``. A hard link, so ``path`` itself stays whole meanwhile (and after
+    a failed write); where the file system has none, a rename."""
+    if not path.is_file():  # removed by hand meanwhile: nothing to keep
+        return
+    previous.unlink(missing_ok=True)
+    try:
+        os.link(path, previous)
+    except OSError:
+        os.replace(path, previous)
+
+
+def read_checkpoint_file(path: Path) -> dict[str, Any]:
+    """A checkpoint file's contents, or CheckpointFileError naming it (one line) when it is
+    missing, truncated or otherwise unreadable."""
+    if not path.is_file():
+        raise CheckpointFileError(f"{path}: missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage, pickled objects: all unusable alike
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointFileError(f"{path}: damaged ({reason})") from e
+    if not isinstance(state, dict):
+        raise CheckpointFileError(f"{path}: damaged (not a checkpoint dict)")
+    return state
 
 
 def reshard_head_state(load_rank: Callable[[int], dict[str, Any]], num_classes: int,
@@ -264,18 +339,107 @@ def head_checkpoint_path(output: Path, rank: int, step: int) -> Path:
     return output / f"checkpoint_rank{rank}_step{step}.pt"
 
 
-def stale_head_files(output: Path, rank: int, world_size: int, keep_step: int) -> list[Path]:
-    """The head files ``rank`` removes once ``keep_step`` is saved: its own of other steps
-    and, on rank 0, those of ranks >= ``world_size`` (left by a run with more ranks)."""
+def stale_head_files(output: Path, rank: int, world_size: int, keep_steps: set[int]
+                     ) -> list[Path]:
+    """The head files ``rank`` removes once a checkpoint is saved, of steps not in
+    ``keep_steps`` (those of checkpoint.pt and checkpoint.prev.pt): its own and, on rank 0,
+    those of ranks >= ``world_size`` (left by a run with more ranks)."""
     stale = []
-    for path in output.glob("checkpoint_rank*_step*.pt"):
+    for path in output.glob(HEAD_FILE_PATTERN):
         m = _HEAD_RE.search(path.name)
         if not m:
             continue
         owner, saved_step = int(m.group(1)), int(m.group(2))
-        if (owner == rank and saved_step != keep_step) or (rank == 0 and owner >= world_size):
+        if saved_step not in keep_steps and \
+                (owner == rank or (rank == 0 and owner >= world_size)):
             stale.append(path)
     return stale
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# What a resumed run may change. Everything here is read from the config afresh (the lr,
+# momentum and weight decay are put back into the optimisers over the saved ones) and each
+# change is logged.
+RESUME_MAY_CHANGE = frozenset({
+    # where things are, and what is checked along the way
+    "output", "val_bins", "lfw_dir", "pairs", "allow_lost_records",
+    # optimiser hyperparameters: from the resumed step on
+    "lr", "base_batch_size", "momentum", "nesterov", "weight_decay", "grad_clip",
+    # the loss: margins and scale are plain numbers read at each step
+    "margin_m", "scale_s", "margin_m1", "margin_m3", "easy_margin", "focal_gamma", "dropout",
+    # how and how long it runs
+    "device", "amp", "cpu_amp", "channels_last", "compile", "compile_mode", "num_workers",
+    "save_every", "verify_every", "log_every", "max_steps",
+})
+# What must match the checkpoint, each with the reason the refusal gives. batch_size may
+# change with the world size as long as the global batch stays (8 x 64 -> 4 x 128).
+RESUME_REFUSED: dict[str, str] = {
+    "network": "the saved weights are this network's",
+    "embedding_size": "the saved weights have this shape",
+    "head": "the class centres were trained for this margin",
+    "sample_rate": "Partial FC and a full head keep different state",
+    "optimizer": "the saved optimiser state is this optimiser's",
+    "rec": "the data order is a function of the data set",
+    "image_folder": "the data order is a function of the data set",
+    "seed": "the data order is a function of the seed",
+    "batch_size": "the data order and the step depend on the global batch",
+    # the lr schedule and the margin ramp span all epochs: another value would bend them
+    # where the run stands; to stop earlier, --max-steps may change
+    "epochs": "the lr schedule and margin ramp span all epochs; use --max-steps to stop "
+              "earlier",
+    "scheduler": "the lr schedule would jump",
+    "warmup_epochs": "the lr schedule would jump",
+    "margin_warmup": "the margin ramp would jump",
+}
+
+
+def _same_data_path(saved: Any, current: Any) -> bool:
+    """Equal strings, or two spellings (relative, absolute) of one existing file."""
+    if saved == current:
+        return True
+    try:
+        return bool(saved and current) and os.path.samefile(saved, current)
+    except OSError:
+        return False
+
+
+def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       defaults: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(changes a resumed run may make, refused changes), each as ``field: old -> new``.
+    ``saved``: the checkpoint's config (a field it predates counts as its default);
+    batch_size is not compared here (the caller compares the global batch)."""
+    allowed, refused = [], []
+    for name, value in current.items():
+        old = saved.get(name, defaults[name])
+        if name in ("rec", "image_folder") and _same_data_path(old, value):
+            continue
+        if old == value or name == "batch_size":
+            continue
+        change = f"{name}: {old!r} -> {value!r}"
+        if name in RESUME_REFUSED:
+            refused.append(f"{change} ({RESUME_REFUSED[name]})")
+        else:
+            allowed.append(change)
+    return allowed, refused
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+                      opt_state: dict[str, Any], sched_state: dict[str, Any]) -> None:
+    """Load a saved optimiser and lr schedule but keep this run's hyperparameters (lr,
+    momentum, weight decay, ...), which ``load_state_dict`` would replace with the saved
+    run's whatever the config says now. The lr is this run's base lr at the saved step."""
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(sched_state)
+    for group, values in zip(opt.param_groups, hyper, strict=True):
+        group.update(values)
+    sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
+    lrs = [base * factor(sched.last_epoch)
+           for base, factor in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+    for group, lr in zip(opt.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    sched._last_lr = lrs  # what get_last_lr() reports
 
 
 def all_finite(modules: Sequence[nn.Module]) -> bool:

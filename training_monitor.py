@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from distributed import DistInfo
 
 CURVES_NAME = "training_curves.png"
+TENSORBOARD_NAME = "tensorboard"  # the folder of TensorBoard event files in the output
 FIGURE_SIZE = (15, 8)  # inches: a 2 x 3 grid of panels
 # (history key, panel title, y-axis label), one panel each, in grid order
 PANELS = (
@@ -52,7 +53,7 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
 
-            self.writer = SummaryWriter(str(Path(cfg.output) / "tensorboard"))
+            self.writer = SummaryWriter(str(Path(cfg.output) / TENSORBOARD_NAME))
             self.bar = tqdm(total=last_step, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)
         self.window_start, self.window_steps = time.perf_counter(), 0

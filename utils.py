@@ -37,7 +37,7 @@ class ToolkitError(Exception):
     and what is wrong. Every script prints it as one line ``error: ...`` and exits non-zero
     (:func:`run_cli`); ``--debug`` shows the traceback instead. The project's own error types
     derive from it (and from the builtin they used to be, so ``except ValueError`` still works).
-    ``exit_code`` lets a script tell kinds of failure apart (train.py: 3 = non-finite loss)."""
+    ``exit_code`` lets a script tell kinds of failure apart (train.py: 2 = non-finite loss)."""
 
     exit_code = 1
 
@@ -125,13 +125,13 @@ def get_device(name: str = "auto") -> "torch.device":  # noqa: F821 - lazy torch
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise DeviceError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N"
+        raise DeviceError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N"
                           ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device {name!r}: CUDA is not available on this machine")
+        raise DeviceError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None \
             and device.index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {name!r}: this machine has {torch.cuda.device_count()} "
+        raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} "
                           "CUDA device(s)")
     return device
 

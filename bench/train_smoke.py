@@ -73,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures += not ok
         print(f"{'PASS' if ok else 'FAIL'}  {what}", flush=True)
 
-    summary = train.train(make_config({**base, "output": str(out / "clean")}))
+    # overwrite: a rerun of this check replaces the runs of the last one
+    summary = train.train(make_config({**base, "output": str(out / "clean")}), overwrite=True)
     losses = [h["loss"] for h in summary["history"]]
     first, last = float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
     print(f"clean run: {summary['steps']} steps, {summary['images_per_second']:.0f} img/s, "
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad_step = save_every + 3
     os.environ[FAULT_ENV] = f"nan@{bad_step}"
     try:
-        train.train(make_config({**base, "output": str(out / "nan")}))
+        train.train(make_config({**base, "output": str(out / "nan")}), overwrite=True)
         check(False, f"a NaN at step {bad_step} stops training")
     except NonFiniteLossError as err:
         message = str(err)

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,125 @@ def test_a_script_parser_lists_only_the_fields_it_uses():
         config.parse_config(["--lr", "0.1"], parser=parser)
     with pytest.raises(ValueError, match="not Config fields"):
         config.build_parser("x", only=["batch_sise"])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("batch_size", 0, ">= 1"),
+    ("batch_size", -1, ">= 1"),
+    ("base_batch_size", 0, ">= 1"),
+    ("lr", 0.0, "> 0"),
+    ("lr", -0.0125, "> 0"),
+    ("lr", float("nan"), "finite"),
+    ("scale_s", 0.0, "> 0"),
+    ("margin_m", -0.1, ">= 0"),
+    ("sample_rate", 0.0, "in (0, 1]"),
+    ("sample_rate", 1.5, "in (0, 1]"),
+    ("epochs", 0, ">= 1"),
+    ("save_every", -1, ">= 0"),
+    ("verify_every", -5, ">= 0"),
+    ("log_every", -1, ">= 0"),
+    ("momentum", -0.9, ">= 0"),
+    ("weight_decay", -1e-4, ">= 0"),
+    ("grad_clip", -1.0, ">= 0"),
+    ("num_workers", -1, ">= 0"),
+    ("max_steps", -1, ">= 0"),
+    ("dropout", 1.0, "in [0, 1)"),
+    ("warmup_epochs", -1.0, ">= 0"),
+    ("margin_warmup", -0.5, ">= 0"),
+    ("focal_gamma", -1.0, ">= 0"),
+])
+def test_values_out_of_range_are_refused_by_name(field, value, expected):
+    with pytest.raises(config.ConfigError) as info:
+        make_config({field: value})
+    message = str(info.value)
+    assert field in message and expected in message, message
+
+
+@pytest.mark.parametrize("field, value, choices", [
+    ("network", "ir51", "ir50"),
+    ("head", "arcfcae", "cosface"),
+    ("optimizer", "adam", "adamw"),
+    ("scheduler", "step", "cosine"),
+    ("amp", "fp8", "bf16"),
+    ("compile_mode", "max-autotun", "max-autotune"),
+])
+def test_unknown_choices_are_refused_with_the_choices(field, value, choices):
+    with pytest.raises(config.ConfigError) as info:
+        make_config({field: value})
+    message = str(info.value)
+    assert field in message and repr(value) in message and choices in message, message
+
+
+def test_nesterov_without_momentum_is_refused():
+    with pytest.raises(config.ConfigError, match=r"nesterov: needs momentum > 0"):
+        make_config({"nesterov": True, "momentum": 0.0})
+    assert make_config({"nesterov": True, "momentum": 0.0, "optimizer": "adamw"}).nesterov
+
+
+def test_every_named_choice_is_accepted():
+    import arcface_loss
+    import models
+
+    for name in models.MODEL_NAMES:
+        assert make_config({"network": name}).network == name
+    for head in arcface_loss.HEAD_NAMES:
+        assert make_config({"head": head}).head == head
+    zero_is_off = make_config({"save_every": 0, "verify_every": 0, "log_every": 0,
+                               "max_steps": 0, "margin_m": 0.0, "grad_clip": 0.0})
+    assert zero_is_off.save_every == zero_is_off.log_every == 0
+
+
+@pytest.mark.parametrize("field, value, kind", [
+    ("momentum", "big", "number"),
+    ("batch_size", 4.0, "integer"),
+    ("batch_size", True, "integer"),  # bool is not an int here
+    ("epochs", "20", "integer"),
+    ("channels_last", "yes", "true or false"),
+    ("channels_last", 1, "true or false"),
+    ("network", 50, "string"),
+    ("val_bins", "lfw.bin", "list of strings"),
+    ("val_bins", ["lfw.bin", 3], "list of strings"),
+])
+def test_config_file_values_of_the_wrong_type_are_refused(tmp_path, field, value, kind):
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps({field: value}))
+    with pytest.raises(config.ConfigError) as info:
+        make_config(config_file=path)
+    message = str(info.value)
+    assert str(path) in message and field in message and kind in message, message
+
+
+def test_numbers_are_accepted_as_their_field_type(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text("config = dict(lr=1, margin_m=0, val_bins=('a.bin',))\n")
+    cfg = make_config(config_file=path)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.margin_m == 0.0 and isinstance(cfg.margin_m, float)
+    assert cfg.val_bins == ["a.bin"]
+
+
+def test_a_misspelt_field_is_named_with_a_suggestion(tmp_path):
+    path = tmp_path / "exp.json"
+    path.write_text('{"learning_rate": 0.1, "batchsize": 64}')
+    with pytest.raises(config.ConfigError) as info:
+        make_config(config_file=path)
+    message = str(info.value)
+    assert "exp.json" in message and "batchsize" in message and "batch_size" in message
+
+
+def test_a_bad_flag_value_names_the_flag():
+    with pytest.raises(config.ConfigError, match=r"--batch-size: must be >= 1, got 0"):
+        parse_config(["--batch-size", "0"])
+
+
+def test_a_python_config_file_that_fails_is_named(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text("config = dict(lr=0.1,\n")
+    with pytest.raises(config.ConfigError, match=re.escape(str(path)) + r".*SyntaxError"):
+        make_config(config_file=path)
+    path.write_text("config = dict(lr=undefined_name)\n")
+    with pytest.raises(config.ConfigError, match=r"NameError.*undefined_name"):
+        make_config(config_file=path)

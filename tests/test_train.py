@@ -44,7 +44,7 @@ from training_monitor import (
     plot_training_curves,
     training_curves_figure,
 )
-from utils import encode_image, load_checkpoint
+from utils import encode_image, load_checkpoint, run_cli
 from verification_plots import FIGURE_DPI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,7 +302,7 @@ def test_uint8_worker_batches_normalise_to_the_float_values(tiny_rec, tmp_path):
 
 
 def test_torchrun_two_processes_trains_and_checkpoints(tiny_rec, tmp_path):
-    cfg = tiny_cfg(tiny_rec, tmp_path / "ddp", max_steps=3, save_every=2)
+    cfg = tiny_cfg(tiny_rec, tmp_path / "ddp", max_steps=3, save_every=1)
     port = free_port()
     proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2",
                        f"--master_port={port}", "train.py", *cli_args(cfg)])
@@ -314,7 +314,11 @@ def test_torchrun_two_processes_trains_and_checkpoints(tiny_rec, tmp_path):
     assert [s["rank"] for s in shards] == [0, 1]
     # classes split 3 + 3 across the ranks, each shard trained (moved from its init)
     assert [tuple(s["head"]["weight"].shape) for s in shards] == [(3, 32), (3, 32)]
-    assert not list(out.glob("checkpoint_rank*_step2.pt"))  # superseded files removed
+    # checkpoint.prev.pt (step 2) keeps its head files; older ones are removed
+    assert load_checkpoint(out / "checkpoint.prev.pt")["step"] == 2
+    assert sorted(p.name for p in out.glob("checkpoint_rank*_step2.pt")) == \
+        ["checkpoint_rank0_step2.pt", "checkpoint_rank1_step2.pt"]
+    assert not list(out.glob("checkpoint_rank*_step1.pt"))  # superseded files removed
     import models
 
     net = models.load_backbone(out / "backbone.pt")
@@ -403,7 +407,7 @@ def test_two_rank_run_resumes_on_one_rank_with_the_same_global_batch(tiny_rec, t
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     tr = train.build_trainer(cfg, 6, info, total_steps=12, steps_per_epoch=6)
-    step, _ = train.resume_training(tr, cfg, 6)
+    step = train.resume_training(tr, cfg, 6).step
     assert step == 3
     torch.testing.assert_close(tr.head.weight.detach(),
                                torch.cat([s["head"]["weight"] for s in shards]), rtol=0, atol=0)
@@ -412,16 +416,18 @@ def test_two_rank_run_resumes_on_one_rank_with_the_same_global_batch(tiny_rec, t
         momentum, torch.cat([s["optimizer"]["state"][0]["momentum_buffer"] for s in shards]),
         rtol=0, atol=0)
 
-    summary = train.train(tiny_cfg(tiny_rec, out, max_steps=6, save_every=3), resume=True)
-    assert summary["steps"] == 6 and summary["steps_run"] == 3
+    summary = train.train(tiny_cfg(tiny_rec, out, max_steps=9, save_every=3), resume=True)
+    assert summary["steps"] == 9 and summary["steps_run"] == 6
     assert math.isfinite(summary["final_loss"])
+    # the head files of checkpoint.pt (9) and checkpoint.prev.pt (6) stay; the second rank's
+    # (step 3) went with the step-3 checkpoint
     assert sorted(p.name for p in out.glob("checkpoint_rank*.pt")) == \
-        ["checkpoint_rank0_step6.pt"]
+        ["checkpoint_rank0_step6.pt", "checkpoint_rank0_step9.pt"]
 
     with pytest.raises(train.ResumeError, match=r"global batch: 4 x 1 ranks -> 2 x 1"):
-        train.train(tiny_cfg(tiny_rec, out, max_steps=9, batch_size=2), resume=True)
+        train.train(tiny_cfg(tiny_rec, out, max_steps=12, batch_size=2), resume=True)
     with pytest.raises(train.ResumeError, match=r"network: 'ir_narrow' -> 'ir18'"):
-        train.train(tiny_cfg(tiny_rec, out, max_steps=9, network="ir18"), resume=True)
+        train.train(tiny_cfg(tiny_rec, out, max_steps=12, network="ir18"), resume=True)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_rec, tmp_path, monkeypatch):
@@ -443,7 +449,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_rec, tmp_path, m
         torch.testing.assert_close(kept[key], good[key], rtol=0, atol=0, msg=key)
     # and the command line reports it with its own exit status
     monkeypatch.setenv(FAULT_ENV, "nan@1")
-    assert train.main(cli_args(tiny_cfg(tiny_rec, tmp_path / "cli"))) == train.EXIT_NON_FINITE
+    assert run_cli(train.main, cli_args(tiny_cfg(tiny_rec, tmp_path / "cli"))) == \
+        train.EXIT_NON_FINITE
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -567,7 +574,7 @@ def test_labels_outside_the_class_range_are_refused(tiny_rec, tmp_path, monkeypa
     with pytest.raises(LabelRangeError, match=expected):
         train.train(cfg)
     assert not (tmp_path / "labels" / "checkpoint.pt").exists()  # refused before step 1
-    assert train.main(cli_args(cfg)) == train.EXIT_BAD_INPUT
+    assert run_cli(train.main, cli_args(cfg)) == train.EXIT_BAD_INPUT
 
 
 def write_bin(path: Path, images: list[np.ndarray], labels: list[int], pairs: int) -> None:
@@ -650,3 +657,245 @@ def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(monkeypatc
         train.build_trainer(make_config({**overrides, "compile_mode": "max-autotun"}), 5, info,
                             total_steps=10, steps_per_epoch=5)
     assert calls == ["max-autotune"]
+
+
+# ----------------------------------------------------------------------------- issue 10
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (a run's state on disk)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_refused_resume_writes_nothing(tiny_rec, tmp_path):
+    """config.json used to be rewritten before the resume was checked: a refused resume
+    left the old run's backbone.pt beside a config naming another network."""
+    out = tmp_path / "run"
+    train.train(tiny_cfg(tiny_rec, out, max_steps=2, save_every=2))
+    before = files_of(out)
+    other_rec = tmp_path / "other.rec"
+    write_rec(other_rec, *pattern_images(6, 4, seed=1))
+    for change, named in (({"network": "ir18"}, "network: 'ir_narrow' -> 'ir18'"),
+                          ({"rec": str(other_rec)}, "rec: "),
+                          ({"epochs": 3}, "epochs: 20 -> 3"),
+                          ({"batch_size": 2}, "global batch: 4 x 1 ranks -> 2 x 1")):
+        rec = change.pop("rec", tiny_rec)
+        with pytest.raises(train.ResumeError, match=re.escape(named)):
+            train.train(tiny_cfg(rec, out, max_steps=4, **change), resume=True)
+        assert files_of(out) == before, change
+    # a data set that is not there is found before anything is written, too
+    with pytest.raises(OSError):
+        train.train(tiny_cfg(tmp_path / "missing.rec", out, max_steps=4), resume=True)
+    assert files_of(out) == before
+
+
+def test_an_output_folder_holding_a_run_is_refused_without_resume(tiny_rec, tmp_path,
+                                                                  capsys):
+
+    out = tmp_path / "run"
+    train.train(tiny_cfg(tiny_rec, out, max_steps=1))
+    before = files_of(out)
+    with pytest.raises(train.OutputFolderError) as err:
+        train.train(tiny_cfg(tiny_rec, out, max_steps=2))
+    message = str(err.value)
+    assert str(out) in message and "--resume" in message and "--output" in message \
+        and "--overwrite" in message
+    assert files_of(out) == before
+    # --overwrite starts afresh: the old run's files and TensorBoard events are gone
+    summary = train.train(tiny_cfg(tiny_rec, out, max_steps=2), overwrite=True)
+    assert summary["steps"] == summary["steps_run"] == 2
+    assert len(list((out / "tensorboard").iterdir())) == 1
+    assert not (out / "checkpoint.prev.pt").exists()  # one save in the new run
+    # an --output that is a file: one line, nothing written
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    capsys.readouterr()  # what the runs above printed
+    code = run_cli(train.main, cli_args(tiny_cfg(tiny_rec, a_file, max_steps=1)))
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err_lines == [f"error: --output {a_file}: is a file, not a folder"]
+    assert a_file.read_text() == "x"
+
+
+def test_resume_applies_a_changed_lr_and_names_a_refused_field(tiny_rec, tmp_path):
+    from train_utils import RESUME_MAY_CHANGE, RESUME_REFUSED, lr_factor
+
+    # every Config field is decided one way or the other
+    field_names = {f for f in make_config().to_dict()}
+    assert RESUME_MAY_CHANGE | set(RESUME_REFUSED) == field_names
+    assert not RESUME_MAY_CHANGE & set(RESUME_REFUSED)
+
+    out = tmp_path / "run"
+    train.train(tiny_cfg(tiny_rec, out, epochs=2, max_steps=3, save_every=3))
+    new_lr, total = 0.2, 12  # 2 epochs of 6 steps; global batch 4 = base batch 4
+    cfg = tiny_cfg(tiny_rec, out, epochs=2, max_steps=5, save_every=5, lr=new_lr,
+                   momentum=0.5, weight_decay=1e-3)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    tr = train.build_trainer(cfg, 6, info, total_steps=total, steps_per_epoch=6)
+    assert train.resume_training(tr, cfg, 6, 24).step == 3
+    for opt in (tr.opt_backbone, tr.opt_head):  # weight decay in the first group only
+        for k, group in enumerate(opt.param_groups):
+            assert group["lr"] == pytest.approx(new_lr * lr_factor(3, total, 0, "poly"))
+            assert group["momentum"] == 0.5
+            assert group["weight_decay"] == (1e-3 if k == 0 else 0.0)
+        assert opt.state  # the momentum buffers came back from the checkpoint
+    summary = train.train(cfg, resume=True)
+    lrs = {h["step"]: h["lr"] for h in summary["history"]}
+    for step in (4, 5):  # the lr used by step k is the schedule's at k - 1
+        assert lrs[step] == pytest.approx(new_lr * lr_factor(step - 1, total, 0, "poly"))
+    assert lrs[3] == pytest.approx(TINY["lr"] * lr_factor(2, total, 0, "poly"))
+    with pytest.raises(train.ResumeError, match=r"head: 'arcface' -> 'cosface'"):
+        train.train(tiny_cfg(tiny_rec, out, epochs=2, max_steps=6, head="cosface"),
+                    resume=True)
+
+
+def test_orphan_temporaries_are_removed_on_the_next_start(tiny_rec, tmp_path):
+    out = tmp_path / "run"
+    train.train(tiny_cfg(tiny_rec, out, max_steps=1))
+    orphans = [".checkpoint.pt.k2j3h4.tmp", ".backbone.pt.a8b7c6.tmp",
+               ".checkpoint_rank0_step1.pt.x1y2z3.tmp", ".config.json.qq11ww.tmp"]
+    unrelated = [".notes.txt.abc.tmp", "notes.txt"]
+    for name in orphans + unrelated:
+        (out / name).write_bytes(b"partial")
+    train.train(tiny_cfg(tiny_rec, out, max_steps=2), resume=True)
+    assert not [name for name in orphans if (out / name).exists()]
+    assert all((out / name).exists() for name in unrelated)
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_rec, tmp_path):
+    """Checkpoints at steps 2 and 4; checkpoint.pt (then step 4's head file) truncated: the
+    run resumes from step 2 and ends with the weights of an uninterrupted run."""
+    straight = tiny_cfg(tiny_rec, tmp_path / "straight", max_steps=6, save_every=2)
+    train.train(straight)
+    for damaged in ("checkpoint.pt", "checkpoint_rank0_step4.pt"):
+        out = tmp_path / damaged
+        train.train(tiny_cfg(tiny_rec, out, max_steps=4, save_every=2))
+        assert load_checkpoint(out / "checkpoint.prev.pt")["step"] == 2
+        data = (out / damaged).read_bytes()
+        (out / damaged).write_bytes(data[:len(data) // 2])
+        summary = train.train(tiny_cfg(tiny_rec, out, max_steps=6, save_every=2),
+                              resume=True)
+        assert summary["steps"] == 6 and summary["steps_run"] == 4, damaged
+        a, b = weights(tmp_path / "straight"), weights(out)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+    # nothing usable: one line naming both files
+    out = tmp_path / "checkpoint.pt"
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).write_bytes(b"PK\x03\x04 not a whole zip")
+    with pytest.raises(train.ResumeError) as err:
+        train.train(tiny_cfg(tiny_rec, out, max_steps=8, save_every=2), resume=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(out / "checkpoint.pt") in message and "checkpoint.prev.pt" in message
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_rec, tmp_path,
+                                                               monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    train.train(tiny_cfg(tiny_rec, out, max_steps=2, save_every=2))
+    good = files_of(out)["checkpoint.pt"]
+    real_save = torch.save
+    room = 4096  # bytes the disk takes before it is full
+
+    class FullDisk:
+        """A file whose writes fail with ENOSPC once ``room`` bytes are written."""
+
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            if self.written + len(data) > room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "backbone" in obj:  # checkpoint.pt
+            f = FullDisk(f)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with pytest.raises(OSError) as err:
+        train.train(tiny_cfg(tiny_rec, out, max_steps=4, save_every=2), resume=True)
+    message = str(err.value)
+    assert "no space left on device" in message and str(out / "checkpoint.pt") in message
+    assert "step 2" in message  # the checkpoint that was kept
+    assert files_of(out)["checkpoint.pt"] == good
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_zero_intervals_mean_off(tiny_rec, tmp_path):
+    summary = train.train(tiny_cfg(tiny_rec, tmp_path / "run", max_steps=3, save_every=0,
+                                   log_every=0, verify_every=0))
+    assert summary["steps"] == 3
+    assert [h["step"] for h in summary["history"]] == [1, 3]  # the first and the last
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3  # the end only
+    assert not (tmp_path / "run" / "checkpoint.prev.pt").exists()
+
+
+def test_bad_setups_fail_in_one_line_before_writing_anything(tiny_rec, tmp_path, capsys):
+    empty = tmp_path / "empty.rec"
+    empty.write_bytes(b"")
+    empty.with_suffix(".idx").write_text("")
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text('{"momentum": "big"}')
+    out = tmp_path / "out"
+    base = ["--device", "cpu", "--num-workers", "0", "--output", str(out)]
+    # the command itself, twice (what the user sees: one line, no traceback)
+    for args, named in (
+            (["--rec", str(tiny_rec), "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+            (["--rec", str(tiny_rec), "--config", str(bad_file)],
+             f"{bad_file}: momentum: must be a number, got 'big'")):
+        proc = run_script(["train.py", *base, *args], timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"error: {named}"], proc.stderr
+        assert not out.exists(), args
+    # the same path in-process (run_cli, as train.py's __main__), for the data sets
+    for args, named in ((["--rec", str(tmp_path / "missing.rec")], "missing.rec"),
+                        (["--rec", str(empty)], f"{empty}: "),
+                        (["--rec", str(tiny_rec), "--batch-size", "25"],
+                         "24 images, fewer than one global batch of 25")):
+        capsys.readouterr()
+        assert run_cli(train.main, [*base, *args]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("error: ") and named in lines[-1], lines
+        assert "Traceback" not in "".join(lines)
+        assert not out.exists(), args
+
+
+def test_an_unknown_or_absent_device_is_named():
+    from distributed import init_distributed
+    from utils import DeviceError
+
+    with pytest.raises(DeviceError, match=r"--device bogus: not a device"):
+        init_distributed("bogus")
+    with pytest.raises(DeviceError, match=r"--device cuda:999: "):
+        init_distributed("cuda:999")  # no CUDA here, or no GPU of that index
+
+
+def test_a_bad_init_checkpoint_or_val_bin_is_found_before_writing(tiny_rec, tmp_path):
+    out = tmp_path / "run"
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(train.CheckpointFileError, match=re.escape(str(damaged))):
+        train.train(tiny_cfg(tiny_rec, out, max_steps=1), init_checkpoint=str(damaged))
+    with pytest.raises(OSError, match="missing.bin"):
+        train.train(tiny_cfg(tiny_rec, out, max_steps=1, verify_every=1,
+                             val_bins=[str(tmp_path / "missing.bin")]))
+    assert not out.exists()
+    # weights of another network: named, with the network they do not fit
+    other = tmp_path / "other"
+    train.train(tiny_cfg(tiny_rec, other, max_steps=1, embedding_size=16))
+    with pytest.raises(train.CheckpointFileError,
+                       match=re.escape(str(other / "backbone.pt")) + ".*'ir_narrow'"):
+        train.train(tiny_cfg(tiny_rec, out, max_steps=1),
+                    init_checkpoint=str(other / "backbone.pt"))
+    assert not out.exists()

@@ -337,7 +337,7 @@ def test_unusable_device_is_a_one_line_toolkit_error(capsys):
         with pytest.raises(utils.DeviceError, match=expected):
             utils.get_device(name)
         assert utils.run_cli(lambda argv, n=name: utils.get_device(n), []) == 1
-        assert capsys.readouterr().err.startswith(f"error: --device {name!r}: ")
+        assert capsys.readouterr().err.startswith(f"error: --device {name}: ")
 
 
 # ----------------------------------------------------------------------------- EXIF orientation
