@@ -5,6 +5,11 @@ verification sets, and a two-photo comparison.
     python lfw_eval.py --checkpoint runs/x/backbone.pt --bin data/faces_emore/lfw.bin --bin ...
     python lfw_eval.py --checkpoint runs/x/backbone.pt --compare a.jpg b.jpg
 
+This module loads, embeds, scores and reports: flip-TTA embeddings, the folds and the
+protocol's numbers, the results JSON and figures, ``--compare``, the command line. The pairs
+file format is ``lfw_pairs.py``; aligning the raw LFW images it names (with an on-disk crop
+cache) is ``lfw_images.py``.
+
 Protocol (``ten_fold_accuracy``): every fold is scored with the threshold that maximises
 accuracy on the OTHER folds (never on the pairs being scored), searched over every distinct
 decision point; a pair is called "same" when its cosine similarity is strictly greater than
@@ -32,23 +37,20 @@ naming the file (and line) with a non-zero exit.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bin_loader import load_bin
+from lfw_images import as_crop, load_lfw_crops
+from lfw_pairs import Pair, check_pairs_exist, pair_folds, parse_pairs
 from utils import (
-    FACE_CROP_SIZE,
     ToolkitError,
-    atomic_write_bytes,
     atomic_write_text,
     get_device,
     get_logger,
@@ -72,179 +74,24 @@ from verification_metrics import (
 )
 
 __all__ = [
-    "Pair", "parse_pairs", "check_pairs_exist", "pair_folds", "embed", "ten_fold_accuracy",
-    "ten_fold_details", "roc_curve", "roc_metrics", "evaluate_verification", "load_bin",
-    "evaluate_bin", "load_lfw_pairs_images", "compare_images", "pair_similarities",
+    "embed", "ten_fold_accuracy", "ten_fold_details", "roc_curve", "roc_metrics",
+    "evaluate_verification", "load_bin", "evaluate_bin", "compare_images", "pair_similarities",
     "tar_at_far", "main",
 ]
 
 PIXEL_MEAN = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1], as in training
 PIXEL_STD = 127.5
 DEFAULT_BATCH_SIZE = 64
-ALIGN_CHUNK = 32  # images read and aligned at a time (MTCNN batch)
 LFW_RESULTS_NAME = "lfw"  # <out>/lfw_results.json holds the threshold `--compare` uses
 EXIT_NO_FACE = 3
 EXIT_NO_THRESHOLD = 4
 COSINE_RANGE = (-1.0, 1.0)  # a threshold outside it gives the same verdict for every pair
-MAX_NAMED = 5  # missing or unreadable files named in a one-line error (the count is complete)
-GZIP_MAGIC = b"\x1f\x8b"
 
 log = get_logger("lfw_eval")
 
 
-class PairsFileError(ToolkitError, ValueError):
-    """A pairs file that does not follow LFW's format; the message names file and line."""
-
-
 class LfwEvalError(ToolkitError, ValueError):
     """Arguments or saved results that cannot be used as given; the message says which."""
-
-
-class MissingInputError(ToolkitError, FileNotFoundError):
-    """A pairs file, LFW folder or pair images that do not exist."""
-
-
-def _named(items: Sequence[str]) -> str:
-    """The first few of ``items`` for a one-line message."""
-    return ", ".join(items[:MAX_NAMED]) + (", ..." if len(items) > MAX_NAMED else "")
-
-
-# ----------------------------------------------------------------------------- pairs.txt
-
-@dataclass(frozen=True)
-class Pair:
-    """One LFW pair: image paths relative to the LFW root (``name/name_0001.jpg``)."""
-
-    path1: str
-    path2: str
-    same: bool
-    fold: int = 0  # index of the fold (block of the file) this pair belongs to
-
-
-def _lfw_image(name: str, number: str, path: Path, lineno: int) -> str:
-    if not number.isdigit() or int(number) < 1:
-        raise PairsFileError(f"{path}:{lineno}: image number {number!r} is not a positive "
-                             "integer")
-    return f"{name}/{name}_{int(number):04d}.jpg"
-
-
-def _read_text_lines(path: Path) -> list[str]:
-    """The file's lines; PairsFileError naming the file and the line of the first byte that
-    is not text (a gzip file, a binary download saved under the name)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise MissingInputError(f"{path}: pairs file not found") from None
-    if data.startswith(GZIP_MAGIC):
-        raise PairsFileError(f"{path}:1: this is a gzip-compressed file, not LFW's text pairs "
-                             "file: decompress it first (gunzip)")
-    nul = data.find(b"\0")  # valid UTF-8, but never text
-    try:
-        text = data.decode("utf-8")
-        bad = None
-    except UnicodeDecodeError as e:
-        bad = e.start
-    if nul >= 0 and (bad is None or nul < bad):  # whichever comes first is reported
-        lineno = data.count(b"\n", 0, nul) + 1
-        raise PairsFileError(f"{path}:{lineno}: NUL byte at offset {nul}: a binary file, not "
-                             "LFW's text pairs file")
-    if bad is not None:
-        lineno = data.count(b"\n", 0, bad) + 1
-        raise PairsFileError(f"{path}:{lineno}: not UTF-8 text (byte 0x{data[bad]:02x} at "
-                             f"offset {bad}): is this LFW's pairs.txt?")
-    return text.splitlines()
-
-
-def parse_pairs(path: str | Path) -> list[Pair]:
-    """Parse LFW's ``pairs.txt``: a header ``<folds>\\t<n>`` (or just ``<n>``: one set), then
-    per fold n same-person lines ``name i j`` followed by n different-person lines
-    ``name1 i name2 j``. Any deviation (binary content, a header promising more or fewer
-    pairs than the file holds, a wrong field count) is a PairsFileError naming the file and
-    the line."""
-    path = Path(path)
-    lines = _read_text_lines(path)
-    while lines and not lines[-1].strip():  # trailing blank lines are harmless
-        lines.pop()
-    if not lines:
-        raise PairsFileError(f"{path}: empty pairs file")
-    header = lines[0].split()
-    if not header or len(header) > 2 or not all(h.isdigit() for h in header):
-        raise PairsFileError(f"{path}:1: header must be '<folds>\\t<pairs per kind>' or "
-                             f"'<pairs per kind>', got {lines[0][:80]!r}")
-    nfolds, per_kind = (int(header[0]), int(header[1])) if len(header) == 2 \
-        else (1, int(header[0]))
-    expected = nfolds * 2 * per_kind
-    promise = (f"its header (line 1) promises {nfolds} fold(s) x 2 x {per_kind} = {expected} "
-               "pairs")
-    if expected == 0:
-        raise PairsFileError(f"{path}:1: {promise}")
-    if len(lines) - 1 < expected:
-        raise PairsFileError(f"{path}:{len(lines) + 1}: the file ends after {len(lines) - 1} "
-                             f"pair lines, but {promise}")
-    if len(lines) - 1 > expected:
-        raise PairsFileError(f"{path}:{expected + 2}: {len(lines) - 1 - expected} line(s) more "
-                             f"than {promise}")
-    pairs = []
-    for offset, line in enumerate(lines[1:]):
-        lineno = offset + 2
-        fold, position = divmod(offset, 2 * per_kind)
-        same = position < per_kind
-        fields = line.split()
-        if same:
-            if len(fields) != 3:
-                raise PairsFileError(f"{path}:{lineno}: expected a same-person line 'name i j' "
-                                     f"(fold {fold + 1}), got {line[:80]!r}")
-            name, i, j = fields
-            pairs.append(Pair(_lfw_image(name, i, path, lineno),
-                              _lfw_image(name, j, path, lineno), True, fold))
-        else:
-            if len(fields) != 4:
-                raise PairsFileError(f"{path}:{lineno}: expected a different-person line "
-                                     f"'name1 i name2 j' (fold {fold + 1}), got {line[:80]!r}")
-            name1, i, name2, j = fields
-            pairs.append(Pair(_lfw_image(name1, i, path, lineno),
-                              _lfw_image(name2, j, path, lineno), False, fold))
-    return pairs
-
-
-def check_pairs_exist(pairs: Sequence[Pair], lfw_dir: str | Path) -> None:
-    """MissingInputError counting every missing image and naming the first few (before
-    any work)."""
-    lfw_dir = Path(lfw_dir)
-    if not lfw_dir.is_dir():
-        raise MissingInputError(f"{lfw_dir}: LFW directory not found")
-    wanted = dict.fromkeys(p for pair in pairs for p in (pair.path1, pair.path2))
-    missing = [p for p in wanted if not (lfw_dir / p).is_file()]
-    if missing:
-        raise MissingInputError(f"{len(missing)} of {len(wanted)} pair images missing under "
-                                 f"{lfw_dir}: {_named(missing)}")
-
-
-def pair_folds(pairs: Sequence[Pair]) -> list[np.ndarray]:
-    """Indices of the pairs of each fold; folds must be contiguous blocks, as in pairs.txt."""
-    folds = np.array([p.fold for p in pairs], dtype=np.int64)
-    if folds.size and np.any(np.diff(folds) < 0):
-        raise PairsFileError("pair folds are not contiguous blocks in increasing order")
-    return [np.flatnonzero(folds == f) for f in np.unique(folds)]
-
-
-def pairs_file_folds(pairs: Sequence[Pair], path: str | Path) -> tuple[np.ndarray, str]:
-    """Fold index per pair and what the folds are: the file's own folds when its header
-    declares two or more; for a single set (header ``<n>`` or ``1 <n>``, e.g. LFW's
-    pairsDevTest.txt: n same then n different pairs) stratified folds (see
-    :func:`verification_metrics.stratified_folds`), since blocks of it would be all-same or
-    all-different."""
-    same = np.array([p.same for p in pairs], dtype=bool)
-    blocks = pair_folds(pairs)
-    per_kind = int(same[blocks[0]].sum()) if blocks else 0
-    if len(blocks) >= 2:
-        return np.array([p.fold for p in pairs], dtype=np.int64), (
-            f"the {len(blocks)} folds of {path} (its header: {len(blocks)} folds of "
-            f"{per_kind} same + {per_kind} different pairs)")
-    k = _stratified_fold_count(same, DEFAULT_FOLDS, str(path))
-    return stratified_folds(same, k), (
-        f"{path} is a single set of {per_kind} same + {per_kind} different pairs (no folds of "
-        f"its own): stratified {k}-fold cross-validation ({STRATIFIED_RULE})")
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -327,6 +174,25 @@ def _stratified_fold_count(issame: np.ndarray, nfolds: int, name: str) -> int:
     return k
 
 
+def pairs_file_folds(pairs: Sequence[Pair], path: str | Path) -> tuple[np.ndarray, str]:
+    """Fold index per pair and what the folds are: the file's own folds when its header
+    declares two or more; for a single set (header ``<n>`` or ``1 <n>``, e.g. LFW's
+    pairsDevTest.txt: n same then n different pairs) stratified folds (see
+    :func:`verification_metrics.stratified_folds`), since blocks of it would be all-same or
+    all-different."""
+    same = np.array([p.same for p in pairs], dtype=bool)
+    blocks = pair_folds(pairs)
+    per_kind = int(same[blocks[0]].sum()) if blocks else 0
+    if len(blocks) >= 2:
+        return np.array([p.fold for p in pairs], dtype=np.int64), (
+            f"the {len(blocks)} folds of {path} (its header: {len(blocks)} folds of "
+            f"{per_kind} same + {per_kind} different pairs)")
+    k = _stratified_fold_count(same, DEFAULT_FOLDS, str(path))
+    return stratified_folds(same, k), (
+        f"{path} is a single set of {per_kind} same + {per_kind} different pairs (no folds of "
+        f"its own): stratified {k}-fold cross-validation ({STRATIFIED_RULE})")
+
+
 def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
                           batch_size: int = DEFAULT_BATCH_SIZE, device=None,
                           out_dir: str | Path | None = None, name: str = "lfw",
@@ -407,115 +273,6 @@ def evaluate_bin(model, path: str | Path, batch_size: int = DEFAULT_BATCH_SIZE, 
                                  extra={"bin": str(path)}, progress=progress)
 
 
-# ----------------------------------------------------------------------------- raw LFW
-
-def _cache_key(lfw_dir: Path, paths: Sequence[str]) -> str:
-    digest = hashlib.sha1(str(lfw_dir.resolve()).encode())
-    for p in paths:  # size and mtime too: a replaced image invalidates the cache
-        st = (lfw_dir / p).stat()
-        digest.update(f"\n{p}\t{st.st_size}\t{st.st_mtime_ns}".encode())
-    return digest.hexdigest()[:20]
-
-
-def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
-                 ) -> tuple[np.ndarray, list[str]]:
-    """Align each image once: (crops (M,112,112,3), paths of faceless images centre-cropped).
-    Unreadable images are an error listing all of them."""
-    from align_faces import FaceAligner, align_files
-
-    if aligner is None:
-        aligner = FaceAligner()
-    crops = np.zeros((len(paths), FACE_CROP_SIZE, FACE_CROP_SIZE, 3), dtype=np.uint8)
-    faceless, unreadable = [], []
-    files = align_files(aligner, [lfw_dir / p for p in paths], ALIGN_CHUNK)
-    for i, (path, done) in enumerate(zip(paths, files, strict=True)):
-        if done.error is not None:
-            unreadable.append(str(done.error))
-            continue
-        if done.face is None:
-            faceless.append(path)
-        crops[i] = _as_crop(done.crop, path)  # the centre crop is already 112x112
-    if unreadable:
-        raise LfwEvalError(f"{len(unreadable)} of {len(paths)} pair images cannot be read: "
-                           + "; ".join(unreadable[:MAX_NAMED])
-                           + ("; ..." if len(unreadable) > MAX_NAMED else ""))
-    return crops, faceless
-
-
-def _as_crop(crop: np.ndarray, source: str) -> np.ndarray:
-    crop = np.asarray(crop)
-    if crop.shape == (FACE_CROP_SIZE, FACE_CROP_SIZE, 3) and crop.dtype == np.uint8:
-        return crop
-    if crop.ndim == 3 and crop.shape[2] == 3:
-        import cv2
-
-        return cv2.resize(crop.astype(np.uint8), (FACE_CROP_SIZE, FACE_CROP_SIZE))
-    raise ValueError(f"{source}: aligner returned a crop of shape {crop.shape}")
-
-
-def _read_cache(cache: Path, paths: list[str]) -> tuple[np.ndarray, list[str]] | None:
-    if not cache.is_file():
-        return None
-    try:
-        with np.load(cache, allow_pickle=False) as data:
-            crops, faceless = data["crops"], [str(p) for p in data["faceless"]]
-            cached_paths = [str(p) for p in data["paths"]]
-    except (OSError, ValueError, KeyError) as e:  # truncated or foreign file: realign
-        log.warning("ignoring unreadable alignment cache %s (%s)", cache, e)
-        return None
-    if cached_paths != paths or crops.shape[0] != len(paths):
-        return None
-    log.info("aligned crops of %d images from cache %s", len(paths), cache)
-    return crops, faceless
-
-
-def _write_cache(cache: Path, paths: list[str], crops: np.ndarray, faceless: list[str]) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, crops=crops, paths=np.array(paths, dtype=str),
-             faceless=np.array(faceless, dtype=str))
-    atomic_write_bytes(cache, buf.getvalue())
-
-
-def _load_lfw(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
-              cache_dir: str | Path | None = None, checked: bool = False
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(distinct crops (M,112,112,3), pair_index (2N,), issame (N,), faceless paths);
-    ``checked``: the caller already ran check_pairs_exist."""
-    lfw_dir = Path(lfw_dir)
-    if not checked:
-        check_pairs_exist(pairs, lfw_dir)
-    paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
-    cache = None if cache_dir is None else \
-        Path(cache_dir) / f"aligned_{_cache_key(lfw_dir, paths)}.npz"
-    cached = None if cache is None else _read_cache(cache, paths)
-    if cached is not None:
-        crops, faceless = cached
-    else:
-        crops, faceless = align_images(lfw_dir, paths, aligner)
-        if cache is not None:
-            _write_cache(cache, paths, crops, faceless)
-    if faceless:
-        shown = ", ".join(faceless[:10]) + (" ..." if len(faceless) > 10 else "")
-        log.warning("no face found in %d of %d images (centre-cropped instead): %s",
-                    len(faceless), len(paths), shown)
-    position = {p: i for i, p in enumerate(paths)}
-    index = np.array([position[p] for pair in pairs for p in (pair.path1, pair.path2)],
-                     dtype=np.int64)
-    issame = np.array([pair.same for pair in pairs], dtype=bool)
-    return crops, index, issame, faceless
-
-
-def load_lfw_pairs_images(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
-                          cache_dir: str | Path | None = None
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Aligned crops (2N, 112, 112, 3) for ``pairs`` and their labels (N,). Every distinct
-    image is aligned once (``align_faces.FaceAligner`` unless ``aligner`` is given) and the
-    crops are cached in ``cache_dir`` (keyed by the file list, sizes and mtimes); images
-    without a detected face are centre-cropped and reported."""
-    crops, index, issame, _ = _load_lfw(lfw_dir, pairs, aligner, cache_dir)
-    return crops[index], issame
-
-
 # ----------------------------------------------------------------------------- compare
 
 def compare_images(model, image_a: np.ndarray, image_b: np.ndarray, aligner=None,
@@ -530,7 +287,7 @@ def compare_images(model, image_a: np.ndarray, image_b: np.ndarray, aligner=None
     faceless = [i for i, face in enumerate(faces) if face is None]
     if faceless:
         return None, faceless
-    crops = np.stack([_as_crop(f.crop, f"photo {i + 1}") for i, f in enumerate(faces)])
+    crops = np.stack([as_crop(f.crop, f"photo {i + 1}") for i, f in enumerate(faces)])
     feats = embed(model, crops, device=device, progress=False)
     return float(pair_similarities(feats)[0]), []
 
@@ -703,8 +460,8 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     model = _load_model(args, device)
     cache_dir = Path(args.cache_dir) if args.cache_dir else \
         lfw_dir.parent / f"{lfw_dir.name}_aligned_cache"
-    crops, index, issame, faceless = _load_lfw(lfw_dir, pairs, cache_dir=cache_dir,
-                                               checked=True)
+    crops, index, issame, faceless = load_lfw_crops(lfw_dir, pairs, cache_dir=cache_dir,
+                                                    checked=True)
     labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]
     meta = {"checkpoint": str(args.checkpoint), "lfw_dir": str(lfw_dir), "pairs": str(cfg.pairs),
             "faceless_images": faceless}

@@ -24,30 +24,45 @@ enough to expect matches, is an error naming the file or folder.
 Layout: ``<aligned-dir>/{megaface,facescrub}/<relative image path>`` and
 ``<features-dir>/{megaface,facescrub}/<relative image path><suffix>``, the paths the devkit's
 template lists (``megaface_features_list.json_<N>_1``, ``facescrub_features_list.json``) name.
+
+This module holds the pipeline and its command line: cropping, gen_features, the evaluate
+action's loading and report, the devkit command. The feature-file format and loading trees
+of them are ``megaface_features.py``, noise removal ``megaface_noise.py``, the scoring
+``megaface_eval.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import struct
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES, MegaFaceError
+from megaface_features import (
+    DEFAULT_SUFFIX,
+    FACESCRUB,
+    MAX_LISTED_PROBLEMS,
+    MEGAFACE,
+    MissingInputError,
+    list_feature_files,
+    load_features,
+    load_probes,
+    probe_paths_and_labels,
+    read_devkit_list,
+    report_problems,
+    write_feature,
+)
+from megaface_noise import remove_noises, warn_unless_cleaned
 from utils import (
     FACE_CROP_SIZE,
     IMAGE_EXTENSIONS,
-    ToolkitError,
     atomic_write_text,
     get_logger,
     list_images,
@@ -56,377 +71,6 @@ from utils import (
 )
 
 log = get_logger("megaface")
-
-# The devkit's feature file (OpenCV matrix): int32 rows, cols, element size, type; then data.
-FEATURE_HEADER = struct.Struct("<4i")
-FEATURE_COLS = 1
-FEATURE_ELEMENT_BYTES = 4
-CV_32F = 5
-DEFAULT_SUFFIX = "_0.bin"
-MEGAFACE, FACESCRUB = "megaface", "facescrub"
-DISTRACTOR_NOISE_FLAG = 100.0  # InsightFace's value in the extra dimension of a noisy distractor
-PROBE_NOISE_AMPLITUDE = 1e-3  # uniform noise added to a noisy probe's identity mean
-MEGAFACE_NOISE_PATH_PARTS = 3  # noise entries are "<a>/<flickr user>/<image>"
-NOISE_REMOVAL_RECORD = "remove_noises.json"  # written into the clean tree: what was done to it
-MAX_LISTED_PROBLEMS = 10  # files named in the log and the results file; the count is complete
-MAX_PROBLEMS_IN_ERROR = 3  # files named in a one-line error
-# The devkit's largest sets, to tell "this noise list names nothing here" (wrong list or paths)
-# from "a small tree that happens to hold none of the listed images"
-MEGAFACE_DISTRACTORS = 1_000_000
-FACESCRUB_PROBES = 3530
-
-
-class FeatureFormatError(MegaFaceError):
-    """A feature file that is not a devkit float32 column vector of finite values; the
-    message names it."""
-
-
-class MissingFeatureError(FeatureFormatError):
-    """A feature file that does not exist (e.g. an image the devkit lists was never aligned)."""
-
-
-class MissingInputError(ToolkitError, FileNotFoundError):
-    """An input folder or file that does not exist or holds nothing to work on."""
-
-
-# ----------------------------------------------------------------------------- feature files
-
-def write_feature(path: str | Path, vec: Sequence[float] | np.ndarray) -> None:
-    """Write a 1-D feature as the devkit's matrix file: rows=D, cols=1, 4, CV_32F, D floats.
-
-    Written to a temp file and renamed (no fsync: a million of them would take hours)."""
-    vec = np.asarray(vec, dtype=np.float32)
-    if vec.ndim != 1 or vec.size == 0:
-        raise FeatureFormatError(f"{path}: expected a non-empty 1-D feature, got shape "
-                                 f"{vec.shape}")
-    if not np.all(np.isfinite(vec)):  # the model or the noise arithmetic broke: never write it
-        raise FeatureFormatError(f"{path}: refusing to write a feature with non-finite values "
-                                 "(NaN or inf)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = FEATURE_HEADER.pack(vec.size, FEATURE_COLS, FEATURE_ELEMENT_BYTES, CV_32F) \
-        + vec.astype("<f4").tobytes()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def read_feature(path: str | Path) -> np.ndarray:
-    """Read a devkit feature file as float32 (D,); FeatureFormatError naming the file when it
-    is missing, unreadable, not a float32 column vector, or holds NaN or inf."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise MissingFeatureError(f"{path}: feature file not found") from None
-    except OSError as e:
-        raise FeatureFormatError(f"{path}: cannot read feature file ({e.strerror or e})") from None
-    if len(data) < FEATURE_HEADER.size:
-        raise FeatureFormatError(f"{path}: {len(data)} bytes, shorter than the 16-byte header")
-    rows, cols, elem, cv_type = FEATURE_HEADER.unpack_from(data)
-    if cols != FEATURE_COLS or elem != FEATURE_ELEMENT_BYTES or cv_type != CV_32F or rows < 1:
-        raise FeatureFormatError(f"{path}: header (rows={rows}, cols={cols}, stride={elem}, "
-                                 f"type={cv_type}) is not a float32 column vector (D, 1, 4, 5)")
-    if len(data) != FEATURE_HEADER.size + rows * FEATURE_ELEMENT_BYTES:
-        raise FeatureFormatError(f"{path}: header says {rows} floats but the file holds "
-                                 f"{len(data) - FEATURE_HEADER.size} bytes of data")
-    vec = np.frombuffer(data, dtype="<f4", offset=FEATURE_HEADER.size).astype(np.float32)
-    if not np.all(np.isfinite(vec)):  # scores NaN against everything: no rank means anything
-        raise FeatureFormatError(f"{path}: {int(np.count_nonzero(~np.isfinite(vec)))} of "
-                                 f"{vec.size} values are non-finite (NaN or inf)")
-    return vec
-
-
-def list_feature_files(root: str | Path, suffix: str = DEFAULT_SUFFIX) -> list[str]:
-    """Relative image paths (``a/b.jpg``) of every ``<image><suffix>`` under ``root``, sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise MissingInputError(f"{root}: feature directory not found")
-    out = []
-    for dirpath, _, files in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in files:
-            if name.endswith(suffix) and not name.startswith("."):
-                rel = name[:-len(suffix)] if rel_dir == "." else f"{rel_dir}/{name[:-len(suffix)]}"
-                out.append(rel.replace(os.sep, "/"))
-    return sorted(out)
-
-
-def read_devkit_list(path: str | Path, need_ids: bool = False) -> dict[str, list]:
-    """A devkit template list: JSON with "path" (relative image paths) and, for probes, "id"."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MissingInputError(f"{path}: devkit list not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MegaFaceError(f"{path}: cannot read devkit list ({e})") from None
-    keys = ("path", "id") if need_ids else ("path",)
-    if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in keys):
-        raise MegaFaceError(f"{path}: expected a JSON object with list(s) {keys}")
-    if need_ids and len(data["id"]) != len(data["path"]):
-        raise MegaFaceError(f"{path}: {len(data['id'])} ids for {len(data['path'])} paths")
-    return data
-
-
-@dataclass
-class LoadedFeatures:
-    """What :func:`load_features` read: the usable features and, by name, what it could not
-    use (each message names the file and the reason)."""
-
-    feats: np.ndarray  # (len(kept), D) float32
-    kept: np.ndarray  # indices into the requested paths of the rows of ``feats``
-    missing: list[str]  # files that do not exist
-    bad: list[str]  # unreadable, not the devkit format, non-finite, or of another dimension
-
-    @property
-    def skipped(self) -> list[str]:
-        return self.missing + self.bad
-
-
-def load_features(root: str | Path, rel_paths: Sequence[str], suffix: str = DEFAULT_SUFFIX,
-                  desc: str = "features", progress: bool = True, dim: int | None = None,
-                  dim_from: str = "") -> LoadedFeatures:
-    """Features of ``root/<rel><suffix>``. Files that are missing, unreadable, not float32
-    column vectors, hold NaN/inf, or whose dimension is not ``dim`` (default: the most common
-    one among them; ``dim_from`` says where ``dim`` comes from) are left out and named.
-    MegaFaceError when none is usable."""
-    from tqdm import tqdm
-
-    root = Path(root)
-    if not rel_paths:
-        raise MissingInputError(f"{root}: no feature files (*{suffix}) to load")
-    # with a known dimension the array is filled in place (a million distractors: no copy)
-    feats = None if dim is None else np.empty((len(rel_paths), dim), dtype=np.float32)
-    vectors: list[np.ndarray] = []
-    kept: list[int] = []
-    missing: list[str] = []
-    bad: list[str] = []
-    for i, rel in enumerate(tqdm(rel_paths, desc=desc, unit="file", disable=not progress,
-                                 leave=False)):
-        try:
-            vec = read_feature(root / (rel + suffix))
-        except MissingFeatureError as e:
-            missing.append(str(e))
-            continue
-        except FeatureFormatError as e:
-            bad.append(str(e))
-            continue
-        if feats is None:
-            vectors.append(vec)
-        elif vec.size != dim:
-            bad.append(f"{root / (rel + suffix)}: {vec.size} dims, expected {dim}{dim_from}")
-            continue
-        else:
-            feats[len(kept)] = vec
-        kept.append(i)
-    if feats is None:
-        if vectors:
-            dim = Counter(v.size for v in vectors).most_common(1)[0][0]
-        right = [j for j, v in enumerate(vectors) if v.size == dim]
-        bad += [f"{root / (rel_paths[kept[j]] + suffix)}: {v.size} dims, expected {dim} "
-                "(the dimension of most of them)" for j, v in enumerate(vectors) if v.size != dim]
-        feats = np.stack([vectors[j] for j in right]) if right \
-            else np.empty((0, 0), dtype=np.float32)
-        kept = [kept[j] for j in right]
-    if not kept:
-        problems = missing + bad
-        raise MegaFaceError(f"{root}: none of {len(rel_paths)} feature files could be used"
-                            + (f" (first: {problems[0]})" if problems else ""))
-    return LoadedFeatures(feats[:len(kept)], np.asarray(kept, dtype=np.int64), missing, bad)
-
-
-def _report_problems(problems: list[str], what: str) -> None:
-    if problems:
-        log.warning("%d %s skipped, e.g.:\n  %s", len(problems), what,
-                    "\n  ".join(problems[:MAX_LISTED_PROBLEMS]))
-
-
-def _refuse_bad_probes(loaded: LoadedFeatures, root: Path) -> None:
-    """A probe is never dropped for being broken: its genuine pairs are the protocol (the
-    devkit scores every listed probe), and a NaN or odd-sized probe means the features were
-    made wrongly. Missing files are another matter (see :func:`load_probes`)."""
-    if loaded.bad:
-        raise MegaFaceError(
-            f"{root}: {len(loaded.bad)} probe feature file(s) cannot be used (probes are never "
-            "skipped; regenerate them): " + "; ".join(loaded.bad[:MAX_PROBLEMS_IN_ERROR])
-            + ("; ..." if len(loaded.bad) > MAX_PROBLEMS_IN_ERROR else ""))
-
-
-def load_probes(root: Path, paths: Sequence[str], suffix: str, progress: bool = True
-                ) -> LoadedFeatures:
-    """The probe features: any broken one is an error (:func:`_refuse_bad_probes`); files the
-    devkit's list names but that do not exist are skipped, counted and named, since FaceScrub
-    is downloaded from URLs and many copies lack some images."""
-    loaded = load_features(root, paths, suffix, FACESCRUB, progress)
-    _refuse_bad_probes(loaded, root)
-    _report_problems(loaded.missing, "probe features (listed but missing)")
-    return loaded
-
-
-def probe_paths_and_labels(root: str | Path, list_path: str | Path | None = None,
-                           suffix: str = DEFAULT_SUFFIX) -> tuple[list[str], list[str]]:
-    """FaceScrub relative paths and identities: from the devkit list ("path", "id") when
-    given, else every feature file under ``root`` with its top directory as identity."""
-    if list_path:
-        data = read_devkit_list(list_path, need_ids=True)
-        return [str(p) for p in data["path"]], [str(i) for i in data["id"]]
-    paths = list_feature_files(root, suffix)
-    if any("/" not in p for p in paths):
-        raise MegaFaceError(f"{root}: probe features must lie in one directory per identity")
-    return paths, [p.split("/", 1)[0] for p in paths]
-
-
-# ----------------------------------------------------------------------------- noise removal
-
-def _probe_key(name: str) -> str:
-    """FaceScrub file names as matched against the noise list (spaces and underscores alike)."""
-    return os.path.basename(name.strip()).replace(" ", "_")
-
-
-def _distractor_key(path: str) -> str:
-    return "/".join(path.strip().replace("\\", "/").split("/")[-MEGAFACE_NOISE_PATH_PARTS:])
-
-
-def parse_noise_list(path: str | Path, kind: str) -> set[str]:
-    """InsightFace's noise list: ``#`` comment lines, then one entry a line; facescrub_noises.txt
-    holds file names (``Aaron_Eckhart_136.png``), megaface_noises.txt relative paths
-    (``375/37531198@N00/4174611825_0.jpg``, possibly after a tab). Keys as matched."""
-    if kind not in (MEGAFACE, FACESCRUB):
-        raise ValueError(f"kind must be {MEGAFACE!r} or {FACESCRUB!r}, got {kind!r}")
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise MissingInputError(f"{path}: noise list not found") from None
-    except UnicodeDecodeError as e:
-        raise MegaFaceError(f"{path}: not a text noise list (byte {e.start} is not UTF-8)") \
-            from None
-    keys = set()
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        entry = line.split("\t")[-1]
-        keys.add(_probe_key(entry) if kind == FACESCRUB else _distractor_key(entry))
-    if not keys:
-        raise MegaFaceError(f"{path}: the {kind} noise list holds no entries (only comments "
-                            "or blank lines)")
-    return keys
-
-
-def check_noise_list_matches(list_path: str | Path, noise: set[str], tree_keys: Iterable[str],
-                             tree_root: str | Path, full_size: int) -> int:
-    """How many of ``tree_keys`` the noise list names. None at all, in a tree big enough that
-    some should be (the list's share of the devkit's ``full_size`` images), means the list or
-    the tree's relative paths are not the expected ones: an error naming both, with a sample,
-    instead of a "cleaned" tree that is not. Smaller trees only get a warning."""
-    tree_keys = list(tree_keys)
-    matched = sum(k in noise for k in tree_keys)
-    expected = len(noise) * len(tree_keys) / full_size
-    if matched == 0 and tree_keys:
-        message = (f"{list_path}: none of its {len(noise)} entries (e.g. {min(noise)!r}) names a "
-                   f"feature under {tree_root} (e.g. {tree_keys[0]!r}); about {expected:.0f} "
-                   "should: is it the right list, and do the features keep the devkit's "
-                   "relative paths?")
-        if expected >= 1:
-            raise MegaFaceError(message)
-        log.warning("%s (with %d features here, none may be expected)", message, len(tree_keys))
-    return matched
-
-
-def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises: str | Path,
-                  facescrub_noises: str | Path, suffix: str = DEFAULT_SUFFIX, seed: int = 0,
-                  facescrub_list: str | Path | None = None, progress: bool = True
-                  ) -> dict[str, int]:
-    """Write every feature of ``features_dir/{megaface,facescrub}`` to ``out_dir`` with one
-    extra dimension: 0 when clean; 100 for a listed distractor (pushed out of reach); a listed
-    probe becomes its identity's mean clean feature plus uniform noise of amplitude 1e-3,
-    re-normalised, extra dimension 0. Nothing is deleted. Returns counts."""
-    from tqdm import tqdm
-
-    features_dir, out_dir = Path(features_dir), Path(out_dir)
-    if out_dir.resolve() == features_dir.resolve():
-        raise MegaFaceError("remove_noises writes a new tree: --clean-features-dir must differ "
-                            f"from --features-dir ({features_dir})")
-    rng = np.random.default_rng(seed)
-    fs_noise = parse_noise_list(facescrub_noises, FACESCRUB)
-    mf_noise = parse_noise_list(megaface_noises, MEGAFACE)
-    summary = {"probes": 0, "probes_replaced": 0, "probes_kept_no_clean_mate": 0,
-               "probes_missing": 0, "distractors": 0, "distractors_flagged": 0,
-               "distractors_skipped": 0}
-
-    probe_root, distractor_root = features_dir / FACESCRUB, features_dir / MEGAFACE
-    paths, labels = probe_paths_and_labels(probe_root, facescrub_list, suffix)
-    probes = load_probes(probe_root, paths, suffix, progress)
-    feats, kept = probes.feats, probes.kept
-    summary["probes_missing"] = len(probes.missing)
-    distractor_paths = list_feature_files(distractor_root, suffix)
-    if not distractor_paths:
-        raise MissingInputError(f"{distractor_root}: no feature files (*{suffix})")
-    # both lists are checked before anything is written (a million files take hours)
-    check_noise_list_matches(facescrub_noises, fs_noise, (_probe_key(paths[i]) for i in kept),
-                             probe_root, FACESCRUB_PROBES)
-    check_noise_list_matches(megaface_noises, mf_noise, map(_distractor_key, distractor_paths),
-                             distractor_root, MEGAFACE_DISTRACTORS)
-    noisy = np.array([_probe_key(paths[i]) in fs_noise for i in kept], dtype=bool)
-    kept_labels = np.asarray([labels[i] for i in kept])
-    clean_means: dict[Any, np.ndarray | None] = {}  # per identity, computed once
-
-    def clean_mean(label) -> np.ndarray | None:
-        if label not in clean_means:
-            clean = feats[(kept_labels == label) & ~noisy]
-            clean_means[label] = clean.mean(0) if len(clean) else None
-        return clean_means[label]
-
-    for row, i in enumerate(kept):
-        vec = feats[row]
-        if noisy[row]:
-            mean = clean_mean(kept_labels[row])
-            if mean is not None:
-                vec = mean + rng.uniform(-PROBE_NOISE_AMPLITUDE, PROBE_NOISE_AMPLITUDE,
-                                                  vec.size)
-                vec = vec / np.linalg.norm(vec)
-                summary["probes_replaced"] += 1
-            else:  # nothing clean to stand in for it: keep it, and say so
-                summary["probes_kept_no_clean_mate"] += 1
-        write_feature(out_dir / FACESCRUB / (paths[i] + suffix), np.append(vec, 0.0))
-        summary["probes"] += 1
-
-    dim = feats.shape[1]
-    skipped: list[str] = []
-    for rel in tqdm(distractor_paths, desc="megaface", unit="file", disable=not progress,
-                    leave=False):
-        path = distractor_root / (rel + suffix)
-        try:
-            vec = read_feature(path)
-            if vec.size != dim:
-                raise FeatureFormatError(f"{path}: {vec.size} dims, expected {dim} (the probe "
-                                         "features')")
-        except FeatureFormatError as e:  # left out of the clean tree, named and counted
-            skipped.append(str(e))
-            continue
-        flagged = _distractor_key(rel) in mf_noise
-        extra = DISTRACTOR_NOISE_FLAG if flagged else 0.0
-        write_feature(out_dir / MEGAFACE / (rel + suffix), np.append(vec, extra))
-        summary["distractors"] += 1
-        summary["distractors_flagged"] += int(flagged)
-    summary["distractors_skipped"] = len(skipped)
-    _report_problems(skipped, "distractor features (not written to the clean tree)")
-    record = {"source": str(features_dir), "megaface_noises": str(megaface_noises),
-              "facescrub_noises": str(facescrub_noises), "seed": seed, "summary": summary,
-              "skipped_distractor_files": skipped[:MAX_LISTED_PROBLEMS],
-              "missing_probe_files": probes.missing[:MAX_LISTED_PROBLEMS]}
-    atomic_write_text(out_dir / NOISE_REMOVAL_RECORD, json.dumps(record, indent=2) + "\n")
-    return summary
-
-
-def warn_unless_cleaned(features_dir: str | Path) -> bool:
-    """Whether ``features_dir`` is a tree remove_noises wrote; a warning when not, since the
-    published MegaFace numbers (and the devkit comparison) use the cleaned features."""
-    cleaned = (Path(features_dir) / NOISE_REMOVAL_RECORD).is_file()
-    if not cleaned:
-        log.warning("%s has no %s: these are not the noise-removed features (run --action "
-                    "remove_noises and pass its --clean-features-dir), so the numbers are not "
-                    "comparable with published ones", features_dir, NOISE_REMOVAL_RECORD)
-    return cleaned
 
 
 # ----------------------------------------------------------------------------- cropping
@@ -619,7 +263,7 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
                            dim=probes.shape[1], dim_from=" (the probe features')")
     distractors, dkept = loaded.feats, loaded.kept
     distractor_problems = loaded.skipped
-    _report_problems(distractor_problems, "distractor features")
+    report_problems(distractor_problems, "distractor features")
 
     common = dict(max_rank=args.max_rank, fars=tuple(args.fars), chunk_size=args.chunk_size,
                   device=cfg.device if cfg.device != "auto" else None)

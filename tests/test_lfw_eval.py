@@ -1,5 +1,6 @@
-"""lfw_eval.py: pairs.txt parsing, the 10-fold protocol against a brute-force reference, ROC
-metrics, safe .bin loading, flip-TTA embeddings, and the CLI on a tiny synthetic LFW."""
+"""lfw_pairs.py's pairs.txt parsing; lfw_eval.py: the 10-fold protocol against a brute-force
+reference, ROC metrics, safe .bin loading, flip-TTA embeddings, and the CLI on a tiny
+synthetic LFW."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 import lfw_eval
+import lfw_pairs
 from bin_loader import UnsafePickleError
 
 # ----------------------------------------------------------------------------- pairs.txt
@@ -47,13 +49,13 @@ def _write_pairs(path, nfolds=10, per_kind=3):
 def test_parse_pairs_lfw_format(tmp_path):
     path = tmp_path / "pairs.txt"
     expected = _write_pairs(path)
-    pairs = lfw_eval.parse_pairs(path)
+    pairs = lfw_pairs.parse_pairs(path)
     assert [(p.path1, p.path2, p.same) for p in pairs] == expected
     assert pairs[0].path1 == "Aaron_Peirsol/Aaron_Peirsol_0001.jpg"
     assert path.read_text().splitlines()[11] == "Abel_Pacheco\t2\tAmber_Tamblyn\t11"
-    assert pairs[10] == lfw_eval.Pair("Abel_Pacheco/Abel_Pacheco_0002.jpg",
-                                      "Amber_Tamblyn/Amber_Tamblyn_0011.jpg", False, fold=1)
-    folds = lfw_eval.pair_folds(pairs)
+    assert pairs[10] == lfw_pairs.Pair("Abel_Pacheco/Abel_Pacheco_0002.jpg",
+                                       "Amber_Tamblyn/Amber_Tamblyn_0011.jpg", False, fold=1)
+    folds = lfw_pairs.pair_folds(pairs)
     assert len(folds) == 10
     assert [f.tolist() for f in folds] == [list(range(6 * k, 6 * k + 6)) for k in range(10)]
 
@@ -65,14 +67,14 @@ def test_parse_pairs_errors_name_the_line(tmp_path):
     lines[4] = "Abel_Pacheco\t1"  # line 5 of the file: a different-person line cut short
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"pairs\.txt:5:"):
-        lfw_eval.parse_pairs(path)
+        lfw_pairs.parse_pairs(path)
     lines[4] = "Abel_Pacheco\t1\tAmber_Tamblyn\tx"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"pairs\.txt:5: image number 'x'"):
-        lfw_eval.parse_pairs(path)
+        lfw_pairs.parse_pairs(path)
     path.write_text("\n".join(lines[:-1]) + "\n")  # one pair missing
     with pytest.raises(ValueError, match="promises"):
-        lfw_eval.parse_pairs(path)
+        lfw_pairs.parse_pairs(path)
 
 
 def test_parse_pairs_header_and_line_count_errors_name_the_line(tmp_path):
@@ -81,16 +83,16 @@ def test_parse_pairs_header_and_line_count_errors_name_the_line(tmp_path):
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:7]) + "\n")  # header promises 8 pairs, the file holds 6
     promises = r"header \(line 1\) promises 2 fold\(s\) x 2 x 2 = 8 pairs"
-    with pytest.raises(lfw_eval.PairsFileError,
+    with pytest.raises(lfw_pairs.PairsFileError,
                        match=r"pairs\.txt:8: .*ends after 6 pair lines.*" + promises):
-        lfw_eval.parse_pairs(path)
+        lfw_pairs.parse_pairs(path)
     path.write_text("\n".join(lines + ["Abel_Pacheco\t1\t2"]) + "\n")  # one line too many
-    with pytest.raises(lfw_eval.PairsFileError, match=r"pairs\.txt:10: 1 line.*" + promises):
-        lfw_eval.parse_pairs(path)
+    with pytest.raises(lfw_pairs.PairsFileError, match=r"pairs\.txt:10: 1 line.*" + promises):
+        lfw_pairs.parse_pairs(path)
     lines[2] = "Abel_Pacheco 1 2 3 4 5"  # line 3: a same-person line with six fields
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(lfw_eval.PairsFileError, match=r"pairs\.txt:3: expected a same-person"):
-        lfw_eval.parse_pairs(path)
+    with pytest.raises(lfw_pairs.PairsFileError, match=r"pairs\.txt:3: expected a same-person"):
+        lfw_pairs.parse_pairs(path)
 
 
 @pytest.mark.parametrize("data, line, what", [
@@ -103,18 +105,18 @@ def test_parse_pairs_header_and_line_count_errors_name_the_line(tmp_path):
 def test_parse_pairs_binary_file_is_one_line_naming_file_and_line(tmp_path, data, line, what):
     path = tmp_path / "pairs.txt"
     path.write_bytes(data)
-    with pytest.raises(lfw_eval.PairsFileError, match=rf"pairs\.txt:{line}: .*{what}") as info:
-        lfw_eval.parse_pairs(path)
+    with pytest.raises(lfw_pairs.PairsFileError, match=rf"pairs\.txt:{line}: .*{what}") as info:
+        lfw_pairs.parse_pairs(path)
     assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
 
 
 def test_check_pairs_exist_lists_every_missing_image(tmp_path):
-    pairs = [lfw_eval.Pair("A/A_0001.jpg", "A/A_0002.jpg", True),
-             lfw_eval.Pair("A/A_0001.jpg", "B/B_0001.jpg", False)]
+    pairs = [lfw_pairs.Pair("A/A_0001.jpg", "A/A_0002.jpg", True),
+             lfw_pairs.Pair("A/A_0001.jpg", "B/B_0001.jpg", False)]
     (tmp_path / "A").mkdir()
     (tmp_path / "A" / "A_0001.jpg").write_bytes(b"x")
     with pytest.raises(FileNotFoundError) as info:
-        lfw_eval.check_pairs_exist(pairs, tmp_path)
+        lfw_pairs.check_pairs_exist(pairs, tmp_path)
     assert "A/A_0002.jpg" in str(info.value) and "B/B_0001.jpg" in str(info.value)
     assert "2 of 3" in str(info.value)
 
@@ -580,7 +582,7 @@ def _pair_similarities(tiny_run, pairs_path):
     """Each pair's cosine similarity from the cached aligned crops (embedded as the CLI does)."""
     import models
 
-    pairs = lfw_eval.parse_pairs(pairs_path)
+    pairs = lfw_pairs.parse_pairs(pairs_path)
     caches = list((Path(tiny_run["lfw_dir"]).parent / "lfw_aligned_cache").glob("*.npz"))
     crops = {}
     for cache in caches:

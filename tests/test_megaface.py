@@ -1,4 +1,5 @@
-"""MegaFace: the devkit feature format, the evaluator against brute force, noise removal, CLI.
+"""MegaFace: the devkit feature format (megaface_features), the evaluator against brute force,
+noise removal (megaface_noise), the CLI.
 
 Reference computations here are written independently of megaface_eval: float64 loops over
 every (probe, gallery, distractor) triple and every impostor pair. Features are random but
@@ -17,6 +18,8 @@ import torch
 
 import megaface
 import megaface_eval as me
+import megaface_features
+import megaface_noise
 
 QUANT = 16  # feature entries are k / QUANT: exact float32 scores, and plenty of ties
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU where present
@@ -77,17 +80,17 @@ def features():
 def test_write_feature_bytes_match_struct(tmp_path):
     vec = [0.5, -1.25, 3.0, 1e-3]
     path = tmp_path / "a" / "x.jpg_0.bin"
-    megaface.write_feature(path, vec)
+    megaface_features.write_feature(path, vec)
     expected = struct.pack("<iiii", 4, 1, 4, 5) + struct.pack("<ffff", *vec)
     assert path.read_bytes() == expected
 
 
 def test_read_feature_round_trip_and_struct_written_file(tmp_path):
     vec = np.random.default_rng(0).standard_normal(513).astype(np.float32)
-    megaface.write_feature(tmp_path / "f.bin", vec)
-    np.testing.assert_array_equal(megaface.read_feature(tmp_path / "f.bin"), vec)
+    megaface_features.write_feature(tmp_path / "f.bin", vec)
+    np.testing.assert_array_equal(megaface_features.read_feature(tmp_path / "f.bin"), vec)
     (tmp_path / "g.bin").write_bytes(struct.pack("<4i", 3, 1, 4, 5) + struct.pack("<3f", 1, 2, 3))
-    out = megaface.read_feature(tmp_path / "g.bin")
+    out = megaface_features.read_feature(tmp_path / "g.bin")
     assert out.dtype == np.float32 and out.tolist() == [1.0, 2.0, 3.0]
 
 
@@ -102,8 +105,8 @@ def test_read_feature_round_trip_and_struct_written_file(tmp_path):
 def test_read_feature_rejects_bad_files_naming_them(tmp_path, data, message):
     path = tmp_path / "bad_0.bin"
     path.write_bytes(data)
-    with pytest.raises(megaface.FeatureFormatError, match=message) as info:
-        megaface.read_feature(path)
+    with pytest.raises(megaface_features.FeatureFormatError, match=message) as info:
+        megaface_features.read_feature(path)
     assert str(path) in str(info.value)
 
 
@@ -215,7 +218,7 @@ def test_bad_inputs_are_clear_errors(features):
 
 def _write_tree(root, features_by_rel, suffix="_0.bin"):
     for rel, vec in features_by_rel.items():
-        megaface.write_feature(root / (rel + suffix), vec)
+        megaface_features.write_feature(root / (rel + suffix), vec)
 
 
 def test_remove_noises_on_tiny_tree(tmp_path):
@@ -230,8 +233,8 @@ def test_remove_noises_on_tiny_tree(tmp_path):
     (tmp_path / "fs.txt").write_text("#comment line\nAaron_Eckhart_1.png\nNobody_9.png\n")
     (tmp_path / "mf.txt").write_text("#comment\n375/3753@N00/41_2.jpg\n999/x@N00/1_0.jpg\n")
     before = sorted(p.name for p in src.rglob("*.bin"))
-    summary = megaface.remove_noises(src, out, tmp_path / "mf.txt", tmp_path / "fs.txt",
-                                     progress=False)
+    summary = megaface_noise.remove_noises(src, out, tmp_path / "mf.txt", tmp_path / "fs.txt",
+                                           progress=False)
     assert megaface.main(["--action", "remove_noises", "--features-dir", str(src),
                           "--clean-features-dir", str(tmp_path / "clean2"), "--megaface-noises",
                           str(tmp_path / "mf.txt"), "--facescrub-noises",
@@ -243,13 +246,13 @@ def test_remove_noises_on_tiny_tree(tmp_path):
     record = json.loads((out / "remove_noises.json").read_text())
     assert record["summary"] == summary and record["megaface_noises"] == str(tmp_path / "mf.txt")
     for rel, vec in distractors.items():
-        got = megaface.read_feature(out / "megaface" / (rel + "_0.bin"))
+        got = megaface_features.read_feature(out / "megaface" / (rel + "_0.bin"))
         np.testing.assert_array_equal(got[:8], vec)
         assert got[8] == (100.0 if rel.endswith("41_2.jpg") else 0.0)
     mean = (probes["Aaron_Eckhart/Aaron_Eckhart_0.png"]
             + probes["Aaron_Eckhart/Aaron_Eckhart_2.png"]) / 2
     for rel, vec in probes.items():
-        got = megaface.read_feature(out / "facescrub" / (rel + "_0.bin"))
+        got = megaface_features.read_feature(out / "facescrub" / (rel + "_0.bin"))
         assert got.shape == (9,) and got[8] == 0.0
         if rel.endswith("Aaron_Eckhart_1.png"):
             np.testing.assert_allclose(got[:8], mean / np.linalg.norm(mean), atol=5e-3)
@@ -269,10 +272,11 @@ def test_flagged_distractor_cannot_outrank_anything(features):
 
 def test_parse_noise_list_formats(tmp_path):
     (tmp_path / "mf.txt").write_text("#c\n\n3/1@N0/7_0.jpg\nx\t/abs/root/4/2@N0/8_1.jpg\n")
-    assert megaface.parse_noise_list(tmp_path / "mf.txt", "megaface") == \
+    assert megaface_noise.parse_noise_list(tmp_path / "mf.txt", "megaface") == \
         {"3/1@N0/7_0.jpg", "4/2@N0/8_1.jpg"}
     (tmp_path / "fs.txt").write_text("#c\nAdam McKay_468.png\n")
-    assert megaface.parse_noise_list(tmp_path / "fs.txt", "facescrub") == {"Adam_McKay_468.png"}
+    assert megaface_noise.parse_noise_list(tmp_path / "fs.txt", "facescrub") == \
+        {"Adam_McKay_468.png"}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -419,7 +423,7 @@ def test_gen_features_writes_unit_devkit_files_and_resumes(tmp_path):
         return weight @ pooled + bias
 
     for i in range(3):
-        vec = megaface.read_feature(tmp_path / "f" / f"p/x{i}.png_0.bin")
+        vec = megaface_features.read_feature(tmp_path / "f" / f"p/x{i}.png_0.bin")
         x = (images[i].astype(np.float64) - 127.5) / 127.5
         want = net(x) + net(x[:, ::-1])
         np.testing.assert_allclose(vec, want / np.linalg.norm(want), atol=1e-5)
@@ -538,8 +542,8 @@ def test_remove_noises_skips_and_counts_bad_distractors(tmp_path):
     _raw_feature(src / "megaface" / "1/u@N00/wide_0.jpg_0.bin", np.zeros(5))
     (tmp_path / "fs.txt").write_text("A_1.png\n")
     (tmp_path / "mf.txt").write_text("1/u@N00/2_0.jpg\n")
-    summary = megaface.remove_noises(src, tmp_path / "clean", tmp_path / "mf.txt",
-                                     tmp_path / "fs.txt", progress=False)
+    summary = megaface_noise.remove_noises(src, tmp_path / "clean", tmp_path / "mf.txt",
+                                           tmp_path / "fs.txt", progress=False)
     assert summary["distractors"] == 3 and summary["distractors_skipped"] == 2
     written = sorted(p.name for p in (tmp_path / "clean" / "megaface").rglob("*.bin"))
     assert written == sorted(rel.split("/")[-1] + "_0.bin" for rel in good)
@@ -563,21 +567,22 @@ def test_remove_noises_refuses_a_noise_list_that_names_nothing(tmp_path, monkeyp
     from utils import ToolkitError
 
     src = _noise_tree(tmp_path)
-    monkeypatch.setattr(megaface, "FACESCRUB_PROBES", 8)  # 4 entries x 4 probes / 8: 2 due
-    monkeypatch.setattr(megaface, "MEGAFACE_DISTRACTORS", 12)  # 4 x 6 / 12: 2 due
+    monkeypatch.setattr(megaface_noise, "FACESCRUB_PROBES", 8)  # 4 entries x 4 probes / 8: 2 due
+    monkeypatch.setattr(megaface_noise, "MEGAFACE_DISTRACTORS", 12)  # 4 x 6 / 12: 2 due
     fs, mf = tmp_path / "fs.txt", tmp_path / "mf.txt"
     fs.write_text("# names\n" + "".join(f"A_{i}.png\n" for i in range(4)))
     mf.write_text("".join(f"1/u@N00/{i}_0.jpg\n" for i in range(4)))
     wrong = fs if which == "facescrub" else mf
     wrong.write_text("".join(f"Zed/x@N00/Z_{i}.png\n" for i in range(4)))
     with pytest.raises(ToolkitError, match="none of its 4 entries") as info:
-        megaface.remove_noises(src, tmp_path / "clean", mf, fs, progress=False)
+        megaface_noise.remove_noises(src, tmp_path / "clean", mf, fs, progress=False)
     assert str(wrong) in str(info.value) and "Z_" in str(info.value)
     assert not (tmp_path / "clean").exists()  # checked before anything is written
     # a tree too small for the list to be expected to name any of it: only a warning
-    monkeypatch.setattr(megaface, "FACESCRUB_PROBES", 3530)
-    monkeypatch.setattr(megaface, "MEGAFACE_DISTRACTORS", 10**6)
-    assert megaface.remove_noises(src, tmp_path / "clean", mf, fs, progress=False)["probes"] == 4
+    monkeypatch.setattr(megaface_noise, "FACESCRUB_PROBES", 3530)
+    monkeypatch.setattr(megaface_noise, "MEGAFACE_DISTRACTORS", 10**6)
+    summary = megaface_noise.remove_noises(src, tmp_path / "clean", mf, fs, progress=False)
+    assert summary["probes"] == 4
 
 
 def test_remove_noises_refuses_an_empty_noise_list(tmp_path):
@@ -587,8 +592,8 @@ def test_remove_noises_refuses_an_empty_noise_list(tmp_path):
     (tmp_path / "fs.txt").write_text("# only a comment\n\n")
     (tmp_path / "mf.txt").write_text("1/u@N00/1_0.jpg\n")
     with pytest.raises(ToolkitError, match=r"fs\.txt: the facescrub noise list holds no entries"):
-        megaface.remove_noises(src, tmp_path / "c", tmp_path / "mf.txt", tmp_path / "fs.txt",
-                               progress=False)
+        megaface_noise.remove_noises(src, tmp_path / "c", tmp_path / "mf.txt",
+                                     tmp_path / "fs.txt", progress=False)
 
 
 def _cli_error(capsys, argv):
@@ -631,15 +636,16 @@ def test_cli_missing_and_empty_inputs_are_errors_naming_the_folder(tmp_path, cap
 
 @pytest.fixture
 def megaface_log():
-    """The messages megaface's logger emits (it does not propagate to caplog)."""
+    """The messages megaface's logger emits (it does not propagate to caplog); megaface_noise,
+    which warns about features that are not cleaned, logs to it."""
     import logging
 
     records = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
-    megaface.log.addHandler(handler)
+    megaface_noise.log.addHandler(handler)
     yield records
-    megaface.log.removeHandler(handler)
+    megaface_noise.log.removeHandler(handler)
 
 
 def test_evaluate_and_devkit_warn_on_features_that_are_not_cleaned(tmp_path, features,

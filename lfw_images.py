@@ -1,0 +1,133 @@
+"""Raw LFW for evaluation: every distinct image the pairs name is aligned once (MTCNN,
+``align_faces``) to a 112x112 crop, a faceless one centre-cropped and reported, and the crops
+are cached on disk (keyed by the file list, sizes and mtimes: a replaced image realigns).
+Any image that cannot be read is an error naming them (the count is complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lfw_pairs import MAX_NAMED, Pair, check_pairs_exist
+from utils import FACE_CROP_SIZE, ImageReadError, atomic_write_bytes, get_logger
+
+__all__ = ["align_images", "as_crop", "load_lfw_crops", "load_lfw_pairs_images"]
+
+ALIGN_CHUNK = 32  # images read and aligned at a time (MTCNN batch)
+
+log = get_logger("lfw_eval")  # lfw_eval's logger: these messages are part of its run
+
+
+def _cache_key(lfw_dir: Path, paths: Sequence[str]) -> str:
+    digest = hashlib.sha1(str(lfw_dir.resolve()).encode())
+    for p in paths:  # size and mtime too: a replaced image invalidates the cache
+        st = (lfw_dir / p).stat()
+        digest.update(f"\n{p}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Align each image once: (crops (M,112,112,3), paths of faceless images centre-cropped).
+    Unreadable images are an error listing all of them."""
+    from align_faces import FaceAligner, align_files
+
+    if aligner is None:
+        aligner = FaceAligner()
+    crops = np.zeros((len(paths), FACE_CROP_SIZE, FACE_CROP_SIZE, 3), dtype=np.uint8)
+    faceless, unreadable = [], []
+    files = align_files(aligner, [lfw_dir / p for p in paths], ALIGN_CHUNK)
+    for i, (path, done) in enumerate(zip(paths, files, strict=True)):
+        if done.error is not None:
+            unreadable.append(str(done.error))
+            continue
+        if done.face is None:
+            faceless.append(path)
+        crops[i] = as_crop(done.crop, path)  # the centre crop is already 112x112
+    if unreadable:
+        raise ImageReadError(f"{len(unreadable)} of {len(paths)} pair images cannot be read: "
+                             + "; ".join(unreadable[:MAX_NAMED])
+                             + ("; ..." if len(unreadable) > MAX_NAMED else ""))
+    return crops, faceless
+
+
+def as_crop(crop: np.ndarray, source: str) -> np.ndarray:
+    """An aligner's crop as RGB uint8 112x112 (resized when it is another size); ValueError
+    naming ``source`` when it is not an HxWx3 image."""
+    crop = np.asarray(crop)
+    if crop.shape == (FACE_CROP_SIZE, FACE_CROP_SIZE, 3) and crop.dtype == np.uint8:
+        return crop
+    if crop.ndim == 3 and crop.shape[2] == 3:
+        import cv2
+
+        return cv2.resize(crop.astype(np.uint8), (FACE_CROP_SIZE, FACE_CROP_SIZE))
+    raise ValueError(f"{source}: aligner returned a crop of shape {crop.shape}")
+
+
+def _read_cache(cache: Path, paths: list[str]) -> tuple[np.ndarray, list[str]] | None:
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            crops, faceless = data["crops"], [str(p) for p in data["faceless"]]
+            cached_paths = [str(p) for p in data["paths"]]
+    except (OSError, ValueError, KeyError) as e:  # truncated or foreign file: realign
+        log.warning("ignoring unreadable alignment cache %s (%s)", cache, e)
+        return None
+    if cached_paths != paths or crops.shape[0] != len(paths):
+        return None
+    log.info("aligned crops of %d images from cache %s", len(paths), cache)
+    return crops, faceless
+
+
+def _write_cache(cache: Path, paths: list[str], crops: np.ndarray, faceless: list[str]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, crops=crops, paths=np.array(paths, dtype=str),
+             faceless=np.array(faceless, dtype=str))
+    atomic_write_bytes(cache, buf.getvalue())
+
+
+def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
+                   cache_dir: str | Path | None = None, checked: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(distinct crops (M,112,112,3), pair_index (2N,), issame (N,), faceless paths): each
+    image once, pair i being crops ``pair_index[2i]`` and ``pair_index[2i+1]``;
+    ``checked``: the caller already ran check_pairs_exist."""
+    lfw_dir = Path(lfw_dir)
+    if not checked:
+        check_pairs_exist(pairs, lfw_dir)
+    paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
+    cache = None if cache_dir is None else \
+        Path(cache_dir) / f"aligned_{_cache_key(lfw_dir, paths)}.npz"
+    cached = None if cache is None else _read_cache(cache, paths)
+    if cached is not None:
+        crops, faceless = cached
+    else:
+        crops, faceless = align_images(lfw_dir, paths, aligner)
+        if cache is not None:
+            _write_cache(cache, paths, crops, faceless)
+    if faceless:
+        shown = ", ".join(faceless[:10]) + (" ..." if len(faceless) > 10 else "")
+        log.warning("no face found in %d of %d images (centre-cropped instead): %s",
+                    len(faceless), len(paths), shown)
+    position = {p: i for i, p in enumerate(paths)}
+    index = np.array([position[p] for pair in pairs for p in (pair.path1, pair.path2)],
+                     dtype=np.int64)
+    issame = np.array([pair.same for pair in pairs], dtype=bool)
+    return crops, index, issame, faceless
+
+
+def load_lfw_pairs_images(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
+                          cache_dir: str | Path | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned crops (2N, 112, 112, 3) for ``pairs`` and their labels (N,). Every distinct
+    image is aligned once (``align_faces.FaceAligner`` unless ``aligner`` is given) and the
+    crops are cached in ``cache_dir`` (keyed by the file list, sizes and mtimes); images
+    without a detected face are centre-cropped and reported."""
+    crops, index, issame, _ = load_lfw_crops(lfw_dir, pairs, aligner, cache_dir)
+    return crops[index], issame
