@@ -319,7 +319,9 @@ def _saved_threshold(out_dir: Path) -> tuple[float, Path] | None:
 def build_arg_parser() -> argparse.ArgumentParser:
     from config import build_parser
 
-    parser = build_parser(__doc__.split("\n\n")[0])
+    parser = build_parser(__doc__.split("\n\n")[0],
+                          only=["batch_size", "device", "lfw_dir", "pairs", "network",
+                                "embedding_size"])
     parser.epilog = (
         "Folds: a pairs.txt with header '<folds> <n>' (LFW's '10 300') is scored on its own "
         "folds and reported as <folds>-fold; a single set (header '<n>', e.g. "

@@ -339,7 +339,9 @@ def devkit_command(devkit_dir: str | Path, features_dir: str | Path, suffix: str
 def build_arg_parser():
     from config import build_parser
 
-    parser = build_parser(__doc__.split("\n")[0])
+    parser = build_parser(__doc__.split("\n")[0],
+                          only=["batch_size", "device", "num_workers", "seed", "network",
+                                "embedding_size"])
     me = parser.add_argument_group("megaface")
     me.add_argument("--action", required=True, choices=["crop_megaface", "gen_features",
                                                          "remove_noises", "evaluate", "devkit"])

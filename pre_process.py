@@ -328,7 +328,8 @@ def _write_records(paths: list[Path], labels: np.ndarray, names: list[str], rec:
 def build_arg_parser() -> argparse.ArgumentParser:
     from config import build_parser
 
-    parser = build_parser(__doc__.split("\n\n")[0])
+    parser = build_parser(__doc__.split("\n\n")[0],
+                          only=["rec", "allow_lost_records"])
     group = parser.add_argument_group("pre_process.py")
     group.add_argument("--pack", metavar="SRC_DIR", default=None,
                        help="pack an aligned tree SRC_DIR/identity/image into --out")

@@ -223,3 +223,12 @@ def test_a_python_config_file_that_fails_is_named(tmp_path):
     path.write_text("config = dict(lr=undefined_name)\n")
     with pytest.raises(config.ConfigError, match=r"NameError.*undefined_name"):
         make_config(config_file=path)
+
+
+@pytest.mark.parametrize("script", ["lfw_eval", "megaface", "pre_process"])
+def test_evaluation_and_data_scripts_list_no_training_fields(script):
+    import importlib
+
+    text = importlib.import_module(script).build_arg_parser().format_help()
+    for training_flag in ("--lr", "--margin-m", "--epochs", "--output"):
+        assert training_flag not in text, (script, training_flag)
