@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def _read_cache(cache: Path, paths: list[str]) -> tuple[np.ndarray, list[str]] |
         with np.load(cache, allow_pickle=False) as data:
             crops, faceless = data["crops"], [str(p) for p in data["faceless"]]
             cached_paths = [str(p) for p in data["paths"]]
-    except (OSError, ValueError, KeyError) as e:  # truncated or foreign file: realign
+    # truncated (EOFError, BadZipFile) or foreign file: realign
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         log.warning("ignoring unreadable alignment cache %s (%s)", cache, e)
         return None
     if cached_paths != paths or crops.shape[0] != len(paths):
