@@ -14,7 +14,7 @@ As a library::
 
     aligner = FaceAligner()                      # MTCNN, CUDA when present
     face = aligner.align(rgb_image)              # AlignedFace or None
-    crop = warp_face(rgb_image, five_points)     # when the landmarks are already known
+    crop = face_warp.warp_face(rgb_image, five_points)  # when the landmarks are known
 
 Detection uses facenet-pytorch's MTCNN, whose weights ship inside its wheel (nothing is
 downloaded). Every image in and out is RGB uint8 HxWx3 (the repo's colour contract).
@@ -38,8 +38,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from face_warp import TEMPLATE_SIZE, check_rgb, warp_face
 from utils import (
-    FACE_CROP_SIZE,
     IMAGE_EXTENSIONS,
     ImageReadError,
     ToolkitError,
@@ -51,19 +51,6 @@ from utils import (
     run_cli,
     write_image,
 )
-
-# ArcFace's 112x112 template (InsightFace ``arcface_dst``), (x, y) per landmark.
-REFERENCE_LANDMARKS = np.array(
-    [
-        [38.2946, 51.6963],  # left eye (image left)
-        [73.5318, 51.5014],  # right eye
-        [56.0252, 71.7366],  # nose tip
-        [41.5493, 92.3655],  # left mouth corner
-        [70.7299, 92.2041],  # right mouth corner
-    ],
-    dtype=np.float32,
-)
-TEMPLATE_SIZE = FACE_CROP_SIZE  # side of the square the template's coordinates refer to
 
 DEFAULT_MIN_FACE_SIZE = 40  # pixels; MTCNN's smallest searched face (its own default is 20)
 # MTCNN sees a copy of each photo scaled so its longer side is at most this (0: full size);
@@ -99,54 +86,6 @@ class AlignInputError(ToolkitError, ValueError):
 
 # ----------------------------------------------------------------------------- geometry
 
-def estimate_similarity(landmarks: np.ndarray,
-                        reference: np.ndarray = REFERENCE_LANDMARKS) -> np.ndarray:
-    """The 2x3 least-squares similarity (rotation, uniform scale, translation) mapping
-    ``landmarks`` onto ``reference`` (Umeyama 1991), as a float64 matrix for cv2.warpAffine.
-
-    Minimises sum_i || s R p_i + t - q_i ||^2 over rotations R (no reflection), s > 0, t.
-    """
-    src = np.asarray(landmarks, dtype=np.float64)
-    dst = np.asarray(reference, dtype=np.float64)
-    if src.ndim != 2 or src.shape[1] != 2 or src.shape != dst.shape or len(src) < 2:
-        raise ValueError(f"landmarks must be (N, 2) matching the reference {dst.shape}, "
-                         f"got {src.shape}")
-    if not np.isfinite(src).all():
-        raise ValueError("landmarks contain NaN or infinite values")
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    src_var = (src_c ** 2).sum() / len(src)
-    if src_var <= np.finfo(np.float64).eps:
-        raise ValueError("landmarks are degenerate (all points coincide)")
-    cov = dst_c.T @ src_c / len(src)
-    u, sing, vt = np.linalg.svd(cov)
-    # Force a proper rotation: flip the weakest axis when U V^T would be a reflection.
-    signs = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        signs[-1] = -1.0
-    rotation = u @ np.diag(signs) @ vt
-    scale = (sing * signs).sum() / src_var
-    translation = dst_mean - scale * rotation @ src_mean
-    return np.hstack([scale * rotation, translation[:, None]])
-
-
-def template_for_size(size: int) -> np.ndarray:
-    """The reference landmarks for a ``size`` x ``size`` crop: the 112 template scaled by
-    size / 112 (InsightFace shifts x by 8 for 128 instead; we scale for every size)."""
-    if size <= 0:
-        raise ValueError(f"crop size must be positive, got {size}")
-    return REFERENCE_LANDMARKS * np.float32(size / TEMPLATE_SIZE)
-
-
-def warp_face(image: np.ndarray, landmarks: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
-    """The aligned ``size`` x ``size`` RGB crop: ``image`` warped by the similarity taking
-    ``landmarks`` onto the template (bilinear, black constant border)."""
-    image = _check_rgb(image)
-    matrix = estimate_similarity(landmarks, template_for_size(size))
-    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-
-
 def select_central_face(boxes: np.ndarray, image_shape: Sequence[int]) -> int:
     """Index of the detection a face dataset means when a photo shows several faces.
 
@@ -180,20 +119,13 @@ def box_iou(boxes: np.ndarray, box: Sequence[float]) -> np.ndarray:
 def center_crop(image: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
     """Fallback crop for an image without a detected face: its central square of side
     CENTER_CROP_FRACTION x the shorter side, resized to ``size`` x ``size``."""
-    image = _check_rgb(image)
+    image = check_rgb(image)
     h, w = image.shape[:2]
     side = max(1, round(min(h, w) * CENTER_CROP_FRACTION))
     top, left = (h - side) // 2, (w - side) // 2
     square = image[top:top + side, left:left + side]
     interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     return cv2.resize(square, (size, size), interpolation=interp)
-
-
-def _check_rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
-    return image
 
 
 # ----------------------------------------------------------------------------- detector
@@ -324,7 +256,7 @@ class FaceAligner:
     def detect(self, image: np.ndarray) -> Detections:
         """All faces in an RGB image: boxes (N, 4) x1 y1 x2 y2, probabilities (N,),
         landmarks (N, 5, 2), in the image's pixels; N may be 0."""
-        image = _check_rgb(image)
+        image = check_rgb(image)
         return self._detect_scaled([image])[0]
 
     # -- alignment
@@ -357,7 +289,7 @@ class FaceAligner:
         """:meth:`align` for many images; equal-size images are detected in batches.
 
         ``hint_box``: None, one box for every image, or one box (or None) per image."""
-        images = [_check_rgb(im) for im in images]
+        images = [check_rgb(im) for im in images]
         hints = _per_image_hints(hint_box, len(images))
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, im in enumerate(images):

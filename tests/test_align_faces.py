@@ -11,6 +11,7 @@ from skimage import data
 from skimage.transform import SimilarityTransform
 
 import align_faces as af
+import face_warp as fw
 from utils import write_image
 
 TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -30,8 +31,8 @@ def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def test_reference_landmarks_are_the_arcface_template():
-    assert af.REFERENCE_LANDMARKS.dtype == np.float32 and af.REFERENCE_LANDMARKS.shape == (5, 2)
-    np.testing.assert_allclose(af.REFERENCE_LANDMARKS, TEMPLATE, atol=1e-4)
+    assert fw.REFERENCE_LANDMARKS.dtype == np.float32 and fw.REFERENCE_LANDMARKS.shape == (5, 2)
+    np.testing.assert_allclose(fw.REFERENCE_LANDMARKS, TEMPLATE, atol=1e-4)
 
 
 def test_estimate_similarity_matches_skimage_on_noisy_points():
@@ -39,9 +40,9 @@ def test_estimate_similarity_matches_skimage_on_noisy_points():
     for trial in range(20):
         truth = similarity(rng.uniform(0.2, 3), rng.uniform(-180, 180), *rng.uniform(-200, 200, 2))
         src = apply(np.linalg.inv(truth), TEMPLATE) + rng.normal(0, 3, (5, 2))
-        ours = af.estimate_similarity(src)
+        ours = fw.estimate_similarity(src)
         # the default reference is the float32 template: give skimage the same numbers
-        ref = SimilarityTransform.from_estimate(src, af.REFERENCE_LANDMARKS.astype(np.float64))
+        ref = SimilarityTransform.from_estimate(src, fw.REFERENCE_LANDMARKS.astype(np.float64))
         assert ours.shape == (2, 3) and ours.dtype == np.float64
         np.testing.assert_allclose(ours, ref.params[:2], atol=1e-6, err_msg=f"trial {trial}")
 
@@ -49,19 +50,19 @@ def test_estimate_similarity_matches_skimage_on_noisy_points():
 def test_estimate_similarity_recovers_a_known_similarity_exactly():
     truth = similarity(0.43, 23.0, -31.0, 12.5)  # source image -> template frame
     landmarks = apply(np.linalg.inv(truth), TEMPLATE)
-    matrix = af.estimate_similarity(landmarks)
+    matrix = fw.estimate_similarity(landmarks)
     np.testing.assert_allclose(matrix, truth[:2], atol=1e-9)
     assert np.abs(apply(matrix, landmarks) - TEMPLATE).max() < 0.1
     # a crop of another size uses the template scaled by size / 112
-    big = af.estimate_similarity(landmarks, af.template_for_size(224))
+    big = fw.estimate_similarity(landmarks, fw.template_for_size(224))
     assert np.abs(apply(big, landmarks) - 2 * TEMPLATE).max() < 0.1
 
 
 def test_estimate_similarity_rejects_degenerate_input():
     with pytest.raises(ValueError, match="degenerate"):
-        af.estimate_similarity(np.ones((5, 2)))
+        fw.estimate_similarity(np.ones((5, 2)))
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
-        af.estimate_similarity(np.ones((4, 2)))
+        fw.estimate_similarity(np.ones((4, 2)))
 
 
 def test_warp_face_puts_dots_on_the_template():
@@ -79,7 +80,7 @@ def test_warp_face_puts_dots_on_the_template():
                   for px, py in TEMPLATE)
     gray = np.round(255 * pattern).clip(0, 255).astype(np.uint8)
     image = np.stack([gray, gray // 2, 255 - gray], axis=2)  # distinct channels: RGB kept
-    crop = af.warp_face(image, landmarks)
+    crop = fw.warp_face(image, landmarks)
     assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
     # channel order unchanged: the warp is linear, so each channel keeps its relation
     # (only where the crop samples inside the source; outside is the black border)
@@ -106,7 +107,7 @@ def test_warp_face_puts_dots_on_the_template():
 def test_warp_face_border_is_black():
     landmarks = TEMPLATE  # identity warp: the crop reaches past the 40x40 image
     image = np.full((40, 40, 3), 200, np.uint8)
-    crop = af.warp_face(image, landmarks)
+    crop = fw.warp_face(image, landmarks)
     assert (crop[-1, -1] == 0).all() and (crop[0, 0] == 200).all()
 
 
@@ -203,7 +204,7 @@ def aligner():
 
 def eye_error(face: af.AlignedFace) -> float:
     """Where the detected eyes land in the crop, against the template (px)."""
-    matrix = af.estimate_similarity(face.landmarks)
+    matrix = fw.estimate_similarity(face.landmarks)
     return float(np.abs(apply(matrix, face.landmarks)[:2] - TEMPLATE[:2]).max())
 
 
@@ -217,7 +218,7 @@ def test_mtcnn_aligns_the_astronaut(aligner):
     assert face.landmarks[0, 0] < face.landmarks[1, 0]  # "left eye" is on the image's left
     assert eye_error(face) < 3.0
     # warp_face reproduces the crop from the same landmarks
-    np.testing.assert_array_equal(af.warp_face(image, face.landmarks), face.crop)
+    np.testing.assert_array_equal(fw.warp_face(image, face.landmarks), face.crop)
     # RGB kept: skin between the eyes and the mouth is redder than it is blue
     skin = face.crop[60:75, 35:50].reshape(-1, 3).mean(axis=0)
     assert skin[0] > skin[2] + 30
@@ -360,7 +361,7 @@ def test_big_photo_is_searched_on_a_bounded_copy_and_warped_at_full_size(aligner
     assert np.linalg.norm(face.landmarks - full_points[k], axis=1).max() < 0.05 * eye_distance
     assert box_iou_one(face.box, full_boxes[k]) > 0.85
     # the crop is cut from the full-size photo with the mapped landmarks
-    np.testing.assert_array_equal(face.crop, af.warp_face(big, face.landmarks))
+    np.testing.assert_array_equal(face.crop, fw.warp_face(big, face.landmarks))
     # the trade-off: the 45 px face is below min_face_size on the 640 px copy
     assert len(aligner.detect(big)[0]) == 1
 
@@ -453,7 +454,7 @@ def test_detect_size_option_reaches_the_aligner(tmp_path, monkeypatch):
     made = []
 
     class Recorder(_TopLeftAligner):
-        size = af.TEMPLATE_SIZE
+        size = fw.TEMPLATE_SIZE
 
         def __init__(self, **kwargs):
             super().__init__()
@@ -485,7 +486,7 @@ def test_report_cut_inside_a_utf8_name_is_read_with_a_warning(tmp_path):
     handler.emit = records.append
     logging.getLogger("align").addHandler(handler)
     fake = _TopLeftAligner()  # a "face" in every readable image
-    fake.size = af.TEMPLATE_SIZE
+    fake.size = fw.TEMPLATE_SIZE
     try:
         summary = af.align_tree(src, dst, progress=False, aligner=fake)
     finally:
