@@ -7,8 +7,9 @@ Usage as a script mirrors a tree of photos ``SRC_DIR/identity/image.jpg`` into a
                           [--detect-size 640]
 
 MTCNN searches each photo on a copy whose longer side is at most ``--detect-size`` pixels
-(0: full size) and the crop is warped from the full-size photo (DEFAULT_DETECT_SIZE says
-what that costs and saves). Photos are read upright by their EXIF orientation.
+(0: full size; DEFAULT_DETECT_SIZE says what that costs and saves). A JPEG at least twice
+that size is decoded at 1/2-1/8 (reduced_photo) and its crop warped from that decode unless
+the face is too small there (MIN_REDUCED_EYE_RATIO). Photos are read upright by EXIF.
 
 As a library::
 
@@ -32,13 +33,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from face_warp import TEMPLATE_SIZE, check_rgb, warp_face
+from face_warp import TEMPLATE_SIZE, check_rgb, template_for_size, warp_face
+from reduced_photo import Photo, read_photo
 from utils import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -54,7 +57,7 @@ from utils import (
 
 DEFAULT_MIN_FACE_SIZE = 40  # pixels; MTCNN's smallest searched face (its own default is 20)
 # MTCNN sees a copy of each photo scaled so its longer side is at most this (0: full size);
-# boxes and landmarks are mapped back and the crop is warped from the full-size photo. MTCNN's
+# boxes and landmarks are mapped back to full-size pixels (see MIN_REDUCED_EYE_RATIO). MTCNN's
 # cost grows with the pixels it searches (its pyramid starts at 12 / min_face_size of the
 # image): on 1.4-4.6k px photos it took 620 ms a photo at full size, 69 ms at 640 (2-core
 # CPU, one thread; bench/align_throughput.py). min_face_size counts pixels of the copy, so a
@@ -64,6 +67,16 @@ DEFAULT_MIN_FACE_SIZE = 40  # pixels; MTCNN's smallest searched face (its own de
 # --detect-size or 0. Searching below ~20 px on the copy instead would spend what the
 # downscale saves (99 ms a photo for 20 px at 640).
 DEFAULT_DETECT_SIZE = 640
+# A big JPEG is decoded at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling; the largest that keeps the
+# longer side >= the detect size, see read_photo), searched there, and its crop is warped from
+# that reduced decode when the face's eye distance there is at least this many times the
+# template's (35.2 px at 112): the warp then only shrinks an image whose pixels are block
+# averages of the photo's, and loses none of the detail a crop can hold. Smaller faces are
+# warped from a full-size decode. On 13 real 2-2.5k px photos (bench/README.md), against a
+# reference crop warped at 8x and area-averaged, crops from a reduced decode at ratio >= 1
+# were off by 1.2-1.7 grey levels on average, those from the full photo by 4.3 (its bilinear
+# warp shrinks 5-10x and aliases); below ratio 0.75 the reduced crops got worse (4.5).
+MIN_REDUCED_EYE_RATIO = 1.0
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)  # P-, R- and O-net score thresholds (MTCNN's defaults)
 DEFAULT_BATCH_SIZE = 32
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset
@@ -260,20 +273,37 @@ class FaceAligner:
         return self._detect_scaled([image])[0]
 
     # -- alignment
-    def _choose(self, detections: Detections, image: np.ndarray,
+    def _choose(self, detections: Detections, photo: Photo,
                 hint_box: Sequence[float] | None) -> AlignedFace | None:
+        """The face to crop among ``detections`` (in ``photo.image``'s pixels), its crop, box
+        and landmarks in the full-size photo's pixels."""
         boxes, probs, points = detections
         if len(boxes) == 0:
             return None
+        offset = MTCNN_COORDINATE_OFFSET  # MTCNN's 1-based pixels, at either size
+        boxes = (photo.to_full(boxes.reshape(-1, 2, 2) - offset) + offset).reshape(-1, 4)
+        points = photo.to_full(points - offset) + offset
         if hint_box is None:
-            k = select_central_face(boxes, image.shape)
+            k = select_central_face(boxes, photo.full_shape)
         else:
             iou = box_iou(boxes, hint_box)
             k = int(np.argmax(iou))
             if iou[k] <= 0:
                 return None  # no detection overlaps the given box
-        return AlignedFace(crop=warp_face(image, points[k], self.size), box=boxes[k].copy(),
+        return AlignedFace(crop=self._warp(photo, points[k]), box=boxes[k].copy(),
                            landmarks=points[k].copy(), score=float(probs[k]))
+
+    def _warp(self, photo: Photo, landmarks: np.ndarray) -> np.ndarray:
+        """The crop for full-size ``landmarks``: from the reduced decode when the face is big
+        enough there (MIN_REDUCED_EYE_RATIO), else from the full-size photo. The reduced
+        crop samples the same points of the photo as the full-size one would."""
+        if photo.reduce > 1:
+            reduced = photo.to_reduced(landmarks)
+            template = template_for_size(self.size)
+            needed = MIN_REDUCED_EYE_RATIO * np.linalg.norm(template[1] - template[0])
+            if np.linalg.norm(reduced[1] - reduced[0]) >= needed:
+                return warp_face(photo.image, reduced, self.size)
+        return warp_face(photo.full_image(), landmarks, self.size)
 
     def align(self, image: np.ndarray,
               hint_box: Sequence[float] | None = None) -> AlignedFace | None:
@@ -289,18 +319,25 @@ class FaceAligner:
         """:meth:`align` for many images; equal-size images are detected in batches.
 
         ``hint_box``: None, one box for every image, or one box (or None) per image."""
-        images = [check_rgb(im) for im in images]
-        hints = _per_image_hints(hint_box, len(images))
+        return self.align_photos([Photo(check_rgb(im)) for im in images], hint_box)
+
+    def align_photos(self, photos: Sequence[Photo],
+                     hint_box: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
+                     ) -> list[AlignedFace | None]:
+        """:meth:`align_batch` for photos that may be decoded reduced (:func:`read_photo`):
+        each is searched at its decoded size (bounded by ``detect_size``); boxes, landmarks
+        and ``hint_box`` are in full-size pixels."""
+        hints = _per_image_hints(hint_box, len(photos))
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, im in enumerate(images):
-            by_shape.setdefault(im.shape, []).append(i)
-        results: list[AlignedFace | None] = [None] * len(images)
+        for i, photo in enumerate(photos):
+            by_shape.setdefault(check_rgb(photo.image).shape, []).append(i)
+        results: list[AlignedFace | None] = [None] * len(photos)
         for indices in by_shape.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                found = self._detect_scaled([images[i] for i in chunk])
+                found = self._detect_scaled([photos[i].image for i in chunk])
                 for i, det in zip(chunk, found, strict=True):
-                    results[i] = self._choose(det, images[i], hints[i])
+                    results[i] = self._choose(det, photos[i], hints[i])
         return results
 
 
@@ -344,34 +381,39 @@ def align_files(aligner: FaceAligner, paths: Sequence[Path], batch_size: int,
     A faceless image gets its :func:`center_crop`; an unreadable file is no error here (its
     FileCrop carries the ImageReadError). ``hint_for(path)``, asked for readable files only,
     gives ``align_batch``'s per-image ``hint_box``. ``num_workers`` threads read the files;
-    a tqdm bar counts them."""
+    a tqdm bar counts them. An aligner with ``align_photos`` (FaceAligner) gets big JPEGs
+    decoded reduced for its ``detect_size`` (:func:`read_photo`); others get full-size
+    images through ``align_batch``."""
     from tqdm import tqdm
 
+    takes_photos = hasattr(aligner, "align_photos")
+    read = partial(read_photo, detect_size=aligner.detect_size if takes_photos else 0)
     batch_size = max(1, batch_size)
     with ThreadPoolExecutor(max(1, num_workers)) as pool, \
             tqdm(total=len(paths), desc=desc, unit="img", disable=not progress,
                  leave=leave) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            loaded = list(pool.map(read_image_or_error, chunk))
+            loaded = list(pool.map(read, chunk))
             readable = [(p, im) for p, im in zip(chunk, loaded, strict=True)
-                        if isinstance(im, np.ndarray)]
-            images = [im for _, im in readable]
+                        if isinstance(im, Photo)]
+            photos = [im for _, im in readable]
             hints = [None] * len(readable) if hint_for is None else \
                 [hint_for(p) for p, _ in readable]
-            if not images:
+            given = {} if hint_for is None else {"hint_box": hints}  # hints only when any
+            if not photos:
                 faces = []
-            elif hint_for is None:  # an aligner need not take hints when none are given
-                faces = aligner.align_batch(images)
+            elif takes_photos:
+                faces = aligner.align_photos(photos, **given)
             else:
-                faces = aligner.align_batch(images, hint_box=hints)
-            done = iter(zip(images, faces, hints, strict=True))
-            for path, image in zip(chunk, loaded, strict=True):
-                if not isinstance(image, np.ndarray):
-                    yield FileCrop(path, None, None, error=image)
+                faces = aligner.align_batch([p.image for p in photos], **given)
+            done = iter(zip(photos, faces, hints, strict=True))
+            for path, photo in zip(chunk, loaded, strict=True):
+                if not isinstance(photo, Photo):
+                    yield FileCrop(path, None, None, error=photo)
                     continue
-                image, face, hint = next(done)
-                crop = center_crop(image, size) if face is None else face.crop
+                photo, face, hint = next(done)
+                crop = center_crop(photo.full_image(), size) if face is None else face.crop
                 yield FileCrop(path, crop, face, hint)
             bar.update(len(chunk))
 
@@ -529,7 +571,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "is faster)")
     p.add_argument("--detect-size", type=_int_at_least(0), default=DEFAULT_DETECT_SIZE,
                    help="MTCNN searches a copy whose longer side is at most this many pixels "
-                        "(the crop is still cut from the full photo); a photo scaled down by "
+                        "(big JPEGs are decoded reduced); a photo scaled down by "
                         "s finds faces from min-face-size / s pixels up. 0: full size (slow "
                         "on big photos; for small faces in big group photos)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")

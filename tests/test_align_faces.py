@@ -496,3 +496,130 @@ def test_report_cut_inside_a_utf8_name_is_read_with_a_warning(tmp_path):
     assert len(warnings) == 1 and str(report) in warnings[0] and "UTF-8" in warnings[0]
     lines = report.read_text(encoding="utf-8").splitlines()
     assert [line.split("\t")[:2] for line in lines] == [["unreadable", "bob/broken.jpg"]]
+
+
+# ----------------------------------------------------------------------------- reduced JPEG decode
+
+def _reference_crop(image: np.ndarray, landmarks: np.ndarray, over: int = 8) -> np.ndarray:
+    """An anti-aliased crop: warped at ``over`` x 112 and area-averaged down to 112 (the
+    template shifted so that each block of ``over`` pixels is centred on a 112 pixel)."""
+    matrix = fw.estimate_similarity(landmarks, fw.REFERENCE_LANDMARKS * over + (over - 1) / 2)
+    big = cv2.warpAffine(image, matrix, (112 * over, 112 * over), flags=cv2.INTER_LINEAR)
+    return cv2.resize(big, (112, 112), interpolation=cv2.INTER_AREA).astype(float)
+
+
+def test_big_jpeg_is_searched_and_cropped_on_a_reduced_decode(tmp_path, aligner, monkeypatch):
+    """The 2048 px photo as a JPEG: decoded at 1/2 (1024 px, the largest reduction still >=
+    640), its landmarks within the same tolerance of the full-size search as the downscaled
+    array's, and its crop, warped from the reduced decode, close to the full-size one."""
+    import reduced_photo
+    from reduced_photo import read_photo
+    from utils import read_image
+
+    path = tmp_path / "big.jpg"
+    write_image(path, _big_photo_with_a_small_face())
+    photo = read_photo(path, af.DEFAULT_DETECT_SIZE)
+    assert photo.reduce == 2 and photo.image.shape == (1024, 1024, 3)
+    full = read_image(path)
+    full_boxes, _, full_points = af.FaceAligner(device="cpu", detect_size=0).detect(full)
+    k = int(np.argmin(full_boxes[:, 0]))  # the big face
+    decoded = []  # the reductions decode_image is asked for
+    decode = reduced_photo.decode_image
+    monkeypatch.setattr(reduced_photo, "decode_image",
+                        lambda *a, **kw: decoded.append(kw.get("reduce", 1)) or decode(*a, **kw))
+    [done] = af.align_files(aligner, [path], batch_size=1, progress=False)
+    assert decoded == [2]  # the face is big enough on the reduced decode: no full-size decode
+    eye_distance = np.linalg.norm(full_points[k, 1] - full_points[k, 0])
+    assert np.linalg.norm(done.face.landmarks - full_points[k], axis=1).max() < 0.05 * eye_distance
+    assert box_iou_one(done.face.box, full_boxes[k]) > 0.85
+    # the crop from the reduced decode against the one warped from the full photo with the same
+    # landmarks: 1.7 levels apart on average here. The full-size warp is no ground truth (a
+    # bilinear 2.5x shrink aliases): against an anti-aliased crop the reduced one is closer.
+    from_full = fw.warp_face(full, done.face.landmarks).astype(float)
+    assert np.abs(done.crop - from_full).mean() < 3.0
+    reference = _reference_crop(full, done.face.landmarks)
+    assert np.abs(done.crop - reference).mean() <= np.abs(from_full - reference).mean()
+
+
+def test_small_face_in_a_big_jpeg_is_warped_from_a_full_size_decode(tmp_path, aligner):
+    """The astronaut at her own size (eye distance ~42 px) in a 1300 px JPEG: searched on the
+    1/2 decode, but there her eyes are ~21 px apart, below the template's 35: the crop is
+    warped from the full-size decode, exactly as from the full image."""
+    from reduced_photo import read_photo
+    from utils import read_image
+
+    canvas = np.full((1300, 1301, 3), 110, np.uint8)
+    canvas[400:912, 400:912] = data.astronaut()
+    path = tmp_path / "small_face.jpg"
+    write_image(path, canvas)
+    assert read_photo(path, af.DEFAULT_DETECT_SIZE).reduce == 2
+    [done] = af.align_files(aligner, [path], batch_size=1, progress=False)
+    landmarks = done.face.landmarks
+    assert np.linalg.norm(landmarks[1] - landmarks[0]) / 2 < 35.24 * af.MIN_REDUCED_EYE_RATIO
+    np.testing.assert_array_equal(done.crop, fw.warp_face(read_image(path), landmarks))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_reduced_pixels_map_to_the_upright_full_photo(tmp_path, orientation):
+    """A blob at a known place of the upright photo, stored turned for each EXIF orientation
+    on sides no multiple of 8: its centroid on every reduced decode, mapped by Photo.to_full,
+    is where it is at full size (computed from the upright array, not by our mapping)."""
+    from PIL import Image
+
+    from reduced_photo import read_photo
+    from utils import apply_orientation
+
+    h, w = 1299, 1013
+    yy, xx = np.mgrid[:h, :w]
+    centre = np.array([701.3, 388.6])  # (x, y)
+    blob = 255 * np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * 12.0 ** 2))
+    upright = np.repeat(blob[..., None], 3, axis=2).astype(np.uint8)
+    # the stored pixels: what apply_orientation turns upright (its inverse, by trying)
+    inverse = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}[orientation]
+    stored = apply_orientation(upright, inverse)
+    assert np.array_equal(apply_orientation(stored, orientation), upright)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "blob.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=98)
+    for detect_size in (640, 320, 150):  # 1/2, 1/4, 1/8
+        photo = read_photo(path, detect_size)
+        assert photo.full_shape == (h, w) and photo.reduce == {640: 2, 320: 4, 150: 8}[detect_size]
+        weights = photo.image[..., 0].astype(float)
+        weights[weights < 20] = 0  # JPEG noise off the blob
+        v, u = np.mgrid[:weights.shape[0], :weights.shape[1]]
+        found = np.array([(u * weights).sum(), (v * weights).sum()]) / weights.sum()
+        np.testing.assert_allclose(photo.to_full(found), centre, atol=0.25 * photo.reduce)
+        np.testing.assert_allclose(photo.to_reduced(photo.to_full(found)), found)
+
+
+@pytest.mark.parametrize("orientation,turn_stored", [
+    (6, cv2.ROTATE_90_COUNTERCLOCKWISE), (3, cv2.ROTATE_180), (8, cv2.ROTATE_90_CLOCKWISE)])
+def test_big_sideways_jpeg_is_aligned_upright_through_the_reduced_decode(
+        tmp_path, aligner, orientation, turn_stored):
+    """Grace Hopper upscaled to 1403x1197 (a 1/2 decode), stored turned with an EXIF
+    orientation: the face and landmarks as from the upright JPEG, the crop upright."""
+    from PIL import Image
+
+    from reduced_photo import read_photo
+
+    upright = cv2.resize(_grace_hopper(), (1197, 1403), interpolation=cv2.INTER_CUBIC)
+    write_image(tmp_path / "upright.jpg", upright)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "turned.jpg"
+    Image.fromarray(cv2.rotate(upright, turn_stored)).save(path, exif=exif, quality=95)
+    assert read_photo(path, af.DEFAULT_DETECT_SIZE).reduce == 2
+    reference, done = af.align_files(aligner, [tmp_path / "upright.jpg", path], batch_size=2,
+                                     progress=False)
+    assert reference.face is not None and done.face is not None
+    eye_distance = np.linalg.norm(reference.face.landmarks[1] - reference.face.landmarks[0])
+    assert eye_distance / 2 > 35.24  # warped from the reduced decode
+    # MTCNN's own repeatability (up to 6.7% of the eye distance on a 2 px shift, bench
+    # README): a turned photo's 1/2 decode is another block grid than the upright one's
+    assert np.abs(done.face.landmarks - reference.face.landmarks).max() < 0.07 * eye_distance
+    # the crop is the upright photo's at those landmarks (as in the test above: < 3 levels)
+    from_full = fw.warp_face(upright, done.face.landmarks).astype(float)
+    assert np.abs(done.crop - from_full).mean() < 3.0
+    skin = done.crop[60:75, 35:50].reshape(-1, 3).mean(axis=0)
+    assert skin[0] > skin[2] + 20  # RGB kept: skin is redder than blue
