@@ -72,10 +72,11 @@ DEFAULT_DETECT_SIZE = 640
 # that reduced decode when the face's eye distance there is at least this many times the
 # template's (35.2 px at 112): the warp then only shrinks an image whose pixels are block
 # averages of the photo's, and loses none of the detail a crop can hold. Smaller faces are
-# warped from a full-size decode. On 13 real 2-2.5k px photos (bench/README.md), against a
-# reference crop warped at 8x and area-averaged, crops from a reduced decode at ratio >= 1
-# were off by 1.2-1.7 grey levels on average, those from the full photo by 4.3 (its bilinear
-# warp shrinks 5-10x and aliases); below ratio 0.75 the reduced crops got worse (4.5).
+# warped from a full-size decode. On 13 real 2-2.5k px photos decoded at 1/2-1/8 (bench
+# README), against a reference crop warped at 8x and area-averaged, crops from a reduced
+# decode were off by 1.2-1.7 grey levels on average at ratios 1-3 and 3.2 above (the
+# bilinear warp's own aliasing), those from the full photo by 4.2-4.6 (it shrinks 5-10x);
+# below ratio 0.75 the reduced crops were worse (4.4 against 2.2).
 MIN_REDUCED_EYE_RATIO = 1.0
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)  # P-, R- and O-net score thresholds (MTCNN's defaults)
 DEFAULT_BATCH_SIZE = 32

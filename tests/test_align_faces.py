@@ -559,6 +559,18 @@ def test_small_face_in_a_big_jpeg_is_warped_from_a_full_size_decode(tmp_path, al
     np.testing.assert_array_equal(done.crop, fw.warp_face(read_image(path), landmarks))
 
 
+def test_jpeg_reduction_keeps_the_longer_side_at_least_the_detect_size():
+    from reduced_photo import jpeg_reduction
+
+    assert jpeg_reduction((2048, 1536), 640) == 2  # 1024; 1/4 would be 512
+    assert jpeg_reduction((1536, 2504), 640) == 2  # 1252; 1/4 would be 626
+    assert jpeg_reduction((8000, 8000), 640) == 8  # 1000
+    assert jpeg_reduction((3000, 2560), 640) == 4  # 750; 1/8 would be 375
+    assert jpeg_reduction((1279, 900), 640) == 2  # ceil(639.5) = 640: enough
+    assert jpeg_reduction((1278, 900), 640) == 1  # 639: too small, decoded at full size
+    assert jpeg_reduction((8000, 8000), 0) == 1  # 0: full size
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_reduced_pixels_map_to_the_upright_full_photo(tmp_path, orientation):
     """A blob at a known place of the upright photo, stored turned for each EXIF orientation
