@@ -7,14 +7,15 @@ Usage as a script mirrors a tree of photos ``SRC_DIR/identity/image.jpg`` into a
                           [--detect-size 640]
 
 MTCNN searches each photo on a copy whose longer side is at most ``--detect-size`` pixels
-(0: full size) and the crop is warped from the full-size photo (DEFAULT_DETECT_SIZE says
-what that costs and saves). Photos are read upright by their EXIF orientation.
+(0: full size; DEFAULT_DETECT_SIZE says what that costs and saves). A JPEG at least twice
+that size is decoded at 1/2-1/8 (reduced_photo) and its crop warped from that decode unless
+the face is too small there (MIN_REDUCED_EYE_RATIO). Photos are read upright by EXIF.
 
 As a library::
 
     aligner = FaceAligner()                      # MTCNN, CUDA when present
     face = aligner.align(rgb_image)              # AlignedFace or None
-    crop = warp_face(rgb_image, five_points)     # when the landmarks are already known
+    crop = face_warp.warp_face(rgb_image, five_points)  # when the landmarks are known
 
 Detection uses facenet-pytorch's MTCNN, whose weights ship inside its wheel (nothing is
 downloaded). Every image in and out is RGB uint8 HxWx3 (the repo's colour contract).
@@ -32,14 +33,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from face_warp import TEMPLATE_SIZE, check_rgb, template_for_size, warp_face
+from reduced_photo import Photo, read_photo
 from utils import (
-    FACE_CROP_SIZE,
     IMAGE_EXTENSIONS,
     ImageReadError,
     ToolkitError,
@@ -52,22 +55,9 @@ from utils import (
     write_image,
 )
 
-# ArcFace's 112x112 template (InsightFace ``arcface_dst``), (x, y) per landmark.
-REFERENCE_LANDMARKS = np.array(
-    [
-        [38.2946, 51.6963],  # left eye (image left)
-        [73.5318, 51.5014],  # right eye
-        [56.0252, 71.7366],  # nose tip
-        [41.5493, 92.3655],  # left mouth corner
-        [70.7299, 92.2041],  # right mouth corner
-    ],
-    dtype=np.float32,
-)
-TEMPLATE_SIZE = FACE_CROP_SIZE  # side of the square the template's coordinates refer to
-
 DEFAULT_MIN_FACE_SIZE = 40  # pixels; MTCNN's smallest searched face (its own default is 20)
 # MTCNN sees a copy of each photo scaled so its longer side is at most this (0: full size);
-# boxes and landmarks are mapped back and the crop is warped from the full-size photo. MTCNN's
+# boxes and landmarks are mapped back to full-size pixels (see MIN_REDUCED_EYE_RATIO). MTCNN's
 # cost grows with the pixels it searches (its pyramid starts at 12 / min_face_size of the
 # image): on 1.4-4.6k px photos it took 620 ms a photo at full size, 69 ms at 640 (2-core
 # CPU, one thread; bench/align_throughput.py). min_face_size counts pixels of the copy, so a
@@ -77,6 +67,17 @@ DEFAULT_MIN_FACE_SIZE = 40  # pixels; MTCNN's smallest searched face (its own de
 # --detect-size or 0. Searching below ~20 px on the copy instead would spend what the
 # downscale saves (99 ms a photo for 20 px at 640).
 DEFAULT_DETECT_SIZE = 640
+# A big JPEG is decoded at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling; the largest that keeps the
+# longer side >= the detect size, see read_photo), searched there, and its crop is warped from
+# that reduced decode when the face's eye distance there is at least this many times the
+# template's (35.2 px at 112): the warp then only shrinks an image whose pixels are block
+# averages of the photo's, and loses none of the detail a crop can hold. Smaller faces are
+# warped from a full-size decode. On 13 real 2-2.5k px photos decoded at 1/2-1/8 (bench
+# README), against a reference crop warped at 8x and area-averaged, crops from a reduced
+# decode were off by 1.2-1.7 grey levels on average at ratios 1-3 and 3.2 above (the
+# bilinear warp's own aliasing), those from the full photo by 4.2-4.6 (it shrinks 5-10x);
+# below ratio 0.75 the reduced crops were worse (4.4 against 2.2).
+MIN_REDUCED_EYE_RATIO = 1.0
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)  # P-, R- and O-net score thresholds (MTCNN's defaults)
 DEFAULT_BATCH_SIZE = 32
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset
@@ -98,54 +99,6 @@ class AlignInputError(ToolkitError, ValueError):
 
 
 # ----------------------------------------------------------------------------- geometry
-
-def estimate_similarity(landmarks: np.ndarray,
-                        reference: np.ndarray = REFERENCE_LANDMARKS) -> np.ndarray:
-    """The 2x3 least-squares similarity (rotation, uniform scale, translation) mapping
-    ``landmarks`` onto ``reference`` (Umeyama 1991), as a float64 matrix for cv2.warpAffine.
-
-    Minimises sum_i || s R p_i + t - q_i ||^2 over rotations R (no reflection), s > 0, t.
-    """
-    src = np.asarray(landmarks, dtype=np.float64)
-    dst = np.asarray(reference, dtype=np.float64)
-    if src.ndim != 2 or src.shape[1] != 2 or src.shape != dst.shape or len(src) < 2:
-        raise ValueError(f"landmarks must be (N, 2) matching the reference {dst.shape}, "
-                         f"got {src.shape}")
-    if not np.isfinite(src).all():
-        raise ValueError("landmarks contain NaN or infinite values")
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    src_var = (src_c ** 2).sum() / len(src)
-    if src_var <= np.finfo(np.float64).eps:
-        raise ValueError("landmarks are degenerate (all points coincide)")
-    cov = dst_c.T @ src_c / len(src)
-    u, sing, vt = np.linalg.svd(cov)
-    # Force a proper rotation: flip the weakest axis when U V^T would be a reflection.
-    signs = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        signs[-1] = -1.0
-    rotation = u @ np.diag(signs) @ vt
-    scale = (sing * signs).sum() / src_var
-    translation = dst_mean - scale * rotation @ src_mean
-    return np.hstack([scale * rotation, translation[:, None]])
-
-
-def template_for_size(size: int) -> np.ndarray:
-    """The reference landmarks for a ``size`` x ``size`` crop: the 112 template scaled by
-    size / 112 (InsightFace shifts x by 8 for 128 instead; we scale for every size)."""
-    if size <= 0:
-        raise ValueError(f"crop size must be positive, got {size}")
-    return REFERENCE_LANDMARKS * np.float32(size / TEMPLATE_SIZE)
-
-
-def warp_face(image: np.ndarray, landmarks: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
-    """The aligned ``size`` x ``size`` RGB crop: ``image`` warped by the similarity taking
-    ``landmarks`` onto the template (bilinear, black constant border)."""
-    image = _check_rgb(image)
-    matrix = estimate_similarity(landmarks, template_for_size(size))
-    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-
 
 def select_central_face(boxes: np.ndarray, image_shape: Sequence[int]) -> int:
     """Index of the detection a face dataset means when a photo shows several faces.
@@ -180,20 +133,13 @@ def box_iou(boxes: np.ndarray, box: Sequence[float]) -> np.ndarray:
 def center_crop(image: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
     """Fallback crop for an image without a detected face: its central square of side
     CENTER_CROP_FRACTION x the shorter side, resized to ``size`` x ``size``."""
-    image = _check_rgb(image)
+    image = check_rgb(image)
     h, w = image.shape[:2]
     side = max(1, round(min(h, w) * CENTER_CROP_FRACTION))
     top, left = (h - side) // 2, (w - side) // 2
     square = image[top:top + side, left:left + side]
     interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     return cv2.resize(square, (size, size), interpolation=interp)
-
-
-def _check_rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
-    return image
 
 
 # ----------------------------------------------------------------------------- detector
@@ -324,24 +270,41 @@ class FaceAligner:
     def detect(self, image: np.ndarray) -> Detections:
         """All faces in an RGB image: boxes (N, 4) x1 y1 x2 y2, probabilities (N,),
         landmarks (N, 5, 2), in the image's pixels; N may be 0."""
-        image = _check_rgb(image)
+        image = check_rgb(image)
         return self._detect_scaled([image])[0]
 
     # -- alignment
-    def _choose(self, detections: Detections, image: np.ndarray,
+    def _choose(self, detections: Detections, photo: Photo,
                 hint_box: Sequence[float] | None) -> AlignedFace | None:
+        """The face to crop among ``detections`` (in ``photo.image``'s pixels), its crop, box
+        and landmarks in the full-size photo's pixels."""
         boxes, probs, points = detections
         if len(boxes) == 0:
             return None
+        offset = MTCNN_COORDINATE_OFFSET  # MTCNN's 1-based pixels, at either size
+        boxes = (photo.to_full(boxes.reshape(-1, 2, 2) - offset) + offset).reshape(-1, 4)
+        points = photo.to_full(points - offset) + offset
         if hint_box is None:
-            k = select_central_face(boxes, image.shape)
+            k = select_central_face(boxes, photo.full_shape)
         else:
             iou = box_iou(boxes, hint_box)
             k = int(np.argmax(iou))
             if iou[k] <= 0:
                 return None  # no detection overlaps the given box
-        return AlignedFace(crop=warp_face(image, points[k], self.size), box=boxes[k].copy(),
+        return AlignedFace(crop=self._warp(photo, points[k]), box=boxes[k].copy(),
                            landmarks=points[k].copy(), score=float(probs[k]))
+
+    def _warp(self, photo: Photo, landmarks: np.ndarray) -> np.ndarray:
+        """The crop for full-size ``landmarks``: from the reduced decode when the face is big
+        enough there (MIN_REDUCED_EYE_RATIO), else from the full-size photo. The reduced
+        crop samples the same points of the photo as the full-size one would."""
+        if photo.reduce > 1:
+            reduced = photo.to_reduced(landmarks)
+            template = template_for_size(self.size)
+            needed = MIN_REDUCED_EYE_RATIO * np.linalg.norm(template[1] - template[0])
+            if np.linalg.norm(reduced[1] - reduced[0]) >= needed:
+                return warp_face(photo.image, reduced, self.size)
+        return warp_face(photo.full_image(), landmarks, self.size)
 
     def align(self, image: np.ndarray,
               hint_box: Sequence[float] | None = None) -> AlignedFace | None:
@@ -357,18 +320,25 @@ class FaceAligner:
         """:meth:`align` for many images; equal-size images are detected in batches.
 
         ``hint_box``: None, one box for every image, or one box (or None) per image."""
-        images = [_check_rgb(im) for im in images]
-        hints = _per_image_hints(hint_box, len(images))
+        return self.align_photos([Photo(check_rgb(im)) for im in images], hint_box)
+
+    def align_photos(self, photos: Sequence[Photo],
+                     hint_box: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
+                     ) -> list[AlignedFace | None]:
+        """:meth:`align_batch` for photos that may be decoded reduced (:func:`read_photo`):
+        each is searched at its decoded size (bounded by ``detect_size``); boxes, landmarks
+        and ``hint_box`` are in full-size pixels."""
+        hints = _per_image_hints(hint_box, len(photos))
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, im in enumerate(images):
-            by_shape.setdefault(im.shape, []).append(i)
-        results: list[AlignedFace | None] = [None] * len(images)
+        for i, photo in enumerate(photos):
+            by_shape.setdefault(check_rgb(photo.image).shape, []).append(i)
+        results: list[AlignedFace | None] = [None] * len(photos)
         for indices in by_shape.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                found = self._detect_scaled([images[i] for i in chunk])
+                found = self._detect_scaled([photos[i].image for i in chunk])
                 for i, det in zip(chunk, found, strict=True):
-                    results[i] = self._choose(det, images[i], hints[i])
+                    results[i] = self._choose(det, photos[i], hints[i])
         return results
 
 
@@ -412,34 +382,39 @@ def align_files(aligner: FaceAligner, paths: Sequence[Path], batch_size: int,
     A faceless image gets its :func:`center_crop`; an unreadable file is no error here (its
     FileCrop carries the ImageReadError). ``hint_for(path)``, asked for readable files only,
     gives ``align_batch``'s per-image ``hint_box``. ``num_workers`` threads read the files;
-    a tqdm bar counts them."""
+    a tqdm bar counts them. An aligner with ``align_photos`` (FaceAligner) gets big JPEGs
+    decoded reduced for its ``detect_size`` (:func:`read_photo`); others get full-size
+    images through ``align_batch``."""
     from tqdm import tqdm
 
+    takes_photos = hasattr(aligner, "align_photos")
+    read = partial(read_photo, detect_size=aligner.detect_size if takes_photos else 0)
     batch_size = max(1, batch_size)
     with ThreadPoolExecutor(max(1, num_workers)) as pool, \
             tqdm(total=len(paths), desc=desc, unit="img", disable=not progress,
                  leave=leave) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            loaded = list(pool.map(read_image_or_error, chunk))
+            loaded = list(pool.map(read, chunk))
             readable = [(p, im) for p, im in zip(chunk, loaded, strict=True)
-                        if isinstance(im, np.ndarray)]
-            images = [im for _, im in readable]
+                        if isinstance(im, Photo)]
+            photos = [im for _, im in readable]
             hints = [None] * len(readable) if hint_for is None else \
                 [hint_for(p) for p, _ in readable]
-            if not images:
+            given = {} if hint_for is None else {"hint_box": hints}  # hints only when any
+            if not photos:
                 faces = []
-            elif hint_for is None:  # an aligner need not take hints when none are given
-                faces = aligner.align_batch(images)
+            elif takes_photos:
+                faces = aligner.align_photos(photos, **given)
             else:
-                faces = aligner.align_batch(images, hint_box=hints)
-            done = iter(zip(images, faces, hints, strict=True))
-            for path, image in zip(chunk, loaded, strict=True):
-                if not isinstance(image, np.ndarray):
-                    yield FileCrop(path, None, None, error=image)
+                faces = aligner.align_batch([p.image for p in photos], **given)
+            done = iter(zip(photos, faces, hints, strict=True))
+            for path, photo in zip(chunk, loaded, strict=True):
+                if not isinstance(photo, Photo):
+                    yield FileCrop(path, None, None, error=photo)
                     continue
-                image, face, hint = next(done)
-                crop = center_crop(image, size) if face is None else face.crop
+                photo, face, hint = next(done)
+                crop = center_crop(photo.full_image(), size) if face is None else face.crop
                 yield FileCrop(path, crop, face, hint)
             bar.update(len(chunk))
 
@@ -597,7 +572,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "is faster)")
     p.add_argument("--detect-size", type=_int_at_least(0), default=DEFAULT_DETECT_SIZE,
                    help="MTCNN searches a copy whose longer side is at most this many pixels "
-                        "(the crop is still cut from the full photo); a photo scaled down by "
+                        "(big JPEGs are decoded reduced); a photo scaled down by "
                         "s finds faces from min-face-size / s pixels up. 0: full size (slow "
                         "on big photos; for small faces in big group photos)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")

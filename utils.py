@@ -14,7 +14,7 @@ import re
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +344,13 @@ ORIENTATION_UPRIGHT = 1
 _TIFF_SHORT = 3  # the TIFF field type of the orientation value
 _EXIF_PREFIX = b"Exif\x00\x00"  # starts a JPEG APP1 EXIF segment (and some WebP EXIF chunks)
 _JPEG_SOI, _JPEG_APP1, _JPEG_SOS, _JPEG_EOI = 0xD8, 0xE1, 0xDA, 0xD9
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers
+# JPEGs decode at 1/2, 1/4 or 1/8 of their size with libjpeg's DCT scaling: each 8x8 block
+# becomes 4x4, 2x2 or 1x1 pixels (each side ceil(side / reduce)), skipping most of the inverse
+# DCT and colour conversion and any separate downscale. Progressive JPEGs gain less: their
+# entropy decoding, the same at every scale, is most of their cost.
+JPEG_REDUCTIONS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                   8: cv2.IMREAD_REDUCED_COLOR_8} if cv2 is not None else {}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -364,23 +371,30 @@ def _tiff_orientation(tiff: memoryview) -> int:
     return ORIENTATION_UPRIGHT
 
 
-def _jpeg_exif(buf: memoryview) -> memoryview | None:
-    """The TIFF payload of a JPEG's APP1 EXIF segment. Walks the marker segments before
-    the scan data only (a handful for a JPEG without EXIF: microseconds)."""
+def _jpeg_segments(buf: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """(marker, payload) of a JPEG's marker segments before the scan data. Walks the header
+    only (a handful of segments for a JPEG without EXIF: microseconds); stops at anything
+    that is not a marker (a malformed header is left to the decoder)."""
     pos = 2
     while pos + 4 <= len(buf):
         if buf[pos] != 0xFF:
-            return None  # not at a marker: a malformed header, leave it to the decoder
+            return
         marker = buf[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
         if marker in (_JPEG_SOS, _JPEG_EOI):
-            return None
+            return
         length = (buf[pos + 2] << 8) | buf[pos + 3]
-        if marker == _JPEG_APP1 and bytes(buf[pos + 4:pos + 10]) == _EXIF_PREFIX:
-            return buf[pos + 10:pos + 2 + length]
+        yield marker, buf[pos + 4:pos + 2 + length]
         pos += 2 + length
+
+
+def _jpeg_exif(buf: memoryview) -> memoryview | None:
+    """The TIFF payload of a JPEG's APP1 EXIF segment."""
+    for marker, payload in _jpeg_segments(buf):
+        if marker == _JPEG_APP1 and bytes(payload[:6]) == _EXIF_PREFIX:
+            return payload[6:]
     return None
 
 
@@ -431,6 +445,24 @@ def exif_orientation(data: bytes | memoryview | np.ndarray) -> int:
         return ORIENTATION_UPRIGHT
 
 
+def jpeg_shape(data: bytes | memoryview | np.ndarray) -> tuple[int, int] | None:
+    """The (height, width) :func:`decode_image` gives a JPEG (upright as its EXIF orientation
+    says), read from its header without decoding; None for another format or a JPEG whose
+    header has no readable frame size."""
+    buf = memoryview(data).cast("B") if not isinstance(data, np.ndarray) \
+        else memoryview(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1))
+    if len(buf) < 4 or buf[0] != 0xFF or buf[1] != _JPEG_SOI:
+        return None
+    for marker, payload in _jpeg_segments(buf):
+        if marker in _JPEG_SOF and len(payload) >= 5:
+            height, width = struct.unpack_from(">HH", payload, 1)  # after the sample precision
+            if height == 0 or width == 0:
+                return None  # height 0: given later in a DNL segment (rare)
+            sideways = exif_orientation(buf) >= 5  # orientations 5-8 swap the axes
+            return (width, height) if sideways else (height, width)
+    return None
+
+
 def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     """Turn stored pixels upright as EXIF ``orientation`` (1-8) says: what a photo viewer
     (and PIL's ImageOps.exif_transpose) shows. Any number of channels and any dtype."""
@@ -469,16 +501,27 @@ def _to_rgb(decoded: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def decode_image(data: bytes | np.ndarray, source: str = "<buffer>",
-                 out: np.ndarray | None = None) -> np.ndarray:
+                 out: np.ndarray | None = None, reduce: int = 1) -> np.ndarray:
     """Encoded bytes (JPEG, PNG, ...) to RGB uint8 HxWx3, upright as the EXIF orientation
     says (:func:`exif_orientation`); ImageReadError naming ``source``.
     With ``out`` (uint8 HxWx3), a colour image of exactly that (upright) shape is decoded
-    into it and ``out`` is returned; anything else comes back as a new array."""
+    into it and ``out`` is returned; anything else comes back as a new array.
+    ``reduce`` 2, 4 or 8 (JPEGs only, see JPEG_REDUCTIONS): decoded at that fraction of the
+    size, each side ceil(side / reduce) (of :func:`jpeg_shape`'s); pixel u covers the
+    full-size pixels [u * reduce, (u + 1) * reduce) of the stored image."""
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) \
         else np.asarray(data, dtype=np.uint8).reshape(-1)
     if buf.size == 0:
         raise ImageReadError(f"{source}: empty image data")
-    decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if reduce == 1:
+        flags = cv2.IMREAD_UNCHANGED
+    elif reduce not in JPEG_REDUCTIONS:
+        raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce}")
+    elif buf.size < 2 or buf[0] != 0xFF or buf[1] != _JPEG_SOI:
+        raise ValueError(f"{source}: reduce={reduce} needs a JPEG (DCT scaling)")
+    else:  # OpenCV would apply the EXIF orientation itself here: ours below is the one rule
+        flags = JPEG_REDUCTIONS[reduce] | cv2.IMREAD_IGNORE_ORIENTATION
+    decoded = cv2.imdecode(buf, flags)
     if decoded is None:
         raise ImageReadError(f"{source}: not a decodable image ({buf.size} bytes)")
     # IMREAD_UNCHANGED keeps alpha and 16 bits but ignores EXIF; IMREAD_COLOR would apply the

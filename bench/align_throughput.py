@@ -2,24 +2,30 @@
 
     python bench/align_throughput.py [PHOTO_DIR] [--sizes 0 640] [--min-side 2000]
                                      [--max-side 3000] [--limit 0] [--threads 1]
-                                     [--repeats 2] [--huge]
+                                     [--repeats 2] [--crop-ratios] [--huge]
 
-Times ``align_faces.align_files`` (read + EXIF orientation + MTCNN + warp from the full-size
-photo) over the JPEG/PNG photos in PHOTO_DIR whose longer side is within
-[--min-side, --max-side], once per ``--sizes`` value (``FaceAligner(detect_size=...)``, 0 =
-full size), after one untimed photo; ``--repeats`` rounds, interleaved so that load from
-other processes hits every setting alike, best round reported. Also times the bare read
-(decode) of the same photos, the floor no detection setting can go under, and
-``FaceAligner.detect`` alone on the decoded photos (downscale + MTCNN + mapping back), the
-part the setting changes.
+Times ``align_faces.align_files`` (read + decode + EXIF orientation + MTCNN + warp) over the
+JPEG/PNG photos in PHOTO_DIR whose longer side is within [--min-side, --max-side], once per
+``--sizes`` value (``FaceAligner(detect_size=...)``, 0 = full size) as it is now ("new":
+big JPEGs decoded at 1/2-1/8, crops warped from that decode when the face is big enough)
+and, for nonzero sizes, as it was ("old": full decode, downscaled copy for MTCNN, crop warped
+from the full photo: ``align_batch`` on ``read_image``'s arrays), after one untimed photo;
+``--repeats`` rounds, interleaved so that load from other processes hits every setting
+alike, best round reported. Also times the bare reads (full decode; reduced decode), the
+floors, and ``FaceAligner.detect`` alone on the decoded images (downscale + MTCNN + mapping
+back): old on the full decode, new on the reduced one.
+
+Crops: new against old, and each against an anti-aliased reference at its own landmarks
+(warped at 8x from the full photo and area-averaged), mean absolute difference in grey
+levels; and how many new crops were warped from a full-size decode.
 
 Landmarks: for each setting, the largest distance of its 5 landmarks from the full-size
 search's, in % of the full-size eye distance, over the photos where both chose a face (mean
 and max); and the same for the full-size search of the photo less its first 2 rows and
 columns (MTCNN's own repeatability, the noise floor of that comparison).
 
-``--huge``: seconds and peak memory (max RSS) of aligning one 8000x8000 photo (Grace Hopper
-upscaled) per setting, each in a fresh process.
+``--huge``: seconds and peak memory (max RSS) of align_files on one 8000x8000 JPEG (Grace
+Hopper upscaled) per setting, each in a fresh process.
 
 Without PHOTO_DIR (or none in range) it uses ``skimage.data.astronaut()`` and matplotlib's
 ``grace_hopper.jpg`` upscaled to a 2400 px longer side, and says so: real photos have real
@@ -49,18 +55,17 @@ PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 HUGE_SIDE = 8000
 HUGE_RUN = """
 import os, resource, sys, time
+from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads({threads})
 import align_faces as af
-from utils import read_image
-image = read_image({path!r})
 aligner = af.FaceAligner(device="cpu", detect_size={size})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, torch and the photo loaded
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, torch and MTCNN loaded
 start = time.perf_counter()
-face = aligner.align(image)
-print(time.perf_counter() - start, face is not None,
+[done] = af.align_files(aligner, [Path({path!r})], 1, progress=False)
+print(time.perf_counter() - start, done.face is not None,
       (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20, base / 2**20)
 """
 
@@ -93,9 +98,9 @@ def package_photos(folder: Path) -> list[Path]:
 
 
 def huge_rows(folder: Path, sizes: list[int], threads: int) -> list[tuple]:
-    """One 8000x8000 photo per setting, each in a fresh process: seconds, and how far
-    aligning it raised the peak RSS above that of the process with torch and the decoded
-    photo loaded (the photo itself is 183 MiB)."""
+    """One 8000x8000 JPEG per setting through align_files (read, decode, align), each in a
+    fresh process: seconds, and how far that raised the peak RSS above that of the process
+    with torch and MTCNN loaded (the photo decoded at full size is 183 MiB)."""
     import subprocess
 
     import matplotlib.cbook
@@ -133,6 +138,88 @@ def landmark_diff(ours: dict[Path, np.ndarray], ref: dict[Path, np.ndarray]) -> 
     return out
 
 
+def reference(image: np.ndarray, landmarks: np.ndarray, over: int = 8) -> np.ndarray:
+    """An anti-aliased 112 crop: warped at ``over`` x 112 from ``image`` and area-averaged
+    (the template shifted so that each block of ``over`` pixels centres on a 112 pixel)."""
+    import face_warp as fw
+
+    matrix = fw.estimate_similarity(landmarks, fw.REFERENCE_LANDMARKS * over + (over - 1) / 2)
+    big = cv2.warpAffine(image, matrix, (112 * over, 112 * over), flags=cv2.INTER_LINEAR)
+    return cv2.resize(big, (112, 112), interpolation=cv2.INTER_AREA).astype(float)
+
+
+RATIO_BINS = (0.0, 0.75, 1.0, 1.5, 2.0, 3.0, np.inf)
+
+
+def crop_ratio_rows(faces: dict, paths: list[Path]) -> list[str]:
+    """Crops warped from 1/2, 1/4 and 1/8 decodes (JPEGs only) at the full-size search's
+    landmarks, against the reference crop, binned by the eye distance on the reduced decode
+    in template eye distances (align_faces.MIN_REDUCED_EYE_RATIO); and the crop warped from
+    the full photo against the same reference, for the same photos."""
+    import face_warp as fw
+    from reduced_photo import Photo
+    from utils import decode_image, exif_orientation, jpeg_shape, read_image
+
+    template_eye = float(np.linalg.norm(fw.REFERENCE_LANDMARKS[1] - fw.REFERENCE_LANDMARKS[0]))
+    rows = []  # (ratio, reduced crop vs reference, full crop vs reference)
+    for q in paths:
+        data = q.read_bytes()
+        if faces.get(q) is None or jpeg_shape(data) is None:
+            continue
+        full, landmarks = read_image(q), faces[q].landmarks
+        ref = reference(full, landmarks)
+        full_error = np.abs(fw.warp_face(full, landmarks) - ref).mean()
+        for reduce in (2, 4, 8):
+            photo = Photo(decode_image(data, reduce=reduce), reduce, jpeg_shape(data), data,
+                          str(q), exif_orientation(data))
+            small = photo.to_reduced(landmarks)
+            crop = fw.warp_face(photo.image, small)
+            rows.append((np.linalg.norm(small[1] - small[0]) / template_eye,
+                         np.abs(crop - ref).mean(), full_error))
+    table = np.array(rows).reshape(-1, 3)
+    lines = []
+    for low, high in zip(RATIO_BINS[:-1], RATIO_BINS[1:], strict=True):
+        inside = table[(table[:, 0] >= low) & (table[:, 0] < high)]
+        if len(inside):
+            lines.append(f"eye ratio {low:4.2f}-{high:<4.2f}: {len(inside):3d} crops, reduced vs "
+                         f"reference {inside[:, 1].mean():5.2f} / {inside[:, 1].max():5.2f}, "
+                         f"full-size warp vs reference {inside[:, 2].mean():5.2f}")
+    return lines
+
+
+def crop_differences(results: dict, paths: list[Path]) -> list[str]:
+    """For each nonzero size: the new crops against the old ones (both paths' own landmarks),
+    each against an anti-aliased reference crop at its own landmarks (warped at 8x from the
+    full-size photo, area-averaged to 112), and how many new crops needed a full decode."""
+    import face_warp as fw
+    from align_faces import MIN_REDUCED_EYE_RATIO
+    from reduced_photo import read_photo
+    from utils import read_image
+
+    template_eye = float(np.linalg.norm(fw.REFERENCE_LANDMARKS[1] - fw.REFERENCE_LANDMARKS[0]))
+    lines = []
+    for size in sorted({size for size, _ in results if size}):
+        new, old = results[size, "new"][0], results[size, "old"][0]
+        both = [q for q in paths if new[q] is not None and old[q] is not None]
+        new_old, new_ref, old_ref, full_decodes = [], [], [], 0
+        for q in both:
+            image = read_image(q)
+            photo = read_photo(q, size)
+            eye = np.linalg.norm(new[q].landmarks[1] - new[q].landmarks[0]) / photo.reduce
+            full_decodes += photo.reduce == 1 or eye < MIN_REDUCED_EYE_RATIO * template_eye
+            new_old.append(np.abs(new[q].crop.astype(float) - old[q].crop).mean())
+            new_ref.append(np.abs(new[q].crop - reference(image, new[q].landmarks)).mean())
+            old_ref.append(np.abs(old[q].crop - reference(image, old[q].landmarks)).mean())
+        for name, values in (("new vs old crop", new_old),
+                             ("new crop vs anti-aliased reference", new_ref),
+                             ("old crop (warped at full size) vs reference", old_ref)):
+            lines.append(f"detect_size {size}: {name:<44} {np.mean(values):5.2f} / "
+                         f"{np.max(values):5.2f}")
+        lines.append(f"detect_size {size}: new crops warped from a full-size decode: "
+                     f"{full_decodes} of {len(both)}")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("photo_dir", nargs="?", type=Path, default=None)
@@ -143,6 +230,9 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=0, help="at most this many photos (0: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (best is reported)")
+    p.add_argument("--crop-ratios", action="store_true",
+                   help="also crops from 1/2, 1/4, 1/8 decodes against an anti-aliased one, "
+                        "by eye distance on the decode (the MIN_REDUCED_EYE_RATIO choice)")
     p.add_argument("--huge", action="store_true",
                    help=f"also one {HUGE_SIDE}x{HUGE_SIDE} photo per setting (time, memory)")
     args = p.parse_args()
@@ -150,6 +240,7 @@ def main() -> None:
     import torch
 
     import align_faces as af
+    from reduced_photo import read_photo
     from utils import read_image
 
     torch.set_num_threads(args.threads)
@@ -174,38 +265,61 @@ def main() -> None:
     aligners = {size: af.FaceAligner(device="cpu", detect_size=size) for size in sizes}
     for aligner in aligners.values():
         list(af.align_files(aligner, paths[:1], 1, progress=False))  # warm-up
-    read_s, results, detect_s = float("inf"), {}, {}
+    # settings: (size, "new") = align_files as it is (reduced JPEG decode for size > 0);
+    # (size, "old") = the code before it: full decode, align_batch on the array (downscale
+    # from full size, crop warped from full size), as align_files did.
+    settings = [(size, "new") for size in sizes] + [(size, "old") for size in sizes if size]
+    floors, results, detect_s = {}, {}, {}
     for _ in range(max(1, args.repeats)):
-        start = time.perf_counter()
-        images = [read_image(q) for q in paths]
-        read_s = min(read_s, time.perf_counter() - start)
-        for size, aligner in aligners.items():
+        for name, read in (("full", read_image), ("reduced", None)):
             start = time.perf_counter()
-            for image in images:
-                aligner.detect(image)
-            detect_s[size] = min(detect_s.get(size, np.inf), time.perf_counter() - start)
-        del images
-        for size, aligner in aligners.items():
+            if read is None:  # what align_files reads for the first nonzero size
+                images = [read_photo(q, max(sizes)).image for q in paths]
+            else:
+                images = [read(q) for q in paths]
+            floors[name] = min(floors.get(name, np.inf), time.perf_counter() - start)
+            for size, aligner in aligners.items():
+                if name == "reduced" and size == 0:
+                    continue
+                start = time.perf_counter()
+                for image in images:
+                    aligner.detect(image)
+                key = (size, "old" if name == "full" else "new")
+                detect_s[key] = min(detect_s.get(key, np.inf), time.perf_counter() - start)
+            del images
+        for size, how in settings:
+            aligner = aligners[size]
             start = time.perf_counter()
-            done = list(af.align_files(aligner, paths, af.DEFAULT_BATCH_SIZE, progress=False))
+            if how == "new":
+                done = [f.face for f in af.align_files(aligner, paths, af.DEFAULT_BATCH_SIZE,
+                                                       progress=False)]
+            else:
+                done = [face for i in range(0, len(paths), af.DEFAULT_BATCH_SIZE)
+                        for face in aligner.align_batch(
+                            [read_image(q) for q in paths[i:i + af.DEFAULT_BATCH_SIZE]])]
             seconds = time.perf_counter() - start
-            if size not in results or seconds < results[size][1]:
-                results[size] = (chosen_landmarks(done), seconds)
-    rows = [("read + decode only", len(paths) / read_s, "", "", "")]
-    ref = results.get(0, (None,))[0]
-    base_s = results[0][1] if 0 in results else None
-    for size, (landmarks, seconds) in results.items():
-        name = "full size" if size == 0 else f"detect_size {size}"
+            if (size, how) not in results or seconds < results[size, how][1]:
+                results[size, how] = (dict(zip(paths, done, strict=True)), seconds)
+    rows = [("read + full decode (floor, old)", len(paths) / floors["full"], "", "", ""),
+            (f"read + reduced decode for {max(sizes)} (floor, new)",
+             len(paths) / floors["reduced"], "", "", "")]
+    ref = {q: f.landmarks for q, f in results[0, "new"][0].items() if f is not None} \
+        if (0, "new") in results else None
+    base_s = results[0, "new"][1] if (0, "new") in results else None
+    for (size, how), (faces, seconds) in results.items():
+        name = "full size" if size == 0 else f"detect_size {size}, {how}"
+        landmarks = {q: f.landmarks for q, f in faces.items() if f is not None}
         diff = landmark_diff(landmarks, ref) if ref is not None and size != 0 else []
         rows.append((f"{name} ({len(landmarks)}/{len(paths)} faces)", len(paths) / seconds,
                      f"{base_s / seconds:.1f}x" if base_s else "",
                      f"{np.mean(diff):.2f}" if diff else "", f"{np.max(diff):.2f}" if diff else ""))
-    for size, seconds in detect_s.items():
-        name = "full size" if size == 0 else f"detect_size {size}"
+    for (size, how), seconds in detect_s.items():
+        name = "full size" if size == 0 else f"detect_size {size}, {how}"
         rows.append((f"  {name}: FaceAligner.detect only", len(paths) / seconds,
-                     f"{detect_s[0] / seconds:.1f}x" if 0 in detect_s else "", "", ""))
+                     f"{detect_s[0, 'old'] / seconds:.1f}x" if (0, "old") in detect_s else "",
+                     "", ""))
     if ref is not None:  # MTCNN's repeatability at full size: the same photo shifted by 2 px
-        full = af.FaceAligner(device="cpu", detect_size=0)
+        full = aligners[0]
         shifted = {}
         for q in paths:
             face = full.align(np.ascontiguousarray(read_image(q)[SHIFT:, SHIFT:]))
@@ -214,6 +328,7 @@ def main() -> None:
         diff = landmark_diff(shifted, ref)
         rows.append((f"full size, photo shifted {SHIFT} px (MTCNN's own noise)", float("nan"),
                      "", f"{np.mean(diff):.2f}", f"{np.max(diff):.2f}"))
+    crop_rows = crop_differences(results, paths)
 
     print(f"\n{'setting':<46} {'photos/s':>9} {'speed-up':>9} "
           f"{'lm diff mean %':>15} {'max %':>7}")
@@ -222,9 +337,16 @@ def main() -> None:
         print(f"{name:<46} {rate_s:>9} {speedup:>9} {mean:>15} {worst:>7}")
     print("\nlm diff: largest of the 5 landmark distances from the full-size search's, "
           "in % of its eye distance, over photos where both found a face")
+    print("\ncrops (mean absolute difference, grey levels, mean / max over photos):")
+    for line in crop_rows:
+        print("  " + line)
+    if args.crop_ratios and (0, "new") in results:
+        print("\ncrops from reduced decodes at the full-size landmarks (grey levels, mean / max):")
+        for line in crop_ratio_rows(results[0, "new"][0], paths):
+            print("  " + line)
     if args.huge:
-        print(f"\n{'one huge photo (align only)':<46} {'time':>9} {'result':>9}  "
-              "peak RSS (over torch + decoded photo)")
+        print(f"\n{'one huge JPEG (read + decode + align)':<46} {'time':>9} {'result':>9}  "
+              "peak RSS (over torch + MTCNN)")
         for name, seconds, found, rss in huge_rows(Path(tmp.name), sizes, args.threads):
             print(f"{name:<46} {seconds:>9} {found:>9}  {rss}")
     tmp.cleanup()

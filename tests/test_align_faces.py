@@ -11,6 +11,7 @@ from skimage import data
 from skimage.transform import SimilarityTransform
 
 import align_faces as af
+import face_warp as fw
 from utils import write_image
 
 TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -30,8 +31,8 @@ def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def test_reference_landmarks_are_the_arcface_template():
-    assert af.REFERENCE_LANDMARKS.dtype == np.float32 and af.REFERENCE_LANDMARKS.shape == (5, 2)
-    np.testing.assert_allclose(af.REFERENCE_LANDMARKS, TEMPLATE, atol=1e-4)
+    assert fw.REFERENCE_LANDMARKS.dtype == np.float32 and fw.REFERENCE_LANDMARKS.shape == (5, 2)
+    np.testing.assert_allclose(fw.REFERENCE_LANDMARKS, TEMPLATE, atol=1e-4)
 
 
 def test_estimate_similarity_matches_skimage_on_noisy_points():
@@ -39,9 +40,9 @@ def test_estimate_similarity_matches_skimage_on_noisy_points():
     for trial in range(20):
         truth = similarity(rng.uniform(0.2, 3), rng.uniform(-180, 180), *rng.uniform(-200, 200, 2))
         src = apply(np.linalg.inv(truth), TEMPLATE) + rng.normal(0, 3, (5, 2))
-        ours = af.estimate_similarity(src)
+        ours = fw.estimate_similarity(src)
         # the default reference is the float32 template: give skimage the same numbers
-        ref = SimilarityTransform.from_estimate(src, af.REFERENCE_LANDMARKS.astype(np.float64))
+        ref = SimilarityTransform.from_estimate(src, fw.REFERENCE_LANDMARKS.astype(np.float64))
         assert ours.shape == (2, 3) and ours.dtype == np.float64
         np.testing.assert_allclose(ours, ref.params[:2], atol=1e-6, err_msg=f"trial {trial}")
 
@@ -49,19 +50,19 @@ def test_estimate_similarity_matches_skimage_on_noisy_points():
 def test_estimate_similarity_recovers_a_known_similarity_exactly():
     truth = similarity(0.43, 23.0, -31.0, 12.5)  # source image -> template frame
     landmarks = apply(np.linalg.inv(truth), TEMPLATE)
-    matrix = af.estimate_similarity(landmarks)
+    matrix = fw.estimate_similarity(landmarks)
     np.testing.assert_allclose(matrix, truth[:2], atol=1e-9)
     assert np.abs(apply(matrix, landmarks) - TEMPLATE).max() < 0.1
     # a crop of another size uses the template scaled by size / 112
-    big = af.estimate_similarity(landmarks, af.template_for_size(224))
+    big = fw.estimate_similarity(landmarks, fw.template_for_size(224))
     assert np.abs(apply(big, landmarks) - 2 * TEMPLATE).max() < 0.1
 
 
 def test_estimate_similarity_rejects_degenerate_input():
     with pytest.raises(ValueError, match="degenerate"):
-        af.estimate_similarity(np.ones((5, 2)))
+        fw.estimate_similarity(np.ones((5, 2)))
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
-        af.estimate_similarity(np.ones((4, 2)))
+        fw.estimate_similarity(np.ones((4, 2)))
 
 
 def test_warp_face_puts_dots_on_the_template():
@@ -79,7 +80,7 @@ def test_warp_face_puts_dots_on_the_template():
                   for px, py in TEMPLATE)
     gray = np.round(255 * pattern).clip(0, 255).astype(np.uint8)
     image = np.stack([gray, gray // 2, 255 - gray], axis=2)  # distinct channels: RGB kept
-    crop = af.warp_face(image, landmarks)
+    crop = fw.warp_face(image, landmarks)
     assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
     # channel order unchanged: the warp is linear, so each channel keeps its relation
     # (only where the crop samples inside the source; outside is the black border)
@@ -106,7 +107,7 @@ def test_warp_face_puts_dots_on_the_template():
 def test_warp_face_border_is_black():
     landmarks = TEMPLATE  # identity warp: the crop reaches past the 40x40 image
     image = np.full((40, 40, 3), 200, np.uint8)
-    crop = af.warp_face(image, landmarks)
+    crop = fw.warp_face(image, landmarks)
     assert (crop[-1, -1] == 0).all() and (crop[0, 0] == 200).all()
 
 
@@ -203,7 +204,7 @@ def aligner():
 
 def eye_error(face: af.AlignedFace) -> float:
     """Where the detected eyes land in the crop, against the template (px)."""
-    matrix = af.estimate_similarity(face.landmarks)
+    matrix = fw.estimate_similarity(face.landmarks)
     return float(np.abs(apply(matrix, face.landmarks)[:2] - TEMPLATE[:2]).max())
 
 
@@ -217,7 +218,7 @@ def test_mtcnn_aligns_the_astronaut(aligner):
     assert face.landmarks[0, 0] < face.landmarks[1, 0]  # "left eye" is on the image's left
     assert eye_error(face) < 3.0
     # warp_face reproduces the crop from the same landmarks
-    np.testing.assert_array_equal(af.warp_face(image, face.landmarks), face.crop)
+    np.testing.assert_array_equal(fw.warp_face(image, face.landmarks), face.crop)
     # RGB kept: skin between the eyes and the mouth is redder than it is blue
     skin = face.crop[60:75, 35:50].reshape(-1, 3).mean(axis=0)
     assert skin[0] > skin[2] + 30
@@ -360,7 +361,7 @@ def test_big_photo_is_searched_on_a_bounded_copy_and_warped_at_full_size(aligner
     assert np.linalg.norm(face.landmarks - full_points[k], axis=1).max() < 0.05 * eye_distance
     assert box_iou_one(face.box, full_boxes[k]) > 0.85
     # the crop is cut from the full-size photo with the mapped landmarks
-    np.testing.assert_array_equal(face.crop, af.warp_face(big, face.landmarks))
+    np.testing.assert_array_equal(face.crop, fw.warp_face(big, face.landmarks))
     # the trade-off: the 45 px face is below min_face_size on the 640 px copy
     assert len(aligner.detect(big)[0]) == 1
 
@@ -453,7 +454,7 @@ def test_detect_size_option_reaches_the_aligner(tmp_path, monkeypatch):
     made = []
 
     class Recorder(_TopLeftAligner):
-        size = af.TEMPLATE_SIZE
+        size = fw.TEMPLATE_SIZE
 
         def __init__(self, **kwargs):
             super().__init__()
@@ -485,7 +486,7 @@ def test_report_cut_inside_a_utf8_name_is_read_with_a_warning(tmp_path):
     handler.emit = records.append
     logging.getLogger("align").addHandler(handler)
     fake = _TopLeftAligner()  # a "face" in every readable image
-    fake.size = af.TEMPLATE_SIZE
+    fake.size = fw.TEMPLATE_SIZE
     try:
         summary = af.align_tree(src, dst, progress=False, aligner=fake)
     finally:
@@ -495,3 +496,142 @@ def test_report_cut_inside_a_utf8_name_is_read_with_a_warning(tmp_path):
     assert len(warnings) == 1 and str(report) in warnings[0] and "UTF-8" in warnings[0]
     lines = report.read_text(encoding="utf-8").splitlines()
     assert [line.split("\t")[:2] for line in lines] == [["unreadable", "bob/broken.jpg"]]
+
+
+# ----------------------------------------------------------------------------- reduced JPEG decode
+
+def _reference_crop(image: np.ndarray, landmarks: np.ndarray, over: int = 8) -> np.ndarray:
+    """An anti-aliased crop: warped at ``over`` x 112 and area-averaged down to 112 (the
+    template shifted so that each block of ``over`` pixels is centred on a 112 pixel)."""
+    matrix = fw.estimate_similarity(landmarks, fw.REFERENCE_LANDMARKS * over + (over - 1) / 2)
+    big = cv2.warpAffine(image, matrix, (112 * over, 112 * over), flags=cv2.INTER_LINEAR)
+    return cv2.resize(big, (112, 112), interpolation=cv2.INTER_AREA).astype(float)
+
+
+def test_big_jpeg_is_searched_and_cropped_on_a_reduced_decode(tmp_path, aligner, monkeypatch):
+    """The 2048 px photo as a JPEG: decoded at 1/2 (1024 px, the largest reduction still >=
+    640), its landmarks within the same tolerance of the full-size search as the downscaled
+    array's, and its crop, warped from the reduced decode, close to the full-size one."""
+    import reduced_photo
+    from reduced_photo import read_photo
+    from utils import read_image
+
+    path = tmp_path / "big.jpg"
+    write_image(path, _big_photo_with_a_small_face())
+    photo = read_photo(path, af.DEFAULT_DETECT_SIZE)
+    assert photo.reduce == 2 and photo.image.shape == (1024, 1024, 3)
+    full = read_image(path)
+    full_boxes, _, full_points = af.FaceAligner(device="cpu", detect_size=0).detect(full)
+    k = int(np.argmin(full_boxes[:, 0]))  # the big face
+    decoded = []  # the reductions decode_image is asked for
+    decode = reduced_photo.decode_image
+    monkeypatch.setattr(reduced_photo, "decode_image",
+                        lambda *a, **kw: decoded.append(kw.get("reduce", 1)) or decode(*a, **kw))
+    [done] = af.align_files(aligner, [path], batch_size=1, progress=False)
+    assert decoded == [2]  # the face is big enough on the reduced decode: no full-size decode
+    eye_distance = np.linalg.norm(full_points[k, 1] - full_points[k, 0])
+    assert np.linalg.norm(done.face.landmarks - full_points[k], axis=1).max() < 0.05 * eye_distance
+    assert box_iou_one(done.face.box, full_boxes[k]) > 0.85
+    # the crop from the reduced decode against the one warped from the full photo with the same
+    # landmarks: 1.7 levels apart on average here. The full-size warp is no ground truth (a
+    # bilinear 2.5x shrink aliases): against an anti-aliased crop the reduced one is closer.
+    from_full = fw.warp_face(full, done.face.landmarks).astype(float)
+    assert np.abs(done.crop - from_full).mean() < 3.0
+    reference = _reference_crop(full, done.face.landmarks)
+    assert np.abs(done.crop - reference).mean() <= np.abs(from_full - reference).mean()
+
+
+def test_small_face_in_a_big_jpeg_is_warped_from_a_full_size_decode(tmp_path, aligner):
+    """The astronaut at her own size (eye distance ~42 px) in a 1300 px JPEG: searched on the
+    1/2 decode, but there her eyes are ~21 px apart, below the template's 35: the crop is
+    warped from the full-size decode, exactly as from the full image."""
+    from reduced_photo import read_photo
+    from utils import read_image
+
+    canvas = np.full((1300, 1301, 3), 110, np.uint8)
+    canvas[400:912, 400:912] = data.astronaut()
+    path = tmp_path / "small_face.jpg"
+    write_image(path, canvas)
+    assert read_photo(path, af.DEFAULT_DETECT_SIZE).reduce == 2
+    [done] = af.align_files(aligner, [path], batch_size=1, progress=False)
+    landmarks = done.face.landmarks
+    assert np.linalg.norm(landmarks[1] - landmarks[0]) / 2 < 35.24 * af.MIN_REDUCED_EYE_RATIO
+    np.testing.assert_array_equal(done.crop, fw.warp_face(read_image(path), landmarks))
+
+
+def test_jpeg_reduction_keeps_the_longer_side_at_least_the_detect_size():
+    from reduced_photo import jpeg_reduction
+
+    assert jpeg_reduction((2048, 1536), 640) == 2  # 1024; 1/4 would be 512
+    assert jpeg_reduction((1536, 2504), 640) == 2  # 1252; 1/4 would be 626
+    assert jpeg_reduction((8000, 8000), 640) == 8  # 1000
+    assert jpeg_reduction((3000, 2560), 640) == 4  # 750; 1/8 would be 375
+    assert jpeg_reduction((1279, 900), 640) == 2  # ceil(639.5) = 640: enough
+    assert jpeg_reduction((1278, 900), 640) == 1  # 639: too small, decoded at full size
+    assert jpeg_reduction((8000, 8000), 0) == 1  # 0: full size
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_reduced_pixels_map_to_the_upright_full_photo(tmp_path, orientation):
+    """A blob at a known place of the upright photo, stored turned for each EXIF orientation
+    on sides no multiple of 8: its centroid on every reduced decode, mapped by Photo.to_full,
+    is where it is at full size (computed from the upright array, not by our mapping)."""
+    from PIL import Image
+
+    from reduced_photo import read_photo
+    from utils import apply_orientation
+
+    h, w = 1299, 1013
+    yy, xx = np.mgrid[:h, :w]
+    centre = np.array([701.3, 388.6])  # (x, y)
+    blob = 255 * np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * 12.0 ** 2))
+    upright = np.repeat(blob[..., None], 3, axis=2).astype(np.uint8)
+    # the stored pixels: what apply_orientation turns upright (its inverse, by trying)
+    inverse = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}[orientation]
+    stored = apply_orientation(upright, inverse)
+    assert np.array_equal(apply_orientation(stored, orientation), upright)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "blob.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=98)
+    for detect_size in (640, 320, 150):  # 1/2, 1/4, 1/8
+        photo = read_photo(path, detect_size)
+        assert photo.full_shape == (h, w) and photo.reduce == {640: 2, 320: 4, 150: 8}[detect_size]
+        weights = photo.image[..., 0].astype(float)
+        weights[weights < 20] = 0  # JPEG noise off the blob
+        v, u = np.mgrid[:weights.shape[0], :weights.shape[1]]
+        found = np.array([(u * weights).sum(), (v * weights).sum()]) / weights.sum()
+        np.testing.assert_allclose(photo.to_full(found), centre, atol=0.25 * photo.reduce)
+        np.testing.assert_allclose(photo.to_reduced(photo.to_full(found)), found)
+
+
+@pytest.mark.parametrize("orientation,turn_stored", [
+    (6, cv2.ROTATE_90_COUNTERCLOCKWISE), (3, cv2.ROTATE_180), (8, cv2.ROTATE_90_CLOCKWISE)])
+def test_big_sideways_jpeg_is_aligned_upright_through_the_reduced_decode(
+        tmp_path, aligner, orientation, turn_stored):
+    """Grace Hopper upscaled to 1403x1197 (a 1/2 decode), stored turned with an EXIF
+    orientation: the face and landmarks as from the upright JPEG, the crop upright."""
+    from PIL import Image
+
+    from reduced_photo import read_photo
+
+    upright = cv2.resize(_grace_hopper(), (1197, 1403), interpolation=cv2.INTER_CUBIC)
+    write_image(tmp_path / "upright.jpg", upright)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "turned.jpg"
+    Image.fromarray(cv2.rotate(upright, turn_stored)).save(path, exif=exif, quality=95)
+    assert read_photo(path, af.DEFAULT_DETECT_SIZE).reduce == 2
+    reference, done = af.align_files(aligner, [tmp_path / "upright.jpg", path], batch_size=2,
+                                     progress=False)
+    assert reference.face is not None and done.face is not None
+    eye_distance = np.linalg.norm(reference.face.landmarks[1] - reference.face.landmarks[0])
+    assert eye_distance / 2 > 35.24  # warped from the reduced decode
+    # MTCNN's own repeatability (up to 6.7% of the eye distance on a 2 px shift, bench
+    # README): a turned photo's 1/2 decode is another block grid than the upright one's
+    assert np.abs(done.face.landmarks - reference.face.landmarks).max() < 0.07 * eye_distance
+    # the crop is the upright photo's at those landmarks (as in the test above: < 3 levels)
+    from_full = fw.warp_face(upright, done.face.landmarks).astype(float)
+    assert np.abs(done.crop - from_full).mean() < 3.0
+    skin = done.crop[60:75, 35:50].reshape(-1, 3).mean(axis=0)
+    assert skin[0] > skin[2] + 20  # RGB kept: skin is redder than blue

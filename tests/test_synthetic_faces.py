@@ -12,7 +12,7 @@ from PIL import Image
 
 import synthetic_faces as sf
 import synthetic_faces_assets as sfa
-from align_faces import estimate_similarity
+from face_warp import estimate_similarity
 
 
 def _read_pairs(path: Path) -> tuple[int, int, list[tuple[list, list]]]:

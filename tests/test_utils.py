@@ -404,3 +404,56 @@ def test_broken_exif_header_still_decodes(tmp_path):
     np.testing.assert_array_equal(utils.decode_image(data), utils.decode_image(jpeg))
     truncated = jpeg[:2] + app1[:9]  # header cut inside the EXIF segment
     assert utils.exif_orientation(truncated) == 1
+
+
+# ----------------------------------------------------------------------------- reduced JPEG decode
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_shape_and_reduced_decode_match_pils_draft_mode(tmp_path, orientation):
+    """decode_image(reduce=r) against PIL's own DCT-scaled decode (Image.draft) turned upright
+    by ImageOps.exif_transpose, for all eight orientations, on sides that are no multiple of
+    8; jpeg_shape against PIL's upright size."""
+    from PIL import Image, ImageOps
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (203, 301, 3), dtype=np.uint8)
+    stored = cv2.GaussianBlur(stored, (9, 9), 0)
+    path = tmp_path / "photo.jpg"
+    _save_with_orientation(path, stored, orientation, "JPEG")
+    data = path.read_bytes()
+    with Image.open(path) as im:
+        upright_size = ImageOps.exif_transpose(im).size  # (W, H)
+    assert utils.jpeg_shape(data) == upright_size[::-1]
+    for reduce in (2, 4, 8):
+        with Image.open(path) as im:
+            im.draft("RGB", (301 // reduce, 203 // reduce))  # PIL: the largest scale fitting
+            assert im.size == (-(-301 // reduce), -(-203 // reduce))  # PIL scaled by 1/reduce
+            expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        got = utils.decode_image(data, reduce=reduce)
+        assert got.shape == expected.shape, (orientation, reduce)
+        # two libjpeg builds' scaled IDCT and upsampling differ by a few levels, not more
+        assert np.abs(got.astype(int) - expected).mean() < 2.0, (orientation, reduce)
+
+
+def test_reduced_decode_is_the_block_average_of_the_full_decode():
+    """Pixel u of a 1/r decode is about the mean of full-size pixels [u r, (u + 1) r): smooth
+    content agrees with a block average of the full decode within JPEG's error."""
+    img = cv2.GaussianBlur(np.random.default_rng(5).integers(0, 256, (240, 320, 3), np.uint8),
+                           (15, 15), 0)
+    data = utils.encode_image(img, ".jpg", quality=98)
+    full = utils.decode_image(data).astype(float)
+    for reduce in (2, 4, 8):
+        blocks = full.reshape(240 // reduce, reduce, 320 // reduce, reduce, 3).mean(axis=(1, 3))
+        got = utils.decode_image(data, reduce=reduce)
+        assert np.abs(got - blocks).mean() < 1.5, reduce
+        shifted = np.abs(got[:, 1:] - blocks[:, :-1]).mean()  # a pixel off reads worse
+        assert shifted > 2 * np.abs(got - blocks).mean(), reduce
+
+
+def test_reduce_is_refused_for_other_formats_and_factors():
+    img = _rgb_test_image()
+    with pytest.raises(ValueError, match="JPEG"):
+        utils.decode_image(utils.encode_image(img, ".png"), reduce=2)
+    with pytest.raises(ValueError, match="reduce"):
+        utils.decode_image(utils.encode_image(img, ".jpg"), reduce=3)
+    assert utils.jpeg_shape(utils.encode_image(img, ".png")) is None
+    assert utils.jpeg_shape(b"\xff\xd8\xff\xd9") is None  # a JPEG without a frame header
