@@ -1,0 +1,567 @@
+"""IJB-B and IJB-C, the benchmark face papers headline: 1:1 verification (TAR at FAR 1e-6 ..
+1e-1) and 1:N open-set identification, from the official release files as InsightFace packs
+them (ijb_release.py lists the layout).
+
+    python ijb_eval.py --checkpoint runs/x/backbone.pt --ijb-dir data/IJB_release/IJBC \\
+        --target IJBC --out runs/x/ijbc
+
+Protocol (InsightFace's, which the published numbers use):
+1. Each loose crop is aligned with its own five landmarks (no detection) to 112x112 and
+   embedded with its mirror. Both raw embeddings are cached on disk in chunks (resumable,
+   atomic), so a second run, or another mode, starts from the cache.
+2. Template features: an image's feature is the raw embedding plus its mirror's (F1; F0: the
+   image's alone), L2-normalised (N1), times its faceness score (D1); features are averaged
+   within each media of a template, summed over the template's media, then L2-normalised.
+3. 1:1: a pair scores the cosine of its two templates. TAR@FAR=f is the fraction of genuine
+   pairs scoring above t, t the smallest threshold with at most floor(f x impostors) impostors
+   above it (verification_metrics.tar_at_far_from_top). InsightFace's convention, the TPR of
+   the ROC point whose FPR is nearest to f, is reported beside it.
+4. 1:N (NIST's open-set search): each gallery (IJB-C G1, G2; IJB-B S1, S2) is searched by all
+   mixed probes; a probe is mated when its subject is in that gallery. Rank of a mated probe =
+   1 + the non-mate templates scoring strictly above its best mate; rank-k rates are over the
+   mated probes. TPIR@FPIR=f: t is the smallest threshold with at most floor(f x non-mated
+   probes) non-mated top scores above it; TPIR is the fraction of mated probes whose mate is
+   rank 1 and scores above t. InsightFace's merged-gallery ranks are reported for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ijb_release import TARGETS, IJBFormatError, Release, load_release
+from utils import atomic_write_text, get_device, get_logger, run_cli
+from verification_metrics import FAR_EPS, roc_curve, tar_at_far_from_top
+
+__all__ = [
+    "IJBFormatError", "parse_mode", "mode_input", "template_features", "verification_scores",
+    "tar_at_far", "tar_at_far_nearest", "verification_report", "identification",
+    "evaluate_features", "main",
+]
+
+VERIFICATION_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+IDENTIFICATION_RANKS = (1, 5, 10)
+IDENTIFICATION_FPIRS = (0.01, 0.1)
+CMC_MAX_RANK = 50  # the CMC curve (JSON and PNG) goes to this rank
+DEFAULT_MODE = "N1D1F1"  # InsightFace's best mode, the one papers quote
+MODE_PATTERN = re.compile(r"^N([01])D([01])F([01])$")
+ALL_MODES = tuple(f"N{n}D{d}F{f}" for n in (0, 1) for d in (0, 1) for f in (0, 1))
+# The 1:1 scores come from blocks of the template Gram matrix of at most this many entries
+# (float32: 256 MB); IJB-C's 3,531 x 19,593 used templates fit in one block.
+SCORE_BLOCK_ENTRIES = 64 * 2**20
+NORM_CHUNK_ROWS = 65536  # rows per chunk when row norms are computed (bounds the temporary)
+SEARCH_CHUNK_PROBES = 4096  # probes scored against a gallery at a time
+ROC_PLOT_POINTS = 2000  # the ROC figure samples the curve at this many log-spaced FARs
+MERGED = "merged"
+
+log = get_logger("ijb_eval")
+
+
+# ----------------------------------------------------------------------------- template features
+
+def parse_mode(mode: str) -> tuple[bool, bool, bool]:
+    """``N1D1F1`` -> (normalise image features, weight by faceness, add the mirror's)."""
+    m = MODE_PATTERN.match(mode)
+    if m is None:
+        raise IJBFormatError(f"mode {mode!r} is not N<0|1>D<0|1>F<0|1> (e.g. {DEFAULT_MODE})")
+    return m.group(1) == "1", m.group(2) == "1", m.group(3) == "1"
+
+
+def _row_norms(feats: np.ndarray) -> np.ndarray:
+    """Float64 L2 norms of the rows, chunk by chunk (no full-size temporary)."""
+    norms = np.empty(len(feats), np.float64)
+    for s in range(0, len(feats), NORM_CHUNK_ROWS):
+        chunk = np.asarray(feats[s:s + NORM_CHUNK_ROWS], np.float64)
+        norms[s:s + len(chunk)] = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
+    return norms
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Unit rows; a zero row stays zero (as sklearn's normalize, which InsightFace uses)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def template_features(image_feats: np.ndarray, templates: np.ndarray, medias: np.ndarray,
+                      faceness: np.ndarray | None = None, normalize: bool = True
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(template ids sorted ascending, (T, D) float32 unit rows).
+
+    Each image's feature is L2-normalised (``normalize``, mode N1) and multiplied by its
+    ``faceness`` (given: mode D1); the features of one media of a template are averaged and
+    the media means summed, then normalised. Done as one sparse (T x N) pooling matrix times
+    ``image_feats``, which is read once and never copied (it may be a memory map)."""
+    import scipy.sparse as sp
+
+    feats = np.asarray(image_feats)
+    if feats.ndim != 2:
+        raise ValueError(f"image features must be (N, D), got shape {feats.shape}")
+    n = feats.shape[0]
+    templates = np.asarray(templates, np.int64).reshape(-1)
+    medias = np.asarray(medias, np.int64).reshape(-1)
+    if templates.size != n or medias.size != n:
+        raise ValueError(f"{n} image features but {templates.size} templates and "
+                         f"{medias.size} medias")
+    template_ids, t_row = np.unique(templates, return_inverse=True)
+    _, m_row = np.unique(medias, return_inverse=True)
+    # One group per (template, media); every image weighs 1 / (images in its group).
+    _, group, group_size = np.unique(t_row * (int(m_row.max(initial=0)) + 1) + m_row,
+                                     return_inverse=True, return_counts=True)
+    weight = 1.0 / group_size[group]
+    if normalize:
+        norms = _row_norms(feats)
+        weight = np.divide(weight, norms, out=np.zeros(n), where=norms > 0)
+    if faceness is not None:
+        weight = weight * np.asarray(faceness, np.float64).reshape(-1)
+    pool = sp.csr_matrix((weight.astype(np.float32), (t_row, np.arange(n))),
+                         shape=(template_ids.size, n))
+    if feats.dtype != np.float32:
+        feats = feats.astype(np.float32)
+    pooled = np.asarray(pool @ feats, np.float64)  # float32 operands: no upcast copy of feats
+    return template_ids, _normalize_rows(pooled).astype(np.float32)
+
+
+def mode_input(raw: np.ndarray, mirror: np.ndarray, flip: bool) -> np.ndarray:
+    """The per-image features of a mode: the raw embedding plus its mirror's (F1) or alone."""
+    return raw + mirror if flip else np.asarray(raw)
+
+
+# ----------------------------------------------------------------------------- 1:1 verification
+
+def _rows_of(template_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    rows = np.minimum(np.searchsorted(template_ids, ids), template_ids.size - 1)
+    missing = np.flatnonzero(template_ids[rows] != ids)
+    if missing.size:
+        raise ValueError(f"{missing.size} pair templates have no feature, e.g. "
+                         f"{ids[missing[0]]} (pair {missing[0] + 1})")
+    return rows
+
+
+def _compress(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows used, ascending; each entry's position among them), in O(N)."""
+    used = np.zeros(size, bool)
+    used[rows] = True
+    position = np.cumsum(used) - 1
+    return np.flatnonzero(used), position[rows]
+
+
+def verification_scores(template_ids: np.ndarray, template_feats: np.ndarray,
+                        t1: np.ndarray, t2: np.ndarray) -> np.ndarray:
+    """(P,) float32 cosine of each pair's template features (unit rows of ``template_feats``,
+    ordered as the ascending ``template_ids``).
+
+    Pairs are scored as blocks of the Gram matrix of the templates they use (a matrix
+    product, not P row gathers): IJB-C's 15.7M pairs use 3,531 x 19,593 templates."""
+    ids = np.asarray(template_ids, np.int64)
+    feats = np.asarray(template_feats, np.float32)
+    r1 = _rows_of(ids, np.asarray(t1, np.int64).reshape(-1))
+    r2 = _rows_of(ids, np.asarray(t2, np.int64).reshape(-1))
+    if r1.size != r2.size:
+        raise ValueError(f"{r1.size} first templates but {r2.size} second templates")
+    u1, c1 = _compress(r1, ids.size)
+    u2, c2 = _compress(r2, ids.size)
+    if u1.size > u2.size:  # the cosine is symmetric: block over the smaller side
+        u1, c1, u2, c2 = u2, c2, u1, c1
+    right = feats[u2].T.copy()  # (D, U2)
+    scores = np.empty(r1.size, np.float32)
+    block = max(1, SCORE_BLOCK_ENTRIES // max(u2.size, 1))
+    if u1.size <= block:
+        gram = feats[u1] @ right
+        scores[:] = gram[c1, c2]
+        return scores
+    order = np.argsort(c1, kind="stable")
+    bounds = np.searchsorted(c1[order], np.arange(0, u1.size + block, block))
+    for b, start in enumerate(range(0, u1.size, block)):
+        gram = feats[u1[start:start + block]] @ right
+        idx = order[bounds[b]:bounds[b + 1]]
+        scores[idx] = gram[c1[idx] - start, c2[idx]]
+    return scores
+
+
+def _split_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores).reshape(-1)
+    same = np.asarray(labels, bool).reshape(-1)
+    if scores.shape != same.shape:
+        raise ValueError(f"{scores.size} scores but {same.size} labels")
+    genuine, impostor = scores[same], scores[~same]
+    if genuine.size == 0 or impostor.size == 0:
+        raise ValueError(f"need genuine and impostor pairs ({genuine.size} and "
+                         f"{impostor.size} given)")
+    return genuine, impostor
+
+
+def _top_descending(values: np.ndarray, k: int) -> np.ndarray:
+    """The k largest values, largest first (a partition, then a sort of k values)."""
+    k = min(k, values.size)
+    if k == 0:
+        return values[:0]
+    top = np.partition(values, values.size - k)[values.size - k:]
+    return np.sort(top)[::-1]
+
+
+def tar_at_far(scores: np.ndarray, labels: np.ndarray,
+               fars: Sequence[float] = VERIFICATION_FARS) -> dict[float, float]:
+    """{far: TAR}: the fraction of genuine pairs scoring above the smallest threshold that at
+    most floor(far x impostors) impostor pairs score above (verification_metrics'
+    definition, shared with LFW's TAR@FAR). Only the top impostor scores are sorted."""
+    genuine, impostor = _split_scores(scores, labels)
+    need = int(math.floor(max(fars) * impostor.size + FAR_EPS)) + 1
+    top = _top_descending(impostor, need)
+    return {far: tar_at_far_from_top(genuine, top, impostor.size, far)[0] for far in fars}
+
+
+def tar_at_far_nearest(far_curve: np.ndarray, tar_curve: np.ndarray,
+                       fars: Sequence[float] = VERIFICATION_FARS) -> dict[float, float]:
+    """InsightFace's reading of a ROC curve: the TAR of the (first) point whose FAR is
+    nearest to each target."""
+    return {far: float(tar_curve[int(np.argmin(np.abs(far_curve - far)))]) for far in fars}
+
+
+def verification_report(scores: np.ndarray, labels: np.ndarray,
+                        fars: Sequence[float] = VERIFICATION_FARS
+                        ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """(the JSON "verification" block, (FAR, TAR) of the ROC curve). A FAR with fewer than
+    1/FAR impostor pairs is reported as null (it cannot be measured)."""
+    genuine, impostor = _split_scores(scores, labels)
+    far_curve, tar_curve, _ = roc_curve(scores, labels)
+    measurable = [f for f in fars if f * impostor.size >= 1 - FAR_EPS]
+    exact = tar_at_far(scores, labels, measurable) if measurable else {}
+    nearest = tar_at_far_nearest(far_curve, tar_curve, measurable)
+    report = {
+        "num_genuine": int(genuine.size), "num_impostor": int(impostor.size),
+        "tar_at_far": {_far_key(f): exact.get(f) for f in fars},
+        "tar_at_far_nearest": {_far_key(f): nearest.get(f) for f in fars},
+        "auc": float(np.trapezoid(tar_curve, far_curve)),
+    }
+    return report, (far_curve, tar_curve)
+
+
+def _far_key(far: float) -> str:
+    return f"{far:.0e}"
+
+
+# ----------------------------------------------------------------------------- 1:N identification
+
+def _search(probe_feats: np.ndarray, probe_subjects: np.ndarray, gallery_feats: np.ndarray,
+            gallery_subjects: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per probe: (rank of its best mate, 0 when unmated; best mate score; top score)."""
+    probes = np.asarray(probe_feats, np.float32)
+    gallery = np.asarray(gallery_feats, np.float32)
+    p_subj = np.asarray(probe_subjects).reshape(-1)
+    g_subj = np.asarray(gallery_subjects).reshape(-1)
+    if probes.shape[0] != p_subj.size or gallery.shape[0] != g_subj.size:
+        raise ValueError("one subject per probe and per gallery template is needed")
+    rank = np.zeros(p_subj.size, np.int64)
+    mate = np.full(p_subj.size, -np.inf)
+    top = np.full(p_subj.size, -np.inf)
+    for s in range(0, p_subj.size, SEARCH_CHUNK_PROBES):
+        sims = (probes[s:s + SEARCH_CHUNK_PROBES] @ gallery.T).astype(np.float64)
+        is_mate = p_subj[s:s + len(sims), None] == g_subj[None, :]
+        best = np.where(is_mate, sims, -np.inf).max(axis=1, initial=-np.inf)
+        above = ((sims > best[:, None]) & ~is_mate).sum(axis=1)
+        mated = is_mate.any(axis=1)
+        rank[s:s + len(sims)] = np.where(mated, above + 1, 0)
+        mate[s:s + len(sims)] = best
+        top[s:s + len(sims)] = sims.max(axis=1, initial=-np.inf)
+    return rank, mate, top
+
+
+def identification(probe_feats: np.ndarray, probe_subjects: np.ndarray,
+                   gallery_feats: np.ndarray, gallery_subjects: np.ndarray,
+                   ranks: Sequence[int] = IDENTIFICATION_RANKS,
+                   fpirs: Sequence[float] = IDENTIFICATION_FPIRS) -> dict[str, Any]:
+    """Open-set search of unit probe features against unit gallery features (NIST's rules,
+    see the module docstring): {"rank": {r: rate over mated probes}, "tpir": {fpir: TPIR}
+    (empty without non-mated probes), "threshold": {fpir: t}, "num_mated",
+    "num_nonmated", "cmc": rates at ranks 1 .. min(CMC_MAX_RANK, gallery size)}."""
+    rank, mate, top = _search(probe_feats, probe_subjects, gallery_feats, gallery_subjects)
+    mated = rank > 0
+    if not mated.any():
+        raise ValueError("no probe has a mate in the gallery")
+    mated_rank = rank[mated]
+    out: dict[str, Any] = {
+        "rank": {r: float(np.mean(mated_rank <= r)) for r in ranks},
+        "tpir": {}, "threshold": {},
+        "num_mated": int(mated.sum()), "num_nonmated": int((~mated).sum()),
+    }
+    max_rank = min(CMC_MAX_RANK, len(np.asarray(gallery_subjects).reshape(-1)))
+    counts = np.bincount(np.minimum(mated_rank, max_rank + 1), minlength=max_rank + 2)
+    out["cmc"] = (np.cumsum(counts)[1:max_rank + 1] / mated_rank.size).tolist()
+    nonmated_top = top[~mated]
+    if nonmated_top.size:
+        # A mated probe is a true positive when its mate is rank 1 and above t.
+        hits = np.where(mated_rank == 1, mate[mated], -np.inf)
+        need = int(math.floor(max(fpirs) * nonmated_top.size + FAR_EPS)) + 1
+        desc = _top_descending(nonmated_top, need)
+        for f in fpirs:
+            tpir, threshold = tar_at_far_from_top(hits, desc, nonmated_top.size, f)
+            out["tpir"][f] = tpir
+            out["threshold"][f] = threshold
+    return out
+
+
+def _rates(d: dict, fmt=str) -> dict[str, Any]:
+    return {fmt(k): v for k, v in d.items()}
+
+
+def search_report(template_ids: np.ndarray, template_feats: np.ndarray,
+                  search: dict[str, tuple[np.ndarray, np.ndarray]], galleries: Sequence[str]
+                  ) -> dict[str, Any]:
+    """The JSON "identification" block: each gallery searched by the mixed probes, their
+    mean, and InsightFace's merged-gallery ranks."""
+    def feats_of(ids: np.ndarray) -> np.ndarray:
+        return template_feats[_rows_of(template_ids, ids)]
+
+    probe_ids, probe_subjects = search["probe"]
+    probes = feats_of(probe_ids)
+    out: dict[str, Any] = {}
+    for g in galleries:
+        ids, subjects = search[g]
+        r = identification(probes, probe_subjects, feats_of(ids), subjects)
+        out[g] = {"rank": _rates(r["rank"]), "tpir_at_fpir": _rates(r["tpir"]),
+                  "threshold_at_fpir": _rates(r["threshold"]), "num_gallery": int(ids.size),
+                  "num_mated": r["num_mated"], "num_nonmated": r["num_nonmated"],
+                  "cmc": r["cmc"]}
+    out["mean"] = {kind: {k: float(np.mean([out[g][kind][k] for g in galleries]))
+                          for k in out[galleries[0]][kind]}
+                   for kind in ("rank", "tpir_at_fpir")}
+    merged_ids = np.concatenate([search[g][0] for g in galleries])
+    merged_subjects = np.concatenate([search[g][1] for g in galleries])
+    merged = identification(probes, probe_subjects, feats_of(merged_ids), merged_subjects,
+                            fpirs=())
+    out[MERGED] = {"rank": _rates(merged["rank"]), "num_mated": merged["num_mated"]}
+    return out
+
+
+def evaluate_features(image_feats: np.ndarray, release: Release, mode: str = DEFAULT_MODE
+                      ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """The protocol from per-image features (already raw + mirror for F1, see mode_input):
+    (results of ``mode``, the ROC curve (FAR, TAR))."""
+    normalize, detector, _ = parse_mode(mode)
+    ids, feats = template_features(image_feats, release.templates, release.medias,
+                                   release.faceness if detector else None, normalize)
+    scores = verification_scores(ids, feats, release.pairs_t1, release.pairs_t2)
+    verification, roc = verification_report(scores, release.pairs_label)
+    results: dict[str, Any] = {"mode": mode, "templates": int(ids.size),
+                               "verification": verification}
+    if release.search:
+        results["identification"] = search_report(ids, feats, release.search,
+                                                  TARGETS[release.target][1])
+    return results, roc
+
+
+# ----------------------------------------------------------------------------- figures, table
+
+def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
+                    title: str) -> Path:
+    """ROC curves (TAR against FAR on a log axis), one per mode, each sampled at
+    ROC_PLOT_POINTS log-spaced FARs (15M points would not draw)."""
+    from matplotlib.figure import Figure
+
+    from verification_plots import save_figure
+
+    fig = Figure(figsize=(6, 5))
+    ax = fig.add_subplot()
+    lowest = 1.0
+    for mode, (far, tar) in curves.items():
+        smallest = far[far > 0].min(initial=1.0)
+        grid = np.logspace(np.log10(smallest), 0, ROC_PLOT_POINTS)
+        idx = np.unique(np.searchsorted(far, grid, side="right") - 1)
+        ax.plot(far[idx], tar[idx], lw=1.5, label=mode)
+        lowest = min(lowest, smallest)
+    ax.set_xscale("log")
+    ax.set_xlim(lowest, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_cmc(identification_block: dict[str, Any], galleries: Sequence[str], path: Path,
+             title: str) -> Path:
+    """Identification rate against rank, one curve per gallery."""
+    from matplotlib.figure import Figure
+
+    from verification_plots import save_figure
+
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    for g in galleries:
+        cmc = identification_block[g]["cmc"]
+        ax.plot(np.arange(1, len(cmc) + 1), cmc, marker=".", label=g)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("identification rate (mated probes)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def format_table(target: str, runs: list[dict[str, Any]]) -> str:
+    """The table papers print: TAR (%) at each FAR per mode, then the 1:N rates."""
+    first = runs[0]
+    v = first["verification"]
+    lines = [f"{target}: {first['images']:,} images, {first['templates']:,} templates, "
+             f"{v['num_genuine']:,} genuine / {v['num_impostor']:,} impostor pairs",
+             "1:1 verification, TAR (%) at FAR"
+             + " (InsightFace's nearest-ROC-point reading below each)"]
+    keys = list(v["tar_at_far"])
+    head = f"{'mode':<10}" + "".join(f"{k:>8}" for k in keys) + f"{'AUC':>9}"
+    lines.append(head)
+    for r in runs:
+        ver = r["verification"]
+        lines.append(f"{r['mode']:<10}" + "".join(f"{_pct(ver['tar_at_far'][k]):>8}"
+                                                  for k in keys) + f"{ver['auc']:>9.5f}")
+        lines.append(f"{'  nearest':<10}" + "".join(
+            f"{_pct(ver['tar_at_far_nearest'][k]):>8}" for k in keys))
+    for r in runs:
+        ident = r.get("identification")
+        if not ident:
+            continue
+        rows = [k for k in ident if k != MERGED]
+        g0 = ident[rows[0]]
+        lines.append(f"1:N identification ({r['mode']}), %")
+        lines.append(f"{'gallery':<10}" + "".join(f"{'rank-' + k:>9}" for k in g0["rank"])
+                     + "".join(f"{'TPIR@' + k:>11}" for k in g0["tpir_at_fpir"]))
+        for name in rows:
+            row = ident[name]
+            lines.append(f"{name:<10}" + "".join(f"{_pct(x):>9}" for x in row["rank"].values())
+                         + "".join(f"{_pct(x):>11}" for x in row["tpir_at_fpir"].values()))
+        merged = ident[MERGED]["rank"]
+        lines.append(f"{'merged*':<10}" + "".join(f"{_pct(x):>9}" for x in merged.values())
+                     + "   * InsightFace's merged gallery, closed set")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    from config import build_parser
+
+    parser = build_parser(__doc__.split("\n\n")[0],
+                          only=["batch_size", "device", "network", "embedding_size"])
+    group = parser.add_argument_group("ijb_eval")
+    group.add_argument("--checkpoint", required=True,
+                       help="backbone.pt or a training checkpoint (config.json beside it "
+                            "names the network unless --network is given)")
+    group.add_argument("--ijb-dir", required=True,
+                       help="the release folder of one target, e.g. data/IJB_release/IJBC")
+    group.add_argument("--target", choices=sorted(TARGETS), default=None,
+                       help="IJBB or IJBC; if omitted, the name of --ijb-dir")
+    group.add_argument("--out", default=None,
+                       help="output folder; if omitted, <checkpoint folder>/<target>")
+    group.add_argument("--modes", nargs="+", default=[DEFAULT_MODE], metavar="MODE",
+                       help=f"InsightFace's modes N<0|1>D<0|1>F<0|1> (image features "
+                            f"normalised, weighted by faceness, plus the mirror's), or 'all'; "
+                            f"the first is the headline (default {DEFAULT_MODE})")
+    group.add_argument("--cache-dir", default=None,
+                       help="image-feature cache; if omitted, <out>/features")
+    group.add_argument("--workers", type=int, default=None,
+                       help="threads reading and aligning the crops (default 4)")
+    return parser
+
+
+def _target_of(args: argparse.Namespace) -> str:
+    if args.target:
+        return args.target
+    name = Path(args.ijb_dir).name.upper()
+    if name not in TARGETS:
+        raise IJBFormatError(f"{args.ijb_dir}: cannot tell the target from the folder name; "
+                             f"pass --target {' or '.join(TARGETS)}")
+    return name
+
+
+def _modes_of(args: argparse.Namespace) -> list[str]:
+    modes = list(ALL_MODES) if args.modes == ["all"] else list(dict.fromkeys(args.modes))
+    for m in modes:
+        parse_mode(m)
+    return modes
+
+
+def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
+                         out_dir: Path) -> list[Path]:
+    """The cache's chunk files, embedding whatever is missing (the model is only loaded
+    then)."""
+    import ijb_features as feat
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    cache_root = Path(args.cache_dir) if args.cache_dir else out_dir / "features"
+    folder = cache_root / feat.cache_key(release, checkpoint, args.network,
+                                         args.embedding_size)
+    missing = feat.missing_chunks(release, folder)
+    embed = None
+    if missing:
+        feat.check_crops_exist(release, missing)  # before the model is built
+        from models import load_backbone
+
+        device = get_device(cfg.device)
+        model = load_backbone(checkpoint, network=args.network,
+                              embedding_size=args.embedding_size).to(device).eval()
+
+        def embed(crops: np.ndarray) -> np.ndarray:
+            return feat.embed_raw(model, crops, cfg.batch_size, device)
+    else:
+        log.info("image features from the cache %s", folder)
+    workers = args.workers if args.workers is not None else feat.DEFAULT_WORKERS
+    return feat.cached_features(release, folder, embed, workers=workers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: prints the table, writes <out>/<target>_results.json and figures."""
+    from config import parse_config
+    from ijb_features import mode_features
+
+    cfg, args = parse_config(argv, parser=build_arg_parser())
+    target = _target_of(args)
+    modes = _modes_of(args)
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / target.lower()
+    release = load_release(args.ijb_dir, target)
+    chunks = image_feature_chunks(cfg, args, release, out_dir)
+    runs, curves = [], {}
+    for mode in modes:
+        feats = mode_features(chunks, parse_mode(mode)[2], len(release.names))
+        r, curves[mode] = evaluate_features(feats, release, mode)
+        del feats
+        runs.append({"target": target, "images": len(release.names), **r})
+    prefix = TARGETS[target][0]
+    files = {"roc": str(plot_roc_curves(curves, out_dir / f"{prefix}_roc.png",
+                                        f"{target} 1:1 verification"))}
+    if "identification" in runs[0]:
+        files["cmc"] = str(plot_cmc(runs[0]["identification"], TARGETS[target][1],
+                                    out_dir / f"{prefix}_cmc.png",
+                                    f"{target} 1:N identification ({modes[0]})"))
+    results = dict(runs[0])
+    results.update({"checkpoint": str(args.checkpoint), "ijb_dir": str(args.ijb_dir),
+                    "files": files})
+    if len(runs) > 1:
+        results["modes"] = {r["mode"]: {k: r[k] for k in ("verification", "identification")
+                                        if k in r} for r in runs}
+    results_path = out_dir / f"{prefix}_results.json"
+    atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+    print(format_table(target, runs))
+    print(f"results: {results_path}")
+    print("figures: " + ", ".join(files.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
