@@ -26,6 +26,7 @@ NUM_LANDMARKS = 5
 LANDMARK_FIELDS = 2 * NUM_LANDMARKS + 1  # x1 y1 ... x5 y5 faceness_score
 PAIR_FIELDS = 3
 TID_MID_FIELDS = 3
+INT32 = np.iinfo(np.int32)
 CSV_MIN_FIELDS = 2  # TEMPLATE_ID, SUBJECT_ID (the rest, FILENAME etc., is not needed)
 # target -> (file prefix, names of its two 1:N galleries)
 TARGETS: dict[str, tuple[str, tuple[str, str]]] = {
@@ -75,62 +76,68 @@ def search_files(root: str | Path, target: str) -> dict[str, Path]:
     return files
 
 
-def _read_lines(path: Path) -> list[str]:
+def _tokens(path: Path, nfields: int, expected: str) -> tuple[list[str], list[int]]:
+    """All fields of the non-blank lines, flat, and each line's number; a line with another
+    number of fields is an error. The caller converts columns in bulk (fast in C)."""
     if not path.is_file():
         raise IJBFormatError(f"{path}: file not found")
-    return path.read_text().splitlines()
+    tokens: list[str] = []
+    linenos: list[int] = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != nfields:
+                raise IJBFormatError(f"{path}:{lineno}: expected '{expected}' ({nfields} "
+                                     f"fields), got {len(fields)}: {line.rstrip()!r}")
+            tokens.extend(fields)
+            linenos.append(lineno)
+    if not linenos:
+        raise IJBFormatError(f"{path}: no entries listed")
+    return tokens, linenos
 
 
-def _int(token: str, path: Path, lineno: int, what: str) -> int:
+def _column(values: list[str], dtype: type, path: Path, linenos: list[int], what: str
+            ) -> np.ndarray:
+    """``values`` as an array of ``dtype`` (int64 or float32); the first value that is not
+    a number of that kind is an error naming its line."""
     try:
-        return int(token)
+        return np.array(values, dtype=dtype)
     except ValueError:
-        raise IJBFormatError(f"{path}:{lineno}: {what} {token!r} is not an integer") from None
+        parse = int if dtype is np.int64 else float
+        for value, lineno in zip(values, linenos, strict=True):
+            try:
+                parse(value)
+            except ValueError:
+                kind = "an integer" if parse is int else "a number"
+                raise IJBFormatError(f"{path}:{lineno}: {what} {value!r} is not "
+                                     f"{kind}") from None
+        raise
 
 
 def read_face_tid_mid(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(image names, template ids, media ids) from ``*_face_tid_mid.txt``."""
     path = Path(path)
-    names, templates, medias = [], [], []
-    for lineno, line in enumerate(_read_lines(path), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != TID_MID_FIELDS:
-            raise IJBFormatError(f"{path}:{lineno}: expected 'image_name template_id "
-                                 f"media_id', got {line!r}")
-        names.append(fields[0])
-        templates.append(_int(fields[1], path, lineno, "template id"))
-        medias.append(_int(fields[2], path, lineno, "media id"))
-    if not names:
-        raise IJBFormatError(f"{path}: no images listed")
-    return names, np.array(templates, np.int64), np.array(medias, np.int64)
+    tokens, linenos = _tokens(path, TID_MID_FIELDS, "image_name template_id media_id")
+    step = TID_MID_FIELDS
+    return (tokens[0::step], _column(tokens[1::step], np.int64, path, linenos, "template id"),
+            _column(tokens[2::step], np.int64, path, linenos, "media id"))
 
 
 def read_landmarks(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(image names, (N, 5, 2) landmarks, (N,) faceness) from ``*_name_5pts_score.txt``."""
     path = Path(path)
-    names, values = [], []
-    for lineno, line in enumerate(_read_lines(path), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 1 + LANDMARK_FIELDS:
-            raise IJBFormatError(f"{path}:{lineno}: expected 'image_name x1 y1 ... x5 y5 "
-                                 f"score' ({1 + LANDMARK_FIELDS} fields), got {len(fields)}")
-        try:
-            row = [float(v) for v in fields[1:]]
-        except ValueError:
-            raise IJBFormatError(f"{path}:{lineno}: landmarks and score must be numbers, "
-                                 f"got {line!r}") from None
-        if not np.all(np.isfinite(row)):
-            raise IJBFormatError(f"{path}:{lineno}: a landmark or score is not finite")
-        names.append(fields[0])
-        values.append(row)
-    if not names:
-        raise IJBFormatError(f"{path}: no images listed")
-    table = np.array(values, np.float32)
-    return names, table[:, :-1].reshape(-1, NUM_LANDMARKS, 2), table[:, -1].copy()
+    step = 1 + LANDMARK_FIELDS
+    tokens, linenos = _tokens(path, step, "image_name x1 y1 ... x5 y5 score")
+    columns = [_column(tokens[k::step], np.float32, path, linenos,
+                       "score" if k == LANDMARK_FIELDS else "landmark coordinate")
+               for k in range(1, step)]
+    table = np.stack(columns, axis=1)
+    bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
+    if bad.size:
+        raise IJBFormatError(f"{path}:{linenos[bad[0]]}: a landmark or score is not finite")
+    return tokens[0::step], table[:, :-1].reshape(-1, NUM_LANDMARKS, 2), table[:, -1].copy()
 
 
 def _first_bad_pair_line(path: Path) -> str:
@@ -143,7 +150,7 @@ def _first_bad_pair_line(path: Path) -> str:
             if len(fields) != PAIR_FIELDS:
                 return f"{path}:{lineno}: expected 'template1 template2 label', got {line!r}"
             for token, what in zip(fields, ("template1", "template2", "label"), strict=True):
-                _int(token, path, lineno, what)
+                _column([token], np.int64, path, [lineno], what)
             if fields[2] not in ("0", "1"):
                 return f"{path}:{lineno}: label must be 0 or 1, got {fields[2]!r}"
     return f"{path}: cannot be parsed as 'template1 template2 label' lines"
@@ -165,7 +172,10 @@ def read_pairs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     bad = np.flatnonzero((table[:, 2] != 0) & (table[:, 2] != 1))
     if bad.size:
         raise IJBFormatError(_first_bad_pair_line(path))
-    return table[:, 0].copy(), table[:, 1].copy(), table[:, 2] == 1
+    # int32 ids where they fit: half the memory of 15.7M-pair columns
+    small = table[:, :2].min(initial=0) >= INT32.min and table[:, :2].max(initial=0) <= INT32.max
+    dtype = np.int32 if small else np.int64
+    return table[:, 0].astype(dtype), table[:, 1].astype(dtype), table[:, 2] == 1
 
 
 def read_search_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -175,30 +185,37 @@ def read_search_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise IJBFormatError(f"{path}: file not found")
-    subject_of: dict[int, int] = {}
+    templates: list[str] = []
+    subjects: list[str] = []
+    linenos: list[int] = []
     with path.open(newline="") as f:
-        rows = csv.reader(f)
-        for lineno, row in enumerate(rows, 1):
-            if lineno == 1 or not row or not any(cell.strip() for cell in row):
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if lineno == 1 or not any(cell.strip() for cell in row):
                 continue  # the header, blank lines
             if len(row) < CSV_MIN_FIELDS:
                 raise IJBFormatError(f"{path}:{lineno}: expected TEMPLATE_ID,SUBJECT_ID,..., "
                                      f"got {','.join(row)!r}")
-            template = _int(row[0].strip(), path, lineno, "TEMPLATE_ID")
-            subject = _int(row[1].strip(), path, lineno, "SUBJECT_ID")
-            if subject_of.setdefault(template, subject) != subject:
-                raise IJBFormatError(f"{path}:{lineno}: template {template} has subject "
-                                     f"{subject} here but {subject_of[template]} above")
-    if not subject_of:
+            templates.append(row[0])
+            subjects.append(row[1])
+            linenos.append(lineno)
+    if not linenos:
         raise IJBFormatError(f"{path}: no templates listed")
-    return (np.fromiter(subject_of.keys(), np.int64, len(subject_of)),
-            np.fromiter(subject_of.values(), np.int64, len(subject_of)))
+    t = _column(templates, np.int64, path, linenos, "TEMPLATE_ID")
+    s = _column(subjects, np.int64, path, linenos, "SUBJECT_ID")
+    _, first, inverse = np.unique(t, return_index=True, return_inverse=True)
+    first_subject = s[first][inverse]
+    bad = np.flatnonzero(s != first_subject)
+    if bad.size:
+        i = bad[0]
+        raise IJBFormatError(f"{path}:{linenos[i]}: template {t[i]} has subject {s[i]} here "
+                             f"but {first_subject[i]} above")
+    order = np.sort(first)
+    return t[order], s[order]
 
 
 def _unknown(ids: np.ndarray, known: np.ndarray) -> np.ndarray:
     """Positions of the ids of ``ids`` that are not in sorted ``known``."""
-    rows = np.minimum(np.searchsorted(known, ids), known.size - 1)
-    return np.flatnonzero(known[rows] != ids)
+    return np.flatnonzero(~np.isin(ids, known))  # a lookup table over the id range
 
 
 def _line_of_entry(path: Path, entry: int, skip: int = 0) -> int:
