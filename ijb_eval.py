@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from ijb_release import TARGETS, IJBFormatError, Release, load_release
-from utils import atomic_write_text, get_device, get_logger, run_cli
-from verification_metrics import FAR_EPS, roc_curve, tar_at_far_from_top
+from utils import ToolkitError, atomic_write_text, get_device, get_logger, run_cli
+from verification_metrics import FAR_EPS, tar_at_far_from_top
 
 __all__ = [
     "IJBFormatError", "parse_mode", "mode_input", "template_features", "verification_scores",
@@ -60,7 +60,7 @@ SCORE_BLOCK_ENTRIES = 80 * 2**20
 LOOKUP_MAX_SPAN = 1 << 26  # template ids spanning less use a lookup table (int32: 256 MB max)
 NORM_CHUNK_ROWS = 8192  # rows per chunk when row norms are computed (bounds the temporary)
 SEARCH_CHUNK_PROBES = 4096  # probes scored against a gallery at a time
-ROC_PLOT_POINTS = 2000  # the ROC figure samples the curve at this many log-spaced FARs
+ROC_PLOT_POINTS = 200  # the ROC figure: TAR@FAR at this many log-spaced FARs
 MERGED = "merged"
 
 log = get_logger("ijb_eval")
@@ -242,30 +242,74 @@ def tar_at_far(scores: np.ndarray, labels: np.ndarray,
     return {far: tar_at_far_from_top(genuine, top, impostor.size, far)[0] for far in fars}
 
 
-def tar_at_far_nearest(far_curve: np.ndarray, tar_curve: np.ndarray,
+def _sorted_split(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(genuine, impostor) scores, each sorted ascending (impostors sorted in place in their
+    own copy: 62 MB for IJB-C, where an argsort of all scores would need ten times that)."""
+    genuine, impostor = _split_scores(scores, labels)
+    genuine.sort()
+    impostor.sort()
+    return genuine, impostor
+
+
+def _nearest_tar(genuine: np.ndarray, impostor: np.ndarray, far: float) -> float:
+    """The TAR of the first ROC point whose FAR is nearest to ``far`` (InsightFace's reading
+    of sklearn's roc_curve), from the sorted scores without building the curve.
+
+    The curve has a point at every distinct score t: FAR = #(impostors >= t) / n. Its FAR
+    counts are 0 and #(impostors >= x) for each impostor score x; the first point with
+    count k is at t = the k-th largest impostor score. So the nearest counts below and above
+    far x n are read off the sorted impostors; ties go to the lower (earlier) one."""
+    n = impostor.size
+    desc = impostor[::-1]
+    target = far * n
+    low, high = min(math.floor(target), n), min(math.ceil(target), n)
+    # the largest reachable count <= target, and the smallest >= target
+    k_low = n if low >= n else n - int(np.searchsorted(impostor, desc[low], side="right"))
+    k_high = 0 if high == 0 else n - int(np.searchsorted(impostor, desc[high - 1], side="left"))
+    k = k_low if abs(k_low / n - far) <= abs(k_high / n - far) else k_high
+    if k == 0:
+        return 0.0
+    at_least = genuine.size - int(np.searchsorted(genuine, desc[k - 1], side="left"))
+    return at_least / genuine.size
+
+
+def tar_at_far_nearest(scores: np.ndarray, labels: np.ndarray,
                        fars: Sequence[float] = VERIFICATION_FARS) -> dict[float, float]:
-    """InsightFace's reading of a ROC curve: the TAR of the (first) point whose FAR is
-    nearest to each target."""
-    return {far: float(tar_curve[int(np.argmin(np.abs(far_curve - far)))]) for far in fars}
+    """{far: TAR} by InsightFace's convention: the TPR of the ROC point (one per distinct
+    score, from (0, 0)) whose FPR is nearest to far; the first such point on a tie."""
+    genuine, impostor = _sorted_split(scores, labels)
+    return {far: _nearest_tar(genuine, impostor, far) for far in fars}
+
+
+def _auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
+    """The area under the ROC with ties as diagonal steps (the trapezoidal area of
+    verification_metrics.roc_curve) = P(genuine > impostor) + P(equal) / 2."""
+    below = np.searchsorted(impostor, genuine, side="left").astype(np.float64)
+    equal = np.searchsorted(impostor, genuine, side="right") - below
+    return float((below.sum() + equal.sum() / 2) / (genuine.size * impostor.size))
 
 
 def verification_report(scores: np.ndarray, labels: np.ndarray,
                         fars: Sequence[float] = VERIFICATION_FARS
                         ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
-    """(the JSON "verification" block, (FAR, TAR) of the ROC curve). A FAR with fewer than
-    1/FAR impostor pairs is reported as null (it cannot be measured)."""
-    genuine, impostor = _split_scores(scores, labels)
-    far_curve, tar_curve, _ = roc_curve(scores, labels)
-    measurable = [f for f in fars if f * impostor.size >= 1 - FAR_EPS]
-    exact = tar_at_far(scores, labels, measurable) if measurable else {}
-    nearest = tar_at_far_nearest(far_curve, tar_curve, measurable)
+    """(the JSON "verification" block, the TAR@FAR curve (FARs, TARs) at ROC_PLOT_POINTS
+    log-spaced FARs for the figure). A FAR with fewer than 1/FAR impostor pairs is reported
+    as null (it cannot be measured). One sort of the impostor scores serves all of it."""
+    genuine, impostor = _sorted_split(scores, labels)
+    n_imp = impostor.size
+    desc = impostor[::-1]
+    measurable = [f for f in fars if f * n_imp >= 1 - FAR_EPS]
     report = {
-        "num_genuine": int(genuine.size), "num_impostor": int(impostor.size),
-        "tar_at_far": {_far_key(f): exact.get(f) for f in fars},
-        "tar_at_far_nearest": {_far_key(f): nearest.get(f) for f in fars},
-        "auc": float(np.trapezoid(tar_curve, far_curve)),
+        "num_genuine": int(genuine.size), "num_impostor": int(n_imp),
+        "tar_at_far": {_far_key(f): (tar_at_far_from_top(genuine, desc, n_imp, f)[0]
+                                     if f in measurable else None) for f in fars},
+        "tar_at_far_nearest": {_far_key(f): (_nearest_tar(genuine, impostor, f)
+                                             if f in measurable else None) for f in fars},
+        "auc": _auc(genuine, impostor),
     }
-    return report, (far_curve, tar_curve)
+    grid = np.logspace(math.log10(1 / n_imp), 0, ROC_PLOT_POINTS)
+    curve = np.array([tar_at_far_from_top(genuine, desc, n_imp, f)[0] for f in grid])
+    return report, (grid, curve)
 
 
 def _far_key(far: float) -> str:
@@ -401,8 +445,8 @@ def evaluate_features(image_feats: np.ndarray, release: Release, mode: str = DEF
 
 def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
                     title: str) -> Path:
-    """ROC curves (TAR against FAR on a log axis), one per mode, each sampled at
-    ROC_PLOT_POINTS log-spaced FARs (15M points would not draw)."""
+    """ROC curves (TAR against FAR on a log axis), one per mode, as verification_report
+    samples them (15M points would not draw)."""
     from matplotlib.figure import Figure
 
     from verification_plots import save_figure
@@ -411,11 +455,8 @@ def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
     ax = fig.add_subplot()
     lowest = 1.0
     for mode, (far, tar) in curves.items():
-        smallest = far[far > 0].min(initial=1.0)
-        grid = np.logspace(np.log10(smallest), 0, ROC_PLOT_POINTS)
-        idx = np.unique(np.searchsorted(far, grid, side="right") - 1)
-        ax.plot(far[idx], tar[idx], lw=1.5, label=mode)
-        lowest = min(lowest, smallest)
+        ax.plot(far, tar, lw=1.5, label=mode)
+        lowest = min(lowest, float(far[0]))
     ax.set_xscale("log")
     ax.set_xlim(lowest, 1.0)
     ax.set_ylim(0.0, 1.01)
@@ -553,8 +594,11 @@ def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
         from models import load_backbone
 
         device = get_device(cfg.device)
-        model = load_backbone(checkpoint, network=args.network,
-                              embedding_size=args.embedding_size).to(device).eval()
+        try:
+            model = load_backbone(checkpoint, network=args.network,
+                                  embedding_size=args.embedding_size).to(device).eval()
+        except (ValueError, RuntimeError) as e:  # unknown network, weights that do not fit
+            raise ToolkitError(str(e)) from None
 
         def embed(crops: np.ndarray) -> np.ndarray:
             return feat.embed_raw(model, crops, cfg.batch_size, device)

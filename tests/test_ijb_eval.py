@@ -22,6 +22,7 @@ from align_faces import estimate_similarity, warp_face
 from synthetic_faces import EVAL_SPLIT, identity_seed, image_rng, make_identity, render_image
 from synthetic_faces_assets import CANONICAL_LANDMARKS
 from utils import encode_image
+from verification_metrics import roc_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 EPS = 1e-9
@@ -147,12 +148,20 @@ def test_verification_scores_against_dot_products(monkeypatch, block_entries):
 def test_tar_at_far_against_brute_force_with_ties(seed):
     rng = np.random.default_rng(seed)
     labels = rng.random(400) < 0.2
-    scores = np.round(np.where(labels, rng.normal(0.5, 0.2, 400), rng.normal(0.0, 0.2, 400)), 2)
+    decimals = 1 if seed == 2 else 2  # seed 2: heavy ties between genuine and impostors
+    scores = np.round(np.where(labels, rng.normal(0.3, 0.2, 400), rng.normal(0.0, 0.2, 400)),
+                      decimals)
     fars = (1e-3, 1 / 317, 1e-2, 0.05, 0.1, 1.0)  # 1/317: floor right at an integer
     got = ijb_eval.tar_at_far(scores, labels, fars)
     for far in fars:
         assert got[far] == pytest.approx(_brute_tar(scores, labels, far), abs=1e-12), far
-    report, (far_curve, tar_curve) = ijb_eval.verification_report(scores, labels, fars)
+    nearest = ijb_eval.tar_at_far_nearest(scores, labels, fars + (1e-9, 0.5, 0.33))
+    far_curve, tar_curve, _ = roc_curve(scores, labels)  # the whole curve, argmin over it
+    for far, tar in nearest.items():
+        assert tar == _brute_nearest(scores, labels, far), far
+        assert tar == tar_curve[np.argmin(np.abs(far_curve - far))], far
+    report, (grid, curve) = ijb_eval.verification_report(scores, labels, fars)
+    assert curve[-1] == 1.0 and np.all(np.diff(curve) >= 0) and grid[0] > 0
     for far in fars[:-1]:
         key = f"{far:.0e}"
         n_imp = int((~labels).sum())
@@ -165,6 +174,16 @@ def test_tar_at_far_against_brute_force_with_ties(seed):
     gen, imp = scores[labels], scores[~labels]
     auc = np.mean((gen[:, None] > imp[None]) + 0.5 * (gen[:, None] == imp[None]))
     assert report["auc"] == pytest.approx(auc, abs=1e-12)
+
+
+def test_nearest_far_tie_takes_the_first_point():
+    """FPR 1/4 and 3/4 are equally near 0.5 (tied impostors skip 2/4): the first wins."""
+    scores = np.array([0.9, 0.5, 0.5, 0.1, 0.95, 0.7, 0.3])
+    labels = np.array([False] * 4 + [True] * 3)
+    far_curve, tar_curve, _ = roc_curve(scores, labels)
+    expected = tar_curve[np.argmin(np.abs(far_curve - 0.5))]
+    assert expected == _brute_nearest(scores, labels, 0.5) == pytest.approx(1 / 3)
+    assert ijb_eval.tar_at_far_nearest(scores, labels, [0.5])[0.5] == expected
 
 
 def _exact_features(rng, n, d):
@@ -511,3 +530,10 @@ def test_cli_errors_are_one_line(release_dir, checkpoint, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {pairs}:5: expected 'template1 template2 label', got '100 204'"]
     assert not (tmp_path / "out" / "ijbc_results.json").exists()
+    # weights that do not fit the network: one line too, before any output
+    proc = subprocess.run([sys.executable, str(ROOT / "ijb_eval.py"), "--checkpoint",
+                           str(checkpoint), "--ijb-dir", str(release_dir[0]), "--network",
+                           "mobilefacenet", "--out", str(tmp_path / "out2")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {checkpoint}: weights do not match network")
