@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ijb_eval  # noqa: E402
 import ijb_features  # noqa: E402
+import ijb_report  # noqa: E402
 from ijb_release import Release, load_release  # noqa: E402
 
 # IJB-C's sizes (InsightFace's pack)
@@ -196,7 +197,7 @@ def run_protocol(root: Path, sizes: dict, mode: str) -> tuple[dict, dict]:
     run = {"target": "IJBC", "images": sizes["images"], "templates": int(ids.size),
            "mode": mode, "verification": verification, "identification": ident}
     t = time.perf_counter()
-    table = ijb_eval.format_table("IJBC", [run])
+    table = ijb_report.format_table("IJBC", [run])
     seconds["table"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return seconds, {"table": table, "release": release, "ids": ids, "tfeats": tfeats}
