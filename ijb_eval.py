@@ -101,7 +101,7 @@ def template_features(image_feats: np.ndarray, templates: np.ndarray, medias: np
     Each image's feature is L2-normalised (``normalize``, mode N1) and multiplied by its
     ``faceness`` (given: mode D1); the features of one media of a template are averaged and
     the media means summed, then normalised. Done as one sparse (T x N) pooling matrix times
-    ``image_feats``, which is read once and never copied (it may be a memory map)."""
+    ``image_feats``, which is only read, never copied (IJB-C's is 1 GB)."""
     import scipy.sparse as sp
 
     feats = np.asarray(image_feats)
@@ -361,7 +361,7 @@ def identification(probe_feats: np.ndarray, probe_subjects: np.ndarray,
     counts = np.bincount(np.minimum(mated_rank, max_rank + 1), minlength=max_rank + 2)
     out["cmc"] = (np.cumsum(counts)[1:max_rank + 1] / mated_rank.size).tolist()
     nonmated_top = top[~mated]
-    if nonmated_top.size:
+    if nonmated_top.size and fpirs:
         # A mated probe is a true positive when its mate is rank 1 and above t.
         hits = np.where(mated_rank == 1, mate[mated], -np.inf)
         need = int(math.floor(max(fpirs) * nonmated_top.size + FAR_EPS)) + 1
@@ -373,8 +373,9 @@ def identification(probe_feats: np.ndarray, probe_subjects: np.ndarray,
     return out
 
 
-def _rates(d: dict, fmt=str) -> dict[str, Any]:
-    return {fmt(k): v for k, v in d.items()}
+def _rates(d: dict) -> dict[str, Any]:
+    """JSON keys: ranks and FPIRs as strings ("1", "0.01")."""
+    return {str(k): v for k, v in d.items()}
 
 
 def search_report(template_ids: np.ndarray, template_feats: np.ndarray,

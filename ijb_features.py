@@ -64,10 +64,21 @@ def cache_key(release: Release, checkpoint: str | Path, network: str | None,
     return digest.hexdigest()[:KEY_CHARS]
 
 
+def _chunk_ok(path: Path, rows: int) -> bool:
+    """Whether ``path`` holds a (rows, 2, E) float32 array (its header alone is read)."""
+    try:
+        chunk = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return chunk.dtype == np.float32 and chunk.ndim == 3 and chunk.shape[:2] == (rows, 2)
+
+
 def missing_chunks(release: Release, folder: Path) -> list[int]:
-    """Indices of the chunks not yet in ``folder``."""
-    count = -(-len(release.names) // CHUNK_IMAGES)
-    return [i for i in range(count) if not chunk_path(folder, i).is_file()]
+    """Indices of the chunks not yet in ``folder``; a file of another shape (another chunk
+    size, a damaged file) counts as missing and is made again."""
+    total = len(release.names)
+    return [i for i, s in enumerate(range(0, total, CHUNK_IMAGES))
+            if not _chunk_ok(chunk_path(folder, i), min(CHUNK_IMAGES, total - s))]
 
 
 def check_crops_exist(release: Release, chunks: list[int]) -> None:
@@ -131,10 +142,11 @@ def _save_chunk(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def cached_features(release: Release, folder: Path, embed: Callable[[np.ndarray], np.ndarray],
+def cached_features(release: Release, folder: Path,
+                    embed: Callable[[np.ndarray], np.ndarray] | None,
                     workers: int = DEFAULT_WORKERS, progress: bool = True) -> list[Path]:
-    """Make every missing chunk of ``folder`` (``embed``: crops -> (n, 2, E)); return all
-    chunk paths in image order."""
+    """Make every missing chunk of ``folder`` (``embed``: crops -> (n, 2, E); None when
+    nothing is missing); return all chunk paths in image order."""
     from tqdm import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)

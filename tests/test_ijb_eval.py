@@ -212,6 +212,8 @@ def test_identification_without_nonmated_probes_gives_ranks_only():
     gallery = _exact_features(rng, 4, 6)
     got = ijb_eval.identification(gallery, np.arange(4), gallery[::-1], np.arange(4)[::-1])
     assert got["rank"][1] == 1.0 and got["tpir"] == {}
+    ranks_only = ijb_eval.identification(gallery, [0, 1, 7, 8], gallery, np.arange(4), fpirs=())
+    assert ranks_only["num_nonmated"] == 2 and ranks_only["tpir"] == {}
 
 
 # ----------------------------------------------------------------------------- tiny release
@@ -487,11 +489,15 @@ def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path,
         mean = got["identification"]["mean"]["rank"]["1"]
         assert mean == pytest.approx((search["G1"][0][1] + search["G2"][0][1]) / 2)
 
-    # A killed run resumes at the missing chunk; a complete cache needs no model at all.
+    # A killed run resumes at the missing chunk (a damaged one is made again; a killed
+    # writer's temporary is removed); a complete cache needs no model at all.
     chunks[1].unlink()
+    chunks[2].write_bytes(chunks[2].read_bytes()[:200])
+    stale = chunks[1].parent / f".{chunks[1].name}.x1y2.tmp"
+    stale.write_bytes(b"half")
     embed_calls.clear()
     assert _cli(root, checkpoint, out, "--modes", "N1D1F1", "N0D0F0") == 0
-    assert embed_calls == [CHUNK]
+    assert embed_calls == [CHUNK, 48 - 2 * CHUNK] and not stale.exists()
     again = json.loads((out / "ijbc_results.json").read_text())
     assert again["modes"] == results["modes"]
     import models
