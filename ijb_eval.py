@@ -316,38 +316,35 @@ def _far_key(far: float) -> str:
 # ----------------------------------------------------------------------------- 1:N identification
 
 def _search(probe_feats: np.ndarray, probe_subjects: np.ndarray, gallery_feats: np.ndarray,
-            gallery_subjects: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per probe: (rank of its best mate, 0 when unmated; best mate score; top score)."""
+            gallery_subjects: np.ndarray, groups: Sequence[slice]
+            ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each group of gallery columns searched by every probe, from one matrix product:
+    per group and probe (rank of the best mate, 0 when unmated; best mate score; top
+    score). Float32 throughout: the definitions apply to the scores as computed."""
     probes = np.asarray(probe_feats, np.float32)
     gallery = np.asarray(gallery_feats, np.float32)
     p_subj = np.asarray(probe_subjects).reshape(-1)
     g_subj = np.asarray(gallery_subjects).reshape(-1)
     if probes.shape[0] != p_subj.size or gallery.shape[0] != g_subj.size:
         raise ValueError("one subject per probe and per gallery template is needed")
-    rank = np.zeros(p_subj.size, np.int64)
-    mate = np.full(p_subj.size, -np.inf)
-    top = np.full(p_subj.size, -np.inf)
+    out = [(np.zeros(p_subj.size, np.int64), np.full(p_subj.size, -np.inf, np.float32),
+            np.full(p_subj.size, -np.inf, np.float32)) for _ in groups]
     for s in range(0, p_subj.size, SEARCH_CHUNK_PROBES):
-        sims = (probes[s:s + SEARCH_CHUNK_PROBES] @ gallery.T).astype(np.float64)
-        is_mate = p_subj[s:s + len(sims), None] == g_subj[None, :]
-        best = np.where(is_mate, sims, -np.inf).max(axis=1, initial=-np.inf)
-        above = ((sims > best[:, None]) & ~is_mate).sum(axis=1)
-        mated = is_mate.any(axis=1)
-        rank[s:s + len(sims)] = np.where(mated, above + 1, 0)
-        mate[s:s + len(sims)] = best
-        top[s:s + len(sims)] = sims.max(axis=1, initial=-np.inf)
-    return rank, mate, top
+        rows = slice(s, s + SEARCH_CHUNK_PROBES)
+        all_sims = probes[rows] @ gallery.T
+        all_mates = p_subj[rows, None] == g_subj[None, :]
+        for (rank, mate, top), cols in zip(out, groups, strict=True):
+            sims, is_mate = all_sims[:, cols], all_mates[:, cols]
+            best = np.where(is_mate, sims, -np.inf).max(axis=1, initial=-np.inf)
+            above = np.count_nonzero((sims > best[:, None]) & ~is_mate, axis=1)
+            rank[rows] = np.where(is_mate.any(axis=1), above + 1, 0)
+            mate[rows] = best
+            top[rows] = sims.max(axis=1, initial=-np.inf)
+    return out
 
 
-def identification(probe_feats: np.ndarray, probe_subjects: np.ndarray,
-                   gallery_feats: np.ndarray, gallery_subjects: np.ndarray,
-                   ranks: Sequence[int] = IDENTIFICATION_RANKS,
-                   fpirs: Sequence[float] = IDENTIFICATION_FPIRS) -> dict[str, Any]:
-    """Open-set search of unit probe features against unit gallery features (NIST's rules,
-    see the module docstring): {"rank": {r: rate over mated probes}, "tpir": {fpir: TPIR}
-    (empty without non-mated probes), "threshold": {fpir: t}, "num_mated",
-    "num_nonmated", "cmc": rates at ranks 1 .. min(CMC_MAX_RANK, gallery size)}."""
-    rank, mate, top = _search(probe_feats, probe_subjects, gallery_feats, gallery_subjects)
+def _rates_from_search(rank: np.ndarray, mate: np.ndarray, top: np.ndarray, gallery_size: int,
+                       ranks: Sequence[int], fpirs: Sequence[float]) -> dict[str, Any]:
     mated = rank > 0
     if not mated.any():
         raise ValueError("no probe has a mate in the gallery")
@@ -357,7 +354,7 @@ def identification(probe_feats: np.ndarray, probe_subjects: np.ndarray,
         "tpir": {}, "threshold": {},
         "num_mated": int(mated.sum()), "num_nonmated": int((~mated).sum()),
     }
-    max_rank = min(CMC_MAX_RANK, len(np.asarray(gallery_subjects).reshape(-1)))
+    max_rank = min(CMC_MAX_RANK, gallery_size)
     counts = np.bincount(np.minimum(mated_rank, max_rank + 1), minlength=max_rank + 2)
     out["cmc"] = (np.cumsum(counts)[1:max_rank + 1] / mated_rank.size).tolist()
     nonmated_top = top[~mated]
@@ -371,6 +368,20 @@ def identification(probe_feats: np.ndarray, probe_subjects: np.ndarray,
             out["tpir"][f] = tpir
             out["threshold"][f] = threshold
     return out
+
+
+def identification(probe_feats: np.ndarray, probe_subjects: np.ndarray,
+                   gallery_feats: np.ndarray, gallery_subjects: np.ndarray,
+                   ranks: Sequence[int] = IDENTIFICATION_RANKS,
+                   fpirs: Sequence[float] = IDENTIFICATION_FPIRS) -> dict[str, Any]:
+    """Open-set search of unit probe features against unit gallery features (NIST's rules,
+    see the module docstring): {"rank": {r: rate over mated probes}, "tpir": {fpir: TPIR}
+    (empty without non-mated probes), "threshold": {fpir: t}, "num_mated",
+    "num_nonmated", "cmc": rates at ranks 1 .. min(CMC_MAX_RANK, gallery size)}."""
+    size = len(np.asarray(gallery_subjects).reshape(-1))
+    (found,) = _search(probe_feats, probe_subjects, gallery_feats, gallery_subjects,
+                       [slice(0, size)])
+    return _rates_from_search(*found, size, ranks, fpirs)
 
 
 def _rates(d: dict) -> dict[str, Any]:
@@ -387,22 +398,26 @@ def search_report(template_ids: np.ndarray, template_feats: np.ndarray,
         return template_feats[_rows_of(template_ids, ids)]
 
     probe_ids, probe_subjects = search["probe"]
-    probes = feats_of(probe_ids)
+    merged_ids = np.concatenate([search[g][0] for g in galleries])
+    merged_subjects = np.concatenate([search[g][1] for g in galleries])
+    # one probe x merged-gallery product serves each gallery (its columns) and the merge
+    bounds = np.cumsum([0] + [search[g][0].size for g in galleries]).tolist()
+    groups = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    found = _search(feats_of(probe_ids), probe_subjects, feats_of(merged_ids),
+                    merged_subjects, [*groups, slice(0, bounds[-1])])
     out: dict[str, Any] = {}
-    for g in galleries:
-        ids, subjects = search[g]
-        r = identification(probes, probe_subjects, feats_of(ids), subjects)
+    for g, cols, result in zip(galleries, groups, found, strict=False):
+        r = _rates_from_search(*result, cols.stop - cols.start, IDENTIFICATION_RANKS,
+                               IDENTIFICATION_FPIRS)
         out[g] = {"rank": _rates(r["rank"]), "tpir_at_fpir": _rates(r["tpir"]),
-                  "threshold_at_fpir": _rates(r["threshold"]), "num_gallery": int(ids.size),
+                  "threshold_at_fpir": _rates(r["threshold"]),
+                  "num_gallery": cols.stop - cols.start,
                   "num_mated": r["num_mated"], "num_nonmated": r["num_nonmated"],
                   "cmc": r["cmc"]}
     out["mean"] = {kind: {k: float(np.mean([out[g][kind][k] for g in galleries]))
                           for k in out[galleries[0]][kind]}
                    for kind in ("rank", "tpir_at_fpir")}
-    merged_ids = np.concatenate([search[g][0] for g in galleries])
-    merged_subjects = np.concatenate([search[g][1] for g in galleries])
-    merged = identification(probes, probe_subjects, feats_of(merged_ids), merged_subjects,
-                            fpirs=())
+    merged = _rates_from_search(*found[-1], bounds[-1], IDENTIFICATION_RANKS, ())
     out[MERGED] = {"rank": _rates(merged["rank"]), "num_mated": merged["num_mated"]}
     return out
 
