@@ -521,6 +521,8 @@ def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
         try:
             model = load_backbone(checkpoint, network=args.network,
                                   embedding_size=args.embedding_size).to(device).eval()
+        except ToolkitError:
+            raise
         except (ValueError, RuntimeError) as e:  # unknown network, weights that do not fit
             raise ToolkitError(str(e)) from None
 
