@@ -384,6 +384,10 @@ def identification(probe_feats: np.ndarray, probe_subjects: np.ndarray,
     return _rates_from_search(*found, size, ranks, fpirs)
 
 
+def _mean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
 def _rates(d: dict) -> dict[str, Any]:
     """JSON keys: ranks and FPIRs as strings ("1", "0.01")."""
     return {str(k): v for k, v in d.items()}
@@ -409,12 +413,15 @@ def search_report(template_ids: np.ndarray, template_feats: np.ndarray,
     for g, cols, result in zip(galleries, groups, found, strict=False):
         r = _rates_from_search(*result, cols.stop - cols.start, IDENTIFICATION_RANKS,
                                IDENTIFICATION_FPIRS)
-        out[g] = {"rank": _rates(r["rank"]), "tpir_at_fpir": _rates(r["tpir"]),
+        # as for TAR@FAR: an FPIR with fewer than 1/FPIR non-mated probes is not measurable
+        tpir = {f: (r["tpir"].get(f) if f * r["num_nonmated"] >= 1 - FAR_EPS else None)
+                for f in IDENTIFICATION_FPIRS}
+        out[g] = {"rank": _rates(r["rank"]), "tpir_at_fpir": _rates(tpir),
                   "threshold_at_fpir": _rates(r["threshold"]),
                   "num_gallery": cols.stop - cols.start,
                   "num_mated": r["num_mated"], "num_nonmated": r["num_nonmated"],
                   "cmc": r["cmc"]}
-    out["mean"] = {kind: {k: float(np.mean([out[g][kind][k] for g in galleries]))
+    out["mean"] = {kind: {k: _mean([out[g][kind][k] for g in galleries])
                           for k in out[galleries[0]][kind]}
                    for kind in ("rank", "tpir_at_fpir")}
     merged = _rates_from_search(*found[-1], bounds[-1], IDENTIFICATION_RANKS, ())
