@@ -81,7 +81,7 @@ def format_table(target: str, runs: list[dict[str, Any]]) -> str:
                                                   for k in keys) + f"{ver['auc']:>9.5f}")
         lines.append(f"{'  nearest':<10}" + "".join(
             f"{_pct(ver['tar_at_far_nearest'][k]):>8}" for k in keys))
-    for r in runs:
+    for r in runs[:1]:  # 1:N for the headline mode; the JSON holds every mode's
         ident = r.get("identification")
         if not ident:
             continue
