@@ -276,9 +276,9 @@ def time_embedding(args) -> list[str]:
 
 def _centred_landmarks() -> np.ndarray:
     """Landmarks of a face in the middle half of a loose crop."""
-    from align_faces import REFERENCE_LANDMARKS
+    from align_faces import template_for_size
 
-    return REFERENCE_LANDMARKS * np.float32(LOOSE_SIZE / 2 / 112) + np.float32(LOOSE_SIZE / 4)
+    return template_for_size(LOOSE_SIZE // 2) + np.float32(LOOSE_SIZE / 4)
 
 
 def main() -> None:
