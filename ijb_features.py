@@ -1,0 +1,204 @@
+"""Image features of an IJB release: each loose crop aligned by its own five landmarks, then
+embedded with its mirror, cached on disk in chunks.
+
+The cache holds both raw (unnormalised) embeddings of every image, the image's and its
+mirror's, so every InsightFace mode (N0/N1, D0/D1, F0/F1) is computed from it: ``F0`` needs
+the image's embedding alone and ``N0`` the raw magnitudes. For IJB-C at 512-D that is
+469,375 x 2 x 512 float32 = 1.9 GB, in chunk files of CHUNK_IMAGES images under
+``<cache-dir>/<key>/``; the key hashes the checkpoint (path, size, mtime), the network and
+the image list with its landmarks, so another model or release never reads stale features.
+Each chunk is written to a temporary beside it and renamed when whole: a killed run resumes
+at the first missing chunk. Reading and aligning (OpenCV, which releases the GIL) runs in a
+thread pool one chunk ahead of the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from align_faces import warp_face
+from ijb_release import IJBFormatError, Release
+from utils import (
+    FACE_CROP_SIZE,
+    atomic_write_text,
+    get_logger,
+    read_image,
+    remove_stale_temporaries,
+    temp_path_for,
+)
+
+CHUNK_IMAGES = 8192  # images per cache file (at 512-D: 32 MB)
+CACHE_FORMAT = 1  # bump when the cached arrays change meaning
+KEY_CHARS = 20
+MANIFEST = "manifest.json"
+DEFAULT_WORKERS = 4  # threads reading and aligning crops
+MAX_LISTED = 5  # missing images named in the error
+CONFIG_FILE = "config.json"  # models.CONFIG_FILE, spelled here to keep torch out of the import
+
+log = get_logger("ijb_features")
+
+
+def cache_key(release: Release, checkpoint: str | Path, network: str | None,
+              embedding_size: int | None) -> str:
+    """A hash of everything the cached features depend on: the checkpoint file (path, size,
+    mtime) and the run's config.json beside it (which names the network), the flags that
+    override it, and the images with their landmarks. Known without loading the model, so a
+    run whose cache is complete never builds one."""
+    checkpoint = Path(checkpoint)
+    st = checkpoint.stat()
+    digest = hashlib.sha1(f"{CACHE_FORMAT}\n{checkpoint.resolve()}\n{st.st_size}\n"
+                          f"{st.st_mtime_ns}\n{network}\n{embedding_size}\n"
+                          f"{release.crop_dir.resolve()}\n".encode())
+    run_config = checkpoint.parent / CONFIG_FILE
+    if run_config.is_file():
+        digest.update(run_config.read_bytes())
+    digest.update("\n".join(release.names).encode())
+    digest.update(np.ascontiguousarray(release.landmarks, np.float32).tobytes())
+    return digest.hexdigest()[:KEY_CHARS]
+
+
+def _chunk_ok(path: Path, rows: int) -> bool:
+    """Whether ``path`` holds a (rows, 2, E) float32 array (its header alone is read)."""
+    try:
+        chunk = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return chunk.dtype == np.float32 and chunk.ndim == 3 and chunk.shape[:2] == (rows, 2)
+
+
+def missing_chunks(release: Release, folder: Path) -> list[int]:
+    """Indices of the chunks not yet in ``folder``; a file of another shape (another chunk
+    size, a damaged file) counts as missing and is made again."""
+    total = len(release.names)
+    return [i for i, s in enumerate(range(0, total, CHUNK_IMAGES))
+            if not _chunk_ok(chunk_path(folder, i), min(CHUNK_IMAGES, total - s))]
+
+
+def check_crops_exist(release: Release, chunks: list[int]) -> None:
+    """Every loose crop of ``chunks`` must exist (checked before any work)."""
+    missing = [n for i in chunks for n in release.names[i * CHUNK_IMAGES:(i + 1) * CHUNK_IMAGES]
+               if not (release.crop_dir / n).is_file()]
+    if missing:
+        shown = ", ".join(missing[:MAX_LISTED])
+        raise IJBFormatError(f"{release.crop_dir}: {len(missing)} images listed in "
+                             f"face_tid_mid are missing: {shown}"
+                             + (", ..." if len(missing) > MAX_LISTED else ""))
+
+
+def chunk_path(folder: Path, index: int) -> Path:
+    return folder / f"chunk_{index:06d}.npy"
+
+
+def aligned_crop(path: Path, landmarks: np.ndarray) -> np.ndarray:
+    """The 112x112 crop of the face whose five landmarks are given (no detection)."""
+    return warp_face(read_image(path), landmarks, FACE_CROP_SIZE)
+
+
+def load_crops(release: Release, start: int, stop: int, pool: ThreadPoolExecutor
+               ) -> np.ndarray:
+    """Aligned crops of images [start, stop) (N, 112, 112, 3) uint8, read by ``pool``."""
+    paths = [release.crop_dir / n for n in release.names[start:stop]]
+    crops = pool.map(aligned_crop, paths, release.landmarks[start:stop])
+    return np.stack(list(crops))
+
+
+def embed_raw(model, crops: np.ndarray, batch_size: int, device) -> np.ndarray:
+    """(N, 2, E) float32 raw embeddings of the crops and of their mirrors (preprocessing as
+    lfw_eval.embed: (x - 127.5) / 127.5, the model's memory format)."""
+    import torch
+
+    from lfw_eval import PIXEL_MEAN, PIXEL_STD, _uses_channels_last
+
+    memory_format = torch.channels_last if _uses_channels_last(model) else torch.contiguous_format
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(crops), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(crops[s:s + batch_size])).to(device)
+            x = batch.permute(0, 3, 1, 2).float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
+            n = x.shape[0]
+            feats = model(torch.cat([x, x.flip(3)]).contiguous(memory_format=memory_format))
+            feats = feats.float().cpu().numpy()
+            out.append(np.stack([feats[:n], feats[n:]], axis=1))
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def _save_chunk(path: Path, array: np.ndarray) -> None:
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def cached_features(release: Release, folder: Path,
+                    embed: Callable[[np.ndarray], np.ndarray] | None,
+                    workers: int = DEFAULT_WORKERS, progress: bool = True) -> list[Path]:
+    """Make every missing chunk of ``folder`` (``embed``: crops -> (n, 2, E); None when
+    nothing is missing); return all chunk paths in image order."""
+    from tqdm import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    total = len(release.names)
+    starts = list(range(0, total, CHUNK_IMAGES))
+    paths = [chunk_path(folder, i) for i in range(len(starts))]
+    missing = missing_chunks(release, folder)
+    for p in paths:
+        remove_stale_temporaries(folder, p.name)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        atomic_write_text(manifest, json.dumps({"format": CACHE_FORMAT, "images": total,
+                                                "chunk_images": CHUNK_IMAGES,
+                                                "ijb_dir": str(release.root)}, indent=2) + "\n")
+    if missing:
+        log.info("embedding %d of %d chunks into %s", len(missing), len(paths), folder)
+    # One thread prepares the next chunk (with ``workers`` threads reading and aligning its
+    # images) while this one embeds the current chunk.
+    with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(missing), unit="chunk", disable=not progress, leave=False) as bar:
+        def submit(i: int) -> Future:
+            s = starts[i]
+            return ahead.submit(load_crops, release, s, min(s + CHUNK_IMAGES, total), pool)
+
+        pending = submit(missing[0]) if missing else None
+        for k, i in enumerate(missing):
+            crops = pending.result()
+            pending = submit(missing[k + 1]) if k + 1 < len(missing) else None
+            _save_chunk(paths[i], embed(crops))
+            bar.update(1)
+    return paths
+
+
+def iter_chunks(paths: list[Path]) -> Iterator[np.ndarray]:
+    for p in paths:
+        yield np.load(p, mmap_mode="r")
+
+
+def mode_features(paths: list[Path], flip: bool, total: int) -> np.ndarray:
+    """(N, E) float32 per-image input features: raw + mirror (``flip``) or raw alone, read
+    chunk by chunk into one array (the whole cache is never in memory at once)."""
+    out = None
+    s = 0
+    for chunk in iter_chunks(paths):
+        if out is None:
+            out = np.empty((total, chunk.shape[2]), np.float32)
+        n = chunk.shape[0]
+        if flip:
+            np.add(chunk[:, 0], chunk[:, 1], out=out[s:s + n])
+        else:
+            out[s:s + n] = chunk[:, 0]
+        s += n
+    if out is None or s != total:
+        raise ValueError(f"feature cache holds {s} images, expected {total}")
+    return out

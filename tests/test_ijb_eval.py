@@ -1,0 +1,552 @@
+"""ijb_eval.py: template pooling against a loop, TAR@FAR and the 1:N rates against brute force,
+the release readers on malformed files, alignment by the release's landmarks, and the CLI end
+to end on a tiny release in the official layout (synthetic identities, templates of several
+media and video frames, both 1:N galleries)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ijb_eval
+import ijb_features
+import ijb_release
+from align_faces import warp_face
+from synthetic_faces import EVAL_SPLIT, identity_seed, image_rng, make_identity, render_image
+from synthetic_faces_assets import CANONICAL_LANDMARKS
+from utils import encode_image
+from verification_metrics import roc_curve
+
+ROOT = Path(__file__).resolve().parent.parent
+EPS = 1e-9
+
+
+# ----------------------------------------------------------------------------- references
+
+def _loop_templates(feats, templates, medias, faceness, normalize):
+    """InsightFace's per-template loop, written out in float64."""
+    ids = sorted(set(templates.tolist()))
+    out = []
+    for t in ids:
+        by_media = {}
+        for i in np.flatnonzero(templates == t):
+            f = feats[i].astype(np.float64)
+            if normalize:
+                f = f / np.linalg.norm(f)
+            if faceness is not None:
+                f = f * float(faceness[i])
+            by_media.setdefault(int(medias[i]), []).append(f)
+        total = sum(np.mean(v, axis=0) for v in by_media.values())
+        out.append(total / np.linalg.norm(total))
+    return np.array(ids), np.array(out)
+
+
+def _brute_threshold(negatives, fraction):
+    """The smallest t with at most floor(fraction x n) negatives strictly above it."""
+    allowed = math.floor(fraction * len(negatives) + EPS)
+    candidates = sorted(set(negatives.tolist()) | {-math.inf})
+    return min(c for c in candidates if sum(1 for x in negatives if x > c) <= allowed)
+
+
+def _brute_tar(scores, labels, far):
+    t = _brute_threshold(scores[~labels], far)
+    genuine = scores[labels]
+    return sum(1 for g in genuine if g > t) / len(genuine)
+
+
+def _brute_nearest(scores, labels, far):
+    genuine, impostor = scores[labels], scores[~labels]
+    points = [(0.0, 0.0)]
+    for t in sorted(set(scores.tolist()), reverse=True):
+        points.append((sum(1 for x in impostor if x >= t) / len(impostor),
+                       sum(1 for x in genuine if x >= t) / len(genuine)))
+    distances = [abs(fpr - far) for fpr, _ in points]
+    return points[distances.index(min(distances))][1]
+
+
+def _brute_search(probes, probe_subjects, gallery, gallery_subjects, ranks, fpirs):
+    ranks_of, best_mate, tops = [], [], []
+    for p, subject in zip(probes, probe_subjects, strict=True):
+        sims = [float(np.dot(p.astype(np.float64), g.astype(np.float64))) for g in gallery]
+        mates = [j for j, s in enumerate(gallery_subjects) if s == subject]
+        if mates:
+            best = max(sims[j] for j in mates)
+            ranks_of.append(1 + sum(1 for j, s in enumerate(sims) if j not in mates and s > best))
+            best_mate.append(best)
+        else:
+            tops.append(max(sims))
+    rank = {r: sum(1 for x in ranks_of if x <= r) / len(ranks_of) for r in ranks}
+    tpir = {}
+    for f in fpirs:
+        t = _brute_threshold(np.array(tops), f)
+        tpir[f] = sum(1 for r, b in zip(ranks_of, best_mate, strict=True)
+                      if r == 1 and b > t) / len(ranks_of)
+    return rank, tpir
+
+
+# ----------------------------------------------------------------------------- pooling, scoring
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("use_faceness", [True, False])
+def test_template_features_match_the_loop(normalize, use_faceness):
+    rng = np.random.default_rng(3)
+    n, d = 300, 16
+    feats = (rng.normal(size=(n, d)) * rng.uniform(0.5, 3.0, (n, 1))).astype(np.float32)
+    templates = rng.choice([7, 3, 11, 40, 2, 19], n)
+    medias = rng.integers(0, 12, n)  # media ids shared across templates, as in the release
+    faceness = rng.uniform(0.1, 1.0, n).astype(np.float32)
+    ids, pooled = ijb_eval.template_features(feats, templates, medias,
+                                             faceness if use_faceness else None, normalize)
+    ref_ids, ref = _loop_templates(feats, templates, medias,
+                                   faceness if use_faceness else None, normalize)
+    assert ids.tolist() == ref_ids.tolist()
+    assert pooled.dtype == np.float32
+    np.testing.assert_allclose(pooled, ref, atol=2e-6)
+
+
+def test_mode_changes_the_pooling():
+    """N0 keeps the raw magnitudes: one loud frame outweighs the rest only without N1."""
+    feats = np.array([[10.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
+    templates, medias = np.array([1, 1, 1]), np.array([1, 2, 3])
+    _, n1 = ijb_eval.template_features(feats, templates, medias, normalize=True)
+    _, n0 = ijb_eval.template_features(feats, templates, medias, normalize=False)
+    np.testing.assert_allclose(n1[0], np.array([1.0, 2.0]) / math.sqrt(5), atol=1e-6)
+    np.testing.assert_allclose(n0[0], np.array([10.0, 2.0]) / math.sqrt(104), atol=1e-6)
+    assert ijb_eval.parse_mode("N0D1F0") == (False, True, False)
+    with pytest.raises(ijb_eval.IJBFormatError, match="N1D2F1"):
+        ijb_eval.parse_mode("N1D2F1")
+
+
+@pytest.mark.parametrize("block_entries", [None, 40])
+def test_verification_scores_against_dot_products(monkeypatch, block_entries):
+    if block_entries:  # force the blocked Gram path
+        monkeypatch.setattr(ijb_eval, "SCORE_BLOCK_ENTRIES", block_entries)
+    rng = np.random.default_rng(5)
+    ids = np.array([2, 5, 9, 14, 20, 33, 41, 57])
+    feats = rng.normal(size=(ids.size, 12))
+    feats = (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+    t1, t2 = rng.choice(ids, 500), rng.choice(ids, 500)
+    scores = ijb_eval.verification_scores(ids, feats, t1, t2)
+    row = {t: i for i, t in enumerate(ids)}
+    ref = [float(np.dot(feats[row[a]].astype(np.float64), feats[row[b]].astype(np.float64)))
+           for a, b in zip(t1, t2, strict=True)]
+    np.testing.assert_allclose(scores, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="no feature"):
+        ijb_eval.verification_scores(ids, feats, [2, 3], [5, 9])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tar_at_far_against_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(400) < 0.2
+    decimals = 1 if seed == 2 else 2  # seed 2: heavy ties between genuine and impostors
+    scores = np.round(np.where(labels, rng.normal(0.3, 0.2, 400), rng.normal(0.0, 0.2, 400)),
+                      decimals)
+    fars = (1e-3, 1 / 317, 1e-2, 0.05, 0.1, 1.0)  # 1/317: floor right at an integer
+    got = ijb_eval.tar_at_far(scores, labels, fars)
+    for far in fars:
+        assert got[far] == pytest.approx(_brute_tar(scores, labels, far), abs=1e-12), far
+    nearest = ijb_eval.tar_at_far_nearest(scores, labels, fars + (1e-9, 0.5, 0.33))
+    far_curve, tar_curve, _ = roc_curve(scores, labels)  # the whole curve, argmin over it
+    for far, tar in nearest.items():
+        assert tar == _brute_nearest(scores, labels, far), far
+        assert tar == tar_curve[np.argmin(np.abs(far_curve - far))], far
+    report, (grid, curve) = ijb_eval.verification_report(scores, labels, fars)
+    assert curve[-1] == 1.0 and np.all(np.diff(curve) >= 0) and grid[0] > 0
+    for far in fars[:-1]:
+        key = f"{far:.0e}"
+        n_imp = int((~labels).sum())
+        if far * n_imp >= 1:
+            assert report["tar_at_far_nearest"][key] == _brute_nearest(scores, labels, far)
+        else:  # fewer than 1/FAR impostors: not measurable, reported as null
+            assert report["tar_at_far"][key] is None
+    assert report["num_genuine"] == labels.sum()
+    # AUC: the probability that a genuine pair outscores an impostor, ties counted half
+    gen, imp = scores[labels], scores[~labels]
+    auc = np.mean((gen[:, None] > imp[None]) + 0.5 * (gen[:, None] == imp[None]))
+    assert report["auc"] == pytest.approx(auc, abs=1e-12)
+
+
+def test_nearest_far_tie_takes_the_first_point():
+    """FPR 1/4 and 3/4 are equally near 0.5 (tied impostors skip 2/4): the first wins."""
+    scores = np.array([0.9, 0.5, 0.5, 0.1, 0.95, 0.7, 0.3])
+    labels = np.array([False] * 4 + [True] * 3)
+    far_curve, tar_curve, _ = roc_curve(scores, labels)
+    expected = tar_curve[np.argmin(np.abs(far_curve - 0.5))]
+    assert expected == _brute_nearest(scores, labels, 0.5) == pytest.approx(1 / 3)
+    assert ijb_eval.tar_at_far_nearest(scores, labels, [0.5])[0.5] == expected
+
+
+def _exact_features(rng, n, d):
+    """Small integers times 2^-3: float32 dot products are exact, so ties are exact too."""
+    return (rng.integers(-2, 3, (n, d)) / 8.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_identification_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    gallery_subjects = np.array([1, 2, 3, 4, 5, 6, 3, 8])  # subject 3 enrolled twice
+    probe_subjects = rng.choice([1, 2, 3, 4, 5, 6, 8, 90, 91, 92], 60)  # 9x: non-mated
+    gallery = _exact_features(rng, gallery_subjects.size, 4)
+    probes = _exact_features(rng, probe_subjects.size, 4)
+    ranks, fpirs = (1, 2, 5), (0.01, 0.1, 0.25, 0.5)
+    got = ijb_eval.identification(probes, probe_subjects, gallery, gallery_subjects, ranks, fpirs)
+    rank, tpir = _brute_search(probes, probe_subjects, gallery, gallery_subjects, ranks, fpirs)
+    assert got["rank"] == pytest.approx(rank, abs=1e-12)
+    assert got["tpir"] == pytest.approx(tpir, abs=1e-12)
+    assert got["num_mated"] + got["num_nonmated"] == probe_subjects.size
+    assert got["cmc"][0] == got["rank"][1] and got["cmc"][-1] == 1.0
+
+
+def test_identification_without_nonmated_probes_gives_ranks_only():
+    rng = np.random.default_rng(9)
+    gallery = _exact_features(rng, 4, 6)
+    got = ijb_eval.identification(gallery, np.arange(4), gallery[::-1], np.arange(4)[::-1])
+    assert got["rank"][1] == 1.0 and got["tpir"] == {}
+    ranks_only = ijb_eval.identification(gallery, [0, 1, 7, 8], gallery, np.arange(4), fpirs=())
+    assert ranks_only["num_nonmated"] == 2 and ranks_only["tpir"] == {}
+
+
+# ----------------------------------------------------------------------------- tiny release
+
+SUBJECTS = 6  # enrolled: three in each gallery
+UNENROLLED = 2  # subjects with probes only: non-mated in both galleries
+IMAGES = SUBJECTS * 8 + UNENROLLED * 2
+TEMPLATES = SUBJECTS * 3 + UNENROLLED * 2
+NONMATED = SUBJECTS // 2 * 2 + UNENROLLED * 2  # per gallery: 10, so FPIR 0.1 is measurable
+GALLERIES = {"G1": (0, 1, 2), "G2": (3, 4, 5)}
+LOOSE_SIZE = 160  # side of a loose crop (the face drawn smaller, turned and shifted)
+FIRST_SUBJECT_ID = 1000
+
+
+def _loose_crop(image, rng):
+    """The render placed in a loose crop by a known similarity; its landmarks follow."""
+    angle = math.radians(rng.uniform(-20, 20))
+    scale = rng.uniform(0.55, 0.75)
+    shift = rng.uniform(-8, 8, 2) + LOOSE_SIZE / 2
+    c, s = scale * math.cos(angle), scale * math.sin(angle)
+    matrix = np.array([[c, -s, 0.0], [s, c, 0.0]])
+    matrix[:, 2] = shift - matrix[:, :2] @ np.array([125.0, 125.0])
+    import cv2
+
+    crop = cv2.warpAffine(image, matrix, (LOOSE_SIZE, LOOSE_SIZE), flags=cv2.INTER_LINEAR)
+    landmarks = CANONICAL_LANDMARKS @ matrix[:, :2].T + matrix[:, 2]
+    return crop, landmarks.astype(np.float32)
+
+
+def write_release(root: Path, prefix: str = "ijbc", galleries=("G1", "G2")) -> dict:
+    """A tiny release in the official layout. Per subject: an enrolled template (a still and a
+    two-frame video) and two probe templates (a three-frame video plus a still; a still whose
+    media is the enrolled still's); unenrolled subjects have two one-still probe templates.
+    Returns what was written."""
+    meta, crops = root / "meta", root / "loose_crop"
+    meta.mkdir(parents=True)
+    crops.mkdir()
+    rows, renders = [], {}
+    media = iter(range(500, 10_000))
+    for s in range(SUBJECTS + UNENROLLED):
+        identity = make_identity(identity_seed(7, EVAL_SPLIT, s))
+        enrolled, still = 100 + s, next(media)
+        plan = [(enrolled, still, 1), (enrolled, next(media), 2),
+                (200 + 2 * s, next(media), 3), (200 + 2 * s, next(media), 1),
+                (201 + 2 * s, still, 1)]
+        if s >= SUBJECTS:
+            plan = [(200 + 2 * s, still, 1), (201 + 2 * s, next(media), 1)]
+        k = 0
+        for template, media_id, frames in plan:
+            for _ in range(frames):
+                k += 1
+                name = f"{len(rows) + 1}.jpg"
+                image = render_image(identity, image_rng(identity.seed, k))
+                crop, lmk = _loose_crop(image, np.random.default_rng([s, k]))
+                (crops / name).write_bytes(encode_image(crop, ".jpg", 95))
+                renders[name] = image
+                rows.append((name, template, media_id, s, lmk, 0.5 + 0.5 * ((k * 7) % 5) / 4))
+    (meta / f"{prefix}_face_tid_mid.txt").write_text(
+        "".join(f"{n} {t} {m}\n" for n, t, m, *_ in rows))
+    (meta / f"{prefix}_name_5pts_score.txt").write_text("".join(
+        f"{n} " + " ".join(f"{v:.3f}" for v in lmk.reshape(-1)) + f" {score}\n"
+        for n, _, _, _, lmk, score in rows))
+    subject_of = {t: s for _, t, _, s, *_ in rows}
+    enrolled = sorted(t for t in subject_of if t < 200)
+    probes = sorted(t for t in subject_of if t >= 200)
+    (meta / f"{prefix}_template_pair_label.txt").write_text("".join(
+        f"{a} {b} {int(subject_of[a] == subject_of[b])}\n" for a in enrolled for b in probes))
+
+    def write_csv(name, templates):
+        lines = ["TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID"]
+        lines += [f"{t},{FIRST_SUBJECT_ID + s},img/{n},{i}" for i, (n, t, _, s, *_) in
+                  enumerate(rows) if t in templates]
+        (meta / f"{prefix}_1N_{name}.csv").write_text("\n".join(lines) + "\n")
+
+    write_csv("probe_mixed", set(probes))
+    for g, subjects in zip(galleries, GALLERIES.values(), strict=True):
+        write_csv(f"gallery_{g}", {t for t in enrolled if subject_of[t] in subjects})
+    return {"rows": rows, "renders": renders, "subject_of": subject_of}
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("IJB_release") / "IJBC"
+    written = write_release(root)
+    return root, written
+
+
+def test_load_release_reads_the_layout(release_dir):
+    root, written = release_dir
+    r = ijb_release.load_release(root, "IJBC")
+    assert r.names == [row[0] for row in written["rows"]]
+    assert set(r.search) == {"probe", "G1", "G2"}
+    ids, subjects = r.search["G2"]
+    assert ids.tolist() == [103, 104, 105] and subjects.tolist() == [1003, 1004, 1005]
+    assert r.pairs_label.sum() == 2 * SUBJECTS
+    assert r.pairs_label.size == SUBJECTS * 2 * (SUBJECTS + UNENROLLED)
+    np.testing.assert_allclose(r.landmarks[0], written["rows"][0][4], atol=1e-3)
+
+
+def test_alignment_uses_each_crops_own_landmarks(release_dir):
+    """The loose crop aligned by its listed landmarks is the render aligned by the canonical
+    ones; landmarks read in the wrong order (all x, then all y) would not be."""
+    root, written = release_dir
+    r = ijb_release.load_release(root, "IJBC", with_search=False)
+    for i in (0, 9, 20):
+        name = r.names[i]
+        got = ijb_features.aligned_crop(r.crop_dir / name, r.landmarks[i]).astype(float)
+        ref = warp_face(written["renders"][name], CANONICAL_LANDMARKS).astype(float)
+        wrong = r.landmarks[i].reshape(-1).reshape(2, 5).T  # x1..x5 / y1..y5 misread
+        misread = ijb_features.aligned_crop(r.crop_dir / name, wrong).astype(float)
+        error = np.abs(got - ref)[20:100, 20:100].mean()  # the face, not the black border
+        assert error < 12, error
+        assert np.abs(misread - ref)[20:100, 20:100].mean() > 2 * error
+
+
+# ----------------------------------------------------------------------------- malformed files
+
+def _copy_release(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _line(lineno, fn):
+    """An edit of one line (1-based) of a text."""
+    def edit(text):
+        lines = text.splitlines()
+        lines[lineno - 1] = fn(lines[lineno - 1])
+        return "\n".join(lines) + "\n"
+    return edit
+
+
+MALFORMED = [  # (file, edit, the error it must give)
+    ("template_pair_label.txt", lambda t: t.replace("\n", "\n\n", 1).replace(
+        "100 202 0\n", "100 202 x\n"), r"pair_label\.txt:4: label 'x' is not an integer"),
+    ("template_pair_label.txt", lambda t: t + "100 200\n", r"pair_label\.txt:97: expected"),
+    ("template_pair_label.txt", _line(3, lambda s: s + " 5"), r"pair_label\.txt:3: expected"),
+    ("template_pair_label.txt", _line(3, lambda s: "100 202 2"),
+     r"pair_label\.txt:3: label must be 0 or 1"),
+    ("template_pair_label.txt", _line(3, lambda s: "100 999 0"),
+     r"pair_label\.txt:3: template 999 is not in face_tid_mid"),
+    ("face_tid_mid.txt", _line(3, lambda s: "3.jpg 100"), r"face_tid_mid\.txt:3: expected"),
+    ("face_tid_mid.txt", _line(2, lambda s: "2.jpg 1o0 501"),
+     r"face_tid_mid\.txt:2: template id '1o0'"),
+    ("name_5pts_score.txt", _line(5, lambda s: s.replace(" ", " x", 1)),
+     r"5pts_score\.txt:5: landmark coordinate 'x[\d.]+' is not a number"),
+    ("name_5pts_score.txt", _line(4, lambda s: s.rsplit(" ", 1)[0] + " inf"),
+     r"5pts_score\.txt:4: a landmark or score is not finite"),
+    ("name_5pts_score.txt", _line(2, lambda s: s.rsplit(" ", 1)[0]),
+     r"5pts_score\.txt:2: expected .* got 11"),
+    ("name_5pts_score.txt", lambda t: "\n".join(t.splitlines()[:-1]) + "\n",
+     r"5pts_score\.txt: does not match .*no landmarks for 52\.jpg"),
+    ("1N_gallery_G1.csv", _line(3, lambda s: s.replace("100,1000", "100,1001")),
+     r"gallery_G1\.csv:3: template 100 has subject 1001 here but 1000 above"),
+    ("1N_gallery_G2.csv", _line(4, lambda s: "103"), r"gallery_G2\.csv:4: expected"),
+    ("1N_probe_mixed.csv", _line(2, lambda s: s.replace("200,", "777,", 1)),
+     r"probe_mixed\.csv:2: template 777 is not in face_tid_mid"),
+]
+
+
+@pytest.mark.parametrize("file,edit,message", MALFORMED)
+def test_malformed_files_name_file_and_line(release_dir, tmp_path, file, edit, message):
+    root = _copy_release(release_dir[0], tmp_path / "IJBC")
+    path = root / "meta" / f"ijbc_{file}"
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ijb_release.IJBFormatError, match=message):
+        ijb_release.load_release(root, "IJBC")
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+EMBEDDING = 32
+CHUNK = 20  # images per cache chunk in these tests: the 48 images make three chunks
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from models import build_model
+
+    folder = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model = build_model("ir_narrow", embedding_size=EMBEDDING)
+    torch.save(model.state_dict(), folder / "backbone.pt")
+    (folder / "config.json").write_text(json.dumps({"network": "ir_narrow",
+                                                    "embedding_size": EMBEDDING}))
+    return folder / "backbone.pt"
+
+
+@pytest.fixture
+def embed_calls(monkeypatch):
+    monkeypatch.setattr(ijb_features, "CHUNK_IMAGES", CHUNK)
+    calls = []
+    real = ijb_features.embed_raw
+
+    def counting(model, crops, batch_size, device):
+        calls.append(len(crops))
+        return real(model, crops, batch_size, device)
+
+    monkeypatch.setattr(ijb_features, "embed_raw", counting)
+    return calls
+
+
+def _cli(release_root, checkpoint, out, *extra):
+    return ijb_eval.main(["--checkpoint", str(checkpoint), "--ijb-dir", str(release_root),
+                          "--out", str(out), "--device", "cpu", "--batch-size", "16",
+                          "--workers", "2", *extra])
+
+
+def _reference(raw, written, release, mode):
+    """The protocol for one mode from the cached raw features, written out independently."""
+    normalize, detector, flip = (c == "1" for c in mode[1::2])
+    feats = raw[:, 0] + raw[:, 1] if flip else raw[:, 0]
+    ids, pooled = _loop_templates(feats, release.templates, release.medias,
+                                  release.faceness if detector else None, normalize)
+    row = {t: i for i, t in enumerate(ids.tolist())}
+    scores = np.array([pooled[row[a]] @ pooled[row[b]] for a, b in
+                       zip(release.pairs_t1, release.pairs_t2, strict=True)])
+    labels = release.pairs_label
+    n_imp = int((~labels).sum())
+    tar = {f"{f:.0e}": (_brute_tar(scores, labels, f) if f * n_imp >= 1 else None)
+           for f in ijb_eval.VERIFICATION_FARS}
+    search = {}
+    probe_ids, probe_subjects = release.search["probe"]
+    probes = pooled[[row[t] for t in probe_ids]]
+    for g in ("G1", "G2", "merged"):
+        names = ("G1", "G2") if g == "merged" else (g,)
+        g_ids = np.concatenate([release.search[n][0] for n in names])
+        g_subjects = np.concatenate([release.search[n][1] for n in names])
+        search[g] = _brute_search(probes, probe_subjects, pooled[[row[t] for t in g_ids]],
+                                  g_subjects, (1, 5, 10), (0.01, 0.1))
+    return tar, search
+
+
+def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path, embed_calls,
+                                              monkeypatch, capsys):
+    root, written = release_dir
+    out = tmp_path / "out"
+    assert _cli(root, checkpoint, out, "--modes", "N1D1F1", "N0D0F0") == 0
+    printed = capsys.readouterr().out
+    assert embed_calls == [CHUNK, CHUNK, IMAGES - 2 * CHUNK]
+    results = json.loads((out / "ijbc_results.json").read_text())
+    assert results["target"] == "IJBC" and results["images"] == IMAGES
+    assert results["templates"] == TEMPLATES and results["mode"] == "N1D1F1"
+    assert set(results["modes"]) == {"N1D1F1", "N0D0F0"}
+    assert (out / "ijbc_roc.png").stat().st_size > 0 and (out / "ijbc_cmc.png").is_file()
+    assert "N1D1F1" in printed and "G2" in printed and "merged*" in printed
+
+    # The cache: each image's raw embedding and its mirror's, from its aligned crop.
+    chunks = sorted((out / "features").glob("*/chunk_*.npy"))
+    assert len(chunks) == 3
+    raw = np.concatenate([np.load(c) for c in chunks])
+    assert raw.shape == (IMAGES, 2, EMBEDDING)
+    release = ijb_release.load_release(root, "IJBC")
+    from models import load_backbone
+
+    model = load_backbone(checkpoint)
+    for i in (0, 23, IMAGES - 1):
+        crop = ijb_features.aligned_crop(release.crop_dir / release.names[i],
+                                         release.landmarks[i])
+        x = (torch.from_numpy(crop).permute(2, 0, 1).float()[None] - 127.5) / 127.5
+        with torch.no_grad():
+            ref = torch.cat([model(x), model(x.flip(3))]).numpy()
+        np.testing.assert_allclose(raw[i], ref, atol=1e-4)
+
+    for mode in ("N1D1F1", "N0D0F0"):
+        tar, search = _reference(raw, written, release, mode)
+        got = results["modes"][mode]
+        for key, value in tar.items():
+            if value is None:
+                assert got["verification"]["tar_at_far"][key] is None, key
+            else:
+                assert got["verification"]["tar_at_far"][key] == pytest.approx(value), key
+        for g, (rank, tpir) in search.items():
+            block = got["identification"][g]
+            assert block["rank"] == pytest.approx({str(k): v for k, v in rank.items()}), g
+            if g != "merged":  # 10 non-mated probes: FPIR 0.01 is not measurable
+                assert block["num_nonmated"] == NONMATED
+                assert block["tpir_at_fpir"] == pytest.approx({"0.01": None, "0.1": tpir[0.1]})
+        mean = got["identification"]["mean"]["rank"]["1"]
+        assert mean == pytest.approx((search["G1"][0][1] + search["G2"][0][1]) / 2)
+
+    # A killed run resumes at the missing chunk (a damaged one is made again; a killed
+    # writer's temporary is removed); a complete cache needs no model at all.
+    chunks[1].unlink()
+    chunks[2].write_bytes(chunks[2].read_bytes()[:200])
+    stale = chunks[1].parent / f".{chunks[1].name}.x1y2.tmp"
+    stale.write_bytes(b"half")
+    embed_calls.clear()
+    assert _cli(root, checkpoint, out, "--modes", "N1D1F1", "N0D0F0") == 0
+    assert embed_calls == [CHUNK, IMAGES - 2 * CHUNK] and not stale.exists()
+    again = json.loads((out / "ijbc_results.json").read_text())
+    assert again["modes"] == results["modes"]
+    import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although every feature is cached")
+
+    monkeypatch.setattr(models, "load_backbone", no_model)
+    assert _cli(root, checkpoint, out, "--modes", "all") == 0
+    assert len(json.loads((out / "ijbc_results.json").read_text())["modes"]) == 8
+
+
+def test_cli_ijbb_names_and_verification_only(tmp_path, checkpoint, embed_calls, capsys):
+    root = tmp_path / "IJBB"
+    write_release(root, prefix="ijbb", galleries=("S1", "S2"))
+    out = tmp_path / "out"
+    assert _cli(root, checkpoint, out) == 0  # the target from the folder name
+    results = json.loads((out / "ijbb_results.json").read_text())
+    assert results["target"] == "IJBB"
+    assert set(results["identification"]) == {"S1", "S2", "mean", "merged"}
+    (root / "meta" / "ijbb_1N_gallery_S2.csv").unlink()  # 1:1 only without all 1:N files
+    assert _cli(root, checkpoint, out) == 0
+    results = json.loads((out / "ijbb_results.json").read_text())
+    assert "identification" not in results and results["verification"]["num_genuine"] == 12
+
+
+
+def test_cli_errors_are_one_line(release_dir, checkpoint, tmp_path):
+    root = _copy_release(release_dir[0], tmp_path / "IJBC")
+    pairs = root / "meta" / "ijbc_template_pair_label.txt"
+    pairs.write_text(_line(5, lambda s: "100 204")(pairs.read_text()))
+    proc = subprocess.run([sys.executable, str(ROOT / "ijb_eval.py"), "--checkpoint",
+                           str(checkpoint), "--ijb-dir", str(root), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {pairs}:5: expected 'template1 template2 label', got '100 204'"]
+    assert not (tmp_path / "out" / "ijbc_results.json").exists()
+    # weights that do not fit the network: one line too, before any output
+    proc = subprocess.run([sys.executable, str(ROOT / "ijb_eval.py"), "--checkpoint",
+                           str(checkpoint), "--ijb-dir", str(release_dir[0]), "--network",
+                           "mobilefacenet", "--out", str(tmp_path / "out2")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {checkpoint}: weights do not match network")
