@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from align_faces import warp_face
+from face_warp import warp_face
 from ijb_release import IJBFormatError, Release
 from utils import (
     FACE_CROP_SIZE,
