@@ -270,6 +270,7 @@ def test_training_curves_plot_the_given_history(tmp_path):
     assert writer.update(history, verification, force=True)
 
 
+@pytest.mark.slow
 def test_uint8_worker_batches_normalise_to_the_float_values(tiny_rec, tmp_path):
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     batches, indices = {}, None
@@ -301,6 +302,7 @@ def test_uint8_worker_batches_normalise_to_the_float_values(tiny_rec, tmp_path):
 # ----------------------------------------------------------------------------- whole runs
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_trains_and_checkpoints(tiny_rec, tmp_path):
     cfg = tiny_cfg(tiny_rec, tmp_path / "ddp", max_steps=3, save_every=1)
     port = free_port()
@@ -326,6 +328,7 @@ def test_torchrun_two_processes_trains_and_checkpoints(tiny_rec, tmp_path):
     assert emb.shape == (2, 32) and torch.isfinite(emb).all()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_rec, tmp_path):
     # 6 steps per epoch, 12 in all; checkpoints at 4, 6 (epoch end), 8, 12. The straight
     # run reads through a worker process (uint8 batches normalised in the step), the broken
@@ -393,6 +396,7 @@ def test_head_shards_are_recut_for_another_world_size():
             assert (got["rank"], got["world_size"]) == (rank, world)
 
 
+@pytest.mark.slow
 def test_two_rank_run_resumes_on_one_rank_with_the_same_global_batch(tiny_rec, tmp_path):
     """2 ranks x 2 images -> 1 rank x 4: the head is rebuilt whole from the two shards (with
     its momentum), training continues to the end, and the second rank's files go. A changed
@@ -592,6 +596,7 @@ def write_bin(path: Path, images: list[np.ndarray], labels: list[int], pairs: in
     path.write_bytes(pickle.dumps((blobs, issame), protocol=2))
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_synthetic_identities(tmp_path, monkeypatch):
     num_ids, per_id = 6, 4
     rec = tmp_path / "faces.rec"
@@ -841,6 +846,7 @@ def test_zero_intervals_mean_off(tiny_rec, tmp_path):
     assert not (tmp_path / "run" / "checkpoint.prev.pt").exists()
 
 
+@pytest.mark.slow
 def test_bad_setups_fail_in_one_line_before_writing_anything(tiny_rec, tmp_path, capsys):
     empty = tmp_path / "empty.rec"
     empty.write_bytes(b"")
