@@ -35,10 +35,10 @@ Files in ``cfg.output``:
   most once a minute) and at the end; the logged history travels in ``checkpoint.pt``, so
   the curves survive resumes.
 
-With ``cfg.num_workers > 0`` the workers decode uint8 batches into a fixed ring of shared
-memory (``fast_loader.RingBufferLoader``; ``RING_LOADER = False`` below goes back to torch's
-DataLoader, which allocates shared memory for every batch) and the step normalises them on
-the training device.
+With ``cfg.num_workers > 0`` the workers send uint8 batches, which the step normalises on
+the training device; with ``cfg.ring_loader`` they decode into a fixed ring of shared memory
+(``fast_loader.RingBufferLoader``) instead of torch's DataLoader, which allocates shared
+memory for every batch.
 
 Nothing is written before the whole setup is checked (config values, the output folder,
 the data set, the checkpoint to resume): a refused run leaves ``cfg.output`` as it was. An
@@ -132,14 +132,13 @@ from utils import (
     get_logger,
     load_backbone_state,
     remove_stale_temporaries,
+    reuse_freed_memory,
     run_cli,
     seed_everything,
 )
 
 LOG = get_logger("train")
 EXIT_BAD_INPUT = 1  # every ToolkitError but the non-finite loss (EXIT_NON_FINITE)
-# worker batches through fast_loader's ring of shared-memory slots (False: torch's DataLoader)
-RING_LOADER = True
 # The files a run writes into its output folder (besides the per-rank head files)
 RUN_FILE_NAMES = (CONFIG_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, BACKBONE_NAME,
                   CURVES_NAME, TENSORBOARD_NAME)
@@ -178,14 +177,16 @@ def open_training_set(cfg: Config, global_batch: int
 
 
 def build_loader(dataset: torch.utils.data.Dataset, sampler: ResumableBatchSampler,
-                 cfg: Config, info: DistInfo, ring: bool = RING_LOADER) -> Iterable:
+                 cfg: Config, info: DistInfo, ring: bool | None = None) -> Iterable:
     """Batches of ``sampler``'s indices: float32 Nx3xHxW normalised, or with worker
     processes uint8 NxHxWx3 (see prepare_batch), whose trip through shared memory costs a
-    quarter of float32's. With workers and ``ring`` a ``fast_loader.RingBufferLoader``
+    quarter of float32's. With workers and ``ring`` (default cfg.ring_loader) a
+    ``fast_loader.RingBufferLoader``
     (persistent workers; each uint8 batch is valid until the next one is requested, and the
     step copies it to the device first thing), else a DataLoader."""
     import data_gen
 
+    ring = cfg.ring_loader if ring is None else ring
     # The loader's own generator draws the worker base seed, so creating an iterator does
     # not advance the global RNG whose state a checkpoint records.
     generator = torch.Generator().manual_seed(cfg.seed + info.rank)
@@ -510,6 +511,8 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     if info.is_main:
         LOG.info("config (world size %d, device %s):\n%s", info.world_size, info.device,
                  cfg.pretty())
+    if cfg.keep_freed_memory and not reuse_freed_memory():  # process-wide, see config.py
+        LOG.warning("keep_freed_memory: not applied (needs Linux with glibc's mallopt)")
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

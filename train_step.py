@@ -19,7 +19,7 @@ from arcface_loss import clip_grad_norm_sharded
 from config import COMPILE_MODES, Config  # noqa: F401 - COMPILE_MODES re-exported (train.py)
 from distributed import DistInfo, all_reduce_sum_
 from train_utils import build_optimizer, lr_factor, param_groups, step_is_finite
-from utils import reuse_freed_memory, seed_everything
+from utils import seed_everything
 
 FLIP_PROBABILITY = 0.5
 
@@ -77,9 +77,7 @@ def build_head(cfg: Config, num_classes: int, info: DistInfo) -> nn.Module:
 
 def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: int,
                   steps_per_epoch: int) -> Trainer:
-    """Backbone, head, optimisers, lr schedules and grad scaler on ``info.device``. On the
-    CPU this also switches the process's malloc to keep freed memory
-    (utils.reuse_freed_memory, process-wide), which the head's large gradients need."""
+    """Backbone, head, optimisers, lr schedules and grad scaler on ``info.device``."""
     import models
 
     device = info.device
@@ -106,8 +104,6 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, warmup_steps, cfg.scheduler)
 
-    if device.type == "cpu":
-        reuse_freed_memory()  # the head's large gradients would page-fault every step
     opt_b = build_optimizer(param_groups([backbone], cfg.weight_decay), cfg.optimizer, lr,
                             cfg.momentum, cfg.nesterov, fused=True)
     opt_h = build_optimizer(param_groups([head], cfg.weight_decay), cfg.optimizer, lr,

@@ -370,7 +370,8 @@ RESUME_MAY_CHANGE = frozenset({
     "margin_m", "scale_s", "margin_m1", "margin_m3", "easy_margin", "focal_gamma", "dropout",
     # how and how long it runs
     "device", "amp", "cpu_amp", "channels_last", "compile", "compile_mode", "num_workers",
-    "save_every", "verify_every", "log_every", "max_steps",
+    "ring_loader", "keep_freed_memory", "save_every", "verify_every", "log_every",
+    "max_steps",
 })
 # What must match the checkpoint, each with the reason the refusal gives. batch_size may
 # change with the world size as long as the global batch stays (8 x 64 -> 4 x 128).

@@ -9,6 +9,10 @@ from a fixed gradient, no head and no optimiser. Inputs are random tensors alrea
 so data loading is not measured. The two are timed in alternating rounds (medians), so a
 change in machine load hits both alike.
 
+On the CPU the head's large gradients are page-faulted in afresh every step unless malloc
+keeps freed memory: ``--keep-freed-memory`` applies it (train.py: the keep_freed_memory
+config field); the header says which setting ran.
+
     python bench/train_throughput.py                     # CPU: ir18, ir50 at batch 32
     python bench/train_throughput.py --device cuda       # ir50, ir100 at 128, bf16, NHWC
     python bench/train_throughput.py --device cuda --compile
@@ -36,7 +40,7 @@ import train  # noqa: E402
 from config import make_config  # noqa: E402
 from distributed import DistInfo  # noqa: E402
 from train_utils import QueuedStep  # noqa: E402
-from utils import get_device  # noqa: E402
+from utils import get_device, reuse_freed_memory  # noqa: E402
 
 MS1MV2_CLASSES = 85742
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -103,7 +107,7 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> dic
         for _ in range(warmup):
             fn()
     bare_s, step_s = [], []
-    for _ in range(ROUNDS):
+    for _ in range(args.rounds):
         bare_s.append(_time(bare, args.iters, device))
         step_s.append(_time(step, args.iters, device))
     flops = models.model_flops(tr.backbone)
@@ -120,6 +124,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 CPU, 128 CUDA")
     p.add_argument("--iters", type=int, default=None, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="alternating bare/step rounds")
     p.add_argument("--num-classes", type=int, default=MS1MV2_CLASSES)
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
                    help="default: bf16 on CUDA, none (float32) on the CPU")
@@ -130,6 +135,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"for MFU (default {H100_BF16_DENSE_TFLOPS:g} on CUDA: H100 bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=False,
+                   help="malloc keeps freed memory (utils.reuse_freed_memory; train.py's "
+                        "keep_freed_memory field); default off, as train.py")
     return p
 
 
@@ -143,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.warmup = warmup if args.warmup is None else args.warmup
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = args.keep_freed_memory and reuse_freed_memory()
     peak = args.peak_tflops or (H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -152,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         where = f"CPU, {torch.get_num_threads()} threads"
     print(f"# {where}; batch {args.batch_size}, {args.num_classes} classes, channels_last "
-          f"{args.channels_last}, compile {args.compile and args.compile_mode}; {ROUNDS} rounds x "
+          f"{args.channels_last}, compile {args.compile and args.compile_mode}, "
+          f"keep_freed_memory {kept}; {args.rounds} rounds x "
           f"{args.iters} steps after {args.warmup} warm-up; medians")
     header = f"{'network':<8} {'prec':<5} {'GFLOPs':>7} {'bare img/s':>11} " \
              f"{'step img/s':>11} {'step/bare':>9}"
