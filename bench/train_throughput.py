@@ -1,13 +1,13 @@
 """Images/s of a whole training step next to the bare backbone forward+backward.
 
-The step is train.py's own (`forward_backward`, `optimizer_step`, and the host reading the
-step's loss: at once on the CPU, one step late on CUDA): backbone forward and backward, the
-ArcFace head over ``--num-classes`` centres (MS1MV2 has 85,742), gradient clipping and SGD
-on backbone and head. The bare
-measurement is the same backbone, same precision and memory format, forward plus backward
-from a fixed gradient, no head and no optimiser. Inputs are random tensors already in memory,
-so data loading is not measured. The two are timed in alternating rounds (medians), so a
-change in machine load hits both alike.
+The step is train.py's own ``train_step``: the batch to the device, flip, backbone forward
+and backward, the ArcFace head over ``--num-classes`` centres (MS1MV2 has 85,742), gradient
+clipping and SGD on backbone and head; as in train.py nothing waits for the loss between
+steps (train.py reads it every log_every steps; here at the end of each timed round). The
+bare measurement is the same backbone, same precision and memory format, forward plus
+backward from a fixed gradient, no head and no optimiser. Inputs are random tensors already
+in memory, so data loading is not measured. The two are timed in alternating rounds
+(medians), so a change in machine load hits both alike.
 
 On the CPU the head's large gradients are page-faulted in afresh every step unless malloc
 keeps freed memory: ``--keep-freed-memory`` applies it (train.py: the keep_freed_memory
@@ -37,9 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import models  # noqa: E402
 import train  # noqa: E402
-from config import make_config  # noqa: E402
+from config import COMPILE_MODES, make_config  # noqa: E402
 from distributed import DistInfo  # noqa: E402
-from train_utils import QueuedStep  # noqa: E402
 from utils import get_device, reuse_freed_memory  # noqa: E402
 
 MS1MV2_CLASSES = 85742
@@ -92,15 +91,8 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> dic
         emb.float().backward(grad)
         tr.opt_backbone.zero_grad(set_to_none=True)
 
-    lag = 1 if train.defer_loss_check(tr) else 0
-    queued: list[QueuedStep] = []
-
-    def step() -> None:  # as train.py's loop: the host reads each step's values `lag` late
-        stats = train.forward_backward(tr, images, labels)
-        train.optimizer_step(tr, stats)
-        queued.append(QueuedStep(stats, 0, 0, 0.0, 0.0))
-        while len(queued) > lag:
-            queued.pop(0).values()
+    def step() -> None:  # as train.py's loop between two reads of the loss
+        train.train_step(tr, images, labels)
 
     warmup = args.warmup + (COMPILE_WARMUP if args.compile else 0)
     for fn in (bare, step):
@@ -130,7 +122,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="default: bf16 on CUDA, none (float32) on the CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    p.add_argument("--compile-mode", default="default", choices=train.COMPILE_MODES,
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"for MFU (default {H100_BF16_DENSE_TFLOPS:g} on CUDA: H100 bf16)")
