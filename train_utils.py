@@ -325,11 +325,11 @@ class Monitor:
                              / max(now - self.window_start, 1e-9))
         self.window_start, self.window_step = now, step
         if self.enabled:
-            self.bar.update(step - self.bar.n)
             for name, value in {**values, "images_per_second": images_per_second}.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
             self.bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}",
-                                 img_s=f"{images_per_second:.0f}")
+                                 img_s=f"{images_per_second:.0f}", refresh=False)
+            self.bar.update(step - self.bar.n)
         return images_per_second
 
     def scalar(self, name: str, value: float, step: int) -> None:
