@@ -79,6 +79,13 @@ def all_reduce_sum_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """In-place minimum over ranks (a no-op alone)."""
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def all_ranks_true(flag: bool, info: DistInfo) -> bool:
     """True only when ``flag`` holds on every rank."""
     if not info.distributed:

@@ -14,485 +14,244 @@ With more than one process the backbone is wrapped in DistributedDataParallel an
 centres are sharded across ranks (``cfg.sample_rate < 1`` samples negatives: Partial FC). The
 lr is ``cfg.lr * global_batch / cfg.base_batch_size``.
 
-Files in ``cfg.output``:
-
-- ``config.json``: the config used (``models.load_backbone`` reads it beside backbone.pt);
-- ``backbone.pt``: the bare backbone state dict for evaluation, rewritten at each checkpoint;
-- ``checkpoint.pt`` (rank 0): backbone, its optimiser and scheduler, grad scaler, epoch,
-  step, world size, number of classes and images, and config. It is written last and is
-  the commit record of a checkpoint;
-- ``checkpoint.prev.pt``: the checkpoint before it (a second name for the old file, kept
-  until the new one is whole), which ``--resume`` falls back to, with a warning, when
-  ``checkpoint.pt`` or a head file of its step is damaged or missing;
-- ``checkpoint_rank{r}_step{S}.pt`` (one per rank): that rank's head (its shard of the class
-  centres), the head's optimiser and scheduler, and the rank's RNG states (Python, NumPy,
-  torch, CUDA). The step in the name ties it to the ``checkpoint.pt`` (or
-  ``checkpoint.prev.pt``) of that step; those of older steps are deleted once a newer
-  checkpoint is committed;
-- ``tensorboard/``: loss, batch accuracy, lr, images/s, gradient norm, margin m and the
-  verification accuracies;
-- ``training_curves.png`` (rank 0): the same curves as a PNG, rewritten at checkpoints (at
-  most once a minute) and at the end; the logged history travels in ``checkpoint.pt``, so
-  the curves survive resumes.
-
-With ``cfg.num_workers > 0`` the workers decode uint8 batches into a fixed ring of shared
-memory (``fast_loader.RingBufferLoader``; ``RING_LOADER = False`` below goes back to torch's
-DataLoader, which allocates shared memory for every batch) and the step normalises them on
-the training device.
+This file reads top to bottom: the model (``build_trainer``), one step (``train_step``, which
+bench/train_throughput.py times as it is), then ``train``: set-up, then the loop. What a run
+writes into ``cfg.output`` (config.json, backbone.pt, checkpoint.pt, checkpoint.prev.pt, one
+head file per rank, tensorboard/, training_curves.png) and how it resumes is in
+train_checkpoints.py; the sampler, schedules, loader, monitor and verification in
+train_utils.py.
 
 Nothing is written before the whole setup is checked (config values, the output folder,
 the data set, the checkpoint to resume): a refused run leaves ``cfg.output`` as it was. An
 output folder holding a run is refused unless ``--resume`` continues it or ``--overwrite``
-replaces it (deleting its files). Temporaries that a killed run left there are deleted at
-the next start. A checkpoint that cannot be written (disk full) stops training with one
-line naming the file; the last complete checkpoint is kept.
+replaces it. ``--resume`` continues from ``checkpoint.pt`` exactly, mid-epoch too (the data
+order is a function of seed and epoch); with another world size and the same global batch
+the head's shards are re-cut (no longer bit-exact). What else may change on resume is decided
+field by field (train_checkpoints.RESUME_MAY_CHANGE and RESUME_REFUSED). A checkpoint that
+cannot be written (disk full) stops training with one line naming the file.
 
-``--resume`` continues from ``checkpoint.pt`` exactly, mid-epoch too: the data order is a
-function of (seed, epoch), so the resumed run skips the batches already done (resuming needs
-the same global batch; with another world size, e.g. 8 x 64 -> 4 x 128, the head's shards
-are re-cut and the run continues, no longer bit-exact). What else may change on resume
-is decided field by field in train_utils: RESUME_MAY_CHANGE (lr, momentum, intervals,
-max_steps, device, ...: applied from the resumed step on, and logged) and RESUME_REFUSED
-(network, head, data set, seed, epochs and the schedules' shape, ...: refused by name).
-A NaN or infinite loss stops
-training before the weights are updated (exit status 2) and names the last good checkpoint,
-which is never overwritten. The step itself (Trainer, forward/backward, update) is in
-train_step.py; its update is skipped on the device once a step is non-finite, so on CUDA the
-host reads each step's loss one step late and never stalls the GPU between steps. Test-only
-fault injection: ``FACE_TRAIN_FAULT=nan@STEP`` or ``kill@STEP`` (see
-train_utils.injected_fault).
+The loss is read back every ``log_every`` steps and before each verification and checkpoint,
+as nanoGPT does; in between, the first step with a non-finite loss or gradient norm is noted
+on the device. Such a step stops training at the next read (exit status 2), naming it and the
+last good checkpoint, which is never overwritten: checkpoints are saved only after the check.
 """
 
 from __future__ import annotations
 
-import shutil
+import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
+import data_gen
+import models
+from arcface_loss import build_head, clip_grad_norm_sharded
 from config import Config, build_parser, parse_config
 from distributed import (
     DistInfo,
-    all_ranks_true,
+    all_reduce_min_,
+    all_reduce_sum_,
     barrier,
     cleanup_distributed,
     init_distributed,
 )
-from train_step import (  # noqa: F401 - the step's API, also used as train.X
-    COMPILE_MODES,
-    Trainer,
-    build_trainer,
-    defer_loss_check,
-    forward_backward,
-    optimizer_step,
-    prepare_batch,
-)
-from train_utils import (  # noqa: F401 - the errors are also used as train.X
+from train_checkpoints import (
     BACKBONE_NAME,
-    CHECKPOINT_NAME,
     CONFIG_NAME,
-    EXIT_NON_FINITE,
-    HEAD_FILE_PATTERN,
-    PREVIOUS_CHECKPOINT_NAME,
-    STATS,
-    CheckpointFileError,
-    CheckpointWriteError,
-    DataSetError,
-    LabelRangeError,
-    NonFiniteLossError,
-    OutputFolderError,
-    QueuedStep,
-    ResumableBatchSampler,
     ResumeError,
-    all_finite,
+    SavedSteps,
+    check_output_folder,
+    load_init_weights,
+    prepare_output,
+    resume_training,
+    save_training_checkpoint,
+)
+from train_utils import (
+    CURVES_NAME,
+    TENSORBOARD_NAME,
+    CurvesWriter,
+    DataSetError,
+    Monitor,
+    NonFiniteLossError,
+    ResumableBatchSampler,
+    Trainer,
+    agree_on_overflow,
+    build_loader,
+    build_optimizer,
     check_labels,
-    head_checkpoint_path,
-    injected_fault,
-    keep_as_previous,
-    kill_self,
+    inject_fault,
+    load_val_bins,
+    lr_factor,
     margin_at,
-    read_checkpoint_file,
-    reshard_head_state,
-    restore_optimizer,
-    resume_differences,
-    rng_state,
-    set_rng_state,
-    stale_head_files,
-    write_checkpoint,
+    param_groups,
+    verify,
 )
-from training_monitor import CURVES_NAME, TENSORBOARD_NAME, CurvesWriter, Monitor
-from utils import (
-    ToolkitError,
-    describe_error,
-    get_logger,
-    load_backbone_state,
-    remove_stale_temporaries,
-    run_cli,
-    seed_everything,
-)
+from utils import ToolkitError, get_logger, reuse_freed_memory, run_cli, seed_everything
 
 LOG = get_logger("train")
-EXIT_BAD_INPUT = 1  # every ToolkitError but the non-finite loss (EXIT_NON_FINITE)
-# worker batches through fast_loader's ring of shared-memory slots (False: torch's DataLoader)
-RING_LOADER = True
-# The files a run writes into its output folder (besides the per-rank head files)
-RUN_FILE_NAMES = (CONFIG_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, BACKBONE_NAME,
-                  CURVES_NAME, TENSORBOARD_NAME)
+FLIP_PROBABILITY = 0.5
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}  # on CUDA
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- data and model
 
 
 def build_dataset(cfg: Config) -> tuple[torch.utils.data.Dataset, str]:
     """The training set (RecordIO, or an image folder when cfg.image_folder is set) and the
-    file or folder it came from, for error messages."""
-    import data_gen
-
-    # train=False: no flip in the loader; the step flips on the device from the checkpointed
-    # RNG instead (see random_flip), so augmentation resumes exactly with any num_workers.
-    dataset = data_gen.build_dataset(cfg.rec, cfg.image_folder, train=False,
-                                     allow_lost_records=cfg.allow_lost_records)
-    return dataset, cfg.image_folder or cfg.rec
-
-
-def open_training_set(cfg: Config, global_batch: int
-                      ) -> tuple[torch.utils.data.Dataset, str]:
-    """build_dataset, refusing a set too small for one global batch. data_gen's ValueErrors
-    (an empty or unreadable set; their messages name the file) become DataSetErrors: one
-    line for the user, not a traceback."""
+    file or folder it came from. data_gen's plain ValueErrors (an empty or unreadable set;
+    their messages name the file) become DataSetErrors: one line, not a traceback."""
     try:
-        dataset, source = build_dataset(cfg)
+        # train=False: no flip in the loader; the step flips on the device from the
+        # checkpointed RNG instead (random_flip), so augmentation resumes exactly
+        dataset = data_gen.build_dataset(cfg.rec, cfg.image_folder, train=False,
+                                         allow_lost_records=cfg.allow_lost_records)
     except ValueError as e:
         if isinstance(e, ToolkitError):
             raise
         raise DataSetError(str(e)) from e
-    if len(dataset) < global_batch:
-        raise DataSetError(f"{source}: {len(dataset)} images, fewer than one global batch of "
-                           f"{global_batch}; lower --batch-size")
-    return dataset, source
+    return dataset, cfg.image_folder or cfg.rec
 
 
-def build_loader(dataset: torch.utils.data.Dataset, sampler: ResumableBatchSampler,
-                 cfg: Config, info: DistInfo, ring: bool = RING_LOADER) -> Iterable:
-    """Batches of ``sampler``'s indices: float32 Nx3xHxW normalised, or with worker
-    processes uint8 NxHxWx3 (see prepare_batch), whose trip through shared memory costs a
-    quarter of float32's. With workers and ``ring`` a ``fast_loader.RingBufferLoader``
-    (persistent workers; each uint8 batch is valid until the next one is requested, and the
-    step copies it to the device first thing), else a DataLoader."""
-    import data_gen
+def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: int,
+                  steps_per_epoch: int) -> Trainer:
+    """Backbone, margin head, optimisers, lr schedules and grad scaler on ``info.device``."""
+    device = info.device
+    seed_everything(cfg.seed)  # the same backbone on every rank (DDP also broadcasts it)
+    backbone = models.build_model(cfg.network, cfg.embedding_size, cfg.dropout).to(device)
+    if cfg.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    seed_everything(cfg.seed + info.rank)  # distinct head shards and augmentation per rank
+    # This rank's share of the class centres (all of them alone). DDP averages the backbone
+    # gradients over ranks while each rank already holds its full share of the global-batch
+    # loss's gradient: embedding_grad_scale undoes the average.
+    head = build_head(cfg.head, cfg.embedding_size, num_classes, s=cfg.scale_s, m=cfg.margin_m,
+                      m1=cfg.margin_m1, m3=cfg.margin_m3, easy_margin=cfg.easy_margin,
+                      sample_rate=cfg.sample_rate, focal_gamma=cfg.focal_gamma,
+                      embedding_grad_scale=float(info.world_size)).to(device)
+    model: nn.Module = backbone
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            backbone, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, gradient_as_bucket_view=True)
+    if cfg.compile:
+        model = torch.compile(model, mode=cfg.compile_mode)
 
-    # The loader's own generator draws the worker base seed, so creating an iterator does
-    # not advance the global RNG whose state a checkpoint records.
-    generator = torch.Generator().manual_seed(cfg.seed + info.rank)
-    if cfg.num_workers > 0 and ring:
-        from fast_loader import RingBufferLoader
+    lr = cfg.lr * cfg.batch_size * info.world_size / cfg.base_batch_size
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
 
-        batches = torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=True)
-        return RingBufferLoader(dataset, batches, num_workers=cfg.num_workers,
-                                persistent_workers=True, generator=generator)
-    if cfg.num_workers > 0:
-        dataset = data_gen.RawUint8View(dataset)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        pin_memory=info.device.type == "cuda", drop_last=True, generator=generator,
-        persistent_workers=cfg.num_workers > 0)
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, warmup_steps, cfg.scheduler)
 
-
-# ----------------------------------------------------------------------------- output folder
-
-
-def run_files(output: Path) -> list[Path]:
-    """What a run left in ``output``: its files, TensorBoard folder and head files."""
-    found = [output / name for name in RUN_FILE_NAMES if (output / name).exists()]
-    return found + sorted(output.glob(HEAD_FILE_PATTERN))
-
-
-def check_output_folder(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an --output this run cannot use, before anything is written: a file; a
-    folder holding another run unless resuming it or --overwrite; --resume without a
-    checkpoint. Reads only, on every rank (each must refuse alike)."""
-    if output.exists() and not output.is_dir():
-        raise OutputFolderError(f"--output {output}: is a file, not a folder")
-    if resume:
-        if not any((output / name).is_file()
-                   for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME)):
-            raise ResumeError(f"--resume: no checkpoint to resume at {output / CHECKPOINT_NAME}")
-        return
-    found = run_files(output)
-    if found and not overwrite:
-        raise OutputFolderError(
-            f"{output} already holds a run ({', '.join(p.name for p in found)}); continue it "
-            "with --resume, train into a new --output, or replace it with --overwrite")
+    opt_b, opt_h = (build_optimizer(param_groups([module], cfg.weight_decay), cfg.optimizer,
+                                    lr, cfg.momentum, cfg.nesterov, fused=True)
+                    for module in (backbone, head))
+    # bf16 (default) or fp16 autocast on CUDA; on the CPU bf16 only when cfg.cpu_amp
+    amp_dtype = AMP_DTYPES[cfg.amp] if device.type == "cuda" else \
+        (torch.bfloat16 if cfg.cpu_amp else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if scaler.is_enabled():  # skipped overflow steps still advance the schedule, on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
+    return Trainer(backbone=backbone, model=model, head=head, opt_backbone=opt_b,
+                   opt_head=opt_h, sched_backbone=torch.optim.lr_scheduler.LambdaLR(opt_b, factor),
+                   sched_head=torch.optim.lr_scheduler.LambdaLR(opt_h, factor), scaler=scaler,
+                   amp_dtype=amp_dtype, channels_last=cfg.channels_last,
+                   grad_clip=cfg.grad_clip, info=info)
 
 
-def prepare_output(output: Path, cfg: Config, overwrite: bool) -> None:
-    """Rank 0, once every check has passed: create the folder, delete the old run's files
-    when overwriting it, delete temporaries that a killed run left (no writer of these
-    names runs now), and write config.json."""
-    output.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for path in run_files(output):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    orphans = [p for name in (*RUN_FILE_NAMES, HEAD_FILE_PATTERN)
-               for p in remove_stale_temporaries(output, name)]
-    if orphans:
-        LOG.info("removed %d temporary file(s) left by an interrupted run: %s", len(orphans),
-                 ", ".join(p.name for p in orphans))
-    cfg.save(output / CONFIG_NAME)
+# ----------------------------------------------------------------------------- one step
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def prepare_batch(images: torch.Tensor, device: torch.device, channels_last: bool
+                  ) -> torch.Tensor:
+    """A loader batch as float32 Nx3xHxW ``(x - 127.5) / 127.5`` on ``device``: a float
+    batch is moved as it is; a uint8 NxHxWx3 one (from worker processes) is moved first
+    (4x fewer bytes) and normalised there, to the same values."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if images.dtype == torch.uint8:
+        images = data_gen.normalize_batch(images.to(device, non_blocking=True))
+        return images.contiguous(memory_format=memory_format)
+    return images.to(device, non_blocking=True, memory_format=memory_format)
 
 
-@dataclass
-class SavedSteps:
-    """The steps the output folder's checkpoints hold, as far as this run knows: a
-    complete checkpoint.pt (None: none yet, or a damaged one the next save replaces) and
-    checkpoint.prev.pt (None: none, or not known). The head files of both are kept."""
-    current: int | None = None
-    previous: int | None = None
-
-    def last_complete(self, output: Path) -> tuple[Path, int] | None:
-        # checkpoint.pt is gone only where keep_as_previous had to rename it
-        if self.current is not None and (output / CHECKPOINT_NAME).is_file():
-            return output / CHECKPOINT_NAME, self.current
-        if self.previous is not None:
-            return output / PREVIOUS_CHECKPOINT_NAME, self.previous
-        return None
+def random_flip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror each image with probability FLIP_PROBABILITY. The coin flips come from the
+    global torch RNG of the main process, whose state every checkpoint records, so
+    augmentation resumes exactly whatever the number of loader workers."""
+    # non_blocking: a blocking host-to-GPU copy would wait for the whole queue every step
+    flip = (torch.rand(images.shape[0]) < FLIP_PROBABILITY).to(images.device, non_blocking=True)
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
 
 
-def raise_unless_all_written(error: OSError | None, info: DistInfo, step: int,
-                             saved: SavedSteps, output: Path) -> None:
-    """A collective: when any rank failed to write its part of step ``step``'s checkpoint,
-    every rank raises CheckpointWriteError naming the file and the checkpoint kept."""
-    if all_ranks_true(error is None, info):
-        return
-    what = describe_error(error) if error else "another rank could not write its head file"
-    last = saved.last_complete(output)
-    kept = (f"the last complete checkpoint, {last[0]} (step {last[1]}), is kept" if last
-            else "no complete checkpoint was written before")
-    raise CheckpointWriteError(f"{what}; the checkpoint of step {step} was not saved; {kept}")
+class Step(NamedTuple):
+    """One step's values, left on the device (reading them makes the host wait)."""
+    loss: torch.Tensor
+    accuracy: torch.Tensor | None  # own centre nearest of all; None unless asked for
+    grad_norm: torch.Tensor  # global, before clipping
+    finite: torch.Tensor  # bool: a finite loss and (but under fp16) gradient norm
 
 
-def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
-                             num_classes: int, num_samples: int, saved: SavedSteps,
-                             logs: dict[str, list] | None = None) -> Path:
-    """Per-rank files first, then ``checkpoint.pt`` (the commit, with ``logs``: the logged
-    history so far), then ``backbone.pt``; all atomic. The checkpoint.pt being replaced
-    stays as checkpoint.prev.pt (with its head files) until the next one is whole. Refuses
-    to save non-finite weights, so a good checkpoint is never replaced by a bad one; a
-    failed write (disk full) raises CheckpointWriteError on every rank. Updates ``saved``
-    and returns the path of ``checkpoint.pt``."""
-    output, info = Path(cfg.output), tr.info
-    if not all_ranks_true(all_finite([tr.backbone, tr.head]), info):
-        raise NonFiniteLossError(f"non-finite weights at step {step}; checkpoint not written")
-    error: OSError | None = None
-    try:
-        write_checkpoint({"head": tr.head.state_dict(), "optimizer": tr.opt_head.state_dict(),
-                          "scheduler": tr.sched_head.state_dict(), "rng": rng_state(),
-                          "step": step, "rank": info.rank, "world_size": info.world_size},
-                         head_checkpoint_path(output, info.rank, step))
-    except OSError as e:
-        error = e
-    raise_unless_all_written(error, info, step, saved, output)
-    path = output / CHECKPOINT_NAME
-    rotate = saved.current is not None  # a damaged checkpoint.pt is not kept as previous
-    if info.is_main:
-        try:
-            backbone_state = tr.backbone.state_dict()
-            if rotate:
-                keep_as_previous(path, output / PREVIOUS_CHECKPOINT_NAME)
-            write_checkpoint({"backbone": backbone_state,
-                              "optimizer": tr.opt_backbone.state_dict(),
-                              "scheduler": tr.sched_backbone.state_dict(),
-                              "scaler": tr.scaler.state_dict(), "step": step, "epoch": epoch,
-                              "world_size": info.world_size, "num_classes": num_classes,
-                              "num_samples": num_samples, "config": cfg.to_dict(),
-                              "logs": logs or {}}, path)
-            write_checkpoint(backbone_state, output / BACKBONE_NAME)
-        except OSError as e:
-            error = e
-    if rotate:  # the same on every rank: checkpoint.prev.pt now holds what checkpoint.pt held
-        saved.previous = saved.current
-    raise_unless_all_written(error, info, step, saved, output)
-    saved.current = step
-    for stale in stale_head_files(output, info.rank, info.world_size,
-                                  keep_steps={step, saved.previous}):
-        stale.unlink(missing_ok=True)
-    return path
+def train_step(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
+               accuracy: bool = False) -> Step:
+    """One training step: the batch to the device, a random flip, the backbone, the margin
+    head and its loss, backward, global gradient clipping, both optimisers, the schedules."""
+    images = random_flip(prepare_batch(images, tr.device, tr.channels_last))
+    labels = labels.to(tr.device, non_blocking=True)
+    with tr.autocast():
+        embeddings = tr.model(images)
+    loss, batch_accuracy = tr.head(embeddings.float(), labels, accuracy=accuracy)
+    optimizers = (tr.opt_backbone, tr.opt_head)
+    tr.scaler.scale(loss).backward()  # the scaler acts under fp16 only
+    for opt in optimizers:
+        tr.scaler.unscale_(opt)
+    if tr.scaler.is_enabled():
+        agree_on_overflow(tr.scaler, optimizers, tr.reduce_sum)
+    # One global norm over the backbone (equal on all ranks after DDP) and every rank's
+    # shard of centres; with max_norm inf it only measures the norm.
+    grad_norm = clip_grad_norm_sharded(list(tr.backbone.parameters()),
+                                       list(tr.head.parameters()),
+                                       tr.grad_clip if tr.grad_clip > 0 else math.inf,
+                                       all_reduce_sum_=tr.reduce_sum)
+    for opt in optimizers:
+        tr.scaler.step(opt)  # under fp16 skipped, on every rank, when a gradient overflowed
+    tr.scaler.update()
+    for opt, sched in zip(optimizers, (tr.sched_backbone, tr.sched_head), strict=True):
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    loss = loss.detach()
+    finite = torch.isfinite(loss)
+    if not tr.scaler.is_enabled():  # fp16 overflows make inf norms that the scaler skips
+        finite = finite & torch.isfinite(grad_norm)
+    return Step(loss, batch_accuracy, grad_norm, finite)
 
 
-# keys every checkpoint.pt has; one without them is damaged
-CHECKPOINT_KEYS = ("backbone", "optimizer", "scheduler", "scaler", "step", "world_size",
-                   "num_classes", "config")
+def read_step(result: Step, first_bad: torch.Tensor, info: DistInfo
+              ) -> tuple[dict[str, float], float]:
+    """A step's loss, accuracy and gradient norm averaged over ranks, and the first
+    non-finite step on any rank (inf: none). The host waits for the device here only."""
+    accuracy = result.accuracy if result.accuracy is not None else \
+        torch.full_like(result.loss, math.nan)
+    stats = torch.stack([result.loss.float(), accuracy.float(),
+                         result.grad_norm.float().to(result.loss.device)])
+    stats = all_reduce_sum_(stats, info) / info.world_size
+    first = all_reduce_min_(first_bad.clone(), info).item()
+    return dict(zip(("loss", "accuracy", "grad_norm"), stats.tolist(), strict=True)), first
 
 
-class Resumed(NamedTuple):
-    step: int  # the step to continue from
-    logs: dict[str, list]  # the logged history saved with the checkpoint
-    saved: SavedSteps  # what the output folder's checkpoints hold
-
-
-def check_resumable(ckpt: dict[str, Any], path: Path, cfg: Config, num_classes: int,
-                    num_samples: int | None, world_size: int) -> list[str]:
-    """Refuse (ResumeError, naming each field) a checkpoint this run cannot continue: see
-    train_utils.RESUME_REFUSED, plus the global batch, the classes and the number of
-    images. Returns the allowed changes, ``field: old -> new``."""
-    allowed, refused = resume_differences(ckpt["config"], cfg.to_dict(), Config().to_dict())
-    saved_batch, saved_world = ckpt["config"]["batch_size"], int(ckpt["world_size"])
-    if saved_batch * saved_world != cfg.batch_size * world_size:
-        refused.append(f"global batch: {saved_batch} x {saved_world} ranks -> "
-                       f"{cfg.batch_size} x {world_size}")
-    if ckpt["num_classes"] != num_classes:
-        refused.append(f"classes: {ckpt['num_classes']} -> {num_classes}")
-    saved_samples = ckpt.get("num_samples")  # absent from older checkpoints
-    if None not in (saved_samples, num_samples) and saved_samples != num_samples:
-        refused.append(f"images: {saved_samples} -> {num_samples}")
-    if refused:
-        raise ResumeError(f"{path}: cannot resume with a different setup ("
-                          + "; ".join(refused) + "); to train with it, start a new run "
-                          "(another --output, --init-checkpoint for the weights)")
-    return allowed
-
-
-def read_resume_state(path: Path, tr: Trainer, cfg: Config, num_classes: int,
-                      num_samples: int | None) -> tuple[dict[str, Any], dict[str, Any],
-                                                        list[str]]:
-    """``path`` (checkpoint.pt or its previous copy), this rank's head state from the head
-    files of its step (re-cut when the world size changed) and the allowed setting
-    changes. CheckpointFileError names a missing or damaged file; ResumeError a setup the
-    checkpoint cannot continue."""
-    output, info = path.parent, tr.info
-    ckpt = read_checkpoint_file(path)
-    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
-    if missing:
-        raise CheckpointFileError(f"{path}: damaged (no {', '.join(missing)})")
-    changes = check_resumable(ckpt, path, cfg, num_classes, num_samples, info.world_size)
-    step, saved_world = int(ckpt["step"]), int(ckpt["world_size"])
-
-    def load_rank(rank: int) -> dict[str, Any]:
-        return read_checkpoint_file(head_checkpoint_path(output, rank, step))
-
-    if saved_world == info.world_size:
-        return ckpt, load_rank(info.rank), changes
-    return ckpt, reshard_head_state(load_rank, num_classes, saved_world, info.world_size,
-                                    info.rank), changes
-
-
-def resume_training(tr: Trainer, cfg: Config, num_classes: int,
-                    num_samples: int | None = None) -> Resumed:
-    """Load ``checkpoint.pt`` and this rank's file into ``tr``, restore the RNG states, and
-    return the step to continue from and the logs saved with it. A damaged or missing
-    checkpoint.pt (or head file) falls back to checkpoint.prev.pt with a warning; when
-    neither is usable, ResumeError names them. Settings that may change (train_utils.
-    RESUME_MAY_CHANGE: lr, momentum, ...) are this run's and logged; the others must match."""
-    output, info = Path(cfg.output), tr.info
-    problems: list[str] = []
-    for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME):
-        path, problem = output / name, None
-        try:
-            ckpt, rank_state, changes = read_resume_state(path, tr, cfg, num_classes,
-                                                          num_samples)
-        except CheckpointFileError as e:
-            problem = str(e)
-        if all_ranks_true(problem is None, info):  # every rank resumes from the same step
-            break
-        problems.append(problem or f"{path}: another rank's head file is missing or damaged")
-    else:
-        raise ResumeError("cannot resume: " + "; ".join(problems))
-    step = int(ckpt["step"])
-    if info.is_main and problems:
-        LOG.warning("%s; resuming from %s (step %d) instead", "; ".join(problems), path, step)
-    if info.is_main and changes:
-        LOG.info("resuming with changed settings: %s", "; ".join(changes))
-    saved_world = int(ckpt["world_size"])
-    if saved_world == info.world_size:
-        set_rng_state(rank_state["rng"])
-    else:
-        # no saved stream belongs to this rank: a fresh one per (rank, step)
-        seed_everything(cfg.seed + info.rank + step * info.world_size)
-        if info.is_main:
-            LOG.info("resuming %d ranks' run on %d: head shards re-cut from the saved ones; "
-                     "data order and lr schedule continue as before, augmentation draws and "
-                     "BatchNorm batches differ from an uninterrupted run", saved_world,
-                     info.world_size)
-    tr.backbone.load_state_dict(ckpt["backbone"])
-    restore_optimizer(tr.opt_backbone, tr.sched_backbone, ckpt["optimizer"], ckpt["scheduler"])
-    # the grad scaler has state only under fp16; amp may change between runs
-    if tr.scaler.is_enabled() and ckpt["scaler"]:
-        tr.scaler.load_state_dict(ckpt["scaler"])
-    tr.head.load_state_dict(rank_state["head"])
-    restore_optimizer(tr.opt_head, tr.sched_head, rank_state["optimizer"],
-                      rank_state["scheduler"])
-    saved = (SavedSteps(current=step) if path.name == CHECKPOINT_NAME
-             else SavedSteps(previous=step))
-    return Resumed(step, ckpt.get("logs", {}), saved)
-
-
-def load_init_weights(tr: Trainer, path: str, network: str) -> None:
-    """--init-checkpoint: backbone weights from backbone.pt or a checkpoint; a damaged file
-    or one of another network is a CheckpointFileError naming it."""
-    try:
-        state = load_backbone_state(path)
-    except RuntimeError as e:
-        raise CheckpointFileError(" ".join(str(e).split())) from e
-    try:
-        tr.backbone.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointFileError(f"{path}: not weights of network {network!r} ("
-                                  + " ".join(str(e).split())[:300] + ")") from e
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-def load_val_bins(cfg: Config, info: DistInfo) -> dict[str, tuple[Any, Any]]:
-    """The pairs of each of cfg.val_bins, decoded once before training (rank 0 only; a bad
-    file fails now rather than at the first check), keyed by set name."""
-    if not (info.is_main and cfg.val_bins and cfg.verify_every > 0):
-        return {}
-    import lfw_eval
-
-    return {Path(path).stem: lfw_eval.load_bin(path, progress=False) for path in cfg.val_bins}
-
-
-def verify(tr: Trainer, step: int, monitor: Monitor,
-           val_sets: dict[str, tuple[Any, Any]]) -> dict[str, float]:
-    """10-fold verification accuracy on each decoded set of ``val_sets`` (rank 0; the
-    others wait)."""
-    results: dict[str, float] = {}
-    if tr.info.is_main:
-        import lfw_eval
-
-        tr.backbone.eval()
-        for name, (images, issame) in val_sets.items():
-            res = lfw_eval.evaluate_verification(tr.backbone, images, issame,
-                                                 device=tr.device, name=name, progress=False)
-            results[name] = float(res["accuracy"])
-            monitor.scalar(f"verification/{name}_accuracy", results[name], step)
-            monitor.scalar(f"verification/{name}_accuracy_std", float(res["accuracy_std"]),
-                           step)
-            LOG.info("step %d: %s accuracy %.4f +- %.4f", step, name, res["accuracy"],
-                     res["accuracy_std"])
-        tr.backbone.train()
-    barrier(tr.info)
-    return results
-
-
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- training
 
 
 def train(cfg: Config, resume: bool = False, init_checkpoint: str | None = None,
           overwrite: bool = False) -> dict[str, Any]:
     """Train as ``cfg`` says (one process, or one rank of a torchrun job); returns a
-    summary: steps, final loss and accuracy, checkpoint paths, seconds, images/s.
-    ``resume``: continue the run in cfg.output; ``overwrite``: replace the run there;
-    ``init_checkpoint``: start a new run from these backbone weights."""
+    summary: steps, final loss and accuracy, checkpoint paths, seconds, images/s and the
+    logged history. ``resume``: continue the run in cfg.output; ``overwrite``: replace the
+    run there; ``init_checkpoint``: start a new run from these backbone weights."""
     if resume and (overwrite or init_checkpoint):
         raise ResumeError("--resume continues the run in --output with its own weights; it "
                           "cannot be combined with --overwrite or --init-checkpoint")
@@ -510,6 +269,8 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     if info.is_main:
         LOG.info("config (world size %d, device %s):\n%s", info.world_size, info.device,
                  cfg.pretty())
+    if cfg.keep_freed_memory and not reuse_freed_memory():  # process-wide, see config.py
+        LOG.warning("keep_freed_memory: not applied (needs Linux with glibc's mallopt)")
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -518,7 +279,10 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     # Everything is checked before anything is written: a refused run leaves the output
     # folder as it was.
     check_output_folder(output, resume, overwrite)
-    dataset, source = open_training_set(cfg, cfg.batch_size * info.world_size)
+    dataset, source = build_dataset(cfg)
+    if len(dataset) < cfg.batch_size * info.world_size:
+        raise DataSetError(f"{source}: {len(dataset)} images, fewer than one global batch of "
+                           f"{cfg.batch_size * info.world_size}; lower --batch-size")
     num_classes = int(dataset.num_classes)
     check_labels(dataset.labels, num_classes, source)
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, info.world_size, info.rank,
@@ -548,38 +312,13 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
 
     loader = build_loader(dataset, sampler, cfg, info)
     monitor = Monitor(cfg, info, step, last_step)
-    values = dict.fromkeys(STATS, float("nan"))
-    verification: dict[str, float] = {}
     curves = CurvesWriter(output / CURVES_NAME) if info.is_main else None
-    first_step = step + 1
-    steps_run = 0
-    # queued steps whose values the host has not read yet: none on the CPU, at most one on
-    # CUDA (see defer_loss_check)
-    pending: list[QueuedStep] = []
-    lag = 1 if defer_loss_check(tr) else 0
-
-    def read(queued: QueuedStep) -> dict[str, float]:
-        """The step's values; a non-finite one stops training here (its update, and every
-        later one, was skipped on the device)."""
-        got = queued.values()
-        if not queued.finite(loss_only=tr.scaler.is_enabled()):
-            last = saved.last_complete(output)
-            where = (f"last good checkpoint: {last[0]} (step {last[1]})"
-                     if last else "no checkpoint had been written yet")
-            raise NonFiniteLossError(
-                f"non-finite training loss {got['loss']} (gradient norm {got['grad_norm']}) "
-                f"at step {queued.step}, epoch {queued.epoch + 1}; stopped before updating "
-                f"the weights; {where}")
-        # log_every 0: no periodic logging, only the first and the last step
-        log = (cfg.log_every > 0 and queued.step % cfg.log_every == 0) \
-            or queued.step in (last_step, first_step)
-        monitor.step(queued.step, got, queued.lr, queued.margin, log)
-        if log:
-            logs["history"].append({"step": queued.step, **got, "lr": queued.lr,
-                                    "margin_m": queued.margin,
-                                    "images_per_second": monitor.images_per_second})
-        return got
-
+    values = {"loss": math.nan, "accuracy": math.nan, "grad_norm": math.nan}
+    verification: dict[str, float] = {}
+    first_step, steps_run = step + 1, 0
+    # the first step whose loss or gradient norm was not finite (inf: none yet), kept on the
+    # device so that no step waits for the host; read with the loss
+    first_bad = torch.full((), math.inf, dtype=torch.float64, device=info.device)
     t_loop = time.perf_counter()
     try:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -590,20 +329,34 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
                 tr.head.m = margin  # read at forward time
                 lr = tr.opt_backbone.param_groups[0]["lr"]
                 step += 1
-                fault = injected_fault(step)
-                stats = forward_backward(tr, images, labels, inject_nan=fault == "nan")
-                optimizer_step(tr, stats)
-                steps_run += 1
-                pending.append(QueuedStep(stats, step, epoch, lr, margin))
+                # log_every 0: only the first and the last step; save_every 0: checkpoints
+                # only at epoch ends and the end
+                log_now = (cfg.log_every > 0 and step % cfg.log_every == 0) \
+                    or step in (first_step, last_step)
                 verify_now = bool(cfg.val_bins) and cfg.verify_every > 0 and (
                     step % cfg.verify_every == 0 or step == last_step)
-                # save_every 0: no periodic checkpoints, only at epoch ends and the end
                 save_now = (cfg.save_every > 0 and step % cfg.save_every == 0) \
                     or step % steps_per_epoch == 0 or step == last_step
-                # every queued step is read before anything is verified or written
-                keep = 0 if verify_now or save_now or fault == "kill" else lag
-                while len(pending) > keep:
-                    values = read(pending.pop(0))
+                read_now = log_now or verify_now or save_now
+                inject_fault(step, tr.backbone)  # test-only: FACE_TRAIN_FAULT=nan@K, kill@K
+
+                result = train_step(tr, images, labels, accuracy=read_now)
+                first_bad = torch.where(result.finite, first_bad, first_bad.clamp(max=step))
+                steps_run += 1
+
+                if read_now:  # the only place the host waits for the device
+                    values, bad = read_step(result, first_bad, info)
+                    if math.isfinite(bad):
+                        raise NonFiniteLossError(
+                            f"non-finite training loss or gradient norm at step {int(bad)}, "
+                            f"epoch {(int(bad) - 1) // steps_per_epoch + 1}; stopped at step "
+                            f"{step} (loss {values['loss']}, gradient norm "
+                            f"{values['grad_norm']}) without saving; "
+                            f"{saved.describe_last(output)}")
+                if log_now:
+                    scalars = {**values, "lr": lr, "margin_m": margin}
+                    logs["history"].append({"step": step, **scalars,
+                                            "images_per_second": monitor.log(step, scalars)})
                 # verification before the checkpoint, so its result is saved with it
                 if verify_now:
                     verification = verify(tr, step, monitor, val_sets)
@@ -614,8 +367,6 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
                                              num_classes, len(dataset), saved, logs)
                     if curves:
                         curves.update(logs["history"], logs["verification"])
-                if fault == "kill":
-                    kill_self()
                 if step >= last_step:
                     break
             epoch, start_batch = epoch + 1, 0
@@ -666,7 +417,7 @@ def build_arg_parser():
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; errors reach run_cli, which prints them as one line (exit status
-    EXIT_NON_FINITE for a non-finite loss, else EXIT_BAD_INPUT)."""
+    2 for a non-finite loss, else 1)."""
     cfg, args = parse_config(argv, parser=build_arg_parser())
     train(cfg, resume=args.resume, init_checkpoint=args.init_checkpoint,
           overwrite=args.overwrite)

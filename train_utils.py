@@ -1,15 +1,20 @@
-"""Pieces of `train.py` that are not the loop itself: the resumable sampler, the lr schedule,
-optimiser parameter groups, RNG state capture, label checks, checkpoint file names and
-writing, what a resumed run may change, and the test-only fault injection."""
+"""What `train.py` uses besides the step and the checkpoints: the errors it stops with, the
+``Trainer`` (what one step touches), the resumable sampler, the lr and margin schedules,
+optimiser groups, RNG state capture, label checks, the loader, the TensorBoard/tqdm monitor
+and curves PNG, verification on .bin sets, fp16 overflow agreement across ranks, and the
+test-only fault injection."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
-import re
 import signal
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +22,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils import ToolkitError, save_checkpoint
+from config import Config
+from distributed import DistInfo, all_reduce_sum_, barrier
+from utils import ToolkitError, get_logger
+
+LOG = get_logger("train")
 
 # ----------------------------------------------------------------------------- errors
 
+EXIT_BAD_INPUT = 1  # train.py's exit status for every ToolkitError but the one below
 EXIT_NON_FINITE = 2  # train.py's exit status when it stopped on a NaN/inf loss
 
 
 class NonFiniteLossError(ToolkitError, RuntimeError):
-    """Training met a NaN/inf loss, gradient norm or weight and stopped before using it."""
+    """Training met a NaN/inf loss, gradient norm or weight; nothing after it was saved."""
 
     exit_code = EXIT_NON_FINITE
 
@@ -34,68 +44,41 @@ class LabelRangeError(ToolkitError, ValueError):
     """A training label lies outside [0, num_classes); the message names the data file."""
 
 
-class ResumeError(ToolkitError, ValueError):
-    """A checkpoint that cannot be resumed by this run (missing, damaged, or a different
-    setup); the message names the file or the field."""
-
-
-class CheckpointFileError(ToolkitError, RuntimeError):
-    """A checkpoint file that cannot be read (damaged, truncated, missing a part) or whose
-    weights do not fit this run's network; the message names the file."""
-
-
 class DataSetError(ToolkitError, ValueError):
     """A training set that cannot be trained on (empty, too small for one batch); the
     message names the file or folder."""
 
 
-class OutputFolderError(ToolkitError, ValueError):
-    """An --output that cannot take this run (a file, or a folder holding another run)."""
+# ----------------------------------------------------------------------------- the trainer
 
 
-class CheckpointWriteError(ToolkitError, OSError):
-    """A checkpoint could not be written (disk full, permissions); the message names the
-    file and the last complete checkpoint, which is kept."""
+@dataclass
+class Trainer:
+    """Everything one training step touches (built by train.build_trainer)."""
+    backbone: nn.Module  # the bare module (state dicts are saved from it)
+    model: nn.Module  # the module called in the step: DDP- and/or compile-wrapped backbone
+    head: nn.Module  # arcface_loss.ShardedMarginSoftmax: this rank's centres and the loss
+    opt_backbone: torch.optim.Optimizer
+    opt_head: torch.optim.Optimizer
+    sched_backbone: torch.optim.lr_scheduler.LambdaLR
+    sched_head: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler  # enabled under fp16 only
+    amp_dtype: torch.dtype | None  # autocast dtype of the backbone; None: float32
+    channels_last: bool
+    grad_clip: float
+    info: DistInfo
 
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
 
-# ----------------------------------------------------------------------------- step values
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum_(tensor, self.info)
 
-STATS = ("loss", "accuracy", "grad_norm")  # each step's values, copied to the host together
-
-
-def step_is_finite(stats: torch.Tensor, loss_only: bool = False) -> torch.Tensor:
-    """The one rule for a usable step, on the device or on a host copy: a finite loss and,
-    unless ``loss_only`` (fp16, where the grad scaler itself skips inf gradients), a finite
-    gradient norm. A bool tensor on ``stats``' device."""
-    finite = torch.isfinite(stats[STATS.index("loss")])
-    return finite if loss_only else finite & torch.isfinite(stats[STATS.index("grad_norm")])
-
-
-class QueuedStep:
-    """A training step's values tensor ([loss, accuracy, gradient norm]) and its place in
-    the run. On CUDA the values are copied to pinned host memory at once, behind the step's
-    own kernels, and an event marks the copy's end: ``values()`` then waits for that step
-    only, not for the steps queued after it."""
-
-    def __init__(self, stats: torch.Tensor, step: int, epoch: int, lr: float, margin: float
-                 ) -> None:
-        self.step, self.epoch, self.lr, self.margin = step, epoch, lr, margin
-        self.ready = None
-        if stats.device.type == "cuda":
-            self.host = stats.detach().to("cpu", non_blocking=True)  # pinned, asynchronous
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-        else:
-            self.host = stats.detach()
-
-    def values(self) -> dict[str, float]:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return dict(zip(STATS, self.host.tolist(), strict=True))
-
-    def finite(self, loss_only: bool = False) -> bool:
-        """step_is_finite on the copied values (after ``values()``)."""
-        return bool(step_is_finite(self.host, loss_only))
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -245,205 +228,230 @@ def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
             f"{num_classes} identities")
 
 
-# ----------------------------------------------------------------------------- files
-
-CHECKPOINT_NAME = "checkpoint.pt"
-# the checkpoint before the latest, kept until the next one is whole: a damaged
-# checkpoint.pt falls back to it
-PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
-BACKBONE_NAME = "backbone.pt"
-CONFIG_NAME = "config.json"
-HEAD_FILE_PATTERN = "checkpoint_rank*_step*.pt"
-_HEAD_RE = re.compile(r"checkpoint_rank(\d+)_step(\d+)\.pt$")
+# ----------------------------------------------------------------------------- data
 
 
-def write_checkpoint(state: Mapping[str, Any], path: Path) -> None:
-    """utils.save_checkpoint (atomic), with a failed write reported as the OSError it is:
-    torch's zip writer turns it into ``RuntimeError('unexpected pos ...')`` and keeps the
-    OSError (e.g. ENOSPC, disk full) only as that error's context."""
-    try:
-        save_checkpoint(state, path)
-    except RuntimeError as e:
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, OSError):
-            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
-        raise
+def build_loader(dataset: torch.utils.data.Dataset, sampler: ResumableBatchSampler,
+                 cfg: Config, info: DistInfo, ring: bool | None = None) -> Iterable:
+    """Batches of ``sampler``'s indices: float32 Nx3xHxW normalised, or with worker
+    processes uint8 NxHxWx3 (train.prepare_batch normalises them on the device), whose
+    trip through shared memory costs a quarter of float32's. With workers and ``ring``
+    (default: cfg.ring_loader) a ``fast_loader.RingBufferLoader`` (persistent workers
+    decoding into a fixed ring of shared memory; each batch is valid until the next one is
+    requested), else a DataLoader (shared memory allocated for every batch)."""
+    import data_gen
+
+    ring = cfg.ring_loader if ring is None else ring
+    # The loader's own generator draws the worker base seed, so creating an iterator does
+    # not advance the global RNG whose state a checkpoint records.
+    generator = torch.Generator().manual_seed(cfg.seed + info.rank)
+    if cfg.num_workers > 0 and ring:
+        from fast_loader import RingBufferLoader
+
+        batches = torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=True)
+        return RingBufferLoader(dataset, batches, num_workers=cfg.num_workers,
+                                persistent_workers=True, generator=generator)
+    if cfg.num_workers > 0:
+        dataset = data_gen.RawUint8View(dataset)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        pin_memory=info.device.type == "cuda", drop_last=True, generator=generator,
+        persistent_workers=cfg.num_workers > 0)
 
 
-def keep_as_previous(path: Path, previous: Path) -> None:
-    """Make ``previous`` hold the complete checkpoint now at ``path`` before a new one is
-    renamed over ``path``. A hard link, so ``path`` itself stays whole meanwhile (and after
-    a failed write); where the file system has none, a rename."""
-    if not path.is_file():  # removed by hand meanwhile: nothing to keep
+# ----------------------------------------------------------------------------- fp16
+
+
+def agree_on_overflow(scaler: torch.amp.GradScaler, optimizers: Sequence[torch.optim.Optimizer],
+                      all_reduce_sum_: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """fp16: make every optimiser on every rank skip the step when any of them found an
+    inf/NaN gradient, and back the scale off alike. GradScaler decides per optimiser from
+    local gradients; with the head sharded, one rank's centres can overflow while another's
+    do not, and a backbone updated on some ranks only would leave DDP's replicas apart.
+    Call after ``unscale_`` on each optimiser; no host sync. Uses GradScaler's
+    per-optimiser ``found_inf_per_device`` record (a private field, stable in the pinned
+    torch)."""
+    flags = [flag for opt in optimizers
+             for flag in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values()]
+    if not flags:
         return
-    previous.unlink(missing_ok=True)
-    try:
-        os.link(path, previous)
-    except OSError:
-        os.replace(path, previous)
+    anywhere = all_reduce_sum_(torch.stack([f.to(flags[0].device) for f in flags]).sum())
+    agreed = (anywhere > 0).float()  # exactly 1.0: what the fused optimisers test for
+    for flag in flags:
+        flag.copy_(agreed)
 
 
-def read_checkpoint_file(path: Path) -> dict[str, Any]:
-    """A checkpoint file's contents, or CheckpointFileError naming it (one line) when it is
-    missing, truncated or otherwise unreadable."""
-    if not path.is_file():
-        raise CheckpointFileError(f"{path}: missing")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage, pickled objects: all unusable alike
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointFileError(f"{path}: damaged ({reason})") from e
-    if not isinstance(state, dict):
-        raise CheckpointFileError(f"{path}: damaged (not a checkpoint dict)")
-    return state
+# ----------------------------------------------------------------------------- monitor
+
+CURVES_NAME = "training_curves.png"
+TENSORBOARD_NAME = "tensorboard"  # the folder of TensorBoard event files in the output
+FIGURE_SIZE = (15, 8)  # inches: a 2 x 3 grid of panels
+# (history key, panel title, y-axis label), one panel each, in grid order
+PANELS = (
+    ("loss", "loss", "loss"),
+    ("accuracy", "batch accuracy", "accuracy"),
+    ("lr", "learning rate", "lr"),
+    ("margin_m", "margin m", "m"),
+    ("images_per_second", "throughput", "images / s"),
+)
+VERIFICATION_TITLE = "verification accuracy"
+# Checkpoints closer together than this rewrite the PNG only at the end (real runs
+# checkpoint minutes apart, so there every checkpoint gets its plot).
+MIN_PLOT_INTERVAL_S = 60.0
 
 
-def reshard_head_state(load_rank: Callable[[int], dict[str, Any]], num_classes: int,
-                       old_world: int, new_world: int, new_rank: int) -> dict[str, Any]:
-    """``new_rank``'s head file contents for a world of ``new_world`` ranks, cut from the files
-    of a run with ``old_world`` ranks (``load_rank(r)`` reads old rank r's file; only the
-    ones whose classes overlap are read, one at a time). Per-centre tensors (the centres and
-    their optimiser moments: the rows of a shard) are sliced and joined; everything else
-    (param groups, scheduler, scalar optimiser state) comes from the first file read."""
-    from arcface_loss import shard_range
+class Monitor:
+    """TensorBoard scalars, the tqdm bar and the images/s meter (rank 0 only), updated at
+    each logged step."""
 
-    start, end = shard_range(num_classes, new_world, new_rank)
-    first: dict[str, Any] | None = None
-    centres: list[torch.Tensor] = []
-    rows: dict[tuple[int, str], list[torch.Tensor]] = {}  # (param index, key) -> slices
-    for rank in range(old_world):
-        lo, hi = shard_range(num_classes, old_world, rank)
-        take_lo, take_hi = max(lo, start), min(hi, end)
-        if take_lo >= take_hi:
-            continue
-        state = load_rank(rank)
-        first = first or state
-        centres.append(state["head"]["weight"][take_lo - lo:take_hi - lo])
-        for index, param_state in state["optimizer"]["state"].items():
-            for key, value in param_state.items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == hi - lo:
-                    rows.setdefault((index, key), []).append(value[take_lo - lo:take_hi - lo])
-    if first is None:  # pragma: no cover - every range overlaps some old shard
-        raise ValueError(f"no saved shard covers classes [{start}, {end})")
-    optimizer_state = {index: dict(param_state)
-                       for index, param_state in first["optimizer"]["state"].items()}
-    for (index, key), parts in rows.items():
-        optimizer_state[index][key] = torch.cat(parts)
-    return {**first, "head": {**first["head"], "weight": torch.cat(centres)},
-            "optimizer": {**first["optimizer"], "state": optimizer_state},
-            "rank": new_rank, "world_size": new_world}
+    def __init__(self, cfg: Config, info: DistInfo, start_step: int, last_step: int) -> None:
+        self.enabled = info.is_main
+        self.global_batch = cfg.batch_size * info.world_size
+        self.writer = self.bar = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm import tqdm
 
+            self.writer = SummaryWriter(str(Path(cfg.output) / TENSORBOARD_NAME))
+            self.bar = tqdm(total=last_step, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+        self.window_start, self.window_step = time.perf_counter(), start_step
 
-def head_checkpoint_path(output: Path, rank: int, step: int) -> Path:
-    """Per-rank head shard file; the step in its name ties it to one ``checkpoint.pt``."""
-    return output / f"checkpoint_rank{rank}_step{step}.pt"
+    def log(self, step: int, values: Mapping[str, float]) -> float:
+        """Write ``values`` (loss, accuracy, lr, ...) for ``step``; returns the images/s
+        since the last logged step."""
+        now = time.perf_counter()
+        images_per_second = ((step - self.window_step) * self.global_batch
+                             / max(now - self.window_start, 1e-9))
+        self.window_start, self.window_step = now, step
+        if self.enabled:
+            for name, value in {**values, "images_per_second": images_per_second}.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+            self.bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}",
+                                 img_s=f"{images_per_second:.0f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+        return images_per_second
 
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.enabled:
+            self.writer.add_scalar(name, value, step)
 
-def stale_head_files(output: Path, rank: int, world_size: int, keep_steps: set[int]
-                     ) -> list[Path]:
-    """The head files ``rank`` removes once a checkpoint is saved, of steps not in
-    ``keep_steps`` (those of checkpoint.pt and checkpoint.prev.pt): its own and, on rank 0,
-    those of ranks >= ``world_size`` (left by a run with more ranks)."""
-    stale = []
-    for path in output.glob(HEAD_FILE_PATTERN):
-        m = _HEAD_RE.search(path.name)
-        if not m:
-            continue
-        owner, saved_step = int(m.group(1)), int(m.group(2))
-        if saved_step not in keep_steps and \
-                (owner == rank or (rank == 0 and owner >= world_size)):
-            stale.append(path)
-    return stale
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
 
 
-# ----------------------------------------------------------------------------- resuming
-
-# What a resumed run may change. Everything here is read from the config afresh (the lr,
-# momentum and weight decay are put back into the optimisers over the saved ones) and each
-# change is logged.
-RESUME_MAY_CHANGE = frozenset({
-    # where things are, and what is checked along the way
-    "output", "val_bins", "lfw_dir", "pairs", "allow_lost_records",
-    # optimiser hyperparameters: from the resumed step on
-    "lr", "base_batch_size", "momentum", "nesterov", "weight_decay", "grad_clip",
-    # the loss: margins and scale are plain numbers read at each step
-    "margin_m", "scale_s", "margin_m1", "margin_m3", "easy_margin", "focal_gamma", "dropout",
-    # how and how long it runs
-    "device", "amp", "cpu_amp", "channels_last", "compile", "compile_mode", "num_workers",
-    "save_every", "verify_every", "log_every", "max_steps",
-})
-# What must match the checkpoint, each with the reason the refusal gives. batch_size may
-# change with the world size as long as the global batch stays (8 x 64 -> 4 x 128).
-RESUME_REFUSED: dict[str, str] = {
-    "network": "the saved weights are this network's",
-    "embedding_size": "the saved weights have this shape",
-    "head": "the class centres were trained for this margin",
-    "sample_rate": "Partial FC and a full head keep different state",
-    "optimizer": "the saved optimiser state is this optimiser's",
-    "rec": "the data order is a function of the data set",
-    "image_folder": "the data order is a function of the data set",
-    "seed": "the data order is a function of the seed",
-    "batch_size": "the data order and the step depend on the global batch",
-    # the lr schedule and the margin ramp span all epochs: another value would bend them
-    # where the run stands; to stop earlier, --max-steps may change
-    "epochs": "the lr schedule and margin ramp span all epochs; use --max-steps to stop "
-              "earlier",
-    "scheduler": "the lr schedule would jump",
-    "warmup_epochs": "the lr schedule would jump",
-    "margin_warmup": "the margin ramp would jump",
-}
+# ----------------------------------------------------------------------------- curves PNG
 
 
-def _same_data_path(saved: Any, current: Any) -> bool:
-    """Equal strings, or two spellings (relative, absolute) of one existing file."""
-    if saved == current:
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of ``key`` over the rows that have it."""
+    kept = [r for r in rows if key in r]
+    return (np.array([r["step"] for r in kept], dtype=np.float64),
+            np.array([r[key] for r in kept], dtype=np.float64))
+
+
+def training_curves_figure(history: Sequence[Mapping[str, Any]],
+                           verification: Sequence[Mapping[str, Any]] = ()):
+    """A matplotlib Figure of the curves. ``history``: one dict per logged step with
+    ``step`` and any of the PANELS keys; ``verification``: one dict per check with ``step``
+    and one accuracy per set name. Each panel's title names it; each curve is one line whose
+    data are the steps and values given."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGURE_SIZE)
+    axes = fig.subplots(2, 3).ravel()
+    for ax, (key, title, ylabel) in zip(axes, PANELS, strict=False):
+        steps, values = _series(history, key)
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None, lw=1.2)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+    ax = axes[len(PANELS)]
+    names = sorted({k for row in verification for k in row if k != "step"})
+    for name in names:
+        steps, values = _series(verification, name)
+        ax.plot(steps, values, marker="o", lw=1.2, label=name)
+    if names:
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no verification sets", ha="center", va="center",
+                transform=ax.transAxes, color="gray")
+    ax.set_title(VERIFICATION_TITLE)
+    ax.set_ylabel("accuracy")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
+                         verification: Sequence[Mapping[str, Any]] = ()) -> Path:
+    """Write :func:`training_curves_figure` to ``path`` as a PNG (atomically)."""
+    from verification_plots import save_figure
+
+    return save_figure(training_curves_figure(history, verification), path)
+
+
+class CurvesWriter:
+    """Keeps the curves PNG at ``path`` up to date without rendering too often: a render
+    costs about half a second, and small runs checkpoint every few steps."""
+
+    def __init__(self, path: str | Path, min_interval: float = MIN_PLOT_INTERVAL_S) -> None:
+        self.path = Path(path)
+        self.min_interval = min_interval
+        self.written_sizes: tuple[int, int] | None = None
+        self.written_at = -math.inf
+
+    def update(self, history: Sequence[Mapping[str, Any]],
+               verification: Sequence[Mapping[str, Any]] = (), force: bool = False) -> bool:
+        """Rewrite the PNG if the logs grew since the last one and, unless ``force``, at
+        least ``min_interval`` seconds have passed; returns whether it was written."""
+        sizes = (len(history), len(verification))
+        if not history or sizes == self.written_sizes:
+            return False
+        if not force and time.monotonic() - self.written_at < self.min_interval:
+            return False
+        plot_training_curves(history, self.path, verification)
+        self.written_sizes, self.written_at = sizes, time.monotonic()
         return True
-    try:
-        return bool(saved and current) and os.path.samefile(saved, current)
-    except OSError:
-        return False
 
 
-def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
-                       defaults: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """(changes a resumed run may make, refused changes), each as ``field: old -> new``.
-    ``saved``: the checkpoint's config (a field it predates counts as its default);
-    batch_size is not compared here (the caller compares the global batch)."""
-    allowed, refused = [], []
-    for name, value in current.items():
-        old = saved.get(name, defaults[name])
-        if name in ("rec", "image_folder") and _same_data_path(old, value):
-            continue
-        if old == value or name == "batch_size":
-            continue
-        change = f"{name}: {old!r} -> {value!r}"
-        if name in RESUME_REFUSED:
-            refused.append(f"{change} ({RESUME_REFUSED[name]})")
-        else:
-            allowed.append(change)
-    return allowed, refused
+# ----------------------------------------------------------------------------- verification
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
-                      opt_state: dict[str, Any], sched_state: dict[str, Any]) -> None:
-    """Load a saved optimiser and lr schedule but keep this run's hyperparameters (lr,
-    momentum, weight decay, ...), which ``load_state_dict`` would replace with the saved
-    run's whatever the config says now. The lr is this run's base lr at the saved step."""
-    hyper = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-    opt.load_state_dict(opt_state)
-    sched.load_state_dict(sched_state)
-    for group, values in zip(opt.param_groups, hyper, strict=True):
-        group.update(values)
-    sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
-    lrs = [base * factor(sched.last_epoch)
-           for base, factor in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
-    for group, lr in zip(opt.param_groups, lrs, strict=True):
-        group["lr"] = lr
-    sched._last_lr = lrs  # what get_last_lr() reports
+def load_val_bins(cfg: Config, info: DistInfo) -> dict[str, tuple[Any, Any]]:
+    """The pairs of each of cfg.val_bins, decoded once before training (rank 0 only; a bad
+    file fails now rather than at the first check), keyed by set name."""
+    if not (info.is_main and cfg.val_bins and cfg.verify_every > 0):
+        return {}
+    import lfw_eval
+
+    return {Path(path).stem: lfw_eval.load_bin(path, progress=False) for path in cfg.val_bins}
 
 
-def all_finite(modules: Sequence[nn.Module]) -> bool:
-    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+def verify(tr: Trainer, step: int, monitor: Monitor,
+           val_sets: dict[str, tuple[Any, Any]]) -> dict[str, float]:
+    """10-fold verification accuracy on each decoded set of ``val_sets`` (rank 0; the
+    others wait)."""
+    results: dict[str, float] = {}
+    if tr.info.is_main:
+        import lfw_eval
+
+        tr.backbone.eval()
+        for name, (images, issame) in val_sets.items():
+            res = lfw_eval.evaluate_verification(tr.backbone, images, issame,
+                                                 device=tr.device, name=name, progress=False)
+            results[name] = float(res["accuracy"])
+            monitor.scalar(f"verification/{name}_accuracy", results[name], step)
+            monitor.scalar(f"verification/{name}_accuracy_std", float(res["accuracy_std"]),
+                           step)
+            LOG.info("step %d: %s accuracy %.4f +- %.4f", step, name, res["accuracy"],
+                     res["accuracy_std"])
+        tr.backbone.train()
+    barrier(tr.info)
+    return results
 
 
 # ----------------------------------------------------------------------------- fault injection
@@ -451,18 +459,20 @@ def all_finite(modules: Sequence[nn.Module]) -> bool:
 FAULT_ENV = "FACE_TRAIN_FAULT"
 
 
-def injected_fault(step: int) -> str | None:
-    """Test-only fault injection: ``FACE_TRAIN_FAULT=nan@7`` turns the loss of step 7 into
-    NaN; ``kill@7`` kills the process (SIGKILL, no clean-up) once step 7 and any checkpoint
-    due at it are done. Steps count from 1. Unset in normal use."""
+def inject_fault(step: int, backbone: nn.Module) -> None:
+    """Test-only fault injection, called as step ``step`` (from 1) begins; a no-op unless
+    the environment asks. ``FACE_TRAIN_FAULT=nan@7`` puts NaN into the backbone's weights,
+    so step 7's loss is NaN; ``kill@7`` kills the process (SIGKILL, no clean-up) as step 8
+    begins, i.e. once step 7 and any checkpoint due at it are done."""
     spec = os.environ.get(FAULT_ENV, "")
     if not spec:
-        return None
+        return
     kind, _, at = spec.partition("@")
     if kind not in ("nan", "kill") or not at.isdigit():
         raise ValueError(f"{FAULT_ENV}={spec!r}: expected nan@STEP or kill@STEP")
-    return kind if int(at) == step else None
-
-
-def kill_self() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "nan" and step == int(at):
+        with torch.no_grad():
+            for p in backbone.parameters():
+                p.fill_(math.nan)
+    elif kind == "kill" and step == int(at) + 1:
+        os.kill(os.getpid(), signal.SIGKILL)

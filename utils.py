@@ -149,7 +149,9 @@ def reuse_freed_memory() -> bool:
     training step that allocates the head's gradient (85k x 512 floats = 175 MB) afresh
     page-faults through it every step. Measured on 2 cores: the ArcFace head's
     forward+backward+SGD drops from ~580 ms to ~290 ms. The cost is that the process keeps
-    its peak heap (what jemalloc/tcmalloc, which PyTorch's CPU tuning guide suggests, do too)."""
+    its peak heap (what jemalloc/tcmalloc, which PyTorch's CPU tuning guide suggests, do too).
+    Process-wide, so only on request: train.py calls it when the config's keep_freed_memory
+    is set, bench/train_throughput.py with --keep-freed-memory."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes

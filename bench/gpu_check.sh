@@ -21,7 +21,7 @@ stage() {  # stage NAME SECONDS CMD...: run CMD with a time limit, tee its outpu
 stage env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; \
   nproc; $PY -c 'import torch, numpy, cv2; print(torch.__version__, torch.version.cuda, \
   numpy.__version__, cv2.__version__)'"
-# the whole loop on the GPU: loss read one step late, NaN halting the update on the device
+# the whole loop on the GPU: the loss read every 5 steps, a NaN between reads named and stopped
 stage train_smoke 90 "$PY" bench/train_smoke.py --device cuda --output runs/train_smoke
 # ir50 and ir100 at batch 128, bf16, channels_last, eager: the issue's reference figure
 stage train_eager 120 "$PY" bench/train_throughput.py --device cuda

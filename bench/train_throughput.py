@@ -1,13 +1,17 @@
 """Images/s of a whole training step next to the bare backbone forward+backward.
 
-The step is train.py's own (`forward_backward`, `optimizer_step`, and the host reading the
-step's loss: at once on the CPU, one step late on CUDA): backbone forward and backward, the
-ArcFace head over ``--num-classes`` centres (MS1MV2 has 85,742), gradient clipping and SGD
-on backbone and head. The bare
-measurement is the same backbone, same precision and memory format, forward plus backward
-from a fixed gradient, no head and no optimiser. Inputs are random tensors already in memory,
-so data loading is not measured. The two are timed in alternating rounds (medians), so a
-change in machine load hits both alike.
+The step is train.py's own ``train_step``: the batch to the device, flip, backbone forward
+and backward, the ArcFace head over ``--num-classes`` centres (MS1MV2 has 85,742), gradient
+clipping and SGD on backbone and head; as in train.py nothing waits for the loss between
+steps (train.py reads it every log_every steps; here at the end of each timed round). The
+bare measurement is the same backbone, same precision and memory format, forward plus
+backward from a fixed gradient, no head and no optimiser. Inputs are random tensors already
+in memory, so data loading is not measured. The two are timed in alternating rounds
+(medians), so a change in machine load hits both alike.
+
+On the CPU the head's large gradients are page-faulted in afresh every step unless malloc
+keeps freed memory: ``--keep-freed-memory`` applies it (train.py: the keep_freed_memory
+config field); the header says which setting ran.
 
     python bench/train_throughput.py                     # CPU: ir18, ir50 at batch 32
     python bench/train_throughput.py --device cuda       # ir50, ir100 at 128, bf16, NHWC
@@ -33,10 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import models  # noqa: E402
 import train  # noqa: E402
-from config import make_config  # noqa: E402
+from config import COMPILE_MODES, make_config  # noqa: E402
 from distributed import DistInfo  # noqa: E402
-from train_utils import QueuedStep  # noqa: E402
-from utils import get_device  # noqa: E402
+from utils import get_device, reuse_freed_memory  # noqa: E402
 
 MS1MV2_CLASSES = 85742
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -88,22 +91,15 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> dic
         emb.float().backward(grad)
         tr.opt_backbone.zero_grad(set_to_none=True)
 
-    lag = 1 if train.defer_loss_check(tr) else 0
-    queued: list[QueuedStep] = []
-
-    def step() -> None:  # as train.py's loop: the host reads each step's values `lag` late
-        stats = train.forward_backward(tr, images, labels)
-        train.optimizer_step(tr, stats)
-        queued.append(QueuedStep(stats, 0, 0, 0.0, 0.0))
-        while len(queued) > lag:
-            queued.pop(0).values()
+    def step() -> None:  # as train.py's loop between two reads of the loss
+        train.train_step(tr, images, labels)
 
     warmup = args.warmup + (COMPILE_WARMUP if args.compile else 0)
     for fn in (bare, step):
         for _ in range(warmup):
             fn()
     bare_s, step_s = [], []
-    for _ in range(ROUNDS):
+    for _ in range(args.rounds):
         bare_s.append(_time(bare, args.iters, device))
         step_s.append(_time(step, args.iters, device))
     flops = models.model_flops(tr.backbone)
@@ -120,16 +116,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 CPU, 128 CUDA")
     p.add_argument("--iters", type=int, default=None, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="alternating bare/step rounds")
     p.add_argument("--num-classes", type=int, default=MS1MV2_CLASSES)
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
                    help="default: bf16 on CUDA, none (float32) on the CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    p.add_argument("--compile-mode", default="default", choices=train.COMPILE_MODES,
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"for MFU (default {H100_BF16_DENSE_TFLOPS:g} on CUDA: H100 bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=False,
+                   help="malloc keeps freed memory (utils.reuse_freed_memory; train.py's "
+                        "keep_freed_memory field); default off, as train.py")
     return p
 
 
@@ -143,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.warmup = warmup if args.warmup is None else args.warmup
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = args.keep_freed_memory and reuse_freed_memory()
     peak = args.peak_tflops or (H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -152,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         where = f"CPU, {torch.get_num_threads()} threads"
     print(f"# {where}; batch {args.batch_size}, {args.num_classes} classes, channels_last "
-          f"{args.channels_last}, compile {args.compile and args.compile_mode}; {ROUNDS} rounds x "
+          f"{args.channels_last}, compile {args.compile and args.compile_mode}, "
+          f"keep_freed_memory {kept}; {args.rounds} rounds x "
           f"{args.iters} steps after {args.warmup} warm-up; medians")
     header = f"{'network':<8} {'prec':<5} {'GFLOPs':>7} {'bare img/s':>11} " \
              f"{'step img/s':>11} {'step/bare':>9}"

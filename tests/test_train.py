@@ -27,20 +27,31 @@ import train
 from arcface_loss import clip_grad_norm_sharded
 from config import make_config
 from distributed import DistInfo
-from train_utils import (
-    FAULT_ENV,
-    LabelRangeError,
-    NonFiniteLossError,
-    ResumableBatchSampler,
-    check_labels,
-    lr_factor,
-    param_groups,
+from fast_loader import RingBufferLoader
+from train_checkpoints import (
+    RESUME_MAY_CHANGE,
+    RESUME_REFUSED,
+    CheckpointFileError,
+    OutputFolderError,
+    ResumeError,
     reshard_head_state,
+    resume_training,
 )
-from training_monitor import (
+from train_utils import (
+    EXIT_BAD_INPUT,
+    EXIT_NON_FINITE,
+    FAULT_ENV,
     FIGURE_SIZE,
     VERIFICATION_TITLE,
     CurvesWriter,
+    LabelRangeError,
+    NonFiniteLossError,
+    ResumableBatchSampler,
+    agree_on_overflow,
+    build_loader,
+    check_labels,
+    lr_factor,
+    param_groups,
     plot_training_curves,
     training_curves_figure,
 )
@@ -270,18 +281,26 @@ def test_training_curves_plot_the_given_history(tmp_path):
     assert writer.update(history, verification, force=True)
 
 
+@pytest.mark.slow
 def test_uint8_worker_batches_normalise_to_the_float_values(tiny_rec, tmp_path):
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     batches, indices = {}, None
-    for workers in (0, 1):
-        cfg = tiny_cfg(tiny_rec, tmp_path, num_workers=workers)
+    # in-process; a worker through torch's DataLoader; a worker through the ring (the
+    # ring_loader field)
+    for workers, ring in ((0, False), (1, False), (1, True)):
+        cfg = tiny_cfg(tiny_rec, tmp_path, num_workers=workers, ring_loader=ring)
         dataset, _ = train.build_dataset(cfg)
         sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
         indices = list(sampler)[:cfg.batch_size]
-        loader = train.build_loader(dataset, sampler, cfg, info)
-        batches[workers] = next(iter(loader))
+        loader = build_loader(dataset, sampler, cfg, info)
+        assert isinstance(loader, RingBufferLoader) == ring
+        images, labels = next(iter(loader))
+        batches[workers, ring] = images.clone(), labels.clone()
+        if ring:
+            loader.close()
         del loader  # shuts the worker down
-    (floats, labels0), (raw, labels1) = batches[0], batches[1]
+    (floats, labels0), (raw, labels1) = batches[0, False], batches[1, False]
+    assert torch.equal(batches[1, True][0], raw) and torch.equal(batches[1, True][1], labels1)
     assert floats.dtype == torch.float32 and raw.dtype == torch.uint8  # workers send uint8
     assert raw.shape == (len(indices), IMAGE_SIDE, IMAGE_SIDE, 3)
     assert labels0.tolist() == labels1.tolist() == [int(dataset.labels[i]) for i in indices]
@@ -301,6 +320,7 @@ def test_uint8_worker_batches_normalise_to_the_float_values(tiny_rec, tmp_path):
 # ----------------------------------------------------------------------------- whole runs
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_trains_and_checkpoints(tiny_rec, tmp_path):
     cfg = tiny_cfg(tiny_rec, tmp_path / "ddp", max_steps=3, save_every=1)
     port = free_port()
@@ -326,6 +346,7 @@ def test_torchrun_two_processes_trains_and_checkpoints(tiny_rec, tmp_path):
     assert emb.shape == (2, 32) and torch.isfinite(emb).all()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_rec, tmp_path):
     # 6 steps per epoch, 12 in all; checkpoints at 4, 6 (epoch end), 8, 12. The straight
     # run reads through a worker process (uint8 batches normalised in the step), the broken
@@ -393,6 +414,7 @@ def test_head_shards_are_recut_for_another_world_size():
             assert (got["rank"], got["world_size"]) == (rank, world)
 
 
+@pytest.mark.slow
 def test_two_rank_run_resumes_on_one_rank_with_the_same_global_batch(tiny_rec, tmp_path):
     """2 ranks x 2 images -> 1 rank x 4: the head is rebuilt whole from the two shards (with
     its momentum), training continues to the end, and the second rank's files go. A changed
@@ -407,7 +429,7 @@ def test_two_rank_run_resumes_on_one_rank_with_the_same_global_batch(tiny_rec, t
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     tr = train.build_trainer(cfg, 6, info, total_steps=12, steps_per_epoch=6)
-    step = train.resume_training(tr, cfg, 6).step
+    step = resume_training(tr, cfg, 6).step
     assert step == 3
     torch.testing.assert_close(tr.head.weight.detach(),
                                torch.cat([s["head"]["weight"] for s in shards]), rtol=0, atol=0)
@@ -424,9 +446,9 @@ def test_two_rank_run_resumes_on_one_rank_with_the_same_global_batch(tiny_rec, t
     assert sorted(p.name for p in out.glob("checkpoint_rank*.pt")) == \
         ["checkpoint_rank0_step6.pt", "checkpoint_rank0_step9.pt"]
 
-    with pytest.raises(train.ResumeError, match=r"global batch: 4 x 1 ranks -> 2 x 1"):
+    with pytest.raises(ResumeError, match=r"global batch: 4 x 1 ranks -> 2 x 1"):
         train.train(tiny_cfg(tiny_rec, out, max_steps=12, batch_size=2), resume=True)
-    with pytest.raises(train.ResumeError, match=r"network: 'ir_narrow' -> 'ir18'"):
+    with pytest.raises(ResumeError, match=r"network: 'ir_narrow' -> 'ir18'"):
         train.train(tiny_cfg(tiny_rec, out, max_steps=12, network="ir18"), resume=True)
 
 
@@ -450,46 +472,43 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_rec, tmp_path, m
     # and the command line reports it with its own exit status
     monkeypatch.setenv(FAULT_ENV, "nan@1")
     assert run_cli(train.main, cli_args(tiny_cfg(tiny_rec, tmp_path / "cli"))) == \
-        train.EXIT_NON_FINITE
+        EXIT_NON_FINITE
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_a_non_finite_step_halts_every_later_update_on_the_device(optimizer):
-    """optimizer_step(tr, stats) decides on the device: a finite step updates, a NaN loss
-    or an infinite gradient norm leaves weights and momentum exactly as they were, and so
-    does every step after it (the host may read the bad step's values only later)."""
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    tr = train.build_trainer(make_config({**TINY, "lr": 0.1, "optimizer": optimizer}), 5, info,
-                             total_steps=10, steps_per_epoch=5)
-    params = [p for p in (*tr.backbone.parameters(), *tr.head.parameters()) if p.requires_grad]
+@pytest.mark.parametrize("log_every, save_every, stops_at", [(5, 3, 9), (5, 0, 10)])
+def test_a_nan_between_reads_stops_at_the_next_read_and_saves_nothing_after_it(
+        tiny_rec, tmp_path, monkeypatch, log_every, save_every, stops_at):
+    """The loss is read only at logged steps and checkpoints (6 steps an epoch; the run
+    resumed after step 6 reads at steps 7, 9, 10, 12 or 7, 10, 12). A NaN at step 8 stops it
+    at the next read: a checkpoint (step 9, then not written) or a logged step (10). The
+    error names step 8, not the step that read it; every checkpoint file is byte for byte
+    what it was at step 6, whose weights are those of a run stopped cleanly there."""
+    spaced = dict(epochs=2, log_every=log_every, save_every=save_every)
+    train.train(tiny_cfg(tiny_rec, tmp_path / "reference", max_steps=6, **spaced))
+    out = tmp_path / "nan"
+    train.train(tiny_cfg(tiny_rec, out, max_steps=6, **spaced))
 
-    def step(loss: float, grad_norm: float) -> None:
-        for p in params:
-            p.grad = torch.full_like(p, float("nan") if math.isnan(loss) else 0.01)
-        train.optimizer_step(tr, torch.tensor([loss, 0.5, grad_norm]))
+    def checkpoint_files() -> dict[str, bytes]:
+        return {name: data for name, data in files_of(out).items() if name.endswith(".pt")}
 
-    def snapshot() -> list[torch.Tensor]:
-        moments = [t for opt in (tr.opt_backbone, tr.opt_head) for state in opt.state.values()
-                   for t in state.values() if isinstance(t, torch.Tensor)]
-        return [t.detach().clone() for t in [*params, *moments]]
-
-    step(1.0, 2.0)
-    before = snapshot()
-    step(1.0, 2.0)
-    assert any(not torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
-    for bad in ((float("nan"), float("nan")), (1.0, float("inf")), (1.0, 2.0)):
-        before = snapshot()
-        step(*bad)
-        for a, b in zip(before, snapshot(), strict=True):
-            assert torch.equal(a, b)
+    before = checkpoint_files()
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
+    monkeypatch.setenv(FAULT_ENV, "nan@8")
+    with pytest.raises(NonFiniteLossError) as err:
+        train.train(tiny_cfg(tiny_rec, out, **spaced), resume=True)
+    message = str(err.value)
+    assert "at step 8, epoch 2;" in message and f"stopped at step {stops_at} " in message
+    assert f"{out / 'checkpoint.pt'} (step 6)" in message
+    assert checkpoint_files() == before  # nothing written after the NaN, nothing changed
+    good, kept = weights(tmp_path / "reference"), weights(out)
+    for key in good:
+        torch.testing.assert_close(kept[key], good[key], rtol=0, atol=0, msg=key)
 
 
 def test_fp16_overflow_anywhere_skips_every_update_on_every_rank():
     """GradScaler alone decides per optimiser on local gradients: an inf in this rank's
     head shard would still let the backbone step, and another rank's overflow would go
     unseen here. After agree_on_overflow neither optimiser steps and the scale backs off."""
-    from train_step import agree_on_overflow
-
     init_scale = 16.0
 
     def run(head_grad: float, other_ranks_overflowed: bool) -> tuple[bool, bool, float]:
@@ -515,46 +534,6 @@ def test_fp16_overflow_anywhere_skips_every_update_on_every_rank():
     assert run(1.0, other_ranks_overflowed=True) == (False, False, backoff)
 
 
-def test_reading_the_loss_one_step_late_changes_nothing_but_when(tiny_rec, tmp_path,
-                                                                  monkeypatch):
-    """The CUDA loop's order, forced on the CPU: each step's values read one step late."""
-    reads: list[tuple[int, int]] = []  # (step read, steps queued by then)
-    queued = [0]
-
-    class SpyQueuedStep(train.QueuedStep):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            queued[0] += 1
-
-        def values(self):
-            reads.append((self.step, queued[0]))
-            return super().values()
-
-    monkeypatch.setattr(train, "QueuedStep", SpyQueuedStep)
-    now = train.train(tiny_cfg(tiny_rec, tmp_path / "now", max_steps=5, save_every=100))
-    assert reads == [(k, k) for k in range(1, 6)]  # the reference run reads at once
-    reads.clear()
-    queued[0] = 0
-    monkeypatch.setattr(train, "defer_loss_check", lambda tr: True)
-    late = train.train(tiny_cfg(tiny_rec, tmp_path / "late", max_steps=5, save_every=100))
-    # step k is read once step k+1 is queued; the last step is read before its save
-    assert reads == [(1, 2), (2, 3), (3, 4), (4, 5), (5, 5)]
-    assert [h["step"] for h in late["history"]] == [1, 2, 3, 4, 5]
-    for key in ("loss", "accuracy", "grad_norm", "lr"):
-        assert [h[key] for h in late["history"]] == [h[key] for h in now["history"]], key
-    a, b = weights(tmp_path / "now"), weights(tmp_path / "late")
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-    # a NaN at step 7 is read while step 8 is queued; step 8 is not applied, and nothing
-    # is saved over the step-6 checkpoint
-    cfg = tiny_cfg(tiny_rec, tmp_path / "nan", epochs=2, save_every=3)
-    monkeypatch.setenv(FAULT_ENV, "nan@7")
-    with pytest.raises(NonFiniteLossError, match=r"at step 7, .*\(step 6\)"):
-        train.train(cfg)
-    assert load_checkpoint(tmp_path / "nan" / "checkpoint.pt")["step"] == 6
-
-
 def test_labels_outside_the_class_range_are_refused(tiny_rec, tmp_path, monkeypatch):
     with pytest.raises(LabelRangeError, match=r"bad\.rec.*sample 1 has label -1"):
         check_labels(np.array([0, -1, 2]), 3, "bad.rec")
@@ -574,7 +553,7 @@ def test_labels_outside_the_class_range_are_refused(tiny_rec, tmp_path, monkeypa
     with pytest.raises(LabelRangeError, match=expected):
         train.train(cfg)
     assert not (tmp_path / "labels" / "checkpoint.pt").exists()  # refused before step 1
-    assert run_cli(train.main, cli_args(cfg)) == train.EXIT_BAD_INPUT
+    assert run_cli(train.main, cli_args(cfg)) == EXIT_BAD_INPUT
 
 
 def write_bin(path: Path, images: list[np.ndarray], labels: list[int], pairs: int) -> None:
@@ -592,6 +571,7 @@ def write_bin(path: Path, images: list[np.ndarray], labels: list[int], pairs: in
     path.write_bytes(pickle.dumps((blobs, issame), protocol=2))
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_synthetic_identities(tmp_path, monkeypatch):
     num_ids, per_id = 6, 4
     rec = tmp_path / "faces.rec"
@@ -681,7 +661,7 @@ def test_a_refused_resume_writes_nothing(tiny_rec, tmp_path):
                           ({"epochs": 3}, "epochs: 20 -> 3"),
                           ({"batch_size": 2}, "global batch: 4 x 1 ranks -> 2 x 1")):
         rec = change.pop("rec", tiny_rec)
-        with pytest.raises(train.ResumeError, match=re.escape(named)):
+        with pytest.raises(ResumeError, match=re.escape(named)):
             train.train(tiny_cfg(rec, out, max_steps=4, **change), resume=True)
         assert files_of(out) == before, change
     # a data set that is not there is found before anything is written, too
@@ -696,7 +676,7 @@ def test_an_output_folder_holding_a_run_is_refused_without_resume(tiny_rec, tmp_
     out = tmp_path / "run"
     train.train(tiny_cfg(tiny_rec, out, max_steps=1))
     before = files_of(out)
-    with pytest.raises(train.OutputFolderError) as err:
+    with pytest.raises(OutputFolderError) as err:
         train.train(tiny_cfg(tiny_rec, out, max_steps=2))
     message = str(err.value)
     assert str(out) in message and "--resume" in message and "--output" in message \
@@ -718,8 +698,6 @@ def test_an_output_folder_holding_a_run_is_refused_without_resume(tiny_rec, tmp_
 
 
 def test_resume_applies_a_changed_lr_and_names_a_refused_field(tiny_rec, tmp_path):
-    from train_utils import RESUME_MAY_CHANGE, RESUME_REFUSED, lr_factor
-
     # every Config field is decided one way or the other
     field_names = {f for f in make_config().to_dict()}
     assert RESUME_MAY_CHANGE | set(RESUME_REFUSED) == field_names
@@ -732,7 +710,7 @@ def test_resume_applies_a_changed_lr_and_names_a_refused_field(tiny_rec, tmp_pat
                    momentum=0.5, weight_decay=1e-3)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     tr = train.build_trainer(cfg, 6, info, total_steps=total, steps_per_epoch=6)
-    assert train.resume_training(tr, cfg, 6, 24).step == 3
+    assert resume_training(tr, cfg, 6, 24).step == 3
     for opt in (tr.opt_backbone, tr.opt_head):  # weight decay in the first group only
         for k, group in enumerate(opt.param_groups):
             assert group["lr"] == pytest.approx(new_lr * lr_factor(3, total, 0, "poly"))
@@ -744,7 +722,7 @@ def test_resume_applies_a_changed_lr_and_names_a_refused_field(tiny_rec, tmp_pat
     for step in (4, 5):  # the lr used by step k is the schedule's at k - 1
         assert lrs[step] == pytest.approx(new_lr * lr_factor(step - 1, total, 0, "poly"))
     assert lrs[3] == pytest.approx(TINY["lr"] * lr_factor(2, total, 0, "poly"))
-    with pytest.raises(train.ResumeError, match=r"head: 'arcface' -> 'cosface'"):
+    with pytest.raises(ResumeError, match=r"head: 'arcface' -> 'cosface'"):
         train.train(tiny_cfg(tiny_rec, out, epochs=2, max_steps=6, head="cosface"),
                     resume=True)
 
@@ -784,7 +762,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_rec, tmp_path)
     out = tmp_path / "checkpoint.pt"
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         (out / name).write_bytes(b"PK\x03\x04 not a whole zip")
-    with pytest.raises(train.ResumeError) as err:
+    with pytest.raises(ResumeError) as err:
         train.train(tiny_cfg(tiny_rec, out, max_steps=8, save_every=2), resume=True)
     message = str(err.value)
     assert "\n" not in message
@@ -841,6 +819,7 @@ def test_zero_intervals_mean_off(tiny_rec, tmp_path):
     assert not (tmp_path / "run" / "checkpoint.prev.pt").exists()
 
 
+@pytest.mark.slow
 def test_bad_setups_fail_in_one_line_before_writing_anything(tiny_rec, tmp_path, capsys):
     empty = tmp_path / "empty.rec"
     empty.write_bytes(b"")
@@ -885,7 +864,7 @@ def test_a_bad_init_checkpoint_or_val_bin_is_found_before_writing(tiny_rec, tmp_
     out = tmp_path / "run"
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(b"PK\x03\x04 half a zip")
-    with pytest.raises(train.CheckpointFileError, match=re.escape(str(damaged))):
+    with pytest.raises(CheckpointFileError, match=re.escape(str(damaged))):
         train.train(tiny_cfg(tiny_rec, out, max_steps=1), init_checkpoint=str(damaged))
     with pytest.raises(OSError, match="missing.bin"):
         train.train(tiny_cfg(tiny_rec, out, max_steps=1, verify_every=1,
@@ -894,7 +873,7 @@ def test_a_bad_init_checkpoint_or_val_bin_is_found_before_writing(tiny_rec, tmp_
     # weights of another network: named, with the network they do not fit
     other = tmp_path / "other"
     train.train(tiny_cfg(tiny_rec, other, max_steps=1, embedding_size=16))
-    with pytest.raises(train.CheckpointFileError,
+    with pytest.raises(CheckpointFileError,
                        match=re.escape(str(other / "backbone.pt")) + ".*'ir_narrow'"):
         train.train(tiny_cfg(tiny_rec, out, max_steps=1),
                     init_checkpoint=str(other / "backbone.pt"))

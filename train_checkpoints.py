@@ -1,0 +1,528 @@
+"""A training run's files: the output folder's checks, checkpoint writing (atomic, the
+previous one kept), resuming from it (field by field: what may change, what is refused),
+and re-cutting the head's shards for another world size.
+
+Files in a run's output folder:
+
+- ``config.json``: the config used (``models.load_backbone`` reads it beside backbone.pt);
+- ``backbone.pt``: the bare backbone state dict for evaluation, rewritten at each checkpoint;
+- ``checkpoint.pt`` (rank 0): backbone, its optimiser and scheduler, grad scaler, epoch,
+  step, world size, number of classes and images, config, and the logged history. Written
+  last: it is the commit record of a checkpoint;
+- ``checkpoint.prev.pt``: the checkpoint before it (a second name for the old file, kept
+  until the new one is whole), which a resume falls back to, with a warning, when
+  ``checkpoint.pt`` or a head file of its step is damaged or missing;
+- ``checkpoint_rank{r}_step{S}.pt`` (one per rank): that rank's head (its shard of the class
+  centres), the head's optimiser and scheduler, and the rank's RNG states. The step in the
+  name ties it to the ``checkpoint.pt`` (or ``checkpoint.prev.pt``) of that step; older
+  ones are deleted once a newer checkpoint is committed;
+- ``tensorboard/`` and ``training_curves.png`` (train_utils.Monitor, CurvesWriter).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from config import Config
+from distributed import DistInfo, all_ranks_true
+from train_utils import (
+    CURVES_NAME,
+    TENSORBOARD_NAME,
+    NonFiniteLossError,
+    Trainer,
+    rng_state,
+    set_rng_state,
+)
+from utils import (
+    ToolkitError,
+    describe_error,
+    get_logger,
+    load_backbone_state,
+    remove_stale_temporaries,
+    save_checkpoint,
+    seed_everything,
+)
+
+LOG = get_logger("train")
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# the checkpoint before the latest, kept until the next one is whole: a damaged
+# checkpoint.pt falls back to it
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
+BACKBONE_NAME = "backbone.pt"
+CONFIG_NAME = "config.json"
+HEAD_FILE_PATTERN = "checkpoint_rank*_step*.pt"
+_HEAD_RE = re.compile(r"checkpoint_rank(\d+)_step(\d+)\.pt$")
+# The files a run writes into its output folder (besides the per-rank head files)
+RUN_FILE_NAMES = (CONFIG_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, BACKBONE_NAME,
+                  CURVES_NAME, TENSORBOARD_NAME)
+# keys every checkpoint.pt has; one without them is damaged
+CHECKPOINT_KEYS = ("backbone", "optimizer", "scheduler", "scaler", "step", "world_size",
+                   "num_classes", "config")
+
+
+class ResumeError(ToolkitError, ValueError):
+    """A checkpoint that cannot be resumed by this run (missing, damaged, or a different
+    setup); the message names the file or the field."""
+
+
+class CheckpointFileError(ToolkitError, RuntimeError):
+    """A checkpoint file that cannot be read (damaged, truncated, missing a part) or whose
+    weights do not fit this run's network; the message names the file."""
+
+
+class OutputFolderError(ToolkitError, ValueError):
+    """An --output that cannot take this run (a file, or a folder holding another run)."""
+
+
+class CheckpointWriteError(ToolkitError, OSError):
+    """A checkpoint could not be written (disk full, permissions); the message names the
+    file and the last complete checkpoint, which is kept."""
+
+
+# ----------------------------------------------------------------------------- output folder
+
+
+def run_files(output: Path) -> list[Path]:
+    """What a run left in ``output``: its files, TensorBoard folder and head files."""
+    found = [output / name for name in RUN_FILE_NAMES if (output / name).exists()]
+    return found + sorted(output.glob(HEAD_FILE_PATTERN))
+
+
+def check_output_folder(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an --output this run cannot use, before anything is written: a file; a
+    folder holding another run unless resuming it or --overwrite; --resume without a
+    checkpoint. Reads only, on every rank (each must refuse alike)."""
+    if output.exists() and not output.is_dir():
+        raise OutputFolderError(f"--output {output}: is a file, not a folder")
+    if resume:
+        if not any((output / name).is_file()
+                   for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME)):
+            raise ResumeError(f"--resume: no checkpoint to resume at {output / CHECKPOINT_NAME}")
+        return
+    found = run_files(output)
+    if found and not overwrite:
+        raise OutputFolderError(
+            f"{output} already holds a run ({', '.join(p.name for p in found)}); continue it "
+            "with --resume, train into a new --output, or replace it with --overwrite")
+
+
+def prepare_output(output: Path, cfg: Config, overwrite: bool) -> None:
+    """Rank 0, once every check has passed: create the folder, delete the old run's files
+    when overwriting it, delete temporaries that a killed run left (no writer of these
+    names runs now), and write config.json."""
+    output.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for path in run_files(output):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    orphans = [p for name in (*RUN_FILE_NAMES, HEAD_FILE_PATTERN)
+               for p in remove_stale_temporaries(output, name)]
+    if orphans:
+        LOG.info("removed %d temporary file(s) left by an interrupted run: %s", len(orphans),
+                 ", ".join(p.name for p in orphans))
+    cfg.save(output / CONFIG_NAME)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_checkpoint(state: Mapping[str, Any], path: Path) -> None:
+    """utils.save_checkpoint (atomic), with a failed write reported as the OSError it is:
+    torch's zip writer turns it into ``RuntimeError('unexpected pos ...')`` and keeps the
+    OSError (e.g. ENOSPC, disk full) only as that error's context."""
+    try:
+        save_checkpoint(state, path)
+    except RuntimeError as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
+        raise
+
+
+def keep_as_previous(path: Path, previous: Path) -> None:
+    """Make ``previous`` hold the complete checkpoint now at ``path`` before a new one is
+    renamed over ``path``. A hard link, so ``path`` itself stays whole meanwhile (and after
+    a failed write); where the file system has none, a rename."""
+    if not path.is_file():  # removed by hand meanwhile: nothing to keep
+        return
+    previous.unlink(missing_ok=True)
+    try:
+        os.link(path, previous)
+    except OSError:
+        os.replace(path, previous)
+
+
+def read_checkpoint_file(path: Path) -> dict[str, Any]:
+    """A checkpoint file's contents, or CheckpointFileError naming it (one line) when it is
+    missing, truncated or otherwise unreadable."""
+    if not path.is_file():
+        raise CheckpointFileError(f"{path}: missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage, pickled objects: all unusable alike
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointFileError(f"{path}: damaged ({reason})") from e
+    if not isinstance(state, dict):
+        raise CheckpointFileError(f"{path}: damaged (not a checkpoint dict)")
+    return state
+
+
+def head_checkpoint_path(output: Path, rank: int, step: int) -> Path:
+    """Per-rank head shard file; the step in its name ties it to one ``checkpoint.pt``."""
+    return output / f"checkpoint_rank{rank}_step{step}.pt"
+
+
+def stale_head_files(output: Path, rank: int, world_size: int, keep_steps: set[int]
+                     ) -> list[Path]:
+    """The head files ``rank`` removes once a checkpoint is saved, of steps not in
+    ``keep_steps`` (those of checkpoint.pt and checkpoint.prev.pt): its own and, on rank 0,
+    those of ranks >= ``world_size`` (left by a run with more ranks)."""
+    stale = []
+    for path in output.glob(HEAD_FILE_PATTERN):
+        m = _HEAD_RE.search(path.name)
+        if not m:
+            continue
+        owner, saved_step = int(m.group(1)), int(m.group(2))
+        if saved_step not in keep_steps and \
+                (owner == rank or (rank == 0 and owner >= world_size)):
+            stale.append(path)
+    return stale
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+@dataclass
+class SavedSteps:
+    """The steps the output folder's checkpoints hold, as far as this run knows: a
+    complete checkpoint.pt (None: none yet, or a damaged one the next save replaces) and
+    checkpoint.prev.pt (None: none, or not known). The head files of both are kept."""
+    current: int | None = None
+    previous: int | None = None
+
+    def last_complete(self, output: Path) -> tuple[Path, int] | None:
+        # checkpoint.pt is gone only where keep_as_previous had to rename it
+        if self.current is not None and (output / CHECKPOINT_NAME).is_file():
+            return output / CHECKPOINT_NAME, self.current
+        if self.previous is not None:
+            return output / PREVIOUS_CHECKPOINT_NAME, self.previous
+        return None
+
+    def describe_last(self, output: Path) -> str:
+        last = self.last_complete(output)
+        return (f"last good checkpoint: {last[0]} (step {last[1]})" if last
+                else "no checkpoint had been written yet")
+
+
+def raise_unless_all_written(error: OSError | None, info: DistInfo, step: int,
+                             saved: SavedSteps, output: Path) -> None:
+    """A collective: when any rank failed to write its part of step ``step``'s checkpoint,
+    every rank raises CheckpointWriteError naming the file and the checkpoint kept."""
+    if all_ranks_true(error is None, info):
+        return
+    what = describe_error(error) if error else "another rank could not write its head file"
+    last = saved.last_complete(output)
+    kept = (f"the last complete checkpoint, {last[0]} (step {last[1]}), is kept" if last
+            else "no complete checkpoint was written before")
+    raise CheckpointWriteError(f"{what}; the checkpoint of step {step} was not saved; {kept}")
+
+
+def all_finite(modules: list[torch.nn.Module]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+
+
+def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
+                             num_classes: int, num_samples: int, saved: SavedSteps,
+                             logs: dict[str, list] | None = None) -> Path:
+    """Per-rank files first, then ``checkpoint.pt`` (the commit, with ``logs``: the logged
+    history so far), then ``backbone.pt``; all atomic. The checkpoint.pt being replaced
+    stays as checkpoint.prev.pt (with its head files) until the next one is whole. The
+    caller has checked every step's loss since the last save; non-finite weights are
+    refused here as well, so a good checkpoint is never replaced by a bad one. A failed
+    write (disk full) raises CheckpointWriteError on every rank. Updates ``saved`` and
+    returns the path of ``checkpoint.pt``."""
+    output, info = Path(cfg.output), tr.info
+    if not all_ranks_true(all_finite([tr.backbone, tr.head]), info):
+        raise NonFiniteLossError(f"non-finite weights at step {step}; checkpoint not "
+                                 f"written; {saved.describe_last(output)}")
+    error: OSError | None = None
+    try:
+        write_checkpoint({"head": tr.head.state_dict(), "optimizer": tr.opt_head.state_dict(),
+                          "scheduler": tr.sched_head.state_dict(), "rng": rng_state(),
+                          "step": step, "rank": info.rank, "world_size": info.world_size},
+                         head_checkpoint_path(output, info.rank, step))
+    except OSError as e:
+        error = e
+    raise_unless_all_written(error, info, step, saved, output)
+    path = output / CHECKPOINT_NAME
+    rotate = saved.current is not None  # a damaged checkpoint.pt is not kept as previous
+    if info.is_main:
+        try:
+            backbone_state = tr.backbone.state_dict()
+            if rotate:
+                keep_as_previous(path, output / PREVIOUS_CHECKPOINT_NAME)
+            write_checkpoint({"backbone": backbone_state,
+                              "optimizer": tr.opt_backbone.state_dict(),
+                              "scheduler": tr.sched_backbone.state_dict(),
+                              "scaler": tr.scaler.state_dict(), "step": step, "epoch": epoch,
+                              "world_size": info.world_size, "num_classes": num_classes,
+                              "num_samples": num_samples, "config": cfg.to_dict(),
+                              "logs": logs or {}}, path)
+            write_checkpoint(backbone_state, output / BACKBONE_NAME)
+        except OSError as e:
+            error = e
+    if rotate:  # the same on every rank: checkpoint.prev.pt now holds what checkpoint.pt held
+        saved.previous = saved.current
+    raise_unless_all_written(error, info, step, saved, output)
+    saved.current = step
+    for stale in stale_head_files(output, info.rank, info.world_size,
+                                  keep_steps={step, saved.previous}):
+        stale.unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# What a resumed run may change. Everything here is read from the config afresh (the lr,
+# momentum and weight decay are put back into the optimisers over the saved ones) and each
+# change is logged.
+RESUME_MAY_CHANGE = frozenset({
+    # where things are, and what is checked along the way
+    "output", "val_bins", "lfw_dir", "pairs", "allow_lost_records",
+    # optimiser hyperparameters: from the resumed step on
+    "lr", "base_batch_size", "momentum", "nesterov", "weight_decay", "grad_clip",
+    # the loss: margins and scale are plain numbers read at each step
+    "margin_m", "scale_s", "margin_m1", "margin_m3", "easy_margin", "focal_gamma", "dropout",
+    # how and how long it runs
+    "device", "amp", "cpu_amp", "channels_last", "compile", "compile_mode", "num_workers",
+    "ring_loader", "keep_freed_memory", "save_every", "verify_every", "log_every",
+    "max_steps",
+})
+# What must match the checkpoint, each with the reason the refusal gives. batch_size may
+# change with the world size as long as the global batch stays (8 x 64 -> 4 x 128).
+RESUME_REFUSED: dict[str, str] = {
+    "network": "the saved weights are this network's",
+    "embedding_size": "the saved weights have this shape",
+    "head": "the class centres were trained for this margin",
+    "sample_rate": "Partial FC and a full head keep different state",
+    "optimizer": "the saved optimiser state is this optimiser's",
+    "rec": "the data order is a function of the data set",
+    "image_folder": "the data order is a function of the data set",
+    "seed": "the data order is a function of the seed",
+    "batch_size": "the data order and the step depend on the global batch",
+    # the lr schedule and the margin ramp span all epochs: another value would bend them
+    # where the run stands; to stop earlier, --max-steps may change
+    "epochs": "the lr schedule and margin ramp span all epochs; use --max-steps to stop "
+              "earlier",
+    "scheduler": "the lr schedule would jump",
+    "warmup_epochs": "the lr schedule would jump",
+    "margin_warmup": "the margin ramp would jump",
+}
+
+
+def _same_data_path(saved: Any, current: Any) -> bool:
+    """Equal strings, or two spellings (relative, absolute) of one existing file."""
+    if saved == current:
+        return True
+    try:
+        return bool(saved and current) and os.path.samefile(saved, current)
+    except OSError:
+        return False
+
+
+def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       defaults: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(changes a resumed run may make, refused changes), each as ``field: old -> new``.
+    ``saved``: the checkpoint's config (a field it predates counts as its default);
+    batch_size is not compared here (the caller compares the global batch)."""
+    allowed, refused = [], []
+    for name, value in current.items():
+        old = saved.get(name, defaults[name])
+        if name in ("rec", "image_folder") and _same_data_path(old, value):
+            continue
+        if old == value or name == "batch_size":
+            continue
+        change = f"{name}: {old!r} -> {value!r}"
+        if name in RESUME_REFUSED:
+            refused.append(f"{change} ({RESUME_REFUSED[name]})")
+        else:
+            allowed.append(change)
+    return allowed, refused
+
+
+def check_resumable(ckpt: dict[str, Any], path: Path, cfg: Config, num_classes: int,
+                    num_samples: int | None, world_size: int) -> list[str]:
+    """Refuse (ResumeError, naming each field) a checkpoint this run cannot continue: see
+    RESUME_REFUSED, plus the global batch, the classes and the number of images. Returns
+    the allowed changes, ``field: old -> new``."""
+    allowed, refused = resume_differences(ckpt["config"], cfg.to_dict(), Config().to_dict())
+    saved_batch, saved_world = ckpt["config"]["batch_size"], int(ckpt["world_size"])
+    if saved_batch * saved_world != cfg.batch_size * world_size:
+        refused.append(f"global batch: {saved_batch} x {saved_world} ranks -> "
+                       f"{cfg.batch_size} x {world_size}")
+    if ckpt["num_classes"] != num_classes:
+        refused.append(f"classes: {ckpt['num_classes']} -> {num_classes}")
+    saved_samples = ckpt.get("num_samples")  # absent from older checkpoints
+    if None not in (saved_samples, num_samples) and saved_samples != num_samples:
+        refused.append(f"images: {saved_samples} -> {num_samples}")
+    if refused:
+        raise ResumeError(f"{path}: cannot resume with a different setup ("
+                          + "; ".join(refused) + "); to train with it, start a new run "
+                          "(another --output, --init-checkpoint for the weights)")
+    return allowed
+
+
+def reshard_head_state(load_rank: Callable[[int], dict[str, Any]], num_classes: int,
+                       old_world: int, new_world: int, new_rank: int) -> dict[str, Any]:
+    """``new_rank``'s head file contents for a world of ``new_world`` ranks, cut from the files
+    of a run with ``old_world`` ranks (``load_rank(r)`` reads old rank r's file; only the
+    ones whose classes overlap are read, one at a time). Per-centre tensors (the centres and
+    their optimiser moments: the rows of a shard) are sliced and joined; everything else
+    (param groups, scheduler, scalar optimiser state) comes from the first file read."""
+    from arcface_loss import shard_range
+
+    start, end = shard_range(num_classes, new_world, new_rank)
+    first: dict[str, Any] | None = None
+    centres: list[torch.Tensor] = []
+    rows: dict[tuple[int, str], list[torch.Tensor]] = {}  # (param index, key) -> slices
+    for rank in range(old_world):
+        lo, hi = shard_range(num_classes, old_world, rank)
+        take_lo, take_hi = max(lo, start), min(hi, end)
+        if take_lo >= take_hi:
+            continue
+        state = load_rank(rank)
+        first = first or state
+        centres.append(state["head"]["weight"][take_lo - lo:take_hi - lo])
+        for index, param_state in state["optimizer"]["state"].items():
+            for key, value in param_state.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == hi - lo:
+                    rows.setdefault((index, key), []).append(value[take_lo - lo:take_hi - lo])
+    if first is None:  # pragma: no cover - every range overlaps some old shard
+        raise ValueError(f"no saved shard covers classes [{start}, {end})")
+    optimizer_state = {index: dict(param_state)
+                       for index, param_state in first["optimizer"]["state"].items()}
+    for (index, key), parts in rows.items():
+        optimizer_state[index][key] = torch.cat(parts)
+    return {**first, "head": {**first["head"], "weight": torch.cat(centres)},
+            "optimizer": {**first["optimizer"], "state": optimizer_state},
+            "rank": new_rank, "world_size": new_world}
+
+
+def read_resume_state(path: Path, tr: Trainer, cfg: Config, num_classes: int,
+                      num_samples: int | None) -> tuple[dict[str, Any], dict[str, Any],
+                                                        list[str]]:
+    """``path`` (checkpoint.pt or its previous copy), this rank's head state from the head
+    files of its step (re-cut when the world size changed) and the allowed setting
+    changes. CheckpointFileError names a missing or damaged file; ResumeError a setup the
+    checkpoint cannot continue."""
+    output, info = path.parent, tr.info
+    ckpt = read_checkpoint_file(path)
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointFileError(f"{path}: damaged (no {', '.join(missing)})")
+    changes = check_resumable(ckpt, path, cfg, num_classes, num_samples, info.world_size)
+    step, saved_world = int(ckpt["step"]), int(ckpt["world_size"])
+
+    def load_rank(rank: int) -> dict[str, Any]:
+        return read_checkpoint_file(head_checkpoint_path(output, rank, step))
+
+    if saved_world == info.world_size:
+        return ckpt, load_rank(info.rank), changes
+    return ckpt, reshard_head_state(load_rank, num_classes, saved_world, info.world_size,
+                                    info.rank), changes
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+                      opt_state: dict[str, Any], sched_state: dict[str, Any]) -> None:
+    """Load a saved optimiser and lr schedule but keep this run's hyperparameters (lr,
+    momentum, weight decay, ...), which ``load_state_dict`` would replace with the saved
+    run's whatever the config says now. The lr is this run's base lr at the saved step."""
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(sched_state)
+    for group, values in zip(opt.param_groups, hyper, strict=True):
+        group.update(values)
+    sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
+    lrs = [base * factor(sched.last_epoch)
+           for base, factor in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+    for group, lr in zip(opt.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    sched._last_lr = lrs  # what get_last_lr() reports
+
+
+class Resumed(NamedTuple):
+    step: int  # the step to continue from
+    logs: dict[str, list]  # the logged history saved with the checkpoint
+    saved: SavedSteps  # what the output folder's checkpoints hold
+
+
+def resume_training(tr: Trainer, cfg: Config, num_classes: int,
+                    num_samples: int | None = None) -> Resumed:
+    """Load ``checkpoint.pt`` and this rank's file into ``tr``, restore the RNG states, and
+    return the step to continue from and the logs saved with it. A damaged or missing
+    checkpoint.pt (or head file) falls back to checkpoint.prev.pt with a warning; when
+    neither is usable, ResumeError names them. Settings that may change (RESUME_MAY_CHANGE:
+    lr, momentum, ...) are this run's and logged; the others must match."""
+    output, info = Path(cfg.output), tr.info
+    problems: list[str] = []
+    for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME):
+        path, problem = output / name, None
+        try:
+            ckpt, rank_state, changes = read_resume_state(path, tr, cfg, num_classes,
+                                                          num_samples)
+        except CheckpointFileError as e:
+            problem = str(e)
+        if all_ranks_true(problem is None, info):  # every rank resumes from the same step
+            break
+        problems.append(problem or f"{path}: another rank's head file is missing or damaged")
+    else:
+        raise ResumeError("cannot resume: " + "; ".join(problems))
+    step = int(ckpt["step"])
+    if info.is_main and problems:
+        LOG.warning("%s; resuming from %s (step %d) instead", "; ".join(problems), path, step)
+    if info.is_main and changes:
+        LOG.info("resuming with changed settings: %s", "; ".join(changes))
+    saved_world = int(ckpt["world_size"])
+    if saved_world == info.world_size:
+        set_rng_state(rank_state["rng"])
+    else:
+        # no saved stream belongs to this rank: a fresh one per (rank, step)
+        seed_everything(cfg.seed + info.rank + step * info.world_size)
+        if info.is_main:
+            LOG.info("resuming %d ranks' run on %d: head shards re-cut from the saved ones; "
+                     "data order and lr schedule continue as before, augmentation draws and "
+                     "BatchNorm batches differ from an uninterrupted run", saved_world,
+                     info.world_size)
+    tr.backbone.load_state_dict(ckpt["backbone"])
+    restore_optimizer(tr.opt_backbone, tr.sched_backbone, ckpt["optimizer"], ckpt["scheduler"])
+    # the grad scaler has state only under fp16; amp may change between runs
+    if tr.scaler.is_enabled() and ckpt["scaler"]:
+        tr.scaler.load_state_dict(ckpt["scaler"])
+    tr.head.load_state_dict(rank_state["head"])
+    restore_optimizer(tr.opt_head, tr.sched_head, rank_state["optimizer"],
+                      rank_state["scheduler"])
+    saved = (SavedSteps(current=step) if path.name == CHECKPOINT_NAME
+             else SavedSteps(previous=step))
+    return Resumed(step, ckpt.get("logs", {}), saved)
+
+
+def load_init_weights(tr: Trainer, path: str, network: str) -> None:
+    """--init-checkpoint: backbone weights from backbone.pt or a checkpoint; a damaged file
+    or one of another network is a CheckpointFileError naming it."""
+    try:
+        state = load_backbone_state(path)
+    except RuntimeError as e:
+        raise CheckpointFileError(" ".join(str(e).split())) from e
+    try:
+        tr.backbone.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointFileError(f"{path}: not weights of network {network!r} ("
+                                  + " ".join(str(e).split())[:300] + ")") from e
