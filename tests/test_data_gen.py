@@ -194,6 +194,7 @@ def test_raw_uint8_loader_and_normalize_batch(tmp_path):
         np.testing.assert_allclose(floats[i].numpy(), _normalised(expected[i][2]), atol=1e-6)
 
 
+@pytest.mark.slow  # a spawned worker process
 def test_spawned_worker_reads_and_reports_corrupt(tmp_path):
     rec, _, expected = lib.build_insightface_set(tmp_path, (2, 2), corrupt_jpeg_at=2)
     ds = data_gen.FaceRecordDataset(rec, train=False)

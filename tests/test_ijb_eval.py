@@ -532,6 +532,7 @@ def test_cli_ijbb_names_and_verification_only(tmp_path, checkpoint, embed_calls,
 
 
 
+@pytest.mark.slow  # subprocesses of the CLI
 def test_cli_errors_are_one_line(release_dir, checkpoint, tmp_path):
     root = _copy_release(release_dir[0], tmp_path / "IJBC")
     pairs = root / "meta" / "ijbc_template_pair_label.txt"

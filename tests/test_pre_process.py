@@ -481,6 +481,7 @@ def test_pack_refuses_images_directly_in_the_root(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- bad paths
 
+@pytest.mark.slow  # one subprocess per bad path
 def test_cli_bad_paths_are_one_line_errors_naming_the_path(tmp_path):
     empty, folder, src = tmp_path / "empty.rec", tmp_path / "dir", tmp_path / "src"
     empty.write_bytes(b"")

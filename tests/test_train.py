@@ -740,6 +740,7 @@ def test_orphan_temporaries_are_removed_on_the_next_start(tiny_rec, tmp_path):
     assert all((out / name).exists() for name in unrelated)
 
 
+@pytest.mark.slow  # three short training runs
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_rec, tmp_path):
     """Checkpoints at steps 2 and 4; checkpoint.pt (then step 4's head file) truncated: the
     run resumes from step 2 and ends with the weights of an uninterrupted run."""
