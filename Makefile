@@ -27,4 +27,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean-demo:
-	rm -rf data/demo runs/demo
+	rm -rf data/demo runs/demo runs/demo_train

@@ -198,7 +198,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          val_bins=["data/faces_emore/lfw.bin", "data/faces_emore/cfp_fp.bin",
                                    "data/faces_emore/agedb_30.bin"]),
     # The CPU demo of `make demo` (see README): a narrow IR net on synthetic identities.
-    "demo": dict(rec="data/demo/train.rec", output="runs/demo", network="ir_narrow",
+    # Its output is not demo.py's runs/demo, so retraining never meets the demo's own run.
+    "demo": dict(rec="data/demo/train.rec", output="runs/demo_train", network="ir_narrow",
                  embedding_size=128, scale_s=32.0, margin_m=0.3, margin_warmup=0.3,
                  optimizer="sgd", nesterov=True, lr=0.1, base_batch_size=64, batch_size=64,
                  scheduler="cosine", warmup_epochs=0.0, epochs=8, grad_clip=5.0,
