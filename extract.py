@@ -198,9 +198,10 @@ def _is_inside(root_real: str, path: str) -> bool:
 
 def _check_resolved(root: str, dest: Path, rel: PurePosixPath, name: str,
                     archive: Path) -> None:
-    """The member's path with every symbolic link on disk followed (links made by earlier
-    members, or already in the destination) must stay inside the destination (``root``, its
-    real path): checking the names as text misses a chain of links."""
+    """The zip member's path with every symbolic link on disk followed (links already in
+    the destination: a zip's own are refused) must stay inside the destination (``root``,
+    its real path): checking the names as text misses a chain of links. Tar members get the
+    same check from tarfile's 'data' filter."""
     resolved = os.path.realpath(os.path.join(root, *rel.parts))
     if not _is_inside(root, resolved):
         raise UnsafeArchiveError(
@@ -354,7 +355,6 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
     links: list[tuple[str, Path]] = []
     files = 0
     budget = _Budget(archive, limits)
-    root = os.path.realpath(dest)
     with open(archive, "rb", buffering=0) as raw, tqdm(
             total=archive.stat().st_size, unit="B", unit_scale=True, desc=archive.name,
             disable=not progress) as bar:
@@ -364,11 +364,12 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
             with tarfile.open(fileobj=reader, mode="r|*") as tar:
                 for member in tar:
                     rel = _check_tar_member(member, archive)
-                    _check_resolved(root, dest, rel, member.name, archive)
                     if member.isfile():  # tarfile writes exactly member.size bytes
                         budget.take(member.size, member.name)
                     rels.append(rel)
-                    # the 'data' filter re-checks paths and links and drops odd permissions
+                    # the 'data' filter re-checks paths and links, resolving every symbolic
+                    # link on disk (os.path.realpath: what _check_resolved does for a zip),
+                    # and drops odd permissions
                     tar.extract(member, dest, filter="data")
                     if member.issym():
                         links.append((member.name, dest.joinpath(*rel.parts)))
