@@ -234,9 +234,15 @@ def _atomic_write(path: str | Path, write) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-        raise
+        if isinstance(e, RuntimeError) and isinstance(e.__cause__ or e.__context__, OSError):
+            # torch's zip writer reports a failed write (ENOSPC: disk full) as
+            # RuntimeError('unexpected pos ...'), the OSError only as its context
+            failed = e.__cause__ or e.__context__
+        elif isinstance(e, OSError) and e.filename is None:  # a failed write() names no file
+            failed = e
+        else:
+            raise
+        raise OSError(failed.errno, failed.strerror or str(failed), str(path)) from e
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -457,3 +457,37 @@ def test_reduce_is_refused_for_other_formats_and_factors():
         utils.decode_image(utils.encode_image(img, ".jpg"), reduce=3)
     assert utils.jpeg_shape(utils.encode_image(img, ".png")) is None
     assert utils.jpeg_shape(b"\xff\xd8\xff\xd9") is None  # a JPEG without a frame header
+
+
+def test_save_checkpoint_on_a_full_disk_is_the_oserror_naming_the_file(tmp_path, monkeypatch):
+    """torch's zip writer turns a failed write into RuntimeError('unexpected pos ...');
+    save_checkpoint reports the disk-full OSError underneath, naming the file, and keeps
+    the old checkpoint."""
+    import errno
+
+    path = tmp_path / "checkpoint.pt"
+    utils.save_checkpoint({"step": 1}, path)
+    real_save = torch.save
+
+    class FullDisk:  # writes fail with ENOSPC once 4 KiB are written
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            if self.written + len(data) > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, FullDisk(f),
+                                                                          *a, **k))
+    with pytest.raises(OSError) as info:
+        utils.save_checkpoint({"step": 2, "w": torch.zeros(10_000)}, path)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert utils.describe_error(info.value) == f"{path}: no space left on device"
+    monkeypatch.setattr(torch, "save", real_save)
+    assert utils.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
