@@ -191,12 +191,24 @@ def new_file_mode() -> int:
 TEMP_SUFFIX = ".tmp"  # temporaries are ".<name>.<random>.tmp" beside their final file
 
 
+def _new_temp(path: Path) -> tuple[int, str]:
+    """A new temporary ``.<name>.<random>.tmp`` beside ``path`` (what
+    :func:`remove_stale_temporaries` finds) with the umask's mode: its open descriptor and
+    its path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, new_file_mode())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
 def temp_path_for(path: str | Path) -> Path:
     """A fresh, empty temporary file beside ``path`` with the umask's mode, for a writer that
-    opens files by name (torch.onnx, numpy); rename it over ``path`` when it is whole."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.fchmod(fd, new_file_mode())
+    opens files by name (np.save, the RecordIO writer); rename it over ``path`` when it is whole."""
+    fd, tmp = _new_temp(Path(path))
     os.close(fd)
     return Path(tmp)
 
@@ -221,9 +233,8 @@ def _atomic_write(path: str | Path, write) -> None:
     new file gets the umask's mode (:func:`new_file_mode`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = _new_temp(path)
     try:
-        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
