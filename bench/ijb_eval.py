@@ -304,7 +304,7 @@ def main() -> None:
               f"(written in {time.perf_counter() - t:.0f} s)")
         array_bytes = sizes["images"] * DIM * 4
         peak_ok = _peak_reset()
-        base = _status_kib("VmRSS")
+        base = _status_kib("VmRSS") if peak_ok else 0  # no /proc: no peak
         seconds, state = run_protocol(root, sizes, args.mode)
         peak = (_status_kib("VmHWM") - base) * 1024 if peak_ok else None
         baseline = time_baselines(root, sizes, state)
