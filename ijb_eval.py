@@ -39,7 +39,7 @@ import numpy as np
 
 from ijb_release import TARGETS, IJBFormatError, Release, load_release
 from ijb_report import MERGED, format_table, plot_cmc, plot_roc_curves
-from utils import ToolkitError, atomic_write_text, get_device, get_logger, run_cli
+from utils import atomic_write_text, get_device, get_logger, run_cli
 from verification_metrics import FAR_EPS, tar_at_far_from_top
 
 __all__ = [
@@ -525,13 +525,9 @@ def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
         from models import load_backbone
 
         device = get_device(cfg.device)
-        try:
-            model = load_backbone(checkpoint, network=args.network,
-                                  embedding_size=args.embedding_size).to(device).eval()
-        except ToolkitError:
-            raise
-        except (ValueError, RuntimeError) as e:  # unknown network, weights that do not fit
-            raise ToolkitError(str(e)) from None
+        # an unknown network or weights that do not fit: load_backbone's one-line error
+        model = load_backbone(checkpoint, network=args.network,
+                              embedding_size=args.embedding_size).to(device).eval()
 
         def embed(crops: np.ndarray) -> np.ndarray:
             return feat.embed_raw(model, crops, cfg.batch_size, device)

@@ -15,8 +15,8 @@ thread pool one chunk ahead of the network.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,11 +27,11 @@ from face_warp import warp_face
 from ijb_release import IJBFormatError, Release
 from utils import (
     FACE_CROP_SIZE,
+    atomic_write_bytes,
     atomic_write_text,
     get_logger,
     read_image,
     remove_stale_temporaries,
-    temp_path_for,
 )
 
 CHUNK_IMAGES = 8192  # images per cache file (at 512-D: 32 MB)
@@ -130,16 +130,10 @@ def embed_raw(model, crops: np.ndarray, batch_size: int, device) -> np.ndarray:
 
 
 def _save_chunk(path: Path, array: np.ndarray) -> None:
-    tmp = temp_path_for(path)
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``array`` as a .npy file, written atomically (a killed run leaves no partial chunk)."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getbuffer())
 
 
 def cached_features(release: Release, folder: Path,

@@ -218,12 +218,12 @@ def _unknown(ids: np.ndarray, known: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isin(ids, known))  # a lookup table over the id range
 
 
-def _line_of_entry(path: Path, entry: int, skip: int = 0) -> int:
-    """The line number of the ``entry``-th (0-based) non-blank line after ``skip`` lines."""
+def _line_of_entry(path: Path, entry: int) -> int:
+    """The line number of the ``entry``-th (0-based) non-blank line."""
     seen = -1
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
-            if lineno > skip and line.strip():
+            if line.strip():
                 seen += 1
                 if seen == entry:
                     return lineno
@@ -234,7 +234,7 @@ def _check_pair_templates(path: Path, t1: np.ndarray, t2: np.ndarray, known: np.
     bad1, bad2 = _unknown(t1, known), _unknown(t2, known)
     if bad1.size or bad2.size:
         k = int(min(bad1.min(initial=t1.size), bad2.min(initial=t2.size)))
-        template = t1[k] if k in set(bad1[:1].tolist()) else t2[k]
+        template = t1[k] if bad1.size and bad1[0] == k else t2[k]
         bad = bad1.size + bad2.size
         raise IJBFormatError(f"{path}:{_line_of_entry(path, k)}: template {template} is not "
                              f"in face_tid_mid ({bad} such entries)")

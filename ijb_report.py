@@ -81,13 +81,11 @@ def format_table(target: str, runs: list[dict[str, Any]]) -> str:
                                                   for k in keys) + f"{ver['auc']:>9.5f}")
         lines.append(f"{'  nearest':<10}" + "".join(
             f"{_pct(ver['tar_at_far_nearest'][k]):>8}" for k in keys))
-    for r in runs[:1]:  # 1:N for the headline mode; the JSON holds every mode's
-        ident = r.get("identification")
-        if not ident:
-            continue
+    ident = first.get("identification")  # 1:N for the headline mode; the JSON holds every mode's
+    if ident:
         rows = [k for k in ident if k != MERGED]
         g0 = ident[rows[0]]
-        lines.append(f"1:N identification ({r['mode']}), %")
+        lines.append(f"1:N identification ({first['mode']}), %")
         lines.append(f"{'gallery':<10}" + "".join(f"{'rank-' + k:>9}" for k in g0["rank"])
                      + "".join(f"{'TPIR@' + k:>11}" for k in g0["tpir_at_fpir"]))
         for name in rows:

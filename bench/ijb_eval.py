@@ -169,6 +169,12 @@ def insightface_scoring(template_ids, template_feats, t1, t2, chunks):
 
 # ----------------------------------------------------------------------------- stages
 
+def _cache_chunks(root: Path, sizes: dict) -> list[Path]:
+    """The chunk files write_release wrote, in image order."""
+    return [ijb_features.chunk_path(root / "cache", c)
+            for c in range(-(-sizes["images"] // ijb_features.CHUNK_IMAGES))]
+
+
 def run_protocol(root: Path, sizes: dict, mode: str) -> tuple[dict, dict]:
     """The CLI's path from cached features to the table, stage by stage."""
     seconds = {}
@@ -177,8 +183,7 @@ def run_protocol(root: Path, sizes: dict, mode: str) -> tuple[dict, dict]:
     seconds["read meta files"] = time.perf_counter() - t0
     flip = ijb_eval.parse_mode(mode)[2]
     t = time.perf_counter()
-    chunks = [ijb_features.chunk_path(root / "cache", c)
-              for c in range(-(-sizes["images"] // ijb_features.CHUNK_IMAGES))]
+    chunks = _cache_chunks(root, sizes)
     feats = ijb_features.mode_features(chunks, flip, sizes["images"])
     seconds["read cache (mode features)"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -206,9 +211,7 @@ def run_protocol(root: Path, sizes: dict, mode: str) -> tuple[dict, dict]:
 
 def time_baselines(root: Path, sizes: dict, state: dict) -> dict:
     release = state["release"]
-    chunks = [ijb_features.chunk_path(root / "cache", c)
-              for c in range(-(-sizes["images"] // ijb_features.CHUNK_IMAGES))]
-    feats = ijb_features.mode_features(chunks, True, sizes["images"])
+    feats = ijb_features.mode_features(_cache_chunks(root, sizes), True, sizes["images"])
     t = time.perf_counter()  # their N1 and D1, whole-array expressions as they write them
     feats = feats / np.sqrt(np.sum(feats ** 2, -1))[:, np.newaxis]
     feats = feats * release.faceness[:, np.newaxis]
@@ -304,7 +307,7 @@ def main() -> None:
               f"(written in {time.perf_counter() - t:.0f} s)")
         array_bytes = sizes["images"] * DIM * 4
         peak_ok = _peak_reset()
-        base = _status_kib("VmRSS")
+        base = _status_kib("VmRSS") if peak_ok else 0  # no /proc: no peak
         seconds, state = run_protocol(root, sizes, args.mode)
         peak = (_status_kib("VmHWM") - base) * 1024 if peak_ok else None
         baseline = time_baselines(root, sizes, state)

@@ -162,13 +162,18 @@ def test_tar_at_far_against_brute_force_with_ties(seed):
         assert tar == tar_curve[np.argmin(np.abs(far_curve - far))], far
     report, (grid, curve) = ijb_eval.verification_report(scores, labels, fars)
     assert curve[-1] == 1.0 and np.all(np.diff(curve) >= 0) and grid[0] > 0
+    for k in range(0, grid.size, 37):  # the figure's curve is TAR@FAR at its grid
+        assert curve[k] == pytest.approx(_brute_tar(scores, labels, grid[k]), abs=1e-12)
     for far in fars[:-1]:
         key = f"{far:.0e}"
         n_imp = int((~labels).sum())
         if far * n_imp >= 1:
+            assert report["tar_at_far"][key] == pytest.approx(_brute_tar(scores, labels, far),
+                                                              abs=1e-12), far
             assert report["tar_at_far_nearest"][key] == _brute_nearest(scores, labels, far)
         else:  # fewer than 1/FAR impostors: not measurable, reported as null
             assert report["tar_at_far"][key] is None
+            assert report["tar_at_far_nearest"][key] is None
     assert report["num_genuine"] == labels.sum()
     # AUC: the probability that a genuine pair outscores an impostor, ties counted half
     gen, imp = scores[labels], scores[~labels]
@@ -204,7 +209,10 @@ def test_identification_against_brute_force(seed):
     assert got["rank"] == pytest.approx(rank, abs=1e-12)
     assert got["tpir"] == pytest.approx(tpir, abs=1e-12)
     assert got["num_mated"] + got["num_nonmated"] == probe_subjects.size
-    assert got["cmc"][0] == got["rank"][1] and got["cmc"][-1] == 1.0
+    all_ranks = range(1, gallery_subjects.size + 1)  # the CMC: every rank of the gallery
+    cmc, _ = _brute_search(probes, probe_subjects, gallery, gallery_subjects, all_ranks, ())
+    assert got["cmc"] == pytest.approx([cmc[r] for r in all_ranks], abs=1e-12)
+    assert got["cmc"][-1] == 1.0
 
 
 def test_identification_without_nonmated_probes_gives_ranks_only():
