@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import ToolkitError
+from utils import MissingInputError, ToolkitError
 
 __all__ = [
     "Pair", "PairsFileError", "MissingInputError", "parse_pairs", "check_pairs_exist",
@@ -31,10 +31,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 class PairsFileError(ToolkitError, ValueError):
     """A pairs file that does not follow LFW's format; the message names file and line."""
-
-
-class MissingInputError(ToolkitError, FileNotFoundError):
-    """A pairs file, LFW folder or pair images that do not exist."""
 
 
 def _named(items: Sequence[str]) -> str:

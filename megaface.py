@@ -50,7 +50,6 @@ from megaface_features import (
     FACESCRUB,
     MAX_LISTED_PROBLEMS,
     MEGAFACE,
-    MissingInputError,
     list_feature_files,
     load_features,
     load_probes,
@@ -63,6 +62,7 @@ from megaface_noise import remove_noises, warn_unless_cleaned
 from utils import (
     FACE_CROP_SIZE,
     IMAGE_EXTENSIONS,
+    MissingInputError,
     atomic_write_text,
     get_logger,
     list_images,

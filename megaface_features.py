@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megaface_eval import MegaFaceError
-from utils import ToolkitError, get_logger
+from utils import MissingInputError, get_logger
 
 log = get_logger("megaface")  # megaface.py's logger: these messages are part of its run
 
@@ -44,10 +44,6 @@ class FeatureFormatError(MegaFaceError):
 
 class MissingFeatureError(FeatureFormatError):
     """A feature file that does not exist (e.g. an image the devkit lists was never aligned)."""
-
-
-class MissingInputError(ToolkitError, FileNotFoundError):
-    """An input folder or file that does not exist or holds nothing to work on."""
 
 
 def write_feature(path: str | Path, vec: Sequence[float] | np.ndarray) -> None:

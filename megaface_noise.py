@@ -25,7 +25,6 @@ from megaface_features import (
     MAX_LISTED_PROBLEMS,
     MEGAFACE,
     FeatureFormatError,
-    MissingInputError,
     list_feature_files,
     load_probes,
     probe_paths_and_labels,
@@ -33,7 +32,7 @@ from megaface_features import (
     report_problems,
     write_feature,
 )
-from utils import atomic_write_text, get_logger
+from utils import MissingInputError, atomic_write_text, get_logger
 
 log = get_logger("megaface")  # megaface.py's logger: these messages are part of its run
 

@@ -50,6 +50,11 @@ class ImageReadError(ToolkitError, ValueError):
     """An image file or buffer that cannot be decoded; the message names the source."""
 
 
+class MissingInputError(ToolkitError, FileNotFoundError):
+    """An input file or folder that does not exist or holds nothing to work on; the message
+    names it."""
+
+
 # ----------------------------------------------------------------------------- command line
 
 DEBUG_FLAG = "--debug"
