@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megaface_eval import MegaFaceError
-from utils import MissingInputError, get_logger
+from utils import MissingInputError, first_few, get_logger
 
 log = get_logger("megaface")  # megaface.py's logger: these messages are part of its run
 
@@ -203,8 +203,7 @@ def _refuse_bad_probes(loaded: LoadedFeatures, root: Path) -> None:
     if loaded.bad:
         raise MegaFaceError(
             f"{root}: {len(loaded.bad)} probe feature file(s) cannot be used (probes are never "
-            "skipped; regenerate them): " + "; ".join(loaded.bad[:MAX_PROBLEMS_IN_ERROR])
-            + ("; ..." if len(loaded.bad) > MAX_PROBLEMS_IN_ERROR else ""))
+            "skipped; regenerate them): " + first_few(loaded.bad, MAX_PROBLEMS_IN_ERROR, "; "))
 
 
 def load_probes(root: Path, paths: Sequence[str], suffix: str, progress: bool = True

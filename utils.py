@@ -55,6 +55,12 @@ class MissingInputError(ToolkitError, FileNotFoundError):
     names it."""
 
 
+def first_few(items: Sequence[str], limit: int, sep: str = ", ") -> str:
+    """The first ``limit`` of ``items`` joined by ``sep``, ending ``<sep>...`` when there are
+    more: how a one-line error names a few of a list whose full count it gives."""
+    return sep.join(items[:limit]) + (f"{sep}..." if len(items) > limit else "")
+
+
 # ----------------------------------------------------------------------------- command line
 
 DEBUG_FLAG = "--debug"
