@@ -573,8 +573,12 @@ def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:
     atomic_write_bytes(path, encode_image(image, Path(path).suffix or ".jpg", quality))
 
 
+def iter_images(root: str | Path) -> Iterator[Path]:
+    """Image files under ``root`` (recursive), by extension, lazily and in walk order."""
+    return (p for p in Path(root).rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def list_images(root: str | Path) -> list[Path]:
     """Image files under ``root`` (recursive), sorted, by extension."""
-    root = Path(root)
-    return sorted(p for p in root.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(iter_images(root))
