@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from utils import FACE_CROP_SIZE, ImageReadError, ToolkitError, decode_image
+from utils import FACE_CROP_SIZE, ImageReadError, ToolkitError, decode_image, first_few
 
 LATIN1_NAMES = frozenset({"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"})
 MAX_LISTED_IMAGES = 3  # undecodable images named in the one-line error (the count is complete)
@@ -162,6 +162,5 @@ def load_bin(path: str | Path, image_size: int = FACE_CROP_SIZE,
         images[i] = image
     if bad:  # one line: the count and the first few
         raise BinFormatError(f"{source}: {len(bad)} undecodable images (first: "
-                             + "; ".join(bad[:MAX_LISTED_IMAGES])
-                             + ("; ..." if len(bad) > MAX_LISTED_IMAGES else "") + ")")
+                             + first_few(bad, MAX_LISTED_IMAGES, "; ") + ")")
     return images, issame

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lfw_pairs import MAX_NAMED, Pair, check_pairs_exist
-from utils import FACE_CROP_SIZE, ImageReadError, atomic_write_bytes, get_logger
+from utils import FACE_CROP_SIZE, ImageReadError, atomic_write_bytes, first_few, get_logger
 
 __all__ = ["align_images", "as_crop", "load_lfw_crops", "load_lfw_pairs_images"]
 
@@ -52,8 +52,7 @@ def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
         crops[i] = as_crop(done.crop, path)  # the centre crop is already 112x112
     if unreadable:
         raise ImageReadError(f"{len(unreadable)} of {len(paths)} pair images cannot be read: "
-                             + "; ".join(unreadable[:MAX_NAMED])
-                             + ("; ..." if len(unreadable) > MAX_NAMED else ""))
+                             + first_few(unreadable, MAX_NAMED, "; "))
     return crops, faceless
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import ToolkitError
+from utils import MissingInputError, ToolkitError, first_few
 
 __all__ = [
     "Pair", "PairsFileError", "MissingInputError", "parse_pairs", "check_pairs_exist",
@@ -31,15 +31,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 class PairsFileError(ToolkitError, ValueError):
     """A pairs file that does not follow LFW's format; the message names file and line."""
-
-
-class MissingInputError(ToolkitError, FileNotFoundError):
-    """A pairs file, LFW folder or pair images that do not exist."""
-
-
-def _named(items: Sequence[str]) -> str:
-    """The first few of ``items`` for a one-line message."""
-    return ", ".join(items[:MAX_NAMED]) + (", ..." if len(items) > MAX_NAMED else "")
 
 
 @dataclass(frozen=True)
@@ -148,7 +139,7 @@ def check_pairs_exist(pairs: Sequence[Pair], lfw_dir: str | Path) -> None:
     missing = [p for p in wanted if not (lfw_dir / p).is_file()]
     if missing:
         raise MissingInputError(f"{len(missing)} of {len(wanted)} pair images missing under "
-                                 f"{lfw_dir}: {_named(missing)}")
+                                 f"{lfw_dir}: {first_few(missing, MAX_NAMED)}")
 
 
 def pair_folds(pairs: Sequence[Pair]) -> list[np.ndarray]:

@@ -50,7 +50,6 @@ from megaface_features import (
     FACESCRUB,
     MAX_LISTED_PROBLEMS,
     MEGAFACE,
-    MissingInputError,
     list_feature_files,
     load_features,
     load_probes,
@@ -63,8 +62,10 @@ from megaface_noise import remove_noises, warn_unless_cleaned
 from utils import (
     FACE_CROP_SIZE,
     IMAGE_EXTENSIONS,
+    MissingInputError,
     atomic_write_text,
     get_logger,
+    iter_images,
     list_images,
     run_cli,
     write_image,
@@ -82,7 +83,7 @@ def require_images(root: str | Path, what: str) -> None:
     if not root.is_dir():
         raise MissingInputError(f"{root}: {what} folder " + ("is a file, not a folder"
                                                             if root.exists() else "not found"))
-    if not any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in root.rglob("*")):
+    if next(iter_images(root), None) is None:
         raise MissingInputError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this "
                                 f"{what} folder")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megaface_eval import MegaFaceError
-from utils import ToolkitError, get_logger
+from utils import MissingInputError, first_few, get_logger
 
 log = get_logger("megaface")  # megaface.py's logger: these messages are part of its run
 
@@ -44,10 +44,6 @@ class FeatureFormatError(MegaFaceError):
 
 class MissingFeatureError(FeatureFormatError):
     """A feature file that does not exist (e.g. an image the devkit lists was never aligned)."""
-
-
-class MissingInputError(ToolkitError, FileNotFoundError):
-    """An input folder or file that does not exist or holds nothing to work on."""
 
 
 def write_feature(path: str | Path, vec: Sequence[float] | np.ndarray) -> None:
@@ -207,8 +203,7 @@ def _refuse_bad_probes(loaded: LoadedFeatures, root: Path) -> None:
     if loaded.bad:
         raise MegaFaceError(
             f"{root}: {len(loaded.bad)} probe feature file(s) cannot be used (probes are never "
-            "skipped; regenerate them): " + "; ".join(loaded.bad[:MAX_PROBLEMS_IN_ERROR])
-            + ("; ..." if len(loaded.bad) > MAX_PROBLEMS_IN_ERROR else ""))
+            "skipped; regenerate them): " + first_few(loaded.bad, MAX_PROBLEMS_IN_ERROR, "; "))
 
 
 def load_probes(root: Path, paths: Sequence[str], suffix: str, progress: bool = True

@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from megaface_eval import MegaFaceError
+from megaface_eval import DEFAULT_SIZES, MegaFaceError
 from megaface_features import (
     DEFAULT_SUFFIX,
     FACESCRUB,
     MAX_LISTED_PROBLEMS,
     MEGAFACE,
     FeatureFormatError,
-    MissingInputError,
     list_feature_files,
     load_probes,
     probe_paths_and_labels,
@@ -33,7 +32,7 @@ from megaface_features import (
     report_problems,
     write_feature,
 )
-from utils import atomic_write_text, get_logger
+from utils import MissingInputError, atomic_write_text, get_logger
 
 log = get_logger("megaface")  # megaface.py's logger: these messages are part of its run
 
@@ -43,7 +42,7 @@ MEGAFACE_NOISE_PATH_PARTS = 3  # noise entries are "<a>/<flickr user>/<image>"
 NOISE_REMOVAL_RECORD = "remove_noises.json"  # written into the clean tree: what was done to it
 # The devkit's largest sets, to tell "this noise list names nothing here" (wrong list or paths)
 # from "a small tree that happens to hold none of the listed images"
-MEGAFACE_DISTRACTORS = 1_000_000
+MEGAFACE_DISTRACTORS = max(DEFAULT_SIZES)  # the 1M distractor set megaface_eval scores
 FACESCRUB_PROBES = 3530
 
 

@@ -50,6 +50,17 @@ class ImageReadError(ToolkitError, ValueError):
     """An image file or buffer that cannot be decoded; the message names the source."""
 
 
+class MissingInputError(ToolkitError, FileNotFoundError):
+    """An input file or folder that does not exist or holds nothing to work on; the message
+    names it."""
+
+
+def first_few(items: Sequence[str], limit: int, sep: str = ", ") -> str:
+    """The first ``limit`` of ``items`` joined by ``sep``, ending ``<sep>...`` when there are
+    more: how a one-line error names a few of a list whose full count it gives."""
+    return sep.join(items[:limit]) + (f"{sep}..." if len(items) > limit else "")
+
+
 # ----------------------------------------------------------------------------- command line
 
 DEBUG_FLAG = "--debug"
@@ -579,8 +590,12 @@ def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:
     atomic_write_bytes(path, encode_image(image, Path(path).suffix or ".jpg", quality))
 
 
+def iter_images(root: str | Path) -> Iterator[Path]:
+    """Image files under ``root`` (recursive), by extension, lazily and in walk order."""
+    return (p for p in Path(root).rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def list_images(root: str | Path) -> list[Path]:
     """Image files under ``root`` (recursive), sorted, by extension."""
-    root = Path(root)
-    return sorted(p for p in root.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(iter_images(root))

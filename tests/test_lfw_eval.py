@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from verification_testlib import brute_force_folds
 
 import lfw_eval
 import lfw_pairs
@@ -124,30 +125,12 @@ def test_check_pairs_exist_lists_every_missing_image(tmp_path):
 # ----------------------------------------------------------------------------- 10-fold protocol
 
 def _brute_force_ten_fold(sims, same, nfolds):
-    """The protocol written out with plain loops: contiguous folds; for each, every
-    candidate threshold (below the minimum, each midpoint of consecutive distinct training
-    scores, the maximum) is tried on the other folds; the first best one (lowest) is used."""
+    """The protocol on contiguous folds (the first n % nfolds one pair longer), by the shared
+    plain-loop reference: (mean accuracy, std, mean threshold)."""
     n = len(sims)
     sizes = [n // nfolds + (1 if f < n % nfolds else 0) for f in range(nfolds)]
-    starts = [sum(sizes[:f]) for f in range(nfolds)]
-    accs, thresholds = [], []
-    for f in range(nfolds):
-        test = set(range(starts[f], starts[f] + sizes[f]))
-        train = [i for i in range(n) if i not in test]
-        values = sorted({float(sims[i]) for i in train})
-        candidates = [math.nextafter(values[0], -math.inf)]
-        candidates += [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)]
-        candidates.append(values[-1])
-        best_t, best_correct = None, -1
-        for t in candidates:
-            correct = sum((float(sims[i]) > t) == bool(same[i]) for i in train)
-            if correct > best_correct:
-                best_t, best_correct = t, correct
-        # no decision is missed: trying every score value too never does better
-        for t in values:
-            assert sum((float(sims[i]) > t) == bool(same[i]) for i in train) <= best_correct
-        accs.append(sum((float(sims[i]) > best_t) == bool(same[i]) for i in test) / len(test))
-        thresholds.append(best_t)
+    fold_of = [f for f in range(nfolds) for _ in range(sizes[f])]
+    accs, thresholds = brute_force_folds(sims, same, fold_of)
     mean = sum(accs) / nfolds
     std = math.sqrt(sum((a - mean) ** 2 for a in accs) / nfolds)
     return mean, std, sum(thresholds) / nfolds
@@ -603,23 +586,6 @@ def _pair_similarities(tiny_run, pairs_path):
     return np.einsum("ij,ij->i", feats[0::2], feats[1::2])
 
 
-def _brute_force_folds(sims, same, fold_of):
-    """The k-fold protocol with plain loops: each fold scored at the first best threshold
-    (candidates: below the lowest, midpoints, the highest) over the OTHER folds' pairs."""
-    accs = []
-    for f in sorted(set(fold_of)):
-        train = [i for i in range(len(sims)) if fold_of[i] != f]
-        values = sorted({float(sims[i]) for i in train})
-        candidates = [math.nextafter(values[0], -math.inf)]
-        candidates += [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)]
-        candidates.append(values[-1])
-        best_t = max(candidates, key=lambda t: (sum((float(sims[i]) > t) == bool(same[i])
-                                                    for i in train), -t))
-        test = [i for i in range(len(sims)) if fold_of[i] == f]
-        accs.append(sum((float(sims[i]) > best_t) == bool(same[i]) for i in test) / len(test))
-    return accs
-
-
 @pytest.mark.parametrize("layout", ["two_folds", "single_set"])
 def test_lfw_cli_scores_the_files_own_folds(tiny_run, capsys, tmp_path, layout):
     """A 2-fold file is scored and reported as 2 folds; a single-set file (header: one
@@ -640,7 +606,7 @@ def test_lfw_cli_scores_the_files_own_folds(tiny_run, capsys, tmp_path, layout):
     printed = capsys.readouterr().out
     r = json.loads((out / "lfw_results.json").read_text())
     sims = _pair_similarities(tiny_run, pairs)
-    expected = _brute_force_folds(sims, same, fold_of)
+    expected, _ = brute_force_folds(sims, same, fold_of)
     assert r["nfolds"] == len(expected) == len(r["fold_accuracies"])
     assert r["fold_accuracies"] == pytest.approx(expected, abs=1e-12)
     if layout == "two_folds":
@@ -666,7 +632,7 @@ def test_bin_set_ordered_same_then_different_gets_stratified_folds(tmp_path):
     sims = np.einsum("ij,ij->i", feats[0::2], feats[1::2])
     fold_of = [i % 10 for i in range(10)] * 2
     assert r["nfolds"] == 10 and "stratified" in r["folds"]
-    assert r["fold_accuracies"] == pytest.approx(_brute_force_folds(sims, issame, fold_of),
+    assert r["fold_accuracies"] == pytest.approx(brute_force_folds(sims, issame, fold_of)[0],
                                                  abs=1e-12)
 
 

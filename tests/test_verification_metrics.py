@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from verification_testlib import brute_force_folds
 
 import megaface_eval
 import verification_metrics as vm
@@ -60,28 +61,6 @@ def test_no_genuine_scores_gives_no_tar():
 
 
 # ----------------------------------------------------------------------------- folds
-
-def brute_force_folds(sims, same, fold_of):
-    """k-fold protocol written out: for each fold, try every candidate threshold (below the
-    lowest training score, every midpoint of consecutive distinct training scores, the
-    highest) on the OTHER folds only; the first best one scores the fold."""
-    accs, thresholds = [], []
-    for f in sorted(set(fold_of)):
-        train = [i for i in range(len(sims)) if fold_of[i] != f]
-        test = [i for i in range(len(sims)) if fold_of[i] == f]
-        values = sorted({float(sims[i]) for i in train})
-        candidates = [math.nextafter(values[0], -math.inf)]
-        candidates += [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)]
-        candidates.append(values[-1])
-        best_t, best = None, -1
-        for t in candidates:
-            correct = sum((float(sims[i]) > t) == bool(same[i]) for i in train)
-            if correct > best:
-                best_t, best = t, correct
-        accs.append(sum((float(sims[i]) > best_t) == bool(same[i]) for i in test) / len(test))
-        thresholds.append(best_t)
-    return accs, thresholds
-
 
 def test_explicit_folds_match_brute_force():
     rng = np.random.default_rng(5)
