@@ -110,23 +110,12 @@ def load_crops(release: Release, start: int, stop: int, pool: ThreadPoolExecutor
 
 
 def embed_raw(model, crops: np.ndarray, batch_size: int, device) -> np.ndarray:
-    """(N, 2, E) float32 raw embeddings of the crops and of their mirrors (preprocessing as
-    lfw_eval.embed: (x - 127.5) / 127.5, the model's memory format)."""
-    import torch
+    """(N, 2, E) float32 raw embeddings of the crops and of their mirrors
+    (``lfw_eval.embed`` with ``raw_pairs``: the same preprocessing and memory format)."""
+    from lfw_eval import embed
 
-    from lfw_eval import PIXEL_MEAN, PIXEL_STD, _uses_channels_last
-
-    memory_format = torch.channels_last if _uses_channels_last(model) else torch.contiguous_format
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(crops), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(crops[s:s + batch_size])).to(device)
-            x = batch.permute(0, 3, 1, 2).float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
-            n = x.shape[0]
-            feats = model(torch.cat([x, x.flip(3)]).contiguous(memory_format=memory_format))
-            feats = feats.float().cpu().numpy()
-            out.append(np.stack([feats[:n], feats[n:]], axis=1))
-    return np.concatenate(out).astype(np.float32, copy=False)
+    return embed(model, crops, batch_size=batch_size, device=device, progress=False,
+                 raw_pairs=True)
 
 
 def _save_chunk(path: Path, array: np.ndarray) -> None:

@@ -106,14 +106,16 @@ def _uses_channels_last(model) -> bool:
 
 
 def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
-          flip: bool = True, progress: bool = True) -> np.ndarray:
+          flip: bool = True, progress: bool = True, raw_pairs: bool = False) -> np.ndarray:
     """L2-normalised float32 embeddings (N, E) of RGB uint8 crops (N, 112, 112, 3).
 
     With ``flip`` the embedding is that of the image plus that of its mirror, then
-    normalised. Runs in eval mode under ``torch.inference_mode`` (the model's previous mode is
-    restored), batched, on ``device`` (default: the model's GPU if it is on one, else CUDA
-    when present; the model is moved there in place). Inputs follow the model's memory
-    format (channels_last if its convs are)."""
+    normalised. ``raw_pairs``: instead (N, 2, E), the unnormalised embeddings of each image
+    and of its mirror (IJB's protocol modes pool them themselves). Runs in eval mode under
+    ``torch.inference_mode`` (the model's previous mode is restored), batched, on ``device``
+    (default: the model's GPU if it is on one, else CUDA when present; the model is moved
+    there in place). Inputs follow the model's memory format (channels_last if its convs
+    are)."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -144,9 +146,13 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
                 batch = torch.from_numpy(chunk).to(device, non_blocking=True)
                 x = batch.permute(0, 3, 1, 2).float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
                 n = x.shape[0]
-                if flip:  # one forward pass over the images and their mirrors
+                if flip or raw_pairs:  # one forward pass over the images and their mirrors
                     x = torch.cat([x, x.flip(3)])
                 feats = model(x.contiguous(memory_format=memory_format)).float()
+                if raw_pairs:
+                    outputs.append(torch.stack([feats[:n], feats[n:]], dim=1).cpu())
+                    bar.update(n)
+                    continue
                 if flip:
                     feats = feats[:n] + feats[n:]
                 outputs.append(F.normalize(feats, dim=1).cpu())
