@@ -44,6 +44,7 @@ from face_warp import TEMPLATE_SIZE, check_rgb, template_for_size, warp_face
 from reduced_photo import Photo, read_photo
 from utils import (
     IMAGE_EXTENSIONS,
+    DeviceError,
     ImageReadError,
     ToolkitError,
     add_debug_flag,
@@ -598,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              report_path=args.report, progress=not args.no_progress,
                              device=None if args.device == "auto" else args.device,
                              detect_size=args.detect_size)
-    except RuntimeError as e:  # --device cuda without CUDA
+    except DeviceError as e:  # --device cuda without CUDA (any other error is run_cli's)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
