@@ -44,6 +44,7 @@ from face_warp import TEMPLATE_SIZE, check_rgb, template_for_size, warp_face
 from reduced_photo import Photo, read_photo
 from utils import (
     IMAGE_EXTENSIONS,
+    DeviceError,
     ImageReadError,
     ToolkitError,
     add_debug_flag,
@@ -184,14 +185,21 @@ def _map_to_full(detections: Detections, full_shape: Sequence[int],
     cv2.resize aligns pixel centres: copy pixel u covers the original at (u + 0.5) * f - 0.5,
     f = full size / copy size along that axis; MTCNN calls pixel u u + MTCNN_COORDINATE_OFFSET.
     """
-    boxes, probs, points = detections
     factor = np.array([full_shape[1] / copy_shape[1], full_shape[0] / copy_shape[0]])
+    return _map_detections(detections, lambda xy: xy * factor + (factor - 1) / 2)
+
+
+def _map_detections(detections: Detections,
+                    to_full: Callable[[np.ndarray], np.ndarray]) -> Detections:
+    """Boxes and landmarks through ``to_full`` (0-based (..., 2) pixel coordinates of one
+    image to another's), in MTCNN's coordinate convention before and after."""
+    boxes, probs, points = detections
     offset = MTCNN_COORDINATE_OFFSET
 
-    def to_full(xy: np.ndarray) -> np.ndarray:
-        return (xy - offset) * factor + (factor - 1) / 2 + offset
+    def mapped(xy: np.ndarray) -> np.ndarray:
+        return to_full(xy - offset) + offset
 
-    return to_full(boxes.reshape(-1, 2, 2)).reshape(-1, 4), probs, to_full(points)
+    return mapped(boxes.reshape(-1, 2, 2)).reshape(-1, 4), probs, mapped(points)
 
 
 class FaceAligner:
@@ -278,12 +286,9 @@ class FaceAligner:
                 hint_box: Sequence[float] | None) -> AlignedFace | None:
         """The face to crop among ``detections`` (in ``photo.image``'s pixels), its crop, box
         and landmarks in the full-size photo's pixels."""
-        boxes, probs, points = detections
-        if len(boxes) == 0:
+        if len(detections[0]) == 0:
             return None
-        offset = MTCNN_COORDINATE_OFFSET  # MTCNN's 1-based pixels, at either size
-        boxes = (photo.to_full(boxes.reshape(-1, 2, 2) - offset) + offset).reshape(-1, 4)
-        points = photo.to_full(points - offset) + offset
+        boxes, probs, points = _map_detections(detections, photo.to_full)
         if hint_box is None:
             k = select_central_face(boxes, photo.full_shape)
         else:
@@ -594,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              report_path=args.report, progress=not args.no_progress,
                              device=None if args.device == "auto" else args.device,
                              detect_size=args.detect_size)
-    except RuntimeError as e:  # --device cuda without CUDA
+    except DeviceError as e:  # --device cuda without CUDA (any other error is run_cli's)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import ImageReadError, decode_image, exif_orientation, jpeg_shape
+from utils import (
+    ImageReadError,
+    decode_image,
+    exif_orientation,
+    jpeg_shape,
+    read_image_bytes,
+)
 
 
 def jpeg_reduction(shape: Sequence[int], detect_size: int) -> int:
@@ -73,10 +79,7 @@ def read_photo(path: Path, detect_size: int = 0) -> Photo | ImageReadError:
     is at least 2x detect_size is decoded reduced (:func:`jpeg_reduction`), anything else at
     full size; or the ImageReadError saying why it cannot be read."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return ImageReadError(f"{path}: cannot read file ({e.strerror or e})")
-    try:
+        data = read_image_bytes(path)
         shape = jpeg_shape(data)
         reduce = 1 if shape is None else jpeg_reduction(shape, detect_size)
         if reduce > 1:

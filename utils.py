@@ -562,14 +562,19 @@ def decode_image(data: bytes | np.ndarray, source: str = "<buffer>",
     return _to_rgb(decoded, out)
 
 
+def read_image_bytes(path: str | Path) -> bytes:
+    """The encoded bytes of an image file; ImageReadError naming it when it cannot be read."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read file ({e.strerror or e})") from None
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8 HxWx3 (the repo's colour contract)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ImageReadError(f"{path}: cannot read file ({e.strerror or e})") from None
-    return decode_image(data, source=str(path))
+    return decode_image(read_image_bytes(path), source=str(path))
 
 
 def encode_image(image: np.ndarray, ext: str = ".jpg", quality: int = 95) -> bytes:

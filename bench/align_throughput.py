@@ -71,12 +71,14 @@ print(time.perf_counter() - start, done.face is not None,
 
 
 def longer_side(path: Path) -> int:
-    """The longer side, from a 1/8-scale JPEG decode (cheap) where possible."""
-    small = cv2.imread(str(path), cv2.IMREAD_REDUCED_GRAYSCALE_8)
-    if small is not None and path.suffix.lower() in (".jpg", ".jpeg"):
-        return max(small.shape) * 8
-    full = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    return 0 if full is None else max(full.shape[:2])
+    """The longer side, from a JPEG's header where possible (no decode)."""
+    from utils import jpeg_shape
+
+    shape = jpeg_shape(path.read_bytes())
+    if shape is None:
+        full = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        shape = (0, 0) if full is None else full.shape[:2]
+    return max(shape)
 
 
 def package_photos(folder: Path) -> list[Path]:
@@ -158,20 +160,21 @@ def crop_ratio_rows(faces: dict, paths: list[Path]) -> list[str]:
     the full photo against the same reference, for the same photos."""
     import face_warp as fw
     from reduced_photo import Photo
-    from utils import decode_image, exif_orientation, jpeg_shape, read_image
+    from utils import decode_image, exif_orientation, jpeg_shape
 
     template_eye = float(np.linalg.norm(fw.REFERENCE_LANDMARKS[1] - fw.REFERENCE_LANDMARKS[0]))
     rows = []  # (ratio, reduced crop vs reference, full crop vs reference)
     for q in paths:
         data = q.read_bytes()
-        if faces.get(q) is None or jpeg_shape(data) is None:
+        shape = jpeg_shape(data)
+        if faces.get(q) is None or shape is None:
             continue
-        full, landmarks = read_image(q), faces[q].landmarks
+        full, landmarks = decode_image(data, str(q)), faces[q].landmarks
         ref = reference(full, landmarks)
         full_error = np.abs(fw.warp_face(full, landmarks) - ref).mean()
         for reduce in (2, 4, 8):
-            photo = Photo(decode_image(data, reduce=reduce), reduce, jpeg_shape(data), data,
-                          str(q), exif_orientation(data))
+            photo = Photo(decode_image(data, reduce=reduce), reduce, shape, data, str(q),
+                          exif_orientation(data))
             small = photo.to_reduced(landmarks)
             crop = fw.warp_face(photo.image, small)
             rows.append((np.linalg.norm(small[1] - small[0]) / template_eye,
@@ -193,8 +196,8 @@ def crop_differences(results: dict, paths: list[Path]) -> list[str]:
     full-size photo, area-averaged to 112), and how many new crops needed a full decode."""
     import face_warp as fw
     from align_faces import MIN_REDUCED_EYE_RATIO
-    from reduced_photo import read_photo
-    from utils import read_image
+    from reduced_photo import jpeg_reduction
+    from utils import decode_image, jpeg_shape
 
     template_eye = float(np.linalg.norm(fw.REFERENCE_LANDMARKS[1] - fw.REFERENCE_LANDMARKS[0]))
     lines = []
@@ -203,10 +206,11 @@ def crop_differences(results: dict, paths: list[Path]) -> list[str]:
         both = [q for q in paths if new[q] is not None and old[q] is not None]
         new_old, new_ref, old_ref, full_decodes = [], [], [], 0
         for q in both:
-            image = read_image(q)
-            photo = read_photo(q, size)
-            eye = np.linalg.norm(new[q].landmarks[1] - new[q].landmarks[0]) / photo.reduce
-            full_decodes += photo.reduce == 1 or eye < MIN_REDUCED_EYE_RATIO * template_eye
+            data = q.read_bytes()
+            image, shape = decode_image(data, str(q)), jpeg_shape(data)
+            reduce = 1 if shape is None else jpeg_reduction(shape, size)  # as read_photo's
+            eye = np.linalg.norm(new[q].landmarks[1] - new[q].landmarks[0]) / reduce
+            full_decodes += reduce == 1 or eye < MIN_REDUCED_EYE_RATIO * template_eye
             new_old.append(np.abs(new[q].crop.astype(float) - old[q].crop).mean())
             new_ref.append(np.abs(new[q].crop - reference(image, new[q].landmarks)).mean())
             old_ref.append(np.abs(old[q].crop - reference(image, old[q].landmarks)).mean())
@@ -246,10 +250,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
     paths: list[Path] = []
+    sides: dict[Path, int] = {}
     if args.photo_dir is not None:
-        paths = sorted(q for q in args.photo_dir.iterdir()
-                       if q.suffix.lower() in PHOTO_SUFFIXES
-                       and args.min_side <= longer_side(q) <= args.max_side)
+        sides = {q: longer_side(q) for q in sorted(args.photo_dir.iterdir())
+                 if q.suffix.lower() in PHOTO_SUFFIXES}
+        paths = [q for q, side in sides.items() if args.min_side <= side <= args.max_side]
     source = f"{len(paths)} photos from {args.photo_dir}"
     if not paths:
         paths = package_photos(Path(tmp.name))
@@ -257,7 +262,7 @@ def main() -> None:
                   "(real detail missing)")
     if args.limit:
         paths = paths[:args.limit]
-    sides = [longer_side(q) for q in paths]
+    sides = [sides.get(q) or longer_side(q) for q in paths]
     print(f"{source}; longer side {min(sides)}-{max(sides)} px; torch threads {args.threads}, "
           f"{os.cpu_count()} CPUs")
 

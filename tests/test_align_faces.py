@@ -635,3 +635,33 @@ def test_big_sideways_jpeg_is_aligned_upright_through_the_reduced_decode(
     assert np.abs(done.crop - from_full).mean() < 3.0
     skin = done.crop[60:75, 35:50].reshape(-1, 3).mean(axis=0)
     assert skin[0] > skin[2] + 20  # RGB kept: skin is redder than blue
+
+
+def test_read_photo_returns_the_error_for_a_missing_or_undecodable_file(tmp_path):
+    from reduced_photo import read_photo
+    from utils import ImageReadError
+
+    missing = read_photo(tmp_path / "gone.jpg", af.DEFAULT_DETECT_SIZE)
+    assert isinstance(missing, ImageReadError) and "gone.jpg: cannot read file" in str(missing)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    bad = read_photo(tmp_path / "bad.jpg", af.DEFAULT_DETECT_SIZE)
+    assert isinstance(bad, ImageReadError) and "bad.jpg" in str(bad)
+
+
+def test_cli_bad_device_is_one_line_and_bugs_keep_their_traceback(tmp_path, capsys,
+                                                                   monkeypatch):
+    from utils import run_cli
+
+    src = tmp_path / "src"
+    make_tree(src)
+    code = run_cli(af.main, [str(src), str(tmp_path / "dst"), "--device", "nonsense",
+                             "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --device nonsense")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(af, "align_tree", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(af.main, [str(src), str(tmp_path / "dst"), "--no-progress"])

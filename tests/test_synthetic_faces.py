@@ -226,3 +226,18 @@ def test_cli_writes_and_rejects_bad_arguments(tmp_path, capsys):
         sf.main(["--eval-images", "1", "--out", str(tmp_path / "bad")])
     assert "eval_images must be >= 2" in capsys.readouterr().err
     assert not list(itertools.islice((tmp_path / "bad").rglob("*"), 1))
+
+
+@pytest.mark.slow
+def test_script_exits_zero_after_writing(tmp_path):
+    """`python synthetic_faces.py ...` as a user runs it: status 0, no traceback (main returns
+    its summary dict, which is no exit status)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, sf.__file__, "--identities", "1",
+                          "--images-per-identity", "2", "--eval-identities", "2",
+                          "--eval-images", "2", "--folds", "1", "--out", str(tmp_path),
+                          "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    assert len(list((tmp_path / "lfw").rglob("*.jpg"))) == 4
