@@ -42,10 +42,12 @@ from train_utils import (
     set_rng_state,
 )
 from utils import (
+    CheckpointError,
     ToolkitError,
     describe_error,
     get_logger,
     load_backbone_state,
+    load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
     seed_everything,
@@ -166,10 +168,9 @@ def read_checkpoint_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointFileError(f"{path}: missing")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage, pickled objects: all unusable alike
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointFileError(f"{path}: damaged ({reason})") from e
+        state = load_checkpoint(path)  # truncated, garbage, pickled objects: one line
+    except CheckpointError as e:
+        raise CheckpointFileError(str(e)) from e
     if not isinstance(state, dict):
         raise CheckpointFileError(f"{path}: damaged (not a checkpoint dict)")
     return state
