@@ -230,10 +230,8 @@ def raise_unless_all_written(error: OSError | None, info: DistInfo, step: int,
     if all_ranks_true(error is None, info):
         return
     what = describe_error(error) if error else "another rank could not write its head file"
-    last = saved.last_complete(output)
-    kept = (f"the last complete checkpoint, {last[0]} (step {last[1]}), is kept" if last
-            else "no complete checkpoint was written before")
-    raise CheckpointWriteError(f"{what}; the checkpoint of step {step} was not saved; {kept}")
+    raise CheckpointWriteError(f"{what}; the checkpoint of step {step} was not saved; "
+                               f"{saved.describe_last(output)}")
 
 
 def all_finite(modules: list[torch.nn.Module]) -> bool:

@@ -805,7 +805,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_rec, tmp_pa
         train.train(tiny_cfg(tiny_rec, out, max_steps=4, save_every=2), resume=True)
     message = str(err.value)
     assert "no space left on device" in message and str(out / "checkpoint.pt") in message
-    assert "step 2" in message  # the checkpoint that was kept
+    assert f"{out / 'checkpoint.pt'} (step 2)" in message  # the checkpoint that was kept
     assert files_of(out)["checkpoint.pt"] == good
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
     assert not list(out.glob(".*.tmp"))
