@@ -235,7 +235,10 @@ def raise_unless_all_written(error: OSError | None, info: DistInfo, step: int,
 
 
 def all_finite(modules: list[torch.nn.Module]) -> bool:
-    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+    """Whether every parameter is finite; the host waits for the device once, not once per
+    tensor."""
+    flags = [torch.isfinite(p).all() for m in modules for p in m.parameters()]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
 def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,

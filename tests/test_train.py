@@ -34,6 +34,7 @@ from train_checkpoints import (
     CheckpointFileError,
     OutputFolderError,
     ResumeError,
+    all_finite,
     reshard_head_state,
     resume_training,
 )
@@ -245,6 +246,16 @@ def test_global_gradient_clipping_counts_every_shard():
     scale = 1.0 / (expected + 1e-6)
     torch.testing.assert_close(a.grad, torch.full((3,), 2.0 * scale))
     torch.testing.assert_close(c.grad, torch.full((5,), scale))
+
+
+def test_non_finite_weights_are_found_in_any_module():
+    """save_training_checkpoint refuses weights with one NaN or inf anywhere."""
+    backbone, head = torch.nn.Linear(3, 2), torch.nn.Linear(2, 4)
+    assert all_finite([backbone, head])
+    for bad in (math.nan, math.inf):
+        with torch.no_grad():
+            head.bias[3] = bad
+        assert not all_finite([backbone, head]) and all_finite([backbone])
 
 
 def test_training_curves_plot_the_given_history(tmp_path):
