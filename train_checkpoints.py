@@ -369,7 +369,7 @@ def check_resumable(ckpt: dict[str, Any], path: Path, cfg: Config, num_classes: 
     saved_batch, saved_world = ckpt["config"]["batch_size"], int(ckpt["world_size"])
     if saved_batch * saved_world != cfg.batch_size * world_size:
         refused.append(f"global batch: {saved_batch} x {saved_world} ranks -> "
-                       f"{cfg.batch_size} x {world_size}")
+                       f"{cfg.batch_size} x {world_size} ({RESUME_REFUSED['batch_size']})")
     if ckpt["num_classes"] != num_classes:
         refused.append(f"classes: {ckpt['num_classes']} -> {num_classes}")
     saved_samples = ckpt.get("num_samples")  # absent from older checkpoints

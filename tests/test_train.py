@@ -670,7 +670,8 @@ def test_a_refused_resume_writes_nothing(tiny_rec, tmp_path):
     for change, named in (({"network": "ir18"}, "network: 'ir_narrow' -> 'ir18'"),
                           ({"rec": str(other_rec)}, "rec: "),
                           ({"epochs": 3}, "epochs: 20 -> 3"),
-                          ({"batch_size": 2}, "global batch: 4 x 1 ranks -> 2 x 1")):
+                          ({"batch_size": 2}, "global batch: 4 x 1 ranks -> 2 x 1 (the data "
+                                              "order and the step depend on the global batch)")):
         rec = change.pop("rec", tiny_rec)
         with pytest.raises(ResumeError, match=re.escape(named)):
             train.train(tiny_cfg(rec, out, max_steps=4, **change), resume=True)
