@@ -30,7 +30,7 @@ LOG = get_logger("train")
 
 # ----------------------------------------------------------------------------- errors
 
-EXIT_BAD_INPUT = 1  # train.py's exit status for every ToolkitError but the one below
+EXIT_BAD_INPUT = ToolkitError.exit_code  # train.py's status for every other ToolkitError
 EXIT_NON_FINITE = 2  # train.py's exit status when it stopped on a NaN/inf loss
 
 
