@@ -248,11 +248,12 @@ class ShardedMarginSoftmax(nn.Module):
         embeddings, labels = self._gather(embeddings, labels.long())
         local = labels - self.start
         here = (labels >= self.start) & (labels < self.end)
+        own = torch.where(here, local, -1)  # each row's column among all of this rank's
         if self.sample_rate < 1.0 and self.training:
-            weight, columns = self._sample(local, here)
+            weight, columns = self._sample(local, here, own)
         else:
             self.last_index = None
-            weight, columns = self.weight, torch.where(here, local, -1)
+            weight, columns = self.weight, own
         with torch.autocast(embeddings.device.type, enabled=False):
             cos = cosine_similarity_matrix(_fp32(embeddings), _fp32(weight))
             logits = self.margin(cos, columns)
@@ -263,7 +264,7 @@ class ShardedMarginSoftmax(nn.Module):
                 with torch.no_grad():
                     all_cos = cos if self.last_index is None else \
                         cosine_similarity_matrix(_fp32(embeddings), _fp32(self.weight))
-                    batch_accuracy = self._accuracy(all_cos, torch.where(here, local, -1))
+                    batch_accuracy = self._accuracy(all_cos, own)
         return loss, batch_accuracy
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -284,15 +285,16 @@ class ShardedMarginSoftmax(nn.Module):
         return (_AllGather.apply(embeddings, self.group, float(self.embedding_grad_scale)),
                 torch.cat(parts))
 
-    def _sample(self, local: torch.Tensor, here: torch.Tensor
+    def _sample(self, local: torch.Tensor, here: torch.Tensor, own: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Partial FC: (sampled centres, labels as columns of them or -1)."""
+        """Partial FC: (sampled centres, labels as columns of them or -1); ``own``: the
+        columns among all centres, returned when every centre is kept."""
         num_local = self.weight.shape[0]
         positives = torch.unique(local[here])  # sorted
         num_sample = max(math.ceil(self.sample_rate * num_local), positives.numel())
         if num_sample >= num_local:
             self.last_index = None
-            return self.weight, torch.where(here, local, -1)
+            return self.weight, own
         # Random scores, positives above every negative: the top num_sample rows keep all
         # positives and fill up with a uniform sample of negatives.
         scores = torch.rand(num_local, device=self.weight.device)

@@ -213,8 +213,7 @@ def train_step(tr: Trainer, images: torch.Tensor, labels: torch.Tensor,
         agree_on_overflow(tr.scaler, optimizers, tr.reduce_sum)
     # One global norm over the backbone (equal on all ranks after DDP) and every rank's
     # shard of centres; with max_norm inf it only measures the norm.
-    grad_norm = clip_grad_norm_sharded(list(tr.backbone.parameters()),
-                                       list(tr.head.parameters()),
+    grad_norm = clip_grad_norm_sharded(tr.backbone_params, tr.head_params,
                                        tr.grad_clip if tr.grad_clip > 0 else math.inf,
                                        all_reduce_sum_=tr.reduce_sum)
     for opt in optimizers:

@@ -42,10 +42,12 @@ from train_utils import (
     set_rng_state,
 )
 from utils import (
+    CheckpointError,
     ToolkitError,
     describe_error,
     get_logger,
     load_backbone_state,
+    load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
     seed_everything,
@@ -166,10 +168,9 @@ def read_checkpoint_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointFileError(f"{path}: missing")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage, pickled objects: all unusable alike
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointFileError(f"{path}: damaged ({reason})") from e
+        state = load_checkpoint(path)  # truncated, garbage, pickled objects: one line
+    except CheckpointError as e:
+        raise CheckpointFileError(str(e)) from e
     if not isinstance(state, dict):
         raise CheckpointFileError(f"{path}: damaged (not a checkpoint dict)")
     return state
@@ -229,14 +230,15 @@ def raise_unless_all_written(error: OSError | None, info: DistInfo, step: int,
     if all_ranks_true(error is None, info):
         return
     what = describe_error(error) if error else "another rank could not write its head file"
-    last = saved.last_complete(output)
-    kept = (f"the last complete checkpoint, {last[0]} (step {last[1]}), is kept" if last
-            else "no complete checkpoint was written before")
-    raise CheckpointWriteError(f"{what}; the checkpoint of step {step} was not saved; {kept}")
+    raise CheckpointWriteError(f"{what}; the checkpoint of step {step} was not saved; "
+                               f"{saved.describe_last(output)}")
 
 
 def all_finite(modules: list[torch.nn.Module]) -> bool:
-    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+    """Whether every parameter is finite; the host waits for the device once, not once per
+    tensor."""
+    flags = [torch.isfinite(p).all() for m in modules for p in m.parameters()]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
 def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
@@ -367,7 +369,7 @@ def check_resumable(ckpt: dict[str, Any], path: Path, cfg: Config, num_classes: 
     saved_batch, saved_world = ckpt["config"]["batch_size"], int(ckpt["world_size"])
     if saved_batch * saved_world != cfg.batch_size * world_size:
         refused.append(f"global batch: {saved_batch} x {saved_world} ranks -> "
-                       f"{cfg.batch_size} x {world_size}")
+                       f"{cfg.batch_size} x {world_size} ({RESUME_REFUSED['batch_size']})")
     if ckpt["num_classes"] != num_classes:
         refused.append(f"classes: {ckpt['num_classes']} -> {num_classes}")
     saved_samples = ckpt.get("num_samples")  # absent from older checkpoints

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ LOG = get_logger("train")
 
 # ----------------------------------------------------------------------------- errors
 
-EXIT_BAD_INPUT = 1  # train.py's exit status for every ToolkitError but the one below
+EXIT_BAD_INPUT = ToolkitError.exit_code  # train.py's status for every other ToolkitError
 EXIT_NON_FINITE = 2  # train.py's exit status when it stopped on a NaN/inf loss
 
 
@@ -67,6 +67,13 @@ class Trainer:
     channels_last: bool
     grad_clip: float
     info: DistInfo
+    # what the step's gradient clipping walks, listed once (load_state_dict keeps them)
+    backbone_params: list[nn.Parameter] = field(init=False, repr=False)
+    head_params: list[nn.Parameter] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.backbone_params = list(self.backbone.parameters())
+        self.head_params = list(self.head.parameters())
 
     @property
     def device(self) -> torch.device:

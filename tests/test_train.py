@@ -34,6 +34,7 @@ from train_checkpoints import (
     CheckpointFileError,
     OutputFolderError,
     ResumeError,
+    all_finite,
     reshard_head_state,
     resume_training,
 )
@@ -245,6 +246,16 @@ def test_global_gradient_clipping_counts_every_shard():
     scale = 1.0 / (expected + 1e-6)
     torch.testing.assert_close(a.grad, torch.full((3,), 2.0 * scale))
     torch.testing.assert_close(c.grad, torch.full((5,), scale))
+
+
+def test_non_finite_weights_are_found_in_any_module():
+    """save_training_checkpoint refuses weights with one NaN or inf anywhere."""
+    backbone, head = torch.nn.Linear(3, 2), torch.nn.Linear(2, 4)
+    assert all_finite([backbone, head])
+    for bad in (math.nan, math.inf):
+        with torch.no_grad():
+            head.bias[3] = bad
+        assert not all_finite([backbone, head]) and all_finite([backbone])
 
 
 def test_training_curves_plot_the_given_history(tmp_path):
@@ -659,7 +670,8 @@ def test_a_refused_resume_writes_nothing(tiny_rec, tmp_path):
     for change, named in (({"network": "ir18"}, "network: 'ir_narrow' -> 'ir18'"),
                           ({"rec": str(other_rec)}, "rec: "),
                           ({"epochs": 3}, "epochs: 20 -> 3"),
-                          ({"batch_size": 2}, "global batch: 4 x 1 ranks -> 2 x 1")):
+                          ({"batch_size": 2}, "global batch: 4 x 1 ranks -> 2 x 1 (the data "
+                                              "order and the step depend on the global batch)")):
         rec = change.pop("rec", tiny_rec)
         with pytest.raises(ResumeError, match=re.escape(named)):
             train.train(tiny_cfg(rec, out, max_steps=4, **change), resume=True)
@@ -805,7 +817,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_rec, tmp_pa
         train.train(tiny_cfg(tiny_rec, out, max_steps=4, save_every=2), resume=True)
     message = str(err.value)
     assert "no space left on device" in message and str(out / "checkpoint.pt") in message
-    assert "step 2" in message  # the checkpoint that was kept
+    assert f"{out / 'checkpoint.pt'} (step 2)" in message  # the checkpoint that was kept
     assert files_of(out)["checkpoint.pt"] == good
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
     assert not list(out.glob(".*.tmp"))
