@@ -136,19 +136,6 @@ def prepare_output(output: Path, cfg: Config, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def write_checkpoint(state: Mapping[str, Any], path: Path) -> None:
-    """utils.save_checkpoint (atomic), with a failed write reported as the OSError it is:
-    torch's zip writer turns it into ``RuntimeError('unexpected pos ...')`` and keeps the
-    OSError (e.g. ENOSPC, disk full) only as that error's context."""
-    try:
-        save_checkpoint(state, path)
-    except RuntimeError as e:
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, OSError):
-            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
-        raise
-
-
 def keep_as_previous(path: Path, previous: Path) -> None:
     """Make ``previous`` hold the complete checkpoint now at ``path`` before a new one is
     renamed over ``path``. A hard link, so ``path`` itself stays whole meanwhile (and after
@@ -257,7 +244,7 @@ def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
                                  f"written; {saved.describe_last(output)}")
     error: OSError | None = None
     try:
-        write_checkpoint({"head": tr.head.state_dict(), "optimizer": tr.opt_head.state_dict(),
+        save_checkpoint({"head": tr.head.state_dict(), "optimizer": tr.opt_head.state_dict(),
                           "scheduler": tr.sched_head.state_dict(), "rng": rng_state(),
                           "step": step, "rank": info.rank, "world_size": info.world_size},
                          head_checkpoint_path(output, info.rank, step))
@@ -271,14 +258,14 @@ def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
             backbone_state = tr.backbone.state_dict()
             if rotate:
                 keep_as_previous(path, output / PREVIOUS_CHECKPOINT_NAME)
-            write_checkpoint({"backbone": backbone_state,
+            save_checkpoint({"backbone": backbone_state,
                               "optimizer": tr.opt_backbone.state_dict(),
                               "scheduler": tr.sched_backbone.state_dict(),
                               "scaler": tr.scaler.state_dict(), "step": step, "epoch": epoch,
                               "world_size": info.world_size, "num_classes": num_classes,
                               "num_samples": num_samples, "config": cfg.to_dict(),
                               "logs": logs or {}}, path)
-            write_checkpoint(backbone_state, output / BACKBONE_NAME)
+            save_checkpoint(backbone_state, output / BACKBONE_NAME)
         except OSError as e:
             error = e
     if rotate:  # the same on every rank: checkpoint.prev.pt now holds what checkpoint.pt held
