@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import zipfile
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,31 +348,18 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
         # only whole records found there count.
         for start, end in _uncovered(np.frombuffer(span_starts, np.int64),
                                      np.frombuffer(span_ends, np.int64), reader.size):
-            error_at = None
-            for offset, _, error in reader.scan(start):
-                if error_at is not None:
-                    unreadable += min(offset, end) - error_at
-                    error_at = None
-                if offset >= end:
-                    break
+            for offset, _, error, damaged in _scan_between(reader, start, end):
                 if error is None:
                     unlisted.append(offset)
-                else:
-                    error_at = offset
-            if error_at is not None:
-                unreadable += end - error_at
+                unreadable += damaged
     else:
         log.info("%s: no .idx beside it; scanning the file", rec_path)
         bar = tqdm(total=reader.size, desc=f"scanning {rec_path.name}", unit="B",
                    unit_scale=True, disable=not progress, mininterval=1.0)
-        position = 0
-        error_at = None
-        for ordinal, (offset, payload, error) in enumerate(reader.scan()):
-            bar.update(offset - position)
-            position = offset
-            if error_at is not None:  # a damaged stretch reaches up to the next record
-                unreadable += offset - error_at
-            error_at = offset if error is not None else None
+        for ordinal, (offset, payload, error, damaged) in enumerate(
+                _scan_between(reader, 0, reader.size)):
+            bar.update(offset - bar.n)
+            unreadable += damaged
             if ordinal == 0:
                 header_range = _parse_header_record(payload)
                 if header_range is not None:
@@ -383,9 +371,7 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                     identity_ranges.append((len(identity_ranges), *rng))
                     continue
             col.add(ordinal, offset, payload, error, image_required=header_range is not None)
-        if error_at is not None:
-            unreadable += reader.size - error_at
-        bar.update(reader.size - position)
+        bar.update(bar.total - bar.n)
         bar.close()
     reader.close()
 
@@ -421,6 +407,26 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                        idx_path=idx, lost=lost,
                        unlisted_offsets=np.asarray(unlisted, dtype=np.int64),
                        expected_images=expected_images, unreadable_bytes=unreadable)
+
+
+def _scan_between(reader: recordio.RecordReader, start: int, end: int
+                  ) -> Iterator[tuple[int, bytes | None, str | None, int]]:
+    """What ``reader.scan(start)`` yields for the records that start before ``end``, with
+    one more value: for a damaged stretch, its bytes up to the next record (or ``end``), which
+    are in no readable record; 0 for a good record."""
+    damaged = None  # a damaged stretch waits for the next record to tell where it ends
+    for offset, payload, error in reader.scan(start):
+        if damaged is not None:
+            yield *damaged, min(offset, end) - damaged[0]
+            damaged = None
+        if offset >= end:
+            return
+        if error is None:
+            yield offset, payload, None, 0
+        else:
+            damaged = offset, None, error
+    if damaged is not None:
+        yield *damaged, end - damaged[0]
 
 
 def _uncovered(starts: np.ndarray, ends: np.ndarray, size: int) -> list[tuple[int, int]]:
