@@ -480,9 +480,10 @@ def require_complete(index: RecordIndex, allow_lost_records: bool = False) -> No
             log.warning("%s: %d byte(s) between records belong to no record; every record "
                         "is readable", rec, index.unreadable_bytes)
         return
-    shown = index.lost_offsets[:LOST_OFFSETS_SHOWN].tolist()
+    lost_offsets = index.lost_offsets  # a concatenation and sort of the offset arrays
+    shown = lost_offsets[:LOST_OFFSETS_SHOWN].tolist()
     where = f"; first at byte offset(s) {', '.join(map(str, shown))}" if shown else ""
-    if index.lost_offsets.size > len(shown):
+    if lost_offsets.size > len(shown):
         where += ", ..."
     alive = int((index.class_counts > 0).sum())
     if index.has_header:
