@@ -214,14 +214,15 @@ def _resolve_idx(rec_path: Path, idx_path: str | Path | None) -> Path | None:
 
 def _label_pair(payload: bytes | None) -> tuple[float, float] | None:
     """The first two labels of a record with a label array and no image (the header and
-    identity records of InsightFace sets), else None."""
+    identity records of InsightFace sets), else None; None too when one is not finite (a
+    damaged record: the callers turn them into ints)."""
     if payload is None:
         return None
     try:
         header, image = recordio.unpack_payload(payload)
     except recordio.RecordIOError:
         return None
-    if header.flag < HEADER_LABELS or image:
+    if header.flag < HEADER_LABELS or image or not np.isfinite(header.label[:2]).all():
         return None
     return float(header.label[0]), float(header.label[1])
 
