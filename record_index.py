@@ -152,7 +152,7 @@ def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
     np.savez(buf, version=INDEX_VERSION, keys=index.keys, offsets=index.offsets,
              labels=index.labels, class_counts=index.class_counts,
              num_classes=index.num_classes, has_header=index.has_header,
-             corrupt_offsets=index.corrupt_offsets, corrupt_count=index.corrupt_count,
+             corrupt_offsets=index.corrupt_offsets,
              non_image_records=index.non_image_records,
              identity_mismatches=index.identity_mismatches,
              lost=index.lost, unlisted_offsets=index.unlisted_offsets,
@@ -182,13 +182,13 @@ def load_index(rec_path: str | Path, idx_path: str | Path | None = None,
             if not fresh:
                 log.warning("%s is stale (the .rec or .idx changed); ignoring it", index_path)
                 return None
-            corrupt_count = int(z["corrupt_count"])
+            corrupt_offsets = z["corrupt_offsets"].astype(np.int64)  # one per skipped record
             return RecordIndex(
                 rec_path=rec_path, keys=z["keys"].astype(np.int64),
                 offsets=z["offsets"].astype(np.int64), labels=z["labels"].astype(np.int64),
                 num_classes=int(z["num_classes"]), has_header=bool(z["has_header"]),
-                corrupt=[f"(from {index_path.name})"] * corrupt_count,
-                corrupt_offsets=z["corrupt_offsets"].astype(np.int64),
+                corrupt=[f"(from {index_path.name})"] * corrupt_offsets.size,
+                corrupt_offsets=corrupt_offsets,
                 non_image_records=int(z["non_image_records"]),
                 identity_mismatches=int(z["identity_mismatches"]), idx_path=idx,
                 lost=int(z["lost"]), unlisted_offsets=z["unlisted_offsets"].astype(np.int64),

@@ -77,6 +77,11 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path):
     assert any("bad magic" in m and f"byte offset {offsets[9]}" in m for m in index.corrupt)
     want = [(k, c) for k, c, _ in expected if k not in (4, 9)]
     assert list(zip(index.keys.tolist(), index.labels.tolist(), strict=True)) == want
+    # the saved index keeps the count and the byte offsets of the skipped records
+    record_index.save_index(index)
+    loaded = record_index.load_index(rec)
+    assert loaded.corrupt_count == 2 and loaded.corrupt_offsets.tolist() == [offsets[4],
+                                                                             offsets[9]]
 
 
 def test_check_images_finds_undecodable_jpeg(tmp_path):
