@@ -197,7 +197,7 @@ class FaceRecordDataset(_FaceDataset):
 
     The record index comes from ``pre_process.py``'s saved ``<stem>.index.npz`` when it is
     fresh, else it is built in memory. A set that lost records (damaged, cut off, missing
-    from the ``.idx``) is refused with ``pre_process.LostRecordsError`` unless
+    from the ``.idx``) is refused with ``record_index.LostRecordsError`` unless
     ``allow_lost_records`` (then a warning with the count, and the dataset holds exactly the
     usable records; ``index_corrupt_count`` / ``lost_records`` say how many were not)."""
 

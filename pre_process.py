@@ -83,6 +83,7 @@ def list_identity_images(root: str | Path) -> tuple[list[Path], np.ndarray, list
     by_depth: dict[int, list[Path]] = {}
     per_identity: dict[str, list[Path]] = {}
     empty = []
+    root_parts = len(root.parts)  # an image's depth: its parts beyond the root's
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if entry.is_dir():  # iterdir + is_dir: a symlinked identity folder counts
             images = list_images(entry)
@@ -91,7 +92,7 @@ def list_identity_images(root: str | Path) -> tuple[list[Path], np.ndarray, list
                 continue
             per_identity[entry.name] = images
             for path in images:
-                by_depth.setdefault(1 + len(path.relative_to(entry).parts), []).append(path)
+                by_depth.setdefault(len(path.parts) - root_parts, []).append(path)
         elif entry.suffix.lower() in IMAGE_EXTENSIONS:
             by_depth.setdefault(1, []).append(entry)
     if not by_depth:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import zipfile
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
     np.savez(buf, version=INDEX_VERSION, keys=index.keys, offsets=index.offsets,
              labels=index.labels, class_counts=index.class_counts,
              num_classes=index.num_classes, has_header=index.has_header,
-             corrupt_offsets=index.corrupt_offsets, corrupt_count=index.corrupt_count,
+             corrupt_offsets=index.corrupt_offsets,
              non_image_records=index.non_image_records,
              identity_mismatches=index.identity_mismatches,
              lost=index.lost, unlisted_offsets=index.unlisted_offsets,
@@ -181,13 +182,13 @@ def load_index(rec_path: str | Path, idx_path: str | Path | None = None,
             if not fresh:
                 log.warning("%s is stale (the .rec or .idx changed); ignoring it", index_path)
                 return None
-            corrupt_count = int(z["corrupt_count"])
+            corrupt_offsets = z["corrupt_offsets"].astype(np.int64)  # one per skipped record
             return RecordIndex(
                 rec_path=rec_path, keys=z["keys"].astype(np.int64),
                 offsets=z["offsets"].astype(np.int64), labels=z["labels"].astype(np.int64),
                 num_classes=int(z["num_classes"]), has_header=bool(z["has_header"]),
-                corrupt=[f"(from {index_path.name})"] * corrupt_count,
-                corrupt_offsets=z["corrupt_offsets"].astype(np.int64),
+                corrupt=[f"(from {index_path.name})"] * corrupt_offsets.size,
+                corrupt_offsets=corrupt_offsets,
                 non_image_records=int(z["non_image_records"]),
                 identity_mismatches=int(z["identity_mismatches"]), idx_path=idx,
                 lost=int(z["lost"]), unlisted_offsets=z["unlisted_offsets"].astype(np.int64),
@@ -213,14 +214,15 @@ def _resolve_idx(rec_path: Path, idx_path: str | Path | None) -> Path | None:
 
 def _label_pair(payload: bytes | None) -> tuple[float, float] | None:
     """The first two labels of a record with a label array and no image (the header and
-    identity records of InsightFace sets), else None."""
+    identity records of InsightFace sets), else None; None too when one is not finite (a
+    damaged record: the callers turn them into ints)."""
     if payload is None:
         return None
     try:
         header, image = recordio.unpack_payload(payload)
     except recordio.RecordIOError:
         return None
-    if header.flag < HEADER_LABELS or image:
+    if header.flag < HEADER_LABELS or image or not np.isfinite(header.label[:2]).all():
         return None
     return float(header.label[0]), float(header.label[1])
 
@@ -347,31 +349,18 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
         # only whole records found there count.
         for start, end in _uncovered(np.frombuffer(span_starts, np.int64),
                                      np.frombuffer(span_ends, np.int64), reader.size):
-            error_at = None
-            for offset, _, error in reader.scan(start):
-                if error_at is not None:
-                    unreadable += min(offset, end) - error_at
-                    error_at = None
-                if offset >= end:
-                    break
+            for offset, _, error, damaged in _scan_between(reader, start, end):
                 if error is None:
                     unlisted.append(offset)
-                else:
-                    error_at = offset
-            if error_at is not None:
-                unreadable += end - error_at
+                unreadable += damaged
     else:
         log.info("%s: no .idx beside it; scanning the file", rec_path)
         bar = tqdm(total=reader.size, desc=f"scanning {rec_path.name}", unit="B",
                    unit_scale=True, disable=not progress, mininterval=1.0)
-        position = 0
-        error_at = None
-        for ordinal, (offset, payload, error) in enumerate(reader.scan()):
-            bar.update(offset - position)
-            position = offset
-            if error_at is not None:  # a damaged stretch reaches up to the next record
-                unreadable += offset - error_at
-            error_at = offset if error is not None else None
+        for ordinal, (offset, payload, error, damaged) in enumerate(
+                _scan_between(reader, 0, reader.size)):
+            bar.update(offset - bar.n)
+            unreadable += damaged
             if ordinal == 0:
                 header_range = _parse_header_record(payload)
                 if header_range is not None:
@@ -383,9 +372,7 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                     identity_ranges.append((len(identity_ranges), *rng))
                     continue
             col.add(ordinal, offset, payload, error, image_required=header_range is not None)
-        if error_at is not None:
-            unreadable += reader.size - error_at
-        bar.update(reader.size - position)
+        bar.update(bar.total - bar.n)
         bar.close()
     reader.close()
 
@@ -421,6 +408,26 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                        idx_path=idx, lost=lost,
                        unlisted_offsets=np.asarray(unlisted, dtype=np.int64),
                        expected_images=expected_images, unreadable_bytes=unreadable)
+
+
+def _scan_between(reader: recordio.RecordReader, start: int, end: int
+                  ) -> Iterator[tuple[int, bytes | None, str | None, int]]:
+    """What ``reader.scan(start)`` yields for the records that start before ``end``, with
+    one more value: for a damaged stretch, its bytes up to the next record (or ``end``), which
+    are in no readable record; 0 for a good record."""
+    damaged = None  # a damaged stretch waits for the next record to tell where it ends
+    for offset, payload, error in reader.scan(start):
+        if damaged is not None:
+            yield *damaged, min(offset, end) - damaged[0]
+            damaged = None
+        if offset >= end:
+            return
+        if error is None:
+            yield offset, payload, None, 0
+        else:
+            damaged = offset, None, error
+    if damaged is not None:
+        yield *damaged, end - damaged[0]
 
 
 def _uncovered(starts: np.ndarray, ends: np.ndarray, size: int) -> list[tuple[int, int]]:
@@ -474,9 +481,10 @@ def require_complete(index: RecordIndex, allow_lost_records: bool = False) -> No
             log.warning("%s: %d byte(s) between records belong to no record; every record "
                         "is readable", rec, index.unreadable_bytes)
         return
-    shown = index.lost_offsets[:LOST_OFFSETS_SHOWN].tolist()
+    lost_offsets = index.lost_offsets  # a concatenation and sort of the offset arrays
+    shown = lost_offsets[:LOST_OFFSETS_SHOWN].tolist()
     where = f"; first at byte offset(s) {', '.join(map(str, shown))}" if shown else ""
-    if index.lost_offsets.size > len(shown):
+    if lost_offsets.size > len(shown):
         where += ", ..."
     alive = int((index.class_counts > 0).sum())
     if index.has_header:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import ToolkitError, add_debug_flag, run_cli
+from utils import ToolkitError, add_debug_flag, atomic_write_text, run_cli
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -364,8 +364,6 @@ class RecordWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        from utils import atomic_write_text
-
         atomic_write_text(self.idx_path, "".join(f"{k}\t{o}\n" for k, o in self._index))
 
 

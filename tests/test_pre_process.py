@@ -77,6 +77,11 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path):
     assert any("bad magic" in m and f"byte offset {offsets[9]}" in m for m in index.corrupt)
     want = [(k, c) for k, c, _ in expected if k not in (4, 9)]
     assert list(zip(index.keys.tolist(), index.labels.tolist(), strict=True)) == want
+    # the saved index keeps the count and the byte offsets of the skipped records
+    record_index.save_index(index)
+    loaded = record_index.load_index(rec)
+    assert loaded.corrupt_count == 2 and loaded.corrupt_offsets.tolist() == [offsets[4],
+                                                                             offsets[9]]
 
 
 def test_check_images_finds_undecodable_jpeg(tmp_path):
@@ -540,3 +545,24 @@ def test_garbage_between_listed_records_loses_nothing_and_is_warned_about(tmp_pa
         record_index.log.removeHandler(caplog.handler)
     assert f"{rec}: {len(lib.GARBAGE)} byte(s) between records belong to no record" \
         in caplog.text
+
+
+
+@pytest.mark.parametrize("where", ["header", "identity"])
+def test_infinite_header_or_identity_label_is_a_damaged_record(tmp_path, where):
+    """A header or identity record whose label pair holds an infinity (a damaged float) is
+    not a header or identity record, rather than an OverflowError out of int()."""
+    rec, offsets, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    key = 0 if where == "header" else len(expected) + 1 + 2  # the third identity record
+    data = bytearray(rec.read_bytes())
+    # record head (magic, length) 8 bytes, IRHeader 24, then the float32 pair [start, end)
+    struct.pack_into("<f", data, offsets[key] + 8 + 24 + 4, float("inf"))
+    rec.write_bytes(bytes(data))
+    index = record_index.index_record_file(rec, progress=False)
+    if where == "header":  # then it reads as a headerless file: no record lacks an image
+        assert not index.has_header and index.corrupt_count == 0
+        assert index.non_image_records == 1 + len(COUNTS)  # header + identity records
+    else:
+        assert index.has_header and index.corrupt_count == 1
+        assert f"identity record {key} is missing or malformed" in index.corrupt[0]
+    assert index.labels.tolist() == _expected_labels(expected)
