@@ -76,7 +76,6 @@ from train_utils import (
     CURVES_NAME,
     TENSORBOARD_NAME,
     CurvesWriter,
-    DataSetError,
     Monitor,
     NonFiniteLossError,
     ResumableBatchSampler,
@@ -84,6 +83,7 @@ from train_utils import (
     agree_on_overflow,
     build_loader,
     build_optimizer,
+    check_enough_images,
     check_labels,
     inject_fault,
     load_val_bins,
@@ -92,7 +92,7 @@ from train_utils import (
     param_groups,
     verify,
 )
-from utils import ToolkitError, get_logger, reuse_freed_memory, run_cli, seed_everything
+from utils import get_logger, reuse_freed_memory, run_cli, seed_everything
 
 LOG = get_logger("train")
 FLIP_PROBABILITY = 0.5
@@ -104,17 +104,11 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}  # on
 
 def build_dataset(cfg: Config) -> tuple[torch.utils.data.Dataset, str]:
     """The training set (RecordIO, or an image folder when cfg.image_folder is set) and the
-    file or folder it came from. data_gen's plain ValueErrors (an empty or unreadable set;
-    their messages name the file) become DataSetErrors: one line, not a traceback."""
-    try:
-        # train=False: no flip in the loader; the step flips on the device from the
-        # checkpointed RNG instead (random_flip), so augmentation resumes exactly
-        dataset = data_gen.build_dataset(cfg.rec, cfg.image_folder, train=False,
-                                         allow_lost_records=cfg.allow_lost_records)
-    except ValueError as e:
-        if isinstance(e, ToolkitError):
-            raise
-        raise DataSetError(str(e)) from e
+    file or folder it came from. An unusable set raises a ToolkitError naming the file."""
+    # train=False: no flip in the loader; the step flips on the device from the checkpointed
+    # RNG instead (random_flip), so augmentation resumes exactly
+    dataset = data_gen.build_dataset(cfg.rec, cfg.image_folder, train=False,
+                                     allow_lost_records=cfg.allow_lost_records)
     return dataset, cfg.image_folder or cfg.rec
 
 
@@ -279,9 +273,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     # folder as it was.
     check_output_folder(output, resume, overwrite)
     dataset, source = build_dataset(cfg)
-    if len(dataset) < cfg.batch_size * info.world_size:
-        raise DataSetError(f"{source}: {len(dataset)} images, fewer than one global batch of "
-                           f"{cfg.batch_size * info.world_size}; lower --batch-size")
+    check_enough_images(len(dataset), cfg.batch_size * info.world_size, source)
     num_classes = int(dataset.num_classes)
     check_labels(dataset.labels, num_classes, source)
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, info.world_size, info.rank,

@@ -24,6 +24,7 @@ from torch import nn
 
 from config import Config
 from distributed import DistInfo, all_reduce_sum_, barrier
+from record_index import DatasetError
 from utils import ToolkitError, get_logger
 
 LOG = get_logger("train")
@@ -42,11 +43,6 @@ class NonFiniteLossError(ToolkitError, RuntimeError):
 
 class LabelRangeError(ToolkitError, ValueError):
     """A training label lies outside [0, num_classes); the message names the data file."""
-
-
-class DataSetError(ToolkitError, ValueError):
-    """A training set that cannot be trained on (empty, too small for one batch); the
-    message names the file or folder."""
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -221,6 +217,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- data checks
+
+
+def check_enough_images(num_images: int, global_batch: int, source: str) -> None:
+    """Refuse a set smaller than one global batch (no step could run), naming it."""
+    if num_images < global_batch:
+        raise DatasetError(f"{source}: {num_images} images, fewer than one global batch of "
+                           f"{global_batch}; lower --batch-size")
 
 
 def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
