@@ -4,7 +4,7 @@ Usage as a script mirrors a tree of photos ``SRC_DIR/identity/image.jpg`` into a
 112x112 crops ``DST_DIR/identity/image.jpg``::
 
     python align_faces.py data/casia_raw data/casia_aligned [--skip-missing]
-                          [--detect-size 640]
+                          [--detect-size 512] [--workers 2]
 
 MTCNN searches each photo on a copy whose longer side is at most ``--detect-size`` pixels
 (0: full size; DEFAULT_DETECT_SIZE says what that costs and saves). A JPEG at least twice
@@ -30,6 +30,7 @@ import argparse
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+import mtcnn_cascade
 from face_warp import TEMPLATE_SIZE, check_rgb, template_for_size, warp_face
 from reduced_photo import Photo, read_photo
 from utils import (
@@ -60,14 +62,17 @@ DEFAULT_MIN_FACE_SIZE = 40  # pixels; MTCNN's smallest searched face (its own de
 # MTCNN sees a copy of each photo scaled so its longer side is at most this (0: full size);
 # boxes and landmarks are mapped back to full-size pixels (see MIN_REDUCED_EYE_RATIO). MTCNN's
 # cost grows with the pixels it searches (its pyramid starts at 12 / min_face_size of the
-# image): on 1.4-4.6k px photos it took 620 ms a photo at full size, 69 ms at 640 (2-core
-# CPU, one thread; bench/align_throughput.py). min_face_size counts pixels of the copy, so a
-# photo scaled by s finds faces down to min_face_size / s pixels: 1/16 of the longer side
-# at the defaults (125 px in a 2000 px photo, 190 px in 3000 px), far below the face of a
+# image). On 13 real 2-2.5k px photos (2-core CPU, 1 torch thread, 2 workers; bench README)
+# align_files did 50 photos/s at 512, 41 at 640 and 8.7 at full size (5.3 with facenet-
+# pytorch's driver); at 512 the photos are decoded at 1/4 (at 640 at 1/2), and the landmarks
+# were nearer the full-size search's (3.8% of the eye distance on average, 4.0% at 640;
+# MTCNN's own noise for a 2 px shift 2.2%). min_face_size counts pixels of the copy, so a
+# photo scaled by s finds faces down to min_face_size / s pixels: 1/12.8 of the longer side
+# at the defaults (156 px in a 2000 px photo, 234 px in 3000 px), below the face of a
 # portrait (370-740 px in those photos). Small faces in big group photos need a larger
 # --detect-size or 0. Searching below ~20 px on the copy instead would spend what the
-# downscale saves (99 ms a photo for 20 px at 640).
-DEFAULT_DETECT_SIZE = 640
+# downscale saves.
+DEFAULT_DETECT_SIZE = 512
 # A big JPEG is decoded at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling; the largest that keeps the
 # longer side >= the detect size, see read_photo), searched there, and its crop is warped from
 # that reduced decode when the face's eye distance there is at least this many times the
@@ -80,7 +85,17 @@ DEFAULT_DETECT_SIZE = 640
 # below ratio 0.75 the reduced crops were worse (4.4 against 2.2).
 MIN_REDUCED_EYE_RATIO = 1.0
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)  # P-, R- and O-net score thresholds (MTCNN's defaults)
+# Who drives MTCNN's three networks: "opencv", mtcnn_cascade's, one image at a time with
+# OpenCV resampling (the default on a CPU: MTCNN alone 1.35x faster at 512 px, 1.7x at full
+# size; bench README), or "facenet", facenet-pytorch's batched torch driver (the default
+# elsewhere: it keeps a batch of equal-size images on the device; no GPU figure yet).
+CASCADES = ("opencv", "facenet")
 DEFAULT_BATCH_SIZE = 32
+# align_files' threads, each reading and aligning its own chunk of files: with two, one chunk
+# is decoded while another is searched, and on a CPU two MTCNN searches run at once (torch
+# and OpenCV release the GIL): on 2 cores at 512 px, 50 photos/s against 30 with one thread
+# reading ahead and 24 with none (bench README).
+DEFAULT_WORKERS = 2
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset
 # A faceless image falls back to its central square of this fraction of the shorter side:
 # about the face region of a loosely cropped face photo such as LFW's 250x250 images.
@@ -215,7 +230,7 @@ class FaceAligner:
     def __init__(self, device: Any = None, min_face_size: int = DEFAULT_MIN_FACE_SIZE,
                  thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
                  batch_size: int = DEFAULT_BATCH_SIZE, size: int = TEMPLATE_SIZE,
-                 detect_size: int = DEFAULT_DETECT_SIZE) -> None:
+                 detect_size: int = DEFAULT_DETECT_SIZE, cascade: str | None = None) -> None:
         import torch
         from facenet_pytorch import MTCNN
 
@@ -230,6 +245,12 @@ class FaceAligner:
         self.min_face_size = int(min_face_size)
         self.batch_size = int(batch_size)
         self.size = int(size)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        if cascade is None:
+            cascade = "opencv" if self.device.type == "cpu" else "facenet"
+        if cascade not in CASCADES:
+            raise ValueError(f"cascade must be one of {', '.join(CASCADES)}, got {cascade!r}")
+        self.cascade = cascade
         # keep_all: we choose among the faces ourselves (central rule or hint box).
         self._mtcnn = MTCNN(min_face_size=self.min_face_size, thresholds=list(thresholds),
                             keep_all=True, select_largest=False, device=self.device)
@@ -244,6 +265,11 @@ class FaceAligner:
         """MTCNN on an (N, H, W, 3) uint8 stack of equal-size images."""
         if min(stack.shape[1:3]) < self.min_face_size:
             return [_no_detections() for _ in range(len(stack))]  # MTCNN has no scale to try
+        if self.cascade == "opencv":
+            nets = self._mtcnn.pnet, self._mtcnn.rnet, self._mtcnn.onet
+            with self._torch.inference_mode():
+                return [mtcnn_cascade.detect(*nets, image, self.min_face_size, self.thresholds)
+                        for image in stack]
         try:
             with self._torch.inference_mode():
                 boxes, probs, points = self._mtcnn.detect(stack, landmarks=True)
@@ -378,50 +404,72 @@ class FileCrop:
     error: ImageReadError | None = None  # why the file could not be read
 
 
+def _in_order(pool: ThreadPoolExecutor, work: Callable[[Any], Any], items: Sequence[Any],
+              ahead: int) -> Iterator[Any]:
+    """``work(item)`` for each of ``items`` on ``pool``, results in order, at most ``ahead``
+    items submitted beyond the one being waited for (what bounds the memory held)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(work, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def align_files(aligner: FaceAligner, paths: Sequence[Path], batch_size: int,
                 hint_for: Callable[[Path], Sequence[float] | None] | None = None,
-                size: int = TEMPLATE_SIZE, num_workers: int = 1, desc: str = "align",
-                progress: bool = True, leave: bool = True) -> Iterator[FileCrop]:
+                size: int = TEMPLATE_SIZE, num_workers: int = DEFAULT_WORKERS,
+                desc: str = "align", progress: bool = True,
+                leave: bool = True) -> Iterator[FileCrop]:
     """Read and align image files ``batch_size`` at a time: one FileCrop per path, in order.
 
     A faceless image gets its :func:`center_crop`; an unreadable file is no error here (its
     FileCrop carries the ImageReadError). ``hint_for(path)``, asked for readable files only,
-    gives ``align_batch``'s per-image ``hint_box``. ``num_workers`` threads read the files;
-    a tqdm bar counts them. An aligner with ``align_photos`` (FaceAligner) gets big JPEGs
-    decoded reduced for its ``detect_size`` (:func:`read_photo`); others get full-size
-    images through ``align_batch``."""
+    gives ``align_batch``'s per-image ``hint_box``. ``num_workers`` threads each read and
+    align a chunk of ``batch_size`` files at a time (see DEFAULT_WORKERS); a tqdm bar counts
+    the files. An aligner with ``align_photos`` (FaceAligner) gets big JPEGs decoded reduced
+    for its ``detect_size`` (:func:`read_photo`); others get full-size images through
+    ``align_batch``."""
     from tqdm import tqdm
 
     takes_photos = hasattr(aligner, "align_photos")
     read = partial(read_photo, detect_size=aligner.detect_size if takes_photos else 0)
-    batch_size = max(1, batch_size)
-    with ThreadPoolExecutor(max(1, num_workers)) as pool, \
-            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress,
-                 leave=leave) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            loaded = list(pool.map(read, chunk))
-            readable = [(p, im) for p, im in zip(chunk, loaded, strict=True)
-                        if isinstance(im, Photo)]
-            photos = [im for _, im in readable]
-            hints = [None] * len(readable) if hint_for is None else \
-                [hint_for(p) for p, _ in readable]
-            given = {} if hint_for is None else {"hint_box": hints}  # hints only when any
-            if not photos:
-                faces = []
-            elif takes_photos:
-                faces = aligner.align_photos(photos, **given)
-            else:
-                faces = aligner.align_batch([p.image for p in photos], **given)
-            done = iter(zip(photos, faces, hints, strict=True))
-            for path, photo in zip(chunk, loaded, strict=True):
-                if not isinstance(photo, Photo):
-                    yield FileCrop(path, None, None, error=photo)
-                    continue
-                photo, face, hint = next(done)
-                crop = center_crop(photo.full_image(), size) if face is None else face.crop
-                yield FileCrop(path, crop, face, hint)
-            bar.update(len(chunk))
+
+    def align_chunk(chunk: Sequence[Path]) -> list[FileCrop]:
+        loaded = [read(p) for p in chunk]
+        photos = [im for im in loaded if isinstance(im, Photo)]
+        hints = [None] * len(photos) if hint_for is None else \
+            [hint_for(p) for p, im in zip(chunk, loaded, strict=True) if isinstance(im, Photo)]
+        given = {} if hint_for is None else {"hint_box": hints}  # hints only when any
+        if not photos:
+            faces = []
+        elif takes_photos:
+            faces = aligner.align_photos(photos, **given)
+        else:
+            faces = aligner.align_batch([p.image for p in photos], **given)
+        done = iter(zip(faces, hints, strict=True))
+        out = []
+        for path, photo in zip(chunk, loaded, strict=True):
+            if not isinstance(photo, Photo):
+                out.append(FileCrop(path, None, None, error=photo))
+                continue
+            face, hint = next(done)
+            crop = center_crop(photo.full_image(), size) if face is None else face.crop
+            out.append(FileCrop(path, crop, face, hint))
+        return out
+
+    batch_size, workers = max(1, batch_size), max(1, num_workers)
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    pool = ThreadPoolExecutor(workers)
+    try:
+        with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress,
+                  leave=leave) as bar:
+            for crops in _in_order(pool, align_chunk, chunks, ahead=workers):
+                yield from crops
+                bar.update(len(crops))
+    finally:  # an error or a caller that stopped early: no chunk starts after this
+        pool.shutdown(cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- tree
@@ -457,7 +505,8 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
                min_face_size: int = DEFAULT_MIN_FACE_SIZE,
                report_path: str | Path | None = None, progress: bool = True,
                device: Any = None, aligner: FaceAligner | None = None,
-               detect_size: int = DEFAULT_DETECT_SIZE) -> dict[str, Any]:
+               detect_size: int = DEFAULT_DETECT_SIZE,
+               num_workers: int = DEFAULT_WORKERS) -> dict[str, Any]:
     """Align every image under ``src_dir`` into the same relative path under ``dst_dir``.
 
     Resumable: an output that exists is skipped. A faceless image is centre-cropped
@@ -497,7 +546,8 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
             rep.flush()
 
         size = aligner.size if aligner is not None else TEMPLATE_SIZE
-        for item in align_files(aligner, todo, batch_size, size=size, progress=progress):
+        for item in align_files(aligner, todo, batch_size, size=size, progress=progress,
+                                num_workers=num_workers):
             rel = item.path.relative_to(src).as_posix()
             if item.error is not None:
                 counts["unreadable"] += 1
@@ -580,6 +630,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "(big JPEGs are decoded reduced); a photo scaled down by "
                         "s finds faces from min-face-size / s pixels up. 0: full size (slow "
                         "on big photos; for small faces in big group photos)")
+    p.add_argument("--workers", type=_int_at_least(1), default=DEFAULT_WORKERS,
+                   help="threads, each reading and aligning a batch of files at a time")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     p.add_argument("--report", type=Path, default=None,
                    help=f"report file (default DST_DIR/{REPORT_NAME})")
@@ -598,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              batch_size=args.batch_size, min_face_size=args.min_face_size,
                              report_path=args.report, progress=not args.no_progress,
                              device=None if args.device == "auto" else args.device,
-                             detect_size=args.detect_size)
+                             detect_size=args.detect_size, num_workers=args.workers)
     except DeviceError as e:  # --device cuda without CUDA (any other error is run_cli's)
         print(f"error: {e}", file=sys.stderr)
         return 2

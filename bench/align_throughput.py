@@ -2,7 +2,7 @@
 
     python bench/align_throughput.py [PHOTO_DIR] [--sizes 0 640] [--min-side 2000]
                                      [--max-side 3000] [--limit 0] [--threads 1]
-                                     [--repeats 2] [--crop-ratios] [--huge]
+                                     [--repeats 2] [--copies 1] [--crop-ratios] [--huge]
 
 Times ``align_faces.align_files`` (read + decode + EXIF orientation + MTCNN + warp) over the
 JPEG/PNG photos in PHOTO_DIR whose longer side is within [--min-side, --max-side], once per
@@ -11,9 +11,11 @@ big JPEGs decoded at 1/2-1/8, crops warped from that decode when the face is big
 and, for nonzero sizes, as it was ("old": full decode, downscaled copy for MTCNN, crop warped
 from the full photo: ``align_batch`` on ``read_image``'s arrays), after one untimed photo;
 ``--repeats`` rounds, interleaved so that load from other processes hits every setting
-alike, best round reported. Also times the bare reads (full decode; reduced decode), the
-floors, and ``FaceAligner.detect`` alone on the decoded images (downscale + MTCNN + mapping
-back): old on the full decode, new on the reduced one.
+alike, best round reported. ``--copies N`` lists every photo N times for the align_files
+timings: its ``--workers`` threads each read and align a batch (32) at a time, so only a
+list several batches long shows the steady rate. Also times the bare reads (full decode;
+reduced decode), the floors, and ``FaceAligner.detect`` alone on the decoded images
+(downscale + MTCNN + mapping back): old on the full decode, new on the reduced one.
 
 Crops: new against old, and each against an anti-aliased reference at its own landmarks
 (warped at 8x from the full photo and area-averaged), mean absolute difference in grey
@@ -233,7 +235,11 @@ def main() -> None:
     p.add_argument("--max-side", type=int, default=3000)
     p.add_argument("--limit", type=int, default=0, help="at most this many photos (0: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--workers", type=int, default=None,
+                   help="align_files threads (default align_faces.DEFAULT_WORKERS)")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (best is reported)")
+    p.add_argument("--copies", type=int, default=1,
+                   help="list each photo this many times in the align_files timings")
     p.add_argument("--crop-ratios", action="store_true",
                    help="also crops from 1/2, 1/4, 1/8 decodes against an anti-aliased one, "
                         "by eye distance on the decode (the MIN_REDUCED_EYE_RATIO choice)")
@@ -248,6 +254,7 @@ def main() -> None:
     from utils import read_image
 
     torch.set_num_threads(args.threads)
+    workers = af.DEFAULT_WORKERS if args.workers is None else args.workers
     tmp = tempfile.TemporaryDirectory()
     paths: list[Path] = []
     sides: dict[Path, int] = {}
@@ -263,18 +270,23 @@ def main() -> None:
     if args.limit:
         paths = paths[:args.limit]
     sides = [sides.get(q) or longer_side(q) for q in paths]
-    print(f"{source}; longer side {min(sides)}-{max(sides)} px; torch threads {args.threads}, "
+    print(f"{source} (timed as {args.copies} copies); longer side {min(sides)}-{max(sides)} px; "
+          f"torch threads {args.threads}, align_files workers {workers}, "
           f"{os.cpu_count()} CPUs")
 
     sizes = sorted(set(args.sizes))
     aligners = {size: af.FaceAligner(device="cpu", detect_size=size) for size in sizes}
-    for aligner in aligners.values():
+    # the full-size search as before mtcnn_cascade: facenet-pytorch's own MTCNN driver
+    before = af.FaceAligner(device="cpu", detect_size=0, cascade="facenet")
+    for aligner in [*aligners.values(), before]:
         list(af.align_files(aligner, paths[:1], 1, progress=False))  # warm-up
     # settings: (size, "new") = align_files as it is (reduced JPEG decode for size > 0);
     # (size, "old") = the code before it: full decode, align_batch on the array (downscale
     # from full size, crop warped from full size), as align_files did.
-    settings = [(size, "new") for size in sizes] + [(size, "old") for size in sizes if size]
+    settings = [(size, "new") for size in sizes] + [(size, "old") for size in sizes if size] \
+        + [(0, "facenet")]
     floors, results, detect_s = {}, {}, {}
+    listed = paths * max(1, args.copies)  # what align_files is timed on
     for _ in range(max(1, args.repeats)):
         for name, read in (("full", read_image), ("reduced", None)):
             start = time.perf_counter()
@@ -293,36 +305,38 @@ def main() -> None:
                 detect_s[key] = min(detect_s.get(key, np.inf), time.perf_counter() - start)
             del images
         for size, how in settings:
-            aligner = aligners[size]
+            aligner = before if how == "facenet" else aligners[size]
             start = time.perf_counter()
-            if how == "new":
-                done = [f.face for f in af.align_files(aligner, paths, af.DEFAULT_BATCH_SIZE,
-                                                       progress=False)]
+            if how in ("new", "facenet"):
+                done = [f.face for f in af.align_files(aligner, listed, af.DEFAULT_BATCH_SIZE,
+                                                       num_workers=workers, progress=False)]
             else:
-                done = [face for i in range(0, len(paths), af.DEFAULT_BATCH_SIZE)
+                done = [face for i in range(0, len(listed), af.DEFAULT_BATCH_SIZE)
                         for face in aligner.align_batch(
-                            [read_image(q) for q in paths[i:i + af.DEFAULT_BATCH_SIZE]])]
+                            [read_image(q) for q in listed[i:i + af.DEFAULT_BATCH_SIZE]])]
             seconds = time.perf_counter() - start
             if (size, how) not in results or seconds < results[size, how][1]:
-                results[size, how] = (dict(zip(paths, done, strict=True)), seconds)
-    rows = [("read + full decode (floor, old)", len(paths) / floors["full"], "", "", ""),
+                results[size, how] = (dict(zip(listed, done, strict=True)), seconds)
+    rows = [("read + full decode (floor, old)", len(paths) / floors["full"], "", "", "", ""),
             (f"read + reduced decode for {max(sizes)} (floor, new)",
-             len(paths) / floors["reduced"], "", "", "")]
+             len(paths) / floors["reduced"], "", "", "", "")]
     ref = {q: f.landmarks for q, f in results[0, "new"][0].items() if f is not None} \
         if (0, "new") in results else None
     base_s = results[0, "new"][1] if (0, "new") in results else None
+    before_s = results[0, "facenet"][1]
     for (size, how), (faces, seconds) in results.items():
         name = "full size" if size == 0 else f"detect_size {size}, {how}"
+        name = "full size, facenet-pytorch's driver" if how == "facenet" else name
         landmarks = {q: f.landmarks for q, f in faces.items() if f is not None}
-        diff = landmark_diff(landmarks, ref) if ref is not None and size != 0 else []
-        rows.append((f"{name} ({len(landmarks)}/{len(paths)} faces)", len(paths) / seconds,
-                     f"{base_s / seconds:.1f}x" if base_s else "",
+        diff = landmark_diff(landmarks, ref) if ref is not None and (size or how != "new") else []
+        rows.append((f"{name} ({len(landmarks)}/{len(paths)} faces)", len(listed) / seconds,
+                     f"{base_s / seconds:.1f}x" if base_s else "", f"{before_s / seconds:.1f}x",
                      f"{np.mean(diff):.2f}" if diff else "", f"{np.max(diff):.2f}" if diff else ""))
     for (size, how), seconds in detect_s.items():
         name = "full size" if size == 0 else f"detect_size {size}, {how}"
         rows.append((f"  {name}: FaceAligner.detect only", len(paths) / seconds,
                      f"{detect_s[0, 'old'] / seconds:.1f}x" if (0, "old") in detect_s else "",
-                     "", ""))
+                     "", "", ""))
     if ref is not None:  # MTCNN's repeatability at full size: the same photo shifted by 2 px
         full = aligners[0]
         shifted = {}
@@ -332,14 +346,17 @@ def main() -> None:
                 shifted[q] = face.landmarks + SHIFT
         diff = landmark_diff(shifted, ref)
         rows.append((f"full size, photo shifted {SHIFT} px (MTCNN's own noise)", float("nan"),
-                     "", f"{np.mean(diff):.2f}", f"{np.max(diff):.2f}"))
+                     "", "", f"{np.mean(diff):.2f}", f"{np.max(diff):.2f}"))
     crop_rows = crop_differences(results, paths)
 
-    print(f"\n{'setting':<46} {'photos/s':>9} {'speed-up':>9} "
+    print(f"\n{'setting':<52} {'photos/s':>9} {'vs full':>8} {'vs before':>10} "
           f"{'lm diff mean %':>15} {'max %':>7}")
-    for name, rate, speedup, mean, worst in rows:
+    for name, rate, speedup, over_before, mean, worst in rows:
         rate_s = "" if np.isnan(rate) else f"{rate:.2f}"
-        print(f"{name:<46} {rate_s:>9} {speedup:>9} {mean:>15} {worst:>7}")
+        print(f"{name:<52} {rate_s:>9} {speedup:>8} {over_before:>10} {mean:>15} {worst:>7}")
+    print("\nvs full: speed-up over the full-size search (align_files, --detect-size 0); vs "
+          "before: over the same with facenet-pytorch's MTCNN driver (this toolkit before "
+          "mtcnn_cascade)")
     print("\nlm diff: largest of the 5 landmark distances from the full-size search's, "
           "in % of its eye distance, over photos where both found a face")
     print("\ncrops (mean absolute difference, grey levels, mean / max over photos):")

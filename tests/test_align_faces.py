@@ -175,7 +175,8 @@ def test_align_files_keeps_order_centre_crops_faceless_and_reports_unreadable(tm
         return boxes[path.name]
 
     fake = _TopLeftAligner()
-    out = list(af.align_files(fake, paths, batch_size=2, hint_for=hint_for, progress=False))
+    out = list(af.align_files(fake, paths, batch_size=2, hint_for=hint_for, num_workers=1,
+                              progress=False))
     assert [r.path for r in out] == paths
     assert asked == ["a.png", "b.png", "d.png"]  # never for the unreadable file
     assert fake.calls == [(2, [(1.0, 2.0, 3.0, 4.0), None]), (1, [(5.0, 6.0, 7.0, 8.0)])]
@@ -195,6 +196,35 @@ def test_align_files_without_hints_calls_align_batch_without_them(tmp_path):
     [done] = af.align_files(fake, [tmp_path / "x.png"], batch_size=8, size=64, progress=False)
     assert fake.calls == [(1, "not passed")] and done.hint is None and done.face is None
     assert done.crop.shape == (64, 64, 3)  # the centre crop at the size asked for
+
+
+def test_align_files_workers_keep_the_order_and_pass_errors_on(tmp_path):
+    """Three threads on chunks of two: every FileCrop in the order of the paths, each chunk
+    aligned once; an error inside a chunk reaches the caller, and a caller that stops early
+    leaves no chunk running."""
+    import threading
+
+    paths = []
+    for i in range(11):
+        paths.append(tmp_path / f"{i:02d}.png")
+        write_image(paths[-1], np.full((20 + i, 30, 3), 1 + i, np.uint8))
+    fake, threads = _TopLeftAligner(), threading.active_count()
+    out = list(af.align_files(fake, paths, batch_size=2, num_workers=3, progress=False))
+    assert [r.path for r in out] == paths
+    assert [int(r.crop[0, 0, 0]) for r in out] == [7] * 11  # each its own face crop
+    assert sorted(n for n, _ in fake.calls) == [1] + [2] * 5
+
+    class Failing(_TopLeftAligner):
+        def align_batch(self, images, hint_box="not passed"):
+            if any(im.shape[0] == 24 for im in images):  # in the third chunk
+                raise RuntimeError("bug in chunk 3")
+            return super().align_batch(images, hint_box)
+
+    with pytest.raises(RuntimeError, match="bug in chunk 3"):
+        list(af.align_files(Failing(), paths, batch_size=2, num_workers=2, progress=False))
+    first = next(af.align_files(fake, paths, batch_size=2, num_workers=2, progress=False))
+    assert first.path == paths[0]
+    assert threading.active_count() == threads  # the pool was shut down with the generator
 
 
 @pytest.fixture(scope="module")
@@ -312,10 +342,12 @@ def _grace_hopper() -> np.ndarray:
                             cv2.COLOR_BGR2RGB)
 
 
-def test_phone_photo_stored_sideways_is_aligned_upright(tmp_path, aligner):
+def test_phone_photo_stored_sideways_is_aligned_upright(tmp_path):
     """A JPEG stored rotated with EXIF Orientation=6 (as phones write it): the face is found
     where it is in the upright photo, and the crop equals the upright photo's crop."""
     from PIL import Image
+
+    aligner = af.FaceAligner(device="cpu", detect_size=0)  # both searched at full size
 
     upright = _grace_hopper()  # 600x512, one face
     exif = Image.Exif()
@@ -328,12 +360,14 @@ def test_phone_photo_stored_sideways_is_aligned_upright(tmp_path, aligner):
     assert reference is not None and done.face is not None
     eye_distance = np.linalg.norm(reference.landmarks[1] - reference.landmarks[0])
     assert np.abs(done.face.landmarks - reference.landmarks).max() < 0.05 * eye_distance
-    assert np.abs(done.crop.astype(int) - reference.crop).mean() < 8
+    # the JPEG's own loss moves MTCNN's landmarks by ~1% of the eye distance (up to ~1.4 px
+    # here: 2-9 grey levels of crop); read sideways, the crop would differ by ~70
+    assert np.abs(done.crop.astype(int) - reference.crop).mean() < 12
 
 
 def _big_photo_with_a_small_face() -> np.ndarray:
     """2048x2048: the astronaut upscaled 2x (her face ~170 px wide) and, far right, her head
-    shrunk to 128 px (face ~45 px: found at full size, too small on a 640 px copy)."""
+    shrunk to 128 px (face ~45 px: found at full size, too small on the default copy)."""
     photo = data.astronaut()
     canvas = np.full((2048, 2048, 3), 110, np.uint8)
     canvas[200:1224, 100:1124] = cv2.resize(photo, (1024, 1024), interpolation=cv2.INTER_CUBIC)
@@ -348,11 +382,12 @@ def test_big_photo_is_searched_on_a_bounded_copy_and_warped_at_full_size(aligner
     full_boxes, _, full_points = full.detect(big)
     assert len(full_boxes) == 2  # both faces at full size
     seen = []  # the sizes of the images MTCNN is given
-    detect = aligner._mtcnn.detect
-    monkeypatch.setattr(aligner._mtcnn, "detect",
-                        lambda stack, **kw: seen.append(stack.shape) or detect(stack, **kw))
+    detect = aligner._detect_stack
+    monkeypatch.setattr(aligner, "_detect_stack",
+                        lambda stack: seen.append(stack.shape) or detect(stack))
     face = aligner.align(big)
-    assert seen == [(1, 640, 640, 3)] and aligner.detect_size == af.DEFAULT_DETECT_SIZE
+    size = af.DEFAULT_DETECT_SIZE
+    assert seen == [(1, size, size, 3)] and aligner.detect_size == size
     # the big face, in full-size pixels: the landmarks of the full-size search within MTCNN's
     # own repeatability (it moves them by up to ~7% of the eye distance on a 2 px shift)
     k = int(np.argmin(full_boxes[:, 0]))
@@ -362,7 +397,7 @@ def test_big_photo_is_searched_on_a_bounded_copy_and_warped_at_full_size(aligner
     assert box_iou_one(face.box, full_boxes[k]) > 0.85
     # the crop is cut from the full-size photo with the mapped landmarks
     np.testing.assert_array_equal(face.crop, fw.warp_face(big, face.landmarks))
-    # the trade-off: the 45 px face is below min_face_size on the 640 px copy
+    # the trade-off: the 45 px face is below min_face_size on the default copy
     assert len(aligner.detect(big)[0]) == 1
 
 
@@ -508,17 +543,19 @@ def _reference_crop(image: np.ndarray, landmarks: np.ndarray, over: int = 8) -> 
     return cv2.resize(big, (112, 112), interpolation=cv2.INTER_AREA).astype(float)
 
 
-def test_big_jpeg_is_searched_and_cropped_on_a_reduced_decode(tmp_path, aligner, monkeypatch):
-    """The 2048 px photo as a JPEG: decoded at 1/2 (1024 px, the largest reduction still >=
-    640), its landmarks within the same tolerance of the full-size search as the downscaled
+def test_big_jpeg_is_searched_and_cropped_on_a_reduced_decode(tmp_path, monkeypatch):
+    """The 2048 px photo as a JPEG, searched at 640: decoded at 1/2 (1024 px, the largest
+    reduction still >= 640; at 1/4 her eyes would be closer than the template's), its
+    landmarks within the same tolerance of the full-size search as the downscaled
     array's, and its crop, warped from the reduced decode, close to the full-size one."""
     import reduced_photo
     from reduced_photo import read_photo
     from utils import read_image
 
+    aligner = af.FaceAligner(device="cpu", detect_size=640)
     path = tmp_path / "big.jpg"
     write_image(path, _big_photo_with_a_small_face())
-    photo = read_photo(path, af.DEFAULT_DETECT_SIZE)
+    photo = read_photo(path, aligner.detect_size)
     assert photo.reduce == 2 and photo.image.shape == (1024, 1024, 3)
     full = read_image(path)
     full_boxes, _, full_points = af.FaceAligner(device="cpu", detect_size=0).detect(full)

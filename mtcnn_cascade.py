@@ -1,0 +1,168 @@
+"""MTCNN's three-stage cascade on one image on the CPU, with OpenCV doing the resampling.
+
+facenet-pytorch's MTCNN runs the cascade of Zhang et al. (2016) -- a P-net over an image
+pyramid, an R-net and an O-net over the square crops that survive -- batched on torch
+tensors. On a CPU about a third of its time went to resampling: every pyramid level pooled
+from the whole image with ``interpolate(mode="area")`` and every candidate crop resized by
+its own ``interpolate`` call (cProfile, 512 px photos). :func:`detect` runs the same three
+networks (facenet-pytorch's weights) on the same candidates with one ``cv2.resize`` of the
+uint8 image per level and per crop. Its thresholds, pyramid, box arithmetic and non-maximum
+suppressions are MTCNN's, and its coordinates follow facenet-pytorch's (1-based, see
+align_faces.MTCNN_COORDINATE_OFFSET), so the two drivers' results mean the same thing; the
+area averages differ slightly (OpenCV weighs partly covered pixels by their coverage), so
+the detections agree as closely as two runs of MTCNN on a photo shifted by a pixel do
+(tests/test_mtcnn_cascade.py). Figures: bench/README.md, alignment section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+PNET_STRIDE = 2  # the P-net's output grid step, in pixels of its pyramid level
+PNET_CELL = 12  # the P-net's window: a face of min_face_size is this big on the first level
+RNET_SIZE, ONET_SIZE = 24, 48  # the R- and O-net input sides
+PYRAMID_FACTOR = 0.709  # each level is this times the previous one (area halves)
+PIXEL_MEAN, PIXEL_SCALE = 127.5, 1 / 128  # the networks' input normalisation
+# Overlap above which the weaker of two boxes is dropped: within one pyramid level, across
+# levels, after the R-net (intersection over union), and after the O-net, where overlap is
+# the intersection over the smaller box ("Min"), as MTCNN does.
+NMS_LEVEL, NMS_ALL, NMS_RNET, NMS_ONET = 0.5, 0.7, 0.7, 0.7
+
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N, 4), probs (N,), points
+
+
+def pyramid_scales(height: int, width: int, min_face_size: float,
+                   factor: float = PYRAMID_FACTOR) -> list[float]:
+    """The P-net's scales: from PNET_CELL / min_face_size down by ``factor`` while the
+    shorter side scaled stays at least PNET_CELL pixels."""
+    scale, side, scales = PNET_CELL / min_face_size, min(height, width) * PNET_CELL / \
+        min_face_size, []
+    while side >= PNET_CELL:
+        scales.append(scale)
+        scale, side = scale * factor, side * factor
+    return scales
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float,
+        over_smaller: bool = False) -> np.ndarray:
+    """Indices of the boxes kept, best score first: each drops the later ones whose overlap
+    with it is above ``threshold`` (intersection over union, or over the smaller box).
+    Areas count pixels inclusively (width x2 - x1 + 1) when ``over_smaller``, as MTCNN's
+    last stage does; torchvision's convention (x2 - x1) otherwise."""
+    extra = 1.0 if over_smaller else 0.0
+    x1, y1, x2, y2 = (boxes[:, i].astype(np.float64) for i in range(4))
+    area = (x2 - x1 + extra) * (y2 - y1 + extra)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + extra)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + extra)
+        inter = w * h
+        base = np.minimum(area[i], area[rest]) if over_smaller else \
+            area[i] + area[rest] - inter
+        order = rest[inter <= threshold * base]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _net_input(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 to the networks' normalised float (N, 3, H, W), channels last."""
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() - PIXEL_MEAN) * PIXEL_SCALE
+
+
+def _square(boxes: np.ndarray) -> np.ndarray:
+    """Boxes grown to squares of their longer side about the same centre."""
+    out = boxes.copy()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    out[:, 0] = boxes[:, 0] + (w - side) / 2
+    out[:, 1] = boxes[:, 1] + (h - side) / 2
+    out[:, 2:4] = out[:, :2] + side[:, None]
+    return out
+
+
+def _regress(boxes: np.ndarray, offsets: np.ndarray, inclusive: bool = True) -> np.ndarray:
+    """Box corners moved by ``offsets`` (N, 4) in units of the box's width and height."""
+    out = boxes.copy()
+    extra = 1.0 if inclusive else 0.0
+    size = np.stack([boxes[:, 2] - boxes[:, 0] + extra, boxes[:, 3] - boxes[:, 1] + extra], 1)
+    out[:, :4] = boxes[:, :4] + offsets[:, :4] * np.tile(size, 2)
+    return out
+
+
+def _crops(image: np.ndarray, boxes: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The part of each box inside the image (1-based box corners, as MTCNN's) resized to
+    side x side; and which boxes had any."""
+    h, w = image.shape[:2]
+    corners = np.trunc(boxes[:, :4]).astype(np.int64)
+    x1, y1 = np.maximum(corners[:, 0], 1), np.maximum(corners[:, 1], 1)
+    x2, y2 = np.minimum(corners[:, 2], w), np.minimum(corners[:, 3], h)
+    valid = (x2 >= x1) & (y2 >= y1)
+    crops = [cv2.resize(image[b - 1:d, a - 1:c], (side, side), interpolation=cv2.INTER_AREA)
+             for a, b, c, d in zip(x1[valid], y1[valid], x2[valid], y2[valid], strict=True)]
+    return np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8), valid
+
+
+def _no_faces() -> Detections:
+    return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
+
+
+def detect(pnet: torch.nn.Module, rnet: torch.nn.Module, onet: torch.nn.Module,
+           image: np.ndarray, min_face_size: float,
+           thresholds: Sequence[float]) -> Detections:
+    """Faces in an (H, W, 3) uint8 RGB image: boxes (N, 4) x1 y1 x2 y2, probabilities (N,)
+    and landmarks (N, 5, 2) (x, y), in facenet-pytorch's coordinates. Call it under
+    ``torch.inference_mode()``."""
+    image = np.ascontiguousarray(image)
+    h, w = image.shape[:2]
+    # Stage 1: the P-net's windows over the pyramid, suppressed per level then across levels.
+    found = []
+    for scale in pyramid_scales(h, w, min_face_size):
+        level = cv2.resize(image, (int(w * scale + 1), int(h * scale + 1)),
+                           interpolation=cv2.INTER_AREA)
+        offsets, probs = pnet(_net_input(level[None]))
+        score = probs[0, 1].numpy()
+        ys, xs = np.nonzero(score >= thresholds[0])
+        if len(ys) == 0:
+            continue
+        cell = np.stack([xs, ys], 1).astype(np.float32) * PNET_STRIDE
+        boxes = np.concatenate([np.floor((cell + 1) / scale), np.floor((cell + PNET_CELL) / scale),
+                                score[ys, xs, None], offsets[0][:, ys, xs].numpy().T], axis=1)
+        found.append(boxes[nms(boxes[:, :4], boxes[:, 4], NMS_LEVEL)])
+    if not found:
+        return _no_faces()
+    boxes = np.concatenate(found)
+    boxes = boxes[nms(boxes[:, :4], boxes[:, 4], NMS_ALL)]
+    boxes = _square(_regress(boxes[:, :5], boxes[:, 5:9], inclusive=False))
+    # Stage 2: the R-net rescores and refines each square crop.
+    crops, valid = _crops(image, boxes, RNET_SIZE)
+    if len(crops) == 0:
+        return _no_faces()
+    offsets, probs = (t.numpy() for t in rnet(_net_input(crops)))
+    boxes = boxes[valid]
+    passed = probs[:, 1] > thresholds[1]
+    boxes = np.concatenate([boxes[passed, :4], probs[passed, 1:2]], axis=1)
+    offsets = offsets[passed]
+    keep = nms(boxes[:, :4], boxes[:, 4], NMS_RNET)
+    boxes = _square(_regress(boxes[keep], offsets[keep]))
+    # Stage 3: the O-net rescores, refines and places the five landmarks.
+    crops, valid = _crops(image, boxes, ONET_SIZE)
+    if len(crops) == 0:
+        return _no_faces()
+    offsets, marks, probs = (t.numpy() for t in onet(_net_input(crops)))
+    boxes = boxes[valid]
+    passed = probs[:, 1] > thresholds[2]
+    boxes = np.concatenate([boxes[passed, :4], probs[passed, 1:2]], axis=1)
+    offsets, marks = offsets[passed], marks[passed]
+    size = np.stack([boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1], 1)
+    points = np.stack([marks[:, :5], marks[:, 5:]], 2) * size[:, None, :] \
+        + boxes[:, None, :2] - 1
+    boxes = _regress(boxes, offsets)
+    keep = nms(boxes[:, :4], boxes[:, 4], NMS_ONET, over_smaller=True)
+    return (boxes[keep, :4].astype(np.float64), boxes[keep, 4].astype(np.float64),
+            points[keep].astype(np.float64))
