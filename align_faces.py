@@ -42,7 +42,8 @@ import cv2
 import numpy as np
 
 import mtcnn_cascade
-from face_warp import TEMPLATE_SIZE, check_rgb, template_for_size, warp_face
+from face_warp import TEMPLATE_SIZE, center_crop, check_rgb, template_for_size, warp_face
+from mtcnn_cascade import Detections, map_detections, map_from_copy, no_faces
 from reduced_photo import Photo, read_photo
 from utils import (
     IMAGE_EXTENSIONS,
@@ -93,13 +94,10 @@ CASCADES = ("opencv", "facenet")
 DEFAULT_BATCH_SIZE = 32
 # align_files' threads, each reading and aligning its own chunk of files: with two, one chunk
 # is decoded while another is searched, and on a CPU two MTCNN searches run at once (torch
-# and OpenCV release the GIL): on 2 cores at 512 px, 50 photos/s against 30 with one thread
-# reading ahead and 24 with none (bench README).
+# and OpenCV release the GIL): on 2 cores at 512 px, 50 photos/s against 28 with one worker
+# (bench README). Each worker's torch ops use torch's own thread count.
 DEFAULT_WORKERS = 2
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset
-# A faceless image falls back to its central square of this fraction of the shorter side:
-# about the face region of a loosely cropped face photo such as LFW's 250x250 images.
-CENTER_CROP_FRACTION = 0.5
 REPORT_NAME = "align_report.tsv"  # default report file, inside DST_DIR
 STATUS_NO_FACE = "no_face"
 STATUS_UNREADABLE = "unreadable"
@@ -146,18 +144,6 @@ def box_iou(boxes: np.ndarray, box: Sequence[float]) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def center_crop(image: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
-    """Fallback crop for an image without a detected face: its central square of side
-    CENTER_CROP_FRACTION x the shorter side, resized to ``size`` x ``size``."""
-    image = check_rgb(image)
-    h, w = image.shape[:2]
-    side = max(1, round(min(h, w) * CENTER_CROP_FRACTION))
-    top, left = (h - side) // 2, (w - side) // 2
-    square = image[top:top + side, left:left + side]
-    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    return cv2.resize(square, (size, size), interpolation=interp)
-
-
 # ----------------------------------------------------------------------------- detector
 
 @dataclass
@@ -170,51 +156,12 @@ class AlignedFace:
     score: float  # MTCNN's face probability
 
 
-Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N,4), probs (N,), points (N,5,2)
-
-
-def _no_detections() -> Detections:
-    return np.zeros((0, 4)), np.zeros((0,)), np.zeros((0, 5, 2))
-
-
 def detection_scale(shape: Sequence[int], detect_size: int) -> float:
     """The factor (<= 1) that brings an image of ``shape`` (H, W[, C]) to a longer side of at
     most ``detect_size`` pixels; 1 when it is already that small or ``detect_size`` is 0."""
     longest = max(shape[0], shape[1])
     return 1.0 if detect_size <= 0 or longest <= detect_size else detect_size / longest
 
-
-# facenet-pytorch's MTCNN keeps the Matlab original's 1-based pixel indices: its boxes and
-# landmarks sit this much right of and below 0-based pixel centres. Measured, detecting 25
-# photos at two sizes (2x and 4x apart): landmarks +1.06 / +1.15 px (x / y, +-0.1), boxes
-# +0.9 / +1.6 px. Left in, it would grow with the downscale (3.4 px at full size for a 2000
-# px photo searched at 640) and shift every landmark by ~5% of the eye distance.
-MTCNN_COORDINATE_OFFSET = 1.0
-
-
-def _map_to_full(detections: Detections, full_shape: Sequence[int],
-                 copy_shape: Sequence[int]) -> Detections:
-    """Boxes and landmarks found on a resized copy, in the full-size image's pixels (and
-    MTCNN's coordinate convention, as a full-size search gives them).
-
-    cv2.resize aligns pixel centres: copy pixel u covers the original at (u + 0.5) * f - 0.5,
-    f = full size / copy size along that axis; MTCNN calls pixel u u + MTCNN_COORDINATE_OFFSET.
-    """
-    factor = np.array([full_shape[1] / copy_shape[1], full_shape[0] / copy_shape[0]])
-    return _map_detections(detections, lambda xy: xy * factor + (factor - 1) / 2)
-
-
-def _map_detections(detections: Detections,
-                    to_full: Callable[[np.ndarray], np.ndarray]) -> Detections:
-    """Boxes and landmarks through ``to_full`` (0-based (..., 2) pixel coordinates of one
-    image to another's), in MTCNN's coordinate convention before and after."""
-    boxes, probs, points = detections
-    offset = MTCNN_COORDINATE_OFFSET
-
-    def mapped(xy: np.ndarray) -> np.ndarray:
-        return to_full(xy - offset) + offset
-
-    return mapped(boxes.reshape(-1, 2, 2)).reshape(-1, 4), probs, mapped(points)
 
 
 class FaceAligner:
@@ -264,7 +211,7 @@ class FaceAligner:
     def _detect_stack(self, stack: np.ndarray) -> list[Detections]:
         """MTCNN on an (N, H, W, 3) uint8 stack of equal-size images."""
         if min(stack.shape[1:3]) < self.min_face_size:
-            return [_no_detections() for _ in range(len(stack))]  # MTCNN has no scale to try
+            return [no_faces() for _ in range(len(stack))]  # MTCNN has no scale to try
         if self.cascade == "opencv":
             nets = self._mtcnn.pnet, self._mtcnn.rnet, self._mtcnn.onet
             with self._torch.inference_mode():
@@ -277,11 +224,11 @@ class FaceAligner:
             if len(stack) > 1:
                 return [d for img in stack for d in self._detect_stack(img[None])]
             log.warning("MTCNN failed on an image (%s); treating it as faceless", e)
-            return [_no_detections()]
+            return [no_faces()]
         out = []
         for b, p, lm in zip(boxes, probs, points, strict=True):
             if b is None:
-                out.append(_no_detections())
+                out.append(no_faces())
             else:  # MTCNN returns object arrays
                 out.append((np.asarray(b).astype(float).reshape(-1, 4),
                             np.asarray(p).astype(float).reshape(-1),
@@ -299,7 +246,7 @@ class FaceAligner:
         # INTER_AREA averages the pixels each copy pixel covers: no aliasing on big shrinks.
         stack = np.stack([cv2.resize(im, copy_wh, interpolation=cv2.INTER_AREA)
                           for im in images])
-        return [_map_to_full(d, shape, stack.shape[1:]) for d in self._detect_stack(stack)]
+        return [map_from_copy(d, shape, stack.shape[1:]) for d in self._detect_stack(stack)]
 
     def detect(self, image: np.ndarray) -> Detections:
         """All faces in an RGB image: boxes (N, 4) x1 y1 x2 y2, probabilities (N,),
@@ -314,7 +261,7 @@ class FaceAligner:
         and landmarks in the full-size photo's pixels."""
         if len(detections[0]) == 0:
             return None
-        boxes, probs, points = _map_detections(detections, photo.to_full)
+        boxes, probs, points = map_detections(detections, photo.to_full)
         if hint_box is None:
             k = select_central_face(boxes, photo.full_shape)
         else:

@@ -4,7 +4,8 @@
 (:func:`estimate_similarity`) taking the landmarks onto :data:`REFERENCE_LANDMARKS`, scaled
 to the crop size (:func:`template_for_size`), applied with cv2.warpAffine. Images are RGB
 uint8 HxWx3; landmarks (5, 2) (x, y) in the order left eye, right eye, nose tip, left mouth
-corner, right mouth corner ("left": the image's left).
+corner, right mouth corner ("left": the image's left). :func:`center_crop` is the crop of
+a photo where no face was found.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ REFERENCE_LANDMARKS = np.array(
     dtype=np.float32,
 )
 TEMPLATE_SIZE = FACE_CROP_SIZE  # side of the square the template's coordinates refer to
+# A faceless image falls back to its central square of this fraction of the shorter side:
+# about the face region of a loosely cropped face photo such as LFW's 250x250 images.
+CENTER_CROP_FRACTION = 0.5
 
 
 def estimate_similarity(landmarks: np.ndarray,
@@ -81,3 +85,15 @@ def check_rgb(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
     return image
+
+
+def center_crop(image: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
+    """Fallback crop for an image without a detected face: its central square of side
+    CENTER_CROP_FRACTION x the shorter side, resized to ``size`` x ``size``."""
+    image = check_rgb(image)
+    h, w = image.shape[:2]
+    side = max(1, round(min(h, w) * CENTER_CROP_FRACTION))
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[top:top + side, left:left + side]
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(square, (size, size), interpolation=interp)

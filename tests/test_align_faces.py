@@ -12,6 +12,7 @@ from skimage.transform import SimilarityTransform
 
 import align_faces as af
 import face_warp as fw
+import mtcnn_cascade as mc
 from utils import write_image
 
 TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -140,7 +141,7 @@ def test_select_central_face_follows_the_rule():
 def test_center_crop_takes_the_middle():
     image = np.zeros((250, 250, 3), np.uint8)
     image[63:188, 63:188] = 255  # the central half of the shorter side
-    crop = af.center_crop(image)
+    crop = fw.center_crop(image)
     assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
     assert crop[2:-2, 2:-2].min() == 255
 
@@ -410,17 +411,17 @@ def box_iou_one(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_map_to_full_follows_cv2_resize_pixel_centres():
     """A bright pixel at (u, v) of a copy made by cv2.resize came from the block of the
-    original whose centre _map_to_full names (an exact 4x shrink of a 4x4 bright block),
+    original whose centre map_from_copy names (an exact 4x shrink of a 4x4 bright block),
     both in MTCNN's 1-based coordinates (pixel u is u + 1)."""
     full = np.zeros((400, 600, 3), np.uint8)
     full[100:104, 200:204] = 255  # the block's centre: x = 201.5, y = 101.5 (0-based)
     copy = cv2.resize(full, (150, 100), interpolation=cv2.INTER_AREA)
-    v, u = np.argwhere(copy[..., 0] == 255)[0] + af.MTCNN_COORDINATE_OFFSET
+    v, u = np.argwhere(copy[..., 0] == 255)[0] + mc.MTCNN_COORDINATE_OFFSET
     boxes = np.array([[u, v, u, v]], float)
     points = np.array([[[u, v]] * 5], float)
-    mapped_boxes, _, mapped_points = af._map_to_full((boxes, np.ones(1), points),
+    mapped_boxes, _, mapped_points = mc.map_from_copy((boxes, np.ones(1), points),
                                                      full.shape, copy.shape)
-    x, y = np.array([201.5, 101.5]) + af.MTCNN_COORDINATE_OFFSET
+    x, y = np.array([201.5, 101.5]) + mc.MTCNN_COORDINATE_OFFSET
     np.testing.assert_allclose(mapped_boxes[0], [x, y, x, y])
     np.testing.assert_allclose(mapped_points[0], [[x, y]] * 5)
 
