@@ -171,7 +171,8 @@ class FaceAligner:
     sees) bounds the smallest face searched: larger is faster. ``detect_size``: MTCNN sees a
     copy with the longer side at most this many pixels (0: the full image); results are in
     the full image's pixels and the crop is warped from it (see DEFAULT_DETECT_SIZE for the
-    trade-off). ``batch_size`` images of equal size go through MTCNN together.
+    trade-off). ``batch_size`` images of equal size go through MTCNN together (with
+    ``cascade="facenet"``; see CASCADES: None picks mtcnn_cascade's driver on a CPU).
     """
 
     def __init__(self, device: Any = None, min_face_size: int = DEFAULT_MIN_FACE_SIZE,
