@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 import torch
+import torchvision
 
 PNET_STRIDE = 2  # the P-net's output grid step, in pixels of its pyramid level
 PNET_CELL = 12  # the P-net's window: a face of min_face_size is this big on the first level
@@ -61,20 +62,21 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float,
     with it is above ``threshold`` (intersection over union, or over the smaller box).
     Areas count pixels inclusively (width x2 - x1 + 1) when ``over_smaller``, as MTCNN's
     last stage does; torchvision's convention (x2 - x1) otherwise."""
-    extra = 1.0 if over_smaller else 0.0
+    if not over_smaller:  # torchvision's C++ loop, as facenet-pytorch's first two stages use
+        return torchvision.ops.nms(torch.as_tensor(boxes, dtype=torch.float32),
+                                   torch.as_tensor(scores, dtype=torch.float32),
+                                   threshold).numpy()
     x1, y1, x2, y2 = (boxes[:, i].astype(np.float64) for i in range(4))
-    area = (x2 - x1 + extra) * (y2 - y1 + extra)
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
     order = np.argsort(-scores, kind="stable")
     keep = []
     while order.size:
         i, rest = order[0], order[1:]
         keep.append(i)
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + extra)
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + extra)
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
         inter = w * h
-        base = np.minimum(area[i], area[rest]) if over_smaller else \
-            area[i] + area[rest] - inter
-        order = rest[inter <= threshold * base]
+        order = rest[inter <= threshold * np.minimum(area[i], area[rest])]
     return np.asarray(keep, dtype=np.int64)
 
 
@@ -154,9 +156,11 @@ def detect(pnet: torch.nn.Module, rnet: torch.nn.Module, onet: torch.nn.Module,
     image = np.ascontiguousarray(image)
     h, w = image.shape[:2]
     # Stage 1: the P-net's windows over the pyramid, suppressed per level then across levels.
-    found = []
+    # Each level is area-averaged from the one before (facenet-pytorch pools each from the
+    # image): 0.7 against 2.7 ms a 512 px photo, +7% photos/s in align_files (bench README).
+    found, level = [], image
     for scale in pyramid_scales(h, w, min_face_size):
-        level = cv2.resize(image, (int(w * scale + 1), int(h * scale + 1)),
+        level = cv2.resize(level, (int(w * scale + 1), int(h * scale + 1)),
                            interpolation=cv2.INTER_AREA)
         offsets, probs = pnet(_net_input(level[None]))
         score = probs[0, 1].numpy()

@@ -496,11 +496,20 @@ def test_detect_size_option_reaches_the_aligner(tmp_path, monkeypatch):
             super().__init__()
             made.append(kwargs)
 
+    import torch
+
     monkeypatch.setattr(af, "FaceAligner", Recorder)
     make_tree(tmp_path / "src")
+    threads, seen = torch.get_num_threads(), []
+    monkeypatch.setattr(af, "align_files", lambda *a, **kw: seen.append(
+        (kw["num_workers"], torch.get_num_threads())) or iter(()))
     assert af.main([str(tmp_path / "src"), str(tmp_path / "dst"), "--detect-size", "0",
-                    "--no-progress"]) == 0
+                    "--workers", "3", "--no-progress"]) == 0
     assert made[0]["detect_size"] == 0
+    # three workers share torch's threads while they run; main leaves them as they were
+    assert seen == [(3, max(1, threads // 3))] and torch.get_num_threads() == threads
+    monkeypatch.undo()
+    monkeypatch.setattr(af, "FaceAligner", Recorder)
     af.align_tree(tmp_path / "src", tmp_path / "dst2", progress=False)
     assert made[1]["detect_size"] == af.DEFAULT_DETECT_SIZE
 
