@@ -64,10 +64,10 @@ DEFAULT_MIN_FACE_SIZE = 40  # pixels; MTCNN's smallest searched face (its own de
 # boxes and landmarks are mapped back to full-size pixels (see MIN_REDUCED_EYE_RATIO). MTCNN's
 # cost grows with the pixels it searches (its pyramid starts at 12 / min_face_size of the
 # image). On 13 real 2-2.5k px photos (2-core CPU, 1 torch thread, 2 workers; bench README)
-# align_files did 50 photos/s at 512, 41 at 640 and 8.7 at full size (5.3 with facenet-
+# align_files did 54 photos/s at 512, 46 at 640 and 13 at full size (5.3 with facenet-
 # pytorch's driver); at 512 the photos are decoded at 1/4 (at 640 at 1/2), and the landmarks
-# were nearer the full-size search's (3.8% of the eye distance on average, 4.0% at 640;
-# MTCNN's own noise for a 2 px shift 2.2%). min_face_size counts pixels of the copy, so a
+# were nearer the full-size search's (4.0% of the eye distance on average, 4.3% at 640;
+# MTCNN's own noise for a 2 px shift 2.3%). min_face_size counts pixels of the copy, so a
 # photo scaled by s finds faces down to min_face_size / s pixels: 1/12.8 of the longer side
 # at the defaults (156 px in a 2000 px photo, 234 px in 3000 px), below the face of a
 # portrait (370-740 px in those photos). Small faces in big group photos need a larger
@@ -87,15 +87,15 @@ DEFAULT_DETECT_SIZE = 512
 MIN_REDUCED_EYE_RATIO = 1.0
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)  # P-, R- and O-net score thresholds (MTCNN's defaults)
 # Who drives MTCNN's three networks: "opencv", mtcnn_cascade's, one image at a time with
-# OpenCV resampling (the default on a CPU: MTCNN alone 1.35x faster at 512 px, 1.7x at full
-# size; bench README), or "facenet", facenet-pytorch's batched torch driver (the default
+# OpenCV resampling (the default on a CPU: 1.5x faster at 512 px, 2.4x at full size;
+# bench README), or "facenet", facenet-pytorch's batched torch driver (the default
 # elsewhere: it keeps a batch of equal-size images on the device; no GPU figure yet).
 CASCADES = ("opencv", "facenet")
 DEFAULT_BATCH_SIZE = 32
 # align_files' threads, each reading and aligning its own chunk of files: with two, one chunk
 # is decoded while another is searched, and on a CPU two MTCNN searches run at once (torch
-# and OpenCV release the GIL): on 2 cores at 512 px, 50 photos/s against 28 with one worker
-# (bench README). Each worker's torch ops use torch's own thread count.
+# and OpenCV release the GIL): on 2 cores at 512 px, 54 photos/s against 32 with one worker
+# (bench README). Each worker's torch ops use torch's own thread count (main() shares it).
 DEFAULT_WORKERS = 2
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset
 REPORT_NAME = "align_report.tsv"  # default report file, inside DST_DIR
@@ -596,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     # The workers' searches run side by side: each gets its share of torch's threads (on 2
-    # cores, 2 workers of 1 thread did 50 photos/s at 512 px, of 2 threads 44; bench README).
+    # cores, 2 workers of 1 thread did 50 photos/s at 512 px, of 2 threads 44: bench README).
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // args.workers))
     try:  # folder errors are AlignInputErrors: run_cli prints them

@@ -7,12 +7,13 @@ tensors. On a CPU about a third of its time went to resampling: every pyramid le
 from the whole image with ``interpolate(mode="area")`` and every candidate crop resized by
 its own ``interpolate`` call (cProfile, 512 px photos). :func:`detect` runs the same three
 networks (facenet-pytorch's weights) on the same candidates with one ``cv2.resize`` of the
-uint8 image per level and per crop. Its thresholds, pyramid, box arithmetic and non-maximum
+uint8 image per level (each level from the one before) and per crop: 1.5x faster at 512 px,
+2.4x at full size. Its thresholds, pyramid scales, box arithmetic and non-maximum
 suppressions are MTCNN's, and its coordinates follow facenet-pytorch's (1-based, see
-MTCNN_COORDINATE_OFFSET), so the two drivers' results mean the same thing; the
-area averages differ slightly (OpenCV weighs partly covered pixels by their coverage), so
-the detections agree as closely as two runs of MTCNN on a photo shifted by a pixel do
-(tests/test_mtcnn_cascade.py). Figures: bench/README.md, alignment section.
+MTCNN_COORDINATE_OFFSET), so the two drivers' results mean the same thing; the area averages
+differ slightly, so the detections agree about as closely as two runs of MTCNN on a photo
+shifted by two pixels do (tests/test_mtcnn_cascade.py). Figures: bench/README.md, alignment
+section.
 """
 
 from __future__ import annotations
