@@ -36,7 +36,8 @@ def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
                  ) -> tuple[np.ndarray, list[str]]:
     """Align each image once: (crops (M,112,112,3), paths of faceless images centre-cropped).
     Unreadable images are an error listing all of them."""
-    from align_faces import FaceAligner, align_files
+    from align_faces import FaceAligner
+    from file_alignment import align_files
 
     if aligner is None:
         aligner = FaceAligner()

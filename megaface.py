@@ -119,7 +119,7 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
 
     Images already done are skipped (resumable). No face: the centre crop is written and the
     image listed in ``dst_root/faceless.txt``; undecodable ones go to ``unreadable.txt``."""
-    from align_faces import align_files
+    from file_alignment import align_files
 
     src_root, dst_root = Path(src_root), Path(dst_root)
     images = _input_images(src_root, "image")
@@ -173,7 +173,7 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
     import cv2
     from tqdm import tqdm
 
-    from align_faces import read_image_or_error
+    from file_alignment import read_image_or_error
     from lfw_eval import embed
 
     image_root, feature_root = Path(image_root), Path(feature_root)

@@ -119,6 +119,37 @@ def _crops(image: np.ndarray, boxes: np.ndarray, side: int) -> tuple[np.ndarray,
     return np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8), valid
 
 
+def _landmarks(boxes: np.ndarray, marks: np.ndarray) -> np.ndarray:
+    """(N, 5, 2) landmarks from the O-net's (N, 10) outputs (x0..x4, y0..y4 in units of the
+    input box's width and height)."""
+    size = np.stack([boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1], 1)
+    return np.stack([marks[:, :5], marks[:, 5:]], 2) * size[:, None, :] + boxes[:, None, :2] - 1
+
+
+def refine(onet: torch.nn.Module, image: np.ndarray, boxes: np.ndarray, points: np.ndarray,
+           steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (N, 4) and landmarks (N, 5, 2) found in ``image`` re-estimated ``steps`` times
+    by the O-net, each time on the square crop of its own last box.
+
+    MTCNN's landmarks come from one O-net pass on the box the R-net left, so they follow
+    that box's noise: a photo shifted by 2 px moved them by 2.3% of the eye distance on
+    average. Fed its own refined box, the O-net settles: after 2 steps the shift moved them
+    1.0%, a rotated and scaled photo's landmarks were 28% nearer the rotated ones (3.4%
+    against 4.8%), and a 512 px search landed 1.6% from the full-size one instead of 4.5%
+    (bench README). Call it under ``torch.inference_mode()``."""
+    boxes, points = boxes[:, :4].astype(np.float64), points.astype(np.float64)
+    device = next(onet.parameters()).device
+    for _ in range(steps):
+        square = _square(boxes)
+        crops, valid = _crops(image, square, ONET_SIZE)
+        if not valid.any():
+            break
+        offsets, marks, _ = (t.cpu().numpy() for t in onet(_net_input(crops).to(device)))
+        points[valid] = _landmarks(square[valid], marks)
+        boxes[valid] = _regress(square[valid], offsets)
+    return boxes, points
+
+
 def no_faces() -> Detections:
     return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
 
@@ -196,11 +227,8 @@ def detect(pnet: torch.nn.Module, rnet: torch.nn.Module, onet: torch.nn.Module,
     boxes = boxes[valid]
     passed = probs[:, 1] > thresholds[2]
     boxes = np.concatenate([boxes[passed, :4], probs[passed, 1:2]], axis=1)
-    offsets, marks = offsets[passed], marks[passed]
-    size = np.stack([boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1], 1)
-    points = np.stack([marks[:, :5], marks[:, 5:]], 2) * size[:, None, :] \
-        + boxes[:, None, :2] - 1
-    boxes = _regress(boxes, offsets)
+    points = _landmarks(boxes, marks[passed])
+    boxes = _regress(boxes, offsets[passed])
     keep = nms(boxes[:, :4], boxes[:, 4], NMS_ONET, over_smaller=True)
     return (boxes[keep, :4].astype(np.float64), boxes[keep, 4].astype(np.float64),
             points[keep].astype(np.float64))

@@ -4,7 +4,7 @@
                                      [--max-side 3000] [--limit 0] [--threads 1]
                                      [--repeats 2] [--copies 1] [--crop-ratios] [--huge]
 
-Times ``align_faces.align_files`` (read + decode + EXIF orientation + MTCNN + warp) over the
+Times ``file_alignment.align_files`` (read + decode + EXIF orientation + MTCNN + warp) over the
 JPEG/PNG photos in PHOTO_DIR whose longer side is within [--min-side, --max-side], once per
 ``--sizes`` value (``FaceAligner(detect_size=...)``, 0 = full size) as it is now ("new":
 big JPEGs decoded at 1/2-1/8, crops warped from that decode when the face is big enough)
@@ -63,6 +63,7 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads({threads})
 import align_faces as af
+import file_alignment as fa
 aligner = af.FaceAligner(device="cpu", detect_size={size})
 def peak_kib():
     with open("/proc/self/status") as f:
@@ -73,7 +74,7 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = peak_kib()
 start = time.perf_counter()
-[done] = af.align_files(aligner, [Path({path!r})], 1, progress=False)
+[done] = fa.align_files(aligner, [Path({path!r})], 1, progress=False)
 print(time.perf_counter() - start, done.face is not None, (peak_kib() - base) / 2**20,
       base / 2**20)
 """
@@ -257,6 +258,7 @@ def main() -> None:
     import torch
 
     import align_faces as af
+    import file_alignment as fa
     from reduced_photo import read_photo
     from utils import read_image
 
@@ -283,10 +285,11 @@ def main() -> None:
 
     sizes = sorted(set(args.sizes))
     aligners = {size: af.FaceAligner(device="cpu", detect_size=size) for size in sizes}
-    # the full-size search as before mtcnn_cascade: facenet-pytorch's own MTCNN driver
-    before = af.FaceAligner(device="cpu", detect_size=0, cascade="facenet")
+    # the full-size search as before mtcnn_cascade: facenet-pytorch's own MTCNN driver, and
+    # its landmarks as MTCNN gives them (no refine steps)
+    before = af.FaceAligner(device="cpu", detect_size=0, cascade="facenet", refine_steps=0)
     for aligner in [*aligners.values(), before]:
-        list(af.align_files(aligner, paths[:1], 1, progress=False))  # warm-up
+        list(fa.align_files(aligner, paths[:1], 1, progress=False))  # warm-up
     # settings: (size, "new") = align_files as it is (reduced JPEG decode for size > 0);
     # (size, "old") = the code before it: full decode, align_batch on the array (downscale
     # from full size, crop warped from full size), as align_files did.
@@ -315,7 +318,7 @@ def main() -> None:
             aligner = before if how == "facenet" else aligners[size]
             start = time.perf_counter()
             if how in ("new", "facenet"):
-                done = [f.face for f in af.align_files(aligner, listed, af.DEFAULT_BATCH_SIZE,
+                done = [f.face for f in fa.align_files(aligner, listed, af.DEFAULT_BATCH_SIZE,
                                                        num_workers=workers, progress=False)]
             else:
                 done = [face for i in range(0, len(listed), af.DEFAULT_BATCH_SIZE)

@@ -12,6 +12,7 @@ from skimage.transform import SimilarityTransform
 
 import align_faces as af
 import face_warp as fw
+import file_alignment as fa
 import mtcnn_cascade as mc
 from utils import write_image
 
@@ -176,7 +177,7 @@ def test_align_files_keeps_order_centre_crops_faceless_and_reports_unreadable(tm
         return boxes[path.name]
 
     fake = _TopLeftAligner()
-    out = list(af.align_files(fake, paths, batch_size=2, hint_for=hint_for, num_workers=1,
+    out = list(fa.align_files(fake, paths, batch_size=2, hint_for=hint_for, num_workers=1,
                               progress=False))
     assert [r.path for r in out] == paths
     assert asked == ["a.png", "b.png", "d.png"]  # never for the unreadable file
@@ -194,7 +195,7 @@ def test_align_files_keeps_order_centre_crops_faceless_and_reports_unreadable(tm
 def test_align_files_without_hints_calls_align_batch_without_them(tmp_path):
     write_image(tmp_path / "x.png", np.zeros((20, 20, 3), np.uint8))  # faceless
     fake = _TopLeftAligner()
-    [done] = af.align_files(fake, [tmp_path / "x.png"], batch_size=8, size=64, progress=False)
+    [done] = fa.align_files(fake, [tmp_path / "x.png"], batch_size=8, size=64, progress=False)
     assert fake.calls == [(1, "not passed")] and done.hint is None and done.face is None
     assert done.crop.shape == (64, 64, 3)  # the centre crop at the size asked for
 
@@ -210,7 +211,7 @@ def test_align_files_workers_keep_the_order_and_pass_errors_on(tmp_path):
         paths.append(tmp_path / f"{i:02d}.png")
         write_image(paths[-1], np.full((20 + i, 30, 3), 1 + i, np.uint8))
     fake, threads = _TopLeftAligner(), threading.active_count()
-    out = list(af.align_files(fake, paths, batch_size=2, num_workers=3, progress=False))
+    out = list(fa.align_files(fake, paths, batch_size=2, num_workers=3, progress=False))
     assert [r.path for r in out] == paths
     assert [int(r.crop[0, 0, 0]) for r in out] == [7] * 11  # each its own face crop
     assert sorted(n for n, _ in fake.calls) == [1] + [2] * 5
@@ -222,8 +223,8 @@ def test_align_files_workers_keep_the_order_and_pass_errors_on(tmp_path):
             return super().align_batch(images, hint_box)
 
     with pytest.raises(RuntimeError, match="bug in chunk 3"):
-        list(af.align_files(Failing(), paths, batch_size=2, num_workers=2, progress=False))
-    first = next(af.align_files(fake, paths, batch_size=2, num_workers=2, progress=False))
+        list(fa.align_files(Failing(), paths, batch_size=2, num_workers=2, progress=False))
+    first = next(fa.align_files(fake, paths, batch_size=2, num_workers=2, progress=False))
     assert first.path == paths[0]
     assert threading.active_count() == threads  # the pool was shut down with the generator
 
@@ -357,7 +358,7 @@ def test_phone_photo_stored_sideways_is_aligned_upright(tmp_path):
     Image.fromarray(cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)).save(
         path, exif=exif, quality=95)
     reference = aligner.align(upright)
-    [done] = af.align_files(aligner, [path], batch_size=1, progress=False)
+    [done] = fa.align_files(aligner, [path], batch_size=1, progress=False)
     assert reference is not None and done.face is not None
     eye_distance = np.linalg.norm(reference.landmarks[1] - reference.landmarks[0])
     assert np.abs(done.face.landmarks - reference.landmarks).max() < 0.05 * eye_distance
@@ -504,8 +505,8 @@ def test_detect_size_option_reaches_the_aligner(tmp_path, monkeypatch):
     monkeypatch.setattr(af, "align_files", lambda *a, **kw: seen.append(
         (kw["num_workers"], torch.get_num_threads())) or iter(()))
     assert af.main([str(tmp_path / "src"), str(tmp_path / "dst"), "--detect-size", "0",
-                    "--workers", "3", "--no-progress"]) == 0
-    assert made[0]["detect_size"] == 0
+                    "--workers", "3", "--refine-steps", "0", "--no-progress"]) == 0
+    assert made[0]["detect_size"] == 0 and made[0]["refine_steps"] == 0
     # three workers share torch's threads while they run; main leaves them as they were
     assert seen == [(3, max(1, threads // 3))] and torch.get_num_threads() == threads
     monkeypatch.undo()
@@ -574,7 +575,7 @@ def test_big_jpeg_is_searched_and_cropped_on_a_reduced_decode(tmp_path, monkeypa
     decode = reduced_photo.decode_image
     monkeypatch.setattr(reduced_photo, "decode_image",
                         lambda *a, **kw: decoded.append(kw.get("reduce", 1)) or decode(*a, **kw))
-    [done] = af.align_files(aligner, [path], batch_size=1, progress=False)
+    [done] = fa.align_files(aligner, [path], batch_size=1, progress=False)
     assert decoded == [2]  # the face is big enough on the reduced decode: no full-size decode
     eye_distance = np.linalg.norm(full_points[k, 1] - full_points[k, 0])
     assert np.linalg.norm(done.face.landmarks - full_points[k], axis=1).max() < 0.05 * eye_distance
@@ -600,7 +601,7 @@ def test_small_face_in_a_big_jpeg_is_warped_from_a_full_size_decode(tmp_path, al
     path = tmp_path / "small_face.jpg"
     write_image(path, canvas)
     assert read_photo(path, af.DEFAULT_DETECT_SIZE).reduce == 2
-    [done] = af.align_files(aligner, [path], batch_size=1, progress=False)
+    [done] = fa.align_files(aligner, [path], batch_size=1, progress=False)
     landmarks = done.face.landmarks
     assert np.linalg.norm(landmarks[1] - landmarks[0]) / 2 < 35.24 * af.MIN_REDUCED_EYE_RATIO
     np.testing.assert_array_equal(done.crop, fw.warp_face(read_image(path), landmarks))
@@ -669,7 +670,7 @@ def test_big_sideways_jpeg_is_aligned_upright_through_the_reduced_decode(
     path = tmp_path / "turned.jpg"
     Image.fromarray(cv2.rotate(upright, turn_stored)).save(path, exif=exif, quality=95)
     assert read_photo(path, af.DEFAULT_DETECT_SIZE).reduce == 2
-    reference, done = af.align_files(aligner, [tmp_path / "upright.jpg", path], batch_size=2,
+    reference, done = fa.align_files(aligner, [tmp_path / "upright.jpg", path], batch_size=2,
                                      progress=False)
     assert reference.face is not None and done.face is not None
     eye_distance = np.linalg.norm(reference.face.landmarks[1] - reference.face.landmarks[0])

@@ -114,3 +114,59 @@ def test_aligner_drives_mtcnn_with_opencv_on_the_cpu():
     assert np.linalg.norm(face.landmarks - reference.landmarks, axis=1).max() < 0.06 * eye
     with pytest.raises(ValueError, match="cascade must be one of opencv, facenet"):
         af.FaceAligner(device="cpu", cascade="cv2")
+    with pytest.raises(ValueError, match="refine_steps must be >= 0"):
+        af.FaceAligner(device="cpu", refine_steps=-1)
+
+
+def test_refine_one_step_is_the_onet_on_the_square_crop_of_the_box(facenet):
+    """One refine step, written out: the box grown to a square about its centre, its pixels
+    (1-based corners) area-resized to 48x48, the O-net's landmark fractions times the
+    square's side from its corner (less MTCNN's 1-based offset), its box offsets likewise."""
+    image = data.astronaut()
+    boxes = np.array([[170.3, 60.8, 290.6, 205.1]])  # around her face, not square
+    points = np.zeros((1, 5, 2))
+    onet = facenet._mtcnn.onet
+    with torch.inference_mode():
+        refined, landmarks = mc.refine(onet, image, boxes, points, steps=1)
+        w, h = boxes[0, 2] - boxes[0, 0], boxes[0, 3] - boxes[0, 1]
+        side = max(w, h)
+        x1, y1 = boxes[0, 0] + (w - side) / 2, boxes[0, 1] + (h - side) / 2
+        a, b, c, d = int(x1), int(y1), int(x1 + side), int(y1 + side)  # truncated, inside
+        crop = cv2.resize(image[b - 1:d, a - 1:c], (48, 48), interpolation=cv2.INTER_AREA)
+        net_in = (torch.tensor(crop).permute(2, 0, 1)[None].float() - 127.5) / 128
+        offsets, marks, _ = (t[0].numpy().astype(np.float64) for t in onet(net_in))
+    np.testing.assert_allclose(landmarks[0, :, 0], marks[:5] * (side + 1) + x1 - 1, atol=1e-3)
+    np.testing.assert_allclose(landmarks[0, :, 1], marks[5:] * (side + 1) + y1 - 1, atol=1e-3)
+    np.testing.assert_allclose(refined[0], [x1, y1, x1 + side, y1 + side] + offsets * (side + 1),
+                               atol=1e-3)
+    with torch.inference_mode():  # zero steps: what was given
+        same = mc.refine(onet, image, boxes, points, steps=0)
+    np.testing.assert_array_equal(same[0], boxes)
+    np.testing.assert_array_equal(same[1], points)
+
+
+def test_refined_landmarks_follow_a_rotated_photo_more_closely():
+    """Equivariance without ground truth: the landmarks found in a rotated and scaled copy
+    against the original's mapped through the same similarity. Over 12 cases (two photos and
+    their mirrors, three poses each) MTCNN's own landmarks miss by ~4.9% of the eye distance
+    on average, refined ones by ~3.3% (64 photos: 4.8% and 3.4%, bench README)."""
+    photos = [data.astronaut(), _grace_hopper()]
+    photos += [np.ascontiguousarray(p[:, ::-1]) for p in photos]
+    errors = {}
+    for steps in (0, af.DEFAULT_REFINE_STEPS):
+        aligner = af.FaceAligner(device="cpu", refine_steps=steps)
+        errors[steps] = []
+        for photo in photos:
+            original = aligner.align(photo).landmarks
+            h, w = photo.shape[:2]
+            for angle, scale in ((12, 0.85), (-8, 1.1), (5, 0.7)):
+                matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+                moved = cv2.warpAffine(photo, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                       borderMode=cv2.BORDER_REFLECT)
+                offset = mc.MTCNN_COORDINATE_OFFSET  # the matrix maps 0-based pixels
+                expected = (original - offset) @ matrix[:, :2].T + matrix[:, 2] + offset
+                found = aligner.align(moved).landmarks
+                eye = np.linalg.norm(expected[1] - expected[0])
+                errors[steps].append(np.linalg.norm(found - expected, axis=1).max() / eye)
+    assert af.DEFAULT_REFINE_STEPS > 0
+    assert np.mean(errors[af.DEFAULT_REFINE_STEPS]) < 0.8 * np.mean(errors[0])
