@@ -60,10 +60,10 @@ DEFAULT_MIN_FACE_SIZE = 40  # pixels; MTCNN's smallest searched face (its own de
 # boxes and landmarks are mapped back to full-size pixels (see MIN_REDUCED_EYE_RATIO). MTCNN's
 # cost grows with the pixels it searches (its pyramid starts at 12 / min_face_size of the
 # image). On 13 real 2-2.5k px photos (2-core CPU, 1 torch thread, 2 workers; bench README)
-# align_files did 54 photos/s at 512, 46 at 640 and 13 at full size (5.3 with facenet-
+# align_files did 49 photos/s at 512, 40 at 640 and 12 at full size (5.2 with facenet-
 # pytorch's driver); at 512 the photos are decoded at 1/4 (at 640 at 1/2), and the landmarks
-# were nearer the full-size search's (4.0% of the eye distance on average, 4.3% at 640;
-# MTCNN's own noise for a 2 px shift 2.3%). min_face_size counts pixels of the copy, so a
+# were 1.8% of the eye distance from the full-size search's on average (1.5% at 640; the
+# full-size search moved them 1.0% for a 2 px shift). min_face_size counts pixels of the copy, so a
 # photo scaled by s finds faces down to min_face_size / s pixels: 1/12.8 of the longer side
 # at the defaults (156 px in a 2000 px photo, 234 px in 3000 px), below the face of a
 # portrait (370-740 px in those photos). Small faces in big group photos need a larger
@@ -91,7 +91,8 @@ CASCADES = ("opencv", "facenet")
 # (mtcnn_cascade.refine; 0: MTCNN's landmarks as published). On 64 real photos at 512 px,
 # 2 steps made the landmarks of a rotated and scaled copy 28% nearer the rotated originals
 # (crops 24% nearer), a 2 px shift move them 1.8% of the eye distance instead of 2.9%; more
-# steps gained little (4: 3.5% against 3.4% for the rotations). Cost: 2 O-net passes a face.
+# steps gained little (4: 3.5% against 3.4% for the rotations). Cost: 2 O-net passes a face,
+# 1.3-2.6 ms a photo (49 against 54 photos/s at 512 px on 2 cores; bench README).
 DEFAULT_REFINE_STEPS = 2
 DEFAULT_BATCH_SIZE = 32
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset

@@ -25,7 +25,7 @@ from utils import ImageReadError, read_image
 
 # align_files' threads, each reading and aligning its own chunk of files: with two, one chunk
 # is decoded while another is searched, and on a CPU two MTCNN searches run at once (torch
-# and OpenCV release the GIL): on 2 cores at 512 px, 54 photos/s against 32 with one worker
+# and OpenCV release the GIL): on 2 cores at 512 px, 49 photos/s against 30 with one worker
 # (bench README). Each worker's torch ops use torch's own thread count (align_faces.main
 # shares it out).
 DEFAULT_WORKERS = 2
