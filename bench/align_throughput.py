@@ -243,6 +243,9 @@ def main() -> None:
     p.add_argument("--max-side", type=int, default=3000)
     p.add_argument("--limit", type=int, default=0, help="at most this many photos (0: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default="cpu",
+                   help="cpu | cuda (there FaceAligner's default driver is facenet-pytorch's, "
+                        "so 'full' and 'before' differ only by the refine steps)")
     p.add_argument("--workers", type=int, default=None,
                    help="align_files threads (default align_faces.DEFAULT_WORKERS)")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (best is reported)")
@@ -280,14 +283,15 @@ def main() -> None:
         paths = paths[:args.limit]
     sides = [sides.get(q) or longer_side(q) for q in paths]
     print(f"{source} (timed as {args.copies} copies); longer side {min(sides)}-{max(sides)} px; "
-          f"torch threads {args.threads}, align_files workers {workers}, "
+          f"torch threads {args.threads}, align_files workers {workers}, {args.device}, "
           f"{os.cpu_count()} CPUs")
 
     sizes = sorted(set(args.sizes))
-    aligners = {size: af.FaceAligner(device="cpu", detect_size=size) for size in sizes}
+    aligners = {size: af.FaceAligner(device=args.device, detect_size=size) for size in sizes}
     # the full-size search as before mtcnn_cascade: facenet-pytorch's own MTCNN driver, and
     # its landmarks as MTCNN gives them (no refine steps)
-    before = af.FaceAligner(device="cpu", detect_size=0, cascade="facenet", refine_steps=0)
+    before = af.FaceAligner(device=args.device, detect_size=0, cascade="facenet",
+                            refine_steps=0)
     for aligner in [*aligners.values(), before]:
         list(fa.align_files(aligner, paths[:1], 1, progress=False))  # warm-up
     # settings: (size, "new") = align_files as it is (reduced JPEG decode for size > 0);
