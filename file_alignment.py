@@ -4,7 +4,7 @@
 Each worker reads a chunk of files (big JPEGs decoded reduced for the aligner's search,
 reduced_photo) and aligns it (align_faces.FaceAligner, or anything with ``align_batch``);
 decoding and MTCNN release the GIL, so on a CPU the workers' chunks run side by side
-(figures: align_faces.DEFAULT_WORKERS). align_faces.align_tree, lfw_eval and megaface use it.
+(figures: DEFAULT_WORKERS). align_faces.align_tree, lfw_eval and megaface use it.
 """
 
 from __future__ import annotations
