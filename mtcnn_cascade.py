@@ -49,8 +49,8 @@ def pyramid_scales(height: int, width: int, min_face_size: float,
                    factor: float = PYRAMID_FACTOR) -> list[float]:
     """The P-net's scales: from PNET_CELL / min_face_size down by ``factor`` while the
     shorter side scaled stays at least PNET_CELL pixels."""
-    scale, side, scales = PNET_CELL / min_face_size, min(height, width) * PNET_CELL / \
-        min_face_size, []
+    scale = PNET_CELL / min_face_size
+    side, scales = min(height, width) * scale, []
     while side >= PNET_CELL:
         scales.append(scale)
         scale, side = scale * factor, side * factor
