@@ -507,14 +507,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_destination(args.dest)  # one error, not one per archive
     limits = None if args.allow_large else SizeLimits()
 
-    failures = 0
+    failures = []  # one "error: ..." line each, on stderr after the summary of the rest
     lines = []
     for archive in args.archives:
         if archive.name.lower() == PAIRS_NAME:
             target = args.dest / LFW_PAIRS_SUBDIR / PAIRS_NAME
             if not archive.is_file():
-                lines.append(f"FAILED   {archive}: file not found")
-                failures += 1
+                failures.append(f"{archive}: file not found")
                 continue
             copied = copy_if_changed(archive, target)
             lines.append(f"{'copied ' if copied else 'present'}  {archive} -> {target}")
@@ -524,8 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             s = extract_archive(archive, dest, progress=not args.no_progress, force=args.force,
                                 limits=limits)
         except (FileNotFoundError, ToolkitError) as e:  # this archive fails, the rest go on
-            lines.append(f"FAILED   {e}")
-            failures += 1
+            failures.append(str(e))
             continue
         where = ", ".join(str(dest / t) for t in s["top_level"]) or str(dest)
         state = "done   " if s["skipped"] else "unpacked"
@@ -537,7 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             target = dest / s["top_level"][0] / PAIRS_NAME
             if copy_if_changed(beside, target):
                 lines.append(f"copied   {beside} -> {target}")
-    print("\n".join(lines))
+    if lines:
+        print("\n".join(lines))
+    for failure in failures:  # as every script's errors read (utils.run_cli)
+        print(f"error: {failure}", file=sys.stderr)
     return 1 if failures else 0
 
 

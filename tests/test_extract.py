@@ -151,8 +151,10 @@ def test_cli_places_archives_and_pairs(tmp_path, capsys):
     data = tmp_path / "data"
     argv = [str(emore), str(loose), str(lfw), str(evil), "--dest", str(data), "--no-progress"]
     assert extract.main(argv) == 1  # the evil archive fails, the rest is unpacked
-    out = capsys.readouterr().out
-    assert "FAILED" in out and "evil.zip" in out and "'../evil'" in out
+    captured = capsys.readouterr()
+    [error] = captured.err.splitlines()  # one line for the one failure
+    assert error.startswith("error: ") and "evil.zip" in error and "'../evil'" in error
+    assert "evil" not in captured.out and "faces_emore.zip" in captured.out
     assert (data / "faces_emore" / "train.rec").read_bytes() == FILES["faces_emore/train.rec"]
     assert (data / "loose" / "a.txt").read_bytes() == b"a"  # loose members get a folder
     assert (data / "lfw" / "Zico" / "Zico_0001.jpg").is_file()
@@ -215,7 +217,8 @@ def test_zip_symlink_chain_cannot_write_outside_dest(tmp_path, capsys):
     assert victim.read_bytes() == b"original"
     assert not dest.exists() or not any(dest.rglob("*"))  # checked before writing anything
     assert extract.main([str(archive), "--dest", str(dest), "--no-progress"]) == 1
-    assert "'faces_emore/x'" in capsys.readouterr().out
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "'faces_emore/x'" in error
     assert victim.read_bytes() == b"original" and _snapshot(tmp_path, dest) == before
 
 
