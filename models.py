@@ -308,12 +308,30 @@ def load_backbone(path: str | Path, network: str | None = None,
         raise CheckpointMismatchError(f"{path}: {e}") from None
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        first_lines = "\n".join(str(e).splitlines()[:6])
+    except RuntimeError:
         raise CheckpointMismatchError(f"{path}: weights do not match network {network!r} "
-                                      f"with embedding size {embedding_size}:\n"
-                                      f"{first_lines}") from None
+                                      f"with embedding size {embedding_size}: "
+                                      f"{_state_mismatch(model.state_dict(), state)}") from None
     return model.to(map_location).eval()
+
+
+def _state_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str:
+    """How a state dict differs from a network's, in one line: counts and a first example."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [k for k in expected if k in found and isinstance(found[k], torch.Tensor)
+                and tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. {k!r}: "
+                     f"{'x'.join(map(str, found[k].shape))} in the file, "
+                     f"{'x'.join(map(str, expected[k].shape))} in the network)")
+    return "; ".join(parts) or "torch refused the weights"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -137,8 +137,18 @@ def test_load_backbone_errors_name_the_file(tmp_path):
     _save_state(path, build_model("ir_narrow", 16))
     with pytest.raises(ValueError, match="weights.pt.*network"):
         load_backbone(path)  # no network given, no config.json
-    with pytest.raises(ValueError, match="weights.pt.*do not match"):
+    with pytest.raises(ValueError, match="weights.pt.*do not match") as err:
         load_backbone(path, network="mobilefacenet")
+    assert "\n" not in str(err.value) and "missing (e.g." in str(err.value)
+    # the same network with another embedding size: the shapes that differ, from the file
+    state = build_model("ir_narrow", 16).state_dict()
+    expected = build_model("ir_narrow", 24).state_dict()
+    reshaped = [k for k in state if state[k].shape != expected[k].shape]
+    with pytest.raises(ValueError, match="do not match") as err:
+        load_backbone(path, network="ir_narrow", embedding_size=24)
+    message = str(err.value)
+    assert "\n" not in message and f"{len(reshaped)} of another shape" in message
+    assert "missing" not in message and "unexpected" not in message
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_backbone(tmp_path / "missing.pt", network="ir_narrow", embedding_size=16)
 
