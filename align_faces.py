@@ -292,16 +292,18 @@ class FaceAligner:
                            landmarks=points[k].copy(), score=float(probs[k]))
 
     def _warp(self, photo: Photo, landmarks: np.ndarray) -> np.ndarray:
-        """The crop for full-size ``landmarks``: from the reduced decode when the face is big
-        enough there (MIN_REDUCED_EYE_RATIO), else from the full-size photo. The reduced
-        crop samples the same points of the photo as the full-size one would."""
-        if photo.reduce > 1:
-            reduced = photo.to_reduced(landmarks)
-            template = template_for_size(self.size)
-            needed = MIN_REDUCED_EYE_RATIO * np.linalg.norm(template[1] - template[0])
-            if np.linalg.norm(reduced[1] - reduced[0]) >= needed:
-                return warp_face(photo.image, reduced, self.size)
-        return warp_face(photo.full_image(), landmarks, self.size)
+        """The crop for full-size ``landmarks``, warped from the most reduced decode of the
+        photo (the one searched, 1/2 of it, ... full size) where the face's eye distance is
+        at least MIN_REDUCED_EYE_RATIO x the template's. Every decode's crop samples the same
+        points of the photo."""
+        template = template_for_size(self.size)
+        needed = MIN_REDUCED_EYE_RATIO * np.linalg.norm(template[1] - template[0])
+        eye = np.linalg.norm(landmarks[1] - landmarks[0])  # in full-size pixels
+        reduce = photo.reduce
+        while reduce > 1 and eye / reduce < needed:
+            reduce //= 2
+        source = photo.decoded_at(reduce)
+        return warp_face(source.image, source.to_reduced(landmarks), self.size)
 
     def align(self, image: np.ndarray,
               hint_box: Sequence[float] | None = None) -> AlignedFace | None:

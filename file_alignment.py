@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from face_warp import TEMPLATE_SIZE, center_crop
+from face_warp import CENTER_CROP_FRACTION, TEMPLATE_SIZE, center_crop
 from reduced_photo import Photo, read_photo
 from utils import ImageReadError, read_image
 
@@ -48,6 +48,15 @@ class FileCrop:
     face: Any  # align_faces.AlignedFace; None when no face was found or the file is unreadable
     hint: Sequence[float] | None = None  # the face box hint_for gave
     error: ImageReadError | None = None  # why the file could not be read
+
+
+def _faceless_crop(photo: Photo, size: int) -> np.ndarray:
+    """center_crop of a photo without a face: from the reduced decode it was searched on when
+    the square there is at least ``size`` (no second decode, pixels already block averages),
+    else from the full size."""
+    if round(min(photo.image.shape[:2]) * CENTER_CROP_FRACTION) >= size:
+        return center_crop(photo.image, size)
+    return center_crop(photo.full_image(), size)
 
 
 def _in_order(pool: ThreadPoolExecutor, work: Callable[[Any], Any], items: Sequence[Any],
@@ -101,7 +110,7 @@ def align_files(aligner: Any, paths: Sequence[Path], batch_size: int,
                 out.append(FileCrop(path, None, None, error=photo))
                 continue
             face, hint = next(done)
-            crop = center_crop(photo.full_image(), size) if face is None else face.crop
+            crop = _faceless_crop(photo, size) if face is None else face.crop
             out.append(FileCrop(path, crop, face, hint))
         return out
 

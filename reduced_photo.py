@@ -3,7 +3,8 @@
 A big JPEG is decoded at 1/2, 1/4 or 1/8 of its size with libjpeg's DCT scaling
 (``utils.decode_image(reduce=...)``): faster than a full decode and no separate downscale.
 :class:`Photo` holds that reduced image, maps its pixel coordinates to the full-size photo's
-and back, and decodes the full size when asked (align_faces warps small faces from it).
+and back, and decodes it again at a larger size when asked (align_faces warps a face from the
+smallest decode where it is at least the template's size).
 """
 
 from __future__ import annotations
@@ -69,9 +70,21 @@ class Photo:
         """The inverse of :meth:`to_full`."""
         return (np.asarray(xy, dtype=np.float64) - self._offset) / self.reduce
 
+    def decoded_at(self, reduce: int) -> Photo:
+        """This photo decoded at 1/``reduce`` (8, 4, 2 or 1: full size); itself when it
+        already is, and the full size when the reduced decode has not the size it should."""
+        if reduce == self.reduce:
+            return self
+        if reduce > 1:
+            image = decode_image(self.data, self.source, reduce=reduce)
+            if image.shape[:2] == tuple(-(-side // reduce) for side in self.full_shape):
+                return Photo(image, reduce, self.full_shape, self.data, self.source,
+                             self.orientation)
+        return Photo(decode_image(self.data, self.source), source=self.source)
+
     def full_image(self) -> np.ndarray:
         """The photo at full size (decoded again when ``image`` is reduced)."""
-        return self.image if self.reduce == 1 else decode_image(self.data, self.source)
+        return self.decoded_at(1).image
 
 
 def read_photo(path: Path, detect_size: int = 0) -> Photo | ImageReadError:

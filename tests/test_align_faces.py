@@ -607,6 +607,51 @@ def test_small_face_in_a_big_jpeg_is_warped_from_a_full_size_decode(tmp_path, al
     np.testing.assert_array_equal(done.crop, fw.warp_face(read_image(path), landmarks))
 
 
+def test_face_too_small_on_the_search_decode_is_warped_from_the_next_larger_one(
+        tmp_path, aligner, monkeypatch):
+    """The 2048 px photo (her eyes ~84 px apart at full size) searched at 512 on the 1/4
+    decode, where her eyes are ~21 px apart: the crop comes from the 1/2 decode (~42 px, at
+    least the template's 35), not from a full-size one, and equals the warp of that decode."""
+    import reduced_photo
+    from utils import decode_image
+
+    path = tmp_path / "big.jpg"
+    write_image(path, _big_photo_with_a_small_face())
+    decoded = []  # the reductions decode_image is asked for
+    decode = reduced_photo.decode_image
+    monkeypatch.setattr(reduced_photo, "decode_image",
+                        lambda *a, **kw: decoded.append(kw.get("reduce", 1)) or decode(*a, **kw))
+    [done] = fa.align_files(aligner, [path], batch_size=1, progress=False)
+    assert decoded == [4, 2]
+    landmarks = done.face.landmarks
+    eye = np.linalg.norm(landmarks[1] - landmarks[0])
+    assert eye / 4 < 35.24 * af.MIN_REDUCED_EYE_RATIO <= eye / 2
+    photo = reduced_photo.Photo(decode_image(path.read_bytes(), reduce=2), 2, (2048, 2048))
+    np.testing.assert_array_equal(done.crop,
+                                  fw.warp_face(photo.image, photo.to_reduced(landmarks)))
+
+
+def test_big_faceless_jpeg_is_centre_cropped_from_its_reduced_decode(tmp_path, aligner,
+                                                                     monkeypatch):
+    """No face in a 2400 px JPEG: its centre crop comes from the 1/4 decode it was searched
+    on (the 300 px square there is larger than 112), with no second decode."""
+    import reduced_photo
+    from utils import decode_image
+
+    yy, xx = np.mgrid[0:2400, 0:2400]
+    flat = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)  # no face
+    path = tmp_path / "wall.jpg"
+    write_image(path, flat)
+    decoded = []
+    decode = reduced_photo.decode_image
+    monkeypatch.setattr(reduced_photo, "decode_image",
+                        lambda *a, **kw: decoded.append(kw.get("reduce", 1)) or decode(*a, **kw))
+    [done] = fa.align_files(aligner, [path], batch_size=1, progress=False)
+    assert done.face is None and decoded == [4]
+    expected = fw.center_crop(decode_image(path.read_bytes(), reduce=4))
+    np.testing.assert_array_equal(done.crop, expected)
+
+
 def test_jpeg_reduction_keeps_the_longer_side_at_least_the_detect_size():
     from reduced_photo import jpeg_reduction
 
