@@ -19,7 +19,7 @@ reduced decode), the floors, and ``FaceAligner.detect`` alone on the decoded ima
 
 Crops: new against old, and each against an anti-aliased reference at its own landmarks
 (warped at 8x from the full photo and area-averaged), mean absolute difference in grey
-levels; and how many new crops were warped from a full-size decode.
+levels; and how many new crops were warped from a larger decode than the searched one.
 
 Landmarks: for each setting, the largest distance of its 5 landmarks from the full-size
 search's, in % of the full-size eye distance, over the photos where both chose a face (mean
@@ -214,13 +214,13 @@ def crop_differences(results: dict, paths: list[Path]) -> list[str]:
     for size in sorted({size for size, _ in results if size}):
         new, old = results[size, "new"][0], results[size, "old"][0]
         both = [q for q in paths if new[q] is not None and old[q] is not None]
-        new_old, new_ref, old_ref, full_decodes = [], [], [], 0
+        new_old, new_ref, old_ref, larger_decodes = [], [], [], 0
         for q in both:
             data = q.read_bytes()
             image, shape = decode_image(data, str(q)), jpeg_shape(data)
             reduce = 1 if shape is None else jpeg_reduction(shape, size)  # as read_photo's
             eye = np.linalg.norm(new[q].landmarks[1] - new[q].landmarks[0]) / reduce
-            full_decodes += reduce == 1 or eye < MIN_REDUCED_EYE_RATIO * template_eye
+            larger_decodes += reduce > 1 and eye < MIN_REDUCED_EYE_RATIO * template_eye
             new_old.append(np.abs(new[q].crop.astype(float) - old[q].crop).mean())
             new_ref.append(np.abs(new[q].crop - reference(image, new[q].landmarks)).mean())
             old_ref.append(np.abs(old[q].crop - reference(image, old[q].landmarks)).mean())
@@ -229,8 +229,8 @@ def crop_differences(results: dict, paths: list[Path]) -> list[str]:
                              ("old crop (warped at full size) vs reference", old_ref)):
             lines.append(f"detect_size {size}: {name:<44} {np.mean(values):5.2f} / "
                          f"{np.max(values):5.2f}")
-        lines.append(f"detect_size {size}: new crops warped from a full-size decode: "
-                     f"{full_decodes} of {len(both)}")
+        lines.append(f"detect_size {size}: new crops warped from a larger decode than the "
+                     f"searched one: {larger_decodes} of {len(both)}")
     return lines
 
 
