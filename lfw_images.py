@@ -1,6 +1,7 @@
 """Raw LFW for evaluation: every distinct image the pairs name is aligned once (MTCNN,
 ``align_faces``) to a 112x112 crop, a faceless one centre-cropped and reported, and the crops
-are cached on disk (keyed by the file list, sizes and mtimes: a replaced image realigns).
+are cached on disk (keyed by the file list, sizes and mtimes, and the aligner's settings: a
+replaced image or another alignment realigns).
 Any image that cannot be read is an error naming them (the count is complete).
 """
 
@@ -24,8 +25,17 @@ ALIGN_CHUNK = 32  # images read and aligned at a time (MTCNN batch)
 log = get_logger("lfw_eval")  # lfw_eval's logger: these messages are part of its run
 
 
-def _cache_key(lfw_dir: Path, paths: Sequence[str]) -> str:
+# The aligner attributes its crops depend on besides the images (FaceAligner's; others have
+# what they have): crops made with other settings are not another run's to reuse.
+ALIGNER_SETTINGS = ("cascade", "detect_size", "min_face_size", "thresholds", "refine_steps",
+                    "size")
+
+
+def _cache_key(lfw_dir: Path, paths: Sequence[str], aligner: object) -> str:
     digest = hashlib.sha1(str(lfw_dir.resolve()).encode())
+    digest.update(type(aligner).__name__.encode())
+    for name in ALIGNER_SETTINGS:
+        digest.update(f"\n{name}={getattr(aligner, name, None)!r}".encode())
     for p in paths:  # size and mtime too: a replaced image invalidates the cache
         st = (lfw_dir / p).stat()
         digest.update(f"\n{p}\t{st.st_size}\t{st.st_mtime_ns}".encode())
@@ -104,8 +114,12 @@ def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
     if not checked:
         check_pairs_exist(pairs, lfw_dir)
     paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
+    if aligner is None:
+        from align_faces import FaceAligner
+
+        aligner = FaceAligner()
     cache = None if cache_dir is None else \
-        Path(cache_dir) / f"aligned_{_cache_key(lfw_dir, paths)}.npz"
+        Path(cache_dir) / f"aligned_{_cache_key(lfw_dir, paths, aligner)}.npz"
     cached = None if cache is None else _read_cache(cache, paths)
     if cached is not None:
         crops, faceless = cached
@@ -129,7 +143,7 @@ def load_lfw_pairs_images(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=No
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Aligned crops (2N, 112, 112, 3) for ``pairs`` and their labels (N,). Every distinct
     image is aligned once (``align_faces.FaceAligner`` unless ``aligner`` is given) and the
-    crops are cached in ``cache_dir`` (keyed by the file list, sizes and mtimes); images
-    without a detected face are centre-cropped and reported."""
+    crops are cached in ``cache_dir`` (keyed by the file list, sizes, mtimes and the aligner's
+    settings); images without a detected face are centre-cropped and reported."""
     crops, index, issame, _ = load_lfw_crops(lfw_dir, pairs, aligner, cache_dir)
     return crops[index], issame

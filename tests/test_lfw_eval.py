@@ -652,3 +652,32 @@ def test_compare_refuses_non_finite_embeddings(tiny_run, capsys, monkeypatch):
     err = _cli_error(["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
                       "--compare", str(a), str(b), "--threshold", "0.3"], capsys)
     assert "non-finite" in err and "backbone.pt" in err
+
+
+def test_alignment_cache_is_reused_only_by_the_same_alignment(tmp_path):
+    """Crops cached by one aligner are read back by an aligner with the same settings, and
+    realigned by one with other settings (another detect size, refine steps or class)."""
+    from lfw_images import load_lfw_crops
+    from lfw_pairs import Pair
+
+    for name in ("a", "b"):
+        (tmp_path / "lfw" / name).mkdir(parents=True)
+        Image.fromarray(np.full((40, 40, 3), 60, np.uint8)).save(
+            tmp_path / "lfw" / name / f"{name}_0001.jpg")
+    pairs = [Pair("a/a_0001.jpg", "b/b_0001.jpg", False)]
+
+    class Counting:
+        def __init__(self, detect_size: int, refine_steps: int = 2) -> None:
+            self.detect_size, self.refine_steps, self.calls = detect_size, refine_steps, 0
+
+        def align_batch(self, images, hint_box=None):
+            self.calls += 1
+            return [None] * len(images)  # faceless: centre crops
+
+    first = Counting(512)
+    load_lfw_crops(tmp_path / "lfw", pairs, first, tmp_path / "cache")
+    same, other_size, other_refine = Counting(512), Counting(640), Counting(512, 0)
+    for aligner in (same, other_size, other_refine):
+        load_lfw_crops(tmp_path / "lfw", pairs, aligner, tmp_path / "cache")
+    assert (first.calls, same.calls, other_size.calls, other_refine.calls) == (1, 0, 1, 1)
+    assert len(list((tmp_path / "cache").glob("aligned_*.npz"))) == 3
