@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from models import IMAGE_SIZE, load_backbone
-from utils import ToolkitError, add_debug_flag, get_logger, run_cli
+from utils import ToolkitError, add_debug_flag, get_logger, remove_stale_temporaries, run_cli
 
 PARITY_TOLERANCE = 1e-4  # max |difference| of L2-normalised embeddings
 PARITY_BATCH = 3  # differs from the export batch, so the dynamic batch axis is exercised
@@ -61,16 +61,6 @@ def external_data_path(out_path: str | Path) -> Path:
 
 def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
-
-
-def remove_stale_staging(out_path: str | Path) -> list[Path]:
-    """Delete staging folders that a killed export left beside ``out_path``. Call it only
-    where no other export to that file can be running."""
-    out_path = Path(out_path)
-    stale = list(out_path.parent.glob(f".{out_path.name}.*{STAGING_SUFFIX}"))
-    for folder in stale:
-        shutil.rmtree(folder, ignore_errors=True)
-    return stale
 
 
 def export_onnx(model: nn.Module, out_path: str | Path, opset: int = ONNX_OPSET,
@@ -156,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
     # errors (missing or untrusted checkpoint, parity) are printed by run_cli, one line
     model = load_backbone(checkpoint, network=args.network, embedding_size=args.embedding_size)
-    remove_stale_staging(out)
+    remove_stale_temporaries(out.parent, out.name, STAGING_SUFFIX)  # a killed export's
     diff = export_and_verify(model, out, args.tolerance)
     log.info("wrote %s (max |diff| of normalised embeddings vs PyTorch: %.2e)", out, diff)
     return 0

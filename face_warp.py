@@ -87,12 +87,17 @@ def check_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def center_square_side(shape: tuple[int, ...]) -> int:
+    """The side of :func:`center_crop`'s square in an image of ``shape`` (H, W[, C])."""
+    return max(1, round(min(shape[0], shape[1]) * CENTER_CROP_FRACTION))
+
+
 def center_crop(image: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
     """Fallback crop for an image without a detected face: its central square of side
     CENTER_CROP_FRACTION x the shorter side, resized to ``size`` x ``size``."""
     image = check_rgb(image)
     h, w = image.shape[:2]
-    side = max(1, round(min(h, w) * CENTER_CROP_FRACTION))
+    side = center_square_side(image.shape)
     top, left = (h - side) // 2, (w - side) // 2
     square = image[top:top + side, left:left + side]
     interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR

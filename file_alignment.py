@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from face_warp import CENTER_CROP_FRACTION, TEMPLATE_SIZE, center_crop
+from face_warp import TEMPLATE_SIZE, center_crop, center_square_side
 from reduced_photo import Photo, read_photo
 from utils import ImageReadError, read_image
 
@@ -54,7 +54,7 @@ def _faceless_crop(photo: Photo, size: int) -> np.ndarray:
     """center_crop of a photo without a face: from the reduced decode it was searched on when
     the square there is at least ``size`` (no second decode, pixels already block averages),
     else from the full size."""
-    if round(min(photo.image.shape[:2]) * CENTER_CROP_FRACTION) >= size:
+    if center_square_side(photo.image.shape) >= size:
         return center_crop(photo.image, size)
     return center_crop(photo.full_image(), size)
 

@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 
 from ijb_release import TARGETS, IJBFormatError, Release, load_release
-from ijb_report import MERGED, format_table, plot_cmc, plot_roc_curves
+from ijb_report import MERGED, format_table, plot_cmc
 from utils import atomic_write_text, get_device, get_logger, run_cli
 from verification_metrics import FAR_EPS, tar_at_far_from_top
+from verification_plots import plot_roc_curves
 
 __all__ = [
     "IJBFormatError", "parse_mode", "template_features", "verification_scores",

@@ -1,6 +1,7 @@
-"""The IJB results as papers print them: the TAR@FAR table per mode with the 1:N rates, the
-ROC figure (TAR@FAR curves, one per mode) and the CMC figure (one curve per gallery).
-ijb_eval.py writes them; the figures use verification_plots.save_figure (Agg, atomic)."""
+"""The IJB results as papers print them: the TAR@FAR table per mode with the 1:N rates and
+the CMC figure (one curve per gallery); the ROC figure (one curve per mode) is
+verification_plots.plot_roc_curves. ijb_eval.py writes them; the figures use
+verification_plots.save_figure (Agg, atomic)."""
 
 from __future__ import annotations
 
@@ -11,32 +12,6 @@ from typing import Any
 import numpy as np
 
 MERGED = "merged"  # the identification block's key for InsightFace's merged-gallery ranks
-
-
-def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
-                    title: str) -> Path:
-    """ROC curves (TAR against FAR on a log axis), one per mode, as verification_report
-    samples them (15M points would not draw)."""
-    from matplotlib.figure import Figure
-
-    from verification_plots import save_figure
-
-    fig = Figure(figsize=(6, 5))
-    ax = fig.add_subplot()
-    lowest = 1.0
-    for mode, (far, tar) in curves.items():
-        ax.plot(far, tar, lw=1.5, label=mode)
-        lowest = min(lowest, float(far[0]))
-    ax.set_xscale("log")
-    ax.set_xlim(lowest, 1.0)
-    ax.set_ylim(0.0, 1.01)
-    ax.set_xlabel("false accept rate")
-    ax.set_ylabel("true accept rate")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 def plot_cmc(identification_block: dict[str, Any], galleries: Sequence[str], path: Path,

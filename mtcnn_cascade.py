@@ -119,6 +119,19 @@ def _crops(image: np.ndarray, boxes: np.ndarray, side: int) -> tuple[np.ndarray,
     return np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8), valid
 
 
+def _rescore(net: torch.nn.Module, image: np.ndarray, boxes: np.ndarray, side: int,
+             threshold: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The boxes whose side x side crop ``net`` (the R- or O-net) scores above ``threshold``,
+    as (x1, y1, x2, y2, score) rows, and the net's other outputs for them."""
+    crops, valid = _crops(image, boxes, side)
+    if len(crops) == 0:
+        return np.zeros((0, 5)), []
+    *outputs, probs = (t.numpy() for t in net(_net_input(crops)))
+    passed = probs[:, 1] > threshold
+    return (np.concatenate([boxes[valid][passed, :4], probs[passed, 1:2]], axis=1),
+            [out[passed] for out in outputs])
+
+
 def _landmarks(boxes: np.ndarray, marks: np.ndarray) -> np.ndarray:
     """(N, 5, 2) landmarks from the O-net's (N, 10) outputs (x0..x4, y0..y4 in units of the
     input box's width and height)."""
@@ -209,26 +222,17 @@ def detect(pnet: torch.nn.Module, rnet: torch.nn.Module, onet: torch.nn.Module,
     boxes = boxes[nms(boxes[:, :4], boxes[:, 4], NMS_ALL)]
     boxes = _square(_regress(boxes[:, :5], boxes[:, 5:9], inclusive=False))
     # Stage 2: the R-net rescores and refines each square crop.
-    crops, valid = _crops(image, boxes, RNET_SIZE)
-    if len(crops) == 0:
+    boxes, outputs = _rescore(rnet, image, boxes, RNET_SIZE, thresholds[1])
+    if len(boxes) == 0:
         return no_faces()
-    offsets, probs = (t.numpy() for t in rnet(_net_input(crops)))
-    boxes = boxes[valid]
-    passed = probs[:, 1] > thresholds[1]
-    boxes = np.concatenate([boxes[passed, :4], probs[passed, 1:2]], axis=1)
-    offsets = offsets[passed]
     keep = nms(boxes[:, :4], boxes[:, 4], NMS_RNET)
-    boxes = _square(_regress(boxes[keep], offsets[keep]))
+    boxes = _square(_regress(boxes[keep], outputs[0][keep]))
     # Stage 3: the O-net rescores, refines and places the five landmarks.
-    crops, valid = _crops(image, boxes, ONET_SIZE)
-    if len(crops) == 0:
+    boxes, (offsets, marks) = _rescore(onet, image, boxes, ONET_SIZE, thresholds[2])
+    if len(boxes) == 0:
         return no_faces()
-    offsets, marks, probs = (t.numpy() for t in onet(_net_input(crops)))
-    boxes = boxes[valid]
-    passed = probs[:, 1] > thresholds[2]
-    boxes = np.concatenate([boxes[passed, :4], probs[passed, 1:2]], axis=1)
-    points = _landmarks(boxes, marks[passed])
-    boxes = _regress(boxes, offsets[passed])
+    points = _landmarks(boxes, marks)
+    boxes = _regress(boxes, offsets)
     keep = nms(boxes[:, :4], boxes[:, 4], NMS_ONET, over_smaller=True)
     return (boxes[keep, :4].astype(np.float64), boxes[keep, 4].astype(np.float64),
             points[keep].astype(np.float64))

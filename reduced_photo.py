@@ -73,14 +73,8 @@ class Photo:
     def decoded_at(self, reduce: int) -> Photo:
         """This photo decoded at 1/``reduce`` (8, 4, 2 or 1: full size); itself when it
         already is, and the full size when the reduced decode has not the size it should."""
-        if reduce == self.reduce:
-            return self
-        if reduce > 1:
-            image = decode_image(self.data, self.source, reduce=reduce)
-            if image.shape[:2] == tuple(-(-side // reduce) for side in self.full_shape):
-                return Photo(image, reduce, self.full_shape, self.data, self.source,
-                             self.orientation)
-        return Photo(decode_image(self.data, self.source), source=self.source)
+        return self if reduce == self.reduce else \
+            _decode(self.data, self.source, self.full_shape, reduce)
 
     def full_image(self) -> np.ndarray:
         """The photo at full size (decoded again when ``image`` is reduced)."""
@@ -95,10 +89,16 @@ def read_photo(path: Path, detect_size: int = 0) -> Photo | ImageReadError:
         data = read_image_bytes(path)
         shape = jpeg_shape(data)
         reduce = 1 if shape is None else jpeg_reduction(shape, detect_size)
-        if reduce > 1:
-            image = decode_image(data, str(path), reduce=reduce)
-            if image.shape[:2] == tuple(-(-side // reduce) for side in shape):
-                return Photo(image, reduce, shape, data, str(path), exif_orientation(data))
-        return Photo(decode_image(data, str(path)), source=str(path))  # or a header that lied
+        return _decode(data, str(path), shape, reduce)
     except ImageReadError as e:
         return e
+
+
+def _decode(data: bytes, source: str, shape: Sequence[int] | None, reduce: int) -> Photo:
+    """``data`` (a photo of upright ``shape``) decoded at 1/``reduce``, or at full size when
+    ``reduce`` is 1 or the reduced decode has not the size it should (a header that lied)."""
+    if reduce > 1:
+        image = decode_image(data, source, reduce=reduce)
+        if image.shape[:2] == tuple(-(-side // reduce) for side in shape):
+            return Photo(image, reduce, tuple(shape), data, source, exif_orientation(data))
+    return Photo(decode_image(data, source), source=source)

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -224,13 +225,18 @@ def temp_path_for(path: str | Path) -> Path:
     return Path(tmp)
 
 
-def remove_stale_temporaries(folder: str | Path, name: str) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, name: str,
+                             suffix: str = TEMP_SUFFIX) -> list[Path]:
     """Delete temporaries that a killed writer left for the file ``name`` in ``folder``
-    (``.<name>.*.tmp``). Call it only where no other writer of that file can be running."""
+    (``.<name>.*<suffix>``: files, or staging folders with their contents). Call it only
+    where no other writer of that file can be running."""
     removed = []
-    for p in Path(folder).glob(f".{name}.*{TEMP_SUFFIX}"):
+    for p in Path(folder).glob(f".{name}.*{suffix}"):
         try:
-            p.unlink()
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
             removed.append(p)
         except FileNotFoundError:
             pass

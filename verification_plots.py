@@ -35,26 +35,38 @@ def plot_roc(far: np.ndarray, tar: np.ndarray, path: str | Path, auc: float | No
              operating_points: Mapping[float, float] | None = None,
              title: str = "ROC") -> Path:
     """ROC curve (TAR against FAR, FAR on a log axis) with the TAR@FAR points marked."""
+    label = f"AUC = {auc:.4f}" if auc is not None else None
+    return plot_roc_curves({label: (far, tar)}, path, title, operating_points)
+
+
+def plot_roc_curves(curves: Mapping[str | None, tuple[np.ndarray, np.ndarray]],
+                    path: str | Path, title: str = "ROC",
+                    operating_points: Mapping[float, float] | None = None) -> Path:
+    """ROC curves (TAR against FAR, FAR on a log axis), one per label (None: unlabelled),
+    with the TAR@FAR points marked."""
     from matplotlib.figure import Figure
 
-    far = np.asarray(far, dtype=np.float64)
-    tar = np.asarray(tar, dtype=np.float64)
     fig = Figure(figsize=(6, 5))
     ax = fig.add_subplot()
-    positive = far > 0  # the log axis cannot show FAR = 0
-    label = f"AUC = {auc:.4f}" if auc is not None else None
-    ax.plot(far[positive], tar[positive], lw=1.5, label=label)
+    lowest = 1.0
+    for label, (far, tar) in curves.items():
+        far = np.asarray(far, dtype=np.float64)
+        tar = np.asarray(tar, dtype=np.float64)
+        positive = far > 0  # the log axis cannot show FAR = 0
+        ax.plot(far[positive], tar[positive], lw=1.5, label=label)
+        if positive.any():  # start one step left of the smallest measurable FAR
+            lowest = min(lowest, far[positive].min() / 2)
     for far_target, tar_value in (operating_points or {}).items():
         ax.plot([far_target], [tar_value], "o", label=f"TAR@FAR={far_target:.0e}: {tar_value:.4f}")
     ax.set_xscale("log")
-    if positive.any():  # start one step left of the smallest measurable FAR
-        ax.set_xlim(far[positive].min() / 2, 1.0)
+    if lowest < 1.0:
+        ax.set_xlim(lowest, 1.0)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
     ax.set_ylim(0.0, 1.01)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title)
-    if label or operating_points:
+    if any(label is not None for label in curves) or operating_points:
         ax.legend(loc="lower right")
     fig.tight_layout()
     return save_figure(fig, path)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import export_onnx
+import utils
 
 
 class TinyEmbedder(nn.Module):
@@ -170,6 +171,7 @@ def test_remove_stale_staging_only_touches_that_exports_folders(tmp_path):
     (stale / "m.onnx.data").write_bytes(b"half")
     (tmp_path / ".other.onnx.x1.onnx-staging").mkdir()
     (tmp_path / "m.onnx").write_bytes(b"good")
-    assert export_onnx.remove_stale_staging(tmp_path / "m.onnx") == [stale]
+    assert utils.remove_stale_temporaries(tmp_path, "m.onnx", export_onnx.STAGING_SUFFIX) \
+        == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.onnx.x1.onnx-staging",
                                                           "m.onnx"]
