@@ -30,6 +30,17 @@ later member made point outside. Zip archives are checked completely before anyt
 written; tar archives are streamed (one pass over a possibly huge .tar.gz), so members
 before a refused one have already been written, all inside the destination.
 
+Damage: each file member is written to a temporary beside its final name, checked (a zip
+member's CRC, every member's size against its header) and only then renamed over the final
+name, so a damaged re-download, a full disk or an interrupted run leaves the file that was
+there before (or none), never a truncated one (a killed run may leave a hidden
+``.<name>.<random>.tmp`` beside it); the error names the archive and the member.
+A .tar.gz is read to its end for its gzip CRC, the one check of bytes that decompress
+without complaint; that check comes at the end of the stream, so files renamed before it
+may hold the damage (the error says so, and no marker is written). Encrypted zip members
+and compression methods Python cannot decompress (Deflate64, ...) are refused, naming the
+member, before anything is written.
+
 Size: an archive whose contents would exceed MAX_COMPRESSION_RATIO times its own size (past
 the first RATIO_FREE_BYTES) or MAX_EXTRACTED_BYTES in all is refused as a likely zip bomb:
 for a zip from its declared sizes before anything is written, and for every archive again
@@ -45,6 +56,7 @@ import io
 import json
 import lzma
 import os
+import secrets
 import shutil
 import stat
 import sys
@@ -55,9 +67,16 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
-from utils import ToolkitError, add_debug_flag, atomic_write_text, get_logger, run_cli
+from utils import (
+    TEMP_SUFFIX,
+    ToolkitError,
+    add_debug_flag,
+    atomic_write_text,
+    get_logger,
+    run_cli,
+)
 
 DEFAULT_DATA_ROOT = Path("data")
 MEGAFACE_SUBDIR = "megaface"
@@ -67,7 +86,26 @@ PAIRS_NAME = "pairs.txt"
 LFW_PAIRS_SUBDIR = "lfw"  # config.pairs defaults to data/lfw/pairs.txt
 MARKER_PREFIX = ".extracted-"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
-COPY_CHUNK = 1 << 20  # bytes per read when copying a member out of a zip
+COPY_CHUNK = 1 << 20  # read-buffer size over an archive file
+MEMBER_CHUNK = 1 << 16  # bytes per read of a member: 1 MiB reads from a tar stream took 2x as long
+GZIP_MAGIC = b"\x1f\x8b"  # how every gzip stream begins (RFC 1952)
+# Zip general-purpose flag bits (APPNOTE 4.4.4) that Python's zipfile cannot unpack: bit 0,
+# encrypted (strong encryption, bit 6, sets it too), and bit 5, compressed patched data.
+ZIP_FLAG_ENCRYPTED = 0x1
+ZIP_FLAG_PATCHED = 0x20
+# The compression methods this Python's zipfile decompresses (Zstandard from Python 3.14)
+ZIP_METHODS_SUPPORTED = frozenset(
+    {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+    | {getattr(zipfile, n) for n in ("ZIP_ZSTANDARD",) if hasattr(zipfile, n)})
+# Names of methods zippers write that zipfile cannot read, for the error (APPNOTE 4.4.5)
+ZIP_METHOD_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 93: "Zstandard", 95: "xz",
+                    98: "PPMd", 99: "WinZip AES encryption"}
+# Member temporaries: ".<name>.<random hex>.tmp" beside the final file, the name cut short to
+# the filesystem's limit (255 bytes on ext4, XFS, btrfs; assumed where pathconf cannot tell)
+NAME_MAX_FALLBACK = 255
+TEMP_TOKEN_BYTES = 4  # 8 hex digits: a clash with a live temporary is 1 in 4 billion
+TEMP_ATTEMPTS = 16  # fresh names tried before giving up (each clash retried)
+NEW_FILE_PERMISSIONS = 0o666  # what open(path, "w") asks for; the umask takes its share
 # Zip-bomb guard. Face data (JPEG crops, .rec records) barely compresses (ratio ~1); text
 # lists compress ~10x; a run of zeros ~1000x. Below RATIO_FREE_BYTES of output the ratio is
 # not checked (small archives of text), and nothing may expand past MAX_EXTRACTED_BYTES,
@@ -94,6 +132,10 @@ class ArchiveTooLargeError(ToolkitError, ValueError):
 
 class DestinationError(ToolkitError, NotADirectoryError):
     """A destination that is (or lies under) a file instead of a folder."""
+
+
+class MemberWriteError(ToolkitError, OSError):
+    """A member that could not be written (disk full, no permission, a folder in the way)."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +278,23 @@ def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
+def _check_zip_method(info: zipfile.ZipInfo, archive: Path) -> None:
+    """A zip member that zipfile cannot unpack (encrypted, patched, or compressed with a
+    method it lacks) is refused before anything is written, not found halfway."""
+    if info.flag_bits & ZIP_FLAG_ENCRYPTED:
+        raise ArchiveError(
+            f"{archive}: member {info.filename!r} is encrypted (password-protected), which "
+            "this tool does not unpack; extract the archive with a tool that asks for the "
+            "password (7z x, unzip)")
+    method = info.compress_type
+    if method not in ZIP_METHODS_SUPPORTED or info.flag_bits & ZIP_FLAG_PATCHED:
+        what = ("compressed patched data" if info.flag_bits & ZIP_FLAG_PATCHED else
+                f"compression method {method} ({ZIP_METHOD_NAMES.get(method, 'unknown')})")
+        raise ArchiveError(
+            f"{archive}: member {info.filename!r} uses {what}, which Python's zipfile cannot "
+            "decompress; extract the archive with another tool (7z x)")
+
+
 def _declared_size(info: zipfile.ZipInfo) -> int:
     """The uncompressed size a zip member's header claims (not to be trusted alone)."""
     return info.file_size
@@ -260,6 +319,87 @@ class _CountingReader(io.RawIOBase):
 
 
 # ----------------------------------------------------------------------------- extraction
+
+def _name_max(folder: Path) -> int:
+    """The longest file name, in bytes, the filesystem holding ``folder`` allows."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer
+        return NAME_MAX_FALLBACK
+
+
+def _member_temp(final: Path) -> tuple[int, Path]:
+    """A new temporary ``.<name>.<random>.tmp`` beside ``final``, opened exclusively for
+    writing with a new file's mode (0o666 less the umask): its descriptor and path. The name
+    is cut short where a long member name would pass the filesystem's name limit."""
+    room = _name_max(final.parent) - len(f"..{'0' * 2 * TEMP_TOKEN_BYTES}{TEMP_SUFFIX}")
+    stem = final.name
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    for _ in range(TEMP_ATTEMPTS):
+        tmp = final.parent / f".{stem}.{secrets.token_hex(TEMP_TOKEN_BYTES)}{TEMP_SUFFIX}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_PERMISSIONS), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{final.parent}: no free temporary name for {final.name}")
+
+
+# what reading a member raises when the archive is damaged (bad CRC, truncated, corrupt
+# compressed data; BadGzipFile is an OSError) or the disk under it fails
+_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+                OSError)
+
+
+def _kept(final: Path) -> str:
+    return f"{final} left as it was" if os.path.lexists(final) else f"no {final} written"
+
+
+def _write_member(archive: Path, name: str, final: Path, src: IO[bytes], budget: _Budget,
+                  size: int, bar: Any = None, mode: int | None = None,
+                  mtime: float | None = None) -> None:
+    """Copy member ``name`` from ``src`` to a temporary beside ``final``, check it (the
+    reader's own checks: a zip's CRC, a gzip's stream; then ``size``, its header's), give it
+    ``mode`` and ``mtime``, and only then rename it over ``final``. On any failure the
+    temporary is removed and ``final`` stays as it was: ArchiveError for a damaged member,
+    MemberWriteError for a failed write (disk full), both naming archive and member."""
+    tmp = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _member_temp(final)
+        written = 0
+        with open(fd, "wb") as dst:
+            while True:
+                try:
+                    chunk = src.read(MEMBER_CHUNK)
+                except _READ_ERRORS as e:
+                    raise ArchiveError(f"{archive}: member {name!r} is damaged ({e}); "
+                                       f"{_kept(final)}") from None
+                if not chunk:
+                    break
+                budget.take(len(chunk), name)  # headers can lie
+                dst.write(chunk)
+                written += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        if written != size:
+            raise ArchiveError(f"{archive}: member {name!r} is damaged: {written:,} bytes where "
+                               f"its header says {size:,}; {_kept(final)}")
+        if mode is not None:
+            os.chmod(tmp, mode)
+        if mtime is not None:
+            os.utime(tmp, (mtime, mtime))
+        os.replace(tmp, final)  # whole and checked: only now under its name
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, ToolkitError):  # a failed write
+            error = MemberWriteError(f"{archive}: cannot write member {name!r} to {final}: "
+                                     f"{e.strerror or e}; {_kept(final)}")
+            error.errno = e.errno
+            raise error from None
+        raise
+
 
 def _top_level(names: Sequence[PurePosixPath]) -> list[str]:
     return sorted({p.parts[0] for p in names if p.parts})
@@ -317,6 +457,8 @@ def _extract_zip(archive: Path, dest: Path, progress: bool,
                     "archives are not extracted (a chain of them can redirect later members "
                     "outside the destination)")
             _check_resolved(root, dest, rel, info.filename, archive)
+            if not info.is_dir():
+                _check_zip_method(info, archive)
             rels.append(rel)
         total = sum(_declared_size(i) for i in infos)
         budget = _Budget(archive, limits)
@@ -330,19 +472,13 @@ def _extract_zip(archive: Path, dest: Path, progress: bool,
                 if info.is_dir():
                     out.mkdir(parents=True, exist_ok=True)
                     continue
-                out.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    with zf.open(info) as src, open(out, "wb") as dst:
-                        while chunk := src.read(COPY_CHUNK):
-                            budget.take(len(chunk), info.filename)  # headers can lie
-                            dst.write(chunk)
-                            bar.update(len(chunk))
-                except ArchiveTooLargeError:
-                    out.unlink(missing_ok=True)  # the bomb's partial output
-                    raise
-                except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                    src = zf.open(info)
+                except (*_READ_ERRORS, NotImplementedError, RuntimeError) as e:
                     raise ArchiveError(
-                        f"{archive}: member {info.filename!r} is corrupt ({e})") from None
+                        f"{archive}: member {info.filename!r} cannot be read ({e})") from None
+                with src:  # the CRC is checked as the last bytes are read
+                    _write_member(archive, info.filename, out, src, budget, info.file_size, bar)
                 files += 1
     return files, budget.used, _top_level(rels)
 
@@ -355,31 +491,38 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
     links: list[tuple[str, Path]] = []
     files = 0
     budget = _Budget(archive, limits)
+    names: list[str] = []
     with open(archive, "rb", buffering=0) as raw, tqdm(
             total=archive.stat().st_size, unit="B", unit_scale=True, desc=archive.name,
             disable=not progress) as bar:
         reader = io.BufferedReader(_CountingReader(raw, bar), buffer_size=COPY_CHUNK)
+        # gzip's own reader checks the stream's CRC (tarfile's does not); others: tarfile's
+        gz = gzip.GzipFile(fileobj=reader) if reader.peek(2)[:2] == GZIP_MAGIC else None
         try:
             # stream mode: one sequential pass, whatever the compression
-            with tarfile.open(fileobj=reader, mode="r|*") as tar:
+            with tarfile.open(fileobj=gz or reader, mode="r|" if gz else "r|*") as tar:
                 for member in tar:
                     rel = _check_tar_member(member, archive)
-                    if member.isfile():  # tarfile writes exactly member.size bytes
-                        budget.take(member.size, member.name)
                     rels.append(rel)
+                    names.append(member.name)
                     # the 'data' filter re-checks paths and links, resolving every symbolic
                     # link on disk (os.path.realpath: what _check_resolved does for a zip),
                     # and drops odd permissions
+                    if member.isfile():
+                        _extract_tar_file(tar, member, dest.joinpath(*rel.parts), dest,
+                                          archive, budget)
+                        files += 1
+                        continue
                     tar.extract(member, dest, filter="data")
                     if member.issym():
                         links.append((member.name, dest.joinpath(*rel.parts)))
-                    if member.isfile():
-                        files += 1
+                while gz is not None and gz.read(COPY_CHUNK):
+                    pass  # to the stream's end, where its CRC is checked
         except tarfile.FilterError as e:
             raise UnsafeArchiveError(f"{archive}: refusing member: {e}") from None
         except (tarfile.ReadError, tarfile.CompressionError, EOFError, gzip.BadGzipFile,
                 zlib.error, lzma.LZMAError) as e:
-            raise ArchiveError(f"{archive}: not a readable tar archive ({e})") from None
+            raise _unreadable_tar(archive, names, e) from None
         finally:  # also after a refusal: no link may be left pointing outside
             escaped = _remove_escaping_links(dest, links)
     if escaped:
@@ -387,6 +530,33 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
             f"{archive}: refusing member {escaped[0]!r}: a later member made its link point "
             f"outside the destination (removed {len(escaped)} such link(s))")
     return files, budget.used, _top_level(rels)
+
+
+def _extract_tar_file(tar: tarfile.TarFile, member: tarfile.TarInfo, final: Path, dest: Path,
+                      archive: Path, budget: _Budget) -> None:
+    """A regular file member, through a checked temporary (:func:`_write_member`) with the
+    path checks and permissions of tarfile's 'data' filter."""
+    filtered = tarfile.data_filter(member, str(dest))
+    src = tar.extractfile(member)
+    if src is None:  # cannot happen for a regular file; tarfile's type says None is possible
+        raise ArchiveError(f"{archive}: member {member.name!r} has no data")
+    with src:
+        _write_member(archive, member.name, final, src, budget, member.size,
+                      mode=filtered.mode, mtime=filtered.mtime)
+
+
+def _unreadable_tar(archive: Path, names: list[str], e: BaseException) -> ArchiveError:
+    """The error for a tar stream that fails outside a member's bytes: before any member
+    (not a tar), or after some (a damaged header, or a gzip stream failing its end check:
+    then the bytes already extracted may be wrong, as the CRC covers the whole stream)."""
+    if not names:
+        return ArchiveError(f"{archive}: not a readable tar archive ({e})")
+    if isinstance(e, gzip.BadGzipFile):
+        return ArchiveError(
+            f"{archive}: its gzip stream fails the check at its end ({e}), reached after "
+            f"member {names[-1]!r}: bytes somewhere in it are damaged, so files extracted "
+            "from it may be wrong; download it again")
+    return ArchiveError(f"{archive}: damaged after member {names[-1]!r} ({e})")
 
 
 def _archive_kind(archive: Path) -> str:

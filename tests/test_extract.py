@@ -387,3 +387,202 @@ def test_cli_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, capsys):
         text = out.out + out.err
         assert rc == 1 and str(archive) in text and expected in text, text
         assert "Traceback" not in text
+
+
+# ----------------------------------------------------------------------------- damaged re-downloads
+
+GOOD_JPG = random.Random(2).randbytes(60_000)  # incompressible, like a real JPEG
+LFW_BIG = {"lfw/Aaron_Eckhart/Aaron_Eckhart_0001.jpg": b"\xff\xd8 jpeg bytes",
+           "lfw/Zico/Zico_0001.jpg": GOOD_JPG}
+
+
+def _every_file(root: Path) -> dict[str, bytes]:
+    """Every file under ``root``, hidden ones (temporaries) included, markers excluded."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith(extract.MARKER_PREFIX)}
+
+
+def _flip_inside(path: Path, content: bytes) -> None:
+    """Flip one byte in the middle of ``content`` where it is stored in the file at ``path``
+    (a stored zip member, an uncompressed gzip block): a download damaged in transit."""
+    data = bytearray(path.read_bytes())
+    at = data.find(content)
+    assert at >= 0 and data.find(content, at + len(content)) < 0
+    data[at + len(content) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _patch_zip_member(path: Path, name: str, *, flags: int = 0, method: int | None = None) -> None:
+    """Set general-purpose flag bits and/or the compression method of member ``name`` in its
+    local header and its central-directory entry, as an encrypting or Deflate64 zipper
+    writes them (APPNOTE 4.3.7 / 4.3.12 field layouts)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        local = zf.getinfo(name).header_offset
+    central = data.find(b"PK\x01\x02")
+    while data[central + 46: central + 46 + len(name)] != name.encode():
+        central = data.find(b"PK\x01\x02", central + 1)
+        assert central >= 0
+    for flag_at, method_at in ((local + 6, local + 8), (central + 8, central + 10)):
+        struct.pack_into("<H", data, flag_at, struct.unpack_from("<H", data, flag_at)[0] | flags)
+        if method is not None:
+            struct.pack_into("<H", data, method_at, method)
+    path.write_bytes(bytes(data))
+
+
+def _stored_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _damage_zip(case: str, path: Path) -> None:
+    member = "faces_emore/train.rec"
+    if case == "bad crc":
+        _flip_inside(path, FILES[member])
+    elif case == "encrypted":
+        _patch_zip_member(path, member, flags=0x1)  # bit 0: encrypted
+    else:  # Deflate64, method 9: what Windows' Explorer writes for big files
+        _patch_zip_member(path, member, method=9)
+
+
+@pytest.mark.parametrize("case,expected", [("bad crc", "CRC"), ("encrypted", "encrypted"),
+                                           ("deflate64", "Deflate64")])
+def test_damaged_zip_over_a_good_extraction_keeps_the_good_files(tmp_path, capsys, case,
+                                                                 expected):
+    from utils import run_cli
+
+    archive = _stored_zip(tmp_path / "faces_emore.zip", FILES)
+    dest = tmp_path / "data"
+    extract.extract_archive(archive, dest, progress=False)
+    assert _every_file(dest) == FILES
+    _damage_zip(case, archive)  # the re-download
+    with pytest.raises(extract.ArchiveError) as err:
+        extract.extract_archive(archive, dest, progress=False, force=True)
+    message = str(err.value)
+    assert "faces_emore.zip" in message and "'faces_emore/train.rec'" in message
+    assert expected in message
+    assert _every_file(dest) == FILES  # the good files, and no temporary left
+    rc = run_cli(extract.main, [str(archive), "--dest", str(tmp_path / "data2"),
+                                "--no-progress"])
+    err_text = capsys.readouterr().err
+    assert rc == 1 and err_text.startswith("error: ") and err_text.count("\n") == 1
+    assert "'faces_emore/train.rec'" in err_text and "Traceback" not in err_text
+
+
+@pytest.mark.parametrize("case", ["encrypted", "deflate64"])
+def test_unreadable_zip_member_is_refused_before_anything_is_written(tmp_path, case):
+    archive = _stored_zip(tmp_path / "faces_emore.zip", FILES)
+    _damage_zip(case, archive)
+    dest = tmp_path / "data"
+    with pytest.raises(extract.ArchiveError, match="'faces_emore/train.rec'"):
+        extract.extract_archive(archive, dest, progress=False)
+    assert not dest.exists() or not any(dest.rglob("*"))
+
+
+def test_tgz_truncated_mid_member_keeps_the_good_file(tmp_path):
+    archive = write_tar(tmp_path / "lfw.tgz", LFW_BIG)
+    dest = tmp_path / "data"
+    extract.extract_archive(archive, dest, progress=False)
+    good = archive.read_bytes()
+    archive.write_bytes(good[: len(good) // 2])  # a download cut off inside Zico_0001.jpg
+    with pytest.raises(extract.ArchiveError) as err:
+        extract.extract_archive(archive, dest, progress=False)
+    assert "lfw.tgz" in str(err.value) and "'lfw/Zico/Zico_0001.jpg'" in str(err.value)
+    assert _every_file(dest) == LFW_BIG  # the good jpg whole, no temporary left
+    assert not extract.already_extracted(archive, dest)
+
+
+def test_tgz_with_silently_wrong_bytes_fails_its_gzip_crc(tmp_path):
+    """A flipped byte in an uncompressed (stored) deflate block decodes without complaint:
+    only the gzip trailer's CRC tells, so the stream is read to its end and checked."""
+    archive = tmp_path / "lfw.tgz"
+    with tarfile.open(archive, "w:gz", compresslevel=0) as tf:
+        for name, data in LFW_BIG.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    _flip_inside(archive, GOOD_JPG[1000:2000])  # within one stored block
+    dest = tmp_path / "data"
+    with pytest.raises(extract.ArchiveError, match=r"lfw\.tgz.*CRC"):
+        extract.extract_archive(archive, dest, progress=False)
+    assert not extract.already_extracted(archive, dest)
+    assert not [p for p in dest.rglob(".*") if p.name.endswith(".tmp")]
+
+
+class _FullDisk:
+    """``open`` for a disk with ``room`` bytes free: a write past it writes what fits and
+    raises ENOSPC, as a real full disk does."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.real_open = open
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        f = self.real_open(file, mode, *args, **kwargs)
+        if "w" not in mode:
+            return f
+        disk = self
+
+        class Writer(io.RawIOBase):
+            def writable(self) -> bool:
+                return True
+
+            def write(self, b) -> int:
+                fits = min(len(b), disk.room)
+                f.write(bytes(b[:fits]))
+                disk.room -= fits
+                if fits < len(b):
+                    import errno
+                    import os
+
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return fits
+
+            def close(self) -> None:
+                f.close()
+                super().close()
+
+        return Writer()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tgz"])
+def test_disk_full_names_archive_and_member_and_leaves_no_truncated_file(tmp_path, monkeypatch,
+                                                                         kind):
+    members = {"set/a.bin": b"a" * 1000, "set/b.bin": b"b" * 1000, "set/c.bin": b"c" * 10}
+    if kind == "zip":
+        archive = _stored_zip(tmp_path / "set.zip", members)
+    else:
+        archive = write_tar(tmp_path / "set.tgz", members)
+    monkeypatch.setattr(extract, "open", _FullDisk(room=1500), raising=False)
+    dest = tmp_path / "data"
+    with pytest.raises(extract.ToolkitError) as err:
+        extract.extract_archive(archive, dest, progress=False)
+    message = str(err.value).lower()
+    assert archive.name in message and "'set/b.bin'" in message and "no space left" in message
+    assert _every_file(dest) == {"set/a.bin": members["set/a.bin"]}  # b.bin: nothing at all
+    assert not extract.already_extracted(archive, dest)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tgz"])
+def test_member_names_at_the_filesystem_limit_extract(tmp_path, kind):
+    """A temporary named '.<member name>.<random>.tmp' would pass the 255-byte name limit."""
+    import os
+
+    names = {"set/" + "n" * 242 + ".jpg": b"ascii name", "set/" + "é" * 121 + ".jpg": b"utf-8"}
+    assert all(len(Path(n).name.encode()) == 246 for n in names)
+    if kind == "zip":
+        archive = _stored_zip(tmp_path / "set.zip", names)
+    else:
+        archive = write_tar(tmp_path / "set.tgz", names)
+    dest = tmp_path / "data"
+    extract.extract_archive(archive, dest, progress=False)
+    assert _every_file(dest) == names
+    if kind == "zip":  # a new file's mode follows the umask, like any file a tool writes
+        umask = os.umask(0o022)
+        os.umask(umask)
+        for name in names:
+            assert (dest / name).stat().st_mode & 0o777 == 0o666 & ~umask
