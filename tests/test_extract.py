@@ -513,12 +513,19 @@ def test_tgz_with_silently_wrong_bytes_fails_its_gzip_crc(tmp_path):
     assert not [p for p in dest.rglob(".*") if p.name.endswith(".tmp")]
 
 
+def _no_space() -> OSError:
+    import errno
+    import os
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 class _FullDisk:
     """``open`` for a disk with ``room`` bytes free: a write past it writes what fits and
-    raises ENOSPC, as a real full disk does."""
+    raises ENOSPC, as a real full disk does (or what ``failure`` makes)."""
 
-    def __init__(self, room: int) -> None:
-        self.room = room
+    def __init__(self, room: int, failure=_no_space) -> None:
+        self.room, self.failure = room, failure
         self.real_open = open
 
     def __call__(self, file, mode="r", *args, **kwargs):
@@ -536,10 +543,7 @@ class _FullDisk:
                 f.write(bytes(b[:fits]))
                 disk.room -= fits
                 if fits < len(b):
-                    import errno
-                    import os
-
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    raise disk.failure()
                 return fits
 
             def close(self) -> None:
@@ -586,3 +590,17 @@ def test_member_names_at_the_filesystem_limit_extract(tmp_path, kind):
         os.umask(umask)
         for name in names:
             assert (dest / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_interrupted_re_extraction_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """Ctrl-C halfway through a member over an earlier extraction."""
+    archive = _stored_zip(tmp_path / "faces_emore.zip", FILES)
+    dest = tmp_path / "data"
+    extract.extract_archive(archive, dest, progress=False)
+
+    half = len(FILES["faces_emore/train.rec"]) // 2
+    monkeypatch.setattr(extract, "open", _FullDisk(half, failure=KeyboardInterrupt),
+                        raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        extract.extract_archive(archive, dest, progress=False, force=True)
+    assert _every_file(dest) == FILES
