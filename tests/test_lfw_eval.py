@@ -111,6 +111,23 @@ def test_parse_pairs_binary_file_is_one_line_naming_file_and_line(tmp_path, data
     assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize("bom, encoding", [
+    (b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"),
+    (b"\xff\xfe\x00\x00", "utf-32-le"),
+])
+def test_parse_pairs_saved_with_a_byte_order_mark(tmp_path, bom, encoding):
+    path = tmp_path / "pairs.txt"
+    expected = _write_pairs(path, nfolds=2, per_kind=2)
+    text = path.read_text().replace("\n", "\r\n")  # as Notepad saves it
+    path.write_bytes(bom + text.encode(encoding))
+    pairs = lfw_pairs.parse_pairs(path)
+    assert [(p.path1, p.path2, p.same) for p in pairs] == expected
+    assert [p.fold for p in pairs] == [0] * 4 + [1] * 4
+    path.write_bytes(b"\xff\xfe" + text.encode("utf-16-le")[:-1])  # cut mid-character
+    with pytest.raises(lfw_pairs.PairsFileError, match=r"pairs\.txt: .*UTF-16-LE byte-order"):
+        lfw_pairs.parse_pairs(path)
+
+
 def test_check_pairs_exist_lists_every_missing_image(tmp_path):
     pairs = [lfw_pairs.Pair("A/A_0001.jpg", "A/A_0002.jpg", True),
              lfw_pairs.Pair("A/A_0001.jpg", "B/B_0001.jpg", False)]
