@@ -375,6 +375,10 @@ MALFORMED = [  # (file, edit, the error it must give)
      r"5pts_score\.txt:2: expected .* got 11"),
     ("name_5pts_score.txt", lambda t: "\n".join(t.splitlines()[:-1]) + "\n",
      r"5pts_score\.txt: does not match .*no landmarks for 52\.jpg"),
+    ("name_5pts_score.txt", _line(6, lambda s: s.split()[0] + " 40.5 52" * 5 + " 0.9"),
+     r"5pts_score\.txt:6: the five landmarks are one point \(40\.5, 52\): no face"),
+    ("name_5pts_score.txt", _line(7, lambda s: s.rsplit(" ", 1)[0] + " -0.25"),
+     r"5pts_score\.txt:7: faceness score -0\.25 is negative"),
     ("1N_gallery_G1.csv", _line(3, lambda s: s.replace("100,1000", "100,1001")),
      r"gallery_G1\.csv:3: template 100 has subject 1001 here but 1000 above"),
     ("1N_gallery_G2.csv", _line(4, lambda s: "103"), r"gallery_G2\.csv:4: expected"),
@@ -390,6 +394,29 @@ def test_malformed_files_name_file_and_line(release_dir, tmp_path, file, edit, m
     path.write_text(edit(path.read_text()))
     with pytest.raises(ijb_release.IJBFormatError, match=message):
         ijb_release.load_release(root, "IJBC")
+
+
+def test_zero_faceness_is_accepted_and_named(release_dir, tmp_path, caplog):
+    root = _copy_release(release_dir[0], tmp_path / "IJBC")
+    path = root / "meta" / "ijbc_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    rows = release_dir[1]["rows"]
+    last_template = rows[-1][1]  # an unenrolled subject's one-still probe template
+    assert [row[1] for row in rows].count(last_template) == 1
+    zeroed = [0, 5, len(rows) - 1]  # 1.jpg and 6.jpg share their templates with other images
+    for k in zeroed:
+        lines[k] = lines[k].rsplit(" ", 1)[0] + " 0"
+    path.write_text("\n".join(lines) + "\n")
+    ijb_release.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        r = ijb_release.load_release(root, "IJBC")
+    finally:
+        ijb_release.log.removeHandler(caplog.handler)
+    assert r.zero_faceness == [rows[k][0] for k in zeroed] == ["1.jpg", "6.jpg", "52.jpg"]
+    assert (r.faceness == 0).sum() == 3
+    assert f"{path}: 3 images have faceness 0" in caplog.text
+    assert "(1.jpg, 6.jpg, 52.jpg)" in caplog.text
+    assert f"1 template(s) have no other image ({last_template})" in caplog.text
 
 
 # ----------------------------------------------------------------------------- the CLI
