@@ -85,6 +85,7 @@ DEFAULT_BATCH_SIZE = 64
 LFW_RESULTS_NAME = "lfw"  # <out>/lfw_results.json holds the threshold `--compare` uses
 EXIT_NO_FACE = 3
 EXIT_NO_THRESHOLD = 4
+SUMMARY_FAR = 1e-3  # the FAR of the --bin summary table's TAR column (LFW-sized sets back it)
 COSINE_RANGE = (-1.0, 1.0)  # a threshold outside it gives the same verdict for every pair
 
 log = get_logger("lfw_eval")
@@ -368,11 +369,15 @@ def _print_results(r: dict[str, Any]) -> None:
           f"{r['n_pairs']} pairs, AUC {r['auc']:.4f})")
     print(f"  folds: {r['folds']}")
     for far in FARS:
-        if tar_key(far) in r:
-            print(f"  TAR@FAR={far:.0e}: {100 * r[tar_key(far)]:.2f}%")
-        else:
-            print(f"  TAR@FAR={far:.0e}: not reported ({r['n_impostor']} impostor pairs, "
-                  f"{math.ceil(1 / far)} needed)")
+        print(f"  TAR@FAR={far:.0e}: {_tar_text(r, far)}")
+
+
+def _tar_text(r: dict[str, Any], far: float) -> str:
+    """The TAR at ``far`` as the results JSON has it: a percentage, or its not-measured text
+    with the impostor count."""
+    if tar_key(far) in r:
+        return f"{100 * r[tar_key(far)]:.2f}%"
+    return f"{r['not_measured'][tar_key(far)]}, {r['n_impostor']:,} here"
 
 
 def _run_compare(args, model, device, out_dir: Path) -> int:
@@ -450,12 +455,12 @@ def _run_bins(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
         _print_results(r)
         rows.append(r)
     width = max(len("set"), *(len(r["name"]) for r in rows))
-    print(f"\n{'set':<{width}}  {'pairs':>6}  {'accuracy':>16}  {'TAR@FAR=1e-3':>12}")
+    print(f"\n{'set':<{width}}  {'pairs':>6}  {'accuracy':>16}  "
+          f"{f'TAR@FAR={SUMMARY_FAR:.0e}':>12}")
     for r in rows:
-        tar = r.get(tar_key(1e-3))
-        tar_text = f"{100 * tar:.2f}%" if tar is not None else "-"
         acc = f"{100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f}%"
-        print(f"{r['name']:<{width}}  {r['n_pairs']:>6}  {acc:>16}  {tar_text:>12}")
+        print(f"{r['name']:<{width}}  {r['n_pairs']:>6}  {acc:>16}  "
+              f"{_tar_text(r, SUMMARY_FAR):>12}")
     print(f"results and figures in {out_dir}")
     return 0
 

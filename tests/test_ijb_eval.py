@@ -191,6 +191,26 @@ def test_nearest_far_tie_takes_the_first_point():
     assert ijb_eval.tar_at_far_nearest(scores, labels, [0.5])[0.5] == expected
 
 
+def test_unmeasured_tar_reads_the_same_in_json_and_table():
+    """40 impostor pairs back FAR 1e-1 (4 false accepts) and nothing finer."""
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.ones(25, bool), np.zeros(40, bool)]
+    scores = np.where(labels, rng.normal(0.5, 0.2, 65), rng.normal(0.0, 0.2, 65))
+    v, _ = ijb_eval.verification_report(scores, labels)
+    want = {"1e-06": 1_000_000, "1e-05": 100_000, "1e-04": 10_000, "1e-03": 1_000,
+            "1e-02": 100}
+    assert v["not_measured"] == {k: f"n/a (needs >= {n:,} impostor pairs)"
+                                 for k, n in want.items()}
+    assert all(v["tar_at_far"][k] is None for k in want) and v["tar_at_far"]["1e-01"] > 0
+    table = ijb_eval.format_table("IJBC", [{"mode": "N1D1F1", "images": 9, "templates": 9,
+                                            "verification": v}]).splitlines()
+    row = table[3].split()
+    assert row[0] == "N1D1F1" and row[1:6] == ["n/a"] * 5
+    assert row[6] == f"{100 * v['tar_at_far']['1e-01']:.2f}"
+    assert table[-5:] == [f"  FAR {k}: n/a (needs >= {n:,} impostor pairs)"
+                          for k, n in want.items()]
+
+
 def _exact_features(rng, n, d):
     """Small integers times 2^-3: float32 dot products are exact, so ties are exact too."""
     return (rng.integers(-2, 3, (n, d)) / 8.0).astype(np.float32)

@@ -450,7 +450,13 @@ def test_lfw_cli_writes_results_and_figures(tiny_run, capsys):
     # a second run reads the cache and reproduces the numbers
     capsys.readouterr()
     assert lfw_eval.main(tiny_run["argv"]) == 0
-    assert f"10-fold accuracy {100 * r['accuracy']:.2f} +- " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"10-fold accuracy {100 * r['accuracy']:.2f} +- " in printed
+    # 10 impostor pairs measure no TAR: the JSON and the printout say the same, no number
+    assert r["not_measured"] == {"tar@far=1e-03": "n/a (needs >= 1,000 impostor pairs)",
+                                 "tar@far=1e-04": "n/a (needs >= 10,000 impostor pairs)"}
+    assert "  TAR@FAR=1e-03: n/a (needs >= 1,000 impostor pairs), 10 here\n" in printed
+    assert "  TAR@FAR=1e-04: n/a (needs >= 10,000 impostor pairs), 10 here\n" in printed
     again = json.loads((out / "lfw_results.json").read_text())
     assert again["fold_thresholds"] == pytest.approx(r["fold_thresholds"], abs=1e-6)
     # a cache cut short by a kill (empty, or half a zip) is realigned, not a traceback

@@ -183,6 +183,20 @@ def test_verification_tar_matches_brute_force(features, monkeypatch, block, chun
         == {1e-2: pytest.approx(brute_tar(probes, labels, distractors, 1e-2)[0], abs=1e-12)}
 
 
+def test_unresolvable_far_is_printed_as_the_json_says(features, device):
+    probes, labels, distractors = features
+    res = me.megaface_evaluate(probes, labels, distractors[:10], max_rank=1, fars=(1e-3, 1e-2),
+                               device=device, progress=False)
+    ver = res[10]["verification"]  # 90 probes x 10 distractors = 900 impostor pairs
+    assert not ver[1e-3]["resolvable"] and ver[1e-2]["resolvable"]
+    assert ver[1e-3]["not_measured"] == "n/a (needs >= 1,000 impostor pairs)"
+    assert "not_measured" not in ver[1e-2]
+    table = me.format_results(res, (1e-3, 1e-2)).splitlines()
+    assert table[1].split()[-2:] == ["n/a", f"{100 * ver[1e-2]['tar']:.2f}"]
+    assert table[2:] == ["  TAR@0.001: n/a (needs >= 1,000 impostor pairs) (probes x "
+                         "distractors)"]
+
+
 def test_verification_with_every_impostor_score_tied(monkeypatch, device):
     # unit probes with entries +-1/2 against zero distractors: every impostor scores 1/2
     monkeypatch.setattr(me, "BUFFER_MIN_ELEMENTS", 64)  # the threshold starts in chunk one
