@@ -31,7 +31,9 @@ test-time augmentation (image + mirror, then L2-normalised). The folds:
 Bad input (a missing or binary pairs file, a header that promises more or fewer pairs than
 the file holds, a line with the wrong number of fields, a truncated or foreign ``.bin``, a
 non-finite ``--threshold`` or one outside cosine's [-1, 1]) is a one-line ``error: ...``
-naming the file (and line) with a non-zero exit.
+naming the file (and line) with a non-zero exit. A raw LFW image that cannot be decoded
+leaves the pairs using it out; the others are scored, and the printout and results
+(``unreadable_images``, ``pairs_left_out``) name it.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ from typing import Any
 import numpy as np
 
 from bin_loader import load_bin
-from lfw_images import as_crop, load_lfw_crops
-from lfw_pairs import Pair, check_pairs_exist, pair_folds, parse_pairs
+from lfw_images import as_crop, load_lfw_crops, readable_pairs
+from lfw_pairs import MAX_NAMED, Pair, check_pairs_exist, pair_folds, parse_pairs
 from utils import (
     ToolkitError,
     atomic_write_text,
+    first_few,
     get_device,
     get_logger,
     read_image,
@@ -473,11 +476,18 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     model = _load_model(args, device)
     cache_dir = Path(args.cache_dir) if args.cache_dir else \
         lfw_dir.parent / f"{lfw_dir.name}_aligned_cache"
+    unreadable: dict[str, str] = {}  # their pairs are left out, the others scored
     crops, index, issame, faceless = load_lfw_crops(lfw_dir, pairs, cache_dir=cache_dir,
-                                                    checked=True)
+                                                    checked=True, unreadable=unreadable)
+    left_out = 0
+    if unreadable:
+        kept = set(readable_pairs(pairs, unreadable))
+        folds = folds[[p in kept for p in pairs]]
+        left_out, pairs = len(pairs) - len(kept), [p for p in pairs if p in kept]
     labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]
     meta = {"checkpoint": str(args.checkpoint), "lfw_dir": str(lfw_dir), "pairs": str(cfg.pairs),
-            "faceless_images": faceless}
+            "faceless_images": faceless, "unreadable_images": unreadable,
+            "pairs_left_out": left_out}
     r = evaluate_verification(model, crops, issame, batch_size=cfg.batch_size,
                               device=device, out_dir=out_dir, name=LFW_RESULTS_NAME,
                               folds=folds, fold_rule=fold_rule, pair_labels=labels, extra=meta,
@@ -486,6 +496,9 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     if faceless:
         print(f"  {len(faceless)} of {len(crops)} images had no detected face and were "
               "centre-cropped")
+    if unreadable:
+        print(f"  {left_out} pairs left out: {len(unreadable)} of their images cannot be read "
+              f"({first_few(list(unreadable), MAX_NAMED)})")
     print(f"results: {r['files']['results']}")
     print("figures: " + ", ".join(r["files"][k] for k in ("roc", "histogram", "errors")))
     return 0

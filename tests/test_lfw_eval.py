@@ -470,6 +470,37 @@ def test_lfw_cli_writes_results_and_figures(tiny_run, capsys):
             assert cached["crops"].shape == (12, 112, 112, 3)
 
 
+def test_lfw_cli_scores_the_pairs_whose_images_read_and_names_the_others(tiny_run, tmp_path,
+                                                                         capsys):
+    """One truncated jpg in the tree: its pairs are left out and listed, the rest scored."""
+    import shutil
+
+    lfw = tmp_path / "lfw"
+    shutil.copytree(tiny_run["lfw_dir"], lfw)
+    names = sorted(d.name for d in lfw.iterdir() if d.is_dir())
+    a, b, c = names[:3]
+    lines = ["2\t3"]
+    for fold in range(2):  # per fold 3 same + 3 different pairs over 3 images per identity
+        lines += [f"{a}\t{1 + fold}\t3", f"{b}\t{1 + fold}\t3", f"{c}\t1\t2"]
+        lines += [f"{a}\t{1 + fold}\t{b}\t2", f"{b}\t1\t{c}\t3", f"{c}\t2\t{a}\t1"]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    bad = lfw / b / f"{b}_0003.jpg"  # in one same pair of each fold, in no different pair
+    bad.write_bytes(bad.read_bytes()[:200])
+    argv = ["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
+            "--lfw-dir", str(lfw), "--pairs", str(tmp_path / "pairs.txt"),
+            "--out", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert lfw_eval.main(argv) == 0
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "eval" / "lfw_results.json").read_text())
+    rel = f"{b}/{b}_0003.jpg"
+    assert list(r["unreadable_images"]) == [rel] and rel in r["unreadable_images"][rel]
+    assert r["pairs_left_out"] == 2 and r["n_pairs"] == 12 - 2
+    assert r["nfolds"] == 2 and len(r["fold_accuracies"]) == 2
+    assert f"  2 pairs left out: 1 of their images cannot be read ({rel})" in out
+    assert not list((tmp_path / "cache").glob("*.npz"))  # an unreadable file is never cached
+
+
 def _compare(tiny_run, capsys, a, b, *extra):
     capsys.readouterr()
     rc = lfw_eval.main(["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
