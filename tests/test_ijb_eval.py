@@ -21,7 +21,7 @@ import ijb_release
 from align_faces import warp_face
 from synthetic_faces import EVAL_SPLIT, identity_seed, image_rng, make_identity, render_image
 from synthetic_faces_assets import CANONICAL_LANDMARKS
-from utils import encode_image
+from utils import ImageReadError, encode_image
 from verification_metrics import roc_curve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -570,6 +570,29 @@ def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path,
     monkeypatch.setattr(models, "load_backbone", no_model)
     assert _cli(root, checkpoint, out, "--modes", "all") == 0
     assert len(json.loads((out / "ijbc_results.json").read_text())["modes"]) == 8
+
+
+def test_unreadable_crops_are_all_named_after_the_other_chunks_are_cached(
+        release_dir, checkpoint, embed_calls, tmp_path):
+    root = _copy_release(release_dir[0], tmp_path / "IJBC")
+    out = tmp_path / "out"
+    broken = [root / "loose_crop" / "5.jpg", root / "loose_crop" / "45.jpg"]  # chunks 0, 2
+    good = [p.read_bytes() for p in broken]
+    for p in broken:
+        p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ImageReadError) as info:
+        _cli(root, checkpoint, out)
+    message = str(info.value)
+    assert message.startswith(f"{root / 'loose_crop'}: 2 loose crops cannot be read")
+    assert str(broken[0]) in message and str(broken[1]) in message
+    assert embed_calls == [CHUNK]  # chunk 1 (images 21-40) is embedded and cached
+    assert [c.name for c in (out / "features").glob("*/chunk_*.npy")] == ["chunk_000001.npy"]
+    assert not (out / "ijbc_results.json").exists()
+    for p, data in zip(broken, good, strict=True):
+        p.write_bytes(data)
+    embed_calls.clear()
+    assert _cli(root, checkpoint, out) == 0
+    assert embed_calls == [CHUNK, IMAGES - 2 * CHUNK]  # only the chunks left undone
 
 
 def test_cli_ijbb_names_and_verification_only(tmp_path, checkpoint, embed_calls, capsys):
