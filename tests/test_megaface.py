@@ -662,6 +662,20 @@ def megaface_log():
     megaface_noise.log.removeHandler(handler)
 
 
+def test_crop_tree_names_its_unreadable_images_and_crops_the_others(tmp_path, megaface_log):
+    from utils import write_image
+
+    src, dst = tmp_path / "raw", tmp_path / "aligned"
+    for k in range(3):
+        write_image(src / f"1/a@N00/{k}_0.jpg", np.full((60, 80, 3), 90, np.uint8))
+    (src / "1/a@N00/1_0.jpg").write_bytes(b"\xff\xd8 a truncated download")
+    summary = megaface.crop_tree(_FakeAligner(), src, dst, progress=False)
+    assert summary["aligned"] == 2 and summary["unreadable"] == 1
+    assert sorted(p.name for p in dst.rglob("*.jpg")) == ["0_0.jpg", "2_0.jpg"]
+    assert megaface_log == [f"1 of 3 images under {src} cannot be read (the others are "
+                            f"cropped), listed in {dst / 'unreadable.txt'}: 1/a@N00/1_0.jpg"]
+
+
 def test_evaluate_and_devkit_warn_on_features_that_are_not_cleaned(tmp_path, features,
                                                                    megaface_log):
     root, _ = _evaluate_tree(tmp_path, features)
