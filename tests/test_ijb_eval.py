@@ -516,6 +516,10 @@ def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path,
     assert set(results["modes"]) == {"N1D1F1", "N0D0F0"}
     assert (out / "ijbc_roc.png").stat().st_size > 0 and (out / "ijbc_cmc.png").is_file()
     assert "N1D1F1" in printed and "G2" in printed and "merged*" in printed
+    for g in ("G1", "G2"):  # NONMATED (10) non-mated probes: FPIR 0.01 is n/a, and says why
+        assert results["identification"][g]["not_measured"] == {
+            "0.01": "n/a (needs >= 100 non-mated probes)"}
+        assert f"  {g} FPIR 0.01: n/a (needs >= 100 non-mated probes)\n" in printed
 
     # The cache: each image's raw embedding and its mirror's, from its aligned crop.
     chunks = sorted((out / "features").glob("*/chunk_*.npy"))
