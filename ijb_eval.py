@@ -40,7 +40,7 @@ import numpy as np
 from ijb_release import TARGETS, IJBFormatError, Release, load_release
 from ijb_report import MERGED, format_table, plot_cmc
 from utils import atomic_write_text, get_device, get_logger, run_cli
-from verification_metrics import FAR_EPS, tar_at_far_from_top
+from verification_metrics import FAR_EPS, far_measurable, not_measured, tar_at_far_from_top
 from verification_plots import plot_roc_curves
 
 __all__ = [
@@ -62,6 +62,7 @@ SCORE_BLOCK_ENTRIES = 80 * 2**20
 LOOKUP_MAX_SPAN = 1 << 26  # template ids spanning less use a lookup table (int32: 256 MB max)
 NORM_CHUNK_ROWS = 8192  # rows per chunk when row norms are computed (bounds the temporary)
 SEARCH_CHUNK_PROBES = 4096  # probes scored against a gallery at a time
+NONMATED = "non-mated probes"  # what a TPIR@FPIR is measured over
 ROC_PLOT_POINTS = 200  # the ROC figure: TAR@FAR at this many log-spaced FARs
 
 log = get_logger("ijb_eval")
@@ -292,17 +293,19 @@ def verification_report(scores: np.ndarray, labels: np.ndarray,
                         ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     """(the JSON "verification" block, the TAR@FAR curve (FARs, TARs) at ROC_PLOT_POINTS
     log-spaced FARs for the figure). A FAR with fewer than 1/FAR impostor pairs is reported
-    as null (it cannot be measured). One sort of the impostor scores serves all of it."""
+    as null (it cannot be measured), its reason in ``not_measured``. One sort of the impostor
+    scores serves all of it."""
     genuine, impostor = _sorted_split(scores, labels)
     n_imp = impostor.size
     desc = impostor[::-1]
-    measurable = [f for f in fars if f * n_imp >= 1 - FAR_EPS]
+    measurable = [f for f in fars if far_measurable(f, n_imp)]
     report = {
         "num_genuine": int(genuine.size), "num_impostor": int(n_imp),
         "tar_at_far": {_far_key(f): (tar_at_far_from_top(genuine, desc, n_imp, f)[0]
                                      if f in measurable else None) for f in fars},
         "tar_at_far_nearest": {_far_key(f): (_nearest_tar(genuine, impostor, f)
                                              if f in measurable else None) for f in fars},
+        "not_measured": {_far_key(f): not_measured(f) for f in fars if f not in measurable},
         "auc": _auc(genuine, impostor),
     }
     grid = np.logspace(math.log10(1 / n_imp), 0, ROC_PLOT_POINTS)
@@ -415,9 +418,11 @@ def search_report(template_ids: np.ndarray, template_feats: np.ndarray,
         r = _rates_from_search(*result, cols.stop - cols.start, IDENTIFICATION_RANKS,
                                IDENTIFICATION_FPIRS)
         # as for TAR@FAR: an FPIR with fewer than 1/FPIR non-mated probes is not measurable
-        tpir = {f: (r["tpir"].get(f) if f * r["num_nonmated"] >= 1 - FAR_EPS else None)
+        tpir = {f: (r["tpir"].get(f) if far_measurable(f, r["num_nonmated"]) else None)
                 for f in IDENTIFICATION_FPIRS}
         out[g] = {"rank": _rates(r["rank"]), "tpir_at_fpir": _rates(tpir),
+                  "not_measured": _rates({f: not_measured(f, NONMATED) for f, v in tpir.items()
+                                          if v is None}),
                   "threshold_at_fpir": _rates(r["threshold"]),
                   "num_gallery": cols.stop - cols.start,
                   "num_mated": r["num_mated"], "num_nonmated": r["num_nonmated"],

@@ -27,8 +27,10 @@ from face_warp import warp_face
 from ijb_release import IJBFormatError, Release
 from utils import (
     FACE_CROP_SIZE,
+    ImageReadError,
     atomic_write_bytes,
     atomic_write_text,
+    first_few,
     get_logger,
     read_image,
     remove_stale_temporaries,
@@ -101,12 +103,28 @@ def aligned_crop(path: Path, landmarks: np.ndarray) -> np.ndarray:
     return warp_face(read_image(path), landmarks, FACE_CROP_SIZE)
 
 
-def load_crops(release: Release, start: int, stop: int, pool: ThreadPoolExecutor
-               ) -> np.ndarray:
-    """Aligned crops of images [start, stop) (N, 112, 112, 3) uint8, read by ``pool``."""
+def _crop_or_error(path: Path, landmarks: np.ndarray) -> np.ndarray | ImageReadError:
+    try:
+        return aligned_crop(path, landmarks)
+    except ImageReadError as e:
+        return e
+
+
+def load_crops(release: Release, start: int, stop: int, pool: ThreadPoolExecutor,
+               unreadable: list[str] | None = None) -> np.ndarray:
+    """Aligned crops of images [start, stop) (N, 112, 112, 3) uint8, read by ``pool``. A
+    crop that cannot be read is its ImageReadError, unless ``unreadable`` is given: the
+    error's message is appended to it and the crop left black."""
     paths = [release.crop_dir / n for n in release.names[start:stop]]
-    crops = pool.map(aligned_crop, paths, release.landmarks[start:stop])
-    return np.stack(list(crops))
+    crops = np.zeros((len(paths), FACE_CROP_SIZE, FACE_CROP_SIZE, 3), np.uint8)
+    for i, crop in enumerate(pool.map(_crop_or_error, paths, release.landmarks[start:stop])):
+        if isinstance(crop, ImageReadError):
+            if unreadable is None:
+                raise crop
+            unreadable.append(str(crop))
+        else:
+            crops[i] = crop
+    return crops
 
 
 def embed_raw(model, crops: np.ndarray, batch_size: int, device) -> np.ndarray:
@@ -129,7 +147,9 @@ def cached_features(release: Release, folder: Path,
                     embed: Callable[[np.ndarray], np.ndarray] | None,
                     workers: int = DEFAULT_WORKERS, progress: bool = True) -> list[Path]:
     """Make every missing chunk of ``folder`` (``embed``: crops -> (n, 2, E); None when
-    nothing is missing); return all chunk paths in image order."""
+    nothing is missing); return all chunk paths in image order. A loose crop that cannot be
+    read leaves its chunk unmade; the other chunks are made, then an ImageReadError names
+    every such crop (a rerun makes only those chunks)."""
     from tqdm import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,16 +170,26 @@ def cached_features(release: Release, folder: Path,
     # images) while this one embeds the current chunk.
     with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=len(missing), unit="chunk", disable=not progress, leave=False) as bar:
+        failed: dict[int, list[str]] = {}  # chunk -> its crops that cannot be read
+
         def submit(i: int) -> Future:
             s = starts[i]
-            return ahead.submit(load_crops, release, s, min(s + CHUNK_IMAGES, total), pool)
+            failed[i] = []
+            return ahead.submit(load_crops, release, s, min(s + CHUNK_IMAGES, total), pool,
+                                failed[i])
 
         pending = submit(missing[0]) if missing else None
         for k, i in enumerate(missing):
             crops = pending.result()
             pending = submit(missing[k + 1]) if k + 1 < len(missing) else None
-            _save_chunk(paths[i], embed(crops))
+            if not failed[i]:
+                _save_chunk(paths[i], embed(crops))
             bar.update(1)
+    unreadable = [e for i in missing for e in failed[i]]
+    if unreadable:
+        raise ImageReadError(f"{release.crop_dir}: {len(unreadable)} loose crops cannot be "
+                             "read (the features of the others are cached): "
+                             + first_few(unreadable, MAX_LISTED, "; "))
     return paths
 
 

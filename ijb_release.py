@@ -7,7 +7,9 @@
     <ijb-dir>/meta/ijbc_1N_gallery_G1.csv, _G2    (IJB-B: ijbb_1N_gallery_S1.csv, _S2)
     <ijb-dir>/loose_crop/<image_name>
 
-Every malformed line is an :class:`IJBFormatError` naming the file and its line number.
+Every malformed line is an :class:`IJBFormatError` naming the file and its line number, as
+are five landmarks that are one point and a negative faceness score; a faceness of 0 is
+legal but drops the face from the D1 modes, so those images are named in a warning.
 The 15.7M-line pair file is parsed by NumPy's C reader (2-3 s); only when that fails is the
 file walked line by line to name the first bad line.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import ToolkitError
+from utils import ToolkitError, first_few, get_logger
 
 NUM_LANDMARKS = 5
 LANDMARK_FIELDS = 2 * NUM_LANDMARKS + 1  # x1 y1 ... x5 y5 faceness_score
@@ -28,11 +30,15 @@ PAIR_FIELDS = 3
 TID_MID_FIELDS = 3
 INT32 = np.iinfo(np.int32)
 CSV_MIN_FIELDS = 2  # TEMPLATE_ID, SUBJECT_ID (the rest, FILENAME etc., is not needed)
+MAX_NAMED = 5  # images or templates named in a one-line message (the count is complete)
 # target -> (file prefix, names of its two 1:N galleries)
 TARGETS: dict[str, tuple[str, tuple[str, str]]] = {
     "IJBB": ("ijbb", ("S1", "S2")),
     "IJBC": ("ijbc", ("G1", "G2")),
 }
+
+
+log = get_logger("ijb_release")
 
 
 class IJBFormatError(ToolkitError, ValueError):
@@ -56,6 +62,8 @@ class Release:
     pairs_label: np.ndarray  # (P,) bool, True = same subject
     # 1:N: name ("probe", "G1", "G2") -> (template ids in file order, subject of each)
     search: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # images whose faceness is 0: the D1 modes give them no weight (load_release warns)
+    zero_faceness: list[str] = field(default_factory=list)
 
     @property
     def crop_dir(self) -> Path:
@@ -137,7 +145,25 @@ def read_landmarks(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]
     bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
     if bad.size:
         raise IJBFormatError(f"{path}:{linenos[bad[0]]}: a landmark or score is not finite")
-    return tokens[0::step], table[:, :-1].reshape(-1, NUM_LANDMARKS, 2), table[:, -1].copy()
+    landmarks, faceness = table[:, :-1].reshape(-1, NUM_LANDMARKS, 2), table[:, -1].copy()
+    _check_faces(path, linenos, landmarks, faceness)
+    return tokens[0::step], landmarks, faceness
+
+
+def _check_faces(path: Path, linenos: list[int], landmarks: np.ndarray,
+                 faceness: np.ndarray) -> None:
+    """Refuse, naming the line, five landmarks that are one point (no similarity maps them
+    onto the template) and a negative faceness (a negative weight in the D1 modes)."""
+    same = np.flatnonzero((landmarks == landmarks[:, :1]).all(axis=(1, 2)))
+    if same.size:
+        x, y = landmarks[same[0], 0]
+        raise IJBFormatError(f"{path}:{linenos[same[0]]}: the five landmarks are one point "
+                             f"({x:g}, {y:g}): no face to align ({same.size} such lines)")
+    negative = np.flatnonzero(faceness < 0)
+    if negative.size:
+        raise IJBFormatError(f"{path}:{linenos[negative[0]]}: faceness score "
+                             f"{faceness[negative[0]]:g} is negative: the protocol weighs "
+                             f"each face by it ({negative.size} such lines)")
 
 
 def _first_bad_pair_line(path: Path) -> str:
@@ -251,6 +277,23 @@ def _check_search_templates(path: Path, ids: np.ndarray, known: np.ndarray) -> N
                              f"({bad.size} such templates)")
 
 
+def _zero_faceness(path: Path, names: list[str], templates: np.ndarray,
+                   faceness: np.ndarray) -> list[str]:
+    """The images whose faceness is 0, warned about by name: a legal score, but the D1 modes
+    weigh each face by it, so these faces drop out, and a template of only such faces has a
+    zero feature (it scores 0 against everything)."""
+    zero = faceness == 0
+    if not zero.any():
+        return []
+    named = [names[i] for i in np.flatnonzero(zero)]
+    emptied = np.setdiff1d(templates[zero], templates[~zero])
+    log.warning("%s: %d images have faceness 0 and no weight in the D1 modes (%s); %d "
+                "template(s) have no other image (%s)", path, len(named),
+                first_few(named, MAX_NAMED), emptied.size,
+                first_few([str(t) for t in emptied], MAX_NAMED))
+    return named
+
+
 def load_release(root: str | Path, target: str, with_search: bool = True) -> Release:
     """Read and cross-check the meta files of ``target`` (IJBB or IJBC) under ``root``. The
     landmark file's images must be those of face_tid_mid (any order). 1:N files are read
@@ -274,11 +317,13 @@ def load_release(root: str | Path, target: str, with_search: bool = True) -> Rel
             raise IJBFormatError(f"{lmk_path}: does not match {tid_path.name}: {detail}")
         order = np.array([row_of[n] for n in names])
         landmarks, faceness = landmarks[order], faceness[order]
+    zero = _zero_faceness(lmk_path, names, templates, faceness)
     pair_path = meta_path(root, target, "template_pair_label.txt")
     t1, t2, same = read_pairs(pair_path)
     known = np.unique(templates)
     _check_pair_templates(pair_path, t1, t2, known)
-    release = Release(target, root, names, templates, medias, landmarks, faceness, t1, t2, same)
+    release = Release(target, root, names, templates, medias, landmarks, faceness, t1, t2, same,
+                      zero_faceness=zero)
     files = search_files(root, target)
     if with_search and all(p.is_file() for p in files.values()):
         for name, path in files.items():

@@ -35,8 +35,11 @@ def plot_cmc(identification_block: dict[str, Any], galleries: Sequence[str], pat
     return save_figure(fig, path)
 
 
+NOT_MEASURED = "n/a"  # a table cell whose rate too few pairs back; a footnote says why
+
+
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+    return NOT_MEASURED if x is None else f"{100 * x:.2f}"
 
 
 def format_table(target: str, runs: list[dict[str, Any]]) -> str:
@@ -56,6 +59,7 @@ def format_table(target: str, runs: list[dict[str, Any]]) -> str:
                                                   for k in keys) + f"{ver['auc']:>9.5f}")
         lines.append(f"{'  nearest':<10}" + "".join(
             f"{_pct(ver['tar_at_far_nearest'][k]):>8}" for k in keys))
+    lines += [f"  FAR {k}: {why}" for k, why in v.get("not_measured", {}).items()]
     ident = first.get("identification")  # 1:N for the headline mode; the JSON holds every mode's
     if ident:
         rows = [k for k in ident if k != MERGED]
@@ -67,6 +71,8 @@ def format_table(target: str, runs: list[dict[str, Any]]) -> str:
             row = ident[name]
             lines.append(f"{name:<10}" + "".join(f"{_pct(x):>9}" for x in row["rank"].values())
                          + "".join(f"{_pct(x):>11}" for x in row["tpir_at_fpir"].values()))
+        lines += [f"  {name} FPIR {k}: {why}" for name in rows
+                  for k, why in ident[name].get("not_measured", {}).items()]
         merged = ident[MERGED]["rank"]
         lines.append(f"{'merged*':<10}" + "".join(f"{_pct(x):>9}" for x in merged.values())
                      + "   * InsightFace's merged gallery, closed set")

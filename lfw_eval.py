@@ -31,7 +31,9 @@ test-time augmentation (image + mirror, then L2-normalised). The folds:
 Bad input (a missing or binary pairs file, a header that promises more or fewer pairs than
 the file holds, a line with the wrong number of fields, a truncated or foreign ``.bin``, a
 non-finite ``--threshold`` or one outside cosine's [-1, 1]) is a one-line ``error: ...``
-naming the file (and line) with a non-zero exit.
+naming the file (and line) with a non-zero exit. A raw LFW image that cannot be decoded
+leaves the pairs using it out; the others are scored, and the printout and results
+(``unreadable_images``, ``pairs_left_out``) name it.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ from typing import Any
 import numpy as np
 
 from bin_loader import load_bin
-from lfw_images import as_crop, load_lfw_crops
-from lfw_pairs import Pair, check_pairs_exist, pair_folds, parse_pairs
+from lfw_images import as_crop, load_lfw_crops, readable_pairs
+from lfw_pairs import MAX_NAMED, Pair, check_pairs_exist, pair_folds, parse_pairs
 from utils import (
     ToolkitError,
     atomic_write_text,
+    first_few,
     get_device,
     get_logger,
     read_image,
@@ -85,6 +88,7 @@ DEFAULT_BATCH_SIZE = 64
 LFW_RESULTS_NAME = "lfw"  # <out>/lfw_results.json holds the threshold `--compare` uses
 EXIT_NO_FACE = 3
 EXIT_NO_THRESHOLD = 4
+SUMMARY_FAR = 1e-3  # the FAR of the --bin summary table's TAR column (LFW-sized sets back it)
 COSINE_RANGE = (-1.0, 1.0)  # a threshold outside it gives the same verdict for every pair
 
 log = get_logger("lfw_eval")
@@ -368,11 +372,15 @@ def _print_results(r: dict[str, Any]) -> None:
           f"{r['n_pairs']} pairs, AUC {r['auc']:.4f})")
     print(f"  folds: {r['folds']}")
     for far in FARS:
-        if tar_key(far) in r:
-            print(f"  TAR@FAR={far:.0e}: {100 * r[tar_key(far)]:.2f}%")
-        else:
-            print(f"  TAR@FAR={far:.0e}: not reported ({r['n_impostor']} impostor pairs, "
-                  f"{math.ceil(1 / far)} needed)")
+        print(f"  TAR@FAR={far:.0e}: {_tar_text(r, far)}")
+
+
+def _tar_text(r: dict[str, Any], far: float) -> str:
+    """The TAR at ``far`` as the results JSON has it: a percentage, or its not-measured text
+    with the impostor count."""
+    if tar_key(far) in r:
+        return f"{100 * r[tar_key(far)]:.2f}%"
+    return f"{r['not_measured'][tar_key(far)]}, {r['n_impostor']:,} here"
 
 
 def _run_compare(args, model, device, out_dir: Path) -> int:
@@ -450,12 +458,12 @@ def _run_bins(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
         _print_results(r)
         rows.append(r)
     width = max(len("set"), *(len(r["name"]) for r in rows))
-    print(f"\n{'set':<{width}}  {'pairs':>6}  {'accuracy':>16}  {'TAR@FAR=1e-3':>12}")
+    print(f"\n{'set':<{width}}  {'pairs':>6}  {'accuracy':>16}  "
+          f"{f'TAR@FAR={SUMMARY_FAR:.0e}':>12}")
     for r in rows:
-        tar = r.get(tar_key(1e-3))
-        tar_text = f"{100 * tar:.2f}%" if tar is not None else "-"
         acc = f"{100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f}%"
-        print(f"{r['name']:<{width}}  {r['n_pairs']:>6}  {acc:>16}  {tar_text:>12}")
+        print(f"{r['name']:<{width}}  {r['n_pairs']:>6}  {acc:>16}  "
+              f"{_tar_text(r, SUMMARY_FAR):>12}")
     print(f"results and figures in {out_dir}")
     return 0
 
@@ -468,11 +476,18 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     model = _load_model(args, device)
     cache_dir = Path(args.cache_dir) if args.cache_dir else \
         lfw_dir.parent / f"{lfw_dir.name}_aligned_cache"
+    unreadable: dict[str, str] = {}  # their pairs are left out, the others scored
     crops, index, issame, faceless = load_lfw_crops(lfw_dir, pairs, cache_dir=cache_dir,
-                                                    checked=True)
+                                                    checked=True, unreadable=unreadable)
+    left_out = 0
+    if unreadable:
+        kept = set(readable_pairs(pairs, unreadable))
+        folds = folds[[p in kept for p in pairs]]
+        left_out, pairs = len(pairs) - len(kept), [p for p in pairs if p in kept]
     labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]
     meta = {"checkpoint": str(args.checkpoint), "lfw_dir": str(lfw_dir), "pairs": str(cfg.pairs),
-            "faceless_images": faceless}
+            "faceless_images": faceless, "unreadable_images": unreadable,
+            "pairs_left_out": left_out}
     r = evaluate_verification(model, crops, issame, batch_size=cfg.batch_size,
                               device=device, out_dir=out_dir, name=LFW_RESULTS_NAME,
                               folds=folds, fold_rule=fold_rule, pair_labels=labels, extra=meta,
@@ -481,6 +496,9 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     if faceless:
         print(f"  {len(faceless)} of {len(crops)} images had no detected face and were "
               "centre-cropped")
+    if unreadable:
+        print(f"  {left_out} pairs left out: {len(unreadable)} of their images cannot be read "
+              f"({first_few(list(unreadable), MAX_NAMED)})")
     print(f"results: {r['files']['results']}")
     print("figures: " + ", ".join(r["files"][k] for k in ("roc", "histogram", "errors")))
     return 0

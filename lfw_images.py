@@ -2,7 +2,9 @@
 ``align_faces``) to a 112x112 crop, a faceless one centre-cropped and reported, and the crops
 are cached on disk (keyed by the file list, sizes and mtimes, and the aligner's settings: a
 replaced image or another alignment realigns).
-Any image that cannot be read is an error naming them (the count is complete).
+Images that cannot be read are named (the count is complete): an error, or, when the caller
+asks (``load_lfw_crops(unreadable=...)``, as lfw_eval does), the pairs using them are left out
+and the rest are scored.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ import numpy as np
 from lfw_pairs import MAX_NAMED, Pair, check_pairs_exist
 from utils import FACE_CROP_SIZE, ImageReadError, atomic_write_bytes, first_few, get_logger
 
-__all__ = ["align_images", "as_crop", "load_lfw_crops", "load_lfw_pairs_images"]
+__all__ = ["align_images", "as_crop", "load_lfw_crops", "load_lfw_pairs_images",
+           "readable_pairs"]
 
 ALIGN_CHUNK = 32  # images read and aligned at a time (MTCNN batch)
 
@@ -43,28 +46,25 @@ def _cache_key(lfw_dir: Path, paths: Sequence[str], aligner: object) -> str:
 
 
 def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
-                 ) -> tuple[np.ndarray, list[str]]:
-    """Align each image once: (crops (M,112,112,3), paths of faceless images centre-cropped).
-    Unreadable images are an error listing all of them."""
+                 ) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """Align each image once: (crops (M,112,112,3), paths of faceless images centre-cropped,
+    {path: why} of the images that cannot be read (their crops stay black))."""
     from align_faces import FaceAligner
     from file_alignment import align_files
 
     if aligner is None:
         aligner = FaceAligner()
     crops = np.zeros((len(paths), FACE_CROP_SIZE, FACE_CROP_SIZE, 3), dtype=np.uint8)
-    faceless, unreadable = [], []
+    faceless, unreadable = [], {}
     files = align_files(aligner, [lfw_dir / p for p in paths], ALIGN_CHUNK)
     for i, (path, done) in enumerate(zip(paths, files, strict=True)):
         if done.error is not None:
-            unreadable.append(str(done.error))
+            unreadable[path] = str(done.error)
             continue
         if done.face is None:
             faceless.append(path)
         crops[i] = as_crop(done.crop, path)  # the centre crop is already 112x112
-    if unreadable:
-        raise ImageReadError(f"{len(unreadable)} of {len(paths)} pair images cannot be read: "
-                             + first_few(unreadable, MAX_NAMED, "; "))
-    return crops, faceless
+    return crops, faceless, unreadable
 
 
 def as_crop(crop: np.ndarray, source: str) -> np.ndarray:
@@ -105,11 +105,14 @@ def _write_cache(cache: Path, paths: list[str], crops: np.ndarray, faceless: lis
 
 
 def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
-                   cache_dir: str | Path | None = None, checked: bool = False
+                   cache_dir: str | Path | None = None, checked: bool = False,
+                   unreadable: dict[str, str] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(distinct crops (M,112,112,3), pair_index (2N,), issame (N,), faceless paths): each
     image once, pair i being crops ``pair_index[2i]`` and ``pair_index[2i+1]``;
-    ``checked``: the caller already ran check_pairs_exist."""
+    ``checked``: the caller already ran check_pairs_exist. Images that cannot be read are an
+    ImageReadError naming them, unless ``unreadable`` is given: they are added to it ({path:
+    why}) and the pairs using them left out (N counts the others: :func:`readable_pairs`)."""
     lfw_dir = Path(lfw_dir)
     if not checked:
         check_pairs_exist(pairs, lfw_dir)
@@ -122,11 +125,20 @@ def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
         Path(cache_dir) / f"aligned_{_cache_key(lfw_dir, paths, aligner)}.npz"
     cached = None if cache is None else _read_cache(cache, paths)
     if cached is not None:
-        crops, faceless = cached
+        (crops, faceless), bad = cached, {}
     else:
-        crops, faceless = align_images(lfw_dir, paths, aligner)
-        if cache is not None:
+        crops, faceless, bad = align_images(lfw_dir, paths, aligner)
+        if cache is not None and not bad:  # a file made readable (chmod) keeps its mtime
             _write_cache(cache, paths, crops, faceless)
+    if bad:
+        named = first_few(list(bad.values()), MAX_NAMED, "; ")
+        if unreadable is None:
+            raise ImageReadError(f"{len(bad)} of {len(paths)} pair images cannot be read: "
+                                 + named)
+        unreadable.update(bad)
+        pairs = readable_pairs(pairs, bad)
+        log.warning("%d of %d pair images cannot be read; the pairs using them are left out: "
+                    "%s", len(bad), len(paths), named)
     if faceless:
         shown = ", ".join(faceless[:10]) + (" ..." if len(faceless) > 10 else "")
         log.warning("no face found in %d of %d images (centre-cropped instead): %s",
@@ -136,6 +148,11 @@ def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
                      dtype=np.int64)
     issame = np.array([pair.same for pair in pairs], dtype=bool)
     return crops, index, issame, faceless
+
+
+def readable_pairs(pairs: Sequence[Pair], unreadable: Container[str]) -> list[Pair]:
+    """The pairs neither of whose images is in ``unreadable``, in order."""
+    return [p for p in pairs if p.path1 not in unreadable and p.path2 not in unreadable]
 
 
 def load_lfw_pairs_images(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,

@@ -6,12 +6,14 @@ same-person lines ``name i j`` followed by n different-person lines ``name1 i na
 image ``i`` of ``name`` is ``name/name_000i.jpg`` under the LFW root. A file that deviates
 (binary or compressed content, a header promising more or fewer pairs than the file holds, a
 line with the wrong number of fields) is a :class:`PairsFileError` naming the file and line;
-a missing file, LFW folder or image a :class:`MissingInputError`. How the folds are scored
-is lfw_eval.py's business (``lfw_eval.pairs_file_folds``).
+a missing file, LFW folder or image a :class:`MissingInputError`. A file saved with a
+byte-order mark (UTF-8, UTF-16 or UTF-32, as Windows editors write) reads as plain text.
+How the folds are scored is lfw_eval.py's business (``lfw_eval.pairs_file_folds``).
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,11 @@ __all__ = [
 
 MAX_NAMED = 5  # missing or unreadable files named in a one-line error (the count is complete)
 GZIP_MAGIC = b"\x1f\x8b"
+# Byte-order marks editors write (Windows Notepad: UTF-8 or UTF-16 "Unicode"); UTF-32's come
+# first, as UTF-32-LE's begins with UTF-16-LE's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+         (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
+         (codecs.BOM_UTF16_BE, "utf-16-be"))
 
 
 class PairsFileError(ToolkitError, ValueError):
@@ -50,13 +57,29 @@ def _lfw_image(name: str, number: str, path: Path, lineno: int) -> str:
     return f"{name}/{name}_{int(number):04d}.jpg"
 
 
+def _without_bom(data: bytes, path: Path) -> bytes:
+    """``data`` without a leading byte-order mark, as UTF-8 (a UTF-16/32 file transcoded);
+    PairsFileError when the rest is not in the encoding the mark announces."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom):].decode(encoding).encode("utf-8")
+            except UnicodeError as e:
+                raise PairsFileError(f"{path}: starts with a {encoding.upper()} byte-order "
+                                     f"mark but is not {encoding.upper()} text ({e.reason} at "
+                                     f"byte {len(bom) + e.start})") from None
+    return data
+
+
 def _read_text_lines(path: Path) -> list[str]:
-    """The file's lines; PairsFileError naming the file and the line of the first byte that
-    is not text (a gzip file, a binary download saved under the name)."""
+    """The file's lines, a byte-order mark (UTF-8, UTF-16, UTF-32) dropped; PairsFileError
+    naming the file and the line of the first byte that is not text (a gzip file, a binary
+    download saved under the name)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise MissingInputError(f"{path}: pairs file not found") from None
+    data = _without_bom(data, path)
     if data.startswith(GZIP_MAGIC):
         raise PairsFileError(f"{path}:1: this is a gzip-compressed file, not LFW's text pairs "
                              "file: decompress it first (gunzip)")

@@ -64,6 +64,7 @@ from utils import (
     IMAGE_EXTENSIONS,
     MissingInputError,
     atomic_write_text,
+    first_few,
     get_logger,
     iter_images,
     list_images,
@@ -128,6 +129,7 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
     todo = [p for p in images if not (dst_root / p.relative_to(src_root)).exists()]
     summary["skipped_existing"] = len(images) - len(todo)
     listed = {name: _ListFile(dst_root / f"{name}.txt") for name in ("faceless", "unreadable")}
+    unread: list[str] = []
     for done in align_files(aligner, todo, getattr(aligner, "batch_size", 1),
                             hint_for=read_bbox_json, num_workers=num_workers,
                             desc=f"crop {src_root.name}", progress=progress, leave=False):
@@ -135,6 +137,7 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
         if done.error is not None:
             summary["unreadable"] += 1
             listed["unreadable"].add(str(rel), str(done.error))
+            unread.append(str(rel))
             continue
         summary["with_box"] += done.hint is not None
         if done.face is None:
@@ -143,6 +146,10 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
         else:
             summary["aligned"] += 1
         write_image(dst_root / rel, done.crop)
+    if summary["unreadable"]:  # the count alone would not say which, nor where they are listed
+        log.warning("%d of %d images under %s cannot be read (the others are cropped), listed "
+                    "in %s: %s", summary["unreadable"], len(todo), src_root,
+                    listed["unreadable"].path, first_few(unread, MAX_LISTED_PROBLEMS))
     return summary
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from utils import ToolkitError, get_device
-from verification_metrics import FAR_EPS, tar_at_far_from_top
+from verification_metrics import FAR_EPS, far_measurable, not_measured, tar_at_far_from_top
 from verification_plots import save_figure
 
 DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
@@ -277,14 +277,18 @@ def _cmc(p_idx, scores, best) -> np.ndarray:
 def tar_at_far(genuine: np.ndarray, impostor_desc: np.ndarray, num_impostors: int,
                far: float) -> dict[str, float | bool | None]:
     """:func:`verification_metrics.tar_at_far_from_top` as a dict, with the FAR achieved
-    and whether ``far`` is resolvable (at least 1/far impostors); threshold None when every
-    pair is accepted."""
+    and whether ``far`` is resolvable (:func:`verification_metrics.far_measurable`: at least
+    1/far impostors; when not, ``not_measured`` says so and the table prints that, not the
+    TAR of no false accept); threshold None when every pair is accepted."""
     tar, threshold = tar_at_far_from_top(genuine, impostor_desc, num_impostors, far)
     false_accepts = num_impostors if threshold == -math.inf \
         else int(np.count_nonzero(impostor_desc > threshold))
-    return {"tar": tar, "threshold": threshold if math.isfinite(threshold) else None,
-            "far_achieved": false_accepts / num_impostors,
-            "resolvable": far * num_impostors >= 1.0}
+    out = {"tar": tar, "threshold": threshold if math.isfinite(threshold) else None,
+           "far_achieved": false_accepts / num_impostors,
+           "resolvable": far_measurable(far, num_impostors)}
+    if not out["resolvable"]:
+        out["not_measured"] = not_measured(far)
+    return out
 
 
 def megaface_evaluate(probe_feats, probe_labels: Sequence[Any], distractor_feats,
@@ -374,20 +378,27 @@ def megaface_verification(probe_feats, probe_labels: Sequence[Any], distractor_f
 
 def format_results(results: Mapping[int, Mapping[str, Any]],
                    fars: Sequence[float] = DEFAULT_FARS) -> str:
-    """A table: distractors, rank-1, the last rank (10 by default), TAR at each FAR."""
+    """A table: distractors, rank-1, the last rank (10 by default), TAR at each FAR; "n/a"
+    where the results have none or too few impostors back it (a footnote says how many
+    would, as the results' ``not_measured``)."""
     def pct(v):
         return "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) \
             else f"{100 * v:6.2f}"
 
+    def tar(v):
+        return pct(v["tar"] if v.get("resolvable", True) else None)
+
     last = max((len(r.get("cmc") or [None]) for r in results.values()), default=1)
     head = f"{'distractors':>12} {'rank-1':>7} {'rank-' + str(last):>7}" + "".join(
         f" {'TAR@' + format(f, 'g'):>11}" for f in fars)
-    rows = [head]
+    rows, notes = [head], {}
     for n, r in sorted(results.items()):
         cmc = r.get("cmc") or [None]
         ver = r.get("verification", {})
         rows.append(f"{n:>12,} {pct(cmc[0]):>7} {pct(cmc[-1]):>7}" + "".join(
-            f" {pct(ver[f]['tar']) if f in ver else 'n/a':>11}" for f in fars))
+            f" {tar(ver[f]) if f in ver else 'n/a':>11}" for f in fars))
+        notes.update({f: ver[f]["not_measured"] for f in fars if "not_measured" in ver.get(f, {})})
+    rows += [f"  TAR@{f:g}: {why} (probes x distractors)" for f, why in sorted(notes.items())]
     return "\n".join(rows)
 
 

@@ -519,16 +519,41 @@ def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     return image
 
 
-def _to_rgb(decoded: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """OpenCV's decoded array (gray, BGR or BGRA; 8 or 16 bit) to RGB uint8 HxWx3, written
-    into ``out`` when that is a uint8 array of the result's shape (a hot path's buffer)."""
-    if out is not None and decoded.dtype == np.uint8 and decoded.shape == out.shape:
+_UINT16_TO_UINT8 = 257  # 65535 / 255: 16-bit white maps to 8-bit white, in equal steps
+FLOAT_WHITE = 1.0  # float samples span [0, FLOAT_WHITE] (TIFF's float convention, OpenCV's)
+_UINT8_MAX = 255
+
+
+def _to_uint8(decoded: np.ndarray, source: str) -> np.ndarray:
+    """Samples of any depth OpenCV decodes to uint8 (nearest value): 16-bit ones divided by
+    257; floating-point ones scaled from [0, 1] (values outside are clipped to it), refused
+    when one is NaN or infinite; signed integer samples (no agreed black and white) refused."""
+    if decoded.dtype == np.uint8:
+        return decoded
+    if decoded.dtype == np.uint16:  # round(v / 257) in integers: v / 257 is never a tie
+        return ((decoded.astype(np.uint32) + _UINT16_TO_UINT8 // 2)
+                // _UINT16_TO_UINT8).astype(np.uint8)
+    if decoded.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(decoded)))
+        if bad:
+            raise ImageReadError(f"{source}: {bad} floating-point samples are NaN or infinite")
+        scaled = np.clip(decoded, 0.0, FLOAT_WHITE) * (_UINT8_MAX / FLOAT_WHITE)
+        return np.rint(scaled).astype(np.uint8)
+    raise ImageReadError(f"{source}: {decoded.dtype} samples are not supported (8- or 16-bit "
+                         "unsigned integers, or floating point in [0, 1])")
+
+
+def _to_rgb(decoded: np.ndarray, out: np.ndarray | None = None,
+            source: str = "<buffer>") -> np.ndarray:
+    """OpenCV's decoded array (gray, BGR or BGRA; any depth, see :func:`_to_uint8`) to RGB
+    uint8 HxWx3, written into ``out`` when that is a uint8 array of the result's shape (a hot
+    path's buffer)."""
+    decoded = _to_uint8(decoded, source)
+    if out is not None and decoded.shape == out.shape:
         rgb = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB, dst=out)
         if rgb is not out:
             out[...] = rgb
         return out
-    if decoded.dtype == np.uint16:
-        decoded = (decoded >> 8).astype(np.uint8)
     if decoded.ndim == 2:
         return cv2.cvtColor(decoded, cv2.COLOR_GRAY2RGB)
     if decoded.shape[2] == 4:
@@ -538,8 +563,9 @@ def _to_rgb(decoded: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 def decode_image(data: bytes | np.ndarray, source: str = "<buffer>",
                  out: np.ndarray | None = None, reduce: int = 1) -> np.ndarray:
-    """Encoded bytes (JPEG, PNG, ...) to RGB uint8 HxWx3, upright as the EXIF orientation
-    says (:func:`exif_orientation`); ImageReadError naming ``source``.
+    """Encoded bytes (JPEG, PNG, TIFF, ...) to RGB uint8 HxWx3, upright as the EXIF
+    orientation says (:func:`exif_orientation`); ImageReadError naming ``source``. 16-bit
+    and floating-point samples become 8-bit as :func:`_to_uint8` says (float: [0, 1]).
     With ``out`` (uint8 HxWx3), a colour image of exactly that (upright) shape is decoded
     into it and ``out`` is returned; anything else comes back as a new array.
     ``reduce`` 2, 4 or 8 (JPEGs only, see JPEG_REDUCTIONS): decoded at that fraction of the
@@ -565,7 +591,7 @@ def decode_image(data: bytes | np.ndarray, source: str = "<buffer>",
     orientation = exif_orientation(buf)
     if orientation != ORIENTATION_UPRIGHT:
         decoded = apply_orientation(decoded, orientation)
-    return _to_rgb(decoded, out)
+    return _to_rgb(decoded, out, source)
 
 
 def read_image_bytes(path: str | Path) -> bytes:

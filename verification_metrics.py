@@ -153,6 +153,23 @@ def tar_key(far: float, what: str = "tar") -> str:
     return f"{what}@far={far:.0e}"
 
 
+def far_measurable(far: float, num_impostors: int) -> bool:
+    """Whether ``num_impostors`` back a TAR at FAR ``far``: at least 1 / far of them (fewer
+    allow no false accept at all, so the TAR would be that of FAR 0). Every script's rule."""
+    return num_impostors * far >= 1 - FAR_EPS  # the same float guard as floor(far * n)
+
+
+def impostors_needed(far: float) -> int:
+    """The fewest impostor pairs that measure FAR ``far`` (:func:`far_measurable`)."""
+    return math.ceil((1 - FAR_EPS) / far)
+
+
+def not_measured(far: float, impostors: str = "impostor pairs") -> str:
+    """What the results JSON and every printed table say in place of an unmeasurable TAR
+    (or TPIR: ``impostors`` names what the rate is over, e.g. "non-mated probes")."""
+    return f"n/a (needs >= {impostors_needed(far):,} {impostors})"
+
+
 def roc_curve(similarities: np.ndarray, issame: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FAR, TAR, thresholds) at every distinct score, from (0, 0): accepting scores >= t."""
@@ -206,19 +223,24 @@ def tar_at_far(similarities: np.ndarray, issame: np.ndarray, far: float) -> tupl
 
 def roc_metrics(similarities: np.ndarray, issame: np.ndarray,
                 fars: Sequence[float] = FARS) -> dict[str, Any]:
-    """AUC and TAR@FAR for each FAR with at least 1/FAR impostor pairs (else not reported).
+    """AUC and TAR@FAR for each FAR with at least 1/FAR impostor pairs (:func:`far_measurable`).
 
     Keys: ``auc``, ``tar@far=1e-03`` and ``threshold@far=1e-03`` (etc.), ``n_genuine``,
-    ``n_impostor``. AUC counts score ties as half (the trapezoidal ROC area)."""
+    ``n_impostor``; ``not_measured``: {``tar@far=1e-04``: :func:`not_measured`'s text} for
+    each FAR too few impostors back (its TAR keys are absent). AUC counts score ties as half
+    (the trapezoidal ROC area)."""
     sims = np.asarray(similarities, dtype=np.float64).reshape(-1)
     same = np.asarray(issame, dtype=bool).reshape(-1)
     far_curve, tar_curve, _ = roc_curve(sims, same)
     n_imp = int((~same).sum())
     out: dict[str, Any] = {"auc": float(np.trapezoid(tar_curve, far_curve)),
                            "n_genuine": int(same.sum()), "n_impostor": n_imp}
+    out["not_measured"] = {}
     for far in fars:
-        if n_imp * far >= 1 - FAR_EPS:  # the same float guard as floor(far * n)
+        if far_measurable(far, n_imp):
             tar, threshold = tar_at_far(sims, same, far)
             out[tar_key(far)] = tar
             out[tar_key(far, "threshold")] = threshold
+        else:
+            out["not_measured"][tar_key(far)] = not_measured(far)
     return out

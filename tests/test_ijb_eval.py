@@ -21,7 +21,7 @@ import ijb_release
 from align_faces import warp_face
 from synthetic_faces import EVAL_SPLIT, identity_seed, image_rng, make_identity, render_image
 from synthetic_faces_assets import CANONICAL_LANDMARKS
-from utils import encode_image
+from utils import ImageReadError, encode_image
 from verification_metrics import roc_curve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +189,26 @@ def test_nearest_far_tie_takes_the_first_point():
     expected = tar_curve[np.argmin(np.abs(far_curve - 0.5))]
     assert expected == _brute_nearest(scores, labels, 0.5) == pytest.approx(1 / 3)
     assert ijb_eval.tar_at_far_nearest(scores, labels, [0.5])[0.5] == expected
+
+
+def test_unmeasured_tar_reads_the_same_in_json_and_table():
+    """40 impostor pairs back FAR 1e-1 (4 false accepts) and nothing finer."""
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.ones(25, bool), np.zeros(40, bool)]
+    scores = np.where(labels, rng.normal(0.5, 0.2, 65), rng.normal(0.0, 0.2, 65))
+    v, _ = ijb_eval.verification_report(scores, labels)
+    want = {"1e-06": 1_000_000, "1e-05": 100_000, "1e-04": 10_000, "1e-03": 1_000,
+            "1e-02": 100}
+    assert v["not_measured"] == {k: f"n/a (needs >= {n:,} impostor pairs)"
+                                 for k, n in want.items()}
+    assert all(v["tar_at_far"][k] is None for k in want) and v["tar_at_far"]["1e-01"] > 0
+    table = ijb_eval.format_table("IJBC", [{"mode": "N1D1F1", "images": 9, "templates": 9,
+                                            "verification": v}]).splitlines()
+    row = table[3].split()
+    assert row[0] == "N1D1F1" and row[1:6] == ["n/a"] * 5
+    assert row[6] == f"{100 * v['tar_at_far']['1e-01']:.2f}"
+    assert table[-5:] == [f"  FAR {k}: n/a (needs >= {n:,} impostor pairs)"
+                          for k, n in want.items()]
 
 
 def _exact_features(rng, n, d):
@@ -375,6 +395,10 @@ MALFORMED = [  # (file, edit, the error it must give)
      r"5pts_score\.txt:2: expected .* got 11"),
     ("name_5pts_score.txt", lambda t: "\n".join(t.splitlines()[:-1]) + "\n",
      r"5pts_score\.txt: does not match .*no landmarks for 52\.jpg"),
+    ("name_5pts_score.txt", _line(6, lambda s: s.split()[0] + " 40.5 52" * 5 + " 0.9"),
+     r"5pts_score\.txt:6: the five landmarks are one point \(40\.5, 52\): no face"),
+    ("name_5pts_score.txt", _line(7, lambda s: s.rsplit(" ", 1)[0] + " -0.25"),
+     r"5pts_score\.txt:7: faceness score -0\.25 is negative"),
     ("1N_gallery_G1.csv", _line(3, lambda s: s.replace("100,1000", "100,1001")),
      r"gallery_G1\.csv:3: template 100 has subject 1001 here but 1000 above"),
     ("1N_gallery_G2.csv", _line(4, lambda s: "103"), r"gallery_G2\.csv:4: expected"),
@@ -390,6 +414,29 @@ def test_malformed_files_name_file_and_line(release_dir, tmp_path, file, edit, m
     path.write_text(edit(path.read_text()))
     with pytest.raises(ijb_release.IJBFormatError, match=message):
         ijb_release.load_release(root, "IJBC")
+
+
+def test_zero_faceness_is_accepted_and_named(release_dir, tmp_path, caplog):
+    root = _copy_release(release_dir[0], tmp_path / "IJBC")
+    path = root / "meta" / "ijbc_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    rows = release_dir[1]["rows"]
+    last_template = rows[-1][1]  # an unenrolled subject's one-still probe template
+    assert [row[1] for row in rows].count(last_template) == 1
+    zeroed = [0, 5, len(rows) - 1]  # 1.jpg and 6.jpg share their templates with other images
+    for k in zeroed:
+        lines[k] = lines[k].rsplit(" ", 1)[0] + " 0"
+    path.write_text("\n".join(lines) + "\n")
+    ijb_release.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        r = ijb_release.load_release(root, "IJBC")
+    finally:
+        ijb_release.log.removeHandler(caplog.handler)
+    assert r.zero_faceness == [rows[k][0] for k in zeroed] == ["1.jpg", "6.jpg", "52.jpg"]
+    assert (r.faceness == 0).sum() == 3
+    assert f"{path}: 3 images have faceness 0" in caplog.text
+    assert "(1.jpg, 6.jpg, 52.jpg)" in caplog.text
+    assert f"1 template(s) have no other image ({last_template})" in caplog.text
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -469,6 +516,10 @@ def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path,
     assert set(results["modes"]) == {"N1D1F1", "N0D0F0"}
     assert (out / "ijbc_roc.png").stat().st_size > 0 and (out / "ijbc_cmc.png").is_file()
     assert "N1D1F1" in printed and "G2" in printed and "merged*" in printed
+    for g in ("G1", "G2"):  # NONMATED (10) non-mated probes: FPIR 0.01 is n/a, and says why
+        assert results["identification"][g]["not_measured"] == {
+            "0.01": "n/a (needs >= 100 non-mated probes)"}
+        assert f"  {g} FPIR 0.01: n/a (needs >= 100 non-mated probes)\n" in printed
 
     # The cache: each image's raw embedding and its mirror's, from its aligned crop.
     chunks = sorted((out / "features").glob("*/chunk_*.npy"))
@@ -523,6 +574,29 @@ def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path,
     monkeypatch.setattr(models, "load_backbone", no_model)
     assert _cli(root, checkpoint, out, "--modes", "all") == 0
     assert len(json.loads((out / "ijbc_results.json").read_text())["modes"]) == 8
+
+
+def test_unreadable_crops_are_all_named_after_the_other_chunks_are_cached(
+        release_dir, checkpoint, embed_calls, tmp_path):
+    root = _copy_release(release_dir[0], tmp_path / "IJBC")
+    out = tmp_path / "out"
+    broken = [root / "loose_crop" / "5.jpg", root / "loose_crop" / "45.jpg"]  # chunks 0, 2
+    good = [p.read_bytes() for p in broken]
+    for p in broken:
+        p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ImageReadError) as info:
+        _cli(root, checkpoint, out)
+    message = str(info.value)
+    assert message.startswith(f"{root / 'loose_crop'}: 2 loose crops cannot be read")
+    assert str(broken[0]) in message and str(broken[1]) in message
+    assert embed_calls == [CHUNK]  # chunk 1 (images 21-40) is embedded and cached
+    assert [c.name for c in (out / "features").glob("*/chunk_*.npy")] == ["chunk_000001.npy"]
+    assert not (out / "ijbc_results.json").exists()
+    for p, data in zip(broken, good, strict=True):
+        p.write_bytes(data)
+    embed_calls.clear()
+    assert _cli(root, checkpoint, out) == 0
+    assert embed_calls == [CHUNK, IMAGES - 2 * CHUNK]  # only the chunks left undone
 
 
 def test_cli_ijbb_names_and_verification_only(tmp_path, checkpoint, embed_calls, capsys):

@@ -111,6 +111,23 @@ def test_parse_pairs_binary_file_is_one_line_naming_file_and_line(tmp_path, data
     assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize("bom, encoding", [
+    (b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"),
+    (b"\xff\xfe\x00\x00", "utf-32-le"),
+])
+def test_parse_pairs_saved_with_a_byte_order_mark(tmp_path, bom, encoding):
+    path = tmp_path / "pairs.txt"
+    expected = _write_pairs(path, nfolds=2, per_kind=2)
+    text = path.read_text().replace("\n", "\r\n")  # as Notepad saves it
+    path.write_bytes(bom + text.encode(encoding))
+    pairs = lfw_pairs.parse_pairs(path)
+    assert [(p.path1, p.path2, p.same) for p in pairs] == expected
+    assert [p.fold for p in pairs] == [0] * 4 + [1] * 4
+    path.write_bytes(b"\xff\xfe" + text.encode("utf-16-le")[:-1])  # cut mid-character
+    with pytest.raises(lfw_pairs.PairsFileError, match=r"pairs\.txt: .*UTF-16-LE byte-order"):
+        lfw_pairs.parse_pairs(path)
+
+
 def test_check_pairs_exist_lists_every_missing_image(tmp_path):
     pairs = [lfw_pairs.Pair("A/A_0001.jpg", "A/A_0002.jpg", True),
              lfw_pairs.Pair("A/A_0001.jpg", "B/B_0001.jpg", False)]
@@ -433,7 +450,13 @@ def test_lfw_cli_writes_results_and_figures(tiny_run, capsys):
     # a second run reads the cache and reproduces the numbers
     capsys.readouterr()
     assert lfw_eval.main(tiny_run["argv"]) == 0
-    assert f"10-fold accuracy {100 * r['accuracy']:.2f} +- " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"10-fold accuracy {100 * r['accuracy']:.2f} +- " in printed
+    # 10 impostor pairs measure no TAR: the JSON and the printout say the same, no number
+    assert r["not_measured"] == {"tar@far=1e-03": "n/a (needs >= 1,000 impostor pairs)",
+                                 "tar@far=1e-04": "n/a (needs >= 10,000 impostor pairs)"}
+    assert "  TAR@FAR=1e-03: n/a (needs >= 1,000 impostor pairs), 10 here\n" in printed
+    assert "  TAR@FAR=1e-04: n/a (needs >= 10,000 impostor pairs), 10 here\n" in printed
     again = json.loads((out / "lfw_results.json").read_text())
     assert again["fold_thresholds"] == pytest.approx(r["fold_thresholds"], abs=1e-6)
     # a cache cut short by a kill (empty, or half a zip) is realigned, not a traceback
@@ -445,6 +468,37 @@ def test_lfw_cli_writes_results_and_figures(tiny_run, capsys):
         assert redone["fold_thresholds"] == pytest.approx(r["fold_thresholds"], abs=1e-6)
         with np.load(caches[0]) as cached:  # rewritten whole
             assert cached["crops"].shape == (12, 112, 112, 3)
+
+
+def test_lfw_cli_scores_the_pairs_whose_images_read_and_names_the_others(tiny_run, tmp_path,
+                                                                         capsys):
+    """One truncated jpg in the tree: its pairs are left out and listed, the rest scored."""
+    import shutil
+
+    lfw = tmp_path / "lfw"
+    shutil.copytree(tiny_run["lfw_dir"], lfw)
+    names = sorted(d.name for d in lfw.iterdir() if d.is_dir())
+    a, b, c = names[:3]
+    lines = ["2\t3"]
+    for fold in range(2):  # per fold 3 same + 3 different pairs over 3 images per identity
+        lines += [f"{a}\t{1 + fold}\t3", f"{b}\t{1 + fold}\t3", f"{c}\t1\t2"]
+        lines += [f"{a}\t{1 + fold}\t{b}\t2", f"{b}\t1\t{c}\t3", f"{c}\t2\t{a}\t1"]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    bad = lfw / b / f"{b}_0003.jpg"  # in one same pair of each fold, in no different pair
+    bad.write_bytes(bad.read_bytes()[:200])
+    argv = ["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
+            "--lfw-dir", str(lfw), "--pairs", str(tmp_path / "pairs.txt"),
+            "--out", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert lfw_eval.main(argv) == 0
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "eval" / "lfw_results.json").read_text())
+    rel = f"{b}/{b}_0003.jpg"
+    assert list(r["unreadable_images"]) == [rel] and rel in r["unreadable_images"][rel]
+    assert r["pairs_left_out"] == 2 and r["n_pairs"] == 12 - 2
+    assert r["nfolds"] == 2 and len(r["fold_accuracies"]) == 2
+    assert f"  2 pairs left out: 1 of their images cannot be read ({rel})" in out
+    assert not list((tmp_path / "cache").glob("*.npz"))  # an unreadable file is never cached
 
 
 def _compare(tiny_run, capsys, a, b, *extra):

@@ -183,6 +183,20 @@ def test_verification_tar_matches_brute_force(features, monkeypatch, block, chun
         == {1e-2: pytest.approx(brute_tar(probes, labels, distractors, 1e-2)[0], abs=1e-12)}
 
 
+def test_unresolvable_far_is_printed_as_the_json_says(features, device):
+    probes, labels, distractors = features
+    res = me.megaface_evaluate(probes, labels, distractors[:10], max_rank=1, fars=(1e-3, 1e-2),
+                               device=device, progress=False)
+    ver = res[10]["verification"]  # 90 probes x 10 distractors = 900 impostor pairs
+    assert not ver[1e-3]["resolvable"] and ver[1e-2]["resolvable"]
+    assert ver[1e-3]["not_measured"] == "n/a (needs >= 1,000 impostor pairs)"
+    assert "not_measured" not in ver[1e-2]
+    table = me.format_results(res, (1e-3, 1e-2)).splitlines()
+    assert table[1].split()[-2:] == ["n/a", f"{100 * ver[1e-2]['tar']:.2f}"]
+    assert table[2:] == ["  TAR@0.001: n/a (needs >= 1,000 impostor pairs) (probes x "
+                         "distractors)"]
+
+
 def test_verification_with_every_impostor_score_tied(monkeypatch, device):
     # unit probes with entries +-1/2 against zero distractors: every impostor scores 1/2
     monkeypatch.setattr(me, "BUFFER_MIN_ELEMENTS", 64)  # the threshold starts in chunk one
@@ -646,6 +660,20 @@ def megaface_log():
     megaface_noise.log.addHandler(handler)
     yield records
     megaface_noise.log.removeHandler(handler)
+
+
+def test_crop_tree_names_its_unreadable_images_and_crops_the_others(tmp_path, megaface_log):
+    from utils import write_image
+
+    src, dst = tmp_path / "raw", tmp_path / "aligned"
+    for k in range(3):
+        write_image(src / f"1/a@N00/{k}_0.jpg", np.full((60, 80, 3), 90, np.uint8))
+    (src / "1/a@N00/1_0.jpg").write_bytes(b"\xff\xd8 a truncated download")
+    summary = megaface.crop_tree(_FakeAligner(), src, dst, progress=False)
+    assert summary["aligned"] == 2 and summary["unreadable"] == 1
+    assert sorted(p.name for p in dst.rglob("*.jpg")) == ["0_0.jpg", "2_0.jpg"]
+    assert megaface_log == [f"1 of 3 images under {src} cannot be read (the others are "
+                            f"cropped), listed in {dst / 'unreadable.txt'}: 1/a@N00/1_0.jpg"]
 
 
 def test_evaluate_and_devkit_warn_on_features_that_are_not_cleaned(tmp_path, features,

@@ -566,3 +566,24 @@ def test_infinite_header_or_identity_label_is_a_damaged_record(tmp_path, where):
         assert index.has_header and index.corrupt_count == 1
         assert f"identity record {key} is missing or malformed" in index.corrupt[0]
     assert index.labels.tolist() == _expected_labels(expected)
+
+
+def test_pack_turns_float_and_16_bit_images_into_8_bit_ones(tmp_path):
+    """A float32 TIFF ([0, 1]) and a 16-bit PNG are packed as the 8-bit pictures they show."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "aligned"
+    for name in ("amy", "bob"):
+        (src / name).mkdir(parents=True)
+    shown = rng.integers(0, 256, (112, 112, 3)).astype(np.float64)  # what each file shows
+    smooth = cv2.GaussianBlur(shown, (0, 0), 3)  # JPEG keeps smooth pictures closely
+    cv2.imwrite(str(src / "amy" / "f.tif"), (smooth[..., ::-1] / 255).astype(np.float32))
+    cv2.imwrite(str(src / "bob" / "d.png"), np.round(smooth[..., ::-1] * 257).astype(np.uint16))
+    pre_process.pack_folder(src, tmp_path / "o" / "train.rec", progress=False)
+    images = [lib.parse_payload(p)[2] for _, _, p in lib.read_all_records(tmp_path / "o" /
+                                                                        "train.rec")]
+    decoded = [lib.rgb_of(im).astype(np.float64) for im in images if im]
+    assert len(decoded) == 2
+    for rgb in decoded:  # re-encoded as JPEG (quality 95) from the right 8-bit values
+        assert np.abs(rgb - np.round(smooth)).mean() < 1.0

@@ -491,3 +491,44 @@ def test_save_checkpoint_on_a_full_disk_is_the_oserror_naming_the_file(tmp_path,
     monkeypatch.setattr(torch, "save", real_save)
     assert utils.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("ext", [".tif", ".png"])
+def test_16_bit_image_becomes_8_bit_by_257(tmp_path, ext):
+    values = [0, 128, 129, 255, 385, 386, 32767, 32768, 65407, 65408, 65534, 65535]
+    bgr = np.array(values, np.uint16).reshape(4, 1, 3)
+    path = tmp_path / f"deep{ext}"
+    assert cv2.imwrite(str(path), bgr)
+    # the nearest 8-bit value: v * 255 / 65535 rounded, in exact integer arithmetic
+    want = [(v * 255 * 2 + 65535) // (2 * 65535) for v in values]
+    got = utils.read_image(path)
+    assert got.dtype == np.uint8 and got.shape == (4, 1, 3)
+    assert got[..., ::-1].reshape(-1).tolist() == want  # back to the file's BGR order
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_tiff_maps_zero_one_to_0_255_clipping_the_rest(tmp_path, dtype):
+    values = [-0.5, 0.0, 0.1234, 0.5002, 0.9999, 1.0, 1.7, 0.25, 0.003]
+    bgr = np.array(values, dtype).reshape(3, 1, 3)
+    path = tmp_path / "float.tif"
+    assert cv2.imwrite(str(path), bgr)
+    want = [round(255 * min(1.0, max(0.0, float(dtype(v))))) for v in values]
+    got = utils.read_image(path)
+    assert got.dtype == np.uint8 and got[..., ::-1].reshape(-1).tolist() == want
+    gray = np.array([[0.0, 0.5002], [1.0, 2.0]], dtype)  # one channel, then RGB as any gray
+    assert cv2.imwrite(str(path), gray)
+    assert utils.read_image(path)[..., 0].tolist() == [[0, 128], [255, 255]]
+
+
+def test_float_tiff_with_a_nan_or_signed_samples_is_refused_naming_the_file(tmp_path):
+    image = np.full((2, 2, 3), 0.5, np.float32)
+    image[1, 0, 2] = np.nan
+    image[0, 1, 1] = np.inf
+    path = tmp_path / "nan.tif"
+    assert cv2.imwrite(str(path), image)
+    with pytest.raises(utils.ImageReadError, match=r"nan\.tif: 2 floating-point samples"):
+        utils.read_image(path)
+    signed = tmp_path / "signed.tif"
+    assert cv2.imwrite(str(signed), np.full((2, 2, 3), -3, np.int16))
+    with pytest.raises(utils.ImageReadError, match=r"signed\.tif: int16 samples"):
+        utils.read_image(signed)

@@ -97,3 +97,17 @@ def test_data_errors_are_toolkit_errors():
         vm.roc_metrics(np.zeros(4), np.ones(4, bool))
     with pytest.raises(ToolkitError, match="fold 1 holds only"):  # contiguous one-kind folds
         vm.ten_fold_details(np.zeros(20), np.arange(20) < 10, nfolds=2)
+
+
+@pytest.mark.parametrize("far, need", [
+    (1e-6, 1_000_000), (1e-4, 10_000), (1e-3, 1_000), (0.3, 4), (1 / 317, 317), (0.1, 10),
+])
+def test_a_far_needs_one_over_far_impostors_and_says_so(far, need):
+    assert vm.impostors_needed(far) == need
+    assert vm.far_measurable(far, need) and not vm.far_measurable(far, need - 1)
+    assert vm.not_measured(far) == f"n/a (needs >= {need:,} impostor pairs)"
+    impostors = min(need - 1, 5000)  # any count below the need is not measured
+    same = np.r_[np.ones(5, bool), np.zeros(impostors, bool)]
+    out = vm.roc_metrics(np.linspace(0, 1, same.size), same, fars=(far,))
+    assert vm.tar_key(far) not in out
+    assert out["not_measured"] == {vm.tar_key(far): f"n/a (needs >= {need:,} impostor pairs)"}
