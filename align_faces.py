@@ -92,8 +92,13 @@ CASCADES = ("opencv", "facenet")
 # 2 steps made the landmarks of a rotated and scaled copy 28% nearer the rotated originals
 # (crops 24% nearer), a 2 px shift move them 1.8% of the eye distance instead of 2.9%; more
 # steps gained little (4: 3.5% against 3.4% for the rotations). Cost: 2 O-net passes a face,
-# 1.3-2.6 ms a photo (49 against 54 photos/s at 512 px on 2 cores; bench README).
+# 1.3-2.6 ms a photo (49 against 54 photos/s at 512 px on 2 cores; bench README). The
+# landmarks are the mean of MTCNN's and the steps' (LANDMARK_RULE 2): nearer human
+# annotations than either (bench/landmark_accuracy.py).
 DEFAULT_REFINE_STEPS = 2
+# What the landmarks of given settings mean, for caches keyed by the settings (lfw_images):
+# 1 the last refine step's, 2 the mean of MTCNN's and every step's.
+LANDMARK_RULE = 2
 DEFAULT_BATCH_SIZE = 32
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset
 # The central-face rule only weighs detections whose O-net score is at least this when the
@@ -216,6 +221,7 @@ class FaceAligner:
             raise ValueError(f"refine_steps must be >= 0 (0: MTCNN's own landmarks), got "
                              f"{refine_steps}")
         self.refine_steps = int(refine_steps)
+        self.landmark_rule = LANDMARK_RULE
         if cascade is None:
             cascade = "opencv" if self.device.type == "cpu" else "facenet"
         if cascade not in CASCADES:
