@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm")
 # Faces with eyes closer than this are left out: a human click is good to ~1 px, 5% of it.
 DEFAULT_MIN_EYE_DISTANCE = 20.0
 OUTLIER_PERCENT = 10.0  # the issue's bar for a face gone wrong
+Found = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N, 4), scores (N,), points (N, 5, 2)
+Detector = Callable[[Path], Found]
 
 
 @dataclass
@@ -85,13 +88,19 @@ def _image_beside(path: Path) -> Path | None:
 
 
 def _read_pts(path: Path) -> np.ndarray:
-    text = path.read_text()
-    rows = text[text.index("{") + 1:text.index("}")].split("\n")
-    return np.array([[float(v) for v in r.split()] for r in rows if r.strip()]) - PTS_ORIGIN
+    try:
+        text = path.read_text()
+        rows = text[text.index("{") + 1:text.index("}")].split("\n")
+        return np.array([[float(v) for v in r.split()] for r in rows if r.strip()]) - PTS_ORIGIN
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"error: {path}: not a .pts file of x y rows in braces ({e})") from None
 
 
 def _coco_faces(path: Path, root: Path) -> list[Face]:
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {path}: not a JSON file ({e})") from None
     if not isinstance(data, dict) or "annotations" not in data:
         return []
     files = {im["id"]: im["file_name"] for im in data.get("images", [])}
@@ -128,7 +137,7 @@ def load_faces(root: Path, min_eye_distance: float) -> list[Face]:
 
 # ----------------------------------------------------------------------------- detectors
 
-def _ours(detect_size: int | None, refine_steps: int | None):  # noqa: ANN202
+def _ours(detect_size: int | None, refine_steps: int | None) -> Detector:
     from align_faces import DEFAULT_DETECT_SIZE, DEFAULT_REFINE_STEPS, FaceAligner
     from mtcnn_cascade import map_detections
     from reduced_photo import read_photo
@@ -138,7 +147,7 @@ def _ours(detect_size: int | None, refine_steps: int | None):  # noqa: ANN202
                           refine_steps=(DEFAULT_REFINE_STEPS if refine_steps is None
                                         else refine_steps))
 
-    def run(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(path: Path) -> Found:
         photo = read_photo(path, aligner.detect_size)
         if isinstance(photo, Exception):
             raise SystemExit(f"error: {path}: {photo}")
@@ -146,14 +155,17 @@ def _ours(detect_size: int | None, refine_steps: int | None):  # noqa: ANN202
     return run
 
 
-def _facenet():  # noqa: ANN202
+def _facenet() -> Detector:
     from facenet_pytorch import MTCNN
 
     from reduced_photo import read_photo
     mtcnn = MTCNN(keep_all=True, device="cpu")  # its own defaults (min face 20, full size)
 
-    def run(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        image = read_photo(path, 0).image
+    def run(path: Path) -> Found:
+        photo = read_photo(path, 0)
+        if isinstance(photo, Exception):
+            raise SystemExit(f"error: {path}: {photo}")
+        image = photo.image
         boxes, probs, points = mtcnn.detect(image, landmarks=True)
         if boxes is None:
             return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
@@ -161,7 +173,7 @@ def _facenet():  # noqa: ANN202
     return run
 
 
-def make_detector(method: str):  # noqa: ANN201
+def make_detector(method: str) -> Detector:
     """A function path -> (boxes, probs, landmarks) in MTCNN's 1-based full-photo pixels."""
     if method == "default":
         return _ours(None, None)
@@ -174,8 +186,7 @@ def make_detector(method: str):  # noqa: ANN201
                      f"facenet)")
 
 
-def match(face: Face, detections: tuple[np.ndarray, np.ndarray, np.ndarray]
-          ) -> tuple[np.ndarray, float] | None:
+def match(face: Face, detections: Found) -> tuple[np.ndarray, float] | None:
     """The detection whose box holds the annotation's centroid, nearest by box centre: its
     landmarks (0-based) and score."""
     from mtcnn_cascade import MTCNN_COORDINATE_OFFSET
