@@ -92,10 +92,23 @@ CASCADES = ("opencv", "facenet")
 # 2 steps made the landmarks of a rotated and scaled copy 28% nearer the rotated originals
 # (crops 24% nearer), a 2 px shift move them 1.8% of the eye distance instead of 2.9%; more
 # steps gained little (4: 3.5% against 3.4% for the rotations). Cost: 2 O-net passes a face,
-# 1.3-2.6 ms a photo (49 against 54 photos/s at 512 px on 2 cores; bench README).
+# 1.3-2.6 ms a photo (49 against 54 photos/s at 512 px on 2 cores; bench README). The
+# landmarks are the mean of MTCNN's and the steps' (LANDMARK_RULE 2): nearer human
+# annotations than either (bench/landmark_accuracy.py).
 DEFAULT_REFINE_STEPS = 2
+# What the landmarks of given settings mean, for caches keyed by the settings (lfw_images):
+# 1 the last refine step's, 2 the mean of MTCNN's and every step's.
+LANDMARK_RULE = 2
 DEFAULT_BATCH_SIZE = 32
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset
+# The central-face rule only weighs detections whose O-net score is at least this when the
+# photo has any: a doubtful one must not win over confident faces by being nearer the
+# centre (a hand scored 0.75 near the middle of a group photo had been cropped instead of
+# six real faces scored >= 0.99). MTCNN keeps detections from 0.7 (its O-net threshold); the
+# 19 human-annotated faces of bench/landmark_accuracy.py scored 0.954 (a 33 px grey photo),
+# 0.978, and >= 0.99 the rest. A photo whose detections are all below it is judged among
+# all of them, as before.
+CONFIDENT_FACE_SCORE = 0.9
 REPORT_NAME = "align_report.tsv"  # default report file, inside DST_DIR
 STATUS_NO_FACE = "no_face"
 STATUS_UNREADABLE = "unreadable"
@@ -112,13 +125,16 @@ class AlignInputError(ToolkitError, ValueError):
 
 # ----------------------------------------------------------------------------- geometry
 
-def select_central_face(boxes: np.ndarray, image_shape: Sequence[int]) -> int:
+def select_central_face(boxes: np.ndarray, image_shape: Sequence[int],
+                        scores: Sequence[float] | None = None) -> int:
     """Index of the detection a face dataset means when a photo shows several faces.
 
     InsightFace's rule: score_i = area_i - 2 * ||centre_i - image_centre||^2, with
     area = (x2 - x1) * (y2 - y1), centre_i the box centre and image_centre (W / 2, H / 2);
     the largest score wins, so a big face near the middle beats a bigger one at the edge.
-    ``boxes`` is (N, 4+) as (x1, y1, x2, y2, ...); ``image_shape`` is (H, W[, C]).
+    With the detector's ``scores`` (N,), only the detections scored at least
+    CONFIDENT_FACE_SCORE compete when there is one. ``boxes`` is (N, 4+) as
+    (x1, y1, x2, y2, ...); ``image_shape`` is (H, W[, C]).
     """
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] < 4 or len(boxes) == 0:
@@ -127,7 +143,15 @@ def select_central_face(boxes: np.ndarray, image_shape: Sequence[int]) -> int:
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     dx = (boxes[:, 0] + boxes[:, 2]) / 2 - width / 2
     dy = (boxes[:, 1] + boxes[:, 3]) / 2 - height / 2
-    return int(np.argmax(area - CENTRE_OFFSET_WEIGHT * (dx ** 2 + dy ** 2)))
+    rule = area - CENTRE_OFFSET_WEIGHT * (dx ** 2 + dy ** 2)
+    if scores is not None:
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if scores.shape != (len(boxes),):
+            raise ValueError(f"expected one score per box ({len(boxes)}), got {scores.shape}")
+        confident = scores >= CONFIDENT_FACE_SCORE
+        if confident.any():
+            rule = np.where(confident, rule, -np.inf)
+    return int(np.argmax(rule))
 
 
 def box_iou(boxes: np.ndarray, box: Sequence[float]) -> np.ndarray:
@@ -198,6 +222,7 @@ class FaceAligner:
             raise ValueError(f"refine_steps must be >= 0 (0: MTCNN's own landmarks), got "
                              f"{refine_steps}")
         self.refine_steps = int(refine_steps)
+        self.landmark_rule = LANDMARK_RULE
         if cascade is None:
             cascade = "opencv" if self.device.type == "cpu" else "facenet"
         if cascade not in CASCADES:
@@ -282,7 +307,7 @@ class FaceAligner:
             return None
         boxes, probs, points = map_detections(detections, photo.to_full)
         if hint_box is None:
-            k = select_central_face(boxes, photo.full_shape)
+            k = select_central_face(boxes, photo.full_shape, probs)
         else:
             iou = box_iou(boxes, hint_box)
             k = int(np.argmax(iou))
@@ -511,7 +536,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "on big photos; for small faces in big group photos)")
     p.add_argument("--refine-steps", type=_int_at_least(0), default=DEFAULT_REFINE_STEPS,
                    help="O-net passes that re-estimate each face's landmarks from its own "
-                        "box (0: MTCNN's landmarks as published)")
+                        "box; the landmarks are the mean of MTCNN's and every pass's (0: "
+                        "MTCNN's landmarks as published)")
     p.add_argument("--workers", type=_int_at_least(1), default=DEFAULT_WORKERS,
                    help="threads, each reading and aligning a batch of files at a time")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")

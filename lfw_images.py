@@ -31,7 +31,7 @@ log = get_logger("lfw_eval")  # lfw_eval's logger: these messages are part of it
 # The aligner attributes its crops depend on besides the images (FaceAligner's; others have
 # what they have): crops made with other settings are not another run's to reuse.
 ALIGNER_SETTINGS = ("cascade", "detect_size", "min_face_size", "thresholds", "refine_steps",
-                    "size")
+                    "landmark_rule", "size")
 
 
 def _cache_key(lfw_dir: Path, paths: Sequence[str], aligner: object) -> str:

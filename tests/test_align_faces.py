@@ -139,6 +139,48 @@ def test_select_central_face_follows_the_rule():
         af.select_central_face(np.zeros((0, 4)), shape)
 
 
+def group_photo_detections() -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """The issue's group photo, as detections: six confident faces in a row across a
+    1600x1000 photo, none near its centre, and a doubtful one (a hand, 0.75) at the centre."""
+    shape = (1000, 1600, 3)
+    faces = [[x, 250, x + 90, 360] for x in (60, 300, 540, 970, 1210, 1450)]
+    hand = [760, 460, 840, 540]  # smaller than every face, but at the centre
+    boxes = np.array(faces + [hand], dtype=np.float64)
+    scores = np.array([0.999, 0.995, 0.998, 0.991, 0.997, 0.993, 0.75])
+    return boxes, scores, shape
+
+
+def test_central_face_rule_does_not_prefer_a_doubtful_detection():
+    boxes, scores, shape = group_photo_detections()
+    assert af.select_central_face(boxes, shape) == 6  # the bare rule: the hand is central
+    k = af.select_central_face(boxes, shape, scores)
+    # Among the six faces the rule picks the one nearest the centre (box centres 585 and
+    # 1015 px are 215 px from x = 800; the left one is nearer in y too: equal), computed here
+    # from the formula on the faces alone.
+    faces = boxes[:6]
+    centre = (faces[:, :2] + faces[:, 2:]) / 2 - [800, 500]
+    rule = (faces[:, 2] - faces[:, 0]) * (faces[:, 3] - faces[:, 1]) - 2 * (centre ** 2).sum(1)
+    assert k == int(np.argmax(rule)) and k != 6
+    # Only doubtful detections: the rule weighs them all, as before.
+    assert af.select_central_face(boxes[[0, 6]], shape, [0.8, 0.75]) == 1
+    # A confident face just at the floor competes; one just below it does not.
+    floor = af.CONFIDENT_FACE_SCORE
+    assert af.select_central_face(boxes[[0, 6]], shape, [0.999, floor]) == 1
+    assert af.select_central_face(boxes[[0, 6]], shape, [0.999, floor - 0.01]) == 0
+    with pytest.raises(ValueError):
+        af.select_central_face(boxes, shape, scores[:3])
+
+
+def test_align_crops_a_confident_face_not_the_central_doubtful_one(aligner):
+    boxes, scores, shape = group_photo_detections()
+    eyes = np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]])
+    size = boxes[:, 2:] - boxes[:, :2]
+    points = boxes[:, None, :2] + eyes[None] * size[:, None, :]
+    photo = af.Photo(np.zeros(shape, np.uint8))
+    face = aligner._choose((boxes, scores, points), photo, None)
+    assert face is not None and face.score >= 0.99 and face.box[0] != boxes[6, 0]
+
+
 def test_center_crop_takes_the_middle():
     image = np.zeros((250, 250, 3), np.uint8)
     image[63:188, 63:188] = 255  # the central half of the shorter side

@@ -721,8 +721,9 @@ def test_alignment_cache_is_reused_only_by_the_same_alignment(tmp_path):
     pairs = [Pair("a/a_0001.jpg", "b/b_0001.jpg", False)]
 
     class Counting:
-        def __init__(self, detect_size: int, refine_steps: int = 2) -> None:
+        def __init__(self, detect_size: int, refine_steps: int = 2, rule: int = 2) -> None:
             self.detect_size, self.refine_steps, self.calls = detect_size, refine_steps, 0
+            self.landmark_rule = rule  # what the refined landmarks mean (align_faces)
 
         def align_batch(self, images, hint_box=None):
             self.calls += 1
@@ -731,7 +732,9 @@ def test_alignment_cache_is_reused_only_by_the_same_alignment(tmp_path):
     first = Counting(512)
     load_lfw_crops(tmp_path / "lfw", pairs, first, tmp_path / "cache")
     same, other_size, other_refine = Counting(512), Counting(640), Counting(512, 0)
-    for aligner in (same, other_size, other_refine):
+    other_rule = Counting(512, rule=1)
+    for aligner in (same, other_size, other_refine, other_rule):
         load_lfw_crops(tmp_path / "lfw", pairs, aligner, tmp_path / "cache")
-    assert (first.calls, same.calls, other_size.calls, other_refine.calls) == (1, 0, 1, 1)
-    assert len(list((tmp_path / "cache").glob("aligned_*.npz"))) == 3
+    assert (first.calls, same.calls, other_size.calls, other_refine.calls,
+            other_rule.calls) == (1, 0, 1, 1, 1)
+    assert len(list((tmp_path / "cache").glob("aligned_*.npz"))) == 4

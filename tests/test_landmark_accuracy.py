@@ -1,0 +1,94 @@
+"""bench/landmark_accuracy.py: five points from each annotation scheme, the files it reads,
+the error and offset it reports (no detector: those parts are checked on made-up faces)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from utils import write_image
+
+_SPEC = importlib.util.spec_from_file_location(
+    "landmark_accuracy", Path(__file__).resolve().parent.parent / "bench" / "landmark_accuracy.py")
+la = importlib.util.module_from_spec(_SPEC)
+sys.modules["landmark_accuracy"] = la  # its dataclass looks itself up there
+_SPEC.loader.exec_module(la)
+
+# Where the made-up faces' five points are: eye centres, nose tip, mouth corners.
+EYES = np.array([[30.0, 40.0], [70.0, 40.0]])
+NOSE, MOUTH = np.array([50.0, 60.0]), np.array([[35.0, 80.0], [65.0, 80.0]])
+FIVE = np.vstack([EYES, NOSE, MOUTH])
+
+
+def ring(centre: np.ndarray, count: int) -> np.ndarray:
+    """``count`` points evenly on a 6x3 ellipse about ``centre`` (their mean is the centre)."""
+    a = np.linspace(0, 2 * np.pi, count, endpoint=False)
+    return centre + np.stack([6 * np.cos(a), 3 * np.sin(a)], 1)
+
+
+def ibug68() -> np.ndarray:
+    points = np.full((68, 2), 5.0)  # jaw, brows, the rest: not used
+    points[36:42], points[42:48] = ring(EYES[0], 6), ring(EYES[1], 6)
+    points[30], points[48], points[54] = NOSE, MOUTH[0], MOUTH[1]
+    return points
+
+
+def wflw98() -> np.ndarray:
+    points = np.full((98, 2), 5.0)
+    points[60:68], points[68:76] = ring(EYES[0], 8), ring(EYES[1], 8)
+    points[96:98] = EYES + [0, -2]  # the pupils: not the contour's mean
+    points[54], points[76], points[82] = NOSE, MOUTH[0], MOUTH[1]
+    return points
+
+
+def test_five_points_are_the_eye_contour_means_nose_tip_and_mouth_corners():
+    np.testing.assert_allclose(la.five_points(ibug68()), FIVE, atol=1e-9)
+    np.testing.assert_allclose(la.five_points(wflw98()), FIVE, atol=1e-9)
+
+
+def test_annotations_are_read_from_pts_and_coco_files_in_0_based_pixels(tmp_path):
+    image = np.zeros((120, 100, 3), np.uint8)
+    write_image(tmp_path / "menpo" / "face.png", image)
+    rows = "\n".join(f"{x + 1:.3f} {y + 1:.3f}" for x, y in ibug68())  # .pts: 1-based
+    (tmp_path / "menpo" / "face.pts").write_text(f"version: 1\nn_points: 68\n{{\n{rows}\n}}\n")
+    write_image(tmp_path / "wflw" / "two.jpg", image)
+    small = (wflw98() - 50) * 0.4 + 50  # eyes 16 px apart: under the minimum
+    keypoints = [np.c_[p, np.ones(98)].ravel().tolist() for p in (wflw98(), small)]
+    (tmp_path / "wflw" / "test_wflw.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "two.jpg"}],
+        "annotations": [{"image_id": 7, "keypoints": k} for k in keypoints]}))
+    faces = la.load_faces(tmp_path, min_eye_distance=20)
+    assert [f.name for f in faces] == ["menpo/face.png", "wflw/two.jpg#0"]
+    for face in faces:
+        np.testing.assert_allclose(face.truth, FIVE, atol=1e-3)
+        assert face.eye_distance == pytest.approx(40.0, abs=1e-3)
+    assert len(la.load_faces(tmp_path, min_eye_distance=10)) == 3
+
+
+def test_error_and_offset_are_in_the_face_frame_and_removable():
+    angle = np.deg2rad(30)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    face = la.Face("a/b.jpg", Path("b.jpg"), FIVE @ rotation.T)
+    along = (face.truth[1] - face.truth[0]) / face.eye_distance
+    shifted = face.truth + 0.1 * face.eye_distance * along  # 10% along the eye axis
+    face.found["m"] = (shifted, 0.99)
+    assert la.error_percent(face, shifted) == pytest.approx(10.0)
+    offset = la.mean_offset([face], "m")
+    np.testing.assert_allclose(offset, np.tile([0.1, 0.0], (5, 1)), atol=1e-12)
+    fixed = la.calibrated(face, shifted, offset)
+    assert la.error_percent(face, fixed) == pytest.approx(0, abs=1e-9)
+
+
+def test_match_takes_the_box_holding_the_face_and_removes_mtcnn_offset():
+    face = la.Face("a/b.jpg", Path("b.jpg"), FIVE)
+    boxes = np.array([[0, 0, 20, 20], [20, 20, 80, 90], [25, 25, 200, 200]], dtype=float)
+    points = np.stack([FIVE + k for k in range(3)]) + 1  # MTCNN's 1-based pixels
+    found = la.match(face, (boxes, np.array([0.9, 0.8, 0.7]), points))
+    assert found is not None and found[1] == 0.8  # both others miss the centroid or are off
+    np.testing.assert_allclose(found[0], FIVE + 1)
+    assert la.match(face, (boxes[:1], np.array([0.9]), points[:1])) is None
