@@ -920,7 +920,16 @@ OTHER_LAYOUTS = {
         HEAD_FILE_2, lambda s: {k: v for k, v in s.items() if k != "rng"}, "'rng' is missing"),
     "head file without centres": (HEAD_FILE_2, lambda s: {**s, "head": {}},
                                   "'head.weight' is missing"),
+    # not another layout, but as unusable: a NaN weight is refused where the file is read
+    "a NaN weight": ("checkpoint.pt", lambda s: {**s, "backbone": _with_nan(s["backbone"])},
+                     "not finite: tensor 'backbone.conv1.weight' holds 1 NaN/inf value"),
 }
+
+
+def _with_nan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {k: v.clone() for k, v in state.items()}
+    out["conv1.weight"].view(-1)[0] = math.nan
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -964,3 +973,16 @@ def test_a_checkpoint_of_another_layout_falls_back_or_is_named_in_one_line(
                         cfg, 6, 24)
     message = str(err.value)
     assert "\n" not in message and str(out / name) in message and named in message, message
+
+
+def test_init_weights_with_a_nan_are_refused_before_writing(tiny_rec, two_checkpoints,
+                                                            tmp_path):
+    """--init-checkpoint used to start a run from a NaN weight (the first loss then NaN)."""
+    path = tmp_path / "backbone.pt"
+    torch.save(_with_nan(load_checkpoint(two_checkpoints / "backbone.pt")), path)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointFileError) as err:
+        train.train(tiny_cfg(tiny_rec, out, max_steps=1), init_checkpoint=str(path))
+    assert str(err.value).startswith(f"{path}: not finite: tensor 'conv1.weight' holds 1 "
+                                     "NaN/inf value of its"), err.value
+    assert not out.exists()
