@@ -11,7 +11,8 @@ Files in a run's output folder:
   last: it is the commit record of a checkpoint;
 - ``checkpoint.prev.pt``: the checkpoint before it (a second name for the old file, kept
   until the new one is whole), which a resume falls back to, with a warning, when
-  ``checkpoint.pt`` or a head file of its step is damaged or missing;
+  ``checkpoint.pt`` or a head file of its step is damaged, missing, of another layout (a
+  field missing or of another type) or not finite;
 - ``checkpoint_rank{r}_step{S}.pt`` (one per rank): that rank's head (its shard of the class
   centres), the head's optimiser and scheduler, and the rank's RNG states. The step in the
   name ties it to the ``checkpoint.pt`` (or ``checkpoint.prev.pt``) of that step; older

@@ -899,6 +899,9 @@ HEAD_FILE_2 = "checkpoint_rank0_step2.pt"  # the head file of the latest checkpo
 # A resume reads checkpoints of another layout (an older or edited run): each case is
 # (file changed, how its dict changes, the field the one-line error must name).
 OTHER_LAYOUTS = {
+    "checkpoint without its step": ("checkpoint.pt",
+                                    lambda s: {k: v for k, v in s.items() if k != "step"},
+                                    "'step' is missing"),
     "config not a dict": ("checkpoint.pt", lambda s: {**s, "config": ["ir_narrow"]},
                           "'config' is a list, not a dict"),
     "config without batch_size": (
