@@ -49,6 +49,10 @@ class ParityError(ToolkitError, RuntimeError):
     """The ONNX model's embeddings differ from PyTorch's beyond the tolerance."""
 
 
+class NonFiniteModelError(ToolkitError, ValueError):
+    """A model whose PyTorch embeddings are NaN or inf (no export could match them)."""
+
+
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -100,13 +104,31 @@ def export_onnx(model: nn.Module, out_path: str | Path, opset: int = ONNX_OPSET,
     return out_path
 
 
+def _test_images(batch: int, seed: int) -> torch.Tensor:
+    """Random normalised inputs in [-1, 1], the same for a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen) * 2 - 1
+
+
+def check_finite_embeddings(model: nn.Module, source: str | Path, batch: int = PARITY_BATCH,
+                            seed: int = 0) -> None:
+    """NonFiniteModelError naming ``source`` when PyTorch's embeddings of the parity inputs
+    hold NaN or inf (finite weights can overflow): a parity check would only say "differ by
+    nan"."""
+    with torch.inference_mode():
+        out = model.eval().float().cpu()(_test_images(batch, seed))
+    bad = int((~torch.isfinite(out).all(dim=1)).sum())
+    if bad:
+        raise NonFiniteModelError(f"{source}: the model gives non-finite (NaN/inf) embeddings "
+                                  f"for {bad} of {batch} test images; nothing was written")
+
+
 def check_parity(model: nn.Module, onnx_path: str | Path, batch: int = PARITY_BATCH,
                  seed: int = 0) -> float:
     """Max abs difference between normalised PyTorch and onnxruntime embeddings."""
     import onnxruntime as ort
 
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen) * 2 - 1
+    images = _test_images(batch, seed)
     with torch.inference_mode():
         expected = model.eval().float().cpu()(images).numpy().astype(np.float64)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -115,9 +137,13 @@ def check_parity(model: nn.Module, onnx_path: str | Path, batch: int = PARITY_BA
 
 
 def export_and_verify(model: nn.Module, out_path: str | Path,
-                      tolerance: float = PARITY_TOLERANCE) -> float:
+                      tolerance: float = PARITY_TOLERANCE,
+                      source: str | Path = "the model") -> float:
     """Export and check parity before the file takes its place; on a mismatch nothing is
-    written and ParityError is raised. Returns the max abs difference."""
+    written and ParityError is raised; a model whose embeddings are not finite is refused
+    first (NonFiniteModelError naming ``source``, its checkpoint). Returns the max abs
+    difference."""
+    check_finite_embeddings(model, source)
     diffs = []
 
     def parity(staged: Path) -> None:
@@ -147,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     # errors (missing or untrusted checkpoint, parity) are printed by run_cli, one line
     model = load_backbone(checkpoint, network=args.network, embedding_size=args.embedding_size)
     remove_stale_temporaries(out.parent, out.name, STAGING_SUFFIX)  # a killed export's
-    diff = export_and_verify(model, out, args.tolerance)
+    diff = export_and_verify(model, out, args.tolerance, source=checkpoint)
     log.info("wrote %s (max |diff| of normalised embeddings vs PyTorch: %.2e)", out, diff)
     return 0
 

@@ -28,6 +28,7 @@ from ijb_release import IJBFormatError, Release
 from utils import (
     FACE_CROP_SIZE,
     ImageReadError,
+    ToolkitError,
     atomic_write_bytes,
     atomic_write_text,
     first_few,
@@ -143,6 +144,21 @@ def _save_chunk(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getbuffer())
 
 
+class NonFiniteEmbeddingError(ToolkitError, ValueError):
+    """A model whose embedding of an image holds NaN or inf (finite weights can overflow)."""
+
+
+def _refuse_non_finite(feats: np.ndarray, release: Release, start: int) -> None:
+    """NonFiniteEmbeddingError naming the first image (from ``start``) whose embedding or its
+    mirror's holds NaN or inf: it would be cached and pool its templates into NaN scores."""
+    broken = np.flatnonzero(~np.isfinite(feats.reshape(len(feats), -1)).all(axis=1))
+    if broken.size:
+        raise NonFiniteEmbeddingError(
+            f"{release.crop_dir / release.names[start + int(broken[0])]}: the model gives a "
+            f"non-finite (NaN/inf) embedding ({broken.size} of {len(feats)} images of this "
+            "chunk); the model diverged or overflows; nothing of the chunk was cached")
+
+
 def cached_features(release: Release, folder: Path,
                     embed: Callable[[np.ndarray], np.ndarray] | None,
                     workers: int = DEFAULT_WORKERS, progress: bool = True) -> list[Path]:
@@ -183,7 +199,9 @@ def cached_features(release: Release, folder: Path,
             crops = pending.result()
             pending = submit(missing[k + 1]) if k + 1 < len(missing) else None
             if not failed[i]:
-                _save_chunk(paths[i], embed(crops))
+                feats = embed(crops)
+                _refuse_non_finite(feats, release, starts[i])
+                _save_chunk(paths[i], feats)
             bar.update(1)
     unreadable = [e for i in missing for e in failed[i]]
     if unreadable:

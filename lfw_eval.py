@@ -242,6 +242,10 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
             folds = stratified_folds(same, k)
             fold_rule = f"{k} stratified folds ({STRATIFIED_RULE}): its blocks are one-kind"
     feats = embed(model, images, batch_size=batch_size, device=device, progress=progress)
+    broken = int((~np.isfinite(feats).all(axis=1)).sum())
+    if broken:  # NaN compares false: never score them (a diverged or overflowing model)
+        raise LfwEvalError(f"{name}: {broken} of {len(feats)} images have non-finite (NaN/inf) "
+                           "embeddings: the model diverged or overflows; nothing was scored")
     sims = pair_similarities(feats[index])
     results: dict[str, Any] = {"name": name, "n_pairs": int(same.size)}
     results.update(ten_fold_details(sims, same, folds=folds))

@@ -11,7 +11,8 @@ Files in a run's output folder:
   last: it is the commit record of a checkpoint;
 - ``checkpoint.prev.pt``: the checkpoint before it (a second name for the old file, kept
   until the new one is whole), which a resume falls back to, with a warning, when
-  ``checkpoint.pt`` or a head file of its step is damaged or missing;
+  ``checkpoint.pt`` or a head file of its step is damaged, missing, of another layout (a
+  field missing or of another type) or not finite;
 - ``checkpoint_rank{r}_step{S}.pt`` (one per rank): that rank's head (its shard of the class
   centres), the head's optimiser and scheduler, and the rank's RNG states. The step in the
   name ties it to the ``checkpoint.pt`` (or ``checkpoint.prev.pt``) of that step; older
@@ -42,6 +43,7 @@ from train_utils import (
     set_rng_state,
 )
 from utils import (
+    CORRUPT_REASON_CHARS,
     CheckpointError,
     ToolkitError,
     describe_error,
@@ -66,9 +68,21 @@ _HEAD_RE = re.compile(r"checkpoint_rank(\d+)_step(\d+)\.pt$")
 # The files a run writes into its output folder (besides the per-rank head files)
 RUN_FILE_NAMES = (CONFIG_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, BACKBONE_NAME,
                   CURVES_NAME, TENSORBOARD_NAME)
-# keys every checkpoint.pt has; one without them is damaged
-CHECKPOINT_KEYS = ("backbone", "optimizer", "scheduler", "scaler", "step", "world_size",
-                   "num_classes", "config")
+# The fields a resume reads and their types. A file of another layout (an older toolkit's,
+# or one edited by hand) is named by its first field that differs, and the resume falls back
+# to checkpoint.prev.pt as for a damaged file.
+CHECKPOINT_FIELDS: dict[str, type] = {
+    "backbone": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "step": int,
+    "world_size": int, "num_classes": int, "config": dict}
+OPTIONAL_CHECKPOINT_FIELDS: dict[str, type] = {"logs": dict, "num_samples": int}  # newer
+SAVED_CONFIG_FIELDS: dict[str, type] = {"batch_size": int}  # the global batch is compared
+OPTIMIZER_FIELDS: dict[str, type] = {"state": dict, "param_groups": list}
+HEAD_FILE_FIELDS: dict[str, type] = {"head": dict, "optimizer": dict, "scheduler": dict}
+HEAD_FIELDS: dict[str, type] = {"weight": torch.Tensor}  # the shard of class centres
+# train_utils.rng_state's layout; read only when the world size is the same
+RNG_FIELDS: dict[str, type | tuple[type, ...]] = {"python": (tuple, list),
+                                                   "numpy": (tuple, list),
+                                                   "torch": torch.Tensor}
 
 
 class ResumeError(ToolkitError, ValueError):
@@ -161,6 +175,47 @@ def read_checkpoint_file(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointFileError(f"{path}: damaged (not a checkpoint dict)")
     return state
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = [k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,))]
+    return " or ".join(("an " if n[0] in "aeiou" else "a ") + n for n in names)
+
+
+def check_fields(state: Mapping[str, Any], fields: Mapping[str, type | tuple[type, ...]],
+                 path: Path, prefix: str = "", optional: bool = False) -> None:
+    """CheckpointFileError naming ``path`` and the first of ``fields`` that ``state`` lacks
+    (unless ``optional``: absent or None is fine) or holds as another type."""
+    for key, kind in fields.items():
+        value = state.get(key)
+        if value is None and optional:
+            continue
+        field = f"{prefix}{key}"
+        if key not in state:
+            raise CheckpointFileError(f"{path}: another checkpoint layout: field {field!r} "
+                                      "is missing")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointFileError(
+                f"{path}: another checkpoint layout: field {field!r} is "
+                f"{_type_name(type(value))}, not {_type_name(kind)}")
+
+
+def check_checkpoint_layout(ckpt: Mapping[str, Any], path: Path) -> None:
+    """The fields of checkpoint.pt that a resume reads, before any is used."""
+    check_fields(ckpt, CHECKPOINT_FIELDS, path)
+    check_fields(ckpt, OPTIONAL_CHECKPOINT_FIELDS, path, optional=True)
+    check_fields(ckpt["config"], SAVED_CONFIG_FIELDS, path, prefix="config.")
+    check_fields(ckpt["optimizer"], OPTIMIZER_FIELDS, path, prefix="optimizer.")
+
+
+def check_head_layout(state: Mapping[str, Any], path: Path, with_rng: bool) -> None:
+    """The fields of a head file that a resume reads (its RNG state when ``with_rng``)."""
+    check_fields(state, HEAD_FILE_FIELDS, path)
+    check_fields(state["head"], HEAD_FIELDS, path, prefix="head.")
+    check_fields(state["optimizer"], OPTIMIZER_FIELDS, path, prefix="optimizer.")
+    if with_rng:
+        check_fields(state, {"rng": dict}, path)
+        check_fields(state["rng"], RNG_FIELDS, path, prefix="rng.")
 
 
 def head_checkpoint_path(output: Path, rank: int, step: int) -> Path:
@@ -410,23 +465,70 @@ def read_resume_state(path: Path, tr: Trainer, cfg: Config, num_classes: int,
                                                         list[str]]:
     """``path`` (checkpoint.pt or its previous copy), this rank's head state from the head
     files of its step (re-cut when the world size changed) and the allowed setting
-    changes. CheckpointFileError names a missing or damaged file; ResumeError a setup the
-    checkpoint cannot continue."""
+    changes. CheckpointFileError names a missing or damaged file, or the field of a file of
+    another layout; ResumeError a setup the checkpoint cannot continue."""
     output, info = path.parent, tr.info
     ckpt = read_checkpoint_file(path)
-    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
-    if missing:
-        raise CheckpointFileError(f"{path}: damaged (no {', '.join(missing)})")
+    check_checkpoint_layout(ckpt, path)
     changes = check_resumable(ckpt, path, cfg, num_classes, num_samples, info.world_size)
-    step, saved_world = int(ckpt["step"]), int(ckpt["world_size"])
+    step, saved_world = ckpt["step"], ckpt["world_size"]
 
     def load_rank(rank: int) -> dict[str, Any]:
-        return read_checkpoint_file(head_checkpoint_path(output, rank, step))
+        head_path = head_checkpoint_path(output, rank, step)
+        state = read_checkpoint_file(head_path)
+        check_head_layout(state, head_path, with_rng=saved_world == info.world_size)
+        return state
 
     if saved_world == info.world_size:
         return ckpt, load_rank(info.rank), changes
-    return ckpt, reshard_head_state(load_rank, num_classes, saved_world, info.world_size,
-                                    info.rank), changes
+    try:
+        return ckpt, reshard_head_state(load_rank, num_classes, saved_world, info.world_size,
+                                        info.rank), changes
+    except (RuntimeError, ValueError, IndexError) as e:  # shards of other shapes
+        raise CheckpointFileError(f"{output}: the head files of step {step} do not fit "
+                                  f"together ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    """torch's reason for refusing a state, shortened to fit a one-line error."""
+    reason = " ".join(str(e).split()) or type(e).__name__
+    return reason if len(reason) <= CORRUPT_REASON_CHARS \
+        else reason[:CORRUPT_REASON_CHARS - 3] + "..."
+
+
+def _restore(path: Path | str, field: str, load: Callable[[], Any]) -> None:
+    """``load()`` (a load_state_dict of ``field`` of ``path``); torch's refusal of a state
+    of another shape or layout becomes a CheckpointFileError naming the file and field."""
+    try:
+        load()
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointFileError(f"{path}: field {field!r} does not fit this run "
+                                  f"({_first_line(e)})") from e
+
+
+def load_resume_state(tr: Trainer, cfg: Config, path: Path, ckpt: dict[str, Any],
+                      rank_state: dict[str, Any]) -> None:
+    """Put what read_resume_state read into ``tr`` and set the RNG states; a part that does
+    not fit is a CheckpointFileError naming its file and field (the caller falls back).
+    Every part is loaded whole, so a later checkpoint loaded after a failed one leaves
+    nothing of it; the grad scaler, which only an fp16 checkpoint sets, goes last."""
+    info, step = tr.info, ckpt["step"]
+    same_world = ckpt["world_size"] == info.world_size
+    head_file = head_checkpoint_path(path.parent, info.rank, step) if same_world \
+        else f"{path.parent}: the head files of step {step}"
+    _restore(path, "backbone", lambda: tr.backbone.load_state_dict(ckpt["backbone"]))
+    _restore(path, "optimizer", lambda: restore_optimizer(
+        tr.opt_backbone, tr.sched_backbone, ckpt["optimizer"], ckpt["scheduler"]))
+    _restore(head_file, "head", lambda: tr.head.load_state_dict(rank_state["head"]))
+    _restore(head_file, "optimizer", lambda: restore_optimizer(
+        tr.opt_head, tr.sched_head, rank_state["optimizer"], rank_state["scheduler"]))
+    if same_world:
+        _restore(head_file, "rng", lambda: set_rng_state(rank_state["rng"]))
+    else:  # no saved stream belongs to this rank: a fresh one per (rank, step)
+        seed_everything(cfg.seed + info.rank + step * info.world_size)
+    # the grad scaler has state only under fp16; amp may change between runs
+    if tr.scaler.is_enabled() and ckpt["scaler"]:
+        _restore(path, "scaler", lambda: tr.scaler.load_state_dict(ckpt["scaler"]))
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
@@ -457,7 +559,8 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int,
                     num_samples: int | None = None) -> Resumed:
     """Load ``checkpoint.pt`` and this rank's file into ``tr``, restore the RNG states, and
     return the step to continue from and the logs saved with it. A damaged or missing
-    checkpoint.pt (or head file) falls back to checkpoint.prev.pt with a warning; when
+    checkpoint.pt (or head file), or one of another layout (a field missing or of another
+    type or shape), falls back to checkpoint.prev.pt with a warning; when
     neither is usable, ResumeError names them. Settings that may change (RESUME_MAY_CHANGE:
     lr, momentum, ...) are this run's and logged; the others must match."""
     output, info = Path(cfg.output), tr.info
@@ -467,6 +570,7 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int,
         try:
             ckpt, rank_state, changes = read_resume_state(path, tr, cfg, num_classes,
                                                           num_samples)
+            load_resume_state(tr, cfg, path, ckpt, rank_state)
         except CheckpointFileError as e:
             problem = str(e)
         if all_ranks_true(problem is None, info):  # every rank resumes from the same step
@@ -474,33 +578,19 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int,
         problems.append(problem or f"{path}: another rank's head file is missing or damaged")
     else:
         raise ResumeError("cannot resume: " + "; ".join(problems))
-    step = int(ckpt["step"])
+    step = ckpt["step"]
     if info.is_main and problems:
         LOG.warning("%s; resuming from %s (step %d) instead", "; ".join(problems), path, step)
     if info.is_main and changes:
         LOG.info("resuming with changed settings: %s", "; ".join(changes))
-    saved_world = int(ckpt["world_size"])
-    if saved_world == info.world_size:
-        set_rng_state(rank_state["rng"])
-    else:
-        # no saved stream belongs to this rank: a fresh one per (rank, step)
-        seed_everything(cfg.seed + info.rank + step * info.world_size)
-        if info.is_main:
-            LOG.info("resuming %d ranks' run on %d: head shards re-cut from the saved ones; "
-                     "data order and lr schedule continue as before, augmentation draws and "
-                     "BatchNorm batches differ from an uninterrupted run", saved_world,
-                     info.world_size)
-    tr.backbone.load_state_dict(ckpt["backbone"])
-    restore_optimizer(tr.opt_backbone, tr.sched_backbone, ckpt["optimizer"], ckpt["scheduler"])
-    # the grad scaler has state only under fp16; amp may change between runs
-    if tr.scaler.is_enabled() and ckpt["scaler"]:
-        tr.scaler.load_state_dict(ckpt["scaler"])
-    tr.head.load_state_dict(rank_state["head"])
-    restore_optimizer(tr.opt_head, tr.sched_head, rank_state["optimizer"],
-                      rank_state["scheduler"])
+    if info.is_main and ckpt["world_size"] != info.world_size:
+        LOG.info("resuming %d ranks' run on %d: head shards re-cut from the saved ones; "
+                 "data order and lr schedule continue as before, augmentation draws and "
+                 "BatchNorm batches differ from an uninterrupted run", ckpt["world_size"],
+                 info.world_size)
     saved = (SavedSteps(current=step) if path.name == CHECKPOINT_NAME
              else SavedSteps(previous=step))
-    return Resumed(step, ckpt.get("logs", {}), saved)
+    return Resumed(step, ckpt.get("logs") or {}, saved)
 
 
 def load_init_weights(tr: Trainer, path: str, network: str) -> None:

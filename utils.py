@@ -301,6 +301,12 @@ class UntrustedCheckpointError(CheckpointError):
     """A checkpoint holding arbitrary Python objects, which unpickling could run as code."""
 
 
+class NonFiniteCheckpointError(CheckpointError, ValueError):
+    """A checkpoint holding a NaN or infinite value in a floating-point tensor: a diverged or
+    damaged model, which would score nonsense (NaN compares false, so ranks come out
+    arbitrary, even perfect)."""
+
+
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # names the refused class in torch's message
 _CORRUPT_PICKLE = "Unsupported operand"  # torch's safe unpickler on a byte it cannot parse
 
@@ -309,7 +315,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     """Load a checkpoint saved by :func:`save_checkpoint`; never unpickles arbitrary objects.
 
     Raises CheckpointNotFoundError (a FileNotFoundError), UntrustedCheckpointError for a file
-    holding pickled Python objects, CheckpointError for an empty, truncated or corrupt one."""
+    holding pickled Python objects, CheckpointError for an empty, truncated or corrupt one,
+    NonFiniteCheckpointError for one holding NaN or inf in any tensor (weights, optimiser
+    state), so no script loads, scores, exports or resumes a diverged model."""
     import pickle
 
     import torch
@@ -322,7 +330,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message advises weights_only=False, i.e. running the file's code: never
         # repeat that; name the offending class instead
@@ -343,6 +351,41 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             reason = reason[:CORRUPT_REASON_CHARS - 3] + "..."
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or "
                               f"corrupt: {reason})") from None
+    check_finite_state(state, path)
+    return state
+
+
+def _float_tensors(state: Any, name: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, tensor) of every floating-point tensor nested in dicts, lists, tuples."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() or state.is_complex():
+            yield name, state
+    elif isinstance(state, Mapping):
+        for key, value in state.items():
+            yield from _float_tensors(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(state, list | tuple):
+        for i, value in enumerate(state):
+            yield from _float_tensors(value, f"{name}.{i}" if name else str(i))
+
+
+def check_finite_state(state: Any, path: str | Path) -> None:
+    """NonFiniteCheckpointError naming ``path``, the first tensor holding NaN or inf (with
+    how many of its values) and how many other tensors do; every loader of weights goes
+    through :func:`load_checkpoint`, which calls this."""
+    import torch
+
+    bad = [(name, t) for name, t in _float_tensors(state) if not bool(torch.isfinite(t).all())]
+    if not bad:
+        return
+    name, tensor = bad[0]
+    count = int((~torch.isfinite(tensor)).sum())
+    more = f"; {len(bad) - 1} more tensor(s) too" if len(bad) > 1 else ""
+    raise NonFiniteCheckpointError(
+        f"{path}: not finite: tensor {name!r} holds {count} NaN/inf "
+        f"value{'s' if count != 1 else ''} of its {tensor.numel()}{more} (a diverged or "
+        "damaged model); refusing to use it")
 
 
 def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:

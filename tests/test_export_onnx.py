@@ -175,3 +175,53 @@ def test_remove_stale_staging_only_touches_that_exports_folders(tmp_path):
         == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.onnx.x1.onnx-staging",
                                                           "m.onnx"]
+
+
+# ----------------------------------------------------------------------------- non-finite models
+
+OVERFLOW_SCALE = 1e30  # fc weights and BN scale of this size: finite, but their product is inf
+
+
+def _saved_ir_narrow(tmp_path, change) -> "os.PathLike":
+    from models import build_model
+
+    model = build_model("ir_narrow", embedding_size=16).eval()
+    with torch.no_grad():
+        change(model)
+    path = tmp_path / "backbone.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_cli_non_finite_weights_name_the_checkpoint_and_tensor(tmp_path, capsys):
+    """One NaN weight used to be exported and fail as "differ from PyTorch by nan"."""
+    from utils import run_cli
+
+    path = _saved_ir_narrow(tmp_path, lambda m: m.fc.weight.view(-1)[7].fill_(float("nan")))
+    argv = ["--checkpoint", str(path), "--network", "ir_narrow", "--out", str(tmp_path / "m.onnx")]
+    assert run_cli(export_onnx.main, argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: not finite: tensor 'fc.weight' holds 1 NaN/inf "
+                          "value of its") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.pt"]
+
+
+def test_cli_a_model_that_overflows_is_named_before_any_export(tmp_path, capsys, monkeypatch):
+    """Finite weights whose embeddings overflow to inf: the checkpoint is named, not a NaN
+    parity difference, and nothing is exported."""
+    from utils import run_cli
+
+    def overflow(model):
+        model.fc.weight.mul_(OVERFLOW_SCALE)
+        model.features.weight.fill_(OVERFLOW_SCALE)
+
+    path = _saved_ir_narrow(tmp_path, overflow)
+    monkeypatch.setattr(export_onnx, "export_onnx",
+                        lambda *a, **k: pytest.fail("exported a model that gives inf"))
+    argv = ["--checkpoint", str(path), "--network", "ir_narrow", "--out", str(tmp_path / "m.onnx")]
+    assert run_cli(export_onnx.main, argv) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {path}: the model gives non-finite (NaN/inf) embeddings for "
+                   f"{export_onnx.PARITY_BATCH} of {export_onnx.PARITY_BATCH} test images; "
+                   "nothing was written\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.pt"]

@@ -633,3 +633,38 @@ def test_cli_errors_are_one_line(release_dir, checkpoint, tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"error: {checkpoint}: weights do not match network")
+
+
+def test_non_finite_embeddings_are_refused_naming_the_image_and_never_cached(
+        release_dir, checkpoint, tmp_path, monkeypatch):
+    """A model that overflows on one image (finite weights, an inf embedding): the image is
+    named and counted, its chunk is not cached, and nothing is scored. It used to be cached
+    and pooled into templates scored NaN."""
+    from utils import ToolkitError
+
+    root, _ = release_dir
+    monkeypatch.setattr(ijb_features, "CHUNK_IMAGES", CHUNK)
+    real = ijb_features.embed_raw
+    calls = []
+
+    def overflowing(model, crops, batch_size, device):
+        out = real(model, crops, batch_size, device)
+        calls.append(len(crops))
+        if len(calls) == 2:  # the second chunk: images CHUNK .. 2 * CHUNK - 1
+            out[3, 1, 0] = np.inf  # the mirror of image CHUNK + 3
+            out[5, 0, :] = np.nan
+        return out
+
+    monkeypatch.setattr(ijb_features, "embed_raw", overflowing)
+    out = tmp_path / "out"
+    with pytest.raises(ToolkitError) as err:
+        _cli(root, checkpoint, out, "--cache-dir", str(tmp_path / "cache"))
+    message = str(err.value)
+    first = root / "loose_crop" / f"{CHUNK + 4}.jpg"  # names are 1-based row numbers
+    assert message.startswith(f"{first}: the model gives a non-finite (NaN/inf) embedding "
+                              f"(2 of {CHUNK} images of this chunk)"), message
+    assert "\n" not in message
+    chunks = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert len(chunks) == 1  # the first chunk only
+    assert np.isfinite(np.load(chunks[0])).all()
+    assert not (out / "ijbc_results.json").exists()

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -738,3 +739,39 @@ def test_alignment_cache_is_reused_only_by_the_same_alignment(tmp_path):
     assert (first.calls, same.calls, other_size.calls, other_refine.calls,
             other_rule.calls) == (1, 0, 1, 1, 1)
     assert len(list((tmp_path / "cache").glob("aligned_*.npz"))) == 4
+
+
+OVERFLOW_SCALE = 1e30  # fc weights and BN scale of this size: finite, but their product is inf
+
+
+def test_cli_refuses_non_finite_weights_and_embeddings_before_scoring(tiny_run, capsys,
+                                                                     tmp_path):
+    """One NaN weight: the checkpoint and tensor named before any image is read. Finite
+    weights whose embeddings overflow: refused with the count, nothing scored or written."""
+    import shutil
+
+    from utils import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("eval"))
+    checkpoint = run / "backbone.pt"
+    argv = [*tiny_run["argv"], "--checkpoint", str(checkpoint)]  # the last one counts
+    good = torch.load(checkpoint, weights_only=True)
+    state = {k: v.clone() for k, v in good.items()}
+    state["fc.weight"].view(-1)[3] = float("nan")
+    torch.save(state, checkpoint)
+    err = _cli_error(argv, capsys)
+    assert err.startswith(f"error: {checkpoint}: not finite: tensor 'fc.weight' holds 1 "
+                          "NaN/inf value of its"), err
+    assert not (run / "eval").exists()
+
+    state = {k: v.clone() for k, v in good.items()}
+    state["fc.weight"] *= OVERFLOW_SCALE
+    state["features.weight"].fill_(OVERFLOW_SCALE)
+    torch.save(state, checkpoint)
+    capsys.readouterr()
+    assert run_cli(lfw_eval.main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    found = re.search(r"lfw: (\d+) of (\d+) images have non-finite \(NaN/inf\) embeddings", err)
+    assert found and found.group(1) == found.group(2) != "0", err
+    assert not (run / "eval" / "lfw_results.json").exists()

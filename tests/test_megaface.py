@@ -708,3 +708,26 @@ def test_gen_features_refuses_non_finite_embeddings(tmp_path):
         megaface.gen_features(NaNNet(), tmp_path / "al", tmp_path / "f", device="cpu",
                               progress=False)
     assert not list((tmp_path / "f").rglob("*.bin"))  # nothing written
+
+
+def test_gen_features_refuses_a_checkpoint_with_a_nan_weight(tmp_path, capsys):
+    """One NaN weight once gave a perfect rank-1; the checkpoint and tensor are named before
+    any feature is written."""
+    from models import build_model
+    from utils import encode_image, run_cli
+
+    image = tmp_path / "aligned" / "megaface" / "0" / "a@N00" / "x.jpg"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(encode_image(np.full((112, 112, 3), 128, np.uint8), ".jpg"))
+    state = build_model("ir_narrow", embedding_size=16).state_dict()
+    state["bn1.weight"][2] = float("nan")
+    checkpoint = tmp_path / "backbone.pt"
+    torch.save(state, checkpoint)
+    argv = ["--action", "gen_features", "--checkpoint", str(checkpoint), "--network",
+            "ir_narrow", "--aligned-dir", str(tmp_path / "aligned"), "--features-dir",
+            str(tmp_path / "features"), "--device", "cpu"]
+    assert run_cli(megaface.main, argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {checkpoint}: not finite: tensor 'bn1.weight' holds 1 "
+                          "NaN/inf value of its") and err.count("\n") == 1, err
+    assert not (tmp_path / "features").exists()

@@ -891,3 +891,101 @@ def test_a_bad_init_checkpoint_or_val_bin_is_found_before_writing(tiny_rec, tmp_
         train.train(tiny_cfg(tiny_rec, out, max_steps=1),
                     init_checkpoint=str(other / "backbone.pt"))
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- other layouts
+
+HEAD_FILE_2 = "checkpoint_rank0_step2.pt"  # the head file of the latest checkpoint below
+# A resume reads checkpoints of another layout (an older or edited run): each case is
+# (file changed, how its dict changes, the field the one-line error must name).
+OTHER_LAYOUTS = {
+    "checkpoint without its step": ("checkpoint.pt",
+                                    lambda s: {k: v for k, v in s.items() if k != "step"},
+                                    "'step' is missing"),
+    "config not a dict": ("checkpoint.pt", lambda s: {**s, "config": ["ir_narrow"]},
+                          "'config' is a list, not a dict"),
+    "config without batch_size": (
+        "checkpoint.pt",
+        lambda s: {**s, "config": {k: v for k, v in s["config"].items() if k != "batch_size"}},
+        "'config.batch_size' is missing"),
+    "step not a number": ("checkpoint.pt", lambda s: {**s, "step": "two"},
+                          "'step' is a str, not an int"),
+    "backbone of another layout": (
+        "checkpoint.pt",
+        lambda s: {**s, "backbone": {"encoder." + k: v for k, v in s["backbone"].items()}},
+        "'backbone' does not fit"),
+    "optimizer without param groups": (
+        "checkpoint.pt", lambda s: {**s, "optimizer": {"state": s["optimizer"]["state"]}},
+        "'optimizer.param_groups' is missing"),
+    "logs not a dict": ("checkpoint.pt", lambda s: {**s, "logs": [1.0, 2.0]},
+                        "'logs' is a list, not a dict"),
+    "head file without its RNG state": (
+        HEAD_FILE_2, lambda s: {k: v for k, v in s.items() if k != "rng"}, "'rng' is missing"),
+    "head file without centres": (HEAD_FILE_2, lambda s: {**s, "head": {}},
+                                  "'head.weight' is missing"),
+    # not another layout, but as unusable: a NaN weight is refused where the file is read
+    "a NaN weight": ("checkpoint.pt", lambda s: {**s, "backbone": _with_nan(s["backbone"])},
+                     "not finite: tensor 'backbone.conv1.weight' holds 1 NaN/inf value"),
+}
+
+
+def _with_nan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {k: v.clone() for k, v in state.items()}
+    out["conv1.weight"].view(-1)[0] = math.nan
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_rec, tmp_path_factory) -> Path:
+    """A run with checkpoints at steps 1 (checkpoint.prev.pt) and 2 (checkpoint.pt)."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    train.train(tiny_cfg(tiny_rec, out, max_steps=2, save_every=1))
+    return out
+
+
+@pytest.mark.parametrize("case", list(OTHER_LAYOUTS))
+def test_a_checkpoint_of_another_layout_falls_back_or_is_named_in_one_line(
+        case, tiny_rec, two_checkpoints, tmp_path, monkeypatch):
+    """These were KeyError / AttributeError / RuntimeError tracebacks, never a fallback."""
+    import shutil
+
+    import train_checkpoints
+
+    name, change, named = OTHER_LAYOUTS[case]
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    torch.save(change(load_checkpoint(out / name)), out / name)
+    cfg = tiny_cfg(tiny_rec, out, max_steps=4, save_every=1)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    warnings: list[str] = []
+    monkeypatch.setattr(train_checkpoints.LOG, "warning",
+                        lambda fmt, *args: warnings.append(fmt % args))
+    tr = train.build_trainer(cfg, 6, info, total_steps=24, steps_per_epoch=6)
+    resumed = resume_training(tr, cfg, 6, 24)
+    assert resumed.step == 1, case  # from checkpoint.prev.pt
+    assert isinstance(resumed.logs, dict)
+    assert len(warnings) == 1 and str(out / name) in warnings[0] and named in warnings[0], \
+        warnings
+    prev = load_checkpoint(out / "checkpoint.prev.pt")["backbone"]
+    for key, value in tr.backbone.state_dict().items():
+        torch.testing.assert_close(value, prev[key], rtol=0, atol=0, msg=key)
+    # with no previous checkpoint: one line naming the file and the field
+    (out / "checkpoint.prev.pt").unlink()
+    with pytest.raises(ResumeError) as err:
+        resume_training(train.build_trainer(cfg, 6, info, total_steps=24, steps_per_epoch=6),
+                        cfg, 6, 24)
+    message = str(err.value)
+    assert "\n" not in message and str(out / name) in message and named in message, message
+
+
+def test_init_weights_with_a_nan_are_refused_before_writing(tiny_rec, two_checkpoints,
+                                                            tmp_path):
+    """--init-checkpoint used to start a run from a NaN weight (the first loss then NaN)."""
+    path = tmp_path / "backbone.pt"
+    torch.save(_with_nan(load_checkpoint(two_checkpoints / "backbone.pt")), path)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointFileError) as err:
+        train.train(tiny_cfg(tiny_rec, out, max_steps=1), init_checkpoint=str(path))
+    assert str(err.value).startswith(f"{path}: not finite: tensor 'conv1.weight' holds 1 "
+                                     "NaN/inf value of its"), err.value
+    assert not out.exists()

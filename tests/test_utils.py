@@ -532,3 +532,37 @@ def test_float_tiff_with_a_nan_or_signed_samples_is_refused_naming_the_file(tmp_
     assert cv2.imwrite(str(signed), np.full((2, 2, 3), -3, np.int16))
     with pytest.raises(utils.ImageReadError, match=r"signed\.tif: int16 samples"):
         utils.read_image(signed)
+
+
+def test_a_checkpoint_with_a_non_finite_value_is_refused_naming_the_tensor(tmp_path):
+    """A backbone with one NaN weight used to load and score (a perfect rank-1 once)."""
+    state = {"conv.weight": torch.zeros(2, 3), "labels": torch.arange(4),
+             "fc.weight": torch.ones(4, 5), "bn.weight": torch.full((3,), float("inf"))}
+    state["fc.weight"][1, 2] = float("nan")
+    state["fc.weight"][3, 0] = float("-inf")
+    path = tmp_path / "backbone.pt"
+    torch.save(state, path)
+    for load in (utils.load_checkpoint, utils.load_backbone_state):
+        with pytest.raises(utils.CheckpointError) as err:
+            load(path)
+        message = str(err.value)
+        assert "\n" not in message
+        assert message.startswith(f"{path}: not finite: tensor 'fc.weight' holds 2 NaN/inf "
+                                  "values of its 20"), message
+        assert "1 more tensor" in message, message  # bn.weight
+    # nested in a training checkpoint: the tensor's whole name
+    momentum = torch.zeros(6)
+    momentum[5] = float("nan")
+    torch.save({"backbone": {"fc.weight": torch.ones(2, 2)}, "step": 3,
+                "optimizer": {"state": {0: {"momentum_buffer": momentum}}, "param_groups": []}},
+               path)
+    with pytest.raises(utils.CheckpointError,
+                       match=r"tensor 'optimizer\.state\.0\.momentum_buffer' holds 1 NaN/inf "
+                             r"value of its 6"):
+        utils.load_checkpoint(path)
+    # finite floats, integers and plain values load as saved
+    good = {"w": torch.randn(3, 3), "rng": torch.arange(5, dtype=torch.uint8), "lr": 0.1,
+            "logs": {"loss": [float("nan")]}}
+    torch.save(good, path)
+    loaded = utils.load_checkpoint(path)
+    assert torch.equal(loaded["w"], good["w"]) and loaded["lr"] == 0.1
