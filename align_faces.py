@@ -353,6 +353,13 @@ def _per_image_hints(hint_box: Any, count: int) -> list[Sequence[float] | None]:
 
 # ----------------------------------------------------------------------------- tree
 
+def _report_text(text: str) -> str:
+    """``text`` (a path relative to the source, or an error naming a file) as the report's
+    UTF-8 holds it: the bytes of a file name that is not UTF-8 are written ``\\xNN``, as
+    Python shows them (the report would otherwise be cut at that name)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _read_report(path: Path) -> dict[str, tuple[str, str]]:
     """relative path -> (status, detail); later lines win (the file is appended to).
 
@@ -420,6 +427,7 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
     # Report lines are appended as they happen so a crash loses none of them.
     with report.open("a", encoding="utf-8") as rep:
         def note(rel: str, status: str, detail: str) -> None:
+            detail = _report_text(detail)
             entries[rel] = (status, detail)
             rep.write(f"{status}\t{rel}\t{detail}\n")
             rep.flush()
@@ -428,24 +436,25 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
         for item in align_files(aligner, todo, batch_size, size=size, progress=progress,
                                 num_workers=num_workers):
             rel = item.path.relative_to(src).as_posix()
+            key = _report_text(rel)  # the file's name in the report
             if item.error is not None:
                 counts["unreadable"] += 1
-                note(rel, STATUS_UNREADABLE, str(item.error).replace("\t", " "))
+                note(key, STATUS_UNREADABLE, str(item.error).replace("\t", " "))
             elif item.face is not None:
                 write_image(dst / rel, item.crop)
                 counts["aligned"] += 1
-                if entries.pop(rel, None) is not None:  # listed by an earlier run
-                    rep.write(f"{STATUS_ALIGNED}\t{rel}\t\n")
+                if entries.pop(key, None) is not None:  # listed by an earlier run
+                    rep.write(f"{STATUS_ALIGNED}\t{key}\t\n")
             else:
                 counts["no_face"] += 1
                 if skip_missing:
-                    note(rel, STATUS_NO_FACE, "skipped")
+                    note(key, STATUS_NO_FACE, "skipped")
                 else:
                     write_image(dst / rel, item.crop)  # align_files' centre crop
                     counts["centre_cropped"] += 1
-                    note(rel, STATUS_NO_FACE, "centre-cropped")
+                    note(key, STATUS_NO_FACE, "centre-cropped")
     # Compact the appended report: one line per file, only files still in the source.
-    present = {p.relative_to(src).as_posix() for p in files}
+    present = {_report_text(p.relative_to(src).as_posix()) for p in files}
     lines = [f"{s}\t{rel}\t{d}\n" for rel, (s, d) in sorted(entries.items()) if rel in present]
     atomic_write_text(report, "".join(lines))
     seconds = time.perf_counter() - start

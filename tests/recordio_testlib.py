@@ -3,6 +3,7 @@ nothing shared with recordio.py), and a builder of small InsightFace-style test 
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -175,6 +176,40 @@ def build_insightface_set(root: Path, counts=(3, 5, 2, 6), idx: bool = True,
     rec = root / "train.rec"
     offsets = write_rec(rec, records, idx=idx)
     return rec, offsets, expected
+
+
+# ----------------------------------------------------------------------------- odd trees
+
+def make_odd_tree(root: Path) -> dict[str, bool]:
+    """An identity tree with odd but legal names and links: a non-UTF-8 file name (one good
+    photo, one broken), a 246-character name, a symlinked identity folder kept elsewhere
+    and a link back to its own folder (a loop). Returns {path below root that must be
+    aligned: whether it is readable}."""
+    rng = np.random.default_rng(3)
+
+    def photo(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg_bytes(rng.integers(1, 255, (90, 80, 3), np.uint8)))
+
+    src = root / "src"
+    elsewhere = root / "kept_elsewhere" / "cid"
+    want = {}
+    files = {("amy", os.fsdecode(b"caf\xe9.jpg")): True,
+             ("amy", os.fsdecode(b"d\xe9j\xe0.jpg")): False,
+             ("bob", "x" * 242 + ".jpg"): True}
+    for (identity, name), readable in files.items():
+        (src / identity).mkdir(parents=True, exist_ok=True)
+        if readable:
+            photo(src / identity / name)
+        else:
+            (src / identity / name).write_bytes(b"not an image")
+        want[f"{identity}/{name}"] = readable
+    photo(elsewhere / "0.jpg")
+    (src / "cid").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "again").symlink_to(elsewhere, target_is_directory=True)  # a loop
+    want["cid/0.jpg"] = True
+    return want
+
 
 
 # ----------------------------------------------------------------------------- damage

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import recordio_testlib as lib
 from skimage import data
 from skimage.transform import SimilarityTransform
 
@@ -542,6 +543,34 @@ def test_report_cut_inside_a_utf8_name_is_read_with_a_warning(tmp_path):
     assert len(warnings) == 1 and str(report) in warnings[0] and "UTF-8" in warnings[0]
     lines = report.read_text(encoding="utf-8").splitlines()
     assert [line.split("\t")[:2] for line in lines] == [["unreadable", "bob/broken.jpg"]]
+
+
+def test_odd_names_and_a_symlinked_identity_are_aligned_as_pack_sees_them(tmp_path):
+    import os
+
+    import pre_process
+
+    want = lib.make_odd_tree(tmp_path)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    fake = _TopLeftAligner()  # a "face" in every readable image
+    fake.size = fw.TEMPLATE_SIZE
+    summary = af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+    assert summary["images"] == len(want) and summary["unreadable"] == 1
+    for rel, readable in want.items():
+        assert (dst / rel).is_file() == readable, rel
+    # the one bad file is listed under its bytes as Python writes them; the others are done
+    broken = "amy/d\\xe9j\\xe0.jpg"
+    lines = (dst / af.REPORT_NAME).read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["unreadable", broken]]
+    again = af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+    assert again["skipped_existing"] == len(want) - 1 and again["unreadable"] == 1
+    lines = (dst / af.REPORT_NAME).read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["unreadable", broken]]
+    # --pack walks the same tree to the same files
+    paths, _, names = pre_process.list_identity_images(src)
+    assert names == ["amy", "bob", "cid"]
+    assert sorted(os.fsencode(p.relative_to(src)) for p in paths) == sorted(
+        os.fsencode(rel) for rel in want)
 
 
 # ----------------------------------------------------------------------------- reduced JPEG decode

@@ -566,3 +566,28 @@ def test_infinite_header_or_identity_label_is_a_damaged_record(tmp_path, where):
         assert index.has_header and index.corrupt_count == 1
         assert f"identity record {key} is missing or malformed" in index.corrupt[0]
     assert index.labels.tolist() == _expected_labels(expected)
+
+
+# ----------------------------------------------------------------------------- odd but legal inputs
+
+def test_pack_of_odd_names_and_a_symlinked_identity_lists_the_bad_file_packs_the_rest(
+        tmp_path, monkeypatch):
+    """A non-UTF-8 name, a 246-character name, a symlinked identity folder with a loop in
+    it: the broken file is listed (its name's bytes printed as they are, even where stdout is
+    strict UTF-8), the others are packed under their identity's label."""
+    import io
+
+    want = lib.make_odd_tree(tmp_path)
+    src, out = tmp_path / "src", tmp_path / "set" / "train.rec"
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", errors="strict"))
+    assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(out),
+                                      "--no-progress"]) == 0
+    sys.stdout.flush()
+    printed = raw.getvalue()
+    broken = [rel for rel, readable in want.items() if not readable]
+    assert b"unreadable       : 1 " in printed and os.fsencode(src / broken[0]) in printed
+    images = [lib.parse_payload(p) for _, _, p in lib.read_all_records(out)[1:len(want)]]
+    identity = {"amy": 0, "bob": 1, "cid": 2}
+    assert sorted(label for _, label, _ in images) == sorted(
+        identity[rel.split("/")[0]] for rel, readable in want.items() if readable)
