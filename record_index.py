@@ -48,6 +48,16 @@ HEADER_LABELS = 2  # the header record's label array: [id_start, id_end)
 MAX_LISTED = 10  # problems listed by name in a summary; the rest are counted
 SAVE_INDEX_TIP_IMAGES = 100_000  # an in-memory index this large suggests saving it
 LOST_OFFSETS_SHOWN = 5  # byte offsets of lost records an error message lists
+# How the formats decode_image reads begin (JPEG, PNG, BMP, GIF, TIFF both byte orders,
+# RIFF for WebP): a payload starting so is taken for an image without decoding it; only the
+# first payload that starts otherwise is decoded, so indexing stays a read of the file.
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF8", b"II*\x00",
+                    b"MM\x00*", b"RIFF")
+SIGNATURE_SHOWN = 8  # bytes of a payload that is no image an error message shows
+# A set without a header numbers its identities 0..max label. More empty classes than used
+# ones is no numbering of identities (a label of 16,000,000 among 6 would make training
+# allocate a classifier of 16 million rows): refused, naming the record.
+MAX_EMPTY_PER_USED_CLASS = 1
 
 log = get_logger("face.record_index")
 
@@ -250,6 +260,8 @@ class _Collector:
         self.corrupt: list[str] = []
         self.corrupt_offsets: list[int] = []
         self.non_image = 0
+        self.image_like = 0  # payloads that start as an image format does
+        self.first_other: tuple[str, bytes] | None = None  # the first that does not
 
     def bad(self, offset: int, message: str) -> None:
         self.corrupt.append(message)
@@ -276,6 +288,10 @@ class _Collector:
         if not np.isfinite(label) or label < 0 or label != int(label):
             self.bad(offset, f"{where}: invalid class label {label!r}")
             return
+        if image.startswith(IMAGE_SIGNATURES):
+            self.image_like += 1
+        elif self.first_other is None:
+            self.first_other = where, image
         if self.check_images:
             try:
                 decode_image(image, where)
@@ -393,6 +409,8 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
         mismatches = _count_identity_mismatches(keys_arr, labels, identity_ranges)
     else:
         num_classes = int(labels.max()) + 1 if labels.size else 0
+        _check_dense_labels(rec_path, keys_arr, offsets_arr, labels)
+    _check_payloads_are_images(rec_path, col)
     # Each count below misses some losses and sees others twice (a damaged stretch may hide
     # several records; a shifted .idx entry and the record it missed are one loss), so the
     # largest is the number that is certainly lost. Header sets know what they should hold.
@@ -408,6 +426,38 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                        idx_path=idx, lost=lost,
                        unlisted_offsets=np.asarray(unlisted, dtype=np.int64),
                        expected_images=expected_images, unreadable_bytes=unreadable)
+
+
+def _check_dense_labels(rec_path: Path, keys: np.ndarray, offsets: np.ndarray,
+                        labels: np.ndarray) -> None:
+    """Refuse the labels of a set without a header when most of the classes 0..max label
+    would hold no image (see MAX_EMPTY_PER_USED_CLASS), naming the record of the largest."""
+    if not labels.size:
+        return
+    top = int(np.argmax(labels))
+    classes, used = int(labels[top]) + 1, int(np.unique(labels).size)
+    if classes - used > MAX_EMPTY_PER_USED_CLASS * used:
+        raise DatasetError(
+            f"{rec_path}: record {keys[top]} at byte offset {offsets[top]} has label "
+            f"{labels[top]}, but the set's images carry {used} distinct labels: {classes - used}"
+            f" of classes 0..{labels[top]} would be empty. A set without a header record "
+            f"numbers its identities 0..C-1: renumber the labels or re-pack the set "
+            f"(pre_process.py --pack)")
+
+
+def _check_payloads_are_images(rec_path: Path, col: _Collector) -> None:
+    """Refuse a set none of whose records holds an image: when no payload starts as an image
+    format does, the first one is decoded to be sure (an exotic format OpenCV reads)."""
+    if col.image_like or col.first_other is None:
+        return
+    where, payload = col.first_other
+    try:
+        decode_image(payload, where)
+    except ImageReadError:
+        raise DatasetError(
+            f"{where}: its {len(payload)} payload bytes (starting {payload[:SIGNATURE_SHOWN]!r})"
+            f" are not an image, and no record of {rec_path.name} starts as a JPEG, PNG, BMP, "
+            f"GIF, TIFF or WebP does: not a set of face images") from None
 
 
 def _scan_between(reader: recordio.RecordReader, start: int, end: int

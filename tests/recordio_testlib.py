@@ -212,6 +212,36 @@ def make_odd_tree(root: Path) -> dict[str, bool]:
 
 
 
+BIG_LABEL = 16_000_000  # one identity's label in a set of ODD_IDENTITIES
+ODD_IDENTITIES = 6
+ODD_PER_IDENTITY = 4
+
+
+def odd_record_sets(root: Path) -> dict[str, tuple[Path, str]]:
+    """Files given as ``--rec`` that must be refused before any work, each with what the
+    one-line error must say (computed here from the bytes written): an im2rec ``.lst``; a
+    headerless set of 6 identities whose last is labelled 16,000,000; a set whose payloads
+    are all text, not images."""
+    root.mkdir(parents=True, exist_ok=True)
+    lst = root / "train.lst"
+    lst.write_text("".join(f"{n}\t{n % 3}.000000\tamy/{n}.jpg\n" for n in range(4)))
+    labels = [c if c < ODD_IDENTITIES - 1 else BIG_LABEL
+              for c in range(ODD_IDENTITIES) for _ in range(ODD_PER_IDENTITY)]
+    big = root / "big_label" / "train.rec"
+    big.parent.mkdir()
+    offsets = write_rec(big, [(n, ir_payload(float(label), jpeg_bytes(textured_image(n))))
+                              for n, label in enumerate(labels)])
+    first = labels.index(BIG_LABEL)
+    text = root / "text" / "train.rec"
+    text.parent.mkdir()
+    text_offsets = write_rec(text, [(n, ir_payload(float(n % 3), f"photo {n} of a person".encode()))
+                                    for n in range(len(labels))])
+    return {"lst": (lst, f"{lst}: not a RecordIO file"),
+            "big label": (big, f"{big}: record {first} at byte offset {offsets[first]} has "
+                               f"label {BIG_LABEL}"),
+            "not images": (text, f"{text}: record 0 at byte offset {text_offsets[0]}: its ")}
+
+
 # ----------------------------------------------------------------------------- damage
 
 DAMAGE_KEY = 9  # the first record a damaged set loses (an image of class 1 with COUNTS below)

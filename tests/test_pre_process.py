@@ -591,3 +591,16 @@ def test_pack_of_odd_names_and_a_symlinked_identity_lists_the_bad_file_packs_the
     identity = {"amy": 0, "bob": 1, "cid": 2}
     assert sorted(label for _, label, _ in images) == sorted(
         identity[rel.split("/")[0]] for rel, readable in want.items() if readable)
+
+
+@pytest.mark.parametrize("case", ["lst", "big label", "not images"])
+def test_a_file_that_is_no_set_of_faces_is_refused_in_one_line_before_any_index(
+        tmp_path, capsys, case):
+    """A .lst given as --rec, a label of 16,000,000 among 6 identities, payloads that are
+    text: one line naming the file (and the record), and no index written."""
+    rec, named = lib.odd_record_sets(tmp_path)[case]
+    before = sorted(rec.parent.iterdir())
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {named}"), err
+    assert sorted(rec.parent.iterdir()) == before  # no .index.npz beside it
