@@ -22,6 +22,10 @@ usable image records only:
 * ``rec_size`` / ``rec_mtime_ns`` (and the same for the ``.idx``): the index is used only
   while these still match, so a replaced ``.rec`` is never read through a stale index.
 
+Beside a ``.rec`` in a folder that cannot be written (a read-only mount, another user's
+data), the index goes to ``~/.cache/arcface-toolkit/<folder name>-<hash of its path>/``
+(``$XDG_CACHE_HOME`` if set; :func:`utils.cache_folder`), where training finds it too.
+
 A set that lost records (a truncated download, garbage bytes, a ``.idx`` that does not match
 the ``.rec``) is an error (:func:`require_complete`), naming the file, the count and the first
 byte offsets, unless ``allow_lost_records`` accepts what remains (then a warning).
@@ -40,7 +44,14 @@ import numpy as np
 from tqdm import tqdm
 
 import recordio
-from utils import ImageReadError, ToolkitError, atomic_write_bytes, decode_image, get_logger
+from utils import (
+    ImageReadError,
+    ToolkitError,
+    atomic_write_bytes,
+    cache_folder,
+    decode_image,
+    get_logger,
+)
 
 INDEX_SUFFIX = ".index.npz"
 INDEX_VERSION = 2  # 2: lost / unlisted_offsets / expected_images / unreadable_bytes
@@ -146,6 +157,13 @@ def index_path_for(rec_path: str | Path) -> Path:
     return rec_path.with_name(rec_path.stem + INDEX_SUFFIX)
 
 
+def default_index_path(rec_path: str | Path) -> Path:
+    """Where the index of ``rec_path`` is saved: :func:`index_path_for`, or where the
+    ``.rec``'s folder cannot be written, the same name in a user cache folder."""
+    rec_path = Path(rec_path)
+    return cache_folder(rec_path.parent) / index_path_for(rec_path).name
+
+
 def _file_stamp(path: Path | None) -> tuple[int, int]:
     if path is None or not path.is_file():
         return -1, -1
@@ -154,8 +172,9 @@ def _file_stamp(path: Path | None) -> tuple[int, int]:
 
 
 def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
-    """Write ``index`` as ``.npz`` (atomically); returns the path."""
-    path = Path(path) if path else index_path_for(index.rec_path)
+    """Write ``index`` as ``.npz`` (atomically; default :func:`default_index_path`);
+    returns the path."""
+    path = Path(path) if path else default_index_path(index.rec_path)
     rec_size, rec_mtime = _file_stamp(index.rec_path)
     idx_size, idx_mtime = _file_stamp(index.idx_path)
     buf = io.BytesIO()
@@ -176,9 +195,22 @@ def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
 def load_index(rec_path: str | Path, idx_path: str | Path | None = None,
                index_path: str | Path | None = None) -> RecordIndex | None:
     """The saved index of ``rec_path`` if it exists and still matches the ``.rec`` and
-    ``.idx`` on disk (size and mtime), else None."""
+    ``.idx`` on disk (size and mtime), else None. Without ``index_path``, the one beside the
+    ``.rec``, else the one in the user cache folder (:func:`default_index_path`)."""
     rec_path = Path(rec_path)
-    index_path = Path(index_path) if index_path else index_path_for(rec_path)
+    if index_path is not None:
+        return _load_index_file(rec_path, idx_path, Path(index_path))
+    # a read-only folder may hold a stale index beside the .rec and a fresh one in the cache
+    for candidate in dict.fromkeys([index_path_for(rec_path), default_index_path(rec_path)]):
+        index = _load_index_file(rec_path, idx_path, candidate)
+        if index is not None:
+            return index
+    return None
+
+
+def _load_index_file(rec_path: Path, idx_path: str | Path | None, index_path: Path
+                     ) -> RecordIndex | None:
+    """:func:`load_index` from the file ``index_path``."""
     idx = _resolve_idx(rec_path, idx_path)
     if not index_path.is_file():
         return None

@@ -278,6 +278,38 @@ def remove_stale_temporaries(folder: str | Path, name: str,
     return removed
 
 
+CACHE_DIR_NAME = "arcface-toolkit"  # our folder in the user cache dir (XDG's ~/.cache)
+
+
+def user_cache_dir() -> Path:
+    """Where caches of read-only inputs go: ``$XDG_CACHE_HOME/arcface-toolkit``, by default
+    ``~/.cache/arcface-toolkit``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / CACHE_DIR_NAME
+
+
+def can_write_in(folder: str | Path) -> bool:
+    """Whether files can be made in ``folder``, or, where it does not exist yet, in the
+    nearest folder above it (which would make it). Asks the OS (access(2)): a read-only mount
+    or a folder without write permission says no."""
+    folder = Path(folder).absolute()
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+    return False
+
+
+def cache_folder(preferred: str | Path) -> Path:
+    """``preferred`` (a cache or index folder beside an input) when it can be written, else
+    a folder of :func:`user_cache_dir` named by a hash of ``preferred``'s absolute path, so
+    a read-only input still gets its cache, found again on the next run."""
+    preferred = Path(preferred)
+    if can_write_in(preferred):
+        return preferred
+    key = hashlib.sha1(os.fsencode(preferred.absolute())).hexdigest()[:SHORT_NAME_HASH_CHARS]
+    return user_cache_dir() / f"{preferred.name}-{key}"
+
+
 def _atomic_write(path: str | Path, write) -> None:
     """Write through ``write(file_object)`` into a temp file beside ``path``, fsync, rename.
 

@@ -604,3 +604,30 @@ def test_a_file_that_is_no_set_of_faces_is_refused_in_one_line_before_any_index(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {named}"), err
     assert sorted(rec.parent.iterdir()) == before  # no .index.npz beside it
+
+
+def test_index_of_a_set_in_a_read_only_folder_goes_to_the_user_cache(tmp_path, monkeypatch,
+                                                                     capsys, read_only):
+    rec, _, expected = lib.build_insightface_set(tmp_path / "ro", COUNTS)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    before = sorted(rec.parent.iterdir())
+    read_only(rec.parent)
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 0
+    assert sorted(rec.parent.iterdir()) == before  # nothing written beside the set
+    saved = [p for p in cache.rglob("*") if p.is_file()]
+    assert [p.name for p in saved] == ["train.index.npz"]
+    assert saved[0].parent.parent == cache / "arcface-toolkit"
+    assert str(saved[0]) in capsys.readouterr().out  # the summary says where
+    # training's loader finds it there (rather than indexing the set again)
+    monkeypatch.setattr(record_index, "index_record_file", None)
+    loaded = record_index.load_or_build_index(rec)
+    assert loaded.labels.tolist() == _expected_labels(expected)
+    # an --index-out that cannot be written is refused before the set is read
+    monkeypatch.setattr(pre_process, "index_record_file", None)
+    out = rec.parent / "elsewhere.index.npz"
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--index-out", str(out),
+                                      "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --index-out {out}: cannot write in {rec.parent}; name a "
+                   f"writable place with --index-out"]
