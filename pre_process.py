@@ -5,7 +5,11 @@ Two modes::
     python pre_process.py --rec data/faces_emore/train.rec     # validate + write the index
     python pre_process.py --pack data/mine_aligned --out data/mine/train.rec
 
-The index format and the lost-record rules are in ``record_index.py``.
+The index format and the lost-record rules are in ``record_index.py``. The index goes beside
+the ``.rec``, or where that folder cannot be written, under ``~/.cache/arcface-toolkit/``
+(training looks there too). A file that is no set of faces is refused before any index is
+written: no RecordIO magic at its start (a ``.lst``), payloads none of which is an image, or
+(without a header record) labels far past the identities they number.
 
 A set that lost records (a truncated download, garbage bytes, a ``.idx`` that does not match
 the ``.rec``) is an error here and in training, naming the file, the count and the first
