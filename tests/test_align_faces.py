@@ -573,6 +573,40 @@ def test_odd_names_and_a_symlinked_identity_are_aligned_as_pack_sees_them(tmp_pa
         os.fsencode(rel) for rel in want)
 
 
+def test_a_crop_that_cannot_be_written_is_listed_and_the_others_are_done(tmp_path, capsys,
+                                                                        monkeypatch):
+    """One file's output the destination refuses (here a file where its folder should be;
+    as well a name or character another filesystem refuses): listed in the report and the
+    summary, every other file written. A full disk still stops the run."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    dst.mkdir()
+    (dst / "alice").write_bytes(b"in the way")
+    fake = _TopLeftAligner()
+    fake.size = fw.TEMPLATE_SIZE
+    summary = af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+    assert (summary["not_written"], summary["unreadable"]) == (2, 1)
+    lines = sorted(line.split("\t")[:2]
+                   for line in (dst / af.REPORT_NAME).read_text().splitlines())
+    assert lines == [["not_written", "alice/a.jpg"], ["not_written", "alice/blank.png"],
+                     ["unreadable", "bob/broken.jpg"]]
+    assert "not written       2" in af.format_summary(summary)
+    (dst / "alice").unlink()
+    again = af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+    assert again["aligned"] == 2 and (dst / "alice" / "a.jpg").is_file()
+    assert [line.split("\t")[:2] for line in (dst / af.REPORT_NAME).read_text().splitlines()
+            ] == [["unreadable", "bob/broken.jpg"]]
+    import errno
+
+    def disk_full(path, image):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(af, "write_image", disk_full)
+    (dst / "alice" / "a.jpg").unlink()
+    with pytest.raises(OSError, match="No space left"):
+        af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+
+
 # ----------------------------------------------------------------------------- reduced JPEG decode
 
 def _reference_crop(image: np.ndarray, landmarks: np.ndarray, over: int = 8) -> np.ndarray:
