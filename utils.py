@@ -7,7 +7,6 @@ order never leaves :func:`decode_image` / :func:`encode_image`.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import logging
 import os
@@ -265,7 +264,8 @@ def remove_stale_temporaries(folder: str | Path, name: str,
     (``<temp_prefix>*<suffix>``: files, or staging folders with their contents). Call it only
     where no other writer of that file can be running."""
     removed = []
-    pattern = glob.escape(temp_prefix(Path(folder) / name, suffix)) + "*" + glob.escape(suffix)
+    # name may be a glob pattern itself (train_checkpoints' head files)
+    pattern = f"{temp_prefix(Path(folder) / name, suffix)}*{suffix}"
     for p in Path(folder).glob(pattern):
         try:
             if p.is_dir() and not p.is_symlink():
