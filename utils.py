@@ -279,6 +279,7 @@ def remove_stale_temporaries(folder: str | Path, name: str,
 
 
 CACHE_DIR_NAME = "arcface-toolkit"  # our folder in the user cache dir (XDG's ~/.cache)
+CACHE_NAME_CHARS = 64  # of an input folder's name kept in its cache's (the hash tells apart)
 
 
 def user_cache_dir() -> Path:
@@ -307,7 +308,7 @@ def cache_folder(preferred: str | Path) -> Path:
     if can_write_in(preferred):
         return preferred
     key = hashlib.sha1(os.fsencode(preferred.absolute())).hexdigest()[:SHORT_NAME_HASH_CHARS]
-    return user_cache_dir() / f"{preferred.name}-{key}"
+    return user_cache_dir() / f"{preferred.name[:CACHE_NAME_CHARS]}-{key}"
 
 
 def _atomic_write(path: str | Path, write) -> None:
