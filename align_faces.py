@@ -27,6 +27,7 @@ eye, nose tip, left mouth corner, right mouth corner, where "left" means the ima
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -49,6 +50,7 @@ from utils import (
     ToolkitError,
     add_debug_flag,
     atomic_write_text,
+    describe_error,
     get_logger,
     list_images,
     run_cli,
@@ -112,6 +114,9 @@ CONFIDENT_FACE_SCORE = 0.9
 REPORT_NAME = "align_report.tsv"  # default report file, inside DST_DIR
 STATUS_NO_FACE = "no_face"
 STATUS_UNREADABLE = "unreadable"
+STATUS_NOT_WRITTEN = "not_written"  # the crop's file could not be made (the others were)
+# errors of the whole destination, not of one file's name: the run stops at the first
+WHOLE_DESTINATION_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 STATUS_ALIGNED = "aligned"  # only written to clear an earlier entry of the same file
 
 log = get_logger("align")
@@ -378,6 +383,13 @@ def _per_image_hints(hint_box: Any, count: int) -> list[Sequence[float] | None]:
 
 # ----------------------------------------------------------------------------- tree
 
+def _report_text(text: str) -> str:
+    """``text`` (a path relative to the source, or an error naming a file) as the report's
+    UTF-8 holds it: the bytes of a file name that is not UTF-8 are written ``\\xNN``, as
+    Python shows them (the report would otherwise be cut at that name)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _read_report(path: Path) -> dict[str, tuple[str, str]]:
     """relative path -> (status, detail); later lines win (the file is appended to).
 
@@ -399,9 +411,22 @@ def _read_report(path: Path) -> dict[str, tuple[str, str]]:
                 continue
             if parts[0] == STATUS_ALIGNED:
                 entries.pop(parts[1], None)
-            elif parts[0] in (STATUS_NO_FACE, STATUS_UNREADABLE):
+            elif parts[0] in (STATUS_NO_FACE, STATUS_UNREADABLE, STATUS_NOT_WRITTEN):
                 entries[parts[1]] = (parts[0], parts[2] if len(parts) > 2 else "")
     return entries
+
+
+def _write_crop(path: Path, crop: np.ndarray) -> str | None:
+    """Write one crop; None, or why this file could not be written (a name or character
+    the destination's filesystem refuses, a file where its folder should be). A full or
+    read-only disk concerns every file: raised."""
+    try:
+        write_image(path, crop)
+    except OSError as e:
+        if e.errno in WHOLE_DESTINATION_ERRORS:
+            raise
+        return describe_error(e)
+    return None
 
 
 def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = False,
@@ -436,7 +461,8 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
     dst.mkdir(parents=True, exist_ok=True)
     entries = _read_report(report)
     todo = [p for p in files if not (dst / p.relative_to(src)).exists()]
-    counts = {"aligned": 0, "no_face": 0, "centre_cropped": 0, "unreadable": 0}
+    counts = {"aligned": 0, "no_face": 0, "centre_cropped": 0, "unreadable": 0,
+              "not_written": 0}
     start = time.perf_counter()
     if todo and aligner is None:
         aligner = FaceAligner(device=device, min_face_size=min_face_size, batch_size=batch_size,
@@ -445,6 +471,7 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
     # Report lines are appended as they happen so a crash loses none of them.
     with report.open("a", encoding="utf-8") as rep:
         def note(rel: str, status: str, detail: str) -> None:
+            detail = _report_text(detail)
             entries[rel] = (status, detail)
             rep.write(f"{status}\t{rel}\t{detail}\n")
             rep.flush()
@@ -453,24 +480,28 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = Fa
         for item in align_files(aligner, todo, batch_size, size=size, progress=progress,
                                 num_workers=num_workers):
             rel = item.path.relative_to(src).as_posix()
+            key = _report_text(rel)  # the file's name in the report
+            failed = None if item.crop is None or (item.face is None and skip_missing) \
+                else _write_crop(dst / rel, item.crop)
             if item.error is not None:
                 counts["unreadable"] += 1
-                note(rel, STATUS_UNREADABLE, str(item.error).replace("\t", " "))
+                note(key, STATUS_UNREADABLE, str(item.error).replace("\t", " "))
+            elif failed is not None:
+                counts["not_written"] += 1
+                note(key, STATUS_NOT_WRITTEN, failed.replace("\t", " "))
             elif item.face is not None:
-                write_image(dst / rel, item.crop)
                 counts["aligned"] += 1
-                if entries.pop(rel, None) is not None:  # listed by an earlier run
-                    rep.write(f"{STATUS_ALIGNED}\t{rel}\t\n")
+                if entries.pop(key, None) is not None:  # listed by an earlier run
+                    rep.write(f"{STATUS_ALIGNED}\t{key}\t\n")
             else:
                 counts["no_face"] += 1
                 if skip_missing:
-                    note(rel, STATUS_NO_FACE, "skipped")
-                else:
-                    write_image(dst / rel, item.crop)  # align_files' centre crop
+                    note(key, STATUS_NO_FACE, "skipped")
+                else:  # align_files' centre crop, written above
                     counts["centre_cropped"] += 1
-                    note(rel, STATUS_NO_FACE, "centre-cropped")
+                    note(key, STATUS_NO_FACE, "centre-cropped")
     # Compact the appended report: one line per file, only files still in the source.
-    present = {p.relative_to(src).as_posix() for p in files}
+    present = {_report_text(p.relative_to(src).as_posix()) for p in files}
     lines = [f"{s}\t{rel}\t{d}\n" for rel, (s, d) in sorted(entries.items()) if rel in present]
     atomic_write_text(report, "".join(lines))
     seconds = time.perf_counter() - start
@@ -495,6 +526,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"no face found     {summary['no_face']} "
         f"({summary['centre_cropped']} centre-cropped, the rest skipped)",
         f"unreadable        {summary['unreadable']}",
+        f"not written       {summary['not_written']} (listed in the report)",
         f"speed             {summary['images_per_s']} images/s "
         f"({summary['seconds']} s)",
         f"report            {summary['report']} ({summary['report_entries']} entries)",

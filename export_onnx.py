@@ -30,7 +30,14 @@ import torch
 from torch import nn
 
 from models import IMAGE_SIZE, load_backbone
-from utils import ToolkitError, add_debug_flag, get_logger, remove_stale_temporaries, run_cli
+from utils import (
+    ToolkitError,
+    add_debug_flag,
+    get_logger,
+    remove_stale_temporaries,
+    run_cli,
+    temp_prefix,
+)
 
 PARITY_TOLERANCE = 1e-4  # max |difference| of L2-normalised embeddings
 PARITY_BATCH = 3  # differs from the export batch, so the dynamic batch axis is exercised
@@ -84,7 +91,8 @@ def export_onnx(model: nn.Module, out_path: str | Path, opset: int = ONNX_OPSET,
                                     output_names=["embeddings"], opset_version=opset,
                                     dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
     # staged under the final names: the .onnx refers to its weights file by name
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=STAGING_SUFFIX,
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(out_path, STAGING_SUFFIX),
+                                    suffix=STAGING_SUFFIX,
                                     dir=out_path.parent))
     try:
         staged = staging / out_path.name

@@ -49,11 +49,12 @@ from typing import Any
 import numpy as np
 
 from bin_loader import load_bin
-from lfw_images import as_crop, load_lfw_crops, readable_pairs
+from lfw_images import as_crop, default_cache_dir, load_lfw_crops, readable_pairs
 from lfw_pairs import MAX_NAMED, Pair, check_pairs_exist, pair_folds, parse_pairs
 from utils import (
     ToolkitError,
     atomic_write_text,
+    can_write_in,
     first_few,
     get_device,
     get_logger,
@@ -358,7 +359,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     group.add_argument("--out", default=None,
                        help="output folder; if omitted, <checkpoint folder>/eval")
     group.add_argument("--cache-dir", default=None,
-                       help="aligned-crop cache for raw LFW; if omitted, <lfw-dir>_aligned_cache")
+                       help="aligned-crop cache for raw LFW; if omitted, <lfw-dir>_aligned_cache, "
+                            "or under ~/.cache/arcface-toolkit/ where LFW is read-only")
     return parser
 
 
@@ -477,9 +479,11 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     folds, fold_rule = pairs_file_folds(pairs, cfg.pairs)  # before any work, as below
     lfw_dir = Path(cfg.lfw_dir)
     check_pairs_exist(pairs, lfw_dir)  # before any work
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(lfw_dir)
+    if not can_write_in(cache_dir):  # before the work whose crops it would keep
+        raise LfwEvalError(f"--cache-dir {cache_dir}: cannot write in it; name a writable "
+                           f"folder")
     model = _load_model(args, device)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else \
-        lfw_dir.parent / f"{lfw_dir.name}_aligned_cache"
     unreadable: dict[str, str] = {}  # their pairs are left out, the others scored
     crops, index, issame, faceless = load_lfw_crops(lfw_dir, pairs, cache_dir=cache_dir,
                                                     checked=True, unreadable=unreadable)

@@ -18,10 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from lfw_pairs import MAX_NAMED, Pair, check_pairs_exist
-from utils import FACE_CROP_SIZE, ImageReadError, atomic_write_bytes, first_few, get_logger
+from utils import (
+    FACE_CROP_SIZE,
+    ImageReadError,
+    atomic_write_bytes,
+    cache_folder,
+    first_few,
+    get_logger,
+)
 
-__all__ = ["align_images", "as_crop", "load_lfw_crops", "load_lfw_pairs_images",
-           "readable_pairs"]
+__all__ = ["align_images", "as_crop", "default_cache_dir", "load_lfw_crops",
+           "load_lfw_pairs_images", "readable_pairs"]
 
 ALIGN_CHUNK = 32  # images read and aligned at a time (MTCNN batch)
 
@@ -95,6 +102,14 @@ def _read_cache(cache: Path, paths: list[str]) -> tuple[np.ndarray, list[str]] |
         return None
     log.info("aligned crops of %d images from cache %s", len(paths), cache)
     return crops, faceless
+
+
+def default_cache_dir(lfw_dir: str | Path) -> Path:
+    """The crop cache of ``lfw_dir``: ``<lfw_dir>_aligned_cache`` beside it, or where that
+    folder cannot be written (a read-only LFW), one in the user cache dir
+    (:func:`utils.cache_folder`)."""
+    lfw_dir = Path(lfw_dir)
+    return cache_folder(lfw_dir.parent / f"{lfw_dir.name}_aligned_cache")
 
 
 def _write_cache(cache: Path, paths: list[str], crops: np.ndarray, faceless: list[str]) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megaface_eval import MegaFaceError
-from utils import MissingInputError, first_few, get_logger
+from utils import TEMP_SUFFIX, MissingInputError, first_few, get_logger, temp_prefix
 
 log = get_logger("megaface")  # megaface.py's logger: these messages are part of its run
 
@@ -61,7 +61,7 @@ def write_feature(path: str | Path, vec: Sequence[float] | np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = FEATURE_HEADER.pack(vec.size, FEATURE_COLS, FEATURE_ELEMENT_BYTES, CV_32F) \
         + vec.astype("<f4").tobytes()
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(temp_prefix(path) + TEMP_SUFFIX.lstrip("."))  # ".<name>.tmp"
     tmp.write_bytes(data)
     os.replace(tmp, path)
 

@@ -5,7 +5,11 @@ Two modes::
     python pre_process.py --rec data/faces_emore/train.rec     # validate + write the index
     python pre_process.py --pack data/mine_aligned --out data/mine/train.rec
 
-The index format and the lost-record rules are in ``record_index.py``.
+The index format and the lost-record rules are in ``record_index.py``. The index goes beside
+the ``.rec``, or where that folder cannot be written, under ``~/.cache/arcface-toolkit/``
+(training looks there too). A file that is no set of faces is refused before any index is
+written: no RecordIO magic at its start (a ``.lst``), payloads none of which is an image, or
+(without a header record) labels far past the identities they number.
 
 A set that lost records (a truncated download, garbage bytes, a ``.idx`` that does not match
 the ``.rec``) is an error here and in training, naming the file, the count and the first
@@ -36,6 +40,7 @@ from record_index import (
     MAX_LISTED,
     DatasetError,
     RecordIndex,
+    default_index_path,
     index_path_for,
     index_record_file,
     require_complete,
@@ -46,6 +51,7 @@ from utils import (
     IMAGE_EXTENSIONS,
     ImageReadError,
     atomic_write_text,
+    can_write_in,
     decode_image,
     encode_image,
     get_logger,
@@ -326,6 +332,20 @@ def _write_records(paths: list[Path], labels: np.ndarray, names: list[str], rec:
 
 # ----------------------------------------------------------------------------- CLI
 
+def _index_destination(rec: Path, index_out: str | None) -> Path:
+    """Where ``--rec``'s index is saved: ``--index-out``, else beside the ``.rec`` or, where
+    its folder cannot be written, in the user cache folder (said; training looks there too).
+    Refused, naming the folder, when that cannot be written either."""
+    out = Path(index_out) if index_out else default_index_path(rec)
+    if not can_write_in(out.parent):
+        what = f"--index-out {out}" if index_out else f"the index of {rec} ({out})"
+        raise DatasetError(f"{what}: cannot write in {out.parent}; name a writable place "
+                           f"with --index-out")
+    if out != index_path_for(rec) and not index_out:
+        log.info("%s cannot be written: the index goes to %s", rec.parent, out)
+    return out
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     from config import build_parser
 
@@ -338,7 +358,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     group.add_argument("--idx", default=None,
                        help="the .idx to use; None: the one beside the .rec, or scan the file")
     group.add_argument("--index-out", default=None,
-                       help=f"where to write the index; None: <rec stem>{INDEX_SUFFIX}")
+                       help=f"where to write the index; None: <rec stem>{INDEX_SUFFIX} beside "
+                            f"it, or in ~/.cache/arcface-toolkit/ where its folder is "
+                            f"read-only")
     group.add_argument("--check-images", action="store_true",
                        help="also decode every image (slow; finds corrupt JPEGs)")
     group.add_argument("--quality", type=int, default=JPEG_QUALITY,
@@ -364,9 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec, index, out = Path(args.out), packed.index, packed.index_path
     else:
         rec = Path(cfg.rec)
+        recordio.RecordReader(rec).close()  # a missing or foreign file is named first
+        out = _index_destination(rec, args.index_out)  # checked before the work
         index = index_record_file(rec, args.idx, check_images=args.check_images,
                                   progress=progress)
-        out = save_index(index, args.index_out)
+        out = save_index(index, out)
     print(f"index of {rec} -> {out}\n{index.format_summary()}")
     # after the summary, so the damage is listed; the saved index lets training start fast
     # when the user then accepts the loss

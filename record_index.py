@@ -22,6 +22,10 @@ usable image records only:
 * ``rec_size`` / ``rec_mtime_ns`` (and the same for the ``.idx``): the index is used only
   while these still match, so a replaced ``.rec`` is never read through a stale index.
 
+Beside a ``.rec`` in a folder that cannot be written (a read-only mount, another user's
+data), the index goes to ``~/.cache/arcface-toolkit/<folder name>-<hash of its path>/``
+(``$XDG_CACHE_HOME`` if set; :func:`utils.cache_folder`), where training finds it too.
+
 A set that lost records (a truncated download, garbage bytes, a ``.idx`` that does not match
 the ``.rec``) is an error (:func:`require_complete`), naming the file, the count and the first
 byte offsets, unless ``allow_lost_records`` accepts what remains (then a warning).
@@ -40,7 +44,14 @@ import numpy as np
 from tqdm import tqdm
 
 import recordio
-from utils import ImageReadError, ToolkitError, atomic_write_bytes, decode_image, get_logger
+from utils import (
+    ImageReadError,
+    ToolkitError,
+    atomic_write_bytes,
+    cache_folder,
+    decode_image,
+    get_logger,
+)
 
 INDEX_SUFFIX = ".index.npz"
 INDEX_VERSION = 2  # 2: lost / unlisted_offsets / expected_images / unreadable_bytes
@@ -48,6 +59,16 @@ HEADER_LABELS = 2  # the header record's label array: [id_start, id_end)
 MAX_LISTED = 10  # problems listed by name in a summary; the rest are counted
 SAVE_INDEX_TIP_IMAGES = 100_000  # an in-memory index this large suggests saving it
 LOST_OFFSETS_SHOWN = 5  # byte offsets of lost records an error message lists
+# How the formats decode_image reads begin (JPEG, PNG, BMP, GIF, TIFF both byte orders,
+# RIFF for WebP): a payload starting so is taken for an image without decoding it; only the
+# first payload that starts otherwise is decoded, so indexing stays a read of the file.
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF8", b"II*\x00",
+                    b"MM\x00*", b"RIFF")
+SIGNATURE_SHOWN = 8  # bytes of a payload that is no image an error message shows
+# A set without a header numbers its identities 0..max label. More empty classes than used
+# ones is no numbering of identities (a label of 16,000,000 among 6 would make training
+# allocate a classifier of 16 million rows): refused, naming the record.
+MAX_EMPTY_PER_USED_CLASS = 1
 
 log = get_logger("face.record_index")
 
@@ -136,6 +157,13 @@ def index_path_for(rec_path: str | Path) -> Path:
     return rec_path.with_name(rec_path.stem + INDEX_SUFFIX)
 
 
+def default_index_path(rec_path: str | Path) -> Path:
+    """Where the index of ``rec_path`` is saved: :func:`index_path_for`, or where the
+    ``.rec``'s folder cannot be written, the same name in a user cache folder."""
+    rec_path = Path(rec_path)
+    return cache_folder(rec_path.parent) / index_path_for(rec_path).name
+
+
 def _file_stamp(path: Path | None) -> tuple[int, int]:
     if path is None or not path.is_file():
         return -1, -1
@@ -144,8 +172,9 @@ def _file_stamp(path: Path | None) -> tuple[int, int]:
 
 
 def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
-    """Write ``index`` as ``.npz`` (atomically); returns the path."""
-    path = Path(path) if path else index_path_for(index.rec_path)
+    """Write ``index`` as ``.npz`` (atomically; default :func:`default_index_path`);
+    returns the path."""
+    path = Path(path) if path else default_index_path(index.rec_path)
     rec_size, rec_mtime = _file_stamp(index.rec_path)
     idx_size, idx_mtime = _file_stamp(index.idx_path)
     buf = io.BytesIO()
@@ -166,9 +195,22 @@ def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
 def load_index(rec_path: str | Path, idx_path: str | Path | None = None,
                index_path: str | Path | None = None) -> RecordIndex | None:
     """The saved index of ``rec_path`` if it exists and still matches the ``.rec`` and
-    ``.idx`` on disk (size and mtime), else None."""
+    ``.idx`` on disk (size and mtime), else None. Without ``index_path``, the one beside the
+    ``.rec``, else the one in the user cache folder (:func:`default_index_path`)."""
     rec_path = Path(rec_path)
-    index_path = Path(index_path) if index_path else index_path_for(rec_path)
+    if index_path is not None:
+        return _load_index_file(rec_path, idx_path, Path(index_path))
+    # a read-only folder may hold a stale index beside the .rec and a fresh one in the cache
+    for candidate in dict.fromkeys([index_path_for(rec_path), default_index_path(rec_path)]):
+        index = _load_index_file(rec_path, idx_path, candidate)
+        if index is not None:
+            return index
+    return None
+
+
+def _load_index_file(rec_path: Path, idx_path: str | Path | None, index_path: Path
+                     ) -> RecordIndex | None:
+    """:func:`load_index` from the file ``index_path``."""
     idx = _resolve_idx(rec_path, idx_path)
     if not index_path.is_file():
         return None
@@ -250,6 +292,8 @@ class _Collector:
         self.corrupt: list[str] = []
         self.corrupt_offsets: list[int] = []
         self.non_image = 0
+        self.image_like = 0  # payloads that start as an image format does
+        self.first_other: tuple[str, bytes] | None = None  # the first that does not
 
     def bad(self, offset: int, message: str) -> None:
         self.corrupt.append(message)
@@ -276,6 +320,10 @@ class _Collector:
         if not np.isfinite(label) or label < 0 or label != int(label):
             self.bad(offset, f"{where}: invalid class label {label!r}")
             return
+        if image.startswith(IMAGE_SIGNATURES):
+            self.image_like += 1
+        elif self.first_other is None:
+            self.first_other = where, image
         if self.check_images:
             try:
                 decode_image(image, where)
@@ -393,6 +441,8 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
         mismatches = _count_identity_mismatches(keys_arr, labels, identity_ranges)
     else:
         num_classes = int(labels.max()) + 1 if labels.size else 0
+        _check_dense_labels(rec_path, keys_arr, offsets_arr, labels)
+    _check_payloads_are_images(rec_path, col)
     # Each count below misses some losses and sees others twice (a damaged stretch may hide
     # several records; a shifted .idx entry and the record it missed are one loss), so the
     # largest is the number that is certainly lost. Header sets know what they should hold.
@@ -408,6 +458,38 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                        idx_path=idx, lost=lost,
                        unlisted_offsets=np.asarray(unlisted, dtype=np.int64),
                        expected_images=expected_images, unreadable_bytes=unreadable)
+
+
+def _check_dense_labels(rec_path: Path, keys: np.ndarray, offsets: np.ndarray,
+                        labels: np.ndarray) -> None:
+    """Refuse the labels of a set without a header when most of the classes 0..max label
+    would hold no image (see MAX_EMPTY_PER_USED_CLASS), naming the record of the largest."""
+    if not labels.size:
+        return
+    top = int(np.argmax(labels))
+    classes, used = int(labels[top]) + 1, int(np.unique(labels).size)
+    if classes - used > MAX_EMPTY_PER_USED_CLASS * used:
+        raise DatasetError(
+            f"{rec_path}: record {keys[top]} at byte offset {offsets[top]} has label "
+            f"{labels[top]}, but the set's images carry {used} distinct labels: {classes - used}"
+            f" of classes 0..{labels[top]} would be empty. A set without a header record "
+            f"numbers its identities 0..C-1: renumber the labels or re-pack the set "
+            f"(pre_process.py --pack)")
+
+
+def _check_payloads_are_images(rec_path: Path, col: _Collector) -> None:
+    """Refuse a set none of whose records holds an image: when no payload starts as an image
+    format does, the first one is decoded to be sure (an exotic format OpenCV reads)."""
+    if col.image_like or col.first_other is None:
+        return
+    where, payload = col.first_other
+    try:
+        decode_image(payload, where)
+    except ImageReadError:
+        raise DatasetError(
+            f"{where}: its {len(payload)} payload bytes (starting {payload[:SIGNATURE_SHOWN]!r})"
+            f" are not an image, and no record of {rec_path.name} starts as a JPEG, PNG, BMP, "
+            f"GIF, TIFF or WebP does: not a set of face images") from None
 
 
 def _scan_between(reader: recordio.RecordReader, start: int, end: int

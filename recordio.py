@@ -45,6 +45,9 @@ IR_HEADER_SIZE = _IR_HEADER.size
 LABEL_DTYPE = np.dtype("<f4")
 
 _SCAN_CHUNK = 1 << 20  # bytes read at a time while searching for the next magic
+# files of a set that are easily given instead of its .rec
+_NOT_RECORDIO_HINTS = {".lst": "; a .lst lists images for im2rec: give the .rec made from it",
+                       ".idx": "; a .idx holds the offsets of a .rec: give the .rec itself"}
 
 
 class RecordIOError(ToolkitError, ValueError):
@@ -147,6 +150,12 @@ class RecordReader:
             raise FileNotFoundError(f"record file not found: {self.path}")
         if self.path.stat().st_size == 0:
             raise RecordIOError(f"{self.path}: empty file (0 bytes), not a RecordIO file")
+        with open(self.path, "rb") as f:
+            start = f.read(len(MAGIC_BYTES))
+        if start != MAGIC_BYTES:  # every RecordIO file starts with a record
+            raise RecordIOError(f"{self.path}: not a RecordIO file (it starts with {start!r}, "
+                                f"not the record magic 0x{MAGIC:08x})"
+                                + _NOT_RECORDIO_HINTS.get(self.path.suffix.lower(), ""))
         self._fd: int | None = None
         self._pid: int | None = None
 

@@ -7,6 +7,7 @@ order never leaves :func:`decode_image` / :func:`encode_image`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import random
@@ -91,6 +92,11 @@ def run_cli(main: Callable[[Sequence[str]], int | None],
     non-zero exit code, without a traceback unless ``--debug`` is given. Anything else is a
     bug and keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # a file name that is not UTF-8 (its bytes kept as surrogates) is printed as its bytes,
+    # as ls prints it, instead of ending the run in a UnicodeEncodeError (stderr already
+    # writes them as \udcNN)
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         return int(main(argv) or 0)
     except (ToolkitError, OSError) as e:
@@ -201,13 +207,40 @@ def new_file_mode() -> int:
 
 
 TEMP_SUFFIX = ".tmp"  # temporaries are ".<name>.<random>.tmp" beside their final file
+TEMP_RANDOM_CHARS = 8  # the random part tempfile.mkstemp / mkdtemp put in a name
+DEFAULT_NAME_MAX = 255  # bytes in one file name (NAME_MAX) where pathconf cannot say
+SHORT_NAME_HASH_CHARS = 12  # hex digits of sha1 that tell shortened long names apart
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) that ``folder``'s filesystem accepts."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):  # no such folder yet, or no pathconf on this platform
+        return DEFAULT_NAME_MAX
+
+
+def temp_prefix(path: str | Path, suffix: str = TEMP_SUFFIX) -> str:
+    """``.<name>.``: how the temporaries of ``path`` begin. A name so long that a temporary
+    would pass the filesystem's name limit (a 246-character photo name) is cut to fit and
+    told apart from other long names by a hash of the whole name: ``.<start>~<hash>.``."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    room = _name_max(path.parent) - TEMP_RANDOM_CHARS - len(os.fsencode(suffix))
+    raw = os.fsencode(prefix)
+    if len(raw) <= room:
+        return prefix
+    digest = hashlib.sha1(os.fsencode(path.name)).hexdigest()[:SHORT_NAME_HASH_CHARS]
+    tail = os.fsencode(f"~{digest}.")
+    # a cut inside a multi-byte character leaves bytes that os.fsdecode keeps as they are
+    return os.fsdecode(raw[:room - len(tail)] + tail)
 
 
 def _new_temp(path: Path) -> tuple[int, str]:
-    """A new temporary ``.<name>.<random>.tmp`` beside ``path`` (what
+    """A new temporary ``<temp_prefix><random>.tmp`` beside ``path`` (what
     :func:`remove_stale_temporaries` finds) with the umask's mode: its open descriptor and
     its path."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, new_file_mode())
     except BaseException:
@@ -228,10 +261,12 @@ def temp_path_for(path: str | Path) -> Path:
 def remove_stale_temporaries(folder: str | Path, name: str,
                              suffix: str = TEMP_SUFFIX) -> list[Path]:
     """Delete temporaries that a killed writer left for the file ``name`` in ``folder``
-    (``.<name>.*<suffix>``: files, or staging folders with their contents). Call it only
+    (``<temp_prefix>*<suffix>``: files, or staging folders with their contents). Call it only
     where no other writer of that file can be running."""
     removed = []
-    for p in Path(folder).glob(f".{name}.*{suffix}"):
+    # name may be a glob pattern itself (train_checkpoints' head files)
+    pattern = f"{temp_prefix(Path(folder) / name, suffix)}*{suffix}"
+    for p in Path(folder).glob(pattern):
         try:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
@@ -241,6 +276,39 @@ def remove_stale_temporaries(folder: str | Path, name: str,
         except FileNotFoundError:
             pass
     return removed
+
+
+CACHE_DIR_NAME = "arcface-toolkit"  # our folder in the user cache dir (XDG's ~/.cache)
+CACHE_NAME_CHARS = 64  # of an input folder's name kept in its cache's (the hash tells apart)
+
+
+def user_cache_dir() -> Path:
+    """Where caches of read-only inputs go: ``$XDG_CACHE_HOME/arcface-toolkit``, by default
+    ``~/.cache/arcface-toolkit``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / CACHE_DIR_NAME
+
+
+def can_write_in(folder: str | Path) -> bool:
+    """Whether files can be made in ``folder``, or, where it does not exist yet, in the
+    nearest folder above it (which would make it). Asks the OS (access(2)): a read-only mount
+    or a folder without write permission says no."""
+    folder = Path(folder).absolute()
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+    return False
+
+
+def cache_folder(preferred: str | Path) -> Path:
+    """``preferred`` (a cache or index folder beside an input) when it can be written, else
+    a folder of :func:`user_cache_dir` named by a hash of ``preferred``'s absolute path, so
+    a read-only input still gets its cache, found again on the next run."""
+    preferred = Path(preferred)
+    if can_write_in(preferred):
+        return preferred
+    key = hashlib.sha1(os.fsencode(preferred.absolute())).hexdigest()[:SHORT_NAME_HASH_CHARS]
+    return user_cache_dir() / f"{preferred.name[:CACHE_NAME_CHARS]}-{key}"
 
 
 def _atomic_write(path: str | Path, write) -> None:
@@ -671,9 +739,45 @@ def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> None:
 
 
 def iter_images(root: str | Path) -> Iterator[Path]:
-    """Image files under ``root`` (recursive), by extension, lazily and in walk order."""
-    return (p for p in Path(root).rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files under ``root`` (recursive), by extension, lazily and in walk order.
+
+    Symlinked folders are followed, at any depth (a set is often built from links to
+    identity folders kept elsewhere): ``pre_process --pack``, alignment and MegaFace's crop
+    all see the same files. A link back to a folder above it (a loop) is skipped with a
+    warning; a folder that cannot be listed is skipped with a warning naming it."""
+    root = Path(root)
+    try:
+        st = root.stat()
+    except OSError:
+        return iter(())
+    return _walk_images(root, frozenset({(st.st_dev, st.st_ino)}))
+
+
+def _walk_images(folder: Path, ancestors: frozenset[tuple[int, int]]) -> Iterator[Path]:
+    """:func:`iter_images` below ``folder``, whose real folders and those above it (device,
+    inode) are ``ancestors``."""
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as e:
+        get_logger("face.utils").warning("%s: cannot list this folder (%s); its images are "
+                                         "left out", folder, e.strerror or e)
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir():  # follows a link
+                st = entry.stat()
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    get_logger("face.utils").warning(
+                        "%s: a link to a folder above it (a loop); not followed", entry.path)
+                    continue
+                yield from _walk_images(Path(entry.path), ancestors | {key})
+            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in \
+                    IMAGE_EXTENSIONS:
+                yield Path(entry.path)
+        except OSError:  # vanished while walking, or a dangling link: not an image
+            continue
 
 
 def list_images(root: str | Path) -> list[Path]:

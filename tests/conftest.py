@@ -4,9 +4,34 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)``: the folder cannot be written, for this test: its mode 0o555
+    and access(2)'s answer for it, which the mode does not change for root (the answer a
+    read-only mount gives everyone). The mode is restored afterwards."""
+    made = []
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).absolute() in made:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    def make(folder: Path) -> None:
+        folder.chmod(0o555)
+        made.append(Path(folder).absolute())
+
+    monkeypatch.setattr(os, "access", access)
+    yield make
+    for folder in made:
+        folder.chmod(0o755)

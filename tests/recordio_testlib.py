@@ -3,6 +3,7 @@ nothing shared with recordio.py), and a builder of small InsightFace-style test 
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -175,6 +176,70 @@ def build_insightface_set(root: Path, counts=(3, 5, 2, 6), idx: bool = True,
     rec = root / "train.rec"
     offsets = write_rec(rec, records, idx=idx)
     return rec, offsets, expected
+
+
+# ----------------------------------------------------------------------------- odd trees
+
+def make_odd_tree(root: Path) -> dict[str, bool]:
+    """An identity tree with odd but legal names and links: a non-UTF-8 file name (one good
+    photo, one broken), a 246-character name, a symlinked identity folder kept elsewhere
+    and a link back to its own folder (a loop). Returns {path below root that must be
+    aligned: whether it is readable}."""
+    rng = np.random.default_rng(3)
+
+    def photo(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg_bytes(rng.integers(1, 255, (90, 80, 3), np.uint8)))
+
+    src = root / "src"
+    elsewhere = root / "kept_elsewhere" / "cid"
+    want = {}
+    files = {("amy", os.fsdecode(b"caf\xe9.jpg")): True,
+             ("amy", os.fsdecode(b"d\xe9j\xe0.jpg")): False,
+             ("bob", "x" * 242 + ".jpg"): True}
+    for (identity, name), readable in files.items():
+        (src / identity).mkdir(parents=True, exist_ok=True)
+        if readable:
+            photo(src / identity / name)
+        else:
+            (src / identity / name).write_bytes(b"not an image")
+        want[f"{identity}/{name}"] = readable
+    photo(elsewhere / "0.jpg")
+    (src / "cid").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "again").symlink_to(elsewhere, target_is_directory=True)  # a loop
+    want["cid/0.jpg"] = True
+    return want
+
+
+
+BIG_LABEL = 16_000_000  # one identity's label in a set of ODD_IDENTITIES
+ODD_IDENTITIES = 6
+ODD_PER_IDENTITY = 4
+
+
+def odd_record_sets(root: Path) -> dict[str, tuple[Path, str]]:
+    """Files given as ``--rec`` that must be refused before any work, each with what the
+    one-line error must say (computed here from the bytes written): an im2rec ``.lst``; a
+    headerless set of 6 identities whose last is labelled 16,000,000; a set whose payloads
+    are all text, not images."""
+    root.mkdir(parents=True, exist_ok=True)
+    lst = root / "train.lst"
+    lst.write_text("".join(f"{n}\t{n % 3}.000000\tamy/{n}.jpg\n" for n in range(4)))
+    labels = [c if c < ODD_IDENTITIES - 1 else BIG_LABEL
+              for c in range(ODD_IDENTITIES) for _ in range(ODD_PER_IDENTITY)]
+    big = root / "big_label" / "train.rec"
+    big.parent.mkdir()
+    offsets = write_rec(big, [(n, ir_payload(float(label), jpeg_bytes(textured_image(n))))
+                              for n, label in enumerate(labels)])
+    first = labels.index(BIG_LABEL)
+    text = root / "text" / "train.rec"
+    text.parent.mkdir()
+    text_offsets = write_rec(text, [(n, ir_payload(float(n % 3), f"photo {n} of a person".encode()))
+                                    for n in range(len(labels))])
+    return {"lst": (lst, f"{lst}: not a RecordIO file"),
+            "big label": (big, f"{big}: record {first} at byte offset {offsets[first]} has "
+                               f"label {BIG_LABEL}"),
+            "not images": (text, f"{text}: record 0 at byte offset {text_offsets[0]}: its ")}
 
 
 # ----------------------------------------------------------------------------- damage

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import recordio_testlib as lib
 from skimage import data
 from skimage.transform import SimilarityTransform
 
@@ -584,6 +585,68 @@ def test_report_cut_inside_a_utf8_name_is_read_with_a_warning(tmp_path):
     assert len(warnings) == 1 and str(report) in warnings[0] and "UTF-8" in warnings[0]
     lines = report.read_text(encoding="utf-8").splitlines()
     assert [line.split("\t")[:2] for line in lines] == [["unreadable", "bob/broken.jpg"]]
+
+
+def test_odd_names_and_a_symlinked_identity_are_aligned_as_pack_sees_them(tmp_path):
+    import os
+
+    import pre_process
+
+    want = lib.make_odd_tree(tmp_path)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    fake = _TopLeftAligner()  # a "face" in every readable image
+    fake.size = fw.TEMPLATE_SIZE
+    summary = af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+    assert summary["images"] == len(want) and summary["unreadable"] == 1
+    for rel, readable in want.items():
+        assert (dst / rel).is_file() == readable, rel
+    # the one bad file is listed under its bytes as Python writes them; the others are done
+    broken = "amy/d\\xe9j\\xe0.jpg"
+    lines = (dst / af.REPORT_NAME).read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["unreadable", broken]]
+    again = af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+    assert again["skipped_existing"] == len(want) - 1 and again["unreadable"] == 1
+    lines = (dst / af.REPORT_NAME).read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["unreadable", broken]]
+    # --pack walks the same tree to the same files
+    paths, _, names = pre_process.list_identity_images(src)
+    assert names == ["amy", "bob", "cid"]
+    assert sorted(os.fsencode(p.relative_to(src)) for p in paths) == sorted(
+        os.fsencode(rel) for rel in want)
+
+
+def test_a_crop_that_cannot_be_written_is_listed_and_the_others_are_done(tmp_path, capsys,
+                                                                        monkeypatch):
+    """One file's output the destination refuses (here a file where its folder should be;
+    as well a name or character another filesystem refuses): listed in the report and the
+    summary, every other file written. A full disk still stops the run."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    dst.mkdir()
+    (dst / "alice").write_bytes(b"in the way")
+    fake = _TopLeftAligner()
+    fake.size = fw.TEMPLATE_SIZE
+    summary = af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+    assert (summary["not_written"], summary["unreadable"]) == (2, 1)
+    lines = sorted(line.split("\t")[:2]
+                   for line in (dst / af.REPORT_NAME).read_text().splitlines())
+    assert lines == [["not_written", "alice/a.jpg"], ["not_written", "alice/blank.png"],
+                     ["unreadable", "bob/broken.jpg"]]
+    assert "not written       2" in af.format_summary(summary)
+    (dst / "alice").unlink()
+    again = af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+    assert again["aligned"] == 2 and (dst / "alice" / "a.jpg").is_file()
+    assert [line.split("\t")[:2] for line in (dst / af.REPORT_NAME).read_text().splitlines()
+            ] == [["unreadable", "bob/broken.jpg"]]
+    import errno
+
+    def disk_full(path, image):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(af, "write_image", disk_full)
+    (dst / "alice" / "a.jpg").unlink()
+    with pytest.raises(OSError, match="No space left"):
+        af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
 
 
 # ----------------------------------------------------------------------------- reduced JPEG decode

@@ -775,3 +775,43 @@ def test_cli_refuses_non_finite_weights_and_embeddings_before_scoring(tiny_run, 
     found = re.search(r"lfw: (\d+) of (\d+) images have non-finite \(NaN/inf\) embeddings", err)
     assert found and found.group(1) == found.group(2) != "0", err
     assert not (run / "eval" / "lfw_results.json").exists()
+
+
+def test_alignment_cache_of_a_read_only_lfw_goes_to_the_user_cache(tmp_path, monkeypatch,
+                                                                   capsys, read_only):
+    """Raw LFW on a read-only disk: the crops are cached under the user cache dir (found
+    again by the next run), nothing is written beside LFW; a --cache-dir that cannot be
+    written is refused before the model is loaded or any photo aligned."""
+    from lfw_images import default_cache_dir, load_lfw_crops
+    from lfw_pairs import Pair
+
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        (data / "lfw" / name).mkdir(parents=True)
+        Image.fromarray(np.full((40, 40, 3), 60, np.uint8)).save(
+            data / "lfw" / name / f"{name}_0001.jpg")
+    pairs = [Pair("a/a_0001.jpg", "b/b_0001.jpg", False)]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    read_only(data)
+
+    class Faceless:
+        calls = 0
+
+        def align_batch(self, images, hint_box=None):
+            Faceless.calls += 1
+            return [None] * len(images)
+
+    cache_dir = default_cache_dir(data / "lfw")
+    assert cache_dir.parent == tmp_path / "cache" / "arcface-toolkit"
+    for _ in range(2):
+        load_lfw_crops(data / "lfw", pairs, Faceless(), cache_dir)
+    assert Faceless.calls == 1  # the second run read the cache
+    assert sorted(p.name for p in data.iterdir()) == ["lfw"]
+
+    (tmp_path / "pairs.txt").write_text("1\t2\na\t1\t1\nb\t1\t1\na\t1\tb\t1\nb\t1\ta\t1\n")
+    (tmp_path / "ckpt.pt").write_bytes(b"never loaded")
+    monkeypatch.setattr(lfw_eval, "_load_model", None)
+    err = _cli_error(["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu",
+                      "--lfw-dir", str(data / "lfw"), "--pairs", str(tmp_path / "pairs.txt"),
+                      "--cache-dir", str(data / "crops")], capsys)
+    assert err == f"error: --cache-dir {data / 'crops'}: cannot write in it; name a writable folder"

@@ -85,6 +85,16 @@ def test_write_feature_bytes_match_struct(tmp_path):
     assert path.read_bytes() == expected
 
 
+def test_feature_of_a_name_near_the_name_limit_is_written(tmp_path):
+    """A legal 252-character feature name: its temporary stays within NAME_MAX too."""
+    vec = [0.5, -1.25]
+    path = tmp_path / ("x" * 242 + ".jpg_0.bin")
+    assert len(path.name) == 252
+    megaface_features.write_feature(path, vec)
+    assert path.read_bytes() == struct.pack("<iiii", 2, 1, 4, 5) + struct.pack("<ff", *vec)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_read_feature_round_trip_and_struct_written_file(tmp_path):
     vec = np.random.default_rng(0).standard_normal(513).astype(np.float32)
     megaface_features.write_feature(tmp_path / "f.bin", vec)

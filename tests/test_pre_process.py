@@ -587,3 +587,68 @@ def test_pack_turns_float_and_16_bit_images_into_8_bit_ones(tmp_path):
     assert len(decoded) == 2
     for rgb in decoded:  # re-encoded as JPEG (quality 95) from the right 8-bit values
         assert np.abs(rgb - np.round(smooth)).mean() < 1.0
+
+
+# ----------------------------------------------------------------------------- odd but legal inputs
+
+def test_pack_of_odd_names_and_a_symlinked_identity_lists_the_bad_file_packs_the_rest(
+        tmp_path, monkeypatch):
+    """A non-UTF-8 name, a 246-character name, a symlinked identity folder with a loop in
+    it: the broken file is listed (its name's bytes printed as they are, even where stdout is
+    strict UTF-8), the others are packed under their identity's label."""
+    import io
+
+    want = lib.make_odd_tree(tmp_path)
+    src, out = tmp_path / "src", tmp_path / "set" / "train.rec"
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", errors="strict"))
+    assert run_cli(pre_process.main, ["--pack", str(src), "--out", str(out),
+                                      "--no-progress"]) == 0
+    sys.stdout.flush()
+    printed = raw.getvalue()
+    broken = [rel for rel, readable in want.items() if not readable]
+    assert b"unreadable       : 1 " in printed and os.fsencode(src / broken[0]) in printed
+    images = [lib.parse_payload(p) for _, _, p in lib.read_all_records(out)[1:len(want)]]
+    identity = {"amy": 0, "bob": 1, "cid": 2}
+    assert sorted(label for _, label, _ in images) == sorted(
+        identity[rel.split("/")[0]] for rel, readable in want.items() if readable)
+
+
+@pytest.mark.parametrize("case", ["lst", "big label", "not images"])
+def test_a_file_that_is_no_set_of_faces_is_refused_in_one_line_before_any_index(
+        tmp_path, capsys, case):
+    """A .lst given as --rec, a label of 16,000,000 among 6 identities, payloads that are
+    text: one line naming the file (and the record), and no index written."""
+    rec, named = lib.odd_record_sets(tmp_path)[case]
+    before = sorted(rec.parent.iterdir())
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {named}"), err
+    assert sorted(rec.parent.iterdir()) == before  # no .index.npz beside it
+
+
+def test_index_of_a_set_in_a_read_only_folder_goes_to_the_user_cache(tmp_path, monkeypatch,
+                                                                     capsys, read_only):
+    rec, _, expected = lib.build_insightface_set(tmp_path / "ro", COUNTS)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    before = sorted(rec.parent.iterdir())
+    read_only(rec.parent)
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--no-progress"]) == 0
+    assert sorted(rec.parent.iterdir()) == before  # nothing written beside the set
+    saved = [p for p in cache.rglob("*") if p.is_file()]
+    assert [p.name for p in saved] == ["train.index.npz"]
+    assert saved[0].parent.parent == cache / "arcface-toolkit"
+    assert str(saved[0]) in capsys.readouterr().out  # the summary says where
+    # training's loader finds it there (rather than indexing the set again)
+    monkeypatch.setattr(record_index, "index_record_file", None)
+    loaded = record_index.load_or_build_index(rec)
+    assert loaded.labels.tolist() == _expected_labels(expected)
+    # an --index-out that cannot be written is refused before the set is read
+    monkeypatch.setattr(pre_process, "index_record_file", None)
+    out = rec.parent / "elsewhere.index.npz"
+    assert run_cli(pre_process.main, ["--rec", str(rec), "--index-out", str(out),
+                                      "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --index-out {out}: cannot write in {rec.parent}; name a "
+                   f"writable place with --index-out"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import recordio_testlib
 import torch
 import torch.nn.functional as F
 
@@ -861,6 +862,19 @@ def test_bad_setups_fail_in_one_line_before_writing_anything(tiny_rec, tmp_path,
         assert lines[-1].startswith("error: ") and named in lines[-1], lines
         assert "Traceback" not in "".join(lines)
         assert not out.exists(), args
+
+
+@pytest.mark.parametrize("case", ["lst", "big label", "not images"])
+def test_a_rec_that_is_no_set_of_faces_is_refused_before_the_output_is_made(tmp_path, capsys,
+                                                                             case):
+    """A .lst as --rec, a label of 16,000,000 among 6 identities (a classifier of 16 million
+    rows), payloads that are text: one line naming the file, before --output exists."""
+    rec, named = recordio_testlib.odd_record_sets(tmp_path / "sets")[case]
+    out = tmp_path / "run"
+    assert run_cli(train.main, cli_args(tiny_cfg(rec, out))) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {named}"), lines
+    assert not out.exists()
 
 
 def test_an_unknown_or_absent_device_is_named():

@@ -220,6 +220,28 @@ def test_remove_stale_temporaries_only_touches_that_files_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.abc.tmp", "checkpoint.pt"]
 
 
+LONG_NAME_CHARS = 246  # a legal name (< 255 bytes) that ".<name>.<random>.tmp" would pass
+
+
+def test_temporaries_of_a_246_character_name_fit_the_name_limit_and_are_told_apart(tmp_path):
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    long_a = "a" * (LONG_NAME_CHARS - 4) + ".jpg"
+    long_b = "a" * (LONG_NAME_CHARS - 5) + "b.jpg"  # the same start as long_a
+    utils.atomic_write_bytes(tmp_path / long_a, b"crop")  # ENAMETOOLONG before
+    assert (tmp_path / long_a).read_bytes() == b"crop"
+    temps = [utils.temp_path_for(tmp_path / name) for name in (long_a, long_b, long_a)]
+    assert all(len(os.fsencode(t.name)) <= name_max for t in temps)
+    assert len({t.name for t in temps}) == 3
+    # a name with undecodable bytes and multi-byte characters is cut to whole bytes too
+    odd = os.fsdecode(b"\xe9" * 100 + "\u00e9".encode() * 70 + b".png")
+    odd_temp = utils.temp_path_for(tmp_path / odd)
+    assert len(os.fsencode(odd_temp.name)) <= name_max
+    # a killed writer's temporaries of long_a are found, long_b's are left
+    removed = utils.remove_stale_temporaries(tmp_path, long_a)
+    assert sorted(removed) == sorted([temps[0], temps[2]])
+    assert temps[1].exists() and (tmp_path / long_a).exists()
+
+
 def test_run_cli_prints_one_line_for_user_errors_and_keeps_bugs_loud(capsys):
     def bad_input(argv):
         raise utils.ImageReadError("photos/a.jpg: not a decodable image (3 bytes)")
