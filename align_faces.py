@@ -30,7 +30,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,9 @@ from utils import (
     ToolkitError,
     add_debug_flag,
     atomic_write_text,
+    device_arg,
     get_logger,
+    int_at_least,
     list_images,
     run_cli,
     write_image,
@@ -476,19 +478,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     ])
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low`` (argparse prints the refusal in one line)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Align a tree SRC_DIR/identity/image.jpg into 112x112 ArcFace crops "
@@ -499,22 +488,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-missing", action="store_true",
                    help="do not write images without a detected face (default: centre-crop "
                         "them); both ways they are listed in the report")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=int_at_least(1), default=DEFAULT_BATCH_SIZE,
                    help="equal-size images per MTCNN batch")
-    p.add_argument("--min-face-size", type=_int_at_least(1), default=DEFAULT_MIN_FACE_SIZE,
+    p.add_argument("--min-face-size", type=int_at_least(1), default=DEFAULT_MIN_FACE_SIZE,
                    help="smallest face searched, in pixels of the image MTCNN sees (larger "
                         "is faster)")
-    p.add_argument("--detect-size", type=_int_at_least(0), default=DEFAULT_DETECT_SIZE,
+    p.add_argument("--detect-size", type=int_at_least(0), default=DEFAULT_DETECT_SIZE,
                    help="MTCNN searches a copy whose longer side is at most this many pixels "
                         "(big JPEGs are decoded reduced); a photo scaled down by "
                         "s finds faces from min-face-size / s pixels up. 0: full size (slow "
                         "on big photos; for small faces in big group photos)")
-    p.add_argument("--refine-steps", type=_int_at_least(0), default=DEFAULT_REFINE_STEPS,
+    p.add_argument("--refine-steps", type=int_at_least(0), default=DEFAULT_REFINE_STEPS,
                    help="O-net passes that re-estimate each face's landmarks from its own "
                         "box (0: MTCNN's landmarks as published)")
-    p.add_argument("--workers", type=_int_at_least(1), default=DEFAULT_WORKERS,
+    p.add_argument("--workers", type=int_at_least(1), default=DEFAULT_WORKERS,
                    help="threads, each reading and aligning a batch of files at a time")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (CUDA when present) | cpu | cuda | cuda:N")
     p.add_argument("--report", type=Path, default=None,
                    help=f"report file (default DST_DIR/{REPORT_NAME})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

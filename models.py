@@ -335,11 +335,13 @@ def _state_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from utils import positive_int
+
     parser = argparse.ArgumentParser(description="Parameters and forward FLOPs of a backbone.")
     add_debug_flag(parser)
     parser.add_argument("--network", choices=MODEL_NAMES, default="ir50")
-    parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    parser.add_argument("--embedding-size", type=positive_int, default=512)
+    parser.add_argument("--image-size", type=positive_int, default=IMAGE_SIZE)
     args = parser.parse_args(argv)
     with torch.device("meta"):  # only shapes are needed: build without allocating weights
         model = build_model(args.network, args.embedding_size)
