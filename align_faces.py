@@ -49,7 +49,7 @@ from utils import (
     ToolkitError,
     add_debug_flag,
     atomic_write_text,
-    device_arg,
+    get_device,
     get_logger,
     int_at_least,
     list_images,
@@ -503,8 +503,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "box (0: MTCNN's landmarks as published)")
     p.add_argument("--workers", type=int_at_least(1), default=DEFAULT_WORKERS,
                    help="threads, each reading and aligning a batch of files at a time")
-    p.add_argument("--device", type=device_arg, default="auto",
-                   help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     p.add_argument("--report", type=Path, default=None,
                    help=f"report file (default DST_DIR/{REPORT_NAME})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -524,13 +523,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // args.workers))
     try:  # folder errors are AlignInputErrors: run_cli prints them
+        get_device(args.device)  # one the toolkit runs on and this machine has: before any work
         summary = align_tree(args.src_dir, args.dst_dir, skip_missing=args.skip_missing,
                              batch_size=args.batch_size, min_face_size=args.min_face_size,
                              report_path=args.report, progress=not args.no_progress,
                              device=None if args.device == "auto" else args.device,
                              detect_size=args.detect_size, num_workers=args.workers,
                              refine_steps=args.refine_steps)
-    except DeviceError as e:  # --device cuda without CUDA (any other error is run_cli's)
+    except DeviceError as e:  # --device mps, or cuda without CUDA (other errors: run_cli's)
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:  # main() is also called in-process (tests, notebooks)

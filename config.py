@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from utils import ToolkitError, add_debug_flag, atomic_write_text, device_arg, unsupported_device
+from utils import ToolkitError, add_debug_flag, atomic_write_text, get_device, unsupported_device
 
 
 class ConfigError(ToolkitError, ValueError):
@@ -215,7 +215,7 @@ def _check_values(cfg: Config) -> None:
     _check_margin(cfg)
     problem = unsupported_device(cfg.device)
     if problem:
-        raise ConfigError(f"{cfg.device!r}: {problem}", "device")
+        raise ConfigError(f"{cfg.device!r} is {problem}", "device")
     if cfg.nesterov and cfg.optimizer == "sgd" and cfg.momentum == 0:  # torch's SGD refuses it
         raise ConfigError("needs momentum > 0 (momentum is 0)", "nesterov")
 
@@ -245,10 +245,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _arg_type(tp: Any) -> Any:
     return {int: int, float: float, str: str}.get(tp, str)
 
-
-# flags checked as they are parsed beyond their type: the device must exist on this machine
-# (a config file may name another machine's, so Config checks only its spelling)
-_FLAG_TYPES: dict[str, Any] = {"device": device_arg}
 
 
 def _field_comments() -> dict[str, str]:
@@ -297,8 +293,7 @@ def build_parser(description: str = "", add_help: bool = True,
             group.add_argument(flag, dest=f.name, nargs="*", type=_arg_type(item),
                                default=None, help=f"{about}(default {default})")
         else:
-            group.add_argument(flag, dest=f.name, default=None,
-                               type=_FLAG_TYPES.get(f.name, _arg_type(tp)),
+            group.add_argument(flag, dest=f.name, type=_arg_type(tp), default=None,
                                help=f"{about}(default {default!r})")
     return parser
 
@@ -383,6 +378,10 @@ def parse_config(argv: Sequence[str] | None = None, description: str = "",
     overrides = {k: v for k, v in vars(args).items() if k in field_names and v is not None}
     cfg = make_config(overrides, preset=args.preset, config_file=args.config,
                       overrides_source=COMMAND_LINE)
+    # a script that runs on cfg.device needs one this machine has, refused here before any
+    # work (Config checks only the name: a run's config may be read on another machine)
+    if "device" in vars(args):
+        get_device(cfg.device)
     return cfg, args
 
 

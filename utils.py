@@ -75,8 +75,8 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low`` (and <= ``high`` when given); argparse names
-    the flag and prints the refusal in one line."""
+    """An argparse type: an integer >= ``low`` (and <= ``high`` when given); argparse's
+    refusal names the flag."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -116,44 +116,6 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
-
-
-DEVICE_NAMES = "auto, cpu, cuda or cuda:N"  # every --device value this toolkit runs on
-# torch knows more devices (mps, xla, meta, ...); the toolkit is written and tested for these
-_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-
-
-def unsupported_device(name: str) -> str | None:
-    """Why ``name`` is not a device this toolkit runs on, or None. The spelling only: a
-    config file may name a device of the machine it was written on."""
-    if _DEVICE_NAME.fullmatch(name):
-        return None
-    return f"not a device this toolkit runs on; use {DEVICE_NAMES}"
-
-
-def device_problem(name: str) -> str | None:
-    """Why ``--device name`` cannot be used on this machine, or None: the one check behind
-    :func:`get_device` and :func:`device_arg`."""
-    problem = unsupported_device(name)
-    if problem or name in ("auto", "cpu"):
-        return problem
-    import torch
-
-    if not torch.cuda.is_available():
-        return "CUDA is not available on this machine"
-    index = torch.device(name).index
-    if index is not None and index >= torch.cuda.device_count():
-        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
-    return None
-
-
-def device_arg(text: str) -> str:
-    """The argparse type of every script's ``--device``: a device this toolkit runs on and
-    this machine has, refused as the flags are parsed (before any work)."""
-    problem = device_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(f"{text}: {problem}")
-    return text
 
 
 def describe_error(e: BaseException) -> str:
@@ -211,12 +173,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"  # every --device value this toolkit runs on
+# torch knows more devices (mps, xla, meta, ...); the toolkit is written and tested for these
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def unsupported_device(name: str) -> str | None:
+    """Why ``name`` is not a device this toolkit runs on, or None. The spelling only: a
+    config file may name a device of the machine it was written on."""
+    if _DEVICE_NAME.fullmatch(name):
+        return None
+    return f"not a device this toolkit runs on; use {DEVICE_NAMES}"
+
+
+def _device_problem(name: str) -> str | None:
+    """Why ``--device name`` cannot be used on this machine, or None. Behind
+    :func:`get_device`, which every script with a --device calls right after parsing its
+    flags (config.parse_config does for the scripts built on it)."""
+    problem = unsupported_device(name)
+    if problem or name in ("auto", "cpu"):
+        return problem
+    import torch
+
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine"
+    index = torch.device(name).index
+    if index is not None and index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
 def get_device(name: str = "auto") -> "torch.device":  # noqa: F821 - lazy torch import
     """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` when
     this machine has it; anything else is a DeviceError naming what is accepted."""
     import torch
 
-    problem = device_problem(name)
+    problem = _device_problem(name)
     if problem:
         raise DeviceError(f"--device {name}: {problem}")
     if name == "auto":

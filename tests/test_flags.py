@@ -13,7 +13,6 @@ import torch
 from config import ConfigError, make_config
 from utils import (
     DeviceError,
-    device_arg,
     fraction,
     get_device,
     int_at_least,
@@ -63,21 +62,19 @@ def test_every_device_flag_refuses_what_the_toolkit_cannot_run_on(script, device
                                                                    capsys):
     argv = _device_commands(str(tmp_path))[script] + ["--device", device]
     code, err = _refusal(script, argv, capsys)
-    _assert_one_error_naming(code, err, "--device", device.strip() or device)
+    _assert_one_error_naming(code, err, "--device", device.strip())
+    assert err.count("\n") == 1 and err.startswith("error: "), err  # no usage either
     if device != ABSENT_CUDA:  # a name of no device: the line lists what is accepted
         assert "auto, cpu, cuda or cuda:N" in err
     assert list(tmp_path.iterdir()) == []  # refused before anything was made
 
 
-def test_the_device_parser_accepts_this_machines_devices():
+def test_get_device_accepts_this_machines_devices_and_refuses_the_rest():
     accepted = ["auto", "cpu"] + (["cuda", "cuda:0"] if torch.cuda.is_available() else [])
     for name in accepted:
-        assert device_arg(name) == name
         expected = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
         assert get_device(name) == torch.device(expected)
     for name in BAD_DEVICES:
-        with pytest.raises(argparse.ArgumentTypeError):
-            device_arg(name)
         with pytest.raises(DeviceError, match=f"--device {name}: "):
             get_device(name)
 
@@ -88,8 +85,16 @@ def test_a_config_file_device_is_checked_by_spelling_not_by_this_machine(tmp_pat
     assert make_config({"device": "cuda:3"}).device == "cuda:3"
     path = tmp_path / "exp.json"
     path.write_text('{"device": "mps"}')
-    with pytest.raises(ConfigError, match=r"exp\.json: device: 'mps': not a device"):
+    with pytest.raises(ConfigError, match=r"exp\.json: device: 'mps' is not a device"):
         make_config(config_file=path)
+
+
+def test_a_script_refuses_a_config_files_device_that_this_machine_lacks(tmp_path, capsys):
+    path = tmp_path / "exp.json"
+    path.write_text(f'{{"device": "{ABSENT_CUDA}"}}')
+    argv = ["--config", str(path), "--checkpoint", str(tmp_path / "none.pt")]
+    code, err = _refusal("lfw_eval", argv, capsys)
+    _assert_one_error_naming(code, err, f"--device {ABSENT_CUDA}: ")
 
 
 # (script, its other arguments with {tmp} for a missing folder, the flag, the bad value)
