@@ -194,3 +194,16 @@ def test_a_margin_is_refused_where_the_target_can_no_longer_beat_an_unrelated_cl
     make_config({"head": head, "margin_m": inside[0], "margin_m3": inside[1]})
     with pytest.raises(ConfigError, match="margin_m"):
         make_config({"head": head, "margin_m": m, "margin_m3": m3})
+
+
+def test_models_counts_the_flops_of_the_image_size_asked_for(capsys):
+    """A network built for 224 px inputs does exactly 4x the 112 px work: every layer that
+    FlopCounterMode counts (convolutions, the output Linear over C x h x w) scales with the
+    area (ir_narrow: no squeeze-excitation, whose pooled layers would not)."""
+    from models import build_model, main, model_flops
+
+    with torch.device("meta"):
+        small, large = build_model("ir_narrow"), build_model("ir_narrow", image_size=224)
+    assert model_flops(large, 224) == 4 * model_flops(small, 112)
+    main(["--network", "ir_narrow", "--image-size", "56"])
+    assert "per 56x56 image" in capsys.readouterr().out
