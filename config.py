@@ -246,7 +246,6 @@ def _arg_type(tp: Any) -> Any:
     return {int: int, float: float, str: str}.get(tp, str)
 
 
-
 def _field_comments() -> dict[str, str]:
     """Each Config field's trailing comment in this file: the flags' help text, so the
     explanation lives in one place."""

@@ -395,10 +395,8 @@ def _print_summary(title: str, summary: dict[str, int]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from config import parse_config
-    from utils import get_device
 
     cfg, args = parse_config(argv, parser=build_arg_parser())
-    get_device(cfg.device)  # a config file's device, absent here: refused before any work
     device = None if cfg.device == "auto" else cfg.device
     sets = [(MEGAFACE, args.megaface_images), (FACESCRUB, args.facescrub_images)]
     if args.action == "crop_megaface":
