@@ -31,7 +31,7 @@ import errno
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,9 @@ from utils import (
     add_debug_flag,
     atomic_write_text,
     describe_error,
+    get_device,
     get_logger,
+    int_at_least,
     list_images,
     run_cli,
     write_image,
@@ -533,19 +535,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     ])
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low`` (argparse prints the refusal in one line)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Align a tree SRC_DIR/identity/image.jpg into 112x112 ArcFace crops "
@@ -556,21 +545,21 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-missing", action="store_true",
                    help="do not write images without a detected face (default: centre-crop "
                         "them); both ways they are listed in the report")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=int_at_least(1), default=DEFAULT_BATCH_SIZE,
                    help="equal-size images per MTCNN batch")
-    p.add_argument("--min-face-size", type=_int_at_least(1), default=DEFAULT_MIN_FACE_SIZE,
+    p.add_argument("--min-face-size", type=int_at_least(1), default=DEFAULT_MIN_FACE_SIZE,
                    help="smallest face searched, in pixels of the image MTCNN sees (larger "
                         "is faster)")
-    p.add_argument("--detect-size", type=_int_at_least(0), default=DEFAULT_DETECT_SIZE,
+    p.add_argument("--detect-size", type=int_at_least(0), default=DEFAULT_DETECT_SIZE,
                    help="MTCNN searches a copy whose longer side is at most this many pixels "
                         "(big JPEGs are decoded reduced); a photo scaled down by "
                         "s finds faces from min-face-size / s pixels up. 0: full size (slow "
                         "on big photos; for small faces in big group photos)")
-    p.add_argument("--refine-steps", type=_int_at_least(0), default=DEFAULT_REFINE_STEPS,
+    p.add_argument("--refine-steps", type=int_at_least(0), default=DEFAULT_REFINE_STEPS,
                    help="O-net passes that re-estimate each face's landmarks from its own "
                         "box; the landmarks are the mean of MTCNN's and every pass's (0: "
                         "MTCNN's landmarks as published)")
-    p.add_argument("--workers", type=_int_at_least(1), default=DEFAULT_WORKERS,
+    p.add_argument("--workers", type=int_at_least(1), default=DEFAULT_WORKERS,
                    help="threads, each reading and aligning a batch of files at a time")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     p.add_argument("--report", type=Path, default=None,
@@ -592,13 +581,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // args.workers))
     try:  # folder errors are AlignInputErrors: run_cli prints them
+        get_device(args.device)  # one the toolkit runs on and this machine has: before any work
         summary = align_tree(args.src_dir, args.dst_dir, skip_missing=args.skip_missing,
                              batch_size=args.batch_size, min_face_size=args.min_face_size,
                              report_path=args.report, progress=not args.no_progress,
                              device=None if args.device == "auto" else args.device,
                              detect_size=args.detect_size, num_workers=args.workers,
                              refine_steps=args.refine_steps)
-    except DeviceError as e:  # --device cuda without CUDA (any other error is run_cli's)
+    except DeviceError as e:  # --device mps, or cuda without CUDA (other errors: run_cli's)
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:  # main() is also called in-process (tests, notebooks)

@@ -37,6 +37,11 @@ SIN2_MIN = 1e-12
 LOG_MIN = 1e-30  # floor of (1 - p) in the focal factor, whose power may be negative
 DEFAULT_CENTRE_STD = 0.01  # class centres start small and random (only their direction counts)
 HEAD_NAMES = ("arcface", "cosface", "combined")
+# The largest margins a head can learn with: the target class's cosine at theta = 0, its
+# best, must stay above 0, where an unrelated centre lies among thousands of classes;
+# cos(theta + m) and cos(theta) - m reach 0 there at m = pi/2 and m = 1 (Config checks them).
+MAX_ANGLE_MARGIN = math.pi / 2  # ArcFace's m, the combined margin's m2 (exclusive)
+MAX_COSINE_MARGIN = 1.0  # CosFace's m (exclusive); the combined m3 stays below cos(m2)
 
 
 class HeadConfigError(ToolkitError, ValueError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from utils import ToolkitError, add_debug_flag, atomic_write_text
+from utils import ToolkitError, add_debug_flag, atomic_write_text, get_device, unsupported_device
 
 
 class ConfigError(ToolkitError, ValueError):
@@ -158,18 +158,48 @@ def _choices() -> dict[str, tuple[str, ...]]:
             "scheduler": SCHEDULERS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES}
 
 
-# (field, test, what the test says): the range every numeric field must lie in
+# torch.manual_seed takes a 64-bit integer; this bound keeps seed + rank and seed + epoch
+# (the per-rank and per-epoch generators) inside it
+SEED_LIMIT = 2**62
+
+# (field, test, what the test says): the range every numeric field must lie in, checked in
+# this order (a field's lower bound before its upper one)
 _RANGES: tuple[tuple[str, Any, str], ...] = (
-    *((name, lambda v: v >= 1, ">= 1") for name in ("batch_size", "base_batch_size", "epochs")),
-    *((name, lambda v: v > 0, "> 0") for name in ("lr", "scale_s")),
+    *((name, lambda v: v >= 1, ">= 1") for name in ("batch_size", "base_batch_size", "epochs",
+                                                     "embedding_size")),
+    # margin_m1 multiplies the angle: at 0 or below the target's logit no longer falls as
+    # the embedding turns away from its centre
+    *((name, lambda v: v > 0, "> 0") for name in ("lr", "scale_s", "margin_m1")),
     ("sample_rate", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     # 0 means off for the intervals and max_steps, and "none" for the rest
     *((name, lambda v: v >= 0, ">= 0") for name in (
         "save_every", "verify_every", "log_every", "max_steps", "num_workers", "margin_m",
-        "momentum", "weight_decay", "grad_clip", "warmup_epochs", "margin_warmup",
+        "margin_m3", "momentum", "weight_decay", "grad_clip", "warmup_epochs", "margin_warmup",
         "focal_gamma")),
+    # a fraction of all steps: beyond 1 the margin would never reach margin_m
+    ("margin_warmup", lambda v: v <= 1, "<= 1 (a fraction of all steps)"),
+    # at 1 SGD's velocity never decays: every past gradient counts forever (AdamW ignores it)
+    ("momentum", lambda v: v < 1, "< 1"),
+    ("seed", lambda v: -SEED_LIMIT < v < SEED_LIMIT, "in (-2**62, 2**62)"),
 )
+
+
+def _check_margin(cfg: Config) -> None:
+    """The head's margin must leave the target class a positive cosine at theta = 0, its best
+    case (see arcface_loss.MAX_ANGLE_MARGIN): ArcFace's m and the combined m2 below pi/2,
+    CosFace's m below 1, the combined m3 below cos(m2)."""
+    from arcface_loss import MAX_ANGLE_MARGIN, MAX_COSINE_MARGIN
+
+    if cfg.head == "cosface" and not cfg.margin_m < MAX_COSINE_MARGIN:
+        raise ConfigError(f"must be < {MAX_COSINE_MARGIN:g} for CosFace (cos(theta) - m), "
+                          f"got {cfg.margin_m!r}", "margin_m")
+    if cfg.head in ("arcface", "combined") and not cfg.margin_m < MAX_ANGLE_MARGIN:
+        raise ConfigError(f"must be < pi/2 = {MAX_ANGLE_MARGIN:.4f} for {cfg.head} (an angle "
+                          f"added to theta), got {cfg.margin_m!r}", "margin_m")
+    if cfg.head == "combined" and not cfg.margin_m3 < math.cos(cfg.margin_m):
+        raise ConfigError(f"must be < cos(margin_m) = {math.cos(cfg.margin_m):.4f} "
+                          f"(cos(m1 * theta + m2) - m3), got {cfg.margin_m3!r}", "margin_m3")
 
 
 def _check_values(cfg: Config) -> None:
@@ -182,6 +212,10 @@ def _check_values(cfg: Config) -> None:
         value = getattr(cfg, name)
         if not test(value):
             raise ConfigError(f"must be {rule}, got {value!r}", name)
+    _check_margin(cfg)
+    problem = unsupported_device(cfg.device)
+    if problem:
+        raise ConfigError(f"{cfg.device!r} is {problem}", "device")
     if cfg.nesterov and cfg.optimizer == "sgd" and cfg.momentum == 0:  # torch's SGD refuses it
         raise ConfigError("needs momentum > 0 (momentum is 0)", "nesterov")
 
@@ -343,6 +377,10 @@ def parse_config(argv: Sequence[str] | None = None, description: str = "",
     overrides = {k: v for k, v in vars(args).items() if k in field_names and v is not None}
     cfg = make_config(overrides, preset=args.preset, config_file=args.config,
                       overrides_source=COMMAND_LINE)
+    # a script that runs on cfg.device needs one this machine has, refused here before any
+    # work (Config checks only the name: a run's config may be read on another machine)
+    if "device" in vars(args):
+        get_device(cfg.device)
     return cfg, args
 
 

@@ -364,11 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     from config import build_parser, parse_config
+    from utils import positive_int
 
     parser = build_parser("Check a training set: size, classes, and a few timed batches.",
                           only=["rec", "image_folder", "allow_lost_records", "batch_size",
                                 "num_workers", "seed"])
-    parser.add_argument("--batches", type=int, default=5, help="batches to read")
+    parser.add_argument("--batches", type=positive_int, default=5, help="batches to read")
     parser.add_argument("--raw-uint8", action="store_true", help="uint8 batches")
     cfg, args = parse_config(argv, parser=parser)
     ds = build_dataset(cfg.rec, cfg.image_folder, allow_lost_records=cfg.allow_lost_records)

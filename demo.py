@@ -219,23 +219,29 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from config import COMMAND_LINE, make_config
+    from utils import int_at_least, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_debug_flag(parser)
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
-    parser.add_argument("--train-identities", type=int, default=TRAIN_IDENTITIES)
-    parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
-    parser.add_argument("--eval-identities", type=int, default=EVAL_IDENTITIES)
-    parser.add_argument("--eval-images", type=int, default=EVAL_IMAGES)
-    parser.add_argument("--pairs-per-fold", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-identities", type=positive_int, default=TRAIN_IDENTITIES)
+    parser.add_argument("--train-images", type=positive_int, default=TRAIN_IMAGES)
+    # pairs.txt needs a different pair (2 identities) and a same pair (2 images of one)
+    parser.add_argument("--eval-identities", type=int_at_least(2), default=EVAL_IDENTITIES)
+    parser.add_argument("--eval-images", type=int_at_least(2), default=EVAL_IMAGES)
+    parser.add_argument("--pairs-per-fold", type=positive_int, default=None)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--epochs", type=int, default=None, help="override the preset")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training early")
     parser.add_argument("--batch-size", type=int, default=None, help="override the preset")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.max_steps),
                                    ("batch_size", args.batch_size)) if v is not None}
+    # the training overrides meet Config's ranges now, not after minutes of data preparation
+    make_config(overrides, preset=PRESET, overrides_source=COMMAND_LINE)
     try:
         run_demo(args.data_dir, args.run_dir, args.train_identities, args.train_images,
                  args.eval_identities, args.eval_images, args.pairs_per_fold, args.seed,

@@ -166,14 +166,16 @@ def export_and_verify(model: nn.Module, out_path: str | Path,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from utils import positive_float, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_debug_flag(parser)
     parser.add_argument("--checkpoint", required=True, help="backbone.pt or a training checkpoint")
     parser.add_argument("--out", default=None, help="ONNX path (default: beside the checkpoint)")
     parser.add_argument("--network", default=None, help="else read from config.json beside it")
-    parser.add_argument("--embedding-size", type=int, default=None)
-    parser.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE)
+    parser.add_argument("--embedding-size", type=positive_int, default=None)
+    parser.add_argument("--tolerance", type=positive_float, default=PARITY_TOLERANCE)
     args = parser.parse_args(argv)
 
     checkpoint = Path(args.checkpoint)

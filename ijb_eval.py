@@ -471,6 +471,7 @@ def evaluate_features(image_feats: np.ndarray, release: Release, mode: str = DEF
 
 def build_arg_parser() -> argparse.ArgumentParser:
     from config import build_parser
+    from utils import positive_int
 
     parser = build_parser(__doc__.split("\n\n")[0],
                           only=["batch_size", "device", "network", "embedding_size"])
@@ -490,7 +491,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             f"the first is the headline (default {DEFAULT_MODE})")
     group.add_argument("--cache-dir", default=None,
                        help="image-feature cache; if omitted, <out>/features")
-    group.add_argument("--workers", type=int, default=None,
+    group.add_argument("--workers", type=positive_int, default=None,
                        help="threads reading and aligning the crops (default 4)")
     return parser
 

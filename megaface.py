@@ -346,6 +346,7 @@ def devkit_command(devkit_dir: str | Path, features_dir: str | Path, suffix: str
 
 def build_arg_parser():
     from config import build_parser
+    from utils import fraction, positive_int
 
     parser = build_parser(__doc__.split("\n")[0],
                           only=["batch_size", "device", "num_workers", "seed", "network",
@@ -370,15 +371,17 @@ def build_arg_parser():
     me.add_argument("--megaface-list", help="one megaface_features_list.json_<N>_1 to load")
     me.add_argument("--probe-features", help="override <features-dir>/facescrub")
     me.add_argument("--distractor-features", help="override <features-dir>/megaface")
-    me.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+    me.add_argument("--sizes", type=positive_int, nargs="+", default=list(DEFAULT_SIZES),
                     help="distractor counts N (those up to the number available)")
-    me.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK, help="CMC ranks 1..this")
-    me.add_argument("--fars", type=float, nargs="*", default=list(DEFAULT_FARS),
+    me.add_argument("--max-rank", type=positive_int, default=DEFAULT_MAX_RANK,
+                    help="CMC ranks 1..this")
+    me.add_argument("--fars", type=fraction, nargs="*", default=list(DEFAULT_FARS),
                     help="TAR at these FARs (none: identification only)")
     me.add_argument("--subset", default="auto", choices=["auto", "first", "random", "devkit"],
                     help="distractors of size N: the devkit's lists (auto when --templatelists "
                          "has them), the first N, or a --seed permutation's first N")
-    me.add_argument("--chunk-size", type=int, default=None, help="distractors per score block")
+    me.add_argument("--chunk-size", type=positive_int, default=None,
+                    help="distractors per score block")
     me.add_argument("--results-dir", default="runs/megaface", help="JSON and PNGs (evaluate)")
     me.add_argument("--devkit-dir", help="the MegaFace devkit (devkit action)")
     me.add_argument("--devkit-python", default=sys.executable, help="python for the devkit")

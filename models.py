@@ -216,19 +216,20 @@ def _init_weights(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- public API
 
-def build_model(name: str, embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
+def build_model(name: str, embedding_size: int = 512, dropout: float = 0.0,
+                image_size: int = IMAGE_SIZE) -> nn.Module:
     """The backbone called ``name`` (one of MODEL_NAMES): (N, 3, 112, 112) normalised RGB to
-    (N, embedding_size) embeddings, not L2-normalised."""
+    (N, embedding_size) embeddings, not L2-normalised; its output layer is sized for
+    ``image_size`` square inputs (models.py --image-size counts other sizes)."""
+    sized = dict(embedding_size=embedding_size, dropout=dropout, image_size=image_size)
     if name in IR_DEPTHS:
-        return IResNet(IR_DEPTHS[name], embedding_size=embedding_size, dropout=dropout)
+        return IResNet(IR_DEPTHS[name], **sized)
     if name in SE_DEPTHS:
-        return IResNet(SE_DEPTHS[name], embedding_size=embedding_size, dropout=dropout,
-                       use_se=True)
+        return IResNet(SE_DEPTHS[name], use_se=True, **sized)
     if name == "ir_narrow":
-        return IResNet((1, 1, 1, 1), NARROW_WIDTHS, NARROW_STRIDES, stem_stride=2,
-                       embedding_size=embedding_size, dropout=dropout)
+        return IResNet((1, 1, 1, 1), NARROW_WIDTHS, NARROW_STRIDES, stem_stride=2, **sized)
     if name == "mobilefacenet":
-        return MobileFaceNet(embedding_size, dropout)
+        return MobileFaceNet(**sized)
     raise ValueError(f"unknown network {name!r}; choose from {', '.join(MODEL_NAMES)}")
 
 
@@ -335,14 +336,17 @@ def _state_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from utils import positive_int
+
     parser = argparse.ArgumentParser(description="Parameters and forward FLOPs of a backbone.")
     add_debug_flag(parser)
     parser.add_argument("--network", choices=MODEL_NAMES, default="ir50")
-    parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    parser.add_argument("--embedding-size", type=positive_int, default=512)
+    parser.add_argument("--image-size", type=positive_int, default=IMAGE_SIZE,
+                        help="input side; the output layer is built for it")
     args = parser.parse_args(argv)
     with torch.device("meta"):  # only shapes are needed: build without allocating weights
-        model = build_model(args.network, args.embedding_size)
+        model = build_model(args.network, args.embedding_size, image_size=args.image_size)
     flops = model_flops(model, args.image_size)
     print(f"{args.network}: {count_parameters(model) / 1e6:.2f}M parameters, "
           f"{flops / 1e9:.2f} GFLOPs ({flops / 2e9:.2f} GMACs) per "

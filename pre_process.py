@@ -62,6 +62,7 @@ from utils import (
 )
 
 JPEG_QUALITY = 95
+JPEG_QUALITY_MAX = 100  # OpenCV's JPEG quality runs 0..100 (libjpeg's scale)
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 log = get_logger("face.pre_process")
@@ -348,6 +349,7 @@ def _index_destination(rec: Path, index_out: str | None) -> Path:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     from config import build_parser
+    from utils import int_at_least, positive_int
 
     parser = build_parser(__doc__.split("\n\n")[0],
                           only=["rec", "allow_lost_records"])
@@ -363,9 +365,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             f"read-only")
     group.add_argument("--check-images", action="store_true",
                        help="also decode every image (slow; finds corrupt JPEGs)")
-    group.add_argument("--quality", type=int, default=JPEG_QUALITY,
+    group.add_argument("--quality", type=int_at_least(0, JPEG_QUALITY_MAX), default=JPEG_QUALITY,
                        help="JPEG quality for images --pack must re-encode")
-    group.add_argument("--image-size", type=int, default=FACE_CROP_SIZE,
+    group.add_argument("--image-size", type=positive_int, default=FACE_CROP_SIZE,
                        help="side of the square images --pack writes")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser

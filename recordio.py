@@ -382,10 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """List the first records of a .rec file: offset, payload size, IRHeader, image bytes."""
     import argparse
 
+    from utils import positive_int
+
     parser = argparse.ArgumentParser(description="List the records of a RecordIO file.")
     add_debug_flag(parser)
     parser.add_argument("rec", help="the .rec file")
-    parser.add_argument("--limit", type=int, default=10, help="records to list")
+    parser.add_argument("--limit", type=positive_int, default=10, help="records to list")
     args = parser.parse_args(argv)
     reader = RecordReader(args.rec)
     for n, (offset, payload, error) in enumerate(reader.scan()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import os
 import random
 import re
@@ -74,6 +75,50 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
                         help="on an error, show the full traceback instead of one line")
 
 
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (and <= ``high`` when given); argparse's
+    refusal names the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            rule = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)  # counts and sizes: a batch, a rank, a dimension, workers
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a tolerance, a scale)."""
+    value = _finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1] (a rate such as a false accept rate)."""
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def describe_error(e: BaseException) -> str:
     """One line for the user: OSErrors as ``path: reason`` (disk full said plainly)."""
     if isinstance(e, OSError) and not isinstance(e, ToolkitError):
@@ -134,24 +179,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def get_device(name: str = "auto") -> "torch.device":  # noqa: F821 - lazy torch import
-    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"  # every --device value this toolkit runs on
+# torch knows more devices (mps, xla, meta, ...); the toolkit is written and tested for these
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def unsupported_device(name: str) -> str | None:
+    """Why ``name`` is not a device this toolkit runs on, or None. The spelling only: a
+    config file may name a device of the machine it was written on."""
+    if _DEVICE_NAME.fullmatch(name):
+        return None
+    return f"not a device this toolkit runs on; use {DEVICE_NAMES}"
+
+
+def _device_problem(name: str) -> str | None:
+    """Why ``--device name`` cannot be used on this machine, or None. Behind
+    :func:`get_device`, which every script with a --device calls right after parsing its
+    flags (config.parse_config does for the scripts built on it)."""
+    problem = unsupported_device(name)
+    if problem or name in ("auto", "cpu"):
+        return problem
     import torch
 
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine"
+    index = torch.device(name).index
+    if index is not None and index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def get_device(name: str = "auto") -> "torch.device":  # noqa: F821 - lazy torch import
+    """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` when
+    this machine has it; anything else is a DeviceError naming what is accepted."""
+    import torch
+
+    problem = _device_problem(name)
+    if problem:
+        raise DeviceError(f"--device {name}: {problem}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DeviceError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N"
-                          ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None \
-            and device.index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                          "CUDA device(s)")
-    return device
+    return torch.device(name)
 
 
 # glibc mallopt parameters (malloc.h)
