@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from utils import ToolkitError, add_debug_flag, atomic_write_text, get_logger, run_cli
+from utils import ToolkitError, add_debug_flag, atomic_write_text, claim_output, get_logger, run_cli
 
 DEFAULT_DATA_ROOT = Path("data")
 MEGAFACE_SUBDIR = "megaface"
@@ -505,6 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
              "refused as likely zip bombs")
     args = parser.parse_args(argv)
     _check_destination(args.dest)  # one error, not one per archive
+    with claim_output(args.dest, "--dest", {"ARCHIVE": args.archives}):  # one writer
+        return extract_all(args)
+
+
+def extract_all(args: argparse.Namespace) -> int:
+    """What :func:`main` does once --dest is claimed: each archive, then one summary."""
     limits = None if args.allow_large else SizeLimits()
 
     failures = []  # one "error: ..." line each, on stderr after the summary of the rest

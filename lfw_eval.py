@@ -50,8 +50,11 @@ from bin_loader import load_bin
 from lfw_images import as_crop, load_lfw_crops
 from lfw_pairs import Pair, check_pairs_exist, pair_folds, parse_pairs
 from utils import (
+    FOLDER,
     ToolkitError,
     atomic_write_text,
+    check_output,
+    claim_output,
     get_device,
     get_logger,
     read_image,
@@ -434,9 +437,12 @@ def _run(cfg, args: argparse.Namespace) -> int:
     device = get_device(cfg.device)
     if args.compare:
         return _run_compare(args, _load_model(args, device), device, out_dir)
-    if args.bin:
-        return _run_bins(cfg, args, device, out_dir)
-    return _run_lfw(cfg, args, device, out_dir)
+    inputs = {"--checkpoint": checkpoint, **({"--bin": args.bin} if args.bin else
+                                             {"--lfw-dir": cfg.lfw_dir, "--pairs": cfg.pairs})}
+    with claim_output(out_dir, "--out", inputs, FOLDER):  # before any work, one writer
+        if args.bin:
+            return _run_bins(cfg, args, device, out_dir)
+        return _run_lfw(cfg, args, device, out_dir)
 
 
 def _run_bins(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
@@ -465,9 +471,11 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     folds, fold_rule = pairs_file_folds(pairs, cfg.pairs)  # before any work, as below
     lfw_dir = Path(cfg.lfw_dir)
     check_pairs_exist(pairs, lfw_dir)  # before any work
-    model = _load_model(args, device)
     cache_dir = Path(args.cache_dir) if args.cache_dir else \
         lfw_dir.parent / f"{lfw_dir.name}_aligned_cache"
+    check_output(cache_dir, "--cache-dir", {"--lfw-dir": lfw_dir, "--pairs": cfg.pairs,
+                                            "--checkpoint": args.checkpoint}, FOLDER)
+    model = _load_model(args, device)
     crops, index, issame, faceless = load_lfw_crops(lfw_dir, pairs, cache_dir=cache_dir,
                                                     checked=True)
     labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]

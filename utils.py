@@ -347,19 +347,16 @@ def check_output(output: str | Path, flag: str, inputs: Mapping[str, Any] | None
     Reads only; inputs that do not exist are the readers' business."""
     out = Path(output)
     target = out.resolve()
-    for name, value in (inputs or {}).items():
-        for path in _as_paths(value):
-            if not path.exists():
-                continue
-            source = path.resolve()
-            same = target == source or (out.exists() and os.path.samefile(out, path))
-            if same:
-                raise OutputConflictError(f"{flag} {out}: is {name} {path}, an input of "
-                                          "this command; refusing to write over it")
-            if source.is_dir() and target.is_relative_to(source):
-                raise OutputConflictError(f"{flag} {out}: lies inside {name} {path}, an "
-                                          "input folder this command reads; write it "
-                                          "somewhere else")
+    existing = [(name, path) for name, value in (inputs or {}).items()
+                for path in _as_paths(value) if path.exists()]
+    for name, path in existing:  # the same file first: the more telling of the two
+        if target == path.resolve() or (out.exists() and os.path.samefile(out, path)):
+            raise OutputConflictError(f"{flag} {out}: is {name} {path}, an input of this "
+                                      "command; refusing to write over it")
+    for name, path in existing:
+        if path.is_dir() and target.is_relative_to(path.resolve()):
+            raise OutputConflictError(f"{flag} {out}: lies inside {name} {path}, an input "
+                                      "folder this command reads; write it somewhere else")
     if kind is not None and (out.exists() or out.is_symlink()) and not kind.matches(out):
         raise OutputConflictError(f"{flag} {out}: exists and is not {kind.name}; refusing "
                                   "to replace it (move it away or choose another path)")
@@ -379,19 +376,46 @@ def lock_path_for(output: str | Path) -> Path:
     return target.parent / name
 
 
-# lock file -> [descriptor, depth]: a process that holds a claim may claim it again (demo.py
-# claims the run folder that train.train then claims): flock would refuse its own second
-# open file description
-_HELD: dict[Path, list[int]] = {}
+@dataclass
+class _Held:
+    """A lock this process holds: its descriptor, how many claims share it, and the folders
+    made for it (removed again when empty, so a refused command leaves no trace)."""
+
+    fd: int
+    made: list[Path]
+    depth: int = 1
 
 
-def _lock(lock: Path, output: Path, flag: str) -> int:
+# lock file -> what holds it: a process that holds a claim may claim it again (demo.py claims
+# the run folder that train.train then claims): flock would refuse its own second open file
+# description
+_HELD: dict[Path, _Held] = {}
+
+
+def _lock(lock: Path, output: Path, flag: str) -> _Held:
     """Take the exclusive flock on ``lock`` without waiting and write our pid into it; an
     OutputBusyError naming the holder's pid when another process holds it."""
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _Held(_lock_file(lock, output, flag), made)
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # something else was written there since: keep it
+            return
+
+
+def _lock_file(lock: Path, output: Path, flag: str) -> int:
     import errno
     import fcntl
 
-    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, new_file_mode())
         try:
@@ -431,19 +455,20 @@ def claim_output(output: str | Path, flag: str, inputs: Mapping[str, Any] | None
     path = lock_path_for(output)
     held = _HELD.get(path)
     if held is not None:
-        held[1] += 1
+        held.depth += 1
     else:
-        _HELD[path] = held = [_lock(path, output, flag), 1]
+        _HELD[path] = held = _lock(path, output, flag)
     try:
         yield output
     finally:
-        held[1] -= 1
-        if held[1] == 0:
+        held.depth -= 1
+        if held.depth == 0:
             del _HELD[path]
             try:  # unlinked while still locked: the next writer creates a fresh one
                 path.unlink(missing_ok=True)
             finally:
-                os.close(held[0])
+                os.close(held.fd)
+                _remove_empty(held.made)
 
 
 class CheckpointError(ToolkitError, RuntimeError):

@@ -275,3 +275,70 @@ def test_two_packs_into_one_out_are_refused(tmp_path):
     summary = pre_process.pack_folder(src, out, progress=False)
     assert summary.images == 4 and json.dumps(sorted(p.name for p in out.parent.iterdir())) \
         == json.dumps(["property", "train.idx", "train.index.npz", "train.rec"])
+
+
+def test_evaluation_outputs_that_are_inputs_are_refused(tmp_path, capsys):
+    """lfw_eval, ijb_eval and megaface: an output folder that is an input file or lies in an
+    input tree is refused before the model is loaded, naming both."""
+    import ijb_eval
+    import lfw_eval
+    import megaface
+
+    ckpt = tmp_path / "backbone.pt"
+    ckpt.write_bytes(b"PK\x03\x04 weights")
+    lfw = tmp_path / "lfw"
+    (lfw / "Aaron_Eckhart").mkdir(parents=True)
+    pairs = lfw / "pairs.txt"
+    pairs.write_text("1\t1\n")
+    bin_set = tmp_path / "agedb.bin"
+    bin_set.write_bytes(b"\x80 a verification set")
+    before = files_of(tmp_path)
+    base = ["--checkpoint", str(ckpt), "--device", "cpu"]
+    for argv, flag, named in (
+            ([*base, "--lfw-dir", str(lfw), "--pairs", str(pairs), "--out", str(pairs)],
+             f"--out {pairs}", f"--pairs {pairs}"),
+            ([*base, "--lfw-dir", str(lfw), "--pairs", str(pairs), "--out",
+              str(lfw / "eval")], f"--out {lfw / 'eval'}", f"--lfw-dir {lfw}"),
+            ([*base, "--bin", str(bin_set), "--out", str(bin_set)], f"--out {bin_set}",
+             f"--bin {bin_set}")):
+        assert run_cli(lfw_eval.main, argv) == 1
+        line = one_error_line(capsys)
+        assert flag in line and named in line, line
+    ijb = tmp_path / "IJBC"
+    (ijb / "meta").mkdir(parents=True)
+    for out, named in ((ckpt, f"--checkpoint {ckpt}"), (ijb / "results", f"--ijb-dir {ijb}")):
+        assert run_cli(ijb_eval.main, ["--checkpoint", str(ckpt), "--ijb-dir", str(ijb),
+                                       "--out", str(out), "--device", "cpu"]) == 1
+        line = one_error_line(capsys)
+        assert f"--out {out}" in line and named in line, line
+    features = tmp_path / "features"
+    (features / "megaface").mkdir(parents=True)
+    noises = tmp_path / "noises.txt"
+    noises.write_text("a.jpg\n")
+    assert run_cli(megaface.main, ["--action", "remove_noises", "--features-dir",
+                                   str(features), "--clean-features-dir", str(features / "clean"),
+                                   "--megaface-noises", str(noises), "--facescrub-noises",
+                                   str(noises)]) == 1
+    line = one_error_line(capsys)
+    assert f"--clean-features-dir {features / 'clean'}" in line \
+        and f"--features-dir {features}" in line, line
+    assert files_of(tmp_path) == {**before, "noises.txt": b"a.jpg\n"}
+    assert not (features / "clean").exists()
+
+
+def test_two_extractions_into_one_destination_are_refused(tmp_path, capsys):
+    import zipfile
+
+    import extract
+
+    archive = tmp_path / "faces_emore.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("faces_emore/property", "2,112,112\n")
+    dest = tmp_path / "data"
+    with Holder(dest) as holder:
+        assert run_cli(extract.main, [str(archive), "--dest", str(dest), "--no-progress"]) == 1
+        line = one_error_line(capsys)
+        assert f"--dest {dest}" in line and f"pid {holder.proc.pid}" in line, line
+        assert not dest.exists()
+    assert run_cli(extract.main, [str(archive), "--dest", str(dest), "--no-progress"]) == 0
+    assert (dest / "faces_emore" / "property").read_text() == "2,112,112\n"
