@@ -405,8 +405,9 @@ def align_tree(src_dir: str | Path, dst_dir: str | Path, **options: Any) -> dict
     Refused before any work (:func:`utils.claim_output`)."""
     report_path = options.get("report_path")
     report = Path(report_path) if report_path is not None else Path(dst_dir) / REPORT_NAME
-    inputs = {"the source": src_dir}
-    with claim_output(dst_dir, "DST_DIR", inputs), \
+    # DST_DIR (and so the default report) inside the source is _align_tree's first check
+    inputs = {"the source": src_dir} if report_path is not None else {}
+    with claim_output(dst_dir, "DST_DIR"), \
             claim_output(report, "--report", inputs, REPORT_KIND, lock=False):
         return _align_tree(src_dir, dst_dir, **options)
 

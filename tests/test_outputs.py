@@ -107,6 +107,9 @@ def test_align_report_over_a_file_that_is_not_a_report_is_refused(tmp_path, caps
     line = one_error_line(capsys)
     assert f"--report {notes}" in line and "not an alignment report" in line, line
     assert notes.read_text() == "my notes\nnot a report\n" and not dst.exists()
+    photo = src / "amy" / "0.jpg"
+    assert run_cli(align_faces.main, [str(src), str(dst), "--report", str(photo)]) == 1
+    assert f"lies inside the source {src}" in one_error_line(capsys)
     # a report that an earlier run wrote is one (it is resumed and rewritten)
     notes.write_text("no_face\tamy/0.jpg\tcentre-cropped\nunreadable\tbob/1.jpg\tbad\n")
     utils.check_output(notes, "--report", kind=align_faces.REPORT_KIND)
