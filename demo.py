@@ -163,7 +163,7 @@ def run_demo(data_dir: str | Path = DEFAULT_DATA_DIR, run_dir: str | Path = DEFA
 def _run_demo(data_dir: Path, run_dir: Path, train_identities: int, train_images: int,
               eval_identities: int, eval_images: int, pairs_per_fold: int | None, seed: int,
               overrides: dict[str, Any] | None) -> dict[str, Any]:
-
+    """The stages of :func:`run_demo`, once its folders are claimed."""
     import align_faces
     import synthetic_faces
     import train as train_script

@@ -134,7 +134,7 @@ def claim_run_folder(cfg: Config, info: DistInfo, init_checkpoint: str | None
         if info.is_main:
             try:
                 held.enter_context(claim_output(cfg.output, "--output", inputs))
-            except ToolkitError as e:
+            except (ToolkitError, OSError) as e:  # every rank must reach the collective
                 refused = e
         if not all_ranks_true(refused is None, info):
             raise refused or OutputBusyError(f"--output {cfg.output}: refused on rank 0")

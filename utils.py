@@ -393,8 +393,8 @@ _HELD: dict[Path, _Held] = {}
 
 
 def _lock(lock: Path, output: Path, flag: str) -> _Held:
-    """Take the exclusive flock on ``lock`` without waiting and write our pid into it; an
-    OutputBusyError naming the holder's pid when another process holds it."""
+    """Take the exclusive flock on ``lock`` without waiting (its folders made as needed);
+    an OutputBusyError naming the holder's pid when another process holds it."""
     made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -413,6 +413,7 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def _lock_file(lock: Path, output: Path, flag: str) -> int:
+    """The descriptor holding the flock on ``lock``, with our pid written in it."""
     import errno
     import fcntl
 

@@ -345,3 +345,28 @@ def test_two_extractions_into_one_destination_are_refused(tmp_path, capsys):
         assert not dest.exists()
     assert run_cli(extract.main, [str(archive), "--dest", str(dest), "--no-progress"]) == 0
     assert (dest / "faces_emore" / "property").read_text() == "2,112,112\n"
+
+
+@pytest.mark.slow  # torchrun: two processes importing torch
+def test_torchrun_ranks_all_refuse_an_output_another_training_holds(tmp_path):
+    import socket
+
+    rec, _, _ = lib.build_insightface_set(tmp_path, (4, 4))
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--rec", str(rec), "--output", str(out), "--network", "ir_narrow",
+            "--embedding-size", "16", "--batch-size", "2", "--device", "cpu",
+            "--num-workers", "0", "--max-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with Holder(out) as holder:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                               "--nproc_per_node=2", f"--master_port={port}", "train.py",
+                               *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=240)  # a rank left waiting would hang, not fail
+        assert proc.returncode != 0
+        assert f"error: --output {out}: another process (pid {holder.proc.pid})" \
+            in proc.stderr, proc.stderr[-2000:]
+        assert f"error: --output {out}: refused on rank 0" in proc.stderr
+        assert not out.exists()
