@@ -370,3 +370,37 @@ def test_torchrun_ranks_all_refuse_an_output_another_training_holds(tmp_path):
             in proc.stderr, proc.stderr[-2000:]
         assert f"error: --output {out}: refused on rank 0" in proc.stderr
         assert not out.exists()
+
+
+def test_onnx_files_are_told_from_checkpoints(tmp_path):
+    """An ONNX model as the onnx package serialises it is one; a PyTorch checkpoint is not."""
+    import torch
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["x2"])], "g", [value],
+                              [helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1])])
+    model = tmp_path / "m.onnx"
+    model.write_bytes(helper.make_model(graph).SerializeToString())
+    import export_onnx
+
+    assert export_onnx.ONNX_KIND.matches(model)
+    ckpt = tmp_path / "c.pt"
+    torch.save({"w": torch.zeros(2)}, ckpt)
+    assert not export_onnx.ONNX_KIND.matches(ckpt)
+
+
+@pytest.mark.slow  # two exports through torch.export: tens of seconds on 2 busy cores
+def test_an_export_over_an_earlier_export_is_allowed(tmp_path):
+    """What torch's exporter writes is recognised as ONNX (so re-exporting is not refused),
+    also when the weights go to a file of their own."""
+    import torch
+
+    import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, stride=8), torch.nn.Flatten())
+    for max_bytes in (export_onnx.SINGLE_FILE_MAX_BYTES, 0):
+        out = tmp_path / f"m{max_bytes}.onnx"
+        export_onnx.export_onnx(model, out, single_file_max_bytes=max_bytes)
+        utils.check_output(out, "--out", kind=export_onnx.ONNX_KIND)
+        assert export_onnx.external_data_path(out).exists() == (max_bytes == 0)
