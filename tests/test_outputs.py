@@ -404,3 +404,25 @@ def test_an_export_over_an_earlier_export_is_allowed(tmp_path):
         export_onnx.export_onnx(model, out, single_file_max_bytes=max_bytes)
         utils.check_output(out, "--out", kind=export_onnx.ONNX_KIND)
         assert export_onnx.external_data_path(out).exists() == (max_bytes == 0)
+
+
+def test_feature_writers_refuse_a_folder_another_process_writes(tmp_path, capsys):
+    """megaface gen_features and ijb_eval hold their feature and result folders."""
+    import ijb_eval
+    import megaface
+
+    ckpt = tmp_path / "backbone.pt"
+    ckpt.write_bytes(b"PK\x03\x04 weights")
+    features, ijb_out = tmp_path / "features", tmp_path / "ijbc_results"
+    (tmp_path / "IJBC").mkdir()
+    for held, command, argv in (
+            (features, megaface.main, ["--action", "gen_features", "--checkpoint", str(ckpt),
+                                       "--aligned-dir", str(tmp_path / "aligned"),
+                                       "--features-dir", str(features)]),
+            (ijb_out, ijb_eval.main, ["--checkpoint", str(ckpt), "--ijb-dir",
+                                      str(tmp_path / "IJBC"), "--out", str(ijb_out)])):
+        with Holder(held) as holder:
+            assert run_cli(command, argv) == 1
+            line = one_error_line(capsys)
+            assert f"{held}: another process (pid {holder.proc.pid})" in line, line
+        assert not held.exists()
