@@ -308,6 +308,11 @@ class OutputBusyError(ToolkitError, RuntimeError):
     """An output another process is writing now; names it and that process's pid."""
 
 
+class OutputUnwritableError(ToolkitError, OSError):
+    """An output whose folder cannot be written (read-only, no permission): found when its
+    lock is taken, before any work."""
+
+
 @dataclass(frozen=True)
 class OutputKind:
     """What an output holds, to tell it from an existing file it must not replace:
@@ -396,11 +401,14 @@ def _lock(lock: Path, output: Path, flag: str) -> _Held:
     """Take the exclusive flock on ``lock`` without waiting (its folders made as needed);
     an OutputBusyError naming the holder's pid when another process holds it."""
     made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
-    lock.parent.mkdir(parents=True, exist_ok=True)
     try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
         return _Held(_lock_file(lock, output, flag), made)
-    except BaseException:
+    except BaseException as e:
         _remove_empty(made)
+        if isinstance(e, OSError) and not isinstance(e, ToolkitError):
+            raise OutputUnwritableError(f"{flag} {output}: cannot write in {lock.parent} "
+                                        f"({describe_error(e)})") from None
         raise
 
 

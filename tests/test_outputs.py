@@ -426,3 +426,26 @@ def test_feature_writers_refuse_a_folder_another_process_writes(tmp_path, capsys
             line = one_error_line(capsys)
             assert f"{held}: another process (pid {holder.proc.pid})" in line, line
         assert not held.exists()
+
+
+def test_an_output_whose_folder_cannot_be_written_is_refused_in_one_line(tmp_path,
+                                                                         monkeypatch):
+    """The lock is the first write: a read-only folder is found there, before any work (a
+    read-only file system, simulated: these tests may run as root, whom modes do not stop)."""
+    import errno
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    out = tmp_path / "new" / "train.index.npz"
+    with pytest.raises(utils.OutputUnwritableError) as err, \
+            claim_output(out, "--index-out"):
+        pass
+    assert str(err.value) == (f"--index-out {out}: cannot write in {out.parent} "
+                              f"({lock_path_for(out)}: Read-only file system)")
+    assert not out.parent.exists()  # the folder made for the lock is gone again
