@@ -47,9 +47,11 @@ from reduced_photo import Photo
 from utils import (
     IMAGE_EXTENSIONS,
     DeviceError,
+    OutputKind,
     ToolkitError,
     add_debug_flag,
     atomic_write_text,
+    claim_output,
     describe_error,
     get_device,
     get_logger,
@@ -120,6 +122,7 @@ STATUS_NOT_WRITTEN = "not_written"  # the crop's file could not be made (the oth
 # errors of the whole destination, not of one file's name: the run stops at the first
 WHOLE_DESTINATION_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 STATUS_ALIGNED = "aligned"  # only written to clear an earlier entry of the same file
+REPORT_SNIFF_BYTES = 1 << 16  # the head of an existing --report read to tell it is one
 
 log = get_logger("align")
 
@@ -431,7 +434,37 @@ def _write_crop(path: Path, crop: np.ndarray) -> str | None:
     return None
 
 
-def align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = False,
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is empty or a report: every line ``status<TAB>...`` (the last one may
+    be cut short, by a killed run or by the bytes read here)."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(REPORT_SNIFF_BYTES)
+    *lines, last = head.split(b"\n")
+    starts = [f"{status}\t".encode() for status in
+              (STATUS_NO_FACE, STATUS_UNREADABLE, STATUS_ALIGNED)]
+    return all(line.startswith(tuple(starts)) for line in lines) and \
+        any(last.startswith(s) or s.startswith(last) for s in starts)
+
+
+REPORT_KIND = OutputKind("an alignment report", _is_report)
+
+
+def align_tree(src_dir: str | Path, dst_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """:func:`_align_tree` (its options by name) as the one writer of ``dst_dir``, whose
+    report is an alignment report (or new) and which is none of the source's files.
+    Refused before any work (:func:`utils.claim_output`)."""
+    report_path = options.get("report_path")
+    report = Path(report_path) if report_path is not None else Path(dst_dir) / REPORT_NAME
+    # DST_DIR (and so the default report) inside the source is _align_tree's first check
+    inputs = {"the source": src_dir} if report_path is not None else {}
+    with claim_output(dst_dir, "DST_DIR"), \
+            claim_output(report, "--report", inputs, REPORT_KIND, lock=False):
+        return _align_tree(src_dir, dst_dir, **options)
+
+
+def _align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = False,
                batch_size: int = DEFAULT_BATCH_SIZE,
                min_face_size: int = DEFAULT_MIN_FACE_SIZE,
                report_path: str | Path | None = None, progress: bool = True,

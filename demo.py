@@ -32,8 +32,11 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from utils import (
+    OutputConflictError,
+    ToolkitError,
     add_debug_flag,
     atomic_write_text,
+    claim_output,
     get_logger,
     list_images,
     run_cli,
@@ -46,6 +49,8 @@ log = get_logger("demo")
 DEFAULT_DATA_DIR = "data/demo"
 DEFAULT_RUN_DIR = "runs/demo"
 REC_NAME = "train.rec"  # the packed training set, inside the data folder
+TREE_NAMES = ("train", "lfw")  # the generated identity trees, inside the data folder
+RUN_MODEL_NAMES = ("backbone.pt", "checkpoint.pt")  # what a trained run folder holds
 
 # The demo data set, sized so that the whole demo fits ~10 minutes on 2 CPU cores
 # (see README): 200 training identities x 15 images, 100 held-out identities x 10.
@@ -108,20 +113,63 @@ def save_untrained(cfg: Any, out_dir: Path) -> Path:
     return path
 
 
+def check_demo_folders(data_dir: Path, run_dir: Path) -> None:
+    """Refuse folders the demo did not make, whose files it would replace: a data folder is
+    the demo's when every identity folder of its trees has a synthetic name (a real LFW tree
+    has others, and its pairs.txt would be rewritten); a run folder is the demo's when it
+    holds no model, or one whose config.json names the demo's training set."""
+    from synthetic_faces import is_synthetic_name
+
+    for tree in (data_dir / name for name in TREE_NAMES):
+        found = sorted(p for p in tree.iterdir() if p.is_dir()) if tree.is_dir() else []
+        foreign = [p for p in found if not is_synthetic_name(p.name)]
+        if foreign:
+            raise OutputConflictError(
+                f"--data-dir {data_dir}: {foreign[0]} is not one of the demo's synthetic "
+                f"identities ({len(foreign)} such folder(s) in {tree}); the demo would add to "
+                f"that tree and replace its pairs.txt; give the demo a --data-dir of its own")
+    rec = data_dir / REC_NAME
+    models = [run_dir / name for name in RUN_MODEL_NAMES if (run_dir / name).exists()]
+    if not models:
+        return
+    config = run_dir / "config.json"
+    try:
+        trained_on = json.loads(config.read_text()).get("rec")
+    except (OSError, ValueError, AttributeError):
+        trained_on = None
+    if trained_on is None or Path(trained_on).resolve() != rec.resolve():
+        what = f"a model trained on {trained_on}" if trained_on else \
+            f"{models[0].name} without a readable {config.name}"
+        raise OutputConflictError(f"--run-dir {run_dir}: holds {what}, not on the demo's "
+                                  f"{rec}; the demo would replace it; give the demo a "
+                                  "--run-dir of its own")
+
+
 def run_demo(data_dir: str | Path = DEFAULT_DATA_DIR, run_dir: str | Path = DEFAULT_RUN_DIR,
              train_identities: int = TRAIN_IDENTITIES, train_images: int = TRAIN_IMAGES,
              eval_identities: int = EVAL_IDENTITIES, eval_images: int = EVAL_IMAGES,
              pairs_per_fold: int | None = None, seed: int = 0,
              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run every stage; return (and write to ``run_dir/report.json``) the report."""
+    """Run every stage; return (and write to ``run_dir/report.json``) the report. Folders the
+    demo did not make are refused first (:func:`check_demo_folders`), and one demo at a time
+    writes each folder."""
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    check_demo_folders(data_dir, run_dir)
+    with claim_output(data_dir, "--data-dir"), claim_output(run_dir, "--run-dir"):
+        return _run_demo(data_dir, run_dir, train_identities, train_images, eval_identities,
+                         eval_images, pairs_per_fold, seed, overrides)
 
+
+def _run_demo(data_dir: Path, run_dir: Path, train_identities: int, train_images: int,
+              eval_identities: int, eval_images: int, pairs_per_fold: int | None, seed: int,
+              overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The stages of :func:`run_demo`, once its folders are claimed."""
     import align_faces
     import synthetic_faces
     import train as train_script
     from config import make_config
 
     start = time.perf_counter()
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
     timings: dict[str, float] = {}
 
     def timed(name: str, t0: float) -> None:
@@ -246,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.data_dir, args.run_dir, args.train_identities, args.train_images,
                  args.eval_identities, args.eval_images, args.pairs_per_fold, args.seed,
                  overrides)
+    except ToolkitError:  # one line from run_cli
+        raise
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         log.error("demo stopped: %s", e)
         return 1

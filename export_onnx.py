@@ -31,11 +31,14 @@ from torch import nn
 
 from models import IMAGE_SIZE, load_backbone
 from utils import (
+    OutputKind,
     ToolkitError,
     add_debug_flag,
+    claim_output,
     get_logger,
     remove_stale_temporaries,
     run_cli,
+    starts_with,
     temp_prefix,
 )
 
@@ -48,6 +51,9 @@ ONNX_OPSET = 18
 SINGLE_FILE_MAX_BYTES = 1536 * 2**20
 EXTERNAL_DATA_SUFFIX = ".data"  # onnxscript names the weights file <model file name>.data
 STAGING_SUFFIX = ".onnx-staging"  # folder ".<out name>.<random>.onnx-staging" beside --out
+# An ONNX file is a serialised ModelProto whose first field, written first, is ir_version
+# (field 1, varint: tag byte 0x08); a PyTorch checkpoint starts "PK" (zip) or 0x80 (pickle)
+ONNX_KIND = OutputKind("an ONNX model", starts_with(b"\x08"))
 
 log = get_logger("export_onnx")
 
@@ -181,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
     # errors (missing or untrusted checkpoint, parity) are printed by run_cli, one line
-    model = load_backbone(checkpoint, network=args.network, embedding_size=args.embedding_size)
-    remove_stale_temporaries(out.parent, out.name, STAGING_SUFFIX)  # a killed export's
-    diff = export_and_verify(model, out, args.tolerance, source=checkpoint)
+    with claim_output(out, "--out", {"--checkpoint": checkpoint}, ONNX_KIND):
+        model = load_backbone(checkpoint, network=args.network,
+                              embedding_size=args.embedding_size)
+        remove_stale_temporaries(out.parent, out.name, STAGING_SUFFIX)  # a killed export's
+        diff = export_and_verify(model, out, args.tolerance, source=checkpoint)
     log.info("wrote %s (max |diff| of normalised embeddings vs PyTorch: %.2e)", out, diff)
     return 0
 

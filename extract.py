@@ -74,6 +74,7 @@ from utils import (
     ToolkitError,
     add_debug_flag,
     atomic_write_text,
+    claim_output,
     get_logger,
     run_cli,
 )
@@ -675,6 +676,12 @@ def main(argv: Sequence[str] | None = None) -> int:
              "refused as likely zip bombs")
     args = parser.parse_args(argv)
     _check_destination(args.dest)  # one error, not one per archive
+    with claim_output(args.dest, "--dest", {"ARCHIVE": args.archives}):  # one writer
+        return extract_all(args)
+
+
+def extract_all(args: argparse.Namespace) -> int:
+    """What :func:`main` does once --dest is claimed: each archive, then one summary."""
     limits = None if args.allow_large else SizeLimits()
 
     failures = []  # one "error: ..." line each, on stderr after the summary of the rest

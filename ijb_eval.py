@@ -39,7 +39,14 @@ import numpy as np
 
 from ijb_release import TARGETS, IJBFormatError, Release, load_release
 from ijb_report import MERGED, format_table, plot_cmc
-from utils import atomic_write_text, get_device, get_logger, run_cli
+from utils import (
+    FOLDER,
+    atomic_write_text,
+    claim_output,
+    get_device,
+    get_logger,
+    run_cli,
+)
 from verification_metrics import FAR_EPS, far_measurable, not_measured, tar_at_far_from_top
 from verification_plots import plot_roc_curves
 
@@ -547,12 +554,22 @@ def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: prints the table, writes <out>/<target>_results.json and figures."""
     from config import parse_config
-    from ijb_features import mode_features
 
     cfg, args = parse_config(argv, parser=build_arg_parser())
     target = _target_of(args)
-    modes = _modes_of(args)
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / target.lower()
+    inputs = {"--ijb-dir": args.ijb_dir, "--checkpoint": args.checkpoint}
+    # before any work, one writer of each: the results and the features' cache
+    with claim_output(out_dir, "--out", inputs, FOLDER), \
+            claim_output(args.cache_dir or out_dir / "features", "--cache-dir", inputs, FOLDER):
+        return run_evaluation(cfg, args, target, out_dir)
+
+
+def run_evaluation(cfg: Any, args: argparse.Namespace, target: str, out_dir: Path) -> int:
+    """What :func:`main` does once its output folder is claimed."""
+    from ijb_features import mode_features
+
+    modes = _modes_of(args)
     release = load_release(args.ijb_dir, target)
     chunks = image_feature_chunks(cfg, args, release, out_dir)
     runs, curves = [], {}

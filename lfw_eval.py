@@ -52,9 +52,12 @@ from bin_loader import load_bin
 from lfw_images import as_crop, default_cache_dir, load_lfw_crops, readable_pairs
 from lfw_pairs import MAX_NAMED, Pair, check_pairs_exist, pair_folds, parse_pairs
 from utils import (
+    FOLDER,
     ToolkitError,
     atomic_write_text,
     can_write_in,
+    check_output,
+    claim_output,
     first_few,
     get_device,
     get_logger,
@@ -448,9 +451,12 @@ def _run(cfg, args: argparse.Namespace) -> int:
     device = get_device(cfg.device)
     if args.compare:
         return _run_compare(args, _load_model(args, device), device, out_dir)
-    if args.bin:
-        return _run_bins(cfg, args, device, out_dir)
-    return _run_lfw(cfg, args, device, out_dir)
+    inputs = {"--checkpoint": checkpoint, **({"--bin": args.bin} if args.bin else
+                                             {"--lfw-dir": cfg.lfw_dir, "--pairs": cfg.pairs})}
+    with claim_output(out_dir, "--out", inputs, FOLDER):  # before any work, one writer
+        if args.bin:
+            return _run_bins(cfg, args, device, out_dir)
+        return _run_lfw(cfg, args, device, out_dir)
 
 
 def _run_bins(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
@@ -480,6 +486,8 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     lfw_dir = Path(cfg.lfw_dir)
     check_pairs_exist(pairs, lfw_dir)  # before any work
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(lfw_dir)
+    check_output(cache_dir, "--cache-dir", {"--lfw-dir": lfw_dir, "--pairs": cfg.pairs,
+                                            "--checkpoint": args.checkpoint}, FOLDER)
     if not can_write_in(cache_dir):  # before the work whose crops it would keep
         raise LfwEvalError(f"--cache-dir {cache_dir}: cannot write in it; name a writable "
                            f"folder")

@@ -33,12 +33,14 @@ of them are ``megaface_features.py``, noise removal ``megaface_noise.py``, the s
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +63,11 @@ from megaface_features import (
 from megaface_noise import remove_noises, warn_unless_cleaned
 from utils import (
     FACE_CROP_SIZE,
+    FOLDER,
     IMAGE_EXTENSIONS,
     MissingInputError,
     atomic_write_text,
+    claim_output,
     first_few,
     get_logger,
     iter_images,
@@ -400,10 +404,38 @@ def _print_summary(title: str, summary: dict[str, int]) -> None:
     print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
+# The folder each action writes (flag, args attribute) and the flags of what it reads
+ACTION_OUTPUTS = {
+    "crop_megaface": ("--aligned-dir", ("megaface_images", "facescrub_images")),
+    "gen_features": ("--features-dir", ("aligned_dir", "checkpoint")),
+    "remove_noises": ("--clean-features-dir", ("features_dir", "megaface_noises",
+                                               "facescrub_noises", "facescrub_list")),
+    "evaluate": ("--results-dir", ("features_dir", "probe_features", "distractor_features",
+                                   "templatelists", "facescrub_list", "megaface_list")),
+}
+
+
+def claim_action_output(args: argparse.Namespace) -> AbstractContextManager:
+    """The folder ``args.action`` writes, claimed before any work (:func:`utils.claim_output`:
+    none of its inputs, one writer); the devkit action writes nothing itself."""
+    if args.action not in ACTION_OUTPUTS:
+        return nullcontext()
+    flag, reads = ACTION_OUTPUTS[args.action]
+    output = getattr(args, flag[2:].replace("-", "_"))
+    inputs = {"--" + name.replace("_", "-"): getattr(args, name) for name in reads}
+    return claim_output(output, flag, inputs, FOLDER)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from config import parse_config
 
     cfg, args = parse_config(argv, parser=build_arg_parser())
+    with claim_action_output(args):
+        return run_action(cfg, args)
+
+
+def run_action(cfg: Any, args: argparse.Namespace) -> int:
+    """Run ``args.action``; returns the exit status."""
     device = None if cfg.device == "auto" else cfg.device
     sets = [(MEGAFACE, args.megaface_images), (FACESCRUB, args.facescrub_images)]
     if args.action == "crop_megaface":

@@ -50,14 +50,17 @@ from utils import (
     FACE_CROP_SIZE,
     IMAGE_EXTENSIONS,
     ImageReadError,
+    OutputKind,
     atomic_write_text,
     can_write_in,
+    claim_output,
     decode_image,
     encode_image,
     get_logger,
     list_images,
     remove_stale_temporaries,
     run_cli,
+    starts_with,
     temp_path_for,
 )
 
@@ -66,6 +69,13 @@ JPEG_QUALITY_MAX = 100  # OpenCV's JPEG quality runs 0..100 (libjpeg's scale)
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 log = get_logger("face.pre_process")
+
+# What an existing --out / --index-out must already be for this command to replace it: a
+# RecordIO file starts with the record magic; an index is np.savez's zip (local file header,
+# or the end record of an empty archive)
+RECORDIO_KIND = OutputKind("a RecordIO file", starts_with(recordio.MAGIC_BYTES))
+INDEX_KIND = OutputKind(f"a saved index ({INDEX_SUFFIX})", starts_with(b"PK\x03\x04",
+                                                                      b"PK\x05\x06"))
 
 
 # ----------------------------------------------------------------------------- packing
@@ -208,6 +218,20 @@ def check_pack_paths(src_dir: str | Path, out_rec: str | Path) -> None:
 def pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path | None = None,
                 image_size: int = FACE_CROP_SIZE, quality: int = JPEG_QUALITY,
                 progress: bool = True, index_path: str | Path | None = None) -> PackSummary:
+    """:func:`_pack_folder` as the one writer of ``out_rec`` and its index, neither of them
+    an input nor a file of another kind (:func:`utils.claim_output`)."""
+    check_pack_paths(src_dir, out_rec)
+    index_path = Path(index_path) if index_path else index_path_for(out_rec)
+    inputs = {"--pack": src_dir}
+    with claim_output(out_rec, "--out", inputs, RECORDIO_KIND), \
+            claim_output(index_path, "--index-out", inputs, INDEX_KIND):
+        return _pack_folder(src_dir, out_rec, idx_path, image_size, quality, progress,
+                            index_path)
+
+
+def _pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path | None,
+                 image_size: int, quality: int, progress: bool,
+                 index_path: Path) -> PackSummary:
     """Pack ``src_dir/identity/image`` into an InsightFace-layout ``.rec`` + ``.idx``, its
     index (``index_path``, default ``<stem>.index.npz``) and ``property``.
 
@@ -220,11 +244,9 @@ def pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path |
     Every file is written to a temporary beside it and renamed into place only once the new
     set reads back whole (:func:`_replace_set` for the order), so a failure or a kill at any
     point leaves a complete, readable set: the old one or the new one."""
-    check_pack_paths(src_dir, out_rec)
     paths, labels, names = list_identity_images(src_dir)
     out_rec = Path(out_rec)
     idx_path = Path(idx_path) if idx_path else recordio.default_idx_path(out_rec)
-    index_path = Path(index_path) if index_path else index_path_for(out_rec)
     property_path = out_rec.parent / PROPERTY_NAME
     targets = [out_rec, idx_path, index_path, property_path]
     out_rec.parent.mkdir(parents=True, exist_ok=True)
@@ -390,9 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec = Path(cfg.rec)
         recordio.RecordReader(rec).close()  # a missing or foreign file is named first
         out = _index_destination(rec, args.index_out)  # checked before the work
-        index = index_record_file(rec, args.idx, check_images=args.check_images,
-                                  progress=progress)
-        out = save_index(index, out)
+        with claim_output(out, "--index-out", {"--rec": rec, "--idx": args.idx}, INDEX_KIND):
+            index = index_record_file(rec, args.idx, check_images=args.check_images,
+                                      progress=progress)
+            out = save_index(index, out)
     print(f"index of {rec} -> {out}\n{index.format_summary()}")
     # after the summary, so the damage is listed; the saved index lets training start fast
     # when the user then accepts the loss

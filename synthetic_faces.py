@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -337,6 +338,13 @@ _NAME_PARTS = (
 _NAME_RADIX = [len(p) for p in _NAME_PARTS]
 _NAME_COUNT = math.prod(_NAME_RADIX)  # 160,000 distinct names
 _NAME_STEP = 7_919  # coprime with _NAME_COUNT: consecutive indices get unrelated names
+_SYNTHETIC_NAME = re.compile("({})({})_({})({})".format(*("|".join(p) for p in _NAME_PARTS)))
+
+
+def is_synthetic_name(name: str) -> bool:
+    """Whether ``name`` is one that :func:`identity_name` gives (any split, any index): every
+    code maps to one name, so a name is synthetic exactly when it is four of the parts."""
+    return _SYNTHETIC_NAME.fullmatch(name) is not None
 
 
 def identity_name(split: int, index: int) -> str:

@@ -67,6 +67,7 @@ from train_checkpoints import (
     ResumeError,
     SavedSteps,
     check_output_folder,
+    claim_run_folder,
     load_init_weights,
     prepare_output,
     resume_training,
@@ -250,7 +251,10 @@ def train(cfg: Config, resume: bool = False, init_checkpoint: str | None = None,
                           "cannot be combined with --overwrite or --init-checkpoint")
     info = init_distributed(cfg.device)
     try:
-        return _train(cfg, info, resume, init_checkpoint, overwrite)
+        # refused before anything is written: a run still training, a file, another run
+        with claim_run_folder(cfg, info, init_checkpoint):
+            check_output_folder(Path(cfg.output), resume, overwrite)
+            return _train(cfg, info, resume, init_checkpoint, overwrite)
     finally:
         cleanup_distributed()
 
@@ -269,9 +273,8 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # Everything is checked before anything is written: a refused run leaves the output
-    # folder as it was.
-    check_output_folder(output, resume, overwrite)
+    # Everything is checked before anything is written (the output folder in train()): a
+    # refused run leaves the output folder as it was.
     dataset, source = build_dataset(cfg)
     check_enough_images(len(dataset), cfg.batch_size * info.world_size, source)
     num_classes = int(dataset.num_classes)

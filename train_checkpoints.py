@@ -25,7 +25,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,7 +46,9 @@ from train_utils import (
 from utils import (
     CORRUPT_REASON_CHARS,
     CheckpointError,
+    OutputBusyError,
     ToolkitError,
+    claim_output,
     describe_error,
     get_logger,
     load_backbone_state,
@@ -129,6 +132,27 @@ def check_output_folder(output: Path, resume: bool, overwrite: bool) -> None:
         raise OutputFolderError(
             f"{output} already holds a run ({', '.join(p.name for p in found)}); continue it "
             "with --resume, train into a new --output, or replace it with --overwrite")
+
+
+@contextmanager
+def claim_run_folder(cfg: Config, info: DistInfo, init_checkpoint: str | None
+                     ) -> Iterator[None]:
+    """For the run's lifetime, rank 0 holds --output (:func:`utils.claim_output`: none of the
+    run's inputs, one writer: a second training or a --resume of a run still training is
+    refused with the holder's pid). The other ranks share rank 0's folder and its verdict
+    (a collective), so every rank refuses alike."""
+    inputs = {"--rec": cfg.rec, "--image-folder": cfg.image_folder,
+              "--init-checkpoint": init_checkpoint, "--val-bins": cfg.val_bins}
+    with ExitStack() as held:
+        refused = None
+        if info.is_main:
+            try:
+                held.enter_context(claim_output(cfg.output, "--output", inputs))
+            except (ToolkitError, OSError) as e:  # every rank must reach the collective
+                refused = e
+        if not all_ranks_true(refused is None, info):
+            raise refused or OutputBusyError(f"--output {cfg.output}: refused on rank 0")
+        yield
 
 
 def prepare_output(output: Path, cfg: Config, overwrite: bool) -> None:

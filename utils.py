@@ -18,6 +18,8 @@ import struct
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +424,196 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     import torch
 
     _atomic_write(path, lambda f: torch.save(dict(state), f))
+
+
+# ----------------------------------------------------------------------------- claimed outputs
+# One rule for every script that writes: an output may not be one of its inputs (symlinks
+# followed), lie inside an input tree, or replace an existing file of another kind; and one
+# process at a time writes it (an flock the OS drops when the process dies).
+
+LOCK_SUFFIX = ".lock"  # ".<output name>.lock" beside the output holds the writer's pid
+NAME_MAX = 255  # bytes in one file name on Linux/macOS filesystems (ext4, xfs, apfs)
+_LOCK_NAME_KEEP = 200  # bytes of an over-long output name kept in its lock file's name
+
+
+class OutputConflictError(ToolkitError, ValueError):
+    """An output that would destroy an input or a file of another kind; names both."""
+
+
+class OutputBusyError(ToolkitError, RuntimeError):
+    """An output another process is writing now; names it and that process's pid."""
+
+
+class OutputUnwritableError(ToolkitError, OSError):
+    """An output whose folder cannot be written (read-only, no permission): found when its
+    lock is taken, before any work."""
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What an output holds, to tell it from an existing file it must not replace:
+    ``matches(path)`` says whether the existing ``path`` already holds this kind."""
+
+    name: str
+    matches: Callable[[Path], bool]
+
+
+def starts_with(*signatures: bytes) -> Callable[[Path], bool]:
+    """A sniffer: an empty file, or one whose first bytes are one of ``signatures``."""
+    def matches(path: Path) -> bool:
+        if not path.is_file():
+            return False
+        with path.open("rb") as f:
+            head = f.read(max(map(len, signatures)))
+        return not head or any(head.startswith(s) for s in signatures)
+    return matches
+
+
+FOLDER = OutputKind("a folder", Path.is_dir)
+
+
+def _as_paths(value: Any) -> list[Path]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [Path(value)]
+    return [Path(v) for v in value if v is not None and v != ""]
+
+
+def check_output(output: str | Path, flag: str, inputs: Mapping[str, Any] | None = None,
+                 kind: OutputKind | None = None) -> None:
+    """Refuse (OutputConflictError, one line naming both paths) an ``output`` that resolves,
+    symlinks followed, to an input file or lies inside an input folder (``inputs``: flag
+    -> a path, paths or None), or that exists and is not ``kind`` (:class:`OutputKind`).
+    Reads only; inputs that do not exist are the readers' business."""
+    out = Path(output)
+    target = out.resolve()
+    existing = [(name, path) for name, value in (inputs or {}).items()
+                for path in _as_paths(value) if path.exists()]
+    for name, path in existing:  # the same file first: the more telling of the two
+        if target == path.resolve() or (out.exists() and os.path.samefile(out, path)):
+            raise OutputConflictError(f"{flag} {out}: is {name} {path}, an input of this "
+                                      "command; refusing to write over it")
+    for name, path in existing:
+        if path.is_dir() and target.is_relative_to(path.resolve()):
+            raise OutputConflictError(f"{flag} {out}: lies inside {name} {path}, an input "
+                                      "folder this command reads; write it somewhere else")
+    if kind is not None and (out.exists() or out.is_symlink()) and not kind.matches(out):
+        raise OutputConflictError(f"{flag} {out}: exists and is not {kind.name}; refusing "
+                                  "to replace it (move it away or choose another path)")
+
+
+def lock_path_for(output: str | Path) -> Path:
+    """The lock file of ``output`` (resolved, so every name of it shares one lock):
+    ``.<name>.lock`` beside it, the name shortened with a hash when too long for one."""
+    import hashlib
+
+    target = Path(output).resolve()
+    name = f".{target.name}{LOCK_SUFFIX}"
+    if len(os.fsencode(name)) > NAME_MAX:
+        digest = hashlib.sha1(os.fsencode(target.name)).hexdigest()[:12]
+        keep = os.fsencode(target.name)[:_LOCK_NAME_KEEP].decode(errors="ignore")
+        name = f".{keep}~{digest}{LOCK_SUFFIX}"
+    return target.parent / name
+
+
+@dataclass
+class _Held:
+    """A lock this process holds: its descriptor, how many claims share it, and the folders
+    made for it (removed again when empty, so a refused command leaves no trace)."""
+
+    fd: int
+    made: list[Path]
+    depth: int = 1
+
+
+# lock file -> what holds it: a process that holds a claim may claim it again (demo.py claims
+# the run folder that train.train then claims): flock would refuse its own second open file
+# description
+_HELD: dict[Path, _Held] = {}
+
+
+def _lock(lock: Path, output: Path, flag: str) -> _Held:
+    """Take the exclusive flock on ``lock`` without waiting (its folders made as needed);
+    an OutputBusyError naming the holder's pid when another process holds it."""
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        return _Held(_lock_file(lock, output, flag), made)
+    except BaseException as e:
+        _remove_empty(made)
+        if isinstance(e, OSError) and not isinstance(e, ToolkitError):
+            raise OutputUnwritableError(f"{flag} {output}: cannot write in {lock.parent} "
+                                        f"({describe_error(e)})") from None
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # something else was written there since: keep it
+            return
+
+
+def _lock_file(lock: Path, output: Path, flag: str) -> int:
+    """The descriptor holding the flock on ``lock``, with our pid written in it."""
+    import errno
+    import fcntl
+
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, new_file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutputBusyError(f"{flag} {output}: another process (pid {holder}) is "
+                                  f"writing it now (lock {lock}); wait for it to end or "
+                                  "write elsewhere") from None
+        try:  # a releasing holder unlinks the file: ours must still be the one at `lock`
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+@contextmanager
+def claim_output(output: str | Path, flag: str, inputs: Mapping[str, Any] | None = None,
+                 kind: OutputKind | None = None, lock: bool = True) -> Iterator[Path]:
+    """The one rule for a script's output, called before any work: :func:`check_output`,
+    then (``lock``) an exclusive lock held until the block ends, so a second writer of the
+    same output (any path naming it) is refused with the holder's pid instead of mixing
+    files with it. The OS drops the lock when the process dies: a crash leaves no stale
+    lock. Yields ``output`` as a Path."""
+    output = Path(output)
+    check_output(output, flag, inputs, kind)
+    if not lock:
+        yield output
+        return
+    path = lock_path_for(output)
+    held = _HELD.get(path)
+    if held is not None:
+        held.depth += 1
+    else:
+        _HELD[path] = held = _lock(path, output, flag)
+    try:
+        yield output
+    finally:
+        held.depth -= 1
+        if held.depth == 0:
+            del _HELD[path]
+            try:  # unlinked while still locked: the next writer creates a fresh one
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(held.fd)
+                _remove_empty(held.made)
 
 
 class CheckpointError(ToolkitError, RuntimeError):
