@@ -443,7 +443,8 @@ def _is_report(path: Path) -> bool:
         head = f.read(REPORT_SNIFF_BYTES)
     *lines, last = head.split(b"\n")
     starts = [f"{status}\t".encode() for status in
-              (STATUS_NO_FACE, STATUS_UNREADABLE, STATUS_ALIGNED)]
+              (STATUS_NO_FACE, STATUS_UNREADABLE, STATUS_ALIGNED,
+               STATUS_NOT_WRITTEN)]
     return all(line.startswith(tuple(starts)) for line in lines) and \
         any(last.startswith(s) or s.startswith(last) for s in starts)
 
