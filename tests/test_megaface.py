@@ -680,3 +680,59 @@ def test_gen_features_refuses_non_finite_embeddings(tmp_path):
         megaface.gen_features(NaNNet(), tmp_path / "al", tmp_path / "f", device="cpu",
                               progress=False)
     assert not list((tmp_path / "f").rglob("*.bin"))  # nothing written
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def _backbone(folder: Path, seed: int) -> Path:
+    """An ir_narrow backbone.pt of its own weights, with the config.json that names it."""
+    import models
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(seed)
+    torch.save(models.build_model("ir_narrow", 16).state_dict(), folder / "backbone.pt")
+    (folder / "config.json").write_text(json.dumps({"network": "ir_narrow",
+                                                    "embedding_size": 16}))
+    return folder / "backbone.pt"
+
+
+def test_features_of_two_checkpoints_are_never_mixed(tmp_path, capsys):
+    """gen_features into a folder of another checkpoint's features kept them (written=0),
+    and evaluate then scored one model's probes against another's distractors."""
+    from utils import write_image
+
+    rng = np.random.default_rng(3)
+    aligned = tmp_path / "aligned"
+    for rel in ("megaface/1/a@N00/0_0.jpg", "facescrub/P/P_0.png", "facescrub/P/P_1.png"):
+        write_image(aligned / rel.replace(".jpg", ".png"),
+                    rng.integers(0, 255, (112, 112, 3), dtype=np.uint8))
+    first, second = _backbone(tmp_path / "m1", 1), _backbone(tmp_path / "m2", 2)
+
+    def gen(ckpt, features):
+        return ["--action", "gen_features", "--aligned-dir", str(aligned), "--features-dir",
+                str(features), "--checkpoint", str(ckpt), "--device", "cpu", "--num-workers",
+                "1"]
+
+    assert megaface.main(gen(first, tmp_path / "f1")) == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "f1").rglob("*.bin")}
+    assert len(before) == 3
+    err = _cli_error(capsys, gen(second, tmp_path / "f1"))
+    assert str(first) in err and str(second) in err and str(tmp_path / "f1") in err
+    assert {p: p.read_bytes() for p in (tmp_path / "f1").rglob("*.bin")} == before
+    # the same checkpoint again resumes (nothing to redo)
+    capsys.readouterr()
+    assert megaface.main(gen(first, tmp_path / "f1")) == 0
+    assert "written=0" in capsys.readouterr().out
+    # evaluate refuses probes and distractors of two checkpoints
+    assert megaface.main(gen(second, tmp_path / "f2")) == 0
+    err = _cli_error(capsys, ["--action", "evaluate", "--probe-features",
+                              str(tmp_path / "f1" / "facescrub"), "--distractor-features",
+                              str(tmp_path / "f2" / "megaface"), "--sizes", "1", "--fars",
+                              "--results-dir", str(tmp_path / "r"), "--device", "cpu"])
+    assert str(first) in err and str(second) in err
+    assert not (tmp_path / "r").exists()
+    # a folder of features that do not say where they came from is not added to
+    foreign = tmp_path / "f3" / "megaface"
+    _write_tree(foreign, {"1/a@N00/0_0.png": np.ones(16, np.float32) / 4})
+    err = _cli_error(capsys, gen(first, tmp_path / "f3"))
+    assert str(foreign) in err and "do not record the checkpoint" in err
