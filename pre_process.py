@@ -232,6 +232,7 @@ def pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path |
             raise DatasetError(f"{temps[out_rec]}: the packed set does not read back "
                                f"({len(index)} of {summary.images} images, {index.lost} "
                                f"lost); {out_rec} is left as it was")
+        index.identities = names  # label k is names[k]: resume checks this list
         save_index(index, temps[index_path])  # stamps the temporaries: renames keep them
         atomic_write_text(temps[property_path],
                           f"{len(names)},{image_size},{image_size}\n")

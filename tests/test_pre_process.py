@@ -566,3 +566,15 @@ def test_infinite_header_or_identity_label_is_a_damaged_record(tmp_path, where):
         assert index.has_header and index.corrupt_count == 1
         assert f"identity record {key} is missing or malformed" in index.corrupt[0]
     assert index.labels.tolist() == _expected_labels(expected)
+
+
+def test_pack_keeps_the_identity_names_in_label_order_in_its_index(tmp_path):
+    src = tmp_path / "aligned"
+    _make_tree(src)
+    out = tmp_path / "set" / "train.rec"
+    pre_process.pack_folder(src, out, progress=False)
+    index = record_index.load_index(out)
+    assert index is not None and index.identities == ["amy", "bob", "zed"]  # sorted folders
+    assert index.num_classes == len(index.identities)
+    # an index rebuilt from the .rec alone does not know them
+    assert record_index.index_record_file(out, progress=False).identities is None
