@@ -39,7 +39,7 @@ import numpy as np
 
 from ijb_release import TARGETS, IJBFormatError, Release, load_release
 from ijb_report import MERGED, format_table, plot_cmc
-from utils import atomic_write_text, get_device, get_logger, run_cli
+from utils import atomic_write_text, checkpoint_record, get_device, get_logger, run_cli
 from verification_metrics import FAR_EPS, tar_at_far_from_top
 from verification_plots import plot_roc_curves
 
@@ -564,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     out_dir / f"{prefix}_cmc.png",
                                     f"{target} 1:N identification ({modes[0]})"))
     results = dict(runs[0])
-    results.update({"checkpoint": str(args.checkpoint), "ijb_dir": str(args.ijb_dir),
+    results.update({**checkpoint_record(args.checkpoint), "ijb_dir": str(args.ijb_dir),
                     "files": files})
     if len(runs) > 1:
         results["modes"] = {r["mode"]: {k: r[k] for k in ("verification", "identification")

@@ -380,7 +380,9 @@ def load_backbone_state(path: str | Path) -> dict[str, Any]:
 HASH_CHUNK_BYTES = 1 << 20  # streamed in 1 MiB reads: a multi-GB checkpoint is never in memory
 SHORT_HASH_CHARS = 12  # hex digits shown in names and messages: 48 bits, no clash in practice
 CHECKPOINT_HASH_KEY = "checkpoint_sha256"  # the field derived files record it under
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> hash
+# (resolved path, inode, size, mtime_ns, ctime_ns) -> hash. The ctime too: a file rewritten
+# with its old mtime put back (cp -p, rsync -t, os.utime) still gets a new ctime
+_FILE_HASHES: dict[tuple[str, int, int, int, int], str] = {}
 
 
 class ProvenanceError(ToolkitError, ValueError):
@@ -390,10 +392,10 @@ class ProvenanceError(ToolkitError, ValueError):
 
 def file_sha256(path: str | Path) -> str:
     """The hex sha256 of a file's content, streamed; computed once per process while the
-    file keeps its size and mtime."""
+    file keeps its inode, size, mtime and ctime."""
     path = Path(path)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _FILE_HASHES:
         digest = hashlib.sha256()
         with path.open("rb") as f:

@@ -559,3 +559,33 @@ def test_cli_errors_are_one_line(release_dir, checkpoint, tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"error: {checkpoint}: weights do not match network")
+
+
+def test_feature_cache_and_results_follow_the_checkpoint_content(release_dir, tmp_path,
+                                                                 embed_calls):
+    """The cache was keyed by the checkpoint's path, size and mtime: another model of the
+    same network written over it with the old time stamp (cp -p, rsync -t) reused the old
+    model's features."""
+    import hashlib
+    import os
+
+    from models import build_model
+
+    root, _ = release_dir
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "backbone.pt"
+    (run / "config.json").write_text(json.dumps({"network": "ir_narrow",
+                                                 "embedding_size": EMBEDDING}))
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        stamp = ckpt.stat() if ckpt.exists() else None
+        torch.save(build_model("ir_narrow", embedding_size=EMBEDDING).state_dict(), ckpt)
+        if stamp is not None:  # the same size; the old time stamp put back
+            os.utime(ckpt, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+            assert ckpt.stat().st_size == stamp.st_size
+        embed_calls.clear()
+        assert _cli(root, ckpt, tmp_path / "out", "--modes", "N1D1F1") == 0
+        assert sum(embed_calls) == IMAGES, seed  # every image embedded by this model
+        results = json.loads((tmp_path / "out" / "ijbc_results.json").read_text())
+        assert results["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()

@@ -491,3 +491,19 @@ def test_save_checkpoint_on_a_full_disk_is_the_oserror_naming_the_file(tmp_path,
     monkeypatch.setattr(torch, "save", real_save)
     assert utils.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_file_sha256_is_the_content_hash_and_sees_a_rewrite_under_the_old_time_stamp(tmp_path):
+    import hashlib
+
+    from utils import HASH_CHUNK_BYTES, file_sha256
+
+    path = tmp_path / "weights.pt"
+    first = os.urandom(HASH_CHUNK_BYTES + 7)  # more than one read
+    path.write_bytes(first)
+    assert file_sha256(path) == hashlib.sha256(first).hexdigest()
+    stamp = path.stat()
+    second = bytes(reversed(first))  # same size
+    path.write_bytes(second)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert file_sha256(path) == hashlib.sha256(second).hexdigest()
