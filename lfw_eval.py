@@ -28,6 +28,13 @@ test-time augmentation (image + mirror, then L2-normalised). The folds:
 * ``.bin`` sets: 10 contiguous blocks (InsightFace's layout, each block holding both kinds);
   a set whose blocks do not hold both kinds gets stratified folds instead, with a warning.
 
+Provenance: every results file records the checkpoint by content (``checkpoint_sha256``)
+and the set (``pairs`` with ``pairs_sha256``, or ``bin`` with ``bin_sha256``). Raw LFW's
+results are ``<out>/lfw_results.json``, whose threshold ``--compare`` uses only when it was
+made from the same checkpoint content (not from a model since replaced under that name);
+a ``.bin`` set's are ``<stem>_<hash of its path>_results.json``, so no set overwrites
+another's.
+
 Bad input (a missing or binary pairs file, a header that promises more or fewer pairs than
 the file holds, a line with the wrong number of fields, a truncated or foreign ``.bin``, a
 non-finite ``--threshold`` or one outside cosine's [-1, 1]) is a one-line ``error: ...``

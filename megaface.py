@@ -21,6 +21,12 @@ exist (FaceScrub downloads are often incomplete), and then counted and named too
 or image-less input folder, an empty noise list, or one that names none of a tree large
 enough to expect matches, is an error naming the file or folder.
 
+Provenance: gen_features records in each feature tree the checkpoint (by content) and the
+aligned tree it came from (``features_source.json``) and refuses a tree holding another
+checkpoint's features or features that do not say; evaluate and remove_noises refuse
+probes and distractors of two checkpoints (features made by other tools, recording
+neither, are used with a warning).
+
 Layout: ``<aligned-dir>/{megaface,facescrub}/<relative image path>`` and
 ``<features-dir>/{megaface,facescrub}/<relative image path><suffix>``, the paths the devkit's
 template lists (``megaface_features_list.json_<N>_1``, ``facescrub_features_list.json``) name.
