@@ -465,11 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 require_images(src, "aligned image")
             else:  # one set may be made on its own; say which one is not
                 log.warning("%s: not found; no %s features made", src, src.name)
-        for src in present:  # every destination checked before any model runs
-            check_feature_source(Path(args.features_dir) / src.name, src, args.checkpoint,
-                                 args.suffix)
         model = load_backbone(args.checkpoint, network=args.network,
                               embedding_size=args.embedding_size)
+        for src in present:  # every destination checked before any image is embedded
+            check_feature_source(Path(args.features_dir) / src.name, src, args.checkpoint,
+                                 args.suffix)
         for src in present:
             _print_summary(f"features {src.name}", gen_features(
                 model, src, Path(args.features_dir) / src.name, args.suffix, cfg.batch_size,

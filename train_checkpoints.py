@@ -46,6 +46,7 @@ from train_utils import (
     set_rng_state,
 )
 from utils import (
+    SHORT_HASH_CHARS,
     CheckpointError,
     ToolkitError,
     describe_error,
@@ -212,11 +213,13 @@ def identity_differences(saved: Mapping[str, Any] | None,
         return []
     reason = ("the labels would name other people: each class centre would go on training "
               "on another identity's images; re-pack the set as it was or start a new run")
-    for key, what in (("names_sha256", "identity names"), ("counts_sha256", "images per identity")):
+    for key, what in (("names_sha256", "identity names"),
+                      ("counts_sha256", "images per identity")):
         old, new = saved.get(key), current.get(key)
         if old and new and old != new:
             return [f"identities: the set's {what} in label order differ from the "
-                    f"checkpoint's (sha256 {old[:12]} -> {new[:12]}; {reason})"]
+                    f"checkpoint's (sha256 {old[:SHORT_HASH_CHARS]} -> "
+                    f"{new[:SHORT_HASH_CHARS]}; {reason})"]
     return []
 
 
