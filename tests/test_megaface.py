@@ -731,6 +731,26 @@ def test_features_of_two_checkpoints_are_never_mixed(tmp_path, capsys):
                               "--results-dir", str(tmp_path / "r"), "--device", "cpu"])
     assert str(first) in err and str(second) in err
     assert not (tmp_path / "r").exists()
+    # remove_noises refuses such a pair too, and its clean trees keep the record
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "f1" / "facescrub", mixed / "facescrub")
+    shutil.copytree(tmp_path / "f2" / "megaface", mixed / "megaface")
+    (tmp_path / "fs.txt").write_text("Nobody_9.png\n")
+    (tmp_path / "mf.txt").write_text("999/x@N00/1_0.jpg\n")
+
+    def clean(features, out):
+        return ["--action", "remove_noises", "--features-dir", str(features),
+                "--clean-features-dir", str(out), "--megaface-noises",
+                str(tmp_path / "mf.txt"), "--facescrub-noises", str(tmp_path / "fs.txt")]
+
+    err = _cli_error(capsys, clean(mixed, tmp_path / "c1"))
+    assert str(first) in err and str(second) in err and not (tmp_path / "c1").exists()
+    assert megaface.main(clean(tmp_path / "f2", tmp_path / "c2")) == 0
+    for tree in ("facescrub", "megaface"):
+        record = json.loads((tmp_path / "c2" / tree / "features_source.json").read_text())
+        assert record["checkpoint"] == str(second)
     # a folder of features that do not say where they came from is not added to
     foreign = tmp_path / "f3" / "megaface"
     _write_tree(foreign, {"1/a@N00/0_0.png": np.ones(16, np.float32) / 4})
