@@ -38,6 +38,7 @@ from record_index import (
     RecordIndex,
     index_path_for,
     index_record_file,
+    load_index,
     require_complete,
     save_index,
 )
@@ -365,8 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec, index, out = Path(args.out), packed.index, packed.index_path
     else:
         rec = Path(cfg.rec)
+        kept = load_index(rec, args.idx)  # a fresh index of this very .rec
         index = index_record_file(rec, args.idx, check_images=args.check_images,
                                   progress=progress)
+        index.identities = kept.identities if kept else None  # the .rec holds no names
         out = save_index(index, args.index_out)
     print(f"index of {rec} -> {out}\n{index.format_summary()}")
     # after the summary, so the damage is listed; the saved index lets training start fast

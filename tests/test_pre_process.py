@@ -576,5 +576,8 @@ def test_pack_keeps_the_identity_names_in_label_order_in_its_index(tmp_path):
     index = record_index.load_index(out)
     assert index is not None and index.identities == ["amy", "bob", "zed"]  # sorted folders
     assert index.num_classes == len(index.identities)
-    # an index rebuilt from the .rec alone does not know them
+    # an index rebuilt from the .rec alone does not know them; `--rec` re-indexing the same
+    # file keeps them
     assert record_index.index_record_file(out, progress=False).identities is None
+    assert pre_process.main(["--rec", str(out), "--no-progress"]) == 0
+    assert record_index.load_index(out).identities == ["amy", "bob", "zed"]
