@@ -213,6 +213,7 @@ class FaceRecordDataset(_FaceDataset):
         self.keys = index.keys
         self.labels = index.labels
         self.num_classes = index.num_classes
+        self.classes = index.identities  # names by label where the index keeps them
         self.index_corrupt_count = index.corrupt_count
         self.reader = recordio.RecordReader(self.rec_path)
 

@@ -42,6 +42,7 @@ from ijb_report import MERGED, format_table, plot_cmc
 from utils import (
     FOLDER,
     atomic_write_text,
+    checkpoint_record,
     claim_output,
     get_device,
     get_logger,
@@ -587,7 +588,7 @@ def run_evaluation(cfg: Any, args: argparse.Namespace, target: str, out_dir: Pat
                                     out_dir / f"{prefix}_cmc.png",
                                     f"{target} 1:N identification ({modes[0]})"))
     results = dict(runs[0])
-    results.update({"checkpoint": str(args.checkpoint), "ijb_dir": str(args.ijb_dir),
+    results.update({**checkpoint_record(args.checkpoint), "ijb_dir": str(args.ijb_dir),
                     "files": files})
     if len(runs) > 1:
         results["modes"] = {r["mode"]: {k: r[k] for k in ("verification", "identification")

@@ -5,7 +5,7 @@ The cache holds both raw (unnormalised) embeddings of every image, the image's a
 mirror's, so every InsightFace mode (N0/N1, D0/D1, F0/F1) is computed from it: ``F0`` needs
 the image's embedding alone and ``N0`` the raw magnitudes. For IJB-C at 512-D that is
 469,375 x 2 x 512 float32 = 1.9 GB, in chunk files of CHUNK_IMAGES images under
-``<cache-dir>/<key>/``; the key hashes the checkpoint (path, size, mtime), the network and
+``<cache-dir>/<key>/``; the key hashes the checkpoint (its content), the network and
 the image list with its landmarks, so another model or release never reads stale features.
 Each chunk is written to a temporary beside it and renamed when whole: a killed run resumes
 at the first missing chunk. Reading and aligning (OpenCV, which releases the GIL) runs in a
@@ -31,6 +31,7 @@ from utils import (
     ToolkitError,
     atomic_write_bytes,
     atomic_write_text,
+    file_sha256,
     first_few,
     get_logger,
     read_image,
@@ -50,15 +51,14 @@ log = get_logger("ijb_features")
 
 def cache_key(release: Release, checkpoint: str | Path, network: str | None,
               embedding_size: int | None) -> str:
-    """A hash of everything the cached features depend on: the checkpoint file (path, size,
-    mtime) and the run's config.json beside it (which names the network), the flags that
-    override it, and the images with their landmarks. Known without loading the model, so a
-    run whose cache is complete never builds one."""
+    """A hash of everything the cached features depend on: the checkpoint's content (its
+    sha256: another model copied over it with the old time stamp is told apart) and the
+    run's config.json beside it (which names the network), the flags that override it, and
+    the images with their landmarks. Known without loading the model, so a run whose cache
+    is complete never builds one."""
     checkpoint = Path(checkpoint)
-    st = checkpoint.stat()
-    digest = hashlib.sha1(f"{CACHE_FORMAT}\n{checkpoint.resolve()}\n{st.st_size}\n"
-                          f"{st.st_mtime_ns}\n{network}\n{embedding_size}\n"
-                          f"{release.crop_dir.resolve()}\n".encode())
+    digest = hashlib.sha1(f"{CACHE_FORMAT}\n{file_sha256(checkpoint)}\n{network}\n"
+                          f"{embedding_size}\n{release.crop_dir.resolve()}\n".encode())
     run_config = checkpoint.parent / CONFIG_FILE
     if run_config.is_file():
         digest.update(run_config.read_bytes())

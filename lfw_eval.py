@@ -28,6 +28,13 @@ test-time augmentation (image + mirror, then L2-normalised). The folds:
 * ``.bin`` sets: 10 contiguous blocks (InsightFace's layout, each block holding both kinds);
   a set whose blocks do not hold both kinds gets stratified folds instead, with a warning.
 
+Provenance: every results file records the checkpoint by content (``checkpoint_sha256``)
+and the set (``pairs`` with ``pairs_sha256``, or ``bin`` with ``bin_sha256``). Raw LFW's
+results are ``<out>/lfw_results.json``, whose threshold ``--compare`` uses only when it was
+made from the same checkpoint content (not from a model since replaced under that name);
+a ``.bin`` set's are ``<stem>_<hash of its path>_results.json``, so no set overwrites
+another's.
+
 Bad input (a missing or binary pairs file, a header that promises more or fewer pairs than
 the file holds, a line with the wrong number of fields, a truncated or foreign ``.bin``, a
 non-finite ``--threshold`` or one outside cosine's [-1, 1]) is a one-line ``error: ...``
@@ -57,12 +64,16 @@ from utils import (
     atomic_write_text,
     can_write_in,
     check_output,
+    checkpoint_record,
     claim_output,
+    file_sha256,
     first_few,
     get_device,
     get_logger,
     read_image,
+    require_same_checkpoint,
     run_cli,
+    short_hash,
 )
 from verification_metrics import (
     DEFAULT_FOLDS,
@@ -90,6 +101,8 @@ PIXEL_MEAN = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1], as in training
 PIXEL_STD = 127.5
 DEFAULT_BATCH_SIZE = 64
 LFW_RESULTS_NAME = "lfw"  # <out>/lfw_results.json holds the threshold `--compare` uses
+# --compare's remedy when the saved threshold is not this checkpoint's
+RERUN_LFW = "run the LFW evaluation of this checkpoint first, or pass --threshold"
 EXIT_NO_FACE = 3
 EXIT_NO_THRESHOLD = 4
 SUMMARY_FAR = 1e-3  # the FAR of the --bin summary table's TAR column (LFW-sized sets back it)
@@ -215,10 +228,12 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
                           progress: bool = True,
                           pair_index: np.ndarray | None = None,
                           folds: np.ndarray | None = None,
-                          fold_rule: str | None = None) -> dict[str, Any]:
+                          fold_rule: str | None = None,
+                          file_stem: str | None = None) -> dict[str, Any]:
     """Verify pairs of consecutive images (2i, 2i+1) with ``model``: k-fold accuracy, std and
-    threshold, ROC AUC, TAR@FAR. With ``out_dir``: ``<name>_roc.png``, ``<name>_hist.png``,
-    ``<name>_errors.png`` and ``<name>_results.json`` (plus ``extra`` fields) are written.
+    threshold, ROC AUC, TAR@FAR. With ``out_dir``: ``<stem>_roc.png``, ``<stem>_hist.png``,
+    ``<stem>_errors.png`` and ``<stem>_results.json`` (plus ``extra`` fields) are written,
+    ``<stem>`` being ``file_stem`` (default ``name``).
 
     Folds: ``folds`` (fold index per pair, described by ``fold_rule``), else ``nfolds``
     contiguous blocks; blocks that do not all hold both kinds of pair (a set ordered all
@@ -259,36 +274,48 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
     if out_dir is not None:
         import verification_plots as plots
 
-        out_dir = Path(out_dir)
+        out_dir, stem = Path(out_dir), file_stem or name
         points = {far: results[tar_key(far)] for far in FARS if tar_key(far) in results}
         far_curve, tar_curve, _ = roc_curve(sims, same)
         files = {
-            "roc": plots.plot_roc(far_curve, tar_curve, out_dir / f"{name}_roc.png",
+            "roc": plots.plot_roc(far_curve, tar_curve, out_dir / f"{stem}_roc.png",
                                   auc=results["auc"], operating_points=points,
                                   title=f"{name} ROC"),
-            "histogram": plots.plot_histogram(sims, same, out_dir / f"{name}_hist.png",
+            "histogram": plots.plot_histogram(sims, same, out_dir / f"{stem}_hist.png",
                                               threshold=results["threshold"],
                                               title=f"{name} similarities"),
             "errors": plots.plot_error_gallery(images, sims, same, results["threshold"],
-                                               out_dir / f"{name}_errors.png",
+                                               out_dir / f"{stem}_errors.png",
                                                labels=pair_labels, pair_index=index),
         }
         results["files"] = {k: str(v) for k, v in files.items()}
         results.update(extra or {})
-        results_path = out_dir / f"{name}_results.json"
+        results_path = out_dir / f"{stem}_results.json"
         results["files"]["results"] = str(results_path)
         atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
     return results
 
 
+def bin_results_stem(path: str | Path) -> str:
+    """The file names of a .bin set's results: its stem and a short hash of its resolved
+    path, so sets of one name in two folders (and raw LFW's ``lfw_results.json``) never
+    overwrite each other, while the same set evaluated again replaces its own."""
+    return f"{Path(path).stem}_{short_hash(str(Path(path).resolve()))}"
+
+
 def evaluate_bin(model, path: str | Path, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
                  out_dir: str | Path | None = None, name: str | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """``load_bin`` then ``evaluate_verification`` (name defaults to the file's stem)."""
+                 progress: bool = True, extra: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """``load_bin`` then ``evaluate_verification`` (name defaults to the file's stem; the
+    files are named by :func:`bin_results_stem`). The results record the set by path and
+    content hash (``bin_sha256``: the set is read whole anyway), plus ``extra``."""
     images, issame = load_bin(path, progress=progress)
+    source = {"bin": str(path), "bin_sha256": file_sha256(path), **(extra or {})}
     return evaluate_verification(model, images, issame, batch_size=batch_size, device=device,
                                  out_dir=out_dir, name=name or Path(path).stem,
-                                 extra={"bin": str(path)}, progress=progress)
+                                 file_stem=bin_results_stem(path), extra=source,
+                                 progress=progress)
 
 
 # ----------------------------------------------------------------------------- compare
@@ -320,16 +347,22 @@ def check_threshold(value: float, source: str) -> float:
     return value
 
 
-def _saved_threshold(out_dir: Path) -> tuple[float, Path] | None:
+def _saved_threshold(out_dir: Path, checkpoint: Path) -> tuple[float, Path] | None:
+    """The threshold of the LFW results in ``out_dir``, if any; ProvenanceError when they
+    were not made from ``checkpoint``'s content (a run retrained with --overwrite keeps the
+    old model's eval/) or do not say what they were made from."""
     path = out_dir / f"{LFW_RESULTS_NAME}_results.json"
     if not path.is_file():
         return None
     try:
-        value = float(json.loads(path.read_text())["threshold"])
+        saved = json.loads(path.read_text())
+        value = float(saved["threshold"])
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise LfwEvalError(f"{path}: no usable 'threshold' in this results file ({e})") \
             from None
-    return check_threshold(value, str(path)), path
+    check_threshold(value, str(path))
+    require_same_checkpoint(saved, path, checkpoint, RERUN_LFW)
+    return value, path
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -413,7 +446,7 @@ def _run_compare(args, model, device, out_dir: Path) -> int:
     if args.threshold is not None:
         threshold, source = args.threshold, "--threshold"
     else:
-        saved = _saved_threshold(out_dir)
+        saved = _saved_threshold(out_dir, Path(args.checkpoint))
         if saved is None:
             print(f"no threshold: {out_dir / (LFW_RESULTS_NAME + '_results.json')} does not "
                   "exist; run the LFW evaluation first or pass --threshold", file=sys.stderr)
@@ -466,7 +499,8 @@ def _run_bins(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     model = _load_model(args, device)
     rows = []
     for path in args.bin:
-        r = evaluate_bin(model, path, batch_size=cfg.batch_size, device=device, out_dir=out_dir)
+        r = evaluate_bin(model, path, batch_size=cfg.batch_size, device=device, out_dir=out_dir,
+                         extra=checkpoint_record(args.checkpoint))
         _print_results(r)
         rows.append(r)
     width = max(len("set"), *(len(r["name"]) for r in rows))
@@ -501,7 +535,10 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
         folds = folds[[p in kept for p in pairs]]
         left_out, pairs = len(pairs) - len(kept), [p for p in pairs if p in kept]
     labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]
-    meta = {"checkpoint": str(args.checkpoint), "lfw_dir": str(lfw_dir), "pairs": str(cfg.pairs),
+    # the set is recorded by folder and pairs file content: the pairs decide every score,
+    # and hashing the images would cost a pass over them (the crop cache checks their stamps)
+    meta = {**checkpoint_record(args.checkpoint), "lfw_dir": str(lfw_dir),
+            "pairs": str(cfg.pairs), "pairs_sha256": file_sha256(cfg.pairs),
             "faceless_images": faceless, "unreadable_images": unreadable,
             "pairs_left_out": left_out}
     r = evaluate_verification(model, crops, issame, batch_size=cfg.batch_size,

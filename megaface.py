@@ -21,6 +21,12 @@ exist (FaceScrub downloads are often incomplete), and then counted and named too
 or image-less input folder, an empty noise list, or one that names none of a tree large
 enough to expect matches, is an error naming the file or folder.
 
+Provenance: gen_features records in each feature tree the checkpoint (by content) and the
+aligned tree it came from (``features_source.json``) and refuses a tree holding another
+checkpoint's features or features that do not say; evaluate and remove_noises refuse
+probes and distractors of two checkpoints (features made by other tools, recording
+neither, are used with a warning).
+
 Layout: ``<aligned-dir>/{megaface,facescrub}/<relative image path>`` and
 ``<features-dir>/{megaface,facescrub}/<relative image path><suffix>``, the paths the devkit's
 template lists (``megaface_features_list.json_<N>_1``, ``facescrub_features_list.json``) name.
@@ -57,8 +63,11 @@ from megaface_features import (
     load_probes,
     probe_paths_and_labels,
     read_devkit_list,
+    read_feature_source,
     report_problems,
+    require_one_source,
     write_feature,
+    write_feature_source,
 )
 from megaface_noise import remove_noises, warn_unless_cleaned
 from utils import (
@@ -66,12 +75,15 @@ from utils import (
     FOLDER,
     IMAGE_EXTENSIONS,
     MissingInputError,
+    ProvenanceError,
     atomic_write_text,
+    checkpoint_record,
     claim_output,
     first_few,
     get_logger,
     iter_images,
     list_images,
+    require_same_checkpoint,
     run_cli,
     write_image,
 )
@@ -176,11 +188,36 @@ class _ListFile:
 
 # ----------------------------------------------------------------------------- features
 
+def check_feature_source(feature_root: Path, image_root: Path, checkpoint: str | Path,
+                         suffix: str = DEFAULT_SUFFIX) -> dict[str, str]:
+    """What ``feature_root`` will record it came from (``checkpoint`` by content, the
+    aligned ``image_root``); ProvenanceError, naming both, when the features already there
+    came from another checkpoint or image tree, or do not say (their files are kept, so
+    two models' features would be scored together)."""
+    record = {**checkpoint_record(checkpoint), "images": str(image_root.resolve())}
+    saved = read_feature_source(feature_root)
+    remedy = "write into another --features-dir, or delete that one"
+    if saved is None:
+        if feature_root.is_dir() and next(feature_root.rglob(f"*{suffix}"), None):
+            raise ProvenanceError(f"{feature_root}: holds features that do not record the "
+                                  f"checkpoint they came from, so they cannot be completed "
+                                  f"with {checkpoint}'s; {remedy}")
+        return record
+    require_same_checkpoint(saved, feature_root, checkpoint, remedy)
+    if saved.get("images") != record["images"]:
+        raise ProvenanceError(f"{feature_root}: holds features of the images in "
+                              f"{saved.get('images')}, not {record['images']}; {remedy}")
+    return record
+
+
 def gen_features(model, image_root: str | Path, feature_root: str | Path,
                  suffix: str = DEFAULT_SUFFIX, batch_size: int = 128, device=None,
-                 num_workers: int = 2, progress: bool = True) -> dict[str, int]:
+                 num_workers: int = 2, progress: bool = True,
+                 checkpoint: str | Path | None = None) -> dict[str, int]:
     """One devkit feature file ``<image file name><suffix>`` per aligned image (L2-normalised,
-    flip-augmented, see lfw_eval.embed) in the mirrored tree; existing files are kept."""
+    flip-augmented, see lfw_eval.embed) in the mirrored tree; existing files are kept. With
+    ``checkpoint`` (the file ``model`` was loaded from), the tree records it and the images
+    (:func:`check_feature_source`, refused when features of another source are there)."""
     import cv2
     from tqdm import tqdm
 
@@ -189,6 +226,9 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
 
     image_root, feature_root = Path(image_root), Path(feature_root)
     images = _input_images(image_root, "aligned image")
+    if checkpoint is not None:  # recorded before the first feature: a killed run stays known
+        write_feature_source(feature_root, check_feature_source(feature_root, image_root,
+                                                                checkpoint, suffix))
     todo = [p for p in images
             if not (feature_root / (str(p.relative_to(image_root)) + suffix)).exists()]
     summary = {"images": len(images), "skipped_existing": len(images) - len(todo),
@@ -249,6 +289,7 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
         warn_unless_cleaned(features_dir)
     probe_root = Path(args.probe_features or features_dir / FACESCRUB)
     distractor_root = Path(args.distractor_features or features_dir / MEGAFACE)
+    source = require_one_source(probe_root, distractor_root)
     templatelists = Path(args.templatelists) if args.templatelists else None
     facescrub_list = args.facescrub_list or (
         templatelists / "facescrub_features_list.json"
@@ -301,6 +342,7 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
                      "far_threshold": "(floor(FAR*#impostors)+1)-th largest impostor score, "
                                       "accept strictly above"},
         "probe_features": str(probe_root), "distractor_features": str(distractor_root),
+        "features_source": source,
         "num_probes": len(labels), "num_identities": len(set(labels)),
         "num_distractors_loaded": len(distractors),
         "skipped": {"probes": len(loaded_probes.missing),
@@ -467,10 +509,13 @@ def run_action(cfg: Any, args: argparse.Namespace) -> int:
                 log.warning("%s: not found; no %s features made", src, src.name)
         model = load_backbone(args.checkpoint, network=args.network,
                               embedding_size=args.embedding_size)
+        for src in present:  # every destination checked before any image is embedded
+            check_feature_source(Path(args.features_dir) / src.name, src, args.checkpoint,
+                                 args.suffix)
         for src in present:
             _print_summary(f"features {src.name}", gen_features(
                 model, src, Path(args.features_dir) / src.name, args.suffix, cfg.batch_size,
-                device, cfg.num_workers))
+                device, cfg.num_workers, checkpoint=args.checkpoint))
     elif args.action == "remove_noises":
         _require(args, "megaface_noises", "facescrub_noises")
         _print_summary("remove_noises", remove_noises(

@@ -22,7 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from megaface_eval import MegaFaceError
-from utils import TEMP_SUFFIX, MissingInputError, first_few, get_logger, temp_prefix
+from utils import (
+    CHECKPOINT_HASH_KEY,
+    TEMP_SUFFIX,
+    MissingInputError,
+    ProvenanceError,
+    atomic_write_text,
+    first_few,
+    get_logger,
+    temp_prefix,
+)
 
 log = get_logger("megaface")  # megaface.py's logger: these messages are part of its run
 
@@ -35,6 +44,9 @@ DEFAULT_SUFFIX = "_0.bin"
 MEGAFACE, FACESCRUB = "megaface", "facescrub"  # the two trees: distractors, probes
 MAX_LISTED_PROBLEMS = 10  # files named in the log and the results file; the count is complete
 MAX_PROBLEMS_IN_ERROR = 3  # files named in a one-line error
+# in each feature tree that gen_features writes: the checkpoint (by content) and the aligned
+# image tree its features came from, so two models' features are never scored together
+FEATURE_SOURCE_NAME = "features_source.json"
 
 
 class FeatureFormatError(MegaFaceError):
@@ -104,6 +116,48 @@ def list_feature_files(root: str | Path, suffix: str = DEFAULT_SUFFIX) -> list[s
                 rel = name[:-len(suffix)] if rel_dir == "." else f"{rel_dir}/{name[:-len(suffix)]}"
                 out.append(rel.replace(os.sep, "/"))
     return sorted(out)
+
+
+def read_feature_source(root: str | Path) -> dict | None:
+    """The record of what a feature tree came from (see FEATURE_SOURCE_NAME), or None when
+    it has none (made elsewhere, or before these records); ProvenanceError if unreadable."""
+    path = Path(root) / FEATURE_SOURCE_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError: ValueErrors
+        raise ProvenanceError(f"{path}: unreadable record of what these features came from "
+                              f"({e})") from None
+    if not isinstance(record, dict):
+        raise ProvenanceError(f"{path}: not a record of what these features came from")
+    return record
+
+
+def write_feature_source(root: str | Path, record: dict) -> None:
+    """Record (atomically) what the features in ``root`` come from."""
+    atomic_write_text(Path(root) / FEATURE_SOURCE_NAME, json.dumps(record, indent=2) + "\n")
+
+
+def require_one_source(probe_root: Path, distractor_root: Path) -> dict | None:
+    """What both feature trees came from. ProvenanceError, naming both trees and their
+    checkpoints, when they came from two checkpoints, or when only one records its own (the
+    other's model is unknown). None, with a warning, when neither records it (features made
+    by other tools): nothing can be checked then."""
+    probe, distractor = read_feature_source(probe_root), read_feature_source(distractor_root)
+    if probe is None and distractor is None:
+        log.warning("%s and %s do not record the checkpoint they came from (no %s); make sure "
+                    "both were made by one model", probe_root, distractor_root,
+                    FEATURE_SOURCE_NAME)
+        return None
+    known = [r.get(CHECKPOINT_HASH_KEY) if r else None for r in (probe, distractor)]
+    if known[0] != known[1] or None in known:
+        named = [f"{root} ({r.get('checkpoint', '?') if r else 'no ' + FEATURE_SOURCE_NAME})"
+                 for root, r in ((probe_root, probe), (distractor_root, distractor))]
+        raise ProvenanceError(f"probe and distractor features come from different or unknown "
+                              f"checkpoints: {named[0]} vs {named[1]}; make both with one "
+                              f"checkpoint (--action gen_features)")
+    return probe
 
 
 def read_devkit_list(path: str | Path, need_ids: bool = False) -> dict[str, list]:

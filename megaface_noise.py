@@ -30,7 +30,9 @@ from megaface_features import (
     probe_paths_and_labels,
     read_feature,
     report_problems,
+    require_one_source,
     write_feature,
+    write_feature_source,
 )
 from utils import MissingInputError, atomic_write_text, get_logger
 
@@ -123,6 +125,7 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
                "distractors_skipped": 0}
 
     probe_root, distractor_root = features_dir / FACESCRUB, features_dir / MEGAFACE
+    source = require_one_source(probe_root, distractor_root)  # one model's, or refused
     paths, labels = probe_paths_and_labels(probe_root, facescrub_list, suffix)
     probes = load_probes(probe_root, paths, suffix, progress)
     feats, kept = probes.feats, probes.kept
@@ -178,6 +181,9 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
         summary["distractors"] += 1
         summary["distractors_flagged"] += int(flagged)
     summary["distractors_skipped"] = len(skipped)
+    if source is not None:  # the clean trees are the same model's features
+        for tree in (FACESCRUB, MEGAFACE):
+            write_feature_source(out_dir / tree, source)
     report_problems(skipped, "distractor features (not written to the clean tree)")
     record = {"source": str(features_dir), "megaface_noises": str(megaface_noises),
               "facescrub_noises": str(facescrub_noises), "seed": seed, "summary": summary,

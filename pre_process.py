@@ -43,6 +43,7 @@ from record_index import (
     default_index_path,
     index_path_for,
     index_record_file,
+    load_index,
     require_complete,
     save_index,
 )
@@ -261,6 +262,7 @@ def _pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path 
             raise DatasetError(f"{temps[out_rec]}: the packed set does not read back "
                                f"({len(index)} of {summary.images} images, {index.lost} "
                                f"lost); {out_rec} is left as it was")
+        index.identities = names  # label k is names[k]: resume checks this list
         save_index(index, temps[index_path])  # stamps the temporaries: renames keep them
         atomic_write_text(temps[property_path],
                           f"{len(names)},{image_size},{image_size}\n")
@@ -413,8 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         recordio.RecordReader(rec).close()  # a missing or foreign file is named first
         out = _index_destination(rec, args.index_out)  # checked before the work
         with claim_output(out, "--index-out", {"--rec": rec, "--idx": args.idx}, INDEX_KIND):
+            kept = load_index(rec, args.idx)  # a fresh index of this very .rec
             index = index_record_file(rec, args.idx, check_images=args.check_images,
                                       progress=progress)
+            index.identities = kept.identities if kept else None  # the .rec holds no names
             out = save_index(index, out)
     print(f"index of {rec} -> {out}\n{index.format_summary()}")
     # after the summary, so the damage is listed; the saved index lets training start fast

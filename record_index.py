@@ -104,6 +104,9 @@ class RecordIndex:
     expected_images: int = -1  # what a header record announces; -1 without one
     # bytes of the .rec in no readable record (a damaged stretch may hide several records)
     unreadable_bytes: int = 0
+    # identity names in label order, as pre_process --pack numbered them; None where
+    # unknown (InsightFace's own sets; an index rebuilt from the .rec alone)
+    identities: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.size)
@@ -187,7 +190,9 @@ def save_index(index: RecordIndex, path: str | Path | None = None) -> Path:
              lost=index.lost, unlisted_offsets=index.unlisted_offsets,
              expected_images=index.expected_images, unreadable_bytes=index.unreadable_bytes,
              rec_size=rec_size, rec_mtime_ns=rec_mtime,
-             idx_size=idx_size, idx_mtime_ns=idx_mtime)
+             idx_size=idx_size, idx_mtime_ns=idx_mtime,
+             **({} if index.identities is None else {"identities": np.array(index.identities,
+                                                                          dtype=str)}))
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -235,7 +240,9 @@ def _load_index_file(rec_path: Path, idx_path: str | Path | None, index_path: Pa
                 identity_mismatches=int(z["identity_mismatches"]), idx_path=idx,
                 lost=int(z["lost"]), unlisted_offsets=z["unlisted_offsets"].astype(np.int64),
                 expected_images=int(z["expected_images"]),
-                unreadable_bytes=int(z["unreadable_bytes"]))
+                unreadable_bytes=int(z["unreadable_bytes"]),
+                identities=[str(n) for n in z["identities"]] if "identities" in z.files
+                else None)
     # a cut-off or overwritten .npz fails in zipfile, in NumPy's header parser or at EOF: it
     # is only a cache, so it is rebuilt from the .rec
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:

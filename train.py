@@ -68,6 +68,7 @@ from train_checkpoints import (
     SavedSteps,
     check_output_folder,
     claim_run_folder,
+    identity_list,
     load_init_weights,
     prepare_output,
     resume_training,
@@ -279,6 +280,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     check_enough_images(len(dataset), cfg.batch_size * info.world_size, source)
     num_classes = int(dataset.num_classes)
     check_labels(dataset.labels, num_classes, source)
+    identities = identity_list(getattr(dataset, "classes", None), dataset.labels, num_classes)
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, info.world_size, info.rank,
                                     seed=cfg.seed)
     steps_per_epoch = sampler.batches_per_epoch
@@ -290,7 +292,8 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     # one dict per logged step, and one per verification check
     logs: dict[str, list[dict[str, float]]] = {"history": [], "verification": []}
     if resume:
-        step, saved_logs, saved = resume_training(tr, cfg, num_classes, len(dataset))
+        step, saved_logs, saved = resume_training(tr, cfg, num_classes, len(dataset),
+                                                  identities)
         logs.update(saved_logs)
     elif init_checkpoint:
         load_init_weights(tr, init_checkpoint, cfg.network)
@@ -358,7 +361,8 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
                         logs["verification"].append({"step": step, **verification})
                 if save_now:
                     save_training_checkpoint(tr, cfg, step, step // steps_per_epoch,
-                                             num_classes, len(dataset), saved, logs)
+                                             num_classes, len(dataset), saved, logs,
+                                             identities)
                     if curves:
                         curves.update(logs["history"], logs["verification"])
                 if step >= last_step:

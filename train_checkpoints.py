@@ -7,8 +7,9 @@ Files in a run's output folder:
 - ``config.json``: the config used (``models.load_backbone`` reads it beside backbone.pt);
 - ``backbone.pt``: the bare backbone state dict for evaluation, rewritten at each checkpoint;
 - ``checkpoint.pt`` (rank 0): backbone, its optimiser and scheduler, grad scaler, epoch,
-  step, world size, number of classes and images, config, and the logged history. Written
-  last: it is the commit record of a checkpoint;
+  step, world size, number of classes and images, the set's identity list (hashes, see
+  :func:`identity_list`), config, and the logged history. Written last: it is the commit
+  record of a checkpoint;
 - ``checkpoint.prev.pt``: the checkpoint before it (a second name for the old file, kept
   until the new one is whole), which a resume falls back to, with a warning, when
   ``checkpoint.pt`` or a head file of its step is damaged, missing, of another layout (a
@@ -22,15 +23,18 @@ Files in a run's output folder:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from config import Config
@@ -45,6 +49,7 @@ from train_utils import (
 )
 from utils import (
     CORRUPT_REASON_CHARS,
+    SHORT_HASH_CHARS,
     CheckpointError,
     OutputBusyError,
     ToolkitError,
@@ -264,6 +269,39 @@ def stale_head_files(output: Path, rank: int, world_size: int, keep_steps: set[i
     return stale
 
 
+# ----------------------------------------------------------------------------- identities
+
+def identity_list(names: Sequence[str] | None, labels: np.ndarray,
+                  num_classes: int) -> dict[str, str | None]:
+    """What a checkpoint records of its set's label mapping, as hashes: the identity names
+    in label order (``names``; None where the set does not keep them, as in InsightFace's
+    own .rec) and the number of images of each label. A renamed, added or removed identity
+    folder renumbers the labels of a re-packed set without changing its size."""
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes).astype("<i8")
+    # JSON with ensure_ascii: one unambiguous text for any name (newlines, undecodable bytes)
+    named = None if names is None else \
+        hashlib.sha256(json.dumps(list(names)).encode("ascii")).hexdigest()
+    return {"names_sha256": named, "counts_sha256": hashlib.sha256(counts.tobytes()).hexdigest()}
+
+
+def identity_differences(saved: Mapping[str, Any] | None,
+                         current: Mapping[str, Any] | None) -> list[str]:
+    """Why the set's identity list is not the checkpoint's (empty: the same, or not known
+    on one side: a checkpoint that predates the record, a set that keeps no names)."""
+    if not saved or not current:
+        return []
+    reason = ("the labels would name other people: each class centre would go on training "
+              "on another identity's images; re-pack the set as it was or start a new run")
+    for key, what in (("names_sha256", "identity names"),
+                      ("counts_sha256", "images per identity")):
+        old, new = saved.get(key), current.get(key)
+        if old and new and old != new:
+            return [f"identities: the set's {what} in label order differ from the "
+                    f"checkpoint's (sha256 {old[:SHORT_HASH_CHARS]} -> "
+                    f"{new[:SHORT_HASH_CHARS]}; {reason})"]
+    return []
+
+
 # ----------------------------------------------------------------------------- saving
 
 
@@ -309,7 +347,8 @@ def all_finite(modules: list[torch.nn.Module]) -> bool:
 
 def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
                              num_classes: int, num_samples: int, saved: SavedSteps,
-                             logs: dict[str, list] | None = None) -> Path:
+                             logs: dict[str, list] | None = None,
+                             identities: dict[str, str | None] | None = None) -> Path:
     """Per-rank files first, then ``checkpoint.pt`` (the commit, with ``logs``: the logged
     history so far), then ``backbone.pt``; all atomic. The checkpoint.pt being replaced
     stays as checkpoint.prev.pt (with its head files) until the next one is whole. The
@@ -342,7 +381,8 @@ def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
                               "scheduler": tr.sched_backbone.state_dict(),
                               "scaler": tr.scaler.state_dict(), "step": step, "epoch": epoch,
                               "world_size": info.world_size, "num_classes": num_classes,
-                              "num_samples": num_samples, "config": cfg.to_dict(),
+                              "num_samples": num_samples, "identities": identities,
+                              "config": cfg.to_dict(),
                               "logs": logs or {}}, path)
             save_checkpoint(backbone_state, output / BACKBONE_NAME)
         except OSError as e:
@@ -427,10 +467,12 @@ def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
 
 
 def check_resumable(ckpt: dict[str, Any], path: Path, cfg: Config, num_classes: int,
-                    num_samples: int | None, world_size: int) -> list[str]:
+                    num_samples: int | None, world_size: int,
+                    identities: dict[str, str | None] | None = None) -> list[str]:
     """Refuse (ResumeError, naming each field) a checkpoint this run cannot continue: see
-    RESUME_REFUSED, plus the global batch, the classes and the number of images. Returns
-    the allowed changes, ``field: old -> new``."""
+    RESUME_REFUSED, plus the global batch, the classes, the number of images and the
+    identity list (:func:`identity_list`). Returns the allowed changes, ``field: old ->
+    new``."""
     allowed, refused = resume_differences(ckpt["config"], cfg.to_dict(), Config().to_dict())
     saved_batch, saved_world = ckpt["config"]["batch_size"], int(ckpt["world_size"])
     if saved_batch * saved_world != cfg.batch_size * world_size:
@@ -441,6 +483,7 @@ def check_resumable(ckpt: dict[str, Any], path: Path, cfg: Config, num_classes: 
     saved_samples = ckpt.get("num_samples")  # absent from older checkpoints
     if None not in (saved_samples, num_samples) and saved_samples != num_samples:
         refused.append(f"images: {saved_samples} -> {num_samples}")
+    refused += identity_differences(ckpt.get("identities"), identities)
     if refused:
         raise ResumeError(f"{path}: cannot resume with a different setup ("
                           + "; ".join(refused) + "); to train with it, start a new run "
@@ -485,8 +528,9 @@ def reshard_head_state(load_rank: Callable[[int], dict[str, Any]], num_classes: 
 
 
 def read_resume_state(path: Path, tr: Trainer, cfg: Config, num_classes: int,
-                      num_samples: int | None) -> tuple[dict[str, Any], dict[str, Any],
-                                                        list[str]]:
+                      num_samples: int | None,
+                      identities: dict[str, str | None] | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """``path`` (checkpoint.pt or its previous copy), this rank's head state from the head
     files of its step (re-cut when the world size changed) and the allowed setting
     changes. CheckpointFileError names a missing or damaged file, or the field of a file of
@@ -494,7 +538,8 @@ def read_resume_state(path: Path, tr: Trainer, cfg: Config, num_classes: int,
     output, info = path.parent, tr.info
     ckpt = read_checkpoint_file(path)
     check_checkpoint_layout(ckpt, path)
-    changes = check_resumable(ckpt, path, cfg, num_classes, num_samples, info.world_size)
+    changes = check_resumable(ckpt, path, cfg, num_classes, num_samples, info.world_size,
+                              identities)
     step, saved_world = ckpt["step"], ckpt["world_size"]
 
     def load_rank(rank: int) -> dict[str, Any]:
@@ -580,7 +625,8 @@ class Resumed(NamedTuple):
 
 
 def resume_training(tr: Trainer, cfg: Config, num_classes: int,
-                    num_samples: int | None = None) -> Resumed:
+                    num_samples: int | None = None,
+                    identities: dict[str, str | None] | None = None) -> Resumed:
     """Load ``checkpoint.pt`` and this rank's file into ``tr``, restore the RNG states, and
     return the step to continue from and the logs saved with it. A damaged or missing
     checkpoint.pt (or head file), or one of another layout (a field missing or of another
@@ -593,7 +639,7 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int,
         path, problem = output / name, None
         try:
             ckpt, rank_state, changes = read_resume_state(path, tr, cfg, num_classes,
-                                                          num_samples)
+                                                          num_samples, identities)
             load_resume_state(tr, cfg, path, ckpt, rank_state)
         except CheckpointFileError as e:
             problem = str(e)
@@ -607,6 +653,9 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int,
         LOG.warning("%s; resuming from %s (step %d) instead", "; ".join(problems), path, step)
     if info.is_main and changes:
         LOG.info("resuming with changed settings: %s", "; ".join(changes))
+    if info.is_main and identities and not ckpt.get("identities"):
+        LOG.warning("%s predates the record of its set's identity list: that the labels "
+                    "still name the same people cannot be checked", path)
     if info.is_main and ckpt["world_size"] != info.world_size:
         LOG.info("resuming %d ranks' run on %d: head shards re-cut from the saved ones; "
                  "data order and lr schedule continue as before, augmentation draws and "

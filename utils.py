@@ -742,6 +742,67 @@ def load_backbone_state(path: str | Path) -> dict[str, Any]:
     return strip_module_prefix(state)
 
 
+# ----------------------------------------------------------------------------- provenance
+# Every derived file (eval results and thresholds, feature trees) records the checkpoint it
+# came from by content, so a checkpoint replaced under the same name (train.py --overwrite)
+# is told apart; consumers compare before they use it.
+
+HASH_CHUNK_BYTES = 1 << 20  # streamed in 1 MiB reads: a multi-GB checkpoint is never in memory
+SHORT_HASH_CHARS = 12  # hex digits shown in names and messages: 48 bits, no clash in practice
+CHECKPOINT_HASH_KEY = "checkpoint_sha256"  # the field derived files record it under
+# (resolved path, inode, size, mtime_ns, ctime_ns) -> hash. The ctime too: a file rewritten
+# with its old mtime put back (cp -p, rsync -t, os.utime) still gets a new ctime
+_FILE_HASHES: dict[tuple[str, int, int, int, int], str] = {}
+
+
+class ProvenanceError(ToolkitError, ValueError):
+    """A derived file made from another checkpoint or input set than the one in use, or one
+    that does not record what it came from; the message names both."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's content, streamed; computed once per process while the
+    file keeps its inode, size, mtime and ctime."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def short_hash(text: str) -> str:
+    """A short hex digest of ``text`` (e.g. a path) for file names that must not collide."""
+    return hashlib.sha256(os.fsencode(text)).hexdigest()[:SHORT_HASH_CHARS]
+
+
+def checkpoint_record(checkpoint: str | Path) -> dict[str, str]:
+    """What a derived file records about the checkpoint it came from: path and content."""
+    return {"checkpoint": str(checkpoint), CHECKPOINT_HASH_KEY: file_sha256(checkpoint)}
+
+
+def require_same_checkpoint(record: Mapping[str, Any], source: str | Path,
+                            checkpoint: str | Path, remedy: str) -> None:
+    """ProvenanceError, naming ``source`` (the derived file) and ``checkpoint``, unless
+    ``record`` was made from ``checkpoint``'s content. A record without the field (written
+    before provenance was recorded) is of unknown origin and refused alike."""
+    recorded = record.get(CHECKPOINT_HASH_KEY)
+    if not isinstance(recorded, str):
+        raise ProvenanceError(f"{source}: does not record the checkpoint it came from (made "
+                              f"by an older version), so it cannot be used with {checkpoint}; "
+                              f"{remedy}")
+    current = file_sha256(checkpoint)
+    if recorded != current:
+        raise ProvenanceError(
+            f"{source}: made from another checkpoint ({record.get('checkpoint', '?')}, sha256 "
+            f"{recorded[:SHORT_HASH_CHARS]}) than {checkpoint} (sha256 "
+            f"{current[:SHORT_HASH_CHARS]}); {remedy}")
+
+
 # ----------------------------------------------------------------------------- images
 
 # EXIF orientation (TIFF/EXIF 2.3 tag 274): how the stored pixels must be turned for display.

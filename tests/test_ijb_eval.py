@@ -5,6 +5,7 @@ media and video frames, both 1:N galleries)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -512,6 +513,7 @@ def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path,
     assert embed_calls == [CHUNK, CHUNK, IMAGES - 2 * CHUNK]
     results = json.loads((out / "ijbc_results.json").read_text())
     assert results["target"] == "IJBC" and results["images"] == IMAGES
+    assert results["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert results["templates"] == TEMPLATES and results["mode"] == "N1D1F1"
     assert set(results["modes"]) == {"N1D1F1", "N0D0F0"}
     assert (out / "ijbc_roc.png").stat().st_size > 0 and (out / "ijbc_cmc.png").is_file()
@@ -668,3 +670,30 @@ def test_non_finite_embeddings_are_refused_naming_the_image_and_never_cached(
     assert len(chunks) == 1  # the first chunk only
     assert np.isfinite(np.load(chunks[0])).all()
     assert not (out / "ijbc_results.json").exists()
+
+
+def test_feature_cache_key_follows_the_checkpoint_content(release_dir, tmp_path):
+    """The cache was keyed by the checkpoint's path, size and mtime: another model of the
+    same network written over it with the old time stamp (cp -p, rsync -t) reused the old
+    model's features."""
+    import os
+
+    from models import build_model
+
+    release = ijb_release.load_release(release_dir[0], "IJBC")
+    ckpt = tmp_path / "backbone.pt"
+    keys = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        stamp = ckpt.stat() if ckpt.exists() else None
+        torch.save(build_model("ir_narrow", embedding_size=EMBEDDING).state_dict(), ckpt)
+        if stamp is not None:  # the same size; the old time stamp put back
+            os.utime(ckpt, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+            assert ckpt.stat().st_size == stamp.st_size
+        keys.append(ijb_features.cache_key(release, ckpt, None, None))
+    assert keys[0] != keys[1]
+    # the same content elsewhere is the same model: its cache is shared
+    copy = tmp_path / "copy" / "backbone.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(ckpt.read_bytes())
+    assert ijb_features.cache_key(release, copy, None, None) == keys[1]

@@ -815,3 +815,82 @@ def test_alignment_cache_of_a_read_only_lfw_goes_to_the_user_cache(tmp_path, mon
                       "--lfw-dir", str(data / "lfw"), "--pairs", str(tmp_path / "pairs.txt"),
                       "--cache-dir", str(data / "crops")], capsys)
     assert err == f"error: --cache-dir {data / 'crops'}: cannot write in it; name a writable folder"
+
+
+# ----------------------------------------------------------------------------- provenance
+
+BIN_PAIRS = 20  # 10 contiguous folds of one same and one different pair
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _other_checkpoint(folder: Path, seed: int) -> Path:
+    """Another ir_narrow backbone.pt (other weights) with its config.json, in ``folder``."""
+    import models
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(models.build_model("ir_narrow", 128).state_dict(), folder / "backbone.pt")
+    (folder / "config.json").write_text(json.dumps({"network": "ir_narrow",
+                                                    "embedding_size": 128}))
+    return folder / "backbone.pt"
+
+
+def test_lfw_results_record_the_checkpoint_and_pairs_they_came_from(tiny_run):
+    assert tiny_run["rc"] == 0
+    r = json.loads((tiny_run["run"] / "eval" / "lfw_results.json").read_text())
+    pairs = tiny_run["argv"][tiny_run["argv"].index("--pairs") + 1]
+    assert r["checkpoint_sha256"] == _sha256(tiny_run["run"] / "backbone.pt")
+    assert r["pairs_sha256"] == _sha256(pairs) and r["pairs"] == pairs
+
+
+def test_bin_results_keep_lfw_results_and_same_named_sets_apart(tiny_run, tmp_path, capsys):
+    """`--bin lfw.bin` wrote eval/lfw_results.json over raw LFW's (and its threshold), and
+    two sets named lfw.bin in two folders wrote one file."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    raw = (tiny_run["run"] / "eval" / "lfw_results.json").read_bytes()
+    (out / "lfw_results.json").write_bytes(raw)
+    bins = [tmp_path / "a" / "lfw.bin", tmp_path / "b" / "lfw.bin"]
+    for k, path in enumerate(bins):
+        path.parent.mkdir()
+        images = _test_images(2 * BIN_PAIRS, seed=20 + k)
+        path.write_bytes(pickle.dumps(([_png(im) for im in images],
+                                       [True, False] * (BIN_PAIRS // 2)), protocol=4))
+    ckpt = tiny_run["run"] / "backbone.pt"
+    assert lfw_eval.main(["--checkpoint", str(ckpt), "--device", "cpu", "--out", str(out),
+                          "--bin", str(bins[0]), "--bin", str(bins[1])]) == 0
+    assert (out / "lfw_results.json").read_bytes() == raw  # raw LFW's results untouched
+    written = sorted(out.glob("*_results.json"))
+    assert len(written) == 3, written
+    saved = [json.loads(p.read_text()) for p in written if p.name != "lfw_results.json"]
+    assert sorted(s["bin"] for s in saved) == sorted(str(b) for b in bins)
+    for s in saved:
+        assert s["bin_sha256"] == _sha256(s["bin"]) and s["checkpoint_sha256"] == _sha256(ckpt)
+
+
+def test_compare_refuses_a_threshold_of_another_checkpoint(tiny_run, tmp_path, capsys):
+    """After `train.py --overwrite` the run's eval/ kept the deleted model's threshold, and
+    --compare used it."""
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    results = run / "eval" / "lfw_results.json"
+    results.write_bytes((tiny_run["run"] / "eval" / "lfw_results.json").read_bytes())
+    ckpt = _other_checkpoint(run, seed=1)  # the run trained anew over the evaluated one
+    photo = next(Path(tiny_run["lfw_dir"]).rglob("*.jpg"))
+    argv = ["--checkpoint", str(ckpt), "--device", "cpu", "--compare", str(photo), str(photo)]
+    err = _cli_error(argv, capsys)
+    assert str(results) in err and str(ckpt) in err and "another checkpoint" in err
+    # results that predate the record: unknown provenance, refused as well
+    old = json.loads(results.read_text())
+    del old["checkpoint_sha256"]
+    results.write_text(json.dumps(old))
+    err = _cli_error(argv, capsys)
+    assert str(results) in err and "does not record" in err
+    # an explicit threshold needs no saved one
+    rc, out, _ = _compare(tiny_run | {"run": run}, capsys, photo, photo, "--threshold", "0.5")
+    assert rc == 0 and "verdict: same person" in out

@@ -741,3 +741,79 @@ def test_gen_features_refuses_a_checkpoint_with_a_nan_weight(tmp_path, capsys):
     assert err.startswith(f"error: {checkpoint}: not finite: tensor 'bn1.weight' holds 1 "
                           "NaN/inf value of its") and err.count("\n") == 1, err
     assert not (tmp_path / "features").exists()
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def _backbone(folder: Path, seed: int) -> Path:
+    """An ir_narrow backbone.pt of its own weights, with the config.json that names it."""
+    import models
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(seed)
+    torch.save(models.build_model("ir_narrow", 16).state_dict(), folder / "backbone.pt")
+    (folder / "config.json").write_text(json.dumps({"network": "ir_narrow",
+                                                    "embedding_size": 16}))
+    return folder / "backbone.pt"
+
+
+def test_features_of_two_checkpoints_are_never_mixed(tmp_path, capsys):
+    """gen_features into a folder of another checkpoint's features kept them (written=0),
+    and evaluate then scored one model's probes against another's distractors."""
+    from utils import write_image
+
+    rng = np.random.default_rng(3)
+    aligned = tmp_path / "aligned"
+    for rel in ("megaface/1/a@N00/0_0.jpg", "facescrub/P/P_0.png", "facescrub/P/P_1.png"):
+        write_image(aligned / rel.replace(".jpg", ".png"),
+                    rng.integers(0, 255, (112, 112, 3), dtype=np.uint8))
+    first, second = _backbone(tmp_path / "m1", 1), _backbone(tmp_path / "m2", 2)
+
+    def gen(ckpt, features):
+        return ["--action", "gen_features", "--aligned-dir", str(aligned), "--features-dir",
+                str(features), "--checkpoint", str(ckpt), "--device", "cpu", "--num-workers",
+                "1"]
+
+    assert megaface.main(gen(first, tmp_path / "f1")) == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "f1").rglob("*.bin")}
+    assert len(before) == 3
+    err = _cli_error(capsys, gen(second, tmp_path / "f1"))
+    assert str(first) in err and str(second) in err and str(tmp_path / "f1") in err
+    assert {p: p.read_bytes() for p in (tmp_path / "f1").rglob("*.bin")} == before
+    # the same checkpoint again resumes (nothing to redo)
+    capsys.readouterr()
+    assert megaface.main(gen(first, tmp_path / "f1")) == 0
+    assert "written=0" in capsys.readouterr().out
+    # evaluate refuses probes and distractors of two checkpoints
+    assert megaface.main(gen(second, tmp_path / "f2")) == 0
+    err = _cli_error(capsys, ["--action", "evaluate", "--probe-features",
+                              str(tmp_path / "f1" / "facescrub"), "--distractor-features",
+                              str(tmp_path / "f2" / "megaface"), "--sizes", "1", "--fars",
+                              "--results-dir", str(tmp_path / "r"), "--device", "cpu"])
+    assert str(first) in err and str(second) in err
+    assert not (tmp_path / "r").exists()
+    # remove_noises refuses such a pair too, and its clean trees keep the record
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "f1" / "facescrub", mixed / "facescrub")
+    shutil.copytree(tmp_path / "f2" / "megaface", mixed / "megaface")
+    (tmp_path / "fs.txt").write_text("Nobody_9.png\n")
+    (tmp_path / "mf.txt").write_text("999/x@N00/1_0.jpg\n")
+
+    def clean(features, out):
+        return ["--action", "remove_noises", "--features-dir", str(features),
+                "--clean-features-dir", str(out), "--megaface-noises",
+                str(tmp_path / "mf.txt"), "--facescrub-noises", str(tmp_path / "fs.txt")]
+
+    err = _cli_error(capsys, clean(mixed, tmp_path / "c1"))
+    assert str(first) in err and str(second) in err and not (tmp_path / "c1").exists()
+    assert megaface.main(clean(tmp_path / "f2", tmp_path / "c2")) == 0
+    for tree in ("facescrub", "megaface"):
+        record = json.loads((tmp_path / "c2" / tree / "features_source.json").read_text())
+        assert record["checkpoint"] == str(second)
+    # a folder of features that do not say where they came from is not added to
+    foreign = tmp_path / "f3" / "megaface"
+    _write_tree(foreign, {"1/a@N00/0_0.png": np.ones(16, np.float32) / 4})
+    err = _cli_error(capsys, gen(first, tmp_path / "f3"))
+    assert str(foreign) in err and "do not record the checkpoint" in err

@@ -653,3 +653,18 @@ def test_index_of_a_set_in_a_read_only_folder_goes_to_the_user_cache(tmp_path, m
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --index-out {out}: cannot write in {rec.parent}; name a "
                    f"writable place with --index-out"]
+
+
+def test_pack_keeps_the_identity_names_in_label_order_in_its_index(tmp_path):
+    src = tmp_path / "aligned"
+    _make_tree(src)
+    out = tmp_path / "set" / "train.rec"
+    pre_process.pack_folder(src, out, progress=False)
+    index = record_index.load_index(out)
+    assert index is not None and index.identities == ["amy", "bob", "zed"]  # sorted folders
+    assert index.num_classes == len(index.identities)
+    # an index rebuilt from the .rec alone does not know them; `--rec` re-indexing the same
+    # file keeps them
+    assert record_index.index_record_file(out, progress=False).identities is None
+    assert pre_process.main(["--rec", str(out), "--no-progress"]) == 0
+    assert record_index.load_index(out).identities == ["amy", "bob", "zed"]

@@ -1003,3 +1003,51 @@ def test_init_weights_with_a_nan_are_refused_before_writing(tiny_rec, two_checkp
     assert str(err.value).startswith(f"{path}: not finite: tensor 'conv1.weight' holds 1 "
                                      "NaN/inf value of its"), err.value
     assert not out.exists()
+
+
+def test_resume_refuses_a_repacked_set_whose_identities_were_renamed(tmp_path):
+    """Re-packing after renaming an identity folder shifts every label (identities are
+    numbered in sorted order) while the set keeps its size: --resume went on without a
+    word, training each class centre on another person's images."""
+    import pre_process
+
+    images, labels = pattern_images(3, 4)
+    src = tmp_path / "aligned"
+    names = ["amy", "bob", "cat"]
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = src / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{k}.jpg").write_bytes(encode_image(image))
+    rec = tmp_path / "set" / "train.rec"
+    pre_process.pack_folder(src, rec, progress=False)
+    out = tmp_path / "run"
+    train.train(tiny_cfg(rec, out, max_steps=1, save_every=1))
+    before = files_of(out)
+    (src / "amy").rename(src / "zoe")  # now bob=0, cat=1, zoe=2: same size, same counts
+    pre_process.pack_folder(src, rec, progress=False)
+    with pytest.raises(ResumeError, match="identit") as err:
+        train.train(tiny_cfg(rec, out, max_steps=2), resume=True)
+    assert str(out / "checkpoint.pt") in str(err.value)
+    assert files_of(out) == before
+    # the identities as they were: the resume goes on
+    (src / "zoe").rename(src / "amy")
+    pre_process.pack_folder(src, rec, progress=False)
+    assert train.train(tiny_cfg(rec, out, max_steps=2), resume=True)["steps"] == 2
+
+
+def test_identity_list_without_names_still_compares_images_per_label():
+    """InsightFace's own sets keep no names: the images per label are compared then; a
+    checkpoint that predates the record is not refused."""
+    from train_checkpoints import identity_differences, identity_list
+
+    labels = np.repeat([0, 1, 2], 4)
+    saved = identity_list(None, labels, 3)
+    assert identity_differences(saved, identity_list(None, labels.copy(), 3)) == []
+    moved = labels.copy()
+    moved[4] = 0  # one image of identity 1 now labelled 0: 5, 3, 4
+    assert "images per identity" in identity_differences(saved, identity_list(None, moved, 3))[0]
+    named = identity_list(["a", "b", "c"], labels, 3)
+    assert identity_differences(saved, named) == []  # names known on one side only
+    assert "identity names" in identity_differences(
+        named, identity_list(["a", "b", "d"], labels, 3))[0]
+    assert identity_differences(None, named) == []  # an older checkpoint

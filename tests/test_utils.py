@@ -588,3 +588,19 @@ def test_a_checkpoint_with_a_non_finite_value_is_refused_naming_the_tensor(tmp_p
     torch.save(good, path)
     loaded = utils.load_checkpoint(path)
     assert torch.equal(loaded["w"], good["w"]) and loaded["lr"] == 0.1
+
+
+def test_file_sha256_is_the_content_hash_and_sees_a_rewrite_under_the_old_time_stamp(tmp_path):
+    import hashlib
+
+    from utils import HASH_CHUNK_BYTES, file_sha256
+
+    path = tmp_path / "weights.pt"
+    first = os.urandom(HASH_CHUNK_BYTES + 7)  # more than one read
+    path.write_bytes(first)
+    assert file_sha256(path) == hashlib.sha256(first).hexdigest()
+    stamp = path.stat()
+    second = bytes(reversed(first))  # same size
+    path.write_bytes(second)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert file_sha256(path) == hashlib.sha256(second).hexdigest()
