@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import recordio
-from pre_process import list_identity_images
-from record_index import load_or_build_index, require_complete
+from records import recordio
+from records.identity_folders import list_identity_images
+from records.record_index import load_or_build_index, require_complete
 from utils import FACE_CROP_SIZE as IMAGE_SIZE
 from utils import ImageReadError, decode_image, read_image, run_cli
 

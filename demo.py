@@ -118,7 +118,7 @@ def check_demo_folders(data_dir: Path, run_dir: Path) -> None:
     the demo's when every identity folder of its trees has a synthetic name (a real LFW tree
     has others, and its pairs.txt would be rewritten); a run folder is the demo's when it
     holds no model, or one whose config.json names the demo's training set."""
-    from synthetic_faces import is_synthetic_name
+    from synthetic.synthetic_faces import is_synthetic_name
 
     for tree in (data_dir / name for name in TREE_NAMES):
         found = sorted(p for p in tree.iterdir() if p.is_dir()) if tree.is_dir() else []
@@ -165,9 +165,9 @@ def _run_demo(data_dir: Path, run_dir: Path, train_identities: int, train_images
               overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The stages of :func:`run_demo`, once its folders are claimed."""
     import align_faces
-    import synthetic_faces
     import train as train_script
     from config import make_config
+    from synthetic import synthetic_faces
 
     start = time.perf_counter()
     timings: dict[str, float] = {}

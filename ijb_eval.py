@@ -37,8 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from ijb_release import TARGETS, IJBFormatError, Release, load_release
-from ijb_report import MERGED, format_table, plot_cmc
+from evaluation.ijb_release import TARGETS, IJBFormatError, Release, load_release
+from evaluation.ijb_report import MERGED, format_table, plot_cmc
+from evaluation.verification_metrics import (
+    FAR_EPS,
+    far_measurable,
+    not_measured,
+    tar_at_far_from_top,
+)
+from evaluation.verification_plots import plot_roc_curves
 from utils import (
     FOLDER,
     atomic_write_text,
@@ -48,8 +55,6 @@ from utils import (
     get_logger,
     run_cli,
 )
-from verification_metrics import FAR_EPS, far_measurable, not_measured, tar_at_far_from_top
-from verification_plots import plot_roc_curves
 
 __all__ = [
     "IJBFormatError", "parse_mode", "template_features", "verification_scores",
@@ -525,7 +530,7 @@ def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
                          out_dir: Path) -> list[Path]:
     """The cache's chunk files, embedding whatever is missing (the model is only loaded
     then)."""
-    import ijb_features as feat
+    from evaluation import ijb_features as feat
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
@@ -568,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_evaluation(cfg: Any, args: argparse.Namespace, target: str, out_dir: Path) -> int:
     """What :func:`main` does once its output folder is claimed."""
-    from ijb_features import mode_features
+    from evaluation.ijb_features import mode_features
 
     modes = _modes_of(args)
     release = load_release(args.ijb_dir, target)

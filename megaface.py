@@ -52,8 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES, MegaFaceError
-from megaface_features import (
+from evaluation.megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES, MegaFaceError
+from evaluation.megaface_features import (
     DEFAULT_SUFFIX,
     FACESCRUB,
     MAX_LISTED_PROBLEMS,
@@ -69,7 +69,7 @@ from megaface_features import (
     write_feature,
     write_feature_source,
 )
-from megaface_noise import remove_noises, warn_unless_cleaned
+from evaluation.megaface_noise import remove_noises, warn_unless_cleaned
 from utils import (
     FACE_CROP_SIZE,
     FOLDER,
@@ -136,7 +136,7 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
 
     Images already done are skipped (resumable). No face: the centre crop is written and the
     image listed in ``dst_root/faceless.txt``; undecodable ones go to ``unreadable.txt``."""
-    from file_alignment import align_files
+    from faces.file_alignment import align_files
 
     src_root, dst_root = Path(src_root), Path(dst_root)
     images = _input_images(src_root, "image")
@@ -221,8 +221,8 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
     import cv2
     from tqdm import tqdm
 
-    from file_alignment import read_image_or_error
-    from lfw_eval import embed
+    from evaluation.verification import embed
+    from faces.file_alignment import read_image_or_error
 
     image_root, feature_root = Path(image_root), Path(feature_root)
     images = _input_images(image_root, "aligned image")
@@ -280,7 +280,7 @@ def _megaface_size_lists(templatelists: Path, sizes: Iterable[int]) -> dict[int,
 
 def run_evaluate(args, cfg) -> dict[str, Any]:
     """The ``evaluate`` action: load the feature trees, score, write JSON and PNGs."""
-    import megaface_eval as me
+    from evaluation import megaface_eval as me
 
     features_dir = Path(args.features_dir)
     if not (args.probe_features and args.distractor_features):
@@ -486,7 +486,7 @@ def run_action(cfg: Any, args: argparse.Namespace) -> int:
         for name, src in sets:  # every input checked before hours of work on the first
             if src:
                 require_images(src, f"--{name}-images")
-        from align_faces import FaceAligner
+        from faces.aligner import FaceAligner
 
         aligner = FaceAligner(device=device)
         for name, src in sets:

@@ -53,7 +53,7 @@ import data_gen
 import models
 from arcface_loss import build_head, clip_grad_norm_sharded
 from config import Config, build_parser, parse_config
-from distributed import (
+from training.distributed import (
     DistInfo,
     all_reduce_min_,
     all_reduce_sum_,
@@ -61,7 +61,7 @@ from distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from train_checkpoints import (
+from training.train_checkpoints import (
     BACKBONE_NAME,
     CONFIG_NAME,
     ResumeError,
@@ -74,7 +74,7 @@ from train_checkpoints import (
     resume_training,
     save_training_checkpoint,
 )
-from train_utils import (
+from training.train_utils import (
     CURVES_NAME,
     TENSORBOARD_NAME,
     CurvesWriter,

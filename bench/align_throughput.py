@@ -153,7 +153,7 @@ def landmark_diff(ours: dict[Path, np.ndarray], ref: dict[Path, np.ndarray]) -> 
 def reference(image: np.ndarray, landmarks: np.ndarray, over: int = 8) -> np.ndarray:
     """An anti-aliased 112 crop: warped at ``over`` x 112 from ``image`` and area-averaged
     (the template shifted so that each block of ``over`` pixels centres on a 112 pixel)."""
-    import face_warp as fw
+    from faces import face_warp as fw
 
     matrix = fw.estimate_similarity(landmarks, fw.REFERENCE_LANDMARKS * over + (over - 1) / 2)
     big = cv2.warpAffine(image, matrix, (112 * over, 112 * over), flags=cv2.INTER_LINEAR)
@@ -168,8 +168,8 @@ def crop_ratio_rows(faces: dict, paths: list[Path]) -> list[str]:
     landmarks, against the reference crop, binned by the eye distance on the reduced decode
     in template eye distances (align_faces.MIN_REDUCED_EYE_RATIO); and the crop warped from
     the full photo against the same reference, for the same photos."""
-    import face_warp as fw
-    from reduced_photo import Photo
+    from faces import face_warp as fw
+    from faces.reduced_photo import Photo
     from utils import decode_image, exif_orientation, jpeg_shape
 
     template_eye = float(np.linalg.norm(fw.REFERENCE_LANDMARKS[1] - fw.REFERENCE_LANDMARKS[0]))
@@ -204,9 +204,9 @@ def crop_differences(results: dict, paths: list[Path]) -> list[str]:
     """For each nonzero size: the new crops against the old ones (both paths' own landmarks),
     each against an anti-aliased reference crop at its own landmarks (warped at 8x from the
     full-size photo, area-averaged to 112), and how many new crops needed a full decode."""
-    import face_warp as fw
-    from align_faces import MIN_REDUCED_EYE_RATIO
-    from reduced_photo import jpeg_reduction
+    from faces import face_warp as fw
+    from faces.aligner import MIN_REDUCED_EYE_RATIO
+    from faces.reduced_photo import jpeg_reduction
     from utils import decode_image, jpeg_shape
 
     template_eye = float(np.linalg.norm(fw.REFERENCE_LANDMARKS[1] - fw.REFERENCE_LANDMARKS[0]))
@@ -261,8 +261,8 @@ def main() -> None:
     import torch
 
     import align_faces as af
-    import file_alignment as fa
-    from reduced_photo import read_photo
+    from faces import file_alignment as fa
+    from faces.reduced_photo import read_photo
     from utils import read_image
 
     torch.set_num_threads(args.threads)

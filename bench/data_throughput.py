@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's mo
 
 import cv2  # noqa: E402
 
-import recordio  # noqa: E402
+from records import recordio
 from utils import encode_image  # noqa: E402
 
 SIDE = 112
@@ -114,7 +114,7 @@ def epoch_seconds(loader, raw: bool) -> tuple[float, float, float]:
 def align_rate(count: int) -> float:
     from skimage import data
 
-    from align_faces import FaceAligner
+    from faces.aligner import FaceAligner
 
     image = data.astronaut()
     aligner = FaceAligner(device="cpu")
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         from torch.utils.data import BatchSampler, RandomSampler
 
         from data_gen import FaceRecordDataset, build_loader
-        from fast_loader import RingBufferLoader
+        from training.fast_loader import RingBufferLoader
 
         configs = [(f"FaceRecordDataset + loader, {w} worker(s)", w, False)
                    for w in args.workers]

@@ -32,9 +32,8 @@ import scipy.sparse  # noqa: F401 - imported before the clock: ijb_eval's poolin
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ijb_eval  # noqa: E402
-import ijb_features  # noqa: E402
-import ijb_report  # noqa: E402
-from ijb_release import Release, load_release  # noqa: E402
+from evaluation import ijb_features, ijb_report
+from evaluation.ijb_release import Release, load_release  # noqa: E402
 
 # IJB-C's sizes (InsightFace's pack)
 IMAGES, TEMPLATES, PAIRS = 469_375, 23_124, 15_658_489
@@ -279,7 +278,7 @@ def time_embedding(args) -> list[str]:
 
 def _centred_landmarks() -> np.ndarray:
     """Landmarks of a face in the middle half of a loose crop."""
-    from align_faces import template_for_size
+    from faces.face_warp import template_for_size
 
     return template_for_size(LOOSE_SIZE // 2) + np.float32(LOOSE_SIZE / 4)
 

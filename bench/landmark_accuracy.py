@@ -138,9 +138,9 @@ def load_faces(root: Path, min_eye_distance: float) -> list[Face]:
 # ----------------------------------------------------------------------------- detectors
 
 def _ours(detect_size: int | None, refine_steps: int | None) -> Detector:
-    from align_faces import DEFAULT_DETECT_SIZE, DEFAULT_REFINE_STEPS, FaceAligner
-    from mtcnn_cascade import map_detections
-    from reduced_photo import read_photo
+    from faces.aligner import DEFAULT_DETECT_SIZE, DEFAULT_REFINE_STEPS, FaceAligner
+    from faces.mtcnn_cascade import map_detections
+    from faces.reduced_photo import read_photo
 
     aligner = FaceAligner(device="cpu", detect_size=(DEFAULT_DETECT_SIZE if detect_size is None
                                                      else detect_size),
@@ -158,7 +158,7 @@ def _ours(detect_size: int | None, refine_steps: int | None) -> Detector:
 def _facenet() -> Detector:
     from facenet_pytorch import MTCNN
 
-    from reduced_photo import read_photo
+    from faces.reduced_photo import read_photo
     mtcnn = MTCNN(keep_all=True, device="cpu")  # its own defaults (min face 20, full size)
 
     def run(path: Path) -> Found:
@@ -189,7 +189,7 @@ def make_detector(method: str) -> Detector:
 def match(face: Face, detections: Found) -> tuple[np.ndarray, float] | None:
     """The detection whose box holds the annotation's centroid, nearest by box centre: its
     landmarks (0-based) and score."""
-    from mtcnn_cascade import MTCNN_COORDINATE_OFFSET
+    from faces.mtcnn_cascade import MTCNN_COORDINATE_OFFSET
 
     boxes, probs, points = (np.asarray(d, dtype=np.float64) for d in detections)
     centre = face.truth.mean(0)

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's modules, not us
 
-from verification_metrics import roc_metrics, ten_fold_accuracy  # noqa: E402
+from evaluation.verification_metrics import roc_metrics, ten_fold_accuracy  # noqa: E402
 
 GENUINE = (0.55, 0.15)
 IMPOSTOR = (0.05, 0.12)

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import megaface_eval as me  # noqa: E402
+from evaluation import megaface_eval as me
 
 NUM_PROBES = 3500
 NUM_IDENTITIES = 80

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
 import train  # noqa: E402
 from config import COMPILE_MODES, make_config  # noqa: E402
-from distributed import DistInfo  # noqa: E402
+from training.distributed import DistInfo  # noqa: E402
 from utils import get_device, reuse_freed_memory  # noqa: E402
 
 MS1MV2_CLASSES = 85742

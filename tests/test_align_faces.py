@@ -12,9 +12,10 @@ from skimage import data
 from skimage.transform import SimilarityTransform
 
 import align_faces as af
-import face_warp as fw
-import file_alignment as fa
-import mtcnn_cascade as mc
+from faces import aligner as faces_aligner
+from faces import face_warp as fw
+from faces import file_alignment as fa
+from faces import mtcnn_cascade as mc
 from utils import write_image
 
 TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -128,16 +129,16 @@ def test_select_central_face_follows_the_rule():
         return area - 2 * ((cx - 150) ** 2 + (cy - 100) ** 2)
 
     scores = [rule(b) for b in boxes]
-    assert af.select_central_face(boxes, shape) == int(np.argmax(scores)) == 1
+    assert faces_aligner.select_central_face(boxes, shape) == int(np.argmax(scores)) == 1
     rng = np.random.default_rng(1)
     for _ in range(50):
         xy = rng.uniform(0, 250, (6, 2))
         wh = rng.uniform(5, 120, (6, 2))
         b = np.hstack([xy, xy + wh])
-        assert af.select_central_face(b, shape) == int(np.argmax([rule(r) for r in b]))
-    assert af.select_central_face(boxes[:1], shape) == 0
+        assert faces_aligner.select_central_face(b, shape) == int(np.argmax([rule(r) for r in b]))
+    assert faces_aligner.select_central_face(boxes[:1], shape) == 0
     with pytest.raises(ValueError):
-        af.select_central_face(np.zeros((0, 4)), shape)
+        faces_aligner.select_central_face(np.zeros((0, 4)), shape)
 
 
 def group_photo_detections() -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
@@ -153,8 +154,9 @@ def group_photo_detections() -> tuple[np.ndarray, np.ndarray, tuple[int, int, in
 
 def test_central_face_rule_does_not_prefer_a_doubtful_detection():
     boxes, scores, shape = group_photo_detections()
-    assert af.select_central_face(boxes, shape) == 6  # the bare rule: the hand is central
-    k = af.select_central_face(boxes, shape, scores)
+    # the bare rule: the hand is central
+    assert faces_aligner.select_central_face(boxes, shape) == 6
+    k = faces_aligner.select_central_face(boxes, shape, scores)
     # Among the six faces the rule picks the one nearest the centre (box centres 585 and
     # 1015 px are 215 px from x = 800; the left one is nearer in y too: equal), computed here
     # from the formula on the faces alone.
@@ -163,13 +165,13 @@ def test_central_face_rule_does_not_prefer_a_doubtful_detection():
     rule = (faces[:, 2] - faces[:, 0]) * (faces[:, 3] - faces[:, 1]) - 2 * (centre ** 2).sum(1)
     assert k == int(np.argmax(rule)) and k != 6
     # Only doubtful detections: the rule weighs them all, as before.
-    assert af.select_central_face(boxes[[0, 6]], shape, [0.8, 0.75]) == 1
+    assert faces_aligner.select_central_face(boxes[[0, 6]], shape, [0.8, 0.75]) == 1
     # A confident face just at the floor competes; one just below it does not.
-    floor = af.CONFIDENT_FACE_SCORE
-    assert af.select_central_face(boxes[[0, 6]], shape, [0.999, floor]) == 1
-    assert af.select_central_face(boxes[[0, 6]], shape, [0.999, floor - 0.01]) == 0
+    floor = faces_aligner.CONFIDENT_FACE_SCORE
+    assert faces_aligner.select_central_face(boxes[[0, 6]], shape, [0.999, floor]) == 1
+    assert faces_aligner.select_central_face(boxes[[0, 6]], shape, [0.999, floor - 0.01]) == 0
     with pytest.raises(ValueError):
-        af.select_central_face(boxes, shape, scores[:3])
+        faces_aligner.select_central_face(boxes, shape, scores[:3])
 
 
 def test_align_crops_a_confident_face_not_the_central_doubtful_one(aligner):
@@ -198,7 +200,7 @@ class _TopLeftAligner:
 
     def align_batch(self, images, hint_box="not passed"):
         self.calls.append((len(images), hint_box))
-        return [None if im[0, 0, 0] == 0 else af.AlignedFace(
+        return [None if im[0, 0, 0] == 0 else faces_aligner.AlignedFace(
             crop=np.full((112, 112, 3), 7, np.uint8), box=np.zeros(4),
             landmarks=np.zeros((5, 2)), score=0.9) for im in images]
 
@@ -277,7 +279,7 @@ def aligner():
     return af.FaceAligner(device="cpu")
 
 
-def eye_error(face: af.AlignedFace) -> float:
+def eye_error(face: faces_aligner.AlignedFace) -> float:
     """Where the detected eyes land in the crop, against the template (px)."""
     matrix = fw.estimate_similarity(face.landmarks)
     return float(np.abs(apply(matrix, face.landmarks)[:2] - TEMPLATE[:2]).max())
@@ -324,7 +326,7 @@ def test_hint_box_picks_the_overlapping_face(aligner):
     boxes, probs, _ = aligner.detect(canvas)
     assert len(boxes) == 2 and boxes.dtype == np.float64 and probs.dtype == np.float64
     central = aligner.align(canvas)
-    assert central.box[0] == boxes[af.select_central_face(boxes, canvas.shape)][0]
+    assert central.box[0] == boxes[faces_aligner.select_central_face(boxes, canvas.shape)][0]
     assert central.box[0] > 200
     left = aligner.align(canvas, hint_box=[0, 30, 150, 170])
     assert left is not None and left.box[2] < 150
@@ -471,10 +473,10 @@ def test_map_to_full_follows_cv2_resize_pixel_centres():
 
 
 def test_detection_scale_bounds_the_longer_side():
-    assert af.detection_scale((3000, 2000, 3), 640) == pytest.approx(640 / 3000)
-    assert af.detection_scale((2000, 3000), 640) == pytest.approx(640 / 3000)
-    assert af.detection_scale((600, 500, 3), 640) == 1.0  # small photos as they are
-    assert af.detection_scale((8000, 8000, 3), 0) == 1.0  # 0: full size
+    assert faces_aligner.detection_scale((3000, 2000, 3), 640) == pytest.approx(640 / 3000)
+    assert faces_aligner.detection_scale((2000, 3000), 640) == pytest.approx(640 / 3000)
+    assert faces_aligner.detection_scale((600, 500, 3), 640) == 1.0  # small photos as they are
+    assert faces_aligner.detection_scale((8000, 8000, 3), 0) == 1.0  # 0: full size
     with pytest.raises(ValueError, match="detect_size"):
         af.FaceAligner(device="cpu", detect_size=-1)
 
@@ -664,8 +666,8 @@ def test_big_jpeg_is_searched_and_cropped_on_a_reduced_decode(tmp_path, monkeypa
     reduction still >= 640; at 1/4 her eyes would be closer than the template's), its
     landmarks within the same tolerance of the full-size search as the downscaled
     array's, and its crop, warped from the reduced decode, close to the full-size one."""
-    import reduced_photo
-    from reduced_photo import read_photo
+    from faces import reduced_photo
+    from faces.reduced_photo import read_photo
     from utils import read_image
 
     aligner = af.FaceAligner(device="cpu", detect_size=640)
@@ -698,7 +700,7 @@ def test_small_face_in_a_big_jpeg_is_warped_from_a_full_size_decode(tmp_path, al
     """The astronaut at her own size (eye distance ~42 px) in a 1300 px JPEG: searched on the
     1/2 decode, but there her eyes are ~21 px apart, below the template's 35: the crop is
     warped from the full-size decode, exactly as from the full image."""
-    from reduced_photo import read_photo
+    from faces.reduced_photo import read_photo
     from utils import read_image
 
     canvas = np.full((1300, 1301, 3), 110, np.uint8)
@@ -708,7 +710,8 @@ def test_small_face_in_a_big_jpeg_is_warped_from_a_full_size_decode(tmp_path, al
     assert read_photo(path, af.DEFAULT_DETECT_SIZE).reduce == 2
     [done] = fa.align_files(aligner, [path], batch_size=1, progress=False)
     landmarks = done.face.landmarks
-    assert np.linalg.norm(landmarks[1] - landmarks[0]) / 2 < 35.24 * af.MIN_REDUCED_EYE_RATIO
+    half_eye_distance = np.linalg.norm(landmarks[1] - landmarks[0]) / 2
+    assert half_eye_distance < 35.24 * faces_aligner.MIN_REDUCED_EYE_RATIO
     np.testing.assert_array_equal(done.crop, fw.warp_face(read_image(path), landmarks))
 
 
@@ -717,7 +720,7 @@ def test_face_too_small_on_the_search_decode_is_warped_from_the_next_larger_one(
     """The 2048 px photo (her eyes ~84 px apart at full size) searched at 512 on the 1/4
     decode, where her eyes are ~21 px apart: the crop comes from the 1/2 decode (~42 px, at
     least the template's 35), not from a full-size one, and equals the warp of that decode."""
-    import reduced_photo
+    from faces import reduced_photo
     from utils import decode_image
 
     path = tmp_path / "big.jpg"
@@ -730,7 +733,7 @@ def test_face_too_small_on_the_search_decode_is_warped_from_the_next_larger_one(
     assert decoded == [4, 2]
     landmarks = done.face.landmarks
     eye = np.linalg.norm(landmarks[1] - landmarks[0])
-    assert eye / 4 < 35.24 * af.MIN_REDUCED_EYE_RATIO <= eye / 2
+    assert eye / 4 < 35.24 * faces_aligner.MIN_REDUCED_EYE_RATIO <= eye / 2
     photo = reduced_photo.Photo(decode_image(path.read_bytes(), reduce=2), 2, (2048, 2048))
     np.testing.assert_array_equal(done.crop,
                                   fw.warp_face(photo.image, photo.to_reduced(landmarks)))
@@ -740,7 +743,7 @@ def test_big_faceless_jpeg_is_centre_cropped_from_its_reduced_decode(tmp_path, a
                                                                      monkeypatch):
     """No face in a 2400 px JPEG: its centre crop comes from the 1/4 decode it was searched
     on (the 300 px square there is larger than 112), with no second decode."""
-    import reduced_photo
+    from faces import reduced_photo
     from utils import decode_image
 
     yy, xx = np.mgrid[0:2400, 0:2400]
@@ -758,7 +761,7 @@ def test_big_faceless_jpeg_is_centre_cropped_from_its_reduced_decode(tmp_path, a
 
 
 def test_jpeg_reduction_keeps_the_longer_side_at_least_the_detect_size():
-    from reduced_photo import jpeg_reduction
+    from faces.reduced_photo import jpeg_reduction
 
     assert jpeg_reduction((2048, 1536), 640) == 2  # 1024; 1/4 would be 512
     assert jpeg_reduction((1536, 2504), 640) == 2  # 1252; 1/4 would be 626
@@ -776,7 +779,7 @@ def test_reduced_pixels_map_to_the_upright_full_photo(tmp_path, orientation):
     is where it is at full size (computed from the upright array, not by our mapping)."""
     from PIL import Image
 
-    from reduced_photo import read_photo
+    from faces.reduced_photo import read_photo
     from utils import apply_orientation
 
     h, w = 1299, 1013
@@ -811,7 +814,7 @@ def test_big_sideways_jpeg_is_aligned_upright_through_the_reduced_decode(
     orientation: the face and landmarks as from the upright JPEG, the crop upright."""
     from PIL import Image
 
-    from reduced_photo import read_photo
+    from faces.reduced_photo import read_photo
 
     upright = cv2.resize(_grace_hopper(), (1197, 1403), interpolation=cv2.INTER_CUBIC)
     write_image(tmp_path / "upright.jpg", upright)
@@ -836,7 +839,7 @@ def test_big_sideways_jpeg_is_aligned_upright_through_the_reduced_decode(
 
 
 def test_read_photo_returns_the_error_for_a_missing_or_undecodable_file(tmp_path):
-    from reduced_photo import read_photo
+    from faces.reduced_photo import read_photo
     from utils import ImageReadError
 
     missing = read_photo(tmp_path / "gone.jpg", af.DEFAULT_DETECT_SIZE)

@@ -12,8 +12,7 @@ import torch
 
 import data_gen
 import pre_process
-import record_index
-import recordio
+from records import record_index, recordio
 from utils import run_cli
 
 COUNTS = (3, 5, 2, 6)

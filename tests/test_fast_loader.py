@@ -16,8 +16,8 @@ import recordio_testlib as lib
 import torch
 
 import data_gen
-import recordio
-from fast_loader import RingBufferLoader
+from records import recordio
+from training.fast_loader import RingBufferLoader
 
 COUNTS = (3, 5, 2, 6)  # 16 images, 4 classes
 # out of order, a repeated index, and a short last batch
@@ -199,8 +199,8 @@ def test_bad_batch_sampler_and_arguments_are_refused(tmp_path):
 def test_train_loader_ring_and_dataloader_give_the_same_batches(tmp_path):
     import train
     from config import make_config
-    from distributed import DistInfo
-    from train_utils import ResumableBatchSampler
+    from training.distributed import DistInfo
+    from training.train_utils import ResumableBatchSampler
 
     rec, _, expected = lib.build_insightface_set(tmp_path, COUNTS)
     cfg = make_config({"rec": str(rec), "batch_size": 3, "num_workers": 1, "seed": 5})

@@ -17,13 +17,18 @@ import pytest
 import torch
 
 import ijb_eval
-import ijb_features
-import ijb_release
-from align_faces import warp_face
-from synthetic_faces import EVAL_SPLIT, identity_seed, image_rng, make_identity, render_image
-from synthetic_faces_assets import CANONICAL_LANDMARKS
+from evaluation import ijb_features, ijb_release
+from evaluation.verification_metrics import roc_curve
+from faces.face_warp import warp_face
+from synthetic.synthetic_faces import (
+    EVAL_SPLIT,
+    identity_seed,
+    image_rng,
+    make_identity,
+    render_image,
+)
+from synthetic.synthetic_faces_assets import CANONICAL_LANDMARKS
 from utils import ImageReadError, encode_image
-from verification_metrics import roc_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 EPS = 1e-9

@@ -22,8 +22,8 @@ from torch import nn
 from verification_testlib import brute_force_folds
 
 import lfw_eval
-import lfw_pairs
-from bin_loader import UnsafePickleError
+from evaluation import lfw_pairs
+from evaluation.bin_loader import UnsafePickleError
 
 # ----------------------------------------------------------------------------- pairs.txt
 
@@ -415,7 +415,7 @@ def tiny_run(tmp_path_factory):
     """A tiny synthetic LFW (4 identities x 3 images, 10 folds of 1 + 1 pairs), a freshly
     built ir_narrow checkpoint with its config.json, and one run of the LFW CLI."""
     import models
-    import synthetic_faces
+    from synthetic import synthetic_faces
 
     root = tmp_path_factory.mktemp("cli")
     data = synthetic_faces.generate_dataset(root / "synth", train_identities=0,
@@ -517,7 +517,7 @@ def _printed_similarity(text):
 
 def test_compare_two_photos(tiny_run, capsys):
     import models
-    from align_faces import FaceAligner
+    from faces.aligner import FaceAligner
     from utils import read_image, write_image
 
     assert tiny_run["rc"] == 0
@@ -712,8 +712,8 @@ def test_compare_refuses_non_finite_embeddings(tiny_run, capsys, monkeypatch):
 def test_alignment_cache_is_reused_only_by_the_same_alignment(tmp_path):
     """Crops cached by one aligner are read back by an aligner with the same settings, and
     realigned by one with other settings (another detect size, refine steps or class)."""
-    from lfw_images import load_lfw_crops
-    from lfw_pairs import Pair
+    from evaluation.lfw_images import load_lfw_crops
+    from evaluation.lfw_pairs import Pair
 
     for name in ("a", "b"):
         (tmp_path / "lfw" / name).mkdir(parents=True)
@@ -782,8 +782,8 @@ def test_alignment_cache_of_a_read_only_lfw_goes_to_the_user_cache(tmp_path, mon
     """Raw LFW on a read-only disk: the crops are cached under the user cache dir (found
     again by the next run), nothing is written beside LFW; a --cache-dir that cannot be
     written is refused before the model is loaded or any photo aligned."""
-    from lfw_images import default_cache_dir, load_lfw_crops
-    from lfw_pairs import Pair
+    from evaluation.lfw_images import default_cache_dir, load_lfw_crops
+    from evaluation.lfw_pairs import Pair
 
     data = tmp_path / "data"
     for name in ("a", "b"):

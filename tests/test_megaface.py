@@ -17,9 +17,8 @@ import pytest
 import torch
 
 import megaface
-import megaface_eval as me
-import megaface_features
-import megaface_noise
+from evaluation import megaface_eval as me
+from evaluation import megaface_features, megaface_noise
 
 QUANT = 16  # feature entries are k / QUANT: exact float32 scores, and plenty of ties
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU where present
@@ -395,7 +394,7 @@ class _FakeAligner:
         self.hints = []
 
     def align_batch(self, images, hint_box=None):
-        from align_faces import AlignedFace
+        from faces.aligner import AlignedFace
 
         self.hints += list(hint_box)
         return [None if im[0, 0, 0] == 0 else AlignedFace(

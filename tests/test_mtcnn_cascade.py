@@ -10,7 +10,8 @@ import torch
 from skimage import data
 
 import align_faces as af
-import mtcnn_cascade as mc
+from faces import aligner as faces_aligner
+from faces import mtcnn_cascade as mc
 
 
 def test_pyramid_scales_follow_mtcnn_formula():
@@ -101,7 +102,7 @@ def test_detect_on_nothing_finds_nothing(facenet):
     nets = facenet._mtcnn.pnet, facenet._mtcnn.rnet, facenet._mtcnn.onet
     with torch.inference_mode():
         for image in (np.full((200, 300, 3), 128, np.uint8), np.zeros((20, 20, 3), np.uint8)):
-            boxes, probs, points = mc.detect(*nets, image, 40, af.DEFAULT_THRESHOLDS)
+            boxes, probs, points = mc.detect(*nets, image, 40, faces_aligner.DEFAULT_THRESHOLDS)
             assert boxes.shape == (0, 4) and probs.shape == (0,) and points.shape == (0, 5, 2)
 
 

@@ -15,8 +15,7 @@ import pytest
 import recordio_testlib as lib
 
 import pre_process
-import record_index
-import recordio
+from records import record_index, recordio
 from utils import LOCK_SUFFIX, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

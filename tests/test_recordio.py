@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import recordio_testlib as lib
 
-import recordio
 import utils
+from records import recordio
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,7 +144,7 @@ def test_cli_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty.rec"
     empty.write_bytes(b"")
     for path in (empty, tmp_path, tmp_path / "missing.rec"):
-        proc = subprocess.run([sys.executable, str(ROOT / "recordio.py"), str(path)],
+        proc = subprocess.run([sys.executable, "-m", "records.recordio", str(path)], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert proc.stderr.startswith("error: ") and str(path) in proc.stderr

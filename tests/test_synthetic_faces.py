@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import synthetic_faces as sf
-import synthetic_faces_assets as sfa
-from face_warp import estimate_similarity
+from faces.face_warp import estimate_similarity
+from synthetic import synthetic_faces as sf
+from synthetic import synthetic_faces_assets as sfa
 
 
 def _read_pairs(path: Path) -> tuple[int, int, list[tuple[list, list]]]:
@@ -235,9 +235,10 @@ def test_script_exits_zero_after_writing(tmp_path):
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, sf.__file__, "--identities", "1",
+    run = subprocess.run([sys.executable, "-m", "synthetic.synthetic_faces", "--identities", "1",
                           "--images-per-identity", "2", "--eval-identities", "2",
                           "--eval-images", "2", "--folds", "1", "--out", str(tmp_path),
-                          "--no-progress"], capture_output=True, text=True, timeout=120)
+                          "--no-progress"], capture_output=True, text=True, timeout=120,
+                         cwd=Path(sf.__file__).parent.parent)
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     assert len(list((tmp_path / "lfw").rglob("*.jpg"))) == 4

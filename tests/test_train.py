@@ -27,9 +27,10 @@ import torch.nn.functional as F
 import train
 from arcface_loss import clip_grad_norm_sharded
 from config import make_config
-from distributed import DistInfo
-from fast_loader import RingBufferLoader
-from train_checkpoints import (
+from evaluation.verification_plots import FIGURE_DPI
+from training.distributed import DistInfo
+from training.fast_loader import RingBufferLoader
+from training.train_checkpoints import (
     RESUME_MAY_CHANGE,
     RESUME_REFUSED,
     CheckpointFileError,
@@ -39,7 +40,7 @@ from train_checkpoints import (
     reshard_head_state,
     resume_training,
 )
-from train_utils import (
+from training.train_utils import (
     EXIT_BAD_INPUT,
     EXIT_NON_FINITE,
     FAULT_ENV,
@@ -58,7 +59,6 @@ from train_utils import (
     training_curves_figure,
 )
 from utils import encode_image, load_checkpoint, run_cli
-from verification_plots import FIGURE_DPI
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_MAGIC = 0xCED7230A
@@ -175,8 +175,8 @@ def face_images(num_identities: int, per_identity: int) -> tuple[list[np.ndarray
     """Synthetic identities (issue 2), centre-cropped around the head to 112x112."""
     import cv2
 
-    from synthetic_faces import make_identity, render_image
-    from synthetic_faces_assets import HEAD_CENTRE
+    from synthetic.synthetic_faces import make_identity, render_image
+    from synthetic.synthetic_faces_assets import HEAD_CENTRE
 
     half = FACE_CROP // 2
     cx, cy = int(HEAD_CENTRE[0]), int(HEAD_CENTRE[1])
@@ -594,11 +594,11 @@ def test_loss_goes_down_on_synthetic_identities(tmp_path, monkeypatch):
                    epochs=LOSS_STEPS // (num_ids * per_id // 8), save_every=10_000,
                    log_every=10, margin_warmup=0.3, cpu_amp=True, channels_last=True,
                    val_bins=[str(tmp_path / "val.bin")], verify_every=LOSS_STEPS // 2)
-    import lfw_eval
+    from training import train_utils  # the module whose load_bin training calls
 
     loads = []
-    real_load_bin = lfw_eval.load_bin
-    monkeypatch.setattr(lfw_eval, "load_bin",
+    real_load_bin = train_utils.load_bin
+    monkeypatch.setattr(train_utils, "load_bin",
                         lambda *a, **k: loads.append(a) or real_load_bin(*a, **k))
     summary = train.train(cfg)
     # the periodic verification ran twice on the .bin (pairs of training identities here),
@@ -878,7 +878,7 @@ def test_a_rec_that_is_no_set_of_faces_is_refused_before_the_output_is_made(tmp_
 
 
 def test_an_unknown_or_absent_device_is_named():
-    from distributed import init_distributed
+    from training.distributed import init_distributed
     from utils import DeviceError
 
     with pytest.raises(DeviceError, match=r"--device bogus: not a device"):
@@ -963,7 +963,7 @@ def test_a_checkpoint_of_another_layout_falls_back_or_is_named_in_one_line(
     """These were KeyError / AttributeError / RuntimeError tracebacks, never a fallback."""
     import shutil
 
-    import train_checkpoints
+    from training import train_checkpoints
 
     name, change, named = OTHER_LAYOUTS[case]
     out = tmp_path / "run"
@@ -1038,7 +1038,7 @@ def test_resume_refuses_a_repacked_set_whose_identities_were_renamed(tmp_path):
 def test_identity_list_without_names_still_compares_images_per_label():
     """InsightFace's own sets keep no names: the images per label are compared then; a
     checkpoint that predates the record is not refused."""
-    from train_checkpoints import identity_differences, identity_list
+    from training.train_checkpoints import identity_differences, identity_list
 
     labels = np.repeat([0, 1, 2], 4)
     saved = identity_list(None, labels, 3)

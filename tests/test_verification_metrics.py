@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from verification_testlib import brute_force_folds
 
-import megaface_eval
-import verification_metrics as vm
+from evaluation import megaface_eval
+from evaluation import verification_metrics as vm
 
 
 def brute_force(genuine, impostors, far):

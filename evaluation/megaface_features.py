@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaface_eval import MegaFaceError
+from evaluation.megaface_eval import MegaFaceError
 from utils import (
     CHECKPOINT_HASH_KEY,
     TEMP_SUFFIX,

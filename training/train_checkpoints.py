@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from config import Config
-from distributed import DistInfo, all_ranks_true
-from train_utils import (
+from training.distributed import DistInfo, all_ranks_true
+from training.train_utils import (
     CURVES_NAME,
     TENSORBOARD_NAME,
     NonFiniteLossError,

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 import utils
-from face_warp import estimate_similarity
+from faces.face_warp import estimate_similarity
 
 cv2 = utils.cv2
 

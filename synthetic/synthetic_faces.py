@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 import utils  # imported first: sets cv2.setNumThreads(1) for deterministic, fork-safe OpenCV
-from synthetic_faces_assets import CANVAS, CENTRE_X, HEAD_CENTRE, load_base_assets
+from synthetic.synthetic_faces_assets import CANVAS, CENTRE_X, HEAD_CENTRE, load_base_assets
 from utils import (
     add_debug_flag,
     atomic_write_bytes,

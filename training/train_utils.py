@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from config import Config
-from distributed import DistInfo, all_reduce_sum_, barrier
-from record_index import DatasetError
+from evaluation.bin_loader import load_bin
+from evaluation.verification import evaluate_verification
+from records.record_index import DatasetError
+from training.distributed import DistInfo, all_reduce_sum_, barrier
 from utils import ToolkitError, get_logger
 
 LOG = get_logger("train")
@@ -256,7 +258,7 @@ def build_loader(dataset: torch.utils.data.Dataset, sampler: ResumableBatchSampl
     # not advance the global RNG whose state a checkpoint records.
     generator = torch.Generator().manual_seed(cfg.seed + info.rank)
     if cfg.num_workers > 0 and ring:
-        from fast_loader import RingBufferLoader
+        from training.fast_loader import RingBufferLoader
 
         batches = torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=True)
         return RingBufferLoader(dataset, batches, num_workers=cfg.num_workers,
@@ -399,7 +401,7 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]],
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
                          verification: Sequence[Mapping[str, Any]] = ()) -> Path:
     """Write :func:`training_curves_figure` to ``path`` as a PNG (atomically)."""
-    from verification_plots import save_figure
+    from evaluation.verification_plots import save_figure
 
     return save_figure(training_curves_figure(history, verification), path)
 
@@ -436,9 +438,7 @@ def load_val_bins(cfg: Config, info: DistInfo) -> dict[str, tuple[Any, Any]]:
     file fails now rather than at the first check), keyed by set name."""
     if not (info.is_main and cfg.val_bins and cfg.verify_every > 0):
         return {}
-    import lfw_eval
-
-    return {Path(path).stem: lfw_eval.load_bin(path, progress=False) for path in cfg.val_bins}
+    return {Path(path).stem: load_bin(path, progress=False) for path in cfg.val_bins}
 
 
 def verify(tr: Trainer, step: int, monitor: Monitor,
@@ -447,12 +447,10 @@ def verify(tr: Trainer, step: int, monitor: Monitor,
     others wait)."""
     results: dict[str, float] = {}
     if tr.info.is_main:
-        import lfw_eval
-
         tr.backbone.eval()
         for name, (images, issame) in val_sets.items():
-            res = lfw_eval.evaluate_verification(tr.backbone, images, issame,
-                                                 device=tr.device, name=name, progress=False)
+            res = evaluate_verification(tr.backbone, images, issame,
+                                        device=tr.device, name=name, progress=False)
             results[name] = float(res["accuracy"])
             monitor.scalar(f"verification/{name}_accuracy", results[name], step)
             monitor.scalar(f"verification/{name}_accuracy_std", float(res["accuracy_std"]),

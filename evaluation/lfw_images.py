@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfw_pairs import MAX_NAMED, Pair, check_pairs_exist
+from evaluation.lfw_pairs import MAX_NAMED, Pair, check_pairs_exist
 from utils import (
     FACE_CROP_SIZE,
     ImageReadError,
@@ -56,8 +56,8 @@ def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
                  ) -> tuple[np.ndarray, list[str], dict[str, str]]:
     """Align each image once: (crops (M,112,112,3), paths of faceless images centre-cropped,
     {path: why} of the images that cannot be read (their crops stay black))."""
-    from align_faces import FaceAligner
-    from file_alignment import align_files
+    from faces.aligner import FaceAligner
+    from faces.file_alignment import align_files
 
     if aligner is None:
         aligner = FaceAligner()
@@ -133,7 +133,7 @@ def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
         check_pairs_exist(pairs, lfw_dir)
     paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
     if aligner is None:
-        from align_faces import FaceAligner
+        from faces.aligner import FaceAligner
 
         aligner = FaceAligner()
     cache = None if cache_dir is None else \

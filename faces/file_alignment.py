@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from face_warp import TEMPLATE_SIZE, center_crop, center_square_side
-from reduced_photo import Photo, read_photo
+from faces.face_warp import TEMPLATE_SIZE, center_crop, center_square_side
+from faces.reduced_photo import Photo, read_photo
 from utils import ImageReadError, read_image
 
 # align_files' threads, each reading and aligning its own chunk of files: with two, one chunk

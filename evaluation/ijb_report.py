@@ -19,7 +19,7 @@ def plot_cmc(identification_block: dict[str, Any], galleries: Sequence[str], pat
     """Identification rate against rank, one curve per gallery."""
     from matplotlib.figure import Figure
 
-    from verification_plots import save_figure
+    from evaluation.verification_plots import save_figure
 
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()

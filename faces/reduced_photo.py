@@ -15,13 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import (
-    ImageReadError,
-    decode_image,
-    exif_orientation,
-    jpeg_shape,
-    read_image_bytes,
-)
+from utils import ImageReadError, decode_image, exif_orientation, jpeg_shape, read_image_bytes
 
 
 def jpeg_reduction(shape: Sequence[int], detect_size: int) -> int:

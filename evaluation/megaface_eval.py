@@ -32,9 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.verification_metrics import (
+    FAR_EPS,
+    far_measurable,
+    not_measured,
+    tar_at_far_from_top,
+)
+from evaluation.verification_plots import save_figure
 from utils import ToolkitError, get_device
-from verification_metrics import FAR_EPS, far_measurable, not_measured, tar_at_far_from_top
-from verification_plots import save_figure
 
 DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4)

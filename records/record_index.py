@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import recordio
+from records import recordio
 from utils import (
     ImageReadError,
     ToolkitError,

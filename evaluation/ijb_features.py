@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from face_warp import warp_face
-from ijb_release import IJBFormatError, Release
+from evaluation.ijb_release import IJBFormatError, Release
+from faces.face_warp import warp_face
 from utils import (
     FACE_CROP_SIZE,
     ImageReadError,
@@ -131,7 +131,7 @@ def load_crops(release: Release, start: int, stop: int, pool: ThreadPoolExecutor
 def embed_raw(model, crops: np.ndarray, batch_size: int, device) -> np.ndarray:
     """(N, 2, E) float32 raw embeddings of the crops and of their mirrors
     (``lfw_eval.embed`` with ``raw_pairs``: the same preprocessing and memory format)."""
-    from lfw_eval import embed
+    from evaluation.verification import embed
 
     return embed(model, crops, batch_size=batch_size, device=device, progress=False,
                  raw_pairs=True)

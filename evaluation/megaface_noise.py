@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from megaface_eval import DEFAULT_SIZES, MegaFaceError
-from megaface_features import (
+from evaluation.megaface_eval import DEFAULT_SIZES, MegaFaceError
+from evaluation.megaface_features import (
     DEFAULT_SUFFIX,
     FACESCRUB,
     MAX_LISTED_PROBLEMS,

@@ -1,0 +1,240 @@
+"""Embeddings of aligned crops (flip test-time augmentation) and verification of image
+pairs with them: k-fold accuracy, ROC, TAR@FAR and their PNGs. lfw_eval.py, ijb_eval.py,
+megaface.py and train.py (validation sets) use it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.bin_loader import load_bin
+from evaluation.lfw_pairs import Pair, pair_folds
+from evaluation.verification_metrics import (
+    DEFAULT_FOLDS,
+    FARS,
+    THRESHOLD_RULE,
+    contiguous_folds,
+    folds_have_both_kinds,
+    pair_similarities,
+    roc_curve,
+    roc_metrics,
+    stratified_folds,
+    tar_key,
+    ten_fold_details,
+)
+from utils import ToolkitError, atomic_write_text, file_sha256, get_device, get_logger, short_hash
+
+PIXEL_MEAN = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1], as in training
+PIXEL_STD = 127.5
+DEFAULT_BATCH_SIZE = 64
+
+
+log = get_logger("lfw_eval")
+
+
+class LfwEvalError(ToolkitError, ValueError):
+    """Arguments or saved results that cannot be used as given; the message says which."""
+
+
+def _uses_channels_last(model) -> bool:
+    import torch
+
+    for p in model.parameters():
+        if p.dim() == 4:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
+          flip: bool = True, progress: bool = True, raw_pairs: bool = False) -> np.ndarray:
+    """L2-normalised float32 embeddings (N, E) of RGB uint8 crops (N, 112, 112, 3).
+
+    With ``flip`` the embedding is that of the image plus that of its mirror, then
+    normalised. ``raw_pairs``: instead (N, 2, E), the unnormalised embeddings of each image
+    and of its mirror (IJB's protocol modes pool them themselves). Runs in eval mode under
+    ``torch.inference_mode`` (the model's previous mode is restored), batched, on ``device``
+    (default: the model's GPU if it is on one, else CUDA when present; the model is moved
+    there in place). Inputs follow the model's memory format (channels_last if its convs
+    are)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"embed expects RGB uint8 (N, H, W, 3), got {images.dtype} "
+                         f"{images.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if device is None:  # a model already on a GPU stays there (e.g. one DDP rank's)
+        param = next(model.parameters(), None)
+        on_gpu = param is not None and param.device.type == "cuda"
+        device = param.device if on_gpu else get_device("auto")
+    device = torch.device(device)
+    model.to(device)
+    memory_format = torch.channels_last if _uses_channels_last(model) else torch.contiguous_format
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        with torch.inference_mode(), tqdm(total=len(images), unit="img", desc="embed",
+                                          disable=not progress, leave=False) as bar:
+            for start in range(0, len(images), batch_size):
+                chunk = images[start:start + batch_size]
+                if not chunk.flags.writeable:  # torch.from_numpy warns on read-only arrays
+                    chunk = chunk.copy()
+                batch = torch.from_numpy(chunk).to(device, non_blocking=True)
+                x = batch.permute(0, 3, 1, 2).float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
+                n = x.shape[0]
+                if flip or raw_pairs:  # one forward pass over the images and their mirrors
+                    x = torch.cat([x, x.flip(3)])
+                feats = model(x.contiguous(memory_format=memory_format)).float()
+                if raw_pairs:
+                    outputs.append(torch.stack([feats[:n], feats[n:]], dim=1).cpu())
+                    bar.update(n)
+                    continue
+                if flip:
+                    feats = feats[:n] + feats[n:]
+                outputs.append(F.normalize(feats, dim=1).cpu())
+                bar.update(n)
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(outputs).numpy().astype(np.float32, copy=False)
+
+
+STRATIFIED_RULE = ("the i-th same pair and the i-th different pair in file order go to fold "
+                   "i mod k; each fold's threshold is tuned on the other folds")
+
+
+def _stratified_fold_count(issame: np.ndarray, nfolds: int, name: str) -> int:
+    """``nfolds``, or fewer when a kind has fewer pairs; LfwEvalError below 2."""
+    same = np.asarray(issame, dtype=bool)
+    k = min(nfolds, int(same.sum()), int((~same).sum()))
+    if k < 2:
+        raise LfwEvalError(f"{name}: {int(same.sum())} same and {int((~same).sum())} different "
+                           "pairs: cross-validating a threshold needs at least 2 of each")
+    return k
+
+
+def pairs_file_folds(pairs: Sequence[Pair], path: str | Path) -> tuple[np.ndarray, str]:
+    """Fold index per pair and what the folds are: the file's own folds when its header
+    declares two or more; for a single set (header ``<n>`` or ``1 <n>``, e.g. LFW's
+    pairsDevTest.txt: n same then n different pairs) stratified folds (see
+    :func:`verification_metrics.stratified_folds`), since blocks of it would be all-same or
+    all-different."""
+    same = np.array([p.same for p in pairs], dtype=bool)
+    blocks = pair_folds(pairs)
+    per_kind = int(same[blocks[0]].sum()) if blocks else 0
+    if len(blocks) >= 2:
+        return np.array([p.fold for p in pairs], dtype=np.int64), (
+            f"the {len(blocks)} folds of {path} (its header: {len(blocks)} folds of "
+            f"{per_kind} same + {per_kind} different pairs)")
+    k = _stratified_fold_count(same, DEFAULT_FOLDS, str(path))
+    return stratified_folds(same, k), (
+        f"{path} is a single set of {per_kind} same + {per_kind} different pairs (no folds of "
+        f"its own): stratified {k}-fold cross-validation ({STRATIFIED_RULE})")
+
+
+def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
+                          batch_size: int = DEFAULT_BATCH_SIZE, device=None,
+                          out_dir: str | Path | None = None, name: str = "lfw",
+                          nfolds: int = DEFAULT_FOLDS, pair_labels: list[str] | None = None,
+                          extra: dict[str, Any] | None = None,
+                          progress: bool = True,
+                          pair_index: np.ndarray | None = None,
+                          folds: np.ndarray | None = None,
+                          fold_rule: str | None = None,
+                          file_stem: str | None = None) -> dict[str, Any]:
+    """Verify pairs of consecutive images (2i, 2i+1) with ``model``: k-fold accuracy, std and
+    threshold, ROC AUC, TAR@FAR. With ``out_dir``: ``<stem>_roc.png``, ``<stem>_hist.png``,
+    ``<stem>_errors.png`` and ``<stem>_results.json`` (plus ``extra`` fields) are written,
+    ``<stem>`` being ``file_stem`` (default ``name``).
+
+    Folds: ``folds`` (fold index per pair, described by ``fold_rule``), else ``nfolds``
+    contiguous blocks; blocks that do not all hold both kinds of pair (a set ordered all
+    same, then all different) are replaced by stratified folds, with a warning. The results
+    say which (``nfolds``, ``folds``).
+
+    ``pair_index`` (2N,) lets ``images`` hold each distinct image once: pair i is then
+    images ``pair_index[2i]`` and ``pair_index[2i+1]`` (each image is embedded once)."""
+    images = np.asarray(images)
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    index = np.arange(images.shape[0]) if pair_index is None \
+        else np.asarray(pair_index, dtype=np.int64).reshape(-1)
+    if index.size != 2 * same.size:
+        raise LfwEvalError(f"{name}: {index.size} images for {same.size} pairs "
+                           f"(need two per pair)")
+    if index.size and (index.min() < 0 or index.max() >= images.shape[0]):
+        raise LfwEvalError(f"{name}: pair_index points outside the {images.shape[0]} images")
+    if folds is None:
+        folds = contiguous_folds(same.size, nfolds)
+        fold_rule = fold_rule or f"{nfolds} contiguous blocks of the pair list"
+        if not folds_have_both_kinds(same, folds):
+            k = _stratified_fold_count(same, nfolds, name)
+            log.warning("%s: %d contiguous blocks of its pairs do not all hold both same and "
+                        "different pairs; scoring %d stratified folds instead", name, nfolds, k)
+            folds = stratified_folds(same, k)
+            fold_rule = f"{k} stratified folds ({STRATIFIED_RULE}): its blocks are one-kind"
+    feats = embed(model, images, batch_size=batch_size, device=device, progress=progress)
+    broken = int((~np.isfinite(feats).all(axis=1)).sum())
+    if broken:  # NaN compares false: never score them (a diverged or overflowing model)
+        raise LfwEvalError(f"{name}: {broken} of {len(feats)} images have non-finite (NaN/inf) "
+                           "embeddings: the model diverged or overflows; nothing was scored")
+    sims = pair_similarities(feats[index])
+    results: dict[str, Any] = {"name": name, "n_pairs": int(same.size)}
+    results.update(ten_fold_details(sims, same, folds=folds))
+    results["folds"] = fold_rule or "given per pair"
+    results.update(roc_metrics(sims, same))
+    results["threshold_rule"] = THRESHOLD_RULE
+    if out_dir is not None:
+        from evaluation import verification_plots as plots
+
+        out_dir, stem = Path(out_dir), file_stem or name
+        points = {far: results[tar_key(far)] for far in FARS if tar_key(far) in results}
+        far_curve, tar_curve, _ = roc_curve(sims, same)
+        files = {
+            "roc": plots.plot_roc(far_curve, tar_curve, out_dir / f"{stem}_roc.png",
+                                  auc=results["auc"], operating_points=points,
+                                  title=f"{name} ROC"),
+            "histogram": plots.plot_histogram(sims, same, out_dir / f"{stem}_hist.png",
+                                              threshold=results["threshold"],
+                                              title=f"{name} similarities"),
+            "errors": plots.plot_error_gallery(images, sims, same, results["threshold"],
+                                               out_dir / f"{stem}_errors.png",
+                                               labels=pair_labels, pair_index=index),
+        }
+        results["files"] = {k: str(v) for k, v in files.items()}
+        results.update(extra or {})
+        results_path = out_dir / f"{stem}_results.json"
+        results["files"]["results"] = str(results_path)
+        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def bin_results_stem(path: str | Path) -> str:
+    """The file names of a .bin set's results: its stem and a short hash of its resolved
+    path, so sets of one name in two folders (and raw LFW's ``lfw_results.json``) never
+    overwrite each other, while the same set evaluated again replaces its own."""
+    return f"{Path(path).stem}_{short_hash(str(Path(path).resolve()))}"
+
+
+def evaluate_bin(model, path: str | Path, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
+                 out_dir: str | Path | None = None, name: str | None = None,
+                 progress: bool = True, extra: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """``load_bin`` then ``evaluate_verification`` (name defaults to the file's stem; the
+    files are named by :func:`bin_results_stem`). The results record the set by path and
+    content hash (``bin_sha256``: the set is read whole anyway), plus ``extra``."""
+    images, issame = load_bin(path, progress=progress)
+    source = {"bin": str(path), "bin_sha256": file_sha256(path), **(extra or {})}
+    return evaluate_verification(model, images, issame, batch_size=batch_size, device=device,
+                                 out_dir=out_dir, name=name or Path(path).stem,
+                                 file_stem=bin_results_stem(path), extra=source,
+                                 progress=progress)
