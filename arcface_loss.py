@@ -124,20 +124,12 @@ class CosFaceMargin:
 
 
 class CombinedMargin:
-    """``(cos, labels) -> logits`` with the combined margin. ``m`` is an alias of ``m2``, so
-    margin warm-up ramps the angle."""
+    """``(cos, labels) -> logits`` with the combined margin (InsightFace's m1, m2, m3); the
+    training loop's margin ramp drives the angular ``m2`` (train.set_ramped_margin)."""
 
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
                  m3: float = 0.0) -> None:
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
-
-    @property
-    def m(self) -> float:
-        return self.m2
-
-    @m.setter
-    def m(self, value: float) -> None:
-        self.m2 = value
 
     def __call__(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         m1, m2, m3 = float(self.m1), float(self.m2), float(self.m3)
@@ -168,20 +160,6 @@ def build_margin(name: str, s: float = 64.0, m: float = 0.5, m1: float = 1.0, m3
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     """Half and bfloat16 tensors to float32; float32 and float64 kept as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-class _OnMargin:
-    """A head attribute that lives on ``head.margin`` (read and written there), so a loop
-    ramps the margin of any head by writing ``head.m = ...``."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, head, owner: type | None = None):
-        return self if head is None else getattr(head.margin, self.name)
-
-    def __set__(self, head, value: float) -> None:
-        setattr(head.margin, self.name, value)
 
 
 def _dist_info(group=None) -> tuple[int, int]:
@@ -224,9 +202,6 @@ class ShardedMarginSoftmax(nn.Module):
     rows of the latest step (None when all were used). ``focal_gamma`` > 0 gives focal loss.
     """
 
-    s = _OnMargin()
-    m = _OnMargin()
-
     def __init__(self, margin: Margin, embedding_size: int, num_classes: int,
                  sample_rate: float = 1.0, focal_gamma: float = 0.0,
                  embedding_grad_scale: float = 1.0, group=None) -> None:
@@ -252,13 +227,14 @@ class ShardedMarginSoftmax(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeddings, labels = self._gather(embeddings, labels.long())
         local = labels - self.start
-        here = (labels >= self.start) & (labels < self.end)
-        own = torch.where(here, local, -1)  # each row's column among all of this rank's
+        in_shard = (labels >= self.start) & (labels < self.end)
+        # each row's column among this rank's centres (-1: its class is on another rank)
+        shard_column = torch.where(in_shard, local, -1)
         if self.sample_rate < 1.0 and self.training:
-            weight, columns = self._sample(local, here, own)
+            weight, columns = self._sample(local, in_shard, shard_column)
         else:
             self.last_index = None
-            weight, columns = self.weight, own
+            weight, columns = self.weight, shard_column
         with torch.autocast(embeddings.device.type, enabled=False):
             cos = cosine_similarity_matrix(_fp32(embeddings), _fp32(weight))
             logits = self.margin(cos, columns)
@@ -269,7 +245,7 @@ class ShardedMarginSoftmax(nn.Module):
                 with torch.no_grad():
                     all_cos = cos if self.last_index is None else \
                         cosine_similarity_matrix(_fp32(embeddings), _fp32(self.weight))
-                    batch_accuracy = self._accuracy(all_cos, own)
+                    batch_accuracy = self._accuracy(all_cos, shard_column)
         return loss, batch_accuracy
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -290,16 +266,16 @@ class ShardedMarginSoftmax(nn.Module):
         return (_AllGather.apply(embeddings, self.group, float(self.embedding_grad_scale)),
                 torch.cat(parts))
 
-    def _sample(self, local: torch.Tensor, here: torch.Tensor, own: torch.Tensor
+    def _sample(self, local: torch.Tensor, in_shard: torch.Tensor, shard_column: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Partial FC: (sampled centres, labels as columns of them or -1); ``own``: the
+        """Partial FC: (sampled centres, labels as columns of them or -1); ``shard_column``: the
         columns among all centres, returned when every centre is kept."""
         num_local = self.weight.shape[0]
-        positives = torch.unique(local[here])  # sorted
+        positives = torch.unique(local[in_shard])  # sorted
         num_sample = max(math.ceil(self.sample_rate * num_local), positives.numel())
         if num_sample >= num_local:
             self.last_index = None
-            return self.weight, own
+            return self.weight, shard_column
         # Random scores, positives above every negative: the top num_sample rows keep all
         # positives and fill up with a uniform sample of negatives.
         scores = torch.rand(num_local, device=self.weight.device)
@@ -307,7 +283,7 @@ class ShardedMarginSoftmax(nn.Module):
         index = scores.topk(num_sample).indices.sort().values
         self.last_index = index
         columns = torch.searchsorted(index, local.clamp(0, num_local - 1))
-        return self.weight[index], torch.where(here, columns, -1)
+        return self.weight[index], torch.where(in_shard, columns, -1)
 
     def _accuracy(self, cos: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         best = _all_reduce(cos.max(dim=1).values, dist.ReduceOp.MAX, self.group)
@@ -336,9 +312,6 @@ class MarginProduct(nn.Module):
     """The seed's single-GPU head API: class centres ``weight`` (out_features, in_features)
     and a margin; ``forward(x, label)`` gives (N, out_features) float32 margin logits for
     ``F.cross_entropy``. Training uses :class:`ShardedMarginSoftmax` (the same formulas)."""
-
-    s = _OnMargin()
-    m = _OnMargin()
 
     def __init__(self, in_features: int, out_features: int, margin: Margin) -> None:
         super().__init__()
@@ -406,8 +379,8 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        own = grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
-        return (own * ctx.grad_scale if ctx.grad_scale != 1.0 else own), None, None
+        rows = grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]  # this rank's input rows
+        return (rows * ctx.grad_scale if ctx.grad_scale != 1.0 else rows), None, None
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:

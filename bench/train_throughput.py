@@ -77,7 +77,7 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> dic
                        "channels_last": args.channels_last, "compile": args.compile,
                        "compile_mode": args.compile_mode})
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    tr = train.build_trainer(cfg, args.num_classes, info, total_steps=10**6,
+    trainer = train.build_trainer(cfg, args.num_classes, info, total_steps=10**6,
                              steps_per_epoch=10**4)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     images = torch.randn(args.batch_size, 3, models.IMAGE_SIZE, models.IMAGE_SIZE,
@@ -86,13 +86,13 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> dic
     grad = torch.randn(args.batch_size, cfg.embedding_size, device=device)
 
     def bare() -> None:
-        with tr.autocast():
-            emb = tr.model(images)
+        with trainer.autocast():
+            emb = trainer.model(images)
         emb.float().backward(grad)
-        tr.opt_backbone.zero_grad(set_to_none=True)
+        trainer.opt_backbone.zero_grad(set_to_none=True)
 
     def step() -> None:  # as train.py's loop between two reads of the loss
-        train.train_step(tr, images, labels)
+        train.train_step(trainer, images, labels)
 
     warmup = args.warmup + (COMPILE_WARMUP if args.compile else 0)
     for fn in (bare, step):
@@ -102,7 +102,7 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> dic
     for _ in range(args.rounds):
         bare_s.append(_time(bare, args.iters, device))
         step_s.append(_time(step, args.iters, device))
-    flops = models.model_flops(tr.backbone)
+    flops = models.model_flops(trainer.backbone)
     return {"bare": args.batch_size / statistics.median(bare_s),
             "step": args.batch_size / statistics.median(step_s),
             "gflops": flops / 1e9, "precision": amp}

@@ -179,7 +179,7 @@ def test_align_crops_a_confident_face_not_the_central_doubtful_one(aligner):
     eyes = np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]])
     size = boxes[:, 2:] - boxes[:, :2]
     points = boxes[:, None, :2] + eyes[None] * size[:, None, :]
-    photo = af.Photo(np.zeros(shape, np.uint8))
+    photo = faces_aligner.Photo(np.zeros(shape, np.uint8))
     face = aligner._choose((boxes, scores, points), photo, None)
     assert face is not None and face.score >= 0.99 and face.box[0] != boxes[6, 0]
 

@@ -124,7 +124,7 @@ NUMBER_CASES = [
     ("export_onnx", ["--checkpoint", "{tmp}/none.pt"], "--tolerance", "0"),
     ("export_onnx", ["--checkpoint", "{tmp}/none.pt"], "--tolerance", "nan"),
     ("data_gen", ["--rec", "{tmp}/none.rec"], "--batches", "0"),
-    ("recordio", ["{tmp}/none.rec"], "--limit", "0"),
+    ("records.recordio", ["{tmp}/none.rec"], "--limit", "0"),
     ("demo", ["--data-dir", "{tmp}/data", "--run-dir", "{tmp}/run"], "--eval-images", "1"),
     ("demo", ["--data-dir", "{tmp}/data", "--run-dir", "{tmp}/run"], "--train-identities",
      "0"),

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 import train
-from arcface_loss import clip_grad_norm_sharded
+from arcface_loss import build_margin, clip_grad_norm_sharded
 from config import make_config
 from evaluation.verification_plots import FIGURE_DPI
+from train import lr_factor, param_groups
 from training.distributed import DistInfo
 from training.fast_loader import RingBufferLoader
 from training.train_checkpoints import (
@@ -53,8 +54,6 @@ from training.train_utils import (
     agree_on_overflow,
     build_loader,
     check_labels,
-    lr_factor,
-    param_groups,
     plot_training_curves,
     training_curves_figure,
 )
@@ -235,6 +234,21 @@ def test_lr_schedule_and_weight_decay_groups():
     assert {id(p) for p in no_decay["params"]} == {id(net[0].bias), id(net[1].weight),
                                                    id(net[1].bias), id(net[3].bias)}
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+
+
+def test_margin_ramp_drives_each_heads_margin():
+    """margin_at against the ramp written out; set_ramped_margin changes the logits the
+    head computes next (ArcFace's m, the combined margin's angular m2)."""
+    assert train.margin_at(0, 100, 0.5, 0.2) == 0.0
+    assert train.margin_at(10, 100, 0.5, 0.2) == pytest.approx(0.5 * 10 / 20)
+    assert train.margin_at(60, 100, 0.5, 0.2) == 0.5 and train.margin_at(0, 100, 0.5, 0) == 0.5
+    cos, labels = torch.tensor([[0.6, 0.1]]), torch.tensor([0])
+    for head, field in (("arcface", "m"), ("combined", "m2")):
+        margin = build_margin(head, s=2.0, m=0.5)
+        train.set_ramped_margin(margin, 0.2)
+        assert getattr(margin, field) == 0.2
+        assert margin(cos, labels)[0, 0].item() == pytest.approx(
+            2.0 * math.cos(math.acos(0.6) + 0.2), rel=1e-5)
 
 
 def test_global_gradient_clipping_counts_every_shard():
@@ -440,12 +454,12 @@ def test_two_rank_run_resumes_on_one_rank_with_the_same_global_batch(tiny_rec, t
     shards = [load_checkpoint(out / f"checkpoint_rank{r}_step3.pt") for r in range(2)]
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    tr = train.build_trainer(cfg, 6, info, total_steps=12, steps_per_epoch=6)
-    step = resume_training(tr, cfg, 6).step
+    trainer = train.build_trainer(cfg, 6, info, total_steps=12, steps_per_epoch=6)
+    step = resume_training(trainer, cfg, 6).step
     assert step == 3
-    torch.testing.assert_close(tr.head.weight.detach(),
+    torch.testing.assert_close(trainer.head.weight.detach(),
                                torch.cat([s["head"]["weight"] for s in shards]), rtol=0, atol=0)
-    momentum = tr.opt_head.state[tr.head.weight]["momentum_buffer"]
+    momentum = trainer.opt_head.state[trainer.head.weight]["momentum_buffer"]
     torch.testing.assert_close(
         momentum, torch.cat([s["optimizer"]["state"][0]["momentum_buffer"] for s in shards]),
         rtol=0, atol=0)
@@ -642,9 +656,9 @@ def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(monkeypatc
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     overrides = {"network": "ir_narrow", "embedding_size": 16, "device": "cpu",
                  "compile": True, "compile_mode": "max-autotune"}
-    tr = train.build_trainer(make_config(overrides), 5, info, total_steps=10,
+    trainer = train.build_trainer(make_config(overrides), 5, info, total_steps=10,
                              steps_per_epoch=5)
-    assert calls == ["max-autotune"] and tr.model is tr.backbone
+    assert calls == ["max-autotune"] and trainer.model is trainer.backbone
     with pytest.raises(ValueError, match="compile_mode 'max-autotun'"):
         train.build_trainer(make_config({**overrides, "compile_mode": "max-autotun"}), 5, info,
                             total_steps=10, steps_per_epoch=5)
@@ -722,9 +736,9 @@ def test_resume_applies_a_changed_lr_and_names_a_refused_field(tiny_rec, tmp_pat
     cfg = tiny_cfg(tiny_rec, out, epochs=2, max_steps=5, save_every=5, lr=new_lr,
                    momentum=0.5, weight_decay=1e-3)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    tr = train.build_trainer(cfg, 6, info, total_steps=total, steps_per_epoch=6)
-    assert resume_training(tr, cfg, 6, 24).step == 3
-    for opt in (tr.opt_backbone, tr.opt_head):  # weight decay in the first group only
+    trainer = train.build_trainer(cfg, 6, info, total_steps=total, steps_per_epoch=6)
+    assert resume_training(trainer, cfg, 6, 24).step == 3
+    for opt in (trainer.opt_backbone, trainer.opt_head):  # weight decay in the first group only
         for k, group in enumerate(opt.param_groups):
             assert group["lr"] == pytest.approx(new_lr * lr_factor(3, total, 0, "poly"))
             assert group["momentum"] == 0.5
@@ -974,14 +988,14 @@ def test_a_checkpoint_of_another_layout_falls_back_or_is_named_in_one_line(
     warnings: list[str] = []
     monkeypatch.setattr(train_checkpoints.LOG, "warning",
                         lambda fmt, *args: warnings.append(fmt % args))
-    tr = train.build_trainer(cfg, 6, info, total_steps=24, steps_per_epoch=6)
-    resumed = resume_training(tr, cfg, 6, 24)
+    trainer = train.build_trainer(cfg, 6, info, total_steps=24, steps_per_epoch=6)
+    resumed = resume_training(trainer, cfg, 6, 24)
     assert resumed.step == 1, case  # from checkpoint.prev.pt
     assert isinstance(resumed.logs, dict)
     assert len(warnings) == 1 and str(out / name) in warnings[0] and named in warnings[0], \
         warnings
     prev = load_checkpoint(out / "checkpoint.prev.pt")["backbone"]
-    for key, value in tr.backbone.state_dict().items():
+    for key, value in trainer.backbone.state_dict().items():
         torch.testing.assert_close(value, prev[key], rtol=0, atol=0, msg=key)
     # with no previous checkpoint: one line naming the file and the field
     (out / "checkpoint.prev.pt").unlink()

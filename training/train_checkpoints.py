@@ -345,7 +345,7 @@ def all_finite(modules: list[torch.nn.Module]) -> bool:
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
-def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
+def save_training_checkpoint(trainer: Trainer, cfg: Config, step: int, epoch: int,
                              num_classes: int, num_samples: int, saved: SavedSteps,
                              logs: dict[str, list] | None = None,
                              identities: dict[str, str | None] | None = None) -> Path:
@@ -356,15 +356,16 @@ def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
     refused here as well, so a good checkpoint is never replaced by a bad one. A failed
     write (disk full) raises CheckpointWriteError on every rank. Updates ``saved`` and
     returns the path of ``checkpoint.pt``."""
-    output, info = Path(cfg.output), tr.info
-    if not all_ranks_true(all_finite([tr.backbone, tr.head]), info):
+    output, info = Path(cfg.output), trainer.info
+    if not all_ranks_true(all_finite([trainer.backbone, trainer.head]), info):
         raise NonFiniteLossError(f"non-finite weights at step {step}; checkpoint not "
                                  f"written; {saved.describe_last(output)}")
     error: OSError | None = None
     try:
-        save_checkpoint({"head": tr.head.state_dict(), "optimizer": tr.opt_head.state_dict(),
-                          "scheduler": tr.sched_head.state_dict(), "rng": rng_state(),
-                          "step": step, "rank": info.rank, "world_size": info.world_size},
+        save_checkpoint({"head": trainer.head.state_dict(),
+                         "optimizer": trainer.opt_head.state_dict(),
+                         "scheduler": trainer.sched_head.state_dict(), "rng": rng_state(),
+                         "step": step, "rank": info.rank, "world_size": info.world_size},
                          head_checkpoint_path(output, info.rank, step))
     except OSError as e:
         error = e
@@ -373,13 +374,13 @@ def save_training_checkpoint(tr: Trainer, cfg: Config, step: int, epoch: int,
     rotate = saved.current is not None  # a damaged checkpoint.pt is not kept as previous
     if info.is_main:
         try:
-            backbone_state = tr.backbone.state_dict()
+            backbone_state = trainer.backbone.state_dict()
             if rotate:
                 keep_as_previous(path, output / PREVIOUS_CHECKPOINT_NAME)
             save_checkpoint({"backbone": backbone_state,
-                              "optimizer": tr.opt_backbone.state_dict(),
-                              "scheduler": tr.sched_backbone.state_dict(),
-                              "scaler": tr.scaler.state_dict(), "step": step, "epoch": epoch,
+                              "optimizer": trainer.opt_backbone.state_dict(),
+                              "scheduler": trainer.sched_backbone.state_dict(),
+                              "scaler": trainer.scaler.state_dict(), "step": step, "epoch": epoch,
                               "world_size": info.world_size, "num_classes": num_classes,
                               "num_samples": num_samples, "identities": identities,
                               "config": cfg.to_dict(),
@@ -527,7 +528,7 @@ def reshard_head_state(load_rank: Callable[[int], dict[str, Any]], num_classes: 
             "rank": new_rank, "world_size": new_world}
 
 
-def read_resume_state(path: Path, tr: Trainer, cfg: Config, num_classes: int,
+def read_resume_state(path: Path, trainer: Trainer, cfg: Config, num_classes: int,
                       num_samples: int | None,
                       identities: dict[str, str | None] | None = None
                       ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -535,7 +536,7 @@ def read_resume_state(path: Path, tr: Trainer, cfg: Config, num_classes: int,
     files of its step (re-cut when the world size changed) and the allowed setting
     changes. CheckpointFileError names a missing or damaged file, or the field of a file of
     another layout; ResumeError a setup the checkpoint cannot continue."""
-    output, info = path.parent, tr.info
+    output, info = path.parent, trainer.info
     ckpt = read_checkpoint_file(path)
     check_checkpoint_layout(ckpt, path)
     changes = check_resumable(ckpt, path, cfg, num_classes, num_samples, info.world_size,
@@ -575,29 +576,29 @@ def _restore(path: Path | str, field: str, load: Callable[[], Any]) -> None:
                                   f"({_first_line(e)})") from e
 
 
-def load_resume_state(tr: Trainer, cfg: Config, path: Path, ckpt: dict[str, Any],
+def load_resume_state(trainer: Trainer, cfg: Config, path: Path, ckpt: dict[str, Any],
                       rank_state: dict[str, Any]) -> None:
     """Put what read_resume_state read into ``tr`` and set the RNG states; a part that does
     not fit is a CheckpointFileError naming its file and field (the caller falls back).
     Every part is loaded whole, so a later checkpoint loaded after a failed one leaves
     nothing of it; the grad scaler, which only an fp16 checkpoint sets, goes last."""
-    info, step = tr.info, ckpt["step"]
+    info, step = trainer.info, ckpt["step"]
     same_world = ckpt["world_size"] == info.world_size
     head_file = head_checkpoint_path(path.parent, info.rank, step) if same_world \
         else f"{path.parent}: the head files of step {step}"
-    _restore(path, "backbone", lambda: tr.backbone.load_state_dict(ckpt["backbone"]))
+    _restore(path, "backbone", lambda: trainer.backbone.load_state_dict(ckpt["backbone"]))
     _restore(path, "optimizer", lambda: restore_optimizer(
-        tr.opt_backbone, tr.sched_backbone, ckpt["optimizer"], ckpt["scheduler"]))
-    _restore(head_file, "head", lambda: tr.head.load_state_dict(rank_state["head"]))
+        trainer.opt_backbone, trainer.sched_backbone, ckpt["optimizer"], ckpt["scheduler"]))
+    _restore(head_file, "head", lambda: trainer.head.load_state_dict(rank_state["head"]))
     _restore(head_file, "optimizer", lambda: restore_optimizer(
-        tr.opt_head, tr.sched_head, rank_state["optimizer"], rank_state["scheduler"]))
+        trainer.opt_head, trainer.sched_head, rank_state["optimizer"], rank_state["scheduler"]))
     if same_world:
         _restore(head_file, "rng", lambda: set_rng_state(rank_state["rng"]))
     else:  # no saved stream belongs to this rank: a fresh one per (rank, step)
         seed_everything(cfg.seed + info.rank + step * info.world_size)
     # the grad scaler has state only under fp16; amp may change between runs
-    if tr.scaler.is_enabled() and ckpt["scaler"]:
-        _restore(path, "scaler", lambda: tr.scaler.load_state_dict(ckpt["scaler"]))
+    if trainer.scaler.is_enabled() and ckpt["scaler"]:
+        _restore(path, "scaler", lambda: trainer.scaler.load_state_dict(ckpt["scaler"]))
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
@@ -624,7 +625,7 @@ class Resumed(NamedTuple):
     saved: SavedSteps  # what the output folder's checkpoints hold
 
 
-def resume_training(tr: Trainer, cfg: Config, num_classes: int,
+def resume_training(trainer: Trainer, cfg: Config, num_classes: int,
                     num_samples: int | None = None,
                     identities: dict[str, str | None] | None = None) -> Resumed:
     """Load ``checkpoint.pt`` and this rank's file into ``tr``, restore the RNG states, and
@@ -633,14 +634,14 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int,
     type or shape), falls back to checkpoint.prev.pt with a warning; when
     neither is usable, ResumeError names them. Settings that may change (RESUME_MAY_CHANGE:
     lr, momentum, ...) are this run's and logged; the others must match."""
-    output, info = Path(cfg.output), tr.info
+    output, info = Path(cfg.output), trainer.info
     problems: list[str] = []
     for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME):
         path, problem = output / name, None
         try:
-            ckpt, rank_state, changes = read_resume_state(path, tr, cfg, num_classes,
+            ckpt, rank_state, changes = read_resume_state(path, trainer, cfg, num_classes,
                                                           num_samples, identities)
-            load_resume_state(tr, cfg, path, ckpt, rank_state)
+            load_resume_state(trainer, cfg, path, ckpt, rank_state)
         except CheckpointFileError as e:
             problem = str(e)
         if all_ranks_true(problem is None, info):  # every rank resumes from the same step
@@ -666,7 +667,7 @@ def resume_training(tr: Trainer, cfg: Config, num_classes: int,
     return Resumed(step, ckpt.get("logs") or {}, saved)
 
 
-def load_init_weights(tr: Trainer, path: str, network: str) -> None:
+def load_init_weights(trainer: Trainer, path: str, network: str) -> None:
     """--init-checkpoint: backbone weights from backbone.pt or a checkpoint; a damaged file
     or one of another network is a CheckpointFileError naming it."""
     try:
@@ -674,7 +675,7 @@ def load_init_weights(tr: Trainer, path: str, network: str) -> None:
     except RuntimeError as e:
         raise CheckpointFileError(" ".join(str(e).split())) from e
     try:
-        tr.backbone.load_state_dict(state)
+        trainer.backbone.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointFileError(f"{path}: not weights of network {network!r} ("
                                   + " ".join(str(e).split())[:300] + ")") from e
