@@ -8,7 +8,7 @@ Actions (``--action``), each resumable or side-effect free, in pipeline order:
   remove_noises  apply InsightFace's noise lists (every feature gains one extra dimension),
                  writing a new tree (--clean-features-dir, default data/megaface_features_clean)
                  with a record of what was done, remove_noises.json
-  evaluate       our own evaluator (evaluation/megaface_eval.py): CMC and TAR@FAR, JSON and PNG curves
+  evaluate       our evaluator (evaluation/megaface_eval.py): CMC and TAR@FAR, JSON and PNG curves
   devkit         print (``--run``: run) the official devkit's run_experiment.py command
 evaluate and devkit read --features-dir: pass the cleaned tree for the published protocol
 (both warn when it has no remove_noises.json).

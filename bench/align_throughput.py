@@ -4,8 +4,8 @@
                                      [--max-side 3000] [--limit 0] [--threads 1]
                                      [--repeats 2] [--copies 1] [--crop-ratios] [--huge]
 
-Times ``file_alignment.align_files`` (read + decode + EXIF orientation + MTCNN + warp) over the
-JPEG/PNG photos in PHOTO_DIR whose longer side is within [--min-side, --max-side], once per
+Times ``faces.file_alignment.align_files`` (read + decode + EXIF orientation + MTCNN + warp)
+over the JPEG/PNG photos in PHOTO_DIR whose longer side is within [--min-side, --max-side], once per
 ``--sizes`` value (``FaceAligner(detect_size=...)``, 0 = full size) as it is now ("new":
 big JPEGs decoded at 1/2-1/8, crops warped from that decode when the face is big enough)
 and, for nonzero sizes, as it was ("old": full decode, downscaled copy for MTCNN, crop warped

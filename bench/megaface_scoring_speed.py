@@ -1,4 +1,4 @@
-"""Benchmark of the MegaFace evaluator (megaface_eval.megaface_evaluate) on synthetic features.
+"""The MegaFace evaluator (evaluation.megaface_eval) against one torch.mm, synthetic features.
 
 3,500 unit probes of 80 identities against 1e5 unit distractors (1e6 with --full), 512-D:
 the evaluator's wall time (CMC ranks 1..10 at every N = 10 .. 1e5/1e6 and TAR at FAR
