@@ -8,7 +8,7 @@ Actions (``--action``), each resumable or side-effect free, in pipeline order:
   remove_noises  apply InsightFace's noise lists (every feature gains one extra dimension),
                  writing a new tree (--clean-features-dir, default data/megaface_features_clean)
                  with a record of what was done, remove_noises.json
-  evaluate       our own evaluator (megaface_eval.py): CMC and TAR@FAR, JSON and PNG curves
+  evaluate       our evaluator (evaluation/megaface_eval.py): CMC and TAR@FAR, JSON and PNG curves
   devkit         print (``--run``: run) the official devkit's run_experiment.py command
 evaluate and devkit read --features-dir: pass the cleaned tree for the published protocol
 (both warn when it has no remove_noises.json).
@@ -33,8 +33,8 @@ template lists (``megaface_features_list.json_<N>_1``, ``facescrub_features_list
 
 This module holds the pipeline and its command line: cropping, gen_features, the evaluate
 action's loading and report, the devkit command. The feature-file format and loading trees
-of them are ``megaface_features.py``, noise removal ``megaface_noise.py``, the scoring
-``megaface_eval.py``.
+of them are ``evaluation/megaface_features.py``, noise removal
+``evaluation/megaface_noise.py``, the scoring ``evaluation/megaface_eval.py``.
 """
 
 from __future__ import annotations

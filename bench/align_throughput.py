@@ -4,8 +4,8 @@
                                      [--max-side 3000] [--limit 0] [--threads 1]
                                      [--repeats 2] [--copies 1] [--crop-ratios] [--huge]
 
-Times ``file_alignment.align_files`` (read + decode + EXIF orientation + MTCNN + warp) over the
-JPEG/PNG photos in PHOTO_DIR whose longer side is within [--min-side, --max-side], once per
+Times ``faces.file_alignment.align_files`` (read + decode + EXIF orientation + MTCNN + warp)
+over the JPEG/PNG photos in PHOTO_DIR whose longer side is within [--min-side, --max-side], once per
 ``--sizes`` value (``FaceAligner(detect_size=...)``, 0 = full size) as it is now ("new":
 big JPEGs decoded at 1/2-1/8, crops warped from that decode when the face is big enough)
 and, for nonzero sizes, as it was ("old": full decode, downscaled copy for MTCNN, crop warped
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +46,19 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as align_faces.main: before torch
 
+import cv2  # noqa: E402
+import matplotlib.cbook  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from skimage import data as skimage_data  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's modules, not us
 
-import cv2  # noqa: E402
+from faces import face_warp as fw  # noqa: E402
+from faces.aligner import DEFAULT_BATCH_SIZE, MIN_REDUCED_EYE_RATIO, FaceAligner  # noqa: E402
+from faces.file_alignment import DEFAULT_WORKERS, align_files  # noqa: E402
+from faces.reduced_photo import Photo, jpeg_reduction, read_photo  # noqa: E402
+from utils import decode_image, exif_orientation, jpeg_shape, read_image, write_image  # noqa: E402
 
 UPSCALED_SIDE = 2400  # longer side of the package photos when no photo folder is given
 SHIFT = 2  # pixels cut off the top and left for the repeatability row
@@ -62,9 +71,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads({threads})
-import align_faces as af
-import file_alignment as fa
-aligner = af.FaceAligner(device="cpu", detect_size={size})
+from faces.aligner import FaceAligner
+from faces.file_alignment import align_files
+aligner = FaceAligner(device="cpu", detect_size={size})
 def peak_kib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -74,7 +83,7 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = peak_kib()
 start = time.perf_counter()
-[done] = fa.align_files(aligner, [Path({path!r})], 1, progress=False)
+[done] = align_files(aligner, [Path({path!r})], 1, progress=False)
 print(time.perf_counter() - start, done.face is not None, (peak_kib() - base) / 2**20,
       base / 2**20)
 """
@@ -82,8 +91,6 @@ print(time.perf_counter() - start, done.face is not None, (peak_kib() - base) / 
 
 def longer_side(path: Path) -> int:
     """The longer side, from a JPEG's header where possible (no decode)."""
-    from utils import jpeg_shape
-
     shape = jpeg_shape(path.read_bytes())
     if shape is None:
         full = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -93,15 +100,10 @@ def longer_side(path: Path) -> int:
 
 def package_photos(folder: Path) -> list[Path]:
     """The astronaut and Grace Hopper upscaled to UPSCALED_SIDE, written as JPEGs."""
-    import matplotlib.cbook
-    from skimage import data
-
-    from utils import decode_image, write_image
-
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         grace = decode_image(f.read(), "grace_hopper.jpg")
     paths = []
-    for name, image in (("astronaut", data.astronaut()), ("grace_hopper", grace)):
+    for name, image in (("astronaut", skimage_data.astronaut()), ("grace_hopper", grace)):
         scale = UPSCALED_SIDE / max(image.shape[:2])
         big = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
         write_image(folder / f"{name}.jpg", big)
@@ -113,12 +115,6 @@ def huge_rows(folder: Path, sizes: list[int], threads: int) -> list[tuple]:
     """One 8000x8000 JPEG per setting through align_files (read, decode, align), each in a
     fresh process: seconds, and how far that raised the peak RSS above that of the process
     with torch and MTCNN loaded (the photo decoded at full size is 183 MiB)."""
-    import subprocess
-
-    import matplotlib.cbook
-
-    from utils import decode_image, write_image
-
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         grace = decode_image(f.read(), "grace_hopper.jpg")
     path = folder / "huge.jpg"
@@ -153,8 +149,6 @@ def landmark_diff(ours: dict[Path, np.ndarray], ref: dict[Path, np.ndarray]) -> 
 def reference(image: np.ndarray, landmarks: np.ndarray, over: int = 8) -> np.ndarray:
     """An anti-aliased 112 crop: warped at ``over`` x 112 from ``image`` and area-averaged
     (the template shifted so that each block of ``over`` pixels centres on a 112 pixel)."""
-    from faces import face_warp as fw
-
     matrix = fw.estimate_similarity(landmarks, fw.REFERENCE_LANDMARKS * over + (over - 1) / 2)
     big = cv2.warpAffine(image, matrix, (112 * over, 112 * over), flags=cv2.INTER_LINEAR)
     return cv2.resize(big, (112, 112), interpolation=cv2.INTER_AREA).astype(float)
@@ -168,10 +162,6 @@ def crop_ratio_rows(faces: dict, paths: list[Path]) -> list[str]:
     landmarks, against the reference crop, binned by the eye distance on the reduced decode
     in template eye distances (align_faces.MIN_REDUCED_EYE_RATIO); and the crop warped from
     the full photo against the same reference, for the same photos."""
-    from faces import face_warp as fw
-    from faces.reduced_photo import Photo
-    from utils import decode_image, exif_orientation, jpeg_shape
-
     template_eye = float(np.linalg.norm(fw.REFERENCE_LANDMARKS[1] - fw.REFERENCE_LANDMARKS[0]))
     rows = []  # (ratio, reduced crop vs reference, full crop vs reference)
     for q in paths:
@@ -204,11 +194,6 @@ def crop_differences(results: dict, paths: list[Path]) -> list[str]:
     """For each nonzero size: the new crops against the old ones (both paths' own landmarks),
     each against an anti-aliased reference crop at its own landmarks (warped at 8x from the
     full-size photo, area-averaged to 112), and how many new crops needed a full decode."""
-    from faces import face_warp as fw
-    from faces.aligner import MIN_REDUCED_EYE_RATIO
-    from faces.reduced_photo import jpeg_reduction
-    from utils import decode_image, jpeg_shape
-
     template_eye = float(np.linalg.norm(fw.REFERENCE_LANDMARKS[1] - fw.REFERENCE_LANDMARKS[0]))
     lines = []
     for size in sorted({size for size, _ in results if size}):
@@ -234,7 +219,7 @@ def crop_differences(results: dict, paths: list[Path]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("photo_dir", nargs="?", type=Path, default=None)
     p.add_argument("--sizes", type=int, nargs="+", default=[0, 640],
@@ -256,18 +241,12 @@ def main() -> None:
                         "by eye distance on the decode (the MIN_REDUCED_EYE_RATIO choice)")
     p.add_argument("--huge", action="store_true",
                    help=f"also one {HUGE_SIDE}x{HUGE_SIDE} photo per setting (time, memory)")
-    args = p.parse_args()
+    return p
 
-    import torch
 
-    import align_faces as af
-    from faces import file_alignment as fa
-    from faces.reduced_photo import read_photo
-    from utils import read_image
-
-    torch.set_num_threads(args.threads)
-    workers = af.DEFAULT_WORKERS if args.workers is None else args.workers
-    tmp = tempfile.TemporaryDirectory()
+def select_photos(args: argparse.Namespace, folder: Path) -> tuple[list[Path], str]:
+    """The photos in range from PHOTO_DIR, else the package photos written into ``folder``;
+    and a line saying which, with their sizes."""
     paths: list[Path] = []
     sides: dict[Path, int] = {}
     if args.photo_dir is not None:
@@ -276,61 +255,63 @@ def main() -> None:
         paths = [q for q, side in sides.items() if args.min_side <= side <= args.max_side]
     source = f"{len(paths)} photos from {args.photo_dir}"
     if not paths:
-        paths = package_photos(Path(tmp.name))
+        paths = package_photos(folder)
         source = (f"NO real photos: astronaut + grace_hopper upscaled to {UPSCALED_SIDE} px "
                   "(real detail missing)")
     if args.limit:
         paths = paths[:args.limit]
-    sides = [sides.get(q) or longer_side(q) for q in paths]
-    print(f"{source} (timed as {args.copies} copies); longer side {min(sides)}-{max(sides)} px; "
-          f"torch threads {args.threads}, align_files workers {workers}, {args.device}, "
-          f"{os.cpu_count()} CPUs")
+    in_range = [sides.get(q) or longer_side(q) for q in paths]
+    return paths, f"{source} (timed as {args.copies} copies); longer side " \
+                  f"{min(in_range)}-{max(in_range)} px"
 
-    sizes = sorted(set(args.sizes))
-    aligners = {size: af.FaceAligner(device=args.device, detect_size=size) for size in sizes}
-    # the full-size search as before mtcnn_cascade: facenet-pytorch's own MTCNN driver, and
-    # its landmarks as MTCNN gives them (no refine steps)
-    before = af.FaceAligner(device=args.device, detect_size=0, cascade="facenet",
-                            refine_steps=0)
-    for aligner in [*aligners.values(), before]:
-        list(fa.align_files(aligner, paths[:1], 1, progress=False))  # warm-up
-    # settings: (size, "new") = align_files as it is (reduced JPEG decode for size > 0);
-    # (size, "old") = the code before it: full decode, align_batch on the array (downscale
-    # from full size, crop warped from full size), as align_files did.
-    settings = [(size, "new") for size in sizes] + [(size, "old") for size in sizes if size] \
-        + [(0, "facenet")]
-    floors, results, detect_s = {}, {}, {}
-    listed = paths * max(1, args.copies)  # what align_files is timed on
-    for _ in range(max(1, args.repeats)):
-        for name, read in (("full", read_image), ("reduced", None)):
+
+def time_detection(paths: list[Path], aligners: dict[int, FaceAligner], floors: dict,
+                   detect_s: dict) -> None:
+    """One round of the bare reads (full and reduced decode) and FaceAligner.detect on
+    them; keeps each one's best time in ``floors`` and ``detect_s``."""
+    sizes = sorted(aligners)
+    for name, read in (("full", read_image), ("reduced", None)):
+        start = time.perf_counter()
+        if read is None:  # what align_files reads for the first nonzero size
+            images = [read_photo(q, max(sizes)).image for q in paths]
+        else:
+            images = [read(q) for q in paths]
+        floors[name] = min(floors.get(name, np.inf), time.perf_counter() - start)
+        for size, aligner in aligners.items():
+            if name == "reduced" and size == 0:
+                continue
             start = time.perf_counter()
-            if read is None:  # what align_files reads for the first nonzero size
-                images = [read_photo(q, max(sizes)).image for q in paths]
-            else:
-                images = [read(q) for q in paths]
-            floors[name] = min(floors.get(name, np.inf), time.perf_counter() - start)
-            for size, aligner in aligners.items():
-                if name == "reduced" and size == 0:
-                    continue
-                start = time.perf_counter()
-                for image in images:
-                    aligner.detect(image)
-                key = (size, "old" if name == "full" else "new")
-                detect_s[key] = min(detect_s.get(key, np.inf), time.perf_counter() - start)
-            del images
-        for size, how in settings:
-            aligner = before if how == "facenet" else aligners[size]
-            start = time.perf_counter()
-            if how in ("new", "facenet"):
-                done = [f.face for f in fa.align_files(aligner, listed, af.DEFAULT_BATCH_SIZE,
-                                                       num_workers=workers, progress=False)]
-            else:
-                done = [face for i in range(0, len(listed), af.DEFAULT_BATCH_SIZE)
-                        for face in aligner.align_batch(
-                            [read_image(q) for q in listed[i:i + af.DEFAULT_BATCH_SIZE]])]
-            seconds = time.perf_counter() - start
-            if (size, how) not in results or seconds < results[size, how][1]:
-                results[size, how] = (dict(zip(listed, done, strict=True)), seconds)
+            for image in images:
+                aligner.detect(image)
+            key = (size, "old" if name == "full" else "new")
+            detect_s[key] = min(detect_s.get(key, np.inf), time.perf_counter() - start)
+        del images
+
+
+def time_alignment(listed: list[Path], settings: list[tuple[int, str]],
+                   aligners: dict[int, FaceAligner], before: FaceAligner, workers: int,
+                   results: dict) -> None:
+    """One round of every setting over ``listed``; keeps each one's best (faces, seconds)
+    in ``results``."""
+    for size, how in settings:
+        aligner = before if how == "facenet" else aligners[size]
+        start = time.perf_counter()
+        if how in ("new", "facenet"):
+            done = [f.face for f in align_files(aligner, listed, DEFAULT_BATCH_SIZE,
+                                                num_workers=workers, progress=False)]
+        else:
+            done = [face for i in range(0, len(listed), DEFAULT_BATCH_SIZE)
+                    for face in aligner.align_batch(
+                        [read_image(q) for q in listed[i:i + DEFAULT_BATCH_SIZE]])]
+        seconds = time.perf_counter() - start
+        if (size, how) not in results or seconds < results[size, how][1]:
+            results[size, how] = (dict(zip(listed, done, strict=True)), seconds)
+
+
+def speed_rows(paths: list[Path], listed: list[Path], sizes: list[int], floors: dict,
+               results: dict, detect_s: dict) -> tuple[list[tuple], dict | None]:
+    """The table's rows (name, photos/s, vs full, vs before, landmark diff mean, max) and
+    the full-size search's landmarks (None when it was not timed)."""
     rows = [("read + full decode (floor, old)", len(paths) / floors["full"], "", "", "", ""),
             (f"read + reduced decode for {max(sizes)} (floor, new)",
              len(paths) / floors["reduced"], "", "", "", "")]
@@ -351,18 +332,22 @@ def main() -> None:
         rows.append((f"  {name}: FaceAligner.detect only", len(paths) / seconds,
                      f"{detect_s[0, 'old'] / seconds:.1f}x" if (0, "old") in detect_s else "",
                      "", "", ""))
-    if ref is not None:  # MTCNN's repeatability at full size: the same photo shifted by 2 px
-        full = aligners[0]
-        shifted = {}
-        for q in paths:
-            face = full.align(np.ascontiguousarray(read_image(q)[SHIFT:, SHIFT:]))
-            if face is not None:
-                shifted[q] = face.landmarks + SHIFT
-        diff = landmark_diff(shifted, ref)
-        rows.append((f"full size, photo shifted {SHIFT} px (MTCNN's own noise)", float("nan"),
-                     "", "", f"{np.mean(diff):.2f}", f"{np.max(diff):.2f}"))
-    crop_rows = crop_differences(results, paths)
+    return rows, ref
 
+
+def shift_row(paths: list[Path], full: FaceAligner, ref: dict) -> tuple:
+    """MTCNN's repeatability at full size: the same photos shifted by SHIFT pixels."""
+    shifted = {}
+    for q in paths:
+        face = full.align(np.ascontiguousarray(read_image(q)[SHIFT:, SHIFT:]))
+        if face is not None:
+            shifted[q] = face.landmarks + SHIFT
+    diff = landmark_diff(shifted, ref)
+    return (f"full size, photo shifted {SHIFT} px (MTCNN's own noise)", float("nan"),
+            "", "", f"{np.mean(diff):.2f}", f"{np.max(diff):.2f}")
+
+
+def print_speed_table(rows: list[tuple], crop_rows: list[str]) -> None:
     print(f"\n{'setting':<52} {'photos/s':>9} {'vs full':>8} {'vs before':>10} "
           f"{'lm diff mean %':>15} {'max %':>7}")
     for name, rate, speedup, over_before, mean, worst in rows:
@@ -376,6 +361,38 @@ def main() -> None:
     print("\ncrops (mean absolute difference, grey levels, mean / max over photos):")
     for line in crop_rows:
         print("  " + line)
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    torch.set_num_threads(args.threads)
+    workers = DEFAULT_WORKERS if args.workers is None else args.workers
+    tmp = tempfile.TemporaryDirectory()
+    paths, source = select_photos(args, Path(tmp.name))
+    print(f"{source}; torch threads {args.threads}, align_files workers {workers}, "
+          f"{args.device}, {os.cpu_count()} CPUs")
+
+    sizes = sorted(set(args.sizes))
+    aligners = {size: FaceAligner(device=args.device, detect_size=size) for size in sizes}
+    # the full-size search as before mtcnn_cascade: facenet-pytorch's own MTCNN driver, and
+    # its landmarks as MTCNN gives them (no refine steps)
+    before = FaceAligner(device=args.device, detect_size=0, cascade="facenet", refine_steps=0)
+    for aligner in [*aligners.values(), before]:
+        list(align_files(aligner, paths[:1], 1, progress=False))  # warm-up
+    # settings: (size, "new") = align_files as it is (reduced JPEG decode for size > 0);
+    # (size, "old") = the code before it: full decode, align_batch on the array (downscale
+    # from full size, crop warped from full size), as align_files did.
+    settings = [(size, "new") for size in sizes] + [(size, "old") for size in sizes if size] \
+        + [(0, "facenet")]
+    floors, results, detect_s = {}, {}, {}
+    listed = paths * max(1, args.copies)  # what align_files is timed on
+    for _ in range(max(1, args.repeats)):  # interleaved rounds: load hits every setting alike
+        time_detection(paths, aligners, floors, detect_s)
+        time_alignment(listed, settings, aligners, before, workers, results)
+    rows, ref = speed_rows(paths, listed, sizes, floors, results, detect_s)
+    if ref is not None:
+        rows.append(shift_row(paths, aligners[0], ref))
+    print_speed_table(rows, crop_differences(results, paths))
     if args.crop_ratios and (0, "new") in results:
         print("\ncrops from reduced decodes at the full-size landmarks (grey levels, mean / max):")
         for line in crop_ratio_rows(results[0, "new"][0], paths):

@@ -29,7 +29,7 @@ stage train_eager 120 "$PY" bench/train_throughput.py --device cuda
 stage train_compile 150 "$PY" bench/train_throughput.py --device cuda --networks ir50 --compile
 stage train_cudagraphs 100 "$PY" bench/train_throughput.py --device cuda --networks ir50 \
   --compile --compile-mode reduce-overhead
-stage megaface_eval 50 "$PY" bench/megaface_eval.py --device cuda --full
+stage megaface_scoring 50 "$PY" bench/megaface_scoring_speed.py --device cuda --full
 stage data_loader 50 "$PY" bench/data_throughput.py --workers 4 8 --raw-workers 4 8 \
   --ring-workers 4 8
 echo "results: $OUT"

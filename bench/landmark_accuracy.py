@@ -138,9 +138,11 @@ def load_faces(root: Path, min_eye_distance: float) -> list[Face]:
 # ----------------------------------------------------------------------------- detectors
 
 def _ours(detect_size: int | None, refine_steps: int | None) -> Detector:
-    from faces.aligner import DEFAULT_DETECT_SIZE, DEFAULT_REFINE_STEPS, FaceAligner
-    from faces.mtcnn_cascade import map_detections
-    from faces.reduced_photo import read_photo
+    # Imported when a detector is built: the detector modules load torch, which the
+    # annotation readers (and their tests) do without.
+    from faces.aligner import DEFAULT_DETECT_SIZE, DEFAULT_REFINE_STEPS, FaceAligner  # torch
+    from faces.mtcnn_cascade import map_detections  # torch
+    from faces.reduced_photo import read_photo  # beside the two above: used only here
 
     aligner = FaceAligner(device="cpu", detect_size=(DEFAULT_DETECT_SIZE if detect_size is None
                                                      else detect_size),
@@ -156,9 +158,10 @@ def _ours(detect_size: int | None, refine_steps: int | None) -> Detector:
 
 
 def _facenet() -> Detector:
+    # facenet-pytorch and torch only when the facenet method is asked for (see _ours)
     from facenet_pytorch import MTCNN
 
-    from faces.reduced_photo import read_photo
+    from faces.reduced_photo import read_photo  # beside MTCNN: used only by detectors
     mtcnn = MTCNN(keep_all=True, device="cpu")  # its own defaults (min face 20, full size)
 
     def run(path: Path) -> Found:
@@ -189,7 +192,7 @@ def make_detector(method: str) -> Detector:
 def match(face: Face, detections: Found) -> tuple[np.ndarray, float] | None:
     """The detection whose box holds the annotation's centroid, nearest by box centre: its
     landmarks (0-based) and score."""
-    from faces.mtcnn_cascade import MTCNN_COORDINATE_OFFSET
+    from faces.mtcnn_cascade import MTCNN_COORDINATE_OFFSET  # loads torch: see _ours
 
     boxes, probs, points = (np.asarray(d, dtype=np.float64) for d in detections)
     centre = face.truth.mean(0)
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.data_dir}: not a folder (bench/README.md says how to fill it)",
               file=sys.stderr)
         return 2
-    import torch
+    import torch  # after the argument checks: a wrong DATA_DIR is answered without loading it
     torch.set_num_threads(1)  # a shared machine; MTCNN gains little from a second thread
     faces = load_faces(args.data_dir, args.min_eye_distance)
     if not faces:

@@ -1,4 +1,4 @@
-"""Benchmark of the MegaFace evaluator (megaface_eval.megaface_evaluate) on synthetic features.
+"""The MegaFace evaluator (evaluation.megaface_eval) against one torch.mm, synthetic features.
 
 3,500 unit probes of 80 identities against 1e5 unit distractors (1e6 with --full), 512-D:
 the evaluator's wall time (CMC ranks 1..10 at every N = 10 .. 1e5/1e6 and TAR at FAR
@@ -11,7 +11,7 @@ torch.cuda.max_memory_allocated. When the mm's output would be too big (over 4 G
 over half the free memory on a GPU) it is computed in column blocks into one reused buffer,
 and the table says so.
 
-  python bench/megaface_eval.py [--full] [--device cpu|cuda] [--distractors N]
+  python bench/megaface_scoring_speed.py [--full] [--device cpu|cuda] [--distractors N]
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation import megaface_eval as me
+from bench._peak_memory import reset_peak, status_kib  # noqa: E402
+from evaluation import megaface_eval as me  # noqa: E402
 
 NUM_PROBES = 3500
 NUM_IDENTITIES = 80
@@ -58,25 +60,7 @@ def make_features(num_distractors: int, seed: int = 0):
     return probes, labels, distractors
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def time_mm(torch, probes_t, distractors_t, device) -> tuple[float, str]:
+def time_mm(probes_t, distractors_t, device) -> tuple[float, str]:
     n = distractors_t.shape[0]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     limit = torch.cuda.mem_get_info()[0] // 2 if device.type == "cuda" else MM_MAX_OUTPUT_BYTES
@@ -100,8 +84,6 @@ def time_mm(torch, probes_t, distractors_t, device) -> tuple[float, str]:
 
 
 def main() -> None:
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="1e6 distractors")
     parser.add_argument("--distractors", type=int, default=None)
@@ -126,8 +108,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        peak_ok = _reset_peak()
-        base = _rss_kib("VmRSS") * 1024 if peak_ok else None
+        peak_ok = reset_peak()
+        base = status_kib("VmRSS") * 1024 if peak_ok else None
 
     t0 = time.perf_counter()
     results = me.megaface_evaluate(probes, labels, distractors, sizes=me.DEFAULT_SIZES,
@@ -139,15 +121,15 @@ def main() -> None:
         extra = torch.cuda.max_memory_allocated() - base
         mem_note = "CUDA max_memory_allocated"
     elif base is not None:
-        extra = _rss_kib("VmHWM") * 1024 - base
+        extra = status_kib("VmHWM") * 1024 - base
         mem_note = "VmHWM - VmRSS before"
     else:
         extra, mem_note = float("nan"), "unavailable"
 
     probes_t = torch.from_numpy(probes).to(device)
     distractors_t = torch.as_tensor(distractors).to(device)
-    time_mm(torch, probes_t, distractors_t[:MM_BLOCK], device)  # warm-up (BLAS/cuBLAS init)
-    mm_s, mm_kind = time_mm(torch, probes_t, distractors_t, device)
+    time_mm(probes_t, distractors_t[:MM_BLOCK], device)  # warm-up (BLAS/cuBLAS init)
+    mm_s, mm_kind = time_mm(probes_t, distractors_t, device)
 
     print()
     print(f"{'what':<44} {'value':>12}")

@@ -1,6 +1,6 @@
 """Seconds to score LFW-sized verification pairs from their similarities.
 
-    python bench/lfw_eval.py [--pairs 6000] [--repeats 20]
+    python bench/lfw_scoring_speed.py [--pairs 6000] [--repeats 20]
 
 Synthetic similarities (genuine ~ N(0.55, 0.15), impostor ~ N(0.05, 0.12), float32 as
 embeddings give them), scored by the exact 10-fold protocol (every decision point) and the

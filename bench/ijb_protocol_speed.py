@@ -15,7 +15,7 @@ resident before the protocol, as a multiple of the (images x D) float32 feature 
 Targets: pooling and 1:1 scoring >= 10x faster than InsightFace's method, peak < 2x the
 feature array, the whole protocol under a minute on 2 cores.
 
-  python bench/ijb_eval.py [--scale 0.1] [--embed-images 32 --network ir50 --device cuda]
+  python bench/ijb_protocol_speed.py [--scale 0.1] [--embed-images 32 --network ir50 --device cuda]
 """
 
 from __future__ import annotations
@@ -24,16 +24,22 @@ import argparse
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse  # noqa: F401 - imported before the clock: ijb_eval's pooling uses it
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ijb_eval  # noqa: E402
-from evaluation import ijb_features, ijb_report
+from bench._peak_memory import reset_peak, status_kib  # noqa: E402
+from evaluation import ijb_features, ijb_report  # noqa: E402
 from evaluation.ijb_release import Release, load_release  # noqa: E402
+from faces.face_warp import template_for_size  # noqa: E402
+from models import build_model  # noqa: E402
+from utils import encode_image, get_device  # noqa: E402
 
 # IJB-C's sizes (InsightFace's pack)
 IMAGES, TEMPLATES, PAIRS = 469_375, 23_124, 15_658_489
@@ -52,21 +58,6 @@ BASELINE_TEMPLATES = 1000  # InsightFace's pooling loop is timed on this many te
 BASELINE_CHUNKS = 20  # and its scoring on this many chunks; both extrapolated
 ALIGN_IMAGES = 256
 LOOSE_SIZE = 250
-
-
-def _peak_reset() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def write_release(root: Path, scale: float, seed: int = 0) -> dict:
@@ -234,11 +225,6 @@ def time_baselines(root: Path, sizes: dict, state: dict) -> dict:
 def time_embedding(args) -> list[str]:
     """Reading + aligning loose crops (thread pool), and the network's raw + mirror
     embedding on the device."""
-    import torch
-
-    from models import build_model
-    from utils import encode_image, get_device
-
     lines = []
     rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,8 +237,6 @@ def time_embedding(args) -> list[str]:
             "IJBC", Path(tmp), [f"{i}.jpg" for i in range(ALIGN_IMAGES)], np.zeros(0),
             np.zeros(0), np.tile(_centred_landmarks(), (ALIGN_IMAGES, 1, 1)), np.zeros(0),
             np.zeros(0), np.zeros(0), np.zeros(0))
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(args.workers) as pool:
             t = time.perf_counter()
             ijb_features.load_crops(release, 0, ALIGN_IMAGES, pool)
@@ -278,8 +262,6 @@ def time_embedding(args) -> list[str]:
 
 def _centred_landmarks() -> np.ndarray:
     """Landmarks of a face in the middle half of a loose crop."""
-    from faces.face_warp import template_for_size
-
     return template_for_size(LOOSE_SIZE // 2) + np.float32(LOOSE_SIZE / 4)
 
 
@@ -305,10 +287,10 @@ def main() -> None:
               f"{sizes['g1']:,} / {sizes['g2']:,}, {sizes['probes']:,} probes "
               f"(written in {time.perf_counter() - t:.0f} s)")
         array_bytes = sizes["images"] * DIM * 4
-        peak_ok = _peak_reset()
-        base = _status_kib("VmRSS") if peak_ok else 0  # no /proc: no peak
+        peak_ok = reset_peak()
+        base = (status_kib("VmRSS") or 0) if peak_ok else 0  # no /proc: no peak
         seconds, state = run_protocol(root, sizes, args.mode)
-        peak = (_status_kib("VmHWM") - base) * 1024 if peak_ok else None
+        peak = ((status_kib("VmHWM") or 0) - base) * 1024 if peak_ok else None
         baseline = time_baselines(root, sizes, state)
     print(f"\n{'stage':<28}{'ijb_eval':>10}{'InsightFace':>13}{'speed-up':>10}")
     for stage, s in seconds.items():
