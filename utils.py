@@ -55,6 +55,10 @@ class ImageReadError(ToolkitError, ValueError):
     """An image file or buffer that cannot be decoded; the message names the source."""
 
 
+class DatasetError(ToolkitError, ValueError):
+    """A training set that cannot be used as it is; the message names the file or folder."""
+
+
 class MissingInputError(ToolkitError, FileNotFoundError):
     """An input file or folder that does not exist or holds nothing to work on; the message
     names it."""
