@@ -1,4 +1,5 @@
-"""Training data: RecordIO and image-folder datasets and the DataLoader builder.
+"""Training data: RecordIO and image-folder datasets, the resumable sampler, the checks a
+trainer runs on a set before its first step, and the one loader builder.
 
 Every dataset here has the same interface:
 
@@ -13,7 +14,9 @@ Every dataset here has the same interface:
   byte offset.
 
 ``build_loader`` wraps a dataset (``raw_uint8=True``: uint8 batches, normalised by the caller
-with :func:`normalize_batch`, the faster way); with ``distributed=True`` the caller must call
+with :func:`normalize_batch`, the faster way; ``ring=True``: fast_loader's ring of shared
+memory; ``sampler``: train.py's ResumableBatchSampler); with ``distributed=True`` the
+caller must call
 ``loader.sampler.set_epoch(epoch)`` (or :func:`set_epoch`) before each epoch, otherwise every
 epoch repeats the same order.
 """
@@ -23,23 +26,44 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import random
 import sys
+import time
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
+from config import build_parser, parse_config
 from records import recordio
 from records.identity_folders import list_identity_images
 from records.record_index import load_or_build_index, require_complete
+from training.fast_loader import RingBufferLoader
 from utils import FACE_CROP_SIZE as IMAGE_SIZE
-from utils import ImageReadError, decode_image, read_image, run_cli
+from utils import (
+    PIXEL_CENTRE,
+    DatasetError,
+    ImageReadError,
+    ToolkitError,
+    decode_image,
+    positive_int,
+    read_image,
+    run_cli,
+)
 
-PIXEL_CENTRE = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1]
-FLIP_PROBABILITY = 0.5
+FLIP_PROBABILITY = 0.5  # a training image is mirrored this often (here and train.random_flip)
 MAX_REPLACEMENT_TRIES = 20  # corrupt samples tried before giving up on a replacement
 COUNTER_SLOTS = 256  # per-process corrupt counters: the main process + up to 255 workers
 
@@ -77,6 +101,11 @@ class _FaceDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self.labels.size)
+
+    def worker_init(self, worker_id: int) -> None:
+        """Count this worker process's unreadable samples in its own cell (called by
+        fast_loader's workers; DataLoader's are told apart by torch's worker info)."""
+        set_counter_slot(worker_id)
 
     @property
     def corrupt_count(self) -> int:
@@ -290,6 +319,70 @@ class RawUint8View(Dataset):
         return getattr(self.dataset, name)
 
 
+class ResumableBatchSampler(Sampler[int]):
+    """Sample indices for one rank, deterministic in (seed, epoch), resumable mid-epoch.
+
+    Epoch e shuffles all samples with a generator seeded by ``seed + e``; global batch b is
+    ``perm[b*G:(b+1)*G]`` with G = batch_size * world_size, and rank r takes the r-th slice
+    of it. The incomplete last global batch is dropped. ``set_epoch(e, start_batch=k)`` starts
+    the epoch at batch k, so a resumed run reads exactly the batches the interrupted one had
+    left, without loading the skipped ones. The order depends only on the seed, epoch and
+    global batch, never on the RNG state of the process."""
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True) -> None:
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.world_size, self.rank = world_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = num_samples // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{num_samples} samples are fewer than one global batch of "
+                             f"{self.global_batch} ({batch_size} x {world_size} ranks)")
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        for b in range(self.start_batch, self.batches_per_epoch):
+            start = b * self.global_batch + self.rank * self.batch_size
+            yield from order[start:start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class LabelRangeError(ToolkitError, ValueError):
+    """A training label lies outside [0, num_classes); the message names the data file."""
+
+
+def check_enough_images(num_images: int, global_batch: int, source: str) -> None:
+    """Refuse a set smaller than one global batch (no step could run), naming it."""
+    if num_images < global_batch:
+        raise DatasetError(f"{source}: {num_images} images, fewer than one global batch of "
+                           f"{global_batch}; lower --batch-size")
+
+
+def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
+    """Refuse labels outside [0, num_classes) before training starts, naming the file."""
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise LabelRangeError(
+            f"{source}: {bad.size} of {labels.size} labels lie outside [0, {num_classes}) "
+            f"(first: sample {i} has label {int(labels[i])}); the data set declares "
+            f"{num_classes} identities")
+
+
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     """uint8 NxHxWx3 from a ``raw_uint8`` loader to float32 Nx3xHxW ``(x - 127.5) / 127.5``
     on the tensor's own device (move it to the GPU first: 4x less to transfer). The result
@@ -303,8 +396,6 @@ def normalize_batch(images: torch.Tensor) -> torch.Tensor:
 
 def _seed_worker(worker_id: int) -> None:
     """Seed NumPy and ``random`` in each worker from torch's per-worker seed."""
-    import random
-
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -312,36 +403,49 @@ def _seed_worker(worker_id: int) -> None:
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
                  shuffle: bool = True, drop_last: bool = True, distributed: bool = False,
-                 seed: int = 0, *, num_replicas: int | None = None,
-                 rank: int | None = None, raw_uint8: bool = False,
-                 mp_context: str | None = None) -> DataLoader:
-    """A DataLoader with pinned memory (when CUDA is present), persistent workers (when
-    ``num_workers > 0``), seeded shuffling and worker seeds, and a ``DistributedSampler`` when
-    ``distributed`` (world size / rank from the process group unless given). With
-    ``distributed`` the caller calls ``loader.sampler.set_epoch(epoch)`` every epoch.
+                 seed: int = 0, *, sampler: Sampler[int] | None = None,
+                 num_replicas: int | None = None, rank: int | None = None,
+                 raw_uint8: bool = False, ring: bool = False, pin_memory: bool | None = None,
+                 mp_context: str | None = None) -> Iterable:
+    """Batches of ``dataset``: the one loader builder (train.py, tests and bench).
 
-    Batches are ``(float32 Nx3x112x112 normalised, int64 N)``. With ``raw_uint8=True`` the
-    images come as uint8 NxHxWx3 instead and the caller applies :func:`normalize_batch` (best after
-    moving them to the GPU): worker processes then pass 4x fewer bytes through shared memory,
-    which on small CPUs costs more than the JPEG decode itself (see bench/data_throughput.py).
+    The order: ``sampler`` when given (train.py's ResumableBatchSampler), else a
+    ``DistributedSampler`` when ``distributed`` (world size / rank from the process group
+    unless given; the caller calls ``loader.sampler.set_epoch(epoch)`` every epoch), else
+    shuffled or not. ``seed`` seeds the loader's own generator, which draws the shuffle and
+    the worker base seed, so iterating does not advance the global RNG a checkpoint records.
+
+    A DataLoader with pinned memory (default: when CUDA is present), persistent workers (when
+    ``num_workers > 0``) and seeded workers, whose batches are ``(float32 Nx3x112x112
+    normalised, int64 N)``. With ``raw_uint8=True`` the images come as uint8 NxHxWx3 instead
+    and the caller applies :func:`normalize_batch` (best after moving them to the GPU): worker
+    processes then pass 4x fewer bytes through shared memory, which on small CPUs costs more
+    than the JPEG decode itself (see bench/data_throughput.py). With ``ring`` and workers a
+    ``fast_loader.RingBufferLoader`` instead (uint8 batches decoded by persistent workers
+    into a fixed ring of shared memory; each batch is valid until the next one is requested).
     ``mp_context`` ("fork", "spawn", "forkserver") overrides the workers' start method.
     """
-    if raw_uint8:
-        dataset = RawUint8View(dataset)
-    sampler = None
-    if distributed:
+    generator = torch.Generator().manual_seed(seed)
+    if sampler is None and distributed:
         if num_replicas is None and not torch.distributed.is_initialized():
             raise RuntimeError("distributed=True needs an initialised process group "
                                "(or explicit num_replicas and rank)")
         sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
                                      shuffle=shuffle, seed=seed, drop_last=drop_last)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+    if ring and num_workers > 0:
+        if sampler is None:
+            sampler = RandomSampler(dataset, generator=generator) if shuffle \
+                else SequentialSampler(dataset)
+        return RingBufferLoader(dataset, BatchSampler(sampler, batch_size, drop_last),
+                                num_workers=num_workers, persistent_workers=True,
+                                generator=generator, mp_context=mp_context)
+    if raw_uint8:
+        dataset = RawUint8View(dataset)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
         sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        worker_init_fn=_seed_worker, generator=generator,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0, worker_init_fn=_seed_worker, generator=generator,
         multiprocessing_context=mp_context if num_workers > 0 else None)
 
 
@@ -362,11 +466,6 @@ def build_dataset(rec: str = "", image_folder: str = "", train: bool = True,
 
 def main(argv: list[str] | None = None) -> int:
     """Open the configured training set, print its size, and time a few loader batches."""
-    import time
-
-    from config import build_parser, parse_config
-    from utils import positive_int
-
     parser = build_parser("Check a training set: size, classes, and a few timed batches.",
                           only=["rec", "image_folder", "allow_lost_records", "batch_size",
                                 "num_workers", "seed"])

@@ -32,6 +32,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from utils import (
+    CONFIG_FILE,
     OutputConflictError,
     ToolkitError,
     add_debug_flag,
@@ -108,7 +109,7 @@ def save_untrained(cfg: Any, out_dir: Path) -> Path:
         return path
     seed_everything(cfg.seed)
     model = build_model(cfg.network, cfg.embedding_size, cfg.dropout)
-    cfg.save(out_dir / "config.json")
+    cfg.save(out_dir / CONFIG_FILE)
     save_checkpoint(model.state_dict(), path)
     return path
 
@@ -132,7 +133,7 @@ def check_demo_folders(data_dir: Path, run_dir: Path) -> None:
     models = [run_dir / name for name in RUN_MODEL_NAMES if (run_dir / name).exists()]
     if not models:
         return
-    config = run_dir / "config.json"
+    config = run_dir / CONFIG_FILE
     try:
         trained_on = json.loads(config.read_text()).get("rec")
     except (OSError, ValueError, AttributeError):

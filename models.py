@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils import FACE_CROP_SIZE, CheckpointError, add_debug_flag, run_cli
+from utils import CONFIG_FILE, FACE_CROP_SIZE, CheckpointError, add_debug_flag, run_cli
 
 IMAGE_SIZE = FACE_CROP_SIZE  # aligned face crops, the models' input side
 BN_EPS = 1e-5
@@ -40,7 +40,6 @@ SE_DEPTHS = {"ir_se50": IR_DEPTHS["ir50"], "ir_se100": IR_DEPTHS["ir100"]}
 NARROW_WIDTHS = (16, 32, 64, 128)
 NARROW_STRIDES = (1, 2, 2, 2)
 MODEL_NAMES: tuple[str, ...] = (*IR_DEPTHS, *SE_DEPTHS, "mobilefacenet", "ir_narrow")
-CONFIG_FILE = "config.json"  # written by train.py beside its checkpoints
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:

@@ -14,12 +14,14 @@ With more than one process the backbone is wrapped in DistributedDataParallel an
 centres are sharded across ranks (``cfg.sample_rate < 1`` samples negatives: Partial FC). The
 lr is ``cfg.lr * global_batch / cfg.base_batch_size``.
 
-This file reads top to bottom: the model (``build_trainer``), one step (``train_step``, which
-bench/train_throughput.py times as it is), then ``train``: set-up, then the loop. What a run
-writes into ``cfg.output`` (config.json, backbone.pt, checkpoint.pt, checkpoint.prev.pt, one
-head file per rank, tensorboard/, training_curves.png) and how it resumes is in
-train_checkpoints.py; the sampler, schedules, loader, monitor and verification in
-train_utils.py.
+This file reads top to bottom: the knobs (lr schedule, margin ramp, optimiser and its
+parameter groups), the model (``build_trainer``), one step (``train_step``, which
+bench/train_throughput.py times as it is), then ``train``: ``set_up``, then the loop in
+``_train``. What a run writes into ``cfg.output`` (config.json, backbone.pt, checkpoint.pt,
+checkpoint.prev.pt, one head file per rank, tensorboard/, training_curves.png) and how it
+resumes is in training/train_checkpoints.py; the ``Trainer`` and fp16 overflow agreement in
+training/trainer.py; TensorBoard, curves and verification in training/monitor.py; the
+sampler and the loader in data_gen.py.
 
 Nothing is written before the whole setup is checked (config values, the output folder,
 the data set, the checkpoint to resume): a refused run leaves ``cfg.output`` as it was. An
@@ -42,7 +44,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,6 +55,7 @@ import data_gen
 import models
 from arcface_loss import CombinedMargin, Margin, build_head, clip_grad_norm_sharded
 from config import Config, build_parser, parse_config
+from data_gen import FLIP_PROBABILITY
 from training.distributed import (
     DistInfo,
     all_reduce_min_,
@@ -61,9 +64,11 @@ from training.distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from training.monitor import CurvesWriter, Monitor, load_val_bins, verify
 from training.train_checkpoints import (
     BACKBONE_NAME,
-    CONFIG_NAME,
+    CURVES_NAME,
+    TENSORBOARD_NAME,
     ResumeError,
     SavedSteps,
     check_output_folder,
@@ -74,26 +79,10 @@ from training.train_checkpoints import (
     resume_training,
     save_training_checkpoint,
 )
-from training.train_utils import (
-    CURVES_NAME,
-    TENSORBOARD_NAME,
-    CurvesWriter,
-    Monitor,
-    NonFiniteLossError,
-    ResumableBatchSampler,
-    Trainer,
-    agree_on_overflow,
-    build_loader,
-    check_enough_images,
-    check_labels,
-    inject_fault,
-    load_val_bins,
-    verify,
-)
-from utils import get_logger, reuse_freed_memory, run_cli, seed_everything
+from training.trainer import NonFiniteLossError, Trainer, agree_on_overflow, inject_fault
+from utils import CONFIG_FILE, get_logger, reuse_freed_memory, run_cli, seed_everything
 
 LOG = get_logger("train")
-FLIP_PROBABILITY = 0.5
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}  # on CUDA
 
 
@@ -325,10 +314,29 @@ def train(cfg: Config, resume: bool = False, init_checkpoint: str | None = None,
         cleanup_distributed()
 
 
-def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | None,
-           overwrite: bool) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    output = Path(cfg.output)
+class Run(NamedTuple):
+    """What the set-up hands the loop."""
+    trainer: Trainer
+    dataset: torch.utils.data.Dataset
+    sampler: data_gen.ResumableBatchSampler
+    num_classes: int
+    identities: dict[str, str | None]
+    total_steps: int
+    last_step: int  # total_steps, or cfg.max_steps when that stops earlier
+    step: int  # steps already done: 0, or those of the run resumed
+    saved: SavedSteps
+    # the logged values (returned in the summary, saved with each checkpoint, plotted):
+    # one dict per logged step, and one per verification check
+    logs: dict[str, list[dict[str, float]]]
+    val_sets: dict[str, tuple[Any, Any]]
+
+
+def set_up(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | None,
+           overwrite: bool) -> Run:
+    """Check the data, build the trainer, resume or load initial weights, decode the
+    verification sets; then (rank 0) clear and prepare the output folder. Everything is
+    checked before anything is written (the output folder in train()): a refused run leaves
+    the output folder as it was."""
     if info.is_main:
         LOG.info("config (world size %d, device %s):\n%s", info.world_size, info.device,
                  cfg.pretty())
@@ -338,23 +346,17 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    # Everything is checked before anything is written (the output folder in train()): a
-    # refused run leaves the output folder as it was.
     dataset, source = build_dataset(cfg)
-    check_enough_images(len(dataset), cfg.batch_size * info.world_size, source)
+    data_gen.check_enough_images(len(dataset), cfg.batch_size * info.world_size, source)
     num_classes = int(dataset.num_classes)
-    check_labels(dataset.labels, num_classes, source)
+    data_gen.check_labels(dataset.labels, num_classes, source)
     identities = identity_list(getattr(dataset, "classes", None), dataset.labels, num_classes)
-    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, info.world_size, info.rank,
-                                    seed=cfg.seed)
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
+    sampler = data_gen.ResumableBatchSampler(len(dataset), cfg.batch_size, info.world_size,
+                                             info.rank, seed=cfg.seed)
+    total_steps = cfg.epochs * sampler.batches_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
-    trainer = build_trainer(cfg, num_classes, info, total_steps, steps_per_epoch)
+    trainer = build_trainer(cfg, num_classes, info, total_steps, sampler.batches_per_epoch)
     step, saved = 0, SavedSteps()
-    # the logged values (returned in the summary, saved with each checkpoint, plotted):
-    # one dict per logged step, and one per verification check
     logs: dict[str, list[dict[str, float]]] = {"history": [], "verification": []}
     if resume:
         step, saved_logs, saved = resume_training(trainer, cfg, num_classes, len(dataset),
@@ -365,15 +367,38 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     val_sets = load_val_bins(cfg, info)
     barrier(info)  # every rank has checked the folder before rank 0 changes it
     if info.is_main:
-        prepare_output(output, cfg, overwrite)
+        prepare_output(Path(cfg.output), cfg, overwrite)
         LOG.info("%s: %d images of %d identities; %d steps per epoch of %d images, %d steps"
-                 " in all%s", source, len(dataset), num_classes, steps_per_epoch,
+                 " in all%s", source, len(dataset), num_classes, sampler.batches_per_epoch,
                  sampler.global_batch, total_steps,
                  f", resuming after step {step}" if step else "")
     barrier(info)  # no rank writes before rank 0 has cleared the folder
+    return Run(trainer, dataset, sampler, num_classes, identities, total_steps, last_step,
+               step, saved, logs, val_sets)
 
-    loader = build_loader(dataset, sampler, cfg, info)
-    monitor = Monitor(cfg, info, step, last_step)
+
+def training_loader(dataset: torch.utils.data.Dataset, sampler: data_gen.ResumableBatchSampler,
+                    cfg: Config, info: DistInfo) -> Iterable:
+    """``data_gen.build_loader`` as ``cfg`` asks: with worker processes uint8 batches
+    (prepare_batch normalises them on the device), whose trip through shared memory costs a
+    quarter of float32's, through fast_loader's ring when cfg.ring_loader; the loader's
+    generator seeded per rank."""
+    return data_gen.build_loader(dataset, cfg.batch_size, cfg.num_workers,
+                                 seed=cfg.seed + info.rank, sampler=sampler,
+                                 raw_uint8=cfg.num_workers > 0, ring=cfg.ring_loader,
+                                 pin_memory=info.device.type == "cuda")
+
+
+def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | None,
+           overwrite: bool) -> dict[str, Any]:
+    """Set up, then the loop: every step the margin ramp, the step (whose schedulers set the
+    next lr), and what is due (log, verify, checkpoint; the loss is read back only then)."""
+    t_start = time.perf_counter()
+    run = set_up(cfg, info, resume, init_checkpoint, overwrite)
+    trainer, sampler, logs, saved, step = run.trainer, run.sampler, run.logs, run.saved, run.step
+    output, steps_per_epoch, last_step = Path(cfg.output), sampler.batches_per_epoch, run.last_step
+    loader = training_loader(run.dataset, sampler, cfg, info)
+    monitor = Monitor(cfg, info, step, last_step, output / TENSORBOARD_NAME)
     curves = CurvesWriter(output / CURVES_NAME) if info.is_main else None
     values = {"loss": math.nan, "accuracy": math.nan, "grad_norm": math.nan}
     verification: dict[str, float] = {}
@@ -387,18 +412,12 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
         while step < last_step:
             sampler.set_epoch(epoch, start_batch)
             for images, labels in loader:
-                margin = margin_at(step, total_steps, cfg.margin_m, cfg.margin_warmup)
+                margin = margin_at(step, run.total_steps, cfg.margin_m, cfg.margin_warmup)
                 set_ramped_margin(trainer.head.margin, margin)
                 lr = trainer.opt_backbone.param_groups[0]["lr"]
                 step += 1
-                # log_every 0: only the first and the last step; save_every 0: checkpoints
-                # only at epoch ends and the end
-                log_now = (cfg.log_every > 0 and step % cfg.log_every == 0) \
-                    or step in (first_step, last_step)
-                verify_now = bool(cfg.val_bins) and cfg.verify_every > 0 and (
-                    step % cfg.verify_every == 0 or step == last_step)
-                save_now = (cfg.save_every > 0 and step % cfg.save_every == 0) \
-                    or step % steps_per_epoch == 0 or step == last_step
+                log_now, verify_now, save_now = due_at(step, cfg, steps_per_epoch,
+                                                       first_step, last_step)
                 read_now = log_now or verify_now or save_now
                 inject_fault(step, trainer.backbone)  # test-only: FACE_TRAIN_FAULT=nan@K, kill@K
 
@@ -409,25 +428,21 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
                 if read_now:  # the only place the host waits for the device
                     values, bad = read_step(result, first_bad, info)
                     if math.isfinite(bad):
-                        raise NonFiniteLossError(
-                            f"non-finite training loss or gradient norm at step {int(bad)}, "
-                            f"epoch {(int(bad) - 1) // steps_per_epoch + 1}; stopped at step "
-                            f"{step} (loss {values['loss']}, gradient norm "
-                            f"{values['grad_norm']}) without saving; "
-                            f"{saved.describe_last(output)}")
+                        raise non_finite_error(int(bad), step, steps_per_epoch, values,
+                                               saved.describe_last(output))
                 if log_now:
                     scalars = {**values, "lr": lr, "margin_m": margin}
                     logs["history"].append({"step": step, **scalars,
                                             "images_per_second": monitor.log(step, scalars)})
                 # verification before the checkpoint, so its result is saved with it
                 if verify_now:
-                    verification = verify(trainer, step, monitor, val_sets)
+                    verification = verify(trainer, step, monitor, run.val_sets)
                     if verification:  # rank 0
                         logs["verification"].append({"step": step, **verification})
                 if save_now:
                     save_training_checkpoint(trainer, cfg, step, step // steps_per_epoch,
-                                             num_classes, len(dataset), saved, logs,
-                                             identities)
+                                             run.num_classes, len(run.dataset), saved, logs,
+                                             run.identities)
                     if curves:
                         curves.update(logs["history"], logs["verification"])
                 if step >= last_step:
@@ -439,18 +454,50 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
             loader.close()
         if curves:  # also after a failure: the curves up to it
             curves.update(logs["history"], logs["verification"], force=True)
-
     loop_seconds = time.perf_counter() - t_loop
-    last_ckpt = saved.last_complete(output)
+    return summarize(run, cfg, step, steps_run, values, verification,
+                     time.perf_counter() - t_start, loop_seconds)
+
+
+def due_at(step: int, cfg: Config, steps_per_epoch: int, first_step: int, last_step: int
+           ) -> tuple[bool, bool, bool]:
+    """Whether step ``step`` (from 1) logs, verifies and saves a checkpoint. log_every 0:
+    only the first and the last step; save_every 0: checkpoints only at epoch ends and the
+    end."""
+    log_now = (cfg.log_every > 0 and step % cfg.log_every == 0) \
+        or step in (first_step, last_step)
+    verify_now = bool(cfg.val_bins) and cfg.verify_every > 0 and (
+        step % cfg.verify_every == 0 or step == last_step)
+    save_now = (cfg.save_every > 0 and step % cfg.save_every == 0) \
+        or step % steps_per_epoch == 0 or step == last_step
+    return log_now, verify_now, save_now
+
+
+def non_finite_error(bad: int, step: int, steps_per_epoch: int, values: dict[str, float],
+                     last_checkpoint: str) -> NonFiniteLossError:
+    """The error that stops a run whose step ``bad`` had a non-finite loss or gradient
+    norm, read back at step ``step``."""
+    return NonFiniteLossError(
+        f"non-finite training loss or gradient norm at step {bad}, epoch "
+        f"{(bad - 1) // steps_per_epoch + 1}; stopped at step {step} (loss {values['loss']}, "
+        f"gradient norm {values['grad_norm']}) without saving; {last_checkpoint}")
+
+
+def summarize(run: Run, cfg: Config, step: int, steps_run: int, values: dict[str, float],
+              verification: dict[str, float], seconds: float, loop_seconds: float
+              ) -> dict[str, Any]:
+    """train()'s summary of a finished run, logged by rank 0."""
+    output, info = Path(cfg.output), run.trainer.info
+    last_ckpt = run.saved.last_complete(output)
     summary = {
-        "steps": step, "steps_run": steps_run, "epochs": step / steps_per_epoch,
+        "steps": step, "steps_run": steps_run, "epochs": step / run.sampler.batches_per_epoch,
         "final_loss": values["loss"], "final_accuracy": values["accuracy"],
         "checkpoint": str(last_ckpt[0]) if last_ckpt else None,
-        "backbone": str(output / BACKBONE_NAME), "config": str(output / CONFIG_NAME),
-        "seconds": time.perf_counter() - t_start,
-        "images_per_second": steps_run * sampler.global_batch / max(loop_seconds, 1e-9),
+        "backbone": str(output / BACKBONE_NAME), "config": str(output / CONFIG_FILE),
+        "seconds": seconds,
+        "images_per_second": steps_run * run.sampler.global_batch / max(loop_seconds, 1e-9),
         "verification": verification, "world_size": info.world_size,
-        "history": logs["history"], "verification_history": logs["verification"],
+        "history": run.logs["history"], "verification_history": run.logs["verification"],
     }
     if info.is_main:
         LOG.info("done: %d steps (%.2f epochs) in %.1f s, %.1f images/s; final loss %.4f, "

@@ -33,6 +33,8 @@ except ImportError:  # pragma: no cover - opencv is in requirements.txt
     cv2 = None
 
 FACE_CROP_SIZE = 112  # side of the aligned face crops (ArcFace's 112x112 template) everywhere
+PIXEL_CENTRE = 127.5  # model input is (x - 127.5) / 127.5: uint8 pixels mapped to [-1, 1]
+CONFIG_FILE = "config.json"  # a run's config, written by train.py beside its checkpoints
 CORRUPT_REASON_CHARS = 120  # enough of torch's reason for a corrupt file to keep one line
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -53,6 +55,10 @@ class DeviceError(ToolkitError, RuntimeError):
 
 class ImageReadError(ToolkitError, ValueError):
     """An image file or buffer that cannot be decoded; the message names the source."""
+
+
+class DatasetError(ToolkitError, ValueError):
+    """A training set that cannot be used as it is; the message names the file or folder."""
 
 
 class MissingInputError(ToolkitError, FileNotFoundError):

@@ -38,12 +38,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's modules, not us
 
 import cv2  # noqa: E402
 
-from records import recordio
+from data_gen import FaceRecordDataset, build_loader, normalize_batch  # noqa: E402
+from records import recordio  # noqa: E402
 from utils import encode_image  # noqa: E402
 
 SIDE = 112
@@ -100,8 +102,6 @@ def _worker_cpu_seconds(loader) -> float:
 
 def epoch_seconds(loader, raw: bool) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds of this process, CPU seconds of the workers) of an epoch."""
-    from data_gen import normalize_batch
-
     main_cpu, worker_cpu = time.process_time(), _worker_cpu_seconds(loader)
     start = time.perf_counter()
     for images, _labels in loader:
@@ -112,9 +112,10 @@ def epoch_seconds(loader, raw: bool) -> tuple[float, float, float]:
 
 
 def align_rate(count: int) -> float:
+    # only with --align: scikit-image's sample photo and MTCNN's weights load just then
     from skimage import data
 
-    from faces.aligner import FaceAligner
+    from faces.aligner import FaceAligner  # with skimage above: --align only
 
     image = data.astronaut()
     aligner = FaceAligner(device="cpu")
@@ -143,9 +144,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time align_faces.py's FaceAligner on the CPU")
     parser.add_argument("--align-images", type=int, default=16)
     args = parser.parse_args(argv)
-
-    import torch
-
     if args.torch_threads > 0:
         # on a busy machine OpenMP threads spinning at the barrier slow torch.stack ~10x
         torch.set_num_threads(args.torch_threads)
@@ -157,11 +155,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{mean_kb:.1f} KiB); batch {args.batch_size}; torch threads "
               f"{torch.get_num_threads()}; CPUs {os.cpu_count()}; load average "
               f"{os.getloadavg()[0]:.1f}")
-        from torch.utils.data import BatchSampler, RandomSampler
-
-        from data_gen import FaceRecordDataset, build_loader
-        from training.fast_loader import RingBufferLoader
-
         configs = [(f"FaceRecordDataset + loader, {w} worker(s)", w, False)
                    for w in args.workers]
         configs += [(f"  raw_uint8 + normalize_batch, {w} worker(s)", w, True)
@@ -172,13 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         loaders = []
         for name, workers, raw in configs:
             ds = FaceRecordDataset(rec, train=True)
-            if name in ring:
-                sampler = BatchSampler(RandomSampler(ds), args.batch_size, drop_last=False)
-                loader = RingBufferLoader(ds, sampler, num_workers=workers,
-                                          persistent_workers=True)
-            else:
-                loader = build_loader(ds, batch_size=args.batch_size, num_workers=workers,
-                                      shuffle=True, drop_last=False, raw_uint8=raw)
+            loader = build_loader(ds, batch_size=args.batch_size, num_workers=workers,
+                                  shuffle=True, drop_last=False, raw_uint8=raw,
+                                  ring=name in ring)
             epoch_seconds(loader, raw)  # warm-up: workers start, page cache filled
             loaders.append((name, loader, raw))
         # interleaved rounds, so a burst of load from elsewhere hits every row alike
@@ -200,7 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.align:
         rows.append((f"FaceAligner on CPU, {args.align_images} astronaut images (aligned)",
                      align_rate(args.align_images), 0.0, 0.0, 0))
+    print_table(rows)
+    return 0
 
+
+def print_table(rows: list[tuple[str, float, float, float, int]]) -> None:
+    """One line per pipeline: (name, images/s, main-process and worker CPU seconds per
+    image, workers), the first row being the bare decode loop the others are compared to."""
     bare, bare_us = rows[0][1], rows[0][2] * 1e6
     width = max(len(row[0]) for row in rows)
     print(f"\n{'pipeline':<{width}}  {'images/s':>9}  {'vs bare':>7}  {'main us':>7}  "
@@ -218,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
           "load-dependent.\nidle-core: the ratio to the bare loop those CPU times imply when "
           "every process has an idle core\nof its own. Target: 1 worker >= "
           f"{TARGET_RATIO:.0%} of the bare loop.")
-    return 0
 
 
 if __name__ == "__main__":

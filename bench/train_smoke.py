@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
 from config import make_config  # noqa: E402
 from training.train_checkpoints import CHECKPOINT_NAME  # noqa: E402
-from training.train_utils import FAULT_ENV, NonFiniteLossError  # noqa: E402
+from training.trainer import FAULT_ENV, NonFiniteLossError  # noqa: E402
 from utils import load_checkpoint, write_image  # noqa: E402
 
 CROP = 112

@@ -26,6 +26,7 @@ import numpy as np
 from evaluation.ijb_release import IJBFormatError, Release
 from faces.face_warp import warp_face
 from utils import (
+    CONFIG_FILE,
     FACE_CROP_SIZE,
     ImageReadError,
     ToolkitError,
@@ -44,7 +45,6 @@ KEY_CHARS = 20
 MANIFEST = "manifest.json"
 DEFAULT_WORKERS = 4  # threads reading and aligning crops
 MAX_LISTED = 5  # missing images named in the error
-CONFIG_FILE = "config.json"  # models.CONFIG_FILE, spelled here to keep torch out of the import
 
 log = get_logger("ijb_features")
 

@@ -27,10 +27,16 @@ from evaluation.verification_metrics import (
     tar_key,
     ten_fold_details,
 )
-from utils import ToolkitError, atomic_write_text, file_sha256, get_device, get_logger, short_hash
+from utils import (
+    PIXEL_CENTRE,
+    ToolkitError,
+    atomic_write_text,
+    file_sha256,
+    get_device,
+    get_logger,
+    short_hash,
+)
 
-PIXEL_MEAN = 127.5  # (x - 127.5) / 127.5 maps uint8 to [-1, 1], as in training
-PIXEL_STD = 127.5
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -89,7 +95,7 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
                 if not chunk.flags.writeable:  # torch.from_numpy warns on read-only arrays
                     chunk = chunk.copy()
                 batch = torch.from_numpy(chunk).to(device, non_blocking=True)
-                x = batch.permute(0, 3, 1, 2).float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
+                x = batch.permute(0, 3, 1, 2).float().sub_(PIXEL_CENTRE).div_(PIXEL_CENTRE)
                 n = x.shape[0]
                 if flip or raw_pairs:  # one forward pass over the images and their mirrors
                     x = torch.cat([x, x.flip(3)])

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from records.record_index import DatasetError
-from utils import IMAGE_EXTENSIONS, get_logger, list_images
+from utils import IMAGE_EXTENSIONS, DatasetError, get_logger, list_images
 
 log = get_logger("face.pre_process")
 

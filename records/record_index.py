@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from records import recordio
 from utils import (
+    DatasetError,  # in utils (low) so identity_folders need not import this module
     ImageReadError,
-    ToolkitError,
     atomic_write_bytes,
     cache_folder,
     decode_image,
@@ -71,10 +71,6 @@ SIGNATURE_SHOWN = 8  # bytes of a payload that is no image an error message show
 MAX_EMPTY_PER_USED_CLASS = 1
 
 log = get_logger("face.record_index")
-
-
-class DatasetError(ToolkitError, ValueError):
-    """A training set that cannot be used as it is; the message names the file or folder."""
 
 
 class LostRecordsError(DatasetError):

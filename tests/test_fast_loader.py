@@ -199,17 +199,19 @@ def test_bad_batch_sampler_and_arguments_are_refused(tmp_path):
 def test_train_loader_ring_and_dataloader_give_the_same_batches(tmp_path):
     import train
     from config import make_config
+    from data_gen import ResumableBatchSampler
     from training.distributed import DistInfo
-    from training.train_utils import ResumableBatchSampler
 
     rec, _, expected = lib.build_insightface_set(tmp_path, COUNTS)
-    cfg = make_config({"rec": str(rec), "batch_size": 3, "num_workers": 1, "seed": 5})
+    settings = {"rec": str(rec), "batch_size": 3, "num_workers": 1, "seed": 5}
+    cfg = make_config(settings)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     dataset, _ = train.build_dataset(cfg)
     runs = {}
     for ring in (True, False):
         sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
-        loader = train.build_loader(dataset, sampler, cfg, info, ring=ring)
+        ring_cfg = make_config({**settings, "ring_loader": ring})
+        loader = train.training_loader(dataset, sampler, ring_cfg, info)
         assert isinstance(loader, RingBufferLoader) == ring
         batches = []
         for epoch, start in ((0, 0), (1, 2)):  # a whole epoch, then one resumed mid-way

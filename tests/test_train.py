@@ -24,13 +24,22 @@ import recordio_testlib
 import torch
 import torch.nn.functional as F
 
+import data_gen
 import train
 from arcface_loss import build_margin, clip_grad_norm_sharded
 from config import make_config
+from data_gen import LabelRangeError, ResumableBatchSampler, check_labels
 from evaluation.verification_plots import FIGURE_DPI
 from train import lr_factor, param_groups
 from training.distributed import DistInfo
 from training.fast_loader import RingBufferLoader
+from training.monitor import (
+    FIGURE_SIZE,
+    VERIFICATION_TITLE,
+    CurvesWriter,
+    plot_training_curves,
+    training_curves_figure,
+)
 from training.train_checkpoints import (
     RESUME_MAY_CHANGE,
     RESUME_REFUSED,
@@ -41,21 +50,12 @@ from training.train_checkpoints import (
     reshard_head_state,
     resume_training,
 )
-from training.train_utils import (
+from training.trainer import (
     EXIT_BAD_INPUT,
     EXIT_NON_FINITE,
     FAULT_ENV,
-    FIGURE_SIZE,
-    VERIFICATION_TITLE,
-    CurvesWriter,
-    LabelRangeError,
     NonFiniteLossError,
-    ResumableBatchSampler,
     agree_on_overflow,
-    build_loader,
-    check_labels,
-    plot_training_curves,
-    training_curves_figure,
 )
 from utils import encode_image, load_checkpoint, run_cli
 
@@ -318,7 +318,7 @@ def test_uint8_worker_batches_normalise_to_the_float_values(tiny_rec, tmp_path):
         dataset, _ = train.build_dataset(cfg)
         sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
         indices = list(sampler)[:cfg.batch_size]
-        loader = build_loader(dataset, sampler, cfg, info)
+        loader = train.training_loader(dataset, sampler, cfg, info)
         assert isinstance(loader, RingBufferLoader) == ring
         images, labels = next(iter(loader))
         batches[workers, ring] = images.clone(), labels.clone()
@@ -563,7 +563,6 @@ def test_fp16_overflow_anywhere_skips_every_update_on_every_rank():
 def test_labels_outside_the_class_range_are_refused(tiny_rec, tmp_path, monkeypatch):
     with pytest.raises(LabelRangeError, match=r"bad\.rec.*sample 1 has label -1"):
         check_labels(np.array([0, -1, 2]), 3, "bad.rec")
-    import data_gen
 
     class OffByOne(data_gen.FaceRecordDataset):
         """A data source whose last label equals the class count (one past the end)."""
@@ -608,11 +607,11 @@ def test_loss_goes_down_on_synthetic_identities(tmp_path, monkeypatch):
                    epochs=LOSS_STEPS // (num_ids * per_id // 8), save_every=10_000,
                    log_every=10, margin_warmup=0.3, cpu_amp=True, channels_last=True,
                    val_bins=[str(tmp_path / "val.bin")], verify_every=LOSS_STEPS // 2)
-    from training import train_utils  # the module whose load_bin training calls
+    from training import monitor  # the module whose load_bin training calls
 
     loads = []
-    real_load_bin = train_utils.load_bin
-    monkeypatch.setattr(train_utils, "load_bin",
+    real_load_bin = monitor.load_bin
+    monkeypatch.setattr(monitor, "load_bin",
                         lambda *a, **k: loads.append(a) or real_load_bin(*a, **k))
     summary = train.train(cfg)
     # the periodic verification ran twice on the .bin (pairs of training identities here),

@@ -20,7 +20,9 @@ Contract of the yielded batches ``(images, labels)``:
 Batches come in the batch sampler's order whatever the number of workers, the last one may
 be shorter than the others, and each sample is ``dataset.raw_item(i)`` (so unreadable images
 are replaced and counted by the dataset, exactly as with the DataLoader), decoded straight
-into its slot by ``dataset.raw_item_into``.
+into its slot by ``dataset.raw_item_into``. Each worker first calls
+``dataset.worker_init(worker_id)`` when the dataset has one (data_gen's datasets count
+unreadable images per worker there).
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-
-import data_gen
 
 DEFAULT_TIMEOUT_S = 300.0  # longest wait for one batch before giving up
 POLL_S = 0.5  # how often a waiting main process checks that its workers are alive
@@ -74,7 +74,9 @@ def _worker_loop(worker_id: int, dataset: Any, images: torch.Tensor, labels: tor
     torch.manual_seed(seed)  # the datasets derive their per-process generators from this
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    data_gen.set_counter_slot(worker_id)  # corrupt counts land in this worker's own cell
+    worker_init = getattr(dataset, "worker_init", None)
+    if worker_init is not None:  # data_gen's datasets: corrupt counts land in this worker's cell
+        worker_init(worker_id)
     images_np, labels_np = images.numpy(), labels.numpy()
     try:
         while True:
@@ -101,7 +103,7 @@ class RingBufferLoader:
     of shared-memory slots (see the module docstring for the lifetime of a yielded batch).
 
     ``batch_sampler`` is any re-iterable of index lists (``torch.utils.data.BatchSampler``
-    over a ``DistributedSampler`` or ``train_utils.ResumableBatchSampler``, or a plain list of
+    over a ``DistributedSampler`` or ``data_gen.ResumableBatchSampler``, or a plain list of
     lists); it is iterated afresh for every epoch, so ``set_epoch`` on the inner sampler works
     as usual. ``batch_size`` (the slot size) defaults to ``batch_sampler.batch_size``;
     ``image_shape`` to the dataset's ``image_size`` square with 3 channels. ``slots``

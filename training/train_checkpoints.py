@@ -18,7 +18,7 @@ Files in a run's output folder:
   centres), the head's optimiser and scheduler, and the rank's RNG states. The step in the
   name ties it to the ``checkpoint.pt`` (or ``checkpoint.prev.pt``) of that step; older
   ones are deleted once a newer checkpoint is committed;
-- ``tensorboard/`` and ``training_curves.png`` (train_utils.Monitor, CurvesWriter).
+- ``tensorboard/`` and ``training_curves.png`` (monitor.Monitor, CurvesWriter).
 """
 
 from __future__ import annotations
@@ -37,17 +37,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from arcface_loss import shard_range
 from config import Config
 from training.distributed import DistInfo, all_ranks_true
-from training.train_utils import (
-    CURVES_NAME,
-    TENSORBOARD_NAME,
-    NonFiniteLossError,
-    Trainer,
-    rng_state,
-    set_rng_state,
-)
+from training.trainer import NonFiniteLossError, Trainer, rng_state, set_rng_state
 from utils import (
+    CONFIG_FILE,
     CORRUPT_REASON_CHARS,
     SHORT_HASH_CHARS,
     CheckpointError,
@@ -70,11 +65,12 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # checkpoint.pt falls back to it
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
 BACKBONE_NAME = "backbone.pt"
-CONFIG_NAME = "config.json"
+CURVES_NAME = "training_curves.png"
+TENSORBOARD_NAME = "tensorboard"  # the folder of TensorBoard event files
 HEAD_FILE_PATTERN = "checkpoint_rank*_step*.pt"
 _HEAD_RE = re.compile(r"checkpoint_rank(\d+)_step(\d+)\.pt$")
 # The files a run writes into its output folder (besides the per-rank head files)
-RUN_FILE_NAMES = (CONFIG_NAME, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, BACKBONE_NAME,
+RUN_FILE_NAMES = (CONFIG_FILE, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, BACKBONE_NAME,
                   CURVES_NAME, TENSORBOARD_NAME)
 # The fields a resume reads and their types. A file of another layout (an older toolkit's,
 # or one edited by hand) is named by its first field that differs, and the resume falls back
@@ -87,7 +83,7 @@ SAVED_CONFIG_FIELDS: dict[str, type] = {"batch_size": int}  # the global batch i
 OPTIMIZER_FIELDS: dict[str, type] = {"state": dict, "param_groups": list}
 HEAD_FILE_FIELDS: dict[str, type] = {"head": dict, "optimizer": dict, "scheduler": dict}
 HEAD_FIELDS: dict[str, type] = {"weight": torch.Tensor}  # the shard of class centres
-# train_utils.rng_state's layout; read only when the world size is the same
+# trainer.rng_state's layout; read only when the world size is the same
 RNG_FIELDS: dict[str, type | tuple[type, ...]] = {"python": (tuple, list),
                                                    "numpy": (tuple, list),
                                                    "torch": torch.Tensor}
@@ -173,7 +169,7 @@ def prepare_output(output: Path, cfg: Config, overwrite: bool) -> None:
     if orphans:
         LOG.info("removed %d temporary file(s) left by an interrupted run: %s", len(orphans),
                  ", ".join(p.name for p in orphans))
-    cfg.save(output / CONFIG_NAME)
+    cfg.save(output / CONFIG_FILE)
 
 
 # ----------------------------------------------------------------------------- files
@@ -499,8 +495,6 @@ def reshard_head_state(load_rank: Callable[[int], dict[str, Any]], num_classes: 
     ones whose classes overlap are read, one at a time). Per-centre tensors (the centres and
     their optimiser moments: the rows of a shard) are sliced and joined; everything else
     (param groups, scheduler, scalar optimiser state) comes from the first file read."""
-    from arcface_loss import shard_range
-
     start, end = shard_range(num_classes, new_world, new_rank)
     first: dict[str, Any] | None = None
     centres: list[torch.Tensor] = []
