@@ -103,8 +103,8 @@ class BaseAssets:
 
 def load_base_photos() -> dict[str, np.ndarray]:
     """The two base photographs as RGB uint8 HxWx3."""
-    import matplotlib.cbook
-    import skimage.data
+    import matplotlib.cbook  # matplotlib (~0.5 s) and skimage load only for the photos
+    import skimage.data  # their sample photos are the base faces
 
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         grace = utils.decode_image(f.read(), source="matplotlib sample grace_hopper.jpg")
