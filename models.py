@@ -47,6 +47,8 @@ SE_DEPTHS = {"ir_se50": IR_DEPTHS["ir50"], "ir_se100": IR_DEPTHS["ir100"]}
 # keeps the resolution so the last map is 7x7 like the full nets (about 1.1M params at E=128).
 NARROW_WIDTHS = (16, 32, 64, 128)
 NARROW_STRIDES = (1, 2, 2, 2)
+# config.NETWORK_NAMES spells these out so that reading a config needs no torch;
+# tests/test_config.py keeps the two equal
 MODEL_NAMES: tuple[str, ...] = (*IR_DEPTHS, *SE_DEPTHS, "mobilefacenet", "ir_narrow")
 CONFIG_FILE = "config.json"  # written by train.py beside its checkpoints
 

@@ -4,8 +4,8 @@ Colour contract: every in-memory image in this repo is RGB, uint8, HxWx3. OpenCV
 order never leaves :func:`decode_image` / :func:`encode_image`.
 
 torch is imported inside the functions that use it: every module imports this one, and the
-scripts that never touch a tensor (extract, pre_process, --help everywhere) start ~2 s
-sooner without it.
+scripts and actions that never touch a tensor (extract, pre_process, most scripts' --help)
+start ~2 s sooner without it.
 """
 
 from __future__ import annotations
