@@ -31,11 +31,17 @@ import errno
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+# MTCNN is many small ops: with OpenMP's default spin-waiting, a core shared with other work
+# made 2 threads 3-10x slower (and burn 4-6x the CPU); sleeping waits do not. OpenMP reads
+# this when torch loads, so it is set before the imports below, which load torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
+import torch
 
 from faces.aligner import (
     DEFAULT_BATCH_SIZE,
@@ -183,6 +189,37 @@ def _align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = F
     """
 
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
+    files = _source_images(src, dst)
+    report = Path(report_path) if report_path is not None else dst / REPORT_NAME
+    dst.mkdir(parents=True, exist_ok=True)
+    entries = _read_report(report)
+    todo = [p for p in files if not (dst / p.relative_to(src)).exists()]
+    start = time.perf_counter()
+    if todo and aligner is None:
+        aligner = FaceAligner(device=device, min_face_size=min_face_size, batch_size=batch_size,
+                              detect_size=detect_size, refine_steps=refine_steps)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    items = align_files(aligner, todo, batch_size,
+                        size=aligner.size if aligner is not None else TEMPLATE_SIZE,
+                        progress=progress, num_workers=num_workers)
+    counts = _write_and_report(items, src, dst, report, entries, skip_missing)
+    report_entries = _compact_report(report, entries, files, src)
+    seconds = time.perf_counter() - start
+    processed = len(todo) - counts["unreadable"]
+    summary = {
+        "images": len(files),
+        "skipped_existing": len(files) - len(todo),
+        **counts,
+        "report": str(report),
+        "report_entries": report_entries,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(processed / seconds, 1) if processed and seconds > 0 else 0.0,
+    }
+    return summary
+
+
+def _source_images(src: Path, dst: Path) -> list[Path]:
+    """The images under ``src``, once ``src`` and ``dst`` are known to be usable folders."""
     if not src.exists():
         raise AlignInputError(f"source folder not found: {src}")
     if not src.is_dir():
@@ -194,28 +231,25 @@ def _align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = F
     files = list_images(src)
     if not files:  # a wrong folder, not a finished job: say so before creating DST_DIR
         raise AlignInputError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) under {src}")
-    report = Path(report_path) if report_path is not None else dst / REPORT_NAME
-    dst.mkdir(parents=True, exist_ok=True)
-    entries = _read_report(report)
-    todo = [p for p in files if not (dst / p.relative_to(src)).exists()]
+    return files
+
+
+def _write_and_report(items: Iterable[Any], src: Path, dst: Path, report: Path,
+                      entries: dict[str, tuple[str, str]], skip_missing: bool) -> dict[str, int]:
+    """Write each aligned (or centre-cropped) item's crop under ``dst`` and note in the report
+    every file that is not simply aligned; ``entries`` (the report's lines by file) follows
+    along. Returns how many items ended each way."""
     counts = {"aligned": 0, "no_face": 0, "centre_cropped": 0, "unreadable": 0,
               "not_written": 0}
-    start = time.perf_counter()
-    if todo and aligner is None:
-        aligner = FaceAligner(device=device, min_face_size=min_face_size, batch_size=batch_size,
-                              detect_size=detect_size, refine_steps=refine_steps)
-    report.parent.mkdir(parents=True, exist_ok=True)
     # Report lines are appended as they happen so a crash loses none of them.
-    with report.open("a", encoding="utf-8") as rep:
+    with report.open("a", encoding="utf-8") as report_file:
         def note(rel: str, status: str, detail: str) -> None:
             detail = _report_text(detail)
             entries[rel] = (status, detail)
-            rep.write(f"{status}\t{rel}\t{detail}\n")
-            rep.flush()
+            report_file.write(f"{status}\t{rel}\t{detail}\n")
+            report_file.flush()
 
-        size = aligner.size if aligner is not None else TEMPLATE_SIZE
-        for item in align_files(aligner, todo, batch_size, size=size, progress=progress,
-                                num_workers=num_workers):
+        for item in items:
             rel = item.path.relative_to(src).as_posix()
             key = _report_text(rel)  # the file's name in the report
             failed = None if item.crop is None or (item.face is None and skip_missing) \
@@ -229,7 +263,7 @@ def _align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = F
             elif item.face is not None:
                 counts["aligned"] += 1
                 if entries.pop(key, None) is not None:  # listed by an earlier run
-                    rep.write(f"{STATUS_ALIGNED}\t{key}\t\n")
+                    report_file.write(f"{STATUS_ALIGNED}\t{key}\t\n")
             else:
                 counts["no_face"] += 1
                 if skip_missing:
@@ -237,22 +271,17 @@ def _align_tree(src_dir: str | Path, dst_dir: str | Path, skip_missing: bool = F
                 else:  # align_files' centre crop, written above
                     counts["centre_cropped"] += 1
                     note(key, STATUS_NO_FACE, "centre-cropped")
-    # Compact the appended report: one line per file, only files still in the source.
+    return counts
+
+
+def _compact_report(report: Path, entries: dict[str, tuple[str, str]], files: list[Path],
+                    src: Path) -> int:
+    """Rewrite the appended report as one line per file, only files still in the source;
+    returns how many lines it keeps."""
     present = {_report_text(p.relative_to(src).as_posix()) for p in files}
     lines = [f"{s}\t{rel}\t{d}\n" for rel, (s, d) in sorted(entries.items()) if rel in present]
     atomic_write_text(report, "".join(lines))
-    seconds = time.perf_counter() - start
-    processed = len(todo) - counts["unreadable"]
-    summary = {
-        "images": len(files),
-        "skipped_existing": len(files) - len(todo),
-        **counts,
-        "report": str(report),
-        "report_entries": len(lines),
-        "seconds": round(seconds, 2),
-        "images_per_s": round(processed / seconds, 1) if processed and seconds > 0 else 0.0,
-    }
-    return summary
+    return len(lines)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -305,12 +334,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
-    # MTCNN is many small ops: with OpenMP's default spin-waiting, a core shared with other
-    # work made 2 threads 3-10x slower (and burn 4-6x the CPU); sleeping waits do not.
-    # Effective only before torch is imported, as in a plain `python align_faces.py` run.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
     # The workers' searches run side by side: each gets its share of torch's threads (on 2
     # cores, 2 workers of 1 thread did 50 photos/s at 512 px, of 2 threads 44: bench README).
     threads = torch.get_num_threads()

@@ -36,12 +36,10 @@ NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 SIN2_MIN = 1e-12
 LOG_MIN = 1e-30  # floor of (1 - p) in the focal factor, whose power may be negative
 DEFAULT_CENTRE_STD = 0.01  # class centres start small and random (only their direction counts)
+# The margins a head can learn with stop where the target's cosine at theta = 0 reaches 0
+# (m = pi/2 for cos(theta + m), m = 1 for cos(theta) - m): config.py holds those bounds and
+# checks them, with these names, so that reading a config does not import torch.
 HEAD_NAMES = ("arcface", "cosface", "combined")
-# The largest margins a head can learn with: the target class's cosine at theta = 0, its
-# best, must stay above 0, where an unrelated centre lies among thousands of classes;
-# cos(theta + m) and cos(theta) - m reach 0 there at m = pi/2 and m = 1 (Config checks them).
-MAX_ANGLE_MARGIN = math.pi / 2  # ArcFace's m, the combined margin's m2 (exclusive)
-MAX_COSINE_MARGIN = 1.0  # CosFace's m (exclusive); the combined m3 stays below cos(m2)
 
 
 class HeadConfigError(ToolkitError, ValueError):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import inspect
 import json
 import math
+import re
 import runpy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -32,7 +34,17 @@ class ConfigError(ToolkitError, ValueError):
         self.field = field
 
 
-# Allowed values of the fields that name a choice (network and head: see _choices).
+# Allowed values of the fields that name a choice. The network and head names are spelled
+# here, not imported from models.py and arcface_loss.py, so that reading a config does not
+# import torch (~1.2 s); tests/test_config.py checks they agree with those modules' own lists.
+NETWORK_NAMES = ("ir18", "ir34", "ir50", "ir100", "ir200", "ir_se50", "ir_se100", "mobilefacenet",
+                 "ir_narrow")
+HEAD_NAMES = ("arcface", "cosface", "combined")
+# The largest margins a head can learn with: the target class's cosine at theta = 0, its
+# best, must stay above 0, where an unrelated centre lies among thousands of classes;
+# cos(theta + m) and cos(theta) - m reach 0 there at m = pi/2 and m = 1 (see arcface_loss.py).
+MAX_ANGLE_MARGIN = math.pi / 2  # ArcFace's m, the combined margin's m2 (exclusive)
+MAX_COSINE_MARGIN = 1.0  # CosFace's m (exclusive); the combined m3 stays below cos(m2)
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("poly", "cosine")
 AMP_MODES = ("bf16", "fp16", "none")
@@ -148,14 +160,9 @@ def _check_types(cfg: Config) -> None:
         setattr(cfg, f.name, value)
 
 
-def _choices() -> dict[str, tuple[str, ...]]:
-    # imported here, not at the top: config.py stays importable without torch, and neither
-    # module imports config, so there is no cycle
-    from arcface_loss import HEAD_NAMES
-    from models import MODEL_NAMES
-
-    return {"network": MODEL_NAMES, "head": HEAD_NAMES, "optimizer": OPTIMIZERS,
-            "scheduler": SCHEDULERS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "network": NETWORK_NAMES, "head": HEAD_NAMES, "optimizer": OPTIMIZERS,
+    "scheduler": SCHEDULERS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES}
 
 
 # torch.manual_seed takes a 64-bit integer; this bound keeps seed + rank and seed + epoch
@@ -187,10 +194,8 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
 
 def _check_margin(cfg: Config) -> None:
     """The head's margin must leave the target class a positive cosine at theta = 0, its best
-    case (see arcface_loss.MAX_ANGLE_MARGIN): ArcFace's m and the combined m2 below pi/2,
-    CosFace's m below 1, the combined m3 below cos(m2)."""
-    from arcface_loss import MAX_ANGLE_MARGIN, MAX_COSINE_MARGIN
-
+    case (see MAX_ANGLE_MARGIN): ArcFace's m and the combined m2 below pi/2, CosFace's m
+    below 1, the combined m3 below cos(m2)."""
     if cfg.head == "cosface" and not cfg.margin_m < MAX_COSINE_MARGIN:
         raise ConfigError(f"must be < {MAX_COSINE_MARGIN:g} for CosFace (cos(theta) - m), "
                           f"got {cfg.margin_m!r}", "margin_m")
@@ -203,7 +208,7 @@ def _check_margin(cfg: Config) -> None:
 
 
 def _check_values(cfg: Config) -> None:
-    for name, allowed in _choices().items():
+    for name, allowed in _CHOICES.items():
         value = getattr(cfg, name)
         if value not in allowed:
             raise ConfigError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}",
@@ -249,9 +254,6 @@ def _arg_type(tp: Any) -> Any:
 def _field_comments() -> dict[str, str]:
     """Each Config field's trailing comment in this file: the flags' help text, so the
     explanation lives in one place."""
-    import inspect
-    import re
-
     pattern = re.compile(r"^\s+(\w+):[^=]+=.*\s#\s*(.+)$")
     return {m.group(1): m.group(2).strip() for line in inspect.getsource(Config).splitlines()
             if (m := pattern.match(line))}

@@ -24,6 +24,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,14 @@ from typing import Any
 # made MTCNN alignment several times slower (measured with align_faces.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import align_faces
+import lfw_eval
+import train as train_script
+from config import COMMAND_LINE, make_config
+from models import build_model
+from pre_process import pack_folder
+from synthetic import synthetic_faces
+from synthetic.synthetic_faces import is_synthetic_name
 from utils import (
     CONFIG_FILE,
     OutputConflictError,
@@ -39,7 +49,9 @@ from utils import (
     atomic_write_text,
     claim_output,
     get_logger,
+    int_at_least,
     list_images,
+    positive_int,
     run_cli,
     save_checkpoint,
     seed_everything,
@@ -62,8 +74,14 @@ EVAL_IMAGES = 10
 PRESET = "demo"
 
 
-def _stage(name: str) -> None:
-    print(f"\n=== {name}", flush=True)
+@contextmanager
+def _stage(title: str, name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Announce a stage by its ``title``; once it finishes, its wall time (in seconds) is
+    ``timings[name]``."""
+    print(f"\n=== {title}", flush=True)
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 1)
 
 
 def _count_images(root: Path) -> int:
@@ -72,8 +90,6 @@ def _count_images(root: Path) -> int:
 
 def pack_if_needed(aligned_dir: Path, rec_path: Path) -> dict[str, Any]:
     """Pack the aligned tree unless the .rec already holds exactly its images."""
-    from pre_process import pack_folder
-
     stamp = rec_path.with_suffix(".pack.json")
     n_images = _count_images(aligned_dir)
     if rec_path.is_file() and stamp.is_file():
@@ -90,8 +106,6 @@ def pack_if_needed(aligned_dir: Path, rec_path: Path) -> dict[str, Any]:
 
 def evaluate(checkpoint: Path, lfw_dir: Path, out_dir: Path, cache_dir: Path) -> dict[str, Any]:
     """Run the LFW evaluation CLI on ``checkpoint``; return its results JSON."""
-    import lfw_eval
-
     status = lfw_eval.main(["--checkpoint", str(checkpoint), "--lfw-dir", str(lfw_dir),
                             "--pairs", str(lfw_dir / "pairs.txt"), "--out", str(out_dir),
                             "--cache-dir", str(cache_dir), "--device", "cpu"])
@@ -102,8 +116,6 @@ def evaluate(checkpoint: Path, lfw_dir: Path, out_dir: Path, cache_dir: Path) ->
 
 def save_untrained(cfg: Any, out_dir: Path) -> Path:
     """The demo network at its initialisation (same seed as training), as backbone.pt."""
-    from models import build_model
-
     path = out_dir / "backbone.pt"
     if path.is_file():
         return path
@@ -119,8 +131,6 @@ def check_demo_folders(data_dir: Path, run_dir: Path) -> None:
     the demo's when every identity folder of its trees has a synthetic name (a real LFW tree
     has others, and its pairs.txt would be rewritten); a run folder is the demo's when it
     holds no model, or one whose config.json names the demo's training set."""
-    from synthetic.synthetic_faces import is_synthetic_name
-
     for tree in (data_dir / name for name in TREE_NAMES):
         found = sorted(p for p in tree.iterdir() if p.is_dir()) if tree.is_dir() else []
         foreign = [p for p in found if not is_synthetic_name(p.name)]
@@ -165,61 +175,28 @@ def _run_demo(data_dir: Path, run_dir: Path, train_identities: int, train_images
               eval_identities: int, eval_images: int, pairs_per_fold: int | None, seed: int,
               overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The stages of :func:`run_demo`, once its folders are claimed."""
-    import align_faces
-    import train as train_script
-    from config import make_config
-    from synthetic import synthetic_faces
-
     start = time.perf_counter()
     timings: dict[str, float] = {}
-
-    def timed(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 1)
-
-    _stage("1/6 generate synthetic identities")
-    t0 = time.perf_counter()
-    generated = synthetic_faces.generate_dataset(
-        data_dir, train_identities=train_identities, train_images=train_images,
-        eval_identities=eval_identities, eval_images=eval_images,
-        pairs_per_fold=pairs_per_fold, seed=seed)
-    timed("generate", t0)
-    lfw_dir = Path(generated["lfw_dir"])
-
-    _stage("2/6 align the training identities (MTCNN, 112x112)")
-    t0 = time.perf_counter()
-    aligned_dir = data_dir / "train_aligned"
-    aligned = align_faces.align_tree(generated["train_dir"], aligned_dir)
-    print(align_faces.format_summary(aligned))
-    timed("align", t0)
-
-    _stage("3/6 pack into RecordIO")
-    t0 = time.perf_counter()
-    rec_path = data_dir / REC_NAME
-    pack_if_needed(aligned_dir, rec_path)
-    timed("pack", t0)
-
-    cfg = make_config({"rec": str(rec_path), "output": str(run_dir), "seed": seed,
+    data = _prepare_data(data_dir, train_identities, train_images, eval_identities,
+                         eval_images, pairs_per_fold, seed, timings)
+    lfw_dir = Path(data["lfw"])
+    cfg = make_config({"rec": data["rec"], "output": str(run_dir), "seed": seed,
                        "device": "cpu", **(overrides or {})}, preset=PRESET)
     cache_dir = data_dir / "lfw_aligned_cache"
 
-    _stage("4/6 baseline: the untrained network on the held-out pairs")
-    t0 = time.perf_counter()
-    untrained = evaluate(save_untrained(cfg, run_dir / "untrained"), lfw_dir,
-                         run_dir / "untrained" / "eval", cache_dir)
-    timed("baseline", t0)
+    with _stage("4/6 baseline: the untrained network on the held-out pairs", "baseline",
+                timings):
+        untrained = evaluate(save_untrained(cfg, run_dir / "untrained"), lfw_dir,
+                             run_dir / "untrained" / "eval", cache_dir)
 
-    _stage(f"5/6 train {cfg.network} with ArcFace (preset {PRESET!r})")
-    t0 = time.perf_counter()
-    # the demo continues its own run; one killed before its first checkpoint left only logs
-    resume = (run_dir / "checkpoint.pt").is_file()
-    summary = train_script.train(cfg, resume=resume, overwrite=not resume)
-    timed("train", t0)
+    with _stage(f"5/6 train {cfg.network} with ArcFace (preset {PRESET!r})", "train", timings):
+        # the demo continues its own run; one killed before its first checkpoint left only logs
+        resume = (run_dir / "checkpoint.pt").is_file()
+        summary = train_script.train(cfg, resume=resume, overwrite=not resume)
 
-    _stage("6/6 evaluate the trained backbone on the held-out pairs")
-    t0 = time.perf_counter()
     eval_dir = run_dir / "eval"
-    trained = evaluate(run_dir / "backbone.pt", lfw_dir, eval_dir, cache_dir)
-    timed("evaluate", t0)
+    with _stage("6/6 evaluate the trained backbone on the held-out pairs", "evaluate", timings):
+        trained = evaluate(run_dir / "backbone.pt", lfw_dir, eval_dir, cache_dir)
 
     report = {
         "accuracy": trained["accuracy"],
@@ -235,8 +212,7 @@ def _run_demo(data_dir: Path, run_dir: Path, train_identities: int, train_images
         "train_images_per_second": summary.get("images_per_second"),
         "seconds": round(time.perf_counter() - start, 1),
         "stage_seconds": timings,
-        "data": {"train": generated["train_dir"], "aligned": str(aligned_dir),
-                 "rec": str(rec_path), "lfw": str(lfw_dir), "pairs": generated["pairs"]},
+        "data": data,
         "outputs": {"backbone": str(run_dir / "backbone.pt"), "eval": str(eval_dir),
                     "curves": str(run_dir / "training_curves.png"),
                     "tensorboard": str(run_dir)},
@@ -244,6 +220,29 @@ def _run_demo(data_dir: Path, run_dir: Path, train_identities: int, train_images
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     print_summary(report, run_dir)
     return report
+
+
+def _prepare_data(data_dir: Path, train_identities: int, train_images: int,
+                  eval_identities: int, eval_images: int, pairs_per_fold: int | None,
+                  seed: int, timings: dict[str, float]) -> dict[str, str]:
+    """Stages 1 to 3: generate the synthetic trees, align the training tree, pack it; the
+    paths of what they made (the report's "data")."""
+    with _stage("1/6 generate synthetic identities", "generate", timings):
+        generated = synthetic_faces.generate_dataset(
+            data_dir, train_identities=train_identities, train_images=train_images,
+            eval_identities=eval_identities, eval_images=eval_images,
+            pairs_per_fold=pairs_per_fold, seed=seed)
+
+    aligned_dir = data_dir / "train_aligned"
+    with _stage("2/6 align the training identities (MTCNN, 112x112)", "align", timings):
+        aligned = align_faces.align_tree(generated["train_dir"], aligned_dir)
+        print(align_faces.format_summary(aligned))
+
+    rec_path = data_dir / REC_NAME
+    with _stage("3/6 pack into RecordIO", "pack", timings):
+        pack_if_needed(aligned_dir, rec_path)
+    return {"train": generated["train_dir"], "aligned": str(aligned_dir), "rec": str(rec_path),
+            "lfw": str(Path(generated["lfw_dir"])), "pairs": generated["pairs"]}
 
 
 def _pct(x: float | None) -> str:
@@ -268,9 +267,6 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from config import COMMAND_LINE, make_config
-    from utils import int_at_least, positive_int
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_debug_flag(parser)

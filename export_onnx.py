@@ -36,6 +36,8 @@ from utils import (
     add_debug_flag,
     claim_output,
     get_logger,
+    positive_float,
+    positive_int,
     remove_stale_temporaries,
     run_cli,
     starts_with,
@@ -140,7 +142,7 @@ def check_finite_embeddings(model: nn.Module, source: str | Path, batch: int = P
 def check_parity(model: nn.Module, onnx_path: str | Path, batch: int = PARITY_BATCH,
                  seed: int = 0) -> float:
     """Max abs difference between normalised PyTorch and onnxruntime embeddings."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # onnxruntime loads only for the parity check
 
     images = _test_images(batch, seed)
     with torch.inference_mode():
@@ -172,8 +174,6 @@ def export_and_verify(model: nn.Module, out_path: str | Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils import positive_float, positive_int
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_debug_flag(parser)

@@ -69,6 +69,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from tqdm import tqdm
+
 from utils import (
     TEMP_SUFFIX,
     ToolkitError,
@@ -440,8 +442,6 @@ def already_extracted(archive: str | Path, dest: str | Path) -> bool:
 
 def _extract_zip(archive: Path, dest: Path, progress: bool,
                  limits: SizeLimits | None) -> tuple[int, int, list[str]]:
-    from tqdm import tqdm
-
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile as e:
@@ -486,8 +486,6 @@ def _extract_zip(archive: Path, dest: Path, progress: bool,
 
 def _extract_tar(archive: Path, dest: Path, progress: bool,
                  limits: SizeLimits | None) -> tuple[int, int, list[str]]:
-    from tqdm import tqdm
-
     rels: list[PurePosixPath] = []
     links: list[tuple[str, Path]] = []
     files = 0

@@ -36,7 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
+from config import build_parser, parse_config
+from evaluation import ijb_features
+from evaluation.ijb_features import mode_features
 from evaluation.ijb_release import TARGETS, IJBFormatError, Release, load_release
 from evaluation.ijb_report import MERGED, format_table, plot_cmc
 from evaluation.verification_metrics import (
@@ -53,6 +57,7 @@ from utils import (
     claim_output,
     get_device,
     get_logger,
+    positive_int,
     run_cli,
 )
 
@@ -117,8 +122,6 @@ def template_features(image_feats: np.ndarray, templates: np.ndarray, medias: np
     ``faceness`` (given: mode D1); the features of one media of a template are averaged and
     the media means summed, then normalised. Done as one sparse (T x N) pooling matrix times
     ``image_feats``, which is only read, never copied (IJB-C's is 1 GB)."""
-    import scipy.sparse as sp
-
     feats = np.asarray(image_feats)
     if feats.ndim != 2:
         raise ValueError(f"image features must be (N, D), got shape {feats.shape}")
@@ -483,9 +486,6 @@ def evaluate_features(image_feats: np.ndarray, release: Release, mode: str = DEF
 # ----------------------------------------------------------------------------- CLI
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    from config import build_parser
-    from utils import positive_int
-
     parser = build_parser(__doc__.split("\n\n")[0],
                           only=["batch_size", "device", "network", "embedding_size"])
     group = parser.add_argument_group("ijb_eval")
@@ -530,19 +530,17 @@ def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
                          out_dir: Path) -> list[Path]:
     """The cache's chunk files, embedding whatever is missing (the model is only loaded
     then)."""
-    from evaluation import ijb_features as feat
-
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     cache_root = Path(args.cache_dir) if args.cache_dir else out_dir / "features"
-    folder = cache_root / feat.cache_key(release, checkpoint, args.network,
-                                         args.embedding_size)
-    missing = feat.missing_chunks(release, folder)
+    folder = cache_root / ijb_features.cache_key(release, checkpoint, args.network,
+                                                 args.embedding_size)
+    missing = ijb_features.missing_chunks(release, folder)
     embed = None
     if missing:
-        feat.check_crops_exist(release, missing)  # before the model is built
-        from models import load_backbone
+        ijb_features.check_crops_exist(release, missing)  # before the model is built
+        from models import load_backbone  # torch loads only when some features are not cached
 
         device = get_device(cfg.device)
         # an unknown network or weights that do not fit: load_backbone's one-line error
@@ -550,17 +548,15 @@ def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
                               embedding_size=args.embedding_size).to(device).eval()
 
         def embed(crops: np.ndarray) -> np.ndarray:
-            return feat.embed_raw(model, crops, cfg.batch_size, device)
+            return ijb_features.embed_raw(model, crops, cfg.batch_size, device)
     else:
         log.info("image features from the cache %s", folder)
-    workers = args.workers if args.workers is not None else feat.DEFAULT_WORKERS
-    return feat.cached_features(release, folder, embed, workers=workers)
+    workers = args.workers if args.workers is not None else ijb_features.DEFAULT_WORKERS
+    return ijb_features.cached_features(release, folder, embed, workers=workers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: prints the table, writes <out>/<target>_results.json and figures."""
-    from config import parse_config
-
     cfg, args = parse_config(argv, parser=build_arg_parser())
     target = _target_of(args)
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / target.lower()
@@ -573,8 +569,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_evaluation(cfg: Any, args: argparse.Namespace, target: str, out_dir: Path) -> int:
     """What :func:`main` does once its output folder is claimed."""
-    from evaluation.ijb_features import mode_features
-
     modes = _modes_of(args)
     release = load_release(args.ijb_dir, target)
     chunks = image_feature_chunks(cfg, args, release, out_dir)

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from config import build_parser, parse_config
 from evaluation.bin_loader import load_bin
 from evaluation.lfw_images import as_crop, default_cache_dir, load_lfw_crops, readable_pairs
 from evaluation.lfw_pairs import MAX_NAMED, check_pairs_exist, parse_pairs
@@ -121,6 +122,7 @@ def compare_images(model, image_a: np.ndarray, image_b: np.ndarray, aligner=None
     """Cosine similarity of the faces in two RGB photos (flip TTA), or (None, indices of the
     photos without a face)."""
     if aligner is None:
+        # faces.aligner loads torch (~2 s), which lfw_eval.py --help does without
         from faces.aligner import FaceAligner
 
         aligner = FaceAligner(device=device)
@@ -164,8 +166,6 @@ def _saved_threshold(out_dir: Path, checkpoint: Path) -> tuple[float, Path] | No
 # ----------------------------------------------------------------------------- CLI
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    from config import build_parser
-
     parser = build_parser(__doc__.split("\n\n")[0],
                           only=["batch_size", "device", "lfw_dir", "pairs", "network",
                                 "embedding_size"])
@@ -197,6 +197,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args, device):
+    # torch loads with the model: --help and argument errors stay quick
     from models import load_backbone
 
     model = load_backbone(args.checkpoint, network=args.network,
@@ -258,8 +259,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 3 no face, 4 no threshold for
     --compare). Bad input raises (ToolkitError, OSError): run_cli prints it as one line and
     exits 1."""
-    from config import parse_config
-
     parser = build_arg_parser()
     cfg, args = parse_config(argv, parser=parser)
     return _run(cfg, args)

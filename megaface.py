@@ -50,8 +50,12 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+from tqdm import tqdm
 
+from config import build_parser, parse_config
+from evaluation import megaface_eval
 from evaluation.megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES, MegaFaceError
 from evaluation.megaface_features import (
     DEFAULT_SUFFIX,
@@ -70,6 +74,8 @@ from evaluation.megaface_features import (
     write_feature_source,
 )
 from evaluation.megaface_noise import remove_noises, warn_unless_cleaned
+from evaluation.verification import embed
+from faces.file_alignment import align_files, read_image_or_error
 from utils import (
     FACE_CROP_SIZE,
     FOLDER,
@@ -80,9 +86,11 @@ from utils import (
     checkpoint_record,
     claim_output,
     first_few,
+    fraction,
     get_logger,
     iter_images,
     list_images,
+    positive_int,
     require_same_checkpoint,
     run_cli,
     write_image,
@@ -136,8 +144,6 @@ def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: 
 
     Images already done are skipped (resumable). No face: the centre crop is written and the
     image listed in ``dst_root/faceless.txt``; undecodable ones go to ``unreadable.txt``."""
-    from faces.file_alignment import align_files
-
     src_root, dst_root = Path(src_root), Path(dst_root)
     images = _input_images(src_root, "image")
     summary = {"images": len(images), "skipped_existing": 0, "aligned": 0, "faceless": 0,
@@ -218,12 +224,6 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
     flip-augmented, see lfw_eval.embed) in the mirrored tree; existing files are kept. With
     ``checkpoint`` (the file ``model`` was loaded from), the tree records it and the images
     (:func:`check_feature_source`, refused when features of another source are there)."""
-    import cv2
-    from tqdm import tqdm
-
-    from evaluation.verification import embed
-    from faces.file_alignment import read_image_or_error
-
     image_root, feature_root = Path(image_root), Path(feature_root)
     images = _input_images(image_root, "aligned image")
     if checkpoint is not None:  # recorded before the first feature: a killed run stays known
@@ -280,58 +280,22 @@ def _megaface_size_lists(templatelists: Path, sizes: Iterable[int]) -> dict[int,
 
 def run_evaluate(args, cfg) -> dict[str, Any]:
     """The ``evaluate`` action: load the feature trees, score, write JSON and PNGs."""
-    from evaluation import megaface_eval as me
-
-    features_dir = Path(args.features_dir)
-    if not (args.probe_features and args.distractor_features):
-        if not features_dir.is_dir():
-            raise MissingInputError(f"{features_dir}: --features-dir not found")
-        warn_unless_cleaned(features_dir)
-    probe_root = Path(args.probe_features or features_dir / FACESCRUB)
-    distractor_root = Path(args.distractor_features or features_dir / MEGAFACE)
-    source = require_one_source(probe_root, distractor_root)
-    templatelists = Path(args.templatelists) if args.templatelists else None
-    facescrub_list = args.facescrub_list or (
-        templatelists / "facescrub_features_list.json"
-        if templatelists and (templatelists / "facescrub_features_list.json").is_file() else None)
-    size_lists = _megaface_size_lists(templatelists, args.sizes) if templatelists else {}
-    subset = args.subset if args.subset != "auto" else ("devkit" if size_lists else "first")
-    if subset == "devkit" and not size_lists:
-        raise MegaFaceError("--subset devkit needs --templatelists with megaface_features_list"
-                            ".json_<N>_1 files for the requested --sizes")
+    probe_root, distractor_root, source = _feature_roots(args)
+    facescrub_list, size_lists, subset = _lists_and_subset(args)
 
     paths, labels = probe_paths_and_labels(probe_root, facescrub_list, args.suffix)
     loaded_probes = load_probes(probe_root, paths, args.suffix)
     probes = loaded_probes.feats
     labels = [labels[i] for i in loaded_probes.kept]
-    if subset == "devkit":  # every listed path, the largest list first
-        distractor_paths = list(dict.fromkeys(p for n in sorted(size_lists, reverse=True)
-                                              for p in size_lists[n]))
-    elif args.megaface_list:
-        distractor_paths = [str(p) for p in read_devkit_list(args.megaface_list)["path"]]
-    else:
-        distractor_paths = list_feature_files(distractor_root, args.suffix)
+    distractor_paths = _distractor_paths(args, subset, size_lists, distractor_root)
     # the probes fix the dimension: a distractor of another one is skipped, never the reverse
     loaded = load_features(distractor_root, distractor_paths, args.suffix, MEGAFACE,
                            dim=probes.shape[1], dim_from=" (the probe features')")
-    distractors, dkept = loaded.feats, loaded.kept
+    distractors = loaded.feats
     distractor_problems = loaded.skipped
     report_problems(distractor_problems, "distractor features")
-
-    common = dict(max_rank=args.max_rank, fars=tuple(args.fars), chunk_size=args.chunk_size,
-                  device=cfg.device if cfg.device != "auto" else None)
-    if subset == "devkit":
-        position = {distractor_paths[j]: row for row, j in enumerate(dkept)}
-        results = {}
-        for n, listed in sorted(size_lists.items()):
-            order = [position[p] for p in listed if p in position]
-            (results[n],) = me.megaface_evaluate(probes, labels, distractors, sizes=[len(order)],
-                                                 order=order, **common).values()
-    else:
-        order = np.random.default_rng(cfg.seed).permutation(len(distractors)) \
-            if subset == "random" else None
-        results = me.megaface_evaluate(probes, labels, distractors, sizes=args.sizes,
-                                       order=order, **common)
+    kept_paths = [distractor_paths[j] for j in loaded.kept]
+    results = _rank(args, cfg, probes, labels, distractors, kept_paths, subset, size_lists)
 
     out = Path(args.results_dir)
     report = {
@@ -358,17 +322,78 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
                   for n, r in sorted(results.items())},
     }
     atomic_write_text(out / "megaface_results.json", json.dumps(report, indent=2) + "\n")
-    me.plot_cmc(results, out / "cmc.png")
-    me.plot_rank1_vs_distractors(results, out / "rank1_vs_distractors.png")
+    megaface_eval.plot_cmc(results, out / "cmc.png")
+    megaface_eval.plot_rank1_vs_distractors(results, out / "rank1_vs_distractors.png")
     if args.fars:
-        me.plot_roc_curves(results, out / "roc.png")
-    print(me.format_results(results, args.fars))
+        megaface_eval.plot_roc_curves(results, out / "roc.png")
+    print(megaface_eval.format_results(results, args.fars))
     for what, problems in (("probe", loaded_probes.missing), ("distractor", distractor_problems)):
         if problems:  # the table holds fewer features than the user has: say so beside it
             print(f"{len(problems)} {what} features skipped (first {MAX_LISTED_PROBLEMS} "
                   f"named in the log and in {out / 'megaface_results.json'})")
     log.info("results in %s", out)
     return report
+
+
+def _feature_roots(args) -> tuple[Path, Path, str]:
+    """The probe and distractor feature trees the ``evaluate`` action reads, and which model
+    and images made them (:func:`require_one_source`)."""
+    features_dir = Path(args.features_dir)
+    if not (args.probe_features and args.distractor_features):
+        if not features_dir.is_dir():
+            raise MissingInputError(f"{features_dir}: --features-dir not found")
+        warn_unless_cleaned(features_dir)
+    probe_root = Path(args.probe_features or features_dir / FACESCRUB)
+    distractor_root = Path(args.distractor_features or features_dir / MEGAFACE)
+    return probe_root, distractor_root, require_one_source(probe_root, distractor_root)
+
+
+def _lists_and_subset(args) -> tuple[Path | None, dict[int, list[str]], str]:
+    """The FaceScrub list (None: every probe feature), the devkit's distractor lists by size
+    (empty without --templatelists) and the subset rule --subset resolves to."""
+    templatelists = Path(args.templatelists) if args.templatelists else None
+    facescrub_list = args.facescrub_list or (
+        templatelists / "facescrub_features_list.json"
+        if templatelists and (templatelists / "facescrub_features_list.json").is_file() else None)
+    size_lists = _megaface_size_lists(templatelists, args.sizes) if templatelists else {}
+    subset = args.subset if args.subset != "auto" else ("devkit" if size_lists else "first")
+    if subset == "devkit" and not size_lists:
+        raise MegaFaceError("--subset devkit needs --templatelists with megaface_features_list"
+                            ".json_<N>_1 files for the requested --sizes")
+    return facescrub_list, size_lists, subset
+
+
+def _distractor_paths(args, subset: str, size_lists: dict[int, list[str]],
+                      distractor_root: Path) -> list[str]:
+    """The distractor feature files to load, in the order the subset rule reads them."""
+    if subset == "devkit":  # every listed path, the largest list first
+        return list(dict.fromkeys(p for n in sorted(size_lists, reverse=True)
+                                  for p in size_lists[n]))
+    if args.megaface_list:
+        return [str(p) for p in read_devkit_list(args.megaface_list)["path"]]
+    return list_feature_files(distractor_root, args.suffix)
+
+
+def _rank(args, cfg, probes: np.ndarray, labels: list[Any], distractors: np.ndarray,
+          kept_paths: list[str], subset: str,
+          size_lists: dict[int, list[str]]) -> dict[int, dict[str, Any]]:
+    """Identification (and verification) results by distractor-set size: each devkit list's
+    distractors that loaded (``kept_paths`` names each row of ``distractors``), or the first
+    (or, with --subset random, a seeded random draw of) N distractors for every --sizes N."""
+    common = dict(max_rank=args.max_rank, fars=tuple(args.fars), chunk_size=args.chunk_size,
+                  device=cfg.device if cfg.device != "auto" else None)
+    if subset == "devkit":
+        position = {path: row for row, path in enumerate(kept_paths)}
+        results = {}
+        for n, listed in sorted(size_lists.items()):
+            order = [position[p] for p in listed if p in position]
+            (results[n],) = megaface_eval.megaface_evaluate(
+                probes, labels, distractors, sizes=[len(order)], order=order, **common).values()
+        return results
+    order = np.random.default_rng(cfg.seed).permutation(len(distractors)) \
+        if subset == "random" else None
+    return megaface_eval.megaface_evaluate(probes, labels, distractors, sizes=args.sizes,
+                                           order=order, **common)
 
 
 # ----------------------------------------------------------------------------- devkit
@@ -391,9 +416,6 @@ def devkit_command(devkit_dir: str | Path, features_dir: str | Path, suffix: str
 # ----------------------------------------------------------------------------- CLI
 
 def build_arg_parser():
-    from config import build_parser
-    from utils import fraction, positive_int
-
     parser = build_parser(__doc__.split("\n")[0],
                           only=["batch_size", "device", "num_workers", "seed", "network",
                                 "embedding_size"])
@@ -469,8 +491,6 @@ def claim_action_output(args: argparse.Namespace) -> AbstractContextManager:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from config import parse_config
-
     cfg, args = parse_config(argv, parser=build_arg_parser())
     with claim_action_output(args):
         return run_action(cfg, args)
@@ -486,7 +506,7 @@ def run_action(cfg: Any, args: argparse.Namespace) -> int:
         for name, src in sets:  # every input checked before hours of work on the first
             if src:
                 require_images(src, f"--{name}-images")
-        from faces.aligner import FaceAligner
+        from faces.aligner import FaceAligner  # torch (MTCNN) only for the align action
 
         aligner = FaceAligner(device=device)
         for name, src in sets:
@@ -495,7 +515,7 @@ def run_action(cfg: Any, args: argparse.Namespace) -> int:
                                                          / name, cfg.num_workers))
     elif args.action == "gen_features":
         _require(args, "checkpoint")
-        from models import load_backbone
+        from models import load_backbone  # torch only for gen_features
 
         sources = [Path(args.aligned_dir) / name for name in (MEGAFACE, FACESCRUB)]
         present = [src for src in sources if src.is_dir()]

@@ -20,8 +20,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from utils import CONFIG_FILE, FACE_CROP_SIZE, CheckpointError, add_debug_flag, run_cli
+from utils import (
+    CONFIG_FILE,
+    FACE_CROP_SIZE,
+    CheckpointError,
+    add_debug_flag,
+    load_backbone_state,
+    positive_int,
+    run_cli,
+)
 
 IMAGE_SIZE = FACE_CROP_SIZE  # aligned face crops, the models' input side
 BN_EPS = 1e-5
@@ -39,6 +48,8 @@ SE_DEPTHS = {"ir_se50": IR_DEPTHS["ir50"], "ir_se100": IR_DEPTHS["ir100"]}
 # keeps the resolution so the last map is 7x7 like the full nets (about 1.1M params at E=128).
 NARROW_WIDTHS = (16, 32, 64, 128)
 NARROW_STRIDES = (1, 2, 2, 2)
+# config.NETWORK_NAMES spells these out so that reading a config needs no torch;
+# tests/test_config.py keeps the two equal
 MODEL_NAMES: tuple[str, ...] = (*IR_DEPTHS, *SE_DEPTHS, "mobilefacenet", "ir_narrow")
 
 
@@ -243,8 +254,6 @@ def model_flops(model: nn.Module, image_size: int = IMAGE_SIZE) -> int:
 
     Runs on a copy whose tensors live on the meta device (shapes only), so it costs no
     compute or memory and leaves ``model`` untouched."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     # Pre-seeding deepcopy's memo with meta stand-ins keeps it from copying the weights
     # (which may be large and on a GPU).
     memo: dict[int, Any] = {}
@@ -282,8 +291,6 @@ def load_backbone(path: str | Path, network: str | None = None,
 
     ``network`` / ``embedding_size`` left as None are read from ``config.json`` beside the
     file (train.py writes it); the embedding size otherwise from the weights themselves."""
-    from utils import load_backbone_state
-
     path = Path(path)
     # the file first: a missing or damaged checkpoint is the problem to report, not the
     # network that cannot be read from beside it
@@ -335,8 +342,6 @@ def _state_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from utils import positive_int
-
     parser = argparse.ArgumentParser(description="Parameters and forward FLOPs of a backbone.")
     add_debug_flag(parser)
     parser.add_argument("--network", choices=MODEL_NAMES, default="ir50")

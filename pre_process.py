@@ -31,9 +31,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
+from config import build_parser, parse_config
 from records import recordio
 from records.identity_folders import list_identity_images
 from records.record_index import (
@@ -58,6 +60,8 @@ from utils import (
     decode_image,
     encode_image,
     get_logger,
+    int_at_least,
+    positive_int,
     remove_stale_temporaries,
     run_cli,
     starts_with,
@@ -234,8 +238,6 @@ def _fsync_folder(folder: Path) -> None:
 def _write_records(paths: list[Path], labels: np.ndarray, names: list[str], rec: Path,
                    idx: Path, image_size: int, quality: int, progress: bool) -> PackSummary:
     """The records of :func:`pack_folder`, written to ``rec`` and ``idx``."""
-    import cv2
-
     summary = PackSummary(rec_path=rec, idx_path=idx, identities=len(names))
     firsts: dict[int, int] = {}  # class -> key of its first image
     lasts: dict[int, int] = {}
@@ -298,9 +300,6 @@ def _index_destination(rec: Path, index_out: str | None) -> Path:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    from config import build_parser
-    from utils import int_at_least, positive_int
-
     parser = build_parser(__doc__.split("\n\n")[0],
                           only=["rec", "allow_lost_records"])
     group = parser.add_argument_group("pre_process.py")
@@ -324,8 +323,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from config import parse_config
-
     cfg, args = parse_config(argv, parser=build_arg_parser())
     progress = not args.no_progress
     if args.pack:

@@ -2,15 +2,24 @@
 
 Colour contract: every in-memory image in this repo is RGB, uint8, HxWx3. OpenCV's BGR
 order never leaves :func:`decode_image` / :func:`encode_image`.
+
+torch is imported inside the functions that use it: every module imports this one, and the
+scripts and actions that never touch a tensor (extract, pre_process, most scripts' --help)
+start ~2 s sooner without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import errno
+import fcntl
 import hashlib
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -130,8 +139,6 @@ def fraction(text: str) -> float:
 def describe_error(e: BaseException) -> str:
     """One line for the user: OSErrors as ``path: reason`` (disk full said plainly)."""
     if isinstance(e, OSError) and not isinstance(e, ToolkitError):
-        import errno
-
         reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         return f"{where}: {reason}" if where else reason
@@ -180,7 +187,7 @@ def get_logger(name: str = "face", level: int = logging.INFO) -> logging.Logger:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -207,7 +214,7 @@ def _device_problem(name: str) -> str | None:
     problem = unsupported_device(name)
     if problem or name in ("auto", "cpu"):
         return problem
-    import torch
+    import torch  # torch on first use: see module docstring
 
     if not torch.cuda.is_available():
         return "CUDA is not available on this machine"
@@ -220,7 +227,7 @@ def _device_problem(name: str) -> str | None:
 def get_device(name: str = "auto") -> "torch.device":  # noqa: F821 - lazy torch import
     """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` when
     this machine has it; anything else is a DeviceError naming what is accepted."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     problem = _device_problem(name)
     if problem:
@@ -248,8 +255,6 @@ def reuse_freed_memory() -> bool:
     is set, bench/train_throughput.py with --keep-freed-memory."""
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes
-    import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -427,7 +432,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     """Atomically save a dict of state dicts / tensors / plain values with ``torch.save``."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     _atomic_write(path, lambda f: torch.save(dict(state), f))
 
@@ -512,8 +517,6 @@ def check_output(output: str | Path, flag: str, inputs: Mapping[str, Any] | None
 def lock_path_for(output: str | Path) -> Path:
     """The lock file of ``output`` (resolved, so every name of it shares one lock):
     ``.<name>.lock`` beside it, the name shortened with a hash when too long for one."""
-    import hashlib
-
     target = Path(output).resolve()
     name = f".{target.name}{LOCK_SUFFIX}"
     if len(os.fsencode(name)) > NAME_MAX:
@@ -564,9 +567,6 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def _lock_file(lock: Path, output: Path, flag: str) -> int:
     """The descriptor holding the flock on ``lock``, with our pid written in it."""
-    import errno
-    import fcntl
-
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, new_file_mode())
         try:
@@ -652,9 +652,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     holding pickled Python objects, CheckpointError for an empty, truncated or corrupt one,
     NonFiniteCheckpointError for one holding NaN or inf in any tensor (weights, optimiser
     state), so no script loads, scores, exports or resumes a diverged model."""
-    import pickle
-
-    import torch
+    import torch  # torch on first use: see module docstring
 
     path = Path(path)
     if path.is_dir():
@@ -691,7 +689,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 def _float_tensors(state: Any, name: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted name, tensor) of every floating-point tensor nested in dicts, lists, tuples."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     if isinstance(state, torch.Tensor):
         if state.is_floating_point() or state.is_complex():
@@ -708,7 +706,7 @@ def check_finite_state(state: Any, path: str | Path) -> None:
     """NonFiniteCheckpointError naming ``path``, the first tensor holding NaN or inf (with
     how many of its values) and how many other tensors do; every loader of weights goes
     through :func:`load_checkpoint`, which calls this."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     bad = [(name, t) for name, t in _float_tensors(state) if not bool(torch.isfinite(t).all())]
     if not bad:

@@ -14,7 +14,14 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+
+try:  # numpy >= 2 (numpy.core still imports there, with a DeprecationWarning)
+    from numpy._core import multiarray, numeric
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray, numeric
+from tqdm import tqdm
 
 from utils import FACE_CROP_SIZE, ImageReadError, ToolkitError, decode_image, first_few
 
@@ -40,10 +47,6 @@ def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
-    try:  # numpy >= 2
-        from numpy._core import multiarray, numeric
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray, numeric
     allowed: dict[tuple[str, str], Any] = {("_codecs", "encode"): _latin1_encode}
     for module in ("builtins", "__builtin__"):  # __builtin__: Python 2 pickles
         for obj in (list, tuple, dict, set, frozenset, bytes, bytearray, str, int, float,
@@ -119,9 +122,6 @@ def load_bin(path: str | Path, image_size: int = FACE_CROP_SIZE,
     ``(bins, issame_list)`` pickle, references any other global, or holds undecodable
     images is refused with an error naming the file (undecodable images are listed, not
     skipped: dropping one would shift every later pair and break the fold structure)."""
-    import cv2
-    from tqdm import tqdm
-
     path = Path(path)
     source = str(path)
     try:

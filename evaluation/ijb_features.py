@@ -22,8 +22,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from evaluation.ijb_release import IJBFormatError, Release
+from evaluation.verification import embed
 from faces.face_warp import warp_face
 from utils import (
     CONFIG_FILE,
@@ -131,8 +133,6 @@ def load_crops(release: Release, start: int, stop: int, pool: ThreadPoolExecutor
 def embed_raw(model, crops: np.ndarray, batch_size: int, device) -> np.ndarray:
     """(N, 2, E) float32 raw embeddings of the crops and of their mirrors
     (``lfw_eval.embed`` with ``raw_pairs``: the same preprocessing and memory format)."""
-    from evaluation.verification import embed
-
     return embed(model, crops, batch_size=batch_size, device=device, progress=False,
                  raw_pairs=True)
 
@@ -166,8 +166,6 @@ def cached_features(release: Release, folder: Path,
     nothing is missing); return all chunk paths in image order. A loose crop that cannot be
     read leaves its chunk unmade; the other chunks are made, then an ImageReadError names
     every such crop (a rerun makes only those chunks)."""
-    from tqdm import tqdm
-
     folder.mkdir(parents=True, exist_ok=True)
     total = len(release.names)
     starts = list(range(0, total, CHUNK_IMAGES))

@@ -15,9 +15,11 @@ import zipfile
 from collections.abc import Container, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from evaluation.lfw_pairs import MAX_NAMED, Pair, check_pairs_exist
+from faces.file_alignment import align_files
 from utils import (
     FACE_CROP_SIZE,
     ImageReadError,
@@ -56,10 +58,10 @@ def align_images(lfw_dir: Path, paths: Sequence[str], aligner=None
                  ) -> tuple[np.ndarray, list[str], dict[str, str]]:
     """Align each image once: (crops (M,112,112,3), paths of faceless images centre-cropped,
     {path: why} of the images that cannot be read (their crops stay black))."""
-    from faces.aligner import FaceAligner
-    from faces.file_alignment import align_files
-
     if aligner is None:
+        # faces.aligner loads torch (~2 s), which lfw_eval.py --help does without
+        from faces.aligner import FaceAligner
+
         aligner = FaceAligner()
     crops = np.zeros((len(paths), FACE_CROP_SIZE, FACE_CROP_SIZE, 3), dtype=np.uint8)
     faceless, unreadable = [], {}
@@ -81,8 +83,6 @@ def as_crop(crop: np.ndarray, source: str) -> np.ndarray:
     if crop.shape == (FACE_CROP_SIZE, FACE_CROP_SIZE, 3) and crop.dtype == np.uint8:
         return crop
     if crop.ndim == 3 and crop.shape[2] == 3:
-        import cv2
-
         return cv2.resize(crop.astype(np.uint8), (FACE_CROP_SIZE, FACE_CROP_SIZE))
     raise ValueError(f"{source}: aligner returned a crop of shape {crop.shape}")
 
@@ -133,6 +133,7 @@ def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
         check_pairs_exist(pairs, lfw_dir)
     paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
     if aligner is None:
+        # faces.aligner loads torch (~2 s), which lfw_eval.py --help does without
         from faces.aligner import FaceAligner
 
         aligner = FaceAligner()

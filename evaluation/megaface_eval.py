@@ -21,6 +21,9 @@ score block is reduced at once, and the full probe x distractor matrix never exi
    thresholds for every FAR need.
 Distractor subsets of size N are the first N distractors of ``order`` (nested prefixes, so
 every size comes out of one pass); pass a seeded permutation as ``order`` for random subsets.
+
+torch is imported inside the functions that score, so megaface.py's --help and its actions
+that score nothing start ~2 s sooner; matplotlib (~0.5 s) likewise loads only to plot.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from evaluation.verification_metrics import (
     FAR_EPS,
@@ -63,7 +67,7 @@ class MegaFaceError(ToolkitError, ValueError):
 def _left(a):
     """[a, 1 - |a|^2/2, 1]: with :func:`_right`, one matrix product gives the whole score
     (no extra passes over the score block for the norm terms)."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     half_sq = 0.5 * (a * a).sum(dim=1, keepdim=True)  # not norm()**2: exact when it can be
     return torch.cat([a, 1.0 - half_sq, torch.ones_like(half_sq)], dim=1)
@@ -71,7 +75,7 @@ def _left(a):
 
 def _right(b):
     """[b, 1, -|b|^2/2] (see :func:`_left`)."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     half_sq = 0.5 * (b * b).sum(dim=1, keepdim=True)
     return torch.cat([b, torch.ones_like(half_sq), -half_sq], dim=1)
@@ -80,7 +84,7 @@ def _right(b):
 def pair_scores(a, b, out=None):
     """``1 - |a_i - b_j|^2 / 2`` for every row i of ``a`` and j of ``b`` (torch tensors),
     optionally into ``out`` (len(a), len(b))."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     return torch.mm(_left(a), _right(b).t(), out=out)
 
@@ -88,7 +92,7 @@ def pair_scores(a, b, out=None):
 def _nonzero(mask):
     """Indices of the true entries of a 1-D mask; numpy on the CPU, where torch's parallel
     nonzero costs milliseconds even for a few thousand entries."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     if mask.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(mask.numpy()))
@@ -132,7 +136,7 @@ class _TopScores:
 
     def add_block(self, scores, tiles, tile_max) -> None:
         """All scores of one chunk (P, C), with its tiles (P*T, W) and tile maxima (P, T)."""
-        import torch
+        import torch  # torch on first use: see module docstring
 
         if self.tau is None and self.size + scores.numel() <= self.cap:
             self.add(scores)
@@ -153,7 +157,7 @@ class _TopScores:
             self.add(tiles.index_select(0, hit))
 
     def _reduce(self) -> None:
-        import torch
+        import torch  # torch on first use: see module docstring
 
         values = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
         if values.numel() > self.k:
@@ -163,7 +167,7 @@ class _TopScores:
 
     def sorted_desc(self):
         """All buffered scores, largest first (float64 numpy)."""
-        import torch
+        import torch  # torch on first use: see module docstring
 
         if not self.parts:
             return np.zeros(0)
@@ -174,7 +178,7 @@ class _TopScores:
 # ----------------------------------------------------------------------------- the pass
 
 def _as_tensor(x, name: str):
-    import torch
+    import torch  # torch on first use: see module docstring
 
     t = torch.as_tensor(x)
     if t.ndim != 2 or t.shape[0] == 0:
@@ -186,7 +190,7 @@ def _as_tensor(x, name: str):
 def _check_finite(chunk, what: str, first: int = 0, rows=None) -> None:
     """A NaN or infinite feature scores NaN against everything, and NaN comparisons make a
     probe right (or wrong) at every rank: refuse it, naming its row."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     finite = torch.isfinite(chunk).all(dim=1)
     if not bool(finite.all()):
@@ -199,8 +203,7 @@ def _stream(probes, distractors, order, sizes: Sequence[int], max_rank: int, k_i
             chunk_size: int, device, progress: bool) -> dict[int, tuple]:
     """One pass over the distractors (in ``order``); at each size N in ``sizes`` a snapshot of
     (per-probe top-``max_rank`` scores (P, K) or None, sorted impostor top scores or None)."""
-    import torch
-    from tqdm import tqdm
+    import torch  # torch on first use: see module docstring
 
     num_probes = probes.shape[0]
     best = torch.full((num_probes, max_rank), -math.inf, device=device) if max_rank else None
@@ -255,7 +258,7 @@ def _identity_groups(labels: Sequence[Any]) -> list[np.ndarray]:
 def _genuine_pairs(probes, groups: list[np.ndarray]) -> tuple:
     """Every ordered genuine pair (probe p, gallery g != p, same identity): p and g indices
     and score(p, g), as CPU tensors."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     p_idx, g_idx, scores = [], [], []
     for g in groups:
@@ -307,7 +310,7 @@ def megaface_evaluate(probe_feats, probe_labels: Sequence[Any], distractor_feats
     ``distractor_feats`` may be a numpy array (memory-mapped is fine) or a tensor; it is read
     chunk by chunk in ``order`` (default: as stored). Returns ``{N: {"num_distractors",
     "cmc": [rate at rank 1..K], "num_pairs", "verification": {far: {...}}, "roc": {...}}}``."""
-    import torch
+    import torch  # torch on first use: see module docstring
 
     device = get_device("auto") if device is None else torch.device(device)
     probes = _as_tensor(probe_feats, "probe_feats")
@@ -411,7 +414,7 @@ def format_results(results: Mapping[int, Mapping[str, Any]],
 
 def plot_cmc(results: Mapping[int, Mapping[str, Any]], path: str | Path) -> Path:
     """Identification rate against rank, one curve per distractor count."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib (~0.5 s) loads only to plot
 
     fig = Figure(figsize=(6, 5))
     ax = fig.add_subplot()
@@ -427,7 +430,7 @@ def plot_cmc(results: Mapping[int, Mapping[str, Any]], path: str | Path) -> Path
 def plot_rank1_vs_distractors(results: Mapping[int, Mapping[str, Any]],
                               path: str | Path) -> Path:
     """Rank-1 identification rate against the number of distractors (log axis)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib (~0.5 s) loads only to plot
 
     sizes = sorted(s for s, r in results.items() if r.get("cmc") and r["cmc"][0] is not None)
     fig = Figure(figsize=(6, 5))
@@ -441,7 +444,7 @@ def plot_rank1_vs_distractors(results: Mapping[int, Mapping[str, Any]],
 
 def plot_roc_curves(results: Mapping[int, Mapping[str, Any]], path: str | Path) -> Path:
     """TAR against FAR (log axis), one curve per distractor count."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib (~0.5 s) loads only to plot
 
     fig = Figure(figsize=(6, 5))
     ax = fig.add_subplot()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from evaluation.megaface_eval import MegaFaceError
 from utils import (
@@ -198,8 +199,6 @@ def load_features(root: str | Path, rel_paths: Sequence[str], suffix: str = DEFA
     column vectors, hold NaN/inf, or whose dimension is not ``dim`` (default: the most common
     one among them; ``dim_from`` says where ``dim`` comes from) are left out and named.
     MegaFaceError when none is usable."""
-    from tqdm import tqdm
-
     root = Path(root)
     if not rel_paths:
         raise MissingInputError(f"{root}: no feature files (*{suffix}) to load")

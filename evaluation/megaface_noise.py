@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from evaluation.megaface_eval import DEFAULT_SIZES, MegaFaceError
 from evaluation.megaface_features import (
@@ -25,6 +26,7 @@ from evaluation.megaface_features import (
     MAX_LISTED_PROBLEMS,
     MEGAFACE,
     FeatureFormatError,
+    LoadedFeatures,
     list_feature_files,
     load_probes,
     probe_paths_and_labels,
@@ -111,15 +113,13 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
     extra dimension: 0 when clean; 100 for a listed distractor (pushed out of reach); a listed
     probe becomes its identity's mean clean feature plus uniform noise of amplitude 1e-3,
     re-normalised, extra dimension 0. Nothing is deleted. Returns counts."""
-    from tqdm import tqdm
-
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     if out_dir.resolve() == features_dir.resolve():
         raise MegaFaceError("remove_noises writes a new tree: --clean-features-dir must differ "
                             f"from --features-dir ({features_dir})")
     rng = np.random.default_rng(seed)
-    fs_noise = parse_noise_list(facescrub_noises, FACESCRUB)
-    mf_noise = parse_noise_list(megaface_noises, MEGAFACE)
+    noisy_probes = parse_noise_list(facescrub_noises, FACESCRUB)
+    noisy_distractors = parse_noise_list(megaface_noises, MEGAFACE)
     summary = {"probes": 0, "probes_replaced": 0, "probes_kept_no_clean_mate": 0,
                "probes_missing": 0, "distractors": 0, "distractors_flagged": 0,
                "distractors_skipped": 0}
@@ -128,17 +128,43 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
     source = require_one_source(probe_root, distractor_root)  # one model's, or refused
     paths, labels = probe_paths_and_labels(probe_root, facescrub_list, suffix)
     probes = load_probes(probe_root, paths, suffix, progress)
-    feats, kept = probes.feats, probes.kept
     summary["probes_missing"] = len(probes.missing)
     distractor_paths = list_feature_files(distractor_root, suffix)
     if not distractor_paths:
         raise MissingInputError(f"{distractor_root}: no feature files (*{suffix})")
     # both lists are checked before anything is written (a million files take hours)
-    check_noise_list_matches(facescrub_noises, fs_noise, (_probe_key(paths[i]) for i in kept),
-                             probe_root, FACESCRUB_PROBES)
-    check_noise_list_matches(megaface_noises, mf_noise, map(_distractor_key, distractor_paths),
-                             distractor_root, MEGAFACE_DISTRACTORS)
-    noisy = np.array([_probe_key(paths[i]) in fs_noise for i in kept], dtype=bool)
+    check_noise_list_matches(facescrub_noises, noisy_probes,
+                             (_probe_key(paths[i]) for i in probes.kept), probe_root,
+                             FACESCRUB_PROBES)
+    check_noise_list_matches(megaface_noises, noisy_distractors,
+                             map(_distractor_key, distractor_paths), distractor_root,
+                             MEGAFACE_DISTRACTORS)
+    _write_clean_probes(probes, paths, labels, noisy_probes, out_dir / FACESCRUB, suffix,
+                        rng, summary)
+    skipped = _write_clean_distractors(distractor_root, distractor_paths, noisy_distractors,
+                                       probes.feats.shape[1], out_dir / MEGAFACE, suffix,
+                                       progress, summary)
+    summary["distractors_skipped"] = len(skipped)
+    if source is not None:  # the clean trees are the same model's features
+        for tree in (FACESCRUB, MEGAFACE):
+            write_feature_source(out_dir / tree, source)
+    report_problems(skipped, "distractor features (not written to the clean tree)")
+    record = {"source": str(features_dir), "megaface_noises": str(megaface_noises),
+              "facescrub_noises": str(facescrub_noises), "seed": seed, "summary": summary,
+              "skipped_distractor_files": skipped[:MAX_LISTED_PROBLEMS],
+              "missing_probe_files": probes.missing[:MAX_LISTED_PROBLEMS]}
+    atomic_write_text(out_dir / NOISE_REMOVAL_RECORD, json.dumps(record, indent=2) + "\n")
+    return summary
+
+
+def _write_clean_probes(probes: LoadedFeatures, paths: list[str], labels: list[Any],
+                        noisy_keys: set[str], out_root: Path, suffix: str,
+                        rng: np.random.Generator, summary: dict[str, int]) -> None:
+    """Write each loaded probe under ``out_root`` with a 0 appended; a listed (noisy) probe
+    is first replaced by its identity's mean clean feature plus uniform noise, re-normalised,
+    or kept when its identity has no clean probe. ``summary`` counts what happened."""
+    feats, kept = probes.feats, probes.kept
+    noisy = np.array([_probe_key(paths[i]) in noisy_keys for i in kept], dtype=bool)
     kept_labels = np.asarray([labels[i] for i in kept])
     clean_means: dict[Any, np.ndarray | None] = {}  # per identity, computed once
 
@@ -154,15 +180,21 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
             mean = clean_mean(kept_labels[row])
             if mean is not None:
                 vec = mean + rng.uniform(-PROBE_NOISE_AMPLITUDE, PROBE_NOISE_AMPLITUDE,
-                                                  vec.size)
+                                         vec.size)
                 vec = vec / np.linalg.norm(vec)
                 summary["probes_replaced"] += 1
             else:  # nothing clean to stand in for it: keep it, and say so
                 summary["probes_kept_no_clean_mate"] += 1
-        write_feature(out_dir / FACESCRUB / (paths[i] + suffix), np.append(vec, 0.0))
+        write_feature(out_root / (paths[i] + suffix), np.append(vec, 0.0))
         summary["probes"] += 1
 
-    dim = feats.shape[1]
+
+def _write_clean_distractors(distractor_root: Path, distractor_paths: list[str],
+                             noisy_keys: set[str], dim: int, out_root: Path, suffix: str,
+                             progress: bool, summary: dict[str, int]) -> list[str]:
+    """Write each readable distractor of dimension ``dim`` under ``out_root`` with its extra
+    dimension: DISTRACTOR_NOISE_FLAG when listed, else 0. Returns the problems of those left
+    out; ``summary`` counts the rest."""
     skipped: list[str] = []
     for rel in tqdm(distractor_paths, desc="megaface", unit="file", disable=not progress,
                     leave=False):
@@ -175,22 +207,12 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
         except FeatureFormatError as e:  # left out of the clean tree, named and counted
             skipped.append(str(e))
             continue
-        flagged = _distractor_key(rel) in mf_noise
+        flagged = _distractor_key(rel) in noisy_keys
         extra = DISTRACTOR_NOISE_FLAG if flagged else 0.0
-        write_feature(out_dir / MEGAFACE / (rel + suffix), np.append(vec, extra))
+        write_feature(out_root / (rel + suffix), np.append(vec, extra))
         summary["distractors"] += 1
         summary["distractors_flagged"] += int(flagged)
-    summary["distractors_skipped"] = len(skipped)
-    if source is not None:  # the clean trees are the same model's features
-        for tree in (FACESCRUB, MEGAFACE):
-            write_feature_source(out_dir / tree, source)
-    report_problems(skipped, "distractor features (not written to the clean tree)")
-    record = {"source": str(features_dir), "megaface_noises": str(megaface_noises),
-              "facescrub_noises": str(facescrub_noises), "seed": seed, "summary": summary,
-              "skipped_distractor_files": skipped[:MAX_LISTED_PROBLEMS],
-              "missing_probe_files": probes.missing[:MAX_LISTED_PROBLEMS]}
-    atomic_write_text(out_dir / NOISE_REMOVAL_RECORD, json.dumps(record, indent=2) + "\n")
-    return summary
+    return skipped
 
 
 def warn_unless_cleaned(features_dir: str | Path) -> bool:

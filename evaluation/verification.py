@@ -1,6 +1,9 @@
 """Embeddings of aligned crops (flip test-time augmentation) and verification of image
 pairs with them: k-fold accuracy, ROC, TAR@FAR and their PNGs. lfw_eval.py, ijb_eval.py,
 megaface.py and train.py (validation sets) use it.
+
+torch is imported inside the functions that embed: lfw_eval.py, ijb_eval.py and megaface.py
+answer --help, and megaface.py runs its actions that embed nothing, ~2 s sooner without it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from evaluation.bin_loader import load_bin
 from evaluation.lfw_pairs import Pair, pair_folds
@@ -27,6 +31,7 @@ from evaluation.verification_metrics import (
     tar_key,
     ten_fold_details,
 )
+from evaluation.verification_plots import plot_error_gallery, plot_histogram, plot_roc
 from utils import (
     PIXEL_CENTRE,
     ToolkitError,
@@ -48,7 +53,7 @@ class LfwEvalError(ToolkitError, ValueError):
 
 
 def _uses_channels_last(model) -> bool:
-    import torch
+    import torch  # torch on first use: see module docstring
 
     for p in model.parameters():
         if p.dim() == 4:
@@ -67,9 +72,8 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
     (default: the model's GPU if it is on one, else CUDA when present; the model is moved
     there in place). Inputs follow the model's memory format (channels_last if its convs
     are)."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
+    import torch  # torch on first use: see module docstring
+    import torch.nn.functional as F  # torch on first use: see module docstring
 
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
@@ -200,21 +204,18 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
     results.update(roc_metrics(sims, same))
     results["threshold_rule"] = THRESHOLD_RULE
     if out_dir is not None:
-        from evaluation import verification_plots as plots
-
         out_dir, stem = Path(out_dir), file_stem or name
         points = {far: results[tar_key(far)] for far in FARS if tar_key(far) in results}
         far_curve, tar_curve, _ = roc_curve(sims, same)
         files = {
-            "roc": plots.plot_roc(far_curve, tar_curve, out_dir / f"{stem}_roc.png",
-                                  auc=results["auc"], operating_points=points,
-                                  title=f"{name} ROC"),
-            "histogram": plots.plot_histogram(sims, same, out_dir / f"{stem}_hist.png",
-                                              threshold=results["threshold"],
-                                              title=f"{name} similarities"),
-            "errors": plots.plot_error_gallery(images, sims, same, results["threshold"],
-                                               out_dir / f"{stem}_errors.png",
-                                               labels=pair_labels, pair_index=index),
+            "roc": plot_roc(far_curve, tar_curve, out_dir / f"{stem}_roc.png",
+                            auc=results["auc"], operating_points=points, title=f"{name} ROC"),
+            "histogram": plot_histogram(sims, same, out_dir / f"{stem}_hist.png",
+                                        threshold=results["threshold"],
+                                        title=f"{name} similarities"),
+            "errors": plot_error_gallery(images, sims, same, results["threshold"],
+                                         out_dir / f"{stem}_errors.png",
+                                         labels=pair_labels, pair_index=index),
         }
         results["files"] = {k: str(v) for k, v in files.items()}
         results.update(extra or {})

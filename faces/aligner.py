@@ -11,6 +11,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
+from facenet_pytorch import MTCNN
 
 from faces import mtcnn_cascade
 from faces.face_warp import TEMPLATE_SIZE, check_rgb, template_for_size, warp_face
@@ -152,10 +154,6 @@ class FaceAligner:
                  batch_size: int = DEFAULT_BATCH_SIZE, size: int = TEMPLATE_SIZE,
                  detect_size: int = DEFAULT_DETECT_SIZE, cascade: str | None = None,
                  refine_steps: int = DEFAULT_REFINE_STEPS) -> None:
-        import torch
-        from facenet_pytorch import MTCNN
-
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if detect_size < 0:

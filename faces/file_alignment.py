@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from faces.face_warp import TEMPLATE_SIZE, center_crop, center_square_side
 from faces.reduced_photo import Photo, read_photo
@@ -86,8 +87,6 @@ def align_files(aligner: Any, paths: Sequence[Path], batch_size: int,
     the files. An aligner with ``align_photos`` (FaceAligner) gets big JPEGs decoded reduced
     for its ``detect_size`` (:func:`read_photo`); others get full-size images through
     ``align_batch``."""
-    from tqdm import tqdm
-
     takes_photos = hasattr(aligner, "align_photos")
     read = partial(read_photo, detect_size=aligner.detect_size if takes_photos else 0)
 

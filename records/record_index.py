@@ -338,6 +338,103 @@ class _Collector:
         self.labels.append(int(label))
 
 
+@dataclass
+class _Walked:
+    """What a walk over a .rec found besides its image records (the _Collector holds those)."""
+
+    header_range: tuple[int, int] | None = None  # the header record's (id_start, id_end)
+    identity_ranges: list[tuple[int, int, int]] = field(
+        default_factory=list)  # (class, img_start, img_end)
+    unlisted: list[int] = field(default_factory=list)  # offsets of records no .idx led to
+    unreadable: int = 0  # bytes in no readable record: what a lost-record count cannot measure
+
+
+def _walk_through_idx(reader: recordio.RecordReader, idx: Path, collector: _Collector,
+                      progress: bool) -> _Walked:
+    """Read the records ``idx`` lists (the images, then the identity records of a header
+    set), then scan the bytes no listed record covers for records the .idx does not lead to."""
+    rec_path = reader.path
+    walked = _Walked()
+    # [start, end) of every record read through the .idx; int64 arrays, not a list of
+    # tuples: ~16 bytes a record instead of ~110 (MS1M has 5.8 million)
+    span_starts, span_ends = array("q"), array("q")
+
+    def read(offset: int) -> tuple[bytes | None, str | None]:
+        try:
+            payload, end = reader.read_with_next(offset)
+        except recordio.RecordIOError as e:
+            return None, str(e)
+        span_starts.append(offset)
+        span_ends.append(end)
+        return payload, None
+
+    keys, offsets = recordio.read_idx(idx)
+    offset_of = dict(zip(keys.tolist(), offsets.tolist(), strict=True))
+    first = 0 if 0 in offset_of else (int(keys[0]) if keys.size else None)
+    header_range = _parse_header_record(read(offset_of[first])[0]) \
+        if first is not None else None
+    walked.header_range = header_range
+    if header_range is None:
+        image_keys = keys.tolist()
+    else:
+        image_keys = list(range(1, header_range[0]))
+    for key in tqdm(image_keys, desc=f"indexing {rec_path.name}", unit="rec",
+                    disable=not progress, mininterval=1.0):
+        if key not in offset_of:
+            collector.bad(-1, f"{idx}: image record {key} is missing from the index")
+            continue
+        offset = offset_of[key]
+        payload, error = read(offset)
+        collector.add(key, offset, payload, error, image_required=header_range is not None)
+    if header_range is not None:
+        for cls, key in enumerate(range(*header_range)):
+            payload = read(offset_of[key])[0] if key in offset_of else None
+            images = _parse_identity(payload)
+            if images is None:
+                collector.bad(offset_of.get(key, -1),
+                              f"{rec_path}: identity record {key} is missing or malformed")
+            else:
+                walked.identity_ranges.append((cls, *images))
+    # Records the .idx does not lead to are lost just the same (a .idx cut short, or one of
+    # another file). Damaged bytes between the listed records hide none of them: only whole
+    # records found there count.
+    for start, end in _uncovered(np.frombuffer(span_starts, np.int64),
+                                 np.frombuffer(span_ends, np.int64), reader.size):
+        for offset, _, error, damaged in _scan_between(reader, start, end):
+            if error is None:
+                walked.unlisted.append(offset)
+            walked.unreadable += damaged
+    return walked
+
+
+def _walk_by_scanning(reader: recordio.RecordReader, collector: _Collector,
+                      progress: bool) -> _Walked:
+    """Scan the whole file for records (no .idx): the first may be a header, then identity
+    records are told apart from images by their content."""
+    walked = _Walked()
+    bar = tqdm(total=reader.size, desc=f"scanning {reader.path.name}", unit="B",
+               unit_scale=True, disable=not progress, mininterval=1.0)
+    for ordinal, (offset, payload, error, damaged) in enumerate(
+            _scan_between(reader, 0, reader.size)):
+        bar.update(offset - bar.n)
+        walked.unreadable += damaged
+        if ordinal == 0:
+            walked.header_range = _parse_header_record(payload)
+            if walked.header_range is not None:
+                continue
+        if walked.header_range is not None:
+            # without keys, identity records are told apart by their content
+            images = _parse_identity(payload)
+            if images is not None:
+                walked.identity_ranges.append((len(walked.identity_ranges), *images))
+                continue
+        collector.add(ordinal, offset, payload, error,
+                      image_required=walked.header_range is not None)
+    bar.update(bar.total - bar.n)
+    bar.close()
+    return walked
+
+
 def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
                       check_images: bool = False, progress: bool = True) -> RecordIndex:
     """Read every record of ``rec_path`` and index the usable images.
@@ -350,86 +447,18 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
     rec_path = Path(rec_path)
     idx = _resolve_idx(rec_path, idx_path)
     reader = recordio.RecordReader(rec_path)
-    col = _Collector(reader, check_images)
-    header_range: tuple[int, int] | None = None
-    identity_ranges: list[tuple[int, int, int]] = []  # (class, img_start, img_end)
-    # [start, end) of every record read through the .idx; int64 arrays, not a list of
-    # tuples: ~16 bytes a record instead of ~110 (MS1M has 5.8 million)
-    span_starts, span_ends = array("q"), array("q")
-    unlisted: list[int] = []
-    unreadable = 0  # bytes in no readable record: what a lost-record count cannot measure
-
-    def read(offset: int) -> tuple[bytes | None, str | None]:
-        try:
-            payload, end = reader.read_with_next(offset)
-        except recordio.RecordIOError as e:
-            return None, str(e)
-        span_starts.append(offset)
-        span_ends.append(end)
-        return payload, None
-
+    collector = _Collector(reader, check_images)
     if idx is not None:
-        keys, offsets = recordio.read_idx(idx)
-        offset_of = dict(zip(keys.tolist(), offsets.tolist(), strict=True))
-        first = 0 if 0 in offset_of else (int(keys[0]) if keys.size else None)
-        header_range = _parse_header_record(read(offset_of[first])[0]) \
-            if first is not None else None
-        if header_range is None:
-            image_keys = keys.tolist()
-        else:
-            image_keys = list(range(1, header_range[0]))
-        for key in tqdm(image_keys, desc=f"indexing {rec_path.name}", unit="rec",
-                        disable=not progress, mininterval=1.0):
-            if key not in offset_of:
-                col.bad(-1, f"{idx}: image record {key} is missing from the index")
-                continue
-            offset = offset_of[key]
-            payload, error = read(offset)
-            col.add(key, offset, payload, error, image_required=header_range is not None)
-        if header_range is not None:
-            for cls, key in enumerate(range(*header_range)):
-                payload = read(offset_of[key])[0] if key in offset_of else None
-                rng = _parse_identity(payload)
-                if rng is None:
-                    col.bad(offset_of.get(key, -1),
-                            f"{rec_path}: identity record {key} is missing or malformed")
-                else:
-                    identity_ranges.append((cls, *rng))
-        # Records the .idx does not lead to are lost just the same (a .idx cut short, or
-        # one of another file). Damaged bytes between the listed records hide none of them:
-        # only whole records found there count.
-        for start, end in _uncovered(np.frombuffer(span_starts, np.int64),
-                                     np.frombuffer(span_ends, np.int64), reader.size):
-            for offset, _, error, damaged in _scan_between(reader, start, end):
-                if error is None:
-                    unlisted.append(offset)
-                unreadable += damaged
+        walked = _walk_through_idx(reader, idx, collector, progress)
     else:
         log.info("%s: no .idx beside it; scanning the file", rec_path)
-        bar = tqdm(total=reader.size, desc=f"scanning {rec_path.name}", unit="B",
-                   unit_scale=True, disable=not progress, mininterval=1.0)
-        for ordinal, (offset, payload, error, damaged) in enumerate(
-                _scan_between(reader, 0, reader.size)):
-            bar.update(offset - bar.n)
-            unreadable += damaged
-            if ordinal == 0:
-                header_range = _parse_header_record(payload)
-                if header_range is not None:
-                    continue
-            if header_range is not None:
-                # without keys, identity records are told apart by their content
-                rng = _parse_identity(payload)
-                if rng is not None:
-                    identity_ranges.append((len(identity_ranges), *rng))
-                    continue
-            col.add(ordinal, offset, payload, error, image_required=header_range is not None)
-        bar.update(bar.total - bar.n)
-        bar.close()
+        walked = _walk_by_scanning(reader, collector, progress)
     reader.close()
+    header_range, identity_ranges = walked.header_range, walked.identity_ranges
 
-    keys_arr = np.asarray(col.keys, dtype=np.int64)
-    labels = np.asarray(col.labels, dtype=np.int64)
-    offsets_arr = np.asarray(col.offsets, dtype=np.int64)
+    keys_arr = np.asarray(collector.keys, dtype=np.int64)
+    labels = np.asarray(collector.labels, dtype=np.int64)
+    offsets_arr = np.asarray(collector.offsets, dtype=np.int64)
     mismatches = 0
     expected_images = -1
     if header_range is not None:
@@ -437,30 +466,32 @@ def index_record_file(rec_path: str | Path, idx_path: str | Path | None = None,
         num_classes = header_range[1] - header_range[0]
         in_range = labels < num_classes
         for pos in np.flatnonzero(~in_range):
-            col.bad(int(offsets_arr[pos]), f"{rec_path}: record {keys_arr[pos]} has label "
-                                           f"{labels[pos]} >= {num_classes} identities")
+            collector.bad(int(offsets_arr[pos]), f"{rec_path}: record {keys_arr[pos]} has "
+                                                 f"label {labels[pos]} >= {num_classes} "
+                                                 "identities")
         keys_arr, labels, offsets_arr = keys_arr[in_range], labels[in_range], \
             offsets_arr[in_range]
         mismatches = _count_identity_mismatches(keys_arr, labels, identity_ranges)
     else:
         num_classes = int(labels.max()) + 1 if labels.size else 0
         _check_dense_labels(rec_path, keys_arr, offsets_arr, labels)
-    _check_payloads_are_images(rec_path, col)
+    _check_payloads_are_images(rec_path, collector)
     # Each count below misses some losses and sees others twice (a damaged stretch may hide
     # several records; a shifted .idx entry and the record it missed are one loss), so the
     # largest is the number that is certainly lost. Header sets know what they should hold.
-    lost = max(len(col.corrupt), len(unlisted))
+    lost = max(len(collector.corrupt), len(walked.unlisted))
     if header_range is not None:
         missing = (expected_images - labels.size) + (num_classes - len(identity_ranges))
         lost = max(lost, missing)
     return RecordIndex(rec_path=rec_path, keys=keys_arr, offsets=offsets_arr, labels=labels,
                        num_classes=num_classes, has_header=header_range is not None,
-                       corrupt=col.corrupt,
-                       corrupt_offsets=np.asarray(col.corrupt_offsets, dtype=np.int64),
-                       non_image_records=col.non_image, identity_mismatches=mismatches,
+                       corrupt=collector.corrupt,
+                       corrupt_offsets=np.asarray(collector.corrupt_offsets, dtype=np.int64),
+                       non_image_records=collector.non_image, identity_mismatches=mismatches,
                        idx_path=idx, lost=lost,
-                       unlisted_offsets=np.asarray(unlisted, dtype=np.int64),
-                       expected_images=expected_images, unreadable_bytes=unreadable)
+                       unlisted_offsets=np.asarray(walked.unlisted, dtype=np.int64),
+                       expected_images=expected_images,
+                       unreadable_bytes=walked.unreadable)
 
 
 def _check_dense_labels(rec_path: Path, keys: np.ndarray, offsets: np.ndarray,
@@ -480,12 +511,12 @@ def _check_dense_labels(rec_path: Path, keys: np.ndarray, offsets: np.ndarray,
             f"(pre_process.py --pack)")
 
 
-def _check_payloads_are_images(rec_path: Path, col: _Collector) -> None:
+def _check_payloads_are_images(rec_path: Path, collector: _Collector) -> None:
     """Refuse a set none of whose records holds an image: when no payload starts as an image
     format does, the first one is decoded to be sure (an exotic format OpenCV reads)."""
-    if col.image_like or col.first_other is None:
+    if collector.image_like or collector.first_other is None:
         return
-    where, payload = col.first_other
+    where, payload = collector.first_other
     try:
         decode_image(payload, where)
     except ImageReadError:

@@ -19,6 +19,7 @@ the encoded image bytes.
 
 from __future__ import annotations
 
+import argparse
 import os
 import struct
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import ToolkitError, add_debug_flag, atomic_write_text, run_cli
+from utils import ToolkitError, add_debug_flag, atomic_write_text, positive_int, run_cli
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -380,10 +381,6 @@ class RecordWriter:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """List the first records of a .rec file: offset, payload size, IRHeader, image bytes."""
-    import argparse
-
-    from utils import positive_int
-
     parser = argparse.ArgumentParser(description="List the records of a RecordIO file.")
     add_debug_flag(parser)
     parser.add_argument("rec", help="the .rec file")

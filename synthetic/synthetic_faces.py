@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import multiprocessing
 import re
 import sys
 import time
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 import utils  # imported first: sets cv2.setNumThreads(1) for deterministic, fork-safe OpenCV
 from synthetic.synthetic_faces_assets import CANVAS, CENTRE_X, HEAD_CENTRE, load_base_assets
@@ -479,8 +481,6 @@ def generate_dataset(out_dir: str | Path, train_identities: int = 200, train_ima
     seeds and names). Images that already exist are kept (a rerun resumes); pairs.txt is
     rewritten (it is deterministic). ``workers`` > 1 renders identities in that many
     processes: the bytes are the same for any number. Returns a summary dict."""
-    from tqdm import tqdm
-
     for label, value, low in (("train_identities", train_identities, 0),
                               ("train_images", train_images, 1),
                               ("eval_identities", eval_identities, 2),
@@ -513,7 +513,6 @@ def generate_dataset(out_dir: str | Path, train_identities: int = 200, train_ima
             for job in pending:
                 bar.update(_render_identity(job))
         else:  # spawn: fresh workers, no state forked from a parent that may run threads
-            import multiprocessing
 
             with multiprocessing.get_context("spawn").Pool(min(workers, len(pending))) as pool:
                 for count in pool.imap_unordered(_render_identity, pending):

@@ -160,6 +160,25 @@ def test_nesterov_without_momentum_is_refused():
     assert make_config({"nesterov": True, "momentum": 0.0, "optimizer": "adamw"}).nesterov
 
 
+def test_the_choice_lists_agree_with_the_models_and_heads_they_name():
+    # config.py spells the names so that reading a config does not import torch
+    import arcface_loss
+    import models
+
+    assert config.NETWORK_NAMES == models.MODEL_NAMES
+    assert config.HEAD_NAMES == arcface_loss.HEAD_NAMES
+
+
+def test_reading_a_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    probe = "import sys, config; config.make_config({}); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=Path(config.__file__).parent).stdout
+    assert out.strip() == "False"
+
+
 def test_every_named_choice_is_accepted():
     import arcface_loss
     import models
