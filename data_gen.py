@@ -14,7 +14,7 @@ Every dataset here has the same interface:
   byte offset.
 
 ``build_loader`` wraps a dataset (``raw_uint8=True``: uint8 batches, normalised by the caller
-with :func:`normalize_batch`, the faster way; ``ring=True``: fast_loader's ring of shared
+with :func:`models.normalize_batch`, the faster way; ``ring=True``: fast_loader's ring of shared
 memory; ``sampler``: train.py's ResumableBatchSampler); with ``distributed=True`` the
 caller must call
 ``loader.sampler.set_epoch(epoch)`` (or :func:`set_epoch`) before each epoch, otherwise every
@@ -192,7 +192,7 @@ class _FaceDataset(Dataset):
 
     def raw_item(self, i: int) -> tuple[torch.Tensor, int]:
         """Like ``ds[i]`` but the image stays as decoded: uint8 HxWx3 RGB (flipped when
-        training); :func:`normalize_batch` finishes the job on the consumer's side."""
+        training); :func:`models.normalize_batch` finishes the job on the consumer's side."""
         image, label = self._augmented(i)
         return torch.from_numpy(image), label
 
@@ -383,17 +383,6 @@ def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
             f"{num_classes} identities")
 
 
-def normalize_batch(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NxHxWx3 from a ``raw_uint8`` loader to float32 Nx3xHxW ``(x - 127.5) / 127.5``
-    on the tensor's own device (move it to the GPU first: 4x less to transfer). The result
-    is in channels_last memory format (what a channels_last model wants); call
-    ``.contiguous()`` for the classic layout."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise TypeError(f"normalize_batch expects uint8 NxHxWx3 images, got {images.dtype} "
-                        f"{tuple(images.shape)}")
-    return images.permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / PIXEL_CENTRE).sub_(1.0)
-
-
 def _seed_worker(worker_id: int) -> None:
     """Seed NumPy and ``random`` in each worker from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
@@ -418,8 +407,8 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
     A DataLoader with pinned memory (default: when CUDA is present), persistent workers (when
     ``num_workers > 0``) and seeded workers, whose batches are ``(float32 Nx3x112x112
     normalised, int64 N)``. With ``raw_uint8=True`` the images come as uint8 NxHxWx3 instead
-    and the caller applies :func:`normalize_batch` (best after moving them to the GPU): worker
-    processes then pass 4x fewer bytes through shared memory, which on small CPUs costs more
+    and the caller applies :func:`models.normalize_batch` (best after moving them to the GPU):
+    worker processes then pass 4x fewer bytes through shared memory, which on small CPUs costs more
     than the JPEG decode itself (see bench/data_throughput.py). With ``ring`` and workers a
     ``fast_loader.RingBufferLoader`` instead (uint8 batches decoded by persistent workers
     into a fixed ring of shared memory; each batch is valid until the next one is requested).

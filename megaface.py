@@ -67,6 +67,7 @@ from evaluation.megaface_features import (
     load_probes,
     probe_paths_and_labels,
     read_devkit_list,
+    read_feature,
     read_feature_source,
     report_problems,
     require_one_source,
@@ -100,6 +101,10 @@ log = get_logger("megaface")
 
 
 # ----------------------------------------------------------------------------- cropping
+
+# the public API (README): the devkit's feature files, and each action as a function
+__all__ = ["read_feature", "write_feature", "crop_tree", "gen_features", "run_evaluate",
+           "devkit_command", "main"]
 
 def require_images(root: str | Path, what: str) -> None:
     """MissingInputError unless ``root`` is a folder holding at least one image (found

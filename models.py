@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from utils import (
     CONFIG_FILE,
     FACE_CROP_SIZE,
+    PIXEL_CENTRE,
     CheckpointError,
     add_debug_flag,
     load_backbone_state,
@@ -51,6 +52,18 @@ NARROW_STRIDES = (1, 2, 2, 2)
 # config.NETWORK_NAMES spells these out so that reading a config needs no torch;
 # tests/test_config.py keeps the two equal
 MODEL_NAMES: tuple[str, ...] = (*IR_DEPTHS, *SE_DEPTHS, "mobilefacenet", "ir_narrow")
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """The backbones' input, the one normalisation training and evaluation share: uint8
+    NxHxWx3 (a ``raw_uint8`` loader's batch, crops to embed) to float32 Nx3xHxW
+    ``(x - 127.5) / 127.5`` on the tensor's own device (move it to the GPU first: 4x less to
+    transfer). The result is in channels_last memory format (what a channels_last model
+    wants); call ``.contiguous()`` for the classic layout."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise TypeError(f"normalize_batch expects uint8 NxHxWx3 images, got {images.dtype} "
+                        f"{tuple(images.shape)}")
+    return images.permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / PIXEL_CENTRE).sub_(1.0)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:

@@ -224,7 +224,7 @@ def prepare_batch(images: torch.Tensor, device: torch.device, channels_last: boo
     (4x fewer bytes) and normalised there, to the same values."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if images.dtype == torch.uint8:
-        images = data_gen.normalize_batch(images.to(device, non_blocking=True))
+        images = models.normalize_batch(images.to(device, non_blocking=True))
         return images.contiguous(memory_format=memory_format)
     return images.to(device, non_blocking=True, memory_format=memory_format)
 

@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's mo
 
 import cv2  # noqa: E402
 
-from data_gen import FaceRecordDataset, build_loader, normalize_batch  # noqa: E402
+from data_gen import FaceRecordDataset, build_loader  # noqa: E402
+from models import normalize_batch  # noqa: E402
 from records import recordio  # noqa: E402
 from utils import encode_image  # noqa: E402
 

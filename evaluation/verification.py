@@ -33,7 +33,6 @@ from evaluation.verification_metrics import (
 )
 from evaluation.verification_plots import plot_error_gallery, plot_histogram, plot_roc
 from utils import (
-    PIXEL_CENTRE,
     ToolkitError,
     atomic_write_text,
     file_sha256,
@@ -75,6 +74,8 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
     import torch  # torch on first use: see module docstring
     import torch.nn.functional as F  # torch on first use: see module docstring
 
+    from models import normalize_batch  # loads torch: see module docstring
+
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise ValueError(f"embed expects RGB uint8 (N, H, W, 3), got {images.dtype} "
@@ -99,7 +100,7 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
                 if not chunk.flags.writeable:  # torch.from_numpy warns on read-only arrays
                     chunk = chunk.copy()
                 batch = torch.from_numpy(chunk).to(device, non_blocking=True)
-                x = batch.permute(0, 3, 1, 2).float().sub_(PIXEL_CENTRE).div_(PIXEL_CENTRE)
+                x = normalize_batch(batch)
                 n = x.shape[0]
                 if flip or raw_pairs:  # one forward pass over the images and their mirrors
                     x = torch.cat([x, x.flip(3)])

@@ -11,6 +11,7 @@ import recordio_testlib as lib
 import torch
 
 import data_gen
+import models
 import pre_process
 from records import record_index, recordio
 from utils import run_cli
@@ -186,7 +187,7 @@ def test_raw_uint8_loader_and_normalize_batch(tmp_path):
     images, labels = next(iter(loader))
     assert images.dtype == torch.uint8 and tuple(images.shape) == (5, 112, 112, 3)
     assert labels.tolist() == [c for _, c, _ in expected[:5]]
-    floats = data_gen.normalize_batch(images)
+    floats = models.normalize_batch(images)
     assert floats.dtype == torch.float32 and tuple(floats.shape) == (5, 3, 112, 112)
     for i in range(5):
         np.testing.assert_array_equal(images[i].numpy(), expected[i][2])

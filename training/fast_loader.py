@@ -12,7 +12,7 @@ Contract of the yielded batches ``(images, labels)``:
 * ``images``: uint8 ``N x H x W x 3`` RGB, a *view of a ring slot*. It stays valid until the
   next batch is requested from the same iterator (the slot is handed back to the workers
   then); a consumer that keeps a batch longer must ``.clone()`` it. Moving it to a device or
-  normalising it (:func:`data_gen.normalize_batch`) right away, as ``train.py`` does, is fine;
+  normalising it (:func:`models.normalize_batch`) right away, as ``train.py`` does, is fine;
   the slots are not pinned, so a CUDA copy out of them has finished reading the slot when
   ``.to(device, non_blocking=True)`` returns.
 * ``labels``: int64 ``N``, a fresh tensor of its own (tiny; safe to keep).
