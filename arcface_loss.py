@@ -52,7 +52,12 @@ MAX_COSINE_MARGIN = 1.0  # CosFace's m (exclusive); the combined m3 stays below 
 
 
 class HeadConfigError(ToolkitError, ValueError):
-    """A margin head that cannot be built as asked (unknown name, impossible split)."""
+    """A margin head that cannot be built as asked (unknown name or option, impossible
+    split); ``option`` names the head option at fault, if one is."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -403,14 +408,17 @@ def check_head_options(name: str, options: dict) -> None:
     for key, value in options.items():
         if key not in allowed:
             takes = ", ".join(allowed) or "no options"
-            raise HeadConfigError(f"unknown option {key!r} for head {name} (it takes {takes})")
+            raise HeadConfigError(f"unknown option {key!r} for head {name} (it takes {takes})",
+                                  key)
         test, rule = allowed[key]
         if not test(value):
-            raise HeadConfigError(f"{name} option {key} must be {rule}, got {value!r}")
-    if name == "magface" and not (options.get("l_a", 10.0) < options.get("u_a", 110.0)
-                                  and options.get("l_m", 0.45) <= options.get("u_m", 0.8)):
-        raise HeadConfigError("magface options need l_a < u_a and l_m <= u_m, got "
-                              f"{options!r}")
+            raise HeadConfigError(f"{name} option {key} must be {rule}, got {value!r}", key)
+    if name == "magface":
+        for low, high, default in (("l_a", "u_a", (10.0, 110.0)), ("l_m", "u_m", (0.45, 0.8))):
+            lo, hi = options.get(low, default[0]), options.get(high, default[1])
+            if not lo < hi:
+                raise HeadConfigError(f"magface option {low} must be below {high}, got "
+                                      f"{lo!r} >= {hi!r}", low)
 
 
 def build_margin(name: str, s: float = 64.0, m: float | None = None, m1: float = 1.0,

@@ -56,7 +56,8 @@ class Config:
     dropout: float = 0.0
 
     # --- margin head (ArcFace by default: s * cos(theta + m) on the target logit)
-    head: str = "arcface"  # arcface | cosface | combined
+    head: str = "arcface"  # arcface, cosface, combined, adaface, curricularface, magface, ...
+    # ... elasticface-arc, elasticface-cos (arcface_loss.HEAD_NAMES)
     margin_m: float = 0.5  # ArcFace additive angle; CosFace uses 0.35
     scale_s: float = 64.0  # s: every logit is s * cos(...)
     margin_m1: float = 1.0  # combined margin: cos(m1 * theta + m2) - m3, m2 = margin_m
@@ -65,6 +66,16 @@ class Config:
     margin_warmup: float = 0.0  # fraction of all steps over which m ramps up from 0
     focal_gamma: float = 0.0  # 0 = plain cross-entropy
     sample_rate: float = 1.0  # Partial FC: fraction of negative class centres per step
+    # the newer heads' own options (paper defaults; margin_m is their m: AdaFace 0.4)
+    adaface_h: float = 0.333  # AdaFace: how far the feature norm moves the margin
+    adaface_t_alpha: float = 0.01  # AdaFace: momentum of the running norm mean and std
+    magface_l_a: float = 10.0  # MagFace: feature norms clipped to [l_a, u_a]
+    magface_u_a: float = 110.0
+    magface_l_m: float = 0.45  # MagFace: margins from l_m (norm l_a) to u_m (norm u_a)
+    magface_u_m: float = 0.8
+    magface_lambda_g: float = 35.0  # MagFace: weight of the norm regulariser (>= ~22.6)
+    elastic_sigma: float = 0.05  # ElasticFace: std of the margin drawn per sample
+    elastic_plus: bool = False  # ElasticFace+: larger drawn margins to rows far from centre
 
     # --- optimisation
     batch_size: int = 128  # per device
@@ -185,16 +196,43 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
 )
 
 
+# The Config fields holding each newer head's options (arcface_loss.HEAD_OPTIONS names).
+HEAD_OPTION_FIELDS = {
+    "adaface": {"h": "adaface_h", "t_alpha": "adaface_t_alpha"},
+    "magface": {"l_a": "magface_l_a", "u_a": "magface_u_a", "l_m": "magface_l_m",
+                "u_m": "magface_u_m", "lambda_g": "magface_lambda_g"},
+    **{name: {"sigma": "elastic_sigma", "plus": "elastic_plus"}
+       for name in ("elasticface-arc", "elasticface-cos")},
+}
+
+
+def head_options(cfg: Config) -> dict[str, Any]:
+    """The options of ``cfg.head`` by the names arcface_loss.build_head takes."""
+    return {option: getattr(cfg, name)
+            for option, name in HEAD_OPTION_FIELDS.get(cfg.head, {}).items()}
+
+
 def _check_margin(cfg: Config) -> None:
     """The head's margin must leave the target class a positive cosine at theta = 0, its best
     case (see arcface_loss.MAX_ANGLE_MARGIN): ArcFace's m and the combined m2 below pi/2,
-    CosFace's m below 1, the combined m3 below cos(m2)."""
-    from arcface_loss import MAX_ANGLE_MARGIN, MAX_COSINE_MARGIN
+    CosFace's m below 1, the combined m3 below cos(m2); the same for AdaFace's,
+    CurricularFace's and ElasticFace's m; each newer head's options in their ranges."""
+    from arcface_loss import (
+        MAX_ANGLE_MARGIN,
+        MAX_COSINE_MARGIN,
+        HeadConfigError,
+        check_head_options,
+    )
 
-    if cfg.head == "cosface" and not cfg.margin_m < MAX_COSINE_MARGIN:
+    try:
+        check_head_options(cfg.head, head_options(cfg))
+    except HeadConfigError as e:
+        raise ConfigError(str(e), HEAD_OPTION_FIELDS[cfg.head].get(e.option or "")) from e
+    if cfg.head in ("cosface", "elasticface-cos") and not cfg.margin_m < MAX_COSINE_MARGIN:
         raise ConfigError(f"must be < {MAX_COSINE_MARGIN:g} for CosFace (cos(theta) - m), "
                           f"got {cfg.margin_m!r}", "margin_m")
-    if cfg.head in ("arcface", "combined") and not cfg.margin_m < MAX_ANGLE_MARGIN:
+    if cfg.head in ("arcface", "combined", "adaface", "curricularface", "elasticface-arc") \
+            and not cfg.margin_m < MAX_ANGLE_MARGIN:
         raise ConfigError(f"must be < pi/2 = {MAX_ANGLE_MARGIN:.4f} for {cfg.head} (an angle "
                           f"added to theta), got {cfg.margin_m!r}", "margin_m")
     if cfg.head == "combined" and not cfg.margin_m3 < math.cos(cfg.margin_m):
@@ -231,6 +269,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                          batch_size=128, lr=0.1,
                          val_bins=["data/faces_emore/lfw.bin", "data/faces_emore/cfp_fp.bin",
                                    "data/faces_emore/agedb_30.bin"]),
+    # MS1MV2 R100 with each newer head as its paper trains it (s 64; batch 512 over GPUs,
+    # lr 0.1, 20-26 epochs in the papers: the per-device batch and epochs as ms1mv2_ir100).
+    **{f"ms1mv2_r100_{key}": dict(rec="data/faces_emore/train.rec", network="ir100", epochs=20,
+                                  batch_size=128, lr=0.1, scale_s=64.0, head=head, **extra,
+                                  val_bins=["data/faces_emore/lfw.bin",
+                                            "data/faces_emore/cfp_fp.bin",
+                                            "data/faces_emore/agedb_30.bin"])
+       for key, head, extra in (
+           ("adaface", "adaface", dict(margin_m=0.4, adaface_h=0.333, adaface_t_alpha=0.01)),
+           ("curricularface", "curricularface", dict(margin_m=0.5)),
+           ("magface", "magface", dict(magface_lambda_g=35.0)),
+           ("elasticface_arc", "elasticface-arc", dict(margin_m=0.5, elastic_sigma=0.05)),
+           ("elasticface_cos", "elasticface-cos", dict(margin_m=0.35, elastic_sigma=0.05)))},
     # The CPU demo of `make demo` (see README): a narrow IR net on synthetic identities.
     # Its output is not demo.py's runs/demo, so retraining never meets the demo's own run.
     "demo": dict(rec="data/demo/train.rec", output="runs/demo_train", network="ir_narrow",

@@ -238,7 +238,7 @@ def test_options_refused_by_name():
              (dict(name="adaface", h=2.0), "adaface option h must be in"),
              (dict(name="adaface", t_alpha=0.0), "t_alpha must be in"),
              (dict(name="arcface", h=0.3), "unknown option 'h' for head arcface"),
-             (dict(name="magface", l_a=120.0), "l_a < u_a"),
+             (dict(name="magface", l_a=120.0), "magface option l_a must be below u_a"),
              (dict(name="magface", lambda_g=-1.0), "lambda_g must be"),
              (dict(name="elasticface-cos", sigma=-0.1), "sigma must be"),
              (dict(name="curricularface", sigma=0.1), "unknown option 'sigma'")]
@@ -350,3 +350,50 @@ def test_two_ranks_equal_one_process(two_ranks, case):
             expected = _ce(z[:, classes.numpy()], cols)
             for res in two_ranks:
                 assert res[case]["loss"][step] == pytest.approx(expected, rel=1e-10)
+
+
+# ------------------------------------------------------------------- config and training loop
+
+def test_config_presets_options_and_refusals():
+    import config
+
+    for key, head in [("adaface", "adaface"), ("curricularface", "curricularface"),
+                      ("magface", "magface"), ("elasticface_arc", "elasticface-arc"),
+                      ("elasticface_cos", "elasticface-cos")]:
+        cfg = config.make_config(preset=f"ms1mv2_r100_{key}")
+        assert (cfg.head, cfg.network, cfg.scale_s) == (head, "ir100", 64.0)
+        margin = build_head(cfg.head, E, C, s=cfg.scale_s, m=cfg.margin_m,
+                            **config.head_options(cfg)).margin
+        assert margin.m == {"adaface": 0.4, "magface": 0.8, "elasticface_cos": 0.35}.get(key, 0.5)
+    cfg = config.make_config(preset="ms1mv2_r100_adaface")
+    assert config.head_options(cfg) == {"h": 0.333, "t_alpha": 0.01}
+    assert config.head_options(config.make_config({"head": "magface"}))["lambda_g"] == 35.0
+    for overrides, field in [({"head": "adaface", "adaface_t_alpha": 0.0}, "adaface_t_alpha"),
+                             ({"head": "magface", "magface_l_a": 200.0}, "magface_l_a"),
+                             ({"head": "elasticface-cos", "elastic_sigma": -1.0}, "elastic_sigma"),
+                             ({"head": "elasticface-cos", "margin_m": 1.0}, "margin_m"),
+                             ({"head": "adaface", "margin_m": 1.6}, "margin_m")]:
+        with pytest.raises(config.ConfigError) as info:
+            config.make_config(overrides)
+        assert info.value.field == field, overrides
+    # another head's options are not checked: they are not used
+    assert config.make_config({"head": "arcface", "adaface_t_alpha": 0.0}).head == "arcface"
+
+
+def test_margin_ramp_drives_each_new_heads_margin():
+    import train
+
+    for name in ("adaface", "curricularface", "elasticface-arc", "elasticface-cos"):
+        head = build_head(name, E, C)
+        train.set_ramped_margin(head.margin, 0.1, 0.5)
+        assert head.margin.m == 0.1
+    head = _head("magface", **MAG)
+    train.set_ramped_margin(head.margin, 0.25, 0.5)  # half way: every m(a) halved
+    x, weight, labels = _batch(50)
+    head.weight.data.copy_(weight)
+    a = np.clip(np.linalg.norm(x.numpy(), axis=1), MAG["l_a"], MAG["u_a"])
+    margins = 0.5 * ((MAG["u_m"] - MAG["l_m"]) / (MAG["u_a"] - MAG["l_a"]) * (a - MAG["l_a"])
+                     + MAG["l_m"])
+    np.testing.assert_allclose(head.logits(x, labels).detach().numpy(),
+                               _per_row_ref(x, weight, labels, margins, "arc"), rtol=1e-10,
+                               atol=1e-10)
