@@ -252,16 +252,17 @@ class CurricularFaceMargin(BatchMargin):
 
     def forward(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor,
                 update: bool = False, group=None) -> torch.Tensor:
-        cos = cos.clamp(-1.0, 1.0)
         m = float(self.m)
-        target = row_target_cosines(cos, labels, group)
+        # no clamp of the whole (N, C) matrix (one pass less): arcface_target floors sin^2
+        target = row_target_cosines(cos, labels, group).clamp(-1.0, 1.0)
         if update:
             with torch.no_grad():
                 self.t.copy_(CURRICULAR_MOMENTUM * target.mean()
                              + (1.0 - CURRICULAR_MOMENTUM) * self.t)
         sin = torch.sqrt((1.0 - target * target).clamp(min=SIN2_MIN))
         threshold = (target * math.cos(m) - sin * math.sin(m)).unsqueeze(1)
-        others = torch.where(cos > threshold, cos * (self.t + cos), cos)
+        # cos_j (t + cos_j) for the hard negatives, as cos_j * factor: two passes over (N, C)
+        others = cos * torch.where(cos > threshold, self.t + cos, 1.0)
         return margin_logits(cos, labels, float(self.s), lambda c: arcface_target(c, m), others)
 
     def extra_repr(self) -> str:
