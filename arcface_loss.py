@@ -634,7 +634,11 @@ class MarginProduct(nn.Module):
 
     def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return self.margin(cosine_similarity_matrix(_fp32(x), _fp32(self.weight)), label)
+            x = _fp32(x)
+            cos = cosine_similarity_matrix(x, _fp32(self.weight))
+            if isinstance(self.margin, BatchMargin):  # statistics updated in training mode
+                return self.margin(cos, label, x.norm(dim=1), update=self.training)
+            return self.margin(cos, label)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \

@@ -1,4 +1,6 @@
-"""Train an ArcFace (or CosFace / combined-margin) face model on an IR-ResNet backbone.
+"""Train a face model on an IR-ResNet backbone with a margin head: ArcFace by default, or
+CosFace, the combined margin, AdaFace, CurricularFace, MagFace, ElasticFace (``--head``;
+``--preset ms1mv2_r100_adaface`` and the like train each as its paper does).
 
 One device::
 

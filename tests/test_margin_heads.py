@@ -397,3 +397,16 @@ def test_margin_ramp_drives_each_new_heads_margin():
     np.testing.assert_allclose(head.logits(x, labels).detach().numpy(),
                                _per_row_ref(x, weight, labels, margins, "arc"), rtol=1e-10,
                                atol=1e-10)
+
+
+def test_margin_product_takes_a_batch_margin():
+    from arcface_loss import AdaFaceMargin, MarginProduct
+
+    x, weight, labels = _batch(60)
+    product = MarginProduct(E, C, AdaFaceMargin(S, 0.4, 0.333, 0.5)).double()
+    product.weight.data.copy_(weight)
+    norms = np.clip(np.linalg.norm(x.numpy(), axis=1), 1e-3, 100)
+    mu, sigma = 0.5 * norms.mean() + 10.0, 0.5 * norms.std(ddof=1) + 50.0
+    np.testing.assert_allclose(product(x, labels).detach().numpy(),
+                               _adaface_ref(x, weight, labels, mu, sigma, 0.4, 0.333),
+                               rtol=1e-10, atol=1e-10)
