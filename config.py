@@ -56,8 +56,7 @@ class Config:
     dropout: float = 0.0
 
     # --- margin head (ArcFace by default: s * cos(theta + m) on the target logit)
-    head: str = "arcface"  # arcface, cosface, combined, adaface, curricularface, magface, ...
-    # ... elasticface-arc, elasticface-cos (arcface_loss.HEAD_NAMES)
+    head: str = "arcface"  # arcface cosface combined adaface curricularface magface elasticface-*
     margin_m: float = 0.5  # ArcFace additive angle; CosFace uses 0.35
     scale_s: float = 64.0  # s: every logit is s * cos(...)
     margin_m1: float = 1.0  # combined margin: cos(m1 * theta + m2) - m3, m2 = margin_m
