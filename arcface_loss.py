@@ -1,4 +1,5 @@
-"""Margin-based softmax losses for face recognition: ArcFace, CosFace and the combined margin.
+"""Margin-based softmax losses for face recognition: ArcFace, CosFace, the combined margin,
+AdaFace, CurricularFace, MagFace and ElasticFace.
 
 Read top to bottom: the margin formulas (what each does to the target class's cosine), the
 head that holds the class centres and turns embeddings into a loss, then the distributed
@@ -14,11 +15,16 @@ changes only the logit of the row's own class y; all logits are then scaled by s
 ArcFace's cos(theta + m) stops decreasing in theta once theta + m > pi, so there the logit is
 s * (cos(theta) - m * sin(m)) instead; with ``easy_margin`` the margin applies only where
 cos(theta) > 0. The loss is the softmax cross-entropy of these logits (or the focal loss).
+
+The batch margins (:class:`BatchMargin`) also read the batch: AdaFace (arXiv 2204.00964) and
+MagFace (arXiv 2103.06627) the embedding norms, CurricularFace (arXiv 2004.00288) the mean
+target cosine and the hard negatives, ElasticFace (arXiv 2109.09416) margins drawn per row.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -27,7 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from utils import ToolkitError
+from config import (
+    HEAD_NAMES,
+    HeadConfigError,
+    check_head_options,
+)
 
 # cos is clamped this far inside [-1, 1] before acos: d/dx acos(x) is infinite at +-1.
 ACOS_EPS = 1e-6
@@ -36,14 +46,8 @@ NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 SIN2_MIN = 1e-12
 LOG_MIN = 1e-30  # floor of (1 - p) in the focal factor, whose power may be negative
 DEFAULT_CENTRE_STD = 0.01  # class centres start small and random (only their direction counts)
-# The margins a head can learn with stop where the target's cosine at theta = 0 reaches 0
-# (m = pi/2 for cos(theta + m), m = 1 for cos(theta) - m): config.py holds those bounds and
-# checks them, with these names, so that reading a config does not import torch.
-HEAD_NAMES = ("arcface", "cosface", "combined")
-
-
-class HeadConfigError(ToolkitError, ValueError):
-    """A margin head that cannot be built as asked (unknown name, impossible split)."""
+# The head names, the margin bounds and the newer heads' options live in config.py, which
+# checks them without importing torch; the heads below use them from there.
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -71,17 +75,19 @@ def combined_target(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch
 
 
 def margin_logits(cos: torch.Tensor, labels: torch.Tensor, s: float,
-                  target: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``s * cos`` everywhere but each row's target column, which gets ``s * target(cos)``.
-    ``labels`` hold each row's target column, or -1 when the row's class is not among the
-    columns (another GPU's centres). Static shapes only (no boolean indexing), so it compiles
-    and never waits for the device."""
+                  target: Callable[[torch.Tensor], torch.Tensor],
+                  others: torch.Tensor | None = None) -> torch.Tensor:
+    """``s * cos`` everywhere (``s * others`` when given: CurricularFace's modulated
+    negatives) but each row's target column, which gets ``s * target(cos)`` ((N, 1) in and
+    out). ``labels`` hold each row's target column, or -1 when the row's class is not among
+    the columns (another GPU's centres). Static shapes only (no boolean indexing), so it
+    compiles and never waits for the device."""
     labels = labels.long()
+    others = cos if others is None else others
     valid = (labels >= 0).unsqueeze(1)
     column = labels.clamp(min=0).unsqueeze(1)
-    target_cos = cos.gather(1, column)
-    target_cos = torch.where(valid, target(target_cos), target_cos)
-    return (cos * s).scatter(1, column, target_cos * s)
+    target_cos = torch.where(valid, target(cos.gather(1, column)), others.gather(1, column))
+    return (others * s).scatter(1, column, target_cos * s)
 
 
 def cosine_similarity_matrix(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -137,20 +143,260 @@ class CombinedMargin:
         return f"CombinedMargin(s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3})"
 
 
-Margin = ArcFaceMargin | CosFaceMargin | CombinedMargin
+# ----------------------------------------------------------------------------- batch margins
+
+def arc_target_per_row(cos: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """cos(theta + m) with a margin per row (``m`` broadcasts against ``cos``), with ArcFace's
+    fallback cos - m sin(m) where theta + m > pi; no acos (infinite slope at +-1)."""
+    sin = torch.sqrt((1.0 - cos * cos).clamp(min=SIN2_MIN))
+    cos_m = torch.cos(m)
+    return torch.where(cos >= -cos_m, cos * cos_m - sin * torch.sin(m), cos - m * torch.sin(m))
 
 
-def build_margin(name: str, s: float = 64.0, m: float = 0.5, m1: float = 1.0, m3: float = 0.0,
-                 easy_margin: bool = False) -> Margin:
-    """The margin called ``name``: arcface (s, m, easy_margin), cosface (s, m) or combined
-    (s, m1, m2=m, m3)."""
+def row_target_cosines(cos: torch.Tensor, labels: torch.Tensor, group=None) -> torch.Tensor:
+    """Every row's target cosine (N,), detached, on every rank: the target column lives on
+    the one rank holding its class (labels -1 elsewhere), so a SUM all-reduce of the rows'
+    own values (0 where absent) gives each rank the whole vector."""
+    labels = labels.long()
+    own = cos.detach().gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return _all_reduce(torch.where(labels >= 0, own, 0.0), dist.ReduceOp.SUM, group)
+
+
+class BatchMargin(nn.Module):
+    """A margin that reads more than the cosines: the norms of the gathered (global) batch's
+    unnormalised embeddings, the target cosines of every row, or the RNG. The head calls it
+    as ``margin(cos, labels, norms, update, group)``: ``norms`` (N,) with their gradient,
+    ``update`` True in a training forward pass (batch statistics updated BEFORE they are
+    used, margins drawn) and False in ``logits()`` and eval mode (statistics as they stand).
+    With several ranks it is collective: every rank calls it with the same rows, and each
+    gets the same statistics. Statistics are buffers: the head's state dict (a checkpoint)
+    carries them, so a resumed run continues exactly."""
+
+    s: float
+    m: float
+
+    def regulariser(self, norms: torch.Tensor, world_size: int) -> torch.Tensor | None:
+        """A term added to the loss (None: nothing)."""
+        return None
+
+
+ADAFACE_EPS = 1e-3  # the official cos clamp inside +-1, theta clip inside [0, pi], std floor
+ADAFACE_NORM_MIN, ADAFACE_NORM_MAX = 1e-3, 100.0  # feature norms clipped here
+ADAFACE_MU0, ADAFACE_SIGMA0 = 20.0, 100.0  # the running statistics' starting values
+
+
+class AdaFaceMargin(BatchMargin):
+    """AdaFace (arXiv 2204.00964; mk-minchul/AdaFace head.py). n = clip(|x|) detached;
+    running mu, sigma <- t_alpha * batch mean / unbiased std + (1 - t_alpha) * old, over the
+    GLOBAL batch; g = clip(h (n - mu) / (sigma + eps), -1, 1); cos clamped inside +-1; target
+    s (cos(clip(theta - m g, eps, pi - eps)) - (m + m g)), others s cos. A one-sample batch
+    has no std: sigma keeps its value (the official code would store NaN forever)."""
+
+    def __init__(self, s: float = 64.0, m: float = 0.4, h: float = 0.333,
+                 t_alpha: float = 0.01) -> None:
+        super().__init__()
+        self.s, self.m, self.h, self.t_alpha = s, m, h, t_alpha
+        self.register_buffer("mu", torch.tensor(ADAFACE_MU0))
+        self.register_buffer("sigma", torch.tensor(ADAFACE_SIGMA0))
+
+    def forward(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor,
+                update: bool = False, group=None) -> torch.Tensor:
+        n = norms.detach().clamp(ADAFACE_NORM_MIN, ADAFACE_NORM_MAX)
+        if update:
+            self._update(n)
+        g = (self.h * (n - self.mu) / (self.sigma + ADAFACE_EPS)).clamp(-1.0, 1.0).unsqueeze(1)
+        m = float(self.m)
+
+        def target(c: torch.Tensor) -> torch.Tensor:
+            theta = (torch.acos(c) - m * g).clamp(ADAFACE_EPS, math.pi - ADAFACE_EPS)
+            return torch.cos(theta) - (m + m * g)
+
+        # acos has a finite slope on the clamped range
+        cos = cos.clamp(-1.0 + ADAFACE_EPS, 1.0 - ADAFACE_EPS)
+        return margin_logits(cos, labels, float(self.s), target)
+
+    @torch.no_grad()
+    def _update(self, n: torch.Tensor) -> None:
+        a = self.t_alpha
+        self.mu.copy_(a * n.mean() + (1.0 - a) * self.mu)
+        if n.numel() > 1:  # the std of one sample is undefined (NaN): skip, keep sigma
+            self.sigma.copy_(a * n.std() + (1.0 - a) * self.sigma)
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, m={self.m}, h={self.h}, t_alpha={self.t_alpha}"
+
+
+CURRICULAR_MOMENTUM = 0.01  # t <- 0.01 * mean(cos_y) + 0.99 * t, as the official code
+
+
+class CurricularFaceMargin(BatchMargin):
+    """CurricularFace (arXiv 2004.00288; HuangYG123/CurricularFace head/metrics.py). Target
+    s cos(theta_y + m) with ArcFace's theta + m > pi fallback; t <- 0.01 mean(cos_y) + 0.99 t
+    over the GLOBAL batch (start 0), updated before use; each non-target cos_j above the
+    row's cos(theta_y + m) (a hard negative) becomes cos_j (t + cos_j)."""
+
+    def __init__(self, s: float = 64.0, m: float = 0.5) -> None:
+        super().__init__()
+        self.s, self.m = s, m
+        self.register_buffer("t", torch.tensor(0.0))
+
+    def forward(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor,
+                update: bool = False, group=None) -> torch.Tensor:
+        m = float(self.m)
+        # no clamp of the whole (N, C) matrix (one pass less): arcface_target floors sin^2
+        target = row_target_cosines(cos, labels, group).clamp(-1.0, 1.0)
+        if update:
+            with torch.no_grad():
+                self.t.copy_(CURRICULAR_MOMENTUM * target.mean()
+                             + (1.0 - CURRICULAR_MOMENTUM) * self.t)
+        sin = torch.sqrt((1.0 - target * target).clamp(min=SIN2_MIN))
+        threshold = (target * math.cos(m) - sin * math.sin(m)).unsqueeze(1)
+        # cos_j (t + cos_j) for the hard negatives, as cos_j * factor: two passes over (N, C)
+        others = cos * torch.where(cos > threshold, self.t + cos, 1.0)
+        return margin_logits(cos, labels, float(self.s), lambda c: arcface_target(c, m), others)
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, m={self.m}"
+
+
+def magface_lambda_bound(s: float, l_a: float, u_a: float, l_m: float, u_m: float) -> float:
+    """The smallest lambda_g MagFace's theorem allows. With g(a) = a / u_a^2 + 1 / a and the
+    margin's slope K = (u_m - l_m) / (u_a - l_a), the per-sample loss is strictly convex in
+    a with its optimum inside [l_a, u_a] (norm = quality) when lambda_g >= s K / (-g'(l_a))
+    = s K l_a^2 u_a^2 / (u_a^2 - l_a^2): about 22.6 for s 64, l_a 10, u_a 110, l_m 0.45,
+    u_m 0.8."""
+    slope = (u_m - l_m) / (u_a - l_a)
+    return s * slope * l_a**2 * u_a**2 / (u_a**2 - l_a**2)
+
+
+class MagFaceMargin(BatchMargin):
+    """MagFace (arXiv 2103.06627; IrvingMeng/MagFace models/magface.py). a = clip(|x|, l_a,
+    u_a); m(a) = (u_m - l_m) / (u_a - l_a) (a - l_a) + l_m; target s cos(theta_y + m(a)) with
+    ArcFace's fallback (as the official code), the gradient flowing through a as there; the
+    loss adds lambda_g mean(a / u_a^2 + 1 / a). ``ramp`` in [0, 1] scales m(a): the margin
+    warm-up (train.set_ramped_margin). The norm |x| is the face's quality."""
+
+    def __init__(self, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0,
+                 l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0) -> None:
+        super().__init__()
+        self.s, self.l_a, self.u_a, self.l_m, self.u_m = s, l_a, u_a, l_m, u_m
+        self.lambda_g, self.ramp = lambda_g, 1.0
+        bound = magface_lambda_bound(s, l_a, u_a, l_m, u_m)
+        if lambda_g < bound:
+            warnings.warn(f"MagFace lambda_g={lambda_g:g} is below {bound:.1f}, the bound its "
+                          "theorem needs for the norm to measure quality", stacklevel=2)
+
+    @property
+    def m(self) -> float:  # the largest margin, at a >= u_a
+        return self.u_m * self.ramp
+
+    def margin_of(self, a: torch.Tensor) -> torch.Tensor:
+        slope = (self.u_m - self.l_m) / (self.u_a - self.l_a)
+        return float(self.ramp) * (slope * (a - self.l_a) + self.l_m)
+
+    def forward(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor,
+                update: bool = False, group=None) -> torch.Tensor:
+        margins = self.margin_of(norms.clamp(self.l_a, self.u_a)).unsqueeze(1)
+        return margin_logits(cos, labels, float(self.s),
+                             lambda c: arc_target_per_row(c, margins))
+
+    def regulariser(self, norms: torch.Tensor, world_size: int) -> torch.Tensor:
+        """lambda_g mean(g(a)) over the gathered batch, the same value on every rank. Every
+        rank computes it from all rows and the gather's backward sums the ranks' gradients,
+        so each rank passes on 1/world of it."""
+        a = norms.clamp(self.l_a, self.u_a)
+        reg = self.lambda_g * (a / self.u_a**2 + 1.0 / a).mean()
+        share = reg / world_size
+        return share + (reg - share).detach()
+
+    def extra_repr(self) -> str:
+        return (f"s={self.s}, l_a={self.l_a}, u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m}, "
+                f"lambda_g={self.lambda_g}, ramp={self.ramp}")
+
+
+class ElasticFaceMargin(BatchMargin):
+    """ElasticFace (arXiv 2109.09416; fdbtrs/ElasticFace utils/losses.py): each training
+    step draws a margin m_i ~ N(m, sigma) per row of the global batch from the torch RNG
+    (rank 0's draw, broadcast: checkpoints save the RNG, so a resume is exact), clamped at 0
+    (a negative margin would reward the target). ``kind`` "arc": target s cos(theta_y + m_i)
+    with ArcFace's fallback; "cos": s (cos_y - m_i). Eval mode and ``logits()`` use m itself.
+
+    ``plus`` (ElasticFace+): the drawn margins are sorted and the smallest goes to the row
+    with the LARGEST target cosine, the largest to the row farthest from its centre, as the
+    paper describes (descending cosines paired with ascending margins). The official code
+    writes ``margin[idicate_cosie]`` (sorted margins gathered by the cosine order), which
+    applies the inverse permutation; here row order[k] receives sorted margin k."""
+
+    def __init__(self, s: float = 64.0, m: float = 0.5, sigma: float = 0.05,
+                 plus: bool = False, kind: str = "arc") -> None:
+        super().__init__()
+        if kind not in ("arc", "cos"):
+            raise HeadConfigError(f"ElasticFace kind must be arc or cos, got {kind!r}")
+        self.s, self.m, self.sigma, self.plus, self.kind = s, m, sigma, plus, kind
+        self.last_margins: torch.Tensor | None = None
+
+    def forward(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor,
+                update: bool = False, group=None) -> torch.Tensor:
+        if update:
+            margins = self._draw(cos, labels, group)
+        else:
+            margins = torch.full((cos.shape[0],), float(self.m), dtype=cos.dtype,
+                                 device=cos.device)
+        self.last_margins = margins
+        column = margins.unsqueeze(1)
+        if self.kind == "arc":
+            return margin_logits(cos, labels, float(self.s),
+                                 lambda c: arc_target_per_row(c.clamp(-1.0, 1.0), column))
+        return margin_logits(cos, labels, float(self.s), lambda c: c - column)
+
+    def _draw(self, cos: torch.Tensor, labels: torch.Tensor, group) -> torch.Tensor:
+        drawn = torch.normal(float(self.m), float(self.sigma), (cos.shape[0],),
+                             device=cos.device)
+        if _dist_info(group)[0] > 1:
+            src = dist.get_global_rank(group, 0) if group is not None else 0
+            dist.broadcast(drawn, src=src, group=group)
+        drawn = drawn.to(cos.dtype).clamp(min=0.0)
+        if not self.plus:
+            return drawn
+        order = row_target_cosines(cos, labels, group).argsort(descending=True)
+        return torch.empty_like(drawn).scatter_(0, order, drawn.sort().values)
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, m={self.m}, sigma={self.sigma}, plus={self.plus}, kind={self.kind}"
+
+
+Margin = ArcFaceMargin | CosFaceMargin | CombinedMargin | BatchMargin
+
+
+# The margin m each head's paper trains with, used when build_head is not given one (ArcFace,
+# CosFace and the combined margin keep their historical default 0.5).
+PAPER_MARGIN = {"adaface": 0.4, "curricularface": 0.5, "elasticface-arc": 0.5,
+                "elasticface-cos": 0.35}
+
+
+def build_margin(name: str, s: float = 64.0, m: float | None = None, m1: float = 1.0,
+                 m3: float = 0.0, easy_margin: bool = False, **options) -> Margin:
+    """The margin called ``name``: arcface (s, m, easy_margin), cosface (s, m), combined
+    (s, m1, m2=m, m3), adaface (s, m; h, t_alpha), curricularface (s, m), magface (s; l_a,
+    u_a, l_m, u_m, lambda_g: its margin is m(a), ``m`` is not used), elasticface-arc and
+    elasticface-cos (s, m; sigma, plus). ``m`` None: the paper's (0.5 for the first three)."""
+    if name not in HEAD_NAMES:
+        raise HeadConfigError(f"unknown head {name!r}; choose from {', '.join(HEAD_NAMES)}")
+    check_head_options(name, options)
+    m = PAPER_MARGIN.get(name, 0.5) if m is None else m
     if name == "arcface":
         return ArcFaceMargin(s, m, easy_margin)
     if name == "cosface":
         return CosFaceMargin(s, m)
     if name == "combined":
         return CombinedMargin(s, m1, m, m3)
-    raise HeadConfigError(f"unknown head {name!r}; choose from {', '.join(HEAD_NAMES)}")
+    if name == "adaface":
+        return AdaFaceMargin(s, m, **options)
+    if name == "curricularface":
+        return CurricularFaceMargin(s, m)
+    if name == "magface":
+        return MagFaceMargin(s, **options)
+    return ElasticFaceMargin(s, m, kind=name.removeprefix("elasticface-"), **options)
 
 
 # ----------------------------------------------------------------------------- the head
@@ -198,6 +444,11 @@ class ShardedMarginSoftmax(nn.Module):
     ceil(sample_rate * C_r) centres of this rank, always including every class present in
     the gathered batch; the others get zero gradient. ``last_index`` holds the sampled local
     rows of the latest step (None when all were used). ``focal_gamma`` > 0 gives focal loss.
+
+    A :class:`BatchMargin` (AdaFace, CurricularFace, MagFace, ElasticFace) sees the gathered
+    batch, so its statistics are the global batch's, the same on every rank and as on one
+    GPU; a training-mode forward updates them (or draws margins) before use, eval mode and
+    ``logits()`` do not. MagFace's regulariser is part of the returned loss.
     """
 
     def __init__(self, margin: Margin, embedding_size: int, num_classes: int,
@@ -234,10 +485,14 @@ class ShardedMarginSoftmax(nn.Module):
             self.last_index = None
             weight, columns = self.weight, shard_column
         with torch.autocast(embeddings.device.type, enabled=False):
-            cos = cosine_similarity_matrix(_fp32(embeddings), _fp32(weight))
-            logits = self.margin(cos, columns)
+            x = _fp32(embeddings)
+            cos = cosine_similarity_matrix(x, _fp32(weight))
+            logits = self._apply_margin(cos, columns, x, update=self.training)
             loss = _ShardedSoftmaxLoss.apply(logits, columns, self.group,
                                              float(self.focal_gamma))
+            if isinstance(self.margin, BatchMargin):
+                extra = self.margin.regulariser(x.norm(dim=1), self.world_size)
+                loss = loss if extra is None else loss + extra
             batch_accuracy = None
             if accuracy:
                 with torch.no_grad():
@@ -248,12 +503,22 @@ class ShardedMarginSoftmax(nn.Module):
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This rank's margin logits (N, C_r) for ungathered embeddings and global labels,
-        float32 even under autocast; with one process, the full (N, num_classes) logits."""
+        float32 even under autocast; with one process, the full (N, num_classes) logits.
+        Batch statistics (AdaFace, CurricularFace) are used as they stand, not updated;
+        ElasticFace uses its mean margin. With a :class:`BatchMargin` and several ranks it is
+        collective: call it on every rank with the same rows."""
         local = labels.long() - self.start
         columns = torch.where((local >= 0) & (local < self.weight.shape[0]), local, -1)
         with torch.autocast(embeddings.device.type, enabled=False):
-            return self.margin(cosine_similarity_matrix(_fp32(embeddings), _fp32(self.weight)),
-                               columns)
+            x = _fp32(embeddings)
+            return self._apply_margin(cosine_similarity_matrix(x, _fp32(self.weight)), columns,
+                                      x, update=False)
+
+    def _apply_margin(self, cos: torch.Tensor, columns: torch.Tensor, x: torch.Tensor,
+                      update: bool) -> torch.Tensor:
+        if isinstance(self.margin, BatchMargin):
+            return self.margin(cos, columns, x.norm(dim=1), update=update, group=self.group)
+        return self.margin(cos, columns)
 
     def _gather(self, embeddings: torch.Tensor, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,12 +561,14 @@ class ShardedMarginSoftmax(nn.Module):
 
 
 def build_head(name: str, embedding_size: int, num_classes: int, s: float = 64.0,
-               m: float = 0.5, m1: float = 1.0, m3: float = 0.0, easy_margin: bool = False,
-               sample_rate: float = 1.0, focal_gamma: float = 0.0,
-               embedding_grad_scale: float = 1.0, group=None) -> ShardedMarginSoftmax:
-    """The training head: the margin ``name`` (arcface | cosface | combined; see
-    :func:`build_margin`) over sharded class centres with its softmax loss."""
-    return ShardedMarginSoftmax(build_margin(name, s, m, m1, m3, easy_margin), embedding_size,
+               m: float | None = None, m1: float = 1.0, m3: float = 0.0,
+               easy_margin: bool = False, sample_rate: float = 1.0, focal_gamma: float = 0.0,
+               embedding_grad_scale: float = 1.0, group=None,
+               **options) -> ShardedMarginSoftmax:
+    """The training head: the margin ``name`` (one of HEAD_NAMES, with its options by name;
+    see :func:`build_margin`) over sharded class centres with its softmax loss."""
+    margin = build_margin(name, s, m, m1, m3, easy_margin, **options)
+    return ShardedMarginSoftmax(margin, embedding_size,
                                 num_classes, sample_rate=sample_rate, focal_gamma=focal_gamma,
                                 embedding_grad_scale=embedding_grad_scale, group=group)
 
@@ -319,7 +586,11 @@ class MarginProduct(nn.Module):
 
     def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return self.margin(cosine_similarity_matrix(_fp32(x), _fp32(self.weight)), label)
+            x = _fp32(x)
+            cos = cosine_similarity_matrix(x, _fp32(self.weight))
+            if isinstance(self.margin, BatchMargin):  # statistics updated in training mode
+                return self.margin(cos, label, x.norm(dim=1), update=self.training)
+            return self.margin(cos, label)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \

@@ -16,7 +16,7 @@ import json
 import math
 import re
 import runpy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -39,7 +39,8 @@ class ConfigError(ToolkitError, ValueError):
 # import torch (~1.2 s); tests/test_config.py checks they agree with those modules' own lists.
 NETWORK_NAMES = ("ir18", "ir34", "ir50", "ir100", "ir200", "ir_se50", "ir_se100", "mobilefacenet",
                  "ir_narrow")
-HEAD_NAMES = ("arcface", "cosface", "combined")
+HEAD_NAMES = ("arcface", "cosface", "combined", "adaface", "curricularface", "magface",
+              "elasticface-arc", "elasticface-cos")
 # The largest margins a head can learn with: the target class's cosine at theta = 0, its
 # best, must stay above 0, where an unrelated centre lies among thousands of classes;
 # cos(theta + m) and cos(theta) - m reach 0 there at m = pi/2 and m = 1 (see arcface_loss.py).
@@ -68,7 +69,7 @@ class Config:
     dropout: float = 0.0
 
     # --- margin head (ArcFace by default: s * cos(theta + m) on the target logit)
-    head: str = "arcface"  # arcface | cosface | combined
+    head: str = "arcface"  # arcface cosface combined adaface curricularface magface elasticface-*
     margin_m: float = 0.5  # ArcFace additive angle; CosFace uses 0.35
     scale_s: float = 64.0  # s: every logit is s * cos(...)
     margin_m1: float = 1.0  # combined margin: cos(m1 * theta + m2) - m3, m2 = margin_m
@@ -77,6 +78,16 @@ class Config:
     margin_warmup: float = 0.0  # fraction of all steps over which m ramps up from 0
     focal_gamma: float = 0.0  # 0 = plain cross-entropy
     sample_rate: float = 1.0  # Partial FC: fraction of negative class centres per step
+    # the newer heads' own options (paper defaults; margin_m is their m: AdaFace 0.4)
+    adaface_h: float = 0.333  # AdaFace: how far the feature norm moves the margin
+    adaface_t_alpha: float = 0.01  # AdaFace: momentum of the running norm mean and std
+    magface_l_a: float = 10.0  # MagFace: feature norms clipped to [l_a, u_a]
+    magface_u_a: float = 110.0
+    magface_l_m: float = 0.45  # MagFace: margins from l_m (norm l_a) to u_m (norm u_a)
+    magface_u_m: float = 0.8
+    magface_lambda_g: float = 35.0  # MagFace: weight of the norm regulariser (>= ~22.6)
+    elastic_sigma: float = 0.05  # ElasticFace: std of the margin drawn per sample
+    elastic_plus: bool = False  # ElasticFace+: larger drawn margins to rows far from centre
 
     # --- optimisation
     batch_size: int = 128  # per device
@@ -192,14 +203,85 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
 )
 
 
+# The Config fields holding each newer head's options (arcface_loss.HEAD_OPTIONS names).
+class HeadConfigError(ToolkitError, ValueError):
+    """A margin head that cannot be built as asked (unknown name or option, impossible
+    split); ``option`` names the head option at fault, if one is."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def _in(low: float, high: float, rule: str) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: low <= v <= high), rule
+
+
+# Each new head's options by name: (test, the rule it states). AdaFace's h scales the norm
+# deviation fed to the margin (0 turns AdaFace into CosFace+ArcFace); t_alpha in (0, 1] is the
+# running statistics' momentum; MagFace's norm range must be positive and ordered, its margins
+# angles below pi/2; ElasticFace's sigma is a standard deviation.
+HEAD_OPTIONS: dict[str, dict[str, tuple[Callable[[float], bool], str]]] = {
+    "adaface": {"h": _in(0.0, 1.0, "in [0, 1]"),
+                "t_alpha": ((lambda v: 0.0 < v <= 1.0), "in (0, 1]")},
+    "magface": {"l_a": ((lambda v: v > 0), "> 0"), "u_a": ((lambda v: v > 0), "> 0"),
+                "l_m": _in(0.0, MAX_ANGLE_MARGIN, "in [0, pi/2]"),
+                "u_m": _in(0.0, MAX_ANGLE_MARGIN, "in [0, pi/2]"),
+                "lambda_g": ((lambda v: v >= 0), ">= 0")},
+    **{name: {"sigma": ((lambda v: v >= 0), ">= 0"),
+              "plus": ((lambda v: isinstance(v, bool)), "True or False")}
+       for name in ("elasticface-arc", "elasticface-cos")},
+}
+
+
+def check_head_options(name: str, options: dict) -> None:
+    """Refuse, by name, an option ``name``'s head does not take or a value out of its range."""
+    allowed = HEAD_OPTIONS.get(name, {})
+    for key, value in options.items():
+        if key not in allowed:
+            takes = ", ".join(allowed) or "no options"
+            raise HeadConfigError(f"unknown option {key!r} for head {name} (it takes {takes})",
+                                  key)
+        test, rule = allowed[key]
+        if not test(value):
+            raise HeadConfigError(f"{name} option {key} must be {rule}, got {value!r}", key)
+    if name == "magface":
+        for low, high, default in (("l_a", "u_a", (10.0, 110.0)), ("l_m", "u_m", (0.45, 0.8))):
+            lo, hi = options.get(low, default[0]), options.get(high, default[1])
+            if not lo < hi:
+                raise HeadConfigError(f"magface option {low} must be below {high}, got "
+                                      f"{lo!r} >= {hi!r}", low)
+
+
+HEAD_OPTION_FIELDS = {
+    "adaface": {"h": "adaface_h", "t_alpha": "adaface_t_alpha"},
+    "magface": {"l_a": "magface_l_a", "u_a": "magface_u_a", "l_m": "magface_l_m",
+                "u_m": "magface_u_m", "lambda_g": "magface_lambda_g"},
+    **{name: {"sigma": "elastic_sigma", "plus": "elastic_plus"}
+       for name in ("elasticface-arc", "elasticface-cos")},
+}
+
+
+def head_options(cfg: Config) -> dict[str, Any]:
+    """The options of ``cfg.head`` by the names arcface_loss.build_head takes."""
+    return {option: getattr(cfg, name)
+            for option, name in HEAD_OPTION_FIELDS.get(cfg.head, {}).items()}
+
+
 def _check_margin(cfg: Config) -> None:
     """The head's margin must leave the target class a positive cosine at theta = 0, its best
-    case (see MAX_ANGLE_MARGIN): ArcFace's m and the combined m2 below pi/2, CosFace's m
-    below 1, the combined m3 below cos(m2)."""
-    if cfg.head == "cosface" and not cfg.margin_m < MAX_COSINE_MARGIN:
+    case (see MAX_ANGLE_MARGIN): ArcFace's m and the combined m2 below pi/2,
+    CosFace's m below 1, the combined m3 below cos(m2); the same for AdaFace's,
+    CurricularFace's and ElasticFace's m; each newer head's options in their ranges."""
+    try:
+        check_head_options(cfg.head, head_options(cfg))
+    except HeadConfigError as e:
+        raise ConfigError(str(e), HEAD_OPTION_FIELDS[cfg.head].get(e.option or "")) from e
+    if cfg.head in ("cosface", "elasticface-cos") and not cfg.margin_m < MAX_COSINE_MARGIN:
         raise ConfigError(f"must be < {MAX_COSINE_MARGIN:g} for CosFace (cos(theta) - m), "
                           f"got {cfg.margin_m!r}", "margin_m")
-    if cfg.head in ("arcface", "combined") and not cfg.margin_m < MAX_ANGLE_MARGIN:
+    if cfg.head in ("arcface", "combined", "adaface", "curricularface", "elasticface-arc") \
+            and not cfg.margin_m < MAX_ANGLE_MARGIN:
         raise ConfigError(f"must be < pi/2 = {MAX_ANGLE_MARGIN:.4f} for {cfg.head} (an angle "
                           f"added to theta), got {cfg.margin_m!r}", "margin_m")
     if cfg.head == "combined" and not cfg.margin_m3 < math.cos(cfg.margin_m):
@@ -236,6 +318,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                          batch_size=128, lr=0.1,
                          val_bins=["data/faces_emore/lfw.bin", "data/faces_emore/cfp_fp.bin",
                                    "data/faces_emore/agedb_30.bin"]),
+    # MS1MV2 R100 with each newer head as its paper trains it (s 64; batch 512 over GPUs,
+    # lr 0.1, 20-26 epochs in the papers: the per-device batch and epochs as ms1mv2_ir100).
+    **{f"ms1mv2_r100_{key}": dict(rec="data/faces_emore/train.rec", network="ir100", epochs=20,
+                                  batch_size=128, lr=0.1, scale_s=64.0, head=head, **extra,
+                                  val_bins=["data/faces_emore/lfw.bin",
+                                            "data/faces_emore/cfp_fp.bin",
+                                            "data/faces_emore/agedb_30.bin"])
+       for key, head, extra in (
+           ("adaface", "adaface", dict(margin_m=0.4, adaface_h=0.333, adaface_t_alpha=0.01)),
+           ("curricularface", "curricularface", dict(margin_m=0.5)),
+           ("magface", "magface", dict(magface_lambda_g=35.0)),
+           ("elasticface_arc", "elasticface-arc", dict(margin_m=0.5, elastic_sigma=0.05)),
+           ("elasticface_cos", "elasticface-cos", dict(margin_m=0.35, elastic_sigma=0.05)))},
     # The CPU demo of `make demo` (see README): a narrow IR net on synthetic identities.
     # Its output is not demo.py's runs/demo, so retraining never meets the demo's own run.
     "demo": dict(rec="data/demo/train.rec", output="runs/demo_train", network="ir_narrow",

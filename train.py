@@ -1,4 +1,6 @@
-"""Train an ArcFace (or CosFace / combined-margin) face model on an IR-ResNet backbone.
+"""Train a face model on an IR-ResNet backbone with a margin head: ArcFace by default, or
+CosFace, the combined margin, AdaFace, CurricularFace, MagFace, ElasticFace (``--head``;
+``--preset ms1mv2_r100_adaface`` and the like train each as its paper does).
 
 One device::
 
@@ -53,8 +55,14 @@ from torch import nn
 
 import data_gen
 import models
-from arcface_loss import CombinedMargin, Margin, build_head, clip_grad_norm_sharded
-from config import Config, build_parser, parse_config
+from arcface_loss import (
+    CombinedMargin,
+    MagFaceMargin,
+    Margin,
+    build_head,
+    clip_grad_norm_sharded,
+)
+from config import Config, build_parser, head_options, parse_config
 from data_gen import FLIP_PROBABILITY
 from training.distributed import (
     DistInfo,
@@ -114,11 +122,15 @@ def margin_at(step: int, total_steps: int, margin: float, warmup_fraction: float
     return margin * min(1.0, step / ramp)
 
 
-def set_ramped_margin(margin: Margin, value: float) -> None:
-    """The margin the ramp drives: ArcFace's and CosFace's ``m``, the combined margin's
-    angular ``m2``; the head reads it at its next forward pass."""
+def set_ramped_margin(margin: Margin, value: float, full: float | None = None) -> None:
+    """The margin the ramp drives: ArcFace's, CosFace's, AdaFace's, CurricularFace's and
+    ElasticFace's (mean) ``m``, the combined margin's angular ``m2``, and MagFace's whole
+    m(a) scaled by ``value / full`` (its margin is a function of the norm, not margin_m);
+    the head reads it at its next forward pass."""
     if isinstance(margin, CombinedMargin):
         margin.m2 = value
+    elif isinstance(margin, MagFaceMargin):
+        margin.ramp = value / full if full else 1.0
     else:
         margin.m = value
 
@@ -182,7 +194,8 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
     head = build_head(cfg.head, cfg.embedding_size, num_classes, s=cfg.scale_s, m=cfg.margin_m,
                       m1=cfg.margin_m1, m3=cfg.margin_m3, easy_margin=cfg.easy_margin,
                       sample_rate=cfg.sample_rate, focal_gamma=cfg.focal_gamma,
-                      embedding_grad_scale=float(info.world_size)).to(device)
+                      embedding_grad_scale=float(info.world_size),
+                      **head_options(cfg)).to(device)
     model: nn.Module = backbone
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -413,7 +426,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
             sampler.set_epoch(epoch, start_batch)
             for images, labels in loader:
                 margin = margin_at(step, run.total_steps, cfg.margin_m, cfg.margin_warmup)
-                set_ramped_margin(trainer.head.margin, margin)
+                set_ramped_margin(trainer.head.margin, margin, cfg.margin_m)
                 lr = trainer.opt_backbone.param_groups[0]["lr"]
                 step += 1
                 log_now, verify_now, save_now = due_at(step, cfg, steps_per_epoch,

@@ -406,6 +406,26 @@ def test_killed_run_resumes_to_the_same_weights(tiny_rec, tmp_path):
         assert_png(tmp_path / run / "training_curves.png")
 
 
+@pytest.mark.parametrize("head, extra", [("adaface", dict(adaface_t_alpha=0.5)),
+                                         ("curricularface", {}),
+                                         ("elasticface-arc", dict(elastic_plus=True))])
+def test_batch_margin_heads_resume_exactly(tiny_rec, tmp_path, head, extra):
+    """A run stopped after step 2 and resumed gives the straight run's losses: the batch
+    statistics travel as head buffers, ElasticFace's draws with the saved RNG."""
+    cfg = dict(head=head, epochs=1, save_every=2, **extra)
+    straight = train.train(tiny_cfg(tiny_rec, tmp_path / "straight", max_steps=4, **cfg))
+    train.train(tiny_cfg(tiny_rec, tmp_path / "broken", max_steps=2, **cfg))
+    resumed = train.train(tiny_cfg(tiny_rec, tmp_path / "broken", max_steps=4, **cfg),
+                          resume=True)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    heads = [load_checkpoint(tmp_path / run / "checkpoint_rank0_step4.pt")["head"]
+             for run in ("straight", "broken")]
+    buffers = [k for k in heads[0] if k.startswith("margin.")]
+    assert len(buffers) == {"elasticface-arc": 0, "adaface": 2}.get(head, 1)
+    for key in buffers:
+        assert heads[0][key].item() == heads[1][key].item() != 0.0
+
+
 def test_head_shards_are_recut_for_another_world_size():
     """11 classes saved by 3 ranks (4, 4, 3 rows), re-cut for 1, 2 and 4 ranks: each new
     shard is its class range of the full matrix (ranges written out: C // W classes each,

@@ -406,6 +406,10 @@ RESUME_MAY_CHANGE = frozenset({
     "lr", "base_batch_size", "momentum", "nesterov", "weight_decay", "grad_clip",
     # the loss: margins and scale are plain numbers read at each step
     "margin_m", "scale_s", "margin_m1", "margin_m3", "easy_margin", "focal_gamma", "dropout",
+    # the newer heads' options: read when the head is built (their running statistics are
+    # buffers in the head's state, resumed as saved)
+    "adaface_h", "adaface_t_alpha", "magface_l_a", "magface_u_a", "magface_l_m", "magface_u_m",
+    "magface_lambda_g", "elastic_sigma", "elastic_plus",
     # how and how long it runs
     "device", "amp", "cpu_amp", "channels_last", "compile", "compile_mode", "num_workers",
     "ring_loader", "keep_freed_memory", "save_every", "verify_every", "log_every",
