@@ -35,6 +35,11 @@ made from the same checkpoint content (not from a model since replaced under tha
 a ``.bin`` set's are ``<stem>_<hash of its path>_results.json``, so no set overwrites
 another's.
 
+``--quality``: the results also hold each evaluated image's quality (``quality``), the L2
+norm of the unnormalised embedding of the image itself, not its mirror (MagFace trains it):
+mean, min, max, the lowest (raw LFW's by path, a ``.bin`` set's by index) and every image's;
+the printout gives one line of it.
+
 Bad input (a missing or binary pairs file, a header that promises more or fewer pairs than
 the file holds, a line with the wrong number of fields, a truncated or foreign ``.bin``, a
 non-finite ``--threshold`` or one outside cosine's [-1, 1]) is a one-line ``error: ...``
@@ -57,7 +62,13 @@ import numpy as np
 
 from config import build_parser, parse_config
 from evaluation.bin_loader import load_bin
-from evaluation.lfw_images import as_crop, default_cache_dir, load_lfw_crops, readable_pairs
+from evaluation.lfw_images import (
+    as_crop,
+    default_cache_dir,
+    distinct_images,
+    load_lfw_crops,
+    readable_pairs,
+)
 from evaluation.lfw_pairs import MAX_NAMED, check_pairs_exist, parse_pairs
 from evaluation.verification import (
     LfwEvalError,
@@ -105,6 +116,7 @@ EXIT_NO_FACE = 3
 EXIT_NO_THRESHOLD = 4
 SUMMARY_FAR = 1e-3  # the FAR of the --bin summary table's TAR column (LFW-sized sets back it)
 COSINE_RANGE = (-1.0, 1.0)  # a threshold outside it gives the same verdict for every pair
+QUALITY_PRINTED = 3  # the lowest-quality images the printout names (the results hold more)
 
 log = get_logger("lfw_eval")
 
@@ -190,6 +202,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "in the output folder")
     group.add_argument("--out", default=None,
                        help="output folder; if omitted, <checkpoint folder>/eval")
+    group.add_argument("--quality", action="store_true",
+                       help="also record each evaluated image's quality, the norm of its "
+                            "unnormalised embedding (MagFace trains it), in the results: "
+                            "mean, min, max, the lowest by name (.bin: by index), per image")
     group.add_argument("--cache-dir", default=None,
                        help="aligned-crop cache for raw LFW; if omitted, <lfw-dir>_aligned_cache, "
                             "or under ~/.cache/arcface-toolkit/ where LFW is read-only")
@@ -212,6 +228,17 @@ def _print_results(r: dict[str, Any]) -> None:
     print(f"  folds: {r['folds']}")
     for far in FARS:
         print(f"  TAR@FAR={far:.0e}: {_tar_text(r, far)}")
+    if "quality" in r:
+        q = r["quality"]
+        lowest = ", ".join(f"{_image_label(e['image'])} ({e['norm']:.3f})"
+                           for e in q["lowest"][:QUALITY_PRINTED])
+        print(f"  quality (embedding norm) of {q['images']} images: mean {q['mean']:.3f}, "
+              f"min {q['min']:.3f}, max {q['max']:.3f}; lowest: {lowest}")
+
+
+def _image_label(image: str | int) -> str:
+    """An image as the quality line names it: raw LFW's by path, a .bin set's by #index."""
+    return image if isinstance(image, str) else f"#{image}"
 
 
 def _tar_text(r: dict[str, Any], far: float) -> str:
@@ -275,6 +302,9 @@ def _run(cfg, args: argparse.Namespace) -> int:
             raise LfwEvalError("--threshold is the decision threshold of --compare; the LFW "
                                "and .bin evaluations choose theirs by cross-validation")
         check_threshold(args.threshold, "--threshold")
+    if args.quality and args.compare:
+        raise LfwEvalError("--quality records the qualities of an evaluated set's images; "
+                           "--compare evaluates no set")
     out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
     device = get_device(cfg.device)
     if args.compare:
@@ -295,7 +325,7 @@ def _run_bins(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     rows = []
     for path in args.bin:
         r = evaluate_bin(model, path, batch_size=cfg.batch_size, device=device, out_dir=out_dir,
-                         extra=checkpoint_record(args.checkpoint))
+                         extra=checkpoint_record(args.checkpoint), quality=args.quality)
         _print_results(r)
         rows.append(r)
     width = max(len("set"), *(len(r["name"]) for r in rows))
@@ -324,6 +354,7 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     unreadable: dict[str, str] = {}  # their pairs are left out, the others scored
     crops, index, issame, faceless = load_lfw_crops(lfw_dir, pairs, cache_dir=cache_dir,
                                                     checked=True, unreadable=unreadable)
+    names = distinct_images(pairs)  # the crops' order, before unreadable pairs are left out
     left_out = 0
     if unreadable:
         kept = set(readable_pairs(pairs, unreadable))
@@ -339,7 +370,7 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     r = evaluate_verification(model, crops, issame, batch_size=cfg.batch_size,
                               device=device, out_dir=out_dir, name=LFW_RESULTS_NAME,
                               folds=folds, fold_rule=fold_rule, pair_labels=labels, extra=meta,
-                              pair_index=index)
+                              pair_index=index, quality=args.quality, image_names=names)
     _print_results(r)
     if faceless:
         print(f"  {len(faceless)} of {len(crops)} images had no detected face and were "

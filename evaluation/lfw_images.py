@@ -131,7 +131,7 @@ def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
     lfw_dir = Path(lfw_dir)
     if not checked:
         check_pairs_exist(pairs, lfw_dir)
-    paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
+    paths = distinct_images(pairs)
     if aligner is None:
         # faces.aligner loads torch (~2 s), which lfw_eval.py --help does without
         from faces.aligner import FaceAligner
@@ -164,6 +164,11 @@ def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
                      dtype=np.int64)
     issame = np.array([pair.same for pair in pairs], dtype=bool)
     return crops, index, issame, faceless
+
+
+def distinct_images(pairs: Sequence[Pair]) -> list[str]:
+    """Each image the pairs name, once, sorted: the order of load_lfw_crops' crops."""
+    return sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
 
 
 def readable_pairs(pairs: Sequence[Pair], unreadable: Container[str]) -> list[Pair]:

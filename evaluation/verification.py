@@ -42,6 +42,9 @@ from utils import (
 )
 
 DEFAULT_BATCH_SIZE = 64
+QUALITY_LOWEST = 10  # the lowest-quality images a quality summary names
+QUALITY_MEASURE = ("L2 norm of the unnormalised embedding of the image itself (not its "
+                   "mirror): MagFace trains it as the face's quality")
 
 
 log = get_logger("lfw_eval")
@@ -61,12 +64,16 @@ def _uses_channels_last(model) -> bool:
 
 
 def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
-          flip: bool = True, progress: bool = True, raw_pairs: bool = False) -> np.ndarray:
+          flip: bool = True, progress: bool = True, raw_pairs: bool = False,
+          norms: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """L2-normalised float32 embeddings (N, E) of RGB uint8 crops (N, 112, 112, 3).
 
     With ``flip`` the embedding is that of the image plus that of its mirror, then
     normalised. ``raw_pairs``: instead (N, 2, E), the unnormalised embeddings of each image
-    and of its mirror (IJB's protocol modes pool them themselves). Runs in eval mode under
+    and of its mirror (IJB's protocol modes pool them themselves). ``norms``: (embeddings,
+    (N,) float64 qualities), an image's quality being the L2 norm of the unnormalised
+    embedding of the image itself, never of its mirror nor of their sum (MagFace trains
+    that norm as the face's quality). Runs in eval mode under
     ``torch.inference_mode`` (the model's previous mode is restored), batched, on ``device``
     (default: the model's GPU if it is on one, else CUDA when present; the model is moved
     there in place). Inputs follow the model's memory format (channels_last if its convs
@@ -91,7 +98,7 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
     memory_format = torch.channels_last if _uses_channels_last(model) else torch.contiguous_format
     was_training = model.training
     model.eval()
-    outputs = []
+    outputs, qualities = [], []
     try:
         with torch.inference_mode(), tqdm(total=len(images), unit="img", desc="embed",
                                           disable=not progress, leave=False) as bar:
@@ -105,6 +112,8 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
                 if flip or raw_pairs:  # one forward pass over the images and their mirrors
                     x = torch.cat([x, x.flip(3)])
                 feats = model(x.contiguous(memory_format=memory_format)).float()
+                if norms:  # float64: squares of a finite float32 embedding may overflow
+                    qualities.append(torch.linalg.vector_norm(feats[:n].double(), dim=1).cpu())
                 if raw_pairs:
                     outputs.append(torch.stack([feats[:n], feats[n:]], dim=1).cpu())
                     bar.update(n)
@@ -116,8 +125,28 @@ def embed(model, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, devic
     finally:
         model.train(was_training)
     if not outputs:
-        return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(outputs).numpy().astype(np.float32, copy=False)
+        empty = np.zeros((0, 0), dtype=np.float32)
+        return (empty, np.zeros(0)) if norms else empty
+    feats = torch.cat(outputs).numpy().astype(np.float32, copy=False)
+    return (feats, torch.cat(qualities).numpy()) if norms else feats
+
+
+def quality_summary(norms: np.ndarray, labels: Sequence[str | int] | None = None,
+                    lowest: int = QUALITY_LOWEST) -> dict[str, Any]:
+    """{"measure", "images", "mean", "min", "max", "lowest": [{"image", "norm"}, ...]} of
+    per-image qualities (``embed(..., norms=True)``), the ``lowest`` lowest first; an image
+    is named by ``labels[i]`` (its name, or its index in a set), else by its position i."""
+    norms = np.asarray(norms, dtype=np.float64).reshape(-1)
+    labels = list(range(norms.size)) if labels is None else list(labels)
+    if len(labels) != norms.size:
+        raise ValueError(f"{norms.size} qualities but {len(labels)} image labels")
+    summary: dict[str, Any] = {"measure": QUALITY_MEASURE, "images": int(norms.size)}
+    if norms.size:
+        summary.update(mean=float(norms.mean()), min=float(norms.min()),
+                       max=float(norms.max()))
+    order = np.argsort(norms, kind="stable")[:lowest]
+    summary["lowest"] = [{"image": labels[i], "norm": float(norms[i])} for i in order]
+    return summary
 
 
 STRATIFIED_RULE = ("the i-th same pair and the i-th different pair in file order go to fold "
@@ -153,6 +182,23 @@ def pairs_file_folds(pairs: Sequence[Pair], path: str | Path) -> tuple[np.ndarra
         f"its own): stratified {k}-fold cross-validation ({STRATIFIED_RULE})")
 
 
+def _choose_folds(same: np.ndarray, folds: np.ndarray | None, fold_rule: str | None,
+                  nfolds: int, name: str) -> tuple[np.ndarray, str]:
+    """The given folds, else ``nfolds`` contiguous blocks, else (a block holding one kind of
+    pair) stratified folds, with a warning; and the rule that made them."""
+    if folds is not None:
+        return folds, fold_rule or "given per pair"
+    folds = contiguous_folds(same.size, nfolds)
+    fold_rule = fold_rule or f"{nfolds} contiguous blocks of the pair list"
+    if not folds_have_both_kinds(same, folds):
+        k = _stratified_fold_count(same, nfolds, name)
+        log.warning("%s: %d contiguous blocks of its pairs do not all hold both same and "
+                    "different pairs; scoring %d stratified folds instead", name, nfolds, k)
+        folds = stratified_folds(same, k)
+        fold_rule = f"{k} stratified folds ({STRATIFIED_RULE}): its blocks are one-kind"
+    return folds, fold_rule
+
+
 def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
                           batch_size: int = DEFAULT_BATCH_SIZE, device=None,
                           out_dir: str | Path | None = None, name: str = "lfw",
@@ -162,7 +208,8 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
                           pair_index: np.ndarray | None = None,
                           folds: np.ndarray | None = None,
                           fold_rule: str | None = None,
-                          file_stem: str | None = None) -> dict[str, Any]:
+                          file_stem: str | None = None, quality: bool = False,
+                          image_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Verify pairs of consecutive images (2i, 2i+1) with ``model``: k-fold accuracy, std and
     threshold, ROC AUC, TAR@FAR. With ``out_dir``: ``<stem>_roc.png``, ``<stem>_hist.png``,
     ``<stem>_errors.png`` and ``<stem>_results.json`` (plus ``extra`` fields) are written,
@@ -174,7 +221,11 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
     say which (``nfolds``, ``folds``).
 
     ``pair_index`` (2N,) lets ``images`` hold each distinct image once: pair i is then
-    images ``pair_index[2i]`` and ``pair_index[2i+1]`` (each image is embedded once)."""
+    images ``pair_index[2i]`` and ``pair_index[2i+1]`` (each image is embedded once).
+
+    ``quality``: the results' ``quality`` holds :func:`quality_summary` of the images the
+    pairs use plus ``per_image`` {name: quality}, each named by ``image_names`` (else by its
+    index in ``images``)."""
     images = np.asarray(images)
     same = np.asarray(issame, dtype=bool).reshape(-1)
     index = np.arange(images.shape[0]) if pair_index is None \
@@ -184,16 +235,10 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
                            f"(need two per pair)")
     if index.size and (index.min() < 0 or index.max() >= images.shape[0]):
         raise LfwEvalError(f"{name}: pair_index points outside the {images.shape[0]} images")
-    if folds is None:
-        folds = contiguous_folds(same.size, nfolds)
-        fold_rule = fold_rule or f"{nfolds} contiguous blocks of the pair list"
-        if not folds_have_both_kinds(same, folds):
-            k = _stratified_fold_count(same, nfolds, name)
-            log.warning("%s: %d contiguous blocks of its pairs do not all hold both same and "
-                        "different pairs; scoring %d stratified folds instead", name, nfolds, k)
-            folds = stratified_folds(same, k)
-            fold_rule = f"{k} stratified folds ({STRATIFIED_RULE}): its blocks are one-kind"
-    feats = embed(model, images, batch_size=batch_size, device=device, progress=progress)
+    folds, fold_rule = _choose_folds(same, folds, fold_rule, nfolds, name)
+    embedded = embed(model, images, batch_size=batch_size, device=device, progress=progress,
+                     norms=quality)
+    feats, norms = embedded if quality else (embedded, None)
     broken = int((~np.isfinite(feats).all(axis=1)).sum())
     if broken:  # NaN compares false: never score them (a diverged or overflowing model)
         raise LfwEvalError(f"{name}: {broken} of {len(feats)} images have non-finite (NaN/inf) "
@@ -201,9 +246,11 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
     sims = pair_similarities(feats[index])
     results: dict[str, Any] = {"name": name, "n_pairs": int(same.size)}
     results.update(ten_fold_details(sims, same, folds=folds))
-    results["folds"] = fold_rule or "given per pair"
+    results["folds"] = fold_rule
     results.update(roc_metrics(sims, same))
     results["threshold_rule"] = THRESHOLD_RULE
+    if norms is not None:
+        results["quality"] = _pair_images_quality(norms, index, image_names)
     if out_dir is not None:
         out_dir, stem = Path(out_dir), file_stem or name
         points = {far: results[tar_key(far)] for far in FARS if tar_key(far) in results}
@@ -226,6 +273,19 @@ def evaluate_verification(model, images: np.ndarray, issame: np.ndarray,
     return results
 
 
+def _pair_images_quality(norms: np.ndarray, index: np.ndarray,
+                         image_names: Sequence[str] | None) -> dict[str, Any]:
+    """quality_summary and ``per_image`` of the images some pair uses (not an unreadable
+    image's black placeholder), named by ``image_names`` or by index."""
+    used = np.unique(index)
+    if image_names is not None and len(image_names) != norms.size:
+        raise LfwEvalError(f"{norms.size} images but {len(image_names)} image names")
+    labels = used.tolist() if image_names is None else [image_names[i] for i in used]
+    summary = quality_summary(norms[used], labels)
+    summary["per_image"] = {str(k): float(v) for k, v in zip(labels, norms[used], strict=True)}
+    return summary
+
+
 def bin_results_stem(path: str | Path) -> str:
     """The file names of a .bin set's results: its stem and a short hash of its resolved
     path, so sets of one name in two folders (and raw LFW's ``lfw_results.json``) never
@@ -235,14 +295,15 @@ def bin_results_stem(path: str | Path) -> str:
 
 def evaluate_bin(model, path: str | Path, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
                  out_dir: str | Path | None = None, name: str | None = None,
-                 progress: bool = True, extra: dict[str, Any] | None = None
-                 ) -> dict[str, Any]:
+                 progress: bool = True, extra: dict[str, Any] | None = None,
+                 quality: bool = False) -> dict[str, Any]:
     """``load_bin`` then ``evaluate_verification`` (name defaults to the file's stem; the
     files are named by :func:`bin_results_stem`). The results record the set by path and
-    content hash (``bin_sha256``: the set is read whole anyway), plus ``extra``."""
+    content hash (``bin_sha256``: the set is read whole anyway), plus ``extra``;
+    ``quality``: each image's, named by its index in the set."""
     images, issame = load_bin(path, progress=progress)
     source = {"bin": str(path), "bin_sha256": file_sha256(path), **(extra or {})}
     return evaluate_verification(model, images, issame, batch_size=batch_size, device=device,
                                  out_dir=out_dir, name=name or Path(path).stem,
                                  file_stem=bin_results_stem(path), extra=source,
-                                 progress=progress)
+                                 progress=progress, quality=quality)

@@ -4,6 +4,7 @@ synthetic LFW."""
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import json
@@ -894,3 +895,111 @@ def test_compare_refuses_a_threshold_of_another_checkpoint(tiny_run, tmp_path, c
     # an explicit threshold needs no saved one
     rc, out, _ = _compare(tiny_run | {"run": run}, capsys, photo, photo, "--threshold", "0.5")
     assert rc == 0 and "verdict: same person" in out
+
+
+# ----------------------------------------------------------------------------- quality (--quality)
+
+def _float64_norms(model, images):
+    """The L2 norm of each image's own unnormalised embedding, the model run in float64 on
+    (x - 127.5) / 127.5 (no mirror)."""
+    reference = copy.deepcopy(model).double().eval()
+    x = (images.astype(np.float64) - 127.5) / 127.5
+    with torch.no_grad():
+        out = reference(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+    return np.linalg.norm(out.numpy(), axis=1)
+
+
+def test_embed_norms_are_each_images_own_unnormalised_norm():
+    torch.manual_seed(0)
+    model = _TinyNet()
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    model.bn.running_var.uniform_(0.5, 2.0)
+    images = _test_images(7, seed=8)
+    default = lfw_eval.embed(model, images, batch_size=3, device="cpu", progress=False)
+    assert isinstance(default, np.ndarray)  # the default return value is unchanged
+    feats, norms = lfw_eval.embed(model, images, batch_size=3, device="cpu", progress=False,
+                                  norms=True)
+    np.testing.assert_array_equal(feats, default)
+    assert norms.shape == (7,) and norms.dtype == np.float64
+    ref = _float64_norms(model, images)
+    np.testing.assert_allclose(norms, ref, rtol=1e-5)
+    mirror = _float64_norms(model, np.ascontiguousarray(images[:, :, ::-1]))
+    assert np.abs(mirror - ref).max() > 1e-3 * ref.max()  # the mirror's norm is another
+    for kwargs in ({"flip": False}, {"raw_pairs": True}):  # the same, however it is embedded
+        _, other = lfw_eval.embed(model, images, batch_size=4, device="cpu", progress=False,
+                                  norms=True, **kwargs)
+        np.testing.assert_allclose(other, ref, rtol=1e-5)
+    empty, none = lfw_eval.embed(model, images[:0], device="cpu", progress=False, norms=True)
+    assert empty.shape[0] == 0 and none.shape == (0,)
+
+
+def _cached_crops(tiny_run):
+    crops = {}
+    for cache in (Path(tiny_run["lfw_dir"]).parent / "lfw_aligned_cache").glob("*.npz"):
+        with np.load(cache) as data:
+            crops.update(zip((str(p) for p in data["paths"]), data["crops"], strict=True))
+    return crops
+
+
+def test_lfw_cli_quality_records_each_images_norm(tiny_run, tmp_path, capsys):
+    import models
+
+    assert tiny_run["rc"] == 0
+    plain = json.loads((tiny_run["run"] / "eval" / "lfw_results.json").read_text())
+    assert "quality" not in plain  # without the flag the results are as before
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert lfw_eval.main(tiny_run["argv"] + ["--out", str(out), "--quality"]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((out / "lfw_results.json").read_text())
+    assert {k: v for k, v in r.items() if k not in ("quality", "files")} == \
+        {k: v for k, v in plain.items() if k != "files"}
+    crops = _cached_crops(tiny_run)
+    names = sorted(crops)
+    model = models.load_backbone(tiny_run["run"] / "backbone.pt")
+    ref = dict(zip(names, _float64_norms(model, np.stack([crops[n] for n in names])),
+                   strict=True))
+    q = r["quality"]
+    assert q["images"] == len(ref) == 12 and set(q["per_image"]) == set(ref)
+    for name, norm in ref.items():
+        assert q["per_image"][name] == pytest.approx(norm, rel=1e-5), name
+    values = np.array(list(ref.values()))
+    assert q["mean"] == pytest.approx(values.mean(), rel=1e-5)
+    assert (q["min"], q["max"]) == pytest.approx((values.min(), values.max()), rel=1e-5)
+    by_norm = sorted(ref, key=ref.get)
+    assert [e["image"] for e in q["lowest"]] == by_norm[:10]
+    assert "mirror" in q["measure"]
+    lines = [line for line in printed.splitlines() if "quality (" in line]
+    assert len(lines) == 1 and "of 12 images" in lines[0] and by_norm[0] in lines[0]
+
+
+def test_bin_cli_quality_names_images_by_index(tiny_run, tmp_path, capsys):
+    import models
+
+    path = tmp_path / "set.bin"
+    images = _test_images(2 * BIN_PAIRS, seed=30)
+    path.write_bytes(pickle.dumps(([_png(im) for im in images],
+                                   [True, False] * (BIN_PAIRS // 2)), protocol=4))
+    ckpt = tiny_run["run"] / "backbone.pt"
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert lfw_eval.main(["--checkpoint", str(ckpt), "--device", "cpu", "--out", str(out),
+                          "--bin", str(path), "--quality"]) == 0
+    printed = capsys.readouterr().out
+    (written,) = out.glob("set_*_results.json")
+    q = json.loads(written.read_text())["quality"]
+    ref = _float64_norms(models.load_backbone(ckpt), images)
+    assert q["images"] == 2 * BIN_PAIRS
+    np.testing.assert_allclose([q["per_image"][str(i)] for i in range(len(ref))], ref,
+                               rtol=1e-5)
+    lowest = np.argsort(ref)[:10].tolist()
+    assert [e["image"] for e in q["lowest"]] == lowest
+    lines = [line for line in printed.splitlines() if "quality (" in line]
+    assert len(lines) == 1 and f"lowest: #{lowest[0]} (" in lines[0]
+
+
+def test_quality_with_compare_is_refused(tiny_run, capsys):
+    photo = next(Path(tiny_run["lfw_dir"]).rglob("*.jpg"))
+    err = _cli_error(["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
+                      "--compare", str(photo), str(photo), "--quality"], capsys)
+    assert "--quality" in err and "--compare" in err
