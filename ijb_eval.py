@@ -22,11 +22,17 @@ Protocol (InsightFace's, which the published numbers use):
    mated probes. TPIR@FPIR=f: t is the smallest threshold with at most floor(f x non-mated
    probes) non-mated top scores above it; TPIR is the fraction of mated probes whose mate is
    rank 1 and scores above t. InsightFace's merged-gallery ranks are reported for comparison.
+
+``--quality`` writes ``<target>_quality.csv`` (image, norm) beside the results: each image's
+quality, the L2 norm of its own raw embedding in the cache (not its mirror's; MagFace trains
+it), so no image is embedded again; the results get its summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 import re
@@ -43,6 +49,7 @@ from evaluation import ijb_features
 from evaluation.ijb_features import mode_features
 from evaluation.ijb_release import TARGETS, IJBFormatError, Release, load_release
 from evaluation.ijb_report import MERGED, format_table, plot_cmc
+from evaluation.verification import quality_summary
 from evaluation.verification_metrics import (
     FAR_EPS,
     far_measurable,
@@ -82,6 +89,7 @@ NORM_CHUNK_ROWS = 8192  # rows per chunk when row norms are computed (bounds the
 SEARCH_CHUNK_PROBES = 4096  # probes scored against a gallery at a time
 NONMATED = "non-mated probes"  # what a TPIR@FPIR is measured over
 ROC_PLOT_POINTS = 200  # the ROC figure: TAR@FAR at this many log-spaced FARs
+QUALITY_PRINTED = 3  # the lowest-quality images the printout names (the CSV has them all)
 
 log = get_logger("ijb_eval")
 
@@ -504,6 +512,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             f"the first is the headline (default {DEFAULT_MODE})")
     group.add_argument("--cache-dir", default=None,
                        help="image-feature cache; if omitted, <out>/features")
+    group.add_argument("--quality", action="store_true",
+                       help="also write <target>_quality.csv: each image's quality, the norm "
+                            "of its own unnormalised embedding (MagFace trains it)")
     group.add_argument("--workers", type=positive_int, default=None,
                        help="threads reading and aligning the crops (default 4)")
     return parser
@@ -555,6 +566,36 @@ def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
     return ijb_features.cached_features(release, folder, embed, workers=workers)
 
 
+def image_qualities(chunks: list[Path], total: int) -> np.ndarray:
+    """(N,) float64 L2 norm of each image's own raw embedding, read chunk by chunk from the
+    feature cache (its [:, 0]; [:, 1] is the mirror's)."""
+    norms = [np.linalg.norm(chunk[:, 0].astype(np.float64), axis=1)
+             for chunk in ijb_features.iter_chunks(chunks)]
+    norms = np.concatenate(norms) if norms else np.zeros(0)
+    if norms.size != total:
+        raise ValueError(f"feature cache holds {norms.size} images, expected {total}")
+    return norms
+
+
+def write_quality(chunks: list[Path], release: Release, path: Path) -> dict[str, Any]:
+    """``path``: a CSV of (image, norm) per image of ``release``; returns the quality_summary
+    (mean, min, max, the lowest images by name)."""
+    norms = image_qualities(chunks, len(release.names))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", "norm"])
+    writer.writerows((name, f"{norm:.9g}") for name, norm in zip(release.names, norms,
+                                                                  strict=True))
+    atomic_write_text(path, buf.getvalue())
+    return quality_summary(norms, release.names)
+
+
+def _quality_line(q: dict[str, Any], path: str) -> str:
+    lowest = ", ".join(f"{e['image']} ({e['norm']:.3f})" for e in q["lowest"][:QUALITY_PRINTED])
+    return (f"quality (embedding norm) of {q['images']} images: mean {q['mean']:.3f}, min "
+            f"{q['min']:.3f}, max {q['max']:.3f}; lowest: {lowest}; per image: {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: prints the table, writes <out>/<target>_results.json and figures."""
     cfg, args = parse_config(argv, parser=build_arg_parser())
@@ -587,6 +628,9 @@ def run_evaluation(cfg: Any, args: argparse.Namespace, target: str, out_dir: Pat
                                     out_dir / f"{prefix}_cmc.png",
                                     f"{target} 1:N identification ({modes[0]})"))
     results = dict(runs[0])
+    if args.quality:
+        files["quality"] = str(out_dir / f"{prefix}_quality.csv")
+        results["quality"] = write_quality(chunks, release, Path(files["quality"]))
     results.update({**checkpoint_record(args.checkpoint), "ijb_dir": str(args.ijb_dir),
                     "files": files})
     if len(runs) > 1:
@@ -595,8 +639,10 @@ def run_evaluation(cfg: Any, args: argparse.Namespace, target: str, out_dir: Pat
     results_path = out_dir / f"{prefix}_results.json"
     atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
     print(format_table(target, runs))
+    if args.quality:
+        print(_quality_line(results["quality"], files["quality"]))
     print(f"results: {results_path}")
-    print("figures: " + ", ".join(files.values()))
+    print("figures: " + ", ".join(v for k, v in files.items() if k != "quality"))
     return 0
 
 

@@ -702,3 +702,40 @@ def test_feature_cache_key_follows_the_checkpoint_content(release_dir, tmp_path)
     copy.parent.mkdir()
     copy.write_bytes(ckpt.read_bytes())
     assert ijb_features.cache_key(release, copy, None, None) == keys[1]
+
+
+def test_quality_csv_holds_each_images_own_norm_from_the_cache(release_dir, checkpoint,
+                                                               tmp_path, embed_calls, capsys):
+    """--quality: <prefix>_quality.csv holds the norm of each image's own embedding (not its
+    mirror's), computed here in float64 from its aligned crop; a cached run embeds nothing."""
+    from models import load_backbone
+
+    root, _ = release_dir
+    out = tmp_path / "out"
+    assert _cli(root, checkpoint, out) == 0
+    assert "quality" not in json.loads((out / "ijbc_results.json").read_text())
+    assert not (out / "ijbc_quality.csv").exists()  # without the flag, nothing new
+    embed_calls.clear()
+    capsys.readouterr()
+    assert _cli(root, checkpoint, out, "--quality") == 0
+    assert embed_calls == []  # from the cached raw embeddings
+    printed = capsys.readouterr().out
+    release = ijb_release.load_release(root, "IJBC")
+    model = load_backbone(checkpoint).double().eval()
+    crops = np.stack([ijb_features.aligned_crop(release.crop_dir / n, release.landmarks[i])
+                      for i, n in enumerate(release.names)])
+    x = torch.from_numpy((crops.astype(np.float64) - 127.5) / 127.5).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ref = np.linalg.norm(model(x.contiguous()).numpy(), axis=1)
+        mirror = np.linalg.norm(model(x.flip(3).contiguous()).numpy(), axis=1)
+    assert np.abs(mirror - ref).max() > 1e-3 * ref.max()
+    lines = (out / "ijbc_quality.csv").read_text().splitlines()
+    assert lines[0] == "image,norm" and len(lines) == IMAGES + 1
+    rows = [line.split(",") for line in lines[1:]]
+    assert [name for name, _ in rows] == list(release.names)
+    np.testing.assert_allclose([float(v) for _, v in rows], ref, rtol=1e-5)
+    q = json.loads((out / "ijbc_results.json").read_text())["quality"]
+    assert q["images"] == IMAGES and q["mean"] == pytest.approx(ref.mean(), rel=1e-5)
+    assert q["lowest"][0]["image"] == release.names[int(np.argmin(ref))]
+    quality_lines = [line for line in printed.splitlines() if line.startswith("quality (")]
+    assert len(quality_lines) == 1 and str(out / "ijbc_quality.csv") in quality_lines[0]
