@@ -38,7 +38,9 @@ class ConfigError(ToolkitError, ValueError):
 # here, not imported from models.py and arcface_loss.py, so that reading a config does not
 # import torch (~1.2 s); tests/test_config.py checks they agree with those modules' own lists.
 NETWORK_NAMES = ("ir18", "ir34", "ir50", "ir100", "ir200", "ir_se50", "ir_se100", "mobilefacenet",
-                 "ir_narrow")
+                 "ir_narrow", "vit_t", "vit_t_dp005_mask0", "vit_s", "vit_s_dp005_mask_0",
+                 "vit_b", "vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h",
+                 "r18", "r34", "r50", "r100", "r200")
 HEAD_NAMES = ("arcface", "cosface", "combined", "adaface", "curricularface", "magface",
               "elasticface-arc", "elasticface-cos")
 # The largest margins a head can learn with: the target class's cosine at theta = 0, its

@@ -1,9 +1,11 @@
-"""Face-recognition backbones: IR-ResNet (ArcFace's "improved residual" nets), IR-SE and
-MobileFaceNet, all mapping a normalised (N, 3, 112, 112) RGB batch to (N, E) embeddings.
+"""Face-recognition backbones: IR-ResNet (ArcFace's "improved residual" nets), IR-SE,
+MobileFaceNet and arcface_torch's face ViTs (vit_t ... vit_h), all mapping a normalised
+(N, 3, 112, 112) RGB batch to (N, E) embeddings.
 
 The IR-ResNet module and parameter names follow InsightFace's arcface_torch ``iresnet``
 (``conv1``, ``layer1.0.bn1``, ..., ``fc``, ``features``), so its released backbone state dicts
-load into ``ir18`` .. ``ir200`` directly. Usage::
+load into ``ir18`` .. ``ir200`` directly (its names ``r18`` .. ``r200`` are accepted too), and
+so do its ViTs' (``patch_embed``, ``blocks.0.attn.qkv``, ..., ``feature``). Usage::
 
     python models.py --network ir50            # parameters and forward GFLOPs at 112x112
 """
@@ -11,6 +13,7 @@ load into ``ir18`` .. ``ir200`` directly. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils import (
@@ -49,9 +53,34 @@ SE_DEPTHS = {"ir_se50": IR_DEPTHS["ir50"], "ir_se100": IR_DEPTHS["ir100"]}
 # keeps the resolution so the last map is 7x7 like the full nets (about 1.1M params at E=128).
 NARROW_WIDTHS = (16, 32, 64, 128)
 NARROW_STRIDES = (1, 2, 2, 2)
+# arcface_torch's face ViTs (see VisionTransformer)
+VIT_PATCH = 9
+VIT_HEADS = 8
+VIT_MLP_RATIO = 4
+VIT_INIT_STD = 0.02  # truncated-normal std of its linear layers and position embedding
+VIT_HEAD_BN_EPS = 2e-5
+# arcface_torch calls random_masking() without passing its mask_ratio, so every ViT with a
+# mask_ratio above 0 drops this fraction of tokens in training whatever its name says
+VIT_MASKED_FRACTION = 0.1
+# name: (width, depth, drop-path rate of the last block, mask_ratio, gradient checkpointing)
+VIT_SPECS: dict[str, tuple[int, int, float, float, bool]] = {
+    "vit_t": (256, 12, 0.1, 0.1, False),
+    "vit_t_dp005_mask0": (256, 12, 0.05, 0.0, False),
+    "vit_s": (512, 12, 0.1, 0.1, False),
+    "vit_s_dp005_mask_0": (512, 12, 0.05, 0.0, False),
+    "vit_b": (512, 24, 0.1, 0.1, True),
+    "vit_b_dp005_mask_005": (512, 24, 0.05, 0.05, True),
+    "vit_l_dp005_mask_005": (768, 24, 0.05, 0.05, True),
+    "vit_h": (1024, 48, 0.1, 0.0, True),
+}
+# arcface_torch's get_model names for the IR-ResNets we build with its module names (its
+# mbf is another MobileFaceNet layout, so it has no alias here)
+ARCFACE_ALIASES = {"r18": "ir18", "r34": "ir34", "r50": "ir50", "r100": "ir100",
+                   "r200": "ir200"}
 # config.NETWORK_NAMES spells these out so that reading a config needs no torch;
 # tests/test_config.py keeps the two equal
-MODEL_NAMES: tuple[str, ...] = (*IR_DEPTHS, *SE_DEPTHS, "mobilefacenet", "ir_narrow")
+MODEL_NAMES: tuple[str, ...] = (*IR_DEPTHS, *SE_DEPTHS, "mobilefacenet", "ir_narrow",
+                                *VIT_SPECS, *ARCFACE_ALIASES)
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
@@ -237,6 +266,165 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(mod.bias)
 
 
+# ----------------------------------------------------------------------------- ViT
+
+# arcface_torch's face ViTs (backbones/vit.py): 112x112 cut into 9x9 patches (144 tokens, no
+# class token), 8 heads, MLP ratio 4 with ReLU6, no qkv bias, pre-LayerNorm blocks; all
+# 144 tokens are flattened into the features head. Module names follow its file, so its
+# model.pt loads strictly.
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch for a random ``rate`` of the
+    samples and scale the survivors by 1 / (1 - rate)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class ViTMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.ReLU6()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class ViTAttention(nn.Module):
+    """Multi-head self-attention whose scores and softmax run in float32 even under autocast
+    (fp16 scores over 144 tokens overflow, as arcface_torch guards against)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(n, tokens, 3, self.heads, dim // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).float().unbind(0)
+        with _autocast_off(x.device):
+            weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+            out = (weights @ v).transpose(1, 2).reshape(n, tokens, dim)
+        return self.proj_drop(self.proj(out))
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    # the meta device (model_flops) has no autocast to turn off
+    return contextlib.nullcontext() if device.type == "meta" else \
+        torch.autocast(device.type, enabled=False)
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)), each branch under
+    stochastic depth."""
+
+    def __init__(self, dim: int, drop_path: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = ViTAttention(dim, VIT_HEADS, dropout)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = ViTMlp(dim, VIT_MLP_RATIO * dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim: int, image_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, VIT_PATCH, stride=VIT_PATCH)
+        self.num_patches = (image_size // VIT_PATCH) ** 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, tokens, dim)
+
+
+class VisionTransformer(nn.Module):
+    """arcface_torch's face ViT: patch embedding + position embedding, ``depth`` blocks,
+    LayerNorm, then the features head over all tokens flattened: Linear(T*D, D) - BN1d -
+    Linear(D, E) - BN1d. In training a random fraction of tokens skips the blocks and is
+    put back as a learned mask token after the last norm."""
+
+    def __init__(self, dim: int, depth: int, drop_path: float = 0.0, mask_ratio: float = 0.0,
+                 checkpointing: bool = False, embedding_size: int = 512,
+                 dropout: float = 0.0, image_size: int = IMAGE_SIZE) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(dim, image_size)
+        tokens = self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.pos_drop = nn.Dropout(dropout)
+        self.masked_fraction = VIT_MASKED_FRACTION if mask_ratio > 0 else 0.0
+        self.checkpointing = checkpointing
+        # deeper blocks drop more; float32 on the CPU, as arcface_torch spaces them (and
+        # readable when the model is built on the meta device)
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(ViTBlock(dim, r, dropout) for r in rates)
+        self.norm = nn.LayerNorm(dim)
+        self.feature = nn.Sequential(
+            nn.Linear(dim * tokens, dim, bias=False), nn.BatchNorm1d(dim, eps=VIT_HEAD_BN_EPS),
+            nn.Linear(dim, embedding_size, bias=False),
+            nn.BatchNorm1d(embedding_size, eps=VIT_HEAD_BN_EPS))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        _init_vit(self)
+
+    def _mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep a random (1 - masked_fraction) of each sample's tokens: (kept, order) where
+        ``order`` puts [kept, masked] back in place."""
+        n, tokens, dim = x.shape
+        keep = int(tokens * (1 - self.masked_fraction))
+        shuffle = torch.argsort(torch.rand(n, tokens, device=x.device), dim=1)
+        kept = torch.gather(x, 1, shuffle[:, :keep, None].expand(-1, -1, dim))
+        return kept, torch.argsort(shuffle, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pos_drop(self.patch_embed(x) + self.pos_embed)
+        n, tokens, dim = x.shape
+        masking = self.training and self.masked_fraction > 0
+        if masking:
+            x, order = self._mask(x)
+        for block in self.blocks:
+            if self.checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)  # activations recomputed
+            else:
+                x = block(x)
+        x = self.norm(x.float())
+        if masking:
+            filler = self.mask_token.expand(n, tokens - x.shape[1], dim).to(x.dtype)
+            x = torch.gather(torch.cat([x, filler], 1), 1, order[:, :, None].expand(-1, -1, dim))
+        return self.feature(x.reshape(n, tokens * dim))
+
+
+def _init_vit(model: VisionTransformer) -> None:
+    nn.init.normal_(model.mask_token, std=VIT_INIT_STD)
+    nn.init.trunc_normal_(model.pos_embed, std=VIT_INIT_STD)
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            nn.init.trunc_normal_(mod.weight, std=VIT_INIT_STD)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+        elif isinstance(mod, nn.LayerNorm):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+
 # ----------------------------------------------------------------------------- public API
 
 def build_model(name: str, embedding_size: int = 512, dropout: float = 0.0,
@@ -245,6 +433,7 @@ def build_model(name: str, embedding_size: int = 512, dropout: float = 0.0,
     (N, embedding_size) embeddings, not L2-normalised; its output layer is sized for
     ``image_size`` square inputs (models.py --image-size counts other sizes)."""
     sized = dict(embedding_size=embedding_size, dropout=dropout, image_size=image_size)
+    name = ARCFACE_ALIASES.get(name, name)
     if name in IR_DEPTHS:
         return IResNet(IR_DEPTHS[name], **sized)
     if name in SE_DEPTHS:
@@ -253,6 +442,9 @@ def build_model(name: str, embedding_size: int = 512, dropout: float = 0.0,
         return IResNet((1, 1, 1, 1), NARROW_WIDTHS, NARROW_STRIDES, stem_stride=2, **sized)
     if name == "mobilefacenet":
         return MobileFaceNet(**sized)
+    if name in VIT_SPECS:
+        dim, depth, drop_path, mask_ratio, checkpointing = VIT_SPECS[name]
+        return VisionTransformer(dim, depth, drop_path, mask_ratio, checkpointing, **sized)
     raise ValueError(f"unknown network {name!r}; choose from {', '.join(MODEL_NAMES)}")
 
 
@@ -317,7 +509,8 @@ def load_backbone(path: str | Path, network: str | None = None,
     if embedding_size is None:
         embedding_size = run_config.get("embedding_size")
     if embedding_size is None:
-        fc = state.get("fc.weight")
+        # the IR nets' and MobileFaceNet's last linear layer, or the ViTs'
+        fc = state.get("fc.weight", state.get("feature.2.weight"))
         if not isinstance(fc, torch.Tensor) or fc.ndim != 2:
             raise CheckpointMismatchError(
                 f"{path}: no embedding size given and no fc.weight to read it from")
