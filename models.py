@@ -317,11 +317,17 @@ class ViTAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(n, tokens, 3, self.heads, dim // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).float().unbind(0)
+        q, k, v = _at_least_float32(qkv.permute(2, 0, 3, 1, 4)).unbind(0)
         with _autocast_off(x.device):
             weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
             out = (weights @ v).transpose(1, 2).reshape(n, tokens, dim)
-        return self.proj_drop(self.proj(out))
+        # back to qkv's type: what autocast would cast proj's input to anyway, and the
+        # weights' type without autocast
+        return self.proj_drop(self.proj(out.to(qkv.dtype)))
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -405,7 +411,7 @@ class VisionTransformer(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)  # activations recomputed
             else:
                 x = block(x)
-        x = self.norm(x.float())
+        x = self.norm(_at_least_float32(x))
         if masking:
             filler = self.mask_token.expand(n, tokens - x.shape[1], dim).to(x.dtype)
             x = torch.gather(torch.cat([x, filler], 1), 1, order[:, :, None].expand(-1, -1, dim))
