@@ -202,15 +202,33 @@ def test_gradient_checkpointing_changes_nothing():
         torch.testing.assert_close(g1, g2)
 
 
-def test_vit_t_forward_backward_and_autocast():
+def test_vit_t_forward_backward_and_autocast(monkeypatch):
     torch.manual_seed(0)
     model = build_model("vit_t", 32).train()
     out = model(torch.randn(2, 3, 112, 112))
     assert out.shape == (2, 32)
     out.square().mean().backward()
     assert model.mask_token.grad is not None and model.pos_embed.grad.abs().sum() > 0
+    softmax, score_types = torch.softmax, []
+
+    def recording_softmax(scores, dim):
+        score_types.append(scores.dtype)
+        return softmax(scores, dim)
+
+    monkeypatch.setattr(torch, "softmax", recording_softmax)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.isfinite(model.eval()(torch.randn(2, 3, 112, 112))).all()
+        out = model.eval()(torch.randn(2, 3, 112, 112))
+    assert torch.isfinite(out).all()
+    assert score_types == [torch.float32] * 12  # attention in float32 under autocast
+
+
+def test_vit_exports_to_onnx(tmp_path):
+    # the export its users take a model.pt to: same embeddings through onnxruntime
+    from export_onnx import export_and_verify  # onnx is heavy: only this test loads it
+
+    torch.manual_seed(0)
+    model = models.VisionTransformer(32, 1, 0.1, 0.1, embedding_size=8).eval()
+    assert export_and_verify(model, tmp_path / "vit.onnx", 1e-4, source="vit") < 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(ZOO_GMACS))
