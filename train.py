@@ -14,7 +14,7 @@ torchrun's own flags (``--nnodes 2 --node_rank 0 --rdzv_endpoint host:29500``)::
 
 With more than one process the backbone is wrapped in DistributedDataParallel and the class
 centres are sharded across ranks (``cfg.sample_rate < 1`` samples negatives: Partial FC). The
-lr is ``cfg.lr * global_batch / cfg.base_batch_size``.
+lr is ``cfg.lr * global_batch / cfg.base_batch_size`` (``cfg.lr`` itself with ``scale_lr`` off).
 
 This file reads top to bottom: the knobs (lr schedule, margin ramp, optimiser and its
 parameter groups), the model (``build_trainer``), one step (``train_step``, which
@@ -101,7 +101,10 @@ POLY_POWER = 2  # arcface_torch's PolyScheduler
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
     """Multiplier of the base lr for 0-based ``step``: linear warm-up to 1 over
-    ``warmup_steps``, then ``poly`` ((1 - progress)^2, as arcface_torch) or ``cosine``."""
+    ``warmup_steps``, then ``poly`` ((1 - progress)^2, as arcface_torch) or ``cosine``;
+    ``linear`` is arcface_torch's PolynomialLRWarmup with power 1 (linear_factor)."""
+    if kind == "linear":
+        return linear_factor(step, total_steps, warmup_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
@@ -110,7 +113,20 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
         return (1.0 - progress) ** POLY_POWER
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown scheduler {kind!r}; choose poly or cosine")
+    raise ValueError(f"unknown scheduler {kind!r}; choose poly, cosine or linear")
+
+
+def linear_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """arcface_torch's PolynomialLRWarmup (power 1) at its ``last_epoch`` = ``step``, the
+    0-based optimiser step: step / warmup_steps up to warmup_steps, then falling linearly
+    to 0 at total_steps, 0 after. Step 0 runs at the full lr, as there: its get_lr leaves
+    the optimiser's lr unchanged at last_epoch 0."""
+    if step == 0:
+        return 1.0
+    if step <= warmup_steps:
+        return step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    return max(0.0, 1.0 - (step - warmup_steps) / span)
 
 
 
@@ -204,7 +220,8 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
     if cfg.compile:
         model = torch.compile(model, mode=cfg.compile_mode)
 
-    lr = cfg.lr * cfg.batch_size * info.world_size / cfg.base_batch_size
+    lr = cfg.lr * cfg.batch_size * info.world_size / cfg.base_batch_size if cfg.scale_lr \
+        else cfg.lr  # arcface_torch applies its lr as given
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:

@@ -403,7 +403,7 @@ RESUME_MAY_CHANGE = frozenset({
     # where things are, and what is checked along the way
     "output", "val_bins", "lfw_dir", "pairs", "allow_lost_records",
     # optimiser hyperparameters: from the resumed step on
-    "lr", "base_batch_size", "momentum", "nesterov", "weight_decay", "grad_clip",
+    "lr", "base_batch_size", "scale_lr", "momentum", "nesterov", "weight_decay", "grad_clip",
     # the loss: margins and scale are plain numbers read at each step
     "margin_m", "scale_s", "margin_m1", "margin_m3", "easy_margin", "focal_gamma", "dropout",
     # the newer heads' options: read when the head is built (their running statistics are
