@@ -4,13 +4,15 @@ The config texts below are short copies of deepinsight/insightface
 recognition/arcface_torch/configs/{base.py, ms1mv3_r50.py, wf42m_pfc03_40epoch_8gpu_vit_t.py};
 the schedule's reference is its lr_scheduler.PolynomialLRWarmup.get_lr, written out here."""
 
+import json
 import logging
 
 import pytest
 import torch
+from test_train import pattern_images, write_rec
 
 from config import ConfigError, make_config, parse_config
-from train import lr_factor
+from train import lr_factor, train
 from training.arcface_torch_config import resolve_fields, to_overrides
 from utils import get_logger
 
@@ -244,3 +246,46 @@ def test_linear_schedule_is_polynomial_lr_warmup(warmup, total):
         scheduler.step()
     assert ours == pytest.approx(arcface_torch_lrs(base_lr, warmup, total, total + 3), abs=1e-12)
     assert ours[total] == pytest.approx(0.0, abs=1e-12)
+
+
+TINY_RUN = """from easydict import EasyDict as edict
+config = edict()
+config.margin_list = (1.0, 0.5, 0.0)
+config.network = "r18"
+config.embedding_size = 32
+config.fp16 = False
+config.batch_size = 4
+config.lr = 0.05
+config.rec = {rec!r}
+config.num_classes = 6
+config.num_image = 24
+config.num_epoch = 1
+config.warmup_epoch = 0
+config.val_targets = []
+config.output = {output!r}
+config.num_workers = 0
+config.seed = 5
+"""
+
+
+def test_tiny_run_from_an_arcface_torch_config(tmp_path):
+    """r18 on the CPU for one epoch of 6 steps: its lr as given, decaying linearly."""
+    folder = tmp_path / "ms1m"
+    folder.mkdir()
+    write_rec(folder / "train.rec", *pattern_images(6, 4))
+    path = tmp_path / "tiny_r18.py"
+    path.write_text(TINY_RUN.format(rec=str(folder), output=str(tmp_path / "run")))
+    cfg = make_config({"device": "cpu", "channels_last": False, "log_every": 1},
+                      config_file=path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a second thread spins on this shared machine (test_train.py)
+    try:
+        summary = train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    total = 6
+    lrs = [entry["lr"] for entry in summary["history"]]
+    assert lrs == pytest.approx([0.05 * (1 - k / total) for k in range(total)])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["network"], saved["scheduler"], saved["scale_lr"]) == ("ir18", "linear", False)
+    assert (saved["num_classes"], saved["num_image"], saved["amp"]) == (6, 24, "none")
