@@ -62,7 +62,7 @@ from arcface_loss import (
     build_head,
     clip_grad_norm_sharded,
 )
-from config import Config, build_parser, head_options, parse_config
+from config import Config, ConfigError, build_parser, head_options, parse_config
 from data_gen import FLIP_PROBABILITY
 from training.distributed import (
     DistInfo,
@@ -361,6 +361,15 @@ class Run(NamedTuple):
     val_sets: dict[str, tuple[Any, Any]]
 
 
+def check_stated_size(cfg: Config, num_classes: int, num_images: int, source: str) -> None:
+    """The training set holds the identities and images the config says (an arcface_torch
+    config's num_classes and num_image), where it says: another set is refused, not run."""
+    for name, stated, found in (("num_classes", cfg.num_classes, num_classes),
+                                ("num_image", cfg.num_image, num_images)):
+        if stated and stated != found:
+            raise ConfigError(f"{name}: the config says {stated}, {source} holds {found}", name)
+
+
 def set_up(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | None,
            overwrite: bool) -> Run:
     """Check the data, build the trainer, resume or load initial weights, decode the
@@ -380,6 +389,7 @@ def set_up(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     data_gen.check_enough_images(len(dataset), cfg.batch_size * info.world_size, source)
     num_classes = int(dataset.num_classes)
     data_gen.check_labels(dataset.labels, num_classes, source)
+    check_stated_size(cfg, num_classes, len(dataset), source)
     identities = identity_list(getattr(dataset, "classes", None), dataset.labels, num_classes)
     sampler = data_gen.ResumableBatchSampler(len(dataset), cfg.batch_size, info.world_size,
                                              info.rank, seed=cfg.seed)

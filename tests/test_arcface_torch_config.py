@@ -12,7 +12,7 @@ import torch
 from test_train import pattern_images, write_rec
 
 from config import ConfigError, make_config, parse_config
-from train import lr_factor, train
+from train import check_stated_size, lr_factor, train
 from training.arcface_torch_config import resolve_fields, to_overrides
 from utils import get_logger
 
@@ -289,3 +289,13 @@ def test_tiny_run_from_an_arcface_torch_config(tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["network"], saved["scheduler"], saved["scale_lr"]) == ("ir18", "linear", False)
     assert (saved["num_classes"], saved["num_image"], saved["amp"]) == (6, 24, "none")
+
+
+def test_stated_set_size_is_checked():
+    cfg = make_config({"num_classes": 6, "num_image": 24})
+    check_stated_size(cfg, 6, 24, "train.rec")
+    check_stated_size(make_config(), 7, 25, "train.rec")  # 0: not stated, not checked
+    with pytest.raises(ConfigError, match="num_classes: the config says 6, train.rec holds 7"):
+        check_stated_size(cfg, 7, 24, "train.rec")
+    with pytest.raises(ConfigError, match="num_image: the config says 24, train.rec holds 23"):
+        check_stated_size(cfg, 6, 23, "train.rec")

@@ -401,7 +401,7 @@ def save_training_checkpoint(trainer: Trainer, cfg: Config, step: int, epoch: in
 # change is logged.
 RESUME_MAY_CHANGE = frozenset({
     # where things are, and what is checked along the way
-    "output", "val_bins", "lfw_dir", "pairs", "allow_lost_records",
+    "output", "val_bins", "lfw_dir", "pairs", "allow_lost_records", "num_classes", "num_image",
     # optimiser hyperparameters: from the resumed step on
     "lr", "base_batch_size", "scale_lr", "momentum", "nesterov", "weight_decay", "grad_clip",
     # the loss: margins and scale are plain numbers read at each step
