@@ -171,6 +171,8 @@ def test_margin_list_to_our_head(tmp_path, margins, expected):
     "open({marker!r}, 'w').write('ran')",
     "config.lr = __import__('os').system('touch {marker}')",
     "config.lr = config.momentum",  # not set yet in this file
+    "config.lr = 9 ** 9 ** 9",  # would stall if evaluated
+    "config.output = 'x' * 10 ** 9",  # would fill the memory
 ])
 def test_code_is_refused_not_run(tmp_path, line):
     marker = tmp_path / "ran"

@@ -48,6 +48,9 @@ _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
            ast.Pow: operator.pow}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+# arithmetic is on numbers only, and powers small: `9 ** 9 ** 9` or `"x" * 10 ** 9` in a
+# config would otherwise stall or fill the memory while it is merely being read
+MAX_EXPONENT = 64
 
 
 class ArcfaceConfigError(ToolkitError, ValueError):
@@ -84,6 +87,10 @@ def _value(node: ast.expr, known: dict[str, Any], where: str) -> Any:
         return _UNARY[type(node.op)](_value(node.operand, known, where))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _value(node.left, known, where), _value(node.right, known, where)
+        if not all(isinstance(v, (int, float)) for v in (left, right)) or \
+                (isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT):
+            raise ArcfaceConfigError(f"{where}: {ast.unparse(node)!r}: only arithmetic on "
+                                     f"numbers (exponents up to {MAX_EXPONENT}) is read")
         try:
             return _BINARY[type(node.op)](left, right)
         except (TypeError, ArithmeticError) as e:
