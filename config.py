@@ -104,6 +104,7 @@ class Config:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4  # not applied to BatchNorm weights or biases
+    decay_all: bool = False  # weight decay on every parameter, norms and biases too (arcface_torch)
     scheduler: str = "poly"  # poly | cosine | linear (arcface_torch's PolynomialLRWarmup)
     warmup_epochs: float = 0.0
     epochs: int = 20

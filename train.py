@@ -151,8 +151,14 @@ def set_ramped_margin(margin: Margin, value: float, full: float | None = None) -
         margin.m = value
 
 
-def param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: weight decay for weights, none for BatchNorm scales/shifts and biases."""
+def param_groups(modules: Sequence[nn.Module], weight_decay: float, decay_all: bool = False
+                 ) -> list[dict[str, Any]]:
+    """Two groups: weight decay for weights, none for BatchNorm scales/shifts and biases;
+    ``decay_all``: one group, every parameter decayed (as arcface_torch does)."""
+    if decay_all:
+        params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}
+                      .values())
+        return [{"params": params, "weight_decay": weight_decay}]
     decay, no_decay, seen = [], [], set()
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     for module in modules:
@@ -228,7 +234,7 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
         return lr_factor(step, total_steps, warmup_steps, cfg.scheduler)
 
     backbone_optimizer, head_optimizer = (
-        build_optimizer(param_groups([module], cfg.weight_decay), cfg.optimizer, lr,
+        build_optimizer(param_groups([module], cfg.weight_decay, cfg.decay_all), cfg.optimizer, lr,
                         cfg.momentum, cfg.nesterov, fused=True) for module in (backbone, head))
     # bf16 (default) or fp16 autocast on CUDA; on the CPU bf16 only when cfg.cpu_amp
     amp_dtype = AMP_DTYPES[cfg.amp] if device.type == "cuda" else \

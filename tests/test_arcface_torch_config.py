@@ -12,7 +12,7 @@ import torch
 from test_train import pattern_images, write_rec
 
 from config import ConfigError, make_config, parse_config
-from train import check_stated_size, lr_factor, train
+from train import check_stated_size, lr_factor, param_groups, train
 from training.arcface_torch_config import resolve_fields, to_overrides
 from utils import get_logger
 
@@ -119,7 +119,7 @@ def test_ms1mv3_r50_resolves_over_base(configs):
     assert (cfg.network, cfg.head, cfg.margin_m, cfg.scale_s) == ("ir50", "arcface", 0.5, 64.0)
     assert (cfg.embedding_size, cfg.sample_rate, cfg.amp) == (512, 1.0, "fp16")
     assert (cfg.batch_size, cfg.optimizer, cfg.lr, cfg.scale_lr) == (128, "sgd", 0.2, False)
-    assert (cfg.momentum, cfg.weight_decay) == (0.9, 5e-4)
+    assert (cfg.momentum, cfg.weight_decay, cfg.decay_all) == (0.9, 5e-4, True)
     assert (cfg.epochs, cfg.warmup_epochs, cfg.scheduler) == (25, 2.0, "linear")
     assert cfg.rec == "/train_tmp/ms1m-retinaface-t1/train.rec"
     assert cfg.val_bins == [f"/train_tmp/ms1m-retinaface-t1/{n}.bin"
@@ -301,3 +301,11 @@ def test_stated_set_size_is_checked():
         check_stated_size(cfg, 7, 24, "train.rec")
     with pytest.raises(ConfigError, match="num_image: the config says 24, train.rec holds 23"):
         check_stated_size(cfg, 6, 23, "train.rec")
+
+
+def test_decay_all_puts_every_parameter_in_one_decayed_group():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    (group,) = param_groups([net, net], 0.1, decay_all=True)  # a module twice: once each
+    assert group["weight_decay"] == 0.1
+    assert {id(p) for p in group["params"]} == {id(p) for p in net.parameters()}
+    assert len(group["params"]) == len(list(net.parameters()))

@@ -423,6 +423,7 @@ RESUME_REFUSED: dict[str, str] = {
     "head": "the class centres were trained for this margin",
     "sample_rate": "Partial FC and a full head keep different state",
     "optimizer": "the saved optimiser state is this optimiser's",
+    "decay_all": "the saved optimiser state holds these parameter groups",
     "rec": "the data order is a function of the data set",
     "image_folder": "the data order is a function of the data set",
     "seed": "the data order is a function of the seed",
