@@ -1,8 +1,9 @@
 """Every default of the toolkit in one dataclass, overridable from a config file and the CLI.
 
 Precedence, lowest to highest: the dataclass defaults, a named preset (``--preset demo``),
-a config file (``--config my.json`` or ``--config my.py`` defining a dict ``config``), then
-individual flags (``--lr 0.05``). Every script builds its parser with :func:`build_parser`
+a config file (``--config my.json``, ``--config my.py`` defining a dict ``config``, or an
+InsightFace arcface_torch config, read without running it: training/arcface_torch_config.py),
+then individual flags (``--lr 0.05``). Every script builds its parser with :func:`build_parser`
 and gets its settings from :func:`parse_config`, then prints and saves what it used.
 """
 
@@ -21,6 +22,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from training.arcface_torch_config import (
+    ArcfaceConfigError,
+    load_arcface_torch_config,
+    looks_like_arcface_torch,
+)
 from utils import ToolkitError, add_debug_flag, atomic_write_text, get_device, unsupported_device
 
 
@@ -49,7 +55,7 @@ HEAD_NAMES = ("arcface", "cosface", "combined", "adaface", "curricularface", "ma
 MAX_ANGLE_MARGIN = math.pi / 2  # ArcFace's m, the combined margin's m2 (exclusive)
 MAX_COSINE_MARGIN = 1.0  # CosFace's m (exclusive); the combined m3 stays below cos(m2)
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("poly", "cosine")
+SCHEDULERS = ("poly", "cosine", "linear")
 AMP_MODES = ("bf16", "fp16", "none")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -95,11 +101,13 @@ class Config:
     batch_size: int = 128  # per device
     lr: float = 0.1  # for a global batch of base_batch_size, scaled linearly
     base_batch_size: int = 512  # the global batch that lr is given for
+    scale_lr: bool = True  # lr * global batch / base_batch_size; off: lr as given (arcface_torch)
     optimizer: str = "sgd"  # sgd | adamw
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4  # not applied to BatchNorm weights or biases
-    scheduler: str = "poly"  # poly | cosine
+    decay_all: bool = False  # weight decay on every parameter, norms and biases too (arcface_torch)
+    scheduler: str = "poly"  # poly | cosine | linear (arcface_torch's PolynomialLRWarmup)
     warmup_epochs: float = 0.0
     epochs: int = 20
     grad_clip: float = 5.0  # max gradient norm; 0 disables
@@ -126,6 +134,9 @@ class Config:
     verify_every: int = 2000  # steps between verification on val_bins (0: none)
     log_every: int = 50  # steps between logged values (0: only the first and last step)
     max_steps: int = 0  # stop after this many steps in total (0 = run all epochs)
+    # what an arcface_torch config says its training set holds, recorded with the run
+    num_classes: int = 0  # identities the training set should hold (0: not stated)
+    num_image: int = 0  # images the training set should hold (0: not stated)
 
     def __post_init__(self) -> None:
         """Refuse a value of the wrong type or out of range, naming the field, before any
@@ -196,7 +207,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     *((name, lambda v: v >= 0, ">= 0") for name in (
         "save_every", "verify_every", "log_every", "max_steps", "num_workers", "margin_m",
         "margin_m3", "momentum", "weight_decay", "grad_clip", "warmup_epochs", "margin_warmup",
-        "focal_gamma")),
+        "focal_gamma", "num_classes", "num_image")),
     # a fraction of all steps: beyond 1 the margin would never reach margin_m
     ("margin_warmup", lambda v: v <= 1, "<= 1 (a fraction of all steps)"),
     # at 1 SGD's velocity never decays: every past gradient counts forever (AdamW ignores it)
@@ -372,7 +383,8 @@ def build_parser(description: str = "", add_help: bool = True,
     group.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="named config applied over the defaults")
     group.add_argument("--config", default=None,
-                       help="JSON file, or Python file defining a dict `config`")
+                       help="JSON file, Python file defining a dict `config`, or an "
+                       "arcface_torch config (configs/ms1mv3_r50.py)")
     hints = get_type_hints(Config)
     comments = _field_comments()
     for f in fields(Config):
@@ -397,10 +409,16 @@ def build_parser(description: str = "", add_help: bool = True,
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read overrides from a JSON file or a Python file that defines ``config = dict(...)``."""
+    """Read overrides from a JSON file, a Python file that defines ``config = dict(...)``, or
+    an arcface_torch config (``config.<field> = value`` lines), parsed, never run."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix == ".py" and looks_like_arcface_torch(path):
+        try:
+            return load_arcface_torch_config(path)
+        except ArcfaceConfigError as e:
+            raise ConfigError(str(e)) from None
     if path.suffix == ".py":
         try:
             values = runpy.run_path(str(path)).get("config")

@@ -14,7 +14,7 @@ torchrun's own flags (``--nnodes 2 --node_rank 0 --rdzv_endpoint host:29500``)::
 
 With more than one process the backbone is wrapped in DistributedDataParallel and the class
 centres are sharded across ranks (``cfg.sample_rate < 1`` samples negatives: Partial FC). The
-lr is ``cfg.lr * global_batch / cfg.base_batch_size``.
+lr is ``cfg.lr * global_batch / cfg.base_batch_size`` (``cfg.lr`` itself with ``scale_lr`` off).
 
 This file reads top to bottom: the knobs (lr schedule, margin ramp, optimiser and its
 parameter groups), the model (``build_trainer``), one step (``train_step``, which
@@ -62,7 +62,7 @@ from arcface_loss import (
     build_head,
     clip_grad_norm_sharded,
 )
-from config import Config, build_parser, head_options, parse_config
+from config import Config, ConfigError, build_parser, head_options, parse_config
 from data_gen import FLIP_PROBABILITY
 from training.distributed import (
     DistInfo,
@@ -101,7 +101,10 @@ POLY_POWER = 2  # arcface_torch's PolyScheduler
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
     """Multiplier of the base lr for 0-based ``step``: linear warm-up to 1 over
-    ``warmup_steps``, then ``poly`` ((1 - progress)^2, as arcface_torch) or ``cosine``."""
+    ``warmup_steps``, then ``poly`` ((1 - progress)^2, as arcface_torch) or ``cosine``;
+    ``linear`` is arcface_torch's PolynomialLRWarmup with power 1 (linear_factor)."""
+    if kind == "linear":
+        return linear_factor(step, total_steps, warmup_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
@@ -110,7 +113,20 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
         return (1.0 - progress) ** POLY_POWER
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown scheduler {kind!r}; choose poly or cosine")
+    raise ValueError(f"unknown scheduler {kind!r}; choose poly, cosine or linear")
+
+
+def linear_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """arcface_torch's PolynomialLRWarmup (power 1) at its ``last_epoch`` = ``step``, the
+    0-based optimiser step: step / warmup_steps up to warmup_steps, then falling linearly
+    to 0 at total_steps, 0 after. Step 0 runs at the full lr, as there: its get_lr leaves
+    the optimiser's lr unchanged at last_epoch 0."""
+    if step == 0:
+        return 1.0
+    if step <= warmup_steps:
+        return step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    return max(0.0, 1.0 - (step - warmup_steps) / span)
 
 
 
@@ -135,8 +151,14 @@ def set_ramped_margin(margin: Margin, value: float, full: float | None = None) -
         margin.m = value
 
 
-def param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: weight decay for weights, none for BatchNorm scales/shifts and biases."""
+def param_groups(modules: Sequence[nn.Module], weight_decay: float, decay_all: bool = False
+                 ) -> list[dict[str, Any]]:
+    """Two groups: weight decay for weights, none for BatchNorm scales/shifts and biases;
+    ``decay_all``: one group, every parameter decayed (as arcface_torch does)."""
+    if decay_all:
+        params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}
+                      .values())
+        return [{"params": params, "weight_decay": weight_decay}]
     decay, no_decay, seen = [], [], set()
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     for module in modules:
@@ -204,14 +226,15 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
     if cfg.compile:
         model = torch.compile(model, mode=cfg.compile_mode)
 
-    lr = cfg.lr * cfg.batch_size * info.world_size / cfg.base_batch_size
+    lr = cfg.lr * cfg.batch_size * info.world_size / cfg.base_batch_size if cfg.scale_lr \
+        else cfg.lr  # arcface_torch applies its lr as given
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, warmup_steps, cfg.scheduler)
 
     backbone_optimizer, head_optimizer = (
-        build_optimizer(param_groups([module], cfg.weight_decay), cfg.optimizer, lr,
+        build_optimizer(param_groups([module], cfg.weight_decay, cfg.decay_all), cfg.optimizer, lr,
                         cfg.momentum, cfg.nesterov, fused=True) for module in (backbone, head))
     # bf16 (default) or fp16 autocast on CUDA; on the CPU bf16 only when cfg.cpu_amp
     amp_dtype = AMP_DTYPES[cfg.amp] if device.type == "cuda" else \
@@ -344,6 +367,15 @@ class Run(NamedTuple):
     val_sets: dict[str, tuple[Any, Any]]
 
 
+def check_stated_size(cfg: Config, num_classes: int, num_images: int, source: str) -> None:
+    """The training set holds the identities and images the config says (an arcface_torch
+    config's num_classes and num_image), where it says: another set is refused, not run."""
+    for name, stated, found in (("num_classes", cfg.num_classes, num_classes),
+                                ("num_image", cfg.num_image, num_images)):
+        if stated and stated != found:
+            raise ConfigError(f"{name}: the config says {stated}, {source} holds {found}", name)
+
+
 def set_up(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | None,
            overwrite: bool) -> Run:
     """Check the data, build the trainer, resume or load initial weights, decode the
@@ -363,6 +395,7 @@ def set_up(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     data_gen.check_enough_images(len(dataset), cfg.batch_size * info.world_size, source)
     num_classes = int(dataset.num_classes)
     data_gen.check_labels(dataset.labels, num_classes, source)
+    check_stated_size(cfg, num_classes, len(dataset), source)
     identities = identity_list(getattr(dataset, "classes", None), dataset.labels, num_classes)
     sampler = data_gen.ResumableBatchSampler(len(dataset), cfg.batch_size, info.world_size,
                                              info.rank, seed=cfg.seed)

@@ -401,9 +401,9 @@ def save_training_checkpoint(trainer: Trainer, cfg: Config, step: int, epoch: in
 # change is logged.
 RESUME_MAY_CHANGE = frozenset({
     # where things are, and what is checked along the way
-    "output", "val_bins", "lfw_dir", "pairs", "allow_lost_records",
+    "output", "val_bins", "lfw_dir", "pairs", "allow_lost_records", "num_classes", "num_image",
     # optimiser hyperparameters: from the resumed step on
-    "lr", "base_batch_size", "momentum", "nesterov", "weight_decay", "grad_clip",
+    "lr", "base_batch_size", "scale_lr", "momentum", "nesterov", "weight_decay", "grad_clip",
     # the loss: margins and scale are plain numbers read at each step
     "margin_m", "scale_s", "margin_m1", "margin_m3", "easy_margin", "focal_gamma", "dropout",
     # the newer heads' options: read when the head is built (their running statistics are
@@ -423,6 +423,7 @@ RESUME_REFUSED: dict[str, str] = {
     "head": "the class centres were trained for this margin",
     "sample_rate": "Partial FC and a full head keep different state",
     "optimizer": "the saved optimiser state is this optimiser's",
+    "decay_all": "the saved optimiser state holds these parameter groups",
     "rec": "the data order is a function of the data set",
     "image_folder": "the data order is a function of the data set",
     "seed": "the data order is a function of the seed",
