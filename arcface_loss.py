@@ -704,12 +704,14 @@ class _ShardedSoftmaxLoss(torch.autograd.Function):
 
 
 def clip_grad_norm_sharded(replicated, sharded, max_norm: float, group=None,
-                           all_reduce_sum_=None) -> torch.Tensor:
+                           all_reduce_sum_=None, clip_sharded: bool = True) -> torch.Tensor:
     """Clip all gradients to one global L2 norm ``max_norm`` (inf: only measure it) and return
     that norm before clipping, without a host sync. ``replicated`` gradients are equal on
     every rank (a DDP backbone after its all-reduce); ``sharded`` ones (a head's shard of
     centres) differ, so their squared norm is summed over ranks: with ``all_reduce_sum_``
-    when given, else an all-reduce over ``group``. Multi-tensor kernels, not one per tensor."""
+    when given, else an all-reduce over ``group``. Multi-tensor kernels, not one per tensor.
+    ``clip_sharded`` False clips the replicated gradients by their own norm and leaves the
+    sharded ones as they are (arcface_torch's recipe); the global norm is still returned."""
     rep = [p for p in replicated if p.grad is not None]
     shard = [p for p in sharded if p.grad is not None]
     if not rep and not shard:
@@ -722,7 +724,10 @@ def clip_grad_norm_sharded(replicated, sharded, max_norm: float, group=None,
     shard_sq = squared_norm(shard).clone()  # reduced in place
     shard_sq = all_reduce_sum_(shard_sq) if all_reduce_sum_ is not None \
         else _all_reduce(shard_sq, dist.ReduceOp.SUM, group)
-    norm = (squared_norm(rep) + shard_sq).sqrt()
-    if math.isfinite(max_norm):
+    rep_sq = squared_norm(rep)
+    norm = (rep_sq + shard_sq).sqrt()
+    if math.isfinite(max_norm) and clip_sharded:
         clip_grads_with_norm_(rep + shard, max_norm, norm)  # takes the parameters
+    elif math.isfinite(max_norm) and rep:
+        clip_grads_with_norm_(rep, max_norm, rep_sq.sqrt())
     return norm

@@ -111,6 +111,7 @@ class Config:
     warmup_epochs: float = 0.0
     epochs: int = 20
     grad_clip: float = 5.0  # max gradient norm; 0 disables
+    clip_head: bool = True  # one norm over backbone + head; False: backbone only (arcface_torch)
 
     # --- runtime
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:1

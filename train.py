@@ -247,7 +247,7 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
                    sched_backbone=torch.optim.lr_scheduler.LambdaLR(backbone_optimizer, factor),
                    sched_head=torch.optim.lr_scheduler.LambdaLR(head_optimizer, factor),
                    scaler=scaler, amp_dtype=amp_dtype, channels_last=cfg.channels_last,
-                   grad_clip=cfg.grad_clip, info=info)
+                   grad_clip=cfg.grad_clip, info=info, clip_head=cfg.clip_head)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -298,10 +298,12 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
     if trainer.scaler.is_enabled():
         agree_on_overflow(trainer.scaler, optimizers, trainer.reduce_sum)
     # One global norm over the backbone (equal on all ranks after DDP) and every rank's
-    # shard of centres; with max_norm inf it only measures the norm.
+    # shard of centres, reported whatever is clipped; with max_norm inf it only measures
+    # it. clip_head False bounds the backbone's own norm only, as arcface_torch does.
     grad_norm = clip_grad_norm_sharded(trainer.backbone_params, trainer.head_params,
                                        trainer.grad_clip if trainer.grad_clip > 0 else math.inf,
-                                       all_reduce_sum_=trainer.reduce_sum)
+                                       all_reduce_sum_=trainer.reduce_sum,
+                                       clip_sharded=trainer.clip_head)
     for opt in optimizers:
         trainer.scaler.step(opt)  # under fp16 skipped, on every rank, when a gradient overflowed
     trainer.scaler.update()

@@ -121,6 +121,7 @@ def test_ms1mv3_r50_resolves_over_base(configs):
     assert (cfg.batch_size, cfg.optimizer, cfg.lr, cfg.scale_lr) == (128, "sgd", 0.2, False)
     assert (cfg.momentum, cfg.weight_decay, cfg.decay_all) == (0.9, 5e-4, True)
     assert (cfg.epochs, cfg.warmup_epochs, cfg.scheduler) == (25, 2.0, "linear")
+    assert (cfg.grad_clip, cfg.clip_head) == (5.0, False)  # its backbone-only clipping
     assert cfg.rec == "/train_tmp/ms1m-retinaface-t1/train.rec"
     assert cfg.val_bins == [f"/train_tmp/ms1m-retinaface-t1/{n}.bin"
                             for n in ("lfw", "cfp_fp", "agedb_30")]

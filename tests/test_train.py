@@ -7,6 +7,7 @@ dmlc layout (not recordio.py), so the trainer is checked against the format itse
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pickle
@@ -261,6 +262,47 @@ def test_global_gradient_clipping_counts_every_shard():
     scale = 1.0 / (expected + 1e-6)
     torch.testing.assert_close(a.grad, torch.full((3,), 2.0 * scale))
     torch.testing.assert_close(c.grad, torch.full((5,), scale))
+
+
+
+HEAD_ONLY_CLIP = 0.01  # far below both gradients' norms: every clipping choice acts
+
+
+def _clip_step(clip_head: bool) -> tuple[train.Trainer, dict[str, torch.Tensor], float]:
+    """One SGD step of a tiny trainer, and the step written out as arcface_torch takes it:
+    clip_grad_norm_ on the backbone's parameters only, then plain SGD on both modules.
+    Returns the trainer, the reference's parameters and the reference head's grad norm."""
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = make_config({**TINY, "momentum": 0.0, "weight_decay": 0.0,
+                       "grad_clip": HEAD_ONLY_CLIP, "clip_head": clip_head})
+    trainer = train.build_trainer(cfg, 5, info, total_steps=10, steps_per_epoch=5)
+    backbone, head = copy.deepcopy(trainer.backbone), copy.deepcopy(trainer.head)
+    lr = trainer.opt_backbone.param_groups[0]["lr"]
+    images = torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 4])
+    torch.manual_seed(5)  # the same flips in both
+    train.train_step(trainer, images, labels)
+
+    torch.manual_seed(5)
+    loss, _ = head(backbone(train.random_flip(images)).float(), labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(backbone.parameters(), HEAD_ONLY_CLIP)
+    head_norm = torch.linalg.vector_norm(head.weight.grad).item()
+    torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=lr).step()
+    reference = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+                 **{f"head.{k}": v for k, v in head.state_dict().items()}}
+    return trainer, reference, head_norm
+
+
+def test_clip_head_false_clips_the_backbone_only_as_arcface_torch():
+    trainer, reference, head_norm = _clip_step(clip_head=False)
+    ours = {**{f"backbone.{k}": v for k, v in trainer.backbone.state_dict().items()},
+            **{f"head.{k}": v for k, v in trainer.head.state_dict().items()}}
+    torch.testing.assert_close(ours, reference)
+    # the head's gradient is far above the bound, so one global clip scales it down
+    assert head_norm > 10 * HEAD_ONLY_CLIP
+    global_clip, _, _ = _clip_step(clip_head=True)
+    assert not torch.allclose(global_clip.head.weight, trainer.head.weight)
 
 
 def test_non_finite_weights_are_found_in_any_module():

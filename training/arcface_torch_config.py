@@ -177,8 +177,8 @@ def _check_unsupported(fields: dict[str, Any], where: str) -> None:
 
 def to_overrides(fields: dict[str, Any], where: str) -> dict[str, Any]:
     """arcface_torch's fields as Config overrides: its lr applied as given (no rescaling),
-    its linear warm-up and decay, its weight decay on every parameter, fp16 autocast when it
-    asks for fp16 (fp32 otherwise)."""
+    its linear warm-up and decay, its weight decay on every parameter, its clipping of the
+    backbone only, fp16 autocast when it asks for fp16 (fp32 otherwise)."""
     known = {*SAME_MEANING, *SWITCHED_OFF_HERE, *DROPPED, *(n for n, _, _ in ONLY_INERT),
              "margin_list", "network", "fp16", "rec", "val_targets", "output"}
     unknown = sorted(set(fields) - known)
@@ -187,7 +187,8 @@ def to_overrides(fields: dict[str, Any], where: str) -> dict[str, Any]:
                                  f"{', '.join(unknown)}")
     _check_unsupported(fields, where)
     out = {ours: fields[theirs] for theirs, ours in SAME_MEANING.items() if theirs in fields}
-    out.update(scale_s=ARCFACE_SCALE, scale_lr=False, scheduler="linear", decay_all=True)
+    out.update(scale_s=ARCFACE_SCALE, scale_lr=False, scheduler="linear", decay_all=True,
+               clip_head=False)
     if "margin_list" in fields:
         out.update(_margins(fields["margin_list"], where))
     if "network" in fields:

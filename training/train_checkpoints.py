@@ -404,6 +404,7 @@ RESUME_MAY_CHANGE = frozenset({
     "output", "val_bins", "lfw_dir", "pairs", "allow_lost_records", "num_classes", "num_image",
     # optimiser hyperparameters: from the resumed step on
     "lr", "base_batch_size", "scale_lr", "momentum", "nesterov", "weight_decay", "grad_clip",
+    "clip_head",
     # the loss: margins and scale are plain numbers read at each step
     "margin_m", "scale_s", "margin_m1", "margin_m3", "easy_margin", "focal_gamma", "dropout",
     # the newer heads' options: read when the head is built (their running statistics are

@@ -51,6 +51,7 @@ class Trainer:
     channels_last: bool
     grad_clip: float
     info: DistInfo
+    clip_head: bool = True  # False: grad_clip bounds the backbone's gradient only
     # what the step's gradient clipping walks, listed once (load_state_dict keeps them)
     backbone_params: list[nn.Parameter] = field(init=False, repr=False)
     head_params: list[nn.Parameter] = field(init=False, repr=False)
