@@ -347,7 +347,11 @@ def train(cfg: Config, resume: bool = False, init_checkpoint: str | None = None,
         # refused before anything is written: a run still training, a file, another run
         with claim_run_folder(cfg, info, init_checkpoint):
             check_output_folder(Path(cfg.output), resume, overwrite)
-            return _train(cfg, info, resume, init_checkpoint, overwrite)
+            summary = _train(cfg, info, resume, init_checkpoint, overwrite)
+        # no rank tears its process group down while another still uses it (a gloo rank
+        # that did so aborted at exit now and then on a loaded machine)
+        barrier(info)
+        return summary
     finally:
         cleanup_distributed()
 
