@@ -2,15 +2,14 @@
 head on 2 gloo processes against a single-process float64 computation."""
 
 import math
-import socket
 from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from distributed_testlib import run_ranks
 
 from arcface_loss import (
     AddMarginProduct,
@@ -257,20 +256,9 @@ def _worker(rank, port, results):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results():
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(_worker, args=(_free_port(), results), nprocs=WORLD,
-                           start_method="spawn")
-        return [results[r] for r in range(WORLD)]
+    return run_ranks(_worker, WORLD)
 
 
 def _check_against_reference(results, case, ref):

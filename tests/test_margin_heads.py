@@ -3,14 +3,13 @@ float64 here: logits and loss, batch statistics carried over two steps, a state-
 the numerical traps, and 1 process against 2 gloo ranks with sharded centres (Partial FC on)."""
 
 import math
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from distributed_testlib import run_ranks
 
 from arcface_loss import build_head, magface_lambda_bound
 
@@ -299,20 +298,9 @@ def _sharded_worker(rank, port, results):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks():
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(_sharded_worker, args=(_free_port(), results), nprocs=WORLD,
-                           start_method="spawn")
-        return [results[r] for r in range(WORLD)]
+    return run_ranks(_sharded_worker, WORLD)
 
 
 @pytest.mark.slow  # two spawned gloo processes

@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 import recordio_testlib
 import torch
 import torch.nn.functional as F
+from distributed_testlib import free_port
 
 import data_gen
 import train
@@ -156,12 +156,6 @@ def weights(output: Path) -> dict[str, torch.Tensor]:
         shard = load_checkpoint(output / f"checkpoint_rank{rank}_step{ckpt['step']}.pt")
         out[f"head{rank}.weight"] = shard["head"]["weight"]
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_script(args: list[str], env_extra: dict[str, str] | None = None,
