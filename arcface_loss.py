@@ -38,6 +38,7 @@ from config import (
     HeadConfigError,
     check_head_options,
 )
+from training.distributed import shard_range  # beside the process group: checkpoints need no loss
 
 # cos is clamped this far inside [-1, 1] before acos: d/dx acos(x) is infinite at +-1.
 ACOS_EPS = 1e-6
@@ -411,16 +412,6 @@ def _dist_info(group=None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(group), dist.get_rank(group)
     return 1, 0
-
-
-def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """The contiguous class range [start, end) held by ``rank``: C // world classes each, the
-    first C % world ranks one more."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside a world of {world_size}")
-    base, extra = divmod(num_classes, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 class ShardedMarginSoftmax(nn.Module):

@@ -64,6 +64,7 @@ from arcface_loss import (
 )
 from config import Config, ConfigError, build_parser, head_options, parse_config
 from data_gen import FLIP_PROBABILITY
+from training.arcface_torch_checkpoint import holds_arcface_torch_run, resume_arcface_torch
 from training.distributed import (
     DistInfo,
     all_reduce_min_,
@@ -410,7 +411,10 @@ def set_up(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     trainer = build_trainer(cfg, num_classes, info, total_steps, sampler.batches_per_epoch)
     step, saved = 0, SavedSteps()
     logs: dict[str, list[dict[str, float]]] = {"history": [], "verification": []}
-    if resume:
+    if resume and holds_arcface_torch_run(Path(cfg.output)):
+        step, _, saved = resume_arcface_torch(trainer, cfg, num_classes, total_steps,
+                                              sampler.batches_per_epoch)
+    elif resume:
         step, saved_logs, saved = resume_training(trainer, cfg, num_classes, len(dataset),
                                                   identities)
         logs.update(saved_logs)
@@ -568,7 +572,8 @@ def build_arg_parser():
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--resume", action="store_true",
                         help="continue exactly from <output>/checkpoint.pt (or, when that is "
-                             "damaged, checkpoint.prev.pt)")
+                             "damaged, checkpoint.prev.pt); or continue the run arcface_torch "
+                             "saved there (its checkpoint_gpu_<rank>.pt files)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in an --output that holds a run, deleting its "
                              "checkpoints, config, curves and TensorBoard logs")

@@ -93,3 +93,13 @@ def all_ranks_true(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([0.0 if flag else 1.0], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return bool(t.item() == 0.0)
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The contiguous class range [start, end) held by ``rank``: C // world classes each, the
+    first C % world ranks one more (arcface_loss's sharded head; its Partial FC cuts alike)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)

@@ -37,9 +37,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from arcface_loss import shard_range
 from config import Config
-from training.distributed import DistInfo, all_ranks_true
+from training.distributed import DistInfo, all_ranks_true, shard_range
 from training.trainer import NonFiniteLossError, Trainer, rng_state, set_rng_state
 from utils import (
     CONFIG_FILE,
@@ -69,6 +68,8 @@ CURVES_NAME = "training_curves.png"
 TENSORBOARD_NAME = "tensorboard"  # the folder of TensorBoard event files
 HEAD_FILE_PATTERN = "checkpoint_rank*_step*.pt"
 _HEAD_RE = re.compile(r"checkpoint_rank(\d+)_step(\d+)\.pt$")
+# the per-rank files of a run InsightFace's arcface_torch saved (arcface_torch_checkpoint.py)
+ARCFACE_TORCH_PATTERN = "checkpoint_gpu_*.pt"
 # The files a run writes into its output folder (besides the per-rank head files)
 RUN_FILE_NAMES = (CONFIG_FILE, CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, BACKBONE_NAME,
                   CURVES_NAME, TENSORBOARD_NAME)
@@ -120,15 +121,17 @@ def run_files(output: Path) -> list[Path]:
 def check_output_folder(output: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an --output this run cannot use, before anything is written: a file; a
     folder holding another run unless resuming it or --overwrite; --resume without a
-    checkpoint. Reads only, on every rank (each must refuse alike)."""
+    checkpoint (ours or arcface_torch's). Reads only, on every rank (each must refuse
+    alike)."""
     if output.exists() and not output.is_dir():
         raise OutputFolderError(f"--output {output}: is a file, not a folder")
     if resume:
         if not any((output / name).is_file()
-                   for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME)):
+                   for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME)) \
+                and not any(output.glob(ARCFACE_TORCH_PATTERN)):
             raise ResumeError(f"--resume: no checkpoint to resume at {output / CHECKPOINT_NAME}")
         return
-    found = run_files(output)
+    found = run_files(output) + sorted(output.glob(ARCFACE_TORCH_PATTERN))
     if found and not overwrite:
         raise OutputFolderError(
             f"{output} already holds a run ({', '.join(p.name for p in found)}); continue it "
