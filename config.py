@@ -46,7 +46,7 @@ class ConfigError(ToolkitError, ValueError):
 NETWORK_NAMES = ("ir18", "ir34", "ir50", "ir100", "ir200", "ir_se50", "ir_se100", "mobilefacenet",
                  "ir_narrow", "vit_t", "vit_t_dp005_mask0", "vit_s", "vit_s_dp005_mask_0",
                  "vit_b", "vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h",
-                 "r18", "r34", "r50", "r100", "r200")
+                 "r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large")
 HEAD_NAMES = ("arcface", "cosface", "combined", "adaface", "curricularface", "magface",
               "elasticface-arc", "elasticface-cos")
 # The largest margins a head can learn with: the target class's cosine at theta = 0, its

@@ -1,11 +1,13 @@
 """Face-recognition backbones: IR-ResNet (ArcFace's "improved residual" nets), IR-SE,
-MobileFaceNet and arcface_torch's face ViTs (vit_t ... vit_h), all mapping a normalised
+MobileFaceNet, arcface_torch's face ViTs (vit_t ... vit_h) and its MobileFaceNets (mbf,
+mbf_large), all mapping a normalised
 (N, 3, 112, 112) RGB batch to (N, E) embeddings.
 
 The IR-ResNet module and parameter names follow InsightFace's arcface_torch ``iresnet``
 (``conv1``, ``layer1.0.bn1``, ..., ``fc``, ``features``), so its released backbone state dicts
 load into ``ir18`` .. ``ir200`` directly (its names ``r18`` .. ``r200`` are accepted too), and
-so do its ViTs' (``patch_embed``, ``blocks.0.attn.qkv``, ..., ``feature``). Usage::
+so do its ViTs' (``patch_embed``, ``blocks.0.attn.qkv``, ..., ``feature``) and its mbf's
+(``layers.0.layers.0``, ..., ``conv_sep``, ``features.layers``). Usage::
 
     python models.py --network ir50            # parameters and forward GFLOPs at 112x112
 """
@@ -73,14 +75,23 @@ VIT_SPECS: dict[str, tuple[int, int, float, float, bool]] = {
     "vit_l_dp005_mask_005": (768, 24, 0.05, 0.05, True),
     "vit_h": (1024, 48, 0.1, 0.0, True),
 }
+# arcface_torch's MobileFaceNet (ArcfaceMobileFaceNet)
+# name: (blocks of its four residual stages, width scale), as its get_mbf / get_mbf_large
+MBF_SPECS: dict[str, tuple[tuple[int, int, int, int], int]] = {
+    "mbf": ((1, 4, 6, 2), 2), "mbf_large": ((2, 8, 12, 4), 4)}
+MBF_BASE_WIDTHS = (64, 128)  # its two channel counts before the scale
+MBF_FIRST_GROUPS = 64  # groups of its second conv when its first stage has one block
+# the inner width of each stage's depthwise convs (its "groups"), whatever the scale
+MBF_DOWN_WIDTHS = (128, 256, 512)  # of the three stride-2 blocks
+MBF_STAGE_WIDTHS = (128, 128, 256, 256)  # of the four residual stages
 # arcface_torch's get_model names for the IR-ResNets we build with its module names (its
-# mbf is another MobileFaceNet layout, so it has no alias here)
+# mbf and mbf_large, another MobileFaceNet layout than ours, are ArcfaceMobileFaceNet)
 ARCFACE_ALIASES = {"r18": "ir18", "r34": "ir34", "r50": "ir50", "r100": "ir100",
                    "r200": "ir200"}
 # config.NETWORK_NAMES spells these out so that reading a config needs no torch;
 # tests/test_config.py keeps the two equal
 MODEL_NAMES: tuple[str, ...] = (*IR_DEPTHS, *SE_DEPTHS, "mobilefacenet", "ir_narrow",
-                                *VIT_SPECS, *ARCFACE_ALIASES)
+                                *VIT_SPECS, *ARCFACE_ALIASES, *MBF_SPECS)
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
@@ -255,6 +266,86 @@ class MobileFaceNet(nn.Module):
         # The GDConv's kernel covers the whole last map, so its output is (N, 512, 1, 1).
         x = torch.flatten(self.body(x), 1)
         return self.features(self.fc(self.dropout(x)))
+
+
+# arcface_torch's MobileFaceNet (backbones/mobilefacenet.py, after cavaface): another layout
+# than the paper's above, built under its module names so its model.pt loads strictly.
+
+
+class Layers(nn.Module):
+    """A ``layers`` Sequential, the wrapper arcface_torch's MobileFaceNet puts around each
+    block (its state-dict keys run through it), plus the input when ``residual``."""
+
+    def __init__(self, *modules: nn.Module, residual: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*modules)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(x)
+        return x + out if self.residual else out
+
+
+def _mbf_conv(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1,
+              linear: bool = False, padding: int | None = None) -> Layers:
+    """Its ConvBlock (conv-BN-PReLU) or, ``linear``, its LinearBlock (conv-BN)."""
+    return Layers(*ConvBlock(cin, cout, kernel, stride, groups, linear, padding))
+
+
+def _mbf_depthwise(cin: int, cout: int, hidden: int, stride: int = 1,
+                   residual: bool = False) -> Layers:
+    """Its DepthWise: 1x1 to ``hidden``, depthwise 3x3 (``stride``), linear 1x1 to ``cout``."""
+    return Layers(_mbf_conv(cin, hidden), _mbf_conv(hidden, hidden, 3, stride, groups=hidden),
+                  _mbf_conv(hidden, cout, linear=True), residual=residual)
+
+
+def _mbf_stage(channels: int, blocks: int, hidden: int) -> Layers:
+    """Its Residual: ``blocks`` residual DepthWise blocks."""
+    return Layers(*(_mbf_depthwise(channels, channels, hidden, residual=True)
+                    for _ in range(blocks)))
+
+
+class ArcfaceMobileFaceNet(nn.Module):
+    """arcface_torch's ``mbf`` / ``mbf_large``: conv3x3/2, a depthwise conv (or a residual
+    stage), then three times a stride-2 DepthWise block and a residual stage, a 1x1 conv to
+    512, and the GDC head: a linear global depthwise conv, flatten, (dropout, 0 there),
+    Linear(512, E), BN1d. As there, the 1x1 conv and the head run in float32 under fp16
+    autocast."""
+
+    def __init__(self, blocks: Sequence[int], scale: int, embedding_size: int = 512,
+                 dropout: float = 0.0, image_size: int = IMAGE_SIZE) -> None:
+        super().__init__()
+        narrow, wide = (width * scale for width in MBF_BASE_WIDTHS)
+        first = _mbf_conv(narrow, narrow, 3, groups=MBF_FIRST_GROUPS) if blocks[0] == 1 \
+            else _mbf_stage(narrow, blocks[0], MBF_STAGE_WIDTHS[0])
+        self.layers = nn.ModuleList([_mbf_conv(3, narrow, 3, 2), first])
+        cin = narrow
+        for cout, down, stage, hidden in zip((narrow, wide, wide), MBF_DOWN_WIDTHS, blocks[1:],
+                                             MBF_STAGE_WIDTHS[1:], strict=True):
+            self.layers.extend([_mbf_depthwise(cin, cout, down, 2),
+                                _mbf_stage(cout, stage, hidden)])
+            cin = cout
+        self.conv_sep = _mbf_conv(cin, MOBILEFACENET_WIDTH)
+        size = image_size
+        for _ in range(len(MBF_DOWN_WIDTHS) + 1):  # the stem and the three stride-2 blocks
+            size = _out_size(size, 2)
+        # its Flatten holds no weights: the dropout joins it without moving a key
+        self.features = Layers(
+            _mbf_conv(MOBILEFACENET_WIDTH, MOBILEFACENET_WIDTH, size,
+                      groups=MOBILEFACENET_WIDTH, linear=True, padding=0),
+            nn.Sequential(nn.Flatten(), nn.Dropout(dropout)),
+            nn.Linear(MOBILEFACENET_WIDTH, embedding_size, bias=False),
+            nn.BatchNorm1d(embedding_size, eps=BN_EPS))
+        _init_weights(self)
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):  # as it initialises its linear layer
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        with _autocast_off(x.device):
+            return self.features(self.conv_sep(_at_least_float32(x)))
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -449,6 +540,8 @@ def build_model(name: str, embedding_size: int = 512, dropout: float = 0.0,
         return IResNet((1, 1, 1, 1), NARROW_WIDTHS, NARROW_STRIDES, stem_stride=2, **sized)
     if name == "mobilefacenet":
         return MobileFaceNet(**sized)
+    if name in MBF_SPECS:
+        return ArcfaceMobileFaceNet(*MBF_SPECS[name], **sized)
     if name in VIT_SPECS:
         dim, depth, drop_path, mask_ratio, checkpointing = VIT_SPECS[name]
         return VisionTransformer(dim, depth, drop_path, mask_ratio, checkpointing, **sized)
@@ -516,8 +609,9 @@ def load_backbone(path: str | Path, network: str | None = None,
     if embedding_size is None:
         embedding_size = run_config.get("embedding_size")
     if embedding_size is None:
-        # the IR nets' and MobileFaceNet's last linear layer, or the ViTs'
-        fc = state.get("fc.weight", state.get("feature.2.weight"))
+        # the IR nets' and MobileFaceNet's last linear layer, the ViTs' or the mbf's
+        fc = next((state[k] for k in ("fc.weight", "feature.2.weight",
+                                      "features.layers.2.weight") if k in state), None)
         if not isinstance(fc, torch.Tensor) or fc.ndim != 2:
             raise CheckpointMismatchError(
                 f"{path}: no embedding size given and no fc.weight to read it from")

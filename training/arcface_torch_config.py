@@ -23,9 +23,9 @@ CONFIG_NAME = "config"
 DEFAULT_OUTPUT_ROOT = "work_dirs"  # where arcface_torch puts a run whose output is None
 ARCFACE_SCALE = 64.0  # arcface_torch's CombinedMarginLoss is built with s = 64
 TRAIN_REC = "train.rec"  # its rec field is a folder holding train.rec/train.idx
-# its network names that are ours under another name; the rest (vit_*) pass through
-NETWORKS = {"r18": "ir18", "r34": "ir34", "r50": "ir50", "r100": "ir100", "r200": "ir200",
-            "mbf": "mobilefacenet"}
+# its network names that are ours under another name; the rest (vit_*, mbf, mbf_large)
+# are ours under its own
+NETWORKS = {"r18": "ir18", "r34": "ir34", "r50": "ir50", "r100": "ir100", "r200": "ir200"}
 # its fields copied onto ours unchanged, under our name
 SAME_MEANING = {"embedding_size": "embedding_size", "sample_rate": "sample_rate",
                 "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
