@@ -5,9 +5,13 @@ the momentum buffers hold something), then resumed on one rank and re-cut for ot
 
 import copy
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from distributed_testlib import run_ranks
 from test_train import pattern_images, write_rec
 
 import models
@@ -220,6 +224,48 @@ def test_centres_are_recut_for_other_world_sizes(rec, tmp_path, world, monkeypat
                            momentum[lo:hi])
         assert read == [f"checkpoint_gpu_{r}.pt" for r, (a, b) in enumerate(SHARDS)
                         if a < hi and lo < b]
+
+
+RUN_DIR_VARIABLE = "ARCFACE_TORCH_TEST_RUN"  # where the spawned ranks find the run
+
+
+def _resume_worker(rank, port, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=THEIR_WORLD)
+    try:
+        torch.set_num_threads(1)
+        run = Path(os.environ[RUN_DIR_VARIABLE])
+        cfg = our_cfg(run / "data" / "train.rec", run, batch_size=THEIR_BATCH)
+        info = DistInfo(rank=rank, world_size=THEIR_WORLD, local_rank=rank,
+                        device=torch.device("cpu"))
+        trainer = train.build_trainer(cfg, CLASSES, info, total_steps=TOTAL,
+                                      steps_per_epoch=STEPS_PER_EPOCH)
+        step = resume_arcface_torch(trainer, cfg, CLASSES, TOTAL, STEPS_PER_EPOCH).step
+        results[rank] = {
+            "step": step, "weight": trainer.head.weight.detach().clone(),
+            "momentum": trainer.opt_head.state[trainer.head.weight]["momentum_buffer"].clone(),
+            "backbone": {k: v.clone() for k, v in trainer.backbone.state_dict().items()}}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes
+def test_two_ranks_resume_its_two_rank_run(tmp_path, monkeypatch):
+    """Through the process group: each rank takes its own file's shard and momentum."""
+    run = tmp_path / "run"
+    write_their_run(run)
+    (run / "data").mkdir()
+    write_rec(run / "data" / "train.rec", *pattern_images(CLASSES, PER_CLASS))
+    monkeypatch.setenv(RUN_DIR_VARIABLE, str(run))
+    got = run_ranks(_resume_worker, THEIR_WORLD)
+    for rank in range(THEIR_WORLD):
+        saved = torch.load(run / f"checkpoint_gpu_{rank}.pt")
+        state = saved["state_optimizer"]["state"]
+        assert got[rank]["step"] == SAVED_STEP
+        assert torch.equal(got[rank]["weight"], saved["state_dict_softmax_fc"]["weight"])
+        assert torch.equal(got[rank]["momentum"], state[max(state)]["momentum_buffer"])
+        for key, value in saved["state_dict_backbone"].items():
+            assert torch.equal(got[rank]["backbone"][key], value), key
 
 
 def test_its_model_pt_starts_a_run(rec, tmp_path):
