@@ -45,9 +45,10 @@ the printout gives one line of it.
 Bad input (a missing or binary pairs file, a header that promises more or fewer pairs than
 the file holds, a line with the wrong number of fields, a truncated or foreign ``.bin``, a
 non-finite ``--threshold`` or one outside cosine's [-1, 1]) is a one-line ``error: ...``
-naming the file (and line) with a non-zero exit. A raw LFW image that cannot be decoded
-leaves the pairs using it out; the others are scored, and the printout and results
-(``unreadable_images``, ``pairs_left_out``) name it.
+naming the file (and line) with a non-zero exit. A raw LFW image that cannot be decoded is
+refused the same way (the count and the first files named): a score on fewer pairs is not
+the protocol's number. ``--skip-unreadable`` scores the other pairs instead, and the
+printout and results (``unreadable_images``, ``pairs_left_out``) name what was left out.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ from evaluation.verification_metrics import (
 from utils import (
     CHECKPOINT_HASH_KEY,
     FOLDER,
+    ImageReadError,
     ToolkitError,
     can_write_in,
     check_output,
@@ -253,6 +255,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="also record each evaluated image's quality, the norm of its "
                             "unnormalised embedding (MagFace trains it), in the results: "
                             "mean, min, max, the lowest by name (.bin: by index), per image")
+    group.add_argument("--skip-unreadable", action="store_true",
+                       help="score the pairs whose raw LFW images all decode, leaving out "
+                            "those with an unreadable image (recorded in the results: "
+                            "unreadable_images, pairs_left_out); without it they are refused")
     group.add_argument("--cache-dir", default=None,
                        help="aligned-crop cache for raw LFW; if omitted, <lfw-dir>_aligned_cache, "
                             "or under ~/.cache/arcface-toolkit/ where LFW is read-only")
@@ -398,9 +404,15 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
         raise LfwEvalError(f"--cache-dir {cache_dir}: cannot write in it; name a writable "
                            f"folder")
     model = _load_model(args, device)
-    unreadable: dict[str, str] = {}  # their pairs are left out, the others scored
-    crops, index, issame, faceless = load_lfw_crops(lfw_dir, pairs, cache_dir=cache_dir,
-                                                    checked=True, unreadable=unreadable)
+    unreadable: dict[str, str] = {}  # --skip-unreadable: their pairs left out, and named
+    try:
+        crops, index, issame, faceless = load_lfw_crops(
+            lfw_dir, pairs, cache_dir=cache_dir, checked=True,
+            unreadable=unreadable if args.skip_unreadable else None)
+    except ImageReadError as e:  # the protocol scores every pair of the file, or nothing
+        raise LfwEvalError(f"--lfw-dir {lfw_dir}: {e}; the protocol scores every pair of "
+                           f"{cfg.pairs}: replace the files, or pass --skip-unreadable to "
+                           "score the other pairs (recorded in the results)") from None
     names = distinct_images(pairs)  # the crops' order, before unreadable pairs are left out
     left_out = 0
     if unreadable:

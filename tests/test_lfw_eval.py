@@ -481,8 +481,12 @@ def test_lfw_cli_writes_results_and_figures(tiny_run, capsys):
 
 def test_lfw_cli_scores_the_pairs_whose_images_read_and_names_the_others(tiny_run, tmp_path,
                                                                          capsys):
-    """One truncated jpg in the tree: its pairs are left out and listed, the rest scored."""
+    """One truncated jpg in the tree: refused by default (a score on fewer pairs is not the
+    protocol's), one line with the count and the file; with --skip-unreadable its pairs are
+    left out and listed, the rest scored."""
     import shutil
+
+    from utils import run_cli
 
     lfw = tmp_path / "lfw"
     shutil.copytree(tiny_run["lfw_dir"], lfw)
@@ -498,12 +502,17 @@ def test_lfw_cli_scores_the_pairs_whose_images_read_and_names_the_others(tiny_ru
     argv = ["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
             "--lfw-dir", str(lfw), "--pairs", str(tmp_path / "pairs.txt"),
             "--out", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache")]
+    rel = f"{b}/{b}_0003.jpg"
     capsys.readouterr()
-    assert lfw_eval.main(argv) == 0
+    assert run_cli(lfw_eval.main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("error: --lfw-dir ") and "1 of 9 pair images cannot be read" in err
+    assert rel in err, err
+    assert "--skip-unreadable" in err and not list((tmp_path / "eval").glob("*_results.json"))
+    assert lfw_eval.main(argv + ["--skip-unreadable"]) == 0
     out = capsys.readouterr().out
     r = json.loads(lfw_eval.lfw_results_path(tmp_path / "eval", lfw, tmp_path / "pairs.txt")
                    .read_text())
-    rel = f"{b}/{b}_0003.jpg"
     assert list(r["unreadable_images"]) == [rel] and rel in r["unreadable_images"][rel]
     assert r["pairs_left_out"] == 2 and r["n_pairs"] == 12 - 2
     assert r["nfolds"] == 2 and len(r["fold_accuracies"]) == 2
