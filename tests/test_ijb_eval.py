@@ -509,6 +509,22 @@ def _reference(raw, written, release, mode):
     return tar, search
 
 
+def test_zero_faceness_count_is_in_the_results(release_dir, checkpoint, tmp_path, capsys):
+    """The faceness-0 images were only logged: the results JSON did not say the D1 modes ran
+    without them."""
+    root = _copy_release(release_dir[0], tmp_path / "IJBC")
+    path = root / "meta" / "ijbc_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    for k in (2, 7):
+        lines[k] = lines[k].rsplit(" ", 1)[0] + " 0"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert _cli(root, checkpoint, out) == 0
+    rows = release_dir[1]["rows"]
+    results = json.loads((out / "ijbc_results.json").read_text())
+    assert results["zero_faceness"] == {"images": 2, "first": [rows[2][0], rows[7][0]]}
+
+
 def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path, embed_calls,
                                               monkeypatch, capsys):
     root, written = release_dir
@@ -520,6 +536,7 @@ def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path,
     assert results["target"] == "IJBC" and results["images"] == IMAGES
     assert results["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert results["templates"] == TEMPLATES and results["mode"] == "N1D1F1"
+    assert results["zero_faceness"] == {"images": 0, "first": []}
     assert set(results["modes"]) == {"N1D1F1", "N0D0F0"}
     assert (out / "ijbc_roc.png").stat().st_size > 0 and (out / "ijbc_cmc.png").is_file()
     assert "N1D1F1" in printed and "G2" in printed and "merged*" in printed
