@@ -564,7 +564,8 @@ def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
     else:
         log.info("image features from the cache %s", folder)
     workers = args.workers if args.workers is not None else ijb_features.DEFAULT_WORKERS
-    return ijb_features.cached_features(release, folder, embed, workers=workers)
+    return ijb_features.cached_features(release, folder, embed, workers=workers,
+                                        checkpoint=checkpoint)
 
 
 def image_qualities(chunks: list[Path], total: int) -> np.ndarray:

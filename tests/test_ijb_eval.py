@@ -721,6 +721,47 @@ def test_feature_cache_key_follows_the_checkpoint_content(release_dir, tmp_path)
     assert ijb_features.cache_key(release, copy, None, None) == keys[1]
 
 
+def test_stale_caches_of_a_replaced_checkpoint_are_deleted_and_only_those(release_dir,
+                                                                         tmp_path, caplog):
+    """The cache key is the checkpoint's content: after a retrain over the same path, the old
+    key's 1.9 GB (IJB-C) stayed on disk forever, never to be read again."""
+    import hashlib
+    import shutil
+
+    release = ijb_release.load_release(release_dir[0], "IJBC", with_search=False)
+    root = tmp_path / "features"
+    ckpt, other = tmp_path / "run" / "backbone.pt", tmp_path / "run2" / "backbone.pt"
+    for path, content in ((ckpt, b"first weights"), (other, b"other model")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+
+    def fill(checkpoint: Path) -> Path:
+        folder = root / ijb_features.cache_key(release, checkpoint, None, None)
+        ijb_features.cached_features(
+            release, folder, lambda crops: np.zeros((len(crops), 2, 4), np.float32),
+            workers=1, progress=False, checkpoint=checkpoint)
+        return folder
+
+    old, others = fill(ckpt), fill(other)
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest["checkpoint"] == str(ckpt.resolve())
+    assert manifest["checkpoint_sha256"] == hashlib.sha256(b"first weights").hexdigest()
+    mine = root / ("f" * ijb_features.KEY_CHARS)  # looks like ours, holds a user's file
+    shutil.copytree(old, mine)
+    (mine / "notes.txt").write_text("keep me")
+    shutil.copytree(old, root / "backup")  # not named by a key
+    ckpt.write_bytes(b"retrained weights")  # train.py --overwrite: a new key
+    ijb_features.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        new = fill(ckpt)
+    finally:
+        ijb_features.log.removeHandler(caplog.handler)
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [new.name, others.name, mine.name, "backup"])
+    assert f"deleted 1 stale feature cache(s) of {ckpt.resolve()}" in caplog.text
+    assert old.name in caplog.text
+
+
 def test_quality_csv_holds_each_images_own_norm_from_the_cache(release_dir, checkpoint,
                                                                tmp_path, embed_calls, capsys):
     """--quality: <prefix>_quality.csv holds the norm of each image's own embedding (not its
