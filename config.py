@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from training.arcface_torch_config import (
+    SAME_MEANING,
     ArcfaceConfigError,
     load_arcface_torch_config,
     looks_like_arcface_torch,
@@ -33,11 +34,14 @@ from utils import ToolkitError, add_debug_flag, atomic_write_text, get_device, u
 class ConfigError(ToolkitError, ValueError):
     """A config value, file or field name that cannot be used; the message names it.
     ``field``: the Config field whose value is wrong, when one is (make_config adds where
-    that value came from)."""
+    that value came from); ``related``: other fields the message names, which make_config
+    renames as their source spells them (a flag, an arcface_torch config's field)."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None,
+                 related: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.field = field
+        self.related = related
 
 
 # Allowed values of the fields that name a choice. The network and head names are spelled
@@ -319,6 +323,10 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"{cfg.device!r} is {problem}", "device")
     if cfg.nesterov and cfg.optimizer == "sgd" and cfg.momentum == 0:  # torch's SGD refuses it
         raise ConfigError("needs momentum > 0 (momentum is 0)", "nesterov")
+    if cfg.warmup_epochs > cfg.epochs:  # the lr would never reach its peak, nor decay
+        raise ConfigError(f"{cfg.warmup_epochs!r} is more than epochs ({cfg.epochs!r}): the "
+                          "lr would still be warming up when training ends", "warmup_epochs",
+                          ("epochs",))
 
 
 # Named configs, each overriding the base like arcface_torch's configs/*.py.
@@ -473,15 +481,31 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
                               f"{_describe_unknown(unknown, known)}")
         values.update(layer)
         source_of.update(dict.fromkeys(layer, source))
+    their_names = {} if not (config_file and Path(config_file).suffix == ".py"
+                             and looks_like_arcface_torch(config_file)) else \
+        {str(config_file): {ours: theirs for theirs, ours in SAME_MEANING.items()}}
     try:
         return Config(**values)
     except ConfigError as e:
         if e.field is None:
             raise
+        message = str(e)
+        for name in e.related:  # each as its own source spells it
+            message = re.sub(rf"\b{name}\b", _spelled(name, source_of, their_names), message)
         source = source_of.get(e.field, "default")
-        where = ("--" + e.field.replace("_", "-") if source == COMMAND_LINE
-                 else f"{source}: {e.field}")
-        raise ConfigError(f"{where}: {e}", e.field) from None
+        where = _spelled(e.field, source_of, their_names)
+        where = where if source == COMMAND_LINE else f"{source}: {where}"
+        raise ConfigError(f"{where}: {message}", e.field) from None
+
+
+def _spelled(name: str, source_of: dict[str, str],
+             their_names: dict[str, dict[str, str]]) -> str:
+    """Config field ``name`` as the layer that set it spells it: a flag on the command line,
+    an arcface_torch config's own field name (num_epoch for epochs), else the field."""
+    source = source_of.get(name, "default")
+    if source == COMMAND_LINE:
+        return "--" + name.replace("_", "-")
+    return their_names.get(source, {}).get(name, name)
 
 
 def parse_config(argv: Sequence[str] | None = None, description: str = "",

@@ -111,7 +111,8 @@ def evaluate(checkpoint: Path, lfw_dir: Path, out_dir: Path, cache_dir: Path) ->
                             "--cache-dir", str(cache_dir), "--device", "cpu"])
     if status != 0:
         raise RuntimeError(f"lfw_eval failed on {checkpoint} (exit status {status})")
-    return json.loads((out_dir / f"{lfw_eval.LFW_RESULTS_NAME}_results.json").read_text())
+    return json.loads(lfw_eval.lfw_results_path(out_dir, lfw_dir, lfw_dir / "pairs.txt")
+                      .read_text())
 
 
 def save_untrained(cfg: Any, out_dir: Path) -> Path:

@@ -12,6 +12,11 @@ past that (protobuf cannot hold 2 GB) the weights go to ``<out>.data`` beside it
 two must be moved together. The export is written and checked in a staging folder beside
 --out and renamed into place only when whole, so a failed or killed export leaves no
 half-written file and no orphaned weights.
+
+The model records what it came from in its ``metadata_props`` (``checkpoint``,
+``checkpoint_sha256``: the checkpoint's path and content hash), which onnxruntime reads as
+``session.get_modelmeta().custom_metadata_map``: a deployed model can be matched with its
+checkpoint and evaluation results (which record the same hash).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from itertools import chain
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from utils import (
     OutputKind,
     ToolkitError,
     add_debug_flag,
+    checkpoint_record,
     claim_output,
     get_logger,
     positive_float,
@@ -82,13 +88,29 @@ def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
 
 
+def _set_metadata(onnx_path: Path, metadata: Mapping[str, str]) -> None:
+    """Put ``metadata`` into the ONNX file's ``metadata_props`` (an external weights file
+    stays as it is: only the graph file is rewritten)."""
+    import onnx  # installed with the exporter (onnxscript needs it); only for exports
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    kept = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=str(value))
+    onnx.save(proto, str(onnx_path))
+
+
 def export_onnx(model: nn.Module, out_path: str | Path, opset: int = ONNX_OPSET,
                 single_file_max_bytes: int = SINGLE_FILE_MAX_BYTES,
-                check: Callable[[Path], None] | None = None) -> Path:
+                check: Callable[[Path], None] | None = None,
+                metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``model`` (eval mode, CPU, float32) as ONNX with a dynamic batch axis: one
     self-contained file, or with ``<out>.data`` when its weights exceed
-    ``single_file_max_bytes``. ``check(staged_path)`` may inspect the finished export
-    before it replaces ``out_path``; if it (or anything else) raises, nothing is left."""
+    ``single_file_max_bytes``; ``metadata`` goes into its ``metadata_props``.
+    ``check(staged_path)`` may inspect the finished export before it replaces
+    ``out_path``; if it (or anything else) raises, nothing is left."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().float().to("cpu").to(memory_format=torch.contiguous_format)
@@ -105,6 +127,8 @@ def export_onnx(model: nn.Module, out_path: str | Path, opset: int = ONNX_OPSET,
     try:
         staged = staging / out_path.name
         program.save(staged, external_data=_weight_bytes(model) > single_file_max_bytes)
+        if metadata:
+            _set_metadata(staged, metadata)
         if check is not None:
             check(staged)
         staged_data = external_data_path(staged)
@@ -154,11 +178,12 @@ def check_parity(model: nn.Module, onnx_path: str | Path, batch: int = PARITY_BA
 
 def export_and_verify(model: nn.Module, out_path: str | Path,
                       tolerance: float = PARITY_TOLERANCE,
-                      source: str | Path = "the model") -> float:
-    """Export and check parity before the file takes its place; on a mismatch nothing is
-    written and ParityError is raised; a model whose embeddings are not finite is refused
-    first (NonFiniteModelError naming ``source``, its checkpoint). Returns the max abs
-    difference."""
+                      source: str | Path = "the model",
+                      metadata: Mapping[str, str] | None = None) -> float:
+    """Export (with ``metadata``) and check parity before the file takes its place; on a
+    mismatch nothing is written and ParityError is raised; a model whose embeddings are not
+    finite is refused first (NonFiniteModelError naming ``source``, its checkpoint).
+    Returns the max abs difference."""
     check_finite_embeddings(model, source)
     diffs = []
 
@@ -169,7 +194,7 @@ def export_and_verify(model: nn.Module, out_path: str | Path,
                               f"(tolerance {tolerance:g}); nothing was written")
         diffs.append(diff)
 
-    export_onnx(model, out_path, check=parity)
+    export_onnx(model, out_path, check=parity, metadata=metadata)
     return diffs[0]
 
 
@@ -191,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_backbone(checkpoint, network=args.network,
                               embedding_size=args.embedding_size)
         remove_stale_temporaries(out.parent, out.name, STAGING_SUFFIX)  # a killed export's
-        diff = export_and_verify(model, out, args.tolerance, source=checkpoint)
+        diff = export_and_verify(model, out, args.tolerance, source=checkpoint,
+                                 metadata=checkpoint_record(checkpoint))
     log.info("wrote %s (max |diff| of normalised embeddings vs PyTorch: %.2e)", out, diff)
     return 0
 

@@ -33,8 +33,9 @@ before a refused one have already been written, all inside the destination.
 Damage: each file member is written to a temporary beside its final name, checked (a zip
 member's CRC, every member's size against its header) and only then renamed over the final
 name, so a damaged re-download, a full disk or an interrupted run leaves the file that was
-there before (or none), never a truncated one (a killed run may leave a hidden
-``.<name>.<random>.tmp`` beside it); the error names the archive and the member.
+there before (or none), never a truncated one; the error names the archive and the member.
+A killed run's hidden ``.<name>.<random>.tmp`` is deleted when the next run writes that
+member (one extract writes a destination at a time: the CLI holds --dest's lock).
 A .tar.gz is read to its end for its gzip CRC, the one check of bytes that decompress
 without complaint; that check comes at the end of the stream, so files renamed before it
 may hold the damage (the error says so, and no marker is written). Encrypted zip members
@@ -56,6 +57,7 @@ import io
 import json
 import lzma
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -164,12 +166,14 @@ def _too_large(archive: Path, what: str, size: int, allowed: int) -> ArchiveTooL
 
 
 class _Budget:
-    """Counts the bytes actually written against the size limit (None: unlimited)."""
+    """Counts the bytes actually written against the size limit (None: unlimited); holds
+    the extraction's record of temporaries killed runs left (``stale``)."""
 
     def __init__(self, archive: Path, limits: SizeLimits | None) -> None:
         self.archive = archive
         self.allowed = None if limits is None else limits.allowed(archive.stat().st_size)
         self.used = 0
+        self.stale = _StaleTemps()
 
     def take(self, n: int, member: str) -> None:
         self.used += n
@@ -331,14 +335,48 @@ def _name_max(folder: Path) -> int:
         return NAME_MAX_FALLBACK
 
 
-def _member_temp(final: Path) -> tuple[int, Path]:
-    """A new temporary ``.<name>.<random>.tmp`` beside ``final``, opened exclusively for
-    writing with a new file's mode (0o666 less the umask): its descriptor and path. The name
-    is cut short where a long member name would pass the filesystem's name limit."""
+def _temp_stem(final: Path) -> str:
+    """The part of ``final``'s name its temporaries carry: all of it, or as much as the
+    filesystem's name limit leaves room for."""
     room = _name_max(final.parent) - len(f"..{'0' * 2 * TEMP_TOKEN_BYTES}{TEMP_SUFFIX}")
     stem = final.name
     while len(os.fsencode(stem)) > room:
         stem = stem[:-1]
+    return stem
+
+
+# a member temporary's name (_member_temp): the stem, then the random hex
+_MEMBER_TEMP = re.compile(rf"\.(?P<stem>.+)\.[0-9a-f]{{{2 * TEMP_TOKEN_BYTES}}}"
+                          + re.escape(TEMP_SUFFIX), re.S)
+
+
+class _StaleTemps:
+    """The member temporaries that killed runs left, found with one listing per folder, and
+    deleted when this run writes their member (so only ours, of a member being replaced)."""
+
+    def __init__(self) -> None:
+        self._by_folder: dict[Path, dict[str, list[Path]]] = {}
+
+    def remove_for(self, final: Path) -> None:
+        folder = final.parent
+        if folder not in self._by_folder:
+            found: dict[str, list[Path]] = {}
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    match = _MEMBER_TEMP.fullmatch(entry.name)
+                    if match and entry.is_file(follow_symlinks=False):
+                        found.setdefault(match["stem"], []).append(Path(entry.path))
+            self._by_folder[folder] = found
+        for tmp in self._by_folder[folder].pop(_temp_stem(final), []):
+            tmp.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted extraction", tmp)
+
+
+def _member_temp(final: Path) -> tuple[int, Path]:
+    """A new temporary ``.<name>.<random>.tmp`` beside ``final``, opened exclusively for
+    writing with a new file's mode (0o666 less the umask): its descriptor and path. The name
+    is cut short where a long member name would pass the filesystem's name limit."""
+    stem = _temp_stem(final)
     for _ in range(TEMP_ATTEMPTS):
         tmp = final.parent / f".{stem}.{secrets.token_hex(TEMP_TOKEN_BYTES)}{TEMP_SUFFIX}"
         try:
@@ -369,6 +407,7 @@ def _write_member(archive: Path, name: str, final: Path, src: IO[bytes], budget:
     tmp = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        budget.stale.remove_for(final)  # a killed run's temporary of this member
         fd, tmp = _member_temp(final)
         written = 0
         with open(fd, "wb") as dst:

@@ -90,6 +90,7 @@ SEARCH_CHUNK_PROBES = 4096  # probes scored against a gallery at a time
 NONMATED = "non-mated probes"  # what a TPIR@FPIR is measured over
 ROC_PLOT_POINTS = 200  # the ROC figure: TAR@FAR at this many log-spaced FARs
 QUALITY_PRINTED = 3  # the lowest-quality images the printout names (the CSV has them all)
+ZERO_FACENESS_LISTED = 100  # images with faceness 0 named in the results (the count is whole)
 
 log = get_logger("ijb_eval")
 
@@ -563,7 +564,8 @@ def image_feature_chunks(cfg, args: argparse.Namespace, release: Release,
     else:
         log.info("image features from the cache %s", folder)
     workers = args.workers if args.workers is not None else ijb_features.DEFAULT_WORKERS
-    return ijb_features.cached_features(release, folder, embed, workers=workers)
+    return ijb_features.cached_features(release, folder, embed, workers=workers,
+                                        checkpoint=checkpoint)
 
 
 def image_qualities(chunks: list[Path], total: int) -> np.ndarray:
@@ -633,6 +635,9 @@ def run_evaluation(cfg: Any, args: argparse.Namespace, target: str, out_dir: Pat
         results["quality"] = write_quality(chunks, release, Path(files["quality"]))
     results.update({**checkpoint_record(args.checkpoint), "ijb_dir": str(args.ijb_dir),
                     "files": files})
+    # faceness 0 gives an image no weight in the D1 modes: how many the result stands without
+    results["zero_faceness"] = {"images": len(release.zero_faceness),
+                                "first": release.zero_faceness[:ZERO_FACENESS_LISTED]}
     if len(runs) > 1:
         results["modes"] = {r["mode"]: {k: r[k] for k in ("verification", "identification")
                                         if k in r} for r in runs}

@@ -30,10 +30,12 @@ test-time augmentation (image + mirror, then L2-normalised). The folds:
 
 Provenance: every results file records the checkpoint by content (``checkpoint_sha256``)
 and the set (``pairs`` with ``pairs_sha256``, or ``bin`` with ``bin_sha256``). Raw LFW's
-results are ``<out>/lfw_results.json``, whose threshold ``--compare`` uses only when it was
-made from the same checkpoint content (not from a model since replaced under that name);
-a ``.bin`` set's are ``<stem>_<hash of its path>_results.json``, so no set overwrites
-another's.
+results are ``<out>/lfw_<hash of its image folder and pairs file paths>_results.json``
+(:func:`lfw_results_path`), a ``.bin`` set's ``<stem>_<hash of its path>_results.json``, so
+no set overwrites or mixes with another's. ``--compare`` uses the threshold of the LFW
+results made from the same checkpoint content (not from a model since replaced under that
+name): those of ``--lfw-dir`` / ``--pairs`` when they exist, else the only such results in
+the folder (several sets: it names them and asks for ``--pairs``).
 
 ``--quality``: the results also hold each evaluated image's quality (``quality``), the L2
 norm of the unnormalised embedding of the image itself, not its mirror (MagFace trains it):
@@ -43,9 +45,10 @@ the printout gives one line of it.
 Bad input (a missing or binary pairs file, a header that promises more or fewer pairs than
 the file holds, a line with the wrong number of fields, a truncated or foreign ``.bin``, a
 non-finite ``--threshold`` or one outside cosine's [-1, 1]) is a one-line ``error: ...``
-naming the file (and line) with a non-zero exit. A raw LFW image that cannot be decoded
-leaves the pairs using it out; the others are scored, and the printout and results
-(``unreadable_images``, ``pairs_left_out``) name it.
+naming the file (and line) with a non-zero exit. A raw LFW image that cannot be decoded is
+refused the same way (the count and the first files named): a score on fewer pairs is not
+the protocol's number. ``--skip-unreadable`` scores the other pairs instead, and the
+printout and results (``unreadable_images``, ``pairs_left_out``) name what was left out.
 """
 
 from __future__ import annotations
@@ -88,7 +91,9 @@ from evaluation.verification_metrics import (
     ten_fold_details,
 )
 from utils import (
+    CHECKPOINT_HASH_KEY,
     FOLDER,
+    ImageReadError,
     ToolkitError,
     can_write_in,
     check_output,
@@ -101,15 +106,17 @@ from utils import (
     read_image,
     require_same_checkpoint,
     run_cli,
+    short_hash,
 )
 
 __all__ = [
     "embed", "ten_fold_accuracy", "ten_fold_details", "roc_curve", "roc_metrics",
     "evaluate_verification", "load_bin", "evaluate_bin", "compare_images", "pair_similarities",
-    "tar_at_far", "main",
+    "tar_at_far", "lfw_results_path", "main",
 ]
 
-LFW_RESULTS_NAME = "lfw"  # <out>/lfw_results.json holds the threshold `--compare` uses
+LFW_RESULTS_NAME = "lfw"  # raw LFW's results are lfw_<set hash>_results.json (lfw_results_path)
+RESULTS_SUFFIX = "_results.json"
 # --compare's remedy when the saved threshold is not this checkpoint's
 RERUN_LFW = "run the LFW evaluation of this checkpoint first, or pass --threshold"
 EXIT_NO_FACE = 3
@@ -157,22 +164,64 @@ def check_threshold(value: float, source: str) -> float:
     return value
 
 
-def _saved_threshold(out_dir: Path, checkpoint: Path) -> tuple[float, Path] | None:
-    """The threshold of the LFW results in ``out_dir``, if any; ProvenanceError when they
-    were not made from ``checkpoint``'s content (a run retrained with --overwrite keeps the
-    old model's eval/) or do not say what they were made from."""
-    path = out_dir / f"{LFW_RESULTS_NAME}_results.json"
-    if not path.is_file():
-        return None
+def lfw_results_stem(lfw_dir: str | Path, pairs: str | Path) -> str:
+    """The file names of raw LFW's results: ``lfw_`` and a short hash of the resolved image
+    folder and pairs file, so another pairs file (view 1, a subset) or another image tree
+    never overwrites this set's results, while the same set evaluated again replaces its
+    own."""
+    key = f"{Path(lfw_dir).resolve()}\n{Path(pairs).resolve()}"
+    return f"{LFW_RESULTS_NAME}_{short_hash(key)}"
+
+
+def lfw_results_path(out_dir: str | Path, lfw_dir: str | Path, pairs: str | Path) -> Path:
+    """Where ``lfw_eval.py --out out_dir`` writes the results of raw LFW ``lfw_dir`` scored
+    on ``pairs`` (the demo reads them there)."""
+    return Path(out_dir) / f"{lfw_results_stem(lfw_dir, pairs)}{RESULTS_SUFFIX}"
+
+
+def _read_results(path: Path) -> dict[str, Any]:
     try:
         saved = json.loads(path.read_text())
-        value = float(saved["threshold"])
+        if not isinstance(saved, dict):
+            raise TypeError(f"holds a {type(saved).__name__}, not an object")
+        saved["threshold"] = float(saved["threshold"])
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise LfwEvalError(f"{path}: no usable 'threshold' in this results file ({e})") \
             from None
-    check_threshold(value, str(path))
-    require_same_checkpoint(saved, path, checkpoint, RERUN_LFW)
-    return value, path
+    check_threshold(saved["threshold"], str(path))
+    return saved
+
+
+def _lfw_results_in(out_dir: Path) -> list[Path]:
+    """Raw LFW's results files in ``out_dir`` (a ``.bin`` set named lfw's are not: they
+    record ``bin``), including the ``lfw_results.json`` of versions before the set hash."""
+    found = sorted(out_dir.glob(f"{LFW_RESULTS_NAME}*{RESULTS_SUFFIX}"))
+    return [p for p in found if "bin" not in _read_results(p)]
+
+
+def _saved_threshold(out_dir: Path, checkpoint: Path, lfw_dir: str | Path,
+                     pairs: str | Path) -> tuple[float, Path] | None:
+    """The threshold of the LFW results in ``out_dir`` made from ``checkpoint``'s content:
+    those of ``lfw_dir`` + ``pairs`` if they exist, else the only ones there. None when
+    there are none; ProvenanceError when they were not made from ``checkpoint`` (a run
+    retrained with --overwrite keeps the old model's eval/) or do not say what they were
+    made from; LfwEvalError when several sets' results fit and none is ``pairs``."""
+    own = lfw_results_path(out_dir, lfw_dir, pairs)
+    found = [own] if own.is_file() else _lfw_results_in(out_dir)
+    if not found:
+        return None
+    if len(found) > 1:
+        current = file_sha256(checkpoint)
+        found = [p for p in found
+                 if _read_results(p).get(CHECKPOINT_HASH_KEY) == current] or found[:1]
+    if len(found) > 1:
+        sets = "; ".join(f"{p.name} ({_read_results(p).get('pairs', '?')})" for p in found)
+        raise LfwEvalError(f"{out_dir}: holds the LFW results of {len(found)} pairs files "
+                           f"for {checkpoint}: {sets}; name the one to use with --lfw-dir "
+                           "and --pairs, or pass --threshold")
+    saved = _read_results(found[0])
+    require_same_checkpoint(saved, found[0], checkpoint, RERUN_LFW)
+    return saved["threshold"], found[0]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -206,6 +255,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="also record each evaluated image's quality, the norm of its "
                             "unnormalised embedding (MagFace trains it), in the results: "
                             "mean, min, max, the lowest by name (.bin: by index), per image")
+    group.add_argument("--skip-unreadable", action="store_true",
+                       help="score the pairs whose raw LFW images all decode, leaving out "
+                            "those with an unreadable image (recorded in the results: "
+                            "unreadable_images, pairs_left_out); without it they are refused")
     group.add_argument("--cache-dir", default=None,
                        help="aligned-crop cache for raw LFW; if omitted, <lfw-dir>_aligned_cache, "
                             "or under ~/.cache/arcface-toolkit/ where LFW is read-only")
@@ -249,7 +302,7 @@ def _tar_text(r: dict[str, Any], far: float) -> str:
     return f"{r['not_measured'][tar_key(far)]}, {r['n_impostor']:,} here"
 
 
-def _run_compare(args, model, device, out_dir: Path) -> int:
+def _run_compare(cfg, args, model, device, out_dir: Path) -> int:
     photos, errors = [], []
     for p in args.compare:
         try:
@@ -270,10 +323,10 @@ def _run_compare(args, model, device, out_dir: Path) -> int:
     if args.threshold is not None:
         threshold, source = args.threshold, "--threshold"
     else:
-        saved = _saved_threshold(out_dir, Path(args.checkpoint))
+        saved = _saved_threshold(out_dir, Path(args.checkpoint), cfg.lfw_dir, cfg.pairs)
         if saved is None:
-            print(f"no threshold: {out_dir / (LFW_RESULTS_NAME + '_results.json')} does not "
-                  "exist; run the LFW evaluation first or pass --threshold", file=sys.stderr)
+            print(f"no threshold: {out_dir} holds no LFW results; run the LFW evaluation "
+                  "first or pass --threshold", file=sys.stderr)
             return EXIT_NO_THRESHOLD
         threshold, source = saved[0], str(saved[1])
     verdict = "same person" if sim > threshold else "different people"
@@ -308,7 +361,7 @@ def _run(cfg, args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else checkpoint.parent / "eval"
     device = get_device(cfg.device)
     if args.compare:
-        return _run_compare(args, _load_model(args, device), device, out_dir)
+        return _run_compare(cfg, args, _load_model(args, device), device, out_dir)
     inputs = {"--checkpoint": checkpoint, **({"--bin": args.bin} if args.bin else
                                              {"--lfw-dir": cfg.lfw_dir, "--pairs": cfg.pairs})}
     with claim_output(out_dir, "--out", inputs, FOLDER):  # before any work, one writer
@@ -351,9 +404,15 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
         raise LfwEvalError(f"--cache-dir {cache_dir}: cannot write in it; name a writable "
                            f"folder")
     model = _load_model(args, device)
-    unreadable: dict[str, str] = {}  # their pairs are left out, the others scored
-    crops, index, issame, faceless = load_lfw_crops(lfw_dir, pairs, cache_dir=cache_dir,
-                                                    checked=True, unreadable=unreadable)
+    unreadable: dict[str, str] = {}  # --skip-unreadable: their pairs left out, and named
+    try:
+        crops, index, issame, faceless = load_lfw_crops(
+            lfw_dir, pairs, cache_dir=cache_dir, checked=True,
+            unreadable=unreadable if args.skip_unreadable else None)
+    except ImageReadError as e:  # the protocol scores every pair of the file, or nothing
+        raise LfwEvalError(f"--lfw-dir {lfw_dir}: {e}; the protocol scores every pair of "
+                           f"{cfg.pairs}: replace the files, or pass --skip-unreadable to "
+                           "score the other pairs (recorded in the results)") from None
     names = distinct_images(pairs)  # the crops' order, before unreadable pairs are left out
     left_out = 0
     if unreadable:
@@ -369,7 +428,8 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
             "pairs_left_out": left_out}
     r = evaluate_verification(model, crops, issame, batch_size=cfg.batch_size,
                               device=device, out_dir=out_dir, name=LFW_RESULTS_NAME,
-                              folds=folds, fold_rule=fold_rule, pair_labels=labels, extra=meta,
+                              file_stem=lfw_results_stem(lfw_dir, cfg.pairs), folds=folds,
+                              fold_rule=fold_rule, pair_labels=labels, extra=meta,
                               pair_index=index, quality=args.quality, image_names=names)
     _print_results(r)
     if faceless:

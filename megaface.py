@@ -21,9 +21,12 @@ exist (FaceScrub downloads are often incomplete), and then counted and named too
 or image-less input folder, an empty noise list, or one that names none of a tree large
 enough to expect matches, is an error naming the file or folder.
 
-Provenance: gen_features records in each feature tree the checkpoint (by content) and the
-aligned tree it came from (``features_source.json``) and refuses a tree holding another
-checkpoint's features or features that do not say; evaluate and remove_noises refuse
+Provenance: crop_megaface records in each aligned tree the raw tree and the aligner
+settings its crops came from (``crops_source.json``) and refuses to add to crops of another
+source or crops that do not say; gen_features records in each feature tree the checkpoint
+(by content), the aligned tree and its crops' record (``features_source.json``) and refuses
+a tree holding another checkpoint's features, features of crops since re-made from another
+source, or features that do not say; evaluate and remove_noises refuse
 probes and distractors of two checkpoints (features made by other tools, recording
 neither, are used with a warning).
 
@@ -56,6 +59,7 @@ from tqdm import tqdm
 
 from config import build_parser, parse_config
 from evaluation import megaface_eval
+from evaluation.lfw_images import ALIGNER_SETTINGS
 from evaluation.megaface_eval import DEFAULT_FARS, DEFAULT_MAX_RANK, DEFAULT_SIZES, MegaFaceError
 from evaluation.megaface_features import (
     DEFAULT_SUFFIX,
@@ -143,14 +147,66 @@ def read_bbox_json(image_path: str | Path) -> tuple[float, float, float, float] 
     return None
 
 
+CROPS_SOURCE_NAME = "crops_source.json"  # in an aligned tree: what its crops came from
+RECROP = "crop into another --aligned-dir, or delete that one"  # the remedy for a mismatch
+
+
+def crop_source_record(src_root: str | Path, aligner: Any) -> dict[str, Any]:
+    """What an aligned tree records about its crops: the raw tree (resolved) and the
+    aligner's settings (those lfw_images keys its crop cache on)."""
+    return {"source": str(Path(src_root).resolve()), "aligner": type(aligner).__name__,
+            "settings": {name: repr(getattr(aligner, name, None)) for name in ALIGNER_SETTINGS}}
+
+
+def read_crop_source(root: str | Path) -> dict[str, Any] | None:
+    """The record of ``root``'s crops (:data:`CROPS_SOURCE_NAME`), or None when it has none;
+    ProvenanceError for one that cannot be read."""
+    path = Path(root) / CROPS_SOURCE_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ProvenanceError(f"{path}: not a readable record of the crops ({e})") from None
+    if not isinstance(record, dict):
+        raise ProvenanceError(f"{path}: not a readable record of the crops")
+    return record
+
+
+def check_crop_source(dst_root: Path, record: dict[str, Any]) -> None:
+    """ProvenanceError, naming both, when ``dst_root`` holds crops of another raw tree or
+    aligner settings than ``record``, or crops that do not say (a resumed crop keeps the
+    crops there: two sources would be mixed in one tree)."""
+    saved = read_crop_source(dst_root)
+    if saved is None:
+        if dst_root.is_dir() and next(iter_images(dst_root), None) is not None:
+            raise ProvenanceError(f"{dst_root}: holds crops that do not record what they came "
+                                  f"from, so they cannot be completed with crops of "
+                                  f"{record['source']}; {RECROP}")
+        return
+    if saved.get("source") != record["source"]:
+        raise ProvenanceError(f"{dst_root}: holds crops of {saved.get('source')}, not of "
+                              f"{record['source']}; {RECROP}")
+    if saved != record:
+        raise ProvenanceError(f"{dst_root}: holds crops made with other aligner settings "
+                              f"({saved.get('settings')}) than now ({record['settings']}); "
+                              f"{RECROP}")
+
+
 def crop_tree(aligner, src_root: str | Path, dst_root: str | Path, num_workers: int = 2,
               progress: bool = True) -> dict[str, int]:
-    """Align every image under ``src_root`` into the same relative path under ``dst_root``.
+    """Align every image under ``src_root`` into the same relative path under ``dst_root``,
+    which records what its crops came from (:func:`check_crop_source`: a tree of another
+    source's crops is refused).
 
     Images already done are skipped (resumable). No face: the centre crop is written and the
     image listed in ``dst_root/faceless.txt``; undecodable ones go to ``unreadable.txt``."""
     src_root, dst_root = Path(src_root), Path(dst_root)
     images = _input_images(src_root, "image")
+    record = crop_source_record(src_root, aligner)
+    check_crop_source(dst_root, record)
+    dst_root.mkdir(parents=True, exist_ok=True)  # recorded before the first crop
+    atomic_write_text(dst_root / CROPS_SOURCE_NAME, json.dumps(record, indent=2) + "\n")
     summary = {"images": len(images), "skipped_existing": 0, "aligned": 0, "faceless": 0,
                "unreadable": 0, "with_box": 0}
     todo = [p for p in images if not (dst_root / p.relative_to(src_root)).exists()]
@@ -205,7 +261,8 @@ def check_feature_source(feature_root: Path, image_root: Path, checkpoint: str |
     aligned ``image_root``); ProvenanceError, naming both, when the features already there
     came from another checkpoint or image tree, or do not say (their files are kept, so
     two models' features would be scored together)."""
-    record = {**checkpoint_record(checkpoint), "images": str(image_root.resolve())}
+    record = {**checkpoint_record(checkpoint), "images": str(image_root.resolve()),
+              "crops": read_crop_source(image_root)}
     saved = read_feature_source(feature_root)
     remedy = "write into another --features-dir, or delete that one"
     if saved is None:
@@ -218,6 +275,14 @@ def check_feature_source(feature_root: Path, image_root: Path, checkpoint: str |
     if saved.get("images") != record["images"]:
         raise ProvenanceError(f"{feature_root}: holds features of the images in "
                               f"{saved.get('images')}, not {record['images']}; {remedy}")
+    # the same folder re-cropped from another source since: the old features would stay
+    # (records before the crops were recorded say nothing of them: not checked)
+    if "crops" in saved and saved["crops"] != record["crops"]:
+        made = (saved["crops"] or {}).get("source", "crops that did not record their source")
+        now = (record["crops"] or {}).get("source", "crops that do not record their source")
+        raise ProvenanceError(f"{feature_root}: holds features of the crops in "
+                              f"{record['images']} as made from {made}; they are now "
+                              f"crops of {now} (re-cropped); {remedy}")
     return record
 
 
@@ -514,6 +579,9 @@ def run_action(cfg: Any, args: argparse.Namespace) -> int:
         from faces.aligner import FaceAligner  # torch (MTCNN) only for the align action
 
         aligner = FaceAligner(device=device)
+        for name, src in sets:  # every destination checked before any image is cropped
+            if src:
+                check_crop_source(Path(args.aligned_dir) / name, crop_source_record(src, aligner))
         for name, src in sets:
             if src:
                 _print_summary(f"crop {name}", crop_tree(aligner, src, Path(args.aligned_dir)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,22 @@ log = get_logger("face.pre_process")
 RECORDIO_KIND = OutputKind("a RecordIO file", starts_with(recordio.MAGIC_BYTES))
 INDEX_KIND = OutputKind(f"a saved index ({INDEX_SUFFIX})", starts_with(b"PK\x03\x04",
                                                                       b"PK\x05\x06"))
+# the text files --pack writes beside the .rec: a .idx's first line is "key<TAB>offset", a
+# property file's "classes,size,size" (InsightFace's); an empty file is a killed writer's
+IDX_KIND = OutputKind("a RecordIO .idx (key<TAB>offset lines)",
+                      lambda p: _first_line_matches(p, r"\d+\t\d+"))
+PROPERTY_KIND = OutputKind("a set's property file (classes,size,size)",
+                           lambda p: _first_line_matches(p, r"\d+,\d+,\d+"))
+SNIFF_BYTES = 64  # enough of a file for its first line of two or three integers
+
+
+def _first_line_matches(path: Path, pattern: str) -> bool:
+    """Whether ``path`` is a file, empty or with a first line fully matching ``pattern``."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(SNIFF_BYTES).decode("ascii", "replace")
+    return not head or re.fullmatch(pattern, head.splitlines()[0].strip()) is not None
 
 
 # ----------------------------------------------------------------------------- packing
@@ -153,9 +170,15 @@ def pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path |
     an input nor a file of another kind (:func:`utils.claim_output`)."""
     check_pack_paths(src_dir, out_rec)
     index_path = Path(index_path) if index_path else index_path_for(out_rec)
+    idx = Path(idx_path) if idx_path else recordio.default_idx_path(out_rec)
     inputs = {"--pack": src_dir}
+    # the .idx and property beside --out are outputs too: two packs into one folder would
+    # both write its property file, and a user's file of that name must not be replaced
     with claim_output(out_rec, "--out", inputs, RECORDIO_KIND), \
-            claim_output(index_path, "--index-out", inputs, INDEX_KIND):
+            claim_output(index_path, "--index-out", inputs, INDEX_KIND), \
+            claim_output(idx, "the .idx of --out", inputs, IDX_KIND), \
+            claim_output(Path(out_rec).parent / PROPERTY_NAME, "the property file of --out",
+                         inputs, PROPERTY_KIND):
         return _pack_folder(src_dir, out_rec, idx_path, image_size, quality, progress,
                             index_path)
 

@@ -224,6 +224,15 @@ def _device_problem(name: str) -> str | None:
     return None
 
 
+def device_name(text: str) -> str:
+    """An argparse type for a ``--device`` that :func:`get_device` would refuse later (the
+    bench scripts, which parse no Config): argparse's refusal names the flag."""
+    problem = _device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def get_device(name: str = "auto") -> "torch.device":  # noqa: F821 - lazy torch import
     """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` when
     this machine has it; anything else is a DeviceError naming what is accepted."""

@@ -58,7 +58,16 @@ from faces import face_warp as fw  # noqa: E402
 from faces.aligner import DEFAULT_BATCH_SIZE, MIN_REDUCED_EYE_RATIO, FaceAligner  # noqa: E402
 from faces.file_alignment import DEFAULT_WORKERS, align_files  # noqa: E402
 from faces.reduced_photo import Photo, jpeg_reduction, read_photo  # noqa: E402
-from utils import decode_image, exif_orientation, jpeg_shape, read_image, write_image  # noqa: E402
+from utils import (  # noqa: E402
+    decode_image,
+    device_name,
+    exif_orientation,
+    int_at_least,
+    jpeg_shape,
+    positive_int,
+    read_image,
+    write_image,
+)
 
 UPSCALED_SIDE = 2400  # longer side of the package photos when no photo folder is given
 SHIFT = 2  # pixels cut off the top and left for the repeatability row
@@ -222,19 +231,21 @@ def crop_differences(results: dict, paths: list[Path]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("photo_dir", nargs="?", type=Path, default=None)
-    p.add_argument("--sizes", type=int, nargs="+", default=[0, 640],
+    p.add_argument("--sizes", type=int_at_least(0), nargs="+", default=[0, 640],
                    help="detect_size values to time (0 = full size, the reference)")
-    p.add_argument("--min-side", type=int, default=2000)
-    p.add_argument("--max-side", type=int, default=3000)
-    p.add_argument("--limit", type=int, default=0, help="at most this many photos (0: all)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--device", default="cpu",
+    p.add_argument("--min-side", type=positive_int, default=2000)
+    p.add_argument("--max-side", type=positive_int, default=3000)
+    p.add_argument("--limit", type=int_at_least(0), default=0,
+                   help="at most this many photos (0: all)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+    p.add_argument("--device", type=device_name, default="cpu",
                    help="cpu | cuda (there FaceAligner's default driver is facenet-pytorch's, "
                         "so 'full' and 'before' differ only by the refine steps)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="align_files threads (default align_faces.DEFAULT_WORKERS)")
-    p.add_argument("--repeats", type=int, default=2, help="timed rounds (best is reported)")
-    p.add_argument("--copies", type=int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=2,
+                   help="timed rounds (best is reported)")
+    p.add_argument("--copies", type=positive_int, default=1,
                    help="list each photo this many times in the align_files timings")
     p.add_argument("--crop-ratios", action="store_true",
                    help="also crops from 1/2, 1/4, 1/8 decodes against an anti-aliased one, "

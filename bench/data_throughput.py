@@ -47,7 +47,7 @@ import cv2  # noqa: E402
 from data_gen import FaceRecordDataset, build_loader  # noqa: E402
 from models import normalize_batch  # noqa: E402
 from records import recordio  # noqa: E402
-from utils import encode_image  # noqa: E402
+from utils import encode_image, int_at_least, positive_int  # noqa: E402
 
 SIDE = 112
 JPEG_QUALITY = 95
@@ -130,20 +130,20 @@ def align_rate(count: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--raw-workers", type=int, nargs="*", default=[1],
+    parser.add_argument("--images", type=positive_int, default=4000)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--workers", type=int_at_least(0), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--raw-workers", type=int_at_least(0), nargs="*", default=[1],
                         help="also time build_loader(raw_uint8=True) with these workers")
-    parser.add_argument("--ring-workers", type=int, nargs="*", default=[1, 2],
+    parser.add_argument("--ring-workers", type=positive_int, nargs="*", default=[1, 2],
                         help="also time fast_loader.RingBufferLoader with these workers")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--torch-threads", type=int, default=1,
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--torch-threads", type=int_at_least(0), default=1,
                         help="torch threads of this process (collate runs here with 0 "
                              "workers; DataLoader workers always use 1); 0 = leave as is")
     parser.add_argument("--align", action="store_true",
                         help="also time align_faces.py's FaceAligner on the CPU")
-    parser.add_argument("--align-images", type=int, default=16)
+    parser.add_argument("--align-images", type=positive_int, default=16)
     args = parser.parse_args(argv)
     if args.torch_threads > 0:
         # on a busy machine OpenMP threads spinning at the barrier slow torch.stack ~10x

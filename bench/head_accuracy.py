@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import demo  # noqa: E402
 import train  # noqa: E402
-from config import make_config  # noqa: E402
+from config import HEAD_NAMES, make_config  # noqa: E402
 
 DEFAULT_HEADS = ("arcface", "cosface", "adaface", "curricularface", "magface",
                  "elasticface-arc")
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=Path(demo.DEFAULT_DATA_DIR),
                         help="what `make demo` made (train.rec, lfw/)")
     parser.add_argument("--runs", type=Path, default=Path("runs/head_accuracy"))
-    parser.add_argument("--heads", nargs="+", default=list(DEFAULT_HEADS))
+    parser.add_argument("--heads", nargs="+", choices=HEAD_NAMES, default=list(DEFAULT_HEADS))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     args = parser.parse_args(argv)
     if not (args.data_dir / "train.rec").is_file():

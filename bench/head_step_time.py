@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from arcface_loss import HEAD_NAMES, build_head  # noqa: E402
+from utils import device_name, int_at_least, positive_int  # noqa: E402
 
 MS1MV2_CLASSES = 85_742
 EMBEDDING_SIZE = 512
@@ -51,11 +52,11 @@ def time_step(head: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--classes", type=int, default=MS1MV2_CLASSES)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--heads", nargs="+", default=list(HEAD_NAMES))
+    parser.add_argument("--device", type=device_name, default="cpu")
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--classes", type=int_at_least(2), default=MS1MV2_CLASSES)
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--heads", nargs="+", choices=HEAD_NAMES, default=list(HEAD_NAMES))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)

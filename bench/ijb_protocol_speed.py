@@ -39,7 +39,14 @@ from evaluation import ijb_features, ijb_report  # noqa: E402
 from evaluation.ijb_release import Release, load_release  # noqa: E402
 from faces.face_warp import template_for_size  # noqa: E402
 from models import build_model  # noqa: E402
-from utils import encode_image, get_device  # noqa: E402
+from utils import (  # noqa: E402
+    device_name,
+    encode_image,
+    get_device,
+    int_at_least,
+    positive_float,
+    positive_int,
+)
 
 # IJB-C's sizes (InsightFace's pack)
 IMAGES, TEMPLATES, PAIRS = 469_375, 23_124, 15_658_489
@@ -267,15 +274,15 @@ def _centred_landmarks() -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", type=float, default=0.1,
+    parser.add_argument("--scale", type=positive_float, default=0.1,
                         help="fraction of IJB-C's size (1 = the full release)")
     parser.add_argument("--mode", default=ijb_eval.DEFAULT_MODE)
-    parser.add_argument("--embed-images", type=int, default=0,
+    parser.add_argument("--embed-images", type=int_at_least(0), default=0,
                         help="also time the network's embedding on this many crops")
     parser.add_argument("--network", default="ir50")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=ijb_features.DEFAULT_WORKERS)
+    parser.add_argument("--device", type=device_name, default="auto")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--workers", type=positive_int, default=ijb_features.DEFAULT_WORKERS)
     parser.add_argument("--tmp", default=None, help="folder for the synthetic release")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:

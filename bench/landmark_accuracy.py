@@ -46,6 +46,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's modules, not us
 
+from utils import positive_float  # noqa: E402
+
 # Five-point recipe per annotation scheme, keyed by its point count: (left eye contour,
 # right eye contour, nose tip, left mouth corner, right mouth corner); "left" is the image's.
 SCHEMES: dict[int, tuple[list[int], list[int], int, int, int]] = {
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data_dir", type=Path)
     p.add_argument("--methods", nargs="+", default=["default", "refine0", "facenet"])
-    p.add_argument("--min-eye-distance", type=float, default=DEFAULT_MIN_EYE_DISTANCE)
+    p.add_argument("--min-eye-distance", type=positive_float, default=DEFAULT_MIN_EYE_DISTANCE)
     p.add_argument("--calibrate", action="store_true")
     args = p.parse_args(argv)
     if not args.data_dir.is_dir():

@@ -22,11 +22,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's modules, not us
 
 from evaluation.verification_metrics import roc_metrics, ten_fold_accuracy  # noqa: E402
+from utils import int_at_least, positive_int  # noqa: E402
 
 GENUINE = (0.55, 0.15)
 IMPOSTOR = (0.05, 0.12)
 GRID_STEPS = 400  # InsightFace: thresholds np.arange(0, 4, 0.01) on squared distance
 NFOLDS = 10
+MIN_PAIRS = 2 * NFOLDS  # every fold needs a same and a different pair (they alternate)
 
 
 def grid_ten_fold(sims: np.ndarray, same: np.ndarray, nfolds: int = NFOLDS) -> float:
@@ -56,8 +58,8 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=6000)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--pairs", type=int_at_least(MIN_PAIRS), default=6000)
+    parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._peak_memory import reset_peak, status_kib  # noqa: E402
 from evaluation import megaface_eval as me  # noqa: E402
+from utils import device_name, positive_int  # noqa: E402
 
 NUM_PROBES = 3500
 NUM_IDENTITIES = 80
@@ -86,9 +87,10 @@ def time_mm(probes_t, distractors_t, device) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="1e6 distractors")
-    parser.add_argument("--distractors", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--distractors", type=positive_int, default=None)
+    parser.add_argument("--device", type=device_name,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--chunk-size", type=positive_int, default=None)
     args = parser.parse_args()
     n = args.distractors or (FULL_DISTRACTORS if args.full else DEFAULT_DISTRACTORS)
     device = torch.device(args.device)

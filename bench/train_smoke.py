@@ -29,10 +29,17 @@ import train  # noqa: E402
 from config import make_config  # noqa: E402
 from training.train_checkpoints import CHECKPOINT_NAME  # noqa: E402
 from training.trainer import FAULT_ENV, NonFiniteLossError  # noqa: E402
-from utils import load_checkpoint, write_image  # noqa: E402
+from utils import (  # noqa: E402
+    device_name,
+    int_at_least,
+    load_checkpoint,
+    positive_int,
+    write_image,
+)
 
 CROP = 112
 NOISE = 24  # per-image pixel noise around an identity's base image: learnable, not trivial
+MIN_IDENTITIES = 2  # a classification head needs two classes to learn anything
 
 
 def make_identities(root: Path, identities: int, per_identity: int, seed: int = 0) -> None:
@@ -47,13 +54,14 @@ def make_identities(root: Path, identities: int, per_identity: int, seed: int = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--network", default="ir18")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--identities", type=int, default=32)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--log-every", type=int, default=5, help="steps between reads of the loss")
+    p.add_argument("--steps", type=positive_int, default=60)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--identities", type=int_at_least(MIN_IDENTITIES), default=32)
+    p.add_argument("--workers", type=int_at_least(0), default=4)
+    p.add_argument("--log-every", type=positive_int, default=5,
+                   help="steps between reads of the loss")
     p.add_argument("--output", default="runs/train_smoke")
     args = p.parse_args(argv)
 

@@ -39,7 +39,14 @@ import models  # noqa: E402
 import train  # noqa: E402
 from config import COMPILE_MODES, make_config  # noqa: E402
 from training.distributed import DistInfo  # noqa: E402
-from utils import get_device, reuse_freed_memory  # noqa: E402
+from utils import (  # noqa: E402
+    device_name,
+    get_device,
+    int_at_least,
+    positive_float,
+    positive_int,
+    reuse_freed_memory,
+)
 
 MS1MV2_CLASSES = 85742
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -110,23 +117,25 @@ def measure(network: str, args: argparse.Namespace, device: torch.device) -> dic
 
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--networks", nargs="+", default=None,
                    help="default: ir18 ir50 on the CPU, ir50 ir100 on CUDA")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 32 CPU, 128 CUDA")
-    p.add_argument("--iters", type=int, default=None, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
-    p.add_argument("--rounds", type=int, default=ROUNDS, help="alternating bare/step rounds")
-    p.add_argument("--num-classes", type=int, default=MS1MV2_CLASSES)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="default: 32 CPU, 128 CUDA")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed steps per round")
+    p.add_argument("--warmup", type=int_at_least(0), default=None, help="untimed steps first")
+    p.add_argument("--rounds", type=positive_int, default=ROUNDS,
+                   help="alternating bare/step rounds")
+    p.add_argument("--num-classes", type=int_at_least(2), default=MS1MV2_CLASSES)
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
                    help="default: bf16 on CUDA, none (float32) on the CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode (reduce-overhead: CUDA graphs)")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=positive_float, default=None,
                    help=f"for MFU (default {H100_BF16_DENSE_TFLOPS:g} on CUDA: H100 bf16)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=False,
                    help="malloc keeps freed memory (utils.reuse_freed_memory; train.py's "
                         "keep_freed_memory field); default off, as train.py")

@@ -8,8 +8,11 @@ the image's embedding alone and ``N0`` the raw magnitudes. For IJB-C at 512-D th
 ``<cache-dir>/<key>/``; the key hashes the checkpoint (its content), the network and
 the image list with its landmarks, so another model or release never reads stale features.
 Each chunk is written to a temporary beside it and renamed when whole: a killed run resumes
-at the first missing chunk. Reading and aligning (OpenCV, which releases the GIL) runs in a
-thread pool one chunk ahead of the network.
+at the first missing chunk. The manifest records the checkpoint (path and sha256); a cache
+of the same checkpoint path and release under another key (the checkpoint since retrained
+or replaced: its old features can never be read again) is deleted
+(:func:`prune_stale_caches`). Reading and aligning (OpenCV, which releases the GIL) runs in
+a thread pool one chunk ahead of the network.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +50,10 @@ CHUNK_IMAGES = 8192  # images per cache file (at 512-D: 32 MB)
 CACHE_FORMAT = 1  # bump when the cached arrays change meaning
 KEY_CHARS = 20
 MANIFEST = "manifest.json"
+_KEY_NAME = re.compile(f"[0-9a-f]{{{KEY_CHARS}}}")  # a cache folder's name: its key
+# what a cache folder of ours holds: chunks, the manifest, a killed writer's temporaries
+_CACHE_ENTRY = re.compile(r"chunk_\d{6}\.npy|manifest\.json|\.(chunk_\d{6}\.npy|"
+                          r"manifest\.json)\..*\.tmp")
 DEFAULT_WORKERS = 4  # threads reading and aligning crops
 MAX_LISTED = 5  # missing images named in the error
 
@@ -159,13 +168,50 @@ def _refuse_non_finite(feats: np.ndarray, release: Release, start: int) -> None:
             "chunk); the model diverged or overflows; nothing of the chunk was cached")
 
 
+def _our_stale_cache(folder: Path, keep: Path, checkpoint: str, ijb_dir: str) -> bool:
+    """Whether ``folder`` is a cache of ours (key name, manifest, only our files) made for
+    ``checkpoint`` and ``ijb_dir`` (resolved paths) under a key other than ``keep``'s."""
+    if folder == keep or not folder.is_dir() or folder.is_symlink() \
+            or not _KEY_NAME.fullmatch(folder.name):
+        return False
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        entries = [p.name for p in folder.iterdir()]
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and "format" in manifest
+            and manifest.get("checkpoint") == checkpoint and manifest.get("ijb_dir") == ijb_dir
+            and all(_CACHE_ENTRY.fullmatch(name) for name in entries))
+
+
+def prune_stale_caches(keep: Path, release: Release, checkpoint: str | Path) -> list[Path]:
+    """Delete the caches beside ``keep`` made for the same checkpoint path and release under
+    another key: that checkpoint's earlier content (retrained with --overwrite, replaced) or
+    config, whose features are never read again. Only folders of ours (named by a key, a
+    manifest recording that checkpoint, nothing but chunks) are touched; the caller holds the
+    cache folder's lock. Returns what was deleted (said in one line)."""
+    if not keep.parent.is_dir():
+        return []
+    checkpoint, ijb_dir = str(Path(checkpoint).resolve()), str(release.root.resolve())
+    stale = [f for f in sorted(keep.parent.iterdir())
+             if _our_stale_cache(f, keep, checkpoint, ijb_dir)]
+    for folder in stale:
+        shutil.rmtree(folder)
+    if stale:
+        log.info("deleted %d stale feature cache(s) of %s (its earlier content or config): %s",
+                 len(stale), checkpoint, ", ".join(f.name for f in stale))
+    return stale
+
+
 def cached_features(release: Release, folder: Path,
                     embed: Callable[[np.ndarray], np.ndarray] | None,
-                    workers: int = DEFAULT_WORKERS, progress: bool = True) -> list[Path]:
+                    workers: int = DEFAULT_WORKERS, progress: bool = True,
+                    checkpoint: str | Path | None = None) -> list[Path]:
     """Make every missing chunk of ``folder`` (``embed``: crops -> (n, 2, E); None when
     nothing is missing); return all chunk paths in image order. A loose crop that cannot be
     read leaves its chunk unmade; the other chunks are made, then an ImageReadError names
-    every such crop (a rerun makes only those chunks)."""
+    every such crop (a rerun makes only those chunks). ``checkpoint``: recorded in the
+    manifest (path and sha256), and the stale caches of it beside ``folder`` deleted."""
     folder.mkdir(parents=True, exist_ok=True)
     total = len(release.names)
     starts = list(range(0, total, CHUNK_IMAGES))
@@ -174,10 +220,16 @@ def cached_features(release: Release, folder: Path,
     for p in paths:
         remove_stale_temporaries(folder, p.name)
     manifest = folder / MANIFEST
+    source = {} if checkpoint is None else {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": file_sha256(checkpoint)}
     if not manifest.is_file():
         atomic_write_text(manifest, json.dumps({"format": CACHE_FORMAT, "images": total,
                                                 "chunk_images": CHUNK_IMAGES,
-                                                "ijb_dir": str(release.root)}, indent=2) + "\n")
+                                                "ijb_dir": str(release.root.resolve()),
+                                                **source}, indent=2) + "\n")
+    if checkpoint is not None:
+        prune_stale_caches(folder, release, checkpoint)
     if missing:
         log.info("embedding %d of %d chunks into %s", len(missing), len(paths), folder)
     # One thread prepares the next chunk (with ``workers`` threads reading and aligning its

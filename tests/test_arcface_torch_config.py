@@ -6,6 +6,7 @@ the schedule's reference is its lr_scheduler.PolynomialLRWarmup.get_lr, written 
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -137,6 +138,15 @@ def test_base_alone_and_cli_flags_override(configs):
                            "--network", "ir18", "--scheduler", "poly"])
     assert (cfg.lr, cfg.network, cfg.scheduler) == (0.05, "ir18", "poly")
     assert (cfg.amp, cfg.output, cfg.head) == ("none", "ms1mv3_arcface_r50", "arcface")
+
+
+def test_warmup_past_num_epoch_is_refused_in_its_own_field_names(configs):
+    """config.warmup_epoch = 30 over num_epoch = 25 was accepted."""
+    job = configs / "long_warmup.py"
+    job.write_text(MS1MV3_R50_PY + "config.warmup_epoch = 30\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(job))}: warmup_epoch: 30.0 is "
+                                          r"more than num_epoch \(25\): the lr would still"):
+        make_config(config_file=job)
 
 
 def test_vit_config_fields(configs):

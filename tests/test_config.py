@@ -160,6 +160,27 @@ def test_nesterov_without_momentum_is_refused():
     assert make_config({"nesterov": True, "momentum": 0.0, "optimizer": "adamw"}).nesterov
 
 
+def test_warmup_longer_than_training_is_refused_naming_both_fields(tmp_path, capsys):
+    """warmup_epochs 5 of epochs 3 was accepted: the lr never reached its peak."""
+    from utils import run_cli
+
+    with pytest.raises(config.ConfigError) as e:
+        make_config({"warmup_epochs": 5.0, "epochs": 3})
+    assert str(e.value).startswith("overrides: warmup_epochs: 5.0 is more than epochs (3)")
+    capsys.readouterr()
+    assert run_cli(lambda argv: parse_config(argv), ["--epochs", "2", "--warmup-epochs",
+                                                     "2.5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --warmup-epochs: 2.5 is more than --epochs (2)"), err
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"warmup_epochs": 4}))
+    with pytest.raises(config.ConfigError, match=rf"^{re.escape(str(path))}: warmup_epochs: 4.0 "
+                                                 r"is more than --epochs \(3\)"):
+        make_config({"epochs": 3}, config_file=path, overrides_source=config.COMMAND_LINE)
+    # as long as training, or shorter: accepted
+    assert make_config({"warmup_epochs": 3.0, "epochs": 3}).warmup_epochs == 3.0
+
+
 def test_the_choice_lists_agree_with_the_models_and_heads_they_name():
     # config.py spells the names so that reading a config does not import torch
     import arcface_loss

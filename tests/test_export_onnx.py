@@ -225,3 +225,32 @@ def test_cli_a_model_that_overflows_is_named_before_any_export(tmp_path, capsys,
                    f"{export_onnx.PARITY_BATCH} of {export_onnx.PARITY_BATCH} test images; "
                    "nothing was written\n"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.pt"]
+
+
+def test_cli_export_records_the_checkpoint_it_came_from(tmp_path):
+    """The .onnx said nothing of its checkpoint: a deployed model could not be matched with
+    the weights (and evaluation results) it came from."""
+    import hashlib
+
+    path = _saved_ir_narrow(tmp_path, lambda m: None)
+    out = tmp_path / "m.onnx"
+    assert export_onnx.main(["--checkpoint", str(path), "--network", "ir_narrow",
+                             "--out", str(out)]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta == {"checkpoint": str(path),
+                    "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def test_metadata_with_external_weights_keeps_the_pair_loadable(tmp_path):
+    model = _trained_like(TinyEmbedder())
+    out = tmp_path / "out" / "m.onnx"
+    export_onnx.export_onnx(model, out, single_file_max_bytes=0,
+                            metadata={"checkpoint_sha256": "ab" * 32})
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx", "m.onnx.data"]
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(_run_alone(out, x), want, atol=1e-4, rtol=1e-4)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map == {"checkpoint_sha256": "ab" * 32}

@@ -604,3 +604,28 @@ def test_interrupted_re_extraction_keeps_the_old_file_and_no_temporary(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         extract.extract_archive(archive, dest, progress=False, force=True)
     assert _every_file(dest) == FILES
+
+
+@pytest.mark.parametrize("kind", ["zip", "tgz"])
+def test_a_killed_runs_temporaries_go_when_their_member_is_written_again(tmp_path, kind):
+    """A SIGKILLed extraction left hidden .<name>.<hex>.tmp files (half a train.rec) beside
+    its members, and every later run kept them."""
+    import os
+
+    archive = _stored_zip(tmp_path / "faces_emore.zip", FILES) if kind == "zip" else \
+        write_tar(tmp_path / "faces_emore.tgz", FILES)
+    dest = tmp_path / "data"
+    folder = dest / "faces_emore"
+    folder.mkdir(parents=True)
+    # what a kill leaves: a temporary of a member, written part way
+    fd, killed = extract._member_temp(folder / "train.rec")
+    os.write(fd, b"rec" * 10)
+    os.close(fd)
+    (folder / ".property.0123abcd.tmp").write_bytes(b"85742,")
+    kept = {".other.rec.0123abcd.tmp": b"a member of no archive here",  # not ours to judge
+            ".notes.tmp": b"a user's file", ".train.rec.not-hex!.tmp": b"not our pattern"}
+    for name, data in kept.items():
+        (folder / name).write_bytes(data)
+    extract.extract_archive(archive, dest, progress=False)
+    assert not killed.exists() and not (folder / ".property.0123abcd.tmp").exists()
+    assert _every_file(dest) == {**FILES, **{f"faces_emore/{n}": d for n, d in kept.items()}}

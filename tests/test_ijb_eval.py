@@ -509,6 +509,22 @@ def _reference(raw, written, release, mode):
     return tar, search
 
 
+def test_zero_faceness_count_is_in_the_results(release_dir, checkpoint, tmp_path, capsys):
+    """The faceness-0 images were only logged: the results JSON did not say the D1 modes ran
+    without them."""
+    root = _copy_release(release_dir[0], tmp_path / "IJBC")
+    path = root / "meta" / "ijbc_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    for k in (2, 7):
+        lines[k] = lines[k].rsplit(" ", 1)[0] + " 0"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert _cli(root, checkpoint, out) == 0
+    rows = release_dir[1]["rows"]
+    results = json.loads((out / "ijbc_results.json").read_text())
+    assert results["zero_faceness"] == {"images": 2, "first": [rows[2][0], rows[7][0]]}
+
+
 def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path, embed_calls,
                                               monkeypatch, capsys):
     root, written = release_dir
@@ -520,6 +536,7 @@ def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path,
     assert results["target"] == "IJBC" and results["images"] == IMAGES
     assert results["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert results["templates"] == TEMPLATES and results["mode"] == "N1D1F1"
+    assert results["zero_faceness"] == {"images": 0, "first": []}
     assert set(results["modes"]) == {"N1D1F1", "N0D0F0"}
     assert (out / "ijbc_roc.png").stat().st_size > 0 and (out / "ijbc_cmc.png").is_file()
     assert "N1D1F1" in printed and "G2" in printed and "merged*" in printed
@@ -702,6 +719,47 @@ def test_feature_cache_key_follows_the_checkpoint_content(release_dir, tmp_path)
     copy.parent.mkdir()
     copy.write_bytes(ckpt.read_bytes())
     assert ijb_features.cache_key(release, copy, None, None) == keys[1]
+
+
+def test_stale_caches_of_a_replaced_checkpoint_are_deleted_and_only_those(release_dir,
+                                                                         tmp_path, caplog):
+    """The cache key is the checkpoint's content: after a retrain over the same path, the old
+    key's 1.9 GB (IJB-C) stayed on disk forever, never to be read again."""
+    import hashlib
+    import shutil
+
+    release = ijb_release.load_release(release_dir[0], "IJBC", with_search=False)
+    root = tmp_path / "features"
+    ckpt, other = tmp_path / "run" / "backbone.pt", tmp_path / "run2" / "backbone.pt"
+    for path, content in ((ckpt, b"first weights"), (other, b"other model")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+
+    def fill(checkpoint: Path) -> Path:
+        folder = root / ijb_features.cache_key(release, checkpoint, None, None)
+        ijb_features.cached_features(
+            release, folder, lambda crops: np.zeros((len(crops), 2, 4), np.float32),
+            workers=1, progress=False, checkpoint=checkpoint)
+        return folder
+
+    old, others = fill(ckpt), fill(other)
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest["checkpoint"] == str(ckpt.resolve())
+    assert manifest["checkpoint_sha256"] == hashlib.sha256(b"first weights").hexdigest()
+    mine = root / ("f" * ijb_features.KEY_CHARS)  # looks like ours, holds a user's file
+    shutil.copytree(old, mine)
+    (mine / "notes.txt").write_text("keep me")
+    shutil.copytree(old, root / "backup")  # not named by a key
+    ckpt.write_bytes(b"retrained weights")  # train.py --overwrite: a new key
+    ijb_features.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        new = fill(ckpt)
+    finally:
+        ijb_features.log.removeHandler(caplog.handler)
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [new.name, others.name, mine.name, "backup"])
+    assert f"deleted 1 stale feature cache(s) of {ckpt.resolve()}" in caplog.text
+    assert old.name in caplog.text
 
 
 def test_quality_csv_holds_each_images_own_norm_from_the_cache(release_dir, checkpoint,

@@ -433,17 +433,24 @@ def tiny_run(tmp_path_factory):
     return {"root": root, "run": run, "lfw_dir": data["lfw_dir"], "rc": rc, "argv": argv}
 
 
+def _raw_results(out: Path, tiny_run) -> Path:
+    """The results file of tiny_run's raw LFW set in ``out``."""
+    argv = tiny_run["argv"]
+    return lfw_eval.lfw_results_path(out, tiny_run["lfw_dir"], argv[argv.index("--pairs") + 1])
+
+
 def test_lfw_cli_writes_results_and_figures(tiny_run, capsys):
     assert tiny_run["rc"] == 0
     out = tiny_run["run"] / "eval"
-    r = json.loads((out / "lfw_results.json").read_text())
+    r = json.loads(_raw_results(out, tiny_run).read_text())
     assert r["n_pairs"] == 20 and r["nfolds"] == 10 and len(r["fold_accuracies"]) == 10
     # every fold holds one genuine and one impostor pair: its accuracy is 0, 1/2 or 1
     assert all(a in (0.0, 0.5, 1.0) for a in r["fold_accuracies"])
     assert r["accuracy"] == pytest.approx(np.mean(r["fold_accuracies"]))
     assert r["threshold"] == pytest.approx(np.mean(r["fold_thresholds"]))
     assert r["checkpoint"].endswith("backbone.pt") and r["faceless_images"] == []
-    for name in ("lfw_roc.png", "lfw_hist.png", "lfw_errors.png"):
+    stem = _raw_results(out, tiny_run).name.removesuffix("_results.json")
+    for name in (f"{stem}_roc.png", f"{stem}_hist.png", f"{stem}_errors.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     caches = list((tiny_run["root"] / "synth" / "lfw_aligned_cache").glob("aligned_*.npz"))
     assert len(caches) == 1
@@ -459,14 +466,14 @@ def test_lfw_cli_writes_results_and_figures(tiny_run, capsys):
                                  "tar@far=1e-04": "n/a (needs >= 10,000 impostor pairs)"}
     assert "  TAR@FAR=1e-03: n/a (needs >= 1,000 impostor pairs), 10 here\n" in printed
     assert "  TAR@FAR=1e-04: n/a (needs >= 10,000 impostor pairs), 10 here\n" in printed
-    again = json.loads((out / "lfw_results.json").read_text())
+    again = json.loads(_raw_results(out, tiny_run).read_text())
     assert again["fold_thresholds"] == pytest.approx(r["fold_thresholds"], abs=1e-6)
     # a cache cut short by a kill (empty, or half a zip) is realigned, not a traceback
     whole = caches[0].read_bytes()
     for cut in (b"", whole[:len(whole) // 2]):
         caches[0].write_bytes(cut)
         assert lfw_eval.main(tiny_run["argv"]) == 0
-        redone = json.loads((out / "lfw_results.json").read_text())
+        redone = json.loads(_raw_results(out, tiny_run).read_text())
         assert redone["fold_thresholds"] == pytest.approx(r["fold_thresholds"], abs=1e-6)
         with np.load(caches[0]) as cached:  # rewritten whole
             assert cached["crops"].shape == (12, 112, 112, 3)
@@ -474,8 +481,12 @@ def test_lfw_cli_writes_results_and_figures(tiny_run, capsys):
 
 def test_lfw_cli_scores_the_pairs_whose_images_read_and_names_the_others(tiny_run, tmp_path,
                                                                          capsys):
-    """One truncated jpg in the tree: its pairs are left out and listed, the rest scored."""
+    """One truncated jpg in the tree: refused by default (a score on fewer pairs is not the
+    protocol's), one line with the count and the file; with --skip-unreadable its pairs are
+    left out and listed, the rest scored."""
     import shutil
+
+    from utils import run_cli
 
     lfw = tmp_path / "lfw"
     shutil.copytree(tiny_run["lfw_dir"], lfw)
@@ -491,11 +502,17 @@ def test_lfw_cli_scores_the_pairs_whose_images_read_and_names_the_others(tiny_ru
     argv = ["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
             "--lfw-dir", str(lfw), "--pairs", str(tmp_path / "pairs.txt"),
             "--out", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache")]
-    capsys.readouterr()
-    assert lfw_eval.main(argv) == 0
-    out = capsys.readouterr().out
-    r = json.loads((tmp_path / "eval" / "lfw_results.json").read_text())
     rel = f"{b}/{b}_0003.jpg"
+    capsys.readouterr()
+    assert run_cli(lfw_eval.main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("error: --lfw-dir ") and "1 of 9 pair images cannot be read" in err
+    assert rel in err, err
+    assert "--skip-unreadable" in err and not list((tmp_path / "eval").glob("*_results.json"))
+    assert lfw_eval.main(argv + ["--skip-unreadable"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(lfw_eval.lfw_results_path(tmp_path / "eval", lfw, tmp_path / "pairs.txt")
+                   .read_text())
     assert list(r["unreadable_images"]) == [rel] and rel in r["unreadable_images"][rel]
     assert r["pairs_left_out"] == 2 and r["n_pairs"] == 12 - 2
     assert r["nfolds"] == 2 and len(r["fold_accuracies"]) == 2
@@ -526,7 +543,8 @@ def test_compare_two_photos(tiny_run, capsys):
     names = sorted(p.name for p in Path(lfw).iterdir() if p.is_dir())
     a1, a2 = (Path(lfw) / names[0] / f"{names[0]}_{k:04d}.jpg" for k in (1, 2))
     b1 = Path(lfw) / names[1] / f"{names[1]}_0001.jpg"
-    threshold = json.loads((tiny_run["run"] / "eval" / "lfw_results.json").read_text())["threshold"]
+    saved = _raw_results(tiny_run["run"] / "eval", tiny_run)
+    threshold = json.loads(saved.read_text())["threshold"]
     model = models.load_backbone(tiny_run["run"] / "backbone.pt")
     aligner = FaceAligner(device="cpu")
     for x, y in ((a1, a2), (a1, b1)):  # one identity, then two
@@ -660,7 +678,7 @@ def test_lfw_cli_scores_the_files_own_folds(tiny_run, capsys, tmp_path, layout):
                           tiny_run["lfw_dir"], "--pairs", str(pairs), "--device", "cpu",
                           "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    r = json.loads((out / "lfw_results.json").read_text())
+    r = json.loads(lfw_eval.lfw_results_path(out, tiny_run["lfw_dir"], pairs).read_text())
     sims = _pair_similarities(tiny_run, pairs)
     expected, _ = brute_force_folds(sims, same, fold_of)
     assert r["nfolds"] == len(expected) == len(r["fold_accuracies"])
@@ -775,7 +793,7 @@ def test_cli_refuses_non_finite_weights_and_embeddings_before_scoring(tiny_run, 
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     found = re.search(r"lfw: (\d+) of (\d+) images have non-finite \(NaN/inf\) embeddings", err)
     assert found and found.group(1) == found.group(2) != "0", err
-    assert not (run / "eval" / "lfw_results.json").exists()
+    assert not list((run / "eval").glob("*_results.json"))
 
 
 def test_alignment_cache_of_a_read_only_lfw_goes_to_the_user_cache(tmp_path, monkeypatch,
@@ -843,7 +861,7 @@ def _other_checkpoint(folder: Path, seed: int) -> Path:
 
 def test_lfw_results_record_the_checkpoint_and_pairs_they_came_from(tiny_run):
     assert tiny_run["rc"] == 0
-    r = json.loads((tiny_run["run"] / "eval" / "lfw_results.json").read_text())
+    r = json.loads(_raw_results(tiny_run["run"] / "eval", tiny_run).read_text())
     pairs = tiny_run["argv"][tiny_run["argv"].index("--pairs") + 1]
     assert r["checkpoint_sha256"] == _sha256(tiny_run["run"] / "backbone.pt")
     assert r["pairs_sha256"] == _sha256(pairs) and r["pairs"] == pairs
@@ -854,8 +872,9 @@ def test_bin_results_keep_lfw_results_and_same_named_sets_apart(tiny_run, tmp_pa
     two sets named lfw.bin in two folders wrote one file."""
     out = tmp_path / "eval"
     out.mkdir()
-    raw = (tiny_run["run"] / "eval" / "lfw_results.json").read_bytes()
-    (out / "lfw_results.json").write_bytes(raw)
+    raw_path = _raw_results(out, tiny_run)
+    raw = _raw_results(tiny_run["run"] / "eval", tiny_run).read_bytes()
+    raw_path.write_bytes(raw)
     bins = [tmp_path / "a" / "lfw.bin", tmp_path / "b" / "lfw.bin"]
     for k, path in enumerate(bins):
         path.parent.mkdir()
@@ -865,13 +884,47 @@ def test_bin_results_keep_lfw_results_and_same_named_sets_apart(tiny_run, tmp_pa
     ckpt = tiny_run["run"] / "backbone.pt"
     assert lfw_eval.main(["--checkpoint", str(ckpt), "--device", "cpu", "--out", str(out),
                           "--bin", str(bins[0]), "--bin", str(bins[1])]) == 0
-    assert (out / "lfw_results.json").read_bytes() == raw  # raw LFW's results untouched
+    assert raw_path.read_bytes() == raw  # raw LFW's results untouched
     written = sorted(out.glob("*_results.json"))
     assert len(written) == 3, written
-    saved = [json.loads(p.read_text()) for p in written if p.name != "lfw_results.json"]
+    saved = [json.loads(p.read_text()) for p in written if p != raw_path]
     assert sorted(s["bin"] for s in saved) == sorted(str(b) for b in bins)
     for s in saved:
         assert s["bin_sha256"] == _sha256(s["bin"]) and s["checkpoint_sha256"] == _sha256(ckpt)
+
+
+def test_raw_lfw_results_of_two_pairs_files_stay_apart_and_compare_reads_the_named_one(
+        tiny_run, tmp_path, capsys):
+    """Raw LFW wrote <out>/lfw_results.json whatever the pairs file: a second pairs file's
+    results replaced the first's (and the threshold --compare reads)."""
+    import hashlib
+
+    lfw = tiny_run["lfw_dir"]
+    first = tiny_run["argv"][tiny_run["argv"].index("--pairs") + 1]
+    second = tmp_path / "two_folds.txt"
+    second.write_text(_pairs_from_lfw(lfw, "2\t4", 2, 4)[0])
+    out = tmp_path / "eval"
+    ckpt = str(tiny_run["run"] / "backbone.pt")
+    for pairs in (first, second):
+        assert lfw_eval.main(["--checkpoint", ckpt, "--lfw-dir", lfw, "--pairs", str(pairs),
+                              "--device", "cpu", "--out", str(out)]) == 0
+
+    def named(pairs) -> Path:  # lfw_ + 12 hex of sha256("<image folder>\n<pairs file>")
+        key = f"{Path(lfw).resolve()}\n{Path(pairs).resolve()}".encode()
+        return out / f"lfw_{hashlib.sha256(key).hexdigest()[:12]}_results.json"
+
+    assert sorted(out.glob("*_results.json")) == sorted([named(first), named(second)])
+    results = {p: json.loads(named(p).read_text()) for p in (first, second)}
+    assert results[first]["n_pairs"] == 20 and results[first]["pairs"] == first
+    assert results[second]["n_pairs"] == 16 and results[second]["pairs"] == str(second)
+    photo = next(Path(lfw).rglob("*.jpg"))
+    compare = ["--checkpoint", ckpt, "--device", "cpu", "--out", str(out), "--compare",
+               str(photo), str(photo)]
+    err = _cli_error(compare, capsys)  # two sets and neither named: which threshold?
+    assert "LFW results of 2 pairs files" in err and str(second) in err and "--pairs" in err
+    assert lfw_eval.main([*compare, "--lfw-dir", lfw, "--pairs", str(second)]) == 0
+    printed = capsys.readouterr().out
+    assert f"threshold: {results[second]['threshold']:.4f} (from {named(second)})" in printed
 
 
 def test_compare_refuses_a_threshold_of_another_checkpoint(tiny_run, tmp_path, capsys):
@@ -880,7 +933,8 @@ def test_compare_refuses_a_threshold_of_another_checkpoint(tiny_run, tmp_path, c
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
     results = run / "eval" / "lfw_results.json"
-    results.write_bytes((tiny_run["run"] / "eval" / "lfw_results.json").read_bytes())
+    # under the name of versions before the set hash: still read, and checked alike
+    results.write_bytes(_raw_results(tiny_run["run"] / "eval", tiny_run).read_bytes())
     ckpt = _other_checkpoint(run, seed=1)  # the run trained anew over the evaluated one
     photo = next(Path(tiny_run["lfw_dir"]).rglob("*.jpg"))
     argv = ["--checkpoint", str(ckpt), "--device", "cpu", "--compare", str(photo), str(photo)]
@@ -945,13 +999,13 @@ def test_lfw_cli_quality_records_each_images_norm(tiny_run, tmp_path, capsys):
     import models
 
     assert tiny_run["rc"] == 0
-    plain = json.loads((tiny_run["run"] / "eval" / "lfw_results.json").read_text())
+    plain = json.loads(_raw_results(tiny_run["run"] / "eval", tiny_run).read_text())
     assert "quality" not in plain  # without the flag the results are as before
     out = tmp_path / "eval"
     capsys.readouterr()
     assert lfw_eval.main(tiny_run["argv"] + ["--out", str(out), "--quality"]) == 0
     printed = capsys.readouterr().out
-    r = json.loads((out / "lfw_results.json").read_text())
+    r = json.loads(_raw_results(out, tiny_run).read_text())
     assert {k: v for k, v in r.items() if k not in ("quality", "files")} == \
         {k: v for k, v in plain.items() if k != "files"}
     crops = _cached_crops(tiny_run)

@@ -423,6 +423,58 @@ def test_crop_tree_uses_json_box_lists_faceless_and_resumes(tmp_path):
     assert (dst / "faceless.txt").read_text().count("2_0.jpg") == 1
 
 
+def test_crops_record_their_source_and_are_never_mixed(tmp_path):
+    """crop_megaface into a tree of another raw tree's crops resumed over them (two sources'
+    crops in one tree), and the crops recorded nothing of where they came from."""
+    from utils import ProvenanceError, write_image
+
+    first, second, dst = tmp_path / "raw1", tmp_path / "raw2", tmp_path / "aligned"
+    for src in (first, second):
+        write_image(src / "1/a@N00/1_0.jpg", np.full((60, 80, 3), 90, np.uint8))
+    megaface.crop_tree(_FakeAligner(), first, dst, progress=False)
+    record = json.loads((dst / "crops_source.json").read_text())
+    assert record["source"] == str(first.resolve()) and record["aligner"] == "_FakeAligner"
+    write_image(second / "1/a@N00/2_0.jpg", np.full((60, 80, 3), 90, np.uint8))
+    with pytest.raises(ProvenanceError) as e:
+        megaface.crop_tree(_FakeAligner(), second, dst, progress=False)
+    assert str(dst) in str(e.value) and str(first.resolve()) in str(e.value)
+    assert str(second.resolve()) in str(e.value) and not (dst / "1/a@N00/2_0.jpg").exists()
+    other = _FakeAligner()
+    other.refine_steps = 0  # another aligner setting: crops that would not match
+    with pytest.raises(ProvenanceError, match="other aligner settings"):
+        megaface.crop_tree(other, first, dst, progress=False)
+    (dst / "crops_source.json").unlink()  # crops that do not say where they came from
+    with pytest.raises(ProvenanceError, match="do not record what they came from"):
+        megaface.crop_tree(_FakeAligner(), first, dst, progress=False)
+
+
+def test_features_of_crops_remade_from_another_source_are_refused(tmp_path):
+    """The aligned folder re-cropped from another raw tree kept its path: gen_features
+    resumed into features of the old crops (written=0)."""
+    from utils import ProvenanceError, write_image
+
+    raw, dst = tmp_path / "raw", tmp_path / "aligned"
+    write_image(raw / "1/a@N00/1_0.jpg", np.full((60, 80, 3), 90, np.uint8))
+    megaface.crop_tree(_FakeAligner(), raw, dst, progress=False)
+    model = torch.nn.Sequential(torch.nn.AvgPool2d(16), torch.nn.Flatten(),
+                                torch.nn.Linear(3 * 49, 8))
+    ckpt = tmp_path / "m.pt"
+    torch.save(model.state_dict(), ckpt)
+    features = tmp_path / "features"
+    kwargs = dict(device="cpu", progress=False, checkpoint=ckpt)
+    assert megaface.gen_features(model, dst, features, **kwargs)["written"] == 1
+    saved = json.loads((features / "features_source.json").read_text())
+    assert saved["crops"]["source"] == str(raw.resolve())
+    import shutil
+
+    shutil.rmtree(dst)
+    shutil.copytree(raw, tmp_path / "raw2")
+    megaface.crop_tree(_FakeAligner(), tmp_path / "raw2", dst, progress=False)
+    with pytest.raises(ProvenanceError) as e:
+        megaface.gen_features(model, dst, features, **kwargs)
+    assert str(features) in str(e.value) and str((tmp_path / "raw2").resolve()) in str(e.value)
+
+
 def test_gen_features_writes_unit_devkit_files_and_resumes(tmp_path):
     from utils import write_image
 

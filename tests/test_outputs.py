@@ -449,3 +449,32 @@ def test_an_output_whose_folder_cannot_be_written_is_refused_in_one_line(tmp_pat
     assert str(err.value) == (f"--index-out {out}: cannot write in {out.parent} "
                               f"({lock_path_for(out)}: Read-only file system)")
     assert not out.parent.exists()  # the folder made for the lock is gone again
+
+
+def test_pack_refuses_to_replace_a_foreign_idx_or_property_beside_out(tmp_path, capsys):
+    """--pack wrote the .idx and property beside --out without a check: a user's file named
+    train.idx or property was replaced, and two packs into one folder both wrote property."""
+    import pre_process
+
+    src = _small_tree(tmp_path / "aligned")
+    for name, flag in (("train.idx", "the .idx of --out"),
+                       ("property", "the property file of --out")):
+        out_dir = tmp_path / f"set_{name}"
+        out_dir.mkdir()
+        mine = out_dir / name
+        mine.write_text("my notes, not a set file\n")
+        assert run_cli(pre_process.main, ["--pack", str(src), "--out",
+                                          str(out_dir / "train.rec"), "--no-progress"]) == 1
+        line = one_error_line(capsys)
+        assert f"{flag} {mine}: exists and is not" in line, line
+        assert mine.read_text() == "my notes, not a set file\n"
+        assert not (out_dir / "train.rec").exists()
+    out = tmp_path / "set" / "a.rec"
+    with Holder(out.parent / "property") as holder:  # another pack writing into set/
+        with pytest.raises(OutputBusyError, match=f"pid {holder.proc.pid}"):
+            pre_process.pack_folder(src, out, progress=False)
+    pre_process.pack_folder(src, out, progress=False)
+    assert (out.parent / "property").read_text() == "2,112,112\n"
+    # a set packed again into its own folder replaces its own .idx and property
+    again = pre_process.pack_folder(src, out, progress=False)
+    assert again.images == 4
