@@ -244,7 +244,7 @@ def _enrol_photos(gallery: Gallery, photos: list[tuple[str, Path]], model,
             no_face.append(str(found.path))
         else:
             pending.append((found.faces[0].crop, identity_of[found.path]))
-        if len(pending) >= EMBED_CHUNK:
+        if len(pending) >= min(EMBED_CHUNK, args.save_every):
             added, since_save = added + len(pending), since_save + len(pending)
             _add(gallery, model, pending, args, device)
             pending = []
