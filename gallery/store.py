@@ -48,6 +48,9 @@ INDEX_KINDS = ("flat", "hnsw", "ivf")
 # floats in one block of query x image scores: 64 MiB, far below a 1M-image gallery's
 # 4 GB for 1,000 queries, and blocks this large keep the matrix products efficient
 SCORE_BLOCK_ELEMENTS = 1 << 24
+# the first block's images: its top k per query (an argpartition of all its scores) sets the
+# bar the later blocks' scores are filtered by, so it is kept small
+FIRST_BLOCK_IMAGES = 4096
 QUERY_CHUNK = 1024  # queries scored together (each block of scores is QUERY_CHUNK rows at most)
 # faiss HNSW: links per node, and the candidate lists of build and search (faiss's defaults
 # are 32 / 40 / 16; wider lists trade build and search time for recall)
@@ -129,6 +132,22 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     for r in np.flatnonzero(scores[rows, below] == kth[rows]):  # a tie at the cut: rare
         top[r] = np.lexsort((np.arange(cols), -scores[r]))[:k]
     return top
+
+
+def _merge(best_l: np.ndarray, best_s: np.ndarray, rows: np.ndarray, labels: np.ndarray,
+           scores: np.ndarray) -> None:
+    """Candidates (row, label, score) merged into each row's best k (in place), best first,
+    ties in label order."""
+    q, k = best_l.shape
+    r = np.concatenate([np.repeat(np.arange(q), k), rows])
+    lab = np.concatenate([best_l.ravel(), labels])
+    sc = np.concatenate([best_s.ravel(), scores])
+    order = np.lexsort((lab, -sc, r))
+    r, lab, sc = r[order], lab[order], sc[order]
+    pos = np.arange(len(r)) - np.searchsorted(r, r)
+    keep = pos < k
+    best_l[r[keep], pos[keep]] = lab[keep]
+    best_s[r[keep], pos[keep]] = sc[keep]
 
 
 class Gallery:
@@ -437,30 +456,34 @@ class Gallery:
 
     def _blocks(self, rows: int, starts: np.ndarray) -> list[tuple[int, int]]:
         """Identity ranges [a, b) whose images make blocks of about SCORE_BLOCK_ELEMENTS
-        scores for ``rows`` queries (an identity is never split)."""
+        scores for ``rows`` queries, the first of FIRST_BLOCK_IMAGES at most (an identity
+        is never split)."""
         size = max(1, SCORE_BLOCK_ELEMENTS // rows)
-        cuts = np.unique(np.searchsorted(starts, np.arange(size, len(self), size)))
-        edges = [0, *[int(c) for c in cuts if 0 < c < len(starts) - 1], len(starts) - 1]
+        first = min(size, FIRST_BLOCK_IMAGES)
+        cuts = np.searchsorted(starts, np.arange(first, len(self), size))
+        edges = [0, *sorted({int(c) for c in cuts if 0 < c < len(starts) - 1}), len(starts) - 1]
         return list(zip(edges[:-1], edges[1:], strict=True))
 
     def _exact(self, q: np.ndarray, k: int,
                sources: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Labels, scores and (``sources``) best images (rows, k) of the exact top k
-        identities."""
+        identities: block by block, the identities that beat a row's kth best so far
+        (strictly: the blocks run in name order, so a tie goes to the earlier block)."""
         starts = self._groups()
-        best_l = np.zeros((len(q), 0), np.int64)
-        best_s = np.zeros((len(q), 0), np.float32)
+        best_l = np.full((len(q), k), np.iinfo(np.int64).max, np.int64)
+        best_s = np.full((len(q), k), -np.inf, np.float32)
         for a, b in self._blocks(len(q), starts):
             lo, hi = starts[a], starts[b]
             scores = q @ self._emb[lo:hi].astype(np.float32, copy=False).T
             if hi - lo != b - a:  # the best image of each identity
                 scores = np.maximum.reduceat(scores, starts[a:b] - lo, axis=1)
-            top = _top_k(scores, k)
-            labels = np.concatenate([best_l, top + a], axis=1)
-            merged = np.concatenate([best_s, np.take_along_axis(scores, top, axis=1)], axis=1)
-            order = np.lexsort((labels, -merged), axis=1)[:, :k]
-            best_l = np.take_along_axis(labels, order, axis=1)
-            best_s = np.take_along_axis(merged, order, axis=1)
+            if np.isneginf(best_s[:, -1]).any():  # the first block: its top k
+                cols = _top_k(scores, k)
+                rows = np.repeat(np.arange(len(q)), cols.shape[1])
+                cols = cols.ravel()
+            else:  # those that beat the kth best so far: few, after the first block
+                rows, cols = np.nonzero(scores > best_s[:, -1:])
+            _merge(best_l, best_s, rows, cols + a, scores[rows, cols])
         best = np.zeros_like(best_l)
         for r, row in enumerate(best_l if sources else []):  # the image that scored each
             for c, label in enumerate(row):

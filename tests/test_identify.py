@@ -67,6 +67,7 @@ def assert_ranking(got: list[tuple[str, float]], truth: dict[str, float], k: int
 def test_search_equals_brute_force(tmp_path, monkeypatch, block, half):
     monkeypatch.setattr(store, "SCORE_BLOCK_ELEMENTS", block)  # 40: many blocks per search
     monkeypatch.setattr(store, "QUERY_CHUNK", 7)  # and several chunks of queries
+    monkeypatch.setattr(store, "FIRST_BLOCK_IMAGES", min(store.FIRST_BLOCK_IMAGES, block // 9))
     rng = np.random.default_rng(1)
     for trial, (images, people, dim) in enumerate([(60, 12, 16), (200, 80, 32), (5, 5, 8)]):
         x = unit(rng, images, dim)
