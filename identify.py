@@ -44,7 +44,6 @@ import numpy as np
 
 from evaluation.verification import embed
 from gallery.photos import (
-    PhotoFaces,
     central_faces,
     contact_sheet,
     enrolment_photos,
@@ -82,6 +81,7 @@ DEFAULT_SAVE_EVERY = 5000
 TABLE_MATCHES = 3  # matches the printed table shows after the verdict
 SHEET_MAX_FACES = 40  # query faces the --gallery-plot sheet shows (rows), the first ones
 UNKNOWN = "unknown"
+BOX_DECIMALS = 2  # face boxes in results.json, to 1/100 of a pixel
 COSINE_RANGE = (-1.0, 1.0)
 JSON_KIND = OutputKind("a JSON file", starts_with(b"{"))
 PNG_KIND = OutputKind("a PNG image", starts_with(b"\x89PNG"))
@@ -303,9 +303,9 @@ def _search(args: argparse.Namespace) -> int:
     with ExitStack() as claims:
         for out, flag, kind in outputs:  # checked and locked before any work
             claims.enter_context(claim_output(out, flag, inputs, kind))
-        threshold, meta = _threshold(args, gallery)
         device = get_device(args.device)
         model, record = _model_for(args, gallery, device)
+        threshold, meta = _threshold(args, gallery)
         from faces.aligner import FaceAligner  # loads torch: after the arguments are checked
 
         aligner = FaceAligner(device=device)
@@ -351,12 +351,11 @@ def _match(found, gallery: Gallery, model, args: argparse.Namespace, device,
                 sheet.append((f"{Path(photo).name}\n{verdict}", crop, matches))
         batch.clear()
 
-    for photo in found:  # PhotoFaces
-        photo: PhotoFaces
+    for photo in found:
         results[str(photo.path)] = []
         if photo.error is not None:
             unreadable.append(str(photo.path))
-        batch.extend((str(photo.path), [round(v, 2) for v in f.box], f.crop)
+        batch.extend((str(photo.path), [round(v, BOX_DECIMALS) for v in f.box], f.crop)
                      for f in photo.faces)
         if len(batch) >= EMBED_CHUNK:
             flush()

@@ -90,10 +90,10 @@ def _normalised(x: Any, dim: int, what: str) -> np.ndarray:
         raise GalleryError(f"{what}: shape {x.shape}, but the gallery holds {dim}-D embeddings")
     if not np.isfinite(x).all():
         raise GalleryError(f"{what}: non-finite (NaN/inf) values")
-    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
     if x.shape[0] and not norms.min() > 0:
         raise GalleryError(f"{what}: a zero vector has no direction to compare")
-    return (x / norms).astype(np.float32)
+    return x / norms
 
 
 def _write_file(path: Path, write) -> None:
@@ -163,6 +163,7 @@ class Gallery:
         self._dtype = np.float16 if half else np.float32
         self._emb = np.zeros((0, dim), self._dtype)  # sorted by (identity name, id)
         self._ids = np.zeros(0, np.int64)  # each image's id, never reused
+        self._ids_order: np.ndarray | None = None  # argsort of _ids, made when first needed
         self._label = np.zeros(0, np.int64)  # index of its identity in _names
         self._names: list[str] = []  # sorted; every one has an image
         self._sources: list[str] = []
@@ -211,10 +212,10 @@ class Gallery:
             g = cls(path, *spec, m["dtype"] == "float16")
             g.model, files = m.get("model"), dict(m["files"])
             g._generation, g._next_id = int(m["generation"]), int(m["next_id"])
-            g._trained_on = int(m.get("trained_on", 0))
+            g._trained_on, n = int(m.get("trained_on", 0)), int(m["images"])
+            emb_file, table_file = path / files["embeddings"], path / files["images"]
         except (KeyError, TypeError, ValueError) as e:
             raise GalleryError(f"{where}: not a gallery manifest ({describe_error(e)})") from None
-        emb_file, table_file = path / files["embeddings"], path / files["images"]
         try:
             emb = np.load(emb_file, allow_pickle=False)
             table = json.loads(table_file.read_text(encoding="utf-8"))
@@ -224,7 +225,6 @@ class Gallery:
             raise
         except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
             raise GalleryError(f"{path}: a gallery file is damaged ({describe_error(e)})") from None
-        n = int(m["images"])
         if emb.shape != (n, g.dim) or emb.dtype != g._dtype or \
                 not len(ids) == len(identities) == len(sources) == len(hashes) == n:
             raise GalleryError(f"{emb_file}: holds {emb.shape} {emb.dtype} embeddings and "
@@ -281,8 +281,8 @@ class Gallery:
             raise GalleryError(f"{self.path}: identities must be non-empty strings, got "
                                f"{bad[0]!r}")
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        self._insert(emb.astype(self._dtype), list(identities), [str(s) for s in sources],
-                     [str(h) for h in hashes], ids)
+        self._insert(emb.astype(self._dtype, copy=False), list(identities),
+                     [str(s) for s in sources], [str(h) for h in hashes], ids)
         self._next_id += n
         self._changed = self._changed or n > 0
         if self._index is not None and n:
@@ -292,16 +292,26 @@ class Gallery:
     def _insert(self, emb: np.ndarray, identities: list[str], sources: list[str],
                 hashes: list[str], ids: np.ndarray) -> None:
         """Merge rows into the sorted arrays, renumbering the identities by name."""
-        names = sorted(set(self._names).union(identities))
+        fresh = sorted(set(identities).difference(self._names))
+        if not self._names or not fresh or fresh[0] > self._names[-1]:
+            names, old = self._names + fresh, self._label  # the old names keep their places
+        else:
+            names = sorted(self._names + fresh)
+            rank = {name: i for i, name in enumerate(names)}
+            old = np.array([rank[name] for name in self._names], dtype=np.int64)[self._label]
         rank = {name: i for i, name in enumerate(names)}
-        old = np.array([rank[name] for name in self._names], dtype=np.int64)
-        labels = np.concatenate([old[self._label] if len(old) else self._label,
-                                 np.array([rank[i] for i in identities], dtype=np.int64)])
+        labels = np.concatenate([old, np.array([rank[i] for i in identities], dtype=np.int64)])
         all_ids = np.concatenate([self._ids, ids])
         order = np.lexsort((all_ids, labels))
-        self._emb = np.concatenate([self._emb, emb])[order]
-        self._ids, self._label, self._names = all_ids[order], labels[order], names
         sources, hashes = self._sources + sources, self._hashes + hashes
+        self._emb = np.concatenate([self._emb, emb])
+        self._ids_order = None
+        if (np.diff(order) == 1).all():  # added in order (a big gallery in one call): no copy
+            self._ids, self._label, self._names = all_ids, labels, names
+            self._sources, self._hashes = sources, hashes
+            return
+        self._emb = self._emb[order]
+        self._ids, self._label, self._names = all_ids[order], labels[order], names
         self._sources = [sources[i] for i in order]
         self._hashes = [hashes[i] for i in order]
 
@@ -331,7 +341,7 @@ class Gallery:
         used = np.unique(self._label[keep])
         relabel = np.full(len(self._names), -1, dtype=np.int64)
         relabel[used] = np.arange(len(used))
-        self._emb, self._ids = self._emb[keep], self._ids[keep]
+        self._emb, self._ids, self._ids_order = self._emb[keep], self._ids[keep], None
         self._label = relabel[self._label[keep]]
         self._names = [self._names[i] for i in used]
         self._sources = [s for s, k in zip(self._sources, keep, strict=True) if k]
@@ -493,7 +503,9 @@ class Gallery:
 
     def _position(self, ids: np.ndarray) -> np.ndarray:
         """Row of each image id (ids of no image: -1)."""
-        order = np.argsort(self._ids)
+        if self._ids_order is None:
+            self._ids_order = np.argsort(self._ids)
+        order = self._ids_order
         found = np.clip(np.searchsorted(self._ids[order], ids), 0, len(self) - 1)
         pos = order[found]
         return np.where(self._ids[pos] == ids, pos, -1)

@@ -287,6 +287,11 @@ def test_enrol_rerun_embeds_only_new_photos_and_lists_faceless_ones(world, tmp_p
     assert "no face found in 1 photos (not enrolled): " in out and "wall.jpg" in out
     rc, out, _ = _cli(["enrol", "--gallery", str(gallery), "--photos", str(new)], capsys)
     assert rc == 0 and "enrolled 0 new photos (9 already enrolled" in out
+    changed = next((new / sorted(world["people"].iterdir())[3].name).glob("*_0001.jpg"))
+    shutil.copy(next(person.glob("*_0002.jpg")), changed)  # same path, new content
+    rc, out, _ = _cli(["enrol", "--gallery", str(gallery), "--photos", str(new)], capsys)
+    assert rc == 0 and "enrolled 1 new photos (8 already enrolled, 1 replaced" in out
+    assert len(Gallery.open(gallery)) == 17
     rc, out, _ = _cli(["enrol", "--gallery", str(gallery), "--remove", person.name], capsys)
     assert rc == 0 and f"removed {person.name}: 5 images" in out
     assert person.name not in Gallery.open(gallery).identities()
@@ -317,6 +322,12 @@ def test_refusals_are_one_line_errors(world, tmp_path, capsys):
     (broken / "gallery.json").write_text("{not json")
     cases.append((["search", "--gallery", str(broken), "--photos", str(world["people"])],
                   "not a gallery manifest"))
+    cut = tmp_path / "cut"
+    shutil.copytree(world["gallery"], cut)
+    npy = next(cut.glob("embeddings-*.npy"))
+    npy.write_bytes(npy.read_bytes()[:200])  # a file damaged behind the gallery's back
+    cases.append((["search", "--gallery", str(cut), "--photos", str(world["people"])],
+                  "a gallery file is damaged"))
     for argv, says in cases:
         rc, _, err = _cli(argv, capsys)
         assert rc == 1 and err.startswith("error: ") and says in err, (argv, err)
