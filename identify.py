@@ -35,12 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from evaluation.verification import embed
 from gallery.photos import (
@@ -222,9 +224,10 @@ def _enrol_photos(gallery: Gallery, photos: list[tuple[str, Path]], model,
     """Align, embed and add the photos not yet enrolled, saving every --save-every."""
     from faces.aligner import FaceAligner  # loads torch: after the arguments are checked
 
+    started = time.monotonic()
     enrolled = gallery.enrolled()
     todo, replaced = [], []
-    for identity, photo in photos:
+    for identity, photo in tqdm(photos, desc="hash", unit="photo", leave=False):
         source, content = str(photo.resolve()), file_sha256(photo)
         if enrolled.get(source) == content:
             continue
@@ -254,8 +257,10 @@ def _enrol_photos(gallery: Gallery, photos: list[tuple[str, Path]], model,
     _add(gallery, model, pending, args, device)
     added += len(pending)
     gallery.save()
+    seconds = time.monotonic() - started
     print(f"enrolled {added} new photos ({len(photos) - len(todo)} already enrolled, "
-          f"{len(replaced)} replaced by new content)")
+          f"{len(replaced)} replaced by new content) in {seconds:.1f} s "
+          f"({len(todo) / max(seconds, 1e-9):.1f} photos/s)")
     if no_face:
         print(f"no face found in {len(no_face)} photos (not enrolled): "
               f"{first_few(no_face, MAX_NAMED)}")
