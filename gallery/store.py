@@ -49,8 +49,12 @@ INDEX_KINDS = ("flat", "hnsw", "ivf")
 # 4 GB for 1,000 queries, and blocks this large keep the matrix products efficient
 SCORE_BLOCK_ELEMENTS = 1 << 24
 # the first block's images: its top k per query (an argpartition of all its scores) sets the
-# bar the later blocks' scores are filtered by, so it is kept small
-FIRST_BLOCK_IMAGES = 4096
+# bar the later blocks' scores are filtered by, so it is kept small; the blocks then grow by
+# BLOCK_GROWTH, so that each lets few scores past the bar (about k x BLOCK_GROWTH a query)
+FIRST_BLOCK_IMAGES = 512
+BLOCK_GROWTH = 4
+INT32_TOP = 2**31 - 1  # float32 bits as int32 made monotone: x ^ INT32_TOP for x < 0
+ROW_SHIFT = 32  # a merge's sort key: row << 32 | 32-bit score key
 QUERY_CHUNK = 1024  # queries scored together (each block of scores is QUERY_CHUNK rows at most)
 # faiss HNSW: links per node, and the candidate lists of build and search (faiss's defaults
 # are 32 / 40 / 16; wider lists trade build and search time for recall)
@@ -134,15 +138,32 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return top
 
 
+def _descending_key(scores: np.ndarray) -> np.ndarray:
+    """int64 keys in [0, 2^32) that order float32 ``scores`` from high to low (their IEEE
+    bits made monotone; -0 counts as +0)."""
+    bits = (scores.astype(np.float32) + np.float32(0)).view(np.int32).astype(np.int64)
+    return INT32_TOP - np.where(bits < 0, bits ^ INT32_TOP, bits)
+
+
 def _merge(best_l: np.ndarray, best_s: np.ndarray, rows: np.ndarray, labels: np.ndarray,
            scores: np.ndarray) -> None:
     """Candidates (row, label, score) merged into each row's best k (in place), best first,
-    ties in label order."""
+    ties in label order. The candidates come row by row, each row's in label order with a
+    label's entries adjacent (counted once, with their best score), and their labels are
+    above those already among the best (a later block)."""
+    if len(rows):
+        first = np.ones(len(rows), dtype=bool)
+        first[1:] = (rows[1:] != rows[:-1]) | (labels[1:] != labels[:-1])
+        if not first.all():
+            starts = np.flatnonzero(first)
+            scores = np.maximum.reduceat(scores, starts)
+            rows, labels = rows[starts], labels[starts]
     q, k = best_l.shape
     r = np.concatenate([np.repeat(np.arange(q), k), rows])
     lab = np.concatenate([best_l.ravel(), labels])
     sc = np.concatenate([best_s.ravel(), scores])
-    order = np.lexsort((lab, -sc, r))
+    # by row, then score; a stable sort keeps ties in label order (the best come first)
+    order = np.argsort((r << ROW_SHIFT) | _descending_key(sc), kind="stable")
     r, lab, sc = r[order], lab[order], sc[order]
     pos = np.arange(len(r)) - np.searchsorted(r, r)
     keep = pos < k
@@ -465,35 +486,44 @@ class Gallery:
         return np.concatenate([[0], change, [len(self)]])
 
     def _blocks(self, rows: int, starts: np.ndarray) -> list[tuple[int, int]]:
-        """Identity ranges [a, b) whose images make blocks of about SCORE_BLOCK_ELEMENTS
-        scores for ``rows`` queries, the first of FIRST_BLOCK_IMAGES at most (an identity
-        is never split)."""
+        """Identity ranges [a, b) whose images make blocks of up to SCORE_BLOCK_ELEMENTS
+        scores for ``rows`` queries, the first of FIRST_BLOCK_IMAGES, each next one
+        BLOCK_GROWTH times the last (an identity is never split)."""
         size = max(1, SCORE_BLOCK_ELEMENTS // rows)
-        first = min(size, FIRST_BLOCK_IMAGES)
-        cuts = np.searchsorted(starts, np.arange(first, len(self), size))
+        ends, step = [], min(size, FIRST_BLOCK_IMAGES)
+        end = step
+        while end < len(self):
+            ends.append(end)
+            step = min(size, step * BLOCK_GROWTH)
+            end += step
+        cuts = np.searchsorted(starts, ends)
         edges = [0, *sorted({int(c) for c in cuts if 0 < c < len(starts) - 1}), len(starts) - 1]
         return list(zip(edges[:-1], edges[1:], strict=True))
 
     def _exact(self, q: np.ndarray, k: int,
                sources: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Labels, scores and (``sources``) best images (rows, k) of the exact top k
-        identities: block by block, the identities that beat a row's kth best so far
-        (strictly: the blocks run in name order, so a tie goes to the earlier block)."""
+        identities: block by block, the images that beat a row's kth best so far
+        (strictly: the blocks run in name order, so a tie goes to the earlier block), an
+        identity scored by the best of them (its images that do not beat the bar cannot
+        be its best where it enters)."""
         starts = self._groups()
         best_l = np.full((len(q), k), np.iinfo(np.int64).max, np.int64)
         best_s = np.full((len(q), k), -np.inf, np.float32)
         for a, b in self._blocks(len(q), starts):
             lo, hi = starts[a], starts[b]
             scores = q @ self._emb[lo:hi].astype(np.float32, copy=False).T
-            if hi - lo != b - a:  # the best image of each identity
-                scores = np.maximum.reduceat(scores, starts[a:b] - lo, axis=1)
-            if np.isneginf(best_s[:, -1]).any():  # the first block: its top k
-                cols = _top_k(scores, k)
+            if np.isneginf(best_s[:, -1]).any():  # the first block: its top k identities
+                if hi - lo != b - a:  # the best image of each identity
+                    scores = np.maximum.reduceat(scores, starts[a:b] - lo, axis=1)
+                cols = np.sort(_top_k(scores, k), axis=1)  # in label order
                 rows = np.repeat(np.arange(len(q)), cols.shape[1])
                 cols = cols.ravel()
-            else:  # those that beat the kth best so far: few, after the first block
-                rows, cols = np.nonzero(scores > best_s[:, -1:])
-            _merge(best_l, best_s, rows, cols + a, scores[rows, cols])
+                labels = cols + a
+            else:  # images that beat the kth best so far: few, after the first block
+                rows, cols = np.divmod(np.flatnonzero(scores > best_s[:, -1:]), hi - lo)
+                labels = self._label[lo + cols]
+            _merge(best_l, best_s, rows, labels, scores[rows, cols])
         best = np.zeros_like(best_l)
         for r, row in enumerate(best_l if sources else []):  # the image that scored each
             for c, label in enumerate(row):

@@ -83,7 +83,10 @@ def test_search_equals_brute_force(tmp_path, monkeypatch, block, half):
                 assert_ranking(got, best, k, tol)
 
 
-def test_ties_go_to_the_name_that_sorts_first(tmp_path):
+@pytest.mark.parametrize("block", [store.SCORE_BLOCK_ELEMENTS, 1])
+def test_ties_go_to_the_name_that_sorts_first(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(store, "SCORE_BLOCK_ELEMENTS", block)  # 1: an identity a block
+    monkeypatch.setattr(store, "FIRST_BLOCK_IMAGES", min(store.FIRST_BLOCK_IMAGES, block))
     rng = np.random.default_rng(2)
     v = unit(rng, 1, 8)[0]
     others = unit(rng, 6, 8)
