@@ -9,7 +9,10 @@ and content hash, searched 1:N by cosine similarity, an identity scored by its b
 Search is exact by default (``index="flat"``): per block of the gallery, one matrix product
 of the queries with the images, the maximum over each identity's images (the images are
 held sorted by identity, so the maximum is one ``np.maximum.reduceat``), and a running
-top-k; ties go to the identity whose name sorts first. ``index="hnsw"`` or ``"ivf"`` keep a
+top-k; ties go to the identity whose name sorts first. (faiss's exact IndexFlatIP ranks
+images: it would need (k-1) m + 1 neighbours a query, m the most images of one identity, to
+be sure of k identities; this costs 1.1-1.2x one matrix product of the queries with the
+gallery, measured at 10k and 100k 512-D images.) ``index="hnsw"`` or ``"ivf"`` keep a
 faiss index over the images (built once, saved, extended as images are added) for galleries
 past a few hundred thousand images: approximate, it fetches enough neighbours to find k
 identities when no identity has more than APPROX_MAX_NEIGHBOURS / k images.

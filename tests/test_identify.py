@@ -359,6 +359,10 @@ def test_search_finds_each_photo_as_its_own_identity(world, tmp_path, capsys):
     assert results[str(queries / "wall.png")] == []
     assert len(results[str(queries / "two.jpg")]) == 2  # --all-faces: both astronauts
     meta = json.loads(Path(f"{out}.meta.json").read_text())
+    for face in [who, *results[str(queries / "two.jpg")]]:  # "unknown" at the threshold
+        best = face["matches"][0]
+        assert face["identity"] == (best["identity"] if best["score"] > meta["threshold"]
+                                    else "unknown")
     assert meta["impostor_pairs"] == 8 * 7 // 2 - 4 and meta["far"] == 0.1
     assert meta["checkpoint_sha256"] == Gallery.open(world["gallery"]).model["checkpoint_sha256"]
     assert "impostor pairs of the gallery" in printed and f"{person.name}" in printed
