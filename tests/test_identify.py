@@ -315,6 +315,8 @@ def test_refusals_are_one_line_errors(world, tmp_path, capsys):
           "--out", str(tmp_path / "r.json")], "measure no FAR below"),
     ]
     (tmp_path / "empty" / "someone").mkdir(parents=True)
+    cases.append((["search", "--gallery", gallery, "--photos", str(tmp_path / "empty")],
+                  "holds no photos"))
     small = Gallery.create(tmp_path / "small", 64)
     small.add(np.ones((1, 64)), ["a"], ["x"])
     small.save()
