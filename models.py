@@ -626,6 +626,7 @@ def load_backbone(path: str | Path, network: str | None = None,
         raise CheckpointMismatchError(f"{path}: weights do not match network {network!r} "
                                       f"with embedding size {embedding_size}: "
                                       f"{_state_mismatch(model.state_dict(), state)}") from None
+    model.network_name = network  # the name it was built by (a gallery records it)
     return model.to(map_location).eval()
 
 
