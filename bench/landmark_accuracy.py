@@ -324,14 +324,14 @@ def print_tables(faces: list[Face], methods: list[str], calibrate: bool) -> None
     for m in methods:
         print(f"  {m:10} {summary([error_percent(f, f.found[m][0]) for f in both])}"
               f"   missed {sum(m not in f.found for f in faces)}")
-    print_by_group(both, methods)
+    print_by_group(faces, methods)
     print("\nmean offset from the annotation, % of the eye distance (along the eyes, across):")
     print(f"  {'':10} " + "  ".join(f"{n:>16}" for n in MTCNN_NAMES))
     for m in methods:
         off = mean_offset(both, m) * 100
         print(f"  {m:10} " + "  ".join(f"{x:+7.2f} {y:+7.2f} " for x, y in off))
     if calibrate:
-        print_calibrated(both, methods)
+        print_calibrated(faces, methods)
 
 
 def by_source(faces: list[Face]) -> dict[str, list[Face]]:
@@ -353,10 +353,16 @@ def split_halves(faces: list[Face]) -> list[list[Face]]:
 
 
 def print_by_group(faces: list[Face], methods: list[str]) -> None:
-    """Each method's mean / worst / faces above 10% per source and per half."""
-    groups = {f"{name} ({len(group)})": group for name, group in by_source(faces).items()}
+    """Each method's mean / worst / faces above 10% per source and per half (halves of all
+    the faces read, so that they stay the same whichever methods run), over the faces
+    every method found."""
+    def found(group: list[Face]) -> list[Face]:
+        return [f for f in group if all(m in f.found for m in methods)]
+
+    groups = {f"{name} ({len(found(group))})": found(group)
+              for name, group in by_source(faces).items()}
     for label, half in zip(("half A", "half B"), split_halves(faces), strict=True):
-        groups[f"{label} ({len(half)})"] = half
+        groups[f"{label} ({len(found(half))})"] = found(half)
     width = max(len(k) for k in groups)
     print(f"\n{'source (faces)':{width}}  " + "  ".join(f"{m:>20}" for m in methods))
     for label, group in groups.items():
@@ -365,8 +371,10 @@ def print_by_group(faces: list[Face], methods: list[str]) -> None:
 
 
 def print_calibrated(faces: list[Face], methods: list[str]) -> None:
-    """Two-fold: the mean offset fitted on alternate faces of each source, applied to the rest."""
-    halves = split_halves(faces)
+    """Two-fold: the mean offset fitted on alternate faces of each source, applied to the rest
+    (over the faces every method found)."""
+    halves = [[f for f in half if all(m in f.found for m in methods)]
+              for half in split_halves(faces)]
     print("\nheld-out, offsets fitted on the other half: mean / worst / above 10% "
           "(uncalibrated on the same faces)")
     for m in methods:
