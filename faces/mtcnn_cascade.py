@@ -12,8 +12,10 @@ uint8 image per level (each level from the one before) and per crop: 1.5x faster
 suppressions are MTCNN's, and its coordinates follow facenet-pytorch's (1-based, see
 MTCNN_COORDINATE_OFFSET), so the two drivers' results mean the same thing; the area averages
 differ slightly, so the detections agree about as closely as two runs of MTCNN on a photo
-shifted by two pixels do (tests/test_mtcnn_cascade.py). Figures: bench/README.md, alignment
-section.
+shifted by two pixels do (tests/test_mtcnn_cascade.py). One difference on purpose: a box
+that leaves the image is cropped with a black border, as MTCNN's own code does, where
+facenet-pytorch stretches the part inside (:func:`_crops`). Figures: bench/README.md,
+alignment and landmark sections.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def _crops(image: np.ndarray, boxes: np.ndarray, side: int) -> tuple[np.ndarray,
     The black border is MTCNN's own (its Matlab code pads each crop with zeros);
     facenet-pytorch resizes only the part inside the image, which stretches a face that
     the photo cuts: its landmarks then missed human annotations by 7.2% of the eye distance
-    on average, 5.8% with the padding (bench/landmark_accuracy.py, 377 faces; most of
+    on average, 5.8% with the padding (bench/landmark_accuracy.py, 375 faces; most of
     HELEN's photos are cut close around the face)."""
     h, w = image.shape[:2]
     corners = np.trunc(boxes[:, :4]).astype(np.int64)
