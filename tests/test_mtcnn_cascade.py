@@ -205,8 +205,8 @@ def test_refined_landmarks_follow_a_rotated_photo_more_closely():
     """Equivariance without ground truth: the landmarks found in a rotated and scaled copy
     against the original's mapped through the same similarity. Over 12 cases (two photos and
     their mirrors, three poses each) MTCNN's own landmarks miss by ~4.9% of the eye distance
-    on average, refined ones (the mean of the estimates) by ~2.8% (the last step's alone
-    3.3%; 64 photos: 4.8% and 3.4%, bench README)."""
+    on average, refined ones (the mean of the estimates) by ~2.5% with the mirrored passes
+    (2.8% without them, the last step's alone 3.3%; 64 photos: 4.8% and 3.4%, bench README)."""
     photos = [data.astronaut(), _grace_hopper()]
     photos += [np.ascontiguousarray(p[:, ::-1]) for p in photos]
     errors = {}
