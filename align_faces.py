@@ -321,8 +321,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "on big photos; for small faces in big group photos)")
     p.add_argument("--refine-steps", type=int_at_least(0), default=DEFAULT_REFINE_STEPS,
                    help="O-net passes that re-estimate each face's landmarks from its own "
-                        "box; the landmarks are the mean of MTCNN's and every pass's (0: "
-                        "MTCNN's landmarks as published)")
+                        "box (each on the crop and its mirror); the landmarks are the mean "
+                        "of MTCNN's and every pass's (0: MTCNN's landmarks as published)")
     p.add_argument("--workers", type=int_at_least(1), default=DEFAULT_WORKERS,
                    help="threads, each reading and aligning a batch of files at a time")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")

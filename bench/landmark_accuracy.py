@@ -11,7 +11,11 @@ DATA_DIR holds public human-annotated face photos (how to fetch them: bench/READ
 * ``NAME.ljson`` beside its image (menpo's LJSON: [y, x] rows, 0-based);
 * COCO-style ``*.json`` files whose annotations' ``keypoints`` have 68 (300-W, 1-based like
   its .pts), 19 (AFLW), 29 (COFW), 98 (WFLW) or 106 (LaPa) points, images beside the json
-  (mmpose's tests/data fixtures).
+  (mmpose's tests/data fixtures);
+* ``*.mat`` (Matlab, read with scipy): AFLW2000-3D's per-photo ``pt2d`` beside its image
+  (AFLW's 21 clicked points, 0-based like mmpose's AFLW; PRNet's TestImages/AFLW2000) and
+  Zhou et al.'s HELEN ``helen.mat`` (LFPW's 29 points re-clicked on 348 HELEN photos under
+  ``img/``, 1-based: zhfe99/helen).
 
 From each annotation, five points in MTCNN's order: each eye's centre as the mean of that
 eye's contour (the two corners where the scheme has no contour, AFLW), the nose tip, the two
@@ -21,8 +25,9 @@ by box centre); its error on a face is the mean distance of its five points from
 annotation's, in % of the eye distance (the normalised mean error of the landmark
 literature). Printed: per face, mean, worst, faces above 10%, and each point's mean offset
 (along the eye axis and across it, % of the eye distance: the annotation convention's
-systematic part). ``--calibrate``: that mean offset fitted on one half of the faces (alternate
-faces of each source) and removed from the other half's points, both ways: held-out errors.
+systematic part); mean / worst / above 10% per source and per half (A: alternate faces of
+each source from its first; B: the others). ``--calibrate``: that mean offset fitted on one
+half and removed from the other half's points, both ways: held-out errors.
 
 Methods: ``default`` (FaceAligner as align_faces.py runs it: read_photo's reduced decode,
 512 px search, DEFAULT_REFINE_STEPS), ``refineN`` (the same with N refine steps), ``fullN``
@@ -56,8 +61,12 @@ SCHEMES: dict[int, tuple[list[int], list[int], int, int, int]] = {
     106: (list(range(66, 74)), list(range(75, 83)), 54, 84, 90),  # LaPa (JD 106)
     29: ([8, 10, 12, 13], [9, 11, 14, 15], 20, 22, 23),  # COFW: corners, lids
     19: ([6, 8], [9, 11], 13, 15, 17),  # AFLW: the eye corners
+    21: ([6, 8], [9, 11], 14, 17, 19),  # AFLW with its two ear points (AFLW2000-3D's pt2d)
 }
 PTS_ORIGIN = 1.0  # 300-W's .pts count pixels from 1 (Matlab), as mmpose's 300-W jsons keep
+# Zhou et al.'s HELEN labels (helen.mat) were clicked and are drawn by their Matlab demo on
+# imshow's pixel grid, which counts from 1.
+HELEN_ORIGIN = 1.0
 MTCNN_NAMES = ("left eye", "right eye", "nose", "mouth left", "mouth right")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm")
 # Faces with eyes closer than this are left out: a human click is good to ~1 px, 5% of it.
@@ -118,6 +127,39 @@ def _coco_faces(path: Path, root: Path) -> list[Face]:
     return faces
 
 
+def _load_mat(path: Path) -> dict:
+    import scipy.io  # only for .mat annotations: the other readers do without it
+
+    try:
+        return scipy.io.loadmat(str(path))
+    except (ValueError, OSError, NotImplementedError) as e:
+        raise SystemExit(f"error: {path}: not a Matlab .mat file ({e})") from None
+
+
+def _mat_faces(path: Path, root: Path) -> list[Face]:
+    """AFLW2000-3D's per-photo ``pt2d`` (2 x 21, AFLW's clicks; a point not seen is
+    negative: the face is left out when one of its five is) and Zhou et al.'s HELEN
+    ``helen.mat`` (``imgs`` names under ``img/``, ``Pts`` 2 x 29 each, LFPW's points)."""
+    mat = _load_mat(path)
+    image = _image_beside(path)
+    if "pt2d" in mat and image is not None:
+        points = np.asarray(mat["pt2d"], dtype=np.float64).T
+        left, right, nose, mouth_l, mouth_r = SCHEMES.get(len(points), ([], [], 0, 0, 0))
+        used = points[[*left, *right, nose, mouth_l, mouth_r]] if left else points[:0]
+        if len(used) and (used >= 0).all():
+            return [Face(image.relative_to(root).as_posix(), image, five_points(points))]
+        return []
+    if "Pts" not in mat or "imgs" not in mat:
+        return []
+    faces = []
+    for name, pts in zip(mat["imgs"].ravel(), mat["Pts"].ravel(), strict=True):
+        image = path.parent / "img" / str(np.ravel(name)[0])
+        points = np.asarray(pts, dtype=np.float64).T - HELEN_ORIGIN
+        if image.is_file() and len(points) in SCHEMES:
+            faces.append(Face(image.relative_to(root).as_posix(), image, five_points(points)))
+    return faces
+
+
 def load_faces(root: Path, min_eye_distance: float) -> list[Face]:
     """Every annotated face under ``root`` whose eye distance is at least the minimum."""
     faces = []
@@ -134,6 +176,8 @@ def load_faces(root: Path, min_eye_distance: float) -> list[Face]:
                 faces.append(Face(image.relative_to(root).as_posix(), image, five_points(points)))
         elif path.suffix == ".json":
             faces.extend(_coco_faces(path, root))
+        elif path.suffix == ".mat":
+            faces.extend(_mat_faces(path, root))
     return [f for f in faces if f.eye_distance >= min_eye_distance]
 
 
@@ -282,24 +326,57 @@ def print_tables(faces: list[Face], methods: list[str], calibrate: bool) -> None
     for m in methods:
         print(f"  {m:10} {summary([error_percent(f, f.found[m][0]) for f in both])}"
               f"   missed {sum(m not in f.found for f in faces)}")
+    print_by_group(faces, methods)
     print("\nmean offset from the annotation, % of the eye distance (along the eyes, across):")
     print(f"  {'':10} " + "  ".join(f"{n:>16}" for n in MTCNN_NAMES))
     for m in methods:
         off = mean_offset(both, m) * 100
         print(f"  {m:10} " + "  ".join(f"{x:+7.2f} {y:+7.2f} " for x, y in off))
     if calibrate:
-        print_calibrated(both, methods)
+        print_calibrated(faces, methods)
+
+
+def by_source(faces: list[Face]) -> dict[str, list[Face]]:
+    """The faces of each source (the first folder of their names), in their order."""
+    groups: dict[str, list[Face]] = {}
+    for f in faces:
+        groups.setdefault(f.name.split("/")[0], []).append(f)
+    return groups
+
+
+def split_halves(faces: list[Face]) -> list[list[Face]]:
+    """Halves A and B: alternate faces of each source, A from its first (the faces sorted
+    by name). Settings are chosen on A and confirmed on B (bench README)."""
+    halves: list[list[Face]] = [[], []]
+    for group in by_source(faces).values():
+        for k, f in enumerate(group):
+            halves[k % 2].append(f)
+    return halves
+
+
+def print_by_group(faces: list[Face], methods: list[str]) -> None:
+    """Each method's mean / worst / faces above 10% per source and per half (halves of all
+    the faces read, so that they stay the same whichever methods run), over the faces
+    every method found."""
+    def found(group: list[Face]) -> list[Face]:
+        return [f for f in group if all(m in f.found for m in methods)]
+
+    groups = {f"{name} ({len(found(group))})": found(group)
+              for name, group in by_source(faces).items()}
+    for label, half in zip(("half A", "half B"), split_halves(faces), strict=True):
+        groups[f"{label} ({len(found(half))})"] = found(half)
+    width = max(len(k) for k in groups)
+    print(f"\n{'source (faces)':{width}}  " + "  ".join(f"{m:>20}" for m in methods))
+    for label, group in groups.items():
+        cells = [summary([error_percent(f, f.found[m][0]) for f in group]) for m in methods]
+        print(f"{label:{width}}  " + "  ".join(f"{c:>20}" for c in cells))
 
 
 def print_calibrated(faces: list[Face], methods: list[str]) -> None:
-    """Two-fold: the mean offset fitted on alternate faces of each source, applied to the rest."""
-    by_source: dict[str, list[Face]] = {}
-    for f in faces:
-        by_source.setdefault(f.name.split("/")[0], []).append(f)
-    halves: list[list[Face]] = [[], []]
-    for group in by_source.values():
-        for k, f in enumerate(group):
-            halves[k % 2].append(f)
+    """Two-fold: the mean offset fitted on alternate faces of each source, applied to the rest
+    (over the faces every method found)."""
+    halves = [[f for f in half if all(m in f.found for m in methods)]
+              for half in split_halves(faces)]
     print("\nheld-out, offsets fitted on the other half: mean / worst / above 10% "
           "(uncalibrated on the same faces)")
     for m in methods:

@@ -56,14 +56,15 @@ CASCADES = ("opencv", "facenet")
 # (mtcnn_cascade.refine; 0: MTCNN's landmarks as published). On 64 real photos at 512 px,
 # 2 steps made the landmarks of a rotated and scaled copy 28% nearer the rotated originals
 # (crops 24% nearer), a 2 px shift move them 1.8% of the eye distance instead of 2.9%; more
-# steps gained little (4: 3.5% against 3.4% for the rotations). Cost: 2 O-net passes a face,
-# 1.3-2.6 ms a photo (49 against 54 photos/s at 512 px on 2 cores; bench README). The
-# landmarks are the mean of MTCNN's and the steps' (LANDMARK_RULE 2): nearer human
-# annotations than either (bench/landmark_accuracy.py).
+# steps gained little (4: 3.5% against 3.4% for the rotations). Cost: 2 O-net passes a face
+# (each on the crop and its mirror), 1.3-2.6 ms a photo (49 against 54 photos/s at 512 px on
+# 2 cores, before the mirror; bench README). The landmarks are the mean of MTCNN's and the
+# steps' (LANDMARK_RULE 3): nearer human annotations than either (bench/landmark_accuracy.py).
 DEFAULT_REFINE_STEPS = 2
 # What the landmarks of given settings mean, for caches keyed by the settings (lfw_images):
-# 1 the last refine step's, 2 the mean of MTCNN's and every step's.
-LANDMARK_RULE = 2
+# 1 the last refine step's, 2 the mean of MTCNN's and every step's, 3 as 2 with each step
+# averaged with its mirrored crop's and crops that leave the photo padded black.
+LANDMARK_RULE = 3
 DEFAULT_BATCH_SIZE = 32
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset
 # The central-face rule only weighs detections whose O-net score is at least this when the

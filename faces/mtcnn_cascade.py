@@ -12,8 +12,10 @@ uint8 image per level (each level from the one before) and per crop: 1.5x faster
 suppressions are MTCNN's, and its coordinates follow facenet-pytorch's (1-based, see
 MTCNN_COORDINATE_OFFSET), so the two drivers' results mean the same thing; the area averages
 differ slightly, so the detections agree about as closely as two runs of MTCNN on a photo
-shifted by two pixels do (tests/test_mtcnn_cascade.py). Figures: bench/README.md, alignment
-section.
+shifted by two pixels do (tests/test_mtcnn_cascade.py). One difference on purpose: a box
+that leaves the image is cropped with a black border, as MTCNN's own code does, where
+facenet-pytorch stretches the part inside (:func:`_crops`). Figures: bench/README.md,
+alignment and landmark sections.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ PNET_CELL = 12  # the P-net's window: a face of min_face_size is this big on the
 RNET_SIZE, ONET_SIZE = 24, 48  # the R- and O-net input sides
 PYRAMID_FACTOR = 0.709  # each level is this times the previous one (area halves)
 PIXEL_MEAN, PIXEL_SCALE = 127.5, 1 / 128  # the networks' input normalisation
+# MTCNN's five landmarks (left eye, right eye, nose, left and right mouth corner) as a
+# mirror image's landmarks of the same names: the eyes and the mouth corners trade places.
+MIRROR_ORDER = [1, 0, 2, 4, 3]
 # Overlap above which the weaker of two boxes is dropped: within one pyramid level, across
 # levels, after the R-net (intersection over union), and after the O-net, where overlap is
 # the intersection over the smaller box ("Min"), as MTCNN does.
@@ -107,15 +112,27 @@ def _regress(boxes: np.ndarray, offsets: np.ndarray, inclusive: bool = True) -> 
 
 
 def _crops(image: np.ndarray, boxes: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """The part of each box inside the image (1-based box corners, as MTCNN's) resized to
-    side x side; and which boxes had any."""
+    """Each box's pixels (1-based truncated corners, as MTCNN's), black where the box leaves
+    the image, resized to side x side; and which boxes had any pixel of the image.
+
+    The black border is MTCNN's own (its Matlab code pads each crop with zeros);
+    facenet-pytorch resizes only the part inside the image, which stretches a face that
+    the photo cuts: its landmarks then missed human annotations by 7.2% of the eye distance
+    on average, 5.8% with the padding (bench/landmark_accuracy.py, 375 faces; most of
+    HELEN's photos are cut close around the face)."""
     h, w = image.shape[:2]
     corners = np.trunc(boxes[:, :4]).astype(np.int64)
     x1, y1 = np.maximum(corners[:, 0], 1), np.maximum(corners[:, 1], 1)
     x2, y2 = np.minimum(corners[:, 2], w), np.minimum(corners[:, 3], h)
     valid = (x2 >= x1) & (y2 >= y1)
-    crops = [cv2.resize(image[b - 1:d, a - 1:c], (side, side), interpolation=cv2.INTER_AREA)
-             for a, b, c, d in zip(x1[valid], y1[valid], x2[valid], y2[valid], strict=True)]
+    crops = []
+    for (a, b, c, d), i, j, k, m in zip(corners[valid], x1[valid], y1[valid], x2[valid],
+                                        y2[valid], strict=True):
+        inside = image[j - 1:m, i - 1:k]
+        if (i, j, k, m) != (a, b, c, d):  # the box leaves the image: pad the rest black
+            inside = cv2.copyMakeBorder(inside, j - b, d - m, i - a, c - k,
+                                        cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        crops.append(cv2.resize(inside, (side, side), interpolation=cv2.INTER_AREA))
     return np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8), valid
 
 
@@ -139,11 +156,37 @@ def _landmarks(boxes: np.ndarray, marks: np.ndarray) -> np.ndarray:
     return np.stack([marks[:, :5], marks[:, 5:]], 2) * size[:, None, :] + boxes[:, None, :2] - 1
 
 
+def _onet_mirrored(onet: torch.nn.Module, image: np.ndarray,
+                   square: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The O-net on each square box's crop and on that crop's mirror image, the mirror's
+    answer turned back: boxes (N, 4) and landmarks (N, 5, 2), each the mean of the two
+    answers; and which boxes had a crop. The mean is exactly mirror-symmetric: a photo's
+    mirror gets the mirror of its boxes and landmarks (tests/test_mtcnn_cascade.py)."""
+    crops, valid = _crops(image, square, ONET_SIZE)
+    if not valid.any():
+        return np.zeros((0, 4)), np.zeros((0, 5, 2)), valid
+    device = next(onet.parameters()).device
+    both = np.concatenate([crops, crops[:, :, ::-1]])
+    offsets, marks, _ = (t.cpu().numpy().astype(np.float64)
+                         for t in onet(_net_input(both).to(device)))
+    count, boxes = len(crops), np.concatenate([square[valid]] * 2)
+    points, regressed = _landmarks(boxes, marks), _regress(boxes, offsets)
+    # Crop pixel u (1-based, between the truncated corners a and c) shows photo pixel a + c - u
+    # in the mirror: its points and box edges are turned back by x -> a + c - x.
+    axis = (np.trunc(square[valid, 0]) + np.trunc(square[valid, 2]))[:, None]
+    mirrored = points[count:][:, MIRROR_ORDER]
+    mirrored[..., 0] = axis - mirrored[..., 0]
+    box = regressed[count:].copy()
+    box[:, [0, 2]] = axis - regressed[count:, [2, 0]]
+    return (regressed[:count] + box) / 2, (points[:count] + mirrored) / 2, valid
+
+
 def refine(onet: torch.nn.Module, image: np.ndarray, boxes: np.ndarray, points: np.ndarray,
            steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (N, 4) and landmarks (N, 5, 2) found in ``image`` re-estimated ``steps`` times
-    by the O-net, each time on the square crop of its own last box; the landmarks returned
-    are the mean of the given ones and every step's.
+    by the O-net, each time on the square crop of its own last box and on that crop's mirror
+    (:func:`_onet_mirrored`); the landmarks returned are the mean of the given ones and every
+    step's.
 
     MTCNN's landmarks come from one O-net pass on the box the R-net left, so they follow
     that box's noise: a photo shifted by 2 px moved them by 2.3% of the eye distance on
@@ -154,19 +197,18 @@ def refine(onet: torch.nn.Module, image: np.ndarray, boxes: np.ndarray, points: 
     than MTCNN's (6.9% against 6.8% of the eye distance, 19 faces of bench/
     landmark_accuracy.py); the mean of the estimates was nearer than either on both halves
     of the faces (6.0 and 6.6% against 6.7 and 7.2%) and steadier under rotation (2.8%
-    against 3.3%, tests/test_mtcnn_cascade.py's 12 cases). Call it under
+    against 3.3%, tests/test_mtcnn_cascade.py's 12 cases). The mirrored pass took the
+    mean from 5.00 to 4.87% on one half of 377 annotated faces and from 5.63 to 5.44% on the
+    other (bench README), and the rotation cases' from 2.8 to 2.5%. Call it under
     ``torch.inference_mode()``."""
     boxes, points = boxes[:, :4].astype(np.float64), points.astype(np.float64)
-    device = next(onet.parameters()).device
     total, estimates = points.copy(), 1
     for _ in range(steps):
         square = _square(boxes)
-        crops, valid = _crops(image, square, ONET_SIZE)
+        refined, marks, valid = _onet_mirrored(onet, image, square)
         if not valid.any():
             break
-        offsets, marks, _ = (t.cpu().numpy() for t in onet(_net_input(crops).to(device)))
-        points[valid] = _landmarks(square[valid], marks)
-        boxes[valid] = _regress(square[valid], offsets)
+        points[valid], boxes[valid] = marks, refined
         total, estimates = total + points, estimates + 1
     return boxes, total / estimates
 

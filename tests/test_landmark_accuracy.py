@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 
 from utils import write_image
 
@@ -44,6 +45,53 @@ def wflw98() -> np.ndarray:
     points[96:98] = EYES + [0, -2]  # the pupils: not the contour's mean
     points[54], points[76], points[82] = NOSE, MOUTH[0], MOUTH[1]
     return points
+
+
+def aflw21() -> np.ndarray:
+    points = np.full((21, 2), 5.0)  # brows, ears, nose wings, mouth centre, chin: not used
+    points[[6, 8]], points[[9, 11]] = EYES[0] + [[-6, 0], [6, 0]], EYES[1] + [[-6, 0], [6, 0]]
+    points[7], points[10] = EYES + [0, -2]  # the pupils: AFLW's, not used
+    points[14], points[17], points[19] = NOSE, MOUTH[0], MOUTH[1]
+    return points
+
+
+def lfpw29() -> np.ndarray:
+    points = np.full((29, 2), 5.0)
+    points[[8, 10, 12, 13]], points[[9, 11, 14, 15]] = ring(EYES[0], 4), ring(EYES[1], 4)
+    points[20], points[22], points[23] = NOSE, MOUTH[0], MOUTH[1]
+    return points
+
+
+def test_annotations_are_read_from_aflw2000_and_helen_mat_files(tmp_path):
+    """AFLW2000-3D's pt2d (2 x 21, 0-based, a point not seen negative: such a face is left
+    out when one of its five is) and Zhou et al.'s helen.mat (cells of names and of 2 x 29
+    points, 1-based), written here by scipy as Matlab writes them."""
+    image = np.zeros((120, 100, 3), np.uint8)
+    (tmp_path / "aflw2000").mkdir()
+    hidden = aflw21()
+    hidden[11] = -1  # the right eye's outer corner not seen
+    for name, points in (("seen", aflw21()), ("hidden", hidden)):
+        write_image(tmp_path / "aflw2000" / f"{name}.jpg", image)
+        scipy.io.savemat(tmp_path / "aflw2000" / f"{name}.mat", {"pt2d": points.T})
+    (tmp_path / "helen" / "img").mkdir(parents=True)
+    names = np.empty((1, 2), dtype=object)
+    names[0, 0], names[0, 1] = "a.jpg", "b.jpg"
+    labels = np.empty((1, 2), dtype=object)
+    labels[0, 0], labels[0, 1] = (lfpw29() + 1).T, (lfpw29() + 1).T  # Matlab's 1-based
+    scipy.io.savemat(tmp_path / "helen" / "helen.mat", {"imgs": names, "Pts": labels})
+    write_image(tmp_path / "helen" / "img" / "a.jpg", image)  # b.jpg is missing: left out
+    faces = la.load_faces(tmp_path, min_eye_distance=20)
+    assert [f.name for f in faces] == ["aflw2000/seen.jpg", "helen/img/a.jpg"]
+    for face in faces:
+        np.testing.assert_allclose(face.truth, FIVE, atol=1e-9)
+
+
+def test_halves_alternate_within_each_source():
+    faces = [la.Face(f"{source}/{k}.jpg", Path("x"), FIVE) for source, count in
+             (("a", 3), ("b", 2)) for k in range(count)]
+    halves = la.split_halves(faces)
+    assert [[f.name for f in h] for h in halves] == [["a/0.jpg", "a/2.jpg", "b/0.jpg"],
+                                                     ["a/1.jpg", "b/1.jpg"]]
 
 
 def test_five_points_are_the_eye_contour_means_nose_tip_and_mouth_corners():
