@@ -99,6 +99,7 @@ class Config:
 
     # --- optimisation
     batch_size: int = 128  # per device
+    gradient_acc: int = 1  # micro-batches of batch_size per optimiser step (global: x devices x it)
     lr: float = 0.1  # for a global batch of base_batch_size, scaled linearly
     base_batch_size: int = 512  # the global batch that lr is given for
     scale_lr: bool = True  # lr * global batch / base_batch_size; off: lr as given (arcface_torch)
@@ -190,6 +191,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": SCHEDULERS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES}
 
 
+# The loader reads the k micro-batches of an optimiser step as one batch of k x batch_size
+# images (train.py splits it): arcface_torch's largest is 12; beyond this a typo (a global
+# batch for a per-device one) would ask for a loader batch no memory holds
+MAX_GRADIENT_ACC = 1024
+
 # torch.manual_seed takes a 64-bit integer; this bound keeps seed + rank and seed + epoch
 # (the per-rank and per-epoch generators) inside it
 SEED_LIMIT = 2**62
@@ -198,7 +204,8 @@ SEED_LIMIT = 2**62
 # this order (a field's lower bound before its upper one)
 _RANGES: tuple[tuple[str, Any, str], ...] = (
     *((name, lambda v: v >= 1, ">= 1") for name in ("batch_size", "base_batch_size", "epochs",
-                                                     "embedding_size")),
+                                                     "embedding_size", "gradient_acc")),
+    ("gradient_acc", lambda v: v <= MAX_GRADIENT_ACC, f"<= {MAX_GRADIENT_ACC}"),
     # margin_m1 multiplies the angle: at 0 or below the target's logit no longer falls as
     # the embedding turns away from its centre
     *((name, lambda v: v > 0, "> 0") for name in ("lr", "scale_s", "margin_m1")),

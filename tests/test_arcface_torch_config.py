@@ -186,7 +186,6 @@ def test_code_is_refused_not_run(tmp_path, line):
 
 
 @pytest.mark.parametrize("line, named", [
-    ("config.gradient_acc = 2", "gradient_acc"),
     ("config.resume = True", "resume"),
     ("config.interclass_filtering_threshold = 0.2", "interclass_filtering_threshold"),
     ("config.image_size = 112", "image_size"),
@@ -310,3 +309,4 @@ def test_decay_all_puts_every_parameter_in_one_decayed_group():
     assert group["weight_decay"] == 0.1
     assert {id(p) for p in group["params"]} == {id(p) for p in net.parameters()}
     assert len(group["params"]) == len(list(net.parameters()))
+
