@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from test_train import TINY, pattern_images, write_rec
 import train
 from config import ConfigError, make_config
 from training.distributed import DistInfo
+from training.train_checkpoints import ResumeError, check_resumable
 from utils import load_checkpoint
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -255,3 +257,20 @@ def test_gradient_acc_bounds_named():
             make_config({"gradient_acc": value})
     with pytest.raises(ConfigError, match=r"--gradient-acc: must be >= 1"):
         train.parse_config(["--gradient-acc", "0"], parser=train.build_arg_parser())
+
+
+def test_resume_compares_the_global_batch_with_its_micro_batches(tmp_path):
+    """4 x 1 rank x 1 may resume as 2 x 1 x 2 (the same global batch, data order and step);
+    2 x 1 x 1 and 4 x 1 x 2 may not; a checkpoint from before gradient_acc counts as 1."""
+    saved = make_config({**TINY}).to_dict()
+    del saved["gradient_acc"]
+    ckpt = {"config": saved, "world_size": 1, "num_classes": NUM_CLASSES}
+    path = tmp_path / "checkpoint.pt"
+    allowed = check_resumable(ckpt, path, make_config({**TINY, "batch_size": 2,
+                                                       "gradient_acc": 2}), NUM_CLASSES, None, 1)
+    assert allowed == ["gradient_acc: 1 -> 2"]
+    for batch, k, said in ((2, 1, "4 x 1 ranks -> 2 x 1 ("),
+                           (4, 2, "4 x 1 ranks -> 4 x 1 x 2 micro-batches (")):
+        cfg = make_config({**TINY, "batch_size": batch, "gradient_acc": k})
+        with pytest.raises(ResumeError, match=re.escape(f"global batch: {said}")):
+            check_resumable(ckpt, path, cfg, NUM_CLASSES, None, 1)
