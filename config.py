@@ -100,7 +100,7 @@ class Config:
 
     # --- optimisation
     batch_size: int = 128  # per device
-    gradient_acc: int = 1  # micro-batches of batch_size per optimiser step (global: x devices x it)
+    gradient_acc: int = 1  # micro-batches per optimiser step; global batch batch_size x devices x k
     lr: float = 0.1  # for a global batch of base_batch_size, scaled linearly
     base_batch_size: int = 512  # the global batch that lr is given for
     scale_lr: bool = True  # lr * global batch / base_batch_size; off: lr as given (arcface_torch)
