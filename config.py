@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from training.arcface_torch_config import (
+    ARCFACE_CLIP,
     SAME_MEANING,
     ArcfaceConfigError,
     load_arcface_torch_config,
@@ -103,6 +104,7 @@ class Config:
 
     # --- optimisation
     batch_size: int = 128  # per device
+    gradient_acc: int = 1  # micro-batches per optimiser step; global batch batch_size x devices x k
     lr: float = 0.1  # for a global batch of base_batch_size, scaled linearly
     base_batch_size: int = 512  # the global batch that lr is given for
     scale_lr: bool = True  # lr * global batch / base_batch_size; off: lr as given (arcface_torch)
@@ -194,6 +196,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": SCHEDULERS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES}
 
 
+# The loader reads the k micro-batches of an optimiser step as one batch of k x batch_size
+# images (train.py splits it): arcface_torch's largest is 12; beyond this a typo (a global
+# batch for a per-device one) would ask for a loader batch no memory holds
+MAX_GRADIENT_ACC = 1024
+
 # torch.manual_seed takes a 64-bit integer; this bound keeps seed + rank and seed + epoch
 # (the per-rank and per-epoch generators) inside it
 SEED_LIMIT = 2**62
@@ -202,7 +209,8 @@ SEED_LIMIT = 2**62
 # this order (a field's lower bound before its upper one)
 _RANGES: tuple[tuple[str, Any, str], ...] = (
     *((name, lambda v: v >= 1, ">= 1") for name in ("batch_size", "base_batch_size", "epochs",
-                                                     "embedding_size")),
+                                                     "embedding_size", "gradient_acc")),
+    ("gradient_acc", lambda v: v <= MAX_GRADIENT_ACC, f"<= {MAX_GRADIENT_ACC}"),
     # margin_m1 multiplies the angle: at 0 or below the target's logit no longer falls as
     # the embedding turns away from its centre
     *((name, lambda v: v > 0, "> 0") for name in ("lr", "scale_s", "margin_m1")),
@@ -329,6 +337,25 @@ def _check_values(cfg: Config) -> None:
                           ("epochs",))
 
 
+# arcface_torch's WebFace42M ViT recipes, as its configs/wf42m_pfc03_40epoch_*gpu_vit_*.py
+# over its base.py train them (what `--config` makes of those files, but the paths):
+# CosFace m 0.4 (margin_list (1, 0, 0.4)) at s 64, Partial FC 0.3, AdamW at lr 1e-3 as
+# given, weight decay 0.1 on every parameter, 40 epochs with 4 of linear warm-up, then a
+# linear decay, fp16, the backbone's gradient clipped at 5, its seed, workers and intervals.
+WF42M_VIT = dict(rec="data/webface42m/train.rec", embedding_size=512, head="cosface",
+                 margin_m=0.4, scale_s=64.0, sample_rate=0.3, optimizer="adamw", lr=1e-3,
+                 scale_lr=False, weight_decay=0.1, decay_all=True, scheduler="linear",
+                 epochs=40, warmup_epochs=4.0, amp="fp16", clip_head=False,
+                 num_classes=2059906, num_image=42474557, seed=2048, num_workers=2,
+                 verify_every=2000, log_every=10)
+# (preset, its network, per-GPU batch, gradient_acc): ViT-T and ViT-B from its 8-GPU files,
+# ViT-S and ViT-L from its 64-GPU ones (it has no 8-GPU file for them). ViT-B's 12
+# micro-batches clip their mean at 5 / 12 where it clips their sum at 5 (the same step:
+# training/arcface_torch_config._accumulation).
+WF42M_VITS = (("vit_t", "vit_t_dp005_mask0", 512, 1), ("vit_s", "vit_s_dp005_mask_0", 384, 1),
+              ("vit_b", "vit_b_dp005_mask_005", 256, 12),
+              ("vit_l", "vit_l_dp005_mask_005", 384, 1))
+
 # Named configs, each overriding the base like arcface_torch's configs/*.py.
 PRESETS: dict[str, dict[str, Any]] = {
     # MS1MV2 (faces_emore) with IR-50, as in the ArcFace paper's main setting.
@@ -361,6 +388,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  scheduler="cosine", warmup_epochs=0.0, epochs=8, grad_clip=5.0,
                  weight_decay=5e-4, cpu_amp=True, num_workers=1, ring_loader=True,
                  keep_freed_memory=True, save_every=200, verify_every=0, log_every=10),
+    **{f"wf42m_{name}": dict(WF42M_VIT, output=f"runs/wf42m_{name}", network=network,
+                             batch_size=batch, gradient_acc=acc, grad_clip=ARCFACE_CLIP / acc)
+       for name, network, batch, acc in WF42M_VITS},
 }
 
 

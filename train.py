@@ -15,6 +15,9 @@ torchrun's own flags (``--nnodes 2 --node_rank 0 --rdzv_endpoint host:29500``)::
 With more than one process the backbone is wrapped in DistributedDataParallel and the class
 centres are sharded across ranks (``cfg.sample_rate < 1`` samples negatives: Partial FC). The
 lr is ``cfg.lr * global_batch / cfg.base_batch_size`` (``cfg.lr`` itself with ``scale_lr`` off).
+``--gradient-acc k``: each optimiser step is k micro-batches of ``batch_size`` per device
+(global batch batch_size x devices x k); every count (schedule, warm-up, margin ramp, logging,
+checkpoints, epochs) is in optimiser steps, and checkpoints fall between them only.
 
 This file reads top to bottom: the knobs (lr schedule, margin ramp, optimiser and its
 parameter groups), the model (``build_trainer``), one step (``train_step``, which
@@ -227,7 +230,8 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
     if cfg.compile:
         model = torch.compile(model, mode=cfg.compile_mode)
 
-    lr = cfg.lr * cfg.batch_size * info.world_size / cfg.base_batch_size if cfg.scale_lr \
+    global_batch = cfg.batch_size * info.world_size * cfg.gradient_acc
+    lr = cfg.lr * global_batch / cfg.base_batch_size if cfg.scale_lr \
         else cfg.lr  # arcface_torch applies its lr as given
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
 
@@ -284,16 +288,34 @@ class Step(NamedTuple):
 
 
 def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
-               accuracy: bool = False) -> Step:
-    """One training step: the batch to the device, a random flip, the backbone, the margin
-    head and its loss, backward, global gradient clipping, both optimisers, the schedules."""
+               accuracy: bool = False, micro_batches: int = 1) -> Step:
+    """One optimiser step: the batch to the device, a random flip; then for each of its
+    ``micro_batches`` k (cfg.gradient_acc; equal slices of the batch) the backbone, the
+    margin head and its loss / k, backward, the gradients summing in .grad (DDP all-reduces
+    them with the last one's); then global gradient clipping, both optimisers, the
+    schedules. k micro-batches of B give the step of one batch of kB, but for what sees B
+    rows at a time: BatchNorm's statistics, the batch margins' (AdaFace, CurricularFace,
+    ElasticFace) and Partial FC's sampled centres (a sample per micro-batch, its positives
+    always in: as arcface_torch's PartialFC_V2 accumulates). Reports the micro-batches' mean
+    loss and accuracy."""
     images = random_flip(prepare_batch(images, trainer.device, trainer.channels_last))
     labels = labels.to(trainer.device, non_blocking=True)
-    with trainer.autocast():
-        embeddings = trainer.model(images)
-    loss, batch_accuracy = trainer.head(embeddings.float(), labels, accuracy=accuracy)
+    losses, accuracies = [], []
+    for i, (part, part_labels) in enumerate(zip(images.chunk(micro_batches),
+                                                labels.chunk(micro_batches), strict=True)):
+        with trainer.grad_sync(i == micro_batches - 1):
+            with trainer.autocast():
+                embeddings = trainer.model(part)
+            # at least float32 (bf16 under autocast), so the head gathers and reduces in it
+            embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+            loss, part_accuracy = trainer.head(embeddings, part_labels, accuracy=accuracy)
+            # the scaler acts under fp16 only
+            trainer.scaler.scale(loss / micro_batches).backward()
+        losses.append(loss.detach())
+        accuracies.append(part_accuracy)
+    loss = torch.stack(losses).mean()
+    batch_accuracy = torch.stack(accuracies).mean() if accuracy else None
     optimizers = (trainer.opt_backbone, trainer.opt_head)
-    trainer.scaler.scale(loss).backward()  # the scaler acts under fp16 only
     for opt in optimizers:
         trainer.scaler.unscale_(opt)
     if trainer.scaler.is_enabled():
@@ -311,7 +333,6 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
     for opt, sched in zip(optimizers, (trainer.sched_backbone, trainer.sched_head), strict=True):
         opt.zero_grad(set_to_none=True)
         sched.step()
-    loss = loss.detach()
     finite = torch.isfinite(loss)
     if not trainer.scaler.is_enabled():  # fp16 overflows make inf norms that the scaler skips
         finite = finite & torch.isfinite(grad_norm)
@@ -399,12 +420,14 @@ def set_up(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dataset, source = build_dataset(cfg)
-    data_gen.check_enough_images(len(dataset), cfg.batch_size * info.world_size, source)
+    # the sampler's batches are optimiser steps: gradient_acc micro-batches, split in the step
+    step_batch = cfg.batch_size * cfg.gradient_acc
+    data_gen.check_enough_images(len(dataset), step_batch * info.world_size, source)
     num_classes = int(dataset.num_classes)
     data_gen.check_labels(dataset.labels, num_classes, source)
     check_stated_size(cfg, num_classes, len(dataset), source)
     identities = identity_list(getattr(dataset, "classes", None), dataset.labels, num_classes)
-    sampler = data_gen.ResumableBatchSampler(len(dataset), cfg.batch_size, info.world_size,
+    sampler = data_gen.ResumableBatchSampler(len(dataset), step_batch, info.world_size,
                                              info.rank, seed=cfg.seed)
     total_steps = cfg.epochs * sampler.batches_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
@@ -438,8 +461,8 @@ def training_loader(dataset: torch.utils.data.Dataset, sampler: data_gen.Resumab
     """``data_gen.build_loader`` as ``cfg`` asks: with worker processes uint8 batches
     (prepare_batch normalises them on the device), whose trip through shared memory costs a
     quarter of float32's, through fast_loader's ring when cfg.ring_loader; the loader's
-    generator seeded per rank."""
-    return data_gen.build_loader(dataset, cfg.batch_size, cfg.num_workers,
+    generator seeded per rank; one batch per optimiser step (its gradient_acc micro-batches)."""
+    return data_gen.build_loader(dataset, sampler.batch_size, cfg.num_workers,
                                  seed=cfg.seed + info.rank, sampler=sampler,
                                  raw_uint8=cfg.num_workers > 0, ring=cfg.ring_loader,
                                  pin_memory=info.device.type == "cuda")
@@ -477,7 +500,8 @@ def _train(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
                 read_now = log_now or verify_now or save_now
                 inject_fault(step, trainer.backbone)  # test-only: FACE_TRAIN_FAULT=nan@K, kill@K
 
-                result = train_step(trainer, images, labels, accuracy=read_now)
+                result = train_step(trainer, images, labels, accuracy=read_now,
+                                    micro_batches=cfg.gradient_acc)
                 first_bad = torch.where(result.finite, first_bad, first_bad.clamp(max=step))
                 steps_run += 1
 

@@ -196,7 +196,6 @@ def test_code_is_refused_not_run(tmp_path, line):
 
 
 @pytest.mark.parametrize("line, named", [
-    ("config.gradient_acc = 2", "gradient_acc"),
     ("config.resume = True", "resume"),
     ("config.interclass_filtering_threshold = 0.2", "interclass_filtering_threshold"),
     ("config.image_size = 112", "image_size"),
@@ -320,3 +319,69 @@ def test_decay_all_puts_every_parameter_in_one_decayed_group():
     assert group["weight_decay"] == 0.1
     assert {id(p) for p in group["params"]} == {id(p) for p in net.parameters()}
     assert len(group["params"]) == len(list(net.parameters()))
+
+
+VIT_B_PY = '''from easydict import EasyDict as edict
+
+config = edict()
+config.margin_list = (1.0, 0.0, 0.4)
+config.network = "vit_b_dp005_mask_005"
+config.resume = False
+config.output = None
+config.embedding_size = 512
+config.sample_rate = 0.3
+config.fp16 = True
+config.weight_decay = 0.1
+config.batch_size = 256
+config.gradient_acc = 12 # total batchsize is 256 * 12
+config.optimizer = "adamw"
+config.lr = 0.001
+config.verbose = 2000
+config.dali = False
+
+config.rec = "/train_tmp/WebFace42M"
+config.num_classes = 2059906
+config.num_image = 42474557
+config.num_epoch = 40
+config.warmup_epoch = config.num_epoch // 10
+config.val_targets = []
+'''
+
+# What configs/wf42m_pfc03_40epoch_*gpu_vit_*.py over base.py say, as our fields: margin_list
+# (1.0, 0.0, 0.4) is CosFace m 0.4 at its s 64; fp16; AdamW lr 0.001 as given (no
+# rescaling), weight decay 0.1 on every parameter; num_epoch 40, warmup_epoch 40 // 10, its
+# linear schedule; its backbone-only clipping at 5; base.py's seed, workers, frequent and
+# verbose; num_classes and num_image of WebFace42M; val_targets [].
+WF42M_FIELDS = dict(head="cosface", margin_m=0.4, margin_m1=1.0, margin_m3=0.0, scale_s=64.0,
+                    embedding_size=512, sample_rate=0.3, amp="fp16", optimizer="adamw",
+                    lr=0.001, scale_lr=False, weight_decay=0.1, decay_all=True,
+                    scheduler="linear", epochs=40, warmup_epochs=4.0, clip_head=False,
+                    num_classes=2059906, num_image=42474557, seed=2048, num_workers=2,
+                    log_every=10, verify_every=2000, val_bins=[])
+
+
+@pytest.mark.parametrize("preset, network, batch_size, gradient_acc", [
+    ("wf42m_vit_t", "vit_t_dp005_mask0", 512, 1),  # its 8gpu_vit_t file
+    ("wf42m_vit_s", "vit_s_dp005_mask_0", 384, 1),  # its 64gpu_vit_s (no 8-GPU file)
+    ("wf42m_vit_b", "vit_b_dp005_mask_005", 256, 12),  # its 8gpu_vit_b: 256 x 12 per GPU
+    ("wf42m_vit_l", "vit_l_dp005_mask_005", 384, 1),  # its 64gpu_vit_l (no 8-GPU file)
+])
+def test_wf42m_vit_presets_train_as_its_configs(preset, network, batch_size, gradient_acc):
+    cfg = make_config(preset=preset)
+    # its clip_grad_norm_(backbone, 5) acts on the sum of the micro-batches' gradients
+    expected = {**WF42M_FIELDS, "network": network, "batch_size": batch_size,
+                "gradient_acc": gradient_acc, "grad_clip": 5.0 / gradient_acc}
+    assert {name: getattr(cfg, name) for name in expected} == expected
+    assert (cfg.rec, cfg.output) == ("data/webface42m/train.rec", f"runs/{preset}")
+
+
+def test_wf42m_presets_equal_reading_its_files(configs):
+    """The presets are what --config makes of its files, but for the paths."""
+    for name, text, preset in (("wf42m_pfc03_40epoch_8gpu_vit_t", VIT_T_PY, "wf42m_vit_t"),
+                               ("wf42m_pfc03_40epoch_8gpu_vit_b", VIT_B_PY, "wf42m_vit_b")):
+        (configs / f"{name}.py").write_text(text)
+        read = make_config(config_file=configs / f"{name}.py").to_dict()
+        ours = make_config(preset=preset).to_dict()
+        paths = ("rec", "output", "val_bins")
+        assert {k: v for k, v in read.items() if k not in paths} == \
+            {k: v for k, v in ours.items() if k not in paths}

@@ -22,6 +22,7 @@ BASE_FILE = "base.py"  # arcface_torch's get_config reads configs/base.py, then 
 CONFIG_NAME = "config"
 DEFAULT_OUTPUT_ROOT = "work_dirs"  # where arcface_torch puts a run whose output is None
 ARCFACE_SCALE = 64.0  # arcface_torch's CombinedMarginLoss is built with s = 64
+ARCFACE_CLIP = 5.0  # its train_v2.py clips the backbone's gradient at norm 5
 TRAIN_REC = "train.rec"  # its rec field is a folder holding train.rec/train.idx
 # its network names that are ours under another name; the rest (vit_*, mbf, mbf_large)
 # are ours under its own
@@ -42,7 +43,6 @@ DROPPED = ("wandb_key", "wandb_entity", "wandb_project", "wandb_log_all", "suffi
 # fields that change the training, accepted only at the value that leaves it as ours:
 # (field, inert value, why refused otherwise)
 ONLY_INERT = (("resume", False, "resume with train.py --resume instead"),
-              ("gradient_acc", 1, "gradient accumulation is not supported yet"),
               ("interclass_filtering_threshold", 0, "inter-class filtering is not supported"))
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
@@ -164,6 +164,25 @@ def _margins(margin_list: Any, where: str) -> dict[str, Any]:
     return {"head": "combined", "margin_m1": m1, "margin_m": m2, "margin_m3": m3}
 
 
+def _accumulation(fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """Its gradient_acc k as ours, the same steps. Its loss is not divided by k, so it steps
+    on the sum of the k micro-batches' gradients, ours on their mean: its clipping of the
+    sum at norm 5 is ours of the mean at 5 / k; AdamW's step is the same on either (but for
+    its eps); SGD's would be k times larger, so SGD takes lr x k and weight decay / k (the
+    same step, each momentum buffer 1/k of its)."""
+    k = fields.get("gradient_acc", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        return {"gradient_acc": k}  # Config refuses it, naming the field
+    out: dict[str, Any] = {"gradient_acc": k, "grad_clip": ARCFACE_CLIP / k}
+    if k > 1 and fields.get("optimizer", "sgd") == "sgd":
+        missing = [name for name in ("lr", "weight_decay") if name not in fields]
+        if missing:
+            raise ArcfaceConfigError(f"{where}: config.gradient_acc = {k} with SGD needs "
+                                     f"config.{' and config.'.join(missing)}")
+        out.update(lr=fields["lr"] * k, weight_decay=fields["weight_decay"] / k)
+    return out
+
+
 def _check_unsupported(fields: dict[str, Any], where: str) -> None:
     """Refuse fields that would change the training; name the switched-on ones we ignore."""
     for name, inert, why in ONLY_INERT:
@@ -178,9 +197,10 @@ def _check_unsupported(fields: dict[str, Any], where: str) -> None:
 def to_overrides(fields: dict[str, Any], where: str) -> dict[str, Any]:
     """arcface_torch's fields as Config overrides: its lr applied as given (no rescaling),
     its linear warm-up and decay, its weight decay on every parameter, its clipping of the
-    backbone only, fp16 autocast when it asks for fp16 (fp32 otherwise)."""
+    backbone only, its gradient_acc (_accumulation), fp16 autocast when it asks for fp16
+    (fp32 otherwise)."""
     known = {*SAME_MEANING, *SWITCHED_OFF_HERE, *DROPPED, *(n for n, _, _ in ONLY_INERT),
-             "margin_list", "network", "fp16", "rec", "val_targets", "output"}
+             "margin_list", "network", "fp16", "rec", "val_targets", "output", "gradient_acc"}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ArcfaceConfigError(f"{where}: arcface_torch field(s) not understood here: "
@@ -189,6 +209,7 @@ def to_overrides(fields: dict[str, Any], where: str) -> dict[str, Any]:
     out = {ours: fields[theirs] for theirs, ours in SAME_MEANING.items() if theirs in fields}
     out.update(scale_s=ARCFACE_SCALE, scale_lr=False, scheduler="linear", decay_all=True,
                clip_head=False)
+    out.update(_accumulation(fields, where))
     if "margin_list" in fields:
         out.update(_margins(fields["margin_list"], where))
     if "network" in fields:

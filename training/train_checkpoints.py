@@ -408,6 +408,8 @@ RESUME_MAY_CHANGE = frozenset({
     # optimiser hyperparameters: from the resumed step on
     "lr", "base_batch_size", "scale_lr", "momentum", "nesterov", "weight_decay", "grad_clip",
     "clip_head",
+    # the micro-batches of a step: with the same global batch (compared), the same step
+    "gradient_acc",
     # the loss: margins and scale are plain numbers read at each step
     "margin_m", "scale_s", "margin_m1", "margin_m3", "easy_margin", "focal_gamma", "dropout",
     # the newer heads' options: read when the head is built (their running statistics are
@@ -481,9 +483,13 @@ def check_resumable(ckpt: dict[str, Any], path: Path, cfg: Config, num_classes: 
     new``."""
     allowed, refused = resume_differences(ckpt["config"], cfg.to_dict(), Config().to_dict())
     saved_batch, saved_world = ckpt["config"]["batch_size"], int(ckpt["world_size"])
-    if saved_batch * saved_world != cfg.batch_size * world_size:
-        refused.append(f"global batch: {saved_batch} x {saved_world} ranks -> "
-                       f"{cfg.batch_size} x {world_size} ({RESUME_REFUSED['batch_size']})")
+    saved_acc = ckpt["config"].get("gradient_acc", 1)  # absent from older checkpoints
+    if saved_batch * saved_world * saved_acc != cfg.batch_size * world_size * cfg.gradient_acc:
+        def acc(k: int) -> str:
+            return f" x {k} micro-batches" if k != 1 else ""
+        refused.append(f"global batch: {saved_batch} x {saved_world} ranks{acc(saved_acc)} -> "
+                       f"{cfg.batch_size} x {world_size}{acc(cfg.gradient_acc)} "
+                       f"({RESUME_REFUSED['batch_size']})")
     if ckpt["num_classes"] != num_classes:
         refused.append(f"classes: {ckpt['num_classes']} -> {num_classes}")
     saved_samples = ckpt.get("num_samples")  # absent from older checkpoints

@@ -72,6 +72,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Where a micro-batch's forward and backward run: with ``sync`` False under DDP
+        its ``no_sync`` (the gradient stays in this rank's .grad, to be all-reduced with
+        the last micro-batch's, which syncs); a no-op otherwise."""
+        ddp = getattr(self.model, "_orig_mod", self.model)  # under torch.compile
+        if sync or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return ddp.no_sync()
+
 
 # ----------------------------------------------------------------------------- RNG state
 
