@@ -58,9 +58,11 @@ def our_cfg(rec, output, **overrides):
         "cpu_amp": False, "log_every": 1, "seed": 5, **overrides})
 
 
-def write_their_run(folder, optimizer="sgd", prefix=""):
-    """Its two rank files and model.pt; returns what they hold: the backbone module and, per
-    rank, its centres shard and optimiser state dict."""
+def write_their_run(folder, optimizer="sgd", prefix="", per_epoch=STEPS_PER_EPOCH,
+                    epoch=SAVED_EPOCH):
+    """Its two rank files and model.pt, saved at the end of ``epoch`` of ``per_epoch``
+    micro-batches (its global_step and PolynomialLRWarmup count them); returns what they
+    hold: the backbone module and, per rank, its centres shard and optimiser state dict."""
     torch.manual_seed(0)
     net = models.build_model("ir_narrow", EMBEDDING)
     centres = torch.randn(CLASSES, EMBEDDING) * 0.01
@@ -77,12 +79,13 @@ def write_their_run(folder, optimizer="sgd", prefix=""):
         loss = embeddings.square().mean() + (embeddings.detach() @ weight.T).sin().sum()
         loss.backward()
         opt.step()
-        scheduler = {"total_iters": TOTAL, "power": 1.0, "warmup_iters": WARMUP,
-                     "base_lrs": [LR, LR], "last_epoch": SAVED_STEP, "verbose": False,
-                     "_step_count": SAVED_STEP + 1, "_get_lr_called_within_step": False,
-                     "_last_lr": [LR, LR]}
+        step = epoch * per_epoch
+        scheduler = {"total_iters": EPOCHS * per_epoch, "power": 1.0,
+                     "warmup_iters": WARMUP_EPOCHS * per_epoch, "base_lrs": [LR, LR],
+                     "last_epoch": step, "verbose": False, "_step_count": step + 1,
+                     "_get_lr_called_within_step": False, "_last_lr": [LR, LR]}
         state_dict = {prefix + k: v for k, v in backbone.state_dict().items()}
-        torch.save({"epoch": SAVED_EPOCH, "global_step": SAVED_STEP,
+        torch.save({"epoch": epoch, "global_step": step,
                     "state_dict_backbone": state_dict,
                     "state_dict_softmax_fc": {"weight": weight.detach()},
                     "state_optimizer": opt.state_dict(), "state_lr_scheduler": scheduler},
@@ -307,6 +310,59 @@ def test_a_run_that_does_not_fit_is_refused_naming_the_file(rec, tmp_path, case,
                                   steps_per_epoch=STEPS_PER_EPOCH)
     with pytest.raises((ResumeError, CheckpointFileError), match=match) as refused:
         resume_arcface_torch(trainer, cfg, classes, total, STEPS_PER_EPOCH)
+    assert "\n" not in str(refused.value)
+
+
+# gradient_acc 2 on 2 ranks of 4 images: its 24 // 8 = 3 micro-batches an epoch, our
+# 24 // 16 = 1 optimiser step: its 4 epochs span 12 micro-batches (3 of warm-up), ours 4 (1)
+ACC, ACC_BATCH = 2, 8  # our one process takes its global micro-batch of 2 x 4
+ACC_PER_EPOCH = CLASSES * PER_CLASS // ACC_BATCH
+ACC_STEPS_PER_EPOCH = CLASSES * PER_CLASS // (ACC_BATCH * ACC)
+
+
+def acc_trainer(rec, run, epochs=EPOCHS):
+    cfg = our_cfg(rec, run, batch_size=ACC_BATCH, gradient_acc=ACC, epochs=epochs)
+    total = epochs * ACC_STEPS_PER_EPOCH
+    trainer = train.build_trainer(cfg, CLASSES, INFO, total_steps=total,
+                                  steps_per_epoch=ACC_STEPS_PER_EPOCH)
+    return cfg, trainer, total
+
+
+def test_its_run_with_gradient_acc_resumes_at_its_optimiser_step(rec, tmp_path):
+    """Saved after epoch 2, global_step 6: it stepped at micro-batches 2, 4 and 6 (after
+    the one where global_step % 2 == 0), so 3 optimiser steps; the lr of the next is ours,
+    linear over 4 steps with 1 of warm-up; its momentum (of summed micro-batch gradients)
+    becomes ours (of their mean): half of it."""
+    _, ranks = write_their_run(tmp_path / "run", per_epoch=ACC_PER_EPOCH)
+    cfg, trainer, total = acc_trainer(rec, tmp_path / "run")
+    steps = SAVED_EPOCH * ACC_PER_EPOCH // ACC
+    assert resume_arcface_torch(trainer, cfg, CLASSES, total, ACC_STEPS_PER_EPOCH).step == 3
+    warmup = WARMUP_EPOCHS * ACC_STEPS_PER_EPOCH
+    expected = LR * (1.0 - (steps - warmup) / (total - warmup))  # 0.05 x (1 - 2 / 3)
+    for opt in (trainer.opt_backbone, trainer.opt_head):
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    head = ranks[0]["optimizer"]["state"]
+    head_buffers = [r["optimizer"]["state"][max(head)]["momentum_buffer"] for r in ranks]
+    assert torch.equal(trainer.opt_head.state[trainer.head.weight]["momentum_buffer"],
+                       torch.cat(head_buffers) / ACC)
+
+
+@pytest.mark.parametrize("case, epoch, epochs, match", [
+    ("mid-window", 1, EPOCHS, r"checkpoint_gpu_0\.pt: saved after micro-batch 3, 1 into a "
+                              r"gradient_acc window of 2"),
+    ("other schedule", SAVED_EPOCH, EPOCHS + 1,
+     r"checkpoint_gpu_0\.pt: its lr schedule spans 12 micro-batches \(3 of warm-up\), this "
+     r"run's 5 optimiser steps \(1\)"),
+])
+def test_its_gradient_acc_run_that_does_not_fit_is_refused(rec, tmp_path, case, epoch,
+                                                           epochs, match):
+    """Saved after 1 epoch of 3 micro-batches: the third's gradient is not in the file.
+    5 epochs here: its 12 micro-batches lie between 2 x 5 and 2 x 5 + 5 x (2 - 1) but are
+    not 2 x 5 plus a whole number of micro-batches an epoch."""
+    write_their_run(tmp_path / "run", per_epoch=ACC_PER_EPOCH, epoch=epoch)
+    cfg, trainer, total = acc_trainer(rec, tmp_path / "run", epochs)
+    with pytest.raises(ResumeError, match=match) as refused:
+        resume_arcface_torch(trainer, cfg, CLASSES, total, ACC_STEPS_PER_EPOCH)
     assert "\n" not in str(refused.value)
 
 

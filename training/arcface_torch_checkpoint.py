@@ -10,7 +10,8 @@ PolynomialLRWarmup). Here the backbone is loaded strictly, the shards are joined
 for this world size (as ours are, arcface_torch's files read only where they hold this
 rank's classes), each parameter's optimiser state (SGD momentum buffer; AdamW moments and
 step) goes to the same parameter of our optimisers, found by name, and the run continues
-after its step on this run's schedule, which must span the same steps as its own. Data
+after its step on this run's schedule, which must span the same steps as its own (with
+gradient_acc k its step and schedule count micro-batches, ours optimiser steps). Data
 order, augmentation draws and the fp16 grad scaler start afresh. A run that has once saved
 here continues from its own checkpoint.pt after that.
 """
@@ -166,17 +167,48 @@ def _check_optimizer(saved: Mapping[str, Any], path: Path, cfg: Config, names: l
 def _check_schedule(saved: Mapping[str, Any], path: Path, cfg: Config, total_steps: int,
                     warmup_steps: int) -> None:
     """Its PolynomialLRWarmup must span this run's steps: another global batch, number of
-    epochs or warm-up would bend the schedule where the run stands."""
+    epochs or warm-up would bend the schedule where the run stands. It counts micro-batches,
+    m = N // (B W) an epoch, ours optimiser steps of k: N // (B W k) = m // k, so its totals
+    are k x ours plus r = m % k (0 <= r < k) an epoch, and r x warmup_epoch in warm-up."""
     if cfg.scheduler != "linear":
         raise ResumeError(f"{path}: arcface_torch's lr schedule is linear, this run's "
                           f"scheduler is {cfg.scheduler}; resume with its config (--config) or "
                           "--scheduler linear")
-    theirs = (saved.get("total_iters"), saved.get("warmup_iters"))
-    if theirs != (total_steps, warmup_steps):
+    k = cfg.gradient_acc
+    total, warmup = saved.get("total_iters"), saved.get("warmup_iters")
+    extra, rest = divmod(total - k * total_steps, cfg.epochs) if isinstance(total, int) \
+        else (-1, 0)
+    if rest or not 0 <= extra < k or warmup != k * warmup_steps + extra * cfg.warmup_epochs:
+        ours = f"{total_steps} ({warmup_steps})" if k == 1 else (
+            f"{total_steps} optimiser steps ({warmup_steps}) of {k} micro-batches, not {k} x "
+            f"those plus up to {k - 1} an epoch")
         raise ResumeError(
-            f"{path}: its lr schedule spans {theirs[0]} steps ({theirs[1]} of warm-up), this "
-            f"run's {total_steps} ({warmup_steps}): resume with its global batch (its ranks x "
-            "batch_size), num_epoch and warmup_epoch")
+            f"{path}: its lr schedule spans {total} {'steps' if k == 1 else 'micro-batches'} "
+            f"({warmup} of warm-up), this run's {ours}: resume with its global batch (its "
+            "ranks x batch_size), num_epoch, warmup_epoch and gradient_acc")
+
+
+def _optimizer_steps(saved: Mapping[str, Any], path: Path, k: int) -> int:
+    """The optimiser steps in its ``global_step`` micro-batches: it counts each before
+    running it and steps after the one where global_step % k == 0. It saves at epochs'
+    ends, inside a window when its micro-batches an epoch are not a multiple of k: the
+    window's gradients are not in the file."""
+    step = int(saved["global_step"])
+    if step % k:
+        raise ResumeError(f"{path}: saved after micro-batch {step}, {step % k} into a "
+                          f"gradient_acc window of {k}: those micro-batches' gradients are not "
+                          "saved, so its run cannot go on exactly; start anew from its model.pt "
+                          "(--init-checkpoint)")
+    return step // k
+
+
+def _in_our_units(saved: Mapping[Any, Any], k: int) -> dict[Any, Any]:
+    """Its loss is not divided by k (ours is, see arcface_torch_config._accumulation):
+    its moments are of k x our gradients, SGD's buffer (its weight decay k x ours too) and
+    AdamW's first moment k x ours, the second k^2 x."""
+    powers = {"momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2}
+    return {index: {key: value / k ** powers[key] if key in powers else value
+                    for key, value in state.items()} for index, state in saved.items()}
 
 
 def _restore(trainer: Trainer, cfg: Config, state: dict[str, Any], total_steps: int,
@@ -187,18 +219,19 @@ def _restore(trainer: Trainer, cfg: Config, state: dict[str, Any], total_steps: 
     names = _load_backbone(trainer, saved["state_dict_backbone"], path, cfg)
     indices = _check_optimizer(saved["state_optimizer"], path, cfg, names)
     params = dict(trainer.backbone.named_parameters())
-    step = int(saved["global_step"])
+    step = _optimizer_steps(saved, path, cfg.gradient_acc)
     # the step our LambdaLR has taken: restore_optimizer sets the lr of this run's schedule
     schedule = {"last_epoch": step, "_step_count": step + 1}
     backbone_state = _optimizer_state(
-        trainer.opt_backbone, saved["state_optimizer"]["state"],
+        trainer.opt_backbone, _in_our_units(saved["state_optimizer"]["state"], cfg.gradient_acc),
         {id(params[name]): index for name, index in zip(names, indices, strict=True)})
     restore_optimizer(trainer.opt_backbone, trainer.sched_backbone, backbone_state,
                       {**trainer.sched_backbone.state_dict(), **schedule})
     head = trainer.head.state_dict()
     head["weight"] = state["head"]["weight"]
     trainer.head.load_state_dict(head)
-    head_state = _optimizer_state(trainer.opt_head, state["optimizer"]["state"],
+    head_state = _optimizer_state(trainer.opt_head,
+                                  _in_our_units(state["optimizer"]["state"], cfg.gradient_acc),
                                   {id(trainer.head.weight): 0})
     restore_optimizer(trainer.opt_head, trainer.sched_head, head_state,
                       {**trainer.sched_head.state_dict(), **schedule})
