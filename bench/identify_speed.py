@@ -370,6 +370,11 @@ def print_enrol(r: dict) -> None:
           f"so {r['photos'] / max(r['first_s'] - r['rerun_s'], 1e-9):.1f} photos/s enrolling")
 
 
+def _progress(line: str) -> None:
+    """Each result as it comes (stderr), before the tables at the end of a long run."""
+    tqdm.write(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
@@ -396,15 +401,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.nlist or 'the Gallery rule'}")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         folder = Path(tmp)
-        tuned = {k: tune(k, n, folder, builds[k], args.queries, args.centre_cos)
-                 for k, n in tqdm(plan, desc="tuning")}
+        tuned = {}
+        for k, n in tqdm(plan, desc="tuning"):
+            tuned[k] = tune(k, n, folder, builds[k], args.queries, args.centre_cos)
+            _progress(f"tuned {k} at {n:,}: {tuned[k]}")
         exact_rows, ann_rows = [], []
         for n in tqdm(sorted(set(args.sizes) | {n for _, n in plan}), desc="galleries"):
             data = SyntheticGallery(n, SEED, args.queries, args.centre_cos)
             exact_rows.append(measure_exact(data, args.rounds, folder))
-            ann_rows += [measure_ann(k, data, exact_rows[-1]["exact"], tuned[k][0],
-                                     args.rounds, folder, builds[k])
-                         for k, size in plan if size == n]
+            _progress(f"exact {n:,}: " + str({key: v for key, v in exact_rows[-1].items()
+                                               if key != "exact"}))
+            for k in [k for k, size in plan if size == n]:
+                ann_rows.append(measure_ann(k, data, exact_rows[-1]["exact"], tuned[k][0],
+                                            args.rounds, folder, builds[k]))
+                _progress(f"{k} {n:,}: {ann_rows[-1]}")
         enrol = measure_enrol(args.enrol_photos, folder) if args.enrol_photos else None
     print_exact(exact_rows, args.queries)
     print_ann(tuned, ann_rows, {r["n"]: r["gallery"] for r in exact_rows})

@@ -51,3 +51,15 @@ def test_ijb_protocol_speed_runs():
     proc = _run("bench/ijb_protocol_speed.py", "--scale", "0.002", "--workers", "1")
     assert proc.returncode == 0, proc.stderr
     assert "1:1 scoring" in proc.stdout and "IJBC" in proc.stdout
+
+
+@pytest.mark.slow
+def test_identify_speed_runs():
+    # 300 images: the IVF gallery has 7 lists, all probed at nprobe 8, so its search is
+    # exhaustive and must agree with the bench's brute-force reference on every query
+    proc = _run("bench/identify_speed.py", "--sizes", "300", "--queries", "10", "--ivf-size",
+                "300", "--hnsw-size", "300", "--rounds", "1", "--enrol-photos", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "10/10 (faiss 10)" in proc.stdout  # Gallery and IndexFlatIP top-1 = brute force
+    assert "ivf 300 images, nprobe 8: recall@1 enrolled 1.0000" in proc.stdout
+    assert "hnsw 300 images" in proc.stdout and "Gallery/mm" in proc.stdout
