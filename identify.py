@@ -35,16 +35,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from evaluation.verification import embed
 from gallery.photos import (
-    PhotoFaces,
     central_faces,
     contact_sheet,
     enrolment_photos,
@@ -82,6 +83,7 @@ DEFAULT_SAVE_EVERY = 5000
 TABLE_MATCHES = 3  # matches the printed table shows after the verdict
 SHEET_MAX_FACES = 40  # query faces the --gallery-plot sheet shows (rows), the first ones
 UNKNOWN = "unknown"
+BOX_DECIMALS = 2  # face boxes in results.json, to 1/100 of a pixel
 COSINE_RANGE = (-1.0, 1.0)
 JSON_KIND = OutputKind("a JSON file", starts_with(b"{"))
 PNG_KIND = OutputKind("a PNG image", starts_with(b"\x89PNG"))
@@ -222,9 +224,10 @@ def _enrol_photos(gallery: Gallery, photos: list[tuple[str, Path]], model,
     """Align, embed and add the photos not yet enrolled, saving every --save-every."""
     from faces.aligner import FaceAligner  # loads torch: after the arguments are checked
 
+    started = time.monotonic()
     enrolled = gallery.enrolled()
     todo, replaced = [], []
-    for identity, photo in photos:
+    for identity, photo in tqdm(photos, desc="hash", unit="photo", leave=False):
         source, content = str(photo.resolve()), file_sha256(photo)
         if enrolled.get(source) == content:
             continue
@@ -244,7 +247,7 @@ def _enrol_photos(gallery: Gallery, photos: list[tuple[str, Path]], model,
             no_face.append(str(found.path))
         else:
             pending.append((found.faces[0].crop, identity_of[found.path]))
-        if len(pending) >= EMBED_CHUNK:
+        if len(pending) >= min(EMBED_CHUNK, args.save_every):
             added, since_save = added + len(pending), since_save + len(pending)
             _add(gallery, model, pending, args, device)
             pending = []
@@ -254,8 +257,10 @@ def _enrol_photos(gallery: Gallery, photos: list[tuple[str, Path]], model,
     _add(gallery, model, pending, args, device)
     added += len(pending)
     gallery.save()
+    seconds = time.monotonic() - started
     print(f"enrolled {added} new photos ({len(photos) - len(todo)} already enrolled, "
-          f"{len(replaced)} replaced by new content)")
+          f"{len(replaced)} replaced by new content) in {seconds:.1f} s "
+          f"({len(todo) / max(seconds, 1e-9):.1f} photos/s)")
     if no_face:
         print(f"no face found in {len(no_face)} photos (not enrolled): "
               f"{first_few(no_face, MAX_NAMED)}")
@@ -303,9 +308,9 @@ def _search(args: argparse.Namespace) -> int:
     with ExitStack() as claims:
         for out, flag, kind in outputs:  # checked and locked before any work
             claims.enter_context(claim_output(out, flag, inputs, kind))
-        threshold, meta = _threshold(args, gallery)
         device = get_device(args.device)
         model, record = _model_for(args, gallery, device)
+        threshold, meta = _threshold(args, gallery)
         from faces.aligner import FaceAligner  # loads torch: after the arguments are checked
 
         aligner = FaceAligner(device=device)
@@ -351,12 +356,11 @@ def _match(found, gallery: Gallery, model, args: argparse.Namespace, device,
                 sheet.append((f"{Path(photo).name}\n{verdict}", crop, matches))
         batch.clear()
 
-    for photo in found:  # PhotoFaces
-        photo: PhotoFaces
+    for photo in found:
         results[str(photo.path)] = []
         if photo.error is not None:
             unreadable.append(str(photo.path))
-        batch.extend((str(photo.path), [round(v, 2) for v in f.box], f.crop)
+        batch.extend((str(photo.path), [round(v, BOX_DECIMALS) for v in f.box], f.crop)
                      for f in photo.faces)
         if len(batch) >= EMBED_CHUNK:
             flush()

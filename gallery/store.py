@@ -9,7 +9,10 @@ and content hash, searched 1:N by cosine similarity, an identity scored by its b
 Search is exact by default (``index="flat"``): per block of the gallery, one matrix product
 of the queries with the images, the maximum over each identity's images (the images are
 held sorted by identity, so the maximum is one ``np.maximum.reduceat``), and a running
-top-k; ties go to the identity whose name sorts first. ``index="hnsw"`` or ``"ivf"`` keep a
+top-k; ties go to the identity whose name sorts first. (faiss's exact IndexFlatIP ranks
+images: it would need (k-1) m + 1 neighbours a query, m the most images of one identity, to
+be sure of k identities; this costs 1.1-1.2x one matrix product of the queries with the
+gallery, measured at 10k and 100k 512-D images.) ``index="hnsw"`` or ``"ivf"`` keep a
 faiss index over the images (built once, saved, extended as images are added) for galleries
 past a few hundred thousand images: approximate, it fetches enough neighbours to find k
 identities when no identity has more than APPROX_MAX_NEIGHBOURS / k images.
@@ -48,6 +51,13 @@ INDEX_KINDS = ("flat", "hnsw", "ivf")
 # floats in one block of query x image scores: 64 MiB, far below a 1M-image gallery's
 # 4 GB for 1,000 queries, and blocks this large keep the matrix products efficient
 SCORE_BLOCK_ELEMENTS = 1 << 24
+# the first block's images: its top k per query (an argpartition of all its scores) sets the
+# bar the later blocks' scores are filtered by, so it is kept small; the blocks then grow by
+# BLOCK_GROWTH, so that each lets few scores past the bar (about k x BLOCK_GROWTH a query)
+FIRST_BLOCK_IMAGES = 512
+BLOCK_GROWTH = 4
+INT32_TOP = 2**31 - 1  # float32 bits as int32 made monotone: x ^ INT32_TOP for x < 0
+ROW_SHIFT = 32  # a merge's sort key: row << 32 | 32-bit score key
 QUERY_CHUNK = 1024  # queries scored together (each block of scores is QUERY_CHUNK rows at most)
 # faiss HNSW: links per node, and the candidate lists of build and search (faiss's defaults
 # are 32 / 40 / 16; wider lists trade build and search time for recall)
@@ -87,10 +97,10 @@ def _normalised(x: Any, dim: int, what: str) -> np.ndarray:
         raise GalleryError(f"{what}: shape {x.shape}, but the gallery holds {dim}-D embeddings")
     if not np.isfinite(x).all():
         raise GalleryError(f"{what}: non-finite (NaN/inf) values")
-    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
     if x.shape[0] and not norms.min() > 0:
         raise GalleryError(f"{what}: a zero vector has no direction to compare")
-    return (x / norms).astype(np.float32)
+    return x / norms
 
 
 def _write_file(path: Path, write) -> None:
@@ -131,6 +141,39 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return top
 
 
+def _descending_key(scores: np.ndarray) -> np.ndarray:
+    """int64 keys in [0, 2^32) that order float32 ``scores`` from high to low (their IEEE
+    bits made monotone; -0 counts as +0)."""
+    bits = (scores.astype(np.float32) + np.float32(0)).view(np.int32).astype(np.int64)
+    return INT32_TOP - np.where(bits < 0, bits ^ INT32_TOP, bits)
+
+
+def _merge(best_l: np.ndarray, best_s: np.ndarray, rows: np.ndarray, labels: np.ndarray,
+           scores: np.ndarray) -> None:
+    """Candidates (row, label, score) merged into each row's best k (in place), best first,
+    ties in label order. The candidates come row by row, each row's in label order with a
+    label's entries adjacent (counted once, with their best score), and their labels are
+    above those already among the best (a later block)."""
+    if len(rows):
+        first = np.ones(len(rows), dtype=bool)
+        first[1:] = (rows[1:] != rows[:-1]) | (labels[1:] != labels[:-1])
+        if not first.all():
+            starts = np.flatnonzero(first)
+            scores = np.maximum.reduceat(scores, starts)
+            rows, labels = rows[starts], labels[starts]
+    q, k = best_l.shape
+    r = np.concatenate([np.repeat(np.arange(q), k), rows])
+    lab = np.concatenate([best_l.ravel(), labels])
+    sc = np.concatenate([best_s.ravel(), scores])
+    # by row, then score; a stable sort keeps ties in label order (the best come first)
+    order = np.argsort((r << ROW_SHIFT) | _descending_key(sc), kind="stable")
+    r, lab, sc = r[order], lab[order], sc[order]
+    pos = np.arange(len(r)) - np.searchsorted(r, r)
+    keep = pos < k
+    best_l[r[keep], pos[keep]] = lab[keep]
+    best_s[r[keep], pos[keep]] = sc[keep]
+
+
 class Gallery:
     """Enrolled face embeddings, searched 1:N; see the module docstring. Build one with
     :meth:`create` or :meth:`open`; ``model`` (a dict, saved with it) records the network
@@ -144,6 +187,7 @@ class Gallery:
         self._dtype = np.float16 if half else np.float32
         self._emb = np.zeros((0, dim), self._dtype)  # sorted by (identity name, id)
         self._ids = np.zeros(0, np.int64)  # each image's id, never reused
+        self._ids_order: np.ndarray | None = None  # argsort of _ids, made when first needed
         self._label = np.zeros(0, np.int64)  # index of its identity in _names
         self._names: list[str] = []  # sorted; every one has an image
         self._sources: list[str] = []
@@ -192,10 +236,10 @@ class Gallery:
             g = cls(path, *spec, m["dtype"] == "float16")
             g.model, files = m.get("model"), dict(m["files"])
             g._generation, g._next_id = int(m["generation"]), int(m["next_id"])
-            g._trained_on = int(m.get("trained_on", 0))
+            g._trained_on, n = int(m.get("trained_on", 0)), int(m["images"])
+            emb_file, table_file = path / files["embeddings"], path / files["images"]
         except (KeyError, TypeError, ValueError) as e:
             raise GalleryError(f"{where}: not a gallery manifest ({describe_error(e)})") from None
-        emb_file, table_file = path / files["embeddings"], path / files["images"]
         try:
             emb = np.load(emb_file, allow_pickle=False)
             table = json.loads(table_file.read_text(encoding="utf-8"))
@@ -205,7 +249,6 @@ class Gallery:
             raise
         except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
             raise GalleryError(f"{path}: a gallery file is damaged ({describe_error(e)})") from None
-        n = int(m["images"])
         if emb.shape != (n, g.dim) or emb.dtype != g._dtype or \
                 not len(ids) == len(identities) == len(sources) == len(hashes) == n:
             raise GalleryError(f"{emb_file}: holds {emb.shape} {emb.dtype} embeddings and "
@@ -262,8 +305,8 @@ class Gallery:
             raise GalleryError(f"{self.path}: identities must be non-empty strings, got "
                                f"{bad[0]!r}")
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        self._insert(emb.astype(self._dtype), list(identities), [str(s) for s in sources],
-                     [str(h) for h in hashes], ids)
+        self._insert(emb.astype(self._dtype, copy=False), list(identities),
+                     [str(s) for s in sources], [str(h) for h in hashes], ids)
         self._next_id += n
         self._changed = self._changed or n > 0
         if self._index is not None and n:
@@ -273,16 +316,26 @@ class Gallery:
     def _insert(self, emb: np.ndarray, identities: list[str], sources: list[str],
                 hashes: list[str], ids: np.ndarray) -> None:
         """Merge rows into the sorted arrays, renumbering the identities by name."""
-        names = sorted(set(self._names).union(identities))
+        fresh = sorted(set(identities).difference(self._names))
+        if not self._names or not fresh or fresh[0] > self._names[-1]:
+            names, old = self._names + fresh, self._label  # the old names keep their places
+        else:
+            names = sorted(self._names + fresh)
+            rank = {name: i for i, name in enumerate(names)}
+            old = np.array([rank[name] for name in self._names], dtype=np.int64)[self._label]
         rank = {name: i for i, name in enumerate(names)}
-        old = np.array([rank[name] for name in self._names], dtype=np.int64)
-        labels = np.concatenate([old[self._label] if len(old) else self._label,
-                                 np.array([rank[i] for i in identities], dtype=np.int64)])
+        labels = np.concatenate([old, np.array([rank[i] for i in identities], dtype=np.int64)])
         all_ids = np.concatenate([self._ids, ids])
         order = np.lexsort((all_ids, labels))
-        self._emb = np.concatenate([self._emb, emb])[order]
-        self._ids, self._label, self._names = all_ids[order], labels[order], names
         sources, hashes = self._sources + sources, self._hashes + hashes
+        self._emb = np.concatenate([self._emb, emb])
+        self._ids_order = None
+        if (np.diff(order) == 1).all():  # added in order (a big gallery in one call): no copy
+            self._ids, self._label, self._names = all_ids, labels, names
+            self._sources, self._hashes = sources, hashes
+            return
+        self._emb = self._emb[order]
+        self._ids, self._label, self._names = all_ids[order], labels[order], names
         self._sources = [sources[i] for i in order]
         self._hashes = [hashes[i] for i in order]
 
@@ -312,7 +365,7 @@ class Gallery:
         used = np.unique(self._label[keep])
         relabel = np.full(len(self._names), -1, dtype=np.int64)
         relabel[used] = np.arange(len(used))
-        self._emb, self._ids = self._emb[keep], self._ids[keep]
+        self._emb, self._ids, self._ids_order = self._emb[keep], self._ids[keep], None
         self._label = relabel[self._label[keep]]
         self._names = [self._names[i] for i in used]
         self._sources = [s for s, k in zip(self._sources, keep, strict=True) if k]
@@ -436,31 +489,44 @@ class Gallery:
         return np.concatenate([[0], change, [len(self)]])
 
     def _blocks(self, rows: int, starts: np.ndarray) -> list[tuple[int, int]]:
-        """Identity ranges [a, b) whose images make blocks of about SCORE_BLOCK_ELEMENTS
-        scores for ``rows`` queries (an identity is never split)."""
+        """Identity ranges [a, b) whose images make blocks of up to SCORE_BLOCK_ELEMENTS
+        scores for ``rows`` queries, the first of FIRST_BLOCK_IMAGES, each next one
+        BLOCK_GROWTH times the last (an identity is never split)."""
         size = max(1, SCORE_BLOCK_ELEMENTS // rows)
-        cuts = np.unique(np.searchsorted(starts, np.arange(size, len(self), size)))
-        edges = [0, *[int(c) for c in cuts if 0 < c < len(starts) - 1], len(starts) - 1]
+        ends, step = [], min(size, FIRST_BLOCK_IMAGES)
+        end = step
+        while end < len(self):
+            ends.append(end)
+            step = min(size, step * BLOCK_GROWTH)
+            end += step
+        cuts = np.searchsorted(starts, ends)
+        edges = [0, *sorted({int(c) for c in cuts if 0 < c < len(starts) - 1}), len(starts) - 1]
         return list(zip(edges[:-1], edges[1:], strict=True))
 
     def _exact(self, q: np.ndarray, k: int,
                sources: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Labels, scores and (``sources``) best images (rows, k) of the exact top k
-        identities."""
+        identities: block by block, the images that beat a row's kth best so far
+        (strictly: the blocks run in name order, so a tie goes to the earlier block), an
+        identity scored by the best of them (its images that do not beat the bar cannot
+        be its best where it enters)."""
         starts = self._groups()
-        best_l = np.zeros((len(q), 0), np.int64)
-        best_s = np.zeros((len(q), 0), np.float32)
+        best_l = np.full((len(q), k), np.iinfo(np.int64).max, np.int64)
+        best_s = np.full((len(q), k), -np.inf, np.float32)
         for a, b in self._blocks(len(q), starts):
             lo, hi = starts[a], starts[b]
             scores = q @ self._emb[lo:hi].astype(np.float32, copy=False).T
-            if hi - lo != b - a:  # the best image of each identity
-                scores = np.maximum.reduceat(scores, starts[a:b] - lo, axis=1)
-            top = _top_k(scores, k)
-            labels = np.concatenate([best_l, top + a], axis=1)
-            merged = np.concatenate([best_s, np.take_along_axis(scores, top, axis=1)], axis=1)
-            order = np.lexsort((labels, -merged), axis=1)[:, :k]
-            best_l = np.take_along_axis(labels, order, axis=1)
-            best_s = np.take_along_axis(merged, order, axis=1)
+            if np.isneginf(best_s[:, -1]).any():  # the first block: its top k identities
+                if hi - lo != b - a:  # the best image of each identity
+                    scores = np.maximum.reduceat(scores, starts[a:b] - lo, axis=1)
+                cols = np.sort(_top_k(scores, k), axis=1)  # in label order
+                rows = np.repeat(np.arange(len(q)), cols.shape[1])
+                cols = cols.ravel()
+                labels = cols + a
+            else:  # images that beat the kth best so far: few, after the first block
+                rows, cols = np.divmod(np.flatnonzero(scores > best_s[:, -1:]), hi - lo)
+                labels = self._label[lo + cols]
+            _merge(best_l, best_s, rows, labels, scores[rows, cols])
         best = np.zeros_like(best_l)
         for r, row in enumerate(best_l if sources else []):  # the image that scored each
             for c, label in enumerate(row):
@@ -470,7 +536,9 @@ class Gallery:
 
     def _position(self, ids: np.ndarray) -> np.ndarray:
         """Row of each image id (ids of no image: -1)."""
-        order = np.argsort(self._ids)
+        if self._ids_order is None:
+            self._ids_order = np.argsort(self._ids)
+        order = self._ids_order
         found = np.clip(np.searchsorted(self._ids[order], ids), 0, len(self) - 1)
         pos = order[found]
         return np.where(self._ids[pos] == ids, pos, -1)

@@ -1,0 +1,403 @@
+"""identify.py and its gallery: rankings against a float64 brute force (an identity scored
+by its best image), ties, removal, saved generations surviving a writer killed at any
+rename and a real SIGKILL, the FAR threshold against a count of impostor pairs written
+here, and the CLI end to end on synthetic face photos (enrol, rerun, refusals, search)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+import identify
+from gallery import store
+from identify import Gallery, GalleryError
+from utils import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(queries: np.ndarray, gallery: np.ndarray, names: list[str]) -> list[dict]:
+    """Per query: identity -> its best image's score, in float64."""
+    out = []
+    for q in np.asarray(queries, np.float64):
+        best: dict[str, float] = {}
+        for x, name in zip(np.asarray(gallery, np.float64), names, strict=True):
+            best[name] = max(best.get(name, -math.inf), float(q @ x))
+        out.append(best)
+    return out
+
+
+def assert_ranking(got: list[tuple[str, float]], truth: dict[str, float], k: int,
+                   tol: float = 1e-5) -> None:
+    """``got`` is a best-first top-k of ``truth`` up to rounding of ``tol``: distinct
+    identities, each with its own best image's score, best first, and none left out that
+    scores higher (the kth best score is within ``tol`` of the true kth best, whatever
+    the rounding)."""
+    names = [name for name, _ in got]
+    scores = [score for _, score in got]
+    assert len(names) == len(set(names)) == min(k, len(truth))
+    assert scores == sorted(scores, reverse=True)
+    for name, score in got:
+        assert score == pytest.approx(truth[name], abs=tol)
+    ranked = sorted(truth.values(), reverse=True)[:len(got)]
+    np.testing.assert_allclose(scores, ranked, atol=tol)
+
+
+# ----------------------------------------------------------------------------- the API
+
+@pytest.mark.parametrize("block", [store.SCORE_BLOCK_ELEMENTS, 40])
+@pytest.mark.parametrize("half", [False, True])
+def test_search_equals_brute_force(tmp_path, monkeypatch, block, half):
+    monkeypatch.setattr(store, "SCORE_BLOCK_ELEMENTS", block)  # 40: many blocks per search
+    monkeypatch.setattr(store, "QUERY_CHUNK", 7)  # and several chunks of queries
+    monkeypatch.setattr(store, "FIRST_BLOCK_IMAGES", min(store.FIRST_BLOCK_IMAGES, block // 9))
+    rng = np.random.default_rng(1)
+    for trial, (images, people, dim) in enumerate([(60, 12, 16), (200, 80, 32), (5, 5, 8)]):
+        x = unit(rng, images, dim)
+        names = [f"id{i:03d}" for i in rng.integers(0, people, images)]
+        g = Gallery.create(tmp_path / f"g{trial}", dim, half=half)
+        g.add(x[:images // 2], names[:images // 2], [f"p{i}" for i in range(images // 2)])
+        g.add(x[images // 2:], names[images // 2:], [f"p{i}" for i in range(images // 2, images)])
+        queries = unit(rng, 23, dim)
+        truth = brute_force(queries, x, names)
+        tol = 1e-3 if half else 1e-5  # float16: |q.e| <= |e| <= 2^-11 for unit q and x
+        for k in (1, 3, len(set(names)) + 4):  # the last: more than there are identities
+            for got, best in zip(g.search(queries, k=k), truth, strict=True):
+                assert_ranking(got, best, k, tol)
+
+
+@pytest.mark.parametrize("block", [store.SCORE_BLOCK_ELEMENTS, 1])
+def test_ties_go_to_the_name_that_sorts_first(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(store, "SCORE_BLOCK_ELEMENTS", block)  # 1: an identity a block
+    monkeypatch.setattr(store, "FIRST_BLOCK_IMAGES", min(store.FIRST_BLOCK_IMAGES, block))
+    rng = np.random.default_rng(2)
+    v = unit(rng, 1, 8)[0]
+    others = unit(rng, 6, 8)
+    g = Gallery.create(tmp_path / "g", 8)
+    # three identities share the query's exact direction; c and a hold other images too
+    g.add(np.vstack([others[:3], [v, v, v], others[3:]]),
+          ["c", "z", "a", "c", "b", "a", "q", "r", "z"], [str(i) for i in range(9)])
+    got = g.search(v[None], k=2)[0]
+    assert [name for name, _ in got] == ["a", "b"]
+    assert got[0][1] == got[1][1] == pytest.approx(1.0, abs=1e-6)
+    assert [name for name, _ in g.search(v[None], k=3)[0]] == ["a", "b", "c"]
+
+
+def test_remove_and_reopen(tmp_path):
+    rng = np.random.default_rng(3)
+    x = unit(rng, 30, 16)
+    names = [f"n{i % 6}" for i in range(30)]
+    g = Gallery.create(tmp_path / "g", 16)
+    g.add(x, names, [f"s{i}" for i in range(30)])
+    g.save()
+    g = Gallery.open(tmp_path / "g")
+    assert g.remove("n2") == 5 and len(g) == 25
+    with pytest.raises(GalleryError, match="no identity 'n2'"):
+        g.remove("n2")
+    g.save()
+    again = Gallery.open(tmp_path / "g")
+    assert len(again) == 25 and again.identities() == ["n0", "n1", "n3", "n4", "n5"]
+    kept = [i for i in range(30) if names[i] != "n2"]
+    truth = brute_force(x[kept[:4]], x[kept], [names[i] for i in kept])
+    for got, best in zip(again.search(x[kept[:4]], k=10), truth, strict=True):
+        assert_ranking(got, best, 10)
+        assert got[0][1] == pytest.approx(1.0, abs=1e-6)  # each image finds itself
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_index_is_saved_and_finds_the_exact_best(tmp_path, kind):
+    rng = np.random.default_rng(4)
+    x = unit(rng, 400, 32)
+    names = [f"n{i % 150}" for i in range(400)]
+    g = Gallery.create(tmp_path / "g", 32, index=kind)
+    g.add(x[:300], names[:300], [f"s{i}" for i in range(300)])
+    g.save()
+    g = Gallery.open(tmp_path / "g")
+    g.add(x[300:], names[300:], [f"s{i}" for i in range(300, 400)])  # extends the index
+    g.remove("n7")
+    g.save()
+    assert any(p.suffix == ".faiss" for p in (tmp_path / "g").iterdir())
+    g = Gallery.open(tmp_path / "g")
+    queries = x[::7] + 0.05 * unit(rng, len(x[::7]), 32)
+    truth = brute_force(queries, x[[n != "n7" for n in names]],
+                        [n for n in names if n != "n7"])
+    hits = [got[0][0] == max(best, key=best.get)
+            for got, best in zip(g.search(queries, k=3), truth, strict=True)]
+    assert np.mean(hits) >= 0.95
+
+
+def test_gallery_refuses_what_it_cannot_hold(tmp_path):
+    g = Gallery.create(tmp_path / "g", 4)
+    with pytest.raises(GalleryError, match="4-D"):
+        g.add(np.ones((2, 5)), ["a", "b"], ["x", "y"])
+    with pytest.raises(GalleryError, match="non-finite"):
+        g.add(np.full((1, 4), np.nan), ["a"], ["x"])
+    with pytest.raises(GalleryError, match="one of each"):
+        g.add(np.ones((2, 4)), ["a"], ["x", "y"])
+    with pytest.raises(GalleryError, match="no gallery here"):
+        Gallery.open(tmp_path / "none")
+    g.add(np.ones((1, 4)), ["a"], ["x"])
+    g.save()
+    with pytest.raises(GalleryError, match="already holds a gallery"):
+        Gallery.create(tmp_path / "g", 4)
+    other = Gallery.open(tmp_path / "g")
+    g.add(np.ones((1, 4)), ["b"], ["y"])
+    g.save()
+    other.add(np.ones((1, 4)), ["c"], ["z"])
+    with pytest.raises(GalleryError, match="another writer"):  # never silently lose b
+        other.save()
+
+
+class Killed(BaseException):
+    """Stands for the process dying at that point."""
+
+
+def test_a_writer_dying_at_any_rename_leaves_the_last_saved_gallery(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    x = unit(rng, 12, 8)
+    path = tmp_path / "g"
+    g = Gallery.create(path, 8, index="hnsw")
+    g.add(x[:6], list("aabbcc"), [str(i) for i in range(6)])
+    g.save()
+    real_replace = os.replace
+    for dies_at in range(4):  # embeddings, table, index, manifest
+        calls = []
+
+        def replace(src, dst, calls=calls, dies_at=dies_at):
+            if len(calls) == dies_at:
+                raise Killed
+            calls.append(dst)
+            real_replace(src, dst)
+
+        g = Gallery.open(path)
+        g.add(x[6:], list("ddeeff"), [str(i) for i in range(6, 12)])
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(Killed):
+            g.save()
+        monkeypatch.setattr(os, "replace", real_replace)
+        survivor = Gallery.open(path)
+        assert len(survivor) == 6 and survivor.identities() == ["a", "b", "c"]
+    g = Gallery.open(path)
+    g.add(x[6:], list("ddeeff"), [str(i) for i in range(6, 12)])
+    g.save()  # removes the dead writers' files
+    names = sorted(p.name.split("-")[0] for p in path.iterdir())
+    assert names == ["embeddings", "gallery.json", "images", "index"], names
+    assert len(Gallery.open(path)) == 12
+
+
+def test_far_threshold_against_counted_impostor_pairs(tmp_path):
+    rng = np.random.default_rng(6)
+    x = unit(rng, 40, 6)
+    names = [f"n{i % 9}" for i in rng.permutation(40)]
+    g = Gallery.create(tmp_path / "g", 6)
+    g.add(x, names, [str(i) for i in range(40)])
+    impostor = [float(x[i] @ x[j]) for i in range(40) for j in range(i + 1, 40)
+                if names[i] != names[j]]
+    n = len(impostor)
+    ranked = sorted(impostor, reverse=True)
+    for far in (0.5, 0.1, 0.013, 1.5 / n):
+        found = g.far_threshold(far, progress=False)
+        above = math.floor(far * n)
+        assert found.pairs == n and found.images == 40 and not found.sampled
+        assert ranked[above - 1] - ranked[above] > 1e-5  # the count below is well defined
+        assert found.threshold == pytest.approx(ranked[above], abs=1e-6)
+        assert sum(s > found.threshold + 1e-6 for s in impostor) == above == found.above
+    with pytest.raises(identify.ToolkitError, match=f"{n:,} impostor pairs measure no FAR"):
+        g.far_threshold(0.9 / n)
+    sample = identify.far_threshold(x, np.array(names), 0.1, max_images=20, progress=False)
+    assert sample.sampled and sample.images == 20
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def _photo_of_two_faces(path: Path) -> None:
+    face = cv2.resize(data.astronaut()[30:330, 80:380], (200, 200), interpolation=cv2.INTER_AREA)
+    canvas = np.full((260, 520, 3), 200, np.uint8)
+    canvas[30:230, 30:230], canvas[30:230, 290:490] = face, face[:, ::-1]
+    cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Synthetic people (4 identities x 2 photos, one photo without a face), two ir_narrow
+    checkpoints (other weights) and a gallery enrolled from them by the CLI."""
+    import torch
+
+    import models
+    from synthetic import synthetic_faces
+
+    root = tmp_path_factory.mktemp("identify")
+    made = synthetic_faces.generate_dataset(root / "synth", train_identities=0,
+                                            eval_identities=4, eval_images=2, folds=1,
+                                            pairs_per_fold=1, progress=False)
+    people = root / "people"
+    shutil.copytree(made["lfw_dir"], people, ignore=shutil.ignore_patterns("*.txt"))
+    first = sorted(people.iterdir())[0]
+    cv2.imwrite(str(first / "wall.jpg"), np.full((120, 120, 3), 128, np.uint8))
+    checkpoints = []
+    for seed in (0, 1):
+        run = root / f"run{seed}"
+        run.mkdir()
+        torch.manual_seed(seed)
+        torch.save(models.build_model("ir_narrow", 128).state_dict(), run / "backbone.pt")
+        (run / "config.json").write_text(json.dumps({"network": "ir_narrow",
+                                                     "embedding_size": 128}))
+        checkpoints.append(run / "backbone.pt")
+    gallery = root / "gallery"
+    rc = run_cli(identify.main, ["enrol", "--gallery", str(gallery), "--photos", str(people),
+                                 "--checkpoint", str(checkpoints[0]), "--device", "cpu"])
+    assert rc == 0
+    return {"root": root, "people": people, "checkpoints": checkpoints, "gallery": gallery}
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = run_cli(identify.main, [*argv, "--device", "cpu"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_enrol_rerun_embeds_only_new_photos_and_lists_faceless_ones(world, tmp_path, capsys):
+    gallery = tmp_path / "gallery"
+    shutil.copytree(world["gallery"], gallery)
+    g = Gallery.open(gallery)
+    assert len(g) == 8 and len(g.identities()) == 4
+    assert g.model["checkpoint_sha256"] and g.model["network"] == "ir_narrow"
+    person = sorted(world["people"].iterdir())[1]
+    new = tmp_path / "people"
+    shutil.copytree(world["people"], new)
+    shutil.copy(next(person.glob("*_0001.jpg")), new / person.name / "again.jpg")
+    rc, out, _ = _cli(["enrol", "--gallery", str(gallery), "--photos", str(new)], capsys)
+    # the copied tree is another path: its 8 photos and the new one are enrolled
+    assert rc == 0 and "enrolled 9 new photos (0 already enrolled" in out
+    assert "no face found in 1 photos (not enrolled): " in out and "wall.jpg" in out
+    rc, out, _ = _cli(["enrol", "--gallery", str(gallery), "--photos", str(new)], capsys)
+    assert rc == 0 and "enrolled 0 new photos (9 already enrolled" in out
+    changed = next((new / sorted(world["people"].iterdir())[3].name).glob("*_0001.jpg"))
+    shutil.copy(next(person.glob("*_0002.jpg")), changed)  # same path, new content
+    rc, out, _ = _cli(["enrol", "--gallery", str(gallery), "--photos", str(new)], capsys)
+    assert rc == 0 and "enrolled 1 new photos (8 already enrolled, 1 replaced" in out
+    assert len(Gallery.open(gallery)) == 17
+    rc, out, _ = _cli(["enrol", "--gallery", str(gallery), "--remove", person.name], capsys)
+    assert rc == 0 and f"removed {person.name}: 5 images" in out
+    assert person.name not in Gallery.open(gallery).identities()
+
+
+def test_refusals_are_one_line_errors(world, tmp_path, capsys):
+    gallery = str(world["gallery"])
+    other = str(world["checkpoints"][1])
+    cases = [
+        (["enrol", "--gallery", gallery, "--photos", str(world["people"]), "--checkpoint",
+          other], "built with network ir_narrow"),
+        (["enrol", "--gallery", gallery, "--remove", "Nobody"], "no identity 'Nobody'"),
+        (["search", "--gallery", str(tmp_path / "none"), "--photos", str(world["people"])],
+         "no gallery here"),
+        (["enrol", "--gallery", str(tmp_path / "new"), "--photos", str(tmp_path / "empty"),
+          "--checkpoint", other], "no photos in identity folders"),
+        (["search", "--gallery", gallery, "--photos", str(world["people"]), "--far", "1e-9",
+          "--out", str(tmp_path / "r.json")], "measure no FAR below"),
+    ]
+    (tmp_path / "empty" / "someone").mkdir(parents=True)
+    cases.append((["search", "--gallery", gallery, "--photos", str(tmp_path / "empty")],
+                  "holds no photos"))
+    small = Gallery.create(tmp_path / "small", 64)
+    small.add(np.ones((1, 64)), ["a"], ["x"])
+    small.save()
+    cases.append((["enrol", "--gallery", str(tmp_path / "small"), "--photos",
+                   str(world["people"]), "--checkpoint", other], "holds 64-D"))
+    broken = tmp_path / "broken"
+    shutil.copytree(world["gallery"], broken)
+    (broken / "gallery.json").write_text("{not json")
+    cases.append((["search", "--gallery", str(broken), "--photos", str(world["people"])],
+                  "not a gallery manifest"))
+    cut = tmp_path / "cut"
+    shutil.copytree(world["gallery"], cut)
+    npy = next(cut.glob("embeddings-*.npy"))
+    npy.write_bytes(npy.read_bytes()[:200])  # a file damaged behind the gallery's back
+    cases.append((["search", "--gallery", str(cut), "--photos", str(world["people"])],
+                  "a gallery file is damaged"))
+    for argv, says in cases:
+        rc, _, err = _cli(argv, capsys)
+        assert rc == 1 and err.startswith("error: ") and says in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert len(Gallery.open(gallery)) == 8  # nothing refused was written
+
+
+def test_search_finds_each_photo_as_its_own_identity(world, tmp_path, capsys):
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    person = sorted(world["people"].iterdir())[2]
+    shutil.copy(next(person.glob("*_0002.jpg")), queries / "who.jpg")
+    cv2.imwrite(str(queries / "wall.png"), np.full((90, 90, 3), 60, np.uint8))
+    _photo_of_two_faces(queries / "two.jpg")
+    out, sheet = tmp_path / "results.json", tmp_path / "sheet.png"
+    rc, printed, _ = _cli(["search", "--gallery", str(world["gallery"]), "--photos",
+                           str(queries), "--top-k", "3", "--far", "0.1", "--out", str(out),
+                           "--gallery-plot", str(sheet), "--all-faces"], capsys)
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {str(queries / n) for n in ("who.jpg", "wall.png", "two.jpg")}
+    (who,) = results[str(queries / "who.jpg")]
+    assert who["identity"] == person.name == who["matches"][0]["identity"]
+    assert who["matches"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert len(who["matches"]) == 3 and len(who["box"]) == 4
+    assert results[str(queries / "wall.png")] == []
+    assert len(results[str(queries / "two.jpg")]) == 2  # --all-faces: both astronauts
+    meta = json.loads(Path(f"{out}.meta.json").read_text())
+    for face in [who, *results[str(queries / "two.jpg")]]:  # "unknown" at the threshold
+        best = face["matches"][0]
+        assert face["identity"] == (best["identity"] if best["score"] > meta["threshold"]
+                                    else "unknown")
+    assert meta["impostor_pairs"] == 8 * 7 // 2 - 4 and meta["far"] == 0.1
+    assert meta["checkpoint_sha256"] == Gallery.open(world["gallery"]).model["checkpoint_sha256"]
+    assert "impostor pairs of the gallery" in printed and f"{person.name}" in printed
+    assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # a spawned process (torch and MTCNN load in it) killed with SIGKILL
+def test_enrolment_killed_mid_way_then_rerun_completes(world, tmp_path, capsys):
+    gallery = tmp_path / "gallery"
+    argv = ["enrol", "--gallery", str(gallery), "--photos", str(world["people"]),
+            "--checkpoint", str(world["checkpoints"][0]), "--device", "cpu",
+            "--save-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, str(ROOT / "identify.py"), *argv], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (gallery / "gallery.json").exists() and child.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)  # after its first save, while it enrols the rest
+    child.wait()
+    saved = len(Gallery.open(gallery))
+    assert 1 <= saved < 8  # killed mid-way: 7 photos, each embedded and saved, were left
+    rc, out, _ = _cli(argv[:-2], capsys)
+    assert rc == 0 and f"({saved} already enrolled" in out
+    assert len(Gallery.open(gallery)) == 8
+    assert not [p for p in gallery.iterdir() if p.name.startswith(".")]
+
+
+def test_identify_help_names_both_commands(capsys):
+    with pytest.raises(SystemExit) as done:
+        identify.main(["--help"])
+    assert done.value.code == 0 and "{enrol,search}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        identify.main(["search", "--help"])
+    assert done.value.code == 0 and "--far" in capsys.readouterr().out
