@@ -4,6 +4,7 @@ import fails only when the script runs, not when the suite imports the helpers).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,11 +56,11 @@ def test_ijb_protocol_speed_runs():
 
 @pytest.mark.slow
 def test_identify_speed_runs():
-    # 300 images: the IVF gallery has 7 lists, all probed at nprobe 8, so its search is
-    # exhaustive and must agree with the bench's brute-force reference on every query
+    # 300 images of 60 identities: the exact Gallery and IndexFlatIP must name the
+    # brute-force top identity of every query; IVF (7 lists) finds every enrolled one
     proc = _run("bench/identify_speed.py", "--sizes", "300", "--queries", "10", "--ivf-size",
                 "300", "--hnsw-size", "300", "--rounds", "1", "--enrol-photos", "0")
     assert proc.returncode == 0, proc.stderr
     assert "10/10 (faiss 10)" in proc.stdout  # Gallery and IndexFlatIP top-1 = brute force
-    assert "ivf 300 images, nprobe 8: recall@1 enrolled 1.0000" in proc.stdout
+    assert re.search(r"ivf 300 images, nprobe \d+: recall@1 enrolled 1\.0000", proc.stdout)
     assert "hnsw 300 images" in proc.stdout and "Gallery/mm" in proc.stdout
