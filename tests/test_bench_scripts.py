@@ -4,6 +4,7 @@ import fails only when the script runs, not when the suite imports the helpers).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,8 @@ BAD_FLAGS = [
     ("head_accuracy.py", ["--heads", "arcfase"], "--heads"),
     ("head_step_time.py", ["--batch", "0"], "--batch"),
     ("head_step_time.py", ["--device", "gpu0"], "--device"),
+    ("identify_speed.py", ["--sizes", "0"], "--sizes"),
+    ("identify_speed.py", ["--centre-cos", "0.5", "1.5"], "--centre-cos"),
     ("ijb_protocol_speed.py", ["--scale", "-0.1"], "--scale"),
     ("ijb_protocol_speed.py", ["--workers", "0"], "--workers"),
     ("landmark_accuracy.py", ["data", "--min-eye-distance", "nan"], "--min-eye-distance"),
@@ -85,6 +88,7 @@ GOOD_FLAGS = {
     "data_throughput.py": ["--batch-size", "1", "--workers", "0", "2"],
     "head_accuracy.py": ["--heads", "arcface"],
     "head_step_time.py": ["--batch", "1", "--device", "cpu"],
+    "identify_speed.py": ["--sizes", "10", "--centre-cos", "0.5", "0.8"],
     "ijb_protocol_speed.py": ["--scale", "0.5", "--workers", "1"],
     "landmark_accuracy.py": ["data", "--min-eye-distance", "20"],
     "lfw_scoring_speed.py": ["--pairs", "20", "--repeats", "1"],
@@ -132,3 +136,15 @@ def test_bench_flags_at_good_values_parse(script, monkeypatch):
     assert {s for s, _, _ in BAD_FLAGS} == set(GOOD_FLAGS)
     with pytest.raises(_Parsed):
         _parse_only(script, GOOD_FLAGS[script], monkeypatch)
+
+
+@pytest.mark.slow
+def test_identify_speed_runs():
+    # 300 images of 60 identities: the exact Gallery and IndexFlatIP must name the
+    # brute-force top identity of every query; IVF (7 lists) finds every enrolled one
+    proc = _run("bench/identify_speed.py", "--sizes", "300", "--queries", "10", "--ivf-size",
+                "300", "--hnsw-size", "300", "--rounds", "1", "--enrol-photos", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "10/10 (faiss 10)" in proc.stdout  # Gallery and IndexFlatIP top-1 = brute force
+    assert re.search(r"ivf 300 images, nprobe \d+: recall@1 enrolled 1\.0000", proc.stdout)
+    assert "hnsw 300 images" in proc.stdout and "Gallery/mm" in proc.stdout
