@@ -15,6 +15,19 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: a second one only spins on this shared 2-core
+    machine (the training tests ran slower with it). Use it as
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch  # on first use: most test files never load torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def read_only(monkeypatch):
     """``read_only(folder)``: the folder cannot be written, for this test: its mode 0o555
     and access(2)'s answer for it, which the mode does not change for root (the answer a

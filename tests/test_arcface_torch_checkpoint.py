@@ -39,12 +39,7 @@ SHARDS = [(0, 3), (3, 6)]  # 6 classes over 2 ranks, its num_local / class_start
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a second thread spins on this shared machine (test_train.py)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def our_cfg(rec, output, **overrides):

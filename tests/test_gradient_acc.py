@@ -33,12 +33,7 @@ WORLD = 2
 CLIP_IN_FLOAT32 = dict(rtol=1e-6, atol=1e-9)  # 1e-6 of an AdamW step of lr 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a second thread spins on this shared machine (test_train.py)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def float64_trainer(k: int, info: DistInfo = CPU, **overrides) -> train.Trainer:

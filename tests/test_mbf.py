@@ -101,12 +101,7 @@ GET_MODEL = {"mbf": dict(blocks=(1, 4, 6, 2), scale=2),  # get_mbf
              "mbf_large": dict(blocks=(2, 8, 12, 4), scale=4)}  # get_mbf_large
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a second thread spins on this shared machine (test_train.py)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomise(model: nn.Module) -> None:
