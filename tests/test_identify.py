@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import cv2
@@ -401,3 +402,38 @@ def test_identify_help_names_both_commands(capsys):
     with pytest.raises(SystemExit) as done:
         identify.main(["search", "--help"])
     assert done.value.code == 0 and "--far" in capsys.readouterr().out
+
+
+def test_ivf_trains_on_a_bounded_sample_and_probing_every_list_is_exact(tmp_path, monkeypatch):
+    rng = np.random.default_rng(11)
+    x = unit(rng, 2000, 16)
+    names = [f"n{i // 4:04d}" for i in range(2000)]
+    trained = []
+    real_train = store.faiss.IndexIVFFlat.train
+    monkeypatch.setattr(store.faiss.IndexIVFFlat, "train",
+                        lambda self, rows: (trained.append(np.array(rows)),
+                                            real_train(self, rows)))
+    g = Gallery.create(tmp_path / "g", 16, index="ivf", nlist=4, nprobe=4)
+    g.add(x, names, [f"s{i}" for i in range(2000)])
+    queries = x[::50] + 0.3 * unit(rng, 40, 16)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    got = g.search(queries, k=3)
+    # faiss's practice: 64 points a list at most (4 lists: 256 of the 2,000)
+    assert len(trained) == 1 and len(trained[0]) == 4 * 64
+    match = trained[0].astype(np.float64) @ x.T  # each a distinct gallery image
+    assert np.allclose(match.max(axis=1), 1.0, atol=1e-6)
+    assert len(set(match.argmax(axis=1))) == 4 * 64
+    truth = brute_force(queries, x, names)  # nprobe = nlist scans every image: exact
+    for row, best in zip(got, truth, strict=True):
+        assert_ranking(row, best, 3)
+
+
+def test_an_index_build_leaves_float32_embeddings_uncopied(tmp_path):
+    x = unit(np.random.default_rng(12), 20_000, 64).astype(np.float32)  # 5 MB
+    g = Gallery.create(tmp_path / "g", 64, index="ivf", nlist=8)
+    g.add(x, [f"n{i // 4:05d}" for i in range(20_000)], [f"s{i}" for i in range(20_000)])
+    tracemalloc.start()  # numpy's buffers are traced, faiss's own are not: copies only
+    g._build_index()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x.nbytes / 4  # astype would copy all 5 MB
