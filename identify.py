@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", default="results.json", help="results (default results.json)")
     search.add_argument("--gallery-plot", default=None, metavar="PNG",
                         help="a contact sheet of each face beside its matches")
+    # an approximate index's recall depends on the data: at 1M synthetic faces nprobe 64
+    # found the exact top identity for only 84-99% of queries (bench/README.md)
+    search.add_argument("--nprobe", type=positive_int, default=None,
+                        help="an ivf gallery: lists searched per query, for this search "
+                             "(more: higher recall, slower)")
+    search.add_argument("--ef-search", type=positive_int, default=None,
+                        help="an hnsw gallery: candidates kept per query, for this search")
     return parser
 
 
@@ -298,8 +305,22 @@ def _threshold(args: argparse.Namespace, gallery: Gallery) -> tuple[float | None
                              "impostor_images": found.images, "sampled": found.sampled}
 
 
+def _search_breadth(args: argparse.Namespace, gallery: Gallery) -> None:
+    """Apply --nprobe / --ef-search to this search only (the saved gallery keeps its own);
+    IdentifyError when the gallery's index has no such setting."""
+    for flag, value, kind, param in (("--nprobe", args.nprobe, "ivf", "nprobe"),
+                                     ("--ef-search", args.ef_search, "hnsw", "ef_search")):
+        if value is None:
+            continue
+        if gallery.index_kind != kind:
+            raise IdentifyError(f"{flag}: gallery {args.gallery} has a {gallery.index_kind} "
+                                f"index, not {kind}")
+        gallery.params[param] = value
+
+
 def _search(args: argparse.Namespace) -> int:
     gallery = Gallery.open(args.gallery)
+    _search_breadth(args, gallery)
     photos = query_photos(args.photos)
     outputs = [(Path(args.out), "--out", JSON_KIND)]
     if args.gallery_plot:

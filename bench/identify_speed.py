@@ -71,10 +71,6 @@ RECALL_TARGET = 0.99
 SPEEDUP_TARGET = 20.0
 NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EF_SEARCH_GRID = (16, 32, 64, 128, 256, 512, 1024)
-HNSW_M = 32  # links per node: faiss's usual choice for 512-D float vectors
-HNSW_EF_CONSTRUCTION = 40  # faiss's default: build time on 2 cores is the limit here
-IVF_LISTS_PER_SQRT_N = 4  # faiss's guideline: nlist between 4 and 16 sqrt(N)
-IVF_TRAIN_PER_LIST = 39  # faiss's k-means minimum points per centroid (fewer: a warning)
 ENROL_IMAGES_PER_IDENTITY = 5
 ENROL_NETWORK, ENROL_EMBEDDING = "ir_narrow", 128  # the demo's network (config "demo")
 

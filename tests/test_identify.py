@@ -315,6 +315,8 @@ def test_refusals_are_one_line_errors(world, tmp_path, capsys):
         (["search", "--gallery", gallery, "--photos", str(world["people"]), "--far", "1e-9",
           "--out", str(tmp_path / "r.json")], "measure no FAR below"),
     ]
+    cases.append((["search", "--gallery", gallery, "--photos", str(world["people"]),
+                   "--nprobe", "8"], "has a flat index, not ivf"))
     (tmp_path / "empty" / "someone").mkdir(parents=True)
     cases.append((["search", "--gallery", gallery, "--photos", str(tmp_path / "empty")],
                   "holds no photos"))
@@ -437,3 +439,26 @@ def test_an_index_build_leaves_float32_embeddings_uncopied(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < x.nbytes / 4  # astype would copy all 5 MB
+
+
+def test_nprobe_widens_one_search_of_an_ivf_gallery_to_exact(tmp_path):
+    """--nprobe: an ivf gallery saved with nprobe 1 misses true best identities; probing
+    every list for one search finds the brute force's, and the saved gallery keeps 1."""
+    rng = np.random.default_rng(13)
+    x = unit(rng, 800, 16)
+    names = [f"n{i // 4:03d}" for i in range(800)]
+    g = Gallery.create(tmp_path / "g", 16, index="ivf", nlist=8, nprobe=1)
+    g.add(x, names, [f"s{i}" for i in range(800)])
+    g.save()
+    queries = unit(rng, 60, 16)
+    truth = brute_force(queries, x, names)
+    best = [max(t, key=t.get) for t in truth]
+    narrow = Gallery.open(tmp_path / "g")
+    assert [r[0][0] for r in narrow.search(queries, k=1)] != best  # one list misses some
+    wide = Gallery.open(tmp_path / "g")
+    args = identify.build_parser().parse_args(
+        ["search", "--gallery", str(tmp_path / "g"), "--photos", "q", "--nprobe", "8"])
+    identify._search_breadth(args, wide)
+    for row, t in zip(wide.search(queries, k=3), truth, strict=True):
+        assert_ranking(row, t, 3)
+    assert Gallery.open(tmp_path / "g").params["nprobe"] == 1
