@@ -80,6 +80,7 @@ from utils import (
     atomic_write_text,
     claim_output,
     get_logger,
+    name_max,
     run_cli,
 )
 
@@ -106,8 +107,7 @@ ZIP_METHODS_SUPPORTED = frozenset(
 ZIP_METHOD_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 93: "Zstandard", 95: "xz",
                     98: "PPMd", 99: "WinZip AES encryption"}
 # Member temporaries: ".<name>.<random hex>.tmp" beside the final file, the name cut short to
-# the filesystem's limit (255 bytes on ext4, XFS, btrfs; assumed where pathconf cannot tell)
-NAME_MAX_FALLBACK = 255
+# the filesystem's limit (utils.name_max)
 TEMP_TOKEN_BYTES = 4  # 8 hex digits: a clash with a live temporary is 1 in 4 billion
 TEMP_ATTEMPTS = 16  # fresh names tried before giving up (each clash retried)
 NEW_FILE_PERMISSIONS = 0o666  # what open(path, "w") asks for; the umask takes its share
@@ -327,18 +327,10 @@ class _CountingReader(io.RawIOBase):
 
 # ----------------------------------------------------------------------------- extraction
 
-def _name_max(folder: Path) -> int:
-    """The longest file name, in bytes, the filesystem holding ``folder`` allows."""
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer
-        return NAME_MAX_FALLBACK
-
-
 def _temp_stem(final: Path) -> str:
     """The part of ``final``'s name its temporaries carry: all of it, or as much as the
     filesystem's name limit leaves room for."""
-    room = _name_max(final.parent) - len(f"..{'0' * 2 * TEMP_TOKEN_BYTES}{TEMP_SUFFIX}")
+    room = name_max(final.parent) - len(f"..{'0' * 2 * TEMP_TOKEN_BYTES}{TEMP_SUFFIX}")
     stem = final.name
     while len(os.fsencode(stem)) > room:
         stem = stem[:-1]

@@ -302,12 +302,23 @@ DEFAULT_NAME_MAX = 255  # bytes in one file name (NAME_MAX) where pathconf canno
 SHORT_NAME_HASH_CHARS = 12  # hex digits of sha1 that tell shortened long names apart
 
 
-def _name_max(folder: Path) -> int:
+def name_max(folder: str | Path) -> int:
     """The longest file name (bytes) that ``folder``'s filesystem accepts."""
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):  # no such folder yet, or no pathconf on this platform
+    except (OSError, ValueError, AttributeError):  # no such folder yet, or no pathconf
         return DEFAULT_NAME_MAX
+
+
+def fit_name(name: str, room: int) -> str:
+    """``name`` when its bytes fit in ``room``, else its start cut to fit and told apart
+    from other long names by a hash of the whole: ``<start>~<hash>``."""
+    raw = os.fsencode(name)
+    if len(raw) <= room:
+        return name
+    tail = os.fsencode(f"~{hashlib.sha1(raw).hexdigest()[:SHORT_NAME_HASH_CHARS]}")
+    # a cut inside a multi-byte character leaves bytes that os.fsdecode keeps as they are
+    return os.fsdecode(raw[:room - len(tail)] + tail)
 
 
 def temp_prefix(path: str | Path, suffix: str = TEMP_SUFFIX) -> str:
@@ -315,15 +326,8 @@ def temp_prefix(path: str | Path, suffix: str = TEMP_SUFFIX) -> str:
     would pass the filesystem's name limit (a 246-character photo name) is cut to fit and
     told apart from other long names by a hash of the whole name: ``.<start>~<hash>.``."""
     path = Path(path)
-    prefix = f".{path.name}."
-    room = _name_max(path.parent) - TEMP_RANDOM_CHARS - len(os.fsencode(suffix))
-    raw = os.fsencode(prefix)
-    if len(raw) <= room:
-        return prefix
-    digest = hashlib.sha1(os.fsencode(path.name)).hexdigest()[:SHORT_NAME_HASH_CHARS]
-    tail = os.fsencode(f"~{digest}.")
-    # a cut inside a multi-byte character leaves bytes that os.fsdecode keeps as they are
-    return os.fsdecode(raw[:room - len(tail)] + tail)
+    room = name_max(path.parent) - TEMP_RANDOM_CHARS - len(os.fsencode(suffix))
+    return f".{fit_name(path.name, room - len('..'))}."
 
 
 def _new_temp(path: Path) -> tuple[int, str]:
@@ -452,8 +456,6 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
 # process at a time writes it (an flock the OS drops when the process dies).
 
 LOCK_SUFFIX = ".lock"  # ".<output name>.lock" beside the output holds the writer's pid
-NAME_MAX = 255  # bytes in one file name on Linux/macOS filesystems (ext4, xfs, apfs)
-_LOCK_NAME_KEEP = 200  # bytes of an over-long output name kept in its lock file's name
 
 
 class OutputConflictError(ToolkitError, ValueError):
@@ -527,12 +529,8 @@ def lock_path_for(output: str | Path) -> Path:
     """The lock file of ``output`` (resolved, so every name of it shares one lock):
     ``.<name>.lock`` beside it, the name shortened with a hash when too long for one."""
     target = Path(output).resolve()
-    name = f".{target.name}{LOCK_SUFFIX}"
-    if len(os.fsencode(name)) > NAME_MAX:
-        digest = hashlib.sha1(os.fsencode(target.name)).hexdigest()[:12]
-        keep = os.fsencode(target.name)[:_LOCK_NAME_KEEP].decode(errors="ignore")
-        name = f".{keep}~{digest}{LOCK_SUFFIX}"
-    return target.parent / name
+    room = name_max(target.parent) - len(os.fsencode(f".{LOCK_SUFFIX}"))
+    return target.parent / f".{fit_name(target.name, room)}{LOCK_SUFFIX}"
 
 
 @dataclass

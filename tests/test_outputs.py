@@ -478,3 +478,16 @@ def test_pack_refuses_to_replace_a_foreign_idx_or_property_beside_out(tmp_path, 
     # a set packed again into its own folder replaces its own .idx and property
     again = pre_process.pack_folder(src, out, progress=False)
     assert again.images == 4
+
+
+def test_two_long_outputs_sharing_a_start_get_their_own_locks(tmp_path):
+    """A lock beside a 250-byte output name fits the filesystem's name limit, and two such
+    names that differ only at the end are two locks (the cut start alone would be one)."""
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    first = tmp_path / ("r" * 246 + "a.json")
+    second = tmp_path / ("r" * 246 + "b.json")
+    with claim_output(first, "--out"), claim_output(second, "--out"):
+        locks = [lock_path_for(first), lock_path_for(second)]
+        assert all(lock.exists() and len(os.fsencode(lock.name)) <= name_max for lock in locks)
+        assert locks[0] != locks[1]
+    assert not any(lock.exists() for lock in locks)
