@@ -133,7 +133,6 @@ def linear_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return max(0.0, 1.0 - (step - warmup_steps) / span)
 
 
-
 def margin_at(step: int, total_steps: int, margin: float, warmup_fraction: float) -> float:
     """The margin m ramped linearly from 0 over the first ``warmup_fraction`` of the steps."""
     ramp = warmup_fraction * total_steps

@@ -210,7 +210,7 @@ def test_fields_that_change_training_are_refused(tmp_path, line, named):
 def test_unsupported_switches_named_in_one_warning(tmp_path, caplog):
     path = tmp_path / "c.py"
     path.write_text("config.network = 'r18'\nconfig.dali = True\nconfig.using_wandb = True\n"
-                    "config.wandb_key = 'x'\n")
+                    "config.wandb_key = 'x'\nconfig.save_all_states = True\n")
     log = get_logger("face.config")
     log.addHandler(caplog.handler)  # the project's loggers do not propagate
     try:
@@ -219,6 +219,7 @@ def test_unsupported_switches_named_in_one_warning(tmp_path, caplog):
         log.removeHandler(caplog.handler)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "dali, using_wandb" in warned[0]
+    assert "save_all_states" not in warned[0]  # our checkpoints always hold every state
 
 
 def test_our_python_config_still_runs(tmp_path):

@@ -36,10 +36,11 @@ SAME_MEANING = {"embedding_size": "embedding_size", "sample_rate": "sample_rate"
                 "frequent": "log_every", "num_classes": "num_classes",
                 "num_image": "num_image"}
 # switches of machinery we do not have: named in one warning when on
-SWITCHED_OFF_HERE = ("dali", "dali_aug", "using_wandb", "save_all_states", "save_artifacts",
-                     "wandb_resume")
-# details of that machinery, meaningless without it: dropped silently
-DROPPED = ("wandb_key", "wandb_entity", "wandb_project", "wandb_log_all", "suffix_run_name")
+SWITCHED_OFF_HERE = ("dali", "dali_aug", "using_wandb", "save_artifacts", "wandb_resume")
+# details of that machinery, meaningless without it, and save_all_states, always so here (every
+# checkpoint.pt holds the optimiser and schedule): dropped silently
+DROPPED = ("wandb_key", "wandb_entity", "wandb_project", "wandb_log_all", "suffix_run_name",
+           "save_all_states")
 # fields that change the training, accepted only at the value that leaves it as ours:
 # (field, inert value, why refused otherwise)
 ONLY_INERT = (("resume", False, "resume with train.py --resume instead"),
