@@ -11,8 +11,9 @@ Each chunk is written to a temporary beside it and renamed when whole: a killed 
 at the first missing chunk. The manifest records the checkpoint (path and sha256); a cache
 of the same checkpoint path and release under another key (the checkpoint since retrained
 or replaced: its old features can never be read again) is deleted
-(:func:`prune_stale_caches`). Reading and aligning (OpenCV, which releases the GIL) runs in
-a thread pool one chunk ahead of the network.
+(:func:`prune_stale_caches`); one whose manifest predates that record is named, not deleted.
+Reading and aligning (OpenCV, which releases the GIL) runs in a thread pool one chunk ahead
+of the network.
 """
 
 from __future__ import annotations
@@ -168,20 +169,36 @@ def _refuse_non_finite(feats: np.ndarray, release: Release, start: int) -> None:
             "chunk); the model diverged or overflows; nothing of the chunk was cached")
 
 
-def _our_stale_cache(folder: Path, keep: Path, checkpoint: str, ijb_dir: str) -> bool:
-    """Whether ``folder`` is a cache of ours (key name, manifest, only our files) made for
-    ``checkpoint`` and ``ijb_dir`` (resolved paths) under a key other than ``keep``'s."""
+def _our_cache_manifest(folder: Path, keep: Path) -> dict | None:
+    """The manifest of ``folder`` when it is a cache of ours (key name, a manifest of our
+    format, only our files) other than ``keep``; None for anything else."""
     if folder == keep or not folder.is_dir() or folder.is_symlink() \
             or not _KEY_NAME.fullmatch(folder.name):
-        return False
+        return None
+    manifest = _read_manifest(folder / MANIFEST)
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
         entries = [p.name for p in folder.iterdir()]
+    except OSError:
+        return None
+    ours = "format" in manifest and all(_CACHE_ENTRY.fullmatch(name) for name in entries)
+    return manifest if ours else None
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest at ``path``; {} when it is missing, unreadable or not a JSON object."""
+    try:
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return (isinstance(manifest, dict) and "format" in manifest
-            and manifest.get("checkpoint") == checkpoint and manifest.get("ijb_dir") == ijb_dir
-            and all(_CACHE_ENTRY.fullmatch(name) for name in entries))
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _same_release(manifest: dict, ijb_dir: str) -> bool:
+    """Whether ``manifest`` was made for ``ijb_dir`` (resolved): caches made before the
+    checkpoint was recorded hold the --ijb-dir as given, perhaps relative (to the cwd)."""
+    recorded = manifest.get("ijb_dir")
+    return isinstance(recorded, str) and (recorded == ijb_dir
+                                          or str(Path(recorded).resolve()) == ijb_dir)
 
 
 def prune_stale_caches(keep: Path, release: Release, checkpoint: str | Path) -> list[Path]:
@@ -189,17 +206,27 @@ def prune_stale_caches(keep: Path, release: Release, checkpoint: str | Path) -> 
     another key: that checkpoint's earlier content (retrained with --overwrite, replaced) or
     config, whose features are never read again. Only folders of ours (named by a key, a
     manifest recording that checkpoint, nothing but chunks) are touched; the caller holds the
-    cache folder's lock. Returns what was deleted (said in one line)."""
+    cache folder's lock. Caches of ours of this release whose manifest predates the recorded
+    checkpoint may be another model's, still read: kept, and named in one line with how to
+    delete them. Returns what was deleted (said in one line)."""
     if not keep.parent.is_dir():
         return []
     checkpoint, ijb_dir = str(Path(checkpoint).resolve()), str(release.root.resolve())
-    stale = [f for f in sorted(keep.parent.iterdir())
-             if _our_stale_cache(f, keep, checkpoint, ijb_dir)]
+    ours = [(f, m) for f in sorted(keep.parent.iterdir())
+            if (m := _our_cache_manifest(f, keep)) is not None]
+    stale = [f for f, m in ours
+             if m.get("checkpoint") == checkpoint and m.get("ijb_dir") == ijb_dir]
     for folder in stale:
         shutil.rmtree(folder)
     if stale:
         log.info("deleted %d stale feature cache(s) of %s (its earlier content or config): %s",
                  len(stale), checkpoint, ", ".join(f.name for f in stale))
+    unknown = [str(f) for f, m in ours if "checkpoint" not in m and _same_release(m, ijb_dir)]
+    if unknown:
+        log.warning("kept %d feature cache(s) of %s made before caches recorded their "
+                    "checkpoint (another model's, or stale: a cache records it when next read): "
+                    "%s; delete them (rm -r) if no model of theirs is evaluated again",
+                    len(unknown), ijb_dir, ", ".join(unknown))
     return stale
 
 
@@ -223,7 +250,8 @@ def cached_features(release: Release, folder: Path,
     source = {} if checkpoint is None else {
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_sha256": file_sha256(checkpoint)}
-    if not manifest.is_file():
+    # a manifest made before the checkpoint was recorded gets it: the key is its content
+    if not manifest.is_file() or (source and "checkpoint" not in _read_manifest(manifest)):
         atomic_write_text(manifest, json.dumps({"format": CACHE_FORMAT, "images": total,
                                                 "chunk_images": CHUNK_IMAGES,
                                                 "ijb_dir": str(release.root.resolve()),

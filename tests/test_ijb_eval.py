@@ -762,6 +762,59 @@ def test_stale_caches_of_a_replaced_checkpoint_are_deleted_and_only_those(releas
     assert old.name in caplog.text
 
 
+def test_caches_made_before_the_checkpoint_was_recorded_are_named_or_attributed(
+        release_dir, tmp_path, caplog):
+    """A manifest without the checkpoint was never pruned nor named: an old cache of the
+    release lingered unseen. One of ours that is read again gets its checkpoint; one not read
+    (maybe another model's) is kept and named in one line with how to delete it; a folder
+    holding a file not ours, or of another release, is neither touched nor named."""
+    import os
+    import shutil
+
+    release = ijb_release.load_release(release_dir[0], "IJBC", with_search=False)
+    root = tmp_path / "features"
+    ckpt = tmp_path / "run" / "backbone.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"first weights")
+
+    def fill() -> Path:
+        folder = root / ijb_features.cache_key(release, ckpt, None, None)
+        ijb_features.cached_features(
+            release, folder, lambda crops: np.zeros((len(crops), 2, 4), np.float32),
+            workers=1, progress=False, checkpoint=ckpt)
+        return folder
+
+    def legacy(folder: Path, ijb_dir: str) -> None:  # the manifest as written before
+        (folder / "manifest.json").write_text(json.dumps(
+            {"format": 1, "images": len(release.names), "chunk_images": 8192,
+             "ijb_dir": ijb_dir}))
+
+    kept = fill()
+    unknown, foreign, elsewhere = (root / (c * ijb_features.KEY_CHARS) for c in "abc")
+    for folder, ijb_dir in ((kept, str(release.root)), (unknown, os.path.relpath(release.root)),
+                            (foreign, str(release.root)), (elsewhere, str(tmp_path / "IJBB"))):
+        if folder != kept:
+            shutil.copytree(kept, folder)
+        legacy(folder, ijb_dir)
+    (foreign / "notes.txt").write_text("keep me")
+    ijb_features.log.addHandler(caplog.handler)  # the module's logger does not propagate
+    try:
+        assert fill() == kept  # read again: the same content's key
+        assert json.loads((kept / "manifest.json").read_text())["checkpoint"] == \
+            str(ckpt.resolve())
+        lines = [r.getMessage() for r in caplog.records if "before caches recorded" in r.message]
+        assert len(lines) == 1 and "\n" not in lines[0], lines
+        assert str(unknown) in lines[0] and "rm -r" in lines[0]
+        assert str(foreign) not in lines[0] and str(elsewhere) not in lines[0]
+        ckpt.write_bytes(b"retrained weights")  # now attributed: pruned as stale
+        new = fill()
+    finally:
+        ijb_features.log.removeHandler(caplog.handler)
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [new.name, unknown.name, foreign.name, elsewhere.name])
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
 def test_quality_csv_holds_each_images_own_norm_from_the_cache(release_dir, checkpoint,
                                                                tmp_path, embed_calls, capsys):
     """--quality: <prefix>_quality.csv holds the norm of each image's own embedding (not its
