@@ -1,7 +1,7 @@
 """Raw LFW for evaluation: every distinct image the pairs name is aligned once (MTCNN,
 ``align_faces``) to a 112x112 crop, a faceless one centre-cropped and reported, and the crops
 are cached on disk (keyed by the file list, sizes and mtimes, and the aligner's settings: a
-replaced image or another alignment realigns).
+replaced image or another alignment realigns), written by one run at a time (its lock).
 Images that cannot be read are named (the count is complete): an error, or, when the caller
 asks (``load_lfw_crops(unreadable=...)``, as lfw_eval does), the pairs using them are left out
 and the rest are scored.
@@ -25,14 +25,17 @@ from utils import (
     ImageReadError,
     atomic_write_bytes,
     cache_folder,
+    claim_output,
     first_few,
     get_logger,
+    remove_stale_temporaries,
 )
 
 __all__ = ["align_images", "as_crop", "default_cache_dir", "load_lfw_crops",
            "load_lfw_pairs_images", "readable_pairs"]
 
 ALIGN_CHUNK = 32  # images read and aligned at a time (MTCNN batch)
+CACHE_FLAG = "--cache-dir"  # lfw_eval's flag, named when another run is writing a cache
 
 log = get_logger("lfw_eval")  # lfw_eval's logger: these messages are part of its run
 
@@ -119,6 +122,26 @@ def _write_cache(cache: Path, paths: list[str], crops: np.ndarray, faceless: lis
     atomic_write_bytes(cache, buf.getvalue())
 
 
+def _align_and_cache(lfw_dir: Path, paths: list[str], aligner, cache: Path | None,
+                     seen: bool) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """align_images, the crops then kept in ``cache`` (None: not kept) by one writer at a
+    time: its lock is held from before the aligning until it is renamed into place, so a
+    second run on the same tree and alignment is refused naming the first's pid instead of
+    aligning again beside it. A whole cache is only read, without the lock (it is renamed
+    into place whole). ``seen``: a cache file was there (and unusable) before the lock."""
+    if cache is None:
+        return align_images(lfw_dir, paths, aligner)
+    with claim_output(cache, CACHE_FLAG):
+        cached = None if seen else _read_cache(cache, paths)  # a writer ended since we looked
+        if cached is not None:
+            return (*cached, {})
+        remove_stale_temporaries(cache.parent, cache.name)  # a killed writer's: we hold it
+        crops, faceless, bad = align_images(lfw_dir, paths, aligner)
+        if not bad:  # a file made readable (chmod) keeps its mtime
+            _write_cache(cache, paths, crops, faceless)
+    return crops, faceless, bad
+
+
 def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
                    cache_dir: str | Path | None = None, checked: bool = False,
                    unreadable: dict[str, str] | None = None
@@ -139,13 +162,12 @@ def load_lfw_crops(lfw_dir: str | Path, pairs: Sequence[Pair], aligner=None,
         aligner = FaceAligner()
     cache = None if cache_dir is None else \
         Path(cache_dir) / f"aligned_{_cache_key(lfw_dir, paths, aligner)}.npz"
-    cached = None if cache is None else _read_cache(cache, paths)
+    seen = cache is not None and cache.is_file()
+    cached = _read_cache(cache, paths) if seen else None
     if cached is not None:
         (crops, faceless), bad = cached, {}
     else:
-        crops, faceless, bad = align_images(lfw_dir, paths, aligner)
-        if cache is not None and not bad:  # a file made readable (chmod) keeps its mtime
-            _write_cache(cache, paths, crops, faceless)
+        crops, faceless, bad = _align_and_cache(lfw_dir, paths, aligner, cache, seen)
     if bad:
         named = first_few(list(bad.values()), MAX_NAMED, "; ")
         if unreadable is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -345,6 +346,43 @@ def test_two_extractions_into_one_destination_are_refused(tmp_path, capsys):
         assert not dest.exists()
     assert run_cli(extract.main, [str(archive), "--dest", str(dest), "--no-progress"]) == 0
     assert (dest / "faces_emore" / "property").read_text() == "2,112,112\n"
+
+
+def test_two_alignments_of_one_lfw_tree_into_one_cache_are_refused(tmp_path):
+    """The raw LFW crop cache was checked and renamed into place but not locked: two
+    lfw_eval runs on one tree aligned the same images at once into one cache. Its writer
+    holds its lock (a second is refused naming the pid); a whole cache is read without it."""
+    from evaluation.lfw_images import load_lfw_crops
+    from evaluation.lfw_pairs import Pair
+
+    lfw, cache = tmp_path / "lfw", tmp_path / "cache"
+    for n, name in enumerate(("a", "b")):
+        (lfw / name).mkdir(parents=True)
+        (lfw / name / f"{name}_0001.jpg").write_bytes(lib.jpeg_bytes(lib.textured_image(n)))
+    pairs = [Pair("a/a_0001.jpg", "b/b_0001.jpg", False)]
+
+    class Counting:
+        calls = 0
+
+        def align_batch(self, images, hint_box=None):
+            self.calls += 1
+            return [None] * len(images)  # faceless: centre crops
+
+    load_lfw_crops(lfw, pairs, Counting(), cache)
+    (made,) = cache.glob("aligned_*.npz")
+    with Holder(made) as holder:
+        reader = Counting()  # the cache is whole: read, the writer's lock notwithstanding
+        load_lfw_crops(lfw, pairs, reader, cache)
+        assert reader.calls == 0
+        made.unlink()
+        second = Counting()
+        busy = f"--cache-dir {re.escape(str(made))}: .*pid {holder.proc.pid}\\b"
+        with pytest.raises(OutputBusyError, match=busy):
+            load_lfw_crops(lfw, pairs, second, cache)
+        assert second.calls == 0 and not made.exists()
+    third = Counting()  # the holder gone: aligned and cached
+    load_lfw_crops(lfw, pairs, third, cache)
+    assert third.calls == 1 and made.is_file()
 
 
 @pytest.mark.slow  # torchrun: two processes importing torch
