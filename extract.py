@@ -629,6 +629,8 @@ def extract_archive(archive: str | Path, dest: str | Path, progress: bool = True
     """Unpack ``archive`` (zip, tar, tar.gz/bz2/xz) into ``dest``, members at their stored
     relative paths. Does nothing when :func:`already_extracted` (unless ``force``).
 
+    The writer holds ``dest``'s lock (:func:`utils.claim_output`): a second writer of it, in
+    another process, is refused (OutputBusyError naming the first's pid); a skip takes none.
     Raises UnsafeArchiveError for a member that would land outside ``dest``,
     ArchiveTooLargeError past ``limits`` (None: no limit), ArchiveError for an unreadable
     archive, all naming the archive (and member); DestinationError when ``dest`` is a file.
@@ -649,13 +651,16 @@ def extract_archive(archive: str | Path, dest: str | Path, progress: bool = True
         summary.update(skipped=True, files=info["files"], bytes=info["bytes"],
                        top_level=info["top_level"], seconds=0.0)
         return summary
-    kind = _archive_kind(archive)
-    dest.mkdir(parents=True, exist_ok=True)
-    extract = _extract_zip if kind == "zip" else _extract_tar
-    files, size, top = extract(archive, dest, progress, limits)
-    record = {"archive": _archive_identity(archive), "files": files, "bytes": size,
-              "top_level": top, "format": kind}
-    atomic_write_text(_marker_path(archive, dest), json.dumps(record, indent=1))
+    # one writer: it deletes the member temporaries of killed runs, which a second writer's
+    # would look like (the CLI's --dest lock is this one again when dest is --dest)
+    with claim_output(dest, "destination", {"archive": archive}):
+        kind = _archive_kind(archive)
+        dest.mkdir(parents=True, exist_ok=True)
+        extract = _extract_zip if kind == "zip" else _extract_tar
+        files, size, top = extract(archive, dest, progress, limits)
+        record = {"archive": _archive_identity(archive), "files": files, "bytes": size,
+                  "top_level": top, "format": kind}
+        atomic_write_text(_marker_path(archive, dest), json.dumps(record, indent=1))
     summary.update(files=files, bytes=size, top_level=top,
                    seconds=round(time.perf_counter() - start, 2))
     return summary

@@ -385,6 +385,30 @@ def test_two_alignments_of_one_lfw_tree_into_one_cache_are_refused(tmp_path):
     assert third.calls == 1 and made.is_file()
 
 
+def test_two_library_extractions_into_one_destination_are_refused(tmp_path):
+    """extract_archive deletes the member temporaries a killed run left, relying on the
+    CLI's --dest lock: a library call took none, so a second one deleted the first's live
+    temporaries. It holds the destination's lock itself, as the CLI's own (re-entered)."""
+    import zipfile
+
+    import extract
+
+    archive = tmp_path / "faces_emore.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("faces_emore/property", "2,112,112\n")
+    dest = tmp_path / "data"
+    live = dest / "faces_emore" / ".property.0123abcd.tmp"  # the other writer's, half written
+    live.parent.mkdir(parents=True)
+    live.write_bytes(b"2,11")
+    with Holder(dest) as holder:
+        with pytest.raises(OutputBusyError, match=f"pid {holder.proc.pid}\\b"):
+            extract.extract_archive(archive, dest, progress=False)
+        assert live.read_bytes() == b"2,11" and not (dest / "faces_emore" / "property").exists()
+    extract.extract_archive(archive, dest, progress=False)  # the writer gone: a killed one's
+    assert not live.exists()
+    assert (dest / "faces_emore" / "property").read_text() == "2,112,112\n"
+
+
 @pytest.mark.slow  # torchrun: two processes importing torch
 def test_torchrun_ranks_all_refuse_an_output_another_training_holds(tmp_path):
     import socket
