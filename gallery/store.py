@@ -15,7 +15,12 @@ be sure of k identities; this costs 1.1-1.2x one matrix product of the queries w
 gallery, measured at 10k and 100k 512-D images.) ``index="hnsw"`` or ``"ivf"`` keep a
 faiss index over the images (built once, saved, extended as images are added) for galleries
 past a few hundred thousand images: approximate, it fetches enough neighbours to find k
-identities when no identity has more than APPROX_MAX_NEIGHBOURS / k images.
+identities when no identity has more than APPROX_MAX_NEIGHBOURS / k images. ``"ivf"`` is
+faiss's IVF-PQ "fast scan" (4-bit codes of the images in inverted lists: 32 bytes a 512-D
+image, scanned with SIMD table lookups) whose best ``rerank`` candidates a query are
+re-scored exactly from the embeddings, so every score it returns is the true cosine;
+IVF-Flat (the full vectors in the lists) was 20-40x slower at 1M for the same recall
+(bench/README.md).
 
 On disk (the folder): ``gallery.json`` names this generation's files,
 ``embeddings-<gen>.npy`` (float32, or float16 with ``half``), ``images-<gen>.json``
@@ -78,9 +83,17 @@ IVF_MIN_POINTS_PER_LIST = 39
 IVF_TRAIN_PER_LIST = 64
 IVF_RETRAIN_GROWTH = 4
 IVF_NPROBE = 64  # lists searched per query
+# the codes: one 4-bit code (16 centroids: what faiss's fast scan takes) per PQ_DIMS_PER_CODE
+# dimensions (512-D: 64 codes, 32 bytes an image); the best IVF_RERANK candidates a query
+# (by their codes) are re-scored from the embeddings, so a true neighbour whose code
+# under-scores it still wins
+PQ_BITS = 4
+PQ_DIMS_PER_CODE = 8
+IVF_RERANK = 100
 INDEX_PARAMS = {"flat": {}, "hnsw": {"hnsw_m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
                                      "ef_search": HNSW_EF_SEARCH},
-                "ivf": {"nlist": 0, "nprobe": IVF_NPROBE}}  # nlist 0: from the size
+                # nlist / pq_m 0: from the size / the dimension
+                "ivf": {"nlist": 0, "nprobe": IVF_NPROBE, "pq_m": 0, "rerank": IVF_RERANK}}
 APPROX_MAX_NEIGHBOURS = 2048  # images an approximate search fetches per query, at most
 OPEN_TRIES = 3  # a reader racing a writer's clean-up reads the new generation instead
 TRAIN_SEED = 0  # the images an IVF index is trained on are a seeded sample
@@ -274,6 +287,9 @@ class Gallery:
             if g._index.ntotal != n:
                 raise GalleryError(f"{path / files['index']}: indexes {g._index.ntotal} images, "
                                    f"the gallery holds {n}; the gallery is damaged")
+            if g.index_kind == "ivf" and not isinstance(
+                    faiss.downcast_index(g._index), faiss.IndexIVFPQFastScan):
+                g._index = None  # an IVF-Flat index of an earlier version: built again
         return g
 
     # ------------------------------------------------------------------ contents
@@ -456,14 +472,22 @@ class Gallery:
         else:
             nlist = self.params["nlist"] or round(IVF_LISTS_PER_ROOT * math.sqrt(len(self)))
             nlist = max(1, min(nlist, len(self) // IVF_MIN_POINTS_PER_LIST))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist,
-                                       faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(self.dim), self.dim, nlist,
+                                             self._pq_m(), PQ_BITS, faiss.METRIC_INNER_PRODUCT)
             sample = np.random.default_rng(TRAIN_SEED).permutation(len(self))[
                 :nlist * IVF_TRAIN_PER_LIST]
             index.train(emb[np.sort(sample)])
             self._trained_on = len(self)
         index.add_with_ids(emb, self._ids)
         self._index, self._index_changed = index, True
+
+    def _pq_m(self) -> int:
+        """The codes an image: ``pq_m``, else the most that divide the dimension with at
+        least PQ_DIMS_PER_CODE dimensions each."""
+        if self.params["pq_m"]:
+            return self.params["pq_m"]
+        return max(m for m in range(1, max(1, self.dim // PQ_DIMS_PER_CODE) + 1)
+                   if self.dim % m == 0)
 
     # ------------------------------------------------------------------ search
     def search(self, queries: Any, k: int = 5,
@@ -562,8 +586,11 @@ class Gallery:
             inner.hnsw.efSearch = max(self.params["ef_search"], fetch)
         else:
             inner.nprobe = min(self.params["nprobe"], inner.nlist)
+            fetch = min(len(self), max(fetch, self.params["rerank"]))
         scores, ids = self._index.search(q, fetch)
         pos = self._position(ids.reshape(-1)).reshape(ids.shape)
+        if self.index_kind == "ivf":  # the codes' scores are estimates: the true ones
+            scores, pos = self._rescored(q, pos)
         labels = np.full((len(q), k), -1, np.int64)
         best_s = np.zeros((len(q), k), np.float32)
         best = np.zeros((len(q), k), np.int64)
@@ -578,6 +605,20 @@ class Gallery:
                 if len(seen) == k:
                     break
         return labels, best_s, best
+
+    def _rescored(self, q: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The exact cosine of each query with its candidate images (rows ``pos``, -1: none,
+        scored -inf), each row sorted best first; the gathered candidates are at most
+        SCORE_BLOCK_ELEMENTS floats at a time."""
+        scores = np.full(pos.shape, -np.inf, np.float32)
+        step = max(1, SCORE_BLOCK_ELEMENTS // max(1, pos.shape[1] * self.dim))
+        for a in range(0, len(q), step):
+            rows = pos[a:a + step]
+            cand = self._emb[np.maximum(rows, 0)].astype(np.float32, copy=False)
+            block = np.einsum("qd,qrd->qr", q[a:a + step], cand)
+            scores[a:a + step] = np.where(rows >= 0, block, -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(pos, order, 1)
 
 
 def _spec(where: Path, dim: Any, index: str,

@@ -139,9 +139,14 @@ def test_approximate_index_is_saved_and_finds_the_exact_best(tmp_path, kind):
     queries = x[::7] + 0.05 * unit(rng, len(x[::7]), 32)
     truth = brute_force(queries, x[[n != "n7" for n in names]],
                         [n for n in names if n != "n7"])
-    hits = [got[0][0] == max(best, key=best.get)
-            for got, best in zip(g.search(queries, k=3), truth, strict=True)]
+    found = g.search(queries, k=3, with_sources=True)
+    hits = [got[0][0] == max(best, key=best.get) for got, best in zip(found, truth, strict=True)]
     assert np.mean(hits) >= 0.95
+    for q, got in zip(queries, found, strict=True):  # each score: the true cosine of its image
+        for name, score, source in got:
+            image = int(source[1:])
+            assert names[image] == name
+            assert score == pytest.approx(float(q @ x[image]) / np.linalg.norm(q), abs=1e-5)
 
 
 def test_gallery_refuses_what_it_cannot_hold(tmp_path):
@@ -411,11 +416,12 @@ def test_ivf_trains_on_a_bounded_sample_and_probing_every_list_is_exact(tmp_path
     x = unit(rng, 2000, 16)
     names = [f"n{i // 4:04d}" for i in range(2000)]
     trained = []
-    real_train = store.faiss.IndexIVFFlat.train
-    monkeypatch.setattr(store.faiss.IndexIVFFlat, "train",
+    real_train = store.faiss.IndexIVFPQFastScan.train
+    monkeypatch.setattr(store.faiss.IndexIVFPQFastScan, "train",
                         lambda self, rows: (trained.append(np.array(rows)),
                                             real_train(self, rows)))
-    g = Gallery.create(tmp_path / "g", 16, index="ivf", nlist=4, nprobe=4)
+    # every list probed and every image re-scored: exact, whatever the codes
+    g = Gallery.create(tmp_path / "g", 16, index="ivf", nlist=4, nprobe=4, rerank=2000)
     g.add(x, names, [f"s{i}" for i in range(2000)])
     queries = x[::50] + 0.3 * unit(rng, 40, 16)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
@@ -447,7 +453,7 @@ def test_nprobe_widens_one_search_of_an_ivf_gallery_to_exact(tmp_path):
     rng = np.random.default_rng(13)
     x = unit(rng, 800, 16)
     names = [f"n{i // 4:03d}" for i in range(800)]
-    g = Gallery.create(tmp_path / "g", 16, index="ivf", nlist=8, nprobe=1)
+    g = Gallery.create(tmp_path / "g", 16, index="ivf", nlist=8, nprobe=1, rerank=800)
     g.add(x, names, [f"s{i}" for i in range(800)])
     g.save()
     queries = unit(rng, 60, 16)
@@ -462,3 +468,48 @@ def test_nprobe_widens_one_search_of_an_ivf_gallery_to_exact(tmp_path):
     for row, t in zip(wide.search(queries, k=3), truth, strict=True):
         assert_ranking(row, t, 3)
     assert Gallery.open(tmp_path / "g").params["nprobe"] == 1
+
+
+def test_ivf_codes_pick_candidates_and_the_embeddings_score_them(tmp_path):
+    """One 4-bit code a 16-D image cannot tell near neighbours apart; re-scoring the
+    codes' best ``rerank`` candidates from the embeddings returns each identity's true
+    best cosine (float64 brute force), in the true order, and a re-rank as deep as the
+    gallery with every list probed is exact."""
+    rng = np.random.default_rng(14)
+    x = unit(rng, 600, 16)
+    names = [f"n{i // 3:03d}" for i in range(600)]
+    g = Gallery.create(tmp_path / "g", 16, index="ivf", nlist=4, nprobe=4, pq_m=1,
+                       rerank=600)
+    g.add(x, names, [f"s{i}" for i in range(600)])
+    queries = x[::20] + 0.2 * unit(rng, 30, 16)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = brute_force(queries, x, names)
+    got = g.search(queries, k=4)
+    codes_only = g._index.search(queries.astype(np.float32), 1)[0][:, 0]  # the estimates
+    assert not np.allclose(codes_only, [max(t.values()) for t in truth], atol=1e-3)
+    for row, best in zip(got, truth, strict=True):
+        assert_ranking(row, best, 4)
+
+
+def test_an_ivf_flat_index_of_an_earlier_version_is_rebuilt(tmp_path):
+    """Galleries saved before the IVF index held codes: the IVF-Flat file is replaced by
+    the codes index on the next search and save, the results exact where probed fully."""
+    rng = np.random.default_rng(15)
+    x = unit(rng, 400, 16)
+    names = [f"n{i // 4:03d}" for i in range(400)]
+    g = Gallery.create(tmp_path / "g", 16, index="ivf", nlist=4, nprobe=4, rerank=400)
+    g.add(x, names, [f"s{i}" for i in range(400)])
+    g.save()
+    manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    old = store.faiss.IndexIVFFlat(store.faiss.IndexFlatIP(16), 16, 4,
+                                   store.faiss.METRIC_INNER_PRODUCT)
+    old.train(x.astype(np.float32))
+    old.add_with_ids(x.astype(np.float32), np.arange(400))
+    store.faiss.write_index(old, str(tmp_path / "g" / manifest["files"]["index"]))
+    g = Gallery.open(tmp_path / "g")
+    for row, best in zip(g.search(x[::40], k=2), brute_force(x[::40], x, names), strict=True):
+        assert_ranking(row, best, 2)
+    g.save()
+    index = store.faiss.read_index(str(tmp_path / "g" / json.loads(
+        (tmp_path / "g" / "gallery.json").read_text())["files"]["index"]))
+    assert isinstance(store.faiss.downcast_index(index), store.faiss.IndexIVFPQFastScan)
