@@ -145,11 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", default="results.json", help="results (default results.json)")
     search.add_argument("--gallery-plot", default=None, metavar="PNG",
                         help="a contact sheet of each face beside its matches")
-    # an approximate index's recall depends on the data: at 1M synthetic faces nprobe 64
-    # found the exact top identity for only 84-99% of queries (bench/README.md)
+    # an approximate index's recall depends on the data: at 1M synthetic faces an eighth of
+    # the lists (ivf's default) found exact search's top identity for 99% of queries
     search.add_argument("--nprobe", type=positive_int, default=None,
                         help="an ivf gallery: lists searched per query, for this search "
-                             "(more: higher recall, slower)")
+                             "(default: the gallery's, else an eighth of them; more: higher "
+                             "recall, slower)")
     search.add_argument("--ef-search", type=positive_int, default=None,
                         help="an hnsw gallery: candidates kept per query, for this search")
     return parser

@@ -485,6 +485,10 @@ def test_ivf_codes_pick_candidates_and_the_embeddings_score_them(tmp_path):
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     truth = brute_force(queries, x, names)
     got = g.search(queries, k=4)
+    assert g._index.nprobe == 4
+    g.params["nprobe"] = 0  # the default: an eighth of the lists, at least one
+    g.search(queries[:1])
+    assert g._index.nprobe == 1
     codes_only = g._index.search(queries.astype(np.float32), 1)[0][:, 0]  # the estimates
     assert not np.allclose(codes_only, [max(t.values()) for t in truth], atol=1e-3)
     for row, best in zip(got, truth, strict=True):
