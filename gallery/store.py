@@ -19,8 +19,8 @@ identities when no identity has more than APPROX_MAX_NEIGHBOURS / k images. ``"i
 faiss's IVF-PQ "fast scan" (4-bit codes of the images in inverted lists: 32 bytes a 512-D
 image, scanned with SIMD table lookups) whose best ``rerank`` candidates a query are
 re-scored exactly from the embeddings, so every score it returns is the true cosine;
-IVF-Flat (the full vectors in the lists) was 20-40x slower at 1M for the same recall
-(bench/README.md).
+IVF-Flat (the full vectors in the lists, faiss scanning them query by query) took 16-34x
+as long at 1M for the same lists probed (bench/README.md).
 
 On disk (the folder): ``gallery.json`` names this generation's files,
 ``embeddings-<gen>.npy`` (float32, or float16 with ``half``), ``images-<gen>.json``
