@@ -91,6 +91,7 @@ IVF_PROBED_FRACTION = 1 / 8
 # under-scores it still wins
 PQ_BITS = 4
 PQ_DIMS_PER_CODE = 8
+PQ_MIN_IMAGES = 2 ** PQ_BITS  # codes are trained by k-means: a point a centroid at least
 IVF_RERANK = 100
 INDEX_PARAMS = {"flat": {}, "hnsw": {"hnsw_m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
                                      "ef_search": HNSW_EF_SEARCH},
@@ -445,7 +446,7 @@ class Gallery:
         if self.index_kind != "flat":
             if self._index_needs_build():
                 self._build_index()
-            if self._index_changed or "index" not in files:
+            if self._index is not None and (self._index_changed or "index" not in files):
                 files["index"] = f"index-{token}.faiss"
                 _write_file(self.path / files["index"],
                             lambda f: f.write(faiss.serialize_index(self._index).tobytes()))
@@ -463,6 +464,8 @@ class Gallery:
     def _index_needs_build(self) -> bool:
         if self.index_kind == "flat" or not len(self):
             return False
+        if self.index_kind == "ivf" and self._index is None and len(self) < PQ_MIN_IMAGES:
+            return False  # too few images to train codes on: searched exactly until then
         if self._index is None:
             return True
         return self.index_kind == "ivf" and len(self) > IVF_RETRAIN_GROWTH * self._trained_on
@@ -583,6 +586,8 @@ class Gallery:
         found), fetching enough images for k identities when APPROX_MAX_NEIGHBOURS allows."""
         if self._index_needs_build():
             self._build_index()
+        if self._index is None:  # an ivf gallery below PQ_MIN_IMAGES
+            return self._exact(q, k, sources)
         most = int(np.diff(self._groups()).max())
         fetch = min(len(self), (k - 1) * most + 1, max(k, APPROX_MAX_NEIGHBOURS))
         inner = faiss.downcast_index(self._index.index) if self.index_kind == "hnsw" \
@@ -647,6 +652,9 @@ def _spec(where: Path, dim: Any, index: str,
     if any(not isinstance(v, int) or v < 0 for v in params.values()):
         raise GalleryError(f"{where}: index parameters must be non-negative integers: "
                            f"{params}")
+    if index == "ivf" and params["pq_m"] and dim % params["pq_m"]:
+        raise GalleryError(f"{where}: pq_m {params['pq_m']} does not divide the embedding "
+                           f"size {dim} (each code covers dim / pq_m dimensions)")
     return int(dim), index, params
 
 

@@ -150,6 +150,8 @@ def test_approximate_index_is_saved_and_finds_the_exact_best(tmp_path, kind):
 
 
 def test_gallery_refuses_what_it_cannot_hold(tmp_path):
+    with pytest.raises(GalleryError, match="pq_m 3 does not divide the embedding size 16"):
+        Gallery.create(tmp_path / "codes", 16, index="ivf", pq_m=3)
     g = Gallery.create(tmp_path / "g", 4)
     with pytest.raises(GalleryError, match="4-D"):
         g.add(np.ones((2, 5)), ["a", "b"], ["x", "y"])
@@ -517,3 +519,24 @@ def test_an_ivf_flat_index_of_an_earlier_version_is_rebuilt(tmp_path):
     index = store.faiss.read_index(str(tmp_path / "g" / json.loads(
         (tmp_path / "g" / "gallery.json").read_text())["files"]["index"]))
     assert isinstance(store.faiss.downcast_index(index), store.faiss.IndexIVFPQFastScan)
+
+
+def test_an_ivf_gallery_too_small_for_codes_is_searched_exactly(tmp_path):
+    """Codes are trained by k-means (16 centroids a code): a gallery of fewer images keeps
+    no index and is searched exactly, saved and reopened; past 15 images it gets its index."""
+    rng = np.random.default_rng(16)
+    x = unit(rng, 40, 32)
+    names = [f"n{i // 2:02d}" for i in range(40)]
+    g = Gallery.create(tmp_path / "g", 32, index="ivf")
+    g.add(x[:5], names[:5], [f"s{i}" for i in range(5)])
+    for row, best in zip(g.search(x[:5], k=2), brute_force(x[:5], x[:5], names[:5]),
+                         strict=True):
+        assert_ranking(row, best, 2)
+    g.save()
+    assert not any(p.suffix == ".faiss" for p in (tmp_path / "g").iterdir())
+    g = Gallery.open(tmp_path / "g")
+    g.add(x[5:], names[5:], [f"s{i}" for i in range(5, 40)])
+    for row, best in zip(g.search(x[::4], k=2), brute_force(x[::4], x, names), strict=True):
+        assert_ranking(row, best, 2)  # 40 images, rerank 100: every image re-scored
+    g.save()
+    assert any(p.suffix == ".faiss" for p in (tmp_path / "g").iterdir())
