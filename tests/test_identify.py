@@ -45,6 +45,17 @@ def brute_force(queries: np.ndarray, gallery: np.ndarray, names: list[str]) -> l
     return out
 
 
+def saved_ivf_gallery(path: Path, seed: int, n: int, **params) -> tuple[Gallery, np.ndarray,
+                                                                        list[str]]:
+    """A saved 16-D ivf gallery of ``n`` random images, 4 an identity; its images, names."""
+    x = unit(np.random.default_rng(seed), n, 16)
+    names = [f"n{i // 4:03d}" for i in range(n)]
+    g = Gallery.create(path, 16, index="ivf", **params)
+    g.add(x, names, [f"s{i}" for i in range(n)])
+    g.save()
+    return g, x, names
+
+
 def assert_ranking(got: list[tuple[str, float]], truth: dict[str, float], k: int,
                    tol: float = 1e-5) -> None:
     """``got`` is a best-first top-k of ``truth`` up to rounding of ``tol``: distinct
@@ -452,13 +463,8 @@ def test_an_index_build_leaves_float32_embeddings_uncopied(tmp_path):
 def test_nprobe_widens_one_search_of_an_ivf_gallery_to_exact(tmp_path):
     """--nprobe: an ivf gallery saved with nprobe 1 misses true best identities; probing
     every list for one search finds the brute force's, and the saved gallery keeps 1."""
-    rng = np.random.default_rng(13)
-    x = unit(rng, 800, 16)
-    names = [f"n{i // 4:03d}" for i in range(800)]
-    g = Gallery.create(tmp_path / "g", 16, index="ivf", nlist=8, nprobe=1, rerank=800)
-    g.add(x, names, [f"s{i}" for i in range(800)])
-    g.save()
-    queries = unit(rng, 60, 16)
+    g, x, names = saved_ivf_gallery(tmp_path / "g", 13, 800, nlist=8, nprobe=1, rerank=800)
+    queries = unit(np.random.default_rng(113), 60, 16)
     truth = brute_force(queries, x, names)
     best = [max(t, key=t.get) for t in truth]
     narrow = Gallery.open(tmp_path / "g")
@@ -500,12 +506,7 @@ def test_ivf_codes_pick_candidates_and_the_embeddings_score_them(tmp_path):
 def test_an_ivf_flat_index_of_an_earlier_version_is_rebuilt(tmp_path):
     """Galleries saved before the IVF index held codes: the IVF-Flat file is replaced by
     the codes index on the next search and save, the results exact where probed fully."""
-    rng = np.random.default_rng(15)
-    x = unit(rng, 400, 16)
-    names = [f"n{i // 4:03d}" for i in range(400)]
-    g = Gallery.create(tmp_path / "g", 16, index="ivf", nlist=4, nprobe=4, rerank=400)
-    g.add(x, names, [f"s{i}" for i in range(400)])
-    g.save()
+    g, x, names = saved_ivf_gallery(tmp_path / "g", 15, 400, nlist=4, nprobe=4, rerank=400)
     manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
     old = store.faiss.IndexIVFFlat(store.faiss.IndexFlatIP(16), 16, 4,
                                    store.faiss.METRIC_INNER_PRODUCT)
