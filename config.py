@@ -154,6 +154,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def global_batch(self, world_size: int) -> int:
+        """Images in one optimiser step over ``world_size`` ranks: batch_size x ranks x
+        gradient_acc (what lr scaling, images/s and a resume's batch check count)."""
+        return self.batch_size * world_size * self.gradient_acc
+
     def save(self, path: str | Path) -> None:
         """Write the config as JSON (atomically, so a crash never leaves half a file)."""
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

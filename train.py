@@ -229,8 +229,7 @@ def build_trainer(cfg: Config, num_classes: int, info: DistInfo, total_steps: in
     if cfg.compile:
         model = torch.compile(model, mode=cfg.compile_mode)
 
-    global_batch = cfg.batch_size * info.world_size * cfg.gradient_acc
-    lr = cfg.lr * global_batch / cfg.base_batch_size if cfg.scale_lr \
+    lr = cfg.lr * cfg.global_batch(info.world_size) / cfg.base_batch_size if cfg.scale_lr \
         else cfg.lr  # arcface_torch applies its lr as given
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
 

@@ -47,7 +47,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repo's modules, not us
 
-from bench._peak_memory import reset_peak, status_kib  # noqa: E402
+from bench._peak_memory import peak_above, process_peak, start_peak  # noqa: E402
 from identify import Gallery  # noqa: E402
 from models import build_model  # noqa: E402
 from synthetic import synthetic_faces  # noqa: E402
@@ -192,26 +192,6 @@ def recall_at_1(found: np.ndarray, exact: np.ndarray, mask: np.ndarray) -> float
     return float(np.mean(found[mask] == exact[mask])) if mask.any() else float("nan")
 
 
-def _rss() -> int | None:
-    kib = status_kib("VmRSS")
-    return None if kib is None else kib * 1024
-
-
-_HIGHEST = [0]  # the process's peak resident bytes before each reset_peak
-
-
-def _reset_peak() -> bool:
-    """reset_peak, first keeping the peak it clears for the run's own figure."""
-    _HIGHEST[0] = max(_HIGHEST[0], (status_kib("VmHWM") or 0) * 1024)
-    return reset_peak()
-
-
-def _peak_since(base: int | None) -> float:
-    """Bytes of peak memory above ``base`` (VmHWM, reset by reset_peak); nan without /proc."""
-    hwm = status_kib("VmHWM")
-    return float("nan") if base is None or hwm is None else hwm * 1024 - base
-
-
 # ----------------------------------------------------------------------------- measurements
 
 def measure_exact(data: SyntheticGallery, rounds: int, folder: Path) -> dict:
@@ -270,11 +250,11 @@ def measure_ann(kind: str, data: SyntheticGallery, exact: np.ndarray, value: int
     gallery = Gallery.create(folder / f"{kind}-{data.n}", DIM, index=kind, **build)
     data.into(gallery)
     gallery.params[_search_param(kind)] = value
-    base = _rss() if _reset_peak() else None
+    base = start_peak()
     start = time.perf_counter()
     gallery.search(data.queries[:1], k=TOP_K)  # the first search builds the index
     build_s = time.perf_counter() - start
-    build_peak = _peak_since(base)
+    build_peak = peak_above(base)
     gallery.save()
     index_file = sorted(gallery.path.glob("index-*.faiss"))
     times = alternate({kind: lambda: gallery.search(data.queries, k=TOP_K)}, rounds)
@@ -325,8 +305,8 @@ def measure_enrol(photos: int, folder: Path) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
-def _mib(x: float) -> str:
-    return f"{x / 2**20:,.0f} MiB"
+def _mib(x: float | None) -> str:
+    return "n/a (no /proc)" if x is None else f"{x / 2**20:,.0f} MiB"
 
 
 def print_exact(rows: list[dict], queries: int) -> None:
@@ -421,8 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     print_ann(tuned, ann_rows, {r["n"]: r["gallery"] for r in exact_rows})
     if enrol:
         print_enrol(enrol)
-    _reset_peak()
-    print(f"\npeak resident memory of this process (VmHWM): {_mib(_HIGHEST[0])}")
+    print(f"\npeak resident memory of this process (VmHWM): {_mib(process_peak())}")
     return 0
 
 

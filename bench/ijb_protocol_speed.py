@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ijb_eval  # noqa: E402
-from bench._peak_memory import reset_peak, status_kib  # noqa: E402
+from bench._peak_memory import peak_above, start_peak  # noqa: E402
 from evaluation import ijb_features, ijb_report  # noqa: E402
 from evaluation.ijb_release import Release, load_release  # noqa: E402
 from faces.face_warp import template_for_size  # noqa: E402
@@ -294,10 +294,9 @@ def main() -> None:
               f"{sizes['g1']:,} / {sizes['g2']:,}, {sizes['probes']:,} probes "
               f"(written in {time.perf_counter() - t:.0f} s)")
         array_bytes = sizes["images"] * DIM * 4
-        peak_ok = reset_peak()
-        base = (status_kib("VmRSS") or 0) if peak_ok else 0  # no /proc: no peak
+        base = start_peak()  # no /proc: no peak
         seconds, state = run_protocol(root, sizes, args.mode)
-        peak = ((status_kib("VmHWM") or 0) - base) * 1024 if peak_ok else None
+        peak = peak_above(base)
         baseline = time_baselines(root, sizes, state)
     print(f"\n{'stage':<28}{'ijb_eval':>10}{'InsightFace':>13}{'speed-up':>10}")
     for stage, s in seconds.items():

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._peak_memory import reset_peak, status_kib  # noqa: E402
+from bench._peak_memory import peak_above, start_peak  # noqa: E402
 from evaluation import megaface_eval as me  # noqa: E402
 from utils import device_name, positive_int  # noqa: E402
 
@@ -110,8 +110,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        peak_ok = reset_peak()
-        base = status_kib("VmRSS") * 1024 if peak_ok else None
+        base = start_peak()
 
     t0 = time.perf_counter()
     results = me.megaface_evaluate(probes, labels, distractors, sizes=me.DEFAULT_SIZES,
@@ -122,8 +121,7 @@ def main() -> None:
     if device.type == "cuda":
         extra = torch.cuda.max_memory_allocated() - base
         mem_note = "CUDA max_memory_allocated"
-    elif base is not None:
-        extra = status_kib("VmHWM") * 1024 - base
+    elif (extra := peak_above(base)) is not None:
         mem_note = "VmHWM - VmRSS before"
     else:
         extra, mem_note = float("nan"), "unavailable"

@@ -18,9 +18,8 @@ past a few hundred thousand images: approximate, it fetches enough neighbours to
 identities when no identity has more than APPROX_MAX_NEIGHBOURS / k images. ``"ivf"`` is
 faiss's IVF-PQ "fast scan" (4-bit codes of the images in inverted lists: 32 bytes a 512-D
 image, scanned with SIMD table lookups) whose best ``rerank`` candidates a query are
-re-scored exactly from the embeddings, so every score it returns is the true cosine;
-IVF-Flat (the full vectors in the lists, faiss scanning them query by query) took 16-34x
-as long at 1M for the same lists probed (bench/README.md).
+re-scored exactly from the embeddings, so every score it returns is the true cosine
+(its speed and recall, and IVF-Flat's before it: bench/README.md).
 
 On disk (the folder): ``gallery.json`` names this generation's files,
 ``embeddings-<gen>.npy`` (float32, or float16 with ``half``), ``images-<gen>.json``
@@ -98,8 +97,8 @@ INDEX_PARAMS = {"flat": {}, "hnsw": {"hnsw_m": HNSW_M, "ef_construction": HNSW_E
                 # nlist / nprobe / pq_m 0: from the size / the lists / the dimension
                 "ivf": {"nlist": 0, "nprobe": 0, "pq_m": 0, "rerank": IVF_RERANK}}
 # values of candidate embeddings gathered at a time for re-scoring: 2 MiB of float32, one
-# buffer reused (a fresh 64 MiB one a block cost page faults: 0.068 s against 0.058 s for
-# 1,000 queries x 100 candidates at 1M)
+# buffer reused (a fresh 64 MiB one a block cost page faults: re-scoring 1,000 queries x 100
+# candidates at 1M took 0.079 s, 0.064 s with the buffer)
 RESCORE_BLOCK_ELEMENTS = 1 << 19
 APPROX_MAX_NEIGHBOURS = 2048  # images an approximate search fetches per query, at most
 OPEN_TRIES = 3  # a reader racing a writer's clean-up reads the new generation instead

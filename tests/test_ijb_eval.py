@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -366,8 +368,6 @@ def test_alignment_uses_each_crops_own_landmarks(release_dir):
 # ----------------------------------------------------------------------------- malformed files
 
 def _copy_release(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 
@@ -698,8 +698,6 @@ def test_feature_cache_key_follows_the_checkpoint_content(release_dir, tmp_path)
     """The cache was keyed by the checkpoint's path, size and mtime: another model of the
     same network written over it with the old time stamp (cp -p, rsync -t) reused the old
     model's features."""
-    import os
-
     from models import build_model
 
     release = ijb_release.load_release(release_dir[0], "IJBC")
@@ -725,8 +723,6 @@ def test_stale_caches_of_a_replaced_checkpoint_are_deleted_and_only_those(releas
                                                                          tmp_path, caplog):
     """The cache key is the checkpoint's content: after a retrain over the same path, the old
     key's 1.9 GB (IJB-C) stayed on disk forever, never to be read again."""
-    import hashlib
-    import shutil
 
     release = ijb_release.load_release(release_dir[0], "IJBC", with_search=False)
     root = tmp_path / "features"
@@ -768,9 +764,6 @@ def test_caches_made_before_the_checkpoint_was_recorded_are_named_or_attributed(
     release lingered unseen. One of ours that is read again gets its checkpoint; one not read
     (maybe another model's) is kept and named in one line with how to delete it; a folder
     holding a file not ours, or of another release, is neither touched nor named."""
-    import os
-    import shutil
-
     release = ijb_release.load_release(release_dir[0], "IJBC", with_search=False)
     root = tmp_path / "features"
     ckpt = tmp_path / "run" / "backbone.pt"

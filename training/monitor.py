@@ -47,7 +47,7 @@ class Monitor:
     def __init__(self, cfg: Config, info: DistInfo, start_step: int, last_step: int,
                  log_dir: Path) -> None:
         self.enabled = info.is_main
-        self.global_batch = cfg.batch_size * info.world_size * cfg.gradient_acc
+        self.global_batch = cfg.global_batch(info.world_size)
         self.writer = self.bar = None
         if self.enabled:
             # rank 0 only: the other ranks never import TensorBoard (an optional dependency's cost)

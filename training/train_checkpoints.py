@@ -484,7 +484,7 @@ def check_resumable(ckpt: dict[str, Any], path: Path, cfg: Config, num_classes: 
     allowed, refused = resume_differences(ckpt["config"], cfg.to_dict(), Config().to_dict())
     saved_batch, saved_world = ckpt["config"]["batch_size"], int(ckpt["world_size"])
     saved_acc = ckpt["config"].get("gradient_acc", 1)  # absent from older checkpoints
-    if saved_batch * saved_world * saved_acc != cfg.batch_size * world_size * cfg.gradient_acc:
+    if saved_batch * saved_world * saved_acc != cfg.global_batch(world_size):
         def acc(k: int) -> str:
             return f" x {k} micro-batches" if k != 1 else ""
         refused.append(f"global batch: {saved_batch} x {saved_world} ranks{acc(saved_acc)} -> "
