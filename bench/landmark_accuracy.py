@@ -31,8 +31,9 @@ half and removed from the other half's points, both ways: held-out errors.
 
 Methods: ``default`` (FaceAligner as align_faces.py runs it: read_photo's reduced decode,
 512 px search, DEFAULT_REFINE_STEPS), ``refineN`` (the same with N refine steps), ``fullN``
-(full-size search, N refine steps) and ``facenet`` (facenet-pytorch's MTCNN with its own
-defaults on the full photo). A table, never an assert.
+(full-size search, N refine steps), ``facenet`` (facenet-pytorch's MTCNN with its own
+defaults on the full photo) and ``points:FILE`` (another model's five points saved in FILE,
+e.g. by bench/mediapipe_landmarks.py). A table, never an assert.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ DEFAULT_MIN_EYE_DISTANCE = 20.0
 OUTLIER_PERCENT = 10.0  # the issue's bar for a face gone wrong
 Found = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N, 4), scores (N,), points (N, 5, 2)
 Detector = Callable[[Path], Found]
+POINTS_PREFIX = "points:"  # --methods points:FILE: another tool's points, read from FILE
 
 
 @dataclass
@@ -222,8 +224,35 @@ def _facenet() -> Detector:
     return run
 
 
-def make_detector(method: str) -> Detector:
-    """A function path -> (boxes, probs, landmarks) in MTCNN's 1-based full-photo pixels."""
+def _points_file(path: Path, root: Path) -> Detector:
+    """Another tool's five points, read from ``path``: {"origin": 0 or 1, "images": {photo
+    path under DATA_DIR: [{"box": [x1, y1, x2, y2], "points": 5 x [x, y]}, ...]}}
+    (bench/mediapipe_landmarks.py writes one); a photo it does not name has no faces."""
+    from faces.mtcnn_cascade import MTCNN_COORDINATE_OFFSET  # loads torch: see _ours
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        shift = MTCNN_COORDINATE_OFFSET - float(saved["origin"])  # to MTCNN's pixels
+        images = {name: (np.array([f["box"] for f in faces], dtype=np.float64).reshape(-1, 4)
+                         + shift,
+                         np.ones(len(faces)),  # no score: every face counts
+                         np.array([f["points"] for f in faces],
+                                  dtype=np.float64).reshape(-1, 5, 2) + shift)
+                  for name, faces in saved["images"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path}: not a points file ({e})") from None
+
+    def run(photo: Path) -> Found:
+        return images.get(photo.relative_to(root).as_posix(),
+                          (np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))))
+    return run
+
+
+def make_detector(method: str, root: Path = Path(".")) -> Detector:
+    """A function path -> (boxes, probs, landmarks) in MTCNN's 1-based full-photo pixels;
+    ``root``: the DATA_DIR a points file's photo paths are under."""
+    if method.startswith(POINTS_PREFIX):
+        return _points_file(Path(method[len(POINTS_PREFIX):]), root)
     if method == "default":
         return _ours(None, None)
     if method == "facenet":
@@ -232,7 +261,7 @@ def make_detector(method: str) -> Detector:
         if method.startswith(prefix) and method[len(prefix):].isdigit():
             return _ours(size, int(method[len(prefix):]))
     raise SystemExit(f"error: --methods: unknown method {method!r} (default, refineN, fullN, "
-                     f"facenet)")
+                     f"facenet, points:FILE)")
 
 
 def match(face: Face, detections: Found) -> tuple[np.ndarray, float] | None:
@@ -276,6 +305,11 @@ def calibrated(face: Face, points: np.ndarray, offset: np.ndarray) -> np.ndarray
     return points - offset @ np.linalg.inv(face_frame(face)).T
 
 
+def method_name(method: str) -> str:
+    """A method's name in the tables: a points file by its name without the folder."""
+    return Path(method[len(POINTS_PREFIX):]).stem if method.startswith(POINTS_PREFIX) else method
+
+
 def summary(errors: list[float]) -> str:
     if not errors:
         return "-"
@@ -302,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with torch.inference_mode():
         for method in args.methods:
-            detect = make_detector(method)
+            detect = make_detector(method, args.data_dir)
             for face in faces:
                 found = match(face, detect(face.path))
                 if found is not None:
@@ -313,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_tables(faces: list[Face], methods: list[str], calibrate: bool) -> None:
     width = max(len(f.name) for f in faces)
-    print(f"{'face':{width}}  eye px  " + "  ".join(f"{m:>10}" for m in methods) + "  score")
+    names = "  ".join(f"{method_name(m):>10}" for m in methods)
+    print(f"{'face':{width}}  eye px  {names}  score")
     for f in faces:
         cells = [f"{error_percent(f, f.found[m][0]):10.2f}" if m in f.found else f"{'missed':>10}"
                  for m in methods]
@@ -324,14 +359,14 @@ def print_tables(faces: list[Face], methods: list[str], calibrate: bool) -> None
           f"{max(f.eye_distance for f in faces):.0f} px; found by every method: {len(both)}")
     print("mean / worst / faces above 10% (faces every method found):")
     for m in methods:
-        print(f"  {m:10} {summary([error_percent(f, f.found[m][0]) for f in both])}"
+        print(f"  {method_name(m):10} {summary([error_percent(f, f.found[m][0]) for f in both])}"
               f"   missed {sum(m not in f.found for f in faces)}")
     print_by_group(faces, methods)
     print("\nmean offset from the annotation, % of the eye distance (along the eyes, across):")
     print(f"  {'':10} " + "  ".join(f"{n:>16}" for n in MTCNN_NAMES))
     for m in methods:
         off = mean_offset(both, m) * 100
-        print(f"  {m:10} " + "  ".join(f"{x:+7.2f} {y:+7.2f} " for x, y in off))
+        print(f"  {method_name(m):10} " + "  ".join(f"{x:+7.2f} {y:+7.2f} " for x, y in off))
     if calibrate:
         print_calibrated(faces, methods)
 
@@ -366,7 +401,7 @@ def print_by_group(faces: list[Face], methods: list[str]) -> None:
     for label, half in zip(("half A", "half B"), split_halves(faces), strict=True):
         groups[f"{label} ({len(found(half))})"] = found(half)
     width = max(len(k) for k in groups)
-    print(f"\n{'source (faces)':{width}}  " + "  ".join(f"{m:>20}" for m in methods))
+    print(f"\n{'source (faces)':{width}}  " + "  ".join(f"{method_name(m):>20}" for m in methods))
     for label, group in groups.items():
         cells = [summary([error_percent(f, f.found[m][0]) for f in group]) for m in methods]
         print(f"{label:{width}}  " + "  ".join(f"{c:>20}" for c in cells))
@@ -386,7 +421,7 @@ def print_calibrated(faces: list[Face], methods: list[str]) -> None:
             for f in test:
                 raw.append(error_percent(f, f.found[m][0]))
                 fixed.append(error_percent(f, calibrated(f, f.found[m][0], offset)))
-        print(f"  {m:10} {summary(fixed)}   ({summary(raw)})")
+        print(f"  {method_name(m):10} {summary(fixed)}   ({summary(raw)})")
 
 
 if __name__ == "__main__":

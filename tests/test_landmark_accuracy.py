@@ -140,3 +140,26 @@ def test_match_takes_the_box_holding_the_face_and_removes_mtcnn_offset():
     assert found is not None and found[1] == 0.8  # both others miss the centroid or are off
     np.testing.assert_allclose(found[0], FIVE + 1)
     assert la.match(face, (boxes[:1], np.array([0.9]), points[:1])) is None
+
+
+def test_points_file_is_scored_in_0_based_pixels_whatever_its_origin(tmp_path):
+    """Another tool's points (bench/mediapipe_landmarks.py's file): moved from the file's
+    origin to MTCNN's pixels by the detector and back by match, so a file whose points are
+    the annotation's scores 0 (origin 0) or 1 px per point off (the same numbers, origin 1);
+    a photo it does not name has no face; a file that is not one is named in one line."""
+    face = la.Face("a/b.jpg", tmp_path / "a" / "b.jpg", FIVE)
+    nudged = FIVE + [[3.0, 4.0]] * 5  # every point 5 px off: 12.5% of the 40 px eye distance
+    images = {"a/b.jpg": [{"box": [200, 200, 260, 260], "points": (FIVE + 200).tolist()},
+                          {"box": [20, 20, 80, 90], "points": nudged.tolist()}]}
+    for origin, expected in ((0, 5 / 40 * 100), (1, np.hypot(2, 3) / 40 * 100)):
+        path = tmp_path / f"origin{origin}.json"
+        path.write_text(json.dumps({"origin": origin, "images": images}))
+        found = la.match(face, la.make_detector(f"points:{path}", tmp_path)(face.path))
+        assert found is not None
+        assert la.error_percent(face, found[0]) == pytest.approx(expected)
+    other = la.Face("a/c.jpg", tmp_path / "a" / "c.jpg", FIVE)
+    assert la.match(other, la.make_detector(f"points:{path}", tmp_path)(other.path)) is None
+    assert la.method_name(f"points:{path}") == "origin1"
+    (tmp_path / "bad.json").write_text(json.dumps({"images": images}))  # no origin
+    with pytest.raises(SystemExit, match=r"error: .*bad\.json: not a points file"):
+        la.make_detector(f"points:{tmp_path / 'bad.json'}", tmp_path)
