@@ -5,11 +5,11 @@ landmark_accuracy.py's ``--methods points:FILE`` (a second landmark model on the
 
 Runs in its own virtual environment, not the project's: the MediaPipe wheels that carry their
 face mesh model (0.10.14, measured; 0.10.21 too; 0.10.35 and 1.x download it) want NumPy 1
-and protobuf 4 (bench/README.md, "Landmark accuracy", has the commands). Per face: the mean of each eye's 16 contour points
-(as the annotations' eye centres are made), the nose tip and the mouth corners, in 0-based
-pixels (pixel k's centre at k; MediaPipe's normalised x times the width puts it at k + 0.5),
-and the box of all its points (its attention model's 478). Faces as its static-image mode
-finds them (up to ``MAX_FACES`` a photo).
+and protobuf 4 (bench/README.md, "Landmark accuracy", has the commands). Per face: the mean
+of each eye's 16 contour points (as the annotations' eye centres are made), the nose tip and
+the mouth corners, in 0-based pixels (pixel k's centre at k; MediaPipe's normalised x times
+the width puts it at k + 0.5), and the box of all its points (its attention model's 478).
+Faces as its static-image mode finds them (up to ``MAX_FACES`` a photo).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("data_dir", type=Path)
     p.add_argument("out", type=Path)
     args = p.parse_args(argv)
-    try:  # after the flags: --help answers in the project's venv, which has no MediaPipe
-        import mediapipe as mp
+    try:
+        import mediapipe as mp  # after the flags: --help answers in the project's venv too
     except ImportError:
         print("error: mediapipe is not installed here (bench/README.md: its own venv)",
               file=sys.stderr)
