@@ -153,16 +153,26 @@ def resolve_fields(path: str | Path) -> dict[str, Any]:
 
 
 def _margins(margin_list: Any, where: str) -> dict[str, Any]:
-    """Its (m1, m2, m3) of cos(m1 theta + m2) - m3 as our head and margins."""
+    """Its (m1, m2, m3) as our head, as its CombinedMarginLoss.forward runs them: m1 = 1
+    and m3 = 0 is ArcFace with m2; otherwise m3 > 0 is CosFace with m3, m1 and m2 ignored
+    there (named in a warning); anything else fails there and is refused here."""
     if not (isinstance(margin_list, (tuple, list)) and len(margin_list) == 3):
         raise ArcfaceConfigError(f"{where}: margin_list must be (m1, m2, m3), "
                                  f"got {margin_list!r}")
     m1, m2, m3 = (float(m) for m in margin_list)
     if m1 == 1.0 and m3 == 0.0 and m2 > 0.0:
         return {"head": "arcface", "margin_m": m2}
-    if m1 == 1.0 and m2 == 0.0 and m3 > 0.0:
+    if m1 == 1.0 and m3 == 0.0:  # cos(theta + m2) at m2 <= 0
+        return {"head": "combined", "margin_m1": m1, "margin_m": m2, "margin_m3": m3}
+    if m3 > 0.0:
+        if (m1, m2) != (1.0, 0.0):
+            get_logger("face.config").warning(
+                "%s: margin_list %r: arcface_torch applies m3 alone when m3 > 0 (its m1 and "
+                "m2 unused): CosFace m = %g here too", where, tuple(margin_list), m3)
         return {"head": "cosface", "margin_m": m3}
-    return {"head": "combined", "margin_m1": m1, "margin_m": m2, "margin_m3": m3}
+    raise ArcfaceConfigError(f"{where}: margin_list {tuple(margin_list)!r}: arcface_torch's "
+                             "CombinedMarginLoss runs (1.0, m2, 0.0) or m3 > 0 only and fails "
+                             "on this one")
 
 
 def _accumulation(fields: dict[str, Any], where: str) -> dict[str, Any]:
