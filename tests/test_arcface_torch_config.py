@@ -185,6 +185,20 @@ def test_margin_list_to_our_head(tmp_path, caplog, margins, expected):
     assert any("m2 unused" in r.getMessage() for r in caplog.records) == unused
 
 
+def test_its_sgd_momentum_is_0_9_whatever_its_config_says(tmp_path, caplog):
+    """train_v2.py: torch.optim.SGD(..., momentum=0.9, ...); config.momentum is not read."""
+    path = tmp_path / "m.py"
+    path.write_text("config.network = 'r18'\nconfig.optimizer = 'sgd'\nconfig.momentum = 0.5\n")
+    log = get_logger("face.config")
+    log.addHandler(caplog.handler)  # the project's loggers do not propagate
+    try:
+        cfg = make_config(config_file=path)
+    finally:
+        log.removeHandler(caplog.handler)
+    assert cfg.momentum == 0.9
+    assert any("config.momentum = 0.5" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("margins", ["(0.9, 0.4, 0.0)", "(1.0, 0.5, -0.1)"])
 def test_margin_list_its_loss_cannot_run_is_refused(tmp_path, margins):
     """Neither m1 = 1 with m3 = 0 nor m3 > 0: its CombinedMarginLoss reaches its bare raise."""

@@ -23,6 +23,7 @@ CONFIG_NAME = "config"
 DEFAULT_OUTPUT_ROOT = "work_dirs"  # where arcface_torch puts a run whose output is None
 ARCFACE_SCALE = 64.0  # arcface_torch's CombinedMarginLoss is built with s = 64
 ARCFACE_CLIP = 5.0  # its train_v2.py clips the backbone's gradient at norm 5
+ARCFACE_MOMENTUM = 0.9  # its train_v2.py builds its SGD with momentum=0.9, not config.momentum
 TRAIN_REC = "train.rec"  # its rec field is a folder holding train.rec/train.idx
 # its network names that are ours under another name; the rest (vit_*, mbf, mbf_large)
 # are ours under its own
@@ -30,7 +31,7 @@ NETWORKS = {"r18": "ir18", "r34": "ir34", "r50": "ir50", "r100": "ir100", "r200"
 # its fields copied onto ours unchanged, under our name
 SAME_MEANING = {"embedding_size": "embedding_size", "sample_rate": "sample_rate",
                 "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
-                "momentum": "momentum", "weight_decay": "weight_decay", "seed": "seed",
+                "weight_decay": "weight_decay", "seed": "seed",
                 "num_workers": "num_workers", "num_epoch": "epochs",
                 "warmup_epoch": "warmup_epochs", "verbose": "verify_every",
                 "frequent": "log_every", "num_classes": "num_classes",
@@ -207,11 +208,12 @@ def _check_unsupported(fields: dict[str, Any], where: str) -> None:
 
 def to_overrides(fields: dict[str, Any], where: str) -> dict[str, Any]:
     """arcface_torch's fields as Config overrides: its lr applied as given (no rescaling),
-    its linear warm-up and decay, its weight decay on every parameter, its clipping of the
-    backbone only, its gradient_acc (_accumulation), fp16 autocast when it asks for fp16
-    (fp32 otherwise)."""
+    its linear warm-up and decay, its weight decay on every parameter, its SGD momentum of
+    0.9, its clipping of the backbone only, its gradient_acc (_accumulation), fp16 autocast
+    when it asks for fp16 (fp32 otherwise)."""
     known = {*SAME_MEANING, *SWITCHED_OFF_HERE, *DROPPED, *(n for n, _, _ in ONLY_INERT),
-             "margin_list", "network", "fp16", "rec", "val_targets", "output", "gradient_acc"}
+             "margin_list", "network", "fp16", "rec", "val_targets", "output", "gradient_acc",
+             "momentum"}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ArcfaceConfigError(f"{where}: arcface_torch field(s) not understood here: "
@@ -219,7 +221,12 @@ def to_overrides(fields: dict[str, Any], where: str) -> dict[str, Any]:
     _check_unsupported(fields, where)
     out = {ours: fields[theirs] for theirs, ours in SAME_MEANING.items() if theirs in fields}
     out.update(scale_s=ARCFACE_SCALE, scale_lr=False, scheduler="linear", decay_all=True,
-               clip_head=False)
+               clip_head=False, momentum=ARCFACE_MOMENTUM)
+    if fields.get("momentum", ARCFACE_MOMENTUM) != ARCFACE_MOMENTUM \
+            and fields.get("optimizer", "sgd") == "sgd":
+        get_logger("face.config").warning(
+            "%s: config.momentum = %r: arcface_torch's SGD runs at momentum %g whatever it "
+            "says; %g here too", where, fields["momentum"], ARCFACE_MOMENTUM, ARCFACE_MOMENTUM)
     out.update(_accumulation(fields, where))
     if "margin_list" in fields:
         out.update(_margins(fields["margin_list"], where))
