@@ -308,16 +308,17 @@ def polynomial_lr_warmup(base_lr, warmup, total, last_epoch, power=1.0):
     return lr
 
 
-def test_resume_in_its_warm_up_follows_its_schedule(rec, tmp_path):
-    """Saved after epoch 1 of 4 with 2 epochs of warm-up (6 of 12 steps): the lr of each
-    next step is its PolynomialLRWarmup's at last_epoch = its global_step and on, through
-    the end of the warm-up and into the decay."""
-    write_their_run(tmp_path / "run", epoch=1, warmup_epochs=2)
-    cfg = our_cfg(rec, tmp_path / "run", warmup_epochs=2)
+@pytest.mark.parametrize("warmup_epochs", [2, 0])  # 0: most of its configs
+def test_resume_after_epoch_1_follows_its_schedule(rec, tmp_path, warmup_epochs):
+    """Saved after epoch 1 of 4 (6 steps) with 2 epochs of warm-up (12 steps) or none: the
+    lr of each next step is its PolynomialLRWarmup's at last_epoch = its global_step and
+    on, through the end of the warm-up, the decay and past its total_iters."""
+    write_their_run(tmp_path / "run", epoch=1, warmup_epochs=warmup_epochs)
+    cfg = our_cfg(rec, tmp_path / "run", warmup_epochs=warmup_epochs)
     trainer = trainer_for(cfg)
     step = resume_arcface_torch(trainer, cfg, CLASSES, TOTAL, STEPS_PER_EPOCH).step
     assert step == STEPS_PER_EPOCH
-    warmup = 2 * STEPS_PER_EPOCH
+    warmup = warmup_epochs * STEPS_PER_EPOCH
     for last_epoch in range(step, TOTAL + 2):
         expected = polynomial_lr_warmup(LR, warmup, TOTAL, last_epoch)
         for opt in (trainer.opt_backbone, trainer.opt_head):
