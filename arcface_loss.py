@@ -47,6 +47,7 @@ NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 SIN2_MIN = 1e-12
 LOG_MIN = 1e-30  # floor of (1 - p) in the focal factor, whose power may be negative
 DEFAULT_CENTRE_STD = 0.01  # class centres start small and random (only their direction counts)
+MIN_SAMPLED = 1  # Partial FC keeps a centre on a rank with no positive and sample_rate * C_r < 1
 # The head names, the margin bounds and the newer heads' options live in config.py, which
 # checks them without importing torch; the heads below use them from there.
 
@@ -432,9 +433,10 @@ class ShardedMarginSoftmax(nn.Module):
     already holds its full share of the loss's gradient).
 
     Partial FC: with ``sample_rate`` < 1 and in training mode, each step uses only
-    ceil(sample_rate * C_r) centres of this rank, always including every class present in
-    the gathered batch; the others get zero gradient. ``last_index`` holds the sampled local
-    rows of the latest step (None when all were used). ``focal_gamma`` > 0 gives focal loss.
+    int(sample_rate * C_r) centres of this rank (PartialFC_V2's count), always including
+    every class present in the gathered batch; the others get zero gradient. ``last_index``
+    holds the sampled local rows of the latest step (None when all were used).
+    ``focal_gamma`` > 0 gives focal loss.
 
     A :class:`BatchMargin` (AdaFace, CurricularFace, MagFace, ElasticFace) sees the gathered
     batch, so its statistics are the global batch's, the same on every rank and as on one
@@ -526,7 +528,9 @@ class ShardedMarginSoftmax(nn.Module):
         columns among all centres, returned when every centre is kept."""
         num_local = self.weight.shape[0]
         positives = torch.unique(local[in_shard])  # sorted
-        num_sample = max(math.ceil(self.sample_rate * num_local), positives.numel())
+        # PartialFC_V2's int(sample_rate * num_local), at least one centre where it would
+        # take none (and fail)
+        num_sample = max(int(self.sample_rate * num_local), positives.numel(), MIN_SAMPLED)
         if num_sample >= num_local:
             self.last_index = None
             return self.weight, shard_column

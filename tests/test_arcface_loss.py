@@ -168,6 +168,27 @@ def test_partial_fc_accuracy_counts_every_centre():
     assert accuracy.item() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("classes, rate, present", [
+    (10, 0.25, [4]),  # 2.5 centres: 2, not 3
+    (7, 0.5, [0, 6]),  # 3.5: 3
+    (10, 0.3, [0, 2, 5, 7, 9]),  # more positives than 3: the positives alone
+    (10, 0.05, [1, 8]),  # 0.5: none sampled beyond the positives
+])
+def test_partial_fc_samples_as_many_centres_as_partial_fc_v2(classes, rate, present):
+    """PartialFC_V2's num_sample = int(sample_rate * num_local); its sample() keeps the
+    top num_sample of random scores with the positives above them, or the positives alone
+    when they are more."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor(present * 2)
+    head = build_head("arcface", E, classes, s=8.0, m=0.3, sample_rate=rate)
+    head(torch.randn(len(labels), E, generator=g), labels)
+    num_sample = int(rate * classes)
+    expected = num_sample if num_sample - len(present) >= 0 else len(present)
+    assert head.last_index is not None
+    assert len(head.last_index) == expected
+    assert set(present) <= set(head.last_index.tolist())
+
+
 def test_shard_range_covers_classes():
     for num_classes, world in [(7, 2), (10, 3), (8, 4), (5, 5)]:
         ranges = [shard_range(num_classes, world, r) for r in range(world)]
@@ -302,8 +323,8 @@ def test_partial_fc_keeps_positives_and_matches_sampled_softmax(two_rank_results
         assert index is not None  # sampling happened
         mine = labels[(labels >= r["start"]) & (labels < r["end"])] - r["start"]
         assert set(mine.tolist()) <= set(index.tolist())  # every positive kept
-        # ceil(0.5 * shard) rows, or all positives if more
-        assert len(index) == max(math.ceil(0.5 * (r["end"] - r["start"])), len(set(mine.tolist())))
+        # PartialFC_V2's int(0.5 * shard) rows, or all positives if more
+        assert len(index) == max(int(0.5 * (r["end"] - r["start"])), len(set(mine.tolist())))
         unsampled = torch.ones(r["end"] - r["start"], dtype=torch.bool)
         unsampled[index] = False
         assert unsampled.any() and (r["w_grad"][unsampled] == 0).all()  # SGD-safe

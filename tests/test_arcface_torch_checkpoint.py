@@ -18,7 +18,7 @@ import models
 import train
 from config import make_config
 from training.arcface_torch_checkpoint import holds_arcface_torch_run, resume_arcface_torch
-from training.distributed import DistInfo
+from training.distributed import DistInfo, shard_range
 from training.train_checkpoints import (
     CheckpointFileError,
     OutputFolderError,
@@ -53,18 +53,28 @@ def our_cfg(rec, output, **overrides):
         "cpu_amp": False, "log_every": 1, "seed": 5, **overrides})
 
 
+def pfc_shard(num_classes, world, rank):
+    """PartialFC_V2.__init__'s class_start and class_start + num_local, as it writes them."""
+    num_local = num_classes // world + int(rank < num_classes % world)
+    class_start = num_classes // world * rank + min(rank, num_classes % world)
+    return class_start, class_start + num_local
+
+
 def write_their_run(folder, optimizer="sgd", prefix="", per_epoch=STEPS_PER_EPOCH,
-                    epoch=SAVED_EPOCH):
-    """Its two rank files and model.pt, saved at the end of ``epoch`` of ``per_epoch``
-    micro-batches (its global_step and PolynomialLRWarmup count them); returns what they
-    hold: the backbone module and, per rank, its centres shard and optimiser state dict."""
+                    epoch=SAVED_EPOCH, classes=CLASSES, world=THEIR_WORLD,
+                    warmup_epochs=WARMUP_EPOCHS):
+    """Its ``world`` rank files (each its PartialFC_V2 shard of ``classes``) and model.pt,
+    saved at the end of ``epoch`` of ``per_epoch`` micro-batches (its global_step and
+    PolynomialLRWarmup count them); returns what they hold: the backbone module and, per
+    rank, its centres shard and optimiser state dict."""
     torch.manual_seed(0)
     net = models.build_model("ir_narrow", EMBEDDING)
-    centres = torch.randn(CLASSES, EMBEDDING) * 0.01
+    centres = torch.randn(classes, EMBEDDING) * 0.01
     images = torch.randn(4, 3, 112, 112)
     folder.mkdir(parents=True, exist_ok=True)
     ranks = []
-    for rank, (lo, hi) in enumerate(SHARDS):
+    for rank in range(world):
+        lo, hi = pfc_shard(classes, world, rank)
         backbone = copy.deepcopy(net)  # DDP: the same backbone and gradient on every rank
         weight = torch.nn.Parameter(centres[lo:hi].clone())
         groups = [{"params": backbone.parameters()}, {"params": [weight]}]
@@ -76,7 +86,7 @@ def write_their_run(folder, optimizer="sgd", prefix="", per_epoch=STEPS_PER_EPOC
         opt.step()
         step = epoch * per_epoch
         scheduler = {"total_iters": EPOCHS * per_epoch, "power": 1.0,
-                     "warmup_iters": WARMUP_EPOCHS * per_epoch, "base_lrs": [LR, LR],
+                     "warmup_iters": warmup_epochs * per_epoch, "base_lrs": [LR, LR],
                      "last_epoch": step, "verbose": False, "_step_count": step + 1,
                      "_get_lr_called_within_step": False, "_last_lr": [LR, LR]}
         state_dict = {prefix + k: v for k, v in backbone.state_dict().items()}
@@ -222,6 +232,100 @@ def test_centres_are_recut_for_other_world_sizes(rec, tmp_path, world, monkeypat
                            momentum[lo:hi])
         assert read == [f"checkpoint_gpu_{r}.pt" for r, (a, b) in enumerate(SHARDS)
                         if a < hi and lo < b]
+
+
+def test_shard_range_is_partial_fc_v2s_cut():
+    """training.distributed.shard_range against PartialFC_V2's num_local / class_start for
+    every remainder, more ranks than classes included (its surplus ranks hold none)."""
+    for classes in range(1, 30):
+        for world in range(1, 9):
+            for rank in range(world):
+                assert shard_range(classes, world, rank) == pfc_shard(classes, world, rank), \
+                    (classes, world, rank)
+
+
+UNEVEN = 7  # classes no world size 2 or 3 divides: its first C % W ranks hold one more
+
+
+def resume_as(cfg, rank, world, classes, monkeypatch):
+    """Our rank ``rank`` of ``world`` (its shard's rows, the process group's agreement
+    assumed) resumed from cfg.output; returns the trainer."""
+    import training.arcface_torch_checkpoint as module  # its collective, answered here
+
+    monkeypatch.setattr(module, "all_ranks_true", lambda flag, info: flag)
+    trainer = trainer_for(cfg, classes)
+    lo, hi = pfc_shard(classes, world, rank)
+    trainer.info = DistInfo(rank=rank, world_size=world, local_rank=0,
+                            device=torch.device("cpu"))
+    trainer.head.weight = torch.nn.Parameter(torch.zeros(hi - lo, EMBEDDING))
+    trainer.opt_head.param_groups[0]["params"] = [trainer.head.weight]
+    assert resume_arcface_torch(trainer, cfg, classes, TOTAL, STEPS_PER_EPOCH).step \
+        == SAVED_STEP
+    return trainer
+
+
+@pytest.mark.parametrize("optimizer, keys", [("sgd", ["momentum_buffer"]),
+                                             ("adamw", ["exp_avg", "exp_avg_sq"])])
+@pytest.mark.parametrize("their_world", [1, 2, 3])
+def test_uneven_classes_recut_between_world_sizes(rec, tmp_path, monkeypatch, their_world,
+                                                  optimizer, keys):
+    """7 classes its 1, 2 or 3 ranks held (3 + 2 + 2 on 3), resumed on our 1, 2 and 3
+    ranks: each of ours gets PartialFC_V2's rows for its rank, centres and per-centre
+    moments, and AdamW's step count."""
+    _, ranks = write_their_run(tmp_path / "run", optimizer, classes=UNEVEN, world=their_world)
+    head_index = [max(r["optimizer"]["state"]) for r in ranks]
+    full = torch.cat([r["weight"] for r in ranks])
+    moments = {key: torch.cat([r["optimizer"]["state"][i][key]
+                               for r, i in zip(ranks, head_index, strict=True)])
+               for key in keys}
+    cfg = our_cfg(rec, tmp_path / "run", optimizer=optimizer)
+    for world in (1, 2, 3):
+        for rank in range(world):
+            trainer = resume_as(cfg, rank, world, UNEVEN, monkeypatch)
+            lo, hi = pfc_shard(UNEVEN, world, rank)
+            assert torch.equal(trainer.head.weight.detach(), full[lo:hi]), (world, rank)
+            state = trainer.opt_head.state[trainer.head.weight]
+            for key in keys:
+                assert torch.equal(state[key].cpu(), moments[key][lo:hi]), (world, rank, key)
+            if optimizer == "adamw":  # one step taken on every one of its ranks
+                assert float(state["step"]) == 1.0
+
+
+def polynomial_lr_warmup(base_lr, warmup, total, last_epoch, power=1.0):
+    """lr_scheduler.py's PolynomialLRWarmup after ``last_epoch`` steps, stepped through its
+    chained get_lr in float64: its construction's step leaves the lr as given, the warm-up
+    sets base_lr * l / warmup, later steps multiply by the ratio of successive factors,
+    past total_iters the lr stays."""
+    lr = base_lr
+    for step in range(1, last_epoch + 1):
+        if step > total:
+            continue
+        if step <= warmup:
+            lr = base_lr * step / warmup
+        else:
+            lr *= ((1.0 - (step - warmup) / (total - warmup))
+                   / (1.0 - (step - 1 - warmup) / (total - warmup))) ** power
+    return lr
+
+
+@pytest.mark.parametrize("warmup_epochs", [2, 0])  # 0: most of its configs
+def test_resume_after_epoch_1_follows_its_schedule(rec, tmp_path, warmup_epochs):
+    """Saved after epoch 1 of 4 (6 steps) with 2 epochs of warm-up (12 steps) or none: the
+    lr of each next step is its PolynomialLRWarmup's at last_epoch = its global_step and
+    on, through the end of the warm-up, the decay and past its total_iters."""
+    write_their_run(tmp_path / "run", epoch=1, warmup_epochs=warmup_epochs)
+    cfg = our_cfg(rec, tmp_path / "run", warmup_epochs=warmup_epochs)
+    trainer = trainer_for(cfg)
+    step = resume_arcface_torch(trainer, cfg, CLASSES, TOTAL, STEPS_PER_EPOCH).step
+    assert step == STEPS_PER_EPOCH
+    warmup = warmup_epochs * STEPS_PER_EPOCH
+    for last_epoch in range(step, TOTAL + 2):
+        expected = polynomial_lr_warmup(LR, warmup, TOTAL, last_epoch)
+        for opt in (trainer.opt_backbone, trainer.opt_head):
+            assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15), \
+                last_epoch
+        trainer.sched_backbone.step()
+        trainer.sched_head.step()
 
 
 RUN_DIR_VARIABLE = "ARCFACE_TORCH_TEST_RUN"  # where the spawned ranks find the run

@@ -166,13 +166,46 @@ def test_vit_config_fields(configs):
 @pytest.mark.parametrize("margins, expected", [
     ("(1.0, 0.5, 0.0)", dict(head="arcface", margin_m=0.5)),
     ("(1.0, 0.0, 0.4)", dict(head="cosface", margin_m=0.4)),
-    ("(0.9, 0.4, 0.15)", dict(head="combined", margin_m1=0.9, margin_m=0.4, margin_m3=0.15)),
+    # its CombinedMarginLoss.forward: `elif self.m3 > 0` subtracts m3 alone, m1 and m2 unused
+    ("(0.9, 0.4, 0.15)", dict(head="cosface", margin_m=0.15)),
+    ("(1.0, 0.3, 0.2)", dict(head="cosface", margin_m=0.2)),
 ])
-def test_margin_list_to_our_head(tmp_path, margins, expected):
+def test_margin_list_to_our_head(tmp_path, caplog, margins, expected):
     path = tmp_path / "m.py"
     path.write_text(f"config.margin_list = {margins}\nconfig.network = 'r18'\n")
-    cfg = make_config(config_file=path)
+    log = get_logger("face.config")
+    log.addHandler(caplog.handler)  # the project's loggers do not propagate
+    try:
+        cfg = make_config(config_file=path)
+    finally:
+        log.removeHandler(caplog.handler)
     assert {k: getattr(cfg, k) for k in expected} == pytest.approx(expected)
+    # an m1 or m2 its loss leaves unused is named
+    unused = expected["head"] == "cosface" and not margins.startswith("(1.0, 0.0,")
+    assert any("m2 unused" in r.getMessage() for r in caplog.records) == unused
+
+
+def test_its_sgd_momentum_is_0_9_whatever_its_config_says(tmp_path, caplog):
+    """train_v2.py: torch.optim.SGD(..., momentum=0.9, ...); config.momentum is not read."""
+    path = tmp_path / "m.py"
+    path.write_text("config.network = 'r18'\nconfig.optimizer = 'sgd'\nconfig.momentum = 0.5\n")
+    log = get_logger("face.config")
+    log.addHandler(caplog.handler)  # the project's loggers do not propagate
+    try:
+        cfg = make_config(config_file=path)
+    finally:
+        log.removeHandler(caplog.handler)
+    assert cfg.momentum == 0.9
+    assert any("config.momentum = 0.5" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("margins", ["(0.9, 0.4, 0.0)", "(1.0, 0.5, -0.1)"])
+def test_margin_list_its_loss_cannot_run_is_refused(tmp_path, margins):
+    """Neither m1 = 1 with m3 = 0 nor m3 > 0: its CombinedMarginLoss reaches its bare raise."""
+    path = tmp_path / "m.py"
+    path.write_text(f"config.margin_list = {margins}\nconfig.network = 'r18'\n")
+    with pytest.raises(ConfigError, match=r"m\.py: margin_list .*fails on this one"):
+        make_config(config_file=path)
 
 
 @pytest.mark.parametrize("line", [

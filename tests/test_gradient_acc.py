@@ -92,12 +92,13 @@ def test_k_micro_batches_equal_one_batch_of_k_times_b():
 
 
 def test_partial_fc_accumulates_each_micro_batch_sample():
-    """sample_rate 0.5: each micro-batch draws its own centres (its positives always in);
-    the step's head gradient is the mean of the micro-batches' gradients, as arcface_torch's
-    PartialFC_V2 sums them into its weight's .grad, and one SGD step with momentum follows.
+    """sample_rate 0.6 (3 of the 5 centres, more than a micro-batch's 2 positives): each
+    micro-batch draws its own centres (its positives always in); the step's head gradient
+    is the mean of the micro-batches' gradients, as arcface_torch's PartialFC_V2 sums them
+    into its weight's .grad, and one SGD step with momentum follows.
     The reference is written out here: per micro-batch a forward over the drawn rows and
     backward of loss / k, then clipping and SGD from torch."""
-    k, rate = 2, 0.5
+    k, rate = 2, 0.6
     trainer = float64_trainer(k, sample_rate=rate)
     backbone, head = copy.deepcopy(trainer.backbone), copy.deepcopy(trainer.head)
     lr = trainer.opt_backbone.param_groups[0]["lr"]

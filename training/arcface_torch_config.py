@@ -23,6 +23,7 @@ CONFIG_NAME = "config"
 DEFAULT_OUTPUT_ROOT = "work_dirs"  # where arcface_torch puts a run whose output is None
 ARCFACE_SCALE = 64.0  # arcface_torch's CombinedMarginLoss is built with s = 64
 ARCFACE_CLIP = 5.0  # its train_v2.py clips the backbone's gradient at norm 5
+ARCFACE_MOMENTUM = 0.9  # its train_v2.py builds its SGD with momentum=0.9, not config.momentum
 TRAIN_REC = "train.rec"  # its rec field is a folder holding train.rec/train.idx
 # its network names that are ours under another name; the rest (vit_*, mbf, mbf_large)
 # are ours under its own
@@ -30,7 +31,7 @@ NETWORKS = {"r18": "ir18", "r34": "ir34", "r50": "ir50", "r100": "ir100", "r200"
 # its fields copied onto ours unchanged, under our name
 SAME_MEANING = {"embedding_size": "embedding_size", "sample_rate": "sample_rate",
                 "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
-                "momentum": "momentum", "weight_decay": "weight_decay", "seed": "seed",
+                "weight_decay": "weight_decay", "seed": "seed",
                 "num_workers": "num_workers", "num_epoch": "epochs",
                 "warmup_epoch": "warmup_epochs", "verbose": "verify_every",
                 "frequent": "log_every", "num_classes": "num_classes",
@@ -153,16 +154,26 @@ def resolve_fields(path: str | Path) -> dict[str, Any]:
 
 
 def _margins(margin_list: Any, where: str) -> dict[str, Any]:
-    """Its (m1, m2, m3) of cos(m1 theta + m2) - m3 as our head and margins."""
+    """Its (m1, m2, m3) as our head, as its CombinedMarginLoss.forward runs them: m1 = 1
+    and m3 = 0 is ArcFace with m2; otherwise m3 > 0 is CosFace with m3, m1 and m2 ignored
+    there (named in a warning); anything else fails there and is refused here."""
     if not (isinstance(margin_list, (tuple, list)) and len(margin_list) == 3):
         raise ArcfaceConfigError(f"{where}: margin_list must be (m1, m2, m3), "
                                  f"got {margin_list!r}")
     m1, m2, m3 = (float(m) for m in margin_list)
     if m1 == 1.0 and m3 == 0.0 and m2 > 0.0:
         return {"head": "arcface", "margin_m": m2}
-    if m1 == 1.0 and m2 == 0.0 and m3 > 0.0:
+    if m1 == 1.0 and m3 == 0.0:  # cos(theta + m2) at m2 <= 0
+        return {"head": "combined", "margin_m1": m1, "margin_m": m2, "margin_m3": m3}
+    if m3 > 0.0:
+        if (m1, m2) != (1.0, 0.0):
+            get_logger("face.config").warning(
+                "%s: margin_list %r: arcface_torch applies m3 alone when m3 > 0 (its m1 and "
+                "m2 unused): CosFace m = %g here too", where, tuple(margin_list), m3)
         return {"head": "cosface", "margin_m": m3}
-    return {"head": "combined", "margin_m1": m1, "margin_m": m2, "margin_m3": m3}
+    raise ArcfaceConfigError(f"{where}: margin_list {tuple(margin_list)!r}: arcface_torch's "
+                             "CombinedMarginLoss runs (1.0, m2, 0.0) or m3 > 0 only and fails "
+                             "on this one")
 
 
 def _accumulation(fields: dict[str, Any], where: str) -> dict[str, Any]:
@@ -197,11 +208,12 @@ def _check_unsupported(fields: dict[str, Any], where: str) -> None:
 
 def to_overrides(fields: dict[str, Any], where: str) -> dict[str, Any]:
     """arcface_torch's fields as Config overrides: its lr applied as given (no rescaling),
-    its linear warm-up and decay, its weight decay on every parameter, its clipping of the
-    backbone only, its gradient_acc (_accumulation), fp16 autocast when it asks for fp16
-    (fp32 otherwise)."""
+    its linear warm-up and decay, its weight decay on every parameter, its SGD momentum of
+    0.9, its clipping of the backbone only, its gradient_acc (_accumulation), fp16 autocast
+    when it asks for fp16 (fp32 otherwise)."""
     known = {*SAME_MEANING, *SWITCHED_OFF_HERE, *DROPPED, *(n for n, _, _ in ONLY_INERT),
-             "margin_list", "network", "fp16", "rec", "val_targets", "output", "gradient_acc"}
+             "margin_list", "network", "fp16", "rec", "val_targets", "output", "gradient_acc",
+             "momentum"}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ArcfaceConfigError(f"{where}: arcface_torch field(s) not understood here: "
@@ -209,7 +221,12 @@ def to_overrides(fields: dict[str, Any], where: str) -> dict[str, Any]:
     _check_unsupported(fields, where)
     out = {ours: fields[theirs] for theirs, ours in SAME_MEANING.items() if theirs in fields}
     out.update(scale_s=ARCFACE_SCALE, scale_lr=False, scheduler="linear", decay_all=True,
-               clip_head=False)
+               clip_head=False, momentum=ARCFACE_MOMENTUM)
+    if fields.get("momentum", ARCFACE_MOMENTUM) != ARCFACE_MOMENTUM \
+            and fields.get("optimizer", "sgd") == "sgd":
+        get_logger("face.config").warning(
+            "%s: config.momentum = %r: arcface_torch's SGD runs at momentum %g whatever it "
+            "says; %g here too", where, fields["momentum"], ARCFACE_MOMENTUM, ARCFACE_MOMENTUM)
     out.update(_accumulation(fields, where))
     if "margin_list" in fields:
         out.update(_margins(fields["margin_list"], where))
