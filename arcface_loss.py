@@ -448,8 +448,8 @@ class ShardedMarginSoftmax(nn.Module):
                  sample_rate: float = 1.0, focal_gamma: float = 0.0,
                  embedding_grad_scale: float = 1.0, group=None) -> None:
         super().__init__()
-        if not 0.0 < sample_rate <= 1.0:
-            raise HeadConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if not 0.0 <= sample_rate <= 1.0:
+            raise HeadConfigError(f"sample_rate must be in [0, 1], got {sample_rate}")
         if focal_gamma < 0:
             raise HeadConfigError(f"focal_gamma must be >= 0, got {focal_gamma}")
         self.world_size, self.rank = _dist_info(group)

@@ -90,7 +90,9 @@ class Config:
     easy_margin: bool = False
     margin_warmup: float = 0.0  # fraction of all steps over which m ramps up from 0
     focal_gamma: float = 0.0  # 0 = plain cross-entropy
-    sample_rate: float = 1.0  # Partial FC: fraction of negative class centres per step
+    # Partial FC: fraction of each rank's class centres used per step (the batch's own always
+    # among them); 0 = the batch's own only, as arcface_torch's wf42m_pfc0008 configs
+    sample_rate: float = 1.0
     # the newer heads' own options (paper defaults; margin_m is their m: AdaFace 0.4)
     adaface_h: float = 0.333  # AdaFace: how far the feature norm moves the margin
     adaface_t_alpha: float = 0.01  # AdaFace: momentum of the running norm mean and std
@@ -219,7 +221,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     # margin_m1 multiplies the angle: at 0 or below the target's logit no longer falls as
     # the embedding turns away from its centre
     *((name, lambda v: v > 0, "> 0") for name in ("lr", "scale_s", "margin_m1")),
-    ("sample_rate", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("sample_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     # 0 means off for the intervals and max_steps, and "none" for the rest
     *((name, lambda v: v >= 0, ">= 0") for name in (

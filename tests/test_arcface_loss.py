@@ -173,6 +173,7 @@ def test_partial_fc_accuracy_counts_every_centre():
     (7, 0.5, [0, 6]),  # 3.5: 3
     (10, 0.3, [0, 2, 5, 7, 9]),  # more positives than 3: the positives alone
     (10, 0.05, [1, 8]),  # 0.5: none sampled beyond the positives
+    (10, 0.0, [3, 5, 6]),  # 0: the positives alone (arcface_torch's wf42m_pfc0008 configs)
 ])
 def test_partial_fc_samples_as_many_centres_as_partial_fc_v2(classes, rate, present):
     """PartialFC_V2's num_sample = int(sample_rate * num_local); its sample() keeps the

@@ -199,6 +199,14 @@ def test_its_sgd_momentum_is_0_9_whatever_its_config_says(tmp_path, caplog):
     assert any("config.momentum = 0.5" in r.getMessage() for r in caplog.records)
 
 
+def test_sample_rate_0_is_read_as_its_positives_only_partial_fc(tmp_path):
+    """Its wf42m_pfc0008_32gpu_r100.py sets sample_rate = 0: PartialFC_V2 then keeps
+    int(0 * C_r) = 0 sampled centres, the batch's own classes alone (refused here before)."""
+    path = tmp_path / "wf42m_pfc0008_32gpu_r100.py"
+    path.write_text("config.network = 'r18'\nconfig.sample_rate = 0\n")
+    assert make_config(config_file=path).sample_rate == 0.0
+
+
 @pytest.mark.parametrize("margins", ["(0.9, 0.4, 0.0)", "(1.0, 0.5, -0.1)"])
 def test_margin_list_its_loss_cannot_run_is_refused(tmp_path, margins):
     """Neither m1 = 1 with m3 = 0 nor m3 > 0: its CombinedMarginLoss reaches its bare raise."""
