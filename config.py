@@ -90,9 +90,8 @@ class Config:
     easy_margin: bool = False
     margin_warmup: float = 0.0  # fraction of all steps over which m ramps up from 0
     focal_gamma: float = 0.0  # 0 = plain cross-entropy
-    # Partial FC: fraction of each rank's class centres used per step (the batch's own always
-    # among them); 0 = the batch's own only, as arcface_torch's wf42m_pfc0008 configs
-    sample_rate: float = 1.0
+    # the batch's own classes are always among the sampled; 0 as arcface_torch's wf42m_pfc0008
+    sample_rate: float = 1.0  # Partial FC: fraction of class centres per step (0: the batch's)
     # the newer heads' own options (paper defaults; margin_m is their m: AdaFace 0.4)
     adaface_h: float = 0.333  # AdaFace: how far the feature norm moves the margin
     adaface_t_alpha: float = 0.01  # AdaFace: momentum of the running norm mean and std

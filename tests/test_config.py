@@ -76,7 +76,7 @@ def test_help_explains_the_flags_from_the_dataclass_comments():
     text = " ".join(config.build_parser("x").format_help().split())  # unwrap argparse's lines
     assert "--lr LR for a global batch of base_batch_size, scaled linearly (default 0.1)" \
         in text
-    assert "Partial FC: fraction of negative class centres per step (default 1.0)" in text
+    assert "Partial FC: fraction of class centres per step (0: the batch's) (default 1.0)" in text
     assert "--seed SEED (default 42)" in text  # no comment: the default alone
 
 
