@@ -933,6 +933,26 @@ def test_bad_setups_fail_in_one_line_before_writing_anything(tiny_rec, tmp_path,
         assert not out.exists(), args
 
 
+def test_one_image_per_micro_batch_is_refused_before_writing(tiny_rec, tmp_path, capsys):
+    """BatchNorm cannot normalise one image in training mode (torch refuses the forward
+    pass), so --batch-size 1 (with or without micro-batches) fails in one line naming it,
+    before the output folder is made, instead of in a traceback at the first step."""
+    import models
+
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        models.build_model("ir_narrow", 32).train()(torch.zeros(1, 3, IMAGE_SIDE, IMAGE_SIDE))
+    out = tmp_path / "out"
+    for acc in ("1", "4"):
+        capsys.readouterr()
+        assert run_cli(train.main, ["--rec", str(tiny_rec), "--network", "ir_narrow",
+                                    "--embedding-size", "32", "--device", "cpu",
+                                    "--num-workers", "0", "--output", str(out),
+                                    "--batch-size", "1", "--gradient-acc", acc]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("error: batch_size: 1 image per device"), lines
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("case", ["lst", "big label", "not images"])
 def test_a_rec_that_is_no_set_of_faces_is_refused_before_the_output_is_made(tmp_path, capsys,
                                                                              case):
