@@ -296,6 +296,9 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
     ElasticFace) and Partial FC's sampled centres (a sample per micro-batch, its positives
     always in: as arcface_torch's PartialFC_V2 accumulates). Reports the micro-batches' mean
     loss and accuracy."""
+    if images.shape[0] % micro_batches:  # chunk() would give fewer slices, each loss / k
+        raise ValueError(f"a batch of {images.shape[0]} images does not split into "
+                         f"{micro_batches} equal micro-batches")
     images = random_flip(prepare_batch(images, trainer.device, trainer.channels_last))
     labels = labels.to(trainer.device, non_blocking=True)
     losses, accuracies = [], []
