@@ -296,6 +296,9 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
     ElasticFace) and Partial FC's sampled centres (a sample per micro-batch, its positives
     always in: as arcface_torch's PartialFC_V2 accumulates). Reports the micro-batches' mean
     loss and accuracy."""
+    if images.shape[0] % micro_batches:  # chunk() would give fewer slices, each loss / k
+        raise ValueError(f"a batch of {images.shape[0]} images does not split into "
+                         f"{micro_batches} equal micro-batches")
     images = random_flip(prepare_batch(images, trainer.device, trainer.channels_last))
     labels = labels.to(trainer.device, non_blocking=True)
     losses, accuracies = [], []
@@ -402,6 +405,16 @@ def check_stated_size(cfg: Config, num_classes: int, num_images: int, source: st
             raise ConfigError(f"{name}: the config says {stated}, {source} holds {found}", name)
 
 
+def check_micro_batch(cfg: Config, backbone: nn.Module) -> None:
+    """A micro-batch of one image cannot train a backbone with BatchNorm (every network
+    here has one): its first step would fail inside torch, after the output was written."""
+    if cfg.batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                   for m in backbone.modules()):
+        raise ConfigError(f"batch_size: 1 image per device and micro-batch cannot train "
+                          f"{cfg.network}, whose BatchNorm layers need at least 2 in "
+                          "training mode", "batch_size")
+
+
 def set_up(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | None,
            overwrite: bool) -> Run:
     """Check the data, build the trainer, resume or load initial weights, decode the
@@ -430,6 +443,7 @@ def set_up(cfg: Config, info: DistInfo, resume: bool, init_checkpoint: str | Non
     total_steps = cfg.epochs * sampler.batches_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
     trainer = build_trainer(cfg, num_classes, info, total_steps, sampler.batches_per_epoch)
+    check_micro_batch(cfg, trainer.backbone)
     step, saved = 0, SavedSteps()
     logs: dict[str, list[dict[str, float]]] = {"history": [], "verification": []}
     if resume and holds_arcface_torch_run(Path(cfg.output)):

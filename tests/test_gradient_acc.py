@@ -91,6 +91,19 @@ def test_k_micro_batches_equal_one_batch_of_k_times_b():
         torch.testing.assert_close(run_steps(float64_trainer(k), k), whole, **EXACT)
 
 
+def test_a_batch_that_does_not_split_into_k_equal_micro_batches_is_refused():
+    """4 images in 3 micro-batches: chunk() makes 2 slices of 2, each loss divided by 3, so
+    the step would apply 2/3 of the batch's gradient (and DDP, waiting for slice 3, never
+    sync); refused before anything changes."""
+    assert [len(part) for part in torch.arange(STEP_BATCH).chunk(3)] == [2, 2]
+    trainer = float64_trainer(1)
+    before = parameters(trainer)
+    (images, labels), = step_data(1)
+    with pytest.raises(ValueError, match=f"{STEP_BATCH} images does not split into 3 "):
+        train.train_step(trainer, images, labels, micro_batches=3)
+    torch.testing.assert_close(parameters(trainer), before, rtol=0, atol=0)
+
+
 def test_partial_fc_accumulates_each_micro_batch_sample():
     """sample_rate 0.6 (3 of the 5 centres, more than a micro-batch's 2 positives): each
     micro-batch draws its own centres (its positives always in); the step's head gradient

@@ -893,6 +893,34 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_rec, tmp_pa
     assert not list(out.glob(".*.tmp"))
 
 
+def test_a_full_disk_at_backbone_pt_names_the_checkpoint_on_disk(tiny_rec, tmp_path,
+                                                                  monkeypatch):
+    """backbone.pt cannot be written at step 4's checkpoint: the error's "last good
+    checkpoint" is the step checkpoint.pt really holds, and backbone.pt holds that
+    checkpoint's backbone (checkpoint.pt, the commit record, is written last)."""
+    import errno
+
+    out = tmp_path / "run"
+    train.train(tiny_cfg(tiny_rec, out, max_steps=2, save_every=2))
+    real_save = torch.save
+
+    def backbone_pt_on_a_full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and not {"backbone", "head", "step"} & set(obj):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", backbone_pt_on_a_full_disk)
+    with pytest.raises(OSError) as err:
+        train.train(tiny_cfg(tiny_rec, out, max_steps=4, save_every=2), resume=True)
+    monkeypatch.undo()
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert f"{out / 'checkpoint.pt'} (step {ckpt['step']})" in str(err.value)
+    backbone = load_checkpoint(out / "backbone.pt")
+    assert backbone.keys() == ckpt["backbone"].keys()
+    for key, value in backbone.items():
+        assert torch.equal(value, ckpt["backbone"][key]), key
+
+
 def test_zero_intervals_mean_off(tiny_rec, tmp_path):
     summary = train.train(tiny_cfg(tiny_rec, tmp_path / "run", max_steps=3, save_every=0,
                                    log_every=0, verify_every=0))
@@ -931,6 +959,26 @@ def test_bad_setups_fail_in_one_line_before_writing_anything(tiny_rec, tmp_path,
         assert lines[-1].startswith("error: ") and named in lines[-1], lines
         assert "Traceback" not in "".join(lines)
         assert not out.exists(), args
+
+
+def test_one_image_per_micro_batch_is_refused_before_writing(tiny_rec, tmp_path, capsys):
+    """BatchNorm cannot normalise one image in training mode (torch refuses the forward
+    pass), so --batch-size 1 (with or without micro-batches) fails in one line naming it,
+    before the output folder is made, instead of in a traceback at the first step."""
+    import models
+
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        models.build_model("ir_narrow", 32).train()(torch.zeros(1, 3, IMAGE_SIDE, IMAGE_SIDE))
+    out = tmp_path / "out"
+    for acc in ("1", "4"):
+        capsys.readouterr()
+        assert run_cli(train.main, ["--rec", str(tiny_rec), "--network", "ir_narrow",
+                                    "--embedding-size", "32", "--device", "cpu",
+                                    "--num-workers", "0", "--output", str(out),
+                                    "--batch-size", "1", "--gradient-acc", acc]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("error: batch_size: 1 image per device"), lines
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("case", ["lst", "big label", "not images"])

@@ -348,8 +348,8 @@ def save_training_checkpoint(trainer: Trainer, cfg: Config, step: int, epoch: in
                              num_classes: int, num_samples: int, saved: SavedSteps,
                              logs: dict[str, list] | None = None,
                              identities: dict[str, str | None] | None = None) -> Path:
-    """Per-rank files first, then ``checkpoint.pt`` (the commit, with ``logs``: the logged
-    history so far), then ``backbone.pt``; all atomic. The checkpoint.pt being replaced
+    """Per-rank files first, then ``backbone.pt``, then ``checkpoint.pt`` (the commit, with
+    ``logs``: the logged history so far); all atomic. The checkpoint.pt being replaced
     stays as checkpoint.prev.pt (with its head files) until the next one is whole. The
     caller has checked every step's loss since the last save; non-finite weights are
     refused here as well, so a good checkpoint is never replaced by a bad one. A failed
@@ -374,6 +374,8 @@ def save_training_checkpoint(trainer: Trainer, cfg: Config, step: int, epoch: in
     if info.is_main:
         try:
             backbone_state = trainer.backbone.state_dict()
+            # before the commit record: a failure here leaves the last checkpoint whole
+            save_checkpoint(backbone_state, output / BACKBONE_NAME)
             if rotate:
                 keep_as_previous(path, output / PREVIOUS_CHECKPOINT_NAME)
             save_checkpoint({"backbone": backbone_state,
@@ -384,7 +386,6 @@ def save_training_checkpoint(trainer: Trainer, cfg: Config, step: int, epoch: in
                               "num_samples": num_samples, "identities": identities,
                               "config": cfg.to_dict(),
                               "logs": logs or {}}, path)
-            save_checkpoint(backbone_state, output / BACKBONE_NAME)
         except OSError as e:
             error = e
     if rotate:  # the same on every rank: checkpoint.prev.pt now holds what checkpoint.pt held
