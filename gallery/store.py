@@ -445,7 +445,9 @@ class Gallery:
         if self.index_kind != "flat":
             if self._index_needs_build():
                 self._build_index()
-            if self._index is not None and (self._index_changed or "index" not in files):
+            if self._index is None:  # none any more (an emptied hnsw gallery): none named
+                files.pop("index", None)
+            elif self._index_changed or "index" not in files:
                 files["index"] = f"index-{token}.faiss"
                 _write_file(self.path / files["index"],
                             lambda f: f.write(faiss.serialize_index(self._index).tobytes()))

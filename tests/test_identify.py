@@ -134,6 +134,30 @@ def test_remove_and_reopen(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_a_gallery_emptied_and_saved_opens_and_takes_new_images(tmp_path, kind):
+    """Every identity removed (enrol --remove each): the saved gallery names no index of
+    the images it no longer holds, opens empty, and searches new images exactly."""
+    rng = np.random.default_rng(17)
+    x = unit(rng, 40, 16)
+    names = [f"n{i % 4}" for i in range(40)]
+    g = Gallery.create(tmp_path / "g", 16, index=kind)
+    g.add(x, names, [f"s{i}" for i in range(40)])
+    g.save()
+    g = Gallery.open(tmp_path / "g")
+    for name in sorted(set(names)):
+        g.remove(name)
+    g.save()
+    g = Gallery.open(tmp_path / "g")
+    assert len(g) == 0 and g.identities() == [] and g.search(x[:2], k=3) == [[], []]
+    g.add(x[:3], ["c", "a", "b"], ["t0", "t1", "t2"])
+    g.save()
+    g = Gallery.open(tmp_path / "g")
+    truth = brute_force(x[:5], x[:3], ["c", "a", "b"])
+    for got, best in zip(g.search(x[:5], k=5), truth, strict=True):
+        assert_ranking(got, best, 5)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_approximate_index_is_saved_and_finds_the_exact_best(tmp_path, kind):
     rng = np.random.default_rng(4)
     x = unit(rng, 400, 32)
