@@ -186,6 +186,10 @@ def _model_for(args: argparse.Namespace, gallery: Gallery | None, device) -> tup
     if gallery is not None and dim != gallery.dim:
         raise IdentifyError(f"--checkpoint {checkpoint}: {dim}-D embeddings, but "
                             f"{args.gallery} holds {gallery.dim}-D ones")
+    if gallery is not None and not recorded:  # e.g. built with the API: of unknown origin
+        raise IdentifyError(f"--gallery {args.gallery}: records no network or checkpoint its "
+                            "embeddings came from, so they cannot be compared with those of "
+                            f"{checkpoint}; enrol into a new gallery (or set Gallery.model)")
     return model, {"network": model.network_name, "embedding_size": int(dim),
                    "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha}
 

@@ -367,6 +367,14 @@ def test_refusals_are_one_line_errors(world, tmp_path, capsys):
     small.save()
     cases.append((["enrol", "--gallery", str(tmp_path / "small"), "--photos",
                    str(world["people"]), "--checkpoint", other], "holds 64-D"))
+    anonymous = Gallery.create(tmp_path / "anonymous", 128)  # the API: no model recorded
+    anonymous.add(np.ones((1, 128)), ["a"], ["x"])
+    anonymous.save()
+    anonymous_args = ["--gallery", str(tmp_path / "anonymous"), "--photos",
+                      str(world["people"]), "--checkpoint", other]
+    cases += [(["enrol", *anonymous_args], "records no network or checkpoint"),
+              (["search", *anonymous_args, "--out", str(tmp_path / "anonymous.json")],
+               "records no network or checkpoint")]
     broken = tmp_path / "broken"
     shutil.copytree(world["gallery"], broken)
     (broken / "gallery.json").write_text("{not json")
@@ -383,6 +391,8 @@ def test_refusals_are_one_line_errors(world, tmp_path, capsys):
         assert rc == 1 and err.startswith("error: ") and says in err, (argv, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert len(Gallery.open(gallery)) == 8  # nothing refused was written
+    assert len(Gallery.open(tmp_path / "anonymous")) == 1
+    assert not (tmp_path / "anonymous.json").exists()
 
 
 def test_search_finds_each_photo_as_its_own_identity(world, tmp_path, capsys):
