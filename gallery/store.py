@@ -142,7 +142,8 @@ def _write_file(path: Path, write) -> None:
 
 
 def _fsync_folder(folder: Path) -> None:
-    """The renames in ``folder`` made durable before the manifest names their files."""
+    """The renames in ``folder`` made durable: the new generation's files before the
+    manifest names them, the manifest before the old generation's files are deleted."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -426,6 +427,7 @@ class Gallery:
                         "model": self.model, "files": files}
             text = json.dumps(manifest, indent=1) + "\n"
             _write_file(self.path / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+            _fsync_folder(self.path)  # the new manifest durable before the old files go
             self._generation, self._files = generation, files
             self._changed = self._index_changed = False
             self._remove_other_files()

@@ -245,6 +245,31 @@ def test_a_writer_dying_at_any_rename_leaves_the_last_saved_gallery(tmp_path, mo
     assert len(Gallery.open(path)) == 12
 
 
+def test_a_save_makes_its_manifest_durable_before_deleting_the_old_generation(
+        tmp_path, monkeypatch):
+    """A power cut may keep a deletion and lose an earlier rename that was never fsynced:
+    the folder holding the new manifest is synced before the old generation's files go."""
+    path = tmp_path / "g"
+    g = Gallery.create(path, 4)
+    g.add(np.eye(4), list("abcd"), list("0123"))
+    g.save()
+    g.remove("a")
+    events = []
+    real_replace, real_fsync, real_unlink = os.replace, os.fsync, Path.unlink
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(Path(dst).name),
+                                                         real_replace(src, dst)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (
+        events.append("sync folder" if os.path.samestat(os.fstat(fd), os.stat(path))
+                      else "sync file"), real_fsync(fd)))
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **kw: (
+        events.append(f"unlink {self.name}"), real_unlink(self, *a, **kw)))
+    g.save()
+    renamed, deleted = events.index("gallery.json"), next(
+        i for i, e in enumerate(events) if e.startswith("unlink "))
+    assert "sync folder" in events[renamed:deleted], events
+    assert len(Gallery.open(path)) == 3
+
+
 def test_far_threshold_against_counted_impostor_pairs(tmp_path):
     rng = np.random.default_rng(6)
     x = unit(rng, 40, 6)
