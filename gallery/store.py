@@ -655,6 +655,8 @@ def _spec(where: Path, dim: Any, index: str,
     if any(not isinstance(v, int) or v < 0 for v in params.values()):
         raise GalleryError(f"{where}: index parameters must be non-negative integers: "
                            f"{params}")
+    if index == "hnsw" and params["hnsw_m"] < 1:  # faiss aborts the process on a build
+        raise GalleryError(f"{where}: hnsw_m (links per node) must be at least 1, got 0")
     if index == "ivf" and params["pq_m"] and dim % params["pq_m"]:
         raise GalleryError(f"{where}: pq_m {params['pq_m']} does not divide the embedding "
                            f"size {dim} (each code covers dim / pq_m dimensions)")

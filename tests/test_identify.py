@@ -187,6 +187,8 @@ def test_approximate_index_is_saved_and_finds_the_exact_best(tmp_path, kind):
 def test_gallery_refuses_what_it_cannot_hold(tmp_path):
     with pytest.raises(GalleryError, match="pq_m 3 does not divide the embedding size 16"):
         Gallery.create(tmp_path / "codes", 16, index="ivf", pq_m=3)
+    with pytest.raises(GalleryError, match="hnsw_m .* must be at least 1"):
+        Gallery.create(tmp_path / "links", 16, index="hnsw", hnsw_m=0)
     g = Gallery.create(tmp_path / "g", 4)
     with pytest.raises(GalleryError, match="4-D"):
         g.add(np.ones((2, 5)), ["a", "b"], ["x", "y"])
