@@ -61,6 +61,7 @@ from utils import (
     ToolkitError,
     add_debug_flag,
     atomic_write_text,
+    can_write_in,
     claim_output,
     file_sha256,
     first_few,
@@ -208,6 +209,9 @@ def _enrol(args: argparse.Namespace) -> int:
                             "--remove NAME, or both")
     inputs = {"--photos": args.photos, "--checkpoint": args.checkpoint}
     with claim_output(path, "--gallery", inputs, FOLDER):  # one writer per gallery
+        if not can_write_in(path):  # before the work its first save would lose
+            raise IdentifyError(f"--gallery {path}: cannot write in it (read-only); enrol "
+                                "into a writable gallery")
         gallery = Gallery.open(path) if (path / MANIFEST).exists() else None
         if gallery is not None and (args.index or args.half):
             raise IdentifyError(f"--gallery {path}: --index and --half choose a new gallery's "

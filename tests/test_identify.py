@@ -422,6 +422,24 @@ def test_refusals_are_one_line_errors(world, tmp_path, capsys):
     assert not (tmp_path / "anonymous.json").exists()
 
 
+def test_a_read_only_gallery_is_refused_before_enrolling_and_still_searched(
+        world, tmp_path, capsys, read_only):
+    """Enrolling into a gallery that cannot be written is refused at once (not after
+    aligning and embedding every photo, at the first save); searching it still works."""
+    gallery = tmp_path / "gallery"
+    shutil.copytree(world["gallery"], gallery)
+    before = sorted(p.name for p in gallery.iterdir())
+    read_only(gallery)
+    for extra in (["--photos", str(world["people"])], ["--remove", "Nobody"]):
+        rc, out, err = _cli(["enrol", "--gallery", str(gallery), *extra], capsys)
+        assert rc == 1 and err.startswith("error: --gallery ") and "cannot write" in err
+        assert len(err.strip().splitlines()) == 1 and "align" not in out + err
+    assert sorted(p.name for p in gallery.iterdir()) == before
+    rc, _, _ = _cli(["search", "--gallery", str(gallery), "--photos", str(world["people"]),
+                     "--out", str(tmp_path / "r.json")], capsys)
+    assert rc == 0 and len(json.loads((tmp_path / "r.json").read_text())) == 9
+
+
 def test_search_finds_each_photo_as_its_own_identity(world, tmp_path, capsys):
     queries = tmp_path / "queries"
     queries.mkdir()
