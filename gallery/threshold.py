@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from tqdm import tqdm
@@ -61,7 +62,9 @@ def far_threshold(embeddings: np.ndarray, labels: np.ndarray, far: float, source
     if pairs == 0:
         raise FarError(f"{source}: the gallery holds no impostor pair (images of two "
                        "identities or more are needed)")
-    above = math.floor(far * pairs)
+    # the rate as written (0.29, not its binary 0.28999...): 0.29 x 100 pairs is 29, where
+    # the float product 28.999999999999996 would floor to 28
+    above = math.floor(Fraction(str(far)) * pairs)
     if above < 1:
         raise FarError(f"{source} {far:g}: the gallery's {pairs:,} impostor pairs measure no "
                        f"FAR below 1/{pairs:,} = {1 / pairs:.3g}")

@@ -295,6 +295,20 @@ def test_far_threshold_against_counted_impostor_pairs(tmp_path):
     assert sample.sampled and sample.images == 20
 
 
+def test_far_threshold_counts_the_pairs_of_the_rate_as_written():
+    """Two identities of 10 images: 10 x 10 = 100 impostor pairs. At FAR 0.29 exactly 29
+    of them may score above the threshold (the 30th highest score), though 0.29 x 100 is
+    28.999999999999996 in floating point; likewise 0.57."""
+    x = unit(np.random.default_rng(18), 20, 6)
+    labels = np.repeat([0, 1], 10)
+    ranked = sorted((float(a @ b) for a in x[:10] for b in x[10:]), reverse=True)
+    assert len(ranked) == 100
+    for far, above in ((0.29, 29), (0.57, 57)):
+        found = identify.far_threshold(x, labels, far, progress=False)
+        assert found.pairs == 100 and found.above == above
+        assert found.threshold == pytest.approx(ranked[above], abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 def _photo_of_two_faces(path: Path) -> None:
