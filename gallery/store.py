@@ -604,7 +604,11 @@ class Gallery:
         scores, ids = self._index.search(q, fetch)
         pos = self._position(ids.reshape(-1)).reshape(ids.shape)
         if self.index_kind == "ivf":  # the codes' scores are estimates: the true ones
-            scores, pos = self._rescored(q, pos)
+            scores = self._rescored(q, pos)
+        # best first, ties in name order as in _exact (faiss's order is its own); no image last
+        order = np.lexsort((np.where(pos >= 0, self._label[np.maximum(pos, 0)],
+                                     len(self._names)), -scores), axis=1)
+        scores, pos = np.take_along_axis(scores, order, 1), np.take_along_axis(pos, order, 1)
         labels = np.full((len(q), k), -1, np.int64)
         best_s = np.zeros((len(q), k), np.float32)
         best = np.zeros((len(q), k), np.int64)
@@ -620,10 +624,9 @@ class Gallery:
                     break
         return labels, best_s, best
 
-    def _rescored(self, q: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _rescored(self, q: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """The exact cosine of each query with its candidate images (rows ``pos``, -1: none,
-        scored -inf), each row sorted best first; the candidates are gathered
-        RESCORE_BLOCK_ELEMENTS values at a time."""
+        scored -inf); the candidates are gathered RESCORE_BLOCK_ELEMENTS values at a time."""
         scores = np.full(pos.shape, -np.inf, np.float32)
         step = max(1, RESCORE_BLOCK_ELEMENTS // max(1, pos.shape[1] * self.dim))
         cand = np.empty((step, pos.shape[1], self.dim), self._emb.dtype)  # reused: no page faults
@@ -633,8 +636,7 @@ class Gallery:
             block = np.einsum("qd,qrd->qr", q[a:a + step], cand[:len(rows)],
                               dtype=np.float32, casting="unsafe")
             scores[a:a + step] = np.where(rows >= 0, block, -np.inf)
-        order = np.argsort(-scores, axis=1, kind="stable")
-        return np.take_along_axis(scores, order, 1), np.take_along_axis(pos, order, 1)
+        return scores
 
 
 def _spec(where: Path, dim: Any, index: str,

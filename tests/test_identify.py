@@ -112,6 +112,25 @@ def test_ties_go_to_the_name_that_sorts_first(tmp_path, monkeypatch, block):
     assert [name for name, _ in g.search(v[None], k=3)[0]] == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_an_approximate_search_breaks_ties_in_name_order_too(tmp_path, kind):
+    """One photo enrolled under three names (a duplicate, a mislabel): the approximate
+    indexes rank the three equal scores by name, as the exact search does, not in faiss's
+    order of the images."""
+    rng = np.random.default_rng(19)
+    x = unit(rng, 40, 32)
+    v = x[0]
+    images = np.vstack([x, v, v])[::-1]
+    names = [f"m{i:02d}" for i in range(40)] + ["zz", "aa"]
+    params = {"nlist": 1, "rerank": 20} if kind == "ivf" else {}
+    g = Gallery.create(tmp_path / "g", 32, index=kind, **params)
+    g.add(images, names[::-1], [f"s{i}" for i in range(42)])
+    truth = brute_force(v[None], images, names[::-1])[0]
+    got = g.search(v, k=3)[0]
+    assert [name for name, _ in got] == ["aa", "m00", "zz"]
+    assert_ranking(got, truth, 3)
+
+
 def test_remove_and_reopen(tmp_path):
     rng = np.random.default_rng(3)
     x = unit(rng, 30, 16)
