@@ -19,9 +19,9 @@ or "unknown" when its score is not above the threshold (``--threshold T``, or ``
 the threshold at false-accept rate f over the gallery's own impostor pairs, with how many
 pairs it rests on). Writes ``--out`` (results.json) as ``{photo: [{"box": [x1, y1, x2, y2],
 "identity": verdict, "matches": [{"identity", "score"}, ...]}, ...]}`` (a photo without a
-face: []), its provenance beside it (``<out>.meta.json``: gallery, checkpoint sha256,
-threshold), prints a table, and with ``--gallery-plot`` a PNG of each face beside its matches.
-The checkpoint and network default to the gallery's own.
+face: []), its provenance beside it (``<out>.meta.json``: gallery and its generation,
+checkpoint sha256, threshold), prints a table, and with ``--gallery-plot`` a PNG of each face
+beside its matches. The checkpoint and network default to the gallery's own.
 
 Exact search by default; ``--index hnsw`` or ``ivf`` at the first enrolment keeps an
 approximate faiss index for galleries past a few hundred thousand images. Python API
@@ -347,7 +347,8 @@ def _search(args: argparse.Namespace) -> int:
         found = every_face(aligner, photos) if args.all_faces else \
             central_faces(aligner, photos, args.batch_size)
         results, sheet, unreadable = _match(found, gallery, model, args, device, threshold)
-        meta.update({"gallery": str(args.gallery), "gallery_images": len(gallery),
+        meta.update({"gallery": str(args.gallery), "gallery_generation": gallery.generation,
+                     "gallery_images": len(gallery),
                      "gallery_identities": len(gallery.identities()), **record,
                      "top_k": args.top_k, "all_faces": args.all_faces,
                      "unreadable": unreadable})

@@ -303,6 +303,11 @@ class Gallery:
     def __len__(self) -> int:
         return len(self._ids)
 
+    @property
+    def generation(self) -> int:
+        """The saved generation this copy was read from or last saved as (0: never saved)."""
+        return self._generation
+
     def identities(self) -> list[str]:
         """The enrolled identities, sorted."""
         return list(self._names)

@@ -499,6 +499,8 @@ def test_search_finds_each_photo_as_its_own_identity(world, tmp_path, capsys):
         assert face["identity"] == (best["identity"] if best["score"] > meta["threshold"]
                                     else "unknown")
     assert meta["impostor_pairs"] == 8 * 7 // 2 - 4 and meta["far"] == 0.1
+    saved = json.loads((world["gallery"] / "gallery.json").read_text())
+    assert meta["gallery_generation"] == saved["generation"] >= 1  # which saved gallery
     assert meta["checkpoint_sha256"] == Gallery.open(world["gallery"]).model["checkpoint_sha256"]
     assert "impostor pairs of the gallery" in printed and f"{person.name}" in printed
     assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
