@@ -24,6 +24,7 @@ from utils import ToolkitError
 FAR_MAX_IMAGES = 50_000
 SAMPLE_SEED = 0  # the images a sampled threshold rests on
 BLOCK_ELEMENTS = 1 << 24  # scores computed at once (64 MiB of float32)
+KEPT_SLACK = 2  # scores kept, as a multiple of those needed, before the lowest are dropped
 
 
 class FarError(ToolkitError, ValueError):
@@ -91,7 +92,7 @@ def _highest_impostor_scores(x: np.ndarray, labels: np.ndarray, count: int,
         values = scores[mask]
         values = values[values >= floor]
         kept = np.concatenate([kept, values])
-        if len(kept) > 2 * count:
+        if len(kept) > KEPT_SLACK * count:
             kept = np.partition(kept, len(kept) - count)[len(kept) - count:]
             floor = kept.min()
     return kept
