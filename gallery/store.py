@@ -338,12 +338,13 @@ class Gallery:
             raise GalleryError(f"{self.path}: identities must be non-empty strings, got "
                                f"{bad[0]!r}")
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        self._insert(emb.astype(self._dtype, copy=False), list(identities),
-                     [str(s) for s in sources], [str(h) for h in hashes], ids)
+        stored = emb.astype(self._dtype, copy=False)
+        self._insert(stored, list(identities), [str(s) for s in sources],
+                     [str(h) for h in hashes], ids)
         self._next_id += n
         self._changed = self._changed or n > 0
-        if self._index is not None and n:
-            self._index.add_with_ids(emb, ids)
+        if self._index is not None and n:  # the values stored (float16 too), as a build
+            self._index.add_with_ids(stored.astype(np.float32, copy=False), ids)
             self._index_changed = True
 
     def _insert(self, emb: np.ndarray, identities: list[str], sources: list[str],

@@ -203,6 +203,29 @@ def test_approximate_index_is_saved_and_finds_the_exact_best(tmp_path, kind):
             assert score == pytest.approx(float(q @ x[image]) / np.linalg.norm(q), abs=1e-5)
 
 
+def test_a_float16_hnsw_gallery_scores_images_as_stored_whether_built_or_added(tmp_path):
+    """--half: hnsw returns its index's scores; images added to a saved index score like
+    those it was built from: the cosine of the float16 embedding stored (float64 here), the
+    same after a removal rebuilds the index."""
+    rng = np.random.default_rng(20)
+    x = unit(rng, 60, 16)
+    stored = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    names = [f"n{i % 20:02d}" for i in range(60)]
+    g = Gallery.create(tmp_path / "g", 16, index="hnsw", half=True)
+    g.add(x[:30], names[:30], [str(i) for i in range(30)])
+    g.save()  # the index built from the first 30 as stored
+    g = Gallery.open(tmp_path / "g")
+    g.add(x[30:], names[30:], [str(i) for i in range(30, 60)])  # added to the index
+    queries = unit(rng, 10, 16)
+    truth = queries @ stored.astype(np.float64).T
+    for identities in (20, 19):
+        for q, got in enumerate(g.search(queries, k=20, with_sources=True)):
+            assert len(got) == identities
+            for _, score, source in got:
+                assert score == pytest.approx(truth[q, int(source)], abs=1e-6)
+        g.remove("n00")  # the index is built again at the next search
+
+
 def test_gallery_refuses_what_it_cannot_hold(tmp_path):
     with pytest.raises(GalleryError, match="pq_m 3 does not divide the embedding size 16"):
         Gallery.create(tmp_path / "codes", 16, index="ivf", pq_m=3)
