@@ -219,11 +219,12 @@ def test_a_float16_hnsw_gallery_scores_images_as_stored_whether_built_or_added(t
     queries = unit(rng, 10, 16)
     truth = queries @ stored.astype(np.float64).T
     for identities in (20, 19):
+        if identities == 19:
+            g.remove("n00")  # the index is built again at the next search
         for q, got in enumerate(g.search(queries, k=20, with_sources=True)):
             assert len(got) == identities
             for _, score, source in got:
                 assert score == pytest.approx(truth[q, int(source)], abs=1e-6)
-        g.remove("n00")  # the index is built again at the next search
 
 
 def test_gallery_refuses_what_it_cannot_hold(tmp_path):
