@@ -101,6 +101,9 @@ INDEX_PARAMS = {"flat": {}, "hnsw": {"hnsw_m": HNSW_M, "ef_construction": HNSW_E
 # candidates at 1M took 0.079 s, 0.064 s with the buffer)
 RESCORE_BLOCK_ELEMENTS = 1 << 19
 APPROX_MAX_NEIGHBOURS = 2048  # images an approximate search fetches per query, at most
+# a float32 norm below this may have lost digits to squares below float32's normal range
+# (|x| < 1e-19); face embeddings are nowhere near, other inputs are measured in float64
+FLOAT32_NORM_LOW = 1e-10
 OPEN_TRIES = 3  # a reader racing a writer's clean-up reads the new generation instead
 TRAIN_SEED = 0  # the images an IVF index is trained on are a seeded sample
 _GENERATION_FILE = re.compile(r"(embeddings|images|index)-.*\.(npy|json|faiss)")
@@ -121,10 +124,18 @@ def _normalised(x: Any, dim: int, what: str) -> np.ndarray:
         raise GalleryError(f"{what}: shape {x.shape}, but the gallery holds {dim}-D embeddings")
     if not np.isfinite(x).all():
         raise GalleryError(f"{what}: non-finite (NaN/inf) values")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if x.shape[0] and not norms.min() > 0:
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # squares past float32's range (|x| ~1e19 or ~1e-19): those rows in float64
+    odd = np.flatnonzero(~(norms[:, 0] > FLOAT32_NORM_LOW) | np.isinf(norms[:, 0]))
+    wide = x[odd].astype(np.float64)
+    wide_norms = np.linalg.norm(wide, axis=1, keepdims=True)
+    if len(odd) and not wide_norms.min() > 0:
         raise GalleryError(f"{what}: a zero vector has no direction to compare")
-    return x / norms
+    norms[odd] = 1
+    x = x / norms
+    x[odd] = wide / wide_norms
+    return x
 
 
 def _write_file(path: Path, write) -> None:

@@ -227,6 +227,22 @@ def test_a_float16_hnsw_gallery_scores_images_as_stored_whether_built_or_added(t
                 assert score == pytest.approx(truth[q, int(source)], abs=1e-6)
 
 
+def test_embeddings_of_any_finite_float32_scale_keep_their_direction(tmp_path):
+    """Rows whose squares leave float32's range (1e20: inf, 1e-25: 0) are normalised all
+    the same: searched, each scores the float64 cosine (before, the first was stored as a
+    zero vector scoring 0, the second refused as one)."""
+    rng = np.random.default_rng(21)
+    x = unit(rng, 3, 8)
+    g = Gallery.create(tmp_path / "g", 8)
+    g.add(x * np.array([[1e20], [1e-25], [3.0]]), ["a", "b", "c"], ["0", "1", "2"])
+    queries = unit(rng, 4, 8)
+    for got, best in zip(g.search(queries * 1e-22, k=3), brute_force(queries, x, ["a", "b", "c"]),
+                         strict=True):
+        assert_ranking(got, best, 3)
+    with pytest.raises(GalleryError, match="zero vector"):
+        g.add(np.zeros((1, 8)), ["d"], ["3"])
+
+
 def test_gallery_refuses_what_it_cannot_hold(tmp_path):
     with pytest.raises(GalleryError, match="pq_m 3 does not divide the embedding size 16"):
         Gallery.create(tmp_path / "codes", 16, index="ivf", pq_m=3)
