@@ -19,9 +19,9 @@ or "unknown" when its score is not above the threshold (``--threshold T``, or ``
 the threshold at false-accept rate f over the gallery's own impostor pairs, with how many
 pairs it rests on). Writes ``--out`` (results.json) as ``{photo: [{"box": [x1, y1, x2, y2],
 "identity": verdict, "matches": [{"identity", "score"}, ...]}, ...]}`` (a photo without a
-face: []), its provenance beside it (``<out>.meta.json``: gallery, checkpoint sha256,
-threshold), prints a table, and with ``--gallery-plot`` a PNG of each face beside its matches.
-The checkpoint and network default to the gallery's own.
+face: []), its provenance beside it (``<out>.meta.json``: gallery and its generation,
+checkpoint sha256, threshold), prints a table, and with ``--gallery-plot`` a PNG of each face
+beside its matches. The checkpoint and network default to the gallery's own.
 
 Exact search by default; ``--index hnsw`` or ``ivf`` at the first enrolment keeps an
 approximate faiss index for galleries past a few hundred thousand images. Python API
@@ -61,6 +61,7 @@ from utils import (
     ToolkitError,
     add_debug_flag,
     atomic_write_text,
+    can_write_in,
     claim_output,
     file_sha256,
     first_few,
@@ -186,6 +187,10 @@ def _model_for(args: argparse.Namespace, gallery: Gallery | None, device) -> tup
     if gallery is not None and dim != gallery.dim:
         raise IdentifyError(f"--checkpoint {checkpoint}: {dim}-D embeddings, but "
                             f"{args.gallery} holds {gallery.dim}-D ones")
+    if gallery is not None and not recorded:  # e.g. built with the API: of unknown origin
+        raise IdentifyError(f"--gallery {args.gallery}: records no network or checkpoint its "
+                            "embeddings came from, so they cannot be compared with those of "
+                            f"{checkpoint}; enrol into a new gallery (or set Gallery.model)")
     return model, {"network": model.network_name, "embedding_size": int(dim),
                    "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha}
 
@@ -204,6 +209,9 @@ def _enrol(args: argparse.Namespace) -> int:
                             "--remove NAME, or both")
     inputs = {"--photos": args.photos, "--checkpoint": args.checkpoint}
     with claim_output(path, "--gallery", inputs, FOLDER):  # one writer per gallery
+        if not can_write_in(path):  # before the work its first save would lose
+            raise IdentifyError(f"--gallery {path}: cannot write in it (read-only); enrol "
+                                "into a writable gallery")
         gallery = Gallery.open(path) if (path / MANIFEST).exists() else None
         if gallery is not None and (args.index or args.half):
             raise IdentifyError(f"--gallery {path}: --index and --half choose a new gallery's "
@@ -339,7 +347,8 @@ def _search(args: argparse.Namespace) -> int:
         found = every_face(aligner, photos) if args.all_faces else \
             central_faces(aligner, photos, args.batch_size)
         results, sheet, unreadable = _match(found, gallery, model, args, device, threshold)
-        meta.update({"gallery": str(args.gallery), "gallery_images": len(gallery),
+        meta.update({"gallery": str(args.gallery), "gallery_generation": gallery.generation,
+                     "gallery_images": len(gallery),
                      "gallery_identities": len(gallery.identities()), **record,
                      "top_k": args.top_k, "all_faces": args.all_faces,
                      "unreadable": unreadable})

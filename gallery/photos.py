@@ -18,7 +18,8 @@ from faces.file_alignment import align_files
 from utils import ImageReadError, ToolkitError, list_images, read_image
 
 SHEET_TILE_INCHES = 1.6  # one face of the contact sheet
-SHEET_DPI = 100
+SHEET_ROW_HEIGHT = 1.3  # a row's height over a tile's width: room for the two-line titles
+SHEET_TITLE_POINTS = 7  # small enough for a name and a score over a 1.6-inch tile
 
 
 class PhotosError(ToolkitError, ValueError):
@@ -103,7 +104,8 @@ def contact_sheet(rows: Sequence[tuple[str, np.ndarray, list[tuple[str, float, A
     from evaluation.verification_plots import save_figure  # loads matplotlib: as above
 
     cols = 1 + max((len(matches) for _, _, matches in rows), default=0)
-    fig = Figure(figsize=(SHEET_TILE_INCHES * cols, SHEET_TILE_INCHES * 1.3 * max(1, len(rows))))
+    fig = Figure(figsize=(SHEET_TILE_INCHES * cols,
+                          SHEET_TILE_INCHES * SHEET_ROW_HEIGHT * max(1, len(rows))))
     for r, (label, crop, matches) in enumerate(rows):
         tiles = [(label, crop, "black")] + [
             (f"{name}\n{score:.3f}", image,
@@ -114,6 +116,6 @@ def contact_sheet(rows: Sequence[tuple[str, np.ndarray, list[tuple[str, float, A
             ax.set_axis_off()
             if image is not None:
                 ax.imshow(image)
-            ax.set_title(title, fontsize=7, color=colour)
+            ax.set_title(title, fontsize=SHEET_TITLE_POINTS, color=colour)
     fig.tight_layout()
     return save_figure(fig, path)  # through a temporary and a rename

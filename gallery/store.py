@@ -101,6 +101,9 @@ INDEX_PARAMS = {"flat": {}, "hnsw": {"hnsw_m": HNSW_M, "ef_construction": HNSW_E
 # candidates at 1M took 0.079 s, 0.064 s with the buffer)
 RESCORE_BLOCK_ELEMENTS = 1 << 19
 APPROX_MAX_NEIGHBOURS = 2048  # images an approximate search fetches per query, at most
+# a float32 norm below this may have lost digits to squares below float32's normal range
+# (|x| < 1e-19); face embeddings are nowhere near, other inputs are measured in float64
+FLOAT32_NORM_LOW = 1e-10
 OPEN_TRIES = 3  # a reader racing a writer's clean-up reads the new generation instead
 TRAIN_SEED = 0  # the images an IVF index is trained on are a seeded sample
 _GENERATION_FILE = re.compile(r"(embeddings|images|index)-.*\.(npy|json|faiss)")
@@ -121,10 +124,18 @@ def _normalised(x: Any, dim: int, what: str) -> np.ndarray:
         raise GalleryError(f"{what}: shape {x.shape}, but the gallery holds {dim}-D embeddings")
     if not np.isfinite(x).all():
         raise GalleryError(f"{what}: non-finite (NaN/inf) values")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if x.shape[0] and not norms.min() > 0:
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # squares past float32's range (|x| ~1e19 or ~1e-19): those rows in float64
+    odd = np.flatnonzero(~(norms[:, 0] > FLOAT32_NORM_LOW) | np.isinf(norms[:, 0]))
+    wide = x[odd].astype(np.float64)
+    wide_norms = np.linalg.norm(wide, axis=1, keepdims=True)
+    if len(odd) and not wide_norms.min() > 0:
         raise GalleryError(f"{what}: a zero vector has no direction to compare")
-    return x / norms
+    norms[odd] = 1
+    x = x / norms
+    x[odd] = wide / wide_norms
+    return x
 
 
 def _write_file(path: Path, write) -> None:
@@ -142,7 +153,8 @@ def _write_file(path: Path, write) -> None:
 
 
 def _fsync_folder(folder: Path) -> None:
-    """The renames in ``folder`` made durable before the manifest names their files."""
+    """The renames in ``folder`` made durable: the new generation's files before the
+    manifest names them, the manifest before the old generation's files are deleted."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -302,6 +314,11 @@ class Gallery:
     def __len__(self) -> int:
         return len(self._ids)
 
+    @property
+    def generation(self) -> int:
+        """The saved generation this copy was read from or last saved as (0: never saved)."""
+        return self._generation
+
     def identities(self) -> list[str]:
         """The enrolled identities, sorted."""
         return list(self._names)
@@ -332,12 +349,13 @@ class Gallery:
             raise GalleryError(f"{self.path}: identities must be non-empty strings, got "
                                f"{bad[0]!r}")
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        self._insert(emb.astype(self._dtype, copy=False), list(identities),
-                     [str(s) for s in sources], [str(h) for h in hashes], ids)
+        stored = emb.astype(self._dtype, copy=False)
+        self._insert(stored, list(identities), [str(s) for s in sources],
+                     [str(h) for h in hashes], ids)
         self._next_id += n
         self._changed = self._changed or n > 0
-        if self._index is not None and n:
-            self._index.add_with_ids(emb, ids)
+        if self._index is not None and n:  # the values stored (float16 too), as a build
+            self._index.add_with_ids(stored.astype(np.float32, copy=False), ids)
             self._index_changed = True
 
     def _insert(self, emb: np.ndarray, identities: list[str], sources: list[str],
@@ -426,6 +444,7 @@ class Gallery:
                         "model": self.model, "files": files}
             text = json.dumps(manifest, indent=1) + "\n"
             _write_file(self.path / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+            _fsync_folder(self.path)  # the new manifest durable before the old files go
             self._generation, self._files = generation, files
             self._changed = self._index_changed = False
             self._remove_other_files()
@@ -445,7 +464,9 @@ class Gallery:
         if self.index_kind != "flat":
             if self._index_needs_build():
                 self._build_index()
-            if self._index is not None and (self._index_changed or "index" not in files):
+            if self._index is None:  # none any more (an emptied hnsw gallery): none named
+                files.pop("index", None)
+            elif self._index_changed or "index" not in files:
                 files["index"] = f"index-{token}.faiss"
                 _write_file(self.path / files["index"],
                             lambda f: f.write(faiss.serialize_index(self._index).tobytes()))
@@ -600,7 +621,11 @@ class Gallery:
         scores, ids = self._index.search(q, fetch)
         pos = self._position(ids.reshape(-1)).reshape(ids.shape)
         if self.index_kind == "ivf":  # the codes' scores are estimates: the true ones
-            scores, pos = self._rescored(q, pos)
+            scores = self._rescored(q, pos)
+        # best first, ties in name order as in _exact (faiss's order is its own); no image last
+        order = np.lexsort((np.where(pos >= 0, self._label[np.maximum(pos, 0)],
+                                     len(self._names)), -scores), axis=1)
+        scores, pos = np.take_along_axis(scores, order, 1), np.take_along_axis(pos, order, 1)
         labels = np.full((len(q), k), -1, np.int64)
         best_s = np.zeros((len(q), k), np.float32)
         best = np.zeros((len(q), k), np.int64)
@@ -616,10 +641,9 @@ class Gallery:
                     break
         return labels, best_s, best
 
-    def _rescored(self, q: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _rescored(self, q: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """The exact cosine of each query with its candidate images (rows ``pos``, -1: none,
-        scored -inf), each row sorted best first; the candidates are gathered
-        RESCORE_BLOCK_ELEMENTS values at a time."""
+        scored -inf); the candidates are gathered RESCORE_BLOCK_ELEMENTS values at a time."""
         scores = np.full(pos.shape, -np.inf, np.float32)
         step = max(1, RESCORE_BLOCK_ELEMENTS // max(1, pos.shape[1] * self.dim))
         cand = np.empty((step, pos.shape[1], self.dim), self._emb.dtype)  # reused: no page faults
@@ -629,8 +653,7 @@ class Gallery:
             block = np.einsum("qd,qrd->qr", q[a:a + step], cand[:len(rows)],
                               dtype=np.float32, casting="unsafe")
             scores[a:a + step] = np.where(rows >= 0, block, -np.inf)
-        order = np.argsort(-scores, axis=1, kind="stable")
-        return np.take_along_axis(scores, order, 1), np.take_along_axis(pos, order, 1)
+        return scores
 
 
 def _spec(where: Path, dim: Any, index: str,
@@ -651,6 +674,8 @@ def _spec(where: Path, dim: Any, index: str,
     if any(not isinstance(v, int) or v < 0 for v in params.values()):
         raise GalleryError(f"{where}: index parameters must be non-negative integers: "
                            f"{params}")
+    if index == "hnsw" and params["hnsw_m"] < 1:  # faiss aborts the process on a build
+        raise GalleryError(f"{where}: hnsw_m (links per node) must be at least 1, got 0")
     if index == "ivf" and params["pq_m"] and dim % params["pq_m"]:
         raise GalleryError(f"{where}: pq_m {params['pq_m']} does not divide the embedding "
                            f"size {dim} (each code covers dim / pq_m dimensions)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +24,7 @@ from utils import ToolkitError
 FAR_MAX_IMAGES = 50_000
 SAMPLE_SEED = 0  # the images a sampled threshold rests on
 BLOCK_ELEMENTS = 1 << 24  # scores computed at once (64 MiB of float32)
+KEPT_SLACK = 2  # scores kept, as a multiple of those needed, before the lowest are dropped
 
 
 class FarError(ToolkitError, ValueError):
@@ -61,7 +63,9 @@ def far_threshold(embeddings: np.ndarray, labels: np.ndarray, far: float, source
     if pairs == 0:
         raise FarError(f"{source}: the gallery holds no impostor pair (images of two "
                        "identities or more are needed)")
-    above = math.floor(far * pairs)
+    # the rate as written (0.29, not its binary 0.28999...): 0.29 x 100 pairs is 29, where
+    # the float product 28.999999999999996 would floor to 28
+    above = math.floor(Fraction(str(far)) * pairs)
     if above < 1:
         raise FarError(f"{source} {far:g}: the gallery's {pairs:,} impostor pairs measure no "
                        f"FAR below 1/{pairs:,} = {1 / pairs:.3g}")
@@ -88,7 +92,7 @@ def _highest_impostor_scores(x: np.ndarray, labels: np.ndarray, count: int,
         values = scores[mask]
         values = values[values >= floor]
         kept = np.concatenate([kept, values])
-        if len(kept) > 2 * count:
+        if len(kept) > KEPT_SLACK * count:
             kept = np.partition(kept, len(kept) - count)[len(kept) - count:]
             floor = kept.min()
     return kept

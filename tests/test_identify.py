@@ -112,6 +112,25 @@ def test_ties_go_to_the_name_that_sorts_first(tmp_path, monkeypatch, block):
     assert [name for name, _ in g.search(v[None], k=3)[0]] == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_an_approximate_search_breaks_ties_in_name_order_too(tmp_path, kind):
+    """One photo enrolled under three names (a duplicate, a mislabel): the approximate
+    indexes rank the three equal scores by name, as the exact search does, not in faiss's
+    order of the images."""
+    rng = np.random.default_rng(19)
+    x = unit(rng, 40, 32)
+    v = x[0]
+    images = np.vstack([x, v, v])[::-1]
+    names = [f"m{i:02d}" for i in range(40)] + ["zz", "aa"]
+    params = {"nlist": 1, "rerank": 20} if kind == "ivf" else {}
+    g = Gallery.create(tmp_path / "g", 32, index=kind, **params)
+    g.add(images, names[::-1], [f"s{i}" for i in range(42)])
+    truth = brute_force(v[None], images, names[::-1])[0]
+    got = g.search(v, k=3)[0]
+    assert [name for name, _ in got] == ["aa", "m00", "zz"]
+    assert_ranking(got, truth, 3)
+
+
 def test_remove_and_reopen(tmp_path):
     rng = np.random.default_rng(3)
     x = unit(rng, 30, 16)
@@ -131,6 +150,30 @@ def test_remove_and_reopen(tmp_path):
     for got, best in zip(again.search(x[kept[:4]], k=10), truth, strict=True):
         assert_ranking(got, best, 10)
         assert got[0][1] == pytest.approx(1.0, abs=1e-6)  # each image finds itself
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_a_gallery_emptied_and_saved_opens_and_takes_new_images(tmp_path, kind):
+    """Every identity removed (enrol --remove each): the saved gallery names no index of
+    the images it no longer holds, opens empty, and searches new images exactly."""
+    rng = np.random.default_rng(17)
+    x = unit(rng, 40, 16)
+    names = [f"n{i % 4}" for i in range(40)]
+    g = Gallery.create(tmp_path / "g", 16, index=kind)
+    g.add(x, names, [f"s{i}" for i in range(40)])
+    g.save()
+    g = Gallery.open(tmp_path / "g")
+    for name in sorted(set(names)):
+        g.remove(name)
+    g.save()
+    g = Gallery.open(tmp_path / "g")
+    assert len(g) == 0 and g.identities() == [] and g.search(x[:2], k=3) == [[], []]
+    g.add(x[:3], ["c", "a", "b"], ["t0", "t1", "t2"])
+    g.save()
+    g = Gallery.open(tmp_path / "g")
+    truth = brute_force(x[:5], x[:3], ["c", "a", "b"])
+    for got, best in zip(g.search(x[:5], k=5), truth, strict=True):
+        assert_ranking(got, best, 5)
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
@@ -160,9 +203,51 @@ def test_approximate_index_is_saved_and_finds_the_exact_best(tmp_path, kind):
             assert score == pytest.approx(float(q @ x[image]) / np.linalg.norm(q), abs=1e-5)
 
 
+def test_a_float16_hnsw_gallery_scores_images_as_stored_whether_built_or_added(tmp_path):
+    """--half: hnsw returns its index's scores; images added to a saved index score like
+    those it was built from: the cosine of the float16 embedding stored (float64 here), the
+    same after a removal rebuilds the index."""
+    rng = np.random.default_rng(20)
+    x = unit(rng, 60, 16)
+    stored = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    names = [f"n{i % 20:02d}" for i in range(60)]
+    g = Gallery.create(tmp_path / "g", 16, index="hnsw", half=True)
+    g.add(x[:30], names[:30], [str(i) for i in range(30)])
+    g.save()  # the index built from the first 30 as stored
+    g = Gallery.open(tmp_path / "g")
+    g.add(x[30:], names[30:], [str(i) for i in range(30, 60)])  # added to the index
+    queries = unit(rng, 10, 16)
+    truth = queries @ stored.astype(np.float64).T
+    for identities in (20, 19):
+        if identities == 19:
+            g.remove("n00")  # the index is built again at the next search
+        for q, got in enumerate(g.search(queries, k=20, with_sources=True)):
+            assert len(got) == identities
+            for _, score, source in got:
+                assert score == pytest.approx(truth[q, int(source)], abs=1e-6)
+
+
+def test_embeddings_of_any_finite_float32_scale_keep_their_direction(tmp_path):
+    """Rows whose squares leave float32's range (1e20: inf, 1e-25: 0) are normalised all
+    the same: searched, each scores the float64 cosine (before, the first was stored as a
+    zero vector scoring 0, the second refused as one)."""
+    rng = np.random.default_rng(21)
+    x = unit(rng, 3, 8)
+    g = Gallery.create(tmp_path / "g", 8)
+    g.add(x * np.array([[1e20], [1e-25], [3.0]]), ["a", "b", "c"], ["0", "1", "2"])
+    queries = unit(rng, 4, 8)
+    for got, best in zip(g.search(queries * 1e-22, k=3), brute_force(queries, x, ["a", "b", "c"]),
+                         strict=True):
+        assert_ranking(got, best, 3)
+    with pytest.raises(GalleryError, match="zero vector"):
+        g.add(np.zeros((1, 8)), ["d"], ["3"])
+
+
 def test_gallery_refuses_what_it_cannot_hold(tmp_path):
     with pytest.raises(GalleryError, match="pq_m 3 does not divide the embedding size 16"):
         Gallery.create(tmp_path / "codes", 16, index="ivf", pq_m=3)
+    with pytest.raises(GalleryError, match="hnsw_m .* must be at least 1"):
+        Gallery.create(tmp_path / "links", 16, index="hnsw", hnsw_m=0)
     g = Gallery.create(tmp_path / "g", 4)
     with pytest.raises(GalleryError, match="4-D"):
         g.add(np.ones((2, 5)), ["a", "b"], ["x", "y"])
@@ -221,6 +306,31 @@ def test_a_writer_dying_at_any_rename_leaves_the_last_saved_gallery(tmp_path, mo
     assert len(Gallery.open(path)) == 12
 
 
+def test_a_save_makes_its_manifest_durable_before_deleting_the_old_generation(
+        tmp_path, monkeypatch):
+    """A power cut may keep a deletion and lose an earlier rename that was never fsynced:
+    the folder holding the new manifest is synced before the old generation's files go."""
+    path = tmp_path / "g"
+    g = Gallery.create(path, 4)
+    g.add(np.eye(4), list("abcd"), list("0123"))
+    g.save()
+    g.remove("a")
+    events = []
+    real_replace, real_fsync, real_unlink = os.replace, os.fsync, Path.unlink
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(Path(dst).name),
+                                                         real_replace(src, dst)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (
+        events.append("sync folder" if os.path.samestat(os.fstat(fd), os.stat(path))
+                      else "sync file"), real_fsync(fd)))
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **kw: (
+        events.append(f"unlink {self.name}"), real_unlink(self, *a, **kw)))
+    g.save()
+    renamed, deleted = events.index("gallery.json"), next(
+        i for i, e in enumerate(events) if e.startswith("unlink "))
+    assert "sync folder" in events[renamed:deleted], events
+    assert len(Gallery.open(path)) == 3
+
+
 def test_far_threshold_against_counted_impostor_pairs(tmp_path):
     rng = np.random.default_rng(6)
     x = unit(rng, 40, 6)
@@ -242,6 +352,20 @@ def test_far_threshold_against_counted_impostor_pairs(tmp_path):
         g.far_threshold(0.9 / n)
     sample = identify.far_threshold(x, np.array(names), 0.1, max_images=20, progress=False)
     assert sample.sampled and sample.images == 20
+
+
+def test_far_threshold_counts_the_pairs_of_the_rate_as_written():
+    """Two identities of 10 images: 10 x 10 = 100 impostor pairs. At FAR 0.29 exactly 29
+    of them may score above the threshold (the 30th highest score), though 0.29 x 100 is
+    28.999999999999996 in floating point; likewise 0.57."""
+    x = unit(np.random.default_rng(18), 20, 6)
+    labels = np.repeat([0, 1], 10)
+    ranked = sorted((float(a @ b) for a in x[:10] for b in x[10:]), reverse=True)
+    assert len(ranked) == 100
+    for far, above in ((0.29, 29), (0.57, 57)):
+        found = identify.far_threshold(x, labels, far, progress=False)
+        assert found.pairs == 100 and found.above == above
+        assert found.threshold == pytest.approx(ranked[above], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -343,6 +467,14 @@ def test_refusals_are_one_line_errors(world, tmp_path, capsys):
     small.save()
     cases.append((["enrol", "--gallery", str(tmp_path / "small"), "--photos",
                    str(world["people"]), "--checkpoint", other], "holds 64-D"))
+    anonymous = Gallery.create(tmp_path / "anonymous", 128)  # the API: no model recorded
+    anonymous.add(np.ones((1, 128)), ["a"], ["x"])
+    anonymous.save()
+    anonymous_args = ["--gallery", str(tmp_path / "anonymous"), "--photos",
+                      str(world["people"]), "--checkpoint", other]
+    cases += [(["enrol", *anonymous_args], "records no network or checkpoint"),
+              (["search", *anonymous_args, "--out", str(tmp_path / "anonymous.json")],
+               "records no network or checkpoint")]
     broken = tmp_path / "broken"
     shutil.copytree(world["gallery"], broken)
     (broken / "gallery.json").write_text("{not json")
@@ -359,6 +491,26 @@ def test_refusals_are_one_line_errors(world, tmp_path, capsys):
         assert rc == 1 and err.startswith("error: ") and says in err, (argv, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert len(Gallery.open(gallery)) == 8  # nothing refused was written
+    assert len(Gallery.open(tmp_path / "anonymous")) == 1
+    assert not (tmp_path / "anonymous.json").exists()
+
+
+def test_a_read_only_gallery_is_refused_before_enrolling_and_still_searched(
+        world, tmp_path, capsys, read_only):
+    """Enrolling into a gallery that cannot be written is refused at once (not after
+    aligning and embedding every photo, at the first save); searching it still works."""
+    gallery = tmp_path / "gallery"
+    shutil.copytree(world["gallery"], gallery)
+    before = sorted(p.name for p in gallery.iterdir())
+    read_only(gallery)
+    for extra in (["--photos", str(world["people"])], ["--remove", "Nobody"]):
+        rc, out, err = _cli(["enrol", "--gallery", str(gallery), *extra], capsys)
+        assert rc == 1 and err.startswith("error: --gallery ") and "cannot write" in err
+        assert len(err.strip().splitlines()) == 1 and "align" not in out + err
+    assert sorted(p.name for p in gallery.iterdir()) == before
+    rc, _, _ = _cli(["search", "--gallery", str(gallery), "--photos", str(world["people"]),
+                     "--out", str(tmp_path / "r.json")], capsys)
+    assert rc == 0 and len(json.loads((tmp_path / "r.json").read_text())) == 9
 
 
 def test_search_finds_each_photo_as_its_own_identity(world, tmp_path, capsys):
@@ -387,6 +539,8 @@ def test_search_finds_each_photo_as_its_own_identity(world, tmp_path, capsys):
         assert face["identity"] == (best["identity"] if best["score"] > meta["threshold"]
                                     else "unknown")
     assert meta["impostor_pairs"] == 8 * 7 // 2 - 4 and meta["far"] == 0.1
+    saved = json.loads((world["gallery"] / "gallery.json").read_text())
+    assert meta["gallery_generation"] == saved["generation"] >= 1  # which saved gallery
     assert meta["checkpoint_sha256"] == Gallery.open(world["gallery"]).model["checkpoint_sha256"]
     assert "impostor pairs of the gallery" in printed and f"{person.name}" in printed
     assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
