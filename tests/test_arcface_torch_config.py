@@ -163,6 +163,16 @@ def test_vit_config_fields(configs):
     assert (cfg.num_classes, cfg.num_image) == (2059906, 42474557)
 
 
+def _read_logged(path, caplog):
+    """make_config on ``path`` with face.config's records caught by ``caplog``."""
+    log = get_logger("face.config")
+    log.addHandler(caplog.handler)  # the project's loggers do not propagate
+    try:
+        return make_config(config_file=path)
+    finally:
+        log.removeHandler(caplog.handler)
+
+
 @pytest.mark.parametrize("margins, expected", [
     ("(1.0, 0.5, 0.0)", dict(head="arcface", margin_m=0.5)),
     ("(1.0, 0.0, 0.4)", dict(head="cosface", margin_m=0.4)),
@@ -173,12 +183,7 @@ def test_vit_config_fields(configs):
 def test_margin_list_to_our_head(tmp_path, caplog, margins, expected):
     path = tmp_path / "m.py"
     path.write_text(f"config.margin_list = {margins}\nconfig.network = 'r18'\n")
-    log = get_logger("face.config")
-    log.addHandler(caplog.handler)  # the project's loggers do not propagate
-    try:
-        cfg = make_config(config_file=path)
-    finally:
-        log.removeHandler(caplog.handler)
+    cfg = _read_logged(path, caplog)
     assert {k: getattr(cfg, k) for k in expected} == pytest.approx(expected)
     # an m1 or m2 its loss leaves unused is named
     unused = expected["head"] == "cosface" and not margins.startswith("(1.0, 0.0,")
@@ -189,12 +194,7 @@ def test_its_sgd_momentum_is_0_9_whatever_its_config_says(tmp_path, caplog):
     """train_v2.py: torch.optim.SGD(..., momentum=0.9, ...); config.momentum is not read."""
     path = tmp_path / "m.py"
     path.write_text("config.network = 'r18'\nconfig.optimizer = 'sgd'\nconfig.momentum = 0.5\n")
-    log = get_logger("face.config")
-    log.addHandler(caplog.handler)  # the project's loggers do not propagate
-    try:
-        cfg = make_config(config_file=path)
-    finally:
-        log.removeHandler(caplog.handler)
+    cfg = _read_logged(path, caplog)
     assert cfg.momentum == 0.9
     assert any("config.momentum = 0.5" in r.getMessage() for r in caplog.records)
 
@@ -252,12 +252,7 @@ def test_unsupported_switches_named_in_one_warning(tmp_path, caplog):
     path = tmp_path / "c.py"
     path.write_text("config.network = 'r18'\nconfig.dali = True\nconfig.using_wandb = True\n"
                     "config.wandb_key = 'x'\nconfig.save_all_states = True\n")
-    log = get_logger("face.config")
-    log.addHandler(caplog.handler)  # the project's loggers do not propagate
-    try:
-        make_config(config_file=path)
-    finally:
-        log.removeHandler(caplog.handler)
+    _read_logged(path, caplog)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "dali, using_wandb" in warned[0]
     assert "save_all_states" not in warned[0]  # our checkpoints always hold every state
