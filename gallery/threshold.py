@@ -21,8 +21,9 @@ identity (its best score over the other identities' images); at FPIR f, T is the
 above it (fewer where they tie at T). An FPIR below 1/P is refused. Past FAR_MAX_IMAGES
 images a seeded sample of that many probes is taken, each still searched against the whole
 gallery: a smaller gallery has fewer identities to be mistaken for, and would understate
-the rate. The cost is P x n products of d-D vectors (50,000 probes of a 1M-image gallery:
-2.6e13 multiply-adds at 512-D), block by block with progress.
+the rate. The cost is P x n products of d-D vectors, block by block with progress: 50,000
+probes of a 1M-image gallery are 2.6e13 multiply-adds at 512-D, about 5 minutes at the 78e9
+a second measured on 2 shared cores (20,000 images, 2.6 s).
 """
 
 from __future__ import annotations
