@@ -2,7 +2,7 @@
 
     python identify.py enrol --gallery runs/gallery --photos people/ --checkpoint runs/x/backbone.pt
     python identify.py enrol --gallery runs/gallery --remove Some_Name
-    python identify.py search --gallery runs/gallery --photos queries/ --far 1e-3
+    python identify.py search --gallery runs/gallery --photos queries/ --fpir 1e-3
 
 ``enrol``: every photo under ``people/<identity>/`` (any depth) is aligned (align_faces'
 central face), embedded with flip test-time augmentation as lfw_eval embeds, and stored with
@@ -15,13 +15,17 @@ a run killed at any point leaves the last saved gallery, and a rerun goes on fro
 
 ``search``: for each photo (each face with ``--all-faces``), the top-k identities, each scored
 by its best-matching enrolled image (cosine similarity), and the verdict: the best identity,
-or "unknown" when its score is not above the threshold (``--threshold T``, or ``--far f``:
-the threshold at false-accept rate f over the gallery's own impostor pairs, with how many
-pairs it rests on). Writes ``--out`` (results.json) as ``{photo: [{"box": [x1, y1, x2, y2],
-"identity": verdict, "matches": [{"identity", "score"}, ...]}, ...]}`` (a photo without a
-face: []), its provenance beside it (``<out>.meta.json``: gallery and its generation,
-checkpoint sha256, threshold), prints a table, and with ``--gallery-plot`` a PNG of each face
-beside its matches. The checkpoint and network default to the gallery's own.
+or "unknown" when its score is not above the threshold: ``--threshold T``; ``--fpir f``, the
+one to use for "how often is an unknown face wrongly named": the threshold at which a
+fraction f of searches by people not in the gallery name someone, estimated by searching
+each enrolled image against the other identities; or ``--far f``, at 1:1 false-accept rate
+f over the gallery's impostor pairs (a search compares a face with every image, so it names
+far more than f of unknown faces). Each says how many probes or pairs it rests on. Writes
+``--out`` (results.json) as ``{photo: [{"box": [x1, y1, x2, y2], "identity": verdict,
+"matches": [{"identity", "score"}, ...]}, ...]}`` (a photo without a face: []), its
+provenance beside it (``<out>.meta.json``: gallery and its generation, checkpoint sha256,
+threshold), prints a table, and with ``--gallery-plot`` a PNG of each face beside its
+matches. The checkpoint and network default to the gallery's own.
 
 Exact search by default; ``--index hnsw`` or ``ivf`` at the first enrolment keeps an
 approximate faiss index for galleries past a few hundred thousand images. Python API
@@ -53,7 +57,7 @@ from gallery.photos import (
     query_photos,
 )
 from gallery.store import INDEX_KINDS, MANIFEST, Gallery, GalleryError
-from gallery.threshold import FarThreshold, far_threshold
+from gallery.threshold import FarThreshold, FpirThreshold, far_threshold, fpir_threshold
 from utils import (
     FACE_CROP_SIZE,
     FOLDER,
@@ -73,7 +77,7 @@ from utils import (
     starts_with,
 )
 
-__all__ = ["Gallery", "GalleryError", "far_threshold", "main"]
+__all__ = ["Gallery", "GalleryError", "far_threshold", "fpir_threshold", "main"]
 
 DEFAULT_TOP_K = 5
 DEFAULT_BATCH_SIZE = 64  # faces embedded per forward pass (as lfw_eval)
@@ -138,9 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     verdict = search.add_mutually_exclusive_group()
     verdict.add_argument("--threshold", type=_cosine, default=None,
                          help="a match must score above this cosine similarity")
+    verdict.add_argument("--fpir", type=fraction, default=None,
+                         help="the threshold at which this fraction of faces of people not in "
+                              "the gallery is wrongly named (use this one), estimated by "
+                              "searching each enrolled image against the other identities")
     verdict.add_argument("--far", type=fraction, default=None,
-                         help="the threshold at this false-accept rate, from the gallery's "
-                              "impostor pairs")
+                         help="the threshold at this 1:1 false-accept rate over the gallery's "
+                              "impostor pairs (a search names many more unknown faces)")
     search.add_argument("--all-faces", action="store_true",
                         help="every face of each photo, not only the central one")
     search.add_argument("--out", default="results.json", help="results (default results.json)")
@@ -301,6 +309,15 @@ def _print_size(gallery: Gallery) -> None:
 
 def _threshold(args: argparse.Namespace, gallery: Gallery) -> tuple[float | None, dict]:
     """The decision threshold (None: no verdict of "unknown") and what it rests on."""
+    if args.fpir is not None:
+        rate: FpirThreshold = gallery.fpir_threshold(args.fpir)
+        sample = f" (a sample of {rate.probes:,})" if rate.sampled else ""
+        print(f"threshold {rate.threshold:.4f} at FPIR {args.fpir:g}: {rate.above:,} of "
+              f"{rate.probes:,} enrolled images{sample}, each searched as an unknown face "
+              "against the other identities, score above it")
+        return rate.threshold, {"threshold": rate.threshold, "threshold_from": "--fpir",
+                                "fpir": args.fpir, "unknown_probes": rate.probes,
+                                "unknown_probes_above": rate.above, "sampled": rate.sampled}
     if args.far is None:
         return args.threshold, {"threshold": args.threshold, "threshold_from": "--threshold"
                                 if args.threshold is not None else None}

@@ -45,7 +45,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from gallery.threshold import FarThreshold, far_threshold
+from gallery.threshold import FarThreshold, FpirThreshold, far_threshold, fpir_threshold
 from utils import FOLDER, ToolkitError, claim_output, describe_error, temp_path_for
 
 FORMAT = "arcface-toolkit gallery"
@@ -332,6 +332,13 @@ class Gallery:
         """The threshold at false-accept rate ``far`` from this gallery's impostor pairs
         (gallery.threshold)."""
         return far_threshold(self._emb, self._label, far, source=source, progress=progress)
+
+    def fpir_threshold(self, fpir: float, source: str = "--fpir",
+                       progress: bool = True) -> FpirThreshold:
+        """The threshold at false positive identification rate ``fpir`` (the fraction of
+        unknown faces a search names), each image searched against the other identities
+        (gallery.threshold)."""
+        return fpir_threshold(self._emb, self._label, fpir, source=source, progress=progress)
 
     def add(self, embeddings: Any, identities: Sequence[str], sources: Sequence[str],
             hashes: Sequence[str] | None = None) -> None:

@@ -546,6 +546,42 @@ def test_search_finds_each_photo_as_its_own_identity(world, tmp_path, capsys):
     assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_search_at_an_fpir_names_a_face_above_the_gallerys_unknown_face_scores(
+        world, tmp_path, capsys):
+    """--fpir 0.25 over the gallery's 8 images: the threshold is the 3rd highest of their
+    best scores over the other identities' images (float64, from the saved files), recorded
+    in the meta; --fpir 0.1 (below 1/8) is refused naming the count; --far and --fpir
+    together are refused by the parser."""
+    manifest = json.loads((world["gallery"] / "gallery.json").read_text())
+    emb = np.load(world["gallery"] / manifest["files"]["embeddings"]).astype(np.float64)
+    names = json.loads((world["gallery"] / manifest["files"]["images"]).read_text())[
+        "identities"]
+    best = sorted((max(float(e @ f) for f, m in zip(emb, names, strict=True) if m != name)
+                   for e, name in zip(emb, names, strict=True)), reverse=True)
+    out = tmp_path / "results.json"
+    argv = ["search", "--gallery", str(world["gallery"]), "--photos", str(world["people"]),
+            "--out", str(out)]
+    rc, printed, _ = _cli([*argv, "--fpir", "0.25"], capsys)
+    assert rc == 0
+    meta = json.loads(Path(f"{out}.meta.json").read_text())
+    assert meta["threshold_from"] == "--fpir" and meta["fpir"] == 0.25
+    assert (meta["unknown_probes"], meta["sampled"]) == (8, False)
+    assert meta["threshold"] == pytest.approx(best[2], abs=1e-5)
+    assert meta["unknown_probes_above"] == sum(s > best[2] + 1e-5 for s in best) <= 2
+    assert f"at FPIR 0.25: {meta['unknown_probes_above']} of 8 enrolled images" in printed
+    for faces in json.loads(out.read_text()).values():
+        for face in faces:
+            top = face["matches"][0]
+            assert face["identity"] == (top["identity"] if top["score"] > meta["threshold"]
+                                        else "unknown")
+    rc, _, err = _cli([*argv, "--fpir", "0.1"], capsys)
+    assert rc == 1 and err.startswith("error: --fpir 0.1: the gallery's 8 images searched")
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as refused:
+        identify.main([*argv, "--fpir", "0.25", "--far", "0.1"])
+    assert refused.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # a spawned process (torch and MTCNN load in it) killed with SIGKILL
 def test_enrolment_killed_mid_way_then_rerun_completes(world, tmp_path, capsys):
     gallery = tmp_path / "gallery"
@@ -575,7 +611,8 @@ def test_identify_help_names_both_commands(capsys):
     assert done.value.code == 0 and "{enrol,search}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as done:
         identify.main(["search", "--help"])
-    assert done.value.code == 0 and "--far" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert done.value.code == 0 and "--far" in shown and "--fpir" in shown
 
 
 def test_ivf_trains_on_a_bounded_sample_and_probing_every_list_is_exact(tmp_path, monkeypatch):
