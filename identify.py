@@ -2,7 +2,7 @@
 
     python identify.py enrol --gallery runs/gallery --photos people/ --checkpoint runs/x/backbone.pt
     python identify.py enrol --gallery runs/gallery --remove Some_Name
-    python identify.py search --gallery runs/gallery --photos queries/ --fpir 1e-3
+    python identify.py search --gallery runs/gallery --photos queries/ --fpir 0.01
 
 ``enrol``: every photo under ``people/<identity>/`` (any depth) is aligned (align_faces'
 central face), embedded with flip test-time augmentation as lfw_eval embeds, and stored with
