@@ -10,8 +10,9 @@ Protocol (InsightFace's, which the published numbers use):
    embedded with its mirror. Both raw embeddings are cached on disk in chunks (resumable,
    atomic), so a second run, or another mode, starts from the cache.
 2. Template features: an image's feature is the raw embedding plus its mirror's (F1; F0: the
-   image's alone), L2-normalised (N1), times its faceness score (D1); features are averaged
-   within each media of a template, summed over the template's media, then L2-normalised.
+   image's alone), kept unnormalised so its norm weighs it (N1, InsightFace's use_norm_score;
+   N0 L2-normalises it), times its faceness score (D1); features are averaged within each
+   media of a template, summed over the template's media, then L2-normalised.
 3. 1:1: a pair scores the cosine of its two templates. TAR@FAR=f is the fraction of genuine
    pairs scoring above t, t the smallest threshold with at most floor(f x impostors) impostors
    above it (verification_metrics.tar_at_far_from_top). InsightFace's convention, the TPR of
@@ -98,7 +99,8 @@ log = get_logger("ijb_eval")
 # ----------------------------------------------------------------------------- template features
 
 def parse_mode(mode: str) -> tuple[bool, bool, bool]:
-    """``N1D1F1`` -> (normalise image features, weight by faceness, add the mirror's)."""
+    """``N1D1F1`` -> (keep each image's norm as its weight, weight by faceness, add the
+    mirror's). N1 is InsightFace's use_norm_score: its images are NOT normalised (N0 does)."""
     m = MODE_PATTERN.match(mode)
     if m is None:
         raise IJBFormatError(f"mode {mode!r} is not N<0|1>D<0|1>F<0|1> (e.g. {DEFAULT_MODE})")
@@ -127,7 +129,7 @@ def template_features(image_feats: np.ndarray, templates: np.ndarray, medias: np
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(template ids sorted ascending, (T, D) float32 unit rows).
 
-    Each image's feature is L2-normalised (``normalize``, mode N1) and multiplied by its
+    Each image's feature is L2-normalised (``normalize``, mode N0) and multiplied by its
     ``faceness`` (given: mode D1); the features of one media of a template are averaged and
     the media means summed, then normalised. Done as one sparse (T x N) pooling matrix times
     ``image_feats``, which is only read, never copied (IJB-C's is 1 GB)."""
@@ -464,9 +466,9 @@ def release_templates(image_feats: np.ndarray, release: Release, mode: str = DEF
                       ) -> tuple[np.ndarray, np.ndarray]:
     """template_features of every template of ``release`` in ``mode`` (N and D; the F part
     is already in ``image_feats``: ijb_features.mode_features)."""
-    normalize, detector, _ = parse_mode(mode)
+    use_norm, detector, _ = parse_mode(mode)
     return template_features(image_feats, release.templates, release.medias,
-                             release.faceness if detector else None, normalize)
+                             release.faceness if detector else None, normalize=not use_norm)
 
 
 def evaluate_templates(template_ids: np.ndarray, template_feats: np.ndarray, release: Release,
@@ -509,7 +511,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="output folder; if omitted, <checkpoint folder>/<target>")
     group.add_argument("--modes", nargs="+", default=[DEFAULT_MODE], metavar="MODE",
                        help=f"InsightFace's modes N<0|1>D<0|1>F<0|1> (image features "
-                            f"normalised, weighted by faceness, plus the mirror's), or 'all'; "
+                            f"weighted by their norm (N0: normalised), by faceness, plus the "
+                            f"mirror's), or 'all'; "
                             f"the first is the headline (default {DEFAULT_MODE})")
     group.add_argument("--cache-dir", default=None,
                        help="image-feature cache; if omitted, <out>/features")

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -120,7 +121,7 @@ def test_template_features_match_the_loop(normalize, use_faceness):
 
 
 def test_mode_changes_the_pooling():
-    """N0 keeps the raw magnitudes: one loud frame outweighs the rest only without N1."""
+    """N1 keeps the raw magnitudes: one loud frame outweighs the rest only in N1."""
     feats = np.array([[10.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
     templates, medias = np.array([1, 1, 1]), np.array([1, 2, 3])
     _, n1 = ijb_eval.template_features(feats, templates, medias, normalize=True)
@@ -130,6 +131,38 @@ def test_mode_changes_the_pooling():
     assert ijb_eval.parse_mode("N0D1F0") == (False, True, False)
     with pytest.raises(ijb_eval.IJBFormatError, match="N1D2F1"):
         ijb_eval.parse_mode("N1D2F1")
+
+
+def _insightface_template(raw, templates, medias, faceness, mode):
+    """One template's feature as InsightFace's ijb_11.py computes it, in float64: F1 adds the
+    mirror's raw embedding; ``use_norm_score`` (N1) keeps the raw norm, N0 normalises; D1
+    multiplies by faceness; media means summed, then normalised."""
+    use_norm, detector, flip = (mode[k] == "1" for k in (1, 3, 5))
+    feats = raw[:, 0] + raw[:, 1] if flip else raw[:, 0]
+    feats = feats.astype(np.float64)
+    if not use_norm:
+        feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    if detector:
+        feats = feats * faceness[:, None]
+    medias_of = sorted(set(medias.tolist()))
+    total = sum(feats[medias == m].mean(axis=0) for m in medias_of)
+    return total / np.linalg.norm(total)
+
+
+@pytest.mark.parametrize("mode", ["N1D1F1", "N0D1F1", "N1D0F0", "N0D0F0"])
+def test_mode_letters_follow_insightface(mode):
+    """N1 is InsightFace's use_norm_score: the raw norm stays as each image's weight (N0
+    normalises). It was inverted: the headline N1D1F1 was InsightFace's N0D1F1."""
+    raw = np.array([[[3.0, 0.0], [1.0, 0.0]], [[0.0, 0.5], [0.0, 0.5]],
+                    [[0.0, 2.0], [1.0, 1.0]]], np.float32)  # norms differ: N matters
+    release = SimpleNamespace(templates=np.array([4, 4, 4]), medias=np.array([1, 2, 2]),
+                              faceness=np.array([0.5, 1.0, 0.8], np.float32))
+    flip = ijb_eval.parse_mode(mode)[2]
+    feats = raw[:, 0] + raw[:, 1] if flip else raw[:, 0]
+    ids, pooled = ijb_eval.release_templates(feats, release, mode)
+    ref = _insightface_template(raw, release.templates, release.medias, release.faceness, mode)
+    assert ids.tolist() == [4]
+    np.testing.assert_allclose(pooled[0], ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("block_entries", [None, 40])
@@ -486,10 +519,10 @@ def _cli(release_root, checkpoint, out, *extra):
 
 def _reference(raw, written, release, mode):
     """The protocol for one mode from the cached raw features, written out independently."""
-    normalize, detector, flip = (c == "1" for c in mode[1::2])
+    use_norm, detector, flip = (c == "1" for c in mode[1::2])  # N1: InsightFace's norm score
     feats = raw[:, 0] + raw[:, 1] if flip else raw[:, 0]
     ids, pooled = _loop_templates(feats, release.templates, release.medias,
-                                  release.faceness if detector else None, normalize)
+                                  release.faceness if detector else None, not use_norm)
     row = {t: i for i, t in enumerate(ids.tolist())}
     scores = np.array([pooled[row[a]] @ pooled[row[b]] for a, b in
                        zip(release.pairs_t1, release.pairs_t2, strict=True)])
