@@ -124,10 +124,10 @@ def test_mode_changes_the_pooling():
     """N1 keeps the raw magnitudes: one loud frame outweighs the rest only in N1."""
     feats = np.array([[10.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
     templates, medias = np.array([1, 1, 1]), np.array([1, 2, 3])
-    _, n1 = ijb_eval.template_features(feats, templates, medias, normalize=True)
-    _, n0 = ijb_eval.template_features(feats, templates, medias, normalize=False)
-    np.testing.assert_allclose(n1[0], np.array([1.0, 2.0]) / math.sqrt(5), atol=1e-6)
-    np.testing.assert_allclose(n0[0], np.array([10.0, 2.0]) / math.sqrt(104), atol=1e-6)
+    _, n0 = ijb_eval.template_features(feats, templates, medias, normalize=True)
+    _, n1 = ijb_eval.template_features(feats, templates, medias, normalize=False)
+    np.testing.assert_allclose(n0[0], np.array([1.0, 2.0]) / math.sqrt(5), atol=1e-6)
+    np.testing.assert_allclose(n1[0], np.array([10.0, 2.0]) / math.sqrt(104), atol=1e-6)
     assert ijb_eval.parse_mode("N0D1F0") == (False, True, False)
     with pytest.raises(ijb_eval.IJBFormatError, match="N1D2F1"):
         ijb_eval.parse_mode("N1D2F1")
