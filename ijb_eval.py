@@ -16,7 +16,8 @@ Protocol (InsightFace's, which the published numbers use):
 3. 1:1: a pair scores the cosine of its two templates. TAR@FAR=f is the fraction of genuine
    pairs scoring above t, t the smallest threshold with at most floor(f x impostors) impostors
    above it (verification_metrics.tar_at_far_from_top). InsightFace's convention, the TPR of
-   the ROC point whose FPR is nearest to f, is reported beside it.
+   the point of sklearn's ROC whose FPR is nearest to f (the last one of equally near points),
+   is reported beside it.
 4. 1:N (NIST's open-set search): each gallery (IJB-C G1, G2; IJB-B S1, S2) is searched by all
    mixed probes; a probe is mated when its subject is in that gallery. Rank of a mated probe =
    1 + the non-mate templates scoring strictly above its best mate; rank-k rates are over the
@@ -90,6 +91,7 @@ NORM_CHUNK_ROWS = 8192  # rows per chunk when row norms are computed (bounds the
 SEARCH_CHUNK_PROBES = 4096  # probes scored against a gallery at a time
 NONMATED = "non-mated probes"  # what a TPIR@FPIR is measured over
 ROC_PLOT_POINTS = 200  # the ROC figure: TAR@FAR at this many log-spaced FARs
+NEAREST_WINDOW = 64  # impostor counts first searched either side of FAR x n (then doubled)
 QUALITY_PRINTED = 3  # the lowest-quality images the printout names (the CSV has them all)
 ZERO_FACENESS_LISTED = 100  # images with faceness 0 named in the results (the count is whole)
 
@@ -277,32 +279,60 @@ def _sorted_split(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return genuine, impostor
 
 
-def _nearest_tar(genuine: np.ndarray, impostor: np.ndarray, far: float) -> float:
-    """The TAR of the first ROC point whose FAR is nearest to ``far`` (InsightFace's reading
-    of sklearn's roc_curve), from the sorted scores without building the curve.
+def _kept_counts(genuine: np.ndarray, impostor: np.ndarray, ks: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """For impostor counts ``ks`` (0 .. n; sorted scores): (whether sklearn's roc_curve keeps a
+    point with that FAR count, the genuine count of the last such point).
 
-    The curve has a point at every distinct score t: FAR = #(impostors >= t) / n. Its FAR
-    counts are 0 and #(impostors >= x) for each impostor score x; the first point with
-    count k is at t = the k-th largest impostor score. So the nearest counts below and above
-    far x n are read off the sorted impostors; ties go to the lower (earlier) one."""
-    n = impostor.size
+    The points with count k >= 1 sit at the k-th largest impostor score and at each distinct
+    genuine score between it and the (k+1)-th; the last has #(genuine > the (k+1)-th). With
+    two or more the last is a corner, kept; a lone one is dropped (drop_intermediate) when
+    both count steps into it equal those out of it, unless it is the curve's first or last.
+    Count 0 is always there (the origin sklearn prepends)."""
+    n, g = impostor.size, genuine.size
     desc = impostor[::-1]
+    above = np.where(ks >= 1, desc[np.clip(ks - 1, 0, n - 1)], np.inf)  # the k-th largest
+    below = np.where(ks < n, desc[np.clip(ks, 0, n - 1)], -np.inf)  # the (k+1)-th
+    tps_last = g - np.searchsorted(genuine, below, side="right")
+    distinct = np.unique(genuine)
+    between = np.searchsorted(distinct, above, "left") - np.searchsorted(distinct, below, "right")
+    fps_prev = n - np.searchsorted(impostor, above, "right")  # the point just above: > above
+    tps_prev = g - np.searchsorted(genuine, above, "right")
+    tps_lone = g - np.searchsorted(genuine, above, "left")
+    fps_next = n - np.searchsorted(impostor, below, "left")  # the point at ``below``
+    tps_next = g - np.searchsorted(genuine, below, "left")
+    collinear = ((ks - fps_prev == fps_next - ks) & (tps_lone - tps_prev == tps_next - tps_lone)
+                 & (fps_prev + tps_prev > 0) & (ks < n))  # first and last points are kept
+    kept = (ks == 0) | ((above > below) & ((between > 0) | ~collinear))
+    return kept, tps_last
+
+
+def _nearest_tar(genuine: np.ndarray, impostor: np.ndarray, far: float) -> float:
+    """ijb_11.py's TAR at ``far`` from the sorted scores, without building the curve: the TPR
+    of the point of sklearn's roc_curve (default drop_intermediate, origin prepended) whose
+    FPR is nearest to ``far``, of equally near points the last (it reads the flipped curve:
+    "select largest tpr at same fpr"). The kept counts are searched in a window around
+    far x n, widened until no count outside it can be as near."""
+    n = impostor.size
     target = far * n
-    low, high = min(math.floor(target), n), min(math.ceil(target), n)
-    # the largest reachable count <= target, and the smallest >= target
-    k_low = n if low >= n else n - int(np.searchsorted(impostor, desc[low], side="right"))
-    k_high = 0 if high == 0 else n - int(np.searchsorted(impostor, desc[high - 1], side="left"))
-    k = k_low if abs(k_low / n - far) <= abs(k_high / n - far) else k_high
-    if k == 0:
-        return 0.0
-    at_least = genuine.size - int(np.searchsorted(genuine, desc[k - 1], side="left"))
-    return at_least / genuine.size
+    width = NEAREST_WINDOW
+    while True:
+        lo, hi = max(0, math.floor(target) - width), min(n, math.ceil(target) + width)
+        ks = np.arange(lo, hi + 1)
+        kept, tps = _kept_counts(genuine, impostor, ks)
+        distance = np.abs(ks / n - far)
+        best = distance[kept].min()
+        outside = [abs(k / n - far) for k in (lo - 1, hi + 1) if 0 <= k <= n]
+        if all(d > best for d in outside):
+            k = int(np.flatnonzero(kept & (distance == best))[-1])  # the last of the nearest
+            return int(tps[k]) / genuine.size
+        width *= 2
 
 
 def tar_at_far_nearest(scores: np.ndarray, labels: np.ndarray,
                        fars: Sequence[float] = VERIFICATION_FARS) -> dict[float, float]:
-    """{far: TAR} by InsightFace's convention: the TPR of the ROC point (one per distinct
-    score, from (0, 0)) whose FPR is nearest to far; the first such point on a tie."""
+    """{far: TAR} by InsightFace's convention (ijb_11.py's table): the TPR of the point of
+    sklearn's roc_curve whose FPR is nearest to far; the last such point on a tie."""
     genuine, impostor = _sorted_split(scores, labels)
     return {far: _nearest_tar(genuine, impostor, far) for far in fars}
 

@@ -21,7 +21,6 @@ import torch
 
 import ijb_eval
 from evaluation import ijb_features, ijb_release
-from evaluation.verification_metrics import roc_curve
 from faces.face_warp import warp_face
 from synthetic.synthetic_faces import (
     EVAL_SPLIT,
@@ -71,13 +70,27 @@ def _brute_tar(scores, labels, far):
 
 
 def _brute_nearest(scores, labels, far):
-    genuine, impostor = scores[labels], scores[~labels]
-    points = [(0.0, 0.0)]
-    for t in sorted(set(scores.tolist()), reverse=True):
-        points.append((sum(1 for x in impostor if x >= t) / len(impostor),
-                       sum(1 for x in genuine if x >= t) / len(genuine)))
-    distances = [abs(fpr - far) for fpr, _ in points]
-    return points[distances.index(min(distances))][1]
+    """ijb_11.py's table cell, written out: sklearn's roc_curve (its default
+    drop_intermediate drops the points where both count sequences have zero second
+    difference; then the origin is prepended), the curve flipped, and the TPR at
+    min((|fpr - far|, index)): of equally near points the last one of the unflipped curve
+    ("select largest tpr at same fpr")."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    fps, tps, f, t = [], [], 0, 0
+    for j, i in enumerate(order):
+        t, f = (t + 1, f) if labels[i] else (t, f + 1)
+        if j + 1 == len(order) or scores[order[j + 1]] != scores[i]:
+            fps.append(f)
+            tps.append(t)
+    if len(fps) > 2:
+        keep = [0] + [i for i in range(1, len(fps) - 1)
+                      if fps[i + 1] - 2 * fps[i] + fps[i - 1] != 0
+                      or tps[i + 1] - 2 * tps[i] + tps[i - 1] != 0] + [len(fps) - 1]
+        fps, tps = [fps[i] for i in keep], [tps[i] for i in keep]
+    fpr = [x / fps[-1] for x in [0, *fps]][::-1]
+    tpr = [x / tps[-1] for x in [0, *tps]][::-1]
+    _, index = min(zip([abs(x - far) for x in fpr], range(len(fpr)), strict=True))
+    return tpr[index]
 
 
 def _brute_search(probes, probe_subjects, gallery, gallery_subjects, ranks, fpirs):
@@ -197,10 +210,8 @@ def test_tar_at_far_against_brute_force_with_ties(seed):
     for far in fars:
         assert got[far] == pytest.approx(_brute_tar(scores, labels, far), abs=1e-12), far
     nearest = ijb_eval.tar_at_far_nearest(scores, labels, fars + (1e-9, 0.5, 0.33))
-    far_curve, tar_curve, _ = roc_curve(scores, labels)  # the whole curve, argmin over it
     for far, tar in nearest.items():
         assert tar == _brute_nearest(scores, labels, far), far
-        assert tar == tar_curve[np.argmin(np.abs(far_curve - far))], far
     report, (grid, curve) = ijb_eval.verification_report(scores, labels, fars)
     assert curve[-1] == 1.0 and np.all(np.diff(curve) >= 0) and grid[0] > 0
     for k in range(0, grid.size, 37):  # the figure's curve is TAR@FAR at its grid
@@ -222,14 +233,40 @@ def test_tar_at_far_against_brute_force_with_ties(seed):
     assert report["auc"] == pytest.approx(auc, abs=1e-12)
 
 
-def test_nearest_far_tie_takes_the_first_point():
-    """FPR 1/4 and 3/4 are equally near 0.5 (tied impostors skip 2/4): the first wins."""
+def test_nearest_far_reads_insightfaces_table():
+    """ijb_11.py flips sklearn's ROC so that of equally near points the last wins ("select
+    largest tpr at same fpr"), and sklearn drops collinear points; the first point was read.
+    Here FPR 1/4 and 3/4 are equally near 0.5 (tied impostors skip 2/4): InsightFace reads
+    the last point at FPR 3/4 (TPR 1), not the first at 1/4 (TPR 1/3)."""
     scores = np.array([0.9, 0.5, 0.5, 0.1, 0.95, 0.7, 0.3])
     labels = np.array([False] * 4 + [True] * 3)
-    far_curve, tar_curve, _ = roc_curve(scores, labels)
-    expected = tar_curve[np.argmin(np.abs(far_curve - 0.5))]
-    assert expected == _brute_nearest(scores, labels, 0.5) == pytest.approx(1 / 3)
-    assert ijb_eval.tar_at_far_nearest(scores, labels, [0.5])[0.5] == expected
+    assert _brute_nearest(scores, labels, 0.5) == 1.0
+    assert ijb_eval.tar_at_far_nearest(scores, labels, [0.5])[0.5] == 1.0
+    # the nearest FPR's highest TPR: 0.25 is FPR 1/4 reached at 0.9, left at 0.5 (TPR 2/3)
+    assert ijb_eval.tar_at_far_nearest(scores, labels, [0.25])[0.25] == pytest.approx(2 / 3)
+    # impostors 0.8 > 0.6 > 0.4 with no genuine between: sklearn drops FPR 2/4 (collinear),
+    # so 0.55 is nearest FPR 3/4 (TPR 2/3 after 0.45), not 2/4 (TPR 1/3)
+    scores = np.array([0.8, 0.6, 0.4, 0.1, 0.9, 0.45, 0.2])
+    assert _brute_nearest(scores, labels, 0.55) == pytest.approx(2 / 3)
+    assert ijb_eval.tar_at_far_nearest(scores, labels, [0.55])[0.55] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nearest_far_against_insightfaces_reading_random(seed):
+    """Distinct and heavily tied scores, runs of impostors (sklearn drops their inner points),
+    FARs between and on the curve's points."""
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(5, 120))
+    labels = rng.random(n) < rng.uniform(0.1, 0.6)
+    labels[:2] = [True, False]
+    scores = np.where(labels, rng.normal(0.4, 0.3, n), rng.normal(0.0, 0.3, n))
+    scores = np.round(scores, int(rng.integers(1, 4)))
+    n_imp = int((~labels).sum())
+    fars = [k / n_imp for k in range(n_imp + 1)] + [(k + 0.5) / n_imp for k in range(n_imp)]
+    fars += [1e-6, 0.013, 0.3, 0.77, 0.999]
+    got = ijb_eval.tar_at_far_nearest(scores, labels, fars)
+    for far in fars:
+        assert got[far] == _brute_nearest(scores, labels, far), far
 
 
 def test_unmeasured_tar_reads_the_same_in_json_and_table():
