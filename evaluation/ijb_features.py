@@ -296,10 +296,12 @@ def iter_chunks(paths: list[Path]) -> Iterator[np.ndarray]:
 
 def mode_features(paths: list[Path], flip: bool, total: int) -> np.ndarray:
     """(N, E) float32 per-image input features: raw + mirror (``flip``) or raw alone, read
-    chunk by chunk into one array (the whole cache is never in memory at once)."""
+    chunk by chunk into one array (the whole cache is never in memory at once). A non-finite
+    feature (a cache made before such embeddings were refused) is a
+    NonFiniteEmbeddingError naming its chunk and image."""
     out = None
     s = 0
-    for chunk in iter_chunks(paths):
+    for path, chunk in zip(paths, iter_chunks(paths), strict=True):
         if out is None:
             out = np.empty((total, chunk.shape[2]), np.float32)
         n = chunk.shape[0]
@@ -307,6 +309,12 @@ def mode_features(paths: list[Path], flip: bool, total: int) -> np.ndarray:
             np.add(chunk[:, 0], chunk[:, 1], out=out[s:s + n])
         else:
             out[s:s + n] = chunk[:, 0]
+        broken = np.flatnonzero(~np.isfinite(out[s:s + n]).all(axis=1))
+        if broken.size:
+            raise NonFiniteEmbeddingError(
+                f"{path}: image {s + int(broken[0]) + 1} of the release (and {broken.size - 1} "
+                "more in this chunk) has a non-finite (NaN/inf) cached feature, from before "
+                f"such embeddings were refused; delete {path.parent} and run again")
         s += n
     if out is None or s != total:
         raise ValueError(f"feature cache holds {s} images, expected {total}")

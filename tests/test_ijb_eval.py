@@ -764,6 +764,24 @@ def test_non_finite_embeddings_are_refused_naming_the_image_and_never_cached(
     assert not (out / "ijbc_results.json").exists()
 
 
+def test_non_finite_features_in_an_old_cache_are_refused(tmp_path):
+    """A cache made before non-finite embeddings were refused (same key: the checkpoint's
+    content) was read without a check and its NaN pooled into NaN scores (TAR 0)."""
+    paths = []
+    for i in range(2):
+        chunk = np.ones((3, 2, 4), np.float32)
+        if i == 1:
+            chunk[2, 0, 1] = np.nan  # image 3 + 3 = 6 of the release
+        paths.append(tmp_path / f"chunk_{i:06d}.npy")
+        np.save(paths[-1], chunk)
+    for flip in (True, False):
+        with pytest.raises(ijb_features.NonFiniteEmbeddingError,
+                           match=rf"^{paths[1]}: image 6 .*non-finite.*delete"):
+            ijb_features.mode_features(paths, flip, 6)
+    np.save(paths[1], np.ones((3, 2, 4), np.float32))
+    assert ijb_features.mode_features(paths, True, 6).tolist() == [[2.0] * 4] * 6
+
+
 def test_feature_cache_key_follows_the_checkpoint_content(release_dir, tmp_path):
     """The cache was keyed by the checkpoint's path, size and mtime: another model of the
     same network written over it with the old time stamp (cp -p, rsync -t) reused the old
