@@ -321,9 +321,9 @@ def _nearest_tar(genuine: np.ndarray, impostor: np.ndarray, far: float) -> float
         ks = np.arange(lo, hi + 1)
         kept, tps = _kept_counts(genuine, impostor, ks)
         distance = np.abs(ks / n - far)
-        best = distance[kept].min()
+        best = distance[kept].min(initial=math.inf)  # a window inside a run may keep none
         outside = [abs(k / n - far) for k in (lo - 1, hi + 1) if 0 <= k <= n]
-        if all(d > best for d in outside):
+        if all(d > best for d in outside):  # counts 0 and n are kept: this ends
             k = int(np.flatnonzero(kept & (distance == best))[-1])  # the last of the nearest
             return int(tps[k]) / genuine.size
         width *= 2

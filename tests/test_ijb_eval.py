@@ -251,6 +251,17 @@ def test_nearest_far_reads_insightfaces_table():
     assert ijb_eval.tar_at_far_nearest(scores, labels, [0.55])[0.55] == pytest.approx(2 / 3)
 
 
+def test_nearest_far_across_a_long_run_of_dropped_points():
+    """1,000 distinct impostors with no genuine between them: sklearn keeps only the ends of
+    the run, so the search must reach past a first window holding no point at all."""
+    impostor = np.linspace(0.5, 0.1, 1000)
+    scores = np.r_[0.9, 0.05, 0.7, impostor, -0.2]
+    labels = np.r_[True, True, True, np.zeros(1000, bool), False]
+    for far in (0.3, 0.5, 0.6, 0.9):
+        assert ijb_eval.tar_at_far_nearest(scores, labels, [far])[far] == \
+            _brute_nearest(scores, labels, far), far
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_nearest_far_against_insightfaces_reading_random(seed):
     """Distinct and heavily tied scores, runs of impostors (sklearn drops their inner points),
