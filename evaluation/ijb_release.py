@@ -17,8 +17,11 @@ file walked line by line to name the first bad line.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -84,6 +87,18 @@ def search_files(root: str | Path, target: str) -> dict[str, Path]:
     return files
 
 
+@contextmanager
+def _text_file(path: Path, newline: str | None = None) -> Iterator[TextIO]:
+    """``path`` opened as text; a byte that is not UTF-8 (a Latin-1 name, a UTF-16 or binary
+    file) read from it is an IJBFormatError naming the file."""
+    try:
+        with path.open(newline=newline) as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise IJBFormatError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); the "
+                             "release's meta files are plain text") from None
+
+
 def _tokens(path: Path, nfields: int, expected: str) -> tuple[list[str], list[int]]:
     """All fields of the non-blank lines, flat, and each line's number; a line with another
     number of fields is an error. The caller converts columns in bulk (fast in C)."""
@@ -91,7 +106,7 @@ def _tokens(path: Path, nfields: int, expected: str) -> tuple[list[str], list[in
         raise IJBFormatError(f"{path}: file not found")
     tokens: list[str] = []
     linenos: list[int] = []
-    with path.open() as f:
+    with _text_file(path) as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split()
             if not fields:
@@ -167,7 +182,7 @@ def _check_faces(path: Path, linenos: list[int], landmarks: np.ndarray,
 
 
 def _first_bad_pair_line(path: Path) -> str:
-    with path.open() as f:
+    with _text_file(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             fields = line.split()
@@ -214,7 +229,7 @@ def read_search_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     templates: list[str] = []
     subjects: list[str] = []
     linenos: list[int] = []
-    with path.open(newline="") as f:
+    with _text_file(path, newline="") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if lineno == 1 or not any(cell.strip() for cell in row):
                 continue  # the header, blank lines
@@ -247,7 +262,7 @@ def _unknown(ids: np.ndarray, known: np.ndarray) -> np.ndarray:
 def _line_of_entry(path: Path, entry: int) -> int:
     """The line number of the ``entry``-th (0-based) non-blank line."""
     seen = -1
-    with path.open() as f:
+    with _text_file(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 seen += 1
@@ -270,7 +285,7 @@ def _check_search_templates(path: Path, ids: np.ndarray, known: np.ndarray) -> N
     bad = _unknown(ids, known)
     if bad.size:
         template = int(ids[bad[0]])
-        with path.open(newline="") as f:
+        with _text_file(path, newline="") as f:
             lineno = next((n for n, row in enumerate(csv.reader(f), 1)
                            if n > 1 and row and row[0].strip() == str(template)), 0)
         raise IJBFormatError(f"{path}:{lineno}: template {template} is not in face_tid_mid "

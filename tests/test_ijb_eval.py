@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -500,6 +501,20 @@ def test_malformed_files_name_file_and_line(release_dir, tmp_path, file, edit, m
     path = root / "meta" / f"ijbc_{file}"
     path.write_text(edit(path.read_text()))
     with pytest.raises(ijb_release.IJBFormatError, match=message):
+        ijb_release.load_release(root, "IJBC")
+
+
+@pytest.mark.parametrize("file", ["face_tid_mid.txt", "name_5pts_score.txt",
+                                  "template_pair_label.txt", "1N_gallery_G1.csv"])
+def test_meta_file_that_is_not_utf8_is_one_error(release_dir, tmp_path, file):
+    """A byte that is not UTF-8 (a Latin-1 name, a UTF-16 or binary file) ended in a
+    UnicodeDecodeError traceback instead of an error naming the file."""
+    root = _copy_release(release_dir[0], tmp_path / "IJBC")
+    path = root / "meta" / f"ijbc_{file}"
+    data = path.read_bytes()
+    path.write_bytes(data[:30] + b"\xe9" + data[30:])
+    with pytest.raises(ijb_release.IJBFormatError,
+                       match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 0xe9\)"):
         ijb_release.load_release(root, "IJBC")
 
 
