@@ -10,9 +10,11 @@ Protocol (InsightFace's, which the published numbers use):
    embedded with its mirror. Both raw embeddings are cached on disk in chunks (resumable,
    atomic), so a second run, or another mode, starts from the cache.
 2. Template features: an image's feature is the raw embedding plus its mirror's (F1; F0: the
-   image's alone), kept unnormalised so its norm weighs it (N1, InsightFace's use_norm_score;
-   N0 L2-normalises it), times its faceness score (D1); features are averaged within each
-   media of a template, summed over the template's media, then L2-normalised.
+   image's alone), kept unnormalised so its norm weighs it (N1, use_norm_score of ijb_11.py
+   and arcface_torch's eval_ijbc.py; N0 L2-normalises it; InsightFace's later ijb_evals.py
+   names N the other way round, its default N0D1F1 is this N1D1F1), times its faceness score
+   (D1); features are averaged within each media of a template, summed over the template's
+   media, then L2-normalised.
 3. 1:1: a pair scores the cosine of its two templates. TAR@FAR=f is the fraction of genuine
    pairs scoring above t, t the smallest threshold with at most floor(f x impostors) impostors
    above it (verification_metrics.tar_at_far_from_top). InsightFace's convention, the TPR of
