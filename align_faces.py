@@ -95,11 +95,20 @@ class AlignInputError(ToolkitError, ValueError):
 
 # ----------------------------------------------------------------------------- tree
 
+# Characters a file name may hold that would split a report line (a tab ends a field; str.
+# splitlines breaks at the others): written as escapes, so each file keeps one line.
+_REPORT_BREAKS = "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_REPORT_ESCAPES = {ord(c): f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+                   for c in _REPORT_BREAKS}
+
+
 def _report_text(text: str) -> str:
     """``text`` (a path relative to the source, or an error naming a file) as the report's
     UTF-8 holds it: the bytes of a file name that is not UTF-8 are written ``\\xNN``, as
-    Python shows them (the report would otherwise be cut at that name)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    Python shows them (the report would otherwise be cut at that name), and so are a tab
+    and line breaks (``\\x09``, ``\\x0a``, ``\\u2028``, ...: see _REPORT_BREAKS)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+        .translate(_REPORT_ESCAPES)
 
 
 def _read_report(path: Path) -> dict[str, tuple[str, str]]:

@@ -617,6 +617,32 @@ def test_odd_names_and_a_symlinked_identity_are_aligned_as_pack_sees_them(tmp_pa
         os.fsencode(rel) for rel in want)
 
 
+def test_names_with_a_tab_or_a_line_break_keep_one_report_line_each(tmp_path):
+    """Tab, line feed, carriage return, form feed and U+2028 are legal in Linux file names:
+    each file keeps one three-field line (its name with \\xNN / \\uNNNN escapes, as
+    Python's backslashreplace writes them), and the next run takes the report as its own."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    names = ["t\tab.png", "n\new.png", "r\ret.png", "f\x0cfeed.png", "u\u2028sep.png"]
+    (src / "amy").mkdir(parents=True)
+    for name in names:
+        write_image(src / "amy" / name, np.zeros((20, 20, 3), np.uint8))  # faceless: listed
+    (src / "amy" / "bad\tone.jpg").write_bytes(b"not an image")
+    fake = _TopLeftAligner()
+    fake.size = fw.TEMPLATE_SIZE
+    escaped = {"\t": "\\x09", "\n": "\\x0a", "\r": "\\x0d", "\x0c": "\\x0c",
+               "\u2028": "\\u2028"}
+    want = sorted(["no_face", "amy/" + "".join(escaped.get(c, c) for c in name)]
+                  for name in names) + [["unreadable", "amy/bad\\x09one.jpg"]]
+    for run in range(2):
+        summary = af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+        assert summary["report_entries"] == len(names) + 1, run
+        lines = (dst / af.REPORT_NAME).read_text(encoding="utf-8").split("\n")
+        assert lines.pop() == ""  # the file ends with a line feed and has no other break
+        fields = [line.split("\t") for line in lines]
+        assert all(len(f) == 3 for f in fields), fields
+        assert sorted(f[:2] for f in fields) == sorted(want), run
+
+
 def test_a_crop_that_cannot_be_written_is_listed_and_the_others_are_done(tmp_path, capsys,
                                                                         monkeypatch):
     """One file's output the destination refuses (here a file where its folder should be;
