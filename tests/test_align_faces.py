@@ -62,6 +62,36 @@ def test_estimate_similarity_recovers_a_known_similarity_exactly():
     assert np.abs(apply(big, landmarks) - 2 * TEMPLATE).max() < 0.1
 
 
+def _rotation_costs(p: np.ndarray, q: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """min over s >= 0 of sum_i ||s R(a) p_i - q_i||^2 for each angle a (centred points)."""
+    a = angles[:, None, None]
+    rp = np.concatenate([np.cos(a) * p[:, :1] - np.sin(a) * p[:, 1:],
+                         np.sin(a) * p[:, :1] + np.cos(a) * p[:, 1:]], axis=2)
+    s = np.clip((rp * q).sum(axis=(1, 2)) / (p ** 2).sum(), 0, None)[:, None, None]
+    return ((s * rp - q) ** 2).sum(axis=(1, 2))
+
+
+def test_estimate_similarity_never_mirrors_even_when_a_reflection_fits_better():
+    """Mirrored landmarks (left and right swapped, as a mirror image gives them): a
+    reflection would fit them exactly, yet the fit must be a rotation with s > 0, the least-
+    squares best among rotations: brute force over the angle in float64, the optimal scale
+    and translation written out for each."""
+    rng = np.random.default_rng(5)
+    for trial in range(5):
+        truth = similarity(rng.uniform(0.3, 2), rng.uniform(-180, 180), *rng.uniform(-90, 90, 2))
+        src = apply(np.linalg.inv(truth), TEMPLATE) * [-1.0, 1.0] + rng.normal(0, 0.5, (5, 2))
+        ours = fw.estimate_similarity(src, TEMPLATE)
+        rotation = ours[:, :2] / np.sqrt(np.linalg.det(ours[:, :2]))
+        assert np.linalg.det(ours[:, :2]) > 0
+        np.testing.assert_allclose(rotation @ rotation.T, np.eye(2), atol=1e-12)
+        p, q = src - src.mean(0), TEMPLATE - TEMPLATE.mean(0)
+        coarse = np.linspace(-np.pi, np.pi, 36001)  # 1.7e-4 rad apart, then 2e-8 around
+        near = coarse[np.argmin(_rotation_costs(p, q, coarse))]
+        best = _rotation_costs(p, q, np.linspace(near - 2e-4, near + 2e-4, 20001)).min()
+        cost = ((apply(np.vstack([ours, [0, 0, 1]]), src) - TEMPLATE) ** 2).sum()
+        assert best - 1e-9 <= cost <= best + 1e-9, (trial, cost, best)
+
+
 def test_estimate_similarity_rejects_degenerate_input():
     with pytest.raises(ValueError, match="degenerate"):
         fw.estimate_similarity(np.ones((5, 2)))
