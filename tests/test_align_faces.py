@@ -905,6 +905,40 @@ def test_read_photo_returns_the_error_for_a_missing_or_undecodable_file(tmp_path
     assert isinstance(bad, ImageReadError) and "bad.jpg" in str(bad)
 
 
+@pytest.mark.parametrize("mode,fmt,reduce", [
+    ("CMYK", "JPEG", 1), ("CMYK", "JPEG", 2), ("L", "JPEG", 2), ("P", "PNG", 1),
+    ("P+tRNS", "PNG", 1), ("LA", "PNG", 1), ("1", "PNG", 1), ("I;16", "PNG", 1), ("P", "BMP", 1)])
+def test_read_photo_gives_rgb_of_every_colour_mode(tmp_path, mode, fmt, reduce):
+    """CMYK and greyscale JPEGs (full and 1/2 decodes), palette (with transparency), grey with
+    alpha, 1-bit and 16-bit grey images: RGB uint8 as PIL's convert("RGB") gives them (16-bit:
+    its value / 257 written out, as PIL's own conversion clips it), a reduced decode as the
+    2x2 block means of that."""
+    from PIL import Image
+
+    from faces.reduced_photo import read_photo
+
+    yy, xx = np.mgrid[:48, :64]
+    rgb = np.stack([xx * 4, yy * 5, 255 - xx * 2], axis=2).astype(np.uint8)
+    path = tmp_path / f"photo.{fmt.lower()}"
+    if mode == "I;16":
+        grey = (xx * 1000 + yy * 37).astype(np.uint16)
+        Image.fromarray(grey).save(path)
+        want = np.repeat(np.floor(grey / 257 + 0.5)[..., None], 3, axis=2)
+    else:
+        image = Image.fromarray(rgb).convert(mode.split("+")[0])
+        extra = {"JPEG": {"quality": 98}}.get(fmt, {"transparency": 0} if "+" in mode else {})
+        image.save(path, **extra)
+        with Image.open(path) as saved:
+            want = np.asarray(saved.convert("RGB"), np.float64)
+    photo = read_photo(path, detect_size=32 if reduce == 2 else 0)
+    assert photo.reduce == reduce and photo.full_shape == (48, 64)
+    if reduce == 2:
+        want = want.reshape(24, 2, 32, 2, 3).mean(axis=(1, 3))
+    assert photo.image.dtype == np.uint8 and photo.image.shape == want.shape
+    tolerance = {1: 1, 2: 3}[reduce] if fmt == "JPEG" else 0  # two JPEG decoders' rounding
+    assert np.abs(photo.image - want).max() <= tolerance + (0.5 if reduce == 2 else 0)
+
+
 def test_cli_bad_device_is_one_line_and_bugs_keep_their_traceback(tmp_path, capsys,
                                                                    monkeypatch):
     from utils import run_cli
