@@ -95,11 +95,20 @@ class AlignInputError(ToolkitError, ValueError):
 
 # ----------------------------------------------------------------------------- tree
 
+# Characters a file name may hold that would split a report line (a tab ends a field; str.
+# splitlines breaks at the others): written as escapes, so each file keeps one line.
+_REPORT_BREAKS = "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_REPORT_ESCAPES = {ord(c): f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+                   for c in _REPORT_BREAKS}
+
+
 def _report_text(text: str) -> str:
     """``text`` (a path relative to the source, or an error naming a file) as the report's
     UTF-8 holds it: the bytes of a file name that is not UTF-8 are written ``\\xNN``, as
-    Python shows them (the report would otherwise be cut at that name)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    Python shows them (the report would otherwise be cut at that name), and so are a tab
+    and line breaks (``\\x09``, ``\\x0a``, ``\\u2028``, ...: see _REPORT_BREAKS)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+        .translate(_REPORT_ESCAPES)
 
 
 def _read_report(path: Path) -> dict[str, tuple[str, str]]:
@@ -160,15 +169,19 @@ REPORT_KIND = OutputKind("an alignment report", _is_report)
 
 
 def align_tree(src_dir: str | Path, dst_dir: str | Path, **options: Any) -> dict[str, Any]:
-    """:func:`_align_tree` (its options by name) as the one writer of ``dst_dir``, whose
-    report is an alignment report (or new) and which is none of the source's files.
+    """:func:`_align_tree` (its options by name) as the one writer of ``dst_dir`` and of its
+    report, which is an alignment report (or new) and none of the source's files.
     Refused before any work (:func:`utils.claim_output`)."""
     report_path = options.get("report_path")
     report = Path(report_path) if report_path is not None else Path(dst_dir) / REPORT_NAME
     # DST_DIR (and so the default report) inside the source is _align_tree's first check
     inputs = {"the source": src_dir} if report_path is not None else {}
+    # The report is locked too: another run naming it as its --report would rewrite it. Not
+    # the default one of a DST_DIR not yet a folder (its lock would make DST_DIR before
+    # _align_tree's checks; a new DST_DIR's report has nothing to lose).
+    lock_report = report_path is not None or Path(dst_dir).is_dir()
     with claim_output(dst_dir, "DST_DIR"), \
-            claim_output(report, "--report", inputs, REPORT_KIND, lock=False):
+            claim_output(report, "--report", inputs, REPORT_KIND, lock=lock_report):
         return _align_tree(src_dir, dst_dir, **options)
 
 

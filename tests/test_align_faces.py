@@ -62,6 +62,36 @@ def test_estimate_similarity_recovers_a_known_similarity_exactly():
     assert np.abs(apply(big, landmarks) - 2 * TEMPLATE).max() < 0.1
 
 
+def _rotation_costs(p: np.ndarray, q: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """min over s >= 0 of sum_i ||s R(a) p_i - q_i||^2 for each angle a (centred points)."""
+    a = angles[:, None, None]
+    rp = np.concatenate([np.cos(a) * p[:, :1] - np.sin(a) * p[:, 1:],
+                         np.sin(a) * p[:, :1] + np.cos(a) * p[:, 1:]], axis=2)
+    s = np.clip((rp * q).sum(axis=(1, 2)) / (p ** 2).sum(), 0, None)[:, None, None]
+    return ((s * rp - q) ** 2).sum(axis=(1, 2))
+
+
+def test_estimate_similarity_never_mirrors_even_when_a_reflection_fits_better():
+    """Mirrored landmarks (left and right swapped, as a mirror image gives them): a
+    reflection would fit them exactly, yet the fit must be a rotation with s > 0, the least-
+    squares best among rotations: brute force over the angle in float64, the optimal scale
+    and translation written out for each."""
+    rng = np.random.default_rng(5)
+    for trial in range(5):
+        truth = similarity(rng.uniform(0.3, 2), rng.uniform(-180, 180), *rng.uniform(-90, 90, 2))
+        src = apply(np.linalg.inv(truth), TEMPLATE) * [-1.0, 1.0] + rng.normal(0, 0.5, (5, 2))
+        ours = fw.estimate_similarity(src, TEMPLATE)
+        rotation = ours[:, :2] / np.sqrt(np.linalg.det(ours[:, :2]))
+        assert np.linalg.det(ours[:, :2]) > 0
+        np.testing.assert_allclose(rotation @ rotation.T, np.eye(2), atol=1e-12)
+        p, q = src - src.mean(0), TEMPLATE - TEMPLATE.mean(0)
+        coarse = np.linspace(-np.pi, np.pi, 36001)  # 1.7e-4 rad apart, then 2e-8 around
+        near = coarse[np.argmin(_rotation_costs(p, q, coarse))]
+        best = _rotation_costs(p, q, np.linspace(near - 2e-4, near + 2e-4, 20001)).min()
+        cost = ((apply(np.vstack([ours, [0, 0, 1]]), src) - TEMPLATE) ** 2).sum()
+        assert best - 1e-9 <= cost <= best + 1e-9, (trial, cost, best)
+
+
 def test_estimate_similarity_rejects_degenerate_input():
     with pytest.raises(ValueError, match="degenerate"):
         fw.estimate_similarity(np.ones((5, 2)))
@@ -617,6 +647,32 @@ def test_odd_names_and_a_symlinked_identity_are_aligned_as_pack_sees_them(tmp_pa
         os.fsencode(rel) for rel in want)
 
 
+def test_names_with_a_tab_or_a_line_break_keep_one_report_line_each(tmp_path):
+    """Tab, line feed, carriage return, form feed and U+2028 are legal in Linux file names:
+    each file keeps one three-field line (its name with \\xNN / \\uNNNN escapes, as
+    Python's backslashreplace writes them), and the next run takes the report as its own."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    names = ["t\tab.png", "n\new.png", "r\ret.png", "f\x0cfeed.png", "u\u2028sep.png"]
+    (src / "amy").mkdir(parents=True)
+    for name in names:
+        write_image(src / "amy" / name, np.zeros((20, 20, 3), np.uint8))  # faceless: listed
+    (src / "amy" / "bad\tone.jpg").write_bytes(b"not an image")
+    fake = _TopLeftAligner()
+    fake.size = fw.TEMPLATE_SIZE
+    escaped = {"\t": "\\x09", "\n": "\\x0a", "\r": "\\x0d", "\x0c": "\\x0c",
+               "\u2028": "\\u2028"}
+    want = sorted(["no_face", "amy/" + "".join(escaped.get(c, c) for c in name)]
+                  for name in names) + [["unreadable", "amy/bad\\x09one.jpg"]]
+    for run in range(2):
+        summary = af.align_tree(src, dst, progress=False, aligner=fake, num_workers=1)
+        assert summary["report_entries"] == len(names) + 1, run
+        lines = (dst / af.REPORT_NAME).read_text(encoding="utf-8").split("\n")
+        assert lines.pop() == ""  # the file ends with a line feed and has no other break
+        fields = [line.split("\t") for line in lines]
+        assert all(len(f) == 3 for f in fields), fields
+        assert sorted(f[:2] for f in fields) == sorted(want), run
+
+
 def test_a_crop_that_cannot_be_written_is_listed_and_the_others_are_done(tmp_path, capsys,
                                                                         monkeypatch):
     """One file's output the destination refuses (here a file where its folder should be;
@@ -847,6 +903,40 @@ def test_read_photo_returns_the_error_for_a_missing_or_undecodable_file(tmp_path
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a JPEG")
     bad = read_photo(tmp_path / "bad.jpg", af.DEFAULT_DETECT_SIZE)
     assert isinstance(bad, ImageReadError) and "bad.jpg" in str(bad)
+
+
+@pytest.mark.parametrize("mode,fmt,reduce", [
+    ("CMYK", "JPEG", 1), ("CMYK", "JPEG", 2), ("L", "JPEG", 2), ("P", "PNG", 1),
+    ("P+tRNS", "PNG", 1), ("LA", "PNG", 1), ("1", "PNG", 1), ("I;16", "PNG", 1), ("P", "BMP", 1)])
+def test_read_photo_gives_rgb_of_every_colour_mode(tmp_path, mode, fmt, reduce):
+    """CMYK and greyscale JPEGs (full and 1/2 decodes), palette (with transparency), grey with
+    alpha, 1-bit and 16-bit grey images: RGB uint8 as PIL's convert("RGB") gives them (16-bit:
+    its value / 257 written out, as PIL's own conversion clips it), a reduced decode as the
+    2x2 block means of that."""
+    from PIL import Image
+
+    from faces.reduced_photo import read_photo
+
+    yy, xx = np.mgrid[:48, :64]
+    rgb = np.stack([xx * 4, yy * 5, 255 - xx * 2], axis=2).astype(np.uint8)
+    path = tmp_path / f"photo.{fmt.lower()}"
+    if mode == "I;16":
+        grey = (xx * 1000 + yy * 37).astype(np.uint16)
+        Image.fromarray(grey).save(path)
+        want = np.repeat(np.floor(grey / 257 + 0.5)[..., None], 3, axis=2)
+    else:
+        image = Image.fromarray(rgb).convert(mode.split("+")[0])
+        extra = {"JPEG": {"quality": 98}}.get(fmt, {"transparency": 0} if "+" in mode else {})
+        image.save(path, **extra)
+        with Image.open(path) as saved:
+            want = np.asarray(saved.convert("RGB"), np.float64)
+    photo = read_photo(path, detect_size=32 if reduce == 2 else 0)
+    assert photo.reduce == reduce and photo.full_shape == (48, 64)
+    if reduce == 2:
+        want = want.reshape(24, 2, 32, 2, 3).mean(axis=(1, 3))
+    assert photo.image.dtype == np.uint8 and photo.image.shape == want.shape
+    tolerance = {1: 1, 2: 3}[reduce] if fmt == "JPEG" else 0  # two JPEG decoders' rounding
+    assert np.abs(photo.image - want).max() <= tolerance + (0.5 if reduce == 2 else 0)
 
 
 def test_cli_bad_device_is_one_line_and_bugs_keep_their_traceback(tmp_path, capsys,

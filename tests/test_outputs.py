@@ -119,6 +119,20 @@ def test_align_report_over_a_file_that_is_not_a_report_is_refused(tmp_path, caps
     utils.check_output(empty, "--report", kind=align_faces.REPORT_KIND)
 
 
+def test_two_alignments_sharing_one_report_are_refused(tmp_path):
+    """Two runs into different DST_DIRs with one --report would each rewrite it with only
+    their own files' entries: the second writer is refused, and writes nothing."""
+    import align_faces
+
+    src = _small_tree(tmp_path / "photos")
+    report = tmp_path / "shared.tsv"
+    dst = tmp_path / "aligned"
+    with Holder(report) as holder:
+        with pytest.raises(OutputBusyError, match=f"--report {report}: .*pid {holder.proc.pid}"):
+            align_faces.align_tree(src, dst, report_path=report, progress=False)
+    assert not dst.exists() and not report.exists()
+
+
 def test_onnx_out_over_its_checkpoint_is_refused(tmp_path, capsys):
     import torch
 
