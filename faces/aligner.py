@@ -16,7 +16,13 @@ from facenet_pytorch import MTCNN
 
 from faces import mtcnn_cascade
 from faces.face_warp import TEMPLATE_SIZE, check_rgb, template_for_size, warp_face
-from faces.mtcnn_cascade import Detections, map_detections, map_from_copy, no_faces
+from faces.mtcnn_cascade import (
+    MTCNN_COORDINATE_OFFSET,
+    Detections,
+    map_detections,
+    map_from_copy,
+    no_faces,
+)
 from faces.reduced_photo import Photo
 from utils import get_device, get_logger
 
@@ -63,8 +69,9 @@ CASCADES = ("opencv", "facenet")
 DEFAULT_REFINE_STEPS = 2
 # What the landmarks of given settings mean, for caches keyed by the settings (lfw_images):
 # 1 the last refine step's, 2 the mean of MTCNN's and every step's, 3 as 2 with each step
-# averaged with its mirrored crop's and crops that leave the photo padded black.
-LANDMARK_RULE = 3
+# averaged with its mirrored crop's and crops that leave the photo padded black, 4 as 3 in
+# 0-based pixels (crops one photo pixel up and left of 3's).
+LANDMARK_RULE = 4
 DEFAULT_BATCH_SIZE = 32
 CENTRE_OFFSET_WEIGHT = 2.0  # InsightFace's weight on the squared centre offset
 # The central-face rule only weighs detections whose O-net score is at least this when the
@@ -126,8 +133,10 @@ class AlignedFace:
     """One aligned face: the crop and where it came from in the original image."""
 
     crop: np.ndarray  # uint8 (size, size, 3) RGB
-    box: np.ndarray  # float (4,) x1, y1, x2, y2 in the original image
-    landmarks: np.ndarray  # float (5, 2) (x, y) in the original image
+    # box and landmarks in the original image's 0-based pixels (pixel k's centre at k), the
+    # frame the template is in: MTCNN's 1-based ones less MTCNN_COORDINATE_OFFSET
+    box: np.ndarray  # float (4,) x1, y1, x2, y2
+    landmarks: np.ndarray  # float (5, 2) (x, y)
     score: float  # MTCNN's face probability
 
 
@@ -241,7 +250,8 @@ class FaceAligner:
 
     def detect(self, image: np.ndarray) -> Detections:
         """All faces in an RGB image: boxes (N, 4) x1 y1 x2 y2, probabilities (N,),
-        landmarks (N, 5, 2), in the image's pixels; N may be 0."""
+        landmarks (N, 5, 2), in the image's pixels as MTCNN counts them (1-based: less
+        MTCNN_COORDINATE_OFFSET before warping); N may be 0."""
         image = check_rgb(image)
         return self._detect_scaled([image])[0]
 
@@ -253,6 +263,9 @@ class FaceAligner:
         if len(detections[0]) == 0:
             return None
         boxes, probs, points = map_detections(detections, photo.to_full)
+        # 0-based, as the template and the warp count pixels (MTCNN's 1-based points moved
+        # every crop one photo pixel down and right)
+        boxes, points = boxes - MTCNN_COORDINATE_OFFSET, points - MTCNN_COORDINATE_OFFSET
         if hint_box is None:
             k = select_central_face(boxes, photo.full_shape, probs)
         else:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from faces.face_warp import warp_face
 from faces.file_alignment import align_files
+from faces.mtcnn_cascade import MTCNN_COORDINATE_OFFSET
 from utils import ImageReadError, ToolkitError, list_images, read_image
 
 SHEET_TILE_INCHES = 1.6  # one face of the contact sheet
@@ -89,6 +90,8 @@ def every_face(aligner: Any, paths: Sequence[Path], progress: bool = True) -> It
             yield PhotoFaces(path, [], e)
             continue
         boxes, _, landmarks = aligner.detect(image)
+        # MTCNN's 1-based pixels to the 0-based ones of the template and of align()'s faces
+        boxes, landmarks = boxes - MTCNN_COORDINATE_OFFSET, landmarks - MTCNN_COORDINATE_OFFSET
         yield PhotoFaces(path, [Face([float(v) for v in box[:4]],
                                      warp_face(image, points, aligner.size))
                                 for box, points in zip(boxes, landmarks, strict=True)])

@@ -356,7 +356,8 @@ def test_hint_box_picks_the_overlapping_face(aligner):
     boxes, probs, _ = aligner.detect(canvas)
     assert len(boxes) == 2 and boxes.dtype == np.float64 and probs.dtype == np.float64
     central = aligner.align(canvas)
-    assert central.box[0] == boxes[faces_aligner.select_central_face(boxes, canvas.shape)][0]
+    k = faces_aligner.select_central_face(boxes, canvas.shape)
+    assert central.box[0] == boxes[k][0] - mc.MTCNN_COORDINATE_OFFSET  # detect's are 1-based
     assert central.box[0] > 200
     left = aligner.align(canvas, hint_box=[0, 30, 150, 170])
     assert left is not None and left.box[2] < 150
@@ -956,3 +957,27 @@ def test_cli_bad_device_is_one_line_and_bugs_keep_their_traceback(tmp_path, caps
     monkeypatch.setattr(af, "align_tree", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         run_cli(af.main, [str(src), str(tmp_path / "dst"), "--no-progress"])
+
+
+def test_landmarks_on_the_template_give_the_photo_itself_as_the_crop(aligner, monkeypatch,
+                                                                      tmp_path):
+    """MTCNN reports pixel k as k + MTCNN_COORDINATE_OFFSET; the template (and cv2's warp)
+    count from 0. A detection whose 0-based landmarks are exactly the template's must crop
+    the 112 px photo unmoved (the identity similarity), in align() and in identify's
+    every_face; with the 1-based points every crop sat one pixel off."""
+    from gallery.photos import every_face  # identify's --all-faces path
+
+    photo = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    template = fw.template_for_size(112)
+    offset = mc.MTCNN_COORDINATE_OFFSET
+    found = (np.array([[10.0, 12.0, 100.0, 104.0]]) + offset, np.array([0.99]),
+             (template + offset)[None])
+    monkeypatch.setattr(aligner, "_detect_scaled", lambda images: [found for _ in images])
+    face = aligner.align(photo)
+    np.testing.assert_allclose(face.landmarks, template, atol=1e-9)
+    np.testing.assert_allclose(face.box, [10.0, 12.0, 100.0, 104.0], atol=1e-9)
+    assert np.abs(face.crop.astype(int) - photo).max() <= 1  # bilinear at whole pixels
+    write_image(tmp_path / "p.png", photo)
+    (listed,) = every_face(aligner, [tmp_path / "p.png"], progress=False)
+    assert np.abs(listed.faces[0].crop.astype(int) - photo).max() <= 1
+    assert listed.faces[0].box == pytest.approx([10.0, 12.0, 100.0, 104.0])
