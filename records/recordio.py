@@ -44,6 +44,7 @@ ALIGN = 4
 _IR_HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
 IR_HEADER_SIZE = _IR_HEADER.size
 LABEL_DTYPE = np.dtype("<f4")
+INT64_END = 2**63  # .idx keys and offsets are kept as int64: each must lie below this
 
 _SCAN_CHUNK = 1 << 20  # bytes read at a time while searching for the next magic
 # files of a set that are easily given instead of its .rec
@@ -123,6 +124,10 @@ def read_idx(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             except (IndexError, ValueError):
                 raise RecordIOError(f"{idx_path}:{line_no}: expected 'key<TAB>offset', "
                                     f"got {line.rstrip()!r}") from None
+            if not (-INT64_END <= key < INT64_END and 0 <= offset < INT64_END):
+                where = "negative" if offset < 0 else "past the int64 range"
+                raise RecordIOError(f"{idx_path}:{line_no}: key or byte offset {where} in "
+                                    f"{line.rstrip()!r}")
             keys.append(key)
             offsets.append(offset)
     return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)

@@ -148,3 +148,24 @@ def test_cli_errors_are_one_line(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert proc.stderr.startswith("error: ") and str(path) in proc.stderr
+
+
+@pytest.mark.parametrize("line, why", [("1\t-8", "negative"), (f"1\t{2**64}", "past"),
+                                       (f"{2**63}\t0", "past")])
+def test_idx_offset_out_of_range_is_one_error_naming_the_idx_line(tmp_path, line, why):
+    """A .idx line whose key or offset no int64 byte offset can be (a negative offset ended
+    in os.pread's bare 'Invalid argument'; 2**64 in NumPy's OverflowError) is refused naming
+    the .idx and its line, as a line that is no number is."""
+    rec = tmp_path / "o.rec"
+    lib.write_rec(rec, list(_payloads().items()))
+    idx = rec.with_suffix(".idx")
+    lines = idx.read_text().splitlines()
+    lines[1] = line
+    idx.write_text("\n".join(lines) + "\n")
+    with pytest.raises(recordio.RecordIOError, match=why) as err:
+        recordio.read_idx(idx)
+    assert f"{idx}:2:" in str(err.value)
+    proc = subprocess.run([sys.executable, "pre_process.py", "--rec", str(rec), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: {idx}:2:" in proc.stderr
