@@ -249,6 +249,10 @@ class RingBufferLoader:
         return self._batches(self._generation.value)
 
     def _batches(self, gen: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if gen != self._generation.value:  # the workers would skip its tasks: empty batches
+            raise RuntimeError("RingBufferLoader supports one iteration at a time (this "
+                               "iterator was overtaken by a newer iter() before its first "
+                               "batch)")
         self._active = True
         batches = iter(self.batch_sampler)
         ready: dict[int, tuple[int, int, bytes | None]] = {}
