@@ -687,3 +687,18 @@ def test_pack_of_a_tree_with_no_readable_image_leaves_the_previous_set(tmp_path)
     assert proc.stderr.startswith(f"error: --pack {bad}: no readable image") \
         and "2 unreadable" in proc.stderr
     assert _set_files(out) == before
+
+
+def test_idx_with_crlf_shuffled_lines_and_no_final_newline_indexes_the_same(tmp_path):
+    """A .idx edited on Windows (CRLF), its lines out of key order, a blank line, no newline
+    after the last: the same images, labels and byte offsets as the test library wrote."""
+    rec, offsets, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    idx = rec.with_suffix(".idx")
+    lines = idx.read_text().splitlines()
+    shuffled = lines[::-1][:3] + [""] + lines[::-1][3:]
+    idx.write_bytes("\r\n".join(shuffled).encode())
+    index = record_index.index_record_file(rec, progress=False)
+    assert index.has_header and index.lost == 0 and index.unreadable_bytes == 0
+    assert index.keys.tolist() == [k for k, _, _ in expected]  # image keys 1..N in order
+    assert index.offsets.tolist() == [offsets[k] for k, _, _ in expected]
+    assert index.labels.tolist() == _expected_labels(expected)
