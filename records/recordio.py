@@ -130,7 +130,27 @@ def read_idx(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                                     f"{line.rstrip()!r}")
             keys.append(key)
             offsets.append(offset)
-    return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+    keys_arr = np.asarray(keys, dtype=np.int64)
+    # the usual .idx lists its keys in increasing order: no key twice, no sort needed
+    if not (keys_arr[1:] > keys_arr[:-1]).all() and np.unique(keys_arr).size != keys_arr.size:
+        _refuse_repeated_key(idx_path)
+    return keys_arr, np.asarray(offsets, dtype=np.int64)
+
+
+def _refuse_repeated_key(idx_path: Path) -> None:
+    """RecordIOError naming the first line of ``idx_path`` that lists a key again (a reader
+    would take one of the two records, or one twice); read again only on this rare path."""
+    line_of: dict[str, int] = {}
+    with open(idx_path, encoding="ascii", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            key = str(int(line.split()[0]))
+            if key in line_of:
+                raise RecordIOError(f"{idx_path}:{line_no}: key {key} is listed again (first "
+                                    f"on line {line_of[key]}); fix the .idx, or delete it and "
+                                    f"the .rec is scanned")
+            line_of[key] = line_no
 
 
 def default_idx_path(rec_path: str | Path) -> Path:

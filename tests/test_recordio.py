@@ -169,3 +169,19 @@ def test_idx_offset_out_of_range_is_one_error_naming_the_idx_line(tmp_path, line
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: {idx}:2:" in proc.stderr
+
+
+def test_idx_listing_a_key_twice_is_refused_naming_both_lines(tmp_path):
+    """A .idx that lists key 2 twice (here the same line appended again) made a headerless
+    set index record 2 twice: one image trained twice an epoch, without a word."""
+    from records import record_index
+
+    payloads = {k: lib.ir_payload(float(k % 2), lib.jpeg_bytes(lib.textured_image(k)))
+                for k in range(4)}
+    rec = tmp_path / "plain.rec"
+    offsets = lib.write_rec(rec, list(payloads.items()))
+    idx = rec.with_suffix(".idx")
+    idx.write_text(idx.read_text() + f"2\t{offsets[2]}\n")  # line 5 repeats line 3
+    with pytest.raises(recordio.RecordIOError) as err:
+        record_index.index_record_file(rec, progress=False)
+    assert f"{idx}:5: key 2 is listed again (first on line 3)" in str(err.value)
