@@ -158,6 +158,12 @@ class RingBufferLoader:
     # ------------------------------------------------------------------ workers
 
     @property
+    def sampler(self) -> Any:
+        """The per-index sampler inside the batch sampler (None for a list of lists), as
+        DataLoader's ``.sampler``: ``loader.sampler.set_epoch(e)`` reshuffles a distributed one."""
+        return getattr(self.batch_sampler, "sampler", None)
+
+    @property
     def worker_pids(self) -> list[int]:
         """Process ids of the running workers (empty when none run)."""
         return [w.pid for w in self._workers]
