@@ -210,6 +210,10 @@ def _pack_folder(src_dir: str | Path, out_rec: str | Path, idx_path: str | Path 
     try:
         summary = _write_records(paths, labels, names, temps[out_rec], temps[idx_path],
                                  image_size, quality, progress)
+        if not summary.images:  # refused before the renames: the set at --out stays
+            first = f" (first: {summary.unreadable[0]})" if summary.unreadable else ""
+            raise DatasetError(f"--pack {src_dir}: no readable image, {len(summary.unreadable)}"
+                               f" unreadable{first}; {out_rec} is left as it was")
         index = index_record_file(temps[out_rec], temps[idx_path], progress=progress)
         if index.lost or len(index) != summary.images:
             raise DatasetError(f"{temps[out_rec]}: the packed set does not read back "

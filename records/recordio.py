@@ -44,6 +44,7 @@ ALIGN = 4
 _IR_HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
 IR_HEADER_SIZE = _IR_HEADER.size
 LABEL_DTYPE = np.dtype("<f4")
+INT64_END = 2**63  # .idx keys and offsets are kept as int64: each must lie below this
 
 _SCAN_CHUNK = 1 << 20  # bytes read at a time while searching for the next magic
 # files of a set that are easily given instead of its .rec
@@ -123,9 +124,33 @@ def read_idx(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             except (IndexError, ValueError):
                 raise RecordIOError(f"{idx_path}:{line_no}: expected 'key<TAB>offset', "
                                     f"got {line.rstrip()!r}") from None
+            if not (-INT64_END <= key < INT64_END and 0 <= offset < INT64_END):
+                where = "negative" if offset < 0 else "past the int64 range"
+                raise RecordIOError(f"{idx_path}:{line_no}: key or byte offset {where} in "
+                                    f"{line.rstrip()!r}")
             keys.append(key)
             offsets.append(offset)
-    return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+    keys_arr = np.asarray(keys, dtype=np.int64)
+    # the usual .idx lists its keys in increasing order: no key twice, no sort needed
+    if not (keys_arr[1:] > keys_arr[:-1]).all() and np.unique(keys_arr).size != keys_arr.size:
+        _refuse_repeated_key(idx_path)
+    return keys_arr, np.asarray(offsets, dtype=np.int64)
+
+
+def _refuse_repeated_key(idx_path: Path) -> None:
+    """RecordIOError naming the first line of ``idx_path`` that lists a key again (a reader
+    would take one of the two records, or one twice); read again only on this rare path."""
+    line_of: dict[str, int] = {}
+    with open(idx_path, encoding="ascii", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            key = str(int(line.split()[0]))
+            if key in line_of:
+                raise RecordIOError(f"{idx_path}:{line_no}: key {key} is listed again (first "
+                                    f"on line {line_of[key]}); fix the .idx, or delete it and "
+                                    f"the .rec is scanned")
+            line_of[key] = line_no
 
 
 def default_idx_path(rec_path: str | Path) -> Path:

@@ -136,6 +136,30 @@ def test_distributed_sampler_splits_and_reshuffles(tmp_path):
         data_gen.build_loader(ds, batch_size=2, distributed=True)
 
 
+def test_distributed_ring_loader_takes_set_epoch(tmp_path):
+    """With ring=True the loader is a RingBufferLoader: set_epoch (the call the docstring
+    asks for every epoch) raised AttributeError (no .sampler), so each epoch could only
+    repeat epoch 0's order. Each epoch's batches must be torch's DistributedSampler's."""
+    rec, _, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    ds = data_gen.FaceRecordDataset(rec, train=False)
+    loader = data_gen.build_loader(ds, batch_size=4, num_workers=1, distributed=True,
+                                   num_replicas=2, rank=1, seed=3, ring=True)
+    reference = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=1, seed=3,
+                                                    drop_last=True)
+    orders = []
+    try:
+        for epoch in (0, 1):
+            data_gen.set_epoch(loader, epoch)
+            reference.set_epoch(epoch)
+            want = list(reference)
+            got = np.concatenate([images.numpy().copy() for images, _ in loader])
+            np.testing.assert_array_equal(got, np.stack([expected[i][2] for i in want]))
+            orders.append(want)
+    finally:
+        loader.close()
+    assert orders[0] != orders[1]
+
+
 def test_image_folder_dataset(tmp_path):
     root = tmp_path / "faces"
     want = {}

@@ -196,6 +196,24 @@ def test_bad_batch_sampler_and_arguments_are_refused(tmp_path):
     assert len(RingBufferLoader(ds, sampler)) == 4 == len(sampler)
 
 
+def test_an_iterator_overtaken_by_a_newer_one_raises_instead_of_yielding_empty_batches(
+        tmp_path):
+    """iter(loader) twice before the first is read: the workers skip the older iteration's
+    tasks, which then came back as batches of 0 images. The old iterator must refuse; the
+    newer one gives every image."""
+    rec, _, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    ds = data_gen.FaceRecordDataset(rec, train=False)
+    with RingBufferLoader(ds, BATCHES, num_workers=1, batch_size=4, timeout=TIMEOUT_S,
+                          persistent_workers=True) as loader:
+        older, newer = iter(loader), iter(loader)
+        with pytest.raises(RuntimeError, match="one iteration at a time"):
+            next(older)
+        got = [(images.numpy().copy(), labels.tolist()) for images, labels in newer]
+    assert [labels for _, labels in got] == [[expected[i][1] for i in b] for b in BATCHES]
+    for batch, (images, _) in zip(BATCHES, got, strict=True):
+        np.testing.assert_array_equal(images, np.stack([expected[i][2] for i in batch]))
+
+
 def test_train_loader_ring_and_dataloader_give_the_same_batches(tmp_path):
     import train
     from config import make_config

@@ -667,3 +667,38 @@ def test_pack_keeps_the_identity_names_in_label_order_in_its_index(tmp_path):
     assert record_index.index_record_file(out, progress=False).identities is None
     assert pre_process.main(["--rec", str(out), "--no-progress"]) == 0
     assert record_index.load_index(out).identities == ["amy", "bob", "zed"]
+
+
+def test_pack_of_a_tree_with_no_readable_image_leaves_the_previous_set(tmp_path):
+    """A tree whose every image is unreadable packs no image: the run fails in one line
+    naming the source, and the set already at --out stays byte for byte (it was replaced by
+    an empty set before the refusal)."""
+    out = tmp_path / "set" / "train.rec"
+    pre_process.pack_folder(_small_tree(tmp_path / "old"), out, progress=False)
+    before = _set_files(out)
+    bad = tmp_path / "bad"
+    for name in ("amy", "bob"):
+        (bad / name).mkdir(parents=True)
+        (bad / name / "0.jpg").write_bytes(b"not a photo")
+    proc = subprocess.run([sys.executable, "pre_process.py", "--pack", str(bad), "--out",
+                           str(out), "--no-progress"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: --pack {bad}: no readable image") \
+        and "2 unreadable" in proc.stderr
+    assert _set_files(out) == before
+
+
+def test_idx_with_crlf_shuffled_lines_and_no_final_newline_indexes_the_same(tmp_path):
+    """A .idx edited on Windows (CRLF), its lines out of key order, a blank line, no newline
+    after the last: the same images, labels and byte offsets as the test library wrote."""
+    rec, offsets, expected = lib.build_insightface_set(tmp_path, COUNTS)
+    idx = rec.with_suffix(".idx")
+    lines = idx.read_text().splitlines()
+    shuffled = lines[::-1][:3] + [""] + lines[::-1][3:]
+    idx.write_bytes("\r\n".join(shuffled).encode())
+    index = record_index.index_record_file(rec, progress=False)
+    assert index.has_header and index.lost == 0 and index.unreadable_bytes == 0
+    assert index.keys.tolist() == [k for k, _, _ in expected]  # image keys 1..N in order
+    assert index.offsets.tolist() == [offsets[k] for k, _, _ in expected]
+    assert index.labels.tolist() == _expected_labels(expected)

@@ -148,3 +148,40 @@ def test_cli_errors_are_one_line(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert proc.stderr.startswith("error: ") and str(path) in proc.stderr
+
+
+@pytest.mark.parametrize("line, why", [("1\t-8", "negative"), (f"1\t{2**64}", "past"),
+                                       (f"{2**63}\t0", "past")])
+def test_idx_offset_out_of_range_is_one_error_naming_the_idx_line(tmp_path, line, why):
+    """A .idx line whose key or offset no int64 byte offset can be (a negative offset ended
+    in os.pread's bare 'Invalid argument'; 2**64 in NumPy's OverflowError) is refused naming
+    the .idx and its line, as a line that is no number is."""
+    rec = tmp_path / "o.rec"
+    lib.write_rec(rec, list(_payloads().items()))
+    idx = rec.with_suffix(".idx")
+    lines = idx.read_text().splitlines()
+    lines[1] = line
+    idx.write_text("\n".join(lines) + "\n")
+    with pytest.raises(recordio.RecordIOError, match=why) as err:
+        recordio.read_idx(idx)
+    assert f"{idx}:2:" in str(err.value)
+    proc = subprocess.run([sys.executable, "pre_process.py", "--rec", str(rec), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: {idx}:2:" in proc.stderr
+
+
+def test_idx_listing_a_key_twice_is_refused_naming_both_lines(tmp_path):
+    """A .idx that lists key 2 twice (here the same line appended again) made a headerless
+    set index record 2 twice: one image trained twice an epoch, without a word."""
+    from records import record_index
+
+    payloads = {k: lib.ir_payload(float(k % 2), lib.jpeg_bytes(lib.textured_image(k)))
+                for k in range(4)}
+    rec = tmp_path / "plain.rec"
+    offsets = lib.write_rec(rec, list(payloads.items()))
+    idx = rec.with_suffix(".idx")
+    idx.write_text(idx.read_text() + f"2\t{offsets[2]}\n")  # line 5 repeats line 3
+    with pytest.raises(recordio.RecordIOError) as err:
+        record_index.index_record_file(rec, progress=False)
+    assert f"{idx}:5: key 2 is listed again (first on line 3)" in str(err.value)

@@ -158,6 +158,12 @@ class RingBufferLoader:
     # ------------------------------------------------------------------ workers
 
     @property
+    def sampler(self) -> Any:
+        """The per-index sampler inside the batch sampler (None for a list of lists), as
+        DataLoader's ``.sampler``: ``loader.sampler.set_epoch(e)`` reshuffles a distributed one."""
+        return getattr(self.batch_sampler, "sampler", None)
+
+    @property
     def worker_pids(self) -> list[int]:
         """Process ids of the running workers (empty when none run)."""
         return [w.pid for w in self._workers]
@@ -249,6 +255,10 @@ class RingBufferLoader:
         return self._batches(self._generation.value)
 
     def _batches(self, gen: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if gen != self._generation.value:  # the workers would skip its tasks: empty batches
+            raise RuntimeError("RingBufferLoader supports one iteration at a time (this "
+                               "iterator was overtaken by a newer iter() before its first "
+                               "batch)")
         self._active = True
         batches = iter(self.batch_sampler)
         ready: dict[int, tuple[int, int, bytes | None]] = {}
