@@ -98,6 +98,20 @@ def test_parse_pairs_header_and_line_count_errors_name_the_line(tmp_path):
         lfw_pairs.parse_pairs(path)
 
 
+@pytest.mark.parametrize("lines, line, field", [
+    (["1\t1", "A\t1\t\u00b2", "A\t1\tB\t2"], 2, "image number '\u00b2'"),  # superscript 2
+    (["1\t1", "A\t1\t2", "A\t\u0663\tB\t2"], 3, "image number '\u0663'"),  # Arabic-Indic 3
+    (["\u00b9\t1", "A\t1\t2", "A\t1\tB\t2"], 1, "header"),
+])
+def test_parse_pairs_non_ascii_digits_are_one_line_naming_the_line(tmp_path, lines, line, field):
+    """str.isdigit accepts '\u00b2' that int() refuses: a traceback, not a PairsFileError.
+    LFW's numbers are ASCII digits; any other is refused naming the file and line."""
+    path = tmp_path / "pairs.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(lfw_pairs.PairsFileError, match=rf"pairs\.txt:{line}: .*{field}"):
+        lfw_pairs.parse_pairs(path)
+
+
 @pytest.mark.parametrize("data, line, what", [
     (gzip.compress(b"10\t300\nA\t1\t2\n"), 1, "gzip"),
     (bytes(range(128, 256)) * 4, 1, "not UTF-8 text"),
