@@ -416,9 +416,9 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     names = distinct_images(pairs)  # the crops' order, before unreadable pairs are left out
     left_out = 0
     if unreadable:
-        kept = set(readable_pairs(pairs, unreadable))
-        folds = folds[[p in kept for p in pairs]]
-        left_out, pairs = len(pairs) - len(kept), [p for p in pairs if p in kept]
+        readable = [p.path1 not in unreadable and p.path2 not in unreadable for p in pairs]
+        folds = folds[readable]  # per line: a file may list one pair twice (a set would not)
+        left_out, pairs = readable.count(False), readable_pairs(pairs, unreadable)
     labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]
     # the set is recorded by folder and pairs file content: the pairs decide every score,
     # and hashing the images would cost a pass over them (the crop cache checks their stamps)

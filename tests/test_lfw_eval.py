@@ -534,6 +534,41 @@ def test_lfw_cli_scores_the_pairs_whose_images_read_and_names_the_others(tiny_ru
     assert not list((tmp_path / "cache").glob("*.npz"))  # an unreadable file is never cached
 
 
+def test_skip_unreadable_counts_left_out_pairs_when_the_file_repeats_a_pair(tiny_run, tmp_path,
+                                                                          capsys):
+    """A pairs file may list one pair twice in a fold (a hand-made subset): both are scored,
+    and ``pairs_left_out`` counts the lines naming an unreadable image, not lines minus the
+    distinct kept pairs."""
+    import shutil
+
+    lfw = tmp_path / "lfw"
+    shutil.copytree(tiny_run["lfw_dir"], lfw)
+    a, b, c = sorted(d.name for d in lfw.iterdir() if d.is_dir())[:3]
+    diffs = [f"{a}\t1\t{b}\t2", f"{b}\t1\t{c}\t3", f"{c}\t2\t{a}\t1"]
+    lines = ["2\t3", f"{b}\t1\t3", f"{c}\t1\t2", f"{c}\t1\t2", *diffs,  # fold 1 repeats c 1 2
+             f"{a}\t2\t3", f"{b}\t2\t3", f"{c}\t1\t2", *diffs]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    bad = lfw / b / f"{b}_0003.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    # the truth, line by line: a pair line is left out when it names image 3 of b
+    named = 0
+    for line in lines[1:]:
+        f = line.split("\t")
+        images = [(f[0], f[1]), (f[0], f[2])] if len(f) == 3 else [(f[0], f[1]), (f[2], f[3])]
+        named += (b, "3") in images
+    assert named == 2
+    argv = ["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
+            "--lfw-dir", str(lfw), "--pairs", str(tmp_path / "pairs.txt"),
+            "--out", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache"),
+            "--skip-unreadable"]
+    assert lfw_eval.main(argv) == 0
+    out = capsys.readouterr().out
+    r = json.loads(lfw_eval.lfw_results_path(tmp_path / "eval", lfw, tmp_path / "pairs.txt")
+                   .read_text())
+    assert r["n_pairs"] == 12 - named and r["pairs_left_out"] == named
+    assert f"  {named} pairs left out: 1 of their images cannot be read" in out
+
+
 def _compare(tiny_run, capsys, a, b, *extra):
     capsys.readouterr()
     rc = lfw_eval.main(["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
