@@ -430,6 +430,13 @@ def _lists_and_subset(args) -> tuple[Path | None, dict[int, list[str]], str]:
     if subset == "devkit" and not size_lists:
         raise MegaFaceError("--subset devkit needs --templatelists with megaface_features_list"
                             ".json_<N>_1 files for the requested --sizes")
+    if subset != "devkit":  # the first N of a sorted tree are a few Flickr folders' photos
+        log.warning("distractor sets of each size are the %s, not the devkit's "
+                    "megaface_features_list.json_<N>_1: the numbers are not comparable with "
+                    "published ones (pass --templatelists)",
+                    "first N of a --seed permutation" if subset == "random"
+                    else "first N of --megaface-list" if args.megaface_list
+                    else "first N of the tree (sorted)")
     return facescrub_list, size_lists, subset
 
 

@@ -752,6 +752,30 @@ def test_evaluate_and_devkit_warn_on_features_that_are_not_cleaned(tmp_path, fea
                           str(root)]) == 0 and warned()
 
 
+def test_evaluate_warns_when_distractor_subsets_are_not_the_devkits(tmp_path, features,
+                                                                  megaface_log):
+    """Without the devkit's megaface_features_list.json_<N>_1 the N distractors are the first
+    N of the sorted tree (one Flickr folder for small N) or a seeded draw: not the published
+    protocol's sets, so the run says so; with the lists it does not."""
+    probes, labels, distractors = features
+    root, _ = _evaluate_tree(tmp_path, features)
+    (root / "remove_noises.json").write_text("{}")  # only the subset warning is under test
+    argv = ["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+            str(tmp_path / "r"), "--sizes", "10", "--fars", "--device", "cpu"]
+    warned = lambda: [m for m in megaface_log if "--templatelists" in m]  # noqa: E731
+    for subset in ("first", "random"):
+        megaface_log.clear()
+        assert megaface.main(argv + ["--subset", subset]) == 0
+        assert len(warned()) == 1 and "not the devkit's" in warned()[0], megaface_log
+    lists = tmp_path / "templatelists"
+    lists.mkdir()
+    (lists / "megaface_features_list.json_10_1").write_text(json.dumps(
+        {"path": [f"{i % 7}/u{i % 3}@N00/{i:04d}_0.jpg" for i in range(10)]}))
+    megaface_log.clear()
+    assert megaface.main(argv + ["--templatelists", str(lists)]) == 0
+    assert not warned(), megaface_log
+
+
 def test_gen_features_refuses_non_finite_embeddings(tmp_path):
     from utils import ToolkitError, write_image
 
