@@ -285,6 +285,31 @@ def test_remove_noises_on_tiny_tree(tmp_path):
             np.testing.assert_array_equal(got[:8], vec)
 
 
+def test_noisy_probe_is_the_sum_of_its_mates_plus_noise_as_insightface_writes_it(tmp_path):
+    """InsightFace's remove_noises.py replaces a listed probe by (sum of its identity's clean
+    features + U(-1e-3, 1e-3) per dimension), normalised: with 40 mates the noise moves it
+    ~1e-4 off the centre's direction. Noise of that amplitude added to the MEAN (norm ~1/6
+    here) would move it 40x as far."""
+    rng = np.random.default_rng(5)
+    dim, mates = 8, 40
+    unit = lambda v: (v / np.linalg.norm(v)).astype(np.float32)  # noqa: E731
+    probes = {f"Ann/Ann_{i}.png": unit(rng.standard_normal(dim)) for i in range(mates + 1)}
+    src = tmp_path / "feat"
+    _write_tree(src / "facescrub", probes)
+    _write_tree(src / "megaface", {"1/u@N00/1_0.jpg": unit(rng.standard_normal(dim))})
+    (tmp_path / "fs.txt").write_text("Ann_0.png\n")
+    (tmp_path / "mf.txt").write_text("9/x@N00/9_0.jpg\n")
+    megaface_noise.remove_noises(src, tmp_path / "clean", tmp_path / "mf.txt",
+                                 tmp_path / "fs.txt", progress=False)
+    got = megaface_features.read_feature(tmp_path / "clean/facescrub/Ann/Ann_0.png_0.bin")
+    total = np.sum([np.float64(v) for k, v in probes.items() if k != "Ann/Ann_0.png"], axis=0)
+    # the reference's bound, in float64: |u| <= 1e-3 * sqrt(dim) moves f/|f| by at most
+    # 2|u|/|sum| (and the extra dimension stays 0)
+    bound = 2 * 1e-3 * np.sqrt(dim) / np.linalg.norm(total)
+    assert np.linalg.norm(got[:dim] - total / np.linalg.norm(total)) <= bound + 1e-6
+    assert got[dim] == 0.0 and np.linalg.norm(got) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_flagged_distractor_cannot_outrank_anything(features):
     probes, labels, distractors = features
     ext = lambda x, v: np.hstack([x, np.full((len(x), 1), v, np.float32)])  # noqa: E731
