@@ -537,7 +537,7 @@ def build_arg_parser():
 def _require(args, *names: str) -> None:
     missing = [n for n in names if not getattr(args, n)]
     if missing:
-        raise SystemExit(f"--action {args.action} needs " + ", ".join(
+        raise MegaFaceError(f"--action {args.action} needs " + ", ".join(
             "--" + n.replace("_", "-") for n in missing))
 
 
@@ -579,7 +579,8 @@ def run_action(cfg: Any, args: argparse.Namespace) -> int:
     sets = [(MEGAFACE, args.megaface_images), (FACESCRUB, args.facescrub_images)]
     if args.action == "crop_megaface":
         if not any(src for _, src in sets):
-            raise SystemExit("crop_megaface needs --megaface-images and/or --facescrub-images")
+            raise MegaFaceError("--action crop_megaface needs --megaface-images and/or "
+                                "--facescrub-images")
         for name, src in sets:  # every input checked before hours of work on the first
             if src:
                 require_images(src, f"--{name}-images")

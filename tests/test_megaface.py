@@ -380,11 +380,14 @@ def test_evaluate_cli_uses_devkit_lists(tmp_path, features):
                                brute_cmc(probes, labels, distractors[chosen], 10), atol=1e-12)
 
 
-def test_cli_names_missing_arguments():
-    with pytest.raises(SystemExit, match="--devkit-dir"):
-        megaface.main(["--action", "devkit"])
-    with pytest.raises(SystemExit, match="--megaface-noises, --facescrub-noises"):
-        megaface.main(["--action", "remove_noises"])
+def test_cli_names_missing_arguments(capsys):
+    """One line ``error: ...`` as every other bad input (a bare SystemExit printed no prefix)."""
+    assert _cli_error(capsys, ["--action", "devkit"]) == \
+        "error: --action devkit needs --devkit-dir"
+    assert _cli_error(capsys, ["--action", "remove_noises"]) == \
+        "error: --action remove_noises needs --megaface-noises, --facescrub-noises"
+    assert _cli_error(capsys, ["--action", "crop_megaface"]) == \
+        "error: --action crop_megaface needs --megaface-images and/or --facescrub-images"
 
 
 def test_devkit_action_prints_and_runs_the_command(tmp_path, capsys):
