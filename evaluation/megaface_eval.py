@@ -353,7 +353,8 @@ def megaface_evaluate(probe_feats, probe_labels: Sequence[Any], distractor_feats
                 entry["verification"] = {f: tar_at_far(genuine, impostor_desc, n_imp, f)
                                          for f in fars}
                 grid = np.logspace(math.log10(1.0 / n_imp), math.log10(max(fars)), ROC_POINTS)
-                grid = grid[grid <= max(fars)]
+                # only FARs the impostors measure, as the table (none when max(fars) is not)
+                grid = np.array([f for f in grid if f <= max(fars) and far_measurable(f, n_imp)])
                 entry["roc"] = {"far": grid.tolist(), "tar": [
                     tar_at_far(genuine, impostor_desc, n_imp, f)["tar"] for f in grid]}
                 entry["num_genuine"], entry["num_impostor"] = len(genuine), n_imp

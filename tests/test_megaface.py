@@ -206,6 +206,22 @@ def test_unresolvable_far_is_printed_as_the_json_says(features, device):
                          "distractors)"]
 
 
+def test_roc_curve_holds_only_fars_its_impostors_measure(features):
+    """The ROC points (JSON and roc.png) follow the table's rule: a FAR below 1 / #impostors
+    is not measured, so no TAR is given for it (900 impostor pairs: FAR >= 1/900 only)."""
+    probes, labels, distractors = features
+    for fars, size in (((1e-3,), 10), ((1e-2,), 10), ((1e-2,), 260)):
+        roc = me.megaface_evaluate(probes, labels, distractors[:size], max_rank=1, fars=fars,
+                                   device="cpu", progress=False)[size]["roc"]
+        impostors = len(probes) * size
+        assert all(f * impostors >= 1 - 1e-9 for f in roc["far"]), (size, roc["far"])
+        if fars[0] * impostors >= 1:  # a measurable FAR: the curve reaches it from 1/#impostors
+            assert roc["far"][0] == pytest.approx(1 / impostors)
+            assert roc["far"][-1] == pytest.approx(fars[0]) and len(roc["tar"]) == len(roc["far"])
+        else:
+            assert roc["far"] == [] and roc["tar"] == []
+
+
 def test_verification_with_every_impostor_score_tied(monkeypatch, device):
     # unit probes with entries +-1/2 against zero distractors: every impostor scores 1/2
     monkeypatch.setattr(me, "BUFFER_MIN_ELEMENTS", 64)  # the threshold starts in chunk one
