@@ -119,8 +119,8 @@ LFW_RESULTS_NAME = "lfw"  # raw LFW's results are lfw_<set hash>_results.json (l
 RESULTS_SUFFIX = "_results.json"
 # --compare's remedy when the saved threshold is not this checkpoint's
 RERUN_LFW = "run the LFW evaluation of this checkpoint first, or pass --threshold"
-EXIT_NO_FACE = 3
-EXIT_NO_THRESHOLD = 4
+EXIT_NO_FACE = 3  # --compare: a photo without a face (1 is bad input, run_cli's)
+EXIT_NO_THRESHOLD = 4  # --compare: no LFW results to take a threshold from
 SUMMARY_FAR = 1e-3  # the FAR of the --bin summary table's TAR column (LFW-sized sets back it)
 COSINE_RANGE = (-1.0, 1.0)  # a threshold outside it gives the same verdict for every pair
 QUALITY_PRINTED = 3  # the lowest-quality images the printout names (the results hold more)

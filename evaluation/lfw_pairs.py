@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 MAX_NAMED = 5  # missing or unreadable files named in a one-line error (the count is complete)
-GZIP_MAGIC = b"\x1f\x8b"
+GZIP_MAGIC = b"\x1f\x8b"  # a pairs.txt.gz saved under the .txt name: said as such
 # Byte-order marks editors write (Windows Notepad: UTF-8 or UTF-16 "Unicode"); UTF-32's come
 # first, as UTF-32-LE's begins with UTF-16-LE's.
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
