@@ -338,11 +338,14 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
 
 # ----------------------------------------------------------------------------- evaluation
 
+SIZE_LIST = "megaface_features_list.json_{}_1"  # the devkit's distractor list of size N
+
+
 def _megaface_size_lists(templatelists: Path, sizes: Iterable[int]) -> dict[int, list[str]]:
     """The devkit's distractor subsets ``megaface_features_list.json_<N>_1`` that exist."""
     found = {}
     for n in sizes:
-        path = templatelists / f"megaface_features_list.json_{n}_1"
+        path = templatelists / SIZE_LIST.format(n)
         if path.is_file():
             found[n] = [str(p) for p in read_devkit_list(path)["path"]]
     return found
@@ -464,6 +467,10 @@ def _rank(args, cfg, probes: np.ndarray, labels: list[Any], distractors: np.ndar
         results = {}
         for n, listed in sorted(size_lists.items()):
             order = [position[p] for p in listed if p in position]
+            if not order:  # the others' distractors loaded: this list names other files
+                raise MegaFaceError(f"{Path(args.templatelists) / SIZE_LIST.format(n)}: none "
+                                    f"of its {len(listed)} distractors has a usable feature "
+                                    "file (do the features keep the devkit's paths?)")
             (results[n],) = megaface_eval.megaface_evaluate(
                 probes, labels, distractors, sizes=[len(order)], order=order, **common).values()
         return results

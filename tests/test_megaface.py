@@ -396,6 +396,28 @@ def test_evaluate_cli_uses_devkit_lists(tmp_path, features):
                                brute_cmc(probes, labels, distractors[chosen], 10), atol=1e-12)
 
 
+def test_devkit_list_none_of_whose_distractors_loaded_is_named(tmp_path, features, capsys):
+    """A devkit size list none of whose files are in the tree (while another list's are):
+    one error line naming the list and its size, not an array shape."""
+    root, _ = _evaluate_tree(tmp_path, features)
+    lists = tmp_path / "templatelists"
+    lists.mkdir()
+    (lists / "megaface_features_list.json_10_1").write_text(json.dumps(
+        {"path": [f"9/gone@N00/{i}_0.jpg" for i in range(10)]}))
+    (lists / "megaface_features_list.json_100_1").write_text(json.dumps(
+        {"path": [f"{i % 7}/u{i % 3}@N00/{i:04d}_0.jpg" for i in range(100)]}))
+    from utils import run_cli
+
+    capsys.readouterr()
+    assert run_cli(megaface.main, ["--action", "evaluate", "--features-dir", str(root),
+                                   "--results-dir", str(tmp_path / "r"), "--templatelists",
+                                   str(lists), "--sizes", "10", "100", "--fars", "--device",
+                                   "cpu"]) == 1
+    err = capsys.readouterr().err.split("\r")[-1].strip()  # after the progress bars
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "megaface_features_list.json_10_1" in err and "none of its 10" in err, err
+
+
 def test_cli_names_missing_arguments(capsys):
     """One line ``error: ...`` as every other bad input (a bare SystemExit printed no prefix)."""
     assert _cli_error(capsys, ["--action", "devkit"]) == \
