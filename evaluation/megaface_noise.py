@@ -23,6 +23,7 @@ from evaluation.megaface_eval import DEFAULT_SIZES, MegaFaceError
 from evaluation.megaface_features import (
     DEFAULT_SUFFIX,
     FACESCRUB,
+    FEATURE_SOURCE_NAME,
     MAX_LISTED_PROBLEMS,
     MEGAFACE,
     FeatureFormatError,
@@ -31,12 +32,13 @@ from evaluation.megaface_features import (
     load_probes,
     probe_paths_and_labels,
     read_feature,
+    read_feature_source,
     report_problems,
     require_one_source,
     write_feature,
     write_feature_source,
 )
-from utils import MissingInputError, atomic_write_text, get_logger
+from utils import MissingInputError, ProvenanceError, atomic_write_text, get_logger
 
 log = get_logger("megaface")  # megaface.py's logger: these messages are part of its run
 
@@ -127,6 +129,8 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
 
     probe_root, distractor_root = features_dir / FACESCRUB, features_dir / MEGAFACE
     source = require_one_source(probe_root, distractor_root)  # one model's, or refused
+    for tree in (FACESCRUB, MEGAFACE):  # features are overwritten, never deleted: no mixing
+        _check_clean_tree(out_dir / tree, source, features_dir, suffix)
     paths, labels = probe_paths_and_labels(probe_root, facescrub_list, suffix)
     probes = load_probes(probe_root, paths, suffix, progress)
     summary["probes_missing"] = len(probes.missing)
@@ -140,15 +144,15 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
     check_noise_list_matches(megaface_noises, noisy_distractors,
                              map(_distractor_key, distractor_paths), distractor_root,
                              MEGAFACE_DISTRACTORS)
+    if source is not None:  # the same model's features; recorded first: a killed run resumes
+        for tree in (FACESCRUB, MEGAFACE):
+            write_feature_source(out_dir / tree, source)
     _write_clean_probes(probes, paths, labels, noisy_probes, out_dir / FACESCRUB, suffix,
                         rng, summary)
     skipped = _write_clean_distractors(distractor_root, distractor_paths, noisy_distractors,
                                        probes.feats.shape[1], out_dir / MEGAFACE, suffix,
                                        progress, summary)
     summary["distractors_skipped"] = len(skipped)
-    if source is not None:  # the clean trees are the same model's features
-        for tree in (FACESCRUB, MEGAFACE):
-            write_feature_source(out_dir / tree, source)
     report_problems(skipped, "distractor features (not written to the clean tree)")
     record = {"source": str(features_dir), "megaface_noises": str(megaface_noises),
               "facescrub_noises": str(facescrub_noises), "seed": seed, "summary": summary,
@@ -156,6 +160,21 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
               "missing_probe_files": probes.missing[:MAX_LISTED_PROBLEMS]}
     atomic_write_text(out_dir / NOISE_REMOVAL_RECORD, json.dumps(record, indent=2) + "\n")
     return summary
+
+
+def _check_clean_tree(root: Path, source: dict | None, features_dir: Path, suffix: str) -> None:
+    """ProvenanceError, naming both checkpoints, when ``root`` already holds noise-removed
+    features of another source than ``source`` (or that do not say while ``source`` does):
+    the files this run does not overwrite would be scored with its own."""
+    if not (root.is_dir() and next(root.rglob(f"*{suffix}"), None)):
+        return
+    saved = read_feature_source(root)
+    if saved != source:
+        was, now = ((r or {}).get("checkpoint", f"no {FEATURE_SOURCE_NAME}")
+                    for r in (saved, source))
+        raise ProvenanceError(f"{root}: holds noise-removed features of another source ({was}) "
+                              f"than {features_dir} ({now}); write into another "
+                              "--clean-features-dir, or delete that one")
 
 
 def _write_clean_probes(probes: LoadedFeatures, paths: list[str], labels: list[Any],

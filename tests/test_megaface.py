@@ -690,6 +690,41 @@ def test_remove_noises_skips_and_counts_bad_distractors(tmp_path):
     assert written == sorted(rel.split("/")[-1] + "_0.bin" for rel in good)
 
 
+def test_remove_noises_never_adds_to_a_clean_tree_of_another_checkpoint(tmp_path):
+    """Checkpoint A's features cleaned into one folder, then checkpoint B's (fewer
+    distractors) into the same one: A's leftover distractors would be scored with B's probes
+    under B's record. Refused, naming both; the same checkpoint again is fine."""
+    from utils import CHECKPOINT_HASH_KEY, ProvenanceError
+
+    rng = np.random.default_rng(4)
+    clean = tmp_path / "clean"
+    (tmp_path / "fs.txt").write_text("A_1.png\n")
+    (tmp_path / "mf.txt").write_text("1/u@N00/0_0.jpg\n")
+
+    def features_of(name, n_distractors):
+        src = tmp_path / name
+        _write_tree(src / "facescrub", {f"A/A_{i}.png": rng.standard_normal(4)
+                                        for i in range(3)})
+        _write_tree(src / "megaface", {f"1/u@N00/{i}_0.jpg": rng.standard_normal(4)
+                                       for i in range(n_distractors)})
+        record = {"checkpoint": f"{name}.pt", CHECKPOINT_HASH_KEY: name * 64}
+        for tree in ("facescrub", "megaface"):
+            megaface_features.write_feature_source(src / tree, record)
+        return src
+
+    a, b = features_of("a", 5), features_of("b", 2)
+    megaface_noise.remove_noises(a, clean, tmp_path / "mf.txt", tmp_path / "fs.txt",
+                                 progress=False)
+    megaface_noise.remove_noises(a, clean, tmp_path / "mf.txt", tmp_path / "fs.txt",
+                                 progress=False)  # a rerun of the same features
+    before = {p: p.read_bytes() for p in clean.rglob("*")if p.is_file()}
+    with pytest.raises(ProvenanceError, match=r"a\.pt.*b\.pt|b\.pt.*a\.pt") as info:
+        megaface_noise.remove_noises(b, clean, tmp_path / "mf.txt", tmp_path / "fs.txt",
+                                     progress=False)
+    assert str(clean) in str(info.value) and "\n" not in str(info.value)
+    assert {p: p.read_bytes() for p in clean.rglob("*") if p.is_file()} == before
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def _noise_tree(tmp_path, n_probes=4, n_distractors=6):
