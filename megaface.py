@@ -399,6 +399,8 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
     megaface_eval.plot_rank1_vs_distractors(results, out / "rank1_vs_distractors.png")
     if args.fars:
         megaface_eval.plot_roc_curves(results, out / "roc.png")
+    else:  # an earlier run's curve must not pass for this run's
+        (out / "roc.png").unlink(missing_ok=True)
     print(megaface_eval.format_results(results, args.fars))
     for what, problems in (("probe", loaded_probes.missing), ("distractor", distractor_problems)):
         if problems:  # the table holds fewer features than the user has: say so beside it

@@ -376,6 +376,19 @@ def test_evaluate_cli_writes_json_and_pngs(tmp_path, features, device):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_evaluate_without_fars_leaves_no_roc_of_an_earlier_run(tmp_path, features):
+    """Evaluate with --fars, then again without into the same --results-dir: the first run's
+    roc.png must not stay beside the second run's results (which have no verification)."""
+    root, _ = _evaluate_tree(tmp_path, features)
+    argv = ["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+            str(tmp_path / "r"), "--sizes", "100", "--device", "cpu", "--fars"]
+    assert megaface.main(argv + ["1e-2"]) == 0 and (tmp_path / "r" / "roc.png").is_file()
+    assert megaface.main(argv) == 0
+    report = json.loads((tmp_path / "r" / "megaface_results.json").read_text())
+    assert report["sizes"]["100"]["verification"] == {} and "roc" not in report["sizes"]["100"]
+    assert not (tmp_path / "r" / "roc.png").exists()
+
+
 def test_evaluate_cli_uses_devkit_lists(tmp_path, features):
     probes, labels, distractors = features
     root, order = _evaluate_tree(tmp_path, features)
