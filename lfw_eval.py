@@ -119,8 +119,8 @@ LFW_RESULTS_NAME = "lfw"  # raw LFW's results are lfw_<set hash>_results.json (l
 RESULTS_SUFFIX = "_results.json"
 # --compare's remedy when the saved threshold is not this checkpoint's
 RERUN_LFW = "run the LFW evaluation of this checkpoint first, or pass --threshold"
-EXIT_NO_FACE = 3
-EXIT_NO_THRESHOLD = 4
+EXIT_NO_FACE = 3  # --compare: a photo without a face (1 is bad input, run_cli's)
+EXIT_NO_THRESHOLD = 4  # --compare: no LFW results to take a threshold from
 SUMMARY_FAR = 1e-3  # the FAR of the --bin summary table's TAR column (LFW-sized sets back it)
 COSINE_RANGE = (-1.0, 1.0)  # a threshold outside it gives the same verdict for every pair
 QUALITY_PRINTED = 3  # the lowest-quality images the printout names (the results hold more)
@@ -416,9 +416,9 @@ def _run_lfw(cfg, args: argparse.Namespace, device, out_dir: Path) -> int:
     names = distinct_images(pairs)  # the crops' order, before unreadable pairs are left out
     left_out = 0
     if unreadable:
-        kept = set(readable_pairs(pairs, unreadable))
-        folds = folds[[p in kept for p in pairs]]
-        left_out, pairs = len(pairs) - len(kept), [p for p in pairs if p in kept]
+        readable = [p.path1 not in unreadable and p.path2 not in unreadable for p in pairs]
+        folds = folds[readable]  # per line: a file may list one pair twice (a set would not)
+        left_out, pairs = readable.count(False), readable_pairs(pairs, unreadable)
     labels = [f"{Path(p.path1).stem} / {Path(p.path2).stem}" for p in pairs]
     # the set is recorded by folder and pairs file content: the pairs decide every score,
     # and hashing the images would cost a pass over them (the crop cache checks their stamps)

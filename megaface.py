@@ -338,11 +338,14 @@ def gen_features(model, image_root: str | Path, feature_root: str | Path,
 
 # ----------------------------------------------------------------------------- evaluation
 
+SIZE_LIST = "megaface_features_list.json_{}_1"  # the devkit's distractor list of size N
+
+
 def _megaface_size_lists(templatelists: Path, sizes: Iterable[int]) -> dict[int, list[str]]:
     """The devkit's distractor subsets ``megaface_features_list.json_<N>_1`` that exist."""
     found = {}
     for n in sizes:
-        path = templatelists / f"megaface_features_list.json_{n}_1"
+        path = templatelists / SIZE_LIST.format(n)
         if path.is_file():
             found[n] = [str(p) for p in read_devkit_list(path)["path"]]
     return found
@@ -396,6 +399,8 @@ def run_evaluate(args, cfg) -> dict[str, Any]:
     megaface_eval.plot_rank1_vs_distractors(results, out / "rank1_vs_distractors.png")
     if args.fars:
         megaface_eval.plot_roc_curves(results, out / "roc.png")
+    else:  # an earlier run's curve must not pass for this run's
+        (out / "roc.png").unlink(missing_ok=True)
     print(megaface_eval.format_results(results, args.fars))
     for what, problems in (("probe", loaded_probes.missing), ("distractor", distractor_problems)):
         if problems:  # the table holds fewer features than the user has: say so beside it
@@ -430,6 +435,13 @@ def _lists_and_subset(args) -> tuple[Path | None, dict[int, list[str]], str]:
     if subset == "devkit" and not size_lists:
         raise MegaFaceError("--subset devkit needs --templatelists with megaface_features_list"
                             ".json_<N>_1 files for the requested --sizes")
+    if subset != "devkit":  # the first N of a sorted tree are a few Flickr folders' photos
+        log.warning("distractor sets of each size are the %s, not the devkit's "
+                    "megaface_features_list.json_<N>_1: the numbers are not comparable with "
+                    "published ones (pass --templatelists)",
+                    "first N of a --seed permutation" if subset == "random"
+                    else "first N of --megaface-list" if args.megaface_list
+                    else "first N of the tree (sorted)")
     return facescrub_list, size_lists, subset
 
 
@@ -457,6 +469,10 @@ def _rank(args, cfg, probes: np.ndarray, labels: list[Any], distractors: np.ndar
         results = {}
         for n, listed in sorted(size_lists.items()):
             order = [position[p] for p in listed if p in position]
+            if not order:  # the others' distractors loaded: this list names other files
+                raise MegaFaceError(f"{Path(args.templatelists) / SIZE_LIST.format(n)}: none "
+                                    f"of its {len(listed)} distractors has a usable feature "
+                                    "file (do the features keep the devkit's paths?)")
             (results[n],) = megaface_eval.megaface_evaluate(
                 probes, labels, distractors, sizes=[len(order)], order=order, **common).values()
         return results
@@ -530,7 +546,7 @@ def build_arg_parser():
 def _require(args, *names: str) -> None:
     missing = [n for n in names if not getattr(args, n)]
     if missing:
-        raise SystemExit(f"--action {args.action} needs " + ", ".join(
+        raise MegaFaceError(f"--action {args.action} needs " + ", ".join(
             "--" + n.replace("_", "-") for n in missing))
 
 
@@ -572,7 +588,8 @@ def run_action(cfg: Any, args: argparse.Namespace) -> int:
     sets = [(MEGAFACE, args.megaface_images), (FACESCRUB, args.facescrub_images)]
     if args.action == "crop_megaface":
         if not any(src for _, src in sets):
-            raise SystemExit("crop_megaface needs --megaface-images and/or --facescrub-images")
+            raise MegaFaceError("--action crop_megaface needs --megaface-images and/or "
+                                "--facescrub-images")
         for name, src in sets:  # every input checked before hours of work on the first
             if src:
                 require_images(src, f"--{name}-images")

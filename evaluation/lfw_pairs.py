@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 MAX_NAMED = 5  # missing or unreadable files named in a one-line error (the count is complete)
-GZIP_MAGIC = b"\x1f\x8b"
+GZIP_MAGIC = b"\x1f\x8b"  # a pairs.txt.gz saved under the .txt name: said as such
 # Byte-order marks editors write (Windows Notepad: UTF-8 or UTF-16 "Unicode"); UTF-32's come
 # first, as UTF-32-LE's begins with UTF-16-LE's.
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
@@ -50,8 +50,13 @@ class Pair:
     fold: int = 0  # index of the fold (block of the file) this pair belongs to
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit also accepts '\u00b2', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _lfw_image(name: str, number: str, path: Path, lineno: int) -> str:
-    if not number.isdigit() or int(number) < 1:
+    if not _is_number(number) or int(number) < 1:
         raise PairsFileError(f"{path}:{lineno}: image number {number!r} is not a positive "
                              "integer")
     return f"{name}/{name}_{int(number):04d}.jpg"
@@ -113,7 +118,7 @@ def parse_pairs(path: str | Path) -> list[Pair]:
     if not lines:
         raise PairsFileError(f"{path}: empty pairs file")
     header = lines[0].split()
-    if not header or len(header) > 2 or not all(h.isdigit() for h in header):
+    if not header or len(header) > 2 or not all(_is_number(h) for h in header):
         raise PairsFileError(f"{path}:1: header must be '<folds>\\t<pairs per kind>' or "
                              f"'<pairs per kind>', got {lines[0][:80]!r}")
     nfolds, per_kind = (int(header[0]), int(header[1])) if len(header) == 2 \

@@ -45,17 +45,17 @@ from evaluation.verification_metrics import (
 from evaluation.verification_plots import save_figure
 from utils import ToolkitError, get_device
 
-DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
-DEFAULT_FARS = (1e-6, 1e-5, 1e-4)
-DEFAULT_MAX_RANK = 10
+DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)  # the devkit's distractor set sizes
+DEFAULT_FARS = (1e-6, 1e-5, 1e-4)  # 1e-6: the FAR papers report at 1M distractors
+DEFAULT_MAX_RANK = 10  # CMC ranks 1..10: rank-1 the headline, rank-10 the table's other column
 SCORE_BLOCK_ELEMENTS = 4 * 2**20  # CPU: probes x chunk scores held at once (16 MiB of float32)
 # CUDA: fewer, larger chunks (each costs kernel launches and syncs), the score block at most
 # a third of the distractor array (so peak memory stays under 1.5x it) and at most 1 GiB
 GPU_MAX_BLOCK_ELEMENTS = 2**28
-MIN_CHUNK = 256
+MIN_CHUNK = 256  # distractors per chunk at least: many probes must not make chunks tiny
 TILE = 64  # columns per tile whose maximum screens the verification buffer's candidates
 BUFFER_MIN_ELEMENTS = 2**19  # the impostor buffer grows to max(2k, this) before a trim
-ROC_POINTS = 60
+ROC_POINTS = 60  # log-spaced FARs of the ROC curve: smooth at a glance, cheap
 
 
 class MegaFaceError(ToolkitError, ValueError):
@@ -353,7 +353,8 @@ def megaface_evaluate(probe_feats, probe_labels: Sequence[Any], distractor_feats
                 entry["verification"] = {f: tar_at_far(genuine, impostor_desc, n_imp, f)
                                          for f in fars}
                 grid = np.logspace(math.log10(1.0 / n_imp), math.log10(max(fars)), ROC_POINTS)
-                grid = grid[grid <= max(fars)]
+                # only FARs the impostors measure, as the table (none when max(fars) is not)
+                grid = np.array([f for f in grid if f <= max(fars) and far_measurable(f, n_imp)])
                 entry["roc"] = {"far": grid.tolist(), "tar": [
                     tar_at_far(genuine, impostor_desc, n_imp, f)["tar"] for f in grid]}
                 entry["num_genuine"], entry["num_impostor"] = len(genuine), n_imp

@@ -4,7 +4,7 @@
 (:func:`remove_noises`) with a record of what was done (``remove_noises.json``), which
 :func:`warn_unless_cleaned` looks for. Every feature gains one extra dimension: 0 when clean,
 100 for a listed distractor (out of reach of every probe); a listed probe is replaced by its
-identity's mean clean feature plus tiny noise. Nothing is deleted. A noise list that is empty,
+identity's clean features summed plus tiny noise. Nothing is deleted. A noise list that is empty,
 or names none of a tree large enough to expect matches, is an error naming it.
 """
 
@@ -23,6 +23,7 @@ from evaluation.megaface_eval import DEFAULT_SIZES, MegaFaceError
 from evaluation.megaface_features import (
     DEFAULT_SUFFIX,
     FACESCRUB,
+    FEATURE_SOURCE_NAME,
     MAX_LISTED_PROBLEMS,
     MEGAFACE,
     FeatureFormatError,
@@ -31,17 +32,18 @@ from evaluation.megaface_features import (
     load_probes,
     probe_paths_and_labels,
     read_feature,
+    read_feature_source,
     report_problems,
     require_one_source,
     write_feature,
     write_feature_source,
 )
-from utils import MissingInputError, atomic_write_text, get_logger
+from utils import MissingInputError, ProvenanceError, atomic_write_text, get_logger
 
 log = get_logger("megaface")  # megaface.py's logger: these messages are part of its run
 
 DISTRACTOR_NOISE_FLAG = 100.0  # InsightFace's value in the extra dimension of a noisy distractor
-PROBE_NOISE_AMPLITUDE = 1e-3  # uniform noise added to a noisy probe's identity mean
+PROBE_NOISE_AMPLITUDE = 1e-3  # uniform noise added to the sum of a noisy probe's mates
 MEGAFACE_NOISE_PATH_PARTS = 3  # noise entries are "<a>/<flickr user>/<image>"
 NOISE_REMOVAL_RECORD = "remove_noises.json"  # written into the clean tree: what was done to it
 # The devkit's largest sets, to tell "this noise list names nothing here" (wrong list or paths)
@@ -111,8 +113,9 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
                   ) -> dict[str, int]:
     """Write every feature of ``features_dir/{megaface,facescrub}`` to ``out_dir`` with one
     extra dimension: 0 when clean; 100 for a listed distractor (pushed out of reach); a listed
-    probe becomes its identity's mean clean feature plus uniform noise of amplitude 1e-3,
-    re-normalised, extra dimension 0. Nothing is deleted. Returns counts."""
+    probe becomes the sum of its identity's clean features plus uniform noise of amplitude
+    1e-3, normalised (the sum, as InsightFace: the noise barely moves it off the centre),
+    extra dimension 0. Nothing is deleted. Returns counts."""
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     if out_dir.resolve() == features_dir.resolve():
         raise MegaFaceError("remove_noises writes a new tree: --clean-features-dir must differ "
@@ -126,6 +129,8 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
 
     probe_root, distractor_root = features_dir / FACESCRUB, features_dir / MEGAFACE
     source = require_one_source(probe_root, distractor_root)  # one model's, or refused
+    for tree in (FACESCRUB, MEGAFACE):  # features are overwritten, never deleted: no mixing
+        _check_clean_tree(out_dir / tree, source, features_dir, suffix)
     paths, labels = probe_paths_and_labels(probe_root, facescrub_list, suffix)
     probes = load_probes(probe_root, paths, suffix, progress)
     summary["probes_missing"] = len(probes.missing)
@@ -139,15 +144,15 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
     check_noise_list_matches(megaface_noises, noisy_distractors,
                              map(_distractor_key, distractor_paths), distractor_root,
                              MEGAFACE_DISTRACTORS)
+    if source is not None:  # the same model's features; recorded first: a killed run resumes
+        for tree in (FACESCRUB, MEGAFACE):
+            write_feature_source(out_dir / tree, source)
     _write_clean_probes(probes, paths, labels, noisy_probes, out_dir / FACESCRUB, suffix,
                         rng, summary)
     skipped = _write_clean_distractors(distractor_root, distractor_paths, noisy_distractors,
                                        probes.feats.shape[1], out_dir / MEGAFACE, suffix,
                                        progress, summary)
     summary["distractors_skipped"] = len(skipped)
-    if source is not None:  # the clean trees are the same model's features
-        for tree in (FACESCRUB, MEGAFACE):
-            write_feature_source(out_dir / tree, source)
     report_problems(skipped, "distractor features (not written to the clean tree)")
     record = {"source": str(features_dir), "megaface_noises": str(megaface_noises),
               "facescrub_noises": str(facescrub_noises), "seed": seed, "summary": summary,
@@ -157,29 +162,44 @@ def remove_noises(features_dir: str | Path, out_dir: str | Path, megaface_noises
     return summary
 
 
+def _check_clean_tree(root: Path, source: dict | None, features_dir: Path, suffix: str) -> None:
+    """ProvenanceError, naming both checkpoints, when ``root`` already holds noise-removed
+    features of another source than ``source`` (or that do not say while ``source`` does):
+    the files this run does not overwrite would be scored with its own."""
+    if not (root.is_dir() and next(root.rglob(f"*{suffix}"), None)):
+        return
+    saved = read_feature_source(root)
+    if saved != source:
+        was, now = ((r or {}).get("checkpoint", f"no {FEATURE_SOURCE_NAME}")
+                    for r in (saved, source))
+        raise ProvenanceError(f"{root}: holds noise-removed features of another source ({was}) "
+                              f"than {features_dir} ({now}); write into another "
+                              "--clean-features-dir, or delete that one")
+
+
 def _write_clean_probes(probes: LoadedFeatures, paths: list[str], labels: list[Any],
                         noisy_keys: set[str], out_root: Path, suffix: str,
                         rng: np.random.Generator, summary: dict[str, int]) -> None:
     """Write each loaded probe under ``out_root`` with a 0 appended; a listed (noisy) probe
-    is first replaced by its identity's mean clean feature plus uniform noise, re-normalised,
+    is first replaced by its identity's clean features summed plus uniform noise, normalised,
     or kept when its identity has no clean probe. ``summary`` counts what happened."""
     feats, kept = probes.feats, probes.kept
     noisy = np.array([_probe_key(paths[i]) in noisy_keys for i in kept], dtype=bool)
     kept_labels = np.asarray([labels[i] for i in kept])
-    clean_means: dict[Any, np.ndarray | None] = {}  # per identity, computed once
+    clean_sums: dict[Any, np.ndarray | None] = {}  # per identity, computed once
 
-    def clean_mean(label) -> np.ndarray | None:
-        if label not in clean_means:
+    def clean_sum(label) -> np.ndarray | None:
+        if label not in clean_sums:
             clean = feats[(kept_labels == label) & ~noisy]
-            clean_means[label] = clean.mean(0) if len(clean) else None
-        return clean_means[label]
+            clean_sums[label] = clean.sum(0, dtype=np.float64) if len(clean) else None
+        return clean_sums[label]
 
     for row, i in enumerate(kept):
         vec = feats[row]
         if noisy[row]:
-            mean = clean_mean(kept_labels[row])
-            if mean is not None:
-                vec = mean + rng.uniform(-PROBE_NOISE_AMPLITUDE, PROBE_NOISE_AMPLITUDE,
+            centre = clean_sum(kept_labels[row])
+            if centre is not None:
+                vec = centre + rng.uniform(-PROBE_NOISE_AMPLITUDE, PROBE_NOISE_AMPLITUDE,
                                          vec.size)
                 vec = vec / np.linalg.norm(vec)
                 summary["probes_replaced"] += 1

@@ -41,7 +41,7 @@ from utils import (
     short_hash,
 )
 
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 64  # images per forward pass (twice that with their mirrors): small GPUs too
 QUALITY_LOWEST = 10  # the lowest-quality images a quality summary names
 QUALITY_MEASURE = ("L2 norm of the unnormalised embedding of the image itself (not its "
                    "mirror): MagFace trains it as the face's quality")

@@ -98,6 +98,20 @@ def test_parse_pairs_header_and_line_count_errors_name_the_line(tmp_path):
         lfw_pairs.parse_pairs(path)
 
 
+@pytest.mark.parametrize("lines, line, field", [
+    (["1\t1", "A\t1\t\u00b2", "A\t1\tB\t2"], 2, "image number '\u00b2'"),  # superscript 2
+    (["1\t1", "A\t1\t2", "A\t\u0663\tB\t2"], 3, "image number '\u0663'"),  # Arabic-Indic 3
+    (["\u00b9\t1", "A\t1\t2", "A\t1\tB\t2"], 1, "header"),
+])
+def test_parse_pairs_non_ascii_digits_are_one_line_naming_the_line(tmp_path, lines, line, field):
+    """str.isdigit accepts '\u00b2' that int() refuses: a traceback, not a PairsFileError.
+    LFW's numbers are ASCII digits; any other is refused naming the file and line."""
+    path = tmp_path / "pairs.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(lfw_pairs.PairsFileError, match=rf"pairs\.txt:{line}: .*{field}"):
+        lfw_pairs.parse_pairs(path)
+
+
 @pytest.mark.parametrize("data, line, what", [
     (gzip.compress(b"10\t300\nA\t1\t2\n"), 1, "gzip"),
     (bytes(range(128, 256)) * 4, 1, "not UTF-8 text"),
@@ -518,6 +532,41 @@ def test_lfw_cli_scores_the_pairs_whose_images_read_and_names_the_others(tiny_ru
     assert r["nfolds"] == 2 and len(r["fold_accuracies"]) == 2
     assert f"  2 pairs left out: 1 of their images cannot be read ({rel})" in out
     assert not list((tmp_path / "cache").glob("*.npz"))  # an unreadable file is never cached
+
+
+def test_skip_unreadable_counts_left_out_pairs_when_the_file_repeats_a_pair(tiny_run, tmp_path,
+                                                                          capsys):
+    """A pairs file may list one pair twice in a fold (a hand-made subset): both are scored,
+    and ``pairs_left_out`` counts the lines naming an unreadable image, not lines minus the
+    distinct kept pairs."""
+    import shutil
+
+    lfw = tmp_path / "lfw"
+    shutil.copytree(tiny_run["lfw_dir"], lfw)
+    a, b, c = sorted(d.name for d in lfw.iterdir() if d.is_dir())[:3]
+    diffs = [f"{a}\t1\t{b}\t2", f"{b}\t1\t{c}\t3", f"{c}\t2\t{a}\t1"]
+    lines = ["2\t3", f"{b}\t1\t3", f"{c}\t1\t2", f"{c}\t1\t2", *diffs,  # fold 1 repeats c 1 2
+             f"{a}\t2\t3", f"{b}\t2\t3", f"{c}\t1\t2", *diffs]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    bad = lfw / b / f"{b}_0003.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    # the truth, line by line: a pair line is left out when it names image 3 of b
+    named = 0
+    for line in lines[1:]:
+        f = line.split("\t")
+        images = [(f[0], f[1]), (f[0], f[2])] if len(f) == 3 else [(f[0], f[1]), (f[2], f[3])]
+        named += (b, "3") in images
+    assert named == 2
+    argv = ["--checkpoint", str(tiny_run["run"] / "backbone.pt"), "--device", "cpu",
+            "--lfw-dir", str(lfw), "--pairs", str(tmp_path / "pairs.txt"),
+            "--out", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache"),
+            "--skip-unreadable"]
+    assert lfw_eval.main(argv) == 0
+    out = capsys.readouterr().out
+    r = json.loads(lfw_eval.lfw_results_path(tmp_path / "eval", lfw, tmp_path / "pairs.txt")
+                   .read_text())
+    assert r["n_pairs"] == 12 - named and r["pairs_left_out"] == named
+    assert f"  {named} pairs left out: 1 of their images cannot be read" in out
 
 
 def _compare(tiny_run, capsys, a, b, *extra):

@@ -206,6 +206,22 @@ def test_unresolvable_far_is_printed_as_the_json_says(features, device):
                          "distractors)"]
 
 
+def test_roc_curve_holds_only_fars_its_impostors_measure(features):
+    """The ROC points (JSON and roc.png) follow the table's rule: a FAR below 1 / #impostors
+    is not measured, so no TAR is given for it (900 impostor pairs: FAR >= 1/900 only)."""
+    probes, labels, distractors = features
+    for fars, size in (((1e-3,), 10), ((1e-2,), 10), ((1e-2,), 260)):
+        roc = me.megaface_evaluate(probes, labels, distractors[:size], max_rank=1, fars=fars,
+                                   device="cpu", progress=False)[size]["roc"]
+        impostors = len(probes) * size
+        assert all(f * impostors >= 1 - 1e-9 for f in roc["far"]), (size, roc["far"])
+        if fars[0] * impostors >= 1:  # a measurable FAR: the curve reaches it from 1/#impostors
+            assert roc["far"][0] == pytest.approx(1 / impostors)
+            assert roc["far"][-1] == pytest.approx(fars[0]) and len(roc["tar"]) == len(roc["far"])
+        else:
+            assert roc["far"] == [] and roc["tar"] == []
+
+
 def test_verification_with_every_impostor_score_tied(monkeypatch, device):
     # unit probes with entries +-1/2 against zero distractors: every impostor scores 1/2
     monkeypatch.setattr(me, "BUFFER_MIN_ELEMENTS", 64)  # the threshold starts in chunk one
@@ -285,6 +301,31 @@ def test_remove_noises_on_tiny_tree(tmp_path):
             np.testing.assert_array_equal(got[:8], vec)
 
 
+def test_noisy_probe_is_the_sum_of_its_mates_plus_noise_as_insightface_writes_it(tmp_path):
+    """InsightFace's remove_noises.py replaces a listed probe by (sum of its identity's clean
+    features + U(-1e-3, 1e-3) per dimension), normalised: with 40 mates the noise moves it
+    ~1e-4 off the centre's direction. Noise of that amplitude added to the MEAN (norm ~1/6
+    here) would move it 40x as far."""
+    rng = np.random.default_rng(5)
+    dim, mates = 8, 40
+    unit = lambda v: (v / np.linalg.norm(v)).astype(np.float32)  # noqa: E731
+    probes = {f"Ann/Ann_{i}.png": unit(rng.standard_normal(dim)) for i in range(mates + 1)}
+    src = tmp_path / "feat"
+    _write_tree(src / "facescrub", probes)
+    _write_tree(src / "megaface", {"1/u@N00/1_0.jpg": unit(rng.standard_normal(dim))})
+    (tmp_path / "fs.txt").write_text("Ann_0.png\n")
+    (tmp_path / "mf.txt").write_text("9/x@N00/9_0.jpg\n")
+    megaface_noise.remove_noises(src, tmp_path / "clean", tmp_path / "mf.txt",
+                                 tmp_path / "fs.txt", progress=False)
+    got = megaface_features.read_feature(tmp_path / "clean/facescrub/Ann/Ann_0.png_0.bin")
+    total = np.sum([np.float64(v) for k, v in probes.items() if k != "Ann/Ann_0.png"], axis=0)
+    # the reference's bound, in float64: |u| <= 1e-3 * sqrt(dim) moves f/|f| by at most
+    # 2|u|/|sum| (and the extra dimension stays 0)
+    bound = 2 * 1e-3 * np.sqrt(dim) / np.linalg.norm(total)
+    assert np.linalg.norm(got[:dim] - total / np.linalg.norm(total)) <= bound + 1e-6
+    assert got[dim] == 0.0 and np.linalg.norm(got) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_flagged_distractor_cannot_outrank_anything(features):
     probes, labels, distractors = features
     ext = lambda x, v: np.hstack([x, np.full((len(x), 1), v, np.float32)])  # noqa: E731
@@ -335,6 +376,19 @@ def test_evaluate_cli_writes_json_and_pngs(tmp_path, features, device):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_evaluate_without_fars_leaves_no_roc_of_an_earlier_run(tmp_path, features):
+    """Evaluate with --fars, then again without into the same --results-dir: the first run's
+    roc.png must not stay beside the second run's results (which have no verification)."""
+    root, _ = _evaluate_tree(tmp_path, features)
+    argv = ["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+            str(tmp_path / "r"), "--sizes", "100", "--device", "cpu", "--fars"]
+    assert megaface.main(argv + ["1e-2"]) == 0 and (tmp_path / "r" / "roc.png").is_file()
+    assert megaface.main(argv) == 0
+    report = json.loads((tmp_path / "r" / "megaface_results.json").read_text())
+    assert report["sizes"]["100"]["verification"] == {} and "roc" not in report["sizes"]["100"]
+    assert not (tmp_path / "r" / "roc.png").exists()
+
+
 def test_evaluate_cli_uses_devkit_lists(tmp_path, features):
     probes, labels, distractors = features
     root, order = _evaluate_tree(tmp_path, features)
@@ -355,11 +409,36 @@ def test_evaluate_cli_uses_devkit_lists(tmp_path, features):
                                brute_cmc(probes, labels, distractors[chosen], 10), atol=1e-12)
 
 
-def test_cli_names_missing_arguments():
-    with pytest.raises(SystemExit, match="--devkit-dir"):
-        megaface.main(["--action", "devkit"])
-    with pytest.raises(SystemExit, match="--megaface-noises, --facescrub-noises"):
-        megaface.main(["--action", "remove_noises"])
+def test_devkit_list_none_of_whose_distractors_loaded_is_named(tmp_path, features, capsys):
+    """A devkit size list none of whose files are in the tree (while another list's are):
+    one error line naming the list and its size, not an array shape."""
+    root, _ = _evaluate_tree(tmp_path, features)
+    lists = tmp_path / "templatelists"
+    lists.mkdir()
+    (lists / "megaface_features_list.json_10_1").write_text(json.dumps(
+        {"path": [f"9/gone@N00/{i}_0.jpg" for i in range(10)]}))
+    (lists / "megaface_features_list.json_100_1").write_text(json.dumps(
+        {"path": [f"{i % 7}/u{i % 3}@N00/{i:04d}_0.jpg" for i in range(100)]}))
+    from utils import run_cli
+
+    capsys.readouterr()
+    assert run_cli(megaface.main, ["--action", "evaluate", "--features-dir", str(root),
+                                   "--results-dir", str(tmp_path / "r"), "--templatelists",
+                                   str(lists), "--sizes", "10", "100", "--fars", "--device",
+                                   "cpu"]) == 1
+    err = capsys.readouterr().err.split("\r")[-1].strip()  # after the progress bars
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "megaface_features_list.json_10_1" in err and "none of its 10" in err, err
+
+
+def test_cli_names_missing_arguments(capsys):
+    """One line ``error: ...`` as every other bad input (a bare SystemExit printed no prefix)."""
+    assert _cli_error(capsys, ["--action", "devkit"]) == \
+        "error: --action devkit needs --devkit-dir"
+    assert _cli_error(capsys, ["--action", "remove_noises"]) == \
+        "error: --action remove_noises needs --megaface-noises, --facescrub-noises"
+    assert _cli_error(capsys, ["--action", "crop_megaface"]) == \
+        "error: --action crop_megaface needs --megaface-images and/or --facescrub-images"
 
 
 def test_devkit_action_prints_and_runs_the_command(tmp_path, capsys):
@@ -624,6 +703,41 @@ def test_remove_noises_skips_and_counts_bad_distractors(tmp_path):
     assert written == sorted(rel.split("/")[-1] + "_0.bin" for rel in good)
 
 
+def test_remove_noises_never_adds_to_a_clean_tree_of_another_checkpoint(tmp_path):
+    """Checkpoint A's features cleaned into one folder, then checkpoint B's (fewer
+    distractors) into the same one: A's leftover distractors would be scored with B's probes
+    under B's record. Refused, naming both; the same checkpoint again is fine."""
+    from utils import CHECKPOINT_HASH_KEY, ProvenanceError
+
+    rng = np.random.default_rng(4)
+    clean = tmp_path / "clean"
+    (tmp_path / "fs.txt").write_text("A_1.png\n")
+    (tmp_path / "mf.txt").write_text("1/u@N00/0_0.jpg\n")
+
+    def features_of(name, n_distractors):
+        src = tmp_path / name
+        _write_tree(src / "facescrub", {f"A/A_{i}.png": rng.standard_normal(4)
+                                        for i in range(3)})
+        _write_tree(src / "megaface", {f"1/u@N00/{i}_0.jpg": rng.standard_normal(4)
+                                       for i in range(n_distractors)})
+        record = {"checkpoint": f"{name}.pt", CHECKPOINT_HASH_KEY: name * 64}
+        for tree in ("facescrub", "megaface"):
+            megaface_features.write_feature_source(src / tree, record)
+        return src
+
+    a, b = features_of("a", 5), features_of("b", 2)
+    megaface_noise.remove_noises(a, clean, tmp_path / "mf.txt", tmp_path / "fs.txt",
+                                 progress=False)
+    megaface_noise.remove_noises(a, clean, tmp_path / "mf.txt", tmp_path / "fs.txt",
+                                 progress=False)  # a rerun of the same features
+    before = {p: p.read_bytes() for p in clean.rglob("*")if p.is_file()}
+    with pytest.raises(ProvenanceError, match=r"a\.pt.*b\.pt|b\.pt.*a\.pt") as info:
+        megaface_noise.remove_noises(b, clean, tmp_path / "mf.txt", tmp_path / "fs.txt",
+                                     progress=False)
+    assert str(clean) in str(info.value) and "\n" not in str(info.value)
+    assert {p: p.read_bytes() for p in clean.rglob("*") if p.is_file()} == before
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def _noise_tree(tmp_path, n_probes=4, n_distractors=6):
@@ -750,6 +864,30 @@ def test_evaluate_and_devkit_warn_on_features_that_are_not_cleaned(tmp_path, fea
     (root / "remove_noises.json").unlink()
     assert megaface.main(["--action", "devkit", "--devkit-dir", str(tmp_path), "--features-dir",
                           str(root)]) == 0 and warned()
+
+
+def test_evaluate_warns_when_distractor_subsets_are_not_the_devkits(tmp_path, features,
+                                                                  megaface_log):
+    """Without the devkit's megaface_features_list.json_<N>_1 the N distractors are the first
+    N of the sorted tree (one Flickr folder for small N) or a seeded draw: not the published
+    protocol's sets, so the run says so; with the lists it does not."""
+    probes, labels, distractors = features
+    root, _ = _evaluate_tree(tmp_path, features)
+    (root / "remove_noises.json").write_text("{}")  # only the subset warning is under test
+    argv = ["--action", "evaluate", "--features-dir", str(root), "--results-dir",
+            str(tmp_path / "r"), "--sizes", "10", "--fars", "--device", "cpu"]
+    warned = lambda: [m for m in megaface_log if "--templatelists" in m]  # noqa: E731
+    for subset in ("first", "random"):
+        megaface_log.clear()
+        assert megaface.main(argv + ["--subset", subset]) == 0
+        assert len(warned()) == 1 and "not the devkit's" in warned()[0], megaface_log
+    lists = tmp_path / "templatelists"
+    lists.mkdir()
+    (lists / "megaface_features_list.json_10_1").write_text(json.dumps(
+        {"path": [f"{i % 7}/u{i % 3}@N00/{i:04d}_0.jpg" for i in range(10)]}))
+    megaface_log.clear()
+    assert megaface.main(argv + ["--templatelists", str(lists)]) == 0
+    assert not warned(), megaface_log
 
 
 def test_gen_features_refuses_non_finite_embeddings(tmp_path):
