@@ -83,6 +83,9 @@ IDENTIFICATION_RANKS = (1, 5, 10)
 IDENTIFICATION_FPIRS = (0.01, 0.1)
 CMC_MAX_RANK = 50  # the CMC curve (JSON and PNG) goes to this rank
 DEFAULT_MODE = "N1D1F1"  # InsightFace's best mode, the one papers quote
+# What the N letter means, written into every results file: results written before it was
+# recorded (2026-12-05) meant the opposite by N (their N1 normalised the image features)
+MODE_LETTERS = "N1 = ijb_11.py's use_norm_score: image features not normalised"
 MODE_PATTERN = re.compile(r"^N([01])D([01])F([01])$")
 ALL_MODES = tuple(f"N{n}D{d}F{f}" for n in (0, 1) for d in (0, 1) for f in (0, 1))
 # The 1:1 scores come from blocks of the template Gram matrix of at most this many entries
@@ -669,7 +672,7 @@ def run_evaluation(cfg: Any, args: argparse.Namespace, target: str, out_dir: Pat
         files["quality"] = str(out_dir / f"{prefix}_quality.csv")
         results["quality"] = write_quality(chunks, release, Path(files["quality"]))
     results.update({**checkpoint_record(args.checkpoint), "ijb_dir": str(args.ijb_dir),
-                    "files": files})
+                    "files": files, "mode_letters": MODE_LETTERS})
     # faceness 0 gives an image no weight in the D1 modes: how many the result stands without
     results["zero_faceness"] = {"images": len(release.zero_faceness),
                                 "first": release.zero_faceness[:ZERO_FACENESS_LISTED]}

@@ -632,6 +632,7 @@ def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path,
     assert results["target"] == "IJBC" and results["images"] == IMAGES
     assert results["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert results["templates"] == TEMPLATES and results["mode"] == "N1D1F1"
+    assert "use_norm_score" in results["mode_letters"]  # which N convention the file uses
     assert results["zero_faceness"] == {"images": 0, "first": []}
     assert set(results["modes"]) == {"N1D1F1", "N0D0F0"}
     assert (out / "ijbc_roc.png").stat().st_size > 0 and (out / "ijbc_cmc.png").is_file()
