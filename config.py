@@ -17,6 +17,7 @@ import json
 import math
 import re
 import runpy
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,7 +30,14 @@ from training.arcface_torch_config import (
     load_arcface_torch_config,
     looks_like_arcface_torch,
 )
-from utils import ToolkitError, add_debug_flag, atomic_write_text, get_device, unsupported_device
+from utils import (
+    ToolkitError,
+    add_debug_flag,
+    atomic_write_text,
+    get_device,
+    run_cli,
+    unsupported_device,
+)
 
 
 class ConfigError(ToolkitError, ValueError):
@@ -181,7 +189,11 @@ def _check_types(cfg: Config) -> None:
     for f in fields(cfg):
         tp, value = hints[f.name], getattr(cfg, f.name)
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer past float's range: as inf, not a traceback
+                raise ConfigError(f"must be a finite number, got an integer of "
+                                  f"{value.bit_length()} bits", f.name) from None
         elif get_origin(tp) is list and isinstance(value, tuple):
             value = list(value)
         if tp is int:
@@ -467,14 +479,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".py":
         try:
             values = runpy.run_path(str(path)).get("config")
-        except Exception as e:  # the file's own error (syntax, a name): one line naming it
+        # the file's own error (syntax, a name, an exit() in it): one line naming it
+        except (Exception, SystemExit) as e:
             raise ConfigError(f"{path}: {type(e).__name__}: {e}") from e
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a Python config file must define a dict named `config`")
         return values
     try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # JSON files are UTF-8 (RFC 8259)
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a JSON object of config fields")
@@ -562,6 +575,12 @@ def parse_config(argv: Sequence[str] | None = None, description: str = "",
     return cfg, args
 
 
-if __name__ == "__main__":  # `python config.py --preset demo --lr 0.05` shows the result
-    resolved, _ = parse_config(description="Print the config that these flags resolve to.")
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python config.py --preset demo --lr 0.05` prints the config those flags resolve to."""
+    resolved, _ = parse_config(argv, description="Print the config that these flags resolve to.")
     print(resolved.pretty())
+    return 0
+
+
+if __name__ == "__main__":  # a bad file or value: one `error:` line (run_cli), no traceback
+    sys.exit(run_cli(main))

@@ -1,5 +1,7 @@
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,3 +275,45 @@ def test_evaluation_and_data_scripts_list_no_training_fields(script):
     text = importlib.import_module(script).build_arg_parser().format_help()
     for training_flag in ("--lr", "--margin-m", "--epochs", "--output"):
         assert training_flag not in text, (script, training_flag)
+
+
+# ----------------------------------------------------------------------------- bad files, one line
+
+def _run_config_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "config.py", *argv], capture_output=True, text=True,
+                          cwd=Path(config.__file__).parent, timeout=60)
+
+
+def test_config_cli_bad_file_is_one_error_line(tmp_path):
+    """`python config.py --config bad.json` ended in a ConfigError traceback (no run_cli)."""
+    path = tmp_path / "bad.json"
+    path.write_text('{"batch_size": 0}')
+    done = _run_config_cli("--config", str(path))
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: {path}: batch_size: must be >= 1, got 0", done.stderr
+    assert _run_config_cli("--lr", "0.05").stdout.count("lr") >= 1
+
+
+def test_a_json_file_that_is_not_utf8_is_named(tmp_path):
+    """A UTF-16 (or binary) file given as JSON ended in a UnicodeDecodeError traceback."""
+    path = tmp_path / "exp.json"
+    path.write_bytes('{"lr": 0.1}'.encode("utf-16"))  # starts with the BOM ff fe
+    with pytest.raises(config.ConfigError, match=re.escape(str(path)) + ": not valid JSON"):
+        make_config(config_file=path)
+
+
+def test_an_integer_past_float_range_is_refused_by_name(tmp_path):
+    """JSON reads 1 followed by 400 zeros as a Python int; float() of it raised OverflowError."""
+    path = tmp_path / "exp.json"
+    path.write_text('{"lr": 1' + "0" * 400 + "}")
+    with pytest.raises(config.ConfigError, match=re.escape(str(path)) + ": lr: must be a "
+                                                 "finite number"):
+        make_config(config_file=path)
+
+
+def test_a_python_config_file_that_exits_is_named(tmp_path):
+    """exit() in a Python config file ended the script silently with the file's own status."""
+    path = tmp_path / "exp.py"
+    path.write_text("config = dict(lr=0.1)\nraise SystemExit(3)\n")
+    with pytest.raises(config.ConfigError, match=re.escape(str(path)) + ": SystemExit: 3"):
+        make_config(config_file=path)
