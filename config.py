@@ -376,7 +376,13 @@ WF42M_VITS = (("vit_t", "vit_t_dp005_mask0", 512, 1), ("vit_s", "vit_s_dp005_mas
 
 # Named configs, each overriding the base like arcface_torch's configs/*.py.
 PRESETS: dict[str, dict[str, Any]] = {
-    # MS1MV2 (faces_emore) with IR-50, as in the ArcFace paper's main setting.
+    # MS1MV2 (faces_emore) as the ArcFace paper trains it (its sec. 4.1): lr 0.1 for a batch of
+    # 512 (4 GPUs x 128; scaled linearly to the global batch here, where arcface_torch's
+    # ms1mv2_r50/r100.py give 0.1 unscaled to 8 x 128), momentum 0.9, weight decay 5e-4, s 64,
+    # m 0.5, 512-d. The paper's lr / 10 at 100K and 160K of 180K steps (~16 epochs) has no
+    # step scheduler here: arcface_torch's 20 epochs with its former PolyScheduler (power 2).
+    # Its recipe as it is now (linear decay, decay on norms and biases, backbone-only clip,
+    # fp16, seed 2048) is its file itself: --config configs/ms1mv2_r50.py.
     "ms1mv2_ir50": dict(rec="data/faces_emore/train.rec", network="ir50", epochs=20,
                         batch_size=128, lr=0.1, margin_m=0.5, scale_s=64.0,
                         val_bins=["data/faces_emore/lfw.bin", "data/faces_emore/cfp_fp.bin",
@@ -387,6 +393,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                                    "data/faces_emore/agedb_30.bin"]),
     # MS1MV2 R100 with each newer head as its paper trains it (s 64; batch 512 over GPUs,
     # lr 0.1, 20-26 epochs in the papers: the per-device batch and epochs as ms1mv2_ir100).
+    # Their step schedules (AdaFace's scripts: lr / 10 at epochs 12, 20, 24 of 26) have no
+    # step scheduler here: the poly decay of ms1mv2_ir100 instead.
     **{f"ms1mv2_r100_{key}": dict(rec="data/faces_emore/train.rec", network="ir100", epochs=20,
                                   batch_size=128, lr=0.1, scale_s=64.0, head=head, **extra,
                                   val_bins=["data/faces_emore/lfw.bin",

@@ -317,3 +317,64 @@ def test_a_python_config_file_that_exits_is_named(tmp_path):
     path.write_text("config = dict(lr=0.1)\nraise SystemExit(3)\n")
     with pytest.raises(config.ConfigError, match=re.escape(str(path)) + ": SystemExit: 3"):
         make_config(config_file=path)
+
+
+# ----------------------------------------------------------------------------- presets vs sources
+
+def _lr_at(cfg: Config, global_batch: int) -> float:
+    """The lr a run uses: train.py's rule as its docstring states it, written out."""
+    return cfg.lr * global_batch / cfg.base_batch_size if cfg.scale_lr else cfg.lr
+
+
+# ArcFace paper (Deng et al., CVPR 2019, sec. 4.1), transcribed: batch 512 on 4 GPUs, lr 0.1,
+# momentum 0.9, weight decay 5e-4, s 64, m 0.5, 512-d embedding; arcface_torch's
+# configs/ms1mv2_r50.py and ms1mv2_r100.py: num_epoch 20, batch_size 128 per GPU.
+ARCFACE_PAPER = dict(global_batch=512, gpus=4, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                     s=64.0, m=0.5, embedding=512)
+ARCFACE_TORCH_MS1MV2 = dict(num_epoch=20, batch_size=128, rec="faces_emore")
+
+
+@pytest.mark.parametrize("preset, network", [("ms1mv2_ir50", "ir50"), ("ms1mv2_ir100", "ir100")])
+def test_ms1mv2_presets_train_as_the_arcface_paper(preset, network):
+    cfg = make_config(preset=preset)
+    p, t = ARCFACE_PAPER, ARCFACE_TORCH_MS1MV2
+    assert cfg.network == network and cfg.head == "arcface"
+    assert (cfg.scale_s, cfg.margin_m, cfg.embedding_size) == (p["s"], p["m"], p["embedding"])
+    assert (cfg.momentum, cfg.weight_decay, cfg.optimizer) == (p["momentum"], p["weight_decay"],
+                                                               "sgd")
+    assert cfg.global_batch(p["gpus"]) == p["global_batch"]
+    assert _lr_at(cfg, cfg.global_batch(p["gpus"])) == pytest.approx(p["lr"], rel=1e-12)
+    assert (cfg.epochs, cfg.batch_size) == (t["num_epoch"], t["batch_size"])
+    assert t["rec"] in cfg.rec and cfg.warmup_epochs == 0.0
+
+
+# AdaFace's scripts/run_ir101_ms1mv2.sh and head.py (mk-minchul/AdaFace), transcribed:
+# --m 0.4 --h 0.333 --lr 0.1 --batch_size 512, s 64, t_alpha 0.01, SGD momentum 0.9, wd 5e-4.
+# CurricularFace (Huang et al., CVPR 2020): m 0.5, s 64 (its t momentum 0.01 is
+# arcface_loss.CURRICULAR_MOMENTUM). MagFace: l_a 10, u_a 110, l_m 0.45, u_m 0.8,
+# lambda_g 35. ElasticFace's config/config.py: s 64, m 0.5 (Arc) / 0.35 (Cos), std 0.05.
+HEAD_PAPERS = {
+    "ms1mv2_r100_adaface": dict(head="adaface", margin_m=0.4, adaface_h=0.333,
+                                adaface_t_alpha=0.01),
+    "ms1mv2_r100_curricularface": dict(head="curricularface", margin_m=0.5),
+    "ms1mv2_r100_magface": dict(head="magface", magface_l_a=10.0, magface_u_a=110.0,
+                                magface_l_m=0.45, magface_u_m=0.8, magface_lambda_g=35.0),
+    "ms1mv2_r100_elasticface_arc": dict(head="elasticface-arc", margin_m=0.5,
+                                        elastic_sigma=0.05, elastic_plus=False),
+    "ms1mv2_r100_elasticface_cos": dict(head="elasticface-cos", margin_m=0.35,
+                                        elastic_sigma=0.05, elastic_plus=False),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(HEAD_PAPERS))
+def test_head_presets_use_their_papers_values(preset):
+    cfg = make_config(preset=preset)
+    expected = {**HEAD_PAPERS[preset], "network": "ir100", "scale_s": 64.0, "momentum": 0.9,
+                "weight_decay": 5e-4, "optimizer": "sgd", "embedding_size": 512}
+    assert {name: getattr(cfg, name) for name in expected} == expected
+    # lr 0.1 for the papers' global batch of 512
+    assert _lr_at(cfg, 512) == pytest.approx(0.1, rel=1e-12)
+    if cfg.head == "curricularface":  # its t <- 0.01 mean(cos_y) + 0.99 t
+        import arcface_loss  # torch: only for this case
+
+        assert arcface_loss.CURRICULAR_MOMENTUM == 0.01
