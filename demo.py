@@ -1,9 +1,11 @@
 """`make demo`: the whole pipeline on a laptop CPU, from nothing to a verification report.
 
     python demo.py                      # what `make demo` runs
-    python demo.py --train-identities 20 --max-steps 50   # a quicker, weaker run
+    python demo.py --train-identities 20 --max-steps 50 \\
+        --data-dir data/demo_small --run-dir runs/demo_small   # a quicker, weaker run
 
-Stages, each reusing what an earlier run finished:
+Stages, each reusing what an earlier run finished (folders made with other sizes or seed
+are refused: their images, set and run would be reused as this demo's):
   1. generate  synthetic identities (synthetic_faces.py): a training tree and a held-out
                LFW-style tree with pairs.txt, 250x250 in-the-wild images
   2. align     the training tree with MTCNN to 112x112 (align_faces.py)
@@ -64,6 +66,9 @@ DEFAULT_RUN_DIR = "runs/demo"
 REC_NAME = "train.rec"  # the packed training set, inside the data folder
 TREE_NAMES = ("train", "lfw")  # the generated identity trees, inside the data folder
 RUN_MODEL_NAMES = ("backbone.pt", "checkpoint.pt")  # what a trained run folder holds
+# The data set's parameters, in the data folder and the run folder: the demo keeps what a
+# folder holds (the generator adds images, never removes), so a rerun must ask for the same
+DATA_STAMP = "demo_data.json"
 
 # The demo data set, sized so that the whole demo fits ~10 minutes on 2 CPU cores
 # (see README): 200 training identities x 15 images, 100 held-out identities x 10.
@@ -157,6 +162,32 @@ def check_demo_folders(data_dir: Path, run_dir: Path) -> None:
                                   "--run-dir of its own")
 
 
+def check_demo_parameters(folders: dict[str, Path], params: dict[str, Any]) -> None:
+    """Refuse a folder a demo with other data parameters made (sizes, pairs, seed): its
+    earlier images, packed set and trained run would be reused and reported as this demo's;
+    then record ``params`` in each folder (one from before this record is taken as it is).
+    ``folders``: each folder by the flag that names it."""
+    for flag, folder in folders.items():
+        stamp = folder / DATA_STAMP
+        if not stamp.is_file():
+            continue
+        try:
+            made = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            made = None
+        made = made if isinstance(made, dict) else {}
+        differ = [name for name in params if made.get(name) != params[name]]
+        if differ:
+            was = ", ".join(f"--{n.replace('_', '-')} {made.get(n)}" for n in differ)
+            now = ", ".join(f"{params[n]}" for n in differ)
+            raise OutputConflictError(
+                f"{flag} {folder}: holds a demo made with {was} (asked: {now}); the demo "
+                f"reuses what a folder holds: give it a {flag} of its own, or remove {folder}")
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / DATA_STAMP, json.dumps(params, sort_keys=True) + "\n")
+
+
 def run_demo(data_dir: str | Path = DEFAULT_DATA_DIR, run_dir: str | Path = DEFAULT_RUN_DIR,
              train_identities: int = TRAIN_IDENTITIES, train_images: int = TRAIN_IMAGES,
              eval_identities: int = EVAL_IDENTITIES, eval_images: int = EVAL_IMAGES,
@@ -168,6 +199,10 @@ def run_demo(data_dir: str | Path = DEFAULT_DATA_DIR, run_dir: str | Path = DEFA
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     check_demo_folders(data_dir, run_dir)
     with claim_output(data_dir, "--data-dir"), claim_output(run_dir, "--run-dir"):
+        check_demo_parameters({"--data-dir": data_dir, "--run-dir": run_dir},
+                              {"train_identities": train_identities, "train_images": train_images,
+                               "eval_identities": eval_identities, "eval_images": eval_images,
+                               "pairs_per_fold": pairs_per_fold, "seed": seed})
         return _run_demo(data_dir, run_dir, train_identities, train_images, eval_identities,
                          eval_images, pairs_per_fold, seed, overrides)
 

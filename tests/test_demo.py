@@ -47,3 +47,36 @@ def test_miniature_demo_end_to_end(tmp_path):
     again = json.loads((runs / "report.json").read_text())
     assert again["accuracy"] == report["accuracy"]
     assert (runs / "backbone.pt").stat().st_mtime_ns == before
+
+
+def test_a_rerun_with_other_data_parameters_is_refused(tmp_path, monkeypatch, capsys):
+    """The generator adds images and never removes any, and the packed set and the trained
+    run are reused: `demo.py --train-identities 3` after a 6-identity demo in the same folders
+    reported the 6-identity model as the new demo's. The stages are stubbed: this is about
+    what the folders hold before any of them runs."""
+    from utils import run_cli
+
+    stages = []
+    monkeypatch.setattr(demo, "_run_demo", lambda *args: stages.append(args) or {})
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    first = ["--data-dir", str(data), "--run-dir", str(runs), "--train-identities", "6",
+             "--eval-identities", "10", "--seed", "1"]
+    assert run_cli(demo.main, first) == 0
+    assert run_cli(demo.main, first + ["--max-steps", "4"]) == 0  # same data: reused
+    assert len(stages) == 2
+    capsys.readouterr()
+
+    assert run_cli(demo.main, first + ["--train-identities", "3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --data-dir {data}: holds a demo made with --train-identities 6 "
+                   f"(asked: 3); the demo reuses what a folder holds: give it a --data-dir of "
+                   f"its own, or remove {data}"), err
+    # a fresh data folder beside the old run: the run trained on other data is refused too
+    other = tmp_path / "data2"
+    assert run_cli(demo.main, ["--data-dir", str(other), "--run-dir", str(runs),
+                               "--train-identities", "6", "--eval-identities", "10",
+                               "--seed", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --run-dir {runs}: holds a demo made with --seed 1 "
+                          "(asked: 2)"), err
+    assert len(stages) == 2 and not (other / demo.DATA_STAMP).exists()
