@@ -349,7 +349,8 @@ def test_ms1mv2_presets_train_as_the_arcface_paper(preset, network):
 
 
 # AdaFace's scripts/run_ir101_ms1mv2.sh and head.py (mk-minchul/AdaFace), transcribed:
-# --m 0.4 --h 0.333 --lr 0.1 --batch_size 512, s 64, t_alpha 0.01, SGD momentum 0.9, wd 5e-4.
+# --m 0.4 --h 0.333 --lr 0.1 --batch_size 512 (the total: main.py divides it over --gpus),
+# s 64, t_alpha 0.01, SGD momentum 0.9, weight decay 5e-4 (train_val.py).
 # CurricularFace (Huang et al., CVPR 2020): m 0.5, s 64 (its t momentum 0.01 is
 # arcface_loss.CURRICULAR_MOMENTUM). MagFace: l_a 10, u_a 110, l_m 0.45, u_m 0.8,
 # lambda_g 35. ElasticFace's config/config.py: s 64, m 0.5 (Arc) / 0.35 (Cos), std 0.05.
