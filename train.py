@@ -100,13 +100,14 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}  # on
 
 # ------------------------------------------------ the knobs: lr schedule, margin ramp, optimiser
 
-POLY_POWER = 2  # arcface_torch's PolyScheduler
+POLY_POWER = 2  # arcface_torch's former PolyScheduler (its train_v2 decays linearly)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
     """Multiplier of the base lr for 0-based ``step``: linear warm-up to 1 over
-    ``warmup_steps``, then ``poly`` ((1 - progress)^2, as arcface_torch) or ``cosine``;
-    ``linear`` is arcface_torch's PolynomialLRWarmup with power 1 (linear_factor)."""
+    ``warmup_steps``, then ``poly`` ((1 - progress)^2, as arcface_torch's former
+    PolyScheduler) or ``cosine``; ``linear`` is its current PolynomialLRWarmup with power 1
+    (linear_factor)."""
     if kind == "linear":
         return linear_factor(step, total_steps, warmup_steps)
     if step < warmup_steps:
