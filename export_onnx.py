@@ -39,6 +39,7 @@ from utils import (
     OutputKind,
     ToolkitError,
     add_debug_flag,
+    check_output,
     checkpoint_record,
     claim_output,
     get_logger,
@@ -212,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
     # errors (missing or untrusted checkpoint, parity) are printed by run_cli, one line
-    with claim_output(out, "--out", {"--checkpoint": checkpoint}, ONNX_KIND):
+    inputs = {"--checkpoint": checkpoint}
+    # the export replaces or removes <out>.data too: it must not be the checkpoint either
+    check_output(external_data_path(out), "--out's weights file", inputs)
+    with claim_output(out, "--out", inputs, ONNX_KIND):
         model = load_backbone(checkpoint, network=args.network,
                               embedding_size=args.embedding_size)
         remove_stale_temporaries(out.parent, out.name, STAGING_SUFFIX)  # a killed export's
