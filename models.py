@@ -159,7 +159,8 @@ class IBasicBlock(nn.Module):
 
 class IResNet(nn.Module):
     """IR-ResNet: stem conv3x3-BN-PReLU, four stages of IBasicBlocks, then the output layer
-    BN2d, dropout, flatten, Linear(C*h*w, E), BN1d (its scale frozen at 1, as InsightFace)."""
+    BN2d, dropout, flatten, Linear(C*h*w, E), BN1d (its scale frozen at 1, as InsightFace);
+    the Linear and BN1d run in float32 under autocast, as there."""
 
     def __init__(self, depths: Sequence[int], widths: Sequence[int] = IR_WIDTHS,
                  strides: Sequence[int] = (2, 2, 2, 2), stem_stride: int = 1,
@@ -192,8 +193,11 @@ class IResNet(nn.Module):
         x = self.prelu(self.bn1(self.conv1(x)))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
-        x = self.dropout(self.bn2(x))
-        return self.features(self.fc(torch.flatten(x, 1)))
+        x = torch.flatten(self.dropout(self.bn2(x)), 1)
+        # as arcface_torch: the output layer in float32 even under fp16/bf16 autocast (a
+        # half-precision embedding keeps about 3 significant digits)
+        with _autocast_off(x.device):
+            return self.features(self.fc(_at_least_float32(x)))
 
 
 # ----------------------------------------------------------------------------- MobileFaceNet
