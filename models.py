@@ -461,7 +461,7 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """arcface_torch's face ViT: patch embedding + position embedding, ``depth`` blocks,
     LayerNorm, then the features head over all tokens flattened: Linear(T*D, D) - BN1d -
-    Linear(D, E) - BN1d. In training a random fraction of tokens skips the blocks and is
+    Linear(D, E) - BN1d (float32 under autocast). In training a random fraction of tokens skips the blocks and is
     put back as a learned mask token after the last norm. ``dropout`` (0 in arcface_torch)
     applies after the position embedding and in each block's branches."""
 
@@ -511,7 +511,8 @@ class VisionTransformer(nn.Module):
         if masking:
             filler = self.mask_token.expand(n, tokens - x.shape[1], dim).to(x.dtype)
             x = torch.gather(torch.cat([x, filler], 1), 1, order[:, :, None].expand(-1, -1, dim))
-        return self.feature(x.reshape(n, tokens * dim))
+        with _autocast_off(x.device):  # float32 even under autocast, as arcface_torch's head
+            return self.feature(x.reshape(n, tokens * dim))
 
 
 def _init_vit(model: VisionTransformer) -> None:
