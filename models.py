@@ -461,9 +461,10 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """arcface_torch's face ViT: patch embedding + position embedding, ``depth`` blocks,
     LayerNorm, then the features head over all tokens flattened: Linear(T*D, D) - BN1d -
-    Linear(D, E) - BN1d (float32 under autocast). In training a random fraction of tokens skips the blocks and is
-    put back as a learned mask token after the last norm. ``dropout`` (0 in arcface_torch)
-    applies after the position embedding and in each block's branches."""
+    Linear(D, E) - BN1d (float32 under autocast). In training a random fraction of tokens
+    skips the blocks and is put back as a learned mask token after the last norm.
+    ``dropout`` (0 in arcface_torch) applies after the position embedding and in each
+    block's branches."""
 
     def __init__(self, dim: int, depth: int, drop_path: float = 0.0, mask_ratio: float = 0.0,
                  checkpointing: bool = False, embedding_size: int = 512,
