@@ -13,8 +13,13 @@ two must be moved together. The export is written and checked in a staging folde
 --out and renamed into place only when whole, so a failed or killed export leaves no
 half-written file and no orphaned weights.
 
+Input ``images``: float32 N x 3 x 112 x 112, aligned face crops in RGB order, each pixel
+mapped to (pixel - 127.5) / 127.5 (as training and every evaluation feed the backbone);
+output ``embeddings``: N x E, not L2-normalised.
+
 The model records what it came from in its ``metadata_props`` (``checkpoint``,
-``checkpoint_sha256``: the checkpoint's path and content hash), which onnxruntime reads as
+``checkpoint_sha256``: the checkpoint's path and content hash; ``input``: the input
+convention above), which onnxruntime reads as
 ``session.get_modelmeta().custom_metadata_map``: a deployed model can be matched with its
 checkpoint and evaluation results (which record the same hash).
 """
@@ -36,6 +41,7 @@ from torch import nn
 
 from models import IMAGE_SIZE, load_backbone
 from utils import (
+    PIXEL_CENTRE,
     OutputKind,
     ToolkitError,
     add_debug_flag,
@@ -63,6 +69,11 @@ STAGING_SUFFIX = ".onnx-staging"  # folder ".<out name>.<random>.onnx-staging" b
 # An ONNX file is a serialised ModelProto whose first field, written first, is ir_version
 # (field 1, varint: tag byte 0x08); a PyTorch checkpoint starts "PK" (zip) or 0x80 (pickle)
 ONNX_KIND = OutputKind("an ONNX model", starts_with(b"\x08"))
+
+# what a deployer must feed the graph, recorded in the file itself (metadata key "input")
+INPUT_CONVENTION = (f"images: float32 N x 3 x {IMAGE_SIZE} x {IMAGE_SIZE}, aligned face crops, "
+                    f"RGB, (pixel - {PIXEL_CENTRE}) / {PIXEL_CENTRE}; embeddings: "
+                    "not L2-normalised")
 
 log = get_logger("export_onnx")
 
@@ -221,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                               embedding_size=args.embedding_size)
         remove_stale_temporaries(out.parent, out.name, STAGING_SUFFIX)  # a killed export's
         diff = export_and_verify(model, out, args.tolerance, source=checkpoint,
-                                 metadata=checkpoint_record(checkpoint))
+                                 metadata={**checkpoint_record(checkpoint),
+                                           "input": INPUT_CONVENTION})
     log.info("wrote %s (max |diff| of normalised embeddings vs PyTorch: %.2e)", out, diff)
     return 0
 

@@ -238,6 +238,10 @@ def test_cli_export_records_the_checkpoint_it_came_from(tmp_path):
                              "--out", str(out)]) == 0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
+    # and how to feed it (the protocol: RGB crops, (x - 127.5) / 127.5), undocumented before
+    convention = meta.pop("input")
+    assert "float32 N x 3 x 112 x 112" in convention and "RGB" in convention
+    assert "(pixel - 127.5) / 127.5" in convention
     assert meta == {"checkpoint": str(path),
                     "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
