@@ -58,6 +58,7 @@ from utils import (
 )
 
 PARITY_TOLERANCE = 1e-4  # max |difference| of L2-normalised embeddings
+NORM_FLOOR = 1e-12  # an all-zero embedding stays zero instead of becoming NaN
 PARITY_BATCH = 3  # differs from the export batch, so the dynamic batch axis is exercised
 EXPORT_BATCH = 2
 ONNX_OPSET = 18
@@ -87,7 +88,7 @@ class NonFiniteModelError(ToolkitError, ValueError):
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), NORM_FLOOR)
 
 
 def external_data_path(out_path: str | Path) -> Path:
