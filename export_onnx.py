@@ -13,8 +13,13 @@ two must be moved together. The export is written and checked in a staging folde
 --out and renamed into place only when whole, so a failed or killed export leaves no
 half-written file and no orphaned weights.
 
+Input ``images``: float32 N x 3 x 112 x 112, aligned face crops in RGB order, each pixel
+mapped to (pixel - 127.5) / 127.5 (as training and every evaluation feed the backbone);
+output ``embeddings``: N x E, not L2-normalised.
+
 The model records what it came from in its ``metadata_props`` (``checkpoint``,
-``checkpoint_sha256``: the checkpoint's path and content hash), which onnxruntime reads as
+``checkpoint_sha256``: the checkpoint's path and content hash; ``input``: the input
+convention above), which onnxruntime reads as
 ``session.get_modelmeta().custom_metadata_map``: a deployed model can be matched with its
 checkpoint and evaluation results (which record the same hash).
 """
@@ -36,9 +41,11 @@ from torch import nn
 
 from models import IMAGE_SIZE, load_backbone
 from utils import (
+    PIXEL_CENTRE,
     OutputKind,
     ToolkitError,
     add_debug_flag,
+    check_output,
     checkpoint_record,
     claim_output,
     get_logger,
@@ -51,6 +58,7 @@ from utils import (
 )
 
 PARITY_TOLERANCE = 1e-4  # max |difference| of L2-normalised embeddings
+NORM_FLOOR = 1e-12  # an all-zero embedding stays zero instead of becoming NaN
 PARITY_BATCH = 3  # differs from the export batch, so the dynamic batch axis is exercised
 EXPORT_BATCH = 2
 ONNX_OPSET = 18
@@ -62,6 +70,11 @@ STAGING_SUFFIX = ".onnx-staging"  # folder ".<out name>.<random>.onnx-staging" b
 # An ONNX file is a serialised ModelProto whose first field, written first, is ir_version
 # (field 1, varint: tag byte 0x08); a PyTorch checkpoint starts "PK" (zip) or 0x80 (pickle)
 ONNX_KIND = OutputKind("an ONNX model", starts_with(b"\x08"))
+
+# what a deployer must feed the graph, recorded in the file itself (metadata key "input")
+INPUT_CONVENTION = (f"images: float32 N x 3 x {IMAGE_SIZE} x {IMAGE_SIZE}, aligned face crops, "
+                    f"RGB, (pixel - {PIXEL_CENTRE}) / {PIXEL_CENTRE}; embeddings: "
+                    "not L2-normalised")
 
 log = get_logger("export_onnx")
 
@@ -75,7 +88,7 @@ class NonFiniteModelError(ToolkitError, ValueError):
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), NORM_FLOOR)
 
 
 def external_data_path(out_path: str | Path) -> Path:
@@ -212,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
     # errors (missing or untrusted checkpoint, parity) are printed by run_cli, one line
-    with claim_output(out, "--out", {"--checkpoint": checkpoint}, ONNX_KIND):
+    inputs = {"--checkpoint": checkpoint}
+    # the export replaces or removes <out>.data too: it must not be the checkpoint either
+    check_output(external_data_path(out), "--out's weights file", inputs)
+    with claim_output(out, "--out", inputs, ONNX_KIND):
         model = load_backbone(checkpoint, network=args.network,
                               embedding_size=args.embedding_size)
         remove_stale_temporaries(out.parent, out.name, STAGING_SUFFIX)  # a killed export's
         diff = export_and_verify(model, out, args.tolerance, source=checkpoint,
-                                 metadata=checkpoint_record(checkpoint))
+                                 metadata={**checkpoint_record(checkpoint),
+                                           "input": INPUT_CONVENTION})
     log.info("wrote %s (max |diff| of normalised embeddings vs PyTorch: %.2e)", out, diff)
     return 0
 

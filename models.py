@@ -159,7 +159,8 @@ class IBasicBlock(nn.Module):
 
 class IResNet(nn.Module):
     """IR-ResNet: stem conv3x3-BN-PReLU, four stages of IBasicBlocks, then the output layer
-    BN2d, dropout, flatten, Linear(C*h*w, E), BN1d (its scale frozen at 1, as InsightFace)."""
+    BN2d, dropout, flatten, Linear(C*h*w, E), BN1d (its scale frozen at 1, as InsightFace);
+    the Linear and BN1d run in float32 under autocast, as there."""
 
     def __init__(self, depths: Sequence[int], widths: Sequence[int] = IR_WIDTHS,
                  strides: Sequence[int] = (2, 2, 2, 2), stem_stride: int = 1,
@@ -192,8 +193,11 @@ class IResNet(nn.Module):
         x = self.prelu(self.bn1(self.conv1(x)))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
-        x = self.dropout(self.bn2(x))
-        return self.features(self.fc(torch.flatten(x, 1)))
+        x = torch.flatten(self.dropout(self.bn2(x)), 1)
+        # as arcface_torch: the output layer in float32 even under fp16/bf16 autocast (a
+        # half-precision embedding keeps about 3 significant digits)
+        with _autocast_off(x.device):
+            return self.features(self.fc(_at_least_float32(x)))
 
 
 # ----------------------------------------------------------------------------- MobileFaceNet
@@ -457,9 +461,10 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """arcface_torch's face ViT: patch embedding + position embedding, ``depth`` blocks,
     LayerNorm, then the features head over all tokens flattened: Linear(T*D, D) - BN1d -
-    Linear(D, E) - BN1d. In training a random fraction of tokens skips the blocks and is
-    put back as a learned mask token after the last norm. ``dropout`` (0 in arcface_torch)
-    applies after the position embedding and in each block's branches."""
+    Linear(D, E) - BN1d (float32 under autocast). In training a random fraction of tokens
+    skips the blocks and is put back as a learned mask token after the last norm.
+    ``dropout`` (0 in arcface_torch) applies after the position embedding and in each
+    block's branches."""
 
     def __init__(self, dim: int, depth: int, drop_path: float = 0.0, mask_ratio: float = 0.0,
                  checkpointing: bool = False, embedding_size: int = 512,
@@ -507,7 +512,8 @@ class VisionTransformer(nn.Module):
         if masking:
             filler = self.mask_token.expand(n, tokens - x.shape[1], dim).to(x.dtype)
             x = torch.gather(torch.cat([x, filler], 1), 1, order[:, :, None].expand(-1, -1, dim))
-        return self.feature(x.reshape(n, tokens * dim))
+        with _autocast_off(x.device):  # float32 even under autocast, as arcface_torch's head
+            return self.feature(x.reshape(n, tokens * dim))
 
 
 def _init_vit(model: VisionTransformer) -> None:

@@ -238,6 +238,10 @@ def test_cli_export_records_the_checkpoint_it_came_from(tmp_path):
                              "--out", str(out)]) == 0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
+    # and how to feed it (the protocol: RGB crops, (x - 127.5) / 127.5), undocumented before
+    convention = meta.pop("input")
+    assert "float32 N x 3 x 112 x 112" in convention and "RGB" in convention
+    assert "(pixel - 127.5) / 127.5" in convention
     assert meta == {"checkpoint": str(path),
                     "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
@@ -254,3 +258,18 @@ def test_metadata_with_external_weights_keeps_the_pair_loadable(tmp_path):
     np.testing.assert_allclose(_run_alone(out, x), want, atol=1e-4, rtol=1e-4)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map == {"checkpoint_sha256": "ab" * 32}
+
+
+def test_cli_refuses_a_checkpoint_named_as_the_weights_file_of_out(tmp_path, capsys):
+    """--out m.onnx with --checkpoint m.onnx.data: a one-file export unlinked <out>.data (a
+    larger one replaced it), so the export deleted the checkpoint it was made from."""
+    from utils import run_cli
+
+    path = _saved_ir_narrow(tmp_path, lambda m: None).rename(tmp_path / "m.onnx.data")
+    before = path.read_bytes()
+    argv = ["--checkpoint", str(path), "--network", "ir_narrow", "--out", str(tmp_path / "m.onnx")]
+    assert run_cli(export_onnx.main, argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and str(path) in err and err.count("\n") == 1, err
+    assert path.read_bytes() == before  # the checkpoint is still there, unchanged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]

@@ -189,3 +189,34 @@ def test_lfw_eval_cli_names_a_missing_or_empty_checkpoint(tmp_path, capsys):
                                      str(tmp_path / "empty.bin"), "--device", "cpu"])
         err = capsys.readouterr().err
         assert rc != 0 and err == f"error: {expected.format(ckpt)}\n", err
+
+
+
+def _output_layer_in_float64(h, fc, bn):
+    """Linear then eval-mode BatchNorm1d, written out in float64."""
+    y = h.double() @ fc.weight.detach().double().T
+    if fc.bias is not None:
+        y = y + fc.bias.detach().double()
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return (y - bn.running_mean.double()) * scale + bn.bias.detach().double()
+
+
+@pytest.mark.parametrize("use_se", [False, True])
+def test_output_layer_runs_in_float32_under_autocast(use_se):
+    """arcface_torch runs the IR nets' fc and features BN outside autocast, in float32; under
+    bf16/fp16 autocast ours gave a half-precision embedding (about 3 significant digits)."""
+    torch.manual_seed(0)
+    model = models.IResNet((1, 1, 1, 1), models.NARROW_WIDTHS, models.NARROW_STRIDES,
+                           stem_stride=2, embedding_size=16, use_se=use_se)
+    with torch.no_grad():  # eval statistics away from the identity
+        model.features.running_mean.uniform_(-0.5, 0.5)
+        model.features.running_var.uniform_(0.5, 2.0)
+        model.features.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    seen = []
+    model.dropout.register_forward_hook(lambda m, i, o: seen.append(torch.flatten(o, 1)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 112, 112))
+    want = _output_layer_in_float64(seen[0], model.fc, model.features)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.float32

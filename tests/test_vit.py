@@ -252,3 +252,27 @@ def test_arcface_names_and_model_pt_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"network": "vit_s"}))
     with pytest.raises(models.CheckpointMismatchError, match="vit_s"):
         load_backbone(tmp_path / "model.pt")
+
+
+def test_features_head_runs_in_float32_under_autocast():
+    """arcface_torch's ViT runs its features head (after norm(x.float())) outside autocast, in
+    float32; under bf16/fp16 autocast ours gave a half-precision embedding."""
+    torch.manual_seed(0)
+    model = models.VisionTransformer(32, 1, embedding_size=8)
+    with torch.no_grad():  # eval statistics away from the identity
+        for bn in (model.feature[1], model.feature[3]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    seen = []
+    model.norm.register_forward_hook(lambda m, i, o: seen.append(o.flatten(1)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 112, 112))
+    x = seen[0].double()
+    for lin, bn in ((model.feature[0], model.feature[1]), (model.feature[2], model.feature[3])):
+        x = x @ lin.weight.double().T  # no bias, as arcface_torch
+        x = (x - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + bn.eps) \
+            * bn.weight.double() + bn.bias.double()
+    torch.testing.assert_close(out.double(), x.detach(), rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.float32
