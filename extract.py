@@ -51,6 +51,7 @@ from the bytes actually written (headers can lie). ``--allow-large`` lifts the l
 from __future__ import annotations
 
 import argparse
+import errno
 import filecmp
 import gzip
 import io
@@ -66,7 +67,7 @@ import tarfile
 import time
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -368,11 +369,24 @@ def _member_temp(final: Path) -> tuple[int, Path]:
     """A new temporary ``.<name>.<random>.tmp`` beside ``final``, opened exclusively for
     writing with a new file's mode (0o666 less the umask): its descriptor and path. The name
     is cut short where a long member name would pass the filesystem's name limit."""
+    fd = -1
+
+    def create(tmp: Path) -> None:
+        nonlocal fd
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_PERMISSIONS)
+    tmp = _new_member_temp(final, create)
+    return fd, tmp
+
+
+def _new_member_temp(final: Path, create: Callable[[Path], None]) -> Path:
+    """The first fresh temporary name beside ``final`` that ``create(name)`` makes without a
+    FileExistsError (an exclusive open, a hard link)."""
     stem = _temp_stem(final)
     for _ in range(TEMP_ATTEMPTS):
         tmp = final.parent / f".{stem}.{secrets.token_hex(TEMP_TOKEN_BYTES)}{TEMP_SUFFIX}"
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_PERMISSIONS), tmp
+            create(tmp)
+            return tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"{final.parent}: no free temporary name for {final.name}")
@@ -522,6 +536,7 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
     files = 0
     budget = _Budget(archive, limits)
     names: list[str] = []
+    extracted: set[PurePosixPath] = set()  # the file members written so far, for hard links
     with open(archive, "rb", buffering=0) as raw, tqdm(
             total=archive.stat().st_size, unit="B", unit_scale=True, desc=archive.name,
             disable=not progress) as bar:
@@ -542,6 +557,12 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
                         _extract_tar_file(tar, member, dest.joinpath(*rel.parts), dest,
                                           archive, budget)
                         files += 1
+                        extracted.add(rel)
+                        continue
+                    if member.islnk():  # tarfile's own would seek back in the stream
+                        _extract_tar_hard_link(member, rel, dest, archive, budget, extracted)
+                        files += 1
+                        extracted.add(rel)
                         continue
                     tar.extract(member, dest, filter="data")
                     if member.issym():
@@ -573,6 +594,41 @@ def _extract_tar_file(tar: tarfile.TarFile, member: tarfile.TarInfo, final: Path
     with src:
         _write_member(archive, member.name, final, src, budget, member.size,
                       mode=filtered.mode, mtime=filtered.mtime)
+
+
+def _extract_tar_hard_link(member: tarfile.TarInfo, rel: PurePosixPath, dest: Path,
+                           archive: Path, budget: _Budget,
+                           extracted: set[PurePosixPath]) -> None:
+    """A hard link member: a link to the file an earlier member wrote (a tar's hard link
+    names an earlier member), made under a temporary name and renamed over ``rel`` like any
+    member; a copy of that file where the filesystem has no hard links. tarfile's own would
+    fail on a stream (it seeks back for the target when the link's name exists already, as
+    on every re-extraction, or the target is not on disk)."""
+    tarfile.data_filter(member, str(dest))  # the link's path and target stay inside dest
+    target_rel = _safe_relative(member.linkname, archive)
+    if target_rel not in extracted:
+        raise ArchiveError(f"{archive}: member {member.name!r} is a hard link to "
+                           f"{member.linkname!r}, which is not a file member before it")
+    final, target = dest.joinpath(*rel.parts), dest.joinpath(*target_rel.parts)
+    tmp = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        budget.stale.remove_for(final)  # a killed run's temporary of this member
+        tmp = _new_member_temp(final, lambda t: os.link(target, t))
+        os.replace(tmp, final)
+    except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise MemberWriteError(f"{archive}: cannot write member {member.name!r} to "
+                                   f"{final}: {e.strerror or e}; {_kept(final)}") from None
+        with open(target, "rb") as src:  # no hard links here (FAT, some FUSE mounts)
+            _write_member(archive, member.name, final, src, budget, target.stat().st_size,
+                          mode=stat.S_IMODE(target.stat().st_mode))
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _unreadable_tar(archive: Path, names: list[str], e: BaseException) -> ArchiveError:

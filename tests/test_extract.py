@@ -629,3 +629,63 @@ def test_a_killed_runs_temporaries_go_when_their_member_is_written_again(tmp_pat
     extract.extract_archive(archive, dest, progress=False)
     assert not killed.exists() and not (folder / ".property.0123abcd.tmp").exists()
     assert _every_file(dest) == {**FILES, **{f"faces_emore/{n}": d for n, d in kept.items()}}
+
+
+def _tar_with_hard_link(path: Path, entries: list[tuple[str, str, Any]]) -> Path:
+    """A .tgz of ("file", name, bytes) and ("hard", name, target member) entries, as GNU tar
+    writes a file whose link count is over 1: its later names are hard link members."""
+    with tarfile.open(path, "w:gz") as tf:
+        for kind, name, value in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(value)
+                tf.addfile(info, io.BytesIO(value))
+            else:
+                info.type, info.linkname = tarfile.LNKTYPE, value
+                tf.addfile(info)
+    return path
+
+
+def test_tar_hard_links_extract_and_extract_again(tmp_path):
+    """A re-extraction (--force, a re-download) met the link's existing name: tarfile's
+    fallback seeks back in the stream, and the run ended in a StreamError traceback."""
+    import os
+
+    archive = _tar_with_hard_link(tmp_path / "lfw.tgz", [
+        ("file", "lfw/a.jpg", b"face a"), ("hard", "lfw/b.jpg", "lfw/a.jpg"),
+        ("file", "lfw/c.jpg", b"face c")])
+    dest = tmp_path / "data"
+    for force in (False, True):
+        summary = extract.extract_archive(archive, dest, progress=False, force=force)
+        assert _every_file(dest) == {"lfw/a.jpg": b"face a", "lfw/b.jpg": b"face a",
+                                     "lfw/c.jpg": b"face c"}
+        assert os.path.samefile(dest / "lfw/a.jpg", dest / "lfw/b.jpg")
+        assert summary["files"] == 3 and extract.already_extracted(archive, dest)
+
+
+@pytest.mark.parametrize("target", ["lfw/later.jpg", "lfw/absent.jpg"])
+def test_tar_hard_link_to_no_earlier_member_is_one_error_naming_it(tmp_path, capsys, target):
+    """tarfile looked the target up in the archive, which a stream cannot: a KeyError
+    traceback."""
+    archive = _tar_with_hard_link(tmp_path / "lfw.tgz", [
+        ("hard", "lfw/b.jpg", target), ("file", "lfw/later.jpg", b"face")])
+    dest = tmp_path / "data"
+    assert extract.main([str(archive), "--dest", str(dest), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err
+    assert "lfw.tgz" in err and "'lfw/b.jpg'" in err and target in err
+    assert not extract.already_extracted(archive, dest)
+
+
+def test_tar_hard_link_where_the_filesystem_has_none_is_a_copy(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    archive = _tar_with_hard_link(tmp_path / "lfw.tgz", [
+        ("file", "lfw/a.jpg", b"face a"), ("hard", "lfw/b.jpg", "lfw/a.jpg")])
+    dest = tmp_path / "data"
+    extract.extract_archive(archive, dest, progress=False)
+    assert _every_file(dest) == {"lfw/a.jpg": b"face a", "lfw/b.jpg": b"face a"}
