@@ -485,13 +485,22 @@ def already_extracted(archive: str | Path, dest: str | Path) -> bool:
     return _completed_marker(Path(archive), Path(dest)) is not None
 
 
-def _extract_zip(archive: Path, dest: Path, progress: bool,
-                 limits: SizeLimits | None) -> tuple[int, int, list[str]]:
+def _open_zip(archive: Path) -> zipfile.ZipFile:
+    """The zip's directory read, or ArchiveError: a damaged one, or a member name flagged
+    UTF-8 (bit 11) whose bytes are not (zipfile raises UnicodeDecodeError at the open)."""
     try:
-        zf = zipfile.ZipFile(archive)
+        return zipfile.ZipFile(archive)
     except zipfile.BadZipFile as e:
         raise ArchiveError(f"{archive}: not a readable zip file ({e})") from None
-    with zf:
+    except UnicodeDecodeError as e:
+        raise ArchiveError(f"{archive}: a member name marked as UTF-8 is not valid UTF-8 "
+                           f"({e.object[max(e.start - 20, 0):e.end]!r}); not a readable zip "
+                           "file") from None
+
+
+def _extract_zip(archive: Path, dest: Path, progress: bool,
+                 limits: SizeLimits | None) -> tuple[int, int, list[str]]:
+    with _open_zip(archive) as zf:
         infos = zf.infolist()
         rels = []
         root = os.path.realpath(dest)
@@ -661,7 +670,7 @@ def _members_share_one_folder(archive: Path, kind: str) -> bool | None:
     (unknown without a full pass over it, so tar archives are unpacked as they are)."""
     if kind != "zip":
         return None
-    with zipfile.ZipFile(archive) as zf:
+    with _open_zip(archive) as zf:
         infos = zf.infolist()
     parts = [i.filename.replace("\\", "/").strip("/").split("/") for i in infos]
     tops = {p[0] for p in parts if p[0]}

@@ -689,3 +689,20 @@ def test_tar_hard_link_where_the_filesystem_has_none_is_a_copy(tmp_path, monkeyp
     dest = tmp_path / "data"
     extract.extract_archive(archive, dest, progress=False)
     assert _every_file(dest) == {"lfw/a.jpg": b"face a", "lfw/b.jpg": b"face a"}
+
+
+def test_zip_member_name_flagged_utf8_but_not_utf8_is_one_error_naming_the_archive(
+        tmp_path, capsys):
+    """zipfile decodes such a name strictly when it reads the directory: the CLI ended in a
+    UnicodeDecodeError traceback."""
+    archive = _stored_zip(tmp_path / "faces.zip", {"faces/ab.jpg": b"jpeg"})
+    _patch_zip_member(archive, "faces/ab.jpg", flags=0x800)  # APPNOTE bit 11: name is UTF-8
+    data = archive.read_bytes()
+    assert data.count(b"faces/ab.jpg") == 2  # local header and central directory
+    archive.write_bytes(data.replace(b"faces/ab.jpg", b"faces/\xff\xfe.jpg"))
+    dest = tmp_path / "data"
+    assert extract.main([str(archive), "--dest", str(dest), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err
+    assert "faces.zip" in err and "UTF-8" in err
+    assert not dest.exists() or not any(dest.rglob("*.jpg"))
