@@ -80,6 +80,7 @@ from utils import (
     add_debug_flag,
     atomic_write_text,
     claim_output,
+    current_umask,
     get_logger,
     name_max,
     run_cli,
@@ -595,14 +596,17 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
 def _extract_tar_file(tar: tarfile.TarFile, member: tarfile.TarInfo, final: Path, dest: Path,
                       archive: Path, budget: _Budget) -> None:
     """A regular file member, through a checked temporary (:func:`_write_member`) with the
-    path checks and permissions of tarfile's 'data' filter."""
+    path checks and permissions of tarfile's 'data' filter, less the umask."""
     filtered = tarfile.data_filter(member, str(dest))
     src = tar.extractfile(member)
     if src is None:  # cannot happen for a regular file; tarfile's type says None is possible
         raise ArchiveError(f"{archive}: member {member.name!r} has no data")
+    # the archive's mode less the umask, as tar gives a user who is not root: a private
+    # umask (077) keeps the set private whatever modes its packer had
+    mode = None if filtered.mode is None else filtered.mode & ~current_umask()
     with src:
         _write_member(archive, member.name, final, src, budget, member.size,
-                      mode=filtered.mode, mtime=filtered.mtime)
+                      mode=mode, mtime=filtered.mtime)
 
 
 def _extract_tar_hard_link(member: tarfile.TarInfo, rel: PurePosixPath, dest: Path,

@@ -706,3 +706,26 @@ def test_zip_member_name_flagged_utf8_but_not_utf8_is_one_error_naming_the_archi
     assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err
     assert "faces.zip" in err and "UTF-8" in err
     assert not dest.exists() or not any(dest.rglob("*.jpg"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_tar_file_modes_lose_what_the_umask_takes(tmp_path, umask):
+    """The tar's own modes were kept whole: a private umask (077) still gave 0644 files,
+    readable by every user, where a zip's members (and tar, for a user) give 0600."""
+    import os
+
+    modes = {"set/a.jpg": 0o644, "set/run.sh": 0o755, "set/private.txt": 0o600}
+    archive = tmp_path / "set.tgz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, mode in modes.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = 1, mode
+            tf.addfile(info, io.BytesIO(b"x"))
+    dest = tmp_path / "data"
+    old = os.umask(umask)
+    try:
+        extract.extract_archive(archive, dest, progress=False)
+    finally:
+        os.umask(old)
+    for name, mode in modes.items():
+        assert (dest / name).stat().st_mode & 0o7777 == mode & ~umask, name
