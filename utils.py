@@ -577,24 +577,35 @@ def _lock_file(lock: Path, output: Path, flag: str) -> int:
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, new_file_mode())
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            if _locked_here(fd, lock, output, flag):
+                return fd
+        except BaseException:  # a failed pid write (disk full), Ctrl-C: the flock goes too
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise OutputBusyError(f"{flag} {output}: another process (pid {holder}) is "
-                                  f"writing it now (lock {lock}); wait for it to end or "
-                                  "write elsewhere") from None
-        try:  # a releasing holder unlinks the file: ours must still be the one at `lock`
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            return fd
+            raise
         os.close(fd)
+
+
+def _locked_here(fd: int, lock: Path, output: Path, flag: str) -> bool:
+    """Take the flock on ``fd`` (open on ``lock``) and write our pid: True, or False when a
+    releasing holder unlinked the file meanwhile (retry with a fresh one); OutputBusyError
+    when another process holds it. The caller closes ``fd`` unless True."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        raise OutputBusyError(f"{flag} {output}: another process (pid {holder}) is "
+                              f"writing it now (lock {lock}); wait for it to end or "
+                              "write elsewhere") from None
+    try:  # a releasing holder unlinks the file: ours must still be the one at `lock`
+        same = os.path.samestat(os.fstat(fd), os.stat(lock))
+    except FileNotFoundError:
+        same = False
+    if same:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return same
 
 
 @contextmanager
