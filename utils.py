@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import glob
 import hashlib
 import logging
 import math
@@ -352,14 +353,16 @@ def temp_path_for(path: str | Path) -> Path:
     return Path(tmp)
 
 
-def remove_stale_temporaries(folder: str | Path, name: str,
-                             suffix: str = TEMP_SUFFIX) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, name: str, suffix: str = TEMP_SUFFIX,
+                             name_is_pattern: bool = False) -> list[Path]:
     """Delete temporaries that a killed writer left for the file ``name`` in ``folder``
     (``<temp_prefix>*<suffix>``: files, or staging folders with their contents). Call it only
-    where no other writer of that file can be running."""
+    where no other writer of that file can be running. ``name`` is taken as it is spelled
+    (``model[v2].onnx``'s brackets are no glob class) unless ``name_is_pattern`` (a glob of
+    several files: train_checkpoints' head files)."""
     removed = []
-    # name may be a glob pattern itself (train_checkpoints' head files)
-    pattern = f"{temp_prefix(Path(folder) / name, suffix)}*{suffix}"
+    prefix = temp_prefix(Path(folder) / name, suffix)
+    pattern = f"{prefix if name_is_pattern else glob.escape(prefix)}*{glob.escape(suffix)}"
     for p in Path(folder).glob(pattern):
         try:
             if p.is_dir() and not p.is_symlink():
