@@ -358,7 +358,8 @@ class _StaleTemps:
             with os.scandir(folder) as entries:
                 for entry in entries:
                     match = _MEMBER_TEMP.fullmatch(entry.name)
-                    if match and entry.is_file(follow_symlinks=False):
+                    if match and (entry.is_file(follow_symlinks=False)
+                                  or entry.is_symlink()):  # a link member's temporary
                         found.setdefault(match["stem"], []).append(Path(entry.path))
             self._by_folder[folder] = found
         for tmp in self._by_folder[folder].pop(_temp_stem(final), []):
@@ -443,11 +444,17 @@ def _write_member(archive: Path, name: str, final: Path, src: IO[bytes], budget:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and not isinstance(e, ToolkitError):  # a failed write
-            error = MemberWriteError(f"{archive}: cannot write member {name!r} to {final}: "
-                                     f"{e.strerror or e}; {_kept(final)}")
-            error.errno = e.errno
-            raise error from None
+            raise _write_failed(archive, name, final, e) from None
         raise
+
+
+def _write_failed(archive: Path, name: str, final: Path, e: OSError) -> MemberWriteError:
+    """The one-line error for member ``name`` that could not be written at ``final`` (disk
+    full, a file where its folder goes, a folder where its link goes)."""
+    error = MemberWriteError(f"{archive}: cannot write member {name!r} to {final}: "
+                             f"{e.strerror or e}; {_kept(final)}")
+    error.errno = e.errno
+    return error
 
 
 def _top_level(names: Sequence[PurePosixPath]) -> list[str]:
@@ -526,7 +533,10 @@ def _extract_zip(archive: Path, dest: Path, progress: bool,
             for info, rel in zip(infos, rels, strict=True):
                 out = dest.joinpath(*rel.parts) if rel.parts else dest
                 if info.is_dir():
-                    out.mkdir(parents=True, exist_ok=True)
+                    try:
+                        out.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:  # a file of this archive (or an earlier) there
+                        raise _write_failed(archive, info.filename, out, e) from None
                     continue
                 try:
                     src = zf.open(info)
@@ -574,9 +584,16 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
                         files += 1
                         extracted.add(rel)
                         continue
-                    tar.extract(member, dest, filter="data")
                     if member.issym():
-                        links.append((member.name, dest.joinpath(*rel.parts)))
+                        links.append((member.name, _extract_tar_symlink(
+                            member, rel, dest, archive, budget)))
+                        extracted.discard(rel)  # no file a hard link may name now
+                        continue
+                    try:  # a folder: tarfile's, with the data filter's checks
+                        tar.extract(member, dest, filter="data")
+                    except OSError as e:
+                        raise _write_failed(archive, member.name, dest.joinpath(*rel.parts),
+                                            e) from None
                 while gz is not None and gz.read(COPY_CHUNK):
                     pass  # to the stream's end, where its CRC is checked
         except tarfile.FilterError as e:
@@ -613,34 +630,55 @@ def _extract_tar_hard_link(member: tarfile.TarInfo, rel: PurePosixPath, dest: Pa
                            archive: Path, budget: _Budget,
                            extracted: set[PurePosixPath]) -> None:
     """A hard link member: a link to the file an earlier member wrote (a tar's hard link
-    names an earlier member), made under a temporary name and renamed over ``rel`` like any
-    member; a copy of that file where the filesystem has no hard links. tarfile's own would
-    fail on a stream (it seeks back for the target when the link's name exists already, as
-    on every re-extraction, or the target is not on disk)."""
+    names an earlier member), placed as :func:`_place_link` does; a copy of that file where
+    the filesystem has no hard links. tarfile's own would fail on a stream (it seeks back for
+    the target when the link's name exists already, as on every re-extraction, or the target
+    is not on disk)."""
     tarfile.data_filter(member, str(dest))  # the link's path and target stay inside dest
     target_rel = _safe_relative(member.linkname, archive)
     if target_rel not in extracted:
         raise ArchiveError(f"{archive}: member {member.name!r} is a hard link to "
                            f"{member.linkname!r}, which is not a file member before it")
     final, target = dest.joinpath(*rel.parts), dest.joinpath(*target_rel.parts)
+    try:
+        _place_link(archive, member.name, final, budget, lambda t: os.link(target, t))
+    except MemberWriteError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        with open(target, "rb") as src:  # no hard links here (FAT, some FUSE mounts)
+            _write_member(archive, member.name, final, src, budget, target.stat().st_size,
+                          mode=stat.S_IMODE(target.stat().st_mode))
+
+
+def _extract_tar_symlink(member: tarfile.TarInfo, rel: PurePosixPath, dest: Path,
+                         archive: Path, budget: _Budget) -> Path:
+    """A symbolic link member, checked by tarfile's 'data' filter and placed as
+    :func:`_place_link` does; its path. tarfile's own, failing (a folder where the link
+    goes), looked for the target in the archive: on a stream that read the rest of it, so
+    later members were missed or reported damaged."""
+    filtered = tarfile.data_filter(member, str(dest))
+    final = dest.joinpath(*rel.parts)
+    _place_link(archive, member.name, final, budget,
+                lambda t: os.symlink(filtered.linkname, t))
+    return final
+
+
+def _place_link(archive: Path, name: str, final: Path, budget: _Budget,
+                make: Callable[[Path], None]) -> None:
+    """Make link member ``name`` under a fresh temporary beside ``final`` (``make(tmp)``) and
+    rename it over ``final``, as a file member is: a failure (MemberWriteError naming archive
+    and member, with the errno) leaves ``final`` as it was."""
     tmp = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         budget.stale.remove_for(final)  # a killed run's temporary of this member
-        tmp = _new_member_temp(final, lambda t: os.link(target, t))
+        tmp = _new_member_temp(final, make)
         os.replace(tmp, final)
-    except OSError as e:
+    except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-            raise MemberWriteError(f"{archive}: cannot write member {member.name!r} to "
-                                   f"{final}: {e.strerror or e}; {_kept(final)}") from None
-        with open(target, "rb") as src:  # no hard links here (FAT, some FUSE mounts)
-            _write_member(archive, member.name, final, src, budget, target.stat().st_size,
-                          mode=stat.S_IMODE(target.stat().st_mode))
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, ToolkitError):
+            raise _write_failed(archive, name, final, e) from None
         raise
 
 

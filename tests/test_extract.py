@@ -729,3 +729,46 @@ def test_tar_file_modes_lose_what_the_umask_takes(tmp_path, umask):
         os.umask(old)
     for name, mode in modes.items():
         assert (dest / name).stat().st_mode & 0o7777 == mode & ~umask, name
+
+
+def test_zip_folder_member_where_a_file_member_is_fails_alone_in_one_line(tmp_path, capsys):
+    """'set/a/x' as a file, then 'set/a/x/' as a folder: mkdir's FileExistsError left the
+    CLI without naming the archive or member, and the archives after it were not extracted."""
+    bad = tmp_path / "one.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("set/a/x", b"file")
+        zf.writestr("set/a/x/", b"")
+    good = write_zip(tmp_path / "faces_emore.zip", FILES)
+    dest = tmp_path / "data"
+    assert extract.main([str(bad), str(good), "--dest", str(dest), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "one.zip" in err and "'set/a/x/'" in err
+    assert {k: v for k, v in tree(dest).items() if k.startswith("faces_emore/")} == FILES
+    assert not extract.already_extracted(bad, dest / "one")
+
+
+@pytest.mark.parametrize("after", [[], [("set/z", "file", b"z")]])
+def test_tar_symlink_where_a_folder_is_is_one_error_naming_it(tmp_path, capsys, after):
+    """tarfile, failing to replace the folder, looked for the link's target in the archive:
+    on a stream that read the rest of it, so a later member was reported damaged, and with
+    none the run ended 'unpacked', marked done, the link missing."""
+    archive = _write_tar_entries(tmp_path / "set.tar", [
+        ("set/d", "dir", None), ("set/d/f", "file", b"x"), ("set/d", "sym", "e"), *after])
+    dest = tmp_path / "data"
+    assert extract.main([str(archive), "--dest", str(dest), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "set.tar" in err and "'set/d'" in err
+    assert "damaged" not in err
+    assert not extract.already_extracted(archive, dest)
+
+
+def test_tar_symlinks_extract_again_over_themselves(tmp_path):
+    archive = write_tar(tmp_path / "lfw.tgz", LFW, links={"lfw/latest": "Zico"})
+    dest = tmp_path / "data"
+    for force in (False, True):
+        extract.extract_archive(archive, dest, progress=False, force=force)
+        assert (dest / "lfw/latest").is_symlink()
+        assert (dest / "lfw/latest").readlink() == Path("Zico")
+        assert _every_file(dest) == LFW
+    assert sorted(p.name for p in (dest / "lfw").iterdir()) == ["Aaron_Eckhart", "Zico",
+                                                                 "latest"]
