@@ -697,13 +697,16 @@ def _unreadable_tar(archive: Path, names: list[str], e: BaseException) -> Archiv
 
 
 def _archive_kind(archive: Path) -> str:
-    if zipfile.is_zipfile(archive):
-        return "zip"
+    """"tar" or "zip". A tar is told by its first header, so first: zipfile.is_zipfile looks
+    for a zip directory in the last 64 KiB, which a plain tar whose last member is a zip has
+    (a .zip bundled last), and that inner zip was unpacked instead of the tar."""
     try:
         if tarfile.is_tarfile(archive):
             return "tar"
     except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # damaged compression
         raise ArchiveError(f"{archive}: not a readable archive ({e})") from None
+    if zipfile.is_zipfile(archive):
+        return "zip"
     raise ArchiveError(f"{archive}: not a zip or tar archive")
 
 

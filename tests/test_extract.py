@@ -772,3 +772,16 @@ def test_tar_symlinks_extract_again_over_themselves(tmp_path):
         assert _every_file(dest) == LFW
     assert sorted(p.name for p in (dest / "lfw").iterdir()) == ["Aaron_Eckhart", "Zico",
                                                                  "latest"]
+
+
+def test_plain_tar_whose_last_member_is_a_zip_is_unpacked_as_the_tar(tmp_path):
+    """zipfile.is_zipfile, asked first, found the inner zip's directory near the tar's end:
+    its members were unpacked and the tar's were not."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as zf:
+        zf.writestr("inner/only.txt", b"inside the zip")
+    members = {"devkit/readme.txt": b"read me", "devkit/templatelists.zip": inner.getvalue()}
+    archive = write_tar(tmp_path / "megaface_devkit.tar", members, mode="w")
+    dest = tmp_path / "data"
+    summary = extract.extract_archive(archive, dest, progress=False)
+    assert tree(dest) == members and summary["top_level"] == ["devkit"]
