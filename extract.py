@@ -60,7 +60,6 @@ import lzma
 import os
 import re
 import secrets
-import shutil
 import stat
 import sys
 import tarfile
@@ -78,6 +77,7 @@ from utils import (
     TEMP_SUFFIX,
     ToolkitError,
     add_debug_flag,
+    atomic_write_bytes,
     atomic_write_text,
     claim_output,
     current_umask,
@@ -791,11 +791,12 @@ def destination_for(archive: str | Path, data_root: str | Path = DEFAULT_DATA_RO
 
 
 def copy_if_changed(src: Path, dst: Path) -> bool:
-    """Copy ``src`` to ``dst`` unless an identical file is there; True when copied."""
+    """Copy ``src`` (a small text file: pairs.txt) to ``dst`` unless an identical file is
+    there, atomically (a copy cut short by a full disk or Ctrl-C leaves the old file, and a
+    reader of the old file keeps reading it); True when copied."""
     if dst.is_file() and filecmp.cmp(src, dst, shallow=False):  # sizes first, then chunks
         return False
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    atomic_write_bytes(dst, src.read_bytes())
     return True
 
 

@@ -785,3 +785,20 @@ def test_plain_tar_whose_last_member_is_a_zip_is_unpacked_as_the_tar(tmp_path):
     dest = tmp_path / "data"
     summary = extract.extract_archive(archive, dest, progress=False)
     assert tree(dest) == members and summary["top_level"] == ["devkit"]
+
+
+def test_pairs_txt_is_replaced_whole_not_rewritten_in_place(tmp_path, capsys):
+    """pairs.txt was copied over the old file in place (shutil.copyfile): a full disk or
+    Ctrl-C left it cut short, and an evaluation reading it saw it change under it."""
+    old, new = "10\t300\n" + "Aaron\t1\t2\n" * 50, "1\t2\n"
+    target = tmp_path / "data" / "lfw" / "pairs.txt"
+    target.parent.mkdir(parents=True)
+    target.write_text(old)
+    given = tmp_path / "download" / "pairs.txt"
+    given.parent.mkdir()
+    given.write_text(new)
+    with target.open() as reader:  # an evaluation that opened it before
+        assert extract.main([str(given), "--dest", str(tmp_path / "data")]) == 0
+        assert reader.read() == old
+    assert target.read_text() == new
+    assert sorted(p.name for p in target.parent.iterdir()) == ["pairs.txt"]  # no temporary
