@@ -306,9 +306,11 @@ SHORT_NAME_HASH_CHARS = 12  # hex digits of sha1 that tell shortened long names 
 def name_max(folder: str | Path) -> int:
     """The longest file name (bytes) that ``folder``'s filesystem accepts."""
     try:
-        return os.pathconf(folder, "PC_NAME_MAX")
+        limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no such folder yet, or no pathconf
         return DEFAULT_NAME_MAX
+    # -1: no limit (POSIX); 0: a FUSE filesystem's statfs that leaves f_namelen unset
+    return limit if limit > 0 else DEFAULT_NAME_MAX
 
 
 def fit_name(name: str, room: int) -> str:

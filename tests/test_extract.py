@@ -802,3 +802,16 @@ def test_pairs_txt_is_replaced_whole_not_rewritten_in_place(tmp_path, capsys):
         assert reader.read() == old
     assert target.read_text() == new
     assert sorted(p.name for p in target.parent.iterdir()) == ["pairs.txt"]  # no temporary
+
+
+@pytest.mark.parametrize("limit", [-1, 0])
+def test_a_filesystem_that_states_no_name_limit_still_extracts(tmp_path, monkeypatch, limit):
+    """pathconf's -1 (no limit) or a FUSE statfs's 0 made the temporaries' room negative:
+    the loop shortening a member's name never ended (an empty name is still 'too long')."""
+    import os
+
+    monkeypatch.setattr(os, "pathconf", lambda path, name: limit)
+    archive = write_zip(tmp_path / "faces_emore.zip", FILES)
+    dest = tmp_path / "data"
+    extract.extract_archive(archive, dest, progress=False)
+    assert _every_file(dest) == FILES
