@@ -34,6 +34,8 @@ Damage: each file member is written to a temporary beside its final name, checke
 member's CRC, every member's size against its header) and only then renamed over the final
 name, so a damaged re-download, a full disk or an interrupted run leaves the file that was
 there before (or none), never a truncated one; the error names the archive and the member.
+A tar's links are made the same way (under a temporary name, renamed): a hard link must name
+a file member before it (a copy where the filesystem has no hard links).
 A killed run's hidden ``.<name>.<random>.tmp`` is deleted when the next run writes that
 member (one extract writes a destination at a time: the CLI holds --dest's lock).
 A .tar.gz is read to its end for its gzip CRC, the one check of bytes that decompress
