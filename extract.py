@@ -95,6 +95,7 @@ LFW_KEYWORD = "lfw"
 PAIRS_NAME = "pairs.txt"
 LFW_PAIRS_SUBDIR = "lfw"  # config.pairs defaults to data/lfw/pairs.txt
 MARKER_PREFIX = ".extracted-"
+MARKER_KEYS = frozenset({"archive", "files", "bytes", "top_level"})  # what a skip reads
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
 COPY_CHUNK = 1 << 20  # read-buffer size over an archive file
 MEMBER_CHUNK = 1 << 16  # bytes per read of a member: 1 MiB reads from a tar stream took 2x as long
@@ -481,6 +482,9 @@ def _completed_marker(archive: Path, dest: Path) -> dict[str, Any] | None:
     try:
         info = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    # another program's file of that name, or one edited by hand, is no record of ours
+    if not isinstance(info, dict) or not MARKER_KEYS <= info.keys():
         return None
     if info.get("archive") != _archive_identity(archive):
         return None

@@ -815,3 +815,20 @@ def test_a_filesystem_that_states_no_name_limit_still_extracts(tmp_path, monkeyp
     dest = tmp_path / "data"
     extract.extract_archive(archive, dest, progress=False)
     assert _every_file(dest) == FILES
+
+
+@pytest.mark.parametrize("marker", ["[]", '"done"', '{"archive": %s}'])
+def test_a_marker_that_is_not_our_record_means_extract_again(tmp_path, marker):
+    """A marker holding JSON other than our record (edited, another program's) ended the run
+    in an AttributeError or KeyError traceback instead of extracting again."""
+    import json
+
+    archive = write_zip(tmp_path / "faces_emore.zip", FILES)
+    dest = tmp_path / "data"
+    (dest / "faces_emore").mkdir(parents=True)
+    st = archive.stat()
+    identity = json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    (dest / ".extracted-faces_emore.zip.json").write_text(marker.replace("%s", identity))
+    summary = extract.extract_archive(archive, dest, progress=False)
+    assert not summary["skipped"] and tree(dest) == FILES
+    assert extract.already_extracted(archive, dest)
