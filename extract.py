@@ -680,6 +680,8 @@ def _place_link(archive: Path, name: str, final: Path, budget: _Budget,
         budget.stale.remove_for(final)  # a killed run's temporary of this member
         tmp = _new_member_temp(final, make)
         os.replace(tmp, final)
+        if os.path.lexists(tmp):  # a hard link onto its own target: rename(2) does nothing
+            tmp.unlink()
     except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

@@ -832,3 +832,13 @@ def test_a_marker_that_is_not_our_record_means_extract_again(tmp_path, marker):
     summary = extract.extract_archive(archive, dest, progress=False)
     assert not summary["skipped"] and tree(dest) == FILES
     assert extract.already_extracted(archive, dest)
+
+
+def test_tar_hard_link_to_its_own_name_leaves_no_temporary(tmp_path):
+    """rename(2) of one name of a file onto another name of it does nothing: the link's
+    temporary stayed beside the member."""
+    archive = _tar_with_hard_link(tmp_path / "set.tgz", [
+        ("file", "set/a.jpg", b"face"), ("hard", "set/a.jpg", "set/a.jpg")])
+    dest = tmp_path / "data"
+    extract.extract_archive(archive, dest, progress=False)
+    assert _every_file(dest) == {"set/a.jpg": b"face"}
