@@ -116,6 +116,9 @@ ZIP_METHOD_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 93: "Zstandard", 
 TEMP_TOKEN_BYTES = 4  # 8 hex digits: a clash with a live temporary is 1 in 4 billion
 TEMP_ATTEMPTS = 16  # fresh names tried before giving up (each clash retried)
 NEW_FILE_PERMISSIONS = 0o666  # what open(path, "w") asks for; the umask takes its share
+# a hard link member whose link(2) fails so is copied instead: no hard links on this
+# filesystem (FAT, some FUSE), too many links to one file, a mount point between the two
+LINK_FAILURES_COPIED = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV})
 # Zip-bomb guard. Face data (JPEG crops, .rec records) barely compresses (ratio ~1); text
 # lists compress ~10x; a run of zeros ~1000x. Below RATIO_FREE_BYTES of output the ratio is
 # not checked (small archives of text), and nothing may expand past MAX_EXTRACTED_BYTES,
@@ -649,9 +652,9 @@ def _extract_tar_hard_link(member: tarfile.TarInfo, rel: PurePosixPath, dest: Pa
     try:
         _place_link(archive, member.name, final, budget, lambda t: os.link(target, t))
     except MemberWriteError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+        if e.errno not in LINK_FAILURES_COPIED:
             raise
-        with open(target, "rb") as src:  # no hard links here (FAT, some FUSE mounts)
+        with open(target, "rb") as src:
             _write_member(archive, member.name, final, src, budget, target.stat().st_size,
                           mode=stat.S_IMODE(target.stat().st_mode))
 
