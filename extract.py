@@ -728,7 +728,9 @@ def _members_share_one_folder(archive: Path, kind: str) -> bool | None:
         return None
     with _open_zip(archive) as zf:
         infos = zf.infolist()
-    parts = [i.filename.replace("\\", "/").strip("/").split("/") for i in infos]
+    # as the members are written: './a.txt' is 'a.txt' (PurePosixPath drops '.' and '')
+    parts = [PurePosixPath(i.filename.replace("\\", "/").strip("/")).parts or ("",)
+             for i in infos]
     tops = {p[0] for p in parts if p[0]}
     loose = any(len(p) == 1 and not i.is_dir() for p, i in zip(parts, infos, strict=True))
     return len(tops) == 1 and not loose

@@ -842,3 +842,15 @@ def test_tar_hard_link_to_its_own_name_leaves_no_temporary(tmp_path):
     dest = tmp_path / "data"
     extract.extract_archive(archive, dest, progress=False)
     assert _every_file(dest) == {"set/a.jpg": b"face"}
+
+
+def test_zip_of_loose_files_named_dot_slash_gets_its_own_folder(tmp_path, capsys):
+    """'./a.txt', './b.txt' were taken for members of one folder '.', so the loose files
+    spilled into DEST instead of DEST/<archive name>/."""
+    archive = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in ("./a.txt", "./b.txt"):
+            zf.writestr(zipfile.ZipInfo(name), name.encode())
+    data = tmp_path / "data"
+    assert extract.main([str(archive), "--dest", str(data), "--no-progress"]) == 0
+    assert tree(data) == {"bundle/a.txt": b"./a.txt", "bundle/b.txt": b"./b.txt"}
