@@ -708,9 +708,9 @@ def _unreadable_tar(archive: Path, names: list[str], e: BaseException) -> Archiv
 
 
 def _archive_kind(archive: Path) -> str:
-    """"tar" or "zip". A tar is told by its first header, so first: zipfile.is_zipfile looks
-    for a zip directory in the last 64 KiB, which a plain tar whose last member is a zip has
-    (a .zip bundled last), and that inner zip was unpacked instead of the tar."""
+    """Whether ``archive`` is a "tar" or a "zip". A tar is told by its first header, so it is
+    asked first: zipfile.is_zipfile looks for a zip directory in the last 64 KiB, which a
+    plain tar whose last member is a zip has, and that inner zip was unpacked instead."""
     try:
         if tarfile.is_tarfile(archive):
             return "tar"
