@@ -34,6 +34,8 @@ Damage: each file member is written to a temporary beside its final name, checke
 member's CRC, every member's size against its header) and only then renamed over the final
 name, so a damaged re-download, a full disk or an interrupted run leaves the file that was
 there before (or none), never a truncated one; the error names the archive and the member.
+A tar's links are made the same way (under a temporary name, renamed): a hard link must name
+a file member before it (a copy where the filesystem has no hard links).
 A killed run's hidden ``.<name>.<random>.tmp`` is deleted when the next run writes that
 member (one extract writes a destination at a time: the CLI holds --dest's lock).
 A .tar.gz is read to its end for its gzip CRC, the one check of bytes that decompress
@@ -51,6 +53,7 @@ from the bytes actually written (headers can lie). ``--allow-large`` lifts the l
 from __future__ import annotations
 
 import argparse
+import errno
 import filecmp
 import gzip
 import io
@@ -59,14 +62,13 @@ import lzma
 import os
 import re
 import secrets
-import shutil
 import stat
 import sys
 import tarfile
 import time
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -77,8 +79,10 @@ from utils import (
     TEMP_SUFFIX,
     ToolkitError,
     add_debug_flag,
+    atomic_write_bytes,
     atomic_write_text,
     claim_output,
+    current_umask,
     get_logger,
     name_max,
     run_cli,
@@ -91,6 +95,7 @@ LFW_KEYWORD = "lfw"
 PAIRS_NAME = "pairs.txt"
 LFW_PAIRS_SUBDIR = "lfw"  # config.pairs defaults to data/lfw/pairs.txt
 MARKER_PREFIX = ".extracted-"
+MARKER_KEYS = frozenset({"archive", "files", "bytes", "top_level"})  # what a skip reads
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
 COPY_CHUNK = 1 << 20  # read-buffer size over an archive file
 MEMBER_CHUNK = 1 << 16  # bytes per read of a member: 1 MiB reads from a tar stream took 2x as long
@@ -111,6 +116,9 @@ ZIP_METHOD_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 93: "Zstandard", 
 TEMP_TOKEN_BYTES = 4  # 8 hex digits: a clash with a live temporary is 1 in 4 billion
 TEMP_ATTEMPTS = 16  # fresh names tried before giving up (each clash retried)
 NEW_FILE_PERMISSIONS = 0o666  # what open(path, "w") asks for; the umask takes its share
+# a hard link member whose link(2) fails so is copied instead: no hard links on this
+# filesystem (FAT, some FUSE), too many links to one file, a mount point between the two
+LINK_FAILURES_COPIED = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV})
 # Zip-bomb guard. Face data (JPEG crops, .rec records) barely compresses (ratio ~1); text
 # lists compress ~10x; a run of zeros ~1000x. Below RATIO_FREE_BYTES of output the ratio is
 # not checked (small archives of text), and nothing may expand past MAX_EXTRACTED_BYTES,
@@ -356,7 +364,8 @@ class _StaleTemps:
             with os.scandir(folder) as entries:
                 for entry in entries:
                     match = _MEMBER_TEMP.fullmatch(entry.name)
-                    if match and entry.is_file(follow_symlinks=False):
+                    if match and (entry.is_file(follow_symlinks=False)
+                                  or entry.is_symlink()):  # a link member's temporary
                         found.setdefault(match["stem"], []).append(Path(entry.path))
             self._by_folder[folder] = found
         for tmp in self._by_folder[folder].pop(_temp_stem(final), []):
@@ -368,11 +377,24 @@ def _member_temp(final: Path) -> tuple[int, Path]:
     """A new temporary ``.<name>.<random>.tmp`` beside ``final``, opened exclusively for
     writing with a new file's mode (0o666 less the umask): its descriptor and path. The name
     is cut short where a long member name would pass the filesystem's name limit."""
+    fd = -1
+
+    def create(tmp: Path) -> None:
+        nonlocal fd
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_PERMISSIONS)
+    tmp = _new_member_temp(final, create)
+    return fd, tmp
+
+
+def _new_member_temp(final: Path, create: Callable[[Path], None]) -> Path:
+    """The first fresh temporary name beside ``final`` that ``create(name)`` makes without a
+    FileExistsError (an exclusive open, a hard link)."""
     stem = _temp_stem(final)
     for _ in range(TEMP_ATTEMPTS):
         tmp = final.parent / f".{stem}.{secrets.token_hex(TEMP_TOKEN_BYTES)}{TEMP_SUFFIX}"
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_PERMISSIONS), tmp
+            create(tmp)
+            return tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"{final.parent}: no free temporary name for {final.name}")
@@ -428,11 +450,17 @@ def _write_member(archive: Path, name: str, final: Path, src: IO[bytes], budget:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and not isinstance(e, ToolkitError):  # a failed write
-            error = MemberWriteError(f"{archive}: cannot write member {name!r} to {final}: "
-                                     f"{e.strerror or e}; {_kept(final)}")
-            error.errno = e.errno
-            raise error from None
+            raise _write_failed(archive, name, final, e) from None
         raise
+
+
+def _write_failed(archive: Path, name: str, final: Path, e: OSError) -> MemberWriteError:
+    """The one-line error for member ``name`` that could not be written at ``final`` (disk
+    full, a file where its folder goes, a folder where its link goes)."""
+    error = MemberWriteError(f"{archive}: cannot write member {name!r} to {final}: "
+                             f"{e.strerror or e}; {_kept(final)}")
+    error.errno = e.errno
+    return error
 
 
 def _top_level(names: Sequence[PurePosixPath]) -> list[str]:
@@ -458,6 +486,9 @@ def _completed_marker(archive: Path, dest: Path) -> dict[str, Any] | None:
         info = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    # another program's file of that name, or one edited by hand, is no record of ours
+    if not isinstance(info, dict) or not MARKER_KEYS <= info.keys():
+        return None
     if info.get("archive") != _archive_identity(archive):
         return None
     if not all((dest / top).exists() for top in info.get("top_level", [])):
@@ -471,13 +502,22 @@ def already_extracted(archive: str | Path, dest: str | Path) -> bool:
     return _completed_marker(Path(archive), Path(dest)) is not None
 
 
-def _extract_zip(archive: Path, dest: Path, progress: bool,
-                 limits: SizeLimits | None) -> tuple[int, int, list[str]]:
+def _open_zip(archive: Path) -> zipfile.ZipFile:
+    """The zip's directory read, or ArchiveError: a damaged one, or a member name flagged
+    UTF-8 (bit 11) whose bytes are not (zipfile raises UnicodeDecodeError at the open)."""
     try:
-        zf = zipfile.ZipFile(archive)
+        return zipfile.ZipFile(archive)
     except zipfile.BadZipFile as e:
         raise ArchiveError(f"{archive}: not a readable zip file ({e})") from None
-    with zf:
+    except UnicodeDecodeError as e:
+        raise ArchiveError(f"{archive}: a member name marked as UTF-8 is not valid UTF-8 "
+                           f"({e.object[max(e.start - 20, 0):e.end]!r}); not a readable zip "
+                           "file") from None
+
+
+def _extract_zip(archive: Path, dest: Path, progress: bool,
+                 limits: SizeLimits | None) -> tuple[int, int, list[str]]:
+    with _open_zip(archive) as zf:
         infos = zf.infolist()
         rels = []
         root = os.path.realpath(dest)
@@ -502,7 +542,10 @@ def _extract_zip(archive: Path, dest: Path, progress: bool,
             for info, rel in zip(infos, rels, strict=True):
                 out = dest.joinpath(*rel.parts) if rel.parts else dest
                 if info.is_dir():
-                    out.mkdir(parents=True, exist_ok=True)
+                    try:
+                        out.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:  # a file of this archive (or an earlier) there
+                        raise _write_failed(archive, info.filename, out, e) from None
                     continue
                 try:
                     src = zf.open(info)
@@ -522,6 +565,7 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
     files = 0
     budget = _Budget(archive, limits)
     names: list[str] = []
+    extracted: set[PurePosixPath] = set()  # the file members written so far, for hard links
     with open(archive, "rb", buffering=0) as raw, tqdm(
             total=archive.stat().st_size, unit="B", unit_scale=True, desc=archive.name,
             disable=not progress) as bar:
@@ -542,10 +586,23 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
                         _extract_tar_file(tar, member, dest.joinpath(*rel.parts), dest,
                                           archive, budget)
                         files += 1
+                        extracted.add(rel)
                         continue
-                    tar.extract(member, dest, filter="data")
+                    if member.islnk():  # tarfile's own would seek back in the stream
+                        _extract_tar_hard_link(member, rel, dest, archive, budget, extracted)
+                        files += 1
+                        extracted.add(rel)
+                        continue
                     if member.issym():
-                        links.append((member.name, dest.joinpath(*rel.parts)))
+                        links.append((member.name, _extract_tar_symlink(
+                            member, rel, dest, archive, budget)))
+                        extracted.discard(rel)  # no file a hard link may name now
+                        continue
+                    try:  # a folder: tarfile's, with the data filter's checks
+                        tar.extract(member, dest, filter="data")
+                    except OSError as e:
+                        raise _write_failed(archive, member.name, dest.joinpath(*rel.parts),
+                                            e) from None
                 while gz is not None and gz.read(COPY_CHUNK):
                     pass  # to the stream's end, where its CRC is checked
         except tarfile.FilterError as e:
@@ -565,14 +622,75 @@ def _extract_tar(archive: Path, dest: Path, progress: bool,
 def _extract_tar_file(tar: tarfile.TarFile, member: tarfile.TarInfo, final: Path, dest: Path,
                       archive: Path, budget: _Budget) -> None:
     """A regular file member, through a checked temporary (:func:`_write_member`) with the
-    path checks and permissions of tarfile's 'data' filter."""
+    path checks and permissions of tarfile's 'data' filter, less the umask."""
     filtered = tarfile.data_filter(member, str(dest))
     src = tar.extractfile(member)
     if src is None:  # cannot happen for a regular file; tarfile's type says None is possible
         raise ArchiveError(f"{archive}: member {member.name!r} has no data")
+    # the archive's mode less the umask, as tar gives a user who is not root: a private
+    # umask (077) keeps the set private whatever modes its packer had
+    mode = None if filtered.mode is None else filtered.mode & ~current_umask()
     with src:
         _write_member(archive, member.name, final, src, budget, member.size,
-                      mode=filtered.mode, mtime=filtered.mtime)
+                      mode=mode, mtime=filtered.mtime)
+
+
+def _extract_tar_hard_link(member: tarfile.TarInfo, rel: PurePosixPath, dest: Path,
+                           archive: Path, budget: _Budget,
+                           extracted: set[PurePosixPath]) -> None:
+    """A hard link member: a link to the file an earlier member wrote (a tar's hard link
+    names an earlier member), placed as :func:`_place_link` does; a copy of that file where
+    the filesystem has no hard links. tarfile's own would fail on a stream (it seeks back for
+    the target when the link's name exists already, as on every re-extraction, or the target
+    is not on disk)."""
+    tarfile.data_filter(member, str(dest))  # the link's path and target stay inside dest
+    target_rel = _safe_relative(member.linkname, archive)
+    if target_rel not in extracted:
+        raise ArchiveError(f"{archive}: member {member.name!r} is a hard link to "
+                           f"{member.linkname!r}, which is not a file member before it")
+    final, target = dest.joinpath(*rel.parts), dest.joinpath(*target_rel.parts)
+    try:
+        _place_link(archive, member.name, final, budget, lambda t: os.link(target, t))
+    except MemberWriteError as e:
+        if e.errno not in LINK_FAILURES_COPIED:
+            raise
+        with open(target, "rb") as src:
+            _write_member(archive, member.name, final, src, budget, target.stat().st_size,
+                          mode=stat.S_IMODE(target.stat().st_mode))
+
+
+def _extract_tar_symlink(member: tarfile.TarInfo, rel: PurePosixPath, dest: Path,
+                         archive: Path, budget: _Budget) -> Path:
+    """A symbolic link member, checked by tarfile's 'data' filter and placed as
+    :func:`_place_link` does; its path. tarfile's own, failing (a folder where the link
+    goes), looked for the target in the archive: on a stream that read the rest of it, so
+    later members were missed or reported damaged."""
+    filtered = tarfile.data_filter(member, str(dest))
+    final = dest.joinpath(*rel.parts)
+    _place_link(archive, member.name, final, budget,
+                lambda t: os.symlink(filtered.linkname, t))
+    return final
+
+
+def _place_link(archive: Path, name: str, final: Path, budget: _Budget,
+                make: Callable[[Path], None]) -> None:
+    """Make link member ``name`` under a fresh temporary beside ``final`` (``make(tmp)``) and
+    rename it over ``final``, as a file member is: a failure (MemberWriteError naming archive
+    and member, with the errno) leaves ``final`` as it was."""
+    tmp = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        budget.stale.remove_for(final)  # a killed run's temporary of this member
+        tmp = _new_member_temp(final, make)
+        os.replace(tmp, final)
+        if os.path.lexists(tmp):  # a hard link onto its own target: rename(2) does nothing
+            tmp.unlink()
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, ToolkitError):
+            raise _write_failed(archive, name, final, e) from None
+        raise
 
 
 def _unreadable_tar(archive: Path, names: list[str], e: BaseException) -> ArchiveError:
@@ -590,13 +708,16 @@ def _unreadable_tar(archive: Path, names: list[str], e: BaseException) -> Archiv
 
 
 def _archive_kind(archive: Path) -> str:
-    if zipfile.is_zipfile(archive):
-        return "zip"
+    """Whether ``archive`` is a "tar" or a "zip". A tar is told by its first header, so it is
+    asked first: zipfile.is_zipfile looks for a zip directory in the last 64 KiB, which a
+    plain tar whose last member is a zip has, and that inner zip was unpacked instead."""
     try:
         if tarfile.is_tarfile(archive):
             return "tar"
     except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # damaged compression
         raise ArchiveError(f"{archive}: not a readable archive ({e})") from None
+    if zipfile.is_zipfile(archive):
+        return "zip"
     raise ArchiveError(f"{archive}: not a zip or tar archive")
 
 
@@ -605,9 +726,11 @@ def _members_share_one_folder(archive: Path, kind: str) -> bool | None:
     (unknown without a full pass over it, so tar archives are unpacked as they are)."""
     if kind != "zip":
         return None
-    with zipfile.ZipFile(archive) as zf:
+    with _open_zip(archive) as zf:
         infos = zf.infolist()
-    parts = [i.filename.replace("\\", "/").strip("/").split("/") for i in infos]
+    # as the members are written: './a.txt' is 'a.txt' (PurePosixPath drops '.' and '')
+    parts = [PurePosixPath(i.filename.replace("\\", "/").strip("/")).parts or ("",)
+             for i in infos]
     tops = {p[0] for p in parts if p[0]}
     loose = any(len(p) == 1 and not i.is_dir() for p, i in zip(parts, infos, strict=True))
     return len(tops) == 1 and not loose
@@ -681,11 +804,12 @@ def destination_for(archive: str | Path, data_root: str | Path = DEFAULT_DATA_RO
 
 
 def copy_if_changed(src: Path, dst: Path) -> bool:
-    """Copy ``src`` to ``dst`` unless an identical file is there; True when copied."""
+    """Copy ``src`` (a small text file: pairs.txt) to ``dst`` unless an identical file is
+    there, atomically (a copy cut short by a full disk or Ctrl-C leaves the old file, and a
+    reader of the old file keeps reading it); True when copied."""
     if dst.is_file() and filecmp.cmp(src, dst, shallow=False):  # sizes first, then chunks
         return False
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    atomic_write_bytes(dst, src.read_bytes())
     return True
 
 

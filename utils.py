@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import glob
 import hashlib
 import logging
 import math
@@ -305,9 +306,11 @@ SHORT_NAME_HASH_CHARS = 12  # hex digits of sha1 that tell shortened long names 
 def name_max(folder: str | Path) -> int:
     """The longest file name (bytes) that ``folder``'s filesystem accepts."""
     try:
-        return os.pathconf(folder, "PC_NAME_MAX")
+        limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no such folder yet, or no pathconf
         return DEFAULT_NAME_MAX
+    # -1: no limit (POSIX); 0: a FUSE filesystem's statfs that leaves f_namelen unset
+    return limit if limit > 0 else DEFAULT_NAME_MAX
 
 
 def fit_name(name: str, room: int) -> str:
@@ -352,14 +355,16 @@ def temp_path_for(path: str | Path) -> Path:
     return Path(tmp)
 
 
-def remove_stale_temporaries(folder: str | Path, name: str,
-                             suffix: str = TEMP_SUFFIX) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, name: str, suffix: str = TEMP_SUFFIX,
+                             name_is_pattern: bool = False) -> list[Path]:
     """Delete temporaries that a killed writer left for the file ``name`` in ``folder``
     (``<temp_prefix>*<suffix>``: files, or staging folders with their contents). Call it only
-    where no other writer of that file can be running."""
+    where no other writer of that file can be running. ``name`` is taken as it is spelled
+    (``model[v2].onnx``'s brackets are no glob class) unless ``name_is_pattern`` (a glob of
+    several files: train_checkpoints' head files)."""
     removed = []
-    # name may be a glob pattern itself (train_checkpoints' head files)
-    pattern = f"{temp_prefix(Path(folder) / name, suffix)}*{suffix}"
+    prefix = temp_prefix(Path(folder) / name, suffix)
+    pattern = f"{prefix if name_is_pattern else glob.escape(prefix)}*{glob.escape(suffix)}"
     for p in Path(folder).glob(pattern):
         try:
             if p.is_dir() and not p.is_symlink():
@@ -577,24 +582,35 @@ def _lock_file(lock: Path, output: Path, flag: str) -> int:
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, new_file_mode())
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            if _locked_here(fd, lock, output, flag):
+                return fd
+        except BaseException:  # a failed pid write (disk full), Ctrl-C: the flock goes too
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise OutputBusyError(f"{flag} {output}: another process (pid {holder}) is "
-                                  f"writing it now (lock {lock}); wait for it to end or "
-                                  "write elsewhere") from None
-        try:  # a releasing holder unlinks the file: ours must still be the one at `lock`
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            return fd
+            raise
         os.close(fd)
+
+
+def _locked_here(fd: int, lock: Path, output: Path, flag: str) -> bool:
+    """Take the flock on ``fd`` (open on ``lock``) and write our pid: True, or False when a
+    releasing holder unlinked the file meanwhile (retry with a fresh one); OutputBusyError
+    when another process holds it. The caller closes ``fd`` unless True."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        raise OutputBusyError(f"{flag} {output}: another process (pid {holder}) is "
+                              f"writing it now (lock {lock}); wait for it to end or "
+                              "write elsewhere") from None
+    try:  # a releasing holder unlinks the file: ours must still be the one at `lock`
+        same = os.path.samestat(os.fstat(fd), os.stat(lock))
+    except FileNotFoundError:
+        same = False
+    if same:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return same
 
 
 @contextmanager

@@ -629,3 +629,228 @@ def test_a_killed_runs_temporaries_go_when_their_member_is_written_again(tmp_pat
     extract.extract_archive(archive, dest, progress=False)
     assert not killed.exists() and not (folder / ".property.0123abcd.tmp").exists()
     assert _every_file(dest) == {**FILES, **{f"faces_emore/{n}": d for n, d in kept.items()}}
+
+
+def _tar_with_hard_link(path: Path, entries: list[tuple[str, str, Any]]) -> Path:
+    """A .tgz of ("file", name, bytes) and ("hard", name, target member) entries, as GNU tar
+    writes a file whose link count is over 1: its later names are hard link members."""
+    with tarfile.open(path, "w:gz") as tf:
+        for kind, name, value in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(value)
+                tf.addfile(info, io.BytesIO(value))
+            else:
+                info.type, info.linkname = tarfile.LNKTYPE, value
+                tf.addfile(info)
+    return path
+
+
+def test_tar_hard_links_extract_and_extract_again(tmp_path):
+    """A re-extraction (--force, a re-download) met the link's existing name: tarfile's
+    fallback seeks back in the stream, and the run ended in a StreamError traceback."""
+    import os
+
+    archive = _tar_with_hard_link(tmp_path / "lfw.tgz", [
+        ("file", "lfw/a.jpg", b"face a"), ("hard", "lfw/b.jpg", "lfw/a.jpg"),
+        ("file", "lfw/c.jpg", b"face c")])
+    dest = tmp_path / "data"
+    for force in (False, True):
+        summary = extract.extract_archive(archive, dest, progress=False, force=force)
+        assert _every_file(dest) == {"lfw/a.jpg": b"face a", "lfw/b.jpg": b"face a",
+                                     "lfw/c.jpg": b"face c"}
+        assert os.path.samefile(dest / "lfw/a.jpg", dest / "lfw/b.jpg")
+        assert summary["files"] == 3 and extract.already_extracted(archive, dest)
+
+
+@pytest.mark.parametrize("target", ["lfw/later.jpg", "lfw/absent.jpg"])
+def test_tar_hard_link_to_no_earlier_member_is_one_error_naming_it(tmp_path, capsys, target):
+    """tarfile looked the target up in the archive, which a stream cannot: a KeyError
+    traceback."""
+    archive = _tar_with_hard_link(tmp_path / "lfw.tgz", [
+        ("hard", "lfw/b.jpg", target), ("file", "lfw/later.jpg", b"face")])
+    dest = tmp_path / "data"
+    assert extract.main([str(archive), "--dest", str(dest), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err
+    assert "lfw.tgz" in err and "'lfw/b.jpg'" in err and target in err
+    assert not extract.already_extracted(archive, dest)
+
+
+def test_tar_hard_link_where_the_filesystem_has_none_is_a_copy(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    archive = _tar_with_hard_link(tmp_path / "lfw.tgz", [
+        ("file", "lfw/a.jpg", b"face a"), ("hard", "lfw/b.jpg", "lfw/a.jpg")])
+    dest = tmp_path / "data"
+    extract.extract_archive(archive, dest, progress=False)
+    assert _every_file(dest) == {"lfw/a.jpg": b"face a", "lfw/b.jpg": b"face a"}
+
+
+def test_zip_member_name_flagged_utf8_but_not_utf8_is_one_error_naming_the_archive(
+        tmp_path, capsys):
+    """zipfile decodes such a name strictly when it reads the directory: the CLI ended in a
+    UnicodeDecodeError traceback."""
+    archive = _stored_zip(tmp_path / "faces.zip", {"faces/ab.jpg": b"jpeg"})
+    _patch_zip_member(archive, "faces/ab.jpg", flags=0x800)  # APPNOTE bit 11: name is UTF-8
+    data = archive.read_bytes()
+    assert data.count(b"faces/ab.jpg") == 2  # local header and central directory
+    archive.write_bytes(data.replace(b"faces/ab.jpg", b"faces/\xff\xfe.jpg"))
+    dest = tmp_path / "data"
+    assert extract.main([str(archive), "--dest", str(dest), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err
+    assert "faces.zip" in err and "UTF-8" in err
+    assert not dest.exists() or not any(dest.rglob("*.jpg"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_tar_file_modes_lose_what_the_umask_takes(tmp_path, umask):
+    """The tar's own modes were kept whole: a private umask (077) still gave 0644 files,
+    readable by every user, where a zip's members (and tar, for a user) give 0600."""
+    import os
+
+    modes = {"set/a.jpg": 0o644, "set/run.sh": 0o755, "set/private.txt": 0o600}
+    archive = tmp_path / "set.tgz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, mode in modes.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = 1, mode
+            tf.addfile(info, io.BytesIO(b"x"))
+    dest = tmp_path / "data"
+    old = os.umask(umask)
+    try:
+        extract.extract_archive(archive, dest, progress=False)
+    finally:
+        os.umask(old)
+    for name, mode in modes.items():
+        assert (dest / name).stat().st_mode & 0o7777 == mode & ~umask, name
+
+
+def test_zip_folder_member_where_a_file_member_is_fails_alone_in_one_line(tmp_path, capsys):
+    """'set/a/x' as a file, then 'set/a/x/' as a folder: mkdir's FileExistsError left the
+    CLI without naming the archive or member, and the archives after it were not extracted."""
+    bad = tmp_path / "one.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("set/a/x", b"file")
+        zf.writestr("set/a/x/", b"")
+    good = write_zip(tmp_path / "faces_emore.zip", FILES)
+    dest = tmp_path / "data"
+    assert extract.main([str(bad), str(good), "--dest", str(dest), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "one.zip" in err and "'set/a/x/'" in err
+    assert {k: v for k, v in tree(dest).items() if k.startswith("faces_emore/")} == FILES
+    assert not extract.already_extracted(bad, dest / "one")
+
+
+@pytest.mark.parametrize("after", [[], [("set/z", "file", b"z")]])
+def test_tar_symlink_where_a_folder_is_is_one_error_naming_it(tmp_path, capsys, after):
+    """tarfile, failing to replace the folder, looked for the link's target in the archive:
+    on a stream that read the rest of it, so a later member was reported damaged, and with
+    none the run ended 'unpacked', marked done, the link missing."""
+    archive = _write_tar_entries(tmp_path / "set.tar", [
+        ("set/d", "dir", None), ("set/d/f", "file", b"x"), ("set/d", "sym", "e"), *after])
+    dest = tmp_path / "data"
+    assert extract.main([str(archive), "--dest", str(dest), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "set.tar" in err and "'set/d'" in err
+    assert "damaged" not in err
+    assert not extract.already_extracted(archive, dest)
+
+
+def test_tar_symlinks_extract_again_over_themselves(tmp_path):
+    archive = write_tar(tmp_path / "lfw.tgz", LFW, links={"lfw/latest": "Zico"})
+    dest = tmp_path / "data"
+    for force in (False, True):
+        extract.extract_archive(archive, dest, progress=False, force=force)
+        assert (dest / "lfw/latest").is_symlink()
+        assert (dest / "lfw/latest").readlink() == Path("Zico")
+        assert _every_file(dest) == LFW
+    assert sorted(p.name for p in (dest / "lfw").iterdir()) == ["Aaron_Eckhart", "Zico",
+                                                                 "latest"]
+
+
+def test_plain_tar_whose_last_member_is_a_zip_is_unpacked_as_the_tar(tmp_path):
+    """zipfile.is_zipfile, asked first, found the inner zip's directory near the tar's end:
+    its members were unpacked and the tar's were not."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as zf:
+        zf.writestr("inner/only.txt", b"inside the zip")
+    members = {"devkit/readme.txt": b"read me", "devkit/templatelists.zip": inner.getvalue()}
+    archive = write_tar(tmp_path / "megaface_devkit.tar", members, mode="w")
+    dest = tmp_path / "data"
+    summary = extract.extract_archive(archive, dest, progress=False)
+    assert tree(dest) == members and summary["top_level"] == ["devkit"]
+
+
+def test_pairs_txt_is_replaced_whole_not_rewritten_in_place(tmp_path, capsys):
+    """pairs.txt was copied over the old file in place (shutil.copyfile): a full disk or
+    Ctrl-C left it cut short, and an evaluation reading it saw it change under it."""
+    old, new = "10\t300\n" + "Aaron\t1\t2\n" * 50, "1\t2\n"
+    target = tmp_path / "data" / "lfw" / "pairs.txt"
+    target.parent.mkdir(parents=True)
+    target.write_text(old)
+    given = tmp_path / "download" / "pairs.txt"
+    given.parent.mkdir()
+    given.write_text(new)
+    with target.open() as reader:  # an evaluation that opened it before
+        assert extract.main([str(given), "--dest", str(tmp_path / "data")]) == 0
+        assert reader.read() == old
+    assert target.read_text() == new
+    assert sorted(p.name for p in target.parent.iterdir()) == ["pairs.txt"]  # no temporary
+
+
+@pytest.mark.parametrize("limit", [-1, 0])
+def test_a_filesystem_that_states_no_name_limit_still_extracts(tmp_path, monkeypatch, limit):
+    """pathconf's -1 (no limit) or a FUSE statfs's 0 made the temporaries' room negative:
+    the loop shortening a member's name never ended (an empty name is still 'too long')."""
+    import os
+
+    monkeypatch.setattr(os, "pathconf", lambda path, name: limit)
+    archive = write_zip(tmp_path / "faces_emore.zip", FILES)
+    dest = tmp_path / "data"
+    extract.extract_archive(archive, dest, progress=False)
+    assert _every_file(dest) == FILES
+
+
+@pytest.mark.parametrize("marker", ["[]", '"done"', '{"archive": %s}'])
+def test_a_marker_that_is_not_our_record_means_extract_again(tmp_path, marker):
+    """A marker holding JSON other than our record (edited, another program's) ended the run
+    in an AttributeError or KeyError traceback instead of extracting again."""
+    import json
+
+    archive = write_zip(tmp_path / "faces_emore.zip", FILES)
+    dest = tmp_path / "data"
+    (dest / "faces_emore").mkdir(parents=True)
+    st = archive.stat()
+    identity = json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    (dest / ".extracted-faces_emore.zip.json").write_text(marker.replace("%s", identity))
+    summary = extract.extract_archive(archive, dest, progress=False)
+    assert not summary["skipped"] and tree(dest) == FILES
+    assert extract.already_extracted(archive, dest)
+
+
+def test_tar_hard_link_to_its_own_name_leaves_no_temporary(tmp_path):
+    """rename(2) of one name of a file onto another name of it does nothing: the link's
+    temporary stayed beside the member."""
+    archive = _tar_with_hard_link(tmp_path / "set.tgz", [
+        ("file", "set/a.jpg", b"face"), ("hard", "set/a.jpg", "set/a.jpg")])
+    dest = tmp_path / "data"
+    extract.extract_archive(archive, dest, progress=False)
+    assert _every_file(dest) == {"set/a.jpg": b"face"}
+
+
+def test_zip_of_loose_files_named_dot_slash_gets_its_own_folder(tmp_path, capsys):
+    """'./a.txt', './b.txt' were taken for members of one folder '.', so the loose files
+    spilled into DEST instead of DEST/<archive name>/."""
+    archive = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in ("./a.txt", "./b.txt"):
+            zf.writestr(zipfile.ZipInfo(name), name.encode())
+    data = tmp_path / "data"
+    assert extract.main([str(archive), "--dest", str(data), "--no-progress"]) == 0
+    assert tree(data) == {"bundle/a.txt": b"./a.txt", "bundle/b.txt": b"./b.txt"}

@@ -567,3 +567,28 @@ def test_two_long_outputs_sharing_a_start_get_their_own_locks(tmp_path):
         assert all(lock.exists() and len(os.fsencode(lock.name)) <= name_max for lock in locks)
         assert locks[0] != locks[1]
     assert not any(lock.exists() for lock in locks)
+
+
+def test_a_claim_whose_pid_write_fails_holds_no_lock_afterwards(tmp_path, monkeypatch):
+    """The pid written into the lock failing (a full disk) left the flocked descriptor open:
+    the process kept the lock, so its next claim of that output was refused as busy, naming
+    itself."""
+    import errno
+
+    out = tmp_path / "out.rec"
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", full)
+        with pytest.raises(utils.OutputUnwritableError, match="no space left"), \
+                claim_output(out, "--out"):
+            pass
+    with claim_output(out, "--out"):  # free again, in this process and for any other
+        other = os.open(lock_path_for(out), os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)

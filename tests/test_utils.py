@@ -220,6 +220,16 @@ def test_remove_stale_temporaries_only_touches_that_files_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.abc.tmp", "checkpoint.pt"]
 
 
+def test_remove_stale_temporaries_reads_a_name_as_spelled_not_as_a_glob(tmp_path):
+    """'model[v2].onnx' was a glob: its '[v2]' matched 'v', so its own temporaries stayed and
+    those of modelv.onnx (another output, perhaps being written now) were deleted."""
+    ours = [utils.temp_path_for(tmp_path / "model[v2].onnx") for _ in range(2)]
+    theirs = [utils.temp_path_for(tmp_path / name) for name in ("modelv.onnx", "model2.onnx")]
+    removed = utils.remove_stale_temporaries(tmp_path, "model[v2].onnx")
+    assert sorted(removed) == sorted(ours)
+    assert sorted(tmp_path.iterdir()) == sorted(theirs)
+
+
 LONG_NAME_CHARS = 246  # a legal name (< 255 bytes) that ".<name>.<random>.tmp" would pass
 
 

@@ -168,7 +168,8 @@ def prepare_output(output: Path, cfg: Config, overwrite: bool) -> None:
         for path in run_files(output):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     orphans = [p for name in (*RUN_FILE_NAMES, HEAD_FILE_PATTERN)
-               for p in remove_stale_temporaries(output, name)]
+               for p in remove_stale_temporaries(output, name,
+                                                 name_is_pattern=name == HEAD_FILE_PATTERN)]
     if orphans:
         LOG.info("removed %d temporary file(s) left by an interrupted run: %s", len(orphans),
                  ", ".join(p.name for p in orphans))
