@@ -236,8 +236,11 @@ def test_zip_member_through_a_symlink_already_in_dest_is_refused(tmp_path):
     assert list(outside.iterdir()) == []
 
 
-def _write_tar_entries(path: Path, entries: list[tuple[str, str, Any]]) -> Path:
-    with tarfile.open(path, "w") as tf:
+def _write_tar_entries(path: Path, entries: list[tuple[str, str, Any]], mode: str = "w"
+                       ) -> Path:
+    """A tar (``mode`` "w:gz": a .tgz) of (name, kind, value) members: a file's bytes, or a
+    link's target (hard links as GNU tar writes a file's later names)."""
+    with tarfile.open(path, mode) as tf:
         for name, kind, value in entries:
             info = tarfile.TarInfo(name)
             if kind == "file":
@@ -631,29 +634,14 @@ def test_a_killed_runs_temporaries_go_when_their_member_is_written_again(tmp_pat
     assert _every_file(dest) == {**FILES, **{f"faces_emore/{n}": d for n, d in kept.items()}}
 
 
-def _tar_with_hard_link(path: Path, entries: list[tuple[str, str, Any]]) -> Path:
-    """A .tgz of ("file", name, bytes) and ("hard", name, target member) entries, as GNU tar
-    writes a file whose link count is over 1: its later names are hard link members."""
-    with tarfile.open(path, "w:gz") as tf:
-        for kind, name, value in entries:
-            info = tarfile.TarInfo(name)
-            if kind == "file":
-                info.size = len(value)
-                tf.addfile(info, io.BytesIO(value))
-            else:
-                info.type, info.linkname = tarfile.LNKTYPE, value
-                tf.addfile(info)
-    return path
-
-
 def test_tar_hard_links_extract_and_extract_again(tmp_path):
     """A re-extraction (--force, a re-download) met the link's existing name: tarfile's
     fallback seeks back in the stream, and the run ended in a StreamError traceback."""
     import os
 
-    archive = _tar_with_hard_link(tmp_path / "lfw.tgz", [
-        ("file", "lfw/a.jpg", b"face a"), ("hard", "lfw/b.jpg", "lfw/a.jpg"),
-        ("file", "lfw/c.jpg", b"face c")])
+    archive = _write_tar_entries(tmp_path / "lfw.tgz", [
+        ("lfw/a.jpg", "file", b"face a"), ("lfw/b.jpg", "hard", "lfw/a.jpg"),
+        ("lfw/c.jpg", "file", b"face c")], "w:gz")
     dest = tmp_path / "data"
     for force in (False, True):
         summary = extract.extract_archive(archive, dest, progress=False, force=force)
@@ -667,8 +655,8 @@ def test_tar_hard_links_extract_and_extract_again(tmp_path):
 def test_tar_hard_link_to_no_earlier_member_is_one_error_naming_it(tmp_path, capsys, target):
     """tarfile looked the target up in the archive, which a stream cannot: a KeyError
     traceback."""
-    archive = _tar_with_hard_link(tmp_path / "lfw.tgz", [
-        ("hard", "lfw/b.jpg", target), ("file", "lfw/later.jpg", b"face")])
+    archive = _write_tar_entries(tmp_path / "lfw.tgz", [
+        ("lfw/b.jpg", "hard", target), ("lfw/later.jpg", "file", b"face")], "w:gz")
     dest = tmp_path / "data"
     assert extract.main([str(archive), "--dest", str(dest), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
@@ -684,8 +672,8 @@ def test_tar_hard_link_where_the_filesystem_has_none_is_a_copy(tmp_path, monkeyp
     def no_links(*args, **kwargs):
         raise OSError(errno.EPERM, "Operation not permitted")
     monkeypatch.setattr(os, "link", no_links)
-    archive = _tar_with_hard_link(tmp_path / "lfw.tgz", [
-        ("file", "lfw/a.jpg", b"face a"), ("hard", "lfw/b.jpg", "lfw/a.jpg")])
+    archive = _write_tar_entries(tmp_path / "lfw.tgz", [
+        ("lfw/a.jpg", "file", b"face a"), ("lfw/b.jpg", "hard", "lfw/a.jpg")], "w:gz")
     dest = tmp_path / "data"
     extract.extract_archive(archive, dest, progress=False)
     assert _every_file(dest) == {"lfw/a.jpg": b"face a", "lfw/b.jpg": b"face a"}
@@ -837,8 +825,8 @@ def test_a_marker_that_is_not_our_record_means_extract_again(tmp_path, marker):
 def test_tar_hard_link_to_its_own_name_leaves_no_temporary(tmp_path):
     """rename(2) of one name of a file onto another name of it does nothing: the link's
     temporary stayed beside the member."""
-    archive = _tar_with_hard_link(tmp_path / "set.tgz", [
-        ("file", "set/a.jpg", b"face"), ("hard", "set/a.jpg", "set/a.jpg")])
+    archive = _write_tar_entries(tmp_path / "set.tgz", [
+        ("set/a.jpg", "file", b"face"), ("set/a.jpg", "hard", "set/a.jpg")], "w:gz")
     dest = tmp_path / "data"
     extract.extract_archive(archive, dest, progress=False)
     assert _every_file(dest) == {"set/a.jpg": b"face"}
