@@ -349,8 +349,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_mode_flags(args: argparse.Namespace) -> None:
+    """Flags of the other mode are refused, not ignored: --idx and --check-images index an
+    existing --rec; --out is where --pack writes."""
+    if args.pack:
+        for flag, given in (("--idx", args.idx is not None),
+                            ("--check-images", args.check_images)):
+            if given:
+                raise DatasetError(f"{flag} applies to indexing an existing --rec, not to "
+                                   "--pack (which indexes the set it writes)")
+    elif args.out is not None:
+        raise DatasetError("--out is where --pack writes its set; without --pack it does "
+                           "nothing (the index goes to --index-out)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_config(argv, parser=build_arg_parser())
+    check_mode_flags(args)
     progress = not args.no_progress
     if args.pack:
         if not args.out:

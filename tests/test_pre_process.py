@@ -702,3 +702,21 @@ def test_idx_with_crlf_shuffled_lines_and_no_final_newline_indexes_the_same(tmp_
     assert index.keys.tolist() == [k for k, _, _ in expected]  # image keys 1..N in order
     assert index.offsets.tolist() == [offsets[k] for k, _, _ in expected]
     assert index.labels.tolist() == _expected_labels(expected)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--pack", "SRC", "--out", "OUT", "--idx", "x.idx"], "--idx"),
+    (["--pack", "SRC", "--out", "OUT", "--check-images"], "--check-images"),
+    (["--rec", "REC", "--out", "OUT"], "--out"),
+])
+def test_a_flag_of_the_other_mode_is_refused_not_ignored(tmp_path, capsys, flags, named):
+    """--pack used to ignore --idx and --check-images, and indexing ignored --out: one line
+    naming the flag, before any work (nothing written)."""
+    src = _small_tree(tmp_path / "aligned")
+    rec = lib.build_insightface_set(tmp_path, COUNTS)[0] if "--rec" in flags else None
+    paths = {"SRC": str(src), "OUT": str(tmp_path / "out" / "train.rec"), "REC": str(rec)}
+    argv = [paths.get(f, f) for f in flags] + ["--no-progress"]
+    assert run_cli(pre_process.main, argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {named} ") and "\n" not in err
+    assert not (tmp_path / "out").exists()
