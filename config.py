@@ -477,6 +477,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read overrides from a JSON file, a Python file that defines ``config = dict(...)``, or
     an arcface_torch config (``config.<field> = value`` lines), parsed, never run."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file (.json or .py)")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".py" and looks_like_arcface_torch(path):

@@ -302,6 +302,12 @@ def test_a_json_file_that_is_not_utf8_is_named(tmp_path):
         make_config(config_file=path)
 
 
+def test_a_folder_given_as_the_config_file_is_named_as_a_folder(tmp_path):
+    """It was reported as "config file not found" though the path exists."""
+    with pytest.raises(config.ConfigError, match=re.escape(str(tmp_path)) + ": a folder"):
+        make_config(config_file=tmp_path)
+
+
 def test_an_integer_past_float_range_is_refused_by_name(tmp_path):
     """JSON reads 1 followed by 400 zeros as a Python int; float() of it raised OverflowError."""
     path = tmp_path / "exp.json"
