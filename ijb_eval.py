@@ -485,7 +485,9 @@ def search_report(template_ids: np.ndarray, template_feats: np.ndarray,
         out[g] = {"rank": _rates(r["rank"]), "tpir_at_fpir": _rates(tpir),
                   "not_measured": _rates({f: not_measured(f, NONMATED) for f, v in tpir.items()
                                           if v is None}),
-                  "threshold_at_fpir": _rates(r["threshold"]),
+                  # null where the FPIR is not measurable, as its TPIR
+                  "threshold_at_fpir": _rates({f: (t if tpir.get(f) is not None else None)
+                                               for f, t in r["threshold"].items()}),
                   "num_gallery": cols.stop - cols.start,
                   "num_mated": r["num_mated"], "num_nonmated": r["num_nonmated"],
                   "cmc": r["cmc"]}

@@ -640,6 +640,7 @@ def test_cli_end_to_end_against_the_reference(release_dir, checkpoint, tmp_path,
     for g in ("G1", "G2"):  # NONMATED (10) non-mated probes: FPIR 0.01 is n/a, and says why
         assert results["identification"][g]["not_measured"] == {
             "0.01": "n/a (needs >= 100 non-mated probes)"}
+        assert results["identification"][g]["threshold_at_fpir"]["0.01"] is None  # as its TPIR
         assert f"  {g} FPIR 0.01: n/a (needs >= 100 non-mated probes)\n" in printed
 
     # The cache: each image's raw embedding and its mirror's, from its aligned crop.
