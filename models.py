@@ -244,7 +244,8 @@ MOBILEFACENET_WIDTH = 512  # channels of the last 1x1 conv and of the global dep
 
 class MobileFaceNet(nn.Module):
     """MobileFaceNet: conv3x3/2, depthwise conv3x3, inverted bottlenecks, conv1x1 to 512,
-    a global depthwise 7x7 conv (GDConv), then dropout, Linear(512, E), BN1d."""
+    a global depthwise 7x7 conv (GDConv), then dropout, Linear(512, E), BN1d (the last two
+    in float32 under autocast, as the other networks' output layers)."""
 
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0,
                  image_size: int = IMAGE_SIZE) -> None:
@@ -268,8 +269,9 @@ class MobileFaceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The GDConv's kernel covers the whole last map, so its output is (N, 512, 1, 1).
-        x = torch.flatten(self.body(x), 1)
-        return self.features(self.fc(self.dropout(x)))
+        x = self.dropout(torch.flatten(self.body(x), 1))
+        with _autocast_off(x.device):
+            return self.features(self.fc(_at_least_float32(x)))
 
 
 # arcface_torch's MobileFaceNet (backbones/mobilefacenet.py, after cavaface): another layout

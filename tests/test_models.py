@@ -220,3 +220,21 @@ def test_output_layer_runs_in_float32_under_autocast(use_se):
     want = _output_layer_in_float64(seen[0], model.fc, model.features)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     assert out.dtype == torch.float32
+
+
+def test_paper_mobilefacenet_output_layer_runs_in_float32_under_autocast():
+    """As the IR nets and arcface_torch's mbf: its Linear and BN1d ran in bf16 under autocast."""
+    torch.manual_seed(0)
+    model = models.MobileFaceNet(embedding_size=16)
+    with torch.no_grad():  # eval statistics away from the identity
+        model.features.running_mean.uniform_(-0.5, 0.5)
+        model.features.running_var.uniform_(0.5, 2.0)
+        model.features.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    seen = []
+    model.dropout.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 112, 112))
+    want = _output_layer_in_float64(seen[0], model.fc, model.features)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.float32
