@@ -17,11 +17,11 @@ from facenet_pytorch import MTCNN
 from faces import mtcnn_cascade
 from faces.face_warp import TEMPLATE_SIZE, check_rgb, template_for_size, warp_face
 from faces.mtcnn_cascade import (
-    MTCNN_COORDINATE_OFFSET,
     Detections,
     map_detections,
     map_from_copy,
     no_faces,
+    zero_based,
 )
 from faces.reduced_photo import Photo
 from utils import get_device, get_logger
@@ -250,8 +250,8 @@ class FaceAligner:
 
     def detect(self, image: np.ndarray) -> Detections:
         """All faces in an RGB image: boxes (N, 4) x1 y1 x2 y2, probabilities (N,),
-        landmarks (N, 5, 2), in the image's pixels as MTCNN counts them (1-based: less
-        MTCNN_COORDINATE_OFFSET before warping); N may be 0."""
+        landmarks (N, 5, 2), in the image's pixels as MTCNN counts them (1-based: through
+        mtcnn_cascade.zero_based before warping); N may be 0."""
         image = check_rgb(image)
         return self._detect_scaled([image])[0]
 
@@ -262,10 +262,9 @@ class FaceAligner:
         and landmarks in the full-size photo's pixels."""
         if len(detections[0]) == 0:
             return None
-        boxes, probs, points = map_detections(detections, photo.to_full)
         # 0-based, as the template and the warp count pixels (MTCNN's 1-based points moved
         # every crop one photo pixel down and right)
-        boxes, points = boxes - MTCNN_COORDINATE_OFFSET, points - MTCNN_COORDINATE_OFFSET
+        boxes, probs, points = zero_based(map_detections(detections, photo.to_full))
         if hint_box is None:
             k = select_central_face(boxes, photo.full_shape, probs)
         else:

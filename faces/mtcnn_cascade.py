@@ -230,6 +230,13 @@ def map_detections(detections: Detections,
     return mapped(boxes.reshape(-1, 2, 2)).reshape(-1, 4), probs, mapped(points)
 
 
+def zero_based(detections: Detections) -> Detections:
+    """Boxes and landmarks moved from MTCNN's 1-based pixels to 0-based ones (pixel k's
+    centre at k), the frame the alignment template and cv2's warp count in."""
+    boxes, probs, points = detections
+    return boxes - MTCNN_COORDINATE_OFFSET, probs, points - MTCNN_COORDINATE_OFFSET
+
+
 def map_from_copy(detections: Detections, full_shape: Sequence[int],
                   copy_shape: Sequence[int]) -> Detections:
     """Boxes and landmarks found on a resized copy, in the full-size image's pixels (and

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from faces.face_warp import warp_face
 from faces.file_alignment import align_files
-from faces.mtcnn_cascade import MTCNN_COORDINATE_OFFSET
+from faces.mtcnn_cascade import zero_based
 from utils import ImageReadError, ToolkitError, list_images, read_image
 
 SHEET_TILE_INCHES = 1.6  # one face of the contact sheet
@@ -89,9 +89,8 @@ def every_face(aligner: Any, paths: Sequence[Path], progress: bool = True) -> It
         except ImageReadError as e:
             yield PhotoFaces(path, [], e)
             continue
-        boxes, _, landmarks = aligner.detect(image)
-        # MTCNN's 1-based pixels to the 0-based ones of the template and of align()'s faces
-        boxes, landmarks = boxes - MTCNN_COORDINATE_OFFSET, landmarks - MTCNN_COORDINATE_OFFSET
+        # 0-based, as the template and align()'s faces
+        boxes, _, landmarks = zero_based(aligner.detect(image))
         yield PhotoFaces(path, [Face([float(v) for v in box[:4]],
                                      warp_face(image, points, aligner.size))
                                 for box, points in zip(boxes, landmarks, strict=True)])
